@@ -1,0 +1,43 @@
+# The two commands of the README's quick start:
+#   make run    set everything up and run the main job
+#   make test   set everything up and run the quality gate (ruff + the whole test suite)
+# Both work on a fresh Debian 12 machine with only python3 (and, as root, apt-get).
+
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# Where the data sets live; the product never assumes this path, the Makefile just points at it.
+SKIPFLEET_DATA_DIR ?= $(abspath ../shared/data)
+export SKIPFLEET_DATA_DIR
+
+.PHONY: setup system-deps run test lint bench clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	touch $@
+
+# Debian packages the integration tests talk to (mosquitto broker, prometheus + promtool).
+system-deps:
+	@bash deploy/install-system-deps.sh
+
+lint: setup
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+
+test: setup system-deps lint
+	$(BIN)/python -m pytest
+
+run: setup
+	$(BIN)/skipfleet bench trainer --dataset damage1 --methods all --trials 5 --json out/bench-damage1.json
+
+bench: setup
+	$(BIN)/skipfleet bench trainer --dataset damage1 --methods all --trials 20 --json out/bench-damage1.json
+	$(BIN)/skipfleet bench trainer --dataset damage2 --methods all --trials 20 --json out/bench-damage2.json
+	$(BIN)/skipfleet bench trainer --dataset har --methods all --trials 20 --json out/bench-har.json
+
+clean:
+	rm -rf $(VENV) out .pytest_cache .ruff_cache

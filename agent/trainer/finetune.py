@@ -1,0 +1,171 @@
+"""Training loops: pre-training a base model, and fine-tuning it with any of the methods.
+
+`finetune` is what a device runs (the Skip-LoRA family, producing an adapter to ship);
+`run_method` is what the benchmark runs for all eight methods, timing every phase.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from agent.trainer.adapter import Adapter
+from agent.trainer.backprop import BackpropTrainer
+from agent.trainer.errors import Cancelled
+from agent.trainer.methods import MethodSpec, resolve
+from agent.trainer.model import BaseModel, init_params
+from agent.trainer.skip import SkipTrainer
+
+PHASES = ("forward", "backward", "update")
+
+
+@dataclass
+class PhaseTimes:
+    """Seconds spent in each phase of a training step, summed over batches."""
+
+    seconds: dict = field(default_factory=lambda: dict.fromkeys(PHASES, 0.0))
+    batches: int = 0
+
+    def per_batch(self) -> dict:
+        n = max(self.batches, 1)
+        out = {phase: total / n for phase, total in self.seconds.items()}
+        out["total"] = sum(out.values())
+        return out
+
+
+@dataclass
+class FinetuneResult:
+    adapter: Adapter | None  # None for methods that change the base weights
+    trainer: object
+    epochs_run: int
+    seconds: float
+    cpu_seconds: float
+    samples: int
+    times: PhaseTimes
+    cache_hit_rate: float = 0.0
+    cache_bytes: int = 0
+
+
+def one_hot(labels: np.ndarray, n_classes: int) -> np.ndarray:
+    out = np.zeros((len(labels), n_classes), dtype=np.float32)  # (n, C)
+    out[np.arange(len(labels)), labels] = 1.0
+    return out
+
+
+def check_training_data(X, y, n_inputs: int, n_classes: int) -> None:
+    if X.ndim != 2 or X.shape[1] != n_inputs:
+        raise ValueError(f"training inputs must have shape (n, {n_inputs}), got {X.shape}")
+    if y.shape != (len(X),):
+        raise ValueError(f"labels must have shape ({len(X)},), got {y.shape}")
+    if len(X) == 0:
+        raise ValueError("no training samples")
+    if not np.isfinite(X).all():
+        raise ValueError("training inputs hold NaN or infinity")
+    if y.min() < 0 or y.max() >= n_classes:
+        raise ValueError(f"labels must lie in 0..{n_classes - 1}, got {y.min()}..{y.max()}")
+
+
+def run_epochs(trainer, X1, labels, n_classes, *, epochs, batch_size, rng, cancel, progress):
+    """The shared epoch loop: shuffle, then forward / backward / update per batch, timed."""
+    onehot = one_hot(labels, n_classes)
+    times, clock = PhaseTimes(), time.perf_counter
+    n = len(X1)
+    for epoch in range(epochs):
+        if cancel is not None and cancel.is_set():
+            raise Cancelled(f"cancelled after {epoch} of {epochs} epochs")
+        t0 = clock()
+        trainer.begin_epoch(X1, labels, onehot, rng.permutation(n))
+        times.seconds["forward"] += clock() - t0  # laying out the epoch is forward work
+        for start in range(0, n, batch_size):
+            t0 = clock()
+            ctx = trainer.forward(start, min(start + batch_size, n))
+            t1 = clock()
+            steps = trainer.backward(ctx)
+            t2 = clock()
+            trainer.update(steps)
+            t3 = clock()
+            times.seconds["forward"] += t1 - t0
+            times.seconds["backward"] += t2 - t1
+            times.seconds["update"] += t3 - t2
+            times.batches += 1
+        if progress is not None:
+            progress(epoch + 1, epochs)
+    return times
+
+
+def make_trainer(model: BaseModel, spec: MethodSpec, cache: str, *, lr, rank, rng, n_samples,
+                 batch_size, start=None, capacity=None):  # fmt: skip
+    if spec.skip:
+        return SkipTrainer(model, layers=spec.skip, lr=lr, rank=rank, rng=rng, cache=cache,
+                           start=start, n_samples=n_samples, capacity=capacity,
+                           batch_size=batch_size)  # fmt: skip
+    if start is not None and not start.is_empty:
+        raise ValueError(f"{spec.name} cannot start from an adapter: only Skip-LoRA methods can")
+    return BackpropTrainer(model.params, spec, lr=lr, rank=rank, rng=rng)
+
+
+def run_method(model: BaseModel, X, y, *, method="skip2-lora", epochs=100, lr=0.05,
+               batch_size=20, rank=4, seed=0, cache=None, capacity=None, start=None,
+               cancel=None, progress=None) -> FinetuneResult:  # fmt: skip
+    """Fine-tune with any method; `cache` overrides the method's own cache kind."""
+    spec, default_cache = resolve(method)
+    check_training_data(X, y, model.n_inputs, model.n_classes)
+    if epochs < 1 or batch_size < 1 or rank < 1 or not lr > 0:
+        raise ValueError("epochs, batch_size and rank must be >= 1 and lr > 0")
+    rng = np.random.default_rng(seed)
+    X1 = model.standardize(X)  # (n, N): x1, the first layer's input
+    trainer = make_trainer(model, spec, cache or default_cache, lr=lr, rank=rank, rng=rng,
+                           n_samples=len(X), batch_size=batch_size, start=start,
+                           capacity=capacity)  # fmt: skip
+    wall0, cpu0 = time.perf_counter(), time.process_time()
+    times = run_epochs(trainer, X1, y, model.n_classes, epochs=epochs, batch_size=batch_size,
+                       rng=rng, cancel=cancel, progress=progress)  # fmt: skip
+    wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
+    is_skip = isinstance(trainer, SkipTrainer)
+    return FinetuneResult(
+        adapter=trainer.adapter() if is_skip else None,
+        trainer=trainer,
+        epochs_run=epochs,
+        seconds=wall,
+        cpu_seconds=cpu,
+        samples=len(X),
+        times=times,
+        cache_hit_rate=trainer.cache_hit_rate if is_skip else 0.0,
+        cache_bytes=trainer.cache_bytes if is_skip else 0,
+    )
+
+
+def finetune(model: BaseModel, X, y, *, method="skip2-lora", epochs=100, lr=0.05, batch_size=20,
+             rank=4, seed=0, cache=None, start=None, cancel=None,
+             progress=None) -> FinetuneResult:  # fmt: skip
+    """What a device runs: a Skip-LoRA-family fine-tune whose result is an adapter to ship."""
+    spec, _ = resolve(method)
+    if not spec.is_adapter_only:
+        raise ValueError(f"{method} changes the base model; a device ships Skip-LoRA adapters")
+    return run_method(model, X, y, method=method, epochs=epochs, lr=lr, batch_size=batch_size,
+                      rank=rank, seed=seed, cache=cache, start=start, cancel=cancel,
+                      progress=progress)  # fmt: skip
+
+
+def evaluate(trainer, model: BaseModel, X, y) -> float:
+    """Accuracy of a trained method on (X, y), BN in inference mode."""
+    logits = trainer.logits(model.standardize(X))
+    return float((logits.argmax(axis=1) == y).mean())
+
+
+def pretrain(X, y, n_classes: int, *, epochs=100, lr=0.05, batch_size=20, seed=0,
+             info=None, progress=None) -> BaseModel:  # fmt: skip
+    """Train the base model from scratch (all layers, BN in training mode)."""
+    rng = np.random.default_rng(seed)
+    params = init_params(X.shape[1], n_classes, rng)
+    params["in_mean"] = X.mean(axis=0).astype(np.float32)
+    params["in_std"] = (X.std(axis=0) + 1e-6).astype(np.float32)  # constant inputs stay finite
+    model = BaseModel(params, dict(info or {}))
+    check_training_data(X, y, model.n_inputs, n_classes)
+    spec, _ = resolve("ft-all")
+    trainer = BackpropTrainer(params, spec, lr=lr, rank=1, rng=rng)
+    run_epochs(trainer, model.standardize(X), y, n_classes, epochs=epochs, batch_size=batch_size,
+               rng=rng, cancel=None, progress=progress)  # fmt: skip
+    return BaseModel(trainer.p, dict(info or {}))

@@ -1,0 +1,169 @@
+"""The paper's base model: FC1 → BN1 → ReLU → FC2 → BN2 → ReLU → FC3, softmax cross-entropy.
+
+Inputs are standardised with the pre-training statistics stored in the model, so a device
+and the coordinator always agree on what `x1` (the first layer's input) is. A saved model is
+an `.npz` of float32 arrays plus a JSON header; its `weights_hash` pins adapters to it.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from agent.trainer import layers
+from agent.trainer.errors import ModelFileError
+
+HIDDEN = 96
+FORMAT_VERSION = 1
+PARAM_NAMES = (
+    "in_mean", "in_std",
+    "W1", "b1", "gamma1", "beta1", "mean1", "var1",
+    "W2", "b2", "gamma2", "beta2", "mean2", "var2",
+    "W3", "b3",
+)  # fmt: skip
+
+
+@dataclass
+class BaseModel:
+    """Parameters of the pre-trained model (float32) and what it was trained for."""
+
+    params: dict[str, np.ndarray]
+    info: dict = field(default_factory=dict)  # task, feature spec, class names: JSON-safe
+
+    @property
+    def n_inputs(self) -> int:
+        return int(self.params["W1"].shape[0])
+
+    @property
+    def n_classes(self) -> int:
+        return int(self.params["W3"].shape[1])
+
+    @property
+    def layer_input_dims(self) -> tuple[int, int, int]:
+        return (self.n_inputs, self.params["W2"].shape[0], self.params["W3"].shape[0])
+
+    @property
+    def weights_hash(self) -> str:
+        return weights_hash(self.params)
+
+    # -------------------------------------------------------------- inference
+    def standardize(self, X: np.ndarray) -> np.ndarray:
+        check_inputs(X, self.n_inputs)
+        return ((X - self.params["in_mean"]) / self.params["in_std"]).astype(np.float32)
+
+    def frozen_features(self, X: np.ndarray, standardized: bool = False):
+        """Every layer's input and the frozen head output, BN in inference mode.
+
+        Returns `xs = [x1, x2, x3]` and `z = x3 W3 + b3` (all float32), i.e. exactly what
+        Skip-Cache stores: nothing here changes while Skip-LoRA adapters train.
+        """
+        p = self.params
+        x1 = X if standardized else self.standardize(X)  # (B, N)
+        x2 = self._hidden(x1, 1)  # (B, 96)
+        x3 = self._hidden(x2, 2)  # (B, 96)
+        z, _ = layers.fc_forward(x3, p["W3"], p["b3"])  # (B, C)
+        return [x1, x2, x3], z
+
+    def _hidden(self, x, k: int):
+        p = self.params
+        h, _ = layers.fc_forward(x, p[f"W{k}"], p[f"b{k}"])  # (B, 96)
+        h, _ = layers.bn_infer_forward(
+            h, p[f"gamma{k}"], p[f"beta{k}"], p[f"mean{k}"], p[f"var{k}"]
+        )
+        h, _ = layers.relu_forward(h)  # (B, 96)
+        return h
+
+    def logits(self, X: np.ndarray, adapter=None) -> np.ndarray:
+        xs, z = self.frozen_features(X)
+        return z if adapter is None else z + adapter.delta_logits(xs)  # (B, C)
+
+    def predict(self, X: np.ndarray, adapter=None) -> np.ndarray:
+        return self.logits(X, adapter).argmax(axis=1)
+
+    def accuracy(self, X: np.ndarray, y: np.ndarray, adapter=None) -> float:
+        return float((self.predict(X, adapter) == y).mean())
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | Path) -> str:
+        header = {"format": FORMAT_VERSION, "weights_hash": self.weights_hash, "info": self.info}
+        arrays = {name: self.params[name] for name in PARAM_NAMES}
+        with open(path, "wb") as out:
+            np.savez(out, header=np.array(json.dumps(header)), **arrays)
+        return self.weights_hash
+
+    @classmethod
+    def load(cls, path: str | Path) -> BaseModel:
+        return load_model(Path(path))
+
+
+def weights_hash(params: dict[str, np.ndarray]) -> str:
+    """sha256 over every parameter's name, dtype, shape and bytes, in a fixed order."""
+    digest = hashlib.sha256()
+    for name in PARAM_NAMES:
+        array = np.ascontiguousarray(params[name])
+        digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
+        digest.update(array.tobytes())
+    return digest.hexdigest()
+
+
+def load_model(path: Path) -> BaseModel:
+    if not path.is_file():
+        raise ModelFileError(f"base model file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            header = json.loads(str(npz["header"]))
+            params = {name: np.asarray(npz[name], dtype=np.float32) for name in PARAM_NAMES}
+    except ModelFileError:
+        raise
+    except Exception as error:  # zip, JSON or missing-array errors: one clear message
+        raise ModelFileError(f"{path} is not a skipfleet base model: {error}") from error
+    if header.get("format") != FORMAT_VERSION:
+        raise ModelFileError(f"{path}: unsupported model format {header.get('format')!r}")
+    check_param_shapes(params, path)
+    model = BaseModel(params=params, info=header.get("info", {}))
+    if model.weights_hash != header.get("weights_hash"):
+        raise ModelFileError(f"{path}: weights do not match the stored hash (corrupted file?)")
+    return model
+
+
+def check_param_shapes(params: dict[str, np.ndarray], where) -> None:
+    n_in, hidden = params["W1"].shape
+    n_classes = params["W3"].shape[1]
+    expected = {
+        "in_mean": (n_in,), "in_std": (n_in,), "W1": (n_in, hidden), "b1": (hidden,),
+        "W2": (hidden, hidden), "b2": (hidden,), "W3": (hidden, n_classes), "b3": (n_classes,),
+    }  # fmt: skip
+    for k in (1, 2):
+        for name in ("gamma", "beta", "mean", "var"):
+            expected[f"{name}{k}"] = (hidden,)
+    for name, shape in expected.items():
+        if params[name].shape != shape:
+            raise ModelFileError(
+                f"{where}: {name} has shape {params[name].shape}, expected {shape}"
+            )
+        if not np.isfinite(params[name]).all():
+            raise ModelFileError(f"{where}: {name} holds NaN or infinity")
+
+
+def check_inputs(X: np.ndarray, n_inputs: int) -> None:
+    if X.ndim != 2 or X.shape[1] != n_inputs:
+        raise ValueError(f"inputs must have shape (n, {n_inputs}), got {X.shape}")
+
+
+def init_params(n_inputs: int, n_classes: int, rng: np.random.Generator, hidden: int = HIDDEN):
+    """He-initialised weights, zero biases, identity BN; standardisation set by pretrain."""
+
+    def he(fan_in, fan_out):
+        return (rng.standard_normal((fan_in, fan_out)) * np.sqrt(2.0 / fan_in)).astype(np.float32)
+
+    params = {"in_mean": np.zeros(n_inputs), "in_std": np.ones(n_inputs)}
+    params.update(W1=he(n_inputs, hidden), W2=he(hidden, hidden), W3=he(hidden, n_classes))
+    params.update(b1=np.zeros(hidden), b2=np.zeros(hidden), b3=np.zeros(n_classes))
+    for k in (1, 2):
+        params.update({f"gamma{k}": np.ones(hidden), f"beta{k}": np.zeros(hidden)})
+        params.update({f"mean{k}": np.zeros(hidden), f"var{k}": np.ones(hidden)})
+    return {name: np.asarray(value, dtype=np.float32) for name, value in params.items()}

@@ -1,0 +1,37 @@
+"""Aggregation strategies for Skip-LoRA adapters: exact (product), naive FedAvg, personalised."""
+
+from coordinator.aggregation.arrays import AdapterShape, effective_deltas
+from coordinator.aggregation.base import (
+    AggregateResult,
+    AggregationStrategy,
+    FitFailure,
+    FitInstruction,
+    FitResult,
+)
+from coordinator.aggregation.compare import AggregationGap, aggregation_gap
+from coordinator.aggregation.exact_delta import ExactDeltaStrategy
+from coordinator.aggregation.naive_fedavg import NaiveFedAvgStrategy
+from coordinator.aggregation.personalized import PersonalizedStrategy
+from coordinator.aggregation.validation import AggregationError, validate_fit_result
+
+STRATEGIES: dict[str, type[AggregationStrategy]] = {
+    cls.name: cls for cls in (ExactDeltaStrategy, NaiveFedAvgStrategy, PersonalizedStrategy)
+}
+
+__all__ = [
+    "STRATEGIES",
+    "AdapterShape",
+    "AggregateResult",
+    "AggregationError",
+    "AggregationGap",
+    "AggregationStrategy",
+    "ExactDeltaStrategy",
+    "FitFailure",
+    "FitInstruction",
+    "FitResult",
+    "NaiveFedAvgStrategy",
+    "PersonalizedStrategy",
+    "aggregation_gap",
+    "effective_deltas",
+    "validate_fit_result",
+]

@@ -1,0 +1,87 @@
+"""The Skip-LoRA adapter's wire names and the formula everything rests on: ΔW_k = delta_k + A_k B_k.
+
+Layer k (1-based) has input width d_k; every adapter ends in the last layer's output, so ΔW_k is
+d_k × C. A_k is d_k × R and B_k is R × C. Names follow docs/architecture.md: delta1..3, A1..3,
+B1..3.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+Arrays = Mapping[str, np.ndarray]
+
+
+def a_name(layer: int) -> str:
+    return f"A{layer}"
+
+
+def b_name(layer: int) -> str:
+    return f"B{layer}"
+
+
+def delta_name(layer: int) -> str:
+    return f"delta{layer}"
+
+
+@dataclass(frozen=True)
+class AdapterShape:
+    """What every adapter of one cohort must look like: (n_inputs, 96, 96) and C classes."""
+
+    layer_dims: tuple[int, ...]
+    n_classes: int
+
+    def __post_init__(self) -> None:
+        if not self.layer_dims or any(int(d) <= 0 for d in self.layer_dims):
+            raise ValueError(f"layer_dims must be positive widths, got {self.layer_dims}")
+        if self.n_classes <= 0:
+            raise ValueError(f"n_classes must be positive, got {self.n_classes}")
+        object.__setattr__(self, "layer_dims", tuple(int(d) for d in self.layer_dims))
+
+    @property
+    def layers(self) -> range:
+        return range(1, len(self.layer_dims) + 1)
+
+    def input_dim(self, layer: int) -> int:
+        return self.layer_dims[layer - 1]
+
+    def delta_shape(self, layer: int) -> tuple[int, int]:
+        return (self.input_dim(layer), self.n_classes)
+
+    def factor_names(self) -> set[str]:
+        return {a_name(k) for k in self.layers} | {b_name(k) for k in self.layers}
+
+    def delta_names(self) -> set[str]:
+        return {delta_name(k) for k in self.layers}
+
+
+def has_factors(arrays: Arrays) -> bool:
+    return a_name(1) in arrays
+
+
+def has_deltas(arrays: Arrays) -> bool:
+    return delta_name(1) in arrays
+
+
+def effective_delta(arrays: Arrays, shape: AdapterShape, layer: int) -> np.ndarray:
+    """ΔW_k = delta_k + A_k B_k in float64; a part the adapter does not carry counts as zero."""
+    total = np.zeros(shape.delta_shape(layer), dtype=np.float64)
+    if delta_name(layer) in arrays:
+        total += arrays[delta_name(layer)]
+    if a_name(layer) in arrays:
+        a = np.asarray(arrays[a_name(layer)], dtype=np.float64)
+        b = np.asarray(arrays[b_name(layer)], dtype=np.float64)
+        total += a @ b
+    return total
+
+
+def effective_deltas(arrays: Arrays, shape: AdapterShape) -> list[np.ndarray]:
+    return [effective_delta(arrays, shape, k) for k in shape.layers]
+
+
+def deltas_as_arrays(deltas: list[np.ndarray], dtype: np.dtype | type = np.float32) -> dict:
+    """[ΔW_1, ΔW_2, ...] -> {"delta1": ..., ...} in the model's dtype (float32)."""
+    return {delta_name(k): np.ascontiguousarray(d, dtype=dtype) for k, d in enumerate(deltas, 1)}

@@ -1,0 +1,126 @@
+"""The one gate every report passes before it is aggregated.
+
+Refuses rather than repairs: a wrong shape is never broadcast, a NaN never averaged, a sample count
+never guessed. Every error names the device, so the bridge can turn it into a FitFailure for that
+device and aggregate the others (validate_fit_result is meant to be called on receipt too).
+"""
+
+from __future__ import annotations
+
+from collections import Counter
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+import numpy as np
+
+from coordinator.aggregation.arrays import AdapterShape, a_name, b_name, delta_name
+
+if TYPE_CHECKING:
+    from coordinator.aggregation.base import FitFailure, FitResult
+
+
+class AggregationError(ValueError):
+    """A round or a report that cannot be aggregated; the message names the device."""
+
+
+def validate_fit_result(result: FitResult, shape: AdapterShape) -> tuple[int, ...] | None:
+    """Checks one report; returns its per-layer ranks, or None if it carries deltas only."""
+    device = result.device_id
+    _check_sample_count(device, result.num_samples)
+    names = set(result.arrays)
+    unknown = names - shape.factor_names() - shape.delta_names()
+    if unknown:
+        raise AggregationError(f"device {device}: unknown adapter arrays {sorted(unknown)}")
+    if not names:
+        raise AggregationError(f"device {device}: report carries no adapter arrays")
+    for family in (shape.factor_names(), shape.delta_names()):
+        present = names & family
+        if present and present != family:
+            missing = sorted(family - present)
+            raise AggregationError(f"device {device}: incomplete adapter, missing {missing}")
+    for name in sorted(names):
+        _check_array(device, name, result.arrays[name])
+    if delta_name(1) in names:
+        for k in shape.layers:
+            _check_shape(device, delta_name(k), result.arrays[delta_name(k)], shape.delta_shape(k))
+    if a_name(1) not in names:
+        return None
+    return tuple(_check_factor_pair(device, result, shape, k) for k in shape.layers)
+
+
+def validate_round(
+    results: Sequence[FitResult],
+    failures: Sequence[FitFailure],
+    shape: AdapterShape,
+    *,
+    same_rank: bool = False,
+) -> np.ndarray:
+    """Checks a whole round; returns the weights p_i = n_i / Σ n in the order of results."""
+    if not results:
+        failed = ", ".join(f"{f.device_id} ({f.reason})" for f in failures) or "none"
+        raise AggregationError(f"empty round: no device returned an adapter; failed: {failed}")
+    _check_unique_devices(results, failures)
+    ranks = {r.device_id: validate_fit_result(r, shape) for r in results}
+    if same_rank:
+        _check_same_rank(ranks)
+    counts = np.array([r.num_samples for r in results], dtype=np.float64)
+    return counts / counts.sum()
+
+
+def _check_sample_count(device: str, num_samples: object) -> None:
+    # bool is an int subclass; True samples is a bug upstream, not a count.
+    if isinstance(num_samples, bool) or not isinstance(num_samples, int | np.integer):
+        raise AggregationError(f"device {device}: sample count must be an int, got {num_samples!r}")
+    if num_samples <= 0:
+        raise AggregationError(f"device {device}: sample count must be > 0, got {num_samples}")
+
+
+def _check_array(device: str, name: str, array: object) -> None:
+    if not isinstance(array, np.ndarray):
+        raise AggregationError(f"device {device}: {name} is {type(array).__name__}, not an array")
+    if array.dtype.kind != "f":
+        raise AggregationError(f"device {device}: {name} has dtype {array.dtype}, not float")
+    if not np.isfinite(array).all():
+        raise AggregationError(f"device {device}: {name} contains NaN or infinite values")
+
+
+def _check_shape(device: str, name: str, array: np.ndarray, expected: tuple[int, ...]) -> None:
+    if array.shape != expected:
+        raise AggregationError(
+            f"device {device}: {name} has shape {array.shape}, expected {expected}"
+        )
+
+
+def _check_factor_pair(device: str, result: FitResult, shape: AdapterShape, layer: int) -> int:
+    a = result.arrays[a_name(layer)]
+    b = result.arrays[b_name(layer)]
+    if a.ndim != 2 or a.shape[0] != shape.input_dim(layer) or a.shape[1] < 1:
+        expected = f"({shape.input_dim(layer)}, R)"
+        raise AggregationError(
+            f"device {device}: {a_name(layer)} has shape {a.shape}, expected {expected}"
+        )
+    rank = a.shape[1]
+    _check_shape(device, b_name(layer), b, (rank, shape.n_classes))
+    return rank
+
+
+def _check_unique_devices(results: Sequence[FitResult], failures: Sequence[FitFailure]) -> None:
+    counts = Counter(r.device_id for r in results)
+    duplicated = sorted(d for d, n in counts.items() if n > 1)
+    if duplicated:
+        raise AggregationError(f"devices reported twice in one round: {duplicated}")
+    both = sorted(set(counts) & {f.device_id for f in failures})
+    if both:
+        raise AggregationError(f"devices listed both as result and as failure: {both}")
+
+
+def _check_same_rank(ranks: dict[str, tuple[int, ...] | None]) -> None:
+    without = sorted(d for d, r in ranks.items() if r is None)
+    if without:
+        raise AggregationError(f"devices {without}: no A/B factors to average")
+    reference_device, reference = next(iter(ranks.items()))
+    for device, rank in ranks.items():
+        if rank != reference:
+            raise AggregationError(
+                f"device {device}: ranks {rank} differ from {reference_device}'s {reference}"
+            )

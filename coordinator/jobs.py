@@ -1,0 +1,302 @@
+"""Fine-tune jobs with the AWS IoT Jobs life cycle, persisted in the state DB.
+
+QUEUED → IN_PROGRESS → SUCCEEDED | FAILED | REJECTED | TIMED_OUT | CANCELED | REMOVED.
+Terminal states are final. The device may set only IN_PROGRESS, SUCCEEDED, FAILED, REJECTED; the
+coordinator owns the rest, timeouts included. A repeated status (QoS 1 re-delivery) is a no-op.
+A retry is a new job (new id, attempt + 1, retry_of = the old id), so the device never sees one id
+twice and rejects a stale one; attempts are bounded by max_attempts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import uuid
+from collections.abc import Callable
+from dataclasses import dataclass
+from enum import StrEnum
+from typing import Any
+
+from coordinator.clock import Clock, system_clock
+from coordinator.state_db import StateDB
+
+
+class JobState(StrEnum):
+    QUEUED = "QUEUED"
+    IN_PROGRESS = "IN_PROGRESS"
+    SUCCEEDED = "SUCCEEDED"
+    FAILED = "FAILED"
+    REJECTED = "REJECTED"
+    TIMED_OUT = "TIMED_OUT"
+    CANCELED = "CANCELED"
+    REMOVED = "REMOVED"
+
+
+ACTIVE_STATES = frozenset({JobState.QUEUED, JobState.IN_PROGRESS})
+TERMINAL_STATES = frozenset(JobState) - ACTIVE_STATES
+DEVICE_SETTABLE = frozenset(
+    {JobState.IN_PROGRESS, JobState.SUCCEEDED, JobState.FAILED, JobState.REJECTED}
+)
+# A device that rejected a job told us it will not run it; retrying would only be rejected again.
+RETRYABLE_STATES = frozenset({JobState.FAILED, JobState.TIMED_OUT})
+_NEXT = {
+    # QUEUED may end directly: the device's IN_PROGRESS can be lost and the result still arrive.
+    JobState.QUEUED: TERMINAL_STATES | {JobState.IN_PROGRESS},
+    # Once started, the device can no longer reject it.
+    JobState.IN_PROGRESS: TERMINAL_STATES - {JobState.REJECTED},
+}
+
+
+class JobError(ValueError):
+    pass
+
+
+class UnknownJobError(JobError, KeyError):
+    pass
+
+
+@dataclass(frozen=True)
+class Job:
+    job_id: str
+    device_id: str
+    state: JobState
+    attempt: int
+    max_attempts: int
+    timeout_s: float
+    created_at: float
+    updated_at: float
+    deadline: float
+    kind: str = "finetune"
+    trigger: str = "request"  # why it was created: request, round, accuracy_below, drift, ...
+    round_id: str | None = None
+    retry_of: str | None = None
+    detail: str | None = None  # the device's or coordinator's reason for the last state
+
+    @property
+    def is_active(self) -> bool:
+        return self.state in ACTIVE_STATES
+
+    @property
+    def is_terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+    @property
+    def attempts_left(self) -> int:
+        return self.max_attempts - self.attempt
+
+
+_FIELDS = [f.name for f in dataclasses.fields(Job)]
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS jobs (
+    job_id TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    state TEXT NOT NULL,
+    attempt INTEGER NOT NULL,
+    max_attempts INTEGER NOT NULL,
+    timeout_s REAL NOT NULL,
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL,
+    deadline REAL NOT NULL,
+    kind TEXT NOT NULL,
+    trigger TEXT NOT NULL,
+    round_id TEXT,
+    retry_of TEXT UNIQUE,
+    detail TEXT
+);
+CREATE INDEX IF NOT EXISTS jobs_by_state ON jobs (state);
+CREATE INDEX IF NOT EXISTS jobs_by_device ON jobs (device_id, created_at);
+CREATE INDEX IF NOT EXISTS jobs_by_round ON jobs (round_id);
+"""
+_ACTIVE_SQL = "state IN ('QUEUED', 'IN_PROGRESS')"
+
+
+class JobTable:
+    def __init__(
+        self,
+        db: StateDB,
+        *,
+        clock: Clock = system_clock,
+        new_id: Callable[[], str] = lambda: uuid.uuid4().hex,
+    ) -> None:
+        self._db = db
+        self._clock = clock
+        self._new_id = new_id
+        db.ensure_schema(_SCHEMA)
+
+    # ---- creation
+
+    def create(
+        self,
+        device_id: str,
+        *,
+        timeout_s: float,
+        max_attempts: int = 1,
+        round_id: str | None = None,
+        trigger: str = "request",
+        kind: str = "finetune",
+    ) -> Job:
+        if timeout_s <= 0:
+            raise JobError(f"timeout_s must be > 0, got {timeout_s}")
+        if max_attempts < 1:
+            raise JobError(f"max_attempts must be >= 1, got {max_attempts}")
+        now = self._clock()
+        job = Job(
+            job_id=self._new_id(),
+            device_id=device_id,
+            state=JobState.QUEUED,
+            attempt=1,
+            max_attempts=max_attempts,
+            timeout_s=float(timeout_s),
+            created_at=now,
+            updated_at=now,
+            deadline=now + timeout_s,
+            kind=kind,
+            trigger=trigger,
+            round_id=round_id,
+        )
+        self._insert(job)
+        return job
+
+    def retry(self, job_id: str) -> Job:
+        """A new attempt of a FAILED / TIMED_OUT job, with a fresh id and deadline."""
+        with self._db.transaction():
+            job = self.require(job_id)
+            reason = self._not_retryable_reason(job)
+            if reason:
+                raise JobError(f"job {job_id} on {job.device_id} cannot be retried: {reason}")
+            now = self._clock()
+            attempt = dataclasses.replace(
+                job,
+                job_id=self._new_id(),
+                state=JobState.QUEUED,
+                attempt=job.attempt + 1,
+                created_at=now,
+                updated_at=now,
+                deadline=now + job.timeout_s,
+                retry_of=job.job_id,
+                detail=None,
+            )
+            self._insert(attempt)
+            return attempt
+
+    def can_retry(self, job: Job) -> bool:
+        return self._not_retryable_reason(job) is None
+
+    # ---- transitions
+
+    def report_status(
+        self, job_id: str, state: JobState | str, *, device_id: str, detail: str | None = None
+    ) -> Job:
+        """A status from the device that owns the job: IN_PROGRESS, SUCCEEDED, FAILED, REJECTED."""
+        state = JobState(state)
+        if state not in DEVICE_SETTABLE:
+            raise JobError(f"device {device_id} may not set job {job_id} to {state}")
+        job = self.require(job_id)
+        if job.device_id != device_id:
+            raise JobError(f"job {job_id} belongs to {job.device_id}, not {device_id}")
+        return self._transition(job_id, state, detail)
+
+    def cancel(self, job_id: str, detail: str = "canceled by the coordinator") -> Job:
+        return self._transition(job_id, JobState.CANCELED, detail)
+
+    def remove(self, job_id: str, detail: str = "removed by the coordinator") -> Job:
+        return self._transition(job_id, JobState.REMOVED, detail)
+
+    def expire_overdue(self) -> list[Job]:
+        """Every active job past its deadline becomes TIMED_OUT; returns those."""
+        now = self._clock()
+        sql = f"SELECT job_id FROM jobs WHERE {_ACTIVE_SQL} AND deadline <= ? ORDER BY deadline"
+        overdue = [row["job_id"] for row in self._db.query(sql, (now,))]
+        return [
+            self._transition(j, JobState.TIMED_OUT, "no result by the deadline") for j in overdue
+        ]
+
+    # ---- reads
+
+    def get(self, job_id: str) -> Job | None:
+        row = self._db.query_one("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
+        return None if row is None else _from_row(row)
+
+    def require(self, job_id: str) -> Job:
+        job = self.get(job_id)
+        if job is None:
+            raise UnknownJobError(job_id)
+        return job
+
+    def active(self, device_id: str | None = None) -> list[Job]:
+        if device_id is None:
+            return self._select(f"{_ACTIVE_SQL} ORDER BY created_at")
+        return self._select(f"{_ACTIVE_SQL} AND device_id = ? ORDER BY created_at", (device_id,))
+
+    def active_count(self) -> int:
+        row = self._db.query_one(f"SELECT COUNT(*) AS n FROM jobs WHERE {_ACTIVE_SQL}")
+        return int(row["n"]) if row else 0
+
+    def latest_for_device(self, device_id: str) -> Job | None:
+        jobs = self._select(
+            "device_id = ? ORDER BY created_at DESC, rowid DESC LIMIT 1", (device_id,)
+        )
+        return jobs[0] if jobs else None
+
+    def for_round(self, round_id: str) -> list[Job]:
+        return self._select("round_id = ? ORDER BY created_at, rowid", (round_id,))
+
+    def latest_attempts(self, round_id: str) -> dict[str, Job]:
+        """Each device's most recent attempt in the round."""
+        return {job.device_id: job for job in self.for_round(round_id)}
+
+    def retry_candidates(self, *, updated_since: float = float("-inf")) -> list[Job]:
+        """FAILED / TIMED_OUT jobs with attempts left, ended after updated_since, that no later
+        attempt has replaced yet."""
+        states = ", ".join(f"'{s}'" for s in sorted(RETRYABLE_STATES))
+        return self._select(
+            f"state IN ({states}) AND attempt < max_attempts AND updated_at >= ? "
+            "AND job_id NOT IN (SELECT retry_of FROM jobs WHERE retry_of IS NOT NULL) "
+            "ORDER BY updated_at, rowid",
+            (updated_since,),
+        )
+
+    # ---- internals
+
+    def _transition(self, job_id: str, state: JobState, detail: str | None) -> Job:
+        with self._db.transaction():
+            job = self.require(job_id)
+            if job.state == state:
+                return job  # a repeated status: QoS 1 delivers at least once
+            if state not in _NEXT.get(job.state, frozenset()):
+                raise JobError(
+                    f"job {job_id} on {job.device_id}: {job.state} -> {state} is not allowed"
+                    + (" (terminal states are final)" if job.is_terminal else "")
+                )
+            updated = dataclasses.replace(
+                job, state=state, updated_at=self._clock(), detail=detail or job.detail
+            )
+            self._db.execute(
+                "UPDATE jobs SET state = ?, updated_at = ?, detail = ? WHERE job_id = ?",
+                (updated.state.value, updated.updated_at, updated.detail, job_id),
+            )
+            return updated
+
+    def _not_retryable_reason(self, job: Job) -> str | None:
+        if job.state not in RETRYABLE_STATES:
+            return f"state {job.state} is not one of {sorted(RETRYABLE_STATES)}"
+        if job.attempt >= job.max_attempts:
+            return f"attempt {job.attempt} of {job.max_attempts} was the last"
+        if self._db.query_one("SELECT 1 FROM jobs WHERE retry_of = ?", (job.job_id,)):
+            return "already retried"
+        return None
+
+    def _insert(self, job: Job) -> None:
+        values = [getattr(job, f) for f in _FIELDS]
+        sql = "INSERT INTO jobs ({}) VALUES ({})".format(
+            ", ".join(_FIELDS), ", ".join("?" * len(_FIELDS))
+        )
+        self._db.execute(sql, values)
+
+    def _select(self, where: str, params: tuple[Any, ...] = ()) -> list[Job]:
+        return [_from_row(r) for r in self._db.query(f"SELECT * FROM jobs WHERE {where}", params)]
+
+
+def _from_row(row: Any) -> Job:
+    values = {f: row[f] for f in _FIELDS}
+    values["state"] = JobState(values["state"])
+    return Job(**values)

@@ -1,0 +1,276 @@
+"""Fleet registry: what the coordinator knows about each device, checkpointed to SQLite.
+
+Every update is a read-modify-write in one transaction against the state DB, so a restarted
+coordinator (or Ray actor) constructs a FleetRegistry and sees exactly what was last recorded.
+Times are the coordinator's clock at receipt, so a stale (out-of-order, QoS 1 re-delivered)
+heartbeat or presence message is recognised and ignored rather than overwriting newer state.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from coordinator.clock import Clock, system_clock
+from coordinator.state_db import StateDB
+
+DEVICE_ID = re.compile(r"[a-z0-9-]{1,64}")
+TASK = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
+
+
+class UnknownDeviceError(KeyError):
+    pass
+
+
+@dataclass(frozen=True)
+class DeviceRecord:
+    device_id: str
+    online: bool = False
+    presence_since: float | None = None
+    last_heartbeat_at: float | None = None
+    power_w: float | None = None
+    # The device's cumulative energy counter as last reported, and what it used in the registry's
+    # current energy period (kept per period so a budget can be enforced per hour/day).
+    energy_j: float | None = None
+    energy_period_start: float | None = None
+    energy_used_in_period_j: float = 0.0
+    temperature_c: float | None = None
+    drift_score: float | None = None
+    # Latest accuracy of the adapter the device runs, on its recent data.
+    accuracy: float | None = None
+    accuracy_at: float | None = None
+    # The last fine-tune: accuracy before and after it, when, and the reference for drop triggers.
+    accuracy_before: float | None = None
+    accuracy_after: float | None = None
+    last_finetune_at: float | None = None
+    accuracy_at_last_finetune: float | None = None
+    adapter_version: int | None = None
+    base_model_hash: str | None = None
+    task: str | None = None
+    cohort: str | None = None
+    last_skip_reason: str | None = None
+    last_skip_at: float | None = None
+
+
+_COLUMNS = [f.name for f in dataclasses.fields(DeviceRecord)]
+
+
+def _sql_type(annotation: str) -> str:
+    # Annotations are strings here (from __future__ import annotations): "float | None" etc.
+    base = annotation.split("|")[0].strip()
+    sql = {"bool": "INTEGER", "int": "INTEGER", "float": "REAL", "str": "TEXT"}[base]
+    return sql if "None" in annotation else f"{sql} NOT NULL"
+
+
+_SCHEMA = "CREATE TABLE IF NOT EXISTS devices (device_id TEXT PRIMARY KEY, {});".format(
+    ", ".join(f"{f.name} {_sql_type(f.type)}" for f in dataclasses.fields(DeviceRecord)[1:])
+)
+_UPSERT = "INSERT INTO devices ({}) VALUES ({}) ON CONFLICT(device_id) DO UPDATE SET {}".format(
+    ", ".join(_COLUMNS),
+    ", ".join("?" for _ in _COLUMNS),
+    ", ".join(f"{c}=excluded.{c}" for c in _COLUMNS[1:]),
+)
+
+
+def cohort_id(base_model_hash: str, task: str) -> str:
+    """Devices that share a base model and a task can share adapters: that is a cohort."""
+    return f"{task}-{base_model_hash[:12].lower()}"
+
+
+class FleetRegistry:
+    def __init__(
+        self, db: StateDB, *, clock: Clock = system_clock, energy_period_s: float = 3600.0
+    ) -> None:
+        if energy_period_s <= 0:
+            raise ValueError(f"energy_period_s must be > 0, got {energy_period_s}")
+        self._db = db
+        self._clock = clock
+        self.energy_period_s = float(energy_period_s)
+        db.ensure_schema(_SCHEMA)
+
+    # ---- reads
+
+    def get(self, device_id: str) -> DeviceRecord | None:
+        row = self._db.query_one("SELECT * FROM devices WHERE device_id = ?", (device_id,))
+        return None if row is None else _from_row(row)
+
+    def require(self, device_id: str) -> DeviceRecord:
+        record = self.get(device_id)
+        if record is None:
+            raise UnknownDeviceError(device_id)
+        return record
+
+    def devices(self, cohort: str | None = None) -> list[DeviceRecord]:
+        if cohort is None:
+            rows = self._db.query("SELECT * FROM devices ORDER BY device_id")
+        else:
+            sql = "SELECT * FROM devices WHERE cohort = ? ORDER BY device_id"
+            rows = self._db.query(sql, (cohort,))
+        return [_from_row(r) for r in rows]
+
+    def cohorts(self) -> dict[str, list[str]]:
+        members: dict[str, list[str]] = {}
+        for record in self.devices():
+            if record.cohort is not None:
+                members.setdefault(record.cohort, []).append(record.device_id)
+        return members
+
+    def energy_used_this_period(self, record: DeviceRecord) -> float:
+        """Joules the device used in the current energy period (0 if it reported none in it)."""
+        if record.energy_period_start != self._period_start(self._clock()):
+            return 0.0
+        return record.energy_used_in_period_j
+
+    # ---- updates
+
+    def register(self, device_id: str, *, base_model_hash: str, task: str) -> DeviceRecord:
+        if not TASK.fullmatch(task):
+            raise ValueError(f"task {task!r} must match {TASK.pattern}")
+        if not base_model_hash:
+            raise ValueError(f"device {device_id}: empty base-model hash")
+        cohort = cohort_id(base_model_hash, task)
+        return self._update(device_id, base_model_hash=base_model_hash, task=task, cohort=cohort)
+
+    def set_presence(
+        self, device_id: str, online: bool, *, at: float | None = None
+    ) -> DeviceRecord:
+        at = self._at(at)
+        with self._db.transaction():
+            record = self._load_or_new(device_id)
+            if record.presence_since is not None and at < record.presence_since:
+                return record  # older than what we know: a re-delivered or reordered message
+            if record.online == online and record.presence_since is not None:
+                return record  # unchanged: keep the time it became so
+            return self._save(dataclasses.replace(record, online=online, presence_since=at))
+
+    def record_heartbeat(
+        self,
+        device_id: str,
+        *,
+        at: float | None = None,
+        power_w: float | None = None,
+        energy_j: float | None = None,
+        temperature_c: float | None = None,
+        drift_score: float | None = None,
+        adapter_version: int | None = None,
+    ) -> DeviceRecord:
+        at = self._at(at)
+        readings = {"power_w": power_w, "temperature_c": temperature_c, "drift_score": drift_score}
+        _check_finite(device_id, {**readings, "energy_j": energy_j})
+        with self._db.transaction():
+            record = self._load_or_new(device_id)
+            if record.last_heartbeat_at is not None and at < record.last_heartbeat_at:
+                return record
+            changes: dict[str, Any] = {k: v for k, v in readings.items() if v is not None}
+            changes["last_heartbeat_at"] = at
+            if adapter_version is not None:
+                changes["adapter_version"] = adapter_version
+            if energy_j is not None:
+                changes.update(self._energy_changes(record, energy_j, at))
+            # A heartbeat proves the device is connected, unless presence news is newer.
+            if not record.online and (record.presence_since is None or at >= record.presence_since):
+                changes.update(online=True, presence_since=at)
+            return self._save(dataclasses.replace(record, **changes))
+
+    def record_accuracy(
+        self, device_id: str, accuracy: float, *, at: float | None = None
+    ) -> DeviceRecord:
+        _check_accuracy(device_id, accuracy)
+        return self._update(device_id, accuracy=accuracy, accuracy_at=self._at(at))
+
+    def record_finetune(
+        self,
+        device_id: str,
+        *,
+        accuracy_before: float,
+        accuracy_after: float,
+        at: float | None = None,
+        adapter_version: int | None = None,
+    ) -> DeviceRecord:
+        """A fine-tune finished: its accuracy after becomes the reference for drop triggers."""
+        _check_accuracy(device_id, accuracy_before)
+        _check_accuracy(device_id, accuracy_after)
+        at = self._at(at)
+        changes: dict[str, Any] = {
+            "accuracy_before": accuracy_before,
+            "accuracy_after": accuracy_after,
+            "last_finetune_at": at,
+            "accuracy_at_last_finetune": accuracy_after,
+            "accuracy": accuracy_after,
+            "accuracy_at": at,
+        }
+        if adapter_version is not None:
+            changes["adapter_version"] = adapter_version
+        return self._update(device_id, **changes)
+
+    def set_adapter_version(self, device_id: str, version: int | None) -> DeviceRecord:
+        return self._update(device_id, adapter_version=version)
+
+    def record_skip(self, device_id: str, reason: str, *, at: float | None = None) -> None:
+        """Why the scheduler did not fine-tune this device (kept so an operator can ask)."""
+        if self.get(device_id) is not None:
+            self._update(device_id, last_skip_reason=reason, last_skip_at=self._at(at))
+
+    def remove(self, device_id: str) -> bool:
+        return self._db.execute("DELETE FROM devices WHERE device_id = ?", (device_id,)) > 0
+
+    # ---- internals
+
+    def _update(self, device_id: str, **changes: Any) -> DeviceRecord:
+        with self._db.transaction():
+            record = self._load_or_new(device_id)
+            return self._save(dataclasses.replace(record, **changes))
+
+    def _load_or_new(self, device_id: str) -> DeviceRecord:
+        if not DEVICE_ID.fullmatch(device_id):
+            raise ValueError(f"device id {device_id!r} must match {DEVICE_ID.pattern}")
+        return self.get(device_id) or DeviceRecord(device_id)
+
+    def _save(self, record: DeviceRecord) -> DeviceRecord:
+        values = [getattr(record, c) for c in _COLUMNS]
+        values[_COLUMNS.index("online")] = int(record.online)
+        self._db.execute(_UPSERT, values)
+        return record
+
+    def _energy_changes(self, record: DeviceRecord, energy_j: float, at: float) -> dict[str, Any]:
+        if record.energy_j is None:
+            used = 0.0  # the first reading is a baseline: we don't know when that energy was used
+        elif energy_j >= record.energy_j:
+            used = energy_j - record.energy_j
+        else:
+            used = energy_j  # the counter went back: the device restarted it from zero
+        period = self._period_start(at)
+        if record.energy_period_start == period:
+            used += record.energy_used_in_period_j
+        return {
+            "energy_j": energy_j,
+            "energy_period_start": period,
+            "energy_used_in_period_j": used,
+        }
+
+    def _period_start(self, at: float) -> float:
+        return math.floor(at / self.energy_period_s) * self.energy_period_s
+
+    def _at(self, at: float | None) -> float:
+        return self._clock() if at is None else float(at)
+
+
+def _from_row(row: Mapping[str, Any]) -> DeviceRecord:
+    values = {c: row[c] for c in _COLUMNS}
+    values["online"] = bool(values["online"])
+    return DeviceRecord(**values)
+
+
+def _check_finite(device_id: str, values: Mapping[str, float | None]) -> None:
+    for name, value in values.items():
+        if value is not None and not math.isfinite(value):
+            raise ValueError(f"device {device_id}: {name} is not finite ({value})")
+
+
+def _check_accuracy(device_id: str, accuracy: float) -> None:
+    if not (math.isfinite(accuracy) and 0.0 <= accuracy <= 1.0):
+        raise ValueError(f"device {device_id}: accuracy must be in [0, 1], got {accuracy}")

@@ -1,0 +1,326 @@
+"""Canary distribution of a new fleet adapter, with automatic promotion or rollback.
+
+CANARY → PROMOTED | ROLLED_BACK (both final). A candidate version goes first to a canary fraction
+of the cohort (at least one device). Each canary evaluates the candidate and its current adapter
+on its own hold-out data. When every canary has reported, the rollout is promoted if the mean
+accuracy with the candidate is no worse than with the current adapter minus a margin. A canary
+that fails rolls back at once; one that has not reported by the deadline makes the rollout roll
+back then. The cohort's current pointer in the AdapterStore only moves on promotion, so a rollback
+leaves it on the previous version; canary devices are told to return to it (desired_version).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import Any
+
+from coordinator.adapter_store import AdapterStore
+from coordinator.clock import Clock, system_clock
+from coordinator.state_db import StateDB
+
+
+class RolloutState(StrEnum):
+    CANARY = "CANARY"
+    PROMOTED = "PROMOTED"
+    ROLLED_BACK = "ROLLED_BACK"
+
+
+class RolloutError(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class RolloutPolicy:
+    canary_fraction: float = 0.1
+    # Promote when mean(candidate) >= mean(current) - max_accuracy_regression (fractions).
+    max_accuracy_regression: float = 0.01
+    canary_deadline_s: float = 900.0
+
+    def __post_init__(self) -> None:
+        if not 0.0 < self.canary_fraction <= 1.0:
+            raise ValueError(f"canary_fraction must be in (0, 1], got {self.canary_fraction}")
+        if self.max_accuracy_regression < 0:
+            raise ValueError("max_accuracy_regression must be >= 0")
+        if self.canary_deadline_s <= 0:
+            raise ValueError("canary_deadline_s must be > 0")
+
+
+@dataclass(frozen=True)
+class CanaryResult:
+    device_id: str
+    accuracy_candidate: float | None = None
+    accuracy_current: float | None = None
+    failure: str | None = None
+
+
+@dataclass(frozen=True)
+class Rollout:
+    rollout_id: str
+    cohort: str
+    candidate_version: int
+    previous_version: int | None  # None: the cohort ran the bare base model
+    canary_devices: tuple[str, ...]
+    started_at: float
+    deadline: float
+    state: RolloutState = RolloutState.CANARY
+    results: Mapping[str, CanaryResult] = field(default_factory=dict)
+    decided_at: float | None = None
+    reason: str | None = None
+
+    @property
+    def is_decided(self) -> bool:
+        return self.state is not RolloutState.CANARY
+
+    def desired_version(self, device_id: str) -> int | None:
+        """The adapter version this cohort member should run now."""
+        if self.state is RolloutState.PROMOTED:
+            return self.candidate_version
+        if self.state is RolloutState.CANARY and device_id in self.canary_devices:
+            return self.candidate_version
+        return self.previous_version
+
+    def desired_versions(self, device_ids: Iterable[str]) -> dict[str, int | None]:
+        return {device: self.desired_version(device) for device in device_ids}
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS rollouts (
+    rollout_id TEXT PRIMARY KEY,
+    cohort TEXT NOT NULL,
+    candidate_version INTEGER NOT NULL,
+    previous_version INTEGER,
+    canary_devices TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    deadline REAL NOT NULL,
+    state TEXT NOT NULL,
+    decided_at REAL,
+    reason TEXT
+);
+CREATE TABLE IF NOT EXISTS canary_results (
+    rollout_id TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    accuracy_candidate REAL,
+    accuracy_current REAL,
+    failure TEXT,
+    PRIMARY KEY (rollout_id, device_id)
+);
+"""
+
+
+class RolloutManager:
+    def __init__(
+        self,
+        db: StateDB,
+        store: AdapterStore,
+        *,
+        policy: RolloutPolicy | None = None,
+        clock: Clock = system_clock,
+    ) -> None:
+        self.policy = policy or RolloutPolicy()
+        self._db = db
+        self._store = store
+        self._clock = clock
+        db.ensure_schema(_SCHEMA)
+
+    def start(
+        self,
+        cohort: str,
+        candidate_version: int,
+        device_ids: Iterable[str],
+        *,
+        rollout_id: str | None = None,
+    ) -> Rollout:
+        """Starts a canary over the given cohort members (pass those able to evaluate now)."""
+        devices = sorted(set(device_ids))
+        if not devices:
+            raise RolloutError(f"cohort {cohort}: no devices to canary on")
+        with self._db.transaction():
+            if self._store.meta(cohort, candidate_version) is None:
+                raise RolloutError(f"cohort {cohort} has no adapter version {candidate_version}")
+            running = self.active(cohort)
+            if running is not None:
+                raise RolloutError(f"cohort {cohort} already has rollout {running.rollout_id}")
+            previous = self._store.current_version(cohort)
+            if previous == candidate_version:
+                raise RolloutError(f"{cohort} v{candidate_version} is already current")
+            rollout_id = rollout_id or uuid.uuid4().hex
+            now = self._clock()
+            rollout = Rollout(
+                rollout_id=rollout_id,
+                cohort=cohort,
+                candidate_version=candidate_version,
+                previous_version=previous,
+                canary_devices=self._pick_canaries(rollout_id, devices),
+                started_at=now,
+                deadline=now + self.policy.canary_deadline_s,
+            )
+            self._insert(rollout)
+        return rollout
+
+    def record_result(
+        self,
+        rollout_id: str,
+        device_id: str,
+        *,
+        accuracy_candidate: float,
+        accuracy_current: float,
+    ) -> Rollout:
+        """A canary's hold-out accuracy with the candidate and with its current adapter.
+
+        A result that arrives after the decision (or a repeated one) changes nothing.
+        """
+        for value in (accuracy_candidate, accuracy_current):
+            if not (math.isfinite(value) and 0.0 <= value <= 1.0):
+                raise RolloutError(f"device {device_id}: accuracy must be in [0, 1], got {value}")
+        result = CanaryResult(device_id, accuracy_candidate, accuracy_current)
+        return self._record(rollout_id, result)
+
+    def record_failure(self, rollout_id: str, device_id: str, reason: str) -> Rollout:
+        """A canary could not install or evaluate the candidate: roll back now."""
+        return self._record(rollout_id, CanaryResult(device_id, failure=reason))
+
+    def check_deadlines(self) -> list[Rollout]:
+        """Rolls back every canary whose deadline passed without all results; returns those."""
+        now = self._clock()
+        decided = []
+        for overdue in self._canaries(deadline_before=now):
+            with self._db.transaction():
+                rollout = self._require(overdue.rollout_id)
+                if rollout.is_decided:
+                    continue  # decided by a result that arrived meanwhile
+                missing = sorted(set(rollout.canary_devices) - set(rollout.results))
+                reason = f"canaries {missing} did not report by the deadline"
+                decided.append(self._decide(rollout, RolloutState.ROLLED_BACK, reason))
+        return decided
+
+    def get(self, rollout_id: str) -> Rollout | None:
+        row = self._db.query_one("SELECT * FROM rollouts WHERE rollout_id = ?", (rollout_id,))
+        return None if row is None else self._from_row(row)
+
+    def active(self, cohort: str) -> Rollout | None:
+        row = self._db.query_one(
+            "SELECT * FROM rollouts WHERE cohort = ? AND state = ?",
+            (cohort, RolloutState.CANARY.value),
+        )
+        return None if row is None else self._from_row(row)
+
+    def history(self, cohort: str) -> list[Rollout]:
+        rows = self._db.query(
+            "SELECT * FROM rollouts WHERE cohort = ? ORDER BY started_at, rowid", (cohort,)
+        )
+        return [self._from_row(r) for r in rows]
+
+    # ---- internals
+
+    def _pick_canaries(self, rollout_id: str, devices: list[str]) -> tuple[str, ...]:
+        count = min(len(devices), max(1, math.ceil(self.policy.canary_fraction * len(devices))))
+        # A hash of (rollout, device) spreads the canary duty over the cohort across rollouts,
+        # and is reproducible, unlike random choice.
+        ranked = sorted(
+            devices, key=lambda d: hashlib.sha256(f"{rollout_id}/{d}".encode()).digest()
+        )
+        return tuple(sorted(ranked[:count]))
+
+    def _record(self, rollout_id: str, result: CanaryResult) -> Rollout:
+        with self._db.transaction():
+            rollout = self._require(rollout_id)
+            if result.device_id not in rollout.canary_devices:
+                raise RolloutError(f"{result.device_id} is not a canary of rollout {rollout_id}")
+            if rollout.is_decided or result.device_id in rollout.results:
+                return rollout
+            self._db.execute(
+                "INSERT INTO canary_results VALUES (?, ?, ?, ?, ?)",
+                (
+                    rollout_id,
+                    result.device_id,
+                    result.accuracy_candidate,
+                    result.accuracy_current,
+                    result.failure,
+                ),
+            )
+            rollout = self._require(rollout_id)
+            if result.failure is not None:
+                reason = f"canary {result.device_id} failed: {result.failure}"
+                return self._decide(rollout, RolloutState.ROLLED_BACK, reason)
+            if len(rollout.results) == len(rollout.canary_devices):
+                return self._decide(rollout, *self._verdict(rollout))
+            return rollout
+
+    def _verdict(self, rollout: Rollout) -> tuple[RolloutState, str]:
+        results = rollout.results.values()
+        candidate = sum(r.accuracy_candidate for r in results) / len(results)
+        current = sum(r.accuracy_current for r in results) / len(results)
+        summary = (
+            f"mean accuracy {candidate:.4f} with v{rollout.candidate_version} vs {current:.4f}"
+        )
+        if candidate >= current - self.policy.max_accuracy_regression:
+            return RolloutState.PROMOTED, summary
+        margin = self.policy.max_accuracy_regression
+        return RolloutState.ROLLED_BACK, f"{summary}: regression beyond {margin:.4f}"
+
+    def _decide(self, rollout: Rollout, state: RolloutState, reason: str) -> Rollout:
+        now = self._clock()
+        if state is RolloutState.PROMOTED:
+            self._store.set_current(rollout.cohort, rollout.candidate_version)
+        self._db.execute(
+            "UPDATE rollouts SET state = ?, decided_at = ?, reason = ? WHERE rollout_id = ?",
+            (state.value, now, reason, rollout.rollout_id),
+        )
+        return self._require(rollout.rollout_id)
+
+    def _canaries(self, *, deadline_before: float) -> list[Rollout]:
+        rows = self._db.query(
+            "SELECT * FROM rollouts WHERE state = ? AND deadline <= ? ORDER BY deadline",
+            (RolloutState.CANARY.value, deadline_before),
+        )
+        return [self._from_row(r) for r in rows]
+
+    def _require(self, rollout_id: str) -> Rollout:
+        rollout = self.get(rollout_id)
+        if rollout is None:
+            raise RolloutError(f"unknown rollout {rollout_id}")
+        return rollout
+
+    def _insert(self, rollout: Rollout) -> None:
+        self._db.execute(
+            "INSERT INTO rollouts VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
+            (
+                rollout.rollout_id,
+                rollout.cohort,
+                rollout.candidate_version,
+                rollout.previous_version,
+                json.dumps(list(rollout.canary_devices)),
+                rollout.started_at,
+                rollout.deadline,
+                rollout.state.value,
+            ),
+        )
+
+    def _from_row(self, row: Any) -> Rollout:
+        results = {
+            r["device_id"]: CanaryResult(
+                r["device_id"], r["accuracy_candidate"], r["accuracy_current"], r["failure"]
+            )
+            for r in self._db.query(
+                "SELECT * FROM canary_results WHERE rollout_id = ?", (row["rollout_id"],)
+            )
+        }
+        return Rollout(
+            rollout_id=row["rollout_id"],
+            cohort=row["cohort"],
+            candidate_version=row["candidate_version"],
+            previous_version=row["previous_version"],
+            canary_devices=tuple(json.loads(row["canary_devices"])),
+            started_at=row["started_at"],
+            deadline=row["deadline"],
+            state=RolloutState(row["state"]),
+            results=results,
+            decided_at=row["decided_at"],
+            reason=row["reason"],
+        )

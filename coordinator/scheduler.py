@@ -1,0 +1,336 @@
+"""Fine-tune scheduling: pure decisions over the registry, the job table and a clock.
+
+tick() is the one entry point the coordinator loop calls (every few seconds): it times out
+overdue jobs, closes finished rounds, then starts jobs (retries first, then operator requests and
+round members, then automatic triggers) while at most max_concurrent_jobs are active, skipping
+devices that are offline, silent, too hot, over their energy budget or busy, and recording why.
+It returns what the bridge must send; it never sends anything itself.
+"""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from enum import StrEnum
+
+from coordinator.clock import Clock, system_clock
+from coordinator.jobs import Job, JobTable
+from coordinator.registry import DeviceRecord, FleetRegistry
+from coordinator.request_queue import PendingRequest, RequestQueue
+from coordinator.rounds import Round, RoundOutcome, RoundStatus, RoundTable, evaluate_round
+from coordinator.state_db import StateDB
+
+
+class Trigger(StrEnum):
+    RETRY = "retry"
+    ROUND = "round"
+    REQUEST = "request"
+    ACCURACY_BELOW = "accuracy_below"
+    ACCURACY_DROP = "accuracy_drop"
+    DRIFT = "drift"
+
+
+class SkipReason(StrEnum):
+    UNKNOWN_DEVICE = "unknown_device"
+    OFFLINE = "offline"
+    HEARTBEAT_STALE = "heartbeat_stale"
+    TOO_HOT = "too_hot"
+    ENERGY_BUDGET = "energy_budget"
+    BUSY = "busy"
+    CONCURRENCY_LIMIT = "concurrency_limit"
+
+
+@dataclass(frozen=True)
+class SchedulerPolicy:
+    """Every knob of the fine-tune policy. None switches a trigger or a limit off."""
+
+    max_concurrent_jobs: int = 2
+    # Automatic triggers (accuracies are fractions in [0, 1]).
+    accuracy_threshold: float | None = 0.85
+    accuracy_drop_margin: float | None = 0.05  # below the accuracy right after the last fine-tune
+    drift_threshold: float | None = 0.5
+    # No automatic job for a device that had any job created this recently: a device whose
+    # accuracy stays low after fine-tuning must not be fine-tuned in a loop.
+    trigger_cooldown_s: float = 1800.0
+    # Eligibility.
+    heartbeat_timeout_s: float = 90.0
+    max_temperature_c: float | None = 70.0
+    energy_budget_j: float | None = None  # per FleetRegistry.energy_period_s
+    # Jobs.
+    job_timeout_s: float = 600.0
+    max_attempts: int = 3
+    request_ttl_s: float = 3600.0  # how long an unserved request (or a retry) stays wanted
+    # Rounds.
+    round_deadline_s: float = 900.0
+    min_completion_ratio: float = 0.8
+
+    def __post_init__(self) -> None:
+        if self.max_concurrent_jobs < 1:
+            raise ValueError("max_concurrent_jobs must be >= 1")
+        if self.max_attempts < 1:
+            raise ValueError("max_attempts must be >= 1")
+        if not 0.0 < self.min_completion_ratio <= 1.0:
+            raise ValueError("min_completion_ratio must be in (0, 1]")
+        positive = ("heartbeat_timeout_s", "job_timeout_s", "request_ttl_s", "round_deadline_s")
+        for name in positive:
+            if getattr(self, name) <= 0:
+                raise ValueError(f"{name} must be > 0")
+        if self.trigger_cooldown_s < 0:
+            raise ValueError("trigger_cooldown_s must be >= 0")
+
+
+@dataclass(frozen=True)
+class Candidate:
+    device_id: str
+    trigger: Trigger
+    round_id: str | None = None
+    retry_of: Job | None = None
+
+
+@dataclass(frozen=True)
+class RequestOutcome:
+    accepted: tuple[str, ...]
+    unknown: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class TickResult:
+    dispatched: tuple[Job, ...] = ()  # new jobs, first attempts and retries: send them
+    timed_out: tuple[Job, ...] = ()
+    canceled: tuple[Job, ...] = ()  # jobs of rounds that closed: tell their devices to stop
+    skipped: Mapping[str, SkipReason] = field(default_factory=dict)
+    expired_requests: tuple[PendingRequest, ...] = ()
+    closed_rounds: tuple[RoundStatus, ...] = ()  # aggregate the answered devices of these
+
+
+class FineTuneScheduler:
+    def __init__(
+        self,
+        db: StateDB,
+        registry: FleetRegistry,
+        jobs: JobTable,
+        *,
+        policy: SchedulerPolicy | None = None,
+        clock: Clock = system_clock,
+    ) -> None:
+        self.policy = policy or SchedulerPolicy()
+        self._registry = registry
+        self._jobs = jobs
+        self._rounds = RoundTable(db)
+        self._requests = RequestQueue(db)
+        self._clock = clock
+
+    # ---- operator requests
+
+    def request(self, device_ids: Iterable[str]) -> RequestOutcome:
+        """Fine-tune these devices as soon as they are eligible and a slot is free."""
+        now = self._clock()
+        accepted, unknown = [], []
+        for device in device_ids:
+            if self._registry.get(device) is None:
+                unknown.append(device)
+                continue
+            expires = now + self.policy.request_ttl_s
+            self._requests.add(PendingRequest(device, Trigger.REQUEST, now, expires))
+            accepted.append(device)
+        return RequestOutcome(tuple(accepted), tuple(unknown))
+
+    def request_cohort(self, cohort: str) -> RequestOutcome:
+        return self.request(r.device_id for r in self._registry.devices(cohort))
+
+    def request_all(self) -> RequestOutcome:
+        return self.request(r.device_id for r in self._registry.devices())
+
+    def start_round(
+        self,
+        device_ids: Iterable[str] | None = None,
+        *,
+        cohort: str | None = None,
+        round_id: str | None = None,
+    ) -> Round:
+        """A round over the given devices or a whole cohort; its jobs start on the next ticks."""
+        if (device_ids is None) == (cohort is None):
+            raise ValueError("give either device_ids or cohort")
+        if device_ids is None:
+            device_ids = [r.device_id for r in self._registry.devices(cohort)]
+        devices = tuple(device_ids)
+        unknown = [d for d in devices if self._registry.get(d) is None]
+        if unknown:
+            raise ValueError(f"unknown devices for the round: {unknown}")
+        now = self._clock()
+        rnd = Round(
+            round_id=round_id or uuid.uuid4().hex,
+            device_ids=devices,
+            started_at=now,
+            deadline=now + self.policy.round_deadline_s,
+            min_completion_ratio=self.policy.min_completion_ratio,
+            cohort=cohort,
+        )
+        self._rounds.add(rnd)
+        for device in devices:
+            request = PendingRequest(device, Trigger.ROUND, now, rnd.deadline, rnd.round_id)
+            self._requests.add(request)
+        return rnd
+
+    def round_status(self, round_id: str) -> RoundStatus:
+        rnd = self._rounds.get(round_id)
+        if rnd is None:
+            raise KeyError(f"unknown round {round_id}")
+        return self._evaluate(rnd, self._clock())
+
+    # ---- the periodic step
+
+    def tick(self) -> TickResult:
+        now = self._clock()
+        timed_out = self._jobs.expire_overdue()
+        closed_rounds, canceled = self._close_finished_rounds(now)
+        expired = self._requests.drop_expired(now)
+        dispatched, skipped = self._dispatch(self._candidates(now), now)
+        return TickResult(
+            dispatched=tuple(dispatched),
+            timed_out=tuple(timed_out),
+            canceled=tuple(canceled),
+            skipped=skipped,
+            expired_requests=tuple(expired),
+            closed_rounds=tuple(closed_rounds),
+        )
+
+    def skip_reason(self, record: DeviceRecord | None, now: float) -> SkipReason | None:
+        """Why this device may not start a fine-tune now (None: it may)."""
+        policy = self.policy
+        if record is None:
+            return SkipReason.UNKNOWN_DEVICE
+        if not record.online:
+            return SkipReason.OFFLINE
+        heartbeat = record.last_heartbeat_at
+        if heartbeat is None or now - heartbeat > policy.heartbeat_timeout_s:
+            return SkipReason.HEARTBEAT_STALE
+        if _above(record.temperature_c, policy.max_temperature_c):
+            return SkipReason.TOO_HOT
+        budget = policy.energy_budget_j
+        if budget is not None and self._registry.energy_used_this_period(record) >= budget:
+            return SkipReason.ENERGY_BUDGET
+        if self._jobs.active(record.device_id):
+            return SkipReason.BUSY
+        return None
+
+    def automatic_trigger(self, record: DeviceRecord, now: float) -> Trigger | None:
+        """Which automatic trigger fires for this device, if any (cooldown and busy excluded)."""
+        policy = self.policy
+        latest = self._jobs.latest_for_device(record.device_id)
+        if latest is not None and (
+            latest.is_active or now - latest.created_at < policy.trigger_cooldown_s
+        ):
+            return None
+        if _below(record.accuracy, policy.accuracy_threshold):
+            return Trigger.ACCURACY_BELOW
+        if _above(_drop_since_last_finetune(record), policy.accuracy_drop_margin):
+            return Trigger.ACCURACY_DROP
+        if _above(record.drift_score, policy.drift_threshold):
+            return Trigger.DRIFT
+        return None
+
+    # ---- internals
+
+    def _candidates(self, now: float) -> list[Candidate]:
+        """Retries first (already promised), then requests in arrival order, then automatic
+        triggers, worst accuracy first; one candidate per device."""
+        candidates: dict[str, Candidate] = {}
+        for job in self._jobs.retry_candidates(updated_since=now - self.policy.request_ttl_s):
+            if job.round_id is None or self._round_is_open(job.round_id):
+                candidates.setdefault(
+                    job.device_id, Candidate(job.device_id, Trigger.RETRY, job.round_id, job)
+                )
+        for request in self._requests.pending():
+            candidate = Candidate(request.device_id, Trigger(request.trigger), request.round_id)
+            candidates.setdefault(request.device_id, candidate)
+        automatic = []
+        for record in self._registry.devices():
+            if record.device_id in candidates:
+                continue
+            trigger = self.automatic_trigger(record, now)
+            if trigger is not None:
+                worst_first = record.accuracy if record.accuracy is not None else 1.0
+                automatic.append((worst_first, record.device_id, trigger))
+        for _, device, trigger in sorted(automatic):
+            candidates[device] = Candidate(device, trigger)
+        return list(candidates.values())
+
+    def _dispatch(
+        self, candidates: list[Candidate], now: float
+    ) -> tuple[list[Job], dict[str, SkipReason]]:
+        capacity = self.policy.max_concurrent_jobs - self._jobs.active_count()
+        dispatched: list[Job] = []
+        skipped: dict[str, SkipReason] = {}
+        for candidate in candidates:
+            record = self._registry.get(candidate.device_id)
+            reason = self.skip_reason(record, now)
+            if reason is None and capacity <= 0:
+                reason = SkipReason.CONCURRENCY_LIMIT
+            if reason is not None:
+                skipped[candidate.device_id] = reason
+                self._registry.record_skip(candidate.device_id, reason.value, at=now)
+                continue
+            dispatched.append(self._start_job(candidate))
+            capacity -= 1
+        return dispatched, skipped
+
+    def _start_job(self, candidate: Candidate) -> Job:
+        if candidate.retry_of is not None:
+            job = self._jobs.retry(candidate.retry_of.job_id)
+        else:
+            job = self._jobs.create(
+                candidate.device_id,
+                timeout_s=self.policy.job_timeout_s,
+                max_attempts=self.policy.max_attempts,
+                round_id=candidate.round_id,
+                trigger=candidate.trigger.value,
+            )
+        # Whatever started the job for this device and round also serves its pending request.
+        self._requests.remove(candidate.device_id, candidate.round_id)
+        return job
+
+    def _close_finished_rounds(self, now: float) -> tuple[list[RoundStatus], list[Job]]:
+        closed, canceled = [], []
+        for rnd in self._rounds.open_rounds():
+            status = self._evaluate(rnd, now)
+            if not status.is_over:
+                continue
+            self._rounds.close(rnd.round_id, status.outcome, now)
+            self._requests.drop_round(rnd.round_id)
+            for job in self._jobs.for_round(rnd.round_id):
+                if job.is_active:
+                    canceled.append(
+                        self._jobs.cancel(job.job_id, f"round {status.outcome.lower()}")
+                    )
+            closed.append(status)
+        return closed, canceled
+
+    def _evaluate(self, rnd: Round, now: float) -> RoundStatus:
+        latest = self._jobs.latest_attempts(rnd.round_id)
+        can_retry = {device: self._jobs.can_retry(job) for device, job in latest.items()}
+        reasons = {}
+        for device in rnd.device_ids:
+            record = self._registry.get(device)
+            if device not in latest and record is not None and record.last_skip_reason:
+                reasons[device] = f"last skipped: {record.last_skip_reason}"
+        return evaluate_round(rnd, latest, now, can_retry=can_retry, not_started_reasons=reasons)
+
+    def _round_is_open(self, round_id: str) -> bool:
+        return self._rounds.outcome(round_id) is RoundOutcome.RUNNING
+
+
+def _below(value: float | None, limit: float | None) -> bool:
+    """value < limit; a missing reading or a switched-off limit (None) never triggers."""
+    return value is not None and limit is not None and value < limit
+
+
+def _above(value: float | None, limit: float | None) -> bool:
+    return value is not None and limit is not None and value > limit
+
+
+def _drop_since_last_finetune(record: DeviceRecord) -> float | None:
+    if record.accuracy is None or record.accuracy_at_last_finetune is None:
+        return None
+    return record.accuracy_at_last_finetune - record.accuracy

@@ -1,0 +1,35 @@
+"""Shared test fixtures. Tests point the product at ../shared/data (or $SKIPFLEET_DATA_DIR)."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+# Small matrix products are much faster on one BLAS thread (measured: 8x); set before numpy loads.
+os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+@pytest.fixture(scope="session")
+def data_dir() -> Path:
+    path = Path(os.environ.get("SKIPFLEET_DATA_DIR", REPO.parent / "shared" / "data"))
+    if not (path / "fan_damage1.npz").exists():
+        pytest.fail(f"data sets not found in {path}: set SKIPFLEET_DATA_DIR")
+    return path
+
+
+@pytest.fixture
+def mosquitto(tmp_path: Path):
+    """A private mosquitto on a free 127.0.0.1 port (see tests/mqtt_broker.py), stopped after."""
+    from tests.mqtt_broker import MosquittoBroker, find_mosquitto
+
+    if find_mosquitto() is None:
+        pytest.fail("mosquitto is not installed: run `make system-deps`")
+    broker = MosquittoBroker(tmp_path / "mosquitto")
+    broker.start()
+    yield broker
+    broker.stop()

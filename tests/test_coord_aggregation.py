@@ -1,0 +1,225 @@
+"""Aggregation strategies: exactness, the naive gap, personalisation, and what is refused."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from coordinator.aggregation import (
+    STRATEGIES,
+    AggregationError,
+    ExactDeltaStrategy,
+    FitFailure,
+    FitResult,
+    NaiveFedAvgStrategy,
+    PersonalizedStrategy,
+    aggregation_gap,
+    validate_fit_result,
+)
+from tests.coord_helpers import SHAPE, random_deltas, random_factors
+
+
+@pytest.fixture
+def rng() -> np.random.Generator:
+    return np.random.default_rng(7)
+
+
+def reports(rng: np.random.Generator, counts=(10, 30, 60), with_deltas=True) -> list[FitResult]:
+    out = []
+    for i, n in enumerate(counts):
+        arrays = random_factors(rng)
+        if with_deltas:
+            arrays |= random_deltas(rng)
+        out.append(FitResult(f"dev-{i}", arrays, n))
+    return out
+
+
+def weighted_mean_of_products(results: list[FitResult], layer: int) -> np.ndarray:
+    """Computed independently of the library: Σ n_i (delta + A B) / Σ n_i, in float64."""
+    total = np.zeros(SHAPE.delta_shape(layer))
+    for r in results:
+        a = r.arrays[f"A{layer}"].astype(np.float64)
+        b = r.arrays[f"B{layer}"].astype(np.float64)
+        delta = r.arrays.get(f"delta{layer}", np.zeros_like(total))
+        total += r.num_samples * (delta + a @ b)
+    return total / sum(r.num_samples for r in results)
+
+
+def test_exact_aggregate_is_sample_weighted_mean_of_products(rng):
+    results = reports(rng)
+    aggregate = ExactDeltaStrategy(SHAPE).aggregate_fit(results)
+    assert set(aggregate.arrays) == {"delta1", "delta2", "delta3"}
+    for k in SHAPE.layers:
+        np.testing.assert_allclose(
+            aggregate.arrays[f"delta{k}"], weighted_mean_of_products(results, k), rtol=1e-5
+        )
+    assert aggregate.weights == pytest.approx({"dev-0": 0.1, "dev-1": 0.3, "dev-2": 0.6})
+    assert aggregate.num_samples == 100
+
+
+def test_exact_accepts_different_ranks_and_delta_only_reports(rng):
+    results = [
+        FitResult("low-rank", random_factors(rng, rank=2), 5),
+        FitResult("high-rank", random_factors(rng, rank=6), 5),
+        FitResult("delta-only", random_deltas(rng), 10),
+    ]
+    aggregate = ExactDeltaStrategy(SHAPE).aggregate_fit(results)
+    expected = 0.25 * (results[0].arrays["A1"] @ results[0].arrays["B1"])
+    expected += 0.25 * (results[1].arrays["A1"] @ results[1].arrays["B1"])
+    expected += 0.5 * results[2].arrays["delta1"]
+    np.testing.assert_allclose(aggregate.arrays["delta1"], expected, rtol=1e-5)
+
+
+def test_naive_differs_from_exact_on_random_adapters(rng):
+    results = reports(rng, with_deltas=False)
+    exact = ExactDeltaStrategy(SHAPE).aggregate_fit(results)
+    naive = NaiveFedAvgStrategy(SHAPE).aggregate_fit(results)
+    assert {"A1", "B1", "A3", "B3"} <= set(naive.arrays)
+    gap = aggregation_gap(exact.arrays, naive.arrays, SHAPE)
+    assert len(gap.relative_frobenius) == 3
+    assert min(gap.relative_frobenius) > 0.1
+
+
+def test_naive_equals_exact_when_all_devices_share_a(rng):
+    results = reports(rng)
+    shared = random_factors(rng)
+    for r in results:
+        for k in SHAPE.layers:
+            r.arrays[f"A{k}"] = shared[f"A{k}"]
+    exact = ExactDeltaStrategy(SHAPE).aggregate_fit(results)
+    naive = NaiveFedAvgStrategy(SHAPE).aggregate_fit(results)
+    gap = aggregation_gap(exact.arrays, naive.arrays, SHAPE)
+    assert max(gap.relative_frobenius) < 1e-5
+
+
+def test_gap_in_logits_on_given_inputs(rng):
+    results = reports(rng, with_deltas=False)
+    exact = ExactDeltaStrategy(SHAPE).aggregate_fit(results).arrays
+    naive = NaiveFedAvgStrategy(SHAPE).aggregate_fit(results).arrays
+    inputs = [rng.normal(size=(20, d)) for d in SHAPE.layer_dims]
+    gap = aggregation_gap(exact, naive, SHAPE, layer_inputs=inputs)
+    naive_w = [naive[f"A{k}"] @ naive[f"B{k}"] for k in SHAPE.layers]
+    expected = sum(
+        x @ (n - exact[f"delta{k}"]) for k, x, n in zip(SHAPE.layers, inputs, naive_w, strict=True)
+    )
+    assert gap.logit_max_abs_diff == pytest.approx(np.abs(expected).max(), rel=1e-4)
+    assert gap.logit_relative_diff > 0
+    same = aggregation_gap(exact, exact, SHAPE, layer_inputs=inputs)
+    assert same.logit_max_abs_diff == 0.0
+    with pytest.raises(AggregationError, match="layer 2 input"):
+        aggregation_gap(exact, naive, SHAPE, layer_inputs=[inputs[0], inputs[0], inputs[2]])
+
+
+def test_failures_are_listed_and_survivors_aggregated(rng):
+    results = reports(rng)
+    failures = [FitFailure("dev-dead", "TIMED_OUT"), FitFailure("dev-bad", "FAILED: oom")]
+    aggregate = ExactDeltaStrategy(SHAPE).aggregate_fit(results[:2], failures)
+    assert aggregate.device_ids == ("dev-0", "dev-1")
+    assert aggregate.failed_device_ids == ("dev-dead", "dev-bad")
+    np.testing.assert_allclose(
+        aggregate.arrays["delta2"], weighted_mean_of_products(results[:2], 2), rtol=1e-5
+    )
+
+
+def test_empty_round_is_an_error_naming_the_failures():
+    with pytest.raises(AggregationError, match=r"empty round.*dev-x \(TIMED_OUT\)"):
+        ExactDeltaStrategy(SHAPE).aggregate_fit([], [FitFailure("dev-x", "TIMED_OUT")])
+
+
+@pytest.mark.parametrize("strategy", sorted(STRATEGIES))
+def test_mismatched_shape_is_refused_not_broadcast(rng, strategy):
+    results = reports(rng)
+    # (1, 3) would broadcast against (8, 3): it must be refused.
+    results[1].arrays["delta2"] = np.ones((1, SHAPE.n_classes), dtype=np.float32)
+    with pytest.raises(AggregationError, match=r"device dev-1: delta2 has shape \(1, 3\)"):
+        STRATEGIES[strategy](SHAPE).aggregate_fit(results)
+
+
+def test_factor_rank_mismatch_inside_one_report_is_refused(rng):
+    arrays = random_factors(rng, rank=4)
+    arrays["B3"] = arrays["B3"][:3]
+    with pytest.raises(AggregationError, match=r"device dev-a: B3 has shape \(3, 3\)"):
+        validate_fit_result(FitResult("dev-a", arrays, 1), SHAPE)
+
+
+def test_naive_refuses_devices_of_different_ranks(rng):
+    results = [
+        FitResult("dev-a", random_factors(rng, rank=2), 5),
+        FitResult("dev-b", random_factors(rng, rank=4), 5),
+    ]
+    with pytest.raises(AggregationError, match="device dev-b: ranks"):
+        NaiveFedAvgStrategy(SHAPE).aggregate_fit(results)
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf])
+def test_non_finite_values_are_refused(rng, bad):
+    results = reports(rng)
+    results[2].arrays["A1"][0, 0] = bad
+    with pytest.raises(AggregationError, match="device dev-2: A1 contains NaN or infinite"):
+        ExactDeltaStrategy(SHAPE).aggregate_fit(results)
+
+
+@pytest.mark.parametrize("count", [0, -5, 2.5, True])
+def test_bad_sample_counts_are_refused(rng, count):
+    results = reports(rng)
+    results[0] = FitResult("dev-0", results[0].arrays, count)
+    with pytest.raises(AggregationError, match="device dev-0: sample count"):
+        ExactDeltaStrategy(SHAPE).aggregate_fit(results)
+
+
+def test_incomplete_unknown_and_duplicate_reports_are_refused(rng):
+    strategy = ExactDeltaStrategy(SHAPE)
+    partial = random_factors(rng)
+    del partial["B2"]
+    with pytest.raises(
+        AggregationError, match=r"device dev-p: incomplete adapter, missing \['B2'\]"
+    ):
+        strategy.aggregate_fit([FitResult("dev-p", partial, 1)])
+    with pytest.raises(AggregationError, match=r"unknown adapter arrays \['A4'\]"):
+        extra = random_factors(rng) | {"A4": np.zeros((2, 2), np.float32)}
+        strategy.aggregate_fit([FitResult("dev-u", extra, 1)])
+    twice = FitResult("dev-t", random_factors(rng), 1)
+    with pytest.raises(AggregationError, match="reported twice"):
+        strategy.aggregate_fit([twice, twice])
+    with pytest.raises(AggregationError, match="both as result and as failure"):
+        strategy.aggregate_fit([twice], [FitFailure("dev-t", "late")])
+
+
+def test_configure_round_gives_every_device_the_fleet_adapter(rng):
+    fleet = random_deltas(rng)
+    instructions = ExactDeltaStrategy(SHAPE).configure_round("r1", ["dev-a", "dev-b"], fleet)
+    assert set(instructions) == {"dev-a", "dev-b"}
+    assert instructions["dev-a"].round_id == "r1"
+    assert instructions["dev-a"].algorithm == "exact-delta"
+    np.testing.assert_array_equal(instructions["dev-b"].start_arrays["delta3"], fleet["delta3"])
+    first = ExactDeltaStrategy(SHAPE).configure_round("r0", ["dev-a"])
+    assert first["dev-a"].start_arrays is None
+
+
+def test_personalized_keeps_each_devices_effective_delta_and_mixes(rng):
+    results = reports(rng)
+    strategy = PersonalizedStrategy(SHAPE, alpha=0.25)
+    aggregate = strategy.aggregate_fit(results)
+    fleet = aggregate.arrays["delta1"].astype(np.float64)
+    own = results[1].arrays["delta1"] + results[1].arrays["A1"] @ results[1].arrays["B1"]
+    personal = strategy.personal_adapter("dev-1")
+    np.testing.assert_allclose(personal["delta1"], own, rtol=1e-5)
+    mixed = strategy.adapter_for("dev-1")
+    np.testing.assert_allclose(mixed["delta1"], 0.25 * own + 0.75 * fleet, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(strategy.adapter_for("dev-1", alpha=1.0)["delta1"], own, rtol=1e-5)
+    np.testing.assert_allclose(strategy.adapter_for("stranger")["delta1"], fleet, rtol=1e-6)
+    instructions = strategy.configure_round("r2", ["dev-1", "stranger"])
+    np.testing.assert_allclose(instructions["dev-1"].start_arrays["delta1"], mixed["delta1"])
+
+
+def test_personalized_state_can_be_restored(rng):
+    first = PersonalizedStrategy(SHAPE)
+    first.aggregate_fit(reports(rng))
+    restored = PersonalizedStrategy(
+        SHAPE, fleet=first.fleet_arrays, personal=first.personal_adapters()
+    )
+    np.testing.assert_array_equal(
+        restored.adapter_for("dev-2")["delta3"], first.adapter_for("dev-2")["delta3"]
+    )
+    with pytest.raises(AggregationError, match="alpha"):
+        PersonalizedStrategy(SHAPE, alpha=1.5)
