@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import os
 import sys
 
 # sub-command -> (module, one-line help)
@@ -41,6 +42,10 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
+    # Before anything loads NumPy: the trainer's small products are fastest on one BLAS thread.
+    from agent.trainer.blas import set_thread_env
+
+    set_thread_env(os.environ)
     parser = build_parser()
     args = parser.parse_args(argv)
     if not getattr(args, "_module", None):

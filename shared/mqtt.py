@@ -1,0 +1,216 @@
+"""paho-mqtt 2.x plumbing shared by the agent and the coordinator: broker URLs, connection
+settings, client construction, MQTT v5 publish properties, backoff and publish-size checks."""
+
+from __future__ import annotations
+
+import math
+import random
+import time
+from dataclasses import dataclass, field, replace
+from enum import StrEnum
+from urllib.parse import unquote, urlsplit
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+
+from shared.protocol import SCHEMA_VERSION, Envelope
+
+_DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
+CONTENT_TYPE = "application/msgpack"
+
+
+class MqttProtocol(StrEnum):
+    V5 = "5"
+    V311 = "3.1.1"
+
+
+class PublishTooLarge(ValueError):
+    """A payload over the broker's packet limit: mosquitto would disconnect the client."""
+
+
+@dataclass(frozen=True)
+class MqttSettings:
+    host: str
+    port: int = 1883
+    tls: bool = False
+    tls_ca: str | None = None  # CA bundle path; None with tls: the system's CAs
+    username: str | None = None
+    password: str | None = field(default=None, repr=False)
+    protocol: MqttProtocol = MqttProtocol.V5
+    keepalive_s: int = 30
+    reconnect_min_delay_s: int = 1
+    reconnect_max_delay_s: int = 60
+    # > 0: a persistent session (QoS 1 commands queued while offline survive reconnects).
+    session_expiry_s: int = 0
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.host, str) or not self.host:
+            raise ValueError("MQTT host must be a non-empty string")
+        if not 0 < self.port < 65536:
+            raise ValueError(f"MQTT port {self.port} is out of range")
+        if self.password is not None and self.username is None:
+            raise ValueError("an MQTT password needs a username")
+        if not 1 <= self.reconnect_min_delay_s <= self.reconnect_max_delay_s:
+            raise ValueError("need 1 <= reconnect_min_delay_s <= reconnect_max_delay_s")
+        if self.keepalive_s < 1 or not 0 <= self.session_expiry_s <= 0xFFFFFFFF:
+            raise ValueError("keepalive_s must be positive, session_expiry_s a uint32")
+        # Accept "5" / "3.1.1" from config files; identity checks below need the member.
+        object.__setattr__(self, "protocol", MqttProtocol(self.protocol))
+
+    @property
+    def persistent_session(self) -> bool:
+        return self.session_expiry_s > 0
+
+    @property
+    def url(self) -> str:
+        """The broker URL without credentials, for logs."""
+        scheme = "mqtts" if self.tls else "mqtt"
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{scheme}://{host}:{self.port}"
+
+
+def parse_broker_url(url: str, **overrides: object) -> MqttSettings:
+    """`mqtt://[user:pass@]host[:port]` or `mqtts://...` -> settings; keyword overrides win."""
+    try:
+        parts = urlsplit(url)
+        port = parts.port
+    except (ValueError, TypeError, AttributeError) as exc:
+        raise ValueError(f"bad broker URL {url!r}: {exc}") from None
+    if parts.scheme not in _DEFAULT_PORTS:
+        raise ValueError(f"bad broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+    if not parts.hostname:
+        raise ValueError(f"bad broker URL {url!r}: no host")
+    if parts.path not in ("", "/") or parts.query or parts.fragment:
+        raise ValueError(f"bad broker URL {url!r}: no path, query or fragment allowed")
+    settings = MqttSettings(
+        host=parts.hostname,
+        port=port if port is not None else _DEFAULT_PORTS[parts.scheme],
+        tls=parts.scheme == "mqtts",
+        username=unquote(parts.username) if parts.username else None,
+        password=unquote(parts.password) if parts.password is not None else None,
+    )
+    return replace(settings, **overrides)
+
+
+@dataclass(frozen=True)
+class Will:
+    """Last Will: published by the broker if the client vanishes without a DISCONNECT."""
+
+    topic: str
+    payload: bytes
+    qos: int = 1
+    retain: bool = True
+    delay_s: int = 0  # MQTT v5: ride out short reconnects before announcing the loss
+
+
+def jittered_reconnect_delays(
+    settings: MqttSettings, rng: random.Random | None = None
+) -> tuple[int, int]:
+    """(min, max) reconnect delays for paho, drawn around the settings' bounds."""
+    rng = rng or random.Random()
+    # paho doubles the delay without jitter; spreading each client's bounds keeps a fleet that
+    # lost the broker together from reconnecting in lock step.
+    lowest, highest = settings.reconnect_min_delay_s, settings.reconnect_max_delay_s
+    low = min(rng.randint(lowest, 2 * lowest), highest)
+    high = max(low, rng.randint(highest * 3 // 4, highest))
+    return low, high
+
+
+def make_client(
+    settings: MqttSettings,
+    client_id: str,
+    *,
+    will: Will | None = None,
+    userdata: object = None,
+    rng: random.Random | None = None,
+) -> paho.Client:
+    """A configured, unconnected paho 2.x client (callback API version 2)."""
+    if not isinstance(client_id, str) or not client_id:
+        raise ValueError("client_id must be a non-empty string")
+    v5 = settings.protocol is MqttProtocol.V5
+    client = paho.Client(
+        CallbackAPIVersion.VERSION2,
+        client_id=client_id,
+        protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
+        clean_session=None if v5 else not settings.persistent_session,
+        userdata=userdata,
+    )
+    if settings.username is not None:
+        client.username_pw_set(settings.username, settings.password)
+    if settings.tls:
+        client.tls_set(ca_certs=settings.tls_ca)
+    client.reconnect_delay_set(*jittered_reconnect_delays(settings, rng))
+    if will is not None:
+        client.will_set(
+            will.topic,
+            will.payload,
+            qos=will.qos,
+            retain=will.retain,
+            properties=_will_props(will, v5),
+        )
+    return client
+
+
+def _will_props(will: Will, v5: bool) -> Properties | None:
+    if not v5 or will.delay_s <= 0:
+        return None
+    props = Properties(PacketTypes.WILLMESSAGE)
+    props.WillDelayInterval = will.delay_s
+    return props
+
+
+def connect_async(client: paho.Client, settings: MqttSettings) -> None:
+    """Start connecting (retried by paho's loop): clean start or session expiry as configured."""
+    if settings.protocol is not MqttProtocol.V5:
+        client.connect_async(settings.host, settings.port, settings.keepalive_s)
+        return
+    props = Properties(PacketTypes.CONNECT)
+    if settings.persistent_session:
+        props.SessionExpiryInterval = settings.session_expiry_s
+    client.connect_async(
+        settings.host,
+        settings.port,
+        settings.keepalive_s,
+        clean_start=not settings.persistent_session,
+        properties=props,
+    )
+
+
+def publish_properties(envelope: Envelope, *, now: float | None = None) -> Properties:
+    """MQTT v5 PUBLISH properties mirroring the envelope (which carries all of it anyway)."""
+    props = Properties(PacketTypes.PUBLISH)
+    props.ContentType = CONTENT_TYPE
+    props.UserProperty = ("schema", str(SCHEMA_VERSION))
+    props.UserProperty = ("kind", envelope.kind.value)
+    if envelope.expires_at is not None:
+        remaining = envelope.expires_at - (time.time() if now is None else now)
+        props.MessageExpiryInterval = max(1, math.ceil(remaining))
+    if envelope.reply_to is not None:
+        props.ResponseTopic = envelope.reply_to
+    # A request correlates by its own id; an answer echoes the id of the request.
+    correlation = envelope.correlation_id
+    if correlation is None and envelope.reply_to is not None:
+        correlation = envelope.message_id
+    if correlation is not None:
+        props.CorrelationData = correlation.encode()
+    return props
+
+
+def backoff_delay(
+    attempt: int, *, base_s: float = 1.0, cap_s: float = 60.0, rng: random.Random | None = None
+) -> float:
+    """Exponential backoff with equal jitter: in [d/2, d] for d = min(cap, base * 2**attempt)."""
+    if attempt < 0 or base_s <= 0 or cap_s < base_s:
+        raise ValueError("need attempt >= 0 and 0 < base_s <= cap_s")
+    ceiling = min(cap_s, base_s * 2.0 ** min(attempt, 64))
+    return ceiling / 2 + (rng or random).uniform(0, ceiling / 2)
+
+
+def check_publish_size(payload: bytes, limit: int) -> int:
+    """Return len(payload), or raise PublishTooLarge: paho does not check sizes client-side."""
+    size = len(payload)
+    if size > limit:
+        raise PublishTooLarge(f"payload of {size} bytes is over the publish limit of {limit}")
+    return size

@@ -1,0 +1,73 @@
+"""Value checks shared by the message dataclasses. They raise ValueError; the codec turns that
+into DecodeError for bytes from the wire, so a message that constructs is a valid message."""
+
+from __future__ import annotations
+
+import math
+import re
+from collections.abc import Mapping
+
+import numpy as np
+
+# Ids chosen by our own software: job ids, round ids, boot ids, cohorts, hashes, versions.
+TOKEN = re.compile(r"[A-Za-z0-9_.:+-]{1,128}")
+MESSAGE_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex
+POWER_SOURCE = re.compile(r"(ina219|rapl|hwmon|model:[A-Za-z0-9_.-]{1,64})")
+METHOD = re.compile(r"[a-z0-9-]{1,32}")
+ARRAY_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
+MAX_TEXT = 1024
+MAX_SCALARS = 64
+MAX_ARRAYS = 64
+MAX_INT = 2**63 - 1
+
+Scalar = str | int | float | bool | None
+
+
+def token(value: object, what: str, pattern: re.Pattern[str] = TOKEN) -> None:
+    if not isinstance(value, str) or not pattern.fullmatch(value):
+        raise ValueError(f"{what} must match {pattern.pattern}, got {value!r}")
+
+
+def text(value: object, what: str, max_len: int = MAX_TEXT) -> None:
+    if not isinstance(value, str) or len(value) > max_len:
+        raise ValueError(f"{what} must be a string of at most {max_len} characters")
+
+
+def integer(value: object, what: str, lo: int = 0, hi: int = MAX_INT) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not lo <= value <= hi:
+        raise ValueError(f"{what} must be an integer in [{lo}, {hi}], got {value!r}")
+
+
+def number(value: object, what: str, lo: float = -math.inf, hi: float = math.inf) -> None:
+    """A finite real in [lo, hi]; ints are accepted where floats are expected."""
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    if not ok or not math.isfinite(value) or not lo <= value <= hi:
+        raise ValueError(f"{what} must be a finite number in [{lo}, {hi}], got {value!r}")
+
+
+def fraction(value: object, what: str) -> None:
+    number(value, what, 0.0, 1.0)
+
+
+def scalar_map(value: object, what: str) -> None:
+    """A small flat mapping of str -> str/int/float/bool/None (device info, job detail)."""
+    if not isinstance(value, Mapping) or len(value) > MAX_SCALARS:
+        raise ValueError(f"{what} must be a mapping of at most {MAX_SCALARS} entries")
+    for key, item in value.items():
+        text(key, f"{what} key", 64)
+        if isinstance(item, str):
+            text(item, f"{what}[{key!r}]")
+        elif isinstance(item, float) and not math.isfinite(item):
+            raise ValueError(f"{what}[{key!r}] must be finite")
+        elif item is not None and not isinstance(item, int | float | bool):
+            raise ValueError(f"{what}[{key!r}] must be a scalar, got {type(item).__name__}")
+
+
+def float_arrays(value: object, what: str) -> None:
+    """Named real-valued tensors (adapter weights); finiteness is the consumer's check."""
+    if not isinstance(value, Mapping) or len(value) > MAX_ARRAYS:
+        raise ValueError(f"{what} must be a mapping of at most {MAX_ARRAYS} arrays")
+    for name, array in value.items():
+        token(name, f"{what} name", ARRAY_NAME)
+        if not isinstance(array, np.ndarray) or array.dtype.kind != "f":
+            raise ValueError(f"{what}[{name!r}] must be a floating-point numpy array")

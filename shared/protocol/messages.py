@@ -1,0 +1,337 @@
+"""The message kinds as frozen dataclasses. Construction validates types and ranges, so a message
+decoded from the wire is as trustworthy as one built locally.
+
+Dataclasses holding numpy arrays (Report, AdapterPublication) compare by identity (eq=False):
+element-wise `==` on arrays has no single truth value.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from shared.protocol import checks
+from shared.protocol.checks import Scalar
+from shared.protocol.enums import (
+    DEVICE_SETTABLE,
+    TERMINAL_STATES,
+    ArrayEncoding,
+    JobKind,
+    JobReason,
+    JobState,
+    PresenceState,
+)
+from shared.topics import validate_device_id
+
+MAX_CHUNKS = 4096
+MAX_LINEAGE_DEVICES = 10_000
+
+
+def _optional(check, value: object, *args: object) -> None:
+    if value is not None:
+        check(value, *args)
+
+
+def _enum(value: object, enum_type: type, what: str) -> None:
+    if not isinstance(value, enum_type):
+        raise ValueError(f"{what} must be a {enum_type.__name__}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class Presence:
+    """Retained on `status`: online after CONNACK, offline as Last Will and on clean shutdown."""
+
+    state: PresenceState
+    boot_id: str
+    agent_version: str
+    base_model_hash: str
+    cohort: str
+    device: Mapping[str, Scalar] = field(default_factory=dict)  # hostname, arch, cpus, model...
+
+    def __post_init__(self) -> None:
+        _enum(self.state, PresenceState, "state")
+        for name in ("boot_id", "agent_version", "base_model_hash", "cohort"):
+            checks.token(getattr(self, name), name)
+        checks.scalar_map(self.device, "device")
+
+
+@dataclass(frozen=True)
+class Heartbeat:
+    """Periodic telemetry on `telemetry` (QoS 0)."""
+
+    power_w: float
+    power_source: str  # "ina219", "rapl", "hwmon" or "model:<profile>"
+    energy_j_total: float
+    cache_bytes: int
+    spool_depth: int
+    spool_dropped: int
+    uptime_s: float
+    temperature_c: float | None = None
+    drift_score: float | None = None
+    adapter_version: int | None = None
+    busy_job_id: str | None = None
+
+    def __post_init__(self) -> None:
+        checks.number(self.power_w, "power_w", 0.0)
+        checks.token(self.power_source, "power_source", checks.POWER_SOURCE)
+        checks.number(self.energy_j_total, "energy_j_total", 0.0)
+        for name in ("cache_bytes", "spool_depth", "spool_dropped"):
+            checks.integer(getattr(self, name), name)
+        checks.number(self.uptime_s, "uptime_s", 0.0)
+        _optional(checks.number, self.temperature_c, "temperature_c", -100.0, 200.0)
+        _optional(checks.number, self.drift_score, "drift_score")
+        _optional(checks.integer, self.adapter_version, "adapter_version")
+        _optional(checks.token, self.busy_job_id, "busy_job_id")
+
+
+@dataclass(frozen=True)
+class FinetuneParams:
+    """Hyper-parameters of `agent.trainer.finetune.finetune` (same names and defaults)."""
+
+    epochs: int
+    lr: float
+    seed: int
+    method: str = "skip2-lora"
+    batch_size: int = 20
+    rank: int = 4
+    max_samples: int | None = None  # None: all the device's training data
+
+    def __post_init__(self) -> None:
+        checks.integer(self.epochs, "epochs", 1, 10_000)
+        checks.number(self.lr, "lr", 0.0, 10.0)
+        if self.lr == 0:
+            raise ValueError("lr must be positive")
+        checks.integer(self.seed, "seed")
+        checks.token(self.method, "method", checks.METHOD)
+        checks.integer(self.batch_size, "batch_size", 1, 65_536)
+        checks.integer(self.rank, "rank", 1, 1024)
+        _optional(checks.integer, self.max_samples, "max_samples", 1)
+
+
+@dataclass(frozen=True)
+class EvaluateParams:
+    adapter_version: int | None = None  # None: the adapter the device runs now
+
+    def __post_init__(self) -> None:
+        _optional(checks.integer, self.adapter_version, "adapter_version")
+
+
+@dataclass(frozen=True)
+class ApplyAdapterParams:
+    adapter_version: int
+
+    def __post_init__(self) -> None:
+        checks.integer(self.adapter_version, "adapter_version")
+
+
+@dataclass(frozen=True)
+class RollbackAdapterParams:
+    """Go back to the adapter that ran before the current one (a chosen version is APPLY)."""
+
+
+JobParams = FinetuneParams | EvaluateParams | ApplyAdapterParams | RollbackAdapterParams
+PARAMS_BY_KIND: dict[JobKind, type] = {
+    JobKind.FINETUNE: FinetuneParams,
+    JobKind.EVALUATE: EvaluateParams,
+    JobKind.APPLY_ADAPTER: ApplyAdapterParams,
+    JobKind.ROLLBACK_ADAPTER: RollbackAdapterParams,
+}
+
+
+@dataclass(frozen=True)
+class Job:
+    """A command on `cmd/job`. A stale (expired) or repeated job id is rejected, not run twice."""
+
+    job_id: str
+    kind: JobKind
+    params: JobParams
+    expires_at: float  # unix seconds
+    base_model_hash: str | None = None  # set: the device rejects with BASE_MODEL_MISMATCH
+
+    def __post_init__(self) -> None:
+        checks.token(self.job_id, "job_id")
+        _enum(self.kind, JobKind, "kind")
+        if type(self.params) is not PARAMS_BY_KIND[self.kind]:
+            raise ValueError(f"{self.kind} job needs {PARAMS_BY_KIND[self.kind].__name__}")
+        checks.number(self.expires_at, "expires_at", 0.0)
+        _optional(checks.token, self.base_model_hash, "base_model_hash")
+
+    def is_expired(self, now: float | None = None) -> bool:
+        return (time.time() if now is None else now) >= self.expires_at
+
+
+@dataclass(frozen=True)
+class JobStatus:
+    """A device's job update on `job`; the coordinator owns QUEUED, TIMED_OUT, CANCELED, REMOVED."""
+
+    job_id: str
+    state: JobState
+    progress: float = 0.0  # 0..1
+    reason: str | None = None  # free text for people
+    reason_code: JobReason | None = None  # required with REJECTED
+    detail: Mapping[str, Scalar] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        checks.token(self.job_id, "job_id")
+        _enum(self.state, JobState, "state")
+        if self.state not in DEVICE_SETTABLE:
+            raise ValueError(f"a device may not set job state {self.state}")
+        checks.fraction(self.progress, "progress")
+        _optional(checks.text, self.reason, "reason")
+        _optional(_enum, self.reason_code, JobReason, "reason_code")
+        if self.state is JobState.REJECTED and self.reason_code is None:
+            raise ValueError("a REJECTED status needs a reason_code")
+        checks.scalar_map(self.detail, "detail")
+
+    @property
+    def terminal(self) -> bool:
+        return self.state in TERMINAL_STATES
+
+
+@dataclass(frozen=True)
+class ReportMetrics:
+    accuracy_before: float  # on the device's own hold-out, 0..1
+    accuracy_after: float
+    samples: int  # training samples: the aggregation weight
+    epochs: int
+    finetune_seconds: float
+    joules: float
+    power_source: str
+    cache_hit_rate: float
+    base_model_hash: str
+    method: str
+    rank: int
+
+    def __post_init__(self) -> None:
+        checks.fraction(self.accuracy_before, "accuracy_before")
+        checks.fraction(self.accuracy_after, "accuracy_after")
+        checks.integer(self.samples, "samples", 1)
+        checks.integer(self.epochs, "epochs")
+        checks.number(self.finetune_seconds, "finetune_seconds", 0.0)
+        checks.number(self.joules, "joules", 0.0)
+        checks.token(self.power_source, "power_source", checks.POWER_SOURCE)
+        checks.fraction(self.cache_hit_rate, "cache_hit_rate")
+        checks.token(self.base_model_hash, "base_model_hash")
+        checks.token(self.method, "method", checks.METHOD)
+        checks.integer(self.rank, "rank", 1, 1024)
+
+
+@dataclass(frozen=True, eq=False)
+class Report:
+    """A fine-tune result on `report`: the trained adapter (`Adapter.to_arrays()`) and metrics."""
+
+    job_id: str
+    adapter: Mapping[str, np.ndarray]
+    metrics: ReportMetrics
+    parent_adapter_version: int | None = None
+    encoding: ArrayEncoding = ArrayEncoding.FLOAT32  # how `adapter` travels
+
+    def __post_init__(self) -> None:
+        checks.token(self.job_id, "job_id")
+        checks.float_arrays(self.adapter, "adapter")
+        if not isinstance(self.metrics, ReportMetrics):
+            raise ValueError("metrics must be ReportMetrics")
+        _optional(checks.integer, self.parent_adapter_version, "parent_adapter_version")
+        _enum(self.encoding, ArrayEncoding, "encoding")
+
+
+@dataclass(frozen=True)
+class Lineage:
+    """Where an aggregated adapter came from."""
+
+    round_id: str
+    device_ids: tuple[str, ...]
+    algorithm: str
+    parent_version: int | None = None
+
+    def __post_init__(self) -> None:
+        checks.token(self.round_id, "round_id")
+        if not isinstance(self.device_ids, tuple) or len(self.device_ids) > MAX_LINEAGE_DEVICES:
+            raise ValueError(f"device_ids must be a tuple of at most {MAX_LINEAGE_DEVICES}")
+        for device_id in self.device_ids:
+            validate_device_id(device_id)
+        checks.token(self.algorithm, "algorithm")
+        _optional(checks.integer, self.parent_version, "parent_version")
+
+
+@dataclass(frozen=True, eq=False)
+class AdapterPublication:
+    """A fleet adapter version on `cmd/adapter` (chunked when large)."""
+
+    version: int
+    base_model_hash: str
+    cohort: str
+    arrays: Mapping[str, np.ndarray]
+    lineage: Lineage
+    created_at: float  # unix seconds
+    encoding: ArrayEncoding = ArrayEncoding.FLOAT32
+
+    def __post_init__(self) -> None:
+        checks.integer(self.version, "version")
+        checks.token(self.base_model_hash, "base_model_hash")
+        checks.token(self.cohort, "cohort")
+        checks.float_arrays(self.arrays, "arrays")
+        if not isinstance(self.lineage, Lineage):
+            raise ValueError("lineage must be Lineage")
+        checks.number(self.created_at, "created_at", 0.0)
+        _enum(self.encoding, ArrayEncoding, "encoding")
+
+
+@dataclass(frozen=True)
+class DesiredState:
+    """Retained on `cmd/desired`: which adapter the device should run (None: the base model)."""
+
+    adapter_version: int | None
+    base_model_hash: str
+    cohort: str
+
+    def __post_init__(self) -> None:
+        _optional(checks.integer, self.adapter_version, "adapter_version")
+        checks.token(self.base_model_hash, "base_model_hash")
+        checks.token(self.cohort, "cohort")
+
+
+@dataclass(frozen=True)
+class FetchRequest:
+    """A device asks on `fetch` for an adapter version; the answer comes on `cmd/adapter`."""
+
+    adapter_version: int
+
+    def __post_init__(self) -> None:
+        checks.integer(self.adapter_version, "adapter_version")
+
+
+@dataclass(frozen=True)
+class Chunk:
+    """One piece of an encoded envelope too large for one publish (see shared.protocol.chunking)."""
+
+    message_id: str  # the id of the envelope being carried
+    index: int
+    total: int
+    sha256: bytes  # of the whole encoded envelope
+    data: bytes
+
+    def __post_init__(self) -> None:
+        checks.token(self.message_id, "message_id", checks.MESSAGE_ID)
+        checks.integer(self.total, "total", 1, MAX_CHUNKS)
+        checks.integer(self.index, "index", 0, self.total - 1)
+        if not isinstance(self.sha256, bytes) or len(self.sha256) != 32:
+            raise ValueError("sha256 must be 32 bytes")
+        if not isinstance(self.data, bytes) or not self.data:
+            raise ValueError("data must be non-empty bytes")
+
+
+Message = (
+    Presence
+    | Heartbeat
+    | Job
+    | JobStatus
+    | Report
+    | AdapterPublication
+    | DesiredState
+    | FetchRequest
+    | Chunk
+)

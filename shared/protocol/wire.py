@@ -1,0 +1,113 @@
+"""msgpack in and out, and a typed reader for decoded maps. Everything here that reads untrusted
+bytes raises DecodeError and nothing else."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+from typing import TypeVar
+
+import msgpack
+
+from shared.protocol.errors import DecodeError, EncodeError
+
+E = TypeVar("E", bound=StrEnum)
+_MISSING = object()
+
+
+def _reject_ext(code: int, data: bytes) -> object:
+    raise DecodeError(f"msgpack extension type {code} is not allowed")
+
+
+def _strict_map(pairs: list[tuple[object, object]]) -> dict:
+    # A repeated key would let two readers disagree about a message; refuse it.
+    result = dict(pairs)
+    if len(result) != len(pairs):
+        raise DecodeError("map with a repeated key")
+    if not all(isinstance(key, str) for key in result):
+        raise DecodeError("map keys must be strings")
+    return result
+
+
+def pack(obj: object) -> bytes:
+    try:
+        return msgpack.packb(obj, use_bin_type=True, datetime=False)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise EncodeError(f"cannot pack message: {exc}") from exc
+
+
+def unpack(data: object, *, max_bytes: int) -> object:
+    """Size check first, then msgpack with ext types refused and lengths bounded by the input.
+
+    msgpack's `unpackb` bounds every str/bin/array/map length by len(data) by itself
+    (`max_buffer_size` is an Unpacker-only option), so a 2**31-element header fails cleanly.
+    """
+    if not isinstance(data, bytes | bytearray):
+        raise DecodeError(f"payload must be bytes, got {type(data).__name__}")
+    if len(data) > max_bytes:
+        raise DecodeError(f"payload of {len(data)} bytes exceeds the limit of {max_bytes}")
+    try:
+        return msgpack.unpackb(
+            bytes(data),
+            raw=False,
+            strict_map_key=True,
+            ext_hook=_reject_ext,
+            object_pairs_hook=_strict_map,
+            timestamp=0,
+        )
+    except DecodeError:
+        raise
+    except (ValueError, TypeError, OverflowError, RecursionError, msgpack.UnpackException) as exc:
+        raise DecodeError(f"payload is not valid msgpack: {exc!r}") from None
+
+
+class Fields:
+    """Typed access to a decoded map; wrong or missing fields raise DecodeError naming them."""
+
+    def __init__(self, obj: object, what: str) -> None:
+        if not isinstance(obj, dict):
+            raise DecodeError(f"{what} must be a map, got {type(obj).__name__}")
+        self._obj = obj
+        self._what = what
+
+    def _get(self, key: str, types: type | tuple[type, ...], optional: bool) -> object:
+        value = self._obj.get(key, _MISSING)
+        if value is _MISSING or value is None:
+            if optional:
+                return None
+            raise DecodeError(f"{self._what}: missing field {key!r}")
+        # bool is an int subclass: never accept it where a number is expected, or vice versa.
+        if not isinstance(value, types) or (isinstance(value, bool) and bool not in _tuple(types)):
+            raise DecodeError(f"{self._what}: field {key!r} has type {type(value).__name__}")
+        return value
+
+    def text(self, key: str, *, optional: bool = False) -> str | None:
+        return self._get(key, str, optional)
+
+    def integer(self, key: str, *, optional: bool = False) -> int | None:
+        return self._get(key, int, optional)
+
+    def number(self, key: str, *, optional: bool = False) -> float | None:
+        value = self._get(key, (int, float), optional)
+        return None if value is None else float(value)
+
+    def blob(self, key: str) -> bytes:
+        return self._get(key, bytes, False)
+
+    def mapping(self, key: str) -> dict:
+        return self._get(key, dict, False)
+
+    def sequence(self, key: str) -> list:
+        return self._get(key, list, False)
+
+    def choice(self, key: str, enum_type: type[E], *, optional: bool = False) -> E | None:
+        value = self._get(key, str, optional)
+        if value is None:
+            return None
+        try:
+            return enum_type(value)
+        except ValueError:
+            raise DecodeError(f"{self._what}: unknown {key} {value!r}") from None
+
+
+def _tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
+    return types if isinstance(types, tuple) else (types,)

@@ -1,0 +1,65 @@
+"""`skipfleet bench TARGET`: benchmarks that print their figures (never timed unit tests)."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    targets = parser.add_subparsers(dest="target", metavar="TARGET", required=True)
+    trainer = targets.add_parser("trainer", help="the paper's eight fine-tuning methods compared")
+    add_data_dir(trainer)
+    trainer.add_argument("--dataset", choices=("damage1", "damage2", "har"), required=True)
+    trainer.add_argument("--methods", default="all", help="all, or a comma-separated list")
+    trainer.add_argument("--trials", type=positive_int, default=20)
+    trainer.add_argument("--epochs", type=positive_int, help="default: the paper's per data set")
+    trainer.add_argument("--lr", type=float, help="SGD step size (default: 0.05 fan, 0.02 har)")
+    trainer.add_argument("--pretrain-epochs", type=positive_int, default=100)
+    trainer.add_argument("--seed", type=int, default=0)
+    trainer.add_argument(
+        "--drift-subjects", type=int, nargs="+", metavar="S",
+        help="HAR subjects whose data drifts (default: the paper's 9 14 16 19 25)",
+    )  # fmt: skip
+    trainer.add_argument(
+        "--har-split", choices=("experiment", "random"), default="experiment",
+        help="fine-tune/test split of the drifted HAR windows (default: by recording, "
+        "leakage-free; 'random' is the paper's style)",
+    )  # fmt: skip
+    trainer.add_argument("--json", metavar="OUT", help="write the results as JSON")
+
+
+def add_data_dir(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument(
+        "--data-dir", metavar="DIR",
+        help="folder of the data sets (default: $SKIPFLEET_DATA_DIR)",
+    )  # fmt: skip
+
+
+def positive_int(text: str) -> int:
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be >= 1, got {value}")
+    return value
+
+
+def main(args) -> int:
+    from agent.data import DataError, resolve_data_dir
+    from agent.trainer.blas import limit_blas_threads
+
+    limit_blas_threads(1)
+    try:
+        args.data_dir = resolve_data_dir(args.data_dir, os.environ)
+    except DataError as error:
+        print(f"skipfleet bench: {error}", file=sys.stderr)
+        return 2
+    if args.target == "trainer":
+        from skipfleet import bench_trainer
+
+        try:
+            return bench_trainer.main(args)
+        except (DataError, ValueError) as error:
+            print(f"skipfleet bench trainer: {error}", file=sys.stderr)
+            return 2
+    raise AssertionError(f"unhandled target {args.target}")

@@ -1,0 +1,78 @@
+"""`skipfleet bench trainer` writes the documented JSON; bad input gets a clear error."""
+
+import json
+
+import pytest
+
+from skipfleet.cli import main
+
+REQUIRED = {
+    "accuracy_mean", "accuracy_std", "accuracy_before", "batch_seconds", "finetune_seconds",
+    "trainable_params", "cache_bytes", "flops_per_batch",
+}  # fmt: skip
+
+
+def test_bench_trainer_writes_the_documented_json(tmp_path, data_dir, capsys):
+    out = tmp_path / "bench.json"
+    code = main([
+        "bench", "trainer", "--data-dir", str(data_dir), "--dataset", "damage1",
+        "--methods", "lora-all,skip2-lora,skip2-lora-q4", "--trials", "2", "--epochs", "3",
+        "--pretrain-epochs", "5", "--json", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["dataset"] == "damage1" and result["trials"] == 2 and result["epochs"] == 3
+    assert list(result["methods"]) == ["lora-all", "skip2-lora", "skip2-lora-q4"]
+    for name, m in result["methods"].items():
+        assert set(m) >= REQUIRED, name
+        assert 0.0 <= m["accuracy_mean"] <= 1.0 and 0.0 <= m["accuracy_before"] <= 1.0
+        assert set(m["batch_seconds"]) == {"forward", "backward", "update", "total"}
+    skip2 = result["methods"]["skip2-lora"]
+    assert skip2["cache_bytes"] == 470 * (96 + 96 + 3) * 4  # the paper's 358 KiB
+    assert skip2["trainable_params"] == (256 + 96 + 96) * 4 + 3 * 4 * 3
+    assert skip2["flops_per_batch"] < result["methods"]["lora-all"]["flops_per_batch"]
+    assert "skip2_vs_lora_all_time_cut" in result["comparisons"]
+    assert "skip2-lora" in capsys.readouterr().out  # the printed table
+
+
+def test_bench_trainer_har_accepts_drift_subjects(tmp_path, data_dir):
+    out = tmp_path / "har.json"
+    code = main([
+        "bench", "trainer", "--data-dir", str(data_dir), "--dataset", "har",
+        "--methods", "skip2-lora", "--trials", "1", "--epochs", "2", "--pretrain-epochs", "2",
+        "--drift-subjects", "3", "7", "--json", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert "[3, 7]" in result["split"]
+
+
+def test_bench_reports_missing_data_clearly(tmp_path, capsys):
+    code = main(["bench", "trainer", "--data-dir", str(tmp_path / "nope"), "--dataset", "damage1"])
+    assert code == 2
+    assert "nope" in capsys.readouterr().err
+
+
+def test_bench_refuses_unknown_methods(data_dir, capsys):
+    code = main([
+        "bench", "trainer", "--data-dir", str(data_dir), "--dataset", "damage1",
+        "--methods", "skip3-lora",
+    ])  # fmt: skip
+    assert code == 2
+    assert "unknown method 'skip3-lora'" in capsys.readouterr().err
+
+
+def test_bench_refuses_bad_drift_subjects(data_dir, capsys):
+    code = main([
+        "bench", "trainer", "--data-dir", str(data_dir), "--dataset", "har",
+        "--drift-subjects", "31",
+    ])  # fmt: skip
+    assert code == 2
+    assert "31" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("argv", [["bench"], ["bench", "trainer", "--trials", "0"]])
+def test_bench_usage_errors_exit_2(argv):
+    with pytest.raises(SystemExit) as info:
+        main(argv)
+    assert info.value.code == 2

@@ -1,0 +1,264 @@
+"""Round trips of every message kind through the envelope codec, and the validation rules."""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+
+import msgpack
+import numpy as np
+import pytest
+
+from shared.protocol import (
+    DEVICE_KINDS,
+    DEVICE_SETTABLE,
+    SCHEMA_VERSION,
+    TERMINAL_STATES,
+    DecodeError,
+    Envelope,
+    FetchRequest,
+    FinetuneParams,
+    Heartbeat,
+    Job,
+    JobKind,
+    JobReason,
+    JobState,
+    JobStatus,
+    MessageKind,
+    Presence,
+    PresenceState,
+    ProtocolError,
+    Report,
+    ReportMetrics,
+    RollbackAdapterParams,
+    check_route,
+    decode,
+    encode,
+    kind_of,
+    topic_kind_for,
+)
+from shared.topics import TopicKind
+from tests.protocol_samples import BASE_HASH, assert_same, sample_messages
+
+
+def _headers(message, seq=5):
+    if kind_of(message) in DEVICE_KINDS:
+        return {"boot_id": "boot-1", "seq": seq}
+    return {}
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_every_kind_round_trips(seed):
+    messages = sample_messages(seed)
+    assert {kind_of(m) for m in messages} == set(MessageKind)
+    for message in messages:
+        data = encode(message, sender="pi-07", **_headers(message))
+        envelope = decode(data)
+        assert envelope.kind is kind_of(message)
+        assert envelope.sender == "pi-07"
+        assert_same(envelope.message, message)
+
+
+def test_envelope_headers_round_trip():
+    request = FetchRequest(adapter_version=4)
+    data = encode(
+        request,
+        sender="pi-07",
+        boot_id="b-1",
+        seq=42,
+        expires_at=1.8e9,
+        reply_to="fleet/pi-07/cmd/adapter",
+        correlation_id="abc",
+        sent_at=1.7e9,
+        message_id="f" * 32,
+    )
+    envelope = decode(data)
+    assert envelope == Envelope(
+        request,
+        sender="pi-07",
+        message_id="f" * 32,
+        sent_at=1.7e9,
+        expires_at=1.8e9,
+        reply_to="fleet/pi-07/cmd/adapter",
+        correlation_id="abc",
+        boot_id="b-1",
+        seq=42,
+    )
+    assert envelope.dedup_key == ("pi-07", "b-1", 42)
+    assert envelope.is_expired(now=1.9e9) and not envelope.is_expired(now=1.7e9)
+
+
+def test_wire_form_is_a_plain_msgpack_map_with_schema_version():
+    wire = msgpack.unpackb(encode(FetchRequest(1), sender="pi-1", boot_id="b", seq=0))
+    assert wire["schema"] == SCHEMA_VERSION and wire["kind"] == "fetch"
+    assert len(wire["id"]) == 32 and wire["body"] == {"adapter_version": 1}
+    assert "reply_to" not in wire  # unset optional headers are left out
+
+
+def test_message_ids_are_fresh_uuid4_hex():
+    ids = {
+        decode(encode(FetchRequest(1), sender="a", boot_id="b", seq=i)).message_id
+        for i in range(50)
+    }
+    assert len(ids) == 50 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+def test_device_messages_need_boot_id_and_seq():
+    with pytest.raises(ValueError, match="boot_id and seq"):
+        encode(FetchRequest(1), sender="pi-1")
+    with pytest.raises(ValueError, match="go together"):
+        encode(FetchRequest(1), sender="pi-1", boot_id="b")
+
+
+def test_job_expiry_becomes_the_envelope_expiry():
+    job = Job("j", JobKind.ROLLBACK_ADAPTER, RollbackAdapterParams(), expires_at=1234.5)
+    assert decode(encode(job, sender="coordinator")).expires_at == 1234.5
+    assert job.is_expired(now=1234.5) and not job.is_expired(now=1000)
+
+
+def test_unknown_schema_version_is_a_clear_decode_error():
+    wire = msgpack.unpackb(encode(FetchRequest(1), sender="a", boot_id="b", seq=0))
+    wire["schema"] = 99
+    with pytest.raises(DecodeError, match="unsupported schema version 99"):
+        decode(msgpack.packb(wire))
+
+
+def test_unknown_fields_are_ignored_for_forward_compatibility():
+    wire = msgpack.unpackb(encode(FetchRequest(1), sender="a", boot_id="b", seq=0))
+    wire["new_header"] = 1
+    wire["body"]["new_field"] = [1, 2]
+    assert decode(msgpack.packb(wire)).message == FetchRequest(1)
+
+
+def _job_wire(**body_changes):
+    job = Job("job-9", JobKind.FINETUNE, FinetuneParams(epochs=1, lr=0.01, seed=0), 2e9)
+    wire = msgpack.unpackb(encode(job, sender="coordinator"))
+    wire["body"].update(body_changes)
+    return msgpack.packb(wire)
+
+
+@pytest.mark.parametrize(
+    ("change", "reason"),
+    [
+        ({"kind": "reboot"}, JobReason.UNKNOWN_KIND),
+        ({"params": {"epochs": 0}}, JobReason.INVALID_PARAMS),
+        ({"params": {"epochs": 1, "lr": "fast"}}, JobReason.INVALID_PARAMS),
+        ({"expires_at": -1.0}, JobReason.MALFORMED),
+    ],
+)
+def test_bad_jobs_carry_their_id_and_a_rejection_reason(change, reason):
+    with pytest.raises(DecodeError) as info:
+        decode(_job_wire(**change))
+    assert info.value.job_id == "job-9" and info.value.job_reason is reason
+
+
+def test_job_without_readable_id_has_no_rejection_context():
+    with pytest.raises(DecodeError) as info:
+        decode(_job_wire(job_id="bad id!"))
+    assert info.value.job_id is None
+
+
+def test_job_state_sets():
+    assert {JobState.IN_PROGRESS, JobState.SUCCEEDED, JobState.FAILED, JobState.REJECTED} == set(
+        DEVICE_SETTABLE
+    )
+    assert JobState.QUEUED not in TERMINAL_STATES and JobState.IN_PROGRESS not in TERMINAL_STATES
+    assert {s for s in JobState if s not in TERMINAL_STATES} == {
+        JobState.QUEUED,
+        JobState.IN_PROGRESS,
+    }
+    assert JobStatus("j", JobState.FAILED).terminal
+
+
+@pytest.mark.parametrize("state", sorted(set(JobState) - DEVICE_SETTABLE))
+def test_devices_cannot_set_coordinator_states(state):
+    with pytest.raises(ValueError, match="may not set"):
+        JobStatus("j", state)
+
+
+def test_rejection_needs_a_reason_code():
+    with pytest.raises(ValueError, match="reason_code"):
+        JobStatus("j", JobState.REJECTED, reason="no")
+
+
+def _base_metrics(**changes):
+    values = dict(
+        accuracy_before=0.5,
+        accuracy_after=0.6,
+        samples=10,
+        epochs=1,
+        finetune_seconds=1.0,
+        joules=1.0,
+        power_source="rapl",
+        cache_hit_rate=0.5,
+        base_model_hash=BASE_HASH,
+        method="skip2-lora",
+        rank=4,
+    )
+    return ReportMetrics(**{**values, **changes})
+
+
+@pytest.mark.parametrize(
+    "build",
+    [
+        lambda: _base_metrics(accuracy_after=1.5),
+        lambda: _base_metrics(samples=0),
+        lambda: _base_metrics(power_source="battery"),
+        lambda: _base_metrics(joules=float("nan")),
+        lambda: _base_metrics(rank=True),
+        lambda: Heartbeat(-1.0, "rapl", 0.0, 0, 0, 0, 0.0),
+        lambda: Heartbeat(1.0, "model:", 0.0, 0, 0, 0, 0.0),
+        lambda: FinetuneParams(epochs=1, lr=0.0, seed=0),
+        lambda: FinetuneParams(epochs=1, lr=0.1, seed=0, method="Skip LoRA"),
+        lambda: Job("j", JobKind.FINETUNE, RollbackAdapterParams(), 1.0),
+        lambda: Presence("online", "b", "v", BASE_HASH, "c"),
+        lambda: Presence(PresenceState.ONLINE, "b", "v", BASE_HASH, "c", device={"x": [1]}),
+        lambda: JobStatus("j", JobState.SUCCEEDED, progress=1.01),
+    ],
+)
+def test_construction_validates(build):
+    with pytest.raises(ValueError):
+        build()
+
+
+def test_messages_are_frozen():
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        FetchRequest(1).adapter_version = 2
+
+
+def test_decode_error_is_a_protocol_error():
+    assert issubclass(DecodeError, ProtocolError)
+    with pytest.raises(ProtocolError):
+        decode(b"\xc1")
+
+
+def test_oversized_payload_is_refused_before_unpacking():
+    data = encode(FetchRequest(1), sender="a", boot_id="b", seq=0)
+    with pytest.raises(DecodeError, match="exceeds the limit"):
+        decode(data, max_bytes=len(data) - 1)
+
+
+def test_routing_pairs_kinds_with_topics():
+    assert topic_kind_for(MessageKind.REPORT) is TopicKind.REPORT
+    assert topic_kind_for(MessageKind.JOB) is TopicKind.CMD_JOB
+    with pytest.raises(ValueError):
+        topic_kind_for(MessageKind.CHUNK)
+    fetch = decode(encode(FetchRequest(1), sender="pi-1", boot_id="b", seq=0))
+    check_route("pi-1", TopicKind.FETCH, fetch)
+    with pytest.raises(DecodeError, match="does not belong"):
+        check_route("pi-1", TopicKind.REPORT, fetch)
+    with pytest.raises(DecodeError, match="published on the topic of"):
+        check_route("pi-2", TopicKind.FETCH, fetch)
+
+
+def test_decoded_arrays_are_float32_and_usable():
+    report = next(m for m in sample_messages(3) if isinstance(m, Report))
+    decoded = decode(encode(report, sender="pi-1", boot_id="b", seq=1)).message
+    for name, array in decoded.adapter.items():
+        assert array.dtype == np.float32 and array.flags.writeable, name
+
+
+def test_sent_at_defaults_to_now():
+    before = time.time()
+    envelope = decode(encode(FetchRequest(1), sender="a", boot_id="b", seq=0))
+    assert before <= envelope.sent_at <= time.time()
