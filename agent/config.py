@@ -1,0 +1,260 @@
+"""The agent's configuration: read once at the entry point into a frozen dataclass.
+
+This is the only module of the agent that reads environment variables. Everything else gets an
+`AgentConfig` (or the part of it it needs) passed in.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import re
+import socket
+from collections.abc import Mapping
+from dataclasses import dataclass
+from enum import Enum
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from agent.errors import ConfigError
+
+if TYPE_CHECKING:  # `skipfleet --help` imports this module: keep paho out of the import
+    from shared.mqtt import MqttSettings
+
+MQTT_VERSIONS = ("5", "3.1.1")  # shared.mqtt.MqttProtocol's values
+
+DEVICE_ID_PATTERN = re.compile(r"^[a-z0-9-]{1,64}$")
+COHORT_PATTERN = re.compile(r"^[A-Za-z0-9_.:+-]{1,128}$")
+TOPIC_ROOT_PATTERN = re.compile(r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
+
+ENV_DEVICE_ID = "SKIPFLEET_DEVICE_ID"
+ENV_BROKER = "SKIPFLEET_BROKER"
+ENV_USERNAME = "SKIPFLEET_MQTT_USERNAME"
+ENV_PASSWORD = "SKIPFLEET_MQTT_PASSWORD"
+ENV_DATA = "SKIPFLEET_DATA_DIR"
+ENV_BASE_MODEL = "SKIPFLEET_BASE_MODEL"
+ENV_STATE_DIR = "SKIPFLEET_STATE_DIR"
+
+
+class PowerProfileChoice(Enum):
+    """Which calibrated model to use when no power sensor is found; `auto` reads the board model."""
+
+    AUTO = "auto"
+    RPI_ZERO_2W = "rpi-zero-2w"
+    GENERIC = "generic"
+
+
+@dataclass(frozen=True)
+class Ina219Config:
+    """A raw INA219 on an I2C bus. Opt-in: probing unknown I2C addresses can upset other chips."""
+
+    bus: int
+    address: int
+    shunt_ohms: float
+
+    @classmethod
+    def parse(cls, text: str) -> Ina219Config:
+        """`BUS:ADDRESS[:SHUNT_OHMS]`, e.g. `1:0x40:0.1` (common breakout boards: 0.1 Ω shunt)."""
+        fields = text.split(":")
+        if len(fields) not in (2, 3):
+            raise ConfigError(f"--ina219 {text!r}: expected BUS:ADDRESS[:SHUNT_OHMS]")
+        try:
+            bus, address = int(fields[0]), int(fields[1], 0)
+            shunt = float(fields[2]) if len(fields) == 3 else 0.1
+        except ValueError:
+            raise ConfigError(f"--ina219 {text!r}: not numbers") from None
+        if not (0x03 <= address <= 0x77) or not shunt > 0 or bus < 0:
+            raise ConfigError(f"--ina219 {text!r}: address must be 0x03..0x77, shunt > 0")
+        return cls(bus=bus, address=address, shunt_ohms=shunt)
+
+
+@dataclass(frozen=True)
+class AgentConfig:
+    device_id: str
+    mqtt: MqttSettings  # broker address, credentials, protocol, session (shared.mqtt)
+    data_path: Path
+    base_model_path: Path
+    state_dir: Path
+    topic_root: str = "fleet"
+    cohort: str = "default"  # devices that share fleet adapters (same task, same base model)
+    will_delay_seconds: int = 5
+    fetch_timeout_seconds: float = 60.0
+    heartbeat_seconds: float = 30.0
+    holdout_fraction: float = 0.25
+    seed: int = 0
+    power_profile: PowerProfileChoice = PowerProfileChoice.AUTO
+    ina219: Ina219Config | None = None
+    spool_max_messages: int = 10_000
+    max_queued_jobs: int = 4
+    log_level: str = "INFO"
+
+    def __post_init__(self) -> None:
+        _check(
+            DEVICE_ID_PATTERN.match(self.device_id),
+            f"device id {self.device_id!r}: [a-z0-9-]{{1,64}}",
+        )
+        _check(TOPIC_ROOT_PATTERN.match(self.topic_root), f"topic root {self.topic_root!r}")
+        _check(0 < self.holdout_fraction < 1, "--holdout-fraction must be in (0, 1)")
+        _check(
+            math.isfinite(self.heartbeat_seconds) and self.heartbeat_seconds > 0,
+            "--heartbeat-seconds must be > 0",
+        )
+        _check(self.spool_max_messages >= 10, "--spool-max-messages must be >= 10")
+        _check(self.will_delay_seconds >= 0, "--will-delay-seconds must be >= 0")
+        _check(COHORT_PATTERN.match(self.cohort), f"cohort {self.cohort!r}: [A-Za-z0-9_.:+-]")
+        _check(self.fetch_timeout_seconds > 0, "--fetch-timeout-seconds must be > 0")
+        _check(self.max_queued_jobs >= 1, "--max-queued-jobs must be >= 1")
+        _check(
+            self.mqtt.tls_ca is None or Path(self.mqtt.tls_ca).is_file(),
+            f"--tls-ca {self.mqtt.tls_ca}: no such file",
+        )
+
+
+def _check(condition: object, message: str) -> None:
+    if not condition:
+        raise ConfigError(f"invalid configuration: {message}")
+
+
+def device_id_from_hostname(hostname: str) -> str:
+    """Compose replicas are named like `skipfleet_agent_3`: lower-case, other characters -> '-'."""
+    return re.sub(r"[^a-z0-9-]+", "-", hostname.lower()).strip("-")[:64]
+
+
+def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> AgentConfig:
+    """Build the config from parsed arguments, falling back to environment variables."""
+    device_id = (
+        args.device_id
+        or environ.get(ENV_DEVICE_ID)
+        or device_id_from_hostname(socket.gethostname())
+    )
+    return AgentConfig(
+        device_id=device_id,
+        mqtt=_mqtt_settings(args, environ),
+        data_path=_required_path(args.data, environ.get(ENV_DATA), "--data", ENV_DATA),
+        base_model_path=_required_path(
+            args.base_model, environ.get(ENV_BASE_MODEL), "--base-model", ENV_BASE_MODEL
+        ),
+        state_dir=_required_path(
+            args.state_dir, environ.get(ENV_STATE_DIR), "--state-dir", ENV_STATE_DIR
+        ),
+        topic_root=args.topic_root,
+        cohort=args.cohort,
+        will_delay_seconds=args.will_delay_seconds,
+        fetch_timeout_seconds=args.fetch_timeout_seconds,
+        heartbeat_seconds=args.heartbeat_seconds,
+        holdout_fraction=args.holdout_fraction,
+        seed=args.seed,
+        power_profile=PowerProfileChoice(args.power_profile),
+        ina219=Ina219Config.parse(args.ina219) if args.ina219 else None,
+        spool_max_messages=args.spool_max_messages,
+        max_queued_jobs=args.max_queued_jobs,
+        log_level=args.log_level.upper(),
+    )
+
+
+def _mqtt_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> MqttSettings:
+    from shared.mqtt import MqttProtocol, parse_broker_url
+
+    url = args.broker or environ.get(ENV_BROKER) or "mqtt://localhost:1883"
+    overrides: dict = {
+        "protocol": MqttProtocol(args.mqtt_version),
+        "keepalive_s": args.keepalive_seconds,
+        "reconnect_max_delay_s": args.reconnect_max_seconds,
+        "session_expiry_s": args.session_expiry_seconds,
+        "tls_ca": args.tls_ca,
+    }
+    # Unset values keep what the URL says (mqtt://user:pass@host).
+    username, password = args.username or environ.get(ENV_USERNAME), _password(args, environ)
+    if username:
+        overrides["username"] = username
+    if password is not None:
+        overrides["password"] = password
+    try:
+        return parse_broker_url(url, **overrides)
+    except ValueError as err:
+        raise ConfigError(f"invalid configuration: {err}") from None
+
+
+def _required_path(value: str | None, env_value: str | None, flag: str, env: str) -> Path:
+    chosen = value or env_value
+    if not chosen:
+        raise ConfigError(f"{flag} is required (or set {env})")
+    return Path(chosen)
+
+
+def _password(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
+    # A password on the command line is visible in `ps`; the file (compose secrets) or the
+    # environment are the better places, the flag is kept for quick local runs.
+    if args.password_file:
+        try:
+            return Path(args.password_file).read_text().strip()
+        except OSError as err:
+            raise ConfigError(f"--password-file {args.password_file}: {err.strerror}") from None
+    return args.password or environ.get(ENV_PASSWORD)
+
+
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The command-line options of `skipfleet agent` (defaults mirror AgentConfig)."""
+    add = parser.add_argument
+    add("--device-id", help=f"[a-z0-9-]{{1,64}}; default ${ENV_DEVICE_ID} or the host name")
+    add("--broker", help=f"mqtt://host:port or mqtts://host:port (TLS); default ${ENV_BROKER}")
+    add("--username", help=f"MQTT user name; default ${ENV_USERNAME}")
+    add("--password", help=f"MQTT password (visible in ps: prefer ${ENV_PASSWORD} or a file)")
+    add("--password-file", help="read the MQTT password from this file (compose secrets)")
+    add("--tls-ca", help="CA certificate file for a TLS broker (mqtts://)")
+    add(
+        "--mqtt-version",
+        choices=MQTT_VERSIONS,
+        default="5",
+        help="MQTT 5 (default) or 3.1.1 for older brokers",
+    )
+    add("--topic-root", default="fleet")
+    add("--cohort", default="default", help="group of devices sharing fleet adapters")
+    add("--data", help=f"device data (.npz with X, y) or a directory; default ${ENV_DATA}")
+    add("--base-model", help=f"the pre-trained base model (.npz); default ${ENV_BASE_MODEL}")
+    add("--state-dir", help=f"where adapters, spool and job history live; ${ENV_STATE_DIR}")
+    add("--heartbeat-seconds", type=float, default=30.0)
+    add(
+        "--holdout-fraction",
+        type=float,
+        default=0.25,
+        help="share of the local data kept back to measure accuracy (stratified)",
+    )
+    add("--seed", type=int, default=0, help="seed of the hold-out split")
+    add(
+        "--power-profile",
+        choices=[p.value for p in PowerProfileChoice],
+        default="auto",
+        help="energy model used when no power sensor is found",
+    )
+    add("--ina219", help="read a raw INA219 on I2C: BUS:ADDRESS[:SHUNT_OHMS], e.g. 1:0x40:0.1")
+    add("--spool-max-messages", type=int, default=10_000)
+    add("--max-queued-jobs", type=int, default=4)
+    add("--keepalive-seconds", type=int, default=30)
+    add(
+        "--reconnect-max-seconds",
+        type=int,
+        default=60,
+        help="cap of the jittered reconnect backoff (starts at 1-2 s, doubles per attempt)",
+    )
+    add(
+        "--session-expiry-seconds",
+        type=int,
+        default=86_400,
+        help="MQTT v5 session expiry: commands sent while offline wait this long",
+    )
+    add(
+        "--will-delay-seconds",
+        type=int,
+        default=5,
+        help="MQTT v5 will delay: a reconnect within this time sends no 'offline'",
+    )
+    add(
+        "--fetch-timeout-seconds",
+        type=float,
+        default=60.0,
+        help="how long an apply/evaluate job waits for a fetched adapter",
+    )
+    add(
+        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper
+    )

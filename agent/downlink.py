@@ -1,0 +1,89 @@
+"""Commands from the coordinator: decoded, checked, and handed over without blocking.
+
+Runs on paho's network thread, so it only decodes and queues: jobs go to the job runner,
+adapter publications (possibly chunked) to the adapter inbox. A job command that cannot be
+accepted is answered with a REJECTED status whenever its job id can be read, so the
+coordinator learns why instead of waiting for a timeout.
+"""
+
+from __future__ import annotations
+
+import logging
+
+from agent.adapter_inbox import AdapterInbox
+from agent.jobs import JobRunner
+from shared.protocol import DEFAULT_CHUNK_LIMIT, DecodeError, Reassembler, check_route, decode
+from shared.protocol.enums import JobReason
+from shared.protocol.envelope import Envelope
+from shared.protocol.messages import AdapterPublication, DesiredState, Job
+from shared.topics import TopicKind, Topics
+
+log = logging.getLogger(__name__)
+
+# A job command is well under 1 KiB; anything much larger is refused before it is trusted.
+JOB_MAX_BYTES = 16 * 1024
+# No single publish may exceed this (chunks are at most DEFAULT_CHUNK_LIMIT): not even parsed.
+PUBLISH_MAX_BYTES = 2 * DEFAULT_CHUNK_LIMIT
+
+
+class Downlink:
+    def __init__(
+        self,
+        device_id: str,
+        topics: Topics,
+        *,
+        runner: JobRunner,
+        inbox: AdapterInbox,
+        reassembler: Reassembler | None = None,
+    ):
+        self._device_id = device_id
+        self._topics = topics
+        self._runner = runner
+        self._inbox = inbox
+        self._reassembler = reassembler or Reassembler(max_in_flight=4)
+        self.desired: DesiredState | None = None
+        self.dropped = 0  # undecodable commands without a readable job id
+
+    def handle(self, topic: str, payload: bytes) -> None:
+        try:
+            device_id, kind = self._topics.parse(topic)
+            if device_id != self._device_id:
+                raise DecodeError(f"command for {device_id} arrived at {self._device_id}")
+            envelope = self._decode(kind, payload)
+        except DecodeError as err:
+            self._refuse(err)
+            return
+        if envelope is not None:
+            self._dispatch(envelope)
+
+    def _decode(self, kind: TopicKind, payload: bytes) -> Envelope | None:
+        envelope = decode(payload, max_bytes=PUBLISH_MAX_BYTES)
+        check_route(self._device_id, kind, envelope)
+        if kind is TopicKind.CMD_JOB and len(payload) > JOB_MAX_BYTES:
+            job_id = envelope.message.job_id if isinstance(envelope.message, Job) else None
+            raise DecodeError(
+                f"job command of {len(payload)} bytes exceeds {JOB_MAX_BYTES}",
+                job_id=job_id,
+                job_reason=JobReason.MALFORMED,
+            )
+        return self._reassembler.feed(envelope)  # None until the last chunk is in
+
+    def _refuse(self, err: DecodeError) -> None:
+        if err.job_id is not None:
+            log.warning("rejecting job %s: %s", err.job_id, err)
+            self._runner.reject(err.job_id, err.job_reason or JobReason.MALFORMED, str(err))
+            return
+        self.dropped += 1
+        log.warning("dropping an undecodable command: %s", err)
+
+    def _dispatch(self, envelope: Envelope) -> None:
+        message = envelope.message
+        if isinstance(message, Job):
+            self._runner.submit(message)
+        elif isinstance(message, AdapterPublication):
+            log.info("adapter version %d received", message.version)
+            self._inbox.put(message)
+        elif isinstance(message, DesiredState):
+            # Recorded and logged; the coordinator moves the device with an apply_adapter job.
+            self.desired = message
+            log.info("coordinator desires adapter version %s", message.adapter_version)

@@ -1,0 +1,230 @@
+"""What each job kind does. Runs on the job runner's worker thread, one job at a time.
+
+A handler raises JobRejected when the job cannot be run as asked (nothing changed on the device)
+and JobFailed when it ran and did not succeed; what it returns goes into the SUCCEEDED status.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+import numpy as np
+
+from agent.adapter_inbox import AdapterInbox
+from agent.adapter_store import AdapterSource, AdapterStore, NothingToRollBack
+from agent.jobs import Handler, JobContext, JobFailed, JobOutcome, JobRejected
+from agent.learner import MIN_TRAIN_SAMPLES, InvalidMethod, Learner
+from agent.meters import EnergyMeter, EnergyWindow, source_label
+from agent.spool import SpoolFull
+from agent.trainer.adapter import Adapter
+from agent.trainer.errors import AdapterError
+from agent.uplink import Uplink
+from shared.protocol.enums import JobKind, JobReason
+from shared.protocol.messages import (
+    AdapterPublication,
+    FetchRequest,
+    Job,
+    Report,
+    ReportMetrics,
+)
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Versioned:
+    """Adapter arrays with the coordinator version they carry (None: a local fine-tune)."""
+
+    version: int | None
+    arrays: Mapping[str, np.ndarray] | None
+
+
+class JobHandlers:
+    def __init__(
+        self,
+        learner: Learner,
+        store: AdapterStore,
+        inbox: AdapterInbox,
+        uplink: Uplink,
+        meter: EnergyMeter,
+        *,
+        fetch_timeout_seconds: float = 60.0,
+    ):
+        self._learner = learner
+        self._store = store
+        self._inbox = inbox
+        self._uplink = uplink
+        self._meter = meter
+        self._fetch_timeout = fetch_timeout_seconds
+        self.last_cache_bytes = 0  # Skip-Cache size of the last fine-tune, for telemetry
+
+    def table(self) -> dict[JobKind, Handler]:
+        return {
+            JobKind.FINETUNE: self.finetune,
+            JobKind.EVALUATE: self.evaluate,
+            JobKind.APPLY_ADAPTER: self.apply_adapter,
+            JobKind.ROLLBACK_ADAPTER: self.rollback_adapter,
+        }
+
+    @property
+    def base_model_hash(self) -> str:
+        return self._learner.model.weights_hash
+
+    # -- fine-tune ------------------------------------------------------------------------
+    def finetune(self, job: Job, ctx: JobContext) -> JobOutcome:
+        params = job.params
+        if len(self._learner.train) < MIN_TRAIN_SAMPLES:
+            raise JobRejected(JobReason.INSUFFICIENT_DATA, "too few training rows")
+        current = self._store.current
+        start = self._checked(current.arrays if current else None)
+        before = self._learner.holdout_accuracy(start)
+        with EnergyWindow(self._meter) as energy:
+            try:
+                result = self._learner.finetune(
+                    params, start=start, cancel=ctx.cancel, progress=ctx.progress
+                )
+            except InvalidMethod as err:
+                raise JobRejected(JobReason.INVALID_PARAMS, str(err)) from None
+        self.last_cache_bytes = result.cache_bytes
+        after = self._learner.holdout_accuracy(result.adapter)
+        metrics = ReportMetrics(
+            accuracy_before=before,
+            accuracy_after=after,
+            samples=result.samples,
+            epochs=result.epochs_run,
+            finetune_seconds=result.seconds,
+            joules=energy.result.joules,
+            power_source=source_label(self._meter),
+            cache_hit_rate=result.cache_hit_rate,
+            base_model_hash=self.base_model_hash,
+            method=params.method,
+            rank=params.rank,
+        )
+        arrays = result.adapter.to_arrays()
+        self._send_record(
+            Report(
+                job.job_id,
+                arrays,
+                metrics,
+                parent_adapter_version=current.meta.version if current else None,
+            )
+        )
+        # Run the new adapter only if it is not worse on data it never saw.
+        installed = after >= before
+        if installed:
+            self._store.install(
+                arrays,
+                version=None,
+                base_model_hash=self.base_model_hash,
+                source=AdapterSource.FINETUNE,
+                details={"job_id": job.job_id, "accuracy": after},
+            )
+        return JobOutcome(
+            {
+                "accuracy_before": before,
+                "accuracy_after": after,
+                "installed": installed,
+                "joules": energy.result.joules,
+                "power_source": source_label(self._meter),
+                "energy_scope": energy.result.scope.value,
+                "seconds": result.seconds,
+                "samples": result.samples,
+            }
+        )
+
+    # -- evaluate, apply, roll back --------------------------------------------------------------
+    def evaluate(self, job: Job, ctx: JobContext) -> JobOutcome:
+        wanted = job.params.adapter_version
+        if wanted is None:
+            current = self._store.current
+            chosen = Versioned(
+                current.meta.version if current else None, current.arrays if current else None
+            )
+        else:
+            chosen = self._obtain(wanted, ctx)
+        accuracy = self._learner.holdout_accuracy(self._checked(chosen.arrays))
+        return JobOutcome(
+            {
+                "accuracy": accuracy,
+                "adapter_version": chosen.version,
+                "holdout_samples": len(self._learner.holdout),
+            }
+        )
+
+    def apply_adapter(self, job: Job, ctx: JobContext) -> JobOutcome:
+        wanted = job.params.adapter_version
+        current = self._store.current
+        if current is not None and current.meta.version == wanted:
+            return JobOutcome({"adapter_version": wanted, "already_running": True})
+        chosen = self._obtain(wanted, ctx)
+        adapter = self._checked(chosen.arrays)
+        self._store.install(
+            chosen.arrays,
+            version=wanted,
+            base_model_hash=self.base_model_hash,
+            source=AdapterSource.COORDINATOR,
+            details={"job_id": job.job_id},
+        )
+        return JobOutcome(
+            {"adapter_version": wanted, "accuracy": self._learner.holdout_accuracy(adapter)}
+        )
+
+    def rollback_adapter(self, job: Job, ctx: JobContext) -> JobOutcome:
+        try:
+            restored = self._store.rollback()
+        except NothingToRollBack as err:
+            raise JobRejected(JobReason.ADAPTER_UNAVAILABLE, str(err)) from None
+        accuracy = self._learner.holdout_accuracy(self._checked(restored.arrays))
+        return JobOutcome(
+            {
+                "adapter_version": restored.meta.version,
+                "accuracy": accuracy,
+                "source": restored.meta.source.value,
+            }
+        )
+
+    # -- helpers --------------------------------------------------------------------------------
+    def _obtain(self, version: int, ctx: JobContext) -> Versioned:
+        """A coordinator version from the store, the inbox, or fetched and waited for."""
+        stored = self._store.find(version)
+        if stored is not None:
+            return Versioned(version, stored.arrays)
+        publication = self._inbox.get(version)
+        if publication is None:
+            self._send_record(FetchRequest(version))
+            publication = self._inbox.wait_for(version, self._fetch_timeout, ctx.cancel)
+        if publication is None:
+            if ctx.cancel.is_set():
+                raise JobFailed(JobReason.CANCELED, "cancelled while waiting for the adapter")
+            raise JobFailed(
+                JobReason.ADAPTER_UNAVAILABLE,
+                f"adapter version {version} did not arrive in {self._fetch_timeout:.0f} s",
+            )
+        self._check_publication(publication)
+        return Versioned(version, publication.arrays)
+
+    def _check_publication(self, publication: AdapterPublication) -> None:
+        if publication.base_model_hash != self.base_model_hash:
+            raise JobRejected(
+                JobReason.BASE_MODEL_MISMATCH,
+                f"adapter {publication.version} is for base model {publication.base_model_hash}",
+            )
+
+    def _checked(self, arrays: Mapping[str, np.ndarray] | None) -> Adapter | None:
+        try:
+            return self._learner.adapter(arrays)
+        except AdapterError as err:
+            raise JobRejected(
+                JobReason.MALFORMED, f"adapter does not fit the model: {err}"
+            ) from None
+
+    def _send_record(self, message: Report | FetchRequest) -> None:
+        try:
+            self._uplink.send(message)
+        except SpoolFull as err:
+            # Never drop a report silently: the job fails and its status says why.
+            raise JobFailed(
+                JobReason.INTERNAL_ERROR, f"could not spool {type(message).__name__}: {err}"
+            ) from None

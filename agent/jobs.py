@@ -1,0 +1,277 @@
+"""The job runner: one job at a time on a worker thread, never in an MQTT callback.
+
+Life cycle as the device sees it (it may set only IN_PROGRESS, SUCCEEDED, FAILED, REJECTED):
+    submit -> REJECTED (expired | duplicate | unknown kind | base model mismatch | busy)
+           -> queued (no status: QUEUED is the coordinator's) -> IN_PROGRESS
+           -> SUCCEEDED | FAILED (error, or cancelled while running) | REJECTED (refused by the
+              handler, e.g. adapter for another base model; or cancelled/expired while queued)
+Accepted job ids are persisted (`JobHistory`) so a restart neither re-runs nor forgets them.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import threading
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from enum import Enum
+
+from agent.job_history import JobHistory
+from shared.protocol.checks import Scalar
+from shared.protocol.enums import TERMINAL_STATES, JobKind, JobReason, JobState
+from shared.protocol.messages import Job, JobStatus
+
+log = logging.getLogger(__name__)
+
+
+MAX_REASON_CHARS = 500  # JobStatus takes up to 1024; error texts can be longer
+
+
+def clip(text: str) -> str:
+    return text if len(text) <= MAX_REASON_CHARS else text[: MAX_REASON_CHARS - 1] + "…"
+
+
+class JobRejected(Exception):
+    """Raised by a handler: the job cannot be run as asked (REJECTED, not FAILED)."""
+
+    def __init__(self, reason_code: JobReason, message: str):
+        super().__init__(message)
+        self.reason_code = reason_code
+
+
+class JobFailed(Exception):
+    """Raised by a handler: the job ran and failed for a known reason."""
+
+    def __init__(self, reason_code: JobReason, message: str):
+        super().__init__(message)
+        self.reason_code = reason_code
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    detail: Mapping[str, Scalar] = field(default_factory=dict)
+
+
+@dataclass
+class JobContext:
+    """What a handler gets besides its job: a cancel flag to poll and a progress reporter."""
+
+    cancel: threading.Event
+    progress: Callable[[float], None]
+
+
+Handler = Callable[[Job, JobContext], JobOutcome]
+EmitStatus = Callable[[JobStatus], None]
+
+
+class CancelResult(Enum):
+    CANCELLING_RUNNING = "cancelling_running"  # the handler sees the flag at its next check
+    REMOVED_FROM_QUEUE = "removed_from_queue"
+    NOT_FOUND = "not_found"  # unknown, or already finished
+
+
+class JobRunner:
+    def __init__(
+        self,
+        handlers: Mapping[JobKind, Handler],
+        emit: EmitStatus,
+        history: JobHistory,
+        *,
+        base_model_hash: str,
+        max_queued: int = 4,
+        progress_interval_seconds: float = 5.0,
+        clock: Callable[[], float] = time.time,
+    ):
+        self._handlers = dict(handlers)
+        self._emit = emit
+        self._history = history
+        self._base_model_hash = base_model_hash
+        self._max_queued = max_queued
+        self._progress_interval = progress_interval_seconds
+        self._clock = clock
+        self._lock = threading.Condition()
+        self._queue: collections.deque[Job] = collections.deque()
+        self._running: tuple[Job, threading.Event] | None = None
+        self._stopping = False
+        self._thread: threading.Thread | None = None
+
+    # -- called from the transport's thread: quick, never blocks on a job ----------------
+    def submit(self, job: Job) -> JobStatus | None:
+        """Queue a job, or reject it at once; returns the REJECTED status if it was rejected."""
+        with self._lock:
+            rejection = self._admission_check(job)
+            if rejection is None:
+                self._history.record(job.job_id, job.expires_at, JobState.QUEUED)
+                self._queue.append(job)
+                self._lock.notify()
+                return None
+        self._emit(rejection)
+        return rejection
+
+    def _admission_check(self, job: Job) -> JobStatus | None:
+        """The REJECTED status this job gets on arrival, or None to queue it."""
+
+        def rejected(code: JobReason, why: str, **detail: Scalar) -> JobStatus:
+            return JobStatus(
+                job.job_id, JobState.REJECTED, reason_code=code, reason=why, detail=detail
+            )
+
+        if job.kind not in self._handlers:
+            return rejected(JobReason.UNKNOWN_KIND, f"this agent does not run {job.kind} jobs")
+        if job.is_expired(self._clock()):
+            return rejected(JobReason.EXPIRED, f"job expired at {job.expires_at:.0f}")
+        previous = self._history.get(job.job_id)
+        if previous is not None:
+            # A QoS 1 re-delivery or a re-sent job: say what became of the first one.
+            return rejected(
+                JobReason.DUPLICATE, "job id seen before", previous_state=previous.state.value
+            )
+        if job.base_model_hash is not None and job.base_model_hash != self._base_model_hash:
+            return rejected(
+                JobReason.BASE_MODEL_MISMATCH,
+                f"job is for base model {job.base_model_hash}, device runs {self._base_model_hash}",
+            )
+        if len(self._queue) >= self._max_queued:
+            return rejected(JobReason.BUSY, f"{len(self._queue)} jobs already queued")
+        return None
+
+    def reject(self, job_id: str, reason_code: JobReason, message: str) -> None:
+        """Reject a job command that could not even be decoded (the transport read its id)."""
+        self._emit(
+            JobStatus(job_id, JobState.REJECTED, reason_code=reason_code, reason=clip(message))
+        )
+
+    def cancel(self, job_id: str) -> CancelResult:
+        with self._lock:
+            if self._running is not None and self._running[0].job_id == job_id:
+                self._running[1].set()
+                return CancelResult.CANCELLING_RUNNING
+            for job in self._queue:
+                if job.job_id == job_id:
+                    self._queue.remove(job)
+                    break
+            else:
+                return CancelResult.NOT_FOUND
+        self._finish(job, JobState.REJECTED, JobReason.CANCELED, "cancelled before it started")
+        return CancelResult.REMOVED_FROM_QUEUE
+
+    @property
+    def busy_job_id(self) -> str | None:
+        with self._lock:
+            return self._running[0].job_id if self._running else None
+
+    # -- the worker ---------------------------------------------------------------------
+    def start(self) -> None:
+        self._fail_interrupted()
+        self._thread = threading.Thread(target=self._work, name="job-runner", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 10.0) -> None:
+        """Cancel the running job and drop the queue (those stay unfinished: failed on restart)."""
+        with self._lock:
+            self._stopping = True
+            if self._running is not None:
+                self._running[1].set()
+            self._lock.notify_all()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _fail_interrupted(self) -> None:
+        for record in self._history.unfinished():
+            log.warning("job %s was %s when the agent stopped", record.job_id, record.state)
+            self._emit(
+                JobStatus(
+                    record.job_id,
+                    JobState.FAILED,
+                    reason_code=JobReason.INTERNAL_ERROR,
+                    reason="the agent stopped while the job was queued or running",
+                )
+            )
+            self._history.record(record.job_id, record.expires_at, JobState.FAILED)
+
+    def _work(self) -> None:
+        while True:
+            with self._lock:
+                while not self._queue and not self._stopping:
+                    self._lock.wait()
+                if self._stopping:
+                    return
+                job = self._queue.popleft()
+                cancel = threading.Event()
+                self._running = (job, cancel)
+            try:
+                self._run_one(job, cancel)
+            except Exception:  # a failing emit must not kill the worker
+                log.exception("job %s: could not report its outcome", job.job_id)
+            finally:
+                with self._lock:
+                    self._running = None
+
+    def _run_one(self, job: Job, cancel: threading.Event) -> None:
+        if job.is_expired(self._clock()):
+            self._finish(job, JobState.REJECTED, JobReason.EXPIRED, "expired while queued")
+            return
+        self._history.record(job.job_id, job.expires_at, JobState.IN_PROGRESS)
+        self._emit(JobStatus(job.job_id, JobState.IN_PROGRESS))
+        context = JobContext(cancel=cancel, progress=self._progress_reporter(job))
+        try:
+            outcome = self._handlers[job.kind](job, context)
+        except JobRejected as err:
+            self._finish(job, JobState.REJECTED, err.reason_code, str(err))
+        except JobFailed as err:
+            self._finish(job, JobState.FAILED, err.reason_code, str(err))
+        except Exception as err:
+            if cancel.is_set():  # the trainer's Cancelled, or anything the cancel provoked
+                why = "the agent is shutting down" if self._stopping else "cancelled while running"
+                self._finish(job, JobState.FAILED, JobReason.CANCELED, why)
+            else:
+                log.exception("job %s (%s) failed", job.job_id, job.kind)
+                self._finish(
+                    job, JobState.FAILED, JobReason.INTERNAL_ERROR, f"{type(err).__name__}: {err}"
+                )
+        else:
+            self._finish(job, JobState.SUCCEEDED, detail=outcome.detail)
+
+    def _finish(
+        self,
+        job: Job,
+        state: JobState,
+        reason_code: JobReason | None = None,
+        reason: str | None = None,
+        detail: Mapping[str, Scalar] | None = None,
+    ) -> None:
+        assert state in TERMINAL_STATES
+        self._history.record(job.job_id, job.expires_at, state)
+        self._emit(
+            JobStatus(
+                job.job_id,
+                state,
+                progress=1.0,
+                reason=None if reason is None else clip(reason),
+                reason_code=reason_code,
+                detail=dict(detail or {}),
+            )
+        )
+        log.info(
+            "job %s (%s): %s%s",
+            job.job_id,
+            job.kind,
+            state.value,
+            f" ({reason_code.value}: {reason})" if reason_code else "",
+        )
+
+    def _progress_reporter(self, job: Job) -> Callable[[float], None]:
+        last = [self._clock()]
+
+        def report(fraction: float) -> None:
+            now = self._clock()
+            if now - last[0] < self._progress_interval:
+                return  # a status per epoch would flood the spool
+            last[0] = now
+            self._emit(
+                JobStatus(job.job_id, JobState.IN_PROGRESS, progress=min(1.0, max(0.0, fraction)))
+            )
+
+        return report

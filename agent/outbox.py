@@ -1,0 +1,172 @@
+"""Moves spooled messages to the broker and deletes each one only when its PUBACK arrives.
+
+A small window of messages is in flight at a time (paho's own in-flight limit is 20 by default;
+more would only pile up in paho's memory). The outbox runs on its own thread, woken when a
+message is spooled, when an acknowledgement frees a slot, or when the connection comes up.
+
+paho calls `on_publish` while holding its internal message lock, and `publish()` takes the same
+lock; so the outbox never calls paho while holding its own lock, and a PUBACK that arrives before
+`publish()` has even returned its mid (possible with the network loop on another thread) is
+remembered in `_early_acks` instead of being waited for.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from agent.spool import Spool, SpoolItem
+
+log = logging.getLogger(__name__)
+
+# Publishes one spooled message; returns paho's mid if the client took it, None if it did not
+# (queue full, or QoS 0 while disconnected), in which case it stays in the spool for later.
+PublishFn = Callable[[SpoolItem], "int | None"]
+
+
+EARLY_ACK_TTL = 10.0  # seconds
+
+
+@dataclass(frozen=True)
+class OutboxStats:
+    in_flight: int
+    refused_for_good: int  # rows dropped: the broker (v5 PUBACK) or paho refused them for good
+
+
+@dataclass
+class _InFlight:
+    spool_id: int
+    sent_at: float
+
+
+class Outbox:
+    def __init__(
+        self,
+        spool: Spool,
+        publish: PublishFn,
+        *,
+        window: int = 16,
+        resend_after_seconds: float = 60.0,
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        if window < 1:
+            raise ValueError("window must be >= 1")
+        self._spool = spool
+        self._publish = publish
+        self._window = window
+        self._resend_after = resend_after_seconds
+        self._clock = clock
+        self._lock = threading.Lock()
+        self._in_flight: dict[int, _InFlight] = {}  # mid -> spooled message
+        # mid -> (accepted, when): acknowledged before publish() returned its mid
+        self._early_acks: dict[int, tuple[bool, float]] = {}
+        self._refused = 0
+        self._connected = threading.Event()
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+
+    # -- events from the transport (paho's thread) -------------------------------------------
+    def connected(self) -> None:
+        self._connected.set()
+        self.notify()
+
+    def disconnected(self) -> None:
+        # In-flight messages stay recorded: paho re-sends them itself after reconnecting.
+        self._connected.clear()
+
+    def acknowledged(self, mid: int, accepted: bool) -> None:
+        """PUBACK for `mid`; `accepted` False when a v5 broker answered with a failure code."""
+        with self._lock:
+            entry = self._in_flight.pop(mid, None)
+            if entry is None:
+                self._early_acks[mid] = (accepted, self._clock())
+                return
+        self._settle(entry.spool_id, accepted)
+        self.notify()
+
+    def notify(self) -> None:
+        self._wake.set()
+
+    # -- the pump ------------------------------------------------------------------------------
+    def pump(self) -> int:
+        """Hand as many spooled messages to the client as the window allows; returns how many."""
+        if not self._connected.is_set():
+            return 0
+        with self._lock:
+            self._forget_stale()
+            free = self._window - len(self._in_flight)
+            busy = {entry.spool_id for entry in self._in_flight.values()}
+        if free <= 0:
+            return 0
+        sent = 0
+        for item in self._spool.pending(free, exclude=busy):
+            try:
+                mid = self._publish(item)
+            except ValueError as err:  # paho refuses this row for good (topic, size)
+                log.error("cannot publish spooled message %d: %s", item.id, err)
+                self._settle(item.id, accepted=False)
+                continue
+            if mid is None:
+                break  # the client refused (queue full or just disconnected): try later
+            self._record(mid, item.id)
+            sent += 1
+        return sent
+
+    def _record(self, mid: int, spool_id: int) -> None:
+        with self._lock:
+            early = self._early_acks.pop(mid, None)
+            if early is None:
+                self._in_flight[mid] = _InFlight(spool_id, self._clock())
+                return
+        self._settle(spool_id, early[0])
+
+    def _settle(self, spool_id: int, accepted: bool) -> None:
+        if not accepted:
+            # Not authorized, payload invalid, ...: re-sending would be refused again.
+            log.error("broker refused spooled message %d; dropping it", spool_id)
+            with self._lock:
+                self._refused += 1
+        self._spool.ack(spool_id)
+
+    def _forget_stale(self) -> None:
+        """In-flight entries without a PUBACK for too long are sent again (receivers dedupe)."""
+        now = self._clock()
+        stale = [mid for mid, e in self._in_flight.items() if now - e.sent_at > self._resend_after]
+        for mid in stale:
+            log.warning("no PUBACK for mid %d after %.0f s; will re-send", mid, self._resend_after)
+            del self._in_flight[mid]
+        # A real early ack is claimed within microseconds; an old one is a late PUBACK of a
+        # forgotten message and must not settle a later message that reuses its mid.
+        for mid in [m for m, (_, t) in self._early_acks.items() if now - t > EARLY_ACK_TTL]:
+            del self._early_acks[mid]
+
+    def stats(self) -> OutboxStats:
+        with self._lock:
+            return OutboxStats(in_flight=len(self._in_flight), refused_for_good=self._refused)
+
+    # -- thread ----------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._run, name="outbox", daemon=True)
+        self._thread.start()
+
+    def stop(self, timeout: float = 5.0) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            # Also wake periodically: stale in-flight entries need re-sending even when idle.
+            self._wake.wait(timeout=min(5.0, self._resend_after))
+            self._wake.clear()
+            try:
+                while self.pump() > 0 and not self._stop.is_set():
+                    pass
+            except Exception:  # the pump must survive a bad row or a closed client
+                log.exception("outbox pump failed; retrying on the next wake-up")
+                self._stop.wait(1.0)

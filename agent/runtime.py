@@ -1,0 +1,178 @@
+"""Wiring: builds the agent's parts from an AgentConfig, starts them, and stops them in order.
+
+Fatal problems (base model, data, state dir) surface while building, before any network
+traffic, as FatalError subclasses the CLI turns into exit codes. A broker refusing our
+credentials is fatal too, but is only known after connecting: it ends `run()` with its code.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+from agent.adapter_inbox import AdapterInbox
+from agent.adapter_store import AdapterStore
+from agent.config import AgentConfig
+from agent.downlink import Downlink
+from agent.drift import RecentInputs
+from agent.errors import ExitCode, FatalError
+from agent.handlers import JobHandlers
+from agent.job_history import JobHistory
+from agent.jobs import JobRunner
+from agent.learner import Learner
+from agent.meters import EnergyMeter
+from agent.outbox import Outbox
+from agent.spool import Spool
+from agent.startup import (
+    PresenceFactory,
+    detect_meter,
+    load_learner,
+    open_spool,
+    prepare_state_dir,
+    status_sender,
+)
+from agent.telemetry import HeartbeatLoop, Telemetry, TelemetrySources
+from agent.transport import Transport
+from agent.uplink import Uplink, new_boot_id
+from shared.mqtt import Will
+from shared.protocol.enums import PresenceState
+from shared.topics import Topics
+
+log = logging.getLogger(__name__)
+
+DRIFT_WINDOW_ROWS = 256  # the most recent input rows the drift score looks at
+SHUTDOWN_FLUSH_SECONDS = 3.0  # time given to deliver the last statuses before disconnecting
+
+
+@dataclass
+class Parts:
+    """The agent's components, for wiring and for tests that look inside."""
+
+    learner: Learner
+    spool: Spool
+    store: AdapterStore
+    meter: EnergyMeter
+    uplink: Uplink
+    outbox: Outbox
+    runner: JobRunner
+    downlink: Downlink
+    telemetry: Telemetry
+    presence: PresenceFactory
+    transport: Transport
+
+
+class Agent:
+    def __init__(self, config: AgentConfig):
+        self.config = config
+        self._stop = threading.Event()
+        self._fatal: FatalError | None = None
+        self.parts = self._build()
+
+    def _build(self) -> Parts:
+        c = self.config
+        state = prepare_state_dir(c.state_dir)
+        data, learner = load_learner(c)
+        spool = open_spool(state, c.spool_max_messages)
+        store = AdapterStore(state / "adapters", learner.model.weights_hash)
+        meter = detect_meter(c)
+        topics = Topics(c.topic_root)
+        # The outbox publishes through the transport, built last; the lambda binds it late.
+        outbox = Outbox(spool, lambda item: transport.publish_spooled(item))
+        uplink = Uplink(c.device_id, topics, spool, boot_id=new_boot_id(), on_spooled=outbox.notify)
+        inbox = AdapterInbox()
+        handlers = JobHandlers(
+            learner, store, inbox, uplink, meter, fetch_timeout_seconds=c.fetch_timeout_seconds
+        )
+        runner = JobRunner(
+            handlers.table(),
+            status_sender(uplink),
+            JobHistory(state / "jobs.json"),
+            base_model_hash=learner.model.weights_hash,
+            max_queued=c.max_queued_jobs,
+        )
+        downlink = Downlink(c.device_id, topics, runner=runner, inbox=inbox)
+        recent = RecentInputs(DRIFT_WINDOW_ROWS, learner.model.n_inputs)
+        recent.add(data.X)  # rows are in time order: the window keeps the latest
+        telemetry = Telemetry(
+            TelemetrySources(
+                meter, spool, runner, store, learner, recent, lambda: handlers.last_cache_bytes
+            )
+        )
+        presence = PresenceFactory(c, learner.model.weights_hash, meter, uplink)
+        status_topic = topics.status(c.device_id)
+        transport = Transport(
+            c.mqtt,
+            client_id=c.device_id,
+            subscriptions=topics.device_subscriptions(c.device_id),
+            status_topic=status_topic,
+            will=Will(status_topic, presence(PresenceState.OFFLINE), delay_s=c.will_delay_seconds),
+            online_payload=lambda: presence(PresenceState.ONLINE),
+            outbox=outbox,
+            on_message=downlink.handle,
+            on_fatal=self._fail,
+        )
+        return Parts(
+            learner,
+            spool,
+            store,
+            meter,
+            uplink,
+            outbox,
+            runner,
+            downlink,
+            telemetry,
+            presence,
+            transport,
+        )
+
+    @property
+    def boot_id(self) -> str:
+        return self.parts.uplink.boot_id
+
+    def _fail(self, error: FatalError) -> None:
+        log.error("%s", error)
+        self._fatal = error
+        self._stop.set()
+
+    def request_stop(self) -> None:
+        """Safe from a signal handler: only sets an event."""
+        self._stop.set()
+
+    def run(self) -> ExitCode:
+        p = self.parts
+        heartbeats = HeartbeatLoop(p.telemetry, p.uplink.send, self.config.heartbeat_seconds)
+        p.meter.start()
+        p.outbox.start()
+        p.runner.start()
+        p.transport.start()
+        heartbeats.start()
+        log.info("agent %s running (boot %s)", self.config.device_id, self.boot_id)
+        try:
+            self._stop.wait()
+        finally:
+            self._shutdown(heartbeats)
+        return self._fatal.exit_code if self._fatal else ExitCode.OK
+
+    def _shutdown(self, heartbeats: HeartbeatLoop) -> None:
+        p = self.parts
+        log.info("stopping")
+        heartbeats.stop()
+        p.runner.stop()  # cancels a running fine-tune; its FAILED status goes to the spool
+        self._flush(SHUTDOWN_FLUSH_SECONDS)
+        p.transport.stop(p.presence(PresenceState.OFFLINE))
+        p.outbox.stop()
+        p.meter.close()
+        left = p.spool.stats().depth
+        p.spool.close()
+        log.info("stopped; %d messages stay spooled for the next start", left)
+
+    def _flush(self, timeout: float) -> None:
+        """Give the outbox a moment to deliver what the last job left in the spool."""
+        deadline = time.monotonic() + timeout
+        p = self.parts
+        while p.spool.stats().depth and p.transport.connected.is_set():
+            if time.monotonic() > deadline:
+                return
+            time.sleep(0.05)

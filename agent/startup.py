@@ -1,0 +1,113 @@
+"""The start-up steps of the agent, each turning its failure into the right fatal error."""
+
+from __future__ import annotations
+
+import importlib.metadata
+import logging
+import os
+import platform
+import socket
+import sqlite3
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+from agent.config import AgentConfig
+from agent.data.dataset import Dataset
+from agent.errors import StateDirUnusable
+from agent.learner import Learner, load_base_model, load_split
+from agent.meters import EnergyMeter, source_label
+from agent.power import detect
+from agent.spool import Spool, SpoolFull
+from agent.uplink import Uplink
+from shared.protocol.enums import PresenceState
+from shared.protocol.messages import JobStatus, Presence
+
+log = logging.getLogger(__name__)
+
+
+def agent_version() -> str:
+    try:
+        return importlib.metadata.version("skipfleet")
+    except importlib.metadata.PackageNotFoundError:  # run from a source tree
+        return "0+source"
+
+
+def prepare_state_dir(path: Path) -> Path:
+    """Create the state dir and prove it is writable now, not at the first job."""
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        probe = path / ".write-probe"
+        probe.write_bytes(b"ok")
+        probe.unlink()
+    except OSError as err:
+        raise StateDirUnusable(f"state dir {path} is not writable: {err.strerror}") from None
+    return path
+
+
+def load_learner(config: AgentConfig) -> tuple[Dataset, Learner]:
+    """The base model and the device data split; BaseModelUnusable or DataUnusable if not."""
+    model = load_base_model(config.base_model_path)
+    data, train, holdout = load_split(config.data_path, model, config.holdout_fraction, config.seed)
+    log.info(
+        "device %s: %d training rows, %d hold-out rows, base model %s",
+        config.device_id,
+        len(train),
+        len(holdout),
+        model.weights_hash[:12],
+    )
+    return data, Learner(model, train, holdout)
+
+
+def open_spool(state_dir: Path, max_messages: int) -> Spool:
+    try:
+        return Spool(state_dir / "spool.sqlite", max_messages=max_messages)
+    except sqlite3.Error as err:
+        raise StateDirUnusable(f"spool in {state_dir} unusable: {err}") from None
+
+
+def detect_meter(config: AgentConfig) -> EnergyMeter:
+    detection = detect(ina219=config.ina219, profile=config.power_profile)
+    for note in detection.notes:
+        log.info("power: %s", note)
+    log.info("power: using %s", detection.meter.description)
+    return detection.meter
+
+
+def status_sender(uplink: Uplink) -> Callable[[JobStatus], None]:
+    """The job runner's way out: spool the status; if even that is impossible, log it."""
+
+    def send(status: JobStatus) -> None:
+        try:
+            uplink.send(status)
+        except SpoolFull:
+            # The spool is full of undelivered records: this status is lost (and counted).
+            log.error("spool full: job %s status %s not sent", status.job_id, status.state)
+
+    return send
+
+
+class PresenceFactory:
+    """Retained presence payloads, stamped with (boot id, seq) like every device message."""
+
+    def __init__(
+        self, config: AgentConfig, base_model_hash: str, meter: EnergyMeter, uplink: Uplink
+    ):
+        self._cohort = config.cohort
+        self._hash = base_model_hash
+        self._meter = meter
+        self._uplink = uplink
+
+    def __call__(self, state: PresenceState) -> bytes:
+        device = {
+            "hostname": socket.gethostname()[:64],
+            "arch": platform.machine(),
+            "cpus": os.cpu_count() or 1,
+            "power_source": source_label(self._meter),
+            "sent_at": time.time(),
+        }
+        message = Presence(
+            state, self._uplink.boot_id, agent_version(), self._hash, self._cohort, device
+        )
+        (item,) = self._uplink.encode(message)
+        return item.payload

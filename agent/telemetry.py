@@ -1,0 +1,129 @@
+"""The heartbeat: power, energy, spool, drift and job state, sent every few seconds (QoS 0).
+
+Heartbeats go through the spool too, as low-priority telemetry: the first thing dropped when
+the spool is full, but a heartbeat made while the broker was away still arrives later.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+from agent.adapter_store import AdapterStore
+from agent.drift import RecentInputs, score_recent
+from agent.jobs import JobRunner
+from agent.learner import Learner
+from agent.meters import EnergyMeter, source_label
+from agent.spool import Spool
+from agent.trainer.errors import AdapterError
+from shared.protocol.messages import Heartbeat
+
+log = logging.getLogger(__name__)
+
+THERMAL_ZONE = "sys/class/thermal/thermal_zone0/temp"
+
+
+@dataclass
+class TelemetrySources:
+    meter: EnergyMeter
+    spool: Spool
+    runner: JobRunner
+    store: AdapterStore
+    learner: Learner
+    recent: RecentInputs
+    cache_bytes: Callable[[], int]  # Skip-Cache bytes of the last fine-tune
+
+
+class Telemetry:
+    def __init__(
+        self,
+        sources: TelemetrySources,
+        *,
+        root: Path = Path("/"),
+        clock: Callable[[], float] = time.monotonic,
+    ):
+        self._s = sources
+        self._root = root
+        self._clock = clock
+        self._started = clock()
+        self._last = (self._started, sources.meter.read_joules())
+
+    def heartbeat(self) -> Heartbeat:
+        s = self._s
+        now, joules = self._clock(), s.meter.read_joules()
+        then, joules_then = self._last
+        self._last = (now, joules)
+        stats = s.spool.stats()
+        current = s.store.current
+        return Heartbeat(
+            power_w=max(0.0, (joules - joules_then) / (now - then)) if now > then else 0.0,
+            power_source=source_label(s.meter),
+            energy_j_total=joules,
+            cache_bytes=s.cache_bytes(),
+            spool_depth=stats.depth,
+            spool_dropped=stats.dropped_telemetry + stats.refused_records,
+            uptime_s=now - self._started,
+            temperature_c=read_temperature(self._root),
+            drift_score=self.drift_score(),
+            adapter_version=current.meta.version if current else None,
+            busy_job_id=s.runner.busy_job_id,
+        )
+
+    def drift_score(self) -> float | None:
+        """BN1 mean squared z-score of the recent inputs (about 1 when nothing drifted)."""
+        s = self._s
+        rows = s.recent.snapshot()
+        if len(rows) == 0:
+            return None
+        current = s.store.current
+        try:
+            adapter = s.learner.adapter(current.arrays if current else None)
+        except AdapterError:
+            adapter = None
+        scores = score_recent(s.learner.model.params, rows, s.learner.logits(rows, adapter))
+        log.debug(
+            "drift: bn1 z² %.3f, entropy %.3f over %d rows",
+            scores.bn1_mean_squared_z,
+            scores.prediction_entropy,
+            scores.rows,
+        )
+        return scores.bn1_mean_squared_z
+
+
+def read_temperature(root: Path) -> float | None:
+    """The SoC temperature in °C from the first thermal zone, if the board has one."""
+    try:
+        return int((root / THERMAL_ZONE).read_text().strip()) / 1000.0
+    except (OSError, ValueError):
+        return None
+
+
+class HeartbeatLoop:
+    """Sends a heartbeat every `interval` seconds on its own thread until stopped."""
+
+    def __init__(self, telemetry: Telemetry, send: Callable[[Heartbeat], None], interval: float):
+        self._telemetry = telemetry
+        self._send = send
+        self._interval = interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._thread.join(timeout=5.0)
+
+    def _run(self) -> None:
+        while True:
+            try:
+                self._send(self._telemetry.heartbeat())
+            except Exception:  # one bad beat must not end the heartbeats
+                log.exception("heartbeat failed")
+            if self._stop.wait(self._interval):
+                return

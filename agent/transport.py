@@ -1,0 +1,132 @@
+"""The paho-mqtt 2.x client of the agent: connection, presence, subscriptions, PUBACKs.
+
+- `connect_async` + `loop_start`: a broker that is down at start is retried like a lost one,
+  with jittered backoff (shared.mqtt.make_client spreads each client's reconnect delays).
+- Presence: Last Will retained `offline` (v5: with a will delay to ride out short reconnects),
+  retained `online` after every CONNACK, `offline` published by `stop()` on a clean shutdown.
+- Subscriptions are made in `on_connect`, so they come back after every reconnect.
+- Every callback is wrapped: an exception is logged and never reaches paho's network thread.
+- Callbacks only hand work over (outbox, downlink queue); nothing blocks or trains in them.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+import threading
+from collections.abc import Callable
+
+import paho.mqtt.client as paho
+
+from agent.errors import BrokerRefused
+from agent.outbox import Outbox
+from agent.spool import SpoolItem
+from shared.mqtt import MqttSettings, Will, connect_async, make_client
+
+log = logging.getLogger(__name__)
+
+# CONNACK reason codes that retrying cannot fix (MQTT 3.1.1 return codes 4 and 5 map to them).
+BAD_CREDENTIALS = 0x86
+NOT_AUTHORIZED = 0x87
+# Publish failed for a reason that may pass (v5 PUBACK): keep the message and try again later.
+QUOTA_EXCEEDED = 0x97
+
+
+def logged(callback: Callable) -> Callable:
+    """paho re-raises callback exceptions into its loop by default: log them instead."""
+
+    @functools.wraps(callback)
+    def wrapper(*args: object, **kwargs: object) -> None:
+        try:
+            callback(*args, **kwargs)
+        except Exception:
+            log.exception("MQTT callback %s failed", callback.__name__)
+
+    return wrapper
+
+
+class Transport:
+    def __init__(
+        self,
+        settings: MqttSettings,
+        *,
+        client_id: str,
+        subscriptions: list[tuple[str, int]],
+        status_topic: str,
+        will: Will,
+        online_payload: Callable[[], bytes],
+        outbox: Outbox,
+        on_message: Callable[[str, bytes], None],
+        on_fatal: Callable[[BrokerRefused], None],
+    ):
+        self._settings = settings
+        self._subscriptions = subscriptions
+        self._status_topic = status_topic
+        self._online_payload = online_payload
+        self._outbox = outbox
+        self._on_message = on_message
+        self._on_fatal = on_fatal
+        self.connected = threading.Event()
+        self._client = make_client(settings, client_id, will=will)
+        self._client.enable_logger(logging.getLogger("paho"))
+        self._client.on_connect = logged(self._handle_connect)
+        self._client.on_disconnect = logged(self._handle_disconnect)
+        self._client.on_publish = logged(self._handle_publish)
+        self._client.on_subscribe = logged(self._handle_subscribe)
+        self._client.on_message = logged(self._handle_message)
+
+    def start(self) -> None:
+        log.info("connecting to %s", self._settings.url)
+        connect_async(self._client, self._settings)
+        self._client.loop_start()
+
+    def publish_spooled(self, item: SpoolItem) -> int | None:
+        """The outbox's publish function: paho's mid if paho now owns delivery, else None."""
+        info = self._client.publish(item.topic, item.payload, qos=item.qos, retain=item.retain)
+        if info.rc == paho.MQTT_ERR_SUCCESS:
+            return info.mid
+        if info.rc == paho.MQTT_ERR_NO_CONN and item.qos > 0:
+            return info.mid  # queued by paho: sent after the reconnect, PUBACK settles it
+        return None
+
+    def stop(self, offline_payload: bytes, timeout: float = 5.0) -> None:
+        """Announce `offline` (the Will is not sent on a clean DISCONNECT), then disconnect."""
+        if self.connected.is_set():
+            info = self._client.publish(self._status_topic, offline_payload, qos=1, retain=True)
+            try:
+                info.wait_for_publish(timeout)
+            except (RuntimeError, ValueError) as err:  # lost the connection meanwhile
+                log.warning("could not announce offline: %s", err)
+        self._client.disconnect()
+        self._client.loop_stop()
+
+    # -- paho callbacks (network thread) ---------------------------------------------------
+    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
+        if reason_code.is_failure:
+            log.error("broker refused the connection: %s", reason_code)
+            if reason_code.value in (BAD_CREDENTIALS, NOT_AUTHORIZED):
+                self._on_fatal(BrokerRefused(f"broker {self._settings.url}: {reason_code}"))
+            return
+        log.info("connected to %s (session present: %s)", self._settings.url, flags.session_present)
+        client.subscribe(self._subscriptions)
+        client.publish(self._status_topic, self._online_payload(), qos=1, retain=True)
+        self.connected.set()
+        self._outbox.connected()
+
+    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+        self.connected.clear()
+        self._outbox.disconnected()
+        log.warning("disconnected from %s: %s", self._settings.url, reason_code)
+
+    def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        if reason_code.value == QUOTA_EXCEEDED:
+            return  # the outbox re-sends it once its in-flight entry goes stale
+        self._outbox.acknowledged(mid, accepted=not reason_code.is_failure)
+
+    def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
+        refused = [str(code) for code in reason_codes if code.is_failure]
+        if refused:
+            log.error("broker refused subscriptions: %s (check the ACL)", ", ".join(refused))
+
+    def _handle_message(self, client, userdata, message) -> None:
+        self._on_message(message.topic, message.payload)

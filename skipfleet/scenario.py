@@ -1,0 +1,148 @@
+"""A simulated fleet's data: a pre-trained base model and one data file per device.
+
+HAR: one person per device. The base model is pre-trained on the other subjects, so every
+device's person is new to it (the paper's drift subjects first, then more as the fleet grows).
+With a drift event, a device starts as a person the model knows and switches to its new one.
+
+Fan: one fan-fleet group (fan size, room, fan condition) per device. The base model is
+pre-trained on the quiet rooms' first recordings; devices hold their group's other data, so
+the noisy-room devices are the drifted ones. With a drift event, quiet-room devices switch to
+the noisy room of the same fan.
+
+Device files follow agent/device_data.py (`X`, `y` in time order) plus, for a drift event,
+`X_drift`, `y_drift`: the stream the device sees after the switch.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from agent.data import fan_fleet_devices, load_fan_fleet_group, load_har_windows
+from agent.data.fan_fleet import FAN_FLEET_GROUP_NAMES
+from agent.data.har import HAR_ACTIVITY_NAMES
+from agent.data.har_features import window_features
+from agent.trainer.finetune import pretrain
+
+# People new to the base model, in the order devices get them: the paper's drift subjects first.
+HAR_DEVICE_SUBJECTS = (9, 14, 16, 19, 25, 2, 4, 6, 11, 13, 20, 22, 28, 30, 17)
+FAN_CLASS_NAMES = ("stop", "normal", "damaged")
+DATASETS = ("har", "fan")
+
+
+@dataclass(frozen=True)
+class DeviceSpec:
+    device_id: str
+    data_file: Path
+    description: str  # what this device is, in words
+    drifts: bool  # whether the file carries a drifted stream
+
+
+@dataclass(frozen=True)
+class Scenario:
+    dataset: str
+    cohort: str
+    base_model: Path
+    base_model_hash: str
+    devices: tuple[DeviceSpec, ...]
+    description: str
+
+
+def build_scenario(dataset: str, n_devices: int, data_dir: Path, out_dir: Path, *, drift: bool,
+                   seed: int = 0, pretrain_epochs: int = 40,
+                   log: Callable[[str], None] = print) -> Scenario:  # fmt: skip
+    if dataset not in DATASETS:
+        raise ValueError(f"unknown dataset {dataset!r}: choose har or fan")
+    if n_devices < 1:
+        raise ValueError("a fleet needs at least one device")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    builder = _har_fleet if dataset == "har" else _fan_fleet
+    pretrain_set, devices, description = builder(n_devices, data_dir, drift)
+    log(f"pre-training the base model on {len(pretrain_set[1])} samples ({description})")
+    X, y, info = pretrain_set
+    model = pretrain(X, y, len(info["class_names"]), epochs=pretrain_epochs, seed=seed, info=info)
+    base_path = out_dir / "base-model.npz"
+    model.save(base_path)
+    specs = []
+    for device_id, arrays, what in devices:
+        path = out_dir / f"{device_id}.npz"
+        with open(path, "wb") as out:
+            np.savez(out, class_names=np.array(info["class_names"]), **arrays)
+        specs.append(DeviceSpec(device_id, path, what, "X_drift" in arrays))
+    return Scenario(dataset, dataset, base_path, model.weights_hash, tuple(specs), description)
+
+
+def _shards(rows: np.ndarray, count: int) -> list[np.ndarray]:
+    """`count` interleaved shards (every count-th row): each keeps the time order and mix."""
+    return [rows[k::count] for k in range(count)]
+
+
+# ----------------------------------------------------------------------------------- HAR
+def _har_fleet(n_devices: int, data_dir: Path, drift: bool):
+    data = load_har_windows(data_dir)
+    people = HAR_DEVICE_SUBJECTS[: min(n_devices, len(HAR_DEVICE_SUBJECTS))]
+    known = sorted(set(range(1, 31)) - set(people))
+    features = window_features(data.windows)  # (n, F): what each device computes itself
+    pre_rows = np.flatnonzero(np.isin(data.subject, known))
+    shards_per_person = math.ceil(n_devices / len(people))
+    devices = []
+    for i in range(n_devices):
+        person, shard = people[i % len(people)], i // len(people)
+        rows = _shards(np.flatnonzero(data.subject == person), shards_per_person)[shard]
+        device_id = f"har-s{person:02d}" + (f"-{shard}" if shards_per_person > 1 else "")
+        if drift:  # starts as a person the model knows, then a new person wears the phone
+            before = np.flatnonzero(data.subject == known[i % len(known)])
+            arrays = {"X": features[before], "y": data.y[before],
+                      "X_drift": features[rows], "y_drift": data.y[rows]}  # fmt: skip
+            what = f"subject {known[i % len(known)]} -> subject {person}"
+        else:
+            arrays = {"X": features[rows], "y": data.y[rows]}
+            what = f"subject {person}" + (
+                f" (shard {shard + 1}/{shards_per_person})" if shard else ""
+            )
+        devices.append((device_id, arrays, what))
+    info = {"task": "har", "class_names": list(HAR_ACTIVITY_NAMES), "features": "window_features",
+            "pretrain_subjects": known}  # fmt: skip
+    description = (
+        f"HAR: {len(known)} known subjects pre-train; devices hold new subjects {list(people)}"
+    )
+    return (features[pre_rows], data.y[pre_rows], info), devices, description
+
+
+# ----------------------------------------------------------------------------------- fan
+def _fan_fleet(n_devices: int, data_dir: Path, drift: bool):
+    groups = {g: load_fan_fleet_group(data_dir, g) for g in range(len(FAN_FLEET_GROUP_NAMES))}
+    quiet = [g for g, ds in groups.items() if ds.meta["room"] != "noisy"]
+    pre = [groups[g].subset(groups[g].meta["recording"] == 0) for g in quiet]
+    X_pre = np.concatenate([ds.X for ds in pre])
+    y_pre = np.concatenate([ds.y for ds in pre])
+    if drift:  # quiet-room devices; those recorded in the noisy room too drift into it
+        slots = [(d.quiet_group, d.noisy_group) for d in fan_fleet_devices()]
+    else:  # every group is a device; the noisy rooms are the drifted ones
+        slots = [(g, None) for g in groups]
+    per_slot = math.ceil(n_devices / len(slots))
+    devices = []
+    for i in range(n_devices):
+        (group, noisy), shard = slots[i % len(slots)], i // len(slots)
+        own = groups[group]
+        own_rows = (
+            np.flatnonzero(own.meta["recording"] == 1) if group in quiet else np.arange(len(own))
+        )
+        rows = _shards(own_rows, per_slot)[shard]
+        name = FAN_FLEET_GROUP_NAMES[group]
+        device_id = "fan-" + name.lower().replace("_", "-") + (f"-{shard}" if per_slot > 1 else "")
+        arrays = {"X": own.X[rows], "y": own.y[rows]}
+        what = name
+        if drift and noisy is not None:
+            loud = groups[noisy]
+            loud_rows = _shards(np.arange(len(loud)), per_slot)[shard]
+            arrays.update(X_drift=loud.X[loud_rows], y_drift=loud.y[loud_rows])
+            what = f"{name} -> {FAN_FLEET_GROUP_NAMES[noisy]}"
+        devices.append((device_id, arrays, what))
+    info = {"task": "fan", "class_names": list(FAN_CLASS_NAMES), "features": "fan_features"}
+    description = "fan: quiet rooms' first recordings pre-train; one fan group per device"
+    return (X_pre, y_pre, info), devices, description

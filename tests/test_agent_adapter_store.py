@@ -1,0 +1,81 @@
+"""The persisted adapter: install, keep the previous for rollback, refuse other base models."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+
+from agent.adapter_store import AdapterSource, AdapterStore, BaseModelMismatch, NothingToRollBack
+
+
+def arrays(value: float) -> dict[str, np.ndarray]:
+    return {"delta3": np.full((4, 3), value, dtype=np.float32)}
+
+
+def test_empty_store_runs_no_adapter(tmp_path):
+    store = AdapterStore(tmp_path, "h1")
+    assert store.current is None and store.previous is None
+    with pytest.raises(NothingToRollBack):
+        store.rollback()
+
+
+def test_install_keeps_the_previous_and_survives_a_restart(tmp_path):
+    store = AdapterStore(tmp_path, "h1")
+    store.install(arrays(1), version=1, base_model_hash="h1", source=AdapterSource.COORDINATOR)
+    store.install(
+        arrays(2),
+        version=None,
+        base_model_hash="h1",
+        source=AdapterSource.FINETUNE,
+        details={"job_id": "j7"},
+    )
+    reopened = AdapterStore(tmp_path, "h1")
+    assert reopened.current.meta.source is AdapterSource.FINETUNE
+    assert reopened.current.meta.details == {"job_id": "j7"}
+    np.testing.assert_array_equal(reopened.current.arrays["delta3"], arrays(2)["delta3"])
+    assert reopened.previous.meta.version == 1
+    assert reopened.find(1) is not None and reopened.find(5) is None
+
+
+def test_only_current_and_previous_are_kept_on_disk(tmp_path):
+    store = AdapterStore(tmp_path, "h1")
+    for version in range(4):
+        store.install(
+            arrays(version), version=version, base_model_hash="h1", source=AdapterSource.COORDINATOR
+        )
+    assert len(list((tmp_path / "slots").iterdir())) == 2
+    pointer = json.loads((tmp_path / "pointer.json").read_text())
+    assert set(pointer) == {"current", "previous"}
+
+
+def test_rollback_swaps_and_a_second_rollback_undoes_it(tmp_path):
+    store = AdapterStore(tmp_path, "h1")
+    store.install(arrays(1), version=1, base_model_hash="h1", source=AdapterSource.COORDINATOR)
+    store.install(arrays(2), version=2, base_model_hash="h1", source=AdapterSource.COORDINATOR)
+    assert store.rollback().meta.version == 1
+    assert AdapterStore(tmp_path, "h1").current.meta.version == 1
+    assert store.rollback().meta.version == 2
+
+
+def test_adapter_for_another_base_model_is_refused(tmp_path):
+    store = AdapterStore(tmp_path, "h1")
+    with pytest.raises(BaseModelMismatch):
+        store.install(arrays(1), version=1, base_model_hash="h2", source=AdapterSource.COORDINATOR)
+    assert store.current is None
+
+
+def test_adapters_of_an_old_base_model_are_not_run_after_a_model_change(tmp_path):
+    AdapterStore(tmp_path, "old").install(
+        arrays(1), version=1, base_model_hash="old", source=AdapterSource.COORDINATOR
+    )
+    assert AdapterStore(tmp_path, "new").current is None
+
+
+def test_files_load_without_pickle(tmp_path):
+    store = AdapterStore(tmp_path, "h1")
+    store.install(arrays(3), version=3, base_model_hash="h1", source=AdapterSource.COORDINATOR)
+    (slot,) = (tmp_path / "slots").iterdir()
+    with np.load(slot / "adapter.npz", allow_pickle=False) as npz:
+        assert npz["delta3"].dtype == np.float32

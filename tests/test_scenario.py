@@ -1,0 +1,52 @@
+"""The simulated fleet's data: base model, one valid device file per device, drift streams."""
+
+import numpy as np
+import pytest
+
+from agent.device_data import load_device_data
+from agent.trainer.model import BaseModel
+from shared.topics import validate_device_id
+from skipfleet.scenario import build_scenario
+
+
+@pytest.mark.parametrize("dataset", ["har", "fan"])
+@pytest.mark.parametrize("drift", [False, True])
+def test_scenario_writes_a_base_model_and_device_files(tmp_path, data_dir, dataset, drift):
+    scenario = build_scenario(dataset, 3, data_dir, tmp_path, drift=drift, pretrain_epochs=2,
+                              log=lambda _: None)  # fmt: skip
+    model = BaseModel.load(scenario.base_model)
+    assert model.weights_hash == scenario.base_model_hash
+    ids = [d.device_id for d in scenario.devices]
+    assert len(set(ids)) == 3
+    for device in scenario.devices:
+        validate_device_id(device.device_id)
+        data = load_device_data(device.data_file, model.n_classes)
+        assert data.X.shape[1] == model.n_inputs and len(data) > 50
+        with np.load(device.data_file) as arrays:
+            assert ("X_drift" in arrays.files) == device.drifts
+    if drift:
+        assert any(d.drifts for d in scenario.devices)
+
+
+def test_har_devices_are_people_the_base_model_never_saw(tmp_path, data_dir):
+    scenario = build_scenario("har", 5, data_dir, tmp_path, drift=False, pretrain_epochs=1,
+                              log=lambda _: None)  # fmt: skip
+    assert [d.device_id for d in scenario.devices] == [
+        "har-s09", "har-s14", "har-s16", "har-s19", "har-s25",
+    ]  # fmt: skip
+    pretrained_on = set(BaseModel.load(scenario.base_model).info["pretrain_subjects"])
+    assert len(pretrained_on) == 25 and not pretrained_on & {9, 14, 16, 19, 25}
+
+
+def test_more_devices_than_groups_split_the_data(tmp_path, data_dir):
+    scenario = build_scenario("fan", 13, data_dir, tmp_path, drift=False, pretrain_epochs=1,
+                              log=lambda _: None)  # fmt: skip
+    assert len({d.device_id for d in scenario.devices}) == 13
+    assert scenario.devices[0].device_id.endswith("-0")
+
+
+def test_scenario_refuses_bad_requests(tmp_path, data_dir):
+    with pytest.raises(ValueError, match="har or fan"):
+        build_scenario("mnist", 2, data_dir, tmp_path, drift=False)
+    with pytest.raises(ValueError, match="at least one"):
+        build_scenario("fan", 0, data_dir, tmp_path, drift=False)
