@@ -28,6 +28,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
         "leakage-free; 'random' is the paper's style)",
     )  # fmt: skip
     trainer.add_argument("--json", metavar="OUT", help="write the results as JSON")
+    agent = targets.add_parser(
+        "agent", help="agent memory, report sizes and job latency through a real broker"
+    )
+    add_data_dir(agent)
+    agent.add_argument("--datasets", default="damage1,damage2,har", help="comma-separated")
+    agent.add_argument("--jobs", type=positive_int, default=5, help="jobs of each kind (default 5)")
+    agent.add_argument("--json", metavar="OUT", help="write the results as JSON")
 
 
 def add_data_dir(parser: argparse.ArgumentParser) -> None:
@@ -62,4 +69,10 @@ def main(args) -> int:
         except (DataError, ValueError) as error:
             print(f"skipfleet bench trainer: {error}", file=sys.stderr)
             return 2
-    raise AssertionError(f"unhandled target {args.target}")
+    from skipfleet import bench_agent
+
+    try:
+        return bench_agent.main(args)
+    except (DataError, ValueError, TimeoutError) as error:
+        print(f"skipfleet bench {args.target}: {error}", file=sys.stderr)
+        return 2

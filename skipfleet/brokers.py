@@ -1,0 +1,137 @@
+"""Brokers skipfleet starts itself: a private mosquitto (tests, benchmarks, `simulate`).
+
+A `MosquittoBroker` has its own port, config, persistence and log in a work dir; it never
+touches a broker on 1883. `stop()` is a graceful SIGTERM (mosquitto saves its
+persistence snapshot), `kill()` a SIGKILL (it does not), and `start()` again reuses the same
+port so clients can reconnect to "the same broker" in restart tests.
+"""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import signal
+import socket
+import subprocess
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+
+def find_mosquitto() -> str | None:
+    if os.access("/usr/sbin/mosquitto", os.X_OK):
+        return "/usr/sbin/mosquitto"
+    return shutil.which("mosquitto")
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+class MosquittoBroker:
+    def __init__(
+        self, workdir: Path, *, port: int | None = None, extra_config: Sequence[str] = ()
+    ) -> None:
+        binary = find_mosquitto()
+        if binary is None:
+            raise FileNotFoundError("mosquitto not found: run `make system-deps`")
+        self.binary = binary
+        self.workdir = Path(workdir)
+        self.port = port or free_port()
+        self.extra_config = list(extra_config)
+        self.config_path = self.workdir / "mosquitto.conf"
+        self.log_path = self.workdir / "mosquitto.log"
+        self._process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def running(self) -> bool:
+        return self._process is not None and self._process.poll() is None
+
+    def _write_config(self) -> None:
+        data_dir = self.workdir / "data"
+        data_dir.mkdir(parents=True, exist_ok=True)
+        lines = [
+            f"listener {self.port} 127.0.0.1",
+            "allow_anonymous true",
+            "persistence true",
+            f"persistence_location {data_dir}/",
+            "autosave_interval 1",  # the default snapshot every 30 min loses everything on SIGKILL
+            f"log_dest file {self.log_path}",
+            "log_type error",
+            "log_type warning",
+            "log_type notice",
+            "log_type information",
+            # As root mosquitto would switch to user `mosquitto`, who cannot write the tmp dir.
+            f"user {pwd.getpwuid(os.getuid()).pw_name}",
+            *self.extra_config,
+        ]
+        self.config_path.write_text("\n".join(lines) + "\n")
+
+    def start(self, timeout_s: float = 10.0) -> None:
+        if self.running:
+            raise RuntimeError("broker already running")
+        self._write_config()
+        self._process = subprocess.Popen(
+            [self.binary, "-c", str(self.config_path)],
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+        )
+        self._wait_until_listening(timeout_s)
+
+    def _wait_until_listening(self, timeout_s: float) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self._process.poll() is not None:
+                raise RuntimeError(f"mosquitto exited early: {self._diagnostics()}")
+            try:
+                with socket.create_connection(("127.0.0.1", self.port), timeout=0.2):
+                    return
+            except OSError:
+                time.sleep(0.05)
+        self.kill()
+        raise TimeoutError(f"mosquitto did not listen on {self.port}: {self._diagnostics()}")
+
+    def _diagnostics(self) -> str:
+        stderr = ""
+        if self._process is not None and self._process.poll() is not None:
+            stderr = self._process.stderr.read().decode(errors="replace")
+        log = self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+        return f"stderr={stderr[-2000:]!r} log={log[-2000:]!r}"
+
+    def _end(self, sig: signal.Signals, timeout_s: float) -> None:
+        if self._process is None:
+            return
+        if self._process.poll() is None:
+            self._process.send_signal(sig)
+            try:
+                self._process.wait(timeout=timeout_s)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._process.stderr.close()
+        self._process = None
+
+    def stop(self, timeout_s: float = 10.0) -> None:
+        """Graceful: SIGTERM, mosquitto writes its persistence snapshot and exits."""
+        self._end(signal.SIGTERM, timeout_s)
+
+    def kill(self) -> None:
+        """A crash: SIGKILL, whatever was not autosaved is lost."""
+        self._end(signal.SIGKILL, 5.0)
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def __enter__(self) -> MosquittoBroker:
+        self.start()
+        return self
+
+    def __exit__(self, *exc_info: object) -> None:
+        self.stop()
