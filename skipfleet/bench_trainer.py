@@ -110,8 +110,11 @@ def summarize(model, before, runs, *, epochs, batch_size, rank):
                 trainable=trainable,
             ),
         }
+    floor = call_floor()["numpy_ufunc_call_seconds"]
     for m in out.values():
         m["gflops_achieved"] = m["flops_per_batch"] / m["batch_seconds"]["total"] / 1e9
+        # time per batch in units of the bare per-call cost: how call-bound the method is
+        m["batch_time_in_call_floors"] = m["batch_seconds"]["total"] / floor
     return out
 
 
@@ -210,4 +213,25 @@ def machine_info() -> dict:
         "machine": platform.machine(),
         "cpus": os.cpu_count(),
         "blas_threads": os.environ.get("OPENBLAS_NUM_THREADS"),
+        **call_floor(),
+    }
+
+
+def call_floor() -> dict:
+    """What one NumPy call costs when it does almost no arithmetic: the per-call overhead.
+
+    A training batch of 20 is small enough that this floor, times the number of calls, and
+    not the arithmetic, sets its time on a desktop CPU.
+    """
+    import timeit
+
+    one, out = np.ones((1, 1), np.float32), np.empty((1, 1), np.float32)
+    small_a, small_b = np.ones((20, 3), np.float32), np.ones((3, 4), np.float32)
+
+    def best(fn):
+        return min(timeit.repeat(fn, number=2000, repeat=5)) / 2000
+
+    return {
+        "numpy_ufunc_call_seconds": best(lambda: np.add(one, one, out=out)),
+        "numpy_small_matmul_seconds": best(lambda: small_a @ small_b),
     }

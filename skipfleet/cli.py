@@ -1,7 +1,7 @@
 """The `skipfleet` console command.
 
 Each sub-command lives in its own module exposing `configure(parser)` and `main(args) -> int`.
-Modules are imported only when their sub-command runs, so `skipfleet agent` on a Pi never
+A module is imported only when its sub-command runs, so `skipfleet agent` on a Pi never
 imports Ray or prometheus-client.
 """
 
@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import importlib
-import importlib.util
 import os
 import sys
 
@@ -20,25 +19,29 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "coordinator": ("coordinator.cli", "run the fleet coordinator (Ray, MQTT, API, metrics)"),
     "status": ("coordinator.status_cli", "print the fleet as a table from the coordinator's API"),
     "simulate": ("skipfleet.simulate", "run a simulated fleet end to end on this machine"),
-    "fleet": ("skipfleet.fleet", "drive a running fleet: list devices, scale, inject faults"),
+    "fleet": ("skipfleet.fleet.cli", "drive a running fleet: list devices, scale, inject faults"),
 }
 
 
-def _available(module: str) -> bool:
-    return importlib.util.find_spec(module.rsplit(".", 1)[0]) is not None and (
-        importlib.util.find_spec(module) is not None
-    )
+def _chosen(argv: list[str]) -> str | None:
+    """The sub-command named on the command line (the first word that is not an option)."""
+    for word in argv:
+        if not word.startswith("-"):
+            return word if word in SUBCOMMANDS else None
+    return None
 
 
-def build_parser() -> argparse.ArgumentParser:
+def build_parser(argv: list[str]) -> argparse.ArgumentParser:
+    """Only the chosen sub-command's module is imported: on a Pi, `skipfleet agent` must never
+    import the coordinator's dependencies (Ray, prometheus-client, docker)."""
     parser = argparse.ArgumentParser(prog="skipfleet", description=__doc__.splitlines()[0])
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+    chosen = _chosen(argv)
     for name, (module, help_text) in SUBCOMMANDS.items():
-        if not _available(module):
-            continue
         sub_parser = sub.add_parser(name, help=help_text, description=help_text)
         sub_parser.set_defaults(_module=module)
-        importlib.import_module(module).configure(sub_parser)
+        if name == chosen:
+            importlib.import_module(module).configure(sub_parser)
     return parser
 
 
@@ -47,7 +50,8 @@ def main(argv: list[str] | None = None) -> int:
     from agent.trainer.blas import set_thread_env
 
     set_thread_env(os.environ)
-    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else argv
+    parser = build_parser(argv)
     args = parser.parse_args(argv)
     if not getattr(args, "_module", None):
         parser.print_help()

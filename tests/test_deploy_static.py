@@ -1,0 +1,840 @@
+"""The deployable files, checked without a Docker engine: docker-compose.yml, the Dockerfiles and
+.dockerignore, the scripts, the systemd unit, Prometheus and Mosquitto configuration.
+
+The shell scripts run for real (with a fake `skipfleet` on PATH), and so does mosquitto: the
+compose broker's own mosquitto.conf and ACL, rewritten only for ports and paths, must let a device
+publish under its own id and refuse it under another's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import configparser
+import http.server
+import json
+import os
+import pwd
+import queue
+import re
+import shlex
+import shutil
+import socket
+import stat
+import subprocess
+import sys
+import threading
+import time
+import tomllib
+from pathlib import Path
+
+import pytest
+import yaml
+
+from tests.mqtt_broker import find_mosquitto, free_port
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = REPO / "deploy"
+COMPOSE = yaml.safe_load((REPO / "docker-compose.yml").read_text())
+SERVICES = COMPOSE["services"]
+MAKE_ACCOUNTS = DEPLOY / "mosquitto" / "make-accounts.sh"
+ENTRYPOINT = DEPLOY / "agent-entrypoint.sh"
+HEALTHCHECK = DEPLOY / "agent-healthcheck.sh"
+SHELL_SCRIPTS = sorted(DEPLOY.rglob("*.sh"))
+DOCKERFILES = {
+    "agent": DEPLOY / "agent.Dockerfile",
+    "coordinator": DEPLOY / "coordinator.Dockerfile",
+}
+SIZE_UNITS = {"": 1, "b": 1, "k": 1024, "kb": 1024, "m": 1024**2, "mb": 1024**2, "g": 1024**3}
+MIB = 1024**2
+
+
+def size_bytes(text: str | int) -> int:
+    match = re.fullmatch(r"(\d+)\s*([a-z]*)", str(text).strip().lower())
+    assert match and match[2] in SIZE_UNITS, f"cannot read size {text!r}"
+    return int(match[1]) * SIZE_UNITS[match[2]]
+
+
+def command_flags(command: list[str]) -> dict[str, str]:
+    """`--name=value` items of a compose command list."""
+    return dict(item[2:].split("=", 1) for item in command if item.startswith("--") and "=" in item)
+
+
+def run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
+    return subprocess.run(args, capture_output=True, text=True, timeout=30, **kwargs)
+
+
+def make_accounts(n: int, directory: Path) -> dict[str, str]:
+    """Run make-accounts.sh; return the device and coordinator passwords by user name."""
+    if shutil.which("mosquitto_passwd") is None:
+        pytest.fail("mosquitto_passwd is not installed: run `make system-deps`")
+    result = run(["bash", str(MAKE_ACCOUNTS), str(n), str(directory)])
+    assert result.returncode == 0, result.stderr
+    lines = (directory / "device_passwords").read_text().splitlines()
+    passwords = dict(line.split(":", 1) for line in lines)
+    passwords["coordinator"] = (directory / "coordinator_password").read_text().strip()
+    return passwords
+
+
+# -- docker-compose.yml ---------------------------------------------------------------------------
+def test_compose_has_the_five_services():
+    assert set(SERVICES) == {"mosquitto", "coordinator", "agent", "prometheus", "grafana"}
+
+
+@pytest.mark.parametrize("name", sorted(SERVICES))
+def test_every_service_has_a_healthcheck(name):
+    check = SERVICES[name]["healthcheck"]
+    assert check["test"][0] in ("CMD", "CMD-SHELL") and len(check["test"]) > 1
+    for key in ("interval", "timeout", "retries"):
+        assert key in check, f"{name}: healthcheck without {key}"
+
+
+def test_dependencies_wait_until_healthy():
+    expected = {
+        "coordinator": {"mosquitto"},
+        "agent": {"mosquitto", "coordinator"},
+        "grafana": {"prometheus"},
+    }
+    for name, service in SERVICES.items():
+        depends = service.get("depends_on", {})
+        assert set(depends) == expected.get(name, set()), name
+        for dependency, spec in depends.items():
+            assert spec == {"condition": "service_healthy"}, (name, dependency)
+            assert "healthcheck" in SERVICES[dependency]
+
+
+def test_agent_service_scales():
+    agent = SERVICES["agent"]
+    # Fixed names or host ports would collide between replicas; a fixed hostname would make every
+    # replica the same device.
+    for key in ("container_name", "ports", "hostname"):
+        assert key not in agent, key
+    replicas = agent["deploy"]["replicas"]
+    assert isinstance(replicas, int) and replicas >= 1
+
+
+def test_only_the_agent_is_built_without_extras_and_the_coordinator_with_them():
+    for name, dockerfile in DOCKERFILES.items():
+        build = SERVICES[name]["build"]
+        assert build["context"] == "."
+        assert REPO / build["dockerfile"] == dockerfile and dockerfile.is_file()
+        assert "container_name" not in SERVICES[name]
+
+
+def test_third_party_images_are_pinned():
+    for name in ("mosquitto", "prometheus", "grafana"):
+        image = SERVICES[name]["image"]
+        assert ":" in image and not image.endswith(":latest"), image
+
+
+def test_coordinator_has_shared_memory_for_ray():
+    coordinator = SERVICES["coordinator"]
+    shm = size_bytes(coordinator["shm_size"])
+    assert shm >= 256 * MIB  # Docker's default 64 MB is below Ray's minimum object store
+    store = int(coordinator["environment"]["SKIPFLEET_RAY_OBJECT_STORE_BYTES"])
+    assert 75 * MIB <= store < shm
+    assert coordinator["init"] is True  # tini reaps Ray's processes and forwards SIGTERM
+    assert "ray start --head" in (DEPLOY / "coordinator-entrypoint.sh").read_text()
+    assert command_flags(coordinator["command"])["ray-address"] == "auto"
+
+
+def test_secrets_come_from_compose_secrets_not_the_environment():
+    declared = COMPOSE["secrets"]
+    for name, spec in declared.items():
+        assert spec["file"] == f"./deploy/secrets/{name}", name
+    used = set()
+    for name, service in SERVICES.items():
+        assert "env_file" not in service, name
+        granted = set(service.get("secrets", []))
+        assert granted <= set(declared), name
+        used |= granted
+        for key, value in service.get("environment", {}).items():
+            if "PASSWORD" in key:
+                assert key.endswith("FILE") and str(value).startswith("/run/secrets/"), key
+        # Every /run/secrets/X a service refers to must be granted to it.
+        text = json.dumps(service)
+        for secret in re.findall(r"/run/secrets/(\w+)", text):
+            assert secret in granted, (name, secret)
+    assert used == set(declared)
+    conf = (DEPLOY / "mosquitto" / "mosquitto.conf").read_text()
+    (secret,) = re.findall(r"^password_file /run/secrets/(\w+)$", conf, re.M)
+    assert secret in SERVICES["mosquitto"]["secrets"]
+
+
+def test_make_accounts_writes_exactly_the_compose_secrets(tmp_path):
+    secrets = tmp_path / "secrets"
+    passwords = make_accounts(2, secrets)
+    assert {p.name for p in secrets.iterdir()} == set(COMPOSE["secrets"])
+    assert stat.S_IMODE(secrets.stat().st_mode) == 0o700
+    for path in secrets.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o444, path.name
+    hashed = dict(line.split(":", 1) for line in (secrets / "mosquitto_passwd").read_text().split())
+    assert set(hashed) == {"device-0", "device-1", "coordinator"}
+    assert all(value.startswith("$7$") for value in hashed.values())  # PBKDF2-SHA512
+    assert all(re.fullmatch(r"[A-Za-z0-9_-]{24}", pw) for pw in passwords.values())
+    # Growing the fleet keeps every existing password.
+    grown = make_accounts(3, secrets)
+    assert {k: grown[k] for k in passwords} == passwords and "device-2" in grown
+    assert run(["bash", str(MAKE_ACCOUNTS), "0", str(secrets)]).returncode == 64
+
+
+def test_state_lives_in_named_volumes():
+    declared = set(COMPOSE["volumes"])
+    used = set()
+    for name, service in SERVICES.items():
+        for volume in service.get("volumes", []):
+            source = volume.split(":")[0]
+            if source.startswith("./"):
+                assert (REPO / source).exists(), (name, source)
+            elif not source.startswith("$"):
+                used.add(source)
+    assert used == declared
+    assert "coordinator-state:/var/lib/skipfleet" in SERVICES["coordinator"]["volumes"]
+    assert "agent-state:/var/lib/skipfleet" in SERVICES["agent"]["volumes"]
+    assert any(v.endswith(":/data:ro") for v in SERVICES["agent"]["volumes"])
+
+
+def test_agent_environment_is_read_by_someone():
+    readers = ENTRYPOINT.read_text() + HEALTHCHECK.read_text()
+    readers += (REPO / "agent" / "config.py").read_text()
+    for key in SERVICES["agent"]["environment"]:
+        assert key in readers, f"{key} is set for the agent but read by nothing"
+
+
+def test_prometheus_scrapes_the_coordinator_metrics_port():
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    targets = [
+        target
+        for job in config["scrape_configs"]
+        for static in job["static_configs"]
+        for target in static["targets"]
+    ]
+    coordinator = SERVICES["coordinator"]
+    port = command_flags(coordinator["command"])["metrics-port"]
+    assert targets == [f"coordinator:{port}"]
+    assert port in coordinator["expose"]
+    assert command_flags(coordinator["command"])["metrics-addr"] == "0.0.0.0"
+    mounts = dict(v.split(":")[:2] for v in SERVICES["prometheus"]["volumes"])
+    assert mounts["./deploy/prometheus/prometheus.yml"] == "/etc/prometheus/prometheus.yml"
+
+
+def test_prometheus_config_passes_promtool():
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool is not installed: run `make system-deps`")
+    result = run([promtool, "check", "config", str(DEPLOY / "prometheus" / "prometheus.yml")])
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+def test_coordinator_command_matches_its_cli_once_it_exists():
+    cli = pytest.importorskip("coordinator.cli")
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    parser.parse_args(SERVICES["coordinator"]["command"])
+
+
+# -- images ------------------------------------------------------------------------------------
+def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
+    instructions, pending = [], ""
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.endswith("\\"):
+            pending += line[:-1] + " "
+            continue
+        keyword, _, rest = (pending + line).partition(" ")
+        instructions.append((keyword.upper(), rest.strip()))
+        pending = ""
+    return instructions
+
+
+def final_stage(path: Path) -> list[tuple[str, str]]:
+    instructions = dockerfile_instructions(path)
+    last_from = max(i for i, (keyword, _) in enumerate(instructions) if keyword == "FROM")
+    return instructions[last_from:]
+
+
+def copy_sources(path: Path) -> list[str]:
+    """Build-context sources of every COPY without --from."""
+    sources = []
+    for keyword, rest in dockerfile_instructions(path):
+        if keyword != "COPY":
+            continue
+        words = shlex.split(rest)
+        if any(word.startswith("--from=") for word in words):
+            continue
+        sources += [word for word in words if not word.startswith("--")][:-1]
+    return sources
+
+
+@pytest.mark.parametrize("name", sorted(DOCKERFILES))
+def test_dockerfile_is_multi_stage_slim_and_non_root(name):
+    instructions = dockerfile_instructions(DOCKERFILES[name])
+    froms = [rest for keyword, rest in instructions if keyword == "FROM"]
+    assert len(froms) >= 2
+    assert froms[0].endswith(" AS build")
+    assert ("ARG", "PYTHON_IMAGE=python:3.11-slim-bookworm") in instructions
+    stage = final_stage(DOCKERFILES[name])
+    assert any(k == "COPY" and "--from=build" in rest for k, rest in stage)
+    users = [rest for keyword, rest in stage if keyword == "USER"]
+    assert users and users[-1].split(":")[0] not in ("root", "0")
+    (entrypoint,) = [json.loads(rest) for keyword, rest in stage if keyword == "ENTRYPOINT"]
+    assert f"deploy/{entrypoint[0]}" in copy_sources(DOCKERFILES[name])
+
+
+def test_agent_image_installs_the_package_without_extras_and_never_ray():
+    instructions = dockerfile_instructions(DOCKERFILES["agent"])
+    installs = [
+        rest for keyword, rest in instructions if keyword == "RUN" and "pip install" in rest
+    ]
+    assert len(installs) == 1 and installs[0].endswith(" .")
+    for keyword, rest in instructions:
+        assert not re.search(r"\bray\b|\[coordinator\]|prometheus", rest, re.I), (keyword, rest)
+    assert not any(
+        source.startswith("coordinator") for source in copy_sources(DOCKERFILES["agent"])
+    )
+    # `pip install .` pulls the base dependencies only: they must stay Pi-sized.
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    names = {re.split(r"[<>=!~ \[]", dep)[0].lower() for dep in project["dependencies"]}
+    assert names == {"numpy", "paho-mqtt", "msgpack"}
+
+
+def test_coordinator_image_installs_the_coordinator_extra():
+    instructions = dockerfile_instructions(DOCKERFILES["coordinator"])
+    installs = [
+        rest for keyword, rest in instructions if keyword == "RUN" and "pip install" in rest
+    ]
+    assert len(installs) == 1 and installs[0].endswith('".[coordinator]"')
+
+
+def dockerignore_excludes(path: str, patterns: list[str]) -> bool:
+    """Docker's rule: the last pattern matching the path or one of its parent dirs decides."""
+    parts = path.split("/")
+    prefixes = ["/".join(parts[: i + 1]) for i in range(len(parts))]
+    excluded = False
+    for pattern in patterns:
+        negate = pattern.startswith("!")
+        body = pattern.lstrip("!").strip("/")
+        regex = "".join(
+            ".*"
+            if tok == "**"
+            else "[^/]*"
+            if tok == "*"
+            else "[^/]"
+            if tok == "?"
+            else re.escape(tok)
+            for tok in re.findall(r"\*\*|\*|\?|[^*?]+", body)
+        )
+        if any(re.fullmatch(regex, prefix) for prefix in prefixes):
+            excluded = not negate
+    return excluded
+
+
+def test_dockerignore_sends_what_the_images_copy_and_nothing_secret():
+    lines = (REPO / ".dockerignore").read_text().splitlines()
+    patterns = [line.strip() for line in lines if line.strip() and not line.startswith("#")]
+    for dockerfile in DOCKERFILES.values():
+        for source in copy_sources(dockerfile):
+            path = REPO / source
+            assert path.exists(), f"{dockerfile.name}: COPY {source}: not in the repository"
+            files = [path] if path.is_file() else [p for p in path.rglob("*.py") if p.is_file()]
+            assert files, source
+            for file in files:
+                relative = file.relative_to(REPO).as_posix()
+                if "__pycache__" not in relative:
+                    assert not dockerignore_excludes(relative, patterns), relative
+    for private in (
+        "deploy/secrets/device_passwords",
+        ".venv/bin/python",
+        ".git/config",
+        "tests/test_topics.py",
+        "agent/__pycache__/config.cpython-311.pyc",
+        "docker-compose.yml",
+    ):
+        assert dockerignore_excludes(private, patterns), private
+
+
+# -- scripts ---------------------------------------------------------------------------------
+@pytest.mark.parametrize("script", SHELL_SCRIPTS, ids=lambda p: p.name)
+def test_shell_script_parses_and_is_strict(script):
+    result = run(["bash", "-n", str(script)])
+    assert result.returncode == 0, result.stderr
+    text = script.read_text()
+    assert text.startswith("#!/usr/bin/env bash\n")
+    assert "set -euo pipefail" in text
+    assert os.access(script, os.X_OK), f"{script.name} is not executable"
+
+
+@pytest.fixture
+def fake_agent(tmp_path):
+    """A tmp tree for the entrypoint: 3 shards and a `skipfleet` that prints its arguments."""
+    (tmp_path / "shards").mkdir()
+    for k in range(3):
+        (tmp_path / "shards" / f"shard-{k}.npz").write_bytes(b"")
+    (tmp_path / "bin").mkdir()
+    fake = tmp_path / "bin" / "skipfleet"
+    fake.write_text('#!/usr/bin/env bash\nprintf "%s\\n" "$@"\n')
+    fake.chmod(0o755)
+    (tmp_path / "run").mkdir()
+    return tmp_path
+
+
+def run_entrypoint(root: Path, hostname: str, passwords: dict[str, str], **env: str):
+    lines = "".join(f"{user}:{password}\n" for user, password in passwords.items())
+    (root / "device_passwords").write_text(lines)
+    environment = {
+        "PATH": f"{root / 'bin'}:{os.environ['PATH']}",
+        "HOME": str(root),
+        "HOSTNAME": hostname,
+        "SKIPFLEET_SHARDS_DIR": str(root / "shards"),
+        "SKIPFLEET_BASE_MODEL": str(root / "base.npz"),
+        "SKIPFLEET_STATE_ROOT": str(root / "state"),
+        "SKIPFLEET_RUNTIME_DIR": str(root / "run"),
+        "SKIPFLEET_DEVICE_PASSWORDS_FILE": str(root / "device_passwords"),
+        **env,
+    }
+    return run(["bash", str(ENTRYPOINT), "--heartbeat-seconds", "10"], env=environment)
+
+
+def agent_args(stdout: str) -> argparse.Namespace:
+    """What the entrypoint passed to `skipfleet agent`, parsed by the agent's own CLI."""
+    from agent.config import add_arguments
+
+    words = stdout.splitlines()
+    assert words[0] == "agent"
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    return parser.parse_args(words[1:])
+
+
+@pytest.mark.parametrize(
+    ("hostname", "device_id", "shard"),
+    [
+        ("skipfleet-agent-1", "device-0", 0),  # compose v2: <project>-<service>-<n>, n from 1
+        ("skipfleet-agent-3", "device-2", 2),
+        ("skipfleet_agent_12", "device-11", 2),  # compose v1 names; 11 mod 3 shards
+        ("otherproject-agent-05", "device-4", 1),
+        ("skipfleet-agent-run-3b2c1d", "skipfleet-agent-run-3b2c1d", None),  # compose run
+        ("Pi-Kitchen_07", "pi-kitchen-07", None),
+        ("Edge.Node.LOCAL", "edge-node-local", None),
+        ("-weird--Host-", "weird--host", None),
+        ("3f2a9c1b7d4e", "3f2a9c1b7d4e", None),  # a container id Docker's DNS does not know
+        ("x" * 70, "x" * 64, None),
+    ],
+)
+def test_entrypoint_derives_a_valid_device_id_from_the_hostname(
+    fake_agent, hostname, device_id, shard
+):
+    passwords = {"device-0": "other", device_id: "s3cret-pw"}
+    result = run_entrypoint(fake_agent, hostname, passwords)
+    assert result.returncode == 0, result.stderr
+    args = agent_args(result.stdout)
+    assert re.fullmatch(r"[a-z0-9-]{1,64}", args.device_id)
+    assert args.device_id == device_id and args.username == device_id
+    assert args.state_dir == str(fake_agent / "state" / device_id)
+    assert args.base_model == str(fake_agent / "base.npz")
+    assert args.heartbeat_seconds == 10  # compose `command:` is passed on
+    chosen = re.fullmatch(r".*/shard-(\d)\.npz", args.data)
+    assert chosen and (fake_agent / "shards" / Path(args.data).name).is_file()
+    if shard is not None:
+        assert int(chosen[1]) == shard
+    else:  # a checksum of the id: stable from one start to the next
+        assert agent_args(run_entrypoint(fake_agent, hostname, passwords).stdout).data == args.data
+    # The agent gets a file holding its own password only, readable by it alone.
+    password_file = Path(args.password_file)
+    assert password_file.read_text() == "s3cret-pw\n"
+    assert stat.S_IMODE(password_file.stat().st_mode) == 0o600
+
+
+def test_entrypoint_honours_an_explicit_device_id_and_password_file(fake_agent):
+    (fake_agent / "own-password").write_text("pw\n")
+    result = run_entrypoint(
+        fake_agent,
+        "skipfleet-agent-3",
+        {},
+        SKIPFLEET_DEVICE_ID="pi-07",
+        SKIPFLEET_MQTT_PASSWORD_FILE=str(fake_agent / "own-password"),
+    )
+    assert result.returncode == 0, result.stderr
+    args = agent_args(result.stdout)
+    assert (args.device_id, args.username) == ("pi-07", "pi-07")
+    assert args.password_file == str(fake_agent / "own-password")
+
+
+@pytest.mark.parametrize(
+    ("hostname", "env", "message"),
+    [
+        ("___", {}, "no valid device id"),
+        ("skipfleet-agent-1", {"SKIPFLEET_DEVICE_ID": "Pi_07"}, "no valid device id"),
+        ("skipfleet-agent-9", {}, "no password for device-8"),
+        ("skipfleet-agent-1", {"SKIPFLEET_SHARDS_DIR": "/nonexistent"}, "no shards"),
+    ],
+)
+def test_entrypoint_refuses_what_cannot_work(fake_agent, hostname, env, message):
+    result = run_entrypoint(fake_agent, hostname, {"device-0": "pw"}, **env)
+    assert result.returncode == 64  # the agent's exit code for a bad configuration
+    assert message in result.stderr
+    assert result.stdout == ""  # the agent never started
+
+
+def test_agent_healthcheck_wants_a_fresh_health_file(tmp_path):
+    health = tmp_path / "health"
+    env = {
+        "PATH": os.environ["PATH"],
+        "SKIPFLEET_HEALTH_FILE": str(health),
+        "SKIPFLEET_HEALTH_MAX_AGE_SECONDS": "35",
+    }
+    assert run(["bash", str(HEALTHCHECK)], env=env).returncode == 1  # not written yet
+    health.write_text("ok")
+    assert run(["bash", str(HEALTHCHECK)], env=env).returncode == 0
+    old = time.time() - 60
+    os.utime(health, (old, old))
+    assert run(["bash", str(HEALTHCHECK)], env=env).returncode == 1
+    # The image sets the same file the compose healthcheck reads.
+    assert "SKIPFLEET_HEALTH_FILE=/run/skipfleet/health" in DOCKERFILES["agent"].read_text()
+    assert SERVICES["agent"]["healthcheck"]["test"] == ["CMD", "agent-healthcheck.sh"]
+    assert "deploy/agent-healthcheck.sh" in copy_sources(DOCKERFILES["agent"])
+
+
+class _Health(http.server.BaseHTTPRequestHandler):
+    status = 200
+
+    def do_GET(self):
+        self.send_response(self.status if self.path == "/health" else 404)
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.parametrize("status", [200, 503])
+def test_coordinator_healthcheck_follows_the_health_endpoint(status):
+    handler = type("Health", (_Health,), {"status": status})
+    server = http.server.HTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        cmd, python, *args = SERVICES["coordinator"]["healthcheck"]["test"]
+        assert (cmd, python) == ("CMD", "python")
+        args = [arg.replace(":8080/", f":{server.server_port}/") for arg in args]
+        result = run([sys.executable, *args])
+        assert (result.returncode == 0) == (status == 200)
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert "127.0.0.1:8080:8080" in SERVICES["coordinator"]["ports"]
+    assert command_flags(SERVICES["coordinator"]["command"])["api-port"] == "8080"
+
+
+# -- systemd ---------------------------------------------------------------------------------
+UNIT = DEPLOY / "systemd" / "skipfleet-agent.service"
+
+
+def test_systemd_unit_parses_and_runs_as_an_unprivileged_user():
+    unit = configparser.ConfigParser(interpolation=None, strict=True)
+    unit.optionxform = str  # systemd keys are case-sensitive
+    unit.read_string(UNIT.read_text())
+    service = unit["Service"]
+    assert service["User"] == "skipfleet"
+    assert service["Restart"] == "on-failure"
+    assert service["RestartSec"] and service["RestartMaxDelaySec"]
+    assert service["LoadCredential"] == "mqtt-password:/etc/skipfleet/mqtt-password"
+    assert service["StateDirectory"] == "skipfleet"
+    assert service["EnvironmentFile"] == "/etc/skipfleet/agent.env"
+    assert service["NoNewPrivileges"] == "yes"
+    assert unit["Install"]["WantedBy"] == "multi-user.target"
+    # The options ExecStart passes exist in the agent's CLI; the password never appears inline.
+    from agent.config import add_arguments
+
+    binary, command, *options = service["ExecStart"].split()
+    assert binary.endswith("/skipfleet") and command == "agent"
+    options = [o for o in options if not o.startswith("$")]
+    assert "--password-file=%d/mqtt-password" in options
+    parser = argparse.ArgumentParser()
+    add_arguments(parser)
+    parser.parse_args(options)
+
+
+def test_systemd_unit_verifies(tmp_path):
+    analyze = shutil.which("systemd-analyze")
+    if analyze is None:
+        pytest.skip("systemd-analyze is not installed")
+    # verify wants ExecStart's binary to exist: point it at one that does.
+    copy = tmp_path / UNIT.name
+    copy.write_text(UNIT.read_text().replace("/opt/skipfleet/bin/skipfleet", "/bin/true"))
+    result = run([analyze, "verify", str(copy)])
+    problems = [line for line in result.stderr.splitlines() if line.strip()]
+    # Older systemd (< 254, e.g. Debian 12's 252) does not know the backoff keys yet.
+    tolerated = re.compile(
+        r".*Unknown key '(RestartSteps|RestartMaxDelaySec)' in section \[Service\]"
+    )
+    assert all(tolerated.match(line) for line in problems), problems
+    assert result.returncode == 0
+
+
+# -- mosquitto ---------------------------------------------------------------------------------
+MOSQUITTO_DIR = DEPLOY / "mosquitto"
+
+
+def conf_sections(path: Path) -> list[list[str]]:
+    """The config's lines split at each `listener` (the first section holds the globals)."""
+    sections: list[list[str]] = [[]]
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("listener "):
+            sections.append([])
+        sections[-1].append(line)
+    return sections
+
+
+def test_mosquitto_conf_authenticates_devices_and_persists_often():
+    general, devices, probe = conf_sections(MOSQUITTO_DIR / "mosquitto.conf")
+    assert "per_listener_settings true" in general
+    assert "persistence true" in general
+    (autosave,) = [line for line in general if line.startswith("autosave_interval ")]
+    assert int(autosave.split()[1]) <= 30  # the default 1800 s loses queued commands on a crash
+    assert devices[0] == "listener 1883"
+    assert "allow_anonymous false" in devices
+    assert "password_file /run/secrets/mosquitto_passwd" in devices
+    assert "acl_file /mosquitto/config/acl" in devices
+    # The anonymous probe listener is loopback only, with an ACL of its own, and not published.
+    assert probe[0] == "listener 1880 127.0.0.1"
+    assert "allow_anonymous true" in probe and "acl_file /mosquitto/config/probe.acl" in probe
+    assert [p.split(":")[-1] for p in SERVICES["mosquitto"]["ports"]] == ["1883"]
+
+
+def acl_rules(path: Path) -> dict[str | None, list[str]]:
+    """ACL lines by user: None for `pattern` lines (every user), user names for `topic` lines."""
+    rules: dict[str | None, list[str]] = {None: []}
+    user = "<anonymous>"
+    for raw in path.read_text().splitlines():
+        line = raw.strip()
+        if not line or line.startswith("#"):
+            continue
+        if line.startswith("user "):
+            user = line.split(None, 1)[1]
+            rules.setdefault(user, [])
+        elif line.startswith("pattern "):
+            rules[None].append(line)
+        else:
+            rules.setdefault(user, []).append(line)
+    return rules
+
+
+def test_acl_confines_each_device_to_its_own_topics():
+    from shared.topics import DEFAULT_ROOT, DOWNLINK, UPLINK
+
+    rules = acl_rules(MOSQUITTO_DIR / "acl")
+    expected = {f"pattern write {DEFAULT_ROOT}/%u/{kind.value}" for kind in UPLINK}
+    assert all(kind.value.startswith("cmd/") for kind in DOWNLINK)
+    expected.add(f"pattern read {DEFAULT_ROOT}/%u/cmd/#")
+    assert set(rules[None]) == expected and len(rules[None]) == len(expected)
+    assert rules["coordinator"] == ["topic read fleet/#", "topic write fleet/+/cmd/#"]
+    assert "<anonymous>" not in rules  # no line before the first `user` grants anything to all
+    assert set(rules) == {None, "coordinator"}
+    assert acl_rules(MOSQUITTO_DIR / "probe.acl") == {
+        None: [],
+        "<anonymous>": ["topic read $SYS/broker/uptime"],
+    }
+
+
+class Mqtt:
+    """A paho-mqtt 2.x MQTTv5 client that waits for its acknowledgements."""
+
+    def __init__(self, port: int, client_id: str, username: str | None, password: str | None):
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.port = port
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
+        )
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        self.messages: queue.Queue = queue.Queue()
+        self.acks: dict[int, object] = {}
+        self.connack = None
+        self.done = threading.Condition()
+        self.client.on_connect = self._on_connect
+        self.client.on_publish = self._on_ack
+        self.client.on_subscribe = self._on_ack
+        self.client.on_message = lambda client, userdata, msg: self.messages.put(msg)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        with self.done:
+            self.connack = reason_code
+            self.done.notify_all()
+
+    def _on_ack(self, client, userdata, mid, reason_codes, properties):
+        with self.done:
+            self.acks[mid] = reason_codes
+            self.done.notify_all()
+
+    def _wait(self, ready) -> object:
+        with self.done:
+            assert self.done.wait_for(ready, timeout=5), "no answer from the broker"
+
+    def connect(self):
+        self.client.connect("127.0.0.1", self.port)
+        self.client.loop_start()
+        self._wait(lambda: self.connack is not None)
+        return self.connack
+
+    def publish(self, topic: str, payload: bytes):
+        info = self.client.publish(topic, payload, qos=1)
+        self._wait(lambda: info.mid in self.acks)
+        return self.acks[info.mid]
+
+    def subscribe(self, topic: str):
+        _, mid = self.client.subscribe(topic, qos=1)
+        self._wait(lambda: mid in self.acks)
+        (reason,) = self.acks[mid]
+        return reason
+
+    def received(self, timeout: float, count: int | None = None) -> list:
+        """Messages that arrive within `timeout` seconds (or until `count` have)."""
+        out, deadline = [], time.monotonic() + timeout
+        while len(out) != count and (left := deadline - time.monotonic()) > 0:
+            try:
+                out.append(self.messages.get(timeout=left))
+            except queue.Empty:
+                break
+        return out
+
+    def close(self):
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+def _listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+@pytest.fixture(scope="module")
+def fleet_broker(tmp_path_factory):
+    """mosquitto running deploy/mosquitto/mosquitto.conf, its container paths mapped to tmp."""
+    binary = find_mosquitto()
+    if binary is None:
+        pytest.fail("mosquitto is not installed: run `make system-deps`")
+    root = tmp_path_factory.mktemp("fleet-broker")
+    passwords = make_accounts(2, root / "secrets")
+    port, probe_port = free_port(), free_port()
+    # Container path -> host path, from the compose service itself.
+    paths = {
+        target: str(REPO / source)
+        for source, target, *_ in (v.split(":") for v in SERVICES["mosquitto"]["volumes"])
+        if source.startswith("./")
+    }
+    paths["/run/secrets/mosquitto_passwd"] = str(root / "secrets" / "mosquitto_passwd")
+    (root / "data").mkdir()
+    replacements = {
+        "listener 1883": f"listener {port} 127.0.0.1",
+        "listener 1880 127.0.0.1": f"listener {probe_port} 127.0.0.1",
+        "persistence_location /mosquitto/data/": f"persistence_location {root / 'data'}/",
+        "log_dest stdout": f"log_dest file {root / 'mosquitto.log'}",
+        "password_file /run/secrets/mosquitto_passwd": (
+            f"password_file {paths['/run/secrets/mosquitto_passwd']}"
+        ),
+        "acl_file /mosquitto/config/acl": f"acl_file {paths['/mosquitto/config/acl']}",
+        "acl_file /mosquitto/config/probe.acl": (
+            f"acl_file {paths['/mosquitto/config/probe.acl']}"
+        ),
+    }
+    lines = (MOSQUITTO_DIR / "mosquitto.conf").read_text().splitlines()
+    for old, new in replacements.items():
+        assert lines.count(old) == 1, f"mosquitto.conf: expected one line {old!r}"
+        lines[lines.index(old)] = new
+    # As root, mosquitto would switch to user `mosquitto`, who cannot read the tmp dir.
+    lines.append(f"user {pwd.getpwuid(os.getuid()).pw_name}")
+    config = root / "mosquitto.conf"
+    config.write_text("\n".join(lines) + "\n")
+    process = subprocess.Popen(
+        [binary, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 10
+    while not (_listening(port) and _listening(probe_port)):
+        if process.poll() is not None or time.monotonic() > deadline:
+            process.kill()
+            log = (root / "mosquitto.log").read_text() if (root / "mosquitto.log").exists() else ""
+            pytest.fail(f"mosquitto did not start: {process.stderr.read()!r} {log[-2000:]}")
+        time.sleep(0.05)
+    yield {"port": port, "probe_port": probe_port, "passwords": passwords}
+    process.terminate()
+    process.wait(timeout=10)
+    process.stderr.close()
+
+
+@pytest.fixture
+def clients(fleet_broker):
+    opened = []
+
+    def connect(user: str | None, *, password: str | None = None, port: int | None = None):
+        secret = password if password is not None else fleet_broker["passwords"].get(user)
+        client = Mqtt(port or fleet_broker["port"], f"{user or 'anon'}-{len(opened)}", user, secret)
+        opened.append(client)
+        return client
+
+    yield connect
+    for client in opened:
+        client.close()
+
+
+@pytest.mark.slow
+def test_broker_delivers_a_devices_own_report_and_refuses_another_devices(clients):
+    coordinator, device0 = clients("coordinator"), clients("device-0")
+    assert not coordinator.connect().is_failure
+    assert not device0.connect().is_failure
+    assert not coordinator.subscribe("fleet/+/report").is_failure
+
+    ack = device0.publish("fleet/device-0/report", b"mine")
+    assert not ack.is_failure
+    assert [m.payload for m in coordinator.received(5.0, 1)] == [b"mine"]
+
+    ack = device0.publish("fleet/device-1/report", b"forged")
+    assert ack.is_failure and str(ack) == "Not authorized"
+    assert coordinator.received(0.5) == []
+
+
+@pytest.mark.slow
+def test_broker_keeps_each_devices_commands_to_itself(clients):
+    coordinator, device0, device1 = clients("coordinator"), clients("device-0"), clients("device-1")
+    for client in (coordinator, device0, device1):
+        assert not client.connect().is_failure
+    assert not device0.subscribe("fleet/device-0/cmd/#").is_failure
+    assert not device1.subscribe("fleet/device-1/cmd/#").is_failure
+    # device-0 may not read device-1's commands. Mosquitto 2.0 grants the subscription itself and
+    # applies the read ACL on delivery: nothing of device-1's ever reaches device-0.
+    device0.subscribe("fleet/device-1/cmd/#")
+    assert not coordinator.publish("fleet/device-1/cmd/job", b"job for 1").is_failure
+    assert not coordinator.publish("fleet/device-0/cmd/job", b"job for 0").is_failure
+    assert [m.payload for m in device1.received(5.0, 1)] == [b"job for 1"]
+    assert [(m.topic, m.payload) for m in device0.received(0.5, 2)] == [
+        ("fleet/device-0/cmd/job", b"job for 0")
+    ]
+    # Nobody forges the other side: devices send no commands, the coordinator sends no reports.
+    assert str(device0.publish("fleet/device-0/cmd/job", b"x")) == "Not authorized"
+    assert str(coordinator.publish("fleet/device-0/report", b"x")) == "Not authorized"
+
+
+@pytest.mark.slow
+def test_broker_refuses_bad_credentials(clients):
+    assert clients("device-0", password="wrong").connect().is_failure
+    assert clients(None).connect().is_failure  # anonymous, on the device listener
+
+
+@pytest.mark.slow
+def test_broker_healthcheck_uses_the_read_only_probe_listener(fleet_broker, clients):
+    cmd, *probe = SERVICES["mosquitto"]["healthcheck"]["test"]
+    assert cmd == "CMD"
+    probe = [arg.replace("$$", "$") for arg in probe]  # compose's escape for a literal $
+    probe[probe.index("-p") + 1] = str(fleet_broker["probe_port"])
+    result = run(probe)
+    assert result.returncode == 0, result.stderr
+    anonymous = clients(None, port=fleet_broker["probe_port"])
+    assert not anonymous.connect().is_failure
+    assert str(anonymous.publish("fleet/device-0/report", b"x")) == "Not authorized"
