@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "coordinator": ("coordinator.cli", "run the fleet coordinator (Ray, MQTT, API, metrics)"),
     "status": ("coordinator.status_cli", "print the fleet as a table from the coordinator's API"),
     "simulate": ("skipfleet.simulate", "run a simulated fleet end to end on this machine"),
+    "prepare": ("skipfleet.prepare", "write a fleet's base model and device data shards"),
     "fleet": ("skipfleet.fleet.cli", "drive a running fleet: list devices, scale, inject faults"),
 }
 

@@ -190,7 +190,7 @@ def test_state_lives_in_named_volumes():
     assert used == declared
     assert "coordinator-state:/var/lib/skipfleet" in SERVICES["coordinator"]["volumes"]
     assert "agent-state:/var/lib/skipfleet" in SERVICES["agent"]["volumes"]
-    assert any(v.endswith(":/data:ro") for v in SERVICES["agent"]["volumes"])
+    assert any(v.endswith(":/data/fleet:ro") for v in SERVICES["agent"]["volumes"])
 
 
 def test_agent_environment_is_read_by_someone():

@@ -50,3 +50,20 @@ def test_scenario_refuses_bad_requests(tmp_path, data_dir):
         build_scenario("mnist", 2, data_dir, tmp_path, drift=False)
     with pytest.raises(ValueError, match="at least one"):
         build_scenario("fan", 0, data_dir, tmp_path, drift=False)
+
+
+def test_prepare_writes_the_compose_layout(tmp_path, data_dir):
+    import json
+
+    from skipfleet.cli import main
+
+    out = tmp_path / "fleet"
+    argv = ["prepare", "--dataset", "fan", "--devices", "3", "--out", str(out),
+            "--data-dir", str(data_dir)]  # fmt: skip
+    assert main(argv) == 0
+    manifest = json.loads((out / "manifest.json").read_text())
+    model = BaseModel.load(out / "base.npz")
+    assert manifest["base_model_hash"] == model.weights_hash
+    assert [s["shard"] for s in manifest["shards"]] == [0, 1, 2]
+    for k in range(3):
+        assert len(load_device_data(out / "shards" / f"shard-{k}.npz", model.n_classes)) > 50
