@@ -132,6 +132,16 @@ class AdapterStore:
             self._current = self._load_slot(slot)
             return self._current
 
+    def clear(self) -> StoredAdapter | None:
+        """Run the base model alone; the adapter running until now (returned) becomes `previous`."""
+        with self._lock:
+            running = self._pointer.get("current")
+            if running is None:
+                return None
+            self._set_pointer({"current": None, "previous": running})
+            stopped, self._current = self._current, None
+            return stopped
+
     def rollback(self) -> StoredAdapter:
         """Swap current and previous: a second rollback undoes the first."""
         with self._lock:

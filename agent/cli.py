@@ -1,5 +1,7 @@
 """`skipfleet agent`: run the device agent for one device until SIGTERM/SIGINT.
 
+SIGUSR1 switches a simulated device to its drifted data (see agent.simulation).
+
     skipfleet agent --device-id pi-07 --broker mqtt://broker:1883 \\
         --data /var/lib/skipfleet/device.npz --base-model /opt/skipfleet/base.npz \\
         --state-dir /var/lib/skipfleet/state
@@ -41,13 +43,19 @@ def main(args: argparse.Namespace) -> int:
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",
         stream=sys.stderr,
     )
+    early_drift = []  # SIGUSR1 while loading: kept for later instead of killing the process
+    before = signal.signal(signal.SIGUSR1, lambda signum, frame: early_drift.append(signum))
     try:
         agent = Agent(from_args(args, os.environ))
     except FatalError as err:
+        signal.signal(signal.SIGUSR1, before)
         print(f"skipfleet agent: {err}", file=sys.stderr)
         return int(err.exit_code)
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: agent.request_stop())
+    signal.signal(signal.SIGUSR1, lambda signum, frame: agent.request_drift())
+    if early_drift:
+        agent.request_drift()
     try:
         return int(agent.run())
     except Exception:

@@ -31,7 +31,10 @@ ENV_DEVICE_ID = "SKIPFLEET_DEVICE_ID"
 ENV_BROKER = "SKIPFLEET_BROKER"
 ENV_USERNAME = "SKIPFLEET_MQTT_USERNAME"
 ENV_PASSWORD = "SKIPFLEET_MQTT_PASSWORD"
-ENV_DATA = "SKIPFLEET_DATA_DIR"
+ENV_PASSWORD_FILE = "SKIPFLEET_MQTT_PASSWORD_FILE"
+# The device's own data. (SKIPFLEET_DATA_DIR names the folder of the public data sets that
+# the rest of the product reads; the agent never looks at it.)
+ENV_DATA = "SKIPFLEET_DEVICE_DATA"
 ENV_BASE_MODEL = "SKIPFLEET_BASE_MODEL"
 ENV_STATE_DIR = "SKIPFLEET_STATE_DIR"
 
@@ -86,6 +89,10 @@ class AgentConfig:
     ina219: Ina219Config | None = None
     spool_max_messages: int = 10_000
     max_queued_jobs: int = 4
+    stream_rows: int = 8  # rows of its data the simulated sensor "observes" per heartbeat
+    drift_at_seconds: float | None = None  # switch to the drifted data this long after start
+    desired_retry_seconds: float = 30.0  # first wait for a desired adapter, doubled per fetch
+    desired_max_fetches: int = 5
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -104,6 +111,17 @@ class AgentConfig:
         _check(COHORT_PATTERN.match(self.cohort), f"cohort {self.cohort!r}: [A-Za-z0-9_.:+-]")
         _check(self.fetch_timeout_seconds > 0, "--fetch-timeout-seconds must be > 0")
         _check(self.max_queued_jobs >= 1, "--max-queued-jobs must be >= 1")
+        _check(self.stream_rows >= 0, "--stream-rows must be >= 0")
+        _check(
+            self.drift_at_seconds is None
+            or (math.isfinite(self.drift_at_seconds) and self.drift_at_seconds >= 0),
+            "--drift-at must be >= 0 seconds",
+        )
+        _check(
+            math.isfinite(self.desired_retry_seconds) and self.desired_retry_seconds > 0,
+            "--desired-retry-seconds must be > 0",
+        )
+        _check(self.desired_max_fetches >= 1, "--desired-max-fetches must be >= 1")
         _check(
             self.mqtt.tls_ca is None or Path(self.mqtt.tls_ca).is_file(),
             f"--tls-ca {self.mqtt.tls_ca}: no such file",
@@ -148,6 +166,10 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> AgentConf
         ina219=Ina219Config.parse(args.ina219) if args.ina219 else None,
         spool_max_messages=args.spool_max_messages,
         max_queued_jobs=args.max_queued_jobs,
+        stream_rows=args.stream_rows,
+        drift_at_seconds=args.drift_at,
+        desired_retry_seconds=args.desired_retry_seconds,
+        desired_max_fetches=args.desired_max_fetches,
         log_level=args.log_level.upper(),
     )
 
@@ -183,14 +205,29 @@ def _required_path(value: str | None, env_value: str | None, flag: str, env: str
 
 
 def _password(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
-    # A password on the command line is visible in `ps`; the file (compose secrets) or the
+    """Command line before environment; within each, a file before a literal password."""
+    # A password on the command line is visible in `ps`; a file (compose secrets) or the
     # environment are the better places, the flag is kept for quick local runs.
     if args.password_file:
-        try:
-            return Path(args.password_file).read_text().strip()
-        except OSError as err:
-            raise ConfigError(f"--password-file {args.password_file}: {err.strerror}") from None
-    return args.password or environ.get(ENV_PASSWORD)
+        return _read_password(args.password_file, "--password-file")
+    if args.password:
+        return args.password
+    if environ.get(ENV_PASSWORD_FILE):
+        return _read_password(environ[ENV_PASSWORD_FILE], ENV_PASSWORD_FILE)
+    return environ.get(ENV_PASSWORD)
+
+
+def _read_password(path: str, source: str) -> str:
+    try:
+        password = Path(path).read_text().strip()
+    except OSError as err:
+        why = err.strerror or str(err)
+        raise ConfigError(f"{source} {path}: cannot read the MQTT password: {why}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{source} {path}: the MQTT password file is not UTF-8 text") from None
+    if not password:
+        raise ConfigError(f"{source} {path}: the MQTT password file is empty")
+    return password
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -200,7 +237,10 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--broker", help=f"mqtt://host:port or mqtts://host:port (TLS); default ${ENV_BROKER}")
     add("--username", help=f"MQTT user name; default ${ENV_USERNAME}")
     add("--password", help=f"MQTT password (visible in ps: prefer ${ENV_PASSWORD} or a file)")
-    add("--password-file", help="read the MQTT password from this file (compose secrets)")
+    add(
+        "--password-file",
+        help=f"read the MQTT password from this file (compose secrets); ${ENV_PASSWORD_FILE}",
+    )
     add("--tls-ca", help="CA certificate file for a TLS broker (mqtts://)")
     add(
         "--mqtt-version",
@@ -254,6 +294,31 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         type=float,
         default=60.0,
         help="how long an apply/evaluate job waits for a fetched adapter",
+    )
+    add(
+        "--desired-retry-seconds",
+        type=float,
+        default=30.0,
+        help="desired-state reconcile: first wait for the adapter asked for, doubled (jittered) "
+        "per new request",
+    )
+    add(
+        "--desired-max-fetches",
+        type=int,
+        default=5,
+        help="desired-state reconcile: fetch requests per desired pointer before giving up",
+    )
+    add(
+        "--stream-rows",
+        type=int,
+        default=8,
+        help="simulated sensor: rows of the device data observed per heartbeat (0: off)",
+    )
+    add(
+        "--drift-at",
+        type=float,
+        metavar="SECONDS",
+        help="switch to the drifted data (X_drift, y_drift) this long after start (also SIGUSR1)",
     )
     add(
         "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper

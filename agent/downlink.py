@@ -1,7 +1,8 @@
 """Commands from the coordinator: decoded, checked, and handed over without blocking.
 
 Runs on paho's network thread, so it only decodes and queues: jobs go to the job runner,
-adapter publications (possibly chunked) to the adapter inbox. A job command that cannot be
+adapter publications (possibly chunked) to the adapter inbox, desired-state pointers to the
+reconciler (agent.reconcile). A job command that cannot be
 accepted is answered with a REJECTED status whenever its job id can be read, so the
 coordinator learns why instead of waiting for a timeout.
 """
@@ -9,6 +10,7 @@ coordinator learns why instead of waiting for a timeout.
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
 
 from agent.adapter_inbox import AdapterInbox
 from agent.jobs import JobRunner
@@ -34,14 +36,15 @@ class Downlink:
         *,
         runner: JobRunner,
         inbox: AdapterInbox,
+        on_desired: Callable[[DesiredState], None] = lambda desired: None,
         reassembler: Reassembler | None = None,
     ):
         self._device_id = device_id
         self._topics = topics
         self._runner = runner
         self._inbox = inbox
+        self._on_desired = on_desired
         self._reassembler = reassembler or Reassembler(max_in_flight=4)
-        self.desired: DesiredState | None = None
         self.dropped = 0  # undecodable commands without a readable job id
 
     def handle(self, topic: str, payload: bytes) -> None:
@@ -84,6 +87,5 @@ class Downlink:
             log.info("adapter version %d received", message.version)
             self._inbox.put(message)
         elif isinstance(message, DesiredState):
-            # Recorded and logged; the coordinator moves the device with an apply_adapter job.
-            self.desired = message
             log.info("coordinator desires adapter version %s", message.adapter_version)
+            self._on_desired(message)

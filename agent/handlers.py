@@ -2,6 +2,7 @@
 
 A handler raises JobRejected when the job cannot be run as asked (nothing changed on the device)
 and JobFailed when it ran and did not succeed; what it returns goes into the SUCCEEDED status.
+Each takes the device's current data phase once, at its start (see agent.local_data).
 """
 
 from __future__ import annotations
@@ -16,6 +17,7 @@ from agent.adapter_inbox import AdapterInbox
 from agent.adapter_store import AdapterSource, AdapterStore, NothingToRollBack
 from agent.jobs import Handler, JobContext, JobFailed, JobOutcome, JobRejected
 from agent.learner import MIN_TRAIN_SAMPLES, InvalidMethod, Learner
+from agent.local_data import LocalData
 from agent.meters import EnergyMeter, EnergyWindow, source_label
 from agent.spool import SpoolFull
 from agent.trainer.adapter import Adapter
@@ -44,7 +46,7 @@ class Versioned:
 class JobHandlers:
     def __init__(
         self,
-        learner: Learner,
+        data: LocalData,
         store: AdapterStore,
         inbox: AdapterInbox,
         uplink: Uplink,
@@ -52,7 +54,7 @@ class JobHandlers:
         *,
         fetch_timeout_seconds: float = 60.0,
     ):
-        self._learner = learner
+        self._data = data
         self._store = store
         self._inbox = inbox
         self._uplink = uplink
@@ -70,25 +72,29 @@ class JobHandlers:
 
     @property
     def base_model_hash(self) -> str:
-        return self._learner.model.weights_hash
+        return self._data.model.weights_hash
+
+    def _learner(self) -> Learner:
+        return self._data.current().learner
 
     # -- fine-tune ------------------------------------------------------------------------
     def finetune(self, job: Job, ctx: JobContext) -> JobOutcome:
         params = job.params
-        if len(self._learner.train) < MIN_TRAIN_SAMPLES:
+        learner = self._learner()  # a drift switch from now on applies to the next job
+        if len(learner.train) < MIN_TRAIN_SAMPLES:
             raise JobRejected(JobReason.INSUFFICIENT_DATA, "too few training rows")
         current = self._store.current
-        start = self._checked(current.arrays if current else None)
-        before = self._learner.holdout_accuracy(start)
+        start = self._checked(learner, current.arrays if current else None)
+        before = learner.holdout_accuracy(start)
         with EnergyWindow(self._meter) as energy:
             try:
-                result = self._learner.finetune(
+                result = learner.finetune(
                     params, start=start, cancel=ctx.cancel, progress=ctx.progress
                 )
             except InvalidMethod as err:
                 raise JobRejected(JobReason.INVALID_PARAMS, str(err)) from None
         self.last_cache_bytes = result.cache_bytes
-        after = self._learner.holdout_accuracy(result.adapter)
+        after = learner.holdout_accuracy(result.adapter)
         metrics = ReportMetrics(
             accuracy_before=before,
             accuracy_after=after,
@@ -136,6 +142,7 @@ class JobHandlers:
 
     # -- evaluate, apply, roll back --------------------------------------------------------------
     def evaluate(self, job: Job, ctx: JobContext) -> JobOutcome:
+        learner = self._learner()
         wanted = job.params.adapter_version
         if wanted is None:
             current = self._store.current
@@ -144,22 +151,23 @@ class JobHandlers:
             )
         else:
             chosen = self._obtain(wanted, ctx)
-        accuracy = self._learner.holdout_accuracy(self._checked(chosen.arrays))
+        accuracy = learner.holdout_accuracy(self._checked(learner, chosen.arrays))
         return JobOutcome(
             {
                 "accuracy": accuracy,
                 "adapter_version": chosen.version,
-                "holdout_samples": len(self._learner.holdout),
+                "holdout_samples": len(learner.holdout),
             }
         )
 
     def apply_adapter(self, job: Job, ctx: JobContext) -> JobOutcome:
+        learner = self._learner()
         wanted = job.params.adapter_version
         current = self._store.current
         if current is not None and current.meta.version == wanted:
             return JobOutcome({"adapter_version": wanted, "already_running": True})
         chosen = self._obtain(wanted, ctx)
-        adapter = self._checked(chosen.arrays)
+        adapter = self._checked(learner, chosen.arrays)
         self._store.install(
             chosen.arrays,
             version=wanted,
@@ -168,15 +176,16 @@ class JobHandlers:
             details={"job_id": job.job_id},
         )
         return JobOutcome(
-            {"adapter_version": wanted, "accuracy": self._learner.holdout_accuracy(adapter)}
+            {"adapter_version": wanted, "accuracy": learner.holdout_accuracy(adapter)}
         )
 
     def rollback_adapter(self, job: Job, ctx: JobContext) -> JobOutcome:
+        learner = self._learner()
         try:
             restored = self._store.rollback()
         except NothingToRollBack as err:
             raise JobRejected(JobReason.ADAPTER_UNAVAILABLE, str(err)) from None
-        accuracy = self._learner.holdout_accuracy(self._checked(restored.arrays))
+        accuracy = learner.holdout_accuracy(self._checked(learner, restored.arrays))
         return JobOutcome(
             {
                 "adapter_version": restored.meta.version,
@@ -212,9 +221,10 @@ class JobHandlers:
                 f"adapter {publication.version} is for base model {publication.base_model_hash}",
             )
 
-    def _checked(self, arrays: Mapping[str, np.ndarray] | None) -> Adapter | None:
+    @staticmethod
+    def _checked(learner: Learner, arrays: Mapping[str, np.ndarray] | None) -> Adapter | None:
         try:
-            return self._learner.adapter(arrays)
+            return learner.adapter(arrays)
         except AdapterError as err:
             raise JobRejected(
                 JobReason.MALFORMED, f"adapter does not fit the model: {err}"

@@ -5,7 +5,11 @@ Life cycle as the device sees it (it may set only IN_PROGRESS, SUCCEEDED, FAILED
            -> queued (no status: QUEUED is the coordinator's) -> IN_PROGRESS
            -> SUCCEEDED | FAILED (error, or cancelled while running) | REJECTED (refused by the
               handler, e.g. adapter for another base model; or cancelled/expired while queued)
+A CANCEL job is carried out in `submit` (waiting in the queue behind its target would defeat
+it): SUCCEEDED at once, or REJECTED `nothing_to_cancel`.
 Accepted job ids are persisted (`JobHistory`) so a restart neither re-runs nor forgets them.
+Tasks given to `run_between_jobs` (adapter changes of the desired-state reconciler) run on the
+worker thread too, before the next job, so they never overlap a job that reads the adapter.
 """
 
 from __future__ import annotations
@@ -15,13 +19,14 @@ import logging
 import threading
 import time
 from collections.abc import Callable, Mapping
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 from enum import Enum
 
 from agent.job_history import JobHistory
 from shared.protocol.checks import Scalar
 from shared.protocol.enums import TERMINAL_STATES, JobKind, JobReason, JobState
-from shared.protocol.messages import Job, JobStatus
+from shared.protocol.messages import CancelParams, Job, JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -93,22 +98,28 @@ class JobRunner:
         self._clock = clock
         self._lock = threading.Condition()
         self._queue: collections.deque[Job] = collections.deque()
+        self._tasks: collections.deque[tuple[Callable[[], object], Future]] = collections.deque()
         self._running: tuple[Job, threading.Event] | None = None
         self._stopping = False
         self._thread: threading.Thread | None = None
 
     # -- called from the transport's thread: quick, never blocks on a job ----------------
     def submit(self, job: Job) -> JobStatus | None:
-        """Queue a job, or reject it at once; returns the REJECTED status if it was rejected."""
+        """Queue a job, or reject it at once; a CANCEL is carried out at once.
+
+        Returns the status sent at once (a rejection, or the cancel's outcome), None if queued.
+        """
         with self._lock:
             rejection = self._admission_check(job)
-            if rejection is None:
+            if rejection is None and job.kind is not JobKind.CANCEL:
                 self._history.record(job.job_id, job.expires_at, JobState.QUEUED)
                 self._queue.append(job)
                 self._lock.notify()
                 return None
-        self._emit(rejection)
-        return rejection
+        if rejection is not None:
+            self._emit(rejection)
+            return rejection
+        return self._carry_out_cancel(job)
 
     def _admission_check(self, job: Job) -> JobStatus | None:
         """The REJECTED status this job gets on arrival, or None to queue it."""
@@ -118,7 +129,7 @@ class JobRunner:
                 job.job_id, JobState.REJECTED, reason_code=code, reason=why, detail=detail
             )
 
-        if job.kind not in self._handlers:
+        if job.kind not in self._handlers and job.kind is not JobKind.CANCEL:
             return rejected(JobReason.UNKNOWN_KIND, f"this agent does not run {job.kind} jobs")
         if job.is_expired(self._clock()):
             return rejected(JobReason.EXPIRED, f"job expired at {job.expires_at:.0f}")
@@ -133,7 +144,7 @@ class JobRunner:
                 JobReason.BASE_MODEL_MISMATCH,
                 f"job is for base model {job.base_model_hash}, device runs {self._base_model_hash}",
             )
-        if len(self._queue) >= self._max_queued:
+        if job.kind is not JobKind.CANCEL and len(self._queue) >= self._max_queued:
             return rejected(JobReason.BUSY, f"{len(self._queue)} jobs already queued")
         return None
 
@@ -146,6 +157,8 @@ class JobRunner:
     def cancel(self, job_id: str) -> CancelResult:
         with self._lock:
             if self._running is not None and self._running[0].job_id == job_id:
+                if self._finished(job_id):  # its handler returned a moment ago
+                    return CancelResult.NOT_FOUND
                 self._running[1].set()
                 return CancelResult.CANCELLING_RUNNING
             for job in self._queue:
@@ -156,6 +169,44 @@ class JobRunner:
                 return CancelResult.NOT_FOUND
         self._finish(job, JobState.REJECTED, JobReason.CANCELED, "cancelled before it started")
         return CancelResult.REMOVED_FROM_QUEUE
+
+    def _finished(self, job_id: str) -> bool:
+        record = self._history.get(job_id)
+        return record is not None and record.state in TERMINAL_STATES
+
+    def _carry_out_cancel(self, job: Job) -> JobStatus:
+        assert isinstance(job.params, CancelParams)
+        target = job.params.target_job_id
+        result = self.cancel(target)
+        if result is CancelResult.NOT_FOUND:
+            record = self._history.get(target)
+            state = "unknown" if record is None else record.state.value
+            why = f"no job {target} here" if record is None else f"job {target} ended: {state}"
+            return self._finish(
+                job,
+                JobState.REJECTED,
+                JobReason.NOTHING_TO_CANCEL,
+                why,
+                {"target_job_id": target, "target_state": state},
+            )
+        # A queued target's REJECTED went out already; a running one's FAILED `canceled`
+        # follows when its handler next looks at the flag (between two training batches).
+        return self._finish(
+            job, JobState.SUCCEEDED, detail={"target_job_id": target, "result": result.value}
+        )
+
+    def run_between_jobs(self, task: Callable[[], object]) -> Future:
+        """Run `task` on the worker thread before the next queued job; its Future has the result.
+
+        Cancelled (never run) if the runner stops first."""
+        future: Future = Future()
+        with self._lock:
+            if self._stopping:
+                future.cancel()
+                return future
+            self._tasks.append((task, future))
+            self._lock.notify()
+        return future
 
     @property
     def busy_job_id(self) -> str | None:
@@ -174,7 +225,10 @@ class JobRunner:
             self._stopping = True
             if self._running is not None:
                 self._running[1].set()
+            tasks, self._tasks = list(self._tasks), collections.deque()
             self._lock.notify_all()
+        for _, future in tasks:
+            future.cancel()
         if self._thread is not None:
             self._thread.join(timeout)
 
@@ -194,13 +248,18 @@ class JobRunner:
     def _work(self) -> None:
         while True:
             with self._lock:
-                while not self._queue and not self._stopping:
+                while not self._queue and not self._tasks and not self._stopping:
                     self._lock.wait()
                 if self._stopping:
                     return
-                job = self._queue.popleft()
-                cancel = threading.Event()
-                self._running = (job, cancel)
+                task = self._tasks.popleft() if self._tasks else None
+                if task is None:
+                    job = self._queue.popleft()
+                    cancel = threading.Event()
+                    self._running = (job, cancel)
+            if task is not None:
+                _run_task(*task)
+                continue
             try:
                 self._run_one(job, cancel)
             except Exception:  # a failing emit must not kill the worker
@@ -241,19 +300,18 @@ class JobRunner:
         reason_code: JobReason | None = None,
         reason: str | None = None,
         detail: Mapping[str, Scalar] | None = None,
-    ) -> None:
+    ) -> JobStatus:
         assert state in TERMINAL_STATES
         self._history.record(job.job_id, job.expires_at, state)
-        self._emit(
-            JobStatus(
-                job.job_id,
-                state,
-                progress=1.0,
-                reason=None if reason is None else clip(reason),
-                reason_code=reason_code,
-                detail=dict(detail or {}),
-            )
+        status = JobStatus(
+            job.job_id,
+            state,
+            progress=1.0,
+            reason=None if reason is None else clip(reason),
+            reason_code=reason_code,
+            detail=dict(detail or {}),
         )
+        self._emit(status)
         log.info(
             "job %s (%s): %s%s",
             job.job_id,
@@ -261,6 +319,7 @@ class JobRunner:
             state.value,
             f" ({reason_code.value}: {reason})" if reason_code else "",
         )
+        return status
 
     def _progress_reporter(self, job: Job) -> Callable[[float], None]:
         last = [self._clock()]
@@ -275,3 +334,12 @@ class JobRunner:
             )
 
         return report
+
+
+def _run_task(task: Callable[[], object], future: Future) -> None:
+    if not future.set_running_or_notify_cancel():
+        return
+    try:
+        future.set_result(task())
+    except Exception as err:  # the caller decides what a failed task means
+        future.set_exception(err)

@@ -126,10 +126,12 @@ class IntegratingMeter:
         source: PowerSource,
         scope: Scope,
         description: str,
+        chip: str | None = None,  # the sensor chip a driver names, e.g. "ina226"
         interval_seconds: float = 0.2,
         clock: Callable[[], float] = time.monotonic,
     ):
         self.source, self.scope, self.description = source, scope, description
+        self.chip = chip
         self._read_watts = read_watts
         self._interval = interval_seconds
         self._clock = clock
@@ -238,12 +240,16 @@ class EnergyWindow:
 
 
 def source_label(meter: EnergyMeter) -> str:
-    """The name reports and heartbeats carry: ina219, rapl, hwmon or model:<profile>."""
+    """The name reports and heartbeats carry: ina219 (raw I2C), rapl, hwmon, hwmon:<chip> (an
+    INA2xx behind the Linux hwmon driver, e.g. hwmon:ina226) or model:<profile>."""
     if isinstance(meter, ModelMeter):
         return f"model:{meter.profile.name}"
+    chip = getattr(meter, "chip", None)
+    if meter.source is PowerSource.INA2XX_HWMON and chip:
+        return f"hwmon:{chip}"
     return {
         PowerSource.INA219_I2C: "ina219",
-        PowerSource.INA2XX_HWMON: "ina219" if "ina219" in meter.description else "hwmon",
+        PowerSource.INA2XX_HWMON: "hwmon",
         PowerSource.RAPL: "rapl",
         PowerSource.HWMON: "hwmon",
     }[meter.source]

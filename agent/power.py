@@ -138,6 +138,7 @@ def _ina2xx_hwmon(
             source=PowerSource.INA2XX_HWMON,
             scope=Scope.BOARD,
             description=f"{name} hwmon {sensor}",
+            chip=name,  # one of INA2XX_DRIVER_NAMES: fits the wire's power-source pattern
         )
     return None
 

@@ -21,14 +21,16 @@ from agent.errors import ExitCode, FatalError
 from agent.handlers import JobHandlers
 from agent.job_history import JobHistory
 from agent.jobs import JobRunner
-from agent.learner import Learner
+from agent.local_data import LocalData
 from agent.meters import EnergyMeter
 from agent.outbox import Outbox
+from agent.reconcile import FetchPolicy, Reconciler
+from agent.simulation import DriftTrigger, SensorStream
 from agent.spool import Spool
 from agent.startup import (
     PresenceFactory,
     detect_meter,
-    load_learner,
+    load_data,
     open_spool,
     prepare_state_dir,
     status_sender,
@@ -50,15 +52,18 @@ SHUTDOWN_FLUSH_SECONDS = 3.0  # time given to deliver the last statuses before d
 class Parts:
     """The agent's components, for wiring and for tests that look inside."""
 
-    learner: Learner
+    data: LocalData
     spool: Spool
     store: AdapterStore
     meter: EnergyMeter
     uplink: Uplink
     outbox: Outbox
     runner: JobRunner
+    reconciler: Reconciler
     downlink: Downlink
     telemetry: Telemetry
+    stream: SensorStream
+    drift: DriftTrigger
     presence: PresenceFactory
     transport: Transport
 
@@ -73,9 +78,10 @@ class Agent:
     def _build(self) -> Parts:
         c = self.config
         state = prepare_state_dir(c.state_dir)
-        data, learner = load_learner(c)
+        data = load_data(c)
+        model = data.model
         spool = open_spool(state, c.spool_max_messages)
-        store = AdapterStore(state / "adapters", learner.model.weights_hash)
+        store = AdapterStore(state / "adapters", model.weights_hash)
         meter = detect_meter(c)
         topics = Topics(c.topic_root)
         # The outbox publishes through the transport, built last; the lambda binds it late.
@@ -83,24 +89,41 @@ class Agent:
         uplink = Uplink(c.device_id, topics, spool, boot_id=new_boot_id(), on_spooled=outbox.notify)
         inbox = AdapterInbox()
         handlers = JobHandlers(
-            learner, store, inbox, uplink, meter, fetch_timeout_seconds=c.fetch_timeout_seconds
+            data, store, inbox, uplink, meter, fetch_timeout_seconds=c.fetch_timeout_seconds
         )
         runner = JobRunner(
             handlers.table(),
             status_sender(uplink),
             JobHistory(state / "jobs.json"),
-            base_model_hash=learner.model.weights_hash,
+            base_model_hash=model.weights_hash,
             max_queued=c.max_queued_jobs,
         )
-        downlink = Downlink(c.device_id, topics, runner=runner, inbox=inbox)
-        recent = RecentInputs(DRIFT_WINDOW_ROWS, learner.model.n_inputs)
-        recent.add(data.X)  # rows are in time order: the window keeps the latest
+        reconciler = Reconciler(
+            data=data,
+            store=store,
+            inbox=inbox,
+            send_fetch=uplink.send,
+            between_jobs=runner.run_between_jobs,
+            policy=FetchPolicy(c.desired_retry_seconds, c.desired_max_fetches),
+        )
+        downlink = Downlink(
+            c.device_id, topics, runner=runner, inbox=inbox, on_desired=reconciler.offer
+        )
+        recent = RecentInputs(DRIFT_WINDOW_ROWS, model.n_inputs)
+        recent.add(data.current().stream)  # rows are in time order: the window keeps the latest
         telemetry = Telemetry(
             TelemetrySources(
-                meter, spool, runner, store, learner, recent, lambda: handlers.last_cache_bytes
+                meter,
+                spool,
+                runner,
+                store,
+                data.current().learner,
+                recent,
+                lambda: handlers.last_cache_bytes,
+                drifted=lambda: data.current().drifted,
             )
         )
-        presence = PresenceFactory(c, learner.model.weights_hash, meter, uplink)
+        presence = PresenceFactory(c, model.weights_hash, meter, uplink)
         status_topic = topics.status(c.device_id)
         transport = Transport(
             c.mqtt,
@@ -114,15 +137,18 @@ class Agent:
             on_fatal=self._fail,
         )
         return Parts(
-            learner,
+            data,
             spool,
             store,
             meter,
             uplink,
             outbox,
             runner,
+            reconciler,
             downlink,
             telemetry,
+            SensorStream(data, recent, c.stream_rows),
+            DriftTrigger(data, c.drift_at_seconds),
             presence,
             transport,
         )
@@ -140,12 +166,20 @@ class Agent:
         """Safe from a signal handler: only sets an event."""
         self._stop.set()
 
+    def request_drift(self) -> None:
+        """Switch to the drifted data (SIGUSR1). Safe from a signal handler: sets an event."""
+        self.parts.drift.request()
+
     def run(self) -> ExitCode:
         p = self.parts
-        heartbeats = HeartbeatLoop(p.telemetry, p.uplink.send, self.config.heartbeat_seconds)
+        heartbeats = HeartbeatLoop(
+            p.telemetry, p.uplink.send, self.config.heartbeat_seconds, observe=p.stream.step
+        )
         p.meter.start()
         p.outbox.start()
         p.runner.start()
+        p.reconciler.start()
+        p.drift.start()
         p.transport.start()
         heartbeats.start()
         log.info("agent %s running (boot %s)", self.config.device_id, self.boot_id)
@@ -159,6 +193,8 @@ class Agent:
         p = self.parts
         log.info("stopping")
         heartbeats.stop()
+        p.drift.stop()
+        p.reconciler.stop()
         p.runner.stop()  # cancels a running fine-tune; its FAILED status goes to the spool
         self._flush(SHUTDOWN_FLUSH_SECONDS)
         p.transport.stop(p.presence(PresenceState.OFFLINE))

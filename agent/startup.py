@@ -13,9 +13,9 @@ from collections.abc import Callable
 from pathlib import Path
 
 from agent.config import AgentConfig
-from agent.data.dataset import Dataset
-from agent.errors import StateDirUnusable
-from agent.learner import Learner, load_base_model, load_split
+from agent.errors import ConfigError, StateDirUnusable
+from agent.learner import load_base_model
+from agent.local_data import LocalData, load_local_data
 from agent.meters import EnergyMeter, source_label
 from agent.power import detect
 from agent.spool import Spool, SpoolFull
@@ -45,18 +45,25 @@ def prepare_state_dir(path: Path) -> Path:
     return path
 
 
-def load_learner(config: AgentConfig) -> tuple[Dataset, Learner]:
+def load_data(config: AgentConfig) -> LocalData:
     """The base model and the device data split; BaseModelUnusable or DataUnusable if not."""
     model = load_base_model(config.base_model_path)
-    data, train, holdout = load_split(config.data_path, model, config.holdout_fraction, config.seed)
+    data = load_local_data(config.data_path, model, config.holdout_fraction, config.seed)
+    if config.drift_at_seconds is not None and not data.can_drift:
+        raise ConfigError(
+            f"invalid configuration: --drift-at needs drifted rows (X_drift, y_drift) in the "
+            f"device data {config.data_path}, which has none"
+        )
+    learner = data.current().learner
     log.info(
-        "device %s: %d training rows, %d hold-out rows, base model %s",
+        "device %s: %d training rows, %d hold-out rows%s, base model %s",
         config.device_id,
-        len(train),
-        len(holdout),
+        len(learner.train),
+        len(learner.holdout),
+        ", drifted rows for a simulated drift event" if data.can_drift else "",
         model.weights_hash[:12],
     )
-    return data, Learner(model, train, holdout)
+    return data
 
 
 def open_spool(state_dir: Path, max_messages: int) -> Spool:

@@ -1,5 +1,8 @@
 """The heartbeat: power, energy, spool, drift and job state, sent every few seconds (QoS 0).
 
+Before each beat the loop lets the (simulated) sensor observe its next rows, so the drift score
+describes the inputs of the last moments.
+
 Heartbeats go through the spool too, as low-priority telemetry: the first thing dropped when
 the spool is full, but a heartbeat made while the broker was away still arrives later.
 """
@@ -36,6 +39,7 @@ class TelemetrySources:
     learner: Learner
     recent: RecentInputs
     cache_bytes: Callable[[], int]  # Skip-Cache bytes of the last fine-tune
+    drifted: Callable[[], bool] = lambda: False  # switched to the drifted data (simulation)
 
 
 class Telemetry:
@@ -71,6 +75,7 @@ class Telemetry:
             drift_score=self.drift_score(),
             adapter_version=current.meta.version if current else None,
             busy_job_id=s.runner.busy_job_id,
+            drifted=s.drifted(),
         )
 
     def drift_score(self) -> float | None:
@@ -105,10 +110,17 @@ def read_temperature(root: Path) -> float | None:
 class HeartbeatLoop:
     """Sends a heartbeat every `interval` seconds on its own thread until stopped."""
 
-    def __init__(self, telemetry: Telemetry, send: Callable[[Heartbeat], None], interval: float):
+    def __init__(
+        self,
+        telemetry: Telemetry,
+        send: Callable[[Heartbeat], None],
+        interval: float,
+        observe: Callable[[], None] = lambda: None,
+    ):
         self._telemetry = telemetry
         self._send = send
         self._interval = interval
+        self._observe = observe
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -121,6 +133,10 @@ class HeartbeatLoop:
 
     def _run(self) -> None:
         while True:
+            try:
+                self._observe()
+            except Exception:  # the beat still goes out, with the window as it was
+                log.exception("sensor stream failed")
             try:
                 self._send(self._telemetry.heartbeat())
             except Exception:  # one bad beat must not end the heartbeats

@@ -10,6 +10,7 @@ import numpy as np
 from shared.protocol import (
     AdapterPublication,
     ApplyAdapterParams,
+    CancelParams,
     Chunk,
     DesiredState,
     EvaluateParams,
@@ -83,8 +84,10 @@ def sample_messages(seed: int) -> list[Message]:
             drift_score=float(rng.uniform(0, 3)),
             adapter_version=int(rng.integers(0, 100)),
             busy_job_id="job-17",
+            drifted=bool(seed % 2),
         ),
         Heartbeat(0.0, "model:pi4", 0.0, 0, 0, 0, 0.0),
+        Heartbeat(1.2, "hwmon:ina226", 3.0, 0, 0, 0, 5.0, drifted=True),
         Job(
             "job-17",
             JobKind.FINETUNE,
@@ -96,10 +99,17 @@ def sample_messages(seed: int) -> list[Message]:
         Job("job-19", JobKind.EVALUATE, EvaluateParams(adapter_version=3), expires_at=2e9),
         Job("job-20", JobKind.APPLY_ADAPTER, ApplyAdapterParams(7), expires_at=2e9),
         Job("job-21", JobKind.ROLLBACK_ADAPTER, RollbackAdapterParams(), expires_at=2e9),
+        Job("job-22", JobKind.CANCEL, CancelParams(target_job_id="job-17"), expires_at=2e9),
         JobStatus("job-17", JobState.IN_PROGRESS, progress=0.4, detail={"epoch": 2, "loss": 0.3}),
         JobStatus("job-17", JobState.SUCCEEDED, progress=1.0),
         JobStatus(
             "job-18", JobState.REJECTED, reason="already ran", reason_code=JobReason.DUPLICATE
+        ),
+        JobStatus(
+            "job-22",
+            JobState.REJECTED,
+            reason_code=JobReason.NOTHING_TO_CANCEL,
+            detail={"target_job_id": "job-9", "target_state": "succeeded"},
         ),
         Report(
             "job-17",

@@ -79,3 +79,14 @@ def test_files_load_without_pickle(tmp_path):
     (slot,) = (tmp_path / "slots").iterdir()
     with np.load(slot / "adapter.npz", allow_pickle=False) as npz:
         assert npz["delta3"].dtype == np.float32
+
+
+def test_clear_runs_the_base_model_alone_and_keeps_the_adapter_for_rollback(tmp_path):
+    store = AdapterStore(tmp_path, "h1")
+    assert store.clear() is None  # nothing running: nothing to do
+    store.install(arrays(1), version=1, base_model_hash="h1", source=AdapterSource.COORDINATOR)
+    assert store.clear().meta.version == 1
+    reopened = AdapterStore(tmp_path, "h1")
+    assert reopened.current is None and reopened.previous.meta.version == 1
+    assert reopened.find(1) is not None
+    assert reopened.rollback().meta.version == 1

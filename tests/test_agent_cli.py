@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+from pathlib import Path
+
 import numpy as np
 import pytest
 
 from agent.errors import ExitCode
 from skipfleet.cli import main
 from tests.agent_fixtures import fan_files  # noqa: F401 (a fixture)
+
+REPO = Path(__file__).resolve().parent.parent
 
 
 def run(capsys, *argv):
@@ -101,5 +107,54 @@ def test_help_lists_the_options(capsys):
         "--spool-max-messages",
         "--holdout-fraction",
         "--tls-ca",
+        "--stream-rows",
+        "--drift-at",
+        "--desired-retry-seconds",
+        "--desired-max-fetches",
     ):
         assert option in out
+
+
+def test_drift_at_without_drifted_rows_exits_64(tmp_path, fan_files, capsys):  # noqa: F811
+    code, err = run(
+        capsys,
+        "--base-model",
+        str(fan_files.base_model_path),
+        "--data",
+        str(fan_files.device_data_path),  # X and y only
+        "--state-dir",
+        str(tmp_path / "s"),
+        "--drift-at",
+        "60",
+    )
+    assert code == ExitCode.USAGE == 64
+    assert "--drift-at needs drifted rows (X_drift, y_drift)" in err
+
+
+def test_an_unreadable_password_file_exits_64(tmp_path, fan_files, capsys, monkeypatch):  # noqa: F811
+    monkeypatch.setenv("SKIPFLEET_MQTT_PASSWORD_FILE", str(tmp_path / "missing-secret"))
+    code, err = run(
+        capsys,
+        "--username",
+        "dev-1",
+        "--base-model",
+        str(fan_files.base_model_path),
+        "--data",
+        str(fan_files.device_data_path),
+        "--state-dir",
+        str(tmp_path / "s"),
+    )
+    assert code == 64 and "SKIPFLEET_MQTT_PASSWORD_FILE" in err and "missing-secret" in err
+
+
+def test_the_agent_imports_only_numpy_paho_msgpack_the_stdlib_and_shared():
+    script = (
+        "import sys, agent.runtime, agent.cli\n"
+        "allowed = set(sys.stdlib_module_names) | {'agent', 'shared', 'numpy', 'msgpack', 'paho'}\n"
+        "allowed.add('cython_runtime')  # msgpack's compiled extension\n"
+        "print(sorted({m.split('.')[0] for m in sys.modules if not m.startswith('_')} - allowed))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert result.stdout.strip() == "[]", result.stdout

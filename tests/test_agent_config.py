@@ -54,7 +54,7 @@ def test_environment_fills_what_the_command_line_leaves_out():
     env = {
         "SKIPFLEET_DEVICE_ID": "env-dev",
         "SKIPFLEET_BROKER": "mqtts://b",
-        "SKIPFLEET_DATA_DIR": "/data",
+        "SKIPFLEET_DEVICE_DATA": "/data/device.npz",
         "SKIPFLEET_BASE_MODEL": "/m.npz",
         "SKIPFLEET_STATE_DIR": "/s",
         "SKIPFLEET_MQTT_USERNAME": "u",
@@ -62,7 +62,7 @@ def test_environment_fills_what_the_command_line_leaves_out():
     }
     config = parse([], env)
     assert (config.device_id, config.mqtt.port, config.mqtt.tls) == ("env-dev", 8883, True)
-    assert str(config.data_path) == "/data" and config.mqtt.password == "secret"
+    assert str(config.data_path) == "/data/device.npz" and config.mqtt.password == "secret"
     assert "secret" not in repr(config)
 
 
@@ -93,7 +93,7 @@ def test_bad_values_raise_config_error_with_usage_exit_code(argv, message):
 
 
 def test_missing_paths_name_the_flag_and_variable():
-    with pytest.raises(ConfigError, match=r"--data is required.*SKIPFLEET_DATA_DIR"):
+    with pytest.raises(ConfigError, match=r"--data is required.*SKIPFLEET_DEVICE_DATA"):
         parse(["--device-id", "d"])
 
 
@@ -116,3 +116,76 @@ def test_config_can_be_built_directly_and_validates():
             state_dir=Path("s"),
             spool_max_messages=1,
         )
+
+
+def test_the_device_data_comes_from_its_own_variable_not_the_data_sets_folder():
+    env = {
+        "SKIPFLEET_DATA_DIR": "/public/data",
+        "SKIPFLEET_BASE_MODEL": "m",
+        "SKIPFLEET_STATE_DIR": "s",
+    }
+    with pytest.raises(ConfigError, match="SKIPFLEET_DEVICE_DATA"):
+        parse(["--device-id", "d"], env)
+    config = parse(["--device-id", "d"], {**env, "SKIPFLEET_DEVICE_DATA": "/var/dev.npz"})
+    assert str(config.data_path) == "/var/dev.npz"
+
+
+def test_password_file_from_the_environment(tmp_path):
+    (tmp_path / "secret").write_text("from-secret\n")
+    env = {
+        "SKIPFLEET_MQTT_USERNAME": "u",
+        "SKIPFLEET_MQTT_PASSWORD_FILE": str(tmp_path / "secret"),
+        "SKIPFLEET_MQTT_PASSWORD": "plain",
+    }
+    assert parse(["--device-id", "d", *REQUIRED], env).mqtt.password == "from-secret"
+    # The command line comes first: its literal password beats the environment's file.
+    argv = ["--device-id", "d", "--password", "flag", *REQUIRED]
+    assert parse(argv, env).mqtt.password == "flag"
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [(None, "cannot read the MQTT password: No such file"), ("\n", "is empty")],
+)
+def test_an_unusable_password_file_is_a_clear_config_error(tmp_path, content, message):
+    path = tmp_path / "secret"
+    if content is not None:
+        path.write_text(content)
+    env = {"SKIPFLEET_MQTT_USERNAME": "u", "SKIPFLEET_MQTT_PASSWORD_FILE": str(path)}
+    with pytest.raises(ConfigError, match=message) as caught:
+        parse(["--device-id", "d", *REQUIRED], env)
+    assert "SKIPFLEET_MQTT_PASSWORD_FILE" in str(caught.value) and str(path) in str(caught.value)
+    assert caught.value.exit_code is ExitCode.USAGE
+
+
+def test_an_unreadable_password_file_flag_names_the_flag(tmp_path):
+    with pytest.raises(ConfigError, match=r"--password-file .*: cannot read"):
+        parse(["--device-id", "d", "--password-file", str(tmp_path), *REQUIRED])  # a directory
+
+
+def test_simulation_and_reconcile_options():
+    config = parse(
+        [
+            "--device-id", "d", "--stream-rows", "32", "--drift-at", "90",
+            "--desired-retry-seconds", "2.5", "--desired-max-fetches", "3", *REQUIRED,
+        ]
+    )  # fmt: skip
+    assert (config.stream_rows, config.drift_at_seconds) == (32, 90.0)
+    assert (config.desired_retry_seconds, config.desired_max_fetches) == (2.5, 3)
+    defaults = parse(["--device-id", "d", *REQUIRED])
+    assert (defaults.stream_rows, defaults.drift_at_seconds) == (8, None)
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--stream-rows", "-1"], "stream-rows"),
+        (["--drift-at", "-5"], "drift-at"),
+        (["--drift-at", "nan"], "drift-at"),
+        (["--desired-retry-seconds", "0"], "desired-retry-seconds"),
+        (["--desired-max-fetches", "0"], "desired-max-fetches"),
+    ],
+)
+def test_bad_simulation_and_reconcile_values(argv, message):
+    with pytest.raises(ConfigError, match=message):
+        parse(["--device-id", "d", *argv, *REQUIRED])

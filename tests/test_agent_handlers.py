@@ -14,6 +14,7 @@ from agent.data.dataset import holdout_split
 from agent.handlers import JobHandlers
 from agent.jobs import JobContext, JobFailed, JobRejected
 from agent.learner import Learner
+from agent.local_data import DataPhase, LocalData
 from agent.meters import GENERIC, ModelMeter
 from agent.spool import Spool
 from agent.trainer.errors import Cancelled
@@ -47,7 +48,7 @@ class Device:
         self.inbox = AdapterInbox()
         uplink = Uplink("dev-1", Topics(), self.spool, boot_id="boot1")
         self.handlers = JobHandlers(
-            self.learner,
+            LocalData(DataPhase(self.learner, files.device_data.X, drifted=False)),
             self.store,
             self.inbox,
             uplink,

@@ -12,6 +12,7 @@ from agent.jobs import CancelResult, JobFailed, JobOutcome, JobRejected, JobRunn
 from shared.protocol.enums import JobKind, JobReason, JobState
 from shared.protocol.messages import (
     ApplyAdapterParams,
+    CancelParams,
     EvaluateParams,
     FinetuneParams,
     Job,
@@ -34,6 +35,10 @@ def finetune_job(job_id, expires_at=NOW + 600, base_model_hash=None):
 
 def evaluate_job(job_id):
     return Job(job_id, JobKind.EVALUATE, EvaluateParams(), expires_at=NOW + 600)
+
+
+def cancel_job(job_id, target):
+    return Job(job_id, JobKind.CANCEL, CancelParams(target), expires_at=NOW + 600)
 
 
 class Harness:
@@ -271,3 +276,90 @@ def test_long_error_texts_are_clipped_so_the_status_still_goes_out(tmp_path):
         assert len(h.next_status().reason) <= 500
     finally:
         h.runner.stop()
+
+
+def test_a_cancel_job_stops_the_running_job_at_once_without_queueing(harness):
+    harness.runner.submit(finetune_job("long"))
+    assert harness.started.wait(5)
+    harness.next_status()  # long: IN_PROGRESS
+    done = harness.runner.submit(cancel_job("c1", "long"))
+    assert (done.job_id, done.state) == ("c1", JobState.SUCCEEDED)
+    assert done.detail == {"target_job_id": "long", "result": "cancelling_running"}
+    assert harness.next_status() == done
+    _, final = harness.states_until_terminal("long")
+    assert (final.state, final.reason_code) == (JobState.FAILED, JobReason.CANCELED)
+    assert harness.history.get("c1").state is JobState.SUCCEEDED
+
+
+def test_a_cancel_job_removes_a_queued_job_even_when_the_queue_is_full(harness):
+    harness.runner.submit(finetune_job("first"))
+    assert harness.started.wait(5)
+    harness.next_status()  # first: IN_PROGRESS
+    harness.runner.submit(evaluate_job("w1"))
+    harness.runner.submit(evaluate_job("w2"))  # the queue (2) is full now
+    done = harness.runner.submit(cancel_job("c1", "w2"))
+    assert done.detail["result"] == "removed_from_queue"
+    removed = harness.next_status()
+    assert (removed.job_id, removed.state, removed.reason_code) == (
+        "w2",
+        JobState.REJECTED,
+        JobReason.CANCELED,
+    )
+    assert harness.next_status() == done
+    harness.gate.set()
+    harness.states_until_terminal("first")
+    harness.states_until_terminal("w1")  # w2 never runs
+    assert harness.statuses.empty()
+
+
+@pytest.mark.parametrize(
+    ("target", "target_state"), [("never-seen", "unknown"), ("done", "succeeded")]
+)
+def test_a_cancel_of_an_unknown_or_finished_job_is_rejected_saying_why(
+    harness, target, target_state
+):
+    harness.gate.set()
+    harness.runner.submit(evaluate_job("done"))
+    harness.states_until_terminal("done")
+    status = harness.runner.submit(cancel_job("c1", target))
+    assert (status.state, status.reason_code) == (JobState.REJECTED, JobReason.NOTHING_TO_CANCEL)
+    assert status.detail == {"target_job_id": target, "target_state": target_state}
+    assert harness.next_status() == status
+
+
+def test_a_repeated_cancel_is_a_duplicate_naming_the_first_outcome(harness):
+    first = harness.runner.submit(cancel_job("c1", "nobody"))
+    assert first.state is JobState.REJECTED
+    again = harness.runner.submit(cancel_job("c1", "nobody"))
+    assert again.reason_code is JobReason.DUPLICATE
+    assert again.detail == {"previous_state": "rejected"}
+
+
+def test_tasks_between_jobs_run_on_the_worker_before_the_next_queued_job(harness):
+    harness.runner.submit(finetune_job("first"))
+    assert harness.started.wait(5)
+    harness.runner.submit(evaluate_job("second"))
+
+    def task():
+        return threading.current_thread().name, harness.history.get("second").state
+
+    future = harness.runner.run_between_jobs(task)
+    assert not future.done()  # never alongside the running job
+    harness.gate.set()
+    assert future.result(timeout=5) == ("job-runner", JobState.QUEUED)
+    harness.states_until_terminal("first")
+    harness.states_until_terminal("second")
+
+
+def test_a_task_error_reaches_its_future_and_stop_cancels_waiting_tasks(tmp_path):
+    h = Harness(tmp_path)
+    h.runner.start()
+    failing = h.runner.run_between_jobs(lambda: 1 / 0)
+    with pytest.raises(ZeroDivisionError):
+        failing.result(timeout=5)
+    h.runner.submit(finetune_job("busy"))
+    assert h.started.wait(5)
+    waiting = h.runner.run_between_jobs(lambda: "never")
+    h.runner.stop()
+    assert waiting.cancelled()
+    assert h.runner.run_between_jobs(lambda: "late").cancelled()

@@ -19,6 +19,8 @@ from shared.protocol import decode, encode, encode_for_publish
 from shared.protocol.enums import JobKind, JobReason, JobState
 from shared.protocol.messages import (
     AdapterPublication,
+    CancelParams,
+    DesiredState,
     EvaluateParams,
     FetchRequest,
     Heartbeat,
@@ -154,3 +156,23 @@ def test_a_chunked_adapter_is_reassembled_into_the_inbox(downlink):
         downlink.handle("fleet/dev-1/cmd/adapter", chunk.payload)
     received = downlink.inbox.get(4)
     np.testing.assert_array_equal(received.arrays["delta1"], arrays["delta1"])
+
+
+def test_a_desired_pointer_is_handed_to_the_reconciler(tmp_path):
+    offered: list[DesiredState] = []
+    runner = JobRunner({}, lambda s: None, JobHistory(tmp_path / "j.json"), base_model_hash="h")
+    link = Downlink("dev-1", TOPICS, runner=runner, inbox=AdapterInbox(), on_desired=offered.append)
+    desired = DesiredState(adapter_version=3, base_model_hash="h", cohort="default")
+    link.handle("fleet/dev-1/cmd/desired", encode(desired, sender="coordinator"))
+    link.handle("fleet/dev-1/cmd/job", encode(desired, sender="coordinator"))  # wrong topic
+    assert offered == [desired] and link.dropped == 1
+
+
+def test_a_cancel_job_on_the_wire_is_carried_out_on_arrival(downlink):
+    downlink.handle("fleet/dev-1/cmd/job", job_bytes("queued-1"))
+    cancel = Job("c-1", JobKind.CANCEL, CancelParams("queued-1"), expires_at=time.time() + 60)
+    downlink.handle("fleet/dev-1/cmd/job", encode(cancel, sender="coordinator"))
+    assert [(s.job_id, s.state, s.reason_code) for s in downlink.statuses] == [
+        ("queued-1", JobState.REJECTED, JobReason.CANCELED),
+        ("c-1", JobState.SUCCEEDED, None),
+    ]

@@ -1,20 +1,13 @@
 """The agent as a process against a real mosquitto (a private one on a free port).
 
-A test client plays the coordinator: it watches `fleet/#` and sends jobs. Every wait is on a
-condition with a timeout, never a fixed sleep.
+A test client plays the coordinator (tests/agent_process.py): it watches `fleet/#` and sends
+jobs. Every wait is on a condition with a timeout, never a fixed sleep.
 """
 
 from __future__ import annotations
 
-import os
 import signal
-import sqlite3
-import subprocess
-import sys
-import threading
 import time
-from collections.abc import Callable
-from pathlib import Path
 
 import msgpack
 import numpy as np
@@ -22,147 +15,32 @@ import pytest
 
 from agent.data.dataset import holdout_split
 from agent.trainer.adapter import Adapter
-from shared.mqtt import MqttSettings, connect_async, make_client
-from shared.protocol import DecodeError, Reassembler, decode, encode
+from shared.protocol import encode
 from shared.protocol.enums import JobKind, JobReason, JobState, PresenceState
-from shared.protocol.envelope import Envelope
 from shared.protocol.messages import (
+    CancelParams,
     EvaluateParams,
     FinetuneParams,
-    Job,
-    JobStatus,
-    Presence,
     Report,
 )
-from tests.agent_fixtures import fan_files  # noqa: F401 (a fixture)
+from tests.agent_fixtures import drift_files, fan_files  # noqa: F401 (fixtures)
+from tests.agent_process import (
+    DEVICE,
+    HOLDOUT_FRACTION,
+    SEED,
+    WAIT,
+    AgentProcess,
+    Observer,
+    job,
+    run_fleet,
+)
 
 pytestmark = pytest.mark.slow
-
-REPO = Path(__file__).resolve().parent.parent
-DEVICE = "dev-1"
-HOLDOUT_FRACTION, SEED = 0.25, 0
-WAIT = 30.0  # seconds: generous for a loaded 2-core machine; passing runs take far less
-
-
-class Observer:
-    """Plays the coordinator: a persistent-session client on `fleet/#`, decoding everything."""
-
-    def __init__(self, port: int, client_id: str = "observer"):
-        settings = MqttSettings("127.0.0.1", port, session_expiry_s=300, reconnect_max_delay_s=2)
-        self.client = make_client(settings, client_id)
-        self.client.on_connect = lambda c, *a: c.subscribe("fleet/#", qos=1)
-        self.client.on_message = self._on_message
-        self.received: list[tuple[str, Envelope, bool]] = []  # topic, envelope, retained
-        self._changed = threading.Condition()
-        self._reassembler = Reassembler()
-        connect_async(self.client, settings)
-        self.client.loop_start()
-
-    def _on_message(self, client, userdata, message) -> None:
-        try:
-            envelope = self._reassembler.feed(decode(message.payload))
-        except DecodeError:
-            return
-        if envelope is not None:
-            with self._changed:
-                self.received.append((message.topic, envelope, bool(message.retain)))
-                self._changed.notify_all()
-
-    def wait_for(self, match: Callable[[str, Envelope, bool], bool], timeout: float = WAIT):
-        deadline = time.monotonic() + timeout
-        with self._changed:
-            while True:
-                for item in self.received:
-                    if match(*item):
-                        return item[1]
-                remaining = deadline - time.monotonic()
-                if remaining <= 0:
-                    kinds = [(t, type(e.message).__name__) for t, e, _ in self.received[-10:]]
-                    raise AssertionError(f"nothing matched within {timeout} s; last: {kinds}")
-                self._changed.wait(remaining)
-
-    def status_of(self, job_id: str, state: JobState, timeout: float = WAIT) -> JobStatus:
-        return self.wait_for(
-            lambda t, e, r: (
-                isinstance(e.message, JobStatus)
-                and e.message.job_id == job_id
-                and e.message.state is state
-            ),
-            timeout,
-        ).message
-
-    def presence(self, state: PresenceState, retained: bool | None = None) -> Presence:
-        return self.wait_for(
-            lambda t, e, r: (
-                isinstance(e.message, Presence)
-                and e.message.state is state
-                and (retained is None or r == retained)
-            )
-        ).message
-
-    def send_job(self, job: Job | bytes) -> None:
-        payload = job if isinstance(job, bytes) else encode(job, sender="coordinator")
-        info = self.client.publish(f"fleet/{DEVICE}/cmd/job", payload, qos=1)
-        info.wait_for_publish(WAIT)
-
-    def close(self) -> None:
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-class AgentProcess:
-    def __init__(self, port: int, files, state_dir: Path, log_path: Path, extra=()):
-        self.state_dir = state_dir
-        self.log_path = log_path
-        argv = [
-            sys.executable, "-m", "skipfleet.cli", "agent", "--device-id", DEVICE,
-            "--broker", f"mqtt://127.0.0.1:{port}", "--data", str(files.device_data_path),
-            "--base-model", str(files.base_model_path), "--state-dir", str(state_dir),
-            "--heartbeat-seconds", "2", "--will-delay-seconds", "0",
-            "--reconnect-max-seconds", "2", "--holdout-fraction", str(HOLDOUT_FRACTION),
-            "--seed", str(SEED), "--log-level", "DEBUG", *extra,
-        ]  # fmt: skip
-        env = {**os.environ, "PYTHONPATH": str(REPO), "OPENBLAS_NUM_THREADS": "1"}
-        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
-        self.process = subprocess.Popen(argv, cwd=REPO, env=env, stdout=self._log,
-                                        stderr=subprocess.STDOUT)  # fmt: skip
-
-    def spooled_topics(self) -> list[str]:
-        with sqlite3.connect(self.state_dir / "spool.sqlite") as db:
-            return [row[0] for row in db.execute("SELECT topic FROM outbox")]
-
-    def stop(self, sig: int = signal.SIGTERM) -> int:
-        if self.process.poll() is None:
-            self.process.send_signal(sig)
-        try:
-            return self.process.wait(timeout=WAIT)
-        finally:
-            self._log.close()
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-4000:]
 
 
 @pytest.fixture
 def fleet(mosquitto, fan_files, tmp_path):  # noqa: F811
-    observer = Observer(mosquitto.port)
-    agents: list[AgentProcess] = []
-
-    def start_agent(*extra: str) -> AgentProcess:
-        agent = AgentProcess(
-            mosquitto.port, fan_files, tmp_path / "state", tmp_path / "agent.log", extra
-        )
-        agents.append(agent)
-        return agent
-
-    yield start_agent, observer, mosquitto
-    for agent in agents:
-        agent.stop(signal.SIGKILL)
-    observer.close()
-
-
-def job(job_id: str, kind: JobKind, params, expires_in: float = 600) -> Job:
-    return Job(job_id, kind, params, expires_at=time.time() + expires_in)
+    yield from run_fleet(mosquitto, fan_files, tmp_path)
 
 
 def test_presence_is_retained_online_and_the_will_says_offline_after_kill_9(fleet):
@@ -299,3 +177,46 @@ def test_a_broker_refusing_the_credentials_ends_the_agent_with_exit_77(fan_files
         assert "refused" in agent.log()
     finally:
         broker.stop()
+
+
+def test_a_cancel_job_stops_a_long_finetune_and_the_agent_serves_the_next_job(fleet):
+    start_agent, observer, _ = fleet
+    start_agent()
+    observer.presence(PresenceState.ONLINE)
+    # One-row batches over 10 000 epochs: minutes of training, far past this test's waits.
+    long = FinetuneParams(epochs=10_000, lr=0.01, seed=0, batch_size=1)
+    observer.send_job(job("ft-long", JobKind.FINETUNE, long))
+    observer.status_of("ft-long", JobState.IN_PROGRESS)
+    sent = time.monotonic()
+    observer.send_job(job("cancel-1", JobKind.CANCEL, CancelParams("ft-long")))
+    accepted = observer.status_of("cancel-1", JobState.SUCCEEDED, timeout=5)
+    assert accepted.detail == {"target_job_id": "ft-long", "result": "cancelling_running"}
+    failed = observer.status_of("ft-long", JobState.FAILED, timeout=5)
+    assert failed.reason_code is JobReason.CANCELED and time.monotonic() - sent < 5
+    observer.send_job(job("cancel-2", JobKind.CANCEL, CancelParams("ft-long")))
+    late = observer.status_of("cancel-2", JobState.REJECTED)
+    assert late.reason_code is JobReason.NOTHING_TO_CANCEL
+    assert late.detail["target_state"] == "failed"
+    observer.send_job(job("ev-after", JobKind.EVALUATE, EvaluateParams()))
+    assert observer.status_of("ev-after", JobState.SUCCEEDED).detail["holdout_samples"] > 0
+
+
+def test_sigusr1_moves_a_simulated_device_to_its_drifted_data(fleet, drift_files):  # noqa: F811
+    start_agent, observer, _ = fleet
+    agent = start_agent(
+        "--heartbeat-seconds", "0.5", "--stream-rows", "256", data_path=drift_files.device_data_path
+    )
+    observer.presence(PresenceState.ONLINE)
+    quiet = observer.heartbeat(lambda beat: beat.drift_score is not None)
+    assert quiet.drifted is False and quiet.drift_score < 1.5
+    mark = observer.mark()
+    agent.process.send_signal(signal.SIGUSR1)
+    noisy = observer.heartbeat(lambda beat: beat.drifted and beat.drift_score > 2.0, after=mark)
+    assert noisy.drift_score > 1.5 * quiet.drift_score
+    observer.send_job(job("ft-drift", JobKind.FINETUNE, FinetuneParams(epochs=30, lr=0.05, seed=1)))
+    observer.status_of("ft-drift", JobState.SUCCEEDED)
+    metrics = observer.wait_for(lambda t, e, r: isinstance(e.message, Report)).message.metrics
+    train, _ = holdout_split(drift_files.noisy, HOLDOUT_FRACTION, seed=SEED)
+    assert metrics.samples == len(train)  # the noisy-room rows, not the 1880 quiet ones
+    assert metrics.accuracy_before < 0.75 < 0.9 < metrics.accuracy_after
+    assert "drift event (SIGUSR1)" in agent.log(tail=100_000)

@@ -21,6 +21,7 @@ from agent.meters import (
     source_label,
 )
 from agent.power import choose_profile, detect
+from shared.protocol.checks import POWER_SOURCE
 
 
 def write(root: Path, relative: str, text: str) -> Path:
@@ -181,8 +182,11 @@ def test_ina219_overflow_flag_is_an_error():
 
 
 def test_source_labels_match_the_wire_vocabulary(tmp_path):
-    assert source_label(detect(tmp_path).meter) == "model:generic"
+    labels = [source_label(detect(tmp_path).meter)]
     add_hwmon(tmp_path, 0, "ina226", power1_input=1_000_000)
-    assert source_label(detect(tmp_path).meter) == "hwmon"
+    labels.append(source_label(detect(tmp_path).meter))
     add_hwmon(tmp_path, 0, "ina219", power1_input=1_000_000)
-    assert source_label(detect(tmp_path).meter) == "ina219"
+    labels.append(source_label(detect(tmp_path).meter))
+    assert labels == ["model:generic", "hwmon:ina226", "hwmon:ina219"]
+    for label in labels:  # what Heartbeat and ReportMetrics accept
+        assert POWER_SOURCE.fullmatch(label), label

@@ -14,6 +14,7 @@ from shared.protocol import (
     DEVICE_SETTABLE,
     SCHEMA_VERSION,
     TERMINAL_STATES,
+    CancelParams,
     DecodeError,
     Envelope,
     FetchRequest,
@@ -51,6 +52,7 @@ def _headers(message, seq=5):
 def test_every_kind_round_trips(seed):
     messages = sample_messages(seed)
     assert {kind_of(m) for m in messages} == set(MessageKind)
+    assert {m.kind for m in messages if isinstance(m, Job)} == set(JobKind)
     for message in messages:
         data = encode(message, sender="pi-07", **_headers(message))
         envelope = decode(data)
@@ -144,6 +146,9 @@ def _job_wire(**body_changes):
         ({"params": {"epochs": 0}}, JobReason.INVALID_PARAMS),
         ({"params": {"epochs": 1, "lr": "fast"}}, JobReason.INVALID_PARAMS),
         ({"expires_at": -1.0}, JobReason.MALFORMED),
+        ({"kind": "cancel", "params": {}}, JobReason.INVALID_PARAMS),
+        ({"kind": "cancel", "params": {"target_job_id": "no spaces"}}, JobReason.INVALID_PARAMS),
+        ({"kind": "cancel", "params": {"target_job_id": 17}}, JobReason.INVALID_PARAMS),
     ],
 )
 def test_bad_jobs_carry_their_id_and_a_rejection_reason(change, reason):
@@ -208,6 +213,12 @@ def _base_metrics(**changes):
         lambda: _base_metrics(rank=True),
         lambda: Heartbeat(-1.0, "rapl", 0.0, 0, 0, 0, 0.0),
         lambda: Heartbeat(1.0, "model:", 0.0, 0, 0, 0, 0.0),
+        lambda: Heartbeat(1.0, "hwmon:INA226", 0.0, 0, 0, 0, 0.0),
+        lambda: Heartbeat(1.0, "hwmon:ina 226", 0.0, 0, 0, 0, 0.0),
+        lambda: Heartbeat(1.0, "battery:ina226", 0.0, 0, 0, 0, 0.0),
+        lambda: Heartbeat(1.0, "rapl", 0.0, 0, 0, 0, 0.0, drifted=1),
+        lambda: CancelParams(target_job_id=""),
+        lambda: Job("j", JobKind.CANCEL, RollbackAdapterParams(), 1.0),
         lambda: FinetuneParams(epochs=1, lr=0.0, seed=0),
         lambda: FinetuneParams(epochs=1, lr=0.1, seed=0, method="Skip LoRA"),
         lambda: Job("j", JobKind.FINETUNE, RollbackAdapterParams(), 1.0),
@@ -219,6 +230,33 @@ def _base_metrics(**changes):
 def test_construction_validates(build):
     with pytest.raises(ValueError):
         build()
+
+
+@pytest.mark.parametrize(
+    "source", ["ina219", "rapl", "hwmon", "hwmon:ina226", "hwmon:ina219", "model", "model:generic"]
+)
+def test_power_sources_name_the_sensor_and_optionally_the_chip_or_profile(source):
+    beat = Heartbeat(1.0, source, 0.0, 0, 0, 0, 0.0)
+    assert decode(encode(beat, sender="pi-1", boot_id="b", seq=0)).message == beat
+
+
+def test_cancel_job_round_trips_with_its_target():
+    job = Job("c-1", JobKind.CANCEL, CancelParams(target_job_id="ft-9"), expires_at=2e9)
+    wire = msgpack.unpackb(encode(job, sender="coordinator"))
+    assert wire["body"]["kind"] == "cancel"
+    assert wire["body"]["params"] == {"target_job_id": "ft-9"}
+    assert decode(msgpack.packb(wire)).message == job
+
+
+def test_drifted_is_optional_in_a_heartbeat_and_must_be_a_bool_on_the_wire():
+    beat = Heartbeat(1.0, "rapl", 0.0, 0, 0, 0, 0.0, drifted=True)
+    wire = msgpack.unpackb(encode(beat, sender="pi-1", boot_id="b", seq=0))
+    assert decode(msgpack.packb(wire)).message.drifted is True
+    del wire["body"]["drifted"]  # a sender that predates the field
+    assert decode(msgpack.packb(wire)).message.drifted is None
+    wire["body"]["drifted"] = 1
+    with pytest.raises(DecodeError, match="drifted"):
+        decode(msgpack.packb(wire))
 
 
 def test_messages_are_frozen():

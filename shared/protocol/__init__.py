@@ -44,6 +44,7 @@ from shared.protocol.errors import DecodeError, EncodeError, ProtocolError, Reas
 from shared.protocol.messages import (
     AdapterPublication,
     ApplyAdapterParams,
+    CancelParams,
     Chunk,
     DesiredState,
     EvaluateParams,
@@ -74,6 +75,7 @@ __all__ = [
     "AdapterPublication",
     "ApplyAdapterParams",
     "ArrayEncoding",
+    "CancelParams",
     "Chunk",
     "DecodeError",
     "DesiredState",

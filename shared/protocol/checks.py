@@ -12,7 +12,9 @@ import numpy as np
 # Ids chosen by our own software: job ids, round ids, boot ids, cohorts, hashes, versions.
 TOKEN = re.compile(r"[A-Za-z0-9_.:+-]{1,128}")
 MESSAGE_ID = re.compile(r"[0-9a-f]{32}")  # uuid4().hex
-POWER_SOURCE = re.compile(r"(ina219|rapl|hwmon|model:[A-Za-z0-9_.-]{1,64})")
+# The sensor kind, optionally qualified: "hwmon:ina226" (a chip behind the hwmon driver),
+# "model:rpi-zero-2w" (the energy model's profile).
+POWER_SOURCE = re.compile(r"(ina219|rapl|hwmon|model)(:[a-z0-9._-]{1,64})?")
 METHOD = re.compile(r"[a-z0-9-]{1,32}")
 ARRAY_NAME = re.compile(r"[A-Za-z][A-Za-z0-9_]{0,31}")
 MAX_TEXT = 1024
@@ -26,6 +28,11 @@ Scalar = str | int | float | bool | None
 def token(value: object, what: str, pattern: re.Pattern[str] = TOKEN) -> None:
     if not isinstance(value, str) or not pattern.fullmatch(value):
         raise ValueError(f"{what} must match {pattern.pattern}, got {value!r}")
+
+
+def boolean(value: object, what: str) -> None:
+    if not isinstance(value, bool):
+        raise ValueError(f"{what} must be true or false, got {value!r}")
 
 
 def text(value: object, what: str, max_len: int = MAX_TEXT) -> None:

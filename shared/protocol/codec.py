@@ -24,6 +24,7 @@ from shared.protocol.errors import DecodeError
 from shared.protocol.messages import (
     AdapterPublication,
     ApplyAdapterParams,
+    CancelParams,
     Chunk,
     DesiredState,
     EvaluateParams,
@@ -83,6 +84,7 @@ def heartbeat_to_wire(m: Heartbeat) -> dict:
         "drift_score": m.drift_score,
         "adapter_version": m.adapter_version,
         "busy_job_id": m.busy_job_id,
+        "drifted": m.drifted,
     }
 
 
@@ -99,6 +101,7 @@ def heartbeat_from_wire(f: Fields) -> Heartbeat:
         drift_score=f.number("drift_score", optional=True),
         adapter_version=f.integer("adapter_version", optional=True),
         busy_job_id=f.text("busy_job_id", optional=True),
+        drifted=f.boolean("drifted", optional=True),
     )
 
 
@@ -116,6 +119,8 @@ def params_to_wire(p: JobParams) -> dict:
         }
     if isinstance(p, EvaluateParams | ApplyAdapterParams):
         return {"adapter_version": p.adapter_version}
+    if isinstance(p, CancelParams):
+        return {"target_job_id": p.target_job_id}
     return {}
 
 
@@ -134,6 +139,8 @@ def params_from_wire(kind: JobKind, f: Fields) -> JobParams:
         return EvaluateParams(adapter_version=f.integer("adapter_version", optional=True))
     if kind is JobKind.APPLY_ADAPTER:
         return ApplyAdapterParams(adapter_version=f.integer("adapter_version"))
+    if kind is JobKind.CANCEL:
+        return CancelParams(target_job_id=f.text("target_job_id"))
     return RollbackAdapterParams()
 
 

@@ -39,6 +39,7 @@ class JobKind(StrEnum):
     EVALUATE = "evaluate"
     APPLY_ADAPTER = "apply_adapter"
     ROLLBACK_ADAPTER = "rollback_adapter"
+    CANCEL = "cancel"  # carried out on arrival by the device, never queued behind its target
 
 
 class JobState(StrEnum):
@@ -81,6 +82,7 @@ class JobReason(StrEnum):
     BASE_MODEL_MISMATCH = "base_model_mismatch"
     INVALID_PARAMS = "invalid_params"
     CANCELED = "canceled"
+    NOTHING_TO_CANCEL = "nothing_to_cancel"  # a cancel's target is unknown or already finished
     ADAPTER_UNAVAILABLE = "adapter_unavailable"
     INSUFFICIENT_DATA = "insufficient_data"
     INTERNAL_ERROR = "internal_error"

@@ -63,7 +63,7 @@ class Heartbeat:
     """Periodic telemetry on `telemetry` (QoS 0)."""
 
     power_w: float
-    power_source: str  # "ina219", "rapl", "hwmon" or "model:<profile>"
+    power_source: str  # "ina219", "rapl", "hwmon[:<chip>]" or "model:<profile>"
     energy_j_total: float
     cache_bytes: int
     spool_depth: int
@@ -73,6 +73,7 @@ class Heartbeat:
     drift_score: float | None = None
     adapter_version: int | None = None
     busy_job_id: str | None = None
+    drifted: bool | None = None  # a simulated device switched to its drifted data
 
     def __post_init__(self) -> None:
         checks.number(self.power_w, "power_w", 0.0)
@@ -85,6 +86,7 @@ class Heartbeat:
         _optional(checks.number, self.drift_score, "drift_score")
         _optional(checks.integer, self.adapter_version, "adapter_version")
         _optional(checks.token, self.busy_job_id, "busy_job_id")
+        _optional(checks.boolean, self.drifted, "drifted")
 
 
 @dataclass(frozen=True)
@@ -132,12 +134,25 @@ class RollbackAdapterParams:
     """Go back to the adapter that ran before the current one (a chosen version is APPLY)."""
 
 
-JobParams = FinetuneParams | EvaluateParams | ApplyAdapterParams | RollbackAdapterParams
+@dataclass(frozen=True)
+class CancelParams:
+    """Cancel another job of this device: FAILED if it runs, REJECTED if it still waits."""
+
+    target_job_id: str
+
+    def __post_init__(self) -> None:
+        checks.token(self.target_job_id, "target_job_id")
+
+
+JobParams = (
+    FinetuneParams | EvaluateParams | ApplyAdapterParams | RollbackAdapterParams | CancelParams
+)
 PARAMS_BY_KIND: dict[JobKind, type] = {
     JobKind.FINETUNE: FinetuneParams,
     JobKind.EVALUATE: EvaluateParams,
     JobKind.APPLY_ADAPTER: ApplyAdapterParams,
     JobKind.ROLLBACK_ADAPTER: RollbackAdapterParams,
+    JobKind.CANCEL: CancelParams,
 }
 
 

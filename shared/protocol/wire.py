@@ -90,6 +90,9 @@ class Fields:
         value = self._get(key, (int, float), optional)
         return None if value is None else float(value)
 
+    def boolean(self, key: str, *, optional: bool = False) -> bool | None:
+        return self._get(key, bool, optional)
+
     def blob(self, key: str) -> bytes:
         return self._get(key, bytes, False)
 

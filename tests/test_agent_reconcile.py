@@ -1,0 +1,204 @@
+"""Desired-state reconcile: fetch, install and keep for rollback the version the pointer names."""
+
+from __future__ import annotations
+
+import logging
+import random
+import threading
+import time
+
+import numpy as np
+import pytest
+
+from agent.adapter_inbox import AdapterInbox
+from agent.adapter_store import AdapterSource, AdapterStore
+from agent.data.dataset import holdout_split
+from agent.job_history import JobHistory
+from agent.jobs import JobRunner
+from agent.learner import Learner
+from agent.local_data import DataPhase, LocalData
+from agent.reconcile import FetchPolicy, Reconciler
+from shared.protocol.messages import AdapterPublication, DesiredState, FetchRequest, Lineage
+from tests.agent_fixtures import fan_files  # noqa: F401 (a fixture)
+
+WAIT = 10.0
+OTHER_HASH = "f" * 64
+
+
+def wait_until(condition, timeout=WAIT):
+    deadline = time.monotonic() + timeout
+    while not condition():
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+
+
+class Coordinator:
+    """Answers fetch requests by putting the publication into the inbox (as the downlink does)."""
+
+    def __init__(self, inbox: AdapterInbox):
+        self.inbox = inbox
+        self.requests: list[FetchRequest] = []
+        self.answers: dict[int, AdapterPublication] = {}
+        self._lock = threading.Lock()
+
+    def fetch(self, request: FetchRequest) -> None:
+        with self._lock:
+            self.requests.append(request)
+        answer = self.answers.get(request.adapter_version)
+        if answer is not None:
+            threading.Timer(0.05, self.inbox.put, [answer]).start()  # arrives a little later
+
+    def asked(self) -> list[int]:
+        with self._lock:
+            return [r.adapter_version for r in self.requests]
+
+
+class Device:
+    def __init__(self, tmp_path, files, policy: FetchPolicy):
+        model = files.model
+        self.hash = model.weights_hash
+        train, holdout = holdout_split(files.device_data, 0.25, seed=0)
+        self.data = LocalData(DataPhase(Learner(model, train, holdout), train.X, drifted=False))
+        self.store = AdapterStore(tmp_path / "adapters", self.hash)
+        self.inbox = AdapterInbox()
+        self.coordinator = Coordinator(self.inbox)
+        self.runner = JobRunner(
+            {}, lambda s: None, JobHistory(tmp_path / "j.json"), base_model_hash="h"
+        )
+        self.reconciler = Reconciler(
+            data=self.data,
+            store=self.store,
+            inbox=self.inbox,
+            send_fetch=self.coordinator.fetch,
+            between_jobs=self.runner.run_between_jobs,
+            policy=policy,
+            rng=random.Random(0),
+        )
+
+    def publication(self, version: int, base_hash: str | None = None, scale=0.01):
+        model = self.data.model
+        arrays = {
+            f"delta{k + 1}": np.full((d, model.n_classes), scale, np.float32)
+            for k, d in enumerate(model.layer_input_dims)
+        }
+        lineage = Lineage("r1", ("dev-1",), "fedavg")
+        return AdapterPublication(version, base_hash or self.hash, "default", arrays, lineage, 1.0)
+
+    def desired(self, version: int | None, base_hash: str | None = None) -> DesiredState:
+        return DesiredState(version, base_hash or self.hash, "default")
+
+    def running(self) -> int | None:
+        current = self.store.current
+        return None if current is None else current.meta.version
+
+    def install(self, version: int) -> None:
+        arrays = self.publication(version).arrays
+        self.store.install(
+            arrays, version=version, base_model_hash=self.hash, source=AdapterSource.COORDINATOR
+        )
+
+
+@pytest.fixture
+def device(tmp_path, fan_files):  # noqa: F811
+    d = Device(tmp_path, fan_files, FetchPolicy(retry_seconds=5.0, max_fetches=3))
+    d.runner.start()
+    d.reconciler.start()
+    yield d
+    d.reconciler.stop()
+    d.runner.stop()
+
+
+def test_a_new_desired_version_is_fetched_installed_and_the_old_one_kept(device):
+    device.install(3)
+    device.coordinator.answers[7] = device.publication(7)
+    device.reconciler.offer(device.desired(7))
+    wait_until(lambda: device.running() == 7)
+    assert device.coordinator.asked() == [7]
+    current = device.store.current
+    assert current.meta.source is AdapterSource.COORDINATOR
+    assert current.meta.details == {"desired_state": True}
+    assert device.store.previous.meta.version == 3  # kept for rollback
+
+
+def test_a_version_at_hand_is_installed_without_asking(device):
+    device.inbox.put(device.publication(5))  # pushed by the coordinator before the pointer
+    device.reconciler.offer(device.desired(5))
+    wait_until(lambda: device.running() == 5)
+    device.reconciler.offer(device.desired(None))
+    wait_until(lambda: device.store.current is None)
+    for version in range(30, 34):  # push 5 out of the inbox (it keeps the latest 4)
+        device.inbox.put(device.publication(version))
+    assert device.inbox.get(5) is None
+    device.reconciler.offer(device.desired(5))  # back again: the store kept it as previous
+    wait_until(lambda: device.running() == 5)
+    assert device.coordinator.asked() == []
+
+
+def test_none_means_the_base_model_alone_with_the_adapter_kept_for_rollback(device):
+    device.install(4)
+    device.reconciler.offer(device.desired(None))
+    wait_until(lambda: device.store.current is None)
+    assert device.store.previous.meta.version == 4
+    assert device.store.rollback().meta.version == 4
+
+
+def test_the_running_version_is_left_alone(device, caplog):
+    device.install(6)
+    with caplog.at_level(logging.DEBUG, logger="agent.reconcile"):
+        device.reconciler.offer(device.desired(6))
+        wait_until(lambda: "running already" in caplog.text)
+    assert device.coordinator.asked() == [] and device.store.previous is None
+
+
+def test_a_pointer_for_another_base_model_is_refused_and_logged(device, caplog):
+    with caplog.at_level(logging.ERROR, logger="agent.reconcile"):
+        device.reconciler.offer(device.desired(8, base_hash=OTHER_HASH))
+        wait_until(lambda: "refused" in caplog.text)
+    assert "base model ffffffff" in caplog.text
+    assert device.coordinator.asked() == [] and device.running() is None
+
+
+def test_a_publication_for_another_base_model_is_refused(device, caplog):
+    device.coordinator.answers[9] = device.publication(9, base_hash=OTHER_HASH)
+    with caplog.at_level(logging.ERROR, logger="agent.reconcile"):
+        device.reconciler.offer(device.desired(9))
+        wait_until(lambda: "refused" in caplog.text)
+    assert device.coordinator.asked() == [9] and device.running() is None
+
+
+def test_fetches_repeat_with_backoff_and_stop_after_the_bound(tmp_path, fan_files, caplog):  # noqa: F811
+    d = Device(tmp_path, fan_files, FetchPolicy(retry_seconds=0.02, max_fetches=3))
+    d.runner.start()
+    d.reconciler.start()
+    try:
+        with caplog.at_level(logging.WARNING, logger="agent.reconcile"):
+            d.reconciler.offer(d.desired(11))  # nobody answers
+            wait_until(lambda: "did not arrive after 3 requests" in caplog.text)
+        assert d.coordinator.asked() == [11, 11, 11] and d.running() is None
+        d.coordinator.answers[11] = d.publication(11)
+        d.reconciler.offer(d.desired(11))  # the pointer again (a reconnect): a new budget
+        wait_until(lambda: d.running() == 11)
+    finally:
+        d.reconciler.stop()
+        d.runner.stop()
+
+
+def test_the_waits_double_with_jitter_up_to_the_cap():
+    policy = FetchPolicy(retry_seconds=10.0, max_fetches=8, cap_seconds=60.0)
+    rng = random.Random(1)
+    for attempt, ceiling in enumerate([10, 20, 40, 60, 60]):
+        waits = [policy.wait(attempt, rng) for _ in range(50)]
+        assert all(ceiling / 2 <= w <= ceiling for w in waits)
+        assert max(waits) - min(waits) > ceiling / 10  # jittered, not in lock step
+
+
+def test_a_newer_pointer_takes_over_from_a_wait_for_an_older_one(device):
+    device.reconciler.offer(device.desired(20))  # never answered; would wait 2.5-5 s
+    wait_until(lambda: device.coordinator.asked() == [20])
+    device.reconciler.offer(device.desired(20))  # the same pointer re-delivered: no new request
+    device.coordinator.answers[21] = device.publication(21)
+    started = time.monotonic()
+    device.reconciler.offer(device.desired(21))
+    wait_until(lambda: device.running() == 21)
+    assert time.monotonic() - started < 2.0
+    assert device.coordinator.asked() == [20, 21]
