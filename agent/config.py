@@ -37,6 +37,7 @@ ENV_PASSWORD_FILE = "SKIPFLEET_MQTT_PASSWORD_FILE"
 ENV_DATA = "SKIPFLEET_DEVICE_DATA"
 ENV_BASE_MODEL = "SKIPFLEET_BASE_MODEL"
 ENV_STATE_DIR = "SKIPFLEET_STATE_DIR"
+ENV_HEALTH_FILE = "SKIPFLEET_HEALTH_FILE"
 
 
 class PowerProfileChoice(Enum):
@@ -93,6 +94,7 @@ class AgentConfig:
     drift_at_seconds: float | None = None  # switch to the drifted data this long after start
     desired_retry_seconds: float = 30.0  # first wait for a desired adapter, doubled per fetch
     desired_max_fetches: int = 5
+    health_file: Path | None = None  # rewritten while connected: a container healthcheck
     log_level: str = "INFO"
 
     def __post_init__(self) -> None:
@@ -170,6 +172,7 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> AgentConf
         drift_at_seconds=args.drift_at,
         desired_retry_seconds=args.desired_retry_seconds,
         desired_max_fetches=args.desired_max_fetches,
+        health_file=_optional_path(args.health_file or environ.get(ENV_HEALTH_FILE)),
         log_level=args.log_level.upper(),
     )
 
@@ -195,6 +198,10 @@ def _mqtt_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Mqtt
         return parse_broker_url(url, **overrides)
     except ValueError as err:
         raise ConfigError(f"invalid configuration: {err}") from None
+
+
+def _optional_path(value: str | None) -> Path | None:
+    return Path(value) if value else None
 
 
 def _required_path(value: str | None, env_value: str | None, flag: str, env: str) -> Path:
@@ -253,6 +260,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--data", help=f"device data (.npz with X, y) or a directory; default ${ENV_DATA}")
     add("--base-model", help=f"the pre-trained base model (.npz); default ${ENV_BASE_MODEL}")
     add("--state-dir", help=f"where adapters, spool and job history live; ${ENV_STATE_DIR}")
+    add(
+        "--health-file",
+        help=f"a file rewritten on connect and every heartbeat while connected, for a "
+        f"container healthcheck to check its age; ${ENV_HEALTH_FILE}",
+    )
     add("--heartbeat-seconds", type=float, default=30.0)
     add(
         "--holdout-fraction",

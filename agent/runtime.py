@@ -19,6 +19,7 @@ from agent.downlink import Downlink
 from agent.drift import RecentInputs
 from agent.errors import ExitCode, FatalError
 from agent.handlers import JobHandlers
+from agent.health import HealthFile
 from agent.job_history import JobHistory
 from agent.jobs import JobRunner
 from agent.local_data import LocalData
@@ -66,6 +67,7 @@ class Parts:
     drift: DriftTrigger
     presence: PresenceFactory
     transport: Transport
+    health: HealthFile
 
 
 class Agent:
@@ -125,6 +127,7 @@ class Agent:
         )
         presence = PresenceFactory(c, model.weights_hash, meter, uplink)
         status_topic = topics.status(c.device_id)
+        health = HealthFile(c.health_file)
         transport = Transport(
             c.mqtt,
             client_id=c.device_id,
@@ -135,6 +138,7 @@ class Agent:
             outbox=outbox,
             on_message=downlink.handle,
             on_fatal=self._fail,
+            on_connected=health.touch,
         )
         return Parts(
             data,
@@ -151,6 +155,7 @@ class Agent:
             DriftTrigger(data, c.drift_at_seconds),
             presence,
             transport,
+            health,
         )
 
     @property
@@ -173,7 +178,11 @@ class Agent:
     def run(self) -> ExitCode:
         p = self.parts
         heartbeats = HeartbeatLoop(
-            p.telemetry, p.uplink.send, self.config.heartbeat_seconds, observe=p.stream.step
+            p.telemetry,
+            p.uplink.send,
+            self.config.heartbeat_seconds,
+            observe=p.stream.step,
+            after_beat=lambda: p.health.touch() if p.transport.connected.is_set() else None,
         )
         p.meter.start()
         p.outbox.start()

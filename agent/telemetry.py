@@ -116,11 +116,13 @@ class HeartbeatLoop:
         send: Callable[[Heartbeat], None],
         interval: float,
         observe: Callable[[], None] = lambda: None,
+        after_beat: Callable[[], None] = lambda: None,
     ):
         self._telemetry = telemetry
         self._send = send
         self._interval = interval
         self._observe = observe
+        self._after_beat = after_beat
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name="heartbeat", daemon=True)
 
@@ -139,6 +141,7 @@ class HeartbeatLoop:
                 log.exception("sensor stream failed")
             try:
                 self._send(self._telemetry.heartbeat())
+                self._after_beat()
             except Exception:  # one bad beat must not end the heartbeats
                 log.exception("heartbeat failed")
             if self._stop.wait(self._interval):

@@ -58,6 +58,7 @@ class Transport:
         outbox: Outbox,
         on_message: Callable[[str, bytes], None],
         on_fatal: Callable[[BrokerRefused], None],
+        on_connected: Callable[[], None] = lambda: None,
     ):
         self._settings = settings
         self._subscriptions = subscriptions
@@ -66,6 +67,7 @@ class Transport:
         self._outbox = outbox
         self._on_message = on_message
         self._on_fatal = on_fatal
+        self._on_connected = on_connected
         self.connected = threading.Event()
         self._client = make_client(settings, client_id, will=will)
         self._client.enable_logger(logging.getLogger("paho"))
@@ -111,6 +113,7 @@ class Transport:
         client.subscribe(self._subscriptions)
         client.publish(self._status_topic, self._online_payload(), qos=1, retain=True)
         self.connected.set()
+        self._on_connected()
         self._outbox.connected()
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:

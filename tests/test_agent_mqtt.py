@@ -72,6 +72,25 @@ def test_sigterm_announces_offline_and_exits_zero(fleet):
     observer.presence(PresenceState.OFFLINE)
 
 
+def test_the_health_file_is_rewritten_while_connected(fleet, tmp_path):
+    start_agent, observer, mosquitto = fleet
+    health = tmp_path / "health"
+    agent = start_agent("--health-file", str(health), "--heartbeat-seconds", "0.5")
+    observer.presence(PresenceState.ONLINE)
+    deadline = time.monotonic() + WAIT
+    while not health.exists() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    first = health.stat().st_mtime_ns
+    while health.stat().st_mtime_ns == first and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert health.stat().st_mtime_ns > first, "heartbeats must keep the file fresh"
+    mosquitto.stop()  # disconnected: the file must go stale
+    time.sleep(1.0)  # let a beat that was already under way finish
+    stale = health.stat().st_mtime_ns
+    time.sleep(1.5)  # three heartbeat periods
+    assert health.stat().st_mtime_ns == stale, agent.log()
+
+
 def test_a_finetune_job_succeeds_and_its_adapter_improves_holdout_accuracy(fleet, fan_files):  # noqa: F811
     start_agent, observer, _ = fleet
     start_agent()
