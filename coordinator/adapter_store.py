@@ -153,6 +153,11 @@ class AdapterStore:
                 (cohort, version, self._clock()),
             )
 
+    def cohorts(self) -> list[str]:
+        """Every cohort with at least one stored version."""
+        rows = self._db.query("SELECT DISTINCT cohort FROM adapters ORDER BY cohort")
+        return [r["cohort"] for r in rows]
+
     def latest_version(self, cohort: str) -> int | None:
         row = self._db.query_one(
             "SELECT MAX(version) AS v FROM adapters WHERE cohort = ?", (cohort,)

@@ -231,6 +231,18 @@ class JobTable:
         row = self._db.query_one(f"SELECT COUNT(*) AS n FROM jobs WHERE {_ACTIVE_SQL}")
         return int(row["n"]) if row else 0
 
+    def count_by_state(self) -> dict[JobState, int]:
+        rows = self._db.query("SELECT state, COUNT(*) AS n FROM jobs GROUP BY state")
+        return {JobState(r["state"]): int(r["n"]) for r in rows}
+
+    def recent(self, limit: int = 100, *, device_id: str | None = None) -> list[Job]:
+        """The most recently created jobs, newest first (of one device if given)."""
+        if device_id is None:
+            return self._select("1 ORDER BY created_at DESC, rowid DESC LIMIT ?", (limit,))
+        return self._select(
+            "device_id = ? ORDER BY created_at DESC, rowid DESC LIMIT ?", (device_id, limit)
+        )
+
     def latest_for_device(self, device_id: str) -> Job | None:
         jobs = self._select(
             "device_id = ? ORDER BY created_at DESC, rowid DESC LIMIT 1", (device_id,)

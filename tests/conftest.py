@@ -33,3 +33,23 @@ def mosquitto(tmp_path: Path):
     broker.start()
     yield broker
     broker.stop()
+
+
+@pytest.fixture(scope="session")
+def ray_session():
+    """One small local Ray for the whole session (init ~4 s): never one per test.
+
+    The coordinator's integration tests run their fleet actor on it (each under its own actor
+    name), and a coordinator subprocess joins it by address instead of starting a second Ray.
+    """
+    import ray
+
+    ray.init(
+        num_cpus=2,
+        include_dashboard=False,
+        object_store_memory=100 * 1024**2,
+        namespace="skipfleet-tests",
+        log_to_driver=False,
+    )
+    yield ray
+    ray.shutdown()

@@ -1,0 +1,105 @@
+"""Aggregating a closed round: the pure function a Ray task runs, and the in-process runner.
+
+Each round runs the configured strategy and its comparison (exact-delta and naive FedAvg), so
+the round record can say how far the naive average would have been from the exact one. The
+Ray runner (coordinator.ray_runtime.RayAggregator) submits run_strategy as tasks; LocalAggregator
+runs it inline for tests and tools. Both return the same StrategyRun values.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import Protocol
+
+from coordinator.aggregation import (
+    STRATEGIES,
+    AdapterShape,
+    AggregateResult,
+    AggregationError,
+    FitFailure,
+    FitResult,
+)
+
+COMPARED_ALGORITHMS = ("exact-delta", "naive-fedavg")
+
+
+@dataclass(frozen=True)
+class AggregationRequest:
+    round_id: str
+    cohort: str
+    base_model_hash: str
+    shape: AdapterShape
+    results: tuple[FitResult, ...]
+    failures: tuple[FitFailure, ...]
+    parent_version: int | None
+
+
+@dataclass(frozen=True)
+class StrategyRun:
+    algorithm: str
+    seconds: float
+    result: AggregateResult | None = None
+    error: str | None = None
+
+
+@dataclass(frozen=True)
+class AggregationOutcome:
+    request: AggregationRequest
+    runs: tuple[StrategyRun, ...]
+
+    def run(self, algorithm: str) -> StrategyRun | None:
+        return next((r for r in self.runs if r.algorithm == algorithm), None)
+
+
+def run_strategy(
+    algorithm: str,
+    shape: AdapterShape,
+    results: Sequence[FitResult],
+    failures: Sequence[FitFailure],
+) -> StrategyRun:
+    """One strategy over one round; an unaggregatable round is an answer, not an exception."""
+    started = time.perf_counter()
+    try:
+        result = STRATEGIES[algorithm](shape).aggregate_fit(results, failures)
+    except AggregationError as err:
+        return StrategyRun(algorithm, time.perf_counter() - started, error=str(err))
+    return StrategyRun(algorithm, time.perf_counter() - started, result=result)
+
+
+def algorithms_for(chosen: str) -> tuple[str, ...]:
+    """The chosen strategy first, then the others compared with it."""
+    return (chosen, *(a for a in COMPARED_ALGORITHMS if a != chosen))
+
+
+class Aggregator(Protocol):
+    def submit(self, request: AggregationRequest, algorithms: Sequence[str]) -> None: ...
+
+    def collect(self) -> list[AggregationOutcome]:
+        """Outcomes of every submitted round that finished since the last call."""
+        ...
+
+    def pending(self) -> set[str]:
+        """Round ids submitted and not collected yet."""
+        ...
+
+
+class LocalAggregator:
+    """Runs strategies inline, in submit()."""
+
+    def __init__(self) -> None:
+        self._done: list[AggregationOutcome] = []
+
+    def submit(self, request: AggregationRequest, algorithms: Sequence[str]) -> None:
+        runs = tuple(
+            run_strategy(a, request.shape, request.results, request.failures) for a in algorithms
+        )
+        self._done.append(AggregationOutcome(request, runs))
+
+    def collect(self) -> list[AggregationOutcome]:
+        done, self._done = self._done, []
+        return done
+
+    def pending(self) -> set[str]:
+        return {outcome.request.round_id for outcome in self._done}

@@ -1,0 +1,232 @@
+"""The coordinator's HTTP JSON API, on the standard library's ThreadingHTTPServer.
+
+    GET  /health                              200 when the fleet state answers (503 otherwise)
+    GET  /devices, /devices/{id}              the registry (and a device's recent jobs)
+    GET  /jobs?limit=N&device=ID              jobs, newest first
+    GET  /rounds?limit=N                      rounds with their failures, aggregation, rollout
+    GET  /adapters                            versions, lineage and rollouts per cohort
+    POST /finetune                            {"devices": [...]} | {"cohort": "..."} | {"all": true}
+    POST /adapters/{cohort}/{version}/promote make a stored version current, and distribute it
+    POST /adapters/{cohort}/rollback          back to the current version's parent
+
+Routing and validation live in FleetApi.handle() (plain: unit-tested without sockets); every
+error is a JSON body {"error": "..."} with a 4xx/5xx status.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import re
+import threading
+from collections.abc import Callable
+from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from typing import Any
+from urllib.parse import parse_qs, urlsplit
+
+from coordinator.fleet import FleetRequestError
+from coordinator.ports import FleetPort, Unavailable
+
+log = logging.getLogger(__name__)
+
+MAX_BODY_BYTES = 64 * 1024
+MAX_LIMIT = 1000
+_DEVICE = r"[a-z0-9-]{1,64}"
+_COHORT = r"[a-z0-9][a-z0-9._-]{0,127}"
+
+Response = tuple[int, Any]
+
+
+class ApiError(Exception):
+    def __init__(self, status: HTTPStatus, message: str) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+class FleetApi:
+    def __init__(self, port: FleetPort, *, bridge_connected: Callable[[], bool] = lambda: True):
+        self._port = port
+        self._bridge_connected = bridge_connected
+        self._routes: list[tuple[str, re.Pattern[str], Callable[..., Any]]] = [
+            ("GET", re.compile(r"/health"), self._health),
+            ("GET", re.compile(r"/devices"), self._devices),
+            ("GET", re.compile(rf"/devices/({_DEVICE})"), self._device),
+            ("GET", re.compile(r"/jobs"), self._jobs),
+            ("GET", re.compile(r"/rounds"), self._rounds),
+            ("GET", re.compile(r"/adapters"), self._adapters),
+            ("POST", re.compile(r"/finetune"), self._finetune),
+            ("POST", re.compile(rf"/adapters/({_COHORT})/(\d{{1,9}})/promote"), self._promote),
+            ("POST", re.compile(rf"/adapters/({_COHORT})/rollback"), self._rollback),
+        ]
+
+    def handle(self, method: str, target: str, body: bytes = b"") -> Response:
+        url = urlsplit(target)
+        path = url.path.rstrip("/") or "/"
+        query = parse_qs(url.query)
+        try:
+            handler, args = self._route(method, path)
+            if method == "POST":
+                return HTTPStatus.OK, handler(_json_body(body), *args)
+            return HTTPStatus.OK, handler(query, *args)
+        except ApiError as err:
+            return err.status, {"error": str(err)}
+        except FleetRequestError as err:
+            return HTTPStatus(err.status), {"error": str(err)}
+        except Unavailable as err:
+            return HTTPStatus.SERVICE_UNAVAILABLE, {"error": str(err)}
+        except Exception:
+            log.exception("%s %s failed", method, path)
+            return HTTPStatus.INTERNAL_SERVER_ERROR, {"error": "internal error (see the log)"}
+
+    def _route(self, method: str, path: str) -> tuple[Callable[..., Any], tuple[str, ...]]:
+        allowed = []
+        for route_method, pattern, handler in self._routes:
+            match = pattern.fullmatch(path)
+            if match is None:
+                continue
+            if route_method == method:
+                return handler, match.groups()
+            allowed.append(route_method)
+        if allowed:
+            raise ApiError(HTTPStatus.METHOD_NOT_ALLOWED, f"{path} accepts {', '.join(allowed)}")
+        raise ApiError(HTTPStatus.NOT_FOUND, f"no such resource: {path}")
+
+    # ---- handlers
+
+    def _health(self, query: dict) -> dict:
+        health = self._port.health()
+        connected = self._bridge_connected()
+        if not connected:
+            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "not connected to the MQTT broker")
+        return {**health, "mqtt_connected": connected}
+
+    def _devices(self, query: dict) -> list:
+        return self._port.read("devices")
+
+    def _device(self, query: dict, device_id: str) -> dict:
+        return self._port.read("device", device_id)
+
+    def _jobs(self, query: dict) -> list:
+        device = _one(query, "device")
+        if device is not None and not re.fullmatch(_DEVICE, device):
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"device {device!r} is not a device id")
+        return self._port.read("jobs", _limit(query, 100), device)
+
+    def _rounds(self, query: dict) -> list:
+        return self._port.read("rounds", _limit(query, 50))
+
+    def _adapters(self, query: dict) -> list:
+        return self._port.read("adapters")
+
+    def _finetune(self, body: dict) -> dict:
+        unknown = set(body) - {"devices", "cohort", "all"}
+        if unknown:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown fields {sorted(unknown)}")
+        devices, cohort, all_ = body.get("devices"), body.get("cohort"), body.get("all", False)
+        if devices is not None and (
+            not isinstance(devices, list) or not all(isinstance(d, str) for d in devices)
+        ):
+            raise ApiError(HTTPStatus.BAD_REQUEST, '"devices" must be a list of device ids')
+        if cohort is not None and not isinstance(cohort, str):
+            raise ApiError(HTTPStatus.BAD_REQUEST, '"cohort" must be a string')
+        if not isinstance(all_, bool):
+            raise ApiError(HTTPStatus.BAD_REQUEST, '"all" must be true or false')
+        return self._port.request_finetune(devices, cohort, all_)
+
+    def _promote(self, body: dict, cohort: str, version: str) -> dict:
+        return self._port.promote(cohort, int(version))
+
+    def _rollback(self, body: dict, cohort: str) -> dict:
+        return self._port.rollback(cohort)
+
+
+def _json_body(body: bytes) -> dict:
+    if len(body) > MAX_BODY_BYTES:
+        raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY_BYTES} bytes")
+    if not body.strip():
+        return {}
+    try:
+        value = json.loads(body)
+    except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"body is not JSON: {err}") from None
+    if not isinstance(value, dict):
+        raise ApiError(HTTPStatus.BAD_REQUEST, "body must be a JSON object")
+    return value
+
+
+def _one(query: dict, name: str) -> str | None:
+    values = query.get(name)
+    return None if not values else values[-1]
+
+
+def _limit(query: dict, default: int) -> int:
+    text = _one(query, "limit")
+    if text is None:
+        return default
+    if not text.isdigit() or not 1 <= int(text) <= MAX_LIMIT:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"limit must be an integer in [1, {MAX_LIMIT}]")
+    return int(text)
+
+
+def to_json(value: Any) -> bytes:
+    """Strict JSON: a non-finite float (an infinite gap, say) becomes null."""
+    return json.dumps(_finite(value), allow_nan=False, sort_keys=True).encode()
+
+
+def _finite(value: Any) -> Any:
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _finite(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [_finite(v) for v in value]
+    return value
+
+
+class _Handler(BaseHTTPRequestHandler):
+    server: ApiServer
+    protocol_version = "HTTP/1.1"
+
+    def do_GET(self) -> None:
+        self._respond(*self.server.api.handle("GET", self.path))
+
+    def do_POST(self) -> None:
+        length = int(self.headers.get("Content-Length") or 0)
+        if length > MAX_BODY_BYTES:
+            self._respond(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "body too large"})
+            return
+        body = self.rfile.read(length) if length else b""
+        self._respond(*self.server.api.handle("POST", self.path, body))
+
+    def _respond(self, status: int, payload: Any) -> None:
+        data = to_json(payload)
+        self.send_response(status)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, format: str, *args: Any) -> None:
+        log.debug("%s %s", self.address_string(), format % args)
+
+
+class ApiServer(ThreadingHTTPServer):
+    daemon_threads = True
+
+    def __init__(self, api: FleetApi, addr: str, port: int) -> None:
+        super().__init__((addr, port), _Handler)
+        self.api = api
+        self._thread = threading.Thread(target=self.serve_forever, name="api", daemon=True)
+
+    @property
+    def port(self) -> int:
+        return self.server_address[1]
+
+    def start(self) -> None:
+        self._thread.start()
+
+    def stop(self) -> None:
+        self.shutdown()
+        self.server_close()

@@ -1,0 +1,115 @@
+"""`skipfleet coordinator`: run the fleet coordinator until SIGTERM/SIGINT.
+
+    skipfleet coordinator --broker mqtt://broker:1883 --state-dir /var/lib/skipfleet-coordinator \\
+        [--ray-address local|auto|ADDRESS] [--metrics-port 9464] [--api-port 8080] ...
+
+Exit codes: 0 after a clean stop; 64 bad configuration; 69 Ray could not be started or joined;
+70 internal error (the fleet actor did not start, or a crash); 71 the API or /metrics port
+cannot be bound; 73 the state dir is not writable; 77 the broker refused our credentials.
+Only argparse-level imports at module level: `skipfleet --help` imports this module.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import signal
+import sys
+import threading
+from enum import IntEnum
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from coordinator.config import add_arguments
+
+if TYPE_CHECKING:
+    from coordinator.config import CoordinatorConfig
+
+log = logging.getLogger("coordinator")
+
+
+class ExitCode(IntEnum):
+    OK = 0
+    CONFIG = 64
+    RAY_UNAVAILABLE = 69
+    INTERNAL = 70
+    PORT_UNAVAILABLE = 71
+    STATE_DIR = 73
+    BROKER_REFUSED = 77
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    add_arguments(parser)
+
+
+def prepare_state_dir(path: Path) -> None:
+    """Create the state dir and prove it is writable now, not at the first checkpoint."""
+    path.mkdir(parents=True, exist_ok=True)
+    probe = path / ".write-probe"
+    probe.write_bytes(b"ok")
+    probe.unlink()
+
+
+def fail(code: ExitCode, message: str) -> int:
+    print(f"skipfleet coordinator: {message}", file=sys.stderr)
+    return int(code)
+
+
+def main(args: argparse.Namespace) -> int:
+    from coordinator.config import ConfigError, from_args
+
+    logging.basicConfig(
+        level=args.log_level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        config = from_args(args, os.environ)
+    except ConfigError as err:
+        return fail(ExitCode.CONFIG, f"invalid configuration: {err}")
+    try:
+        prepare_state_dir(config.state_dir)
+    except OSError as err:
+        return fail(ExitCode.STATE_DIR, f"state dir {config.state_dir}: {err.strerror or err}")
+    try:
+        return run(config)
+    except Exception:
+        log.exception("the coordinator crashed")
+        return int(ExitCode.INTERNAL)
+
+
+def run(config: CoordinatorConfig) -> int:
+    import ray
+
+    from coordinator.app import Coordinator, PortUnavailable, StartupError
+    from coordinator.ray_runtime import init_ray
+
+    try:
+        init_ray(config)
+    except Exception as err:  # ConnectionError, RuntimeError, ...: Ray says what went wrong
+        where = config.ray_address
+        return fail(ExitCode.RAY_UNAVAILABLE, f"cannot start or join Ray ({where}): {err}")
+    # After ray.init, which installs a SIGTERM handler of its own that would end the process
+    # before the bridge hands over the last messages.
+    stop = threading.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        signal.signal(sig, lambda signum, frame: stop.set())
+    try:
+        coordinator = Coordinator.start(config)
+    except PortUnavailable as err:
+        ray.shutdown()
+        return fail(ExitCode.PORT_UNAVAILABLE, str(err))
+    except StartupError as err:
+        ray.shutdown()
+        return fail(ExitCode.INTERNAL, str(err))
+    try:
+        while not stop.wait(0.5) and not coordinator.fatal.event.is_set():
+            pass
+    finally:
+        log.info("shutting down")
+        coordinator.stop()
+        ray.shutdown()
+    if coordinator.fatal.reason is not None:
+        return fail(ExitCode.BROKER_REFUSED, coordinator.fatal.reason)
+    return int(ExitCode.OK)

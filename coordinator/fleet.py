@@ -1,0 +1,143 @@
+"""The fleet state: every plain class over one state dir, and the two side channels they share
+(metric events for the driver, and the outbox of messages for the MQTT bridge).
+
+Built by FleetService (inside the Ray actor, or in-process in tests); constructing it again over
+the same state dir is how a restarted actor carries on: every table reloads from SQLite.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+import re
+import threading
+from dataclasses import dataclass, field
+
+from coordinator.adapter_store import AdapterStore
+from coordinator.clock import Clock, system_clock
+from coordinator.commands import CommandLog
+from coordinator.config import CoordinatorConfig
+from coordinator.jobs import Job, JobTable
+from coordinator.observations import EventLog, JobTransition, MessageRejected
+from coordinator.outbound import DownlinkMessage, Outbound
+from coordinator.registry import DeviceRecord, FleetRegistry
+from coordinator.reports import ReportStore
+from coordinator.rollout import RolloutManager
+from coordinator.round_records import RoundRecords
+from coordinator.rounds import RoundTable
+from coordinator.scheduler import FineTuneScheduler, SkipReason
+from coordinator.state_db import StateDB
+
+log = logging.getLogger(__name__)
+
+# Not reachable now: a device is offline, silent, or unknown (hot or busy ones may clear soon).
+UNREACHABLE = frozenset({SkipReason.OFFLINE, SkipReason.HEARTBEAT_STALE, SkipReason.UNKNOWN_DEVICE})
+
+
+class FleetRequestError(ValueError):
+    """An operator request that cannot be done as asked (the API answers 4xx with the message)."""
+
+    status = 400
+
+
+class NotFound(FleetRequestError):
+    status = 404
+
+
+class Conflict(FleetRequestError):
+    status = 409
+
+
+def task_name(agent_cohort: str) -> str:
+    """The agent's --cohort as a registry task name ([a-z0-9][a-z0-9_-]{0,63}).
+
+    The agent allows upper case and `.:+`; the registry's cohort id is `{task}-{base hash}`.
+    """
+    name = re.sub(r"[^a-z0-9_-]+", "-", agent_cohort.lower()).strip("-_")[:64]
+    return name or "default"
+
+
+@dataclass
+class Fleet:
+    config: CoordinatorConfig
+    clock: Clock
+    db: StateDB
+    registry: FleetRegistry
+    jobs: JobTable
+    scheduler: FineTuneScheduler
+    triggers: FineTuneScheduler
+    rounds: RoundTable
+    records: RoundRecords
+    store: AdapterStore
+    rollouts: RolloutManager
+    commands: CommandLog
+    reports: ReportStore
+    events: EventLog = field(default_factory=EventLog)
+    _outbox: list[Outbound] = field(default_factory=list)
+    _outbox_lock: threading.Lock = field(default_factory=threading.Lock)
+
+    @classmethod
+    def open(cls, config: CoordinatorConfig, clock: Clock = system_clock) -> Fleet:
+        db = StateDB.in_dir(config.state_dir)
+        registry = FleetRegistry(db, clock=clock, energy_period_s=config.energy_period_s)
+        jobs = JobTable(db, clock=clock)
+        store = AdapterStore(db, config.state_dir, clock=clock)
+        # Automatic triggers start rounds over a cohort (RoundPipeline), so the dispatching
+        # scheduler must not also start lone fine-tunes for them: it runs with triggers off, and
+        # a second one with the configured thresholds only answers automatic_trigger().
+        dispatching = dataclasses.replace(
+            config.policy, accuracy_threshold=None, accuracy_drop_margin=None, drift_threshold=None
+        )
+        return cls(
+            config=config,
+            clock=clock,
+            db=db,
+            registry=registry,
+            jobs=jobs,
+            scheduler=FineTuneScheduler(db, registry, jobs, policy=dispatching, clock=clock),
+            triggers=FineTuneScheduler(db, registry, jobs, policy=config.policy, clock=clock),
+            rounds=RoundTable(db),
+            records=RoundRecords(db),
+            store=store,
+            rollouts=RolloutManager(db, store, policy=config.rollout, clock=clock),
+            commands=CommandLog(db),
+            reports=ReportStore(db, config.state_dir),
+        )
+
+    # ---- side channels
+
+    def send(self, device_id: str, message: DownlinkMessage) -> None:
+        with self._outbox_lock:
+            self._outbox.append(Outbound(device_id, message))
+
+    def drain_outbox(self) -> list[Outbound]:
+        with self._outbox_lock:
+            outbox, self._outbox = self._outbox, []
+        return outbox
+
+    def transitioned(self, job: Job) -> None:
+        self.events.record(JobTransition(job.state.value))
+
+    def reject(self, reason: str, detail: str) -> None:
+        log.warning("rejected (%s): %s", reason, detail)
+        self.events.record(MessageRejected(reason))
+
+    # ---- helpers the handlers share
+
+    def reachable(self, record: DeviceRecord | None) -> bool:
+        return self.scheduler.skip_reason(record, self.clock()) not in UNREACHABLE
+
+    def create_job(self, device_id: str, kind: str, trigger: str) -> Job:
+        """A one-shot command job (evaluate, apply): no retry, its own short timeout."""
+        job = self.jobs.create(
+            device_id,
+            timeout_s=self.config.command_timeout_s,
+            max_attempts=1,
+            trigger=trigger,
+            kind=kind,
+        )
+        self.transitioned(job)
+        return job
+
+    def close(self) -> None:
+        self.db.close()

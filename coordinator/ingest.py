@@ -1,0 +1,186 @@
+"""Device messages into the fleet state: presence, heartbeats, job statuses, reports, fetches.
+
+The bridge has already decoded, routed (sender = topic device), reassembled and de-duplicated
+them; here each is applied idempotently (a QoS 1 re-delivery after a restart changes nothing),
+and anything that cannot be applied is counted as rejected with a reason, never raised.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+from coordinator.aggregation import AdapterShape
+from coordinator.distribution import AdapterDistributor
+from coordinator.fleet import Fleet, task_name
+from coordinator.jobs import Job, JobError, JobState
+from coordinator.observations import FinetuneReported
+from coordinator.reports import ReportMeta, ReportRejected, ReportStore, check_adapter
+from shared.protocol import (
+    Envelope,
+    FetchRequest,
+    Heartbeat,
+    JobReason,
+    JobStatus,
+    Presence,
+    PresenceState,
+    Report,
+)
+from shared.protocol import JobState as WireJobState
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class Received:
+    """A decoded device message and when the bridge received it (the coordinator's clock)."""
+
+    envelope: Envelope
+    received_at: float
+
+    @property
+    def device_id(self) -> str:
+        return self.envelope.sender  # the bridge checked it is the topic's device
+
+
+class MessageHandler:
+    def __init__(self, fleet: Fleet, distributor: AdapterDistributor) -> None:
+        self._fleet = fleet
+        self._distributor = distributor
+
+    def handle(self, received: Received) -> None:
+        message, device, at = received.envelope.message, received.device_id, received.received_at
+        match message:
+            case Presence():
+                self._presence(device, message, at)
+            case Heartbeat():
+                self._heartbeat(device, message, at)
+            case JobStatus():
+                self._job_status(device, message)
+            case Report():
+                self._report(device, message, at)
+            case FetchRequest():
+                self._distributor.answer_fetch(device, message.adapter_version)
+            case _:
+                self._fleet.reject("unexpected_kind", f"{type(message).__name__} from {device}")
+
+    def _presence(self, device: str, message: Presence, at: float) -> None:
+        f = self._fleet
+        if message.state is PresenceState.ONLINE:
+            before = f.registry.get(device)
+            record = f.registry.register(
+                device, base_model_hash=message.base_model_hash, task=task_name(message.cohort)
+            )
+            if before is None or before.cohort != record.cohort:
+                log.info("device %s joined cohort %s", device, record.cohort)
+                self._distributor.on_registered(record)
+        f.registry.set_presence(device, message.state is PresenceState.ONLINE, at=at)
+
+    def _heartbeat(self, device: str, beat: Heartbeat, at: float) -> None:
+        self._fleet.registry.record_heartbeat(
+            device,
+            at=at,
+            power_w=beat.power_w,
+            energy_j=beat.energy_j_total,
+            temperature_c=beat.temperature_c,
+            drift_score=beat.drift_score,
+            adapter_version=beat.adapter_version,
+        )
+
+    def _job_status(self, device: str, status: JobStatus) -> None:
+        f = self._fleet
+        job = self._owned_job(device, status.job_id)
+        if job is None:
+            return
+        if status.state is WireJobState.REJECTED and status.reason_code is JobReason.DUPLICATE:
+            return  # a re-delivered command: the first delivery's statuses tell its fate
+        state = JobState(status.state.value.upper())
+        try:
+            updated = f.jobs.report_status(job.job_id, state, device_id=device, detail=_why(status))
+        except JobError as err:
+            f.reject("stale_status", str(err))  # e.g. a result after the job timed out
+            return
+        if updated.state is job.state:
+            return
+        f.transitioned(updated)
+        if updated.is_terminal:
+            self._distributor.on_job_finished(updated, status)
+
+    def _report(self, device: str, report: Report, at: float) -> None:
+        f = self._fleet
+        job = self._owned_job(device, report.job_id)
+        record = f.registry.get(device)
+        if job is None or record is None:
+            return
+        if job.kind != "finetune" or record.cohort is None:
+            f.reject("unexpected_report", f"report from {device} for {job.kind} job {job.job_id}")
+            return
+        m = report.metrics
+        # What the device did, whatever becomes of its adapter: it spent the energy, and it runs
+        # the new adapter only if that was not worse on its hold-out.
+        f.registry.record_finetune(
+            device, accuracy_before=m.accuracy_before, accuracy_after=m.accuracy_after, at=at
+        )
+        if m.accuracy_after < m.accuracy_before:
+            f.registry.record_accuracy(device, m.accuracy_before, at=at)
+        f.events.record(FinetuneReported(record.cohort, m.joules, m.finetune_seconds))
+        if job.is_terminal and job.state is not JobState.SUCCEEDED:
+            f.reject("stale_report", f"report for job {job.job_id}, which is {job.state}")
+            return
+        try:
+            shape = self._check(device, report, record.base_model_hash, record.cohort)
+        except ReportRejected as err:
+            self._refuse(job, device, str(err))
+            return
+        meta = ReportMeta(
+            job_id=job.job_id,
+            device_id=device,
+            round_id=job.round_id,
+            cohort=record.cohort,
+            base_model_hash=m.base_model_hash,
+            samples=m.samples,
+            shape=shape,
+            parent_adapter_version=report.parent_adapter_version,
+            received_at=at,
+            file=ReportStore.file_for(job.job_id),
+        )
+        f.reports.save(meta, report.adapter)
+
+    def _check(
+        self, device: str, report: Report, base_hash: str | None, cohort: str
+    ) -> AdapterShape:
+        reported = report.metrics.base_model_hash
+        if reported != base_hash:
+            raise ReportRejected(
+                f"device {device}: report for base model {reported[:12]}, "
+                f"its presence says {(base_hash or '?')[:12]}"
+            )
+        expected = self._fleet.reports.cohort_shape(cohort)
+        return check_adapter(device, report.adapter, report.metrics.samples, expected)
+
+    def _refuse(self, job: Job, device: str, reason: str) -> None:
+        f = self._fleet
+        f.reject("invalid_report", reason)
+        if job.is_active:
+            # The coordinator refuses the result: the job failed (and may be retried in its round).
+            failed = f.jobs.report_status(
+                job.job_id, JobState.FAILED, device_id=device, detail=f"report refused: {reason}"
+            )
+            f.transitioned(failed)
+
+    def _owned_job(self, device: str, job_id: str) -> Job | None:
+        f = self._fleet
+        job = f.jobs.get(job_id)
+        if job is None:
+            f.reject("unknown_job", f"{device} reported on unknown job {job_id}")
+        elif job.device_id != device:
+            f.reject("not_owner", f"{device} reported on {job.device_id}'s job {job_id}")
+            return None
+        return job
+
+
+def _why(status: JobStatus) -> str | None:
+    code = status.reason_code.value if status.reason_code else None
+    if code and status.reason:
+        return f"{code}: {status.reason}"
+    return code or status.reason

@@ -1,0 +1,92 @@
+"""How the driver's parts (MQTT bridge, HTTP API, metrics loop) reach the fleet state.
+
+One interface, two implementations: RayFleetPort (coordinator.ray_runtime) talks to the actor;
+LocalFleetPort calls a FleetService in this process (unit tests, tools). The bridge's ingest is
+fire-and-forget; everything else returns a value (or raises FleetRequestError / Unavailable).
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Sequence
+from typing import Any, Protocol
+
+from coordinator.ingest import Received
+from coordinator.observations import MetricsReport
+from coordinator.outbound import Outbound
+from coordinator.service import FleetService
+
+
+class Unavailable(RuntimeError):
+    """The fleet state did not answer in time (actor restarting, overloaded): try again."""
+
+
+class FleetPort(Protocol):
+    def ingest(self, batch: Sequence[Received]) -> None: ...
+
+    def flush(self, timeout_s: float) -> None:
+        """Waits until every ingest sent so far was applied (or the timeout passed)."""
+        ...
+
+    def tick(self) -> list[Outbound]: ...
+
+    def metrics_report(self) -> MetricsReport: ...
+
+    def request_finetune(
+        self, devices: Sequence[str] | None, cohort: str | None, all_: bool
+    ) -> dict[str, Any]: ...
+
+    def promote(self, cohort: str, version: int) -> dict[str, Any]: ...
+
+    def rollback(self, cohort: str) -> dict[str, Any]: ...
+
+    def read(self, view: str, *args: Any) -> Any:
+        """devices | device(id) | jobs(limit, device) | rounds(limit) | adapters."""
+        ...
+
+    def health(self) -> dict[str, Any]: ...
+
+
+class LocalFleetPort:
+    """A FleetService in this process; one lock stands in for the actor's one-at-a-time."""
+
+    def __init__(self, service: FleetService) -> None:
+        self.service = service
+        self._lock = threading.RLock()
+
+    def ingest(self, batch: Sequence[Received]) -> None:
+        with self._lock:
+            self.service.ingest(batch)
+
+    def flush(self, timeout_s: float) -> None:
+        return None  # ingest() applied everything before returning
+
+    def tick(self) -> list[Outbound]:
+        with self._lock:
+            return self.service.tick()
+
+    def metrics_report(self) -> MetricsReport:
+        with self._lock:
+            return self.service.metrics_report()
+
+    def request_finetune(
+        self, devices: Sequence[str] | None, cohort: str | None, all_: bool
+    ) -> dict[str, Any]:
+        with self._lock:
+            return self.service.request_finetune(devices=devices, cohort=cohort, all_=all_)
+
+    def promote(self, cohort: str, version: int) -> dict[str, Any]:
+        with self._lock:
+            return self.service.promote(cohort, version)
+
+    def rollback(self, cohort: str) -> dict[str, Any]:
+        with self._lock:
+            return self.service.rollback(cohort)
+
+    def read(self, view: str, *args: Any) -> Any:
+        with self._lock:
+            return getattr(self.service, view)(*args)
+
+    def health(self) -> dict[str, Any]:
+        with self._lock:
+            return self.service.health()

@@ -1,0 +1,175 @@
+"""Fine-tune reports: checked on receipt, kept on disk until their round is aggregated.
+
+A round may close after the actor restarted, so reports cannot live in memory: the arrays go to
+`reports/<job_id>.npz` in the state dir (written atomically), the rest to SQLite. A cohort's
+adapter shape (layer widths, class count) is taken from its first accepted report; every later
+report must match it, so a wrong-sized adapter is refused on receipt, not at aggregation.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+from collections.abc import Mapping
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from coordinator.aggregation import AdapterShape, AggregationError, FitResult, validate_fit_result
+from coordinator.state_db import StateDB
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS fit_reports (
+    job_id TEXT PRIMARY KEY,
+    device_id TEXT NOT NULL,
+    round_id TEXT,
+    cohort TEXT NOT NULL,
+    base_model_hash TEXT NOT NULL,
+    samples INTEGER NOT NULL,
+    layer_dims TEXT NOT NULL,
+    n_classes INTEGER NOT NULL,
+    parent_adapter_version INTEGER,
+    received_at REAL NOT NULL,
+    file TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS fit_reports_by_round ON fit_reports (round_id);
+CREATE INDEX IF NOT EXISTS fit_reports_by_cohort ON fit_reports (cohort, received_at);
+"""
+
+
+class ReportRejected(ValueError):
+    """A report that will not be aggregated; the message says why (and names the device)."""
+
+
+@dataclass(frozen=True)
+class ReportMeta:
+    job_id: str
+    device_id: str
+    round_id: str | None
+    cohort: str
+    base_model_hash: str
+    samples: int
+    shape: AdapterShape
+    parent_adapter_version: int | None
+    received_at: float
+    file: str  # relative to the state dir
+
+
+def infer_shape(device_id: str, arrays: Mapping[str, np.ndarray]) -> AdapterShape:
+    """The shape an adapter's own arrays imply (delta_k: d_k × C; A_k: d_k × R; B_k: R × C)."""
+    layers = 0
+    while f"delta{layers + 1}" in arrays or f"A{layers + 1}" in arrays:
+        layers += 1
+    if layers == 0:
+        raise ReportRejected(f"device {device_id}: the adapter has neither delta1 nor A1")
+    try:
+        if "delta1" in arrays:
+            dims = [np.shape(arrays[f"delta{k}"])[0] for k in range(1, layers + 1)]
+            n_classes = np.shape(arrays["delta1"])[-1]
+        else:
+            dims = [np.shape(arrays[f"A{k}"])[0] for k in range(1, layers + 1)]
+            n_classes = np.shape(arrays["B1"])[-1]
+        return AdapterShape(tuple(int(d) for d in dims), int(n_classes))
+    except (KeyError, IndexError, ValueError) as err:
+        why = f"device {device_id}: adapter arrays are inconsistent ({err})"
+        raise ReportRejected(why) from None
+
+
+def check_adapter(
+    device_id: str,
+    arrays: Mapping[str, np.ndarray],
+    samples: int,
+    expected: AdapterShape | None,
+) -> AdapterShape:
+    """validate_fit_result against the cohort's shape (or the one the arrays imply, if first)."""
+    shape = infer_shape(device_id, arrays)
+    if expected is not None and shape != expected:
+        raise ReportRejected(
+            f"device {device_id}: adapter of shape {shape.layer_dims}×{shape.n_classes}, "
+            f"the cohort's is {expected.layer_dims}×{expected.n_classes}"
+        )
+    try:
+        validate_fit_result(FitResult(device_id, dict(arrays), samples), shape)
+    except AggregationError as err:
+        raise ReportRejected(str(err)) from None
+    return shape
+
+
+class ReportStore:
+    def __init__(self, db: StateDB, state_dir: str | Path) -> None:
+        self._db = db
+        self._state_dir = Path(state_dir)
+        db.ensure_schema(_SCHEMA)
+
+    def save(self, meta: ReportMeta, arrays: Mapping[str, np.ndarray]) -> None:
+        """Stores a checked report; a repeated one (same job) changes nothing."""
+        if self.get(meta.job_id) is not None:
+            return
+        _write_npz(self._state_dir / meta.file, arrays)
+        self._db.execute(
+            "INSERT OR IGNORE INTO fit_reports VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (
+                meta.job_id,
+                meta.device_id,
+                meta.round_id,
+                meta.cohort,
+                meta.base_model_hash,
+                meta.samples,
+                json.dumps(list(meta.shape.layer_dims)),
+                meta.shape.n_classes,
+                meta.parent_adapter_version,
+                meta.received_at,
+                meta.file,
+            ),
+        )
+
+    def get(self, job_id: str) -> ReportMeta | None:
+        row = self._db.query_one("SELECT * FROM fit_reports WHERE job_id = ?", (job_id,))
+        return None if row is None else _from_row(row)
+
+    def for_round(self, round_id: str) -> list[ReportMeta]:
+        rows = self._db.query(
+            "SELECT * FROM fit_reports WHERE round_id = ? ORDER BY received_at", (round_id,)
+        )
+        return [_from_row(r) for r in rows]
+
+    def cohort_shape(self, cohort: str) -> AdapterShape | None:
+        row = self._db.query_one(
+            "SELECT * FROM fit_reports WHERE cohort = ? ORDER BY received_at, rowid LIMIT 1",
+            (cohort,),
+        )
+        return None if row is None else _from_row(row).shape
+
+    def arrays(self, meta: ReportMeta) -> dict[str, np.ndarray]:
+        with np.load(self._state_dir / meta.file, allow_pickle=False) as npz:
+            return {name: npz[name] for name in npz.files}
+
+    @staticmethod
+    def file_for(job_id: str) -> str:
+        return f"reports/{job_id}.npz"
+
+
+def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
+    buffer = io.BytesIO()
+    np.savez(buffer, allow_pickle=False, **{k: np.asarray(v) for k, v in arrays.items()})
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temporary = path.with_suffix(".tmp")
+    temporary.write_bytes(buffer.getvalue())
+    os.replace(temporary, path)
+
+
+def _from_row(row) -> ReportMeta:
+    return ReportMeta(
+        job_id=row["job_id"],
+        device_id=row["device_id"],
+        round_id=row["round_id"],
+        cohort=row["cohort"],
+        base_model_hash=row["base_model_hash"],
+        samples=row["samples"],
+        shape=AdapterShape(tuple(json.loads(row["layer_dims"])), row["n_classes"]),
+        parent_adapter_version=row["parent_adapter_version"],
+        received_at=row["received_at"],
+        file=row["file"],
+    )

@@ -1,0 +1,166 @@
+"""FleetService: the whole fleet state behind one object, with no Ray and no MQTT in it.
+
+The Ray actor (coordinator.ray_runtime.FleetActor) is a thin shell around it; tests and tools use
+it directly. Three entry points move the state: ingest() (device messages from the bridge),
+tick() (time: timeouts, round closing, dispatch, aggregation results, canary deadlines,
+automatic triggers, catch-up) and the operator requests; every one returns or queues plain data.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Iterable, Sequence
+from typing import Any
+
+from coordinator import views
+from coordinator.aggregate_task import Aggregator, LocalAggregator
+from coordinator.clock import Clock, system_clock
+from coordinator.config import CoordinatorConfig
+from coordinator.distribution import AdapterDistributor
+from coordinator.fleet import Fleet
+from coordinator.ingest import MessageHandler, Received
+from coordinator.jobs import Job
+from coordinator.observations import MetricsReport
+from coordinator.outbound import Outbound, cancel_job, finetune_job
+from coordinator.pipeline import RoundPipeline
+from coordinator.round_records import RoundStage
+from coordinator.scheduler import TickResult
+from shared.protocol import JobKind
+
+log = logging.getLogger(__name__)
+
+# Automatic triggers and the catch-up of lagging devices scan the whole fleet: not every tick.
+SCAN_INTERVAL_S = 5.0
+
+
+class FleetService:
+    def __init__(
+        self,
+        config: CoordinatorConfig,
+        *,
+        aggregator: Aggregator | None = None,
+        clock: Clock = system_clock,
+    ) -> None:
+        self.config = config
+        self.fleet = Fleet.open(config, clock)
+        self._distributor = AdapterDistributor(self.fleet)
+        self._pipeline = RoundPipeline(
+            self.fleet, aggregator or LocalAggregator(), self._distributor
+        )
+        self._handler = MessageHandler(self.fleet, self._distributor)
+        self._last_scan = float("-inf")
+        self.started_at = clock()
+        self._pipeline.resume()
+        log.info("fleet state loaded from %s", config.state_dir)
+
+    # ---- the bridge
+
+    def ingest(self, batch: Sequence[Received]) -> int:
+        """Applies device messages in order; one bad message never stops the others."""
+        for received in batch:
+            try:
+                self._handler.handle(received)
+            except Exception as err:  # a bug must cost one message, not the actor
+                log.exception(
+                    "could not apply a %s from %s", received.envelope.kind, received.device_id
+                )
+                self.fleet.reject("internal_error", f"{type(err).__name__}: {err}")
+        return len(batch)
+
+    def tick(self) -> list[Outbound]:
+        """One step of time; returns what to publish (including what requests queued)."""
+        f = self.fleet
+        result = f.scheduler.tick()
+        self._dispatch(result)
+        for job in result.timed_out:
+            self._distributor.on_job_finished(job, None)
+        self._pipeline.on_closed(result.closed_rounds)
+        self._pipeline.collect()
+        self._distributor.check_deadlines()
+        now = f.clock()
+        if now - self._last_scan >= SCAN_INTERVAL_S:
+            self._last_scan = now
+            self._pipeline.trigger_automatically()
+            self._distributor.reconcile()
+        return f.drain_outbox()
+
+    # ---- operator requests (HTTP API)
+
+    def request_finetune(
+        self, *, devices: Sequence[str] | None = None, cohort: str | None = None, all_: bool = False
+    ) -> dict[str, Any]:
+        return self._pipeline.request(devices=devices, cohort=cohort, all_=all_).as_dict()
+
+    def promote(self, cohort: str, version: int) -> dict[str, Any]:
+        return self._distributor.promote(cohort, version)
+
+    def rollback(self, cohort: str) -> dict[str, Any]:
+        return self._distributor.rollback(cohort)
+
+    # ---- reads
+
+    def devices(self) -> list[dict[str, Any]]:
+        return views.devices(self.fleet)
+
+    def device(self, device_id: str) -> dict[str, Any]:
+        return views.device(self.fleet, device_id)
+
+    def jobs(self, limit: int = 100, device_id: str | None = None) -> list[dict[str, Any]]:
+        return views.jobs(self.fleet, limit, device_id)
+
+    def rounds(self, limit: int = 50) -> list[dict[str, Any]]:
+        return views.rounds(self.fleet, limit)
+
+    def adapters(self) -> list[dict[str, Any]]:
+        return views.adapters(self.fleet)
+
+    def health(self) -> dict[str, Any]:
+        f = self.fleet
+        records = f.registry.devices()
+        return {
+            "status": "ok",
+            "pid": os.getpid(),
+            "started_at": self.started_at,
+            "devices": len(records),
+            "online": sum(1 for r in records if r.online),
+            "active_jobs": f.jobs.active_count(),
+            "open_rounds": len(f.records.in_stage(RoundStage.RUNNING)),
+            "aggregating_rounds": len(f.records.in_stage(RoundStage.AGGREGATING)),
+            "dropped_metric_events": f.events.dropped,
+        }
+
+    def metrics_report(self) -> MetricsReport:
+        return MetricsReport(tuple(self.fleet.events.drain()), views.snapshot(self.fleet))
+
+    def close(self) -> None:
+        self.fleet.close()
+
+    # ---- internals
+
+    def _dispatch(self, result: TickResult) -> None:
+        f = self.fleet
+        for job in (*result.dispatched, *result.timed_out, *result.canceled):
+            f.transitioned(job)
+        for job in result.dispatched:
+            record = f.registry.get(job.device_id)
+            base_hash = record.base_model_hash if record else None
+            f.send(job.device_id, finetune_job(job, self.config.finetune, base_hash))
+        for job in (*result.timed_out, *result.canceled):
+            self._cancel_on_device(job)
+        _log_skips(result.skipped.items())
+
+    def _cancel_on_device(self, job: Job) -> None:
+        """Tells a reachable device to stop work nobody waits for any more (a dead one finds
+        the job expired when it comes back)."""
+        f = self.fleet
+        record = f.registry.get(job.device_id)
+        if job.kind == JobKind.CANCEL.value or not f.reachable(record):
+            return
+        cancel = f.create_job(job.device_id, JobKind.CANCEL.value, trigger="cancel")
+        f.send(job.device_id, cancel_job(cancel, job.job_id, record.base_model_hash))
+
+
+def _log_skips(skipped: Iterable) -> None:
+    for device, reason in skipped:
+        log.debug("not fine-tuning %s now: %s", device, reason.value)

@@ -1,0 +1,95 @@
+"""`skipfleet status`: the fleet as a table, from the coordinator's HTTP API.
+
+    skipfleet status [--api http://coordinator:8080]
+
+Exit codes: 0 printed; 69 the API cannot be reached; 70 the API answered with an error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import urllib.error
+import urllib.request
+from collections.abc import Callable, Sequence
+from typing import Any
+
+ENV_API = "SKIPFLEET_API"
+EXIT_UNREACHABLE = 69
+EXIT_API_ERROR = 70
+
+Column = tuple[str, Callable[[dict], str]]
+
+
+def configure(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--api", help=f"coordinator API URL; default ${ENV_API} or localhost:8080")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds")
+
+
+def main(args: argparse.Namespace) -> int:
+    base = (args.api or os.environ.get(ENV_API) or "http://localhost:8080").rstrip("/")
+    try:
+        with urllib.request.urlopen(f"{base}/devices", timeout=args.timeout) as response:
+            devices = json.load(response)
+    except urllib.error.HTTPError as err:
+        print(f"skipfleet status: {base} answered {err.code}: {_error_body(err)}", file=sys.stderr)
+        return EXIT_API_ERROR
+    except (urllib.error.URLError, OSError) as err:
+        reason = getattr(err, "reason", err)
+        message = f"cannot reach the coordinator at {base}: {reason}"
+        print(f"skipfleet status: {message}", file=sys.stderr)
+        return EXIT_UNREACHABLE
+    print(format_table(devices))
+    return 0
+
+
+def _error_body(err: urllib.error.HTTPError) -> str:
+    try:
+        return json.loads(err.read()).get("error", "")
+    except (ValueError, AttributeError, OSError):
+        return err.reason
+
+
+def _number(key: str, digits: int) -> Callable[[dict], str]:
+    def cell(device: dict) -> str:
+        value = device.get(key)
+        return "-" if value is None else f"{value:.{digits}f}"
+
+    return cell
+
+
+def ago(seconds: float | None) -> str:
+    if seconds is None:
+        return "never"
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= size:
+            return f"{int(seconds // size)}{unit} ago"
+    return f"{int(seconds)}s ago"
+
+
+COLUMNS: Sequence[Column] = (
+    ("DEVICE", lambda d: d["device_id"]),
+    ("ONLINE", lambda d: "yes" if d.get("online") else "no"),
+    ("ACC BEFORE", _number("accuracy_before", 3)),
+    ("ACC AFTER", _number("accuracy_after", 3)),
+    ("POWER W", _number("power_w", 2)),
+    ("ENERGY J", _number("energy_j", 1)),
+    ("ADAPTER", lambda d: "-" if d.get("adapter_version") is None else f"v{d['adapter_version']}"),
+    ("DRIFT", _number("drift_score", 2)),
+    ("LAST SEEN", lambda d: ago(d.get("seen_seconds_ago"))),
+)
+
+
+def format_table(devices: Sequence[dict[str, Any]]) -> str:
+    if not devices:
+        return "no devices known yet"
+    rows = [[header for header, _ in COLUMNS]]
+    rows += [[cell(device) for _, cell in COLUMNS] for device in devices]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(COLUMNS))]
+    lines = [
+        "  ".join(text.ljust(width) for text, width in zip(row, widths, strict=True))
+        for row in rows
+    ]
+    return "\n".join(line.rstrip() for line in lines)

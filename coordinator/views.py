@@ -1,0 +1,99 @@
+"""Read-only views of the fleet state: JSON-ready dicts for the HTTP API, and the metrics
+snapshot. Plain values only (they cross the Ray boundary)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from coordinator.fleet import Fleet, NotFound
+from coordinator.jobs import Job
+from coordinator.observations import DeviceGauges, FleetSnapshot
+from coordinator.registry import DeviceRecord
+from coordinator.round_records import RoundRecord, RoundStage
+
+
+def device_view(record: DeviceRecord, now: float) -> dict[str, Any]:
+    view = dataclasses.asdict(record)
+    times = (record.last_heartbeat_at, record.presence_since)
+    seen = max((t for t in times if t is not None), default=None)
+    view["last_seen"] = seen
+    view["seen_seconds_ago"] = None if seen is None else max(0.0, now - seen)
+    return view
+
+
+def job_view(job: Job) -> dict[str, Any]:
+    return dataclasses.asdict(job)
+
+
+def devices(fleet: Fleet) -> list[dict[str, Any]]:
+    now = fleet.clock()
+    return [device_view(r, now) for r in fleet.registry.devices()]
+
+
+def device(fleet: Fleet, device_id: str) -> dict[str, Any]:
+    record = fleet.registry.get(device_id)
+    if record is None:
+        raise NotFound(f"unknown device {device_id!r}")
+    view = device_view(record, fleet.clock())
+    view["jobs"] = [job_view(j) for j in fleet.jobs.recent(20, device_id=device_id)]
+    return view
+
+
+def jobs(fleet: Fleet, limit: int = 100, device_id: str | None = None) -> list[dict[str, Any]]:
+    return [job_view(j) for j in fleet.jobs.recent(limit, device_id=device_id)]
+
+
+def rounds(fleet: Fleet, limit: int = 50) -> list[dict[str, Any]]:
+    return [round_view(fleet, r) for r in fleet.records.recent(limit)]
+
+
+def round_view(fleet: Fleet, record: RoundRecord) -> dict[str, Any]:
+    view = record.as_dict()
+    definition = fleet.rounds.get(record.round_id)
+    if definition is not None:
+        view["devices"] = list(definition.device_ids)
+        view["deadline"] = definition.deadline
+        view["min_completion_ratio"] = definition.min_completion_ratio
+    if record.stage is RoundStage.RUNNING:
+        status = fleet.scheduler.round_status(record.round_id)
+        view["answered"] = list(status.answered)
+        view["pending"] = list(status.pending)
+        view["failures"] = dict(status.failed)
+        view["completion_ratio"] = status.completion_ratio
+    return view
+
+
+def adapters(fleet: Fleet) -> list[dict[str, Any]]:
+    return [
+        {
+            "cohort": cohort,
+            "current_version": fleet.store.current_version(cohort),
+            "versions": [dataclasses.asdict(m) for m in fleet.store.versions(cohort)],
+            "rollouts": [dataclasses.asdict(r) for r in fleet.rollouts.history(cohort)],
+        }
+        for cohort in fleet.store.cohorts()
+    ]
+
+
+def snapshot(fleet: Fleet) -> FleetSnapshot:
+    gauges = tuple(
+        DeviceGauges(
+            device_id=r.device_id,
+            online=r.online,
+            accuracy_before=r.accuracy_before,
+            accuracy_after=r.accuracy_after,
+            power_w=r.power_w,
+            temperature_c=r.temperature_c,
+            drift_score=r.drift_score,
+            adapter_version=r.adapter_version,
+        )
+        for r in fleet.registry.devices()
+    )
+    versions = {}
+    for cohort in fleet.store.cohorts():
+        version = fleet.store.current_version(cohort)
+        if version is not None:
+            versions[cohort] = version
+    states = {state.value: n for state, n in fleet.jobs.count_by_state().items()}
+    return FleetSnapshot(gauges, states, versions)

@@ -1,0 +1,157 @@
+"""Builders for the coordinator's service, bridge and API tests: a config over a tmp state dir,
+and simulated devices that produce the decoded messages a real agent's would (no Ray, no MQTT)."""
+
+from __future__ import annotations
+
+import uuid
+from collections.abc import Iterable, Mapping
+from pathlib import Path
+
+import numpy as np
+
+from coordinator.clock import ManualClock
+from coordinator.config import CoordinatorConfig
+from coordinator.ingest import Received
+from coordinator.outbound import Outbound
+from coordinator.rollout import RolloutPolicy
+from coordinator.scheduler import SchedulerPolicy
+from shared.mqtt import MqttSettings
+from shared.protocol import (
+    Envelope,
+    FetchRequest,
+    Heartbeat,
+    Job,
+    JobKind,
+    JobReason,
+    JobState,
+    JobStatus,
+    Presence,
+    PresenceState,
+    Report,
+    ReportMetrics,
+)
+from tests.coord_helpers import SHAPE, random_factors
+
+BASE_HASH = "b" * 64
+
+
+def make_config(state_dir: Path, **policy: object) -> CoordinatorConfig:
+    settings = {
+        "max_concurrent_jobs": 4,
+        "accuracy_threshold": None,
+        "accuracy_drop_margin": None,
+        "drift_threshold": None,
+        "job_timeout_s": 60.0,
+        "round_deadline_s": 120.0,
+        "min_completion_ratio": 0.6,
+        **policy,
+    }
+    return CoordinatorConfig(
+        mqtt=MqttSettings("localhost"),
+        state_dir=state_dir,
+        metrics_port=0,
+        api_port=0,
+        policy=SchedulerPolicy(**settings),
+        rollout=RolloutPolicy(canary_fraction=1.0, max_accuracy_regression=0.02),
+    )
+
+
+class SimDevice:
+    """One device's side of the protocol, as decoded messages stamped like an agent's."""
+
+    def __init__(
+        self, device_id: str, clock: ManualClock, *, base_hash: str = BASE_HASH, cohort="fan"
+    ) -> None:
+        self.device_id = device_id
+        self.clock = clock
+        self.base_hash = base_hash
+        self.cohort = cohort
+        self.boot_id = uuid.uuid4().hex[:16]
+        self.seq = 0
+        self.rng = np.random.default_rng(abs(hash(device_id)) % 2**32)
+
+    def received(self, message) -> Received:
+        self.seq += 1
+        envelope = Envelope(message, sender=self.device_id, boot_id=self.boot_id, seq=self.seq)
+        return Received(envelope, self.clock())
+
+    def presence(self, online: bool = True) -> Received:
+        state = PresenceState.ONLINE if online else PresenceState.OFFLINE
+        return self.received(Presence(state, self.boot_id, "test", self.base_hash, self.cohort))
+
+    def heartbeat(self, *, adapter_version: int | None = None, drift: float = 1.0) -> Received:
+        return self.received(
+            Heartbeat(
+                power_w=1.5,
+                power_source="model:test",
+                energy_j_total=10.0 * self.seq,
+                cache_bytes=0,
+                spool_depth=0,
+                spool_dropped=0,
+                uptime_s=5.0,
+                temperature_c=45.0,
+                drift_score=drift,
+                adapter_version=adapter_version,
+            )
+        )
+
+    def status(
+        self,
+        job_id: str,
+        state: JobState,
+        detail: Mapping | None = None,
+        reason_code: JobReason | None = None,
+    ) -> Received:
+        return self.received(
+            JobStatus(job_id, state, detail=dict(detail or {}), reason_code=reason_code)
+        )
+
+    def report(
+        self,
+        job_id: str,
+        *,
+        arrays: Mapping[str, np.ndarray] | None = None,
+        samples: int = 100,
+        before: float = 0.6,
+        after: float = 0.9,
+        base_hash: str | None = None,
+    ) -> Received:
+        metrics = ReportMetrics(
+            accuracy_before=before,
+            accuracy_after=after,
+            samples=samples,
+            epochs=5,
+            finetune_seconds=2.0,
+            joules=3.0,
+            power_source="model:test",
+            cache_hit_rate=0.5,
+            base_model_hash=base_hash or self.base_hash,
+            method="skip2-lora",
+            rank=4,
+        )
+        adapter = dict(arrays) if arrays is not None else random_factors(self.rng, shape=SHAPE)
+        return self.received(Report(job_id, adapter, metrics))
+
+    def fetch(self, version: int) -> Received:
+        return self.received(FetchRequest(version))
+
+    def finetune(self, job_id: str, **report: object) -> list[Received]:
+        """What an agent sends for a fine-tune job that succeeds."""
+        return [
+            self.status(job_id, JobState.IN_PROGRESS),
+            self.report(job_id, **report),
+            self.status(job_id, JobState.SUCCEEDED),
+        ]
+
+
+def jobs_in(
+    outbound: Iterable[Outbound], kind: JobKind | None = None, device: str | None = None
+) -> list[tuple[str, Job]]:
+    """(device, job) for the job commands among outbound messages."""
+    return [
+        (o.device_id, o.message)
+        for o in outbound
+        if isinstance(o.message, Job)
+        and (kind is None or o.message.kind is kind)
+        and (device is None or o.device_id == device)
+    ]

@@ -1,0 +1,129 @@
+"""The HTTP API's routing, validation and errors, over an in-process fleet state (no Ray)."""
+
+from __future__ import annotations
+
+import json
+import urllib.error
+import urllib.request
+
+import pytest
+
+from coordinator.api import ApiServer, FleetApi, to_json
+from coordinator.clock import ManualClock
+from coordinator.ports import LocalFleetPort, Unavailable
+from coordinator.service import FleetService
+from tests.coord_fleet_helpers import SimDevice, jobs_in, make_config
+
+
+@pytest.fixture
+def fleet(tmp_path):
+    clock = ManualClock()
+    service = FleetService(make_config(tmp_path), clock=clock)
+    devices = [SimDevice(name, clock) for name in ("pi-1", "pi-2")]
+    service.ingest([m for d in devices for m in (d.presence(), d.heartbeat())])
+    yield FleetApi(LocalFleetPort(service)), service, devices
+    service.close()
+
+
+def post(api: FleetApi, path: str, body: object) -> tuple[int, object]:
+    return api.handle("POST", path, json.dumps(body).encode())
+
+
+def test_reads(fleet):
+    api, _service, _ = fleet
+    status, devices = api.handle("GET", "/devices")
+    assert status == 200 and [d["device_id"] for d in devices] == ["pi-1", "pi-2"]
+    assert devices[0]["online"] and devices[0]["cohort"].startswith("fan-")
+    status, device = api.handle("GET", "/devices/pi-1/")
+    assert status == 200 and device["jobs"] == []
+    assert api.handle("GET", "/devices/pi-9")[0] == 404
+    assert api.handle("GET", "/jobs?limit=5&device=pi-1") == (200, [])
+    assert api.handle("GET", "/rounds") == (200, [])
+    assert api.handle("GET", "/adapters") == (200, [])
+    status, health = api.handle("GET", "/health")
+    assert status == 200 and health["devices"] == 2 and health["mqtt_connected"]
+
+
+def test_finetune_starts_a_round_and_the_views_follow_it(fleet):
+    api, service, _ = fleet
+    status, started = post(api, "/finetune", {"devices": ["pi-1", "ghost"]})
+    assert status == 200
+    assert started["rounds"][0]["devices"] == ["pi-1"]
+    assert started["skipped"] == {"ghost": "unknown device"}
+    (job,) = jobs_in(service.tick())
+    (round_view,) = api.handle("GET", "/rounds")[1]
+    assert round_view["stage"] == "RUNNING" and round_view["pending"] == ["pi-1"]
+    assert api.handle("GET", "/jobs?device=pi-1")[1][0]["job_id"] == job[1].job_id
+    status, again = post(api, "/finetune", {"cohort": round_view["cohort"]})
+    assert status == 200 and "under way" in again["skipped"]["pi-1"]
+
+
+@pytest.mark.parametrize(
+    ("method", "path", "body", "status"),
+    [
+        ("POST", "/finetune", b"{not json", 400),
+        ("POST", "/finetune", b"[1, 2]", 400),
+        ("POST", "/finetune", b'{"devices": "pi-1"}', 400),
+        ("POST", "/finetune", b'{"devices": ["pi-1"], "all": true}', 400),
+        ("POST", "/finetune", b'{"all": "yes"}', 400),
+        ("POST", "/finetune", b'{"everything": true}', 400),
+        ("POST", "/finetune", b"{}", 400),
+        ("POST", "/finetune", b'{"cohort": "nobody"}', 400),
+        ("POST", "/finetune", b"x" * 70_000, 413),
+        ("GET", "/finetune", b"", 405),
+        ("POST", "/devices", b"", 405),
+        ("GET", "/nothing", b"", 404),
+        ("GET", "/devices/UPPER", b"", 404),
+        ("GET", "/jobs?limit=0", b"", 400),
+        ("GET", "/jobs?limit=many", b"", 400),
+        ("GET", "/jobs?device=Not_An_Id", b"", 400),
+        ("POST", "/adapters/fan-x/1/promote", b"", 404),
+        ("POST", "/adapters/fan-x/rollback", b"", 409),
+    ],
+)
+def test_bad_requests_get_clear_json_errors(fleet, method, path, body, status):
+    api, *_ = fleet
+    got, payload = api.handle(method, path, body)
+    assert got == status and isinstance(payload["error"], str) and payload["error"]
+
+
+def test_an_unavailable_fleet_state_is_a_503(fleet):
+    class Down(LocalFleetPort):
+        def read(self, view, *args):
+            raise Unavailable("restarting")
+
+    _, service, _ = fleet
+    status, payload = FleetApi(Down(service)).handle("GET", "/devices")
+    assert status == 503 and "restarting" in payload["error"]
+
+
+def test_health_is_503_without_the_broker(fleet):
+    _, service, _ = fleet
+    status, payload = FleetApi(LocalFleetPort(service), bridge_connected=lambda: False).handle(
+        "GET", "/health"
+    )
+    assert status == 503 and "MQTT" in payload["error"]
+
+
+def test_the_server_speaks_json_over_http(fleet):
+    api, *_ = fleet
+    server = ApiServer(api, "127.0.0.1", 0)
+    server.start()
+    try:
+        base = f"http://127.0.0.1:{server.port}"
+        with urllib.request.urlopen(f"{base}/devices", timeout=10) as response:
+            assert response.headers["Content-Type"] == "application/json"
+            assert len(json.load(response)) == 2
+        request = urllib.request.Request(f"{base}/finetune", data=b"{oops", method="POST")
+        with pytest.raises(urllib.error.HTTPError) as error:
+            urllib.request.urlopen(request, timeout=10)
+        assert error.value.code == 400 and "JSON" in json.load(error.value)["error"]
+    finally:
+        server.stop()
+
+
+def test_json_output_is_strict():
+    assert json.loads(to_json({"gap": [float("inf"), 1.0], "x": float("nan")})) == {
+        "gap": [None, 1.0],
+        "x": None,
+    }

@@ -1,0 +1,232 @@
+"""The MQTT bridge without a broker or Ray: a fake paho client, and the fleet state in-process."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import numpy as np
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
+
+from coordinator.bridge import Deduplicator, InboundDecoder, MqttBridge
+from coordinator.clock import ManualClock
+from coordinator.metrics import FleetMetrics
+from coordinator.outbound import Outbound, desired
+from coordinator.ports import LocalFleetPort
+from coordinator.service import FleetService
+from shared.protocol import (
+    AdapterPublication,
+    DesiredState,
+    Job,
+    JobKind,
+    Lineage,
+    Reassembler,
+    decode,
+    encode_envelope,
+    encode_for_publish,
+)
+from shared.topics import Topics
+from tests.coord_fleet_helpers import BASE_HASH, SimDevice, make_config
+
+
+def rejected(metrics: FleetMetrics, reason: str) -> float:
+    return (
+        metrics.registry.get_sample_value("skipfleet_rejected_messages_total", {"reason": reason})
+        or 0.0
+    )
+
+
+def payload_of(received) -> bytes:
+    return encode_envelope(received.envelope)
+
+
+@pytest.fixture
+def decoder_and_metrics():
+    metrics = FleetMetrics()
+    return InboundDecoder(Topics(), metrics, publish_limit=8192), metrics
+
+
+def test_a_device_message_is_decoded_and_counted(decoder_and_metrics):
+    decoder, metrics = decoder_and_metrics
+    device = SimDevice("pi-1", ManualClock())
+    message = device.heartbeat()
+    received = decoder.decode("fleet/pi-1/telemetry", payload_of(message))
+    assert received.device_id == "pi-1" and received.envelope.seq == message.envelope.seq
+    sample = metrics.registry.get_sample_value
+    assert sample("skipfleet_received_messages_total", {"kind": "telemetry"}) == 1.0
+    assert sample("skipfleet_received_bytes_total", {"kind": "telemetry"}) > 0
+
+
+def test_duplicates_garbage_impostors_and_strangers_are_dropped(decoder_and_metrics):
+    decoder, metrics = decoder_and_metrics
+    device = SimDevice("pi-1", ManualClock())
+    beat = payload_of(device.heartbeat())
+    assert decoder.decode("fleet/pi-1/telemetry", beat) is not None
+    assert decoder.decode("fleet/pi-1/telemetry", beat) is None  # QoS 1 re-delivery
+    assert decoder.decode("fleet/pi-1/telemetry", b"\x93garbage") is None
+    assert decoder.decode("fleet/pi-2/telemetry", payload_of(device.heartbeat())) is None
+    assert decoder.decode("other/pi-1/telemetry", beat) is None
+    assert decoder.decode("fleet/pi-1/cmd/job", beat) is None
+    assert decoder.decode("fleet/pi-1/telemetry", b"x" * 9000) is None
+    for reason in ("duplicate", "malformed", "wrong_route", "bad_topic", "oversized"):
+        assert rejected(metrics, reason) >= 1.0, reason
+
+
+def test_a_chunked_report_is_reassembled_once(decoder_and_metrics):
+    decoder, _metrics = decoder_and_metrics
+    device = SimDevice("pi-1", ManualClock())
+    big = {"A1": np.ones((800, 4), np.float32), "B1": np.ones((4, 3), np.float32)}
+    report = device.report("job-1", arrays=big).envelope
+    items = encode_for_publish(
+        report.message, sender="pi-1", limit=4096, boot_id=report.boot_id, seq=report.seq
+    )
+    assert len(items) > 1
+    results = [decoder.decode("fleet/pi-1/report", item.payload) for item in items]
+    assert results[:-1] == [None] * (len(items) - 1)
+    assert results[-1].envelope.message.adapter["A1"].shape == (800, 4)
+    assert decoder.decode("fleet/pi-1/report", items[-1].payload) is None  # a late duplicate
+
+
+def test_the_deduplicator_forgets_the_oldest_keys():
+    dedup = Deduplicator(capacity=2)
+    assert [dedup.seen(k) for k in [(1,), (1,), (2,), (3,), (1,)]] == [
+        False,
+        True,
+        False,
+        False,
+        False,
+    ]
+
+
+class FakeClient:
+    """Stands in for paho: records publishes and subscriptions; tests call the callbacks."""
+
+    def __init__(self, settings, client_id):
+        self.client_id = client_id
+        self.published: list[tuple[str, bytes, int, bool, object]] = []
+        self.subscribed: list = []
+        self.lock = threading.Lock()
+
+    def connect_async(self, *args, **kwargs):
+        pass
+
+    def loop_start(self):
+        pass
+
+    def loop_stop(self):
+        pass
+
+    def disconnect(self):
+        pass
+
+    def subscribe(self, topics):
+        self.subscribed.append(topics)
+
+    def publish(self, topic, payload, qos=0, retain=False, properties=None):
+        with self.lock:
+            self.published.append((topic, payload, qos, retain, properties))
+        return type("Info", (), {"rc": 0})()
+
+    def deliver(self, topic: str, payload: bytes) -> None:
+        message = type("Message", (), {"topic": topic, "payload": payload})()
+        self.on_message(self, None, message)
+
+
+def wait_for(condition, timeout: float = 10.0):
+    deadline = time.monotonic() + timeout
+    while not (value := condition()):
+        assert time.monotonic() < deadline, "condition not met in time"
+        time.sleep(0.01)
+    return value
+
+
+@pytest.fixture
+def bridge_parts(tmp_path):
+    clock = ManualClock()
+    config = dataclasses.replace(make_config(tmp_path), tick_interval_s=0.02, chunk_limit=4096)
+    service = FleetService(config, clock=clock)
+    metrics = FleetMetrics()
+    fatal: list[str] = []
+    clients: list[FakeClient] = []
+
+    def factory(settings, client_id):
+        clients.append(FakeClient(settings, client_id))
+        return clients[-1]
+
+    bridge = MqttBridge(
+        config, LocalFleetPort(service), metrics, on_fatal=fatal.append, client_factory=factory
+    )
+    bridge.start()
+    yield bridge, clients[0], service, metrics, fatal, clock
+    bridge.stop()
+    service.close()
+
+
+def connack(value: int) -> ReasonCode:
+    return ReasonCode(PacketTypes.CONNACK, identifier=value)
+
+
+def test_the_bridge_subscribes_on_connect_and_stops_on_refused_credentials(bridge_parts):
+    bridge, client, _, _, fatal, _ = bridge_parts
+    client.on_connect(client, None, None, connack(0), None)
+    assert bridge.connected
+    (subscriptions,) = client.subscribed
+    assert ("fleet/+/report", 1) in subscriptions and ("fleet/+/telemetry", 0) in subscriptions
+    client.on_connect(client, None, None, connack(0x86), None)
+    assert fatal and "Bad user name or password" in fatal[0]
+
+
+def test_device_messages_reach_the_fleet_and_jobs_come_back(bridge_parts):
+    _bridge, client, service, metrics, _, clock = bridge_parts
+    device = SimDevice("pi-1", clock)
+    for message in (device.presence(), device.heartbeat()):
+        client.deliver(
+            f"fleet/pi-1/{'status' if message.envelope.seq == 1 else 'telemetry'}",
+            payload_of(message),
+        )
+    wait_for(lambda: service.devices() and service.devices()[0]["online"])
+    service.request_finetune(devices=["pi-1"])
+
+    def job_sent():
+        with client.lock:
+            return [p for p in client.published if p[0] == "fleet/pi-1/cmd/job"]
+
+    ((_topic, payload, qos, retain, properties),) = wait_for(job_sent)
+    job = decode(payload).message
+    assert isinstance(job, Job) and job.kind is JobKind.FINETUNE
+    assert (qos, retain) == (1, False)
+    assert 0 < properties.MessageExpiryInterval <= service.config.policy.job_timeout_s + 1
+    assert job.base_model_hash == BASE_HASH and job.params.epochs == service.config.finetune.epochs
+    assert metrics.registry.get_sample_value("skipfleet_sent_messages_total", {"kind": "job"})
+
+
+def test_adapters_are_chunked_under_the_limit_and_the_desired_pointer_is_retained(bridge_parts):
+    bridge, client, _, _, _, _ = bridge_parts
+    arrays = {"delta1": np.random.default_rng(0).normal(size=(2000, 3)).astype(np.float32)}
+    publication = AdapterPublication(
+        1, BASE_HASH, "fan-bbbb", arrays, Lineage("r1", ("pi-1",), "exact-delta"), 1.0
+    )
+    bridge.publish(Outbound("pi-1", publication))
+    bridge.publish(Outbound("pi-1", desired(1, BASE_HASH, "fan-bbbb")))
+    with client.lock:
+        chunks = [p for p in client.published if p[0] == "fleet/pi-1/cmd/adapter"]
+        pointer = [p for p in client.published if p[0] == "fleet/pi-1/cmd/desired"]
+    assert len(chunks) > 1 and all(len(p[1]) <= 4096 and p[2] == 1 for p in chunks)
+    reassembler = Reassembler()
+    whole = [reassembler.feed(decode(p[1])) for p in chunks][-1]
+    np.testing.assert_array_equal(whole.message.arrays["delta1"], arrays["delta1"])
+    ((_, payload, qos, retain, _),) = pointer
+    assert (qos, retain) == (1, True) and isinstance(decode(payload).message, DesiredState)
+
+
+def test_stop_hands_the_last_received_messages_to_the_fleet(tmp_path):
+    service = FleetService(make_config(tmp_path), clock=ManualClock())
+    port = LocalFleetPort(service)
+    bridge = MqttBridge(service.config, port, FleetMetrics(), client_factory=FakeClient)
+    device = SimDevice("pi-9", ManualClock())
+    bridge._client.deliver("fleet/pi-9/status", payload_of(device.presence()))  # not started
+    bridge.stop()
+    assert [d["device_id"] for d in service.devices()] == ["pi-9"]

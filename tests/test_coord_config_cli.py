@@ -1,0 +1,199 @@
+"""The coordinator's configuration (arguments, environment, checks), its CLI's early exits, and
+`skipfleet status` — none of which needs Ray."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+import pytest
+
+from coordinator import cli, status_cli
+from coordinator.api import ApiServer, FleetApi
+from coordinator.clock import ManualClock
+from coordinator.config import (
+    DEFAULT_API_PORT,
+    DEFAULT_METRICS_PORT,
+    AggregationAlgorithm,
+    ConfigError,
+    from_args,
+)
+from coordinator.ports import LocalFleetPort
+from coordinator.service import FleetService
+from tests.coord_fleet_helpers import SimDevice, make_config
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_defaults(tmp_path):
+    config = from_args(parse("--state-dir", str(tmp_path)), {})
+    assert config.ray_address == "local" and not config.joins_cluster
+    assert (config.metrics_port, config.api_port) == (DEFAULT_METRICS_PORT, DEFAULT_API_PORT)
+    assert config.mqtt.url == "mqtt://localhost:1883" and config.mqtt.session_expiry_s > 0
+    assert config.algorithm is AggregationAlgorithm.EXACT_DELTA
+    assert config.policy.drift_threshold == 2.0 and config.policy.max_concurrent_jobs == 2
+
+
+def test_arguments_win_over_the_environment_which_fills_the_gaps(tmp_path):
+    password = tmp_path / "secret"
+    password.write_text("s3cret\n")
+    environ = {
+        "SKIPFLEET_BROKER": "mqtts://broker.example:8884",
+        "SKIPFLEET_MQTT_USERNAME": "coordinator",
+        "SKIPFLEET_COORDINATOR_STATE_DIR": str(tmp_path / "from-env"),
+        "SKIPFLEET_RAY_ADDRESS": "auto",
+    }
+    config = from_args(parse("--password-file", str(password), "--api-port", "9000"), environ)
+    assert config.mqtt.tls and config.mqtt.port == 8884
+    assert (config.mqtt.username, config.mqtt.password) == ("coordinator", "s3cret")
+    assert config.state_dir == tmp_path / "from-env" and config.joins_cluster
+    assert config.api_port == 9000
+
+
+def test_policy_knobs_and_switching_triggers_off(tmp_path):
+    config = from_args(
+        parse(
+            "--state-dir",
+            str(tmp_path),
+            "--max-concurrent-jobs",
+            "5",
+            "--accuracy-threshold",
+            "off",
+            "--drift-threshold",
+            "3.5",
+            "--energy-budget-joules",
+            "1200",
+            "--canary-fraction",
+            "0.25",
+            "--canary-margin",
+            "0.02",
+            "--min-completion-ratio",
+            "0.7",
+            "--round-deadline-seconds",
+            "300",
+            "--algorithm",
+            "naive-fedavg",
+            "--adapter-encoding",
+            "int8",
+            "--epochs",
+            "10",
+        ),
+        {},
+    )
+    assert config.policy.max_concurrent_jobs == 5 and config.policy.accuracy_threshold is None
+    assert config.policy.drift_threshold == 3.5 and config.policy.energy_budget_j == 1200
+    assert config.rollout.canary_fraction == 0.25 and config.rollout.max_accuracy_regression == 0.02
+    assert config.policy.min_completion_ratio == 0.7 and config.policy.round_deadline_s == 300
+    assert config.algorithm.value == "naive-fedavg" and config.encoding.value == "int8"
+    assert config.finetune.epochs == 10
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        (),  # no state dir
+        ("--broker", "http://nope"),
+        ("--min-completion-ratio", "0"),
+        ("--canary-fraction", "2"),
+        ("--api-port", "70000"),
+        ("--lr", "-1"),
+        ("--chunk-limit", "100"),
+        ("--password-file", "/nonexistent/secret"),
+        ("--max-concurrent-jobs", "0"),
+    ],
+)
+def test_bad_configuration_is_a_config_error(tmp_path, argv):
+    state = () if argv == () else ("--state-dir", str(tmp_path))
+    with pytest.raises(ConfigError):
+        from_args(parse(*state, *argv), {})
+
+
+def test_the_cli_exits_64_on_bad_configuration(capsys):
+    assert cli.main(parse("--state-dir", "/tmp/x", "--broker", "ftp://x")) == 64
+    assert "invalid configuration" in capsys.readouterr().err
+
+
+def test_the_cli_exits_73_when_the_state_dir_cannot_be_written(tmp_path, capsys):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    assert cli.main(parse("--state-dir", str(blocker / "state"))) == 73
+    assert "state dir" in capsys.readouterr().err
+
+
+def test_status_formats_the_fleet():
+    table = status_cli.format_table(
+        [
+            {
+                "device_id": "pi-1",
+                "online": True,
+                "accuracy_before": 0.612,
+                "accuracy_after": 0.934,
+                "power_w": 1.25,
+                "energy_j": 120.0,
+                "adapter_version": 3,
+                "drift_score": 2.71,
+                "seen_seconds_ago": 4.2,
+            },
+            {"device_id": "pi-22", "online": False, "seen_seconds_ago": None},
+        ]
+    )
+    header, first, second = table.splitlines()
+    assert header.split() == [
+        "DEVICE",
+        "ONLINE",
+        "ACC",
+        "BEFORE",
+        "ACC",
+        "AFTER",
+        "POWER",
+        "W",
+        "ENERGY",
+        "J",
+        "ADAPTER",
+        "DRIFT",
+        "LAST",
+        "SEEN",
+    ]
+    assert first.split() == [
+        "pi-1",
+        "yes",
+        "0.612",
+        "0.934",
+        "1.25",
+        "120.0",
+        "v3",
+        "2.71",
+        "4s",
+        "ago",
+    ]
+    assert second.split() == ["pi-22", "no", "-", "-", "-", "-", "-", "-", "never"]
+    assert status_cli.format_table([]) == "no devices known yet"
+    assert [status_cli.ago(s) for s in (59, 61, 7200, 90000)] == [
+        "59s ago",
+        "1m ago",
+        "2h ago",
+        "1d ago",
+    ]
+
+
+def test_status_reads_the_api(tmp_path: Path, capsys):
+    clock = ManualClock()
+    service = FleetService(make_config(tmp_path), clock=clock)
+    device = SimDevice("pi-1", clock)
+    service.ingest([device.presence(), device.heartbeat()])
+    server = ApiServer(FleetApi(LocalFleetPort(service)), "127.0.0.1", 0)
+    server.start()
+    try:
+        args = argparse.Namespace(api=f"http://127.0.0.1:{server.port}/", timeout=10.0)
+        assert status_cli.main(args) == 0
+        assert "pi-1" in capsys.readouterr().out
+    finally:
+        server.stop()
+        service.close()
+    args = argparse.Namespace(api=f"http://127.0.0.1:{server.port}", timeout=2.0)
+    assert status_cli.main(args) == status_cli.EXIT_UNREACHABLE
+    assert "cannot reach" in capsys.readouterr().err
