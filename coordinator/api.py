@@ -6,6 +6,7 @@
     GET  /rounds?limit=N                      rounds with their failures, aggregation, rollout
     GET  /adapters                            versions, lineage and rollouts per cohort
     POST /finetune                            {"devices": [...]} | {"cohort": "..."} | {"all": true}
+    POST /evaluate                            the same selectors: devices evaluate what they run
     POST /adapters/{cohort}/{version}/promote make a stored version current, and distribute it
     POST /adapters/{cohort}/rollback          back to the current version's parent
 
@@ -57,6 +58,7 @@ class FleetApi:
             ("GET", re.compile(r"/rounds"), self._rounds),
             ("GET", re.compile(r"/adapters"), self._adapters),
             ("POST", re.compile(r"/finetune"), self._finetune),
+            ("POST", re.compile(r"/evaluate"), self._evaluate),
             ("POST", re.compile(rf"/adapters/({_COHORT})/(\d{{1,9}})/promote"), self._promote),
             ("POST", re.compile(rf"/adapters/({_COHORT})/rollback"), self._rollback),
         ]
@@ -121,25 +123,33 @@ class FleetApi:
         return self._port.read("adapters")
 
     def _finetune(self, body: dict) -> dict:
-        unknown = set(body) - {"devices", "cohort", "all"}
-        if unknown:
-            raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown fields {sorted(unknown)}")
-        devices, cohort, all_ = body.get("devices"), body.get("cohort"), body.get("all", False)
-        if devices is not None and (
-            not isinstance(devices, list) or not all(isinstance(d, str) for d in devices)
-        ):
-            raise ApiError(HTTPStatus.BAD_REQUEST, '"devices" must be a list of device ids')
-        if cohort is not None and not isinstance(cohort, str):
-            raise ApiError(HTTPStatus.BAD_REQUEST, '"cohort" must be a string')
-        if not isinstance(all_, bool):
-            raise ApiError(HTTPStatus.BAD_REQUEST, '"all" must be true or false')
-        return self._port.request_finetune(devices, cohort, all_)
+        return self._port.request_finetune(*_selection(body))
+
+    def _evaluate(self, body: dict) -> dict:
+        return self._port.evaluate(*_selection(body))
 
     def _promote(self, body: dict, cohort: str, version: str) -> dict:
         return self._port.promote(cohort, int(version))
 
     def _rollback(self, body: dict, cohort: str) -> dict:
         return self._port.rollback(cohort)
+
+
+def _selection(body: dict) -> tuple[list[str] | None, str | None, bool]:
+    """Who an operator command is for: {"devices": [...]}, {"cohort": ...} or {"all": true}."""
+    unknown = set(body) - {"devices", "cohort", "all"}
+    if unknown:
+        raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown fields {sorted(unknown)}")
+    devices, cohort, all_ = body.get("devices"), body.get("cohort"), body.get("all", False)
+    if devices is not None and (
+        not isinstance(devices, list) or not all(isinstance(d, str) for d in devices)
+    ):
+        raise ApiError(HTTPStatus.BAD_REQUEST, '"devices" must be a list of device ids')
+    if cohort is not None and not isinstance(cohort, str):
+        raise ApiError(HTTPStatus.BAD_REQUEST, '"cohort" must be a string')
+    if not isinstance(all_, bool):
+        raise ApiError(HTTPStatus.BAD_REQUEST, '"all" must be true or false')
+    return devices, cohort, all_
 
 
 def _json_body(body: bytes) -> dict:

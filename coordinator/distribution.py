@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import math
+from collections.abc import Sequence
 
 from coordinator.adapter_store import AdapterStoreError
 from coordinator.commands import CanaryRole, CommandRecord
@@ -84,6 +85,24 @@ class AdapterDistributor:
             self._decided(rollout)
 
     # ---- operator decisions
+
+    def evaluate(self, device_ids: Sequence[str]) -> dict:
+        """Each reachable device measures the adapter it runs on its own hold-out (EVALUATE);
+        the accuracies land in the registry as they arrive (`GET /devices`)."""
+        f = self._fleet
+        sent, skipped = [], {}
+        for device in device_ids:
+            record = f.registry.get(device)
+            if record is None or not f.reachable(record):
+                skipped[device] = "unknown device" if record is None else "not reachable"
+                continue
+            job = f.create_job(device, JobKind.EVALUATE.value, trigger="operator")
+            f.commands.add(
+                CommandRecord(job.job_id, device, JobKind.EVALUATE, None, job.created_at)
+            )
+            f.send(device, evaluate_job(job, None, record.base_model_hash))
+            sent.append({"device": device, "job_id": job.job_id})
+        return {"evaluating": sent, "skipped": skipped}
 
     def promote(self, cohort: str, version: int) -> dict:
         f = self._fleet

@@ -11,6 +11,7 @@ import dataclasses
 import logging
 import re
 import threading
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from coordinator.adapter_store import AdapterStore
@@ -141,3 +142,21 @@ class Fleet:
 
     def close(self) -> None:
         self.db.close()
+
+
+def select_devices(
+    fleet: Fleet, *, devices: Sequence[str] | None, cohort: str | None, all_: bool
+) -> list[str]:
+    """An operator's choice of devices: exactly one of a list, a cohort, or all."""
+    if sum((devices is not None, cohort is not None, all_)) != 1:
+        raise FleetRequestError('give exactly one of "devices", "cohort" or "all": true')
+    if cohort is not None:
+        members = [r.device_id for r in fleet.registry.devices(cohort)]
+        if not members:
+            raise FleetRequestError(f"cohort {cohort!r} has no devices")
+        return members
+    if all_:
+        return [r.device_id for r in fleet.registry.devices()]
+    if not devices:
+        raise FleetRequestError('"devices" must list at least one device id')
+    return list(devices)

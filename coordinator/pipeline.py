@@ -20,7 +20,7 @@ from coordinator.aggregate_task import (
 )
 from coordinator.aggregation import FitFailure, FitResult, aggregation_gap
 from coordinator.distribution import AdapterDistributor
-from coordinator.fleet import Conflict, Fleet, FleetRequestError
+from coordinator.fleet import Conflict, Fleet, select_devices
 from coordinator.observations import AggregationTimed, RoundFinished, RoundResult
 from coordinator.registry import DeviceRecord
 from coordinator.round_records import RoundStage
@@ -73,19 +73,8 @@ class RoundPipeline:
         self, *, devices: Sequence[str] | None = None, cohort: str | None = None, all_: bool = False
     ) -> StartedRounds:
         """The operator's fine-tune request (HTTP API): exactly one of the three selectors."""
-        if sum((devices is not None, cohort is not None, all_)) != 1:
-            raise FleetRequestError('give exactly one of "devices", "cohort" or "all": true')
-        f = self._fleet
-        if cohort is not None:
-            members = [r.device_id for r in f.registry.devices(cohort)]
-            if not members:
-                raise FleetRequestError(f"cohort {cohort!r} has no devices")
-            return self.start_rounds(members, "request")
-        if all_:
-            return self.start_rounds([r.device_id for r in f.registry.devices()], "request")
-        if not devices:
-            raise FleetRequestError('"devices" must list at least one device id')
-        return self.start_rounds(devices, "request")
+        selected = select_devices(self._fleet, devices=devices, cohort=cohort, all_=all_)
+        return self.start_rounds(selected, "request")
 
     def trigger_automatically(self) -> None:
         """A round for every idle cohort where some reachable device fires a scheduler trigger

@@ -36,6 +36,10 @@ class FleetPort(Protocol):
         self, devices: Sequence[str] | None, cohort: str | None, all_: bool
     ) -> dict[str, Any]: ...
 
+    def evaluate(
+        self, devices: Sequence[str] | None, cohort: str | None, all_: bool
+    ) -> dict[str, Any]: ...
+
     def promote(self, cohort: str, version: int) -> dict[str, Any]: ...
 
     def rollback(self, cohort: str) -> dict[str, Any]: ...
@@ -74,6 +78,12 @@ class LocalFleetPort:
     ) -> dict[str, Any]:
         with self._lock:
             return self.service.request_finetune(devices=devices, cohort=cohort, all_=all_)
+
+    def evaluate(
+        self, devices: Sequence[str] | None, cohort: str | None, all_: bool
+    ) -> dict[str, Any]:
+        with self._lock:
+            return self.service.evaluate(devices=devices, cohort=cohort, all_=all_)
 
     def promote(self, cohort: str, version: int) -> dict[str, Any]:
         with self._lock:

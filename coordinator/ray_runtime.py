@@ -123,6 +123,9 @@ class FleetActor:
     ) -> dict[str, Any]:
         return self._service.request_finetune(devices=devices, cohort=cohort, all_=all_)
 
+    def evaluate(self, devices: list[str] | None, cohort: str | None, all_: bool) -> dict[str, Any]:
+        return self._service.evaluate(devices=devices, cohort=cohort, all_=all_)
+
     def promote(self, cohort: str, version: int) -> dict[str, Any]:
         return self._service.promote(cohort, version)
 
@@ -202,6 +205,13 @@ class RayFleetPort:
     ) -> dict[str, Any]:
         return self._call(
             self.actor.request_finetune, None if devices is None else list(devices), cohort, all_
+        )
+
+    def evaluate(
+        self, devices: Sequence[str] | None, cohort: str | None, all_: bool
+    ) -> dict[str, Any]:
+        return self._call(
+            self.actor.evaluate, None if devices is None else list(devices), cohort, all_
         )
 
     def promote(self, cohort: str, version: int) -> dict[str, Any]:

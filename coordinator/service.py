@@ -18,7 +18,7 @@ from coordinator.aggregate_task import Aggregator, LocalAggregator
 from coordinator.clock import Clock, system_clock
 from coordinator.config import CoordinatorConfig
 from coordinator.distribution import AdapterDistributor
-from coordinator.fleet import Fleet
+from coordinator.fleet import Fleet, select_devices
 from coordinator.ingest import MessageHandler, Received
 from coordinator.jobs import Job
 from coordinator.observations import MetricsReport
@@ -91,6 +91,12 @@ class FleetService:
         self, *, devices: Sequence[str] | None = None, cohort: str | None = None, all_: bool = False
     ) -> dict[str, Any]:
         return self._pipeline.request(devices=devices, cohort=cohort, all_=all_).as_dict()
+
+    def evaluate(
+        self, *, devices: Sequence[str] | None = None, cohort: str | None = None, all_: bool = False
+    ) -> dict[str, Any]:
+        selected = select_devices(self.fleet, devices=devices, cohort=cohort, all_=all_)
+        return self._distributor.evaluate(selected)
 
     def promote(self, cohort: str, version: int) -> dict[str, Any]:
         return self._distributor.promote(cohort, version)

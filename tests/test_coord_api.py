@@ -12,6 +12,7 @@ from coordinator.api import ApiServer, FleetApi, to_json
 from coordinator.clock import ManualClock
 from coordinator.ports import LocalFleetPort, Unavailable
 from coordinator.service import FleetService
+from shared.protocol import JobKind, JobState
 from tests.coord_fleet_helpers import SimDevice, jobs_in, make_config
 
 
@@ -56,6 +57,23 @@ def test_finetune_starts_a_round_and_the_views_follow_it(fleet):
     assert api.handle("GET", "/jobs?device=pi-1")[1][0]["job_id"] == job[1].job_id
     status, again = post(api, "/finetune", {"cohort": round_view["cohort"]})
     assert status == 200 and "under way" in again["skipped"]["pi-1"]
+
+
+def test_evaluate_asks_devices_to_measure_what_they_run(fleet):
+    api, service, devices = fleet
+    status, answer = post(api, "/evaluate", {"all": True})
+    assert status == 200 and answer["skipped"] == {}
+    sent = jobs_in(service.tick(), JobKind.EVALUATE)
+    assert sorted(device for device, _ in sent) == ["pi-1", "pi-2"]
+    by_name = {d.device_id: d for d in devices}
+    for device, job in sent:
+        service.ingest([by_name[device].status(job.job_id, JobState.SUCCEEDED, {"accuracy": 0.8})])
+    views = {d["device_id"]: d for d in api.handle("GET", "/devices")[1]}
+    assert views["pi-1"]["accuracy"] == 0.8 and views["pi-2"]["accuracy"] == 0.8
+    assert post(api, "/evaluate", {"devices": ["ghost"]})[1]["skipped"] == {
+        "ghost": "unknown device"
+    }
+    assert post(api, "/evaluate", {"devices": "pi-1"})[0] == 400
 
 
 @pytest.mark.parametrize(
