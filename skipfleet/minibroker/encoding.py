@@ -20,6 +20,9 @@ from skipfleet.minibroker.wire import (
 )
 
 PINGRESP = bytes((PacketType.PINGRESP << 4, 0))
+# Enum attribute access is slow on Python 3.11; the per-message paths use plain references.
+_V5, _SUCCESS = ProtocolLevel.MQTT_5, ReasonCode.SUCCESS
+_PUBLISH_BITS, _PUBREL = PacketType.PUBLISH << 4, PacketType.PUBREL
 _EMPTY_PROPERTIES = b"\x00"
 
 
@@ -55,9 +58,9 @@ def encode_publish(
 ) -> bytes:
     """PUBLISH (§3.3). `topic` is already length-prefixed UTF-8; `properties` the property
     bodies without their length (MQTT 5 only, ignored for 3.1.1)."""
-    first = PacketType.PUBLISH << 4 | dup << 3 | qos << 1 | retain
+    first = _PUBLISH_BITS | dup << 3 | qos << 1 | retain
     head = topic + encode_uint16(packet_id) if qos else topic
-    if level is ProtocolLevel.MQTT_5:
+    if level is _V5:
         head += encode_varint(len(properties)) + properties
     return bytes((first,)) + encode_varint(len(head) + len(payload)) + head + payload
 
@@ -66,9 +69,9 @@ def encode_ack(
     kind: PacketType, packet_id: int, level: ProtocolLevel, reason: int = ReasonCode.SUCCESS
 ) -> bytes:
     """PUBACK/PUBREC/PUBREL/PUBCOMP: packet id | [5: reason code, left out when 0]."""
-    first = kind << 4 | (0b0010 if kind is PacketType.PUBREL else 0)
+    first = kind << 4 | (0b0010 if kind is _PUBREL else 0)
     body = encode_uint16(packet_id)
-    if level is ProtocolLevel.MQTT_5 and reason != ReasonCode.SUCCESS:
+    if level is _V5 and reason != _SUCCESS:
         body += bytes((reason,))
     return _packet(first, body)
 

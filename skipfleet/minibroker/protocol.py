@@ -38,31 +38,31 @@ from skipfleet.minibroker.packets import (
     Will,
 )
 from skipfleet.minibroker.topics import is_valid_topic_name
-from skipfleet.minibroker.wire import Reader, read_properties, require
+from skipfleet.minibroker.wire import Reader, read_properties
 
 # ---- framing -----------------------------------------------------------------------------------
 
 
 @dataclass(frozen=True, slots=True)
 class Frame:
-    """Where the first complete packet of a receive buffer lies."""
+    """Where one complete packet lies in a receive buffer (absolute offsets)."""
 
     first_byte: int
     body_start: int
     end: int
 
 
-def find_frame(buffer: bytes | bytearray, max_packet_size: int) -> Frame | None:
-    """The first packet in `buffer`, or None until all its bytes have arrived.
+def find_frame(buffer: bytes | bytearray, max_packet_size: int, start: int = 0) -> Frame | None:
+    """The packet starting at `buffer[start]`, or None until all its bytes have arrived.
 
     Checks the size as soon as the remaining length is known, so an oversized packet is refused
     before the broker buffers it.
     """
-    length, shift, pos = 0, 0, 1
+    length, shift, pos = 0, 0, start + 1
     while True:
         if pos >= len(buffer):
             return None
-        if pos > 4:
+        if pos > start + 4:
             raise malformed("remaining length longer than 4 bytes")
         digit = buffer[pos]
         length |= (digit & 0x7F) << shift
@@ -71,25 +71,29 @@ def find_frame(buffer: bytes | bytearray, max_packet_size: int) -> Frame | None:
             break
         shift += 7
     end = pos + length
-    if end > max_packet_size:
-        raise PacketError(ReasonCode.PACKET_TOO_LARGE, f"{end} bytes > {max_packet_size}")
-    return Frame(buffer[0], pos, end) if end <= len(buffer) else None
+    if end - start > max_packet_size:
+        raise PacketError(ReasonCode.PACKET_TOO_LARGE, f"{end - start} bytes > {max_packet_size}")
+    return Frame(buffer[start], pos, end) if end <= len(buffer) else None
+
+
+# Enum attribute access is slow on Python 3.11; the per-packet paths use these plain references.
+_BY_CODE: tuple[PacketType | None, ...] = (None, *PacketType)
+_PUBLISH, _CONNECT, _AUTH = PacketType.PUBLISH, PacketType.CONNECT, PacketType.AUTH
+_V5 = ProtocolLevel.MQTT_5
+_FLAGS_0010 = frozenset({PacketType.PUBREL, PacketType.SUBSCRIBE, PacketType.UNSUBSCRIBE})
 
 
 def packet_type(first_byte: int) -> PacketType:
     """The type of a framed packet, its fixed-header flags checked (§2.1.3)."""
-    code, flags = first_byte >> 4, first_byte & 0x0F
-    if code == 0:
+    kind, flags = _BY_CODE[first_byte >> 4], first_byte & 0x0F
+    if kind is None:
         raise malformed("packet type 0 is reserved")
-    kind = PacketType(code)
-    if kind is PacketType.PUBLISH:
+    if kind is _PUBLISH:
         return kind
     expected = 0b0010 if kind in _FLAGS_0010 else 0
-    require(flags == expected, malformed(f"{kind.name} with fixed-header flags {flags:04b}"))
+    if flags != expected:
+        raise malformed(f"{kind.name} with fixed-header flags {flags:04b}")
     return kind
-
-
-_FLAGS_0010 = frozenset({PacketType.PUBREL, PacketType.SUBSCRIBE, PacketType.UNSUBSCRIBE})
 
 
 # ---- decoding ----------------------------------------------------------------------------------
@@ -98,9 +102,9 @@ _FLAGS_0010 = frozenset({PacketType.PUBREL, PacketType.SUBSCRIBE, PacketType.UNS
 def decode_packet(first_byte: int, body: bytes, level: ProtocolLevel) -> Packet:
     """One packet from a connected client (CONNECT included: the caller refuses a second one)."""
     kind = packet_type(first_byte)
-    if kind is PacketType.CONNECT:
+    if kind is _CONNECT:
         return decode_connect(body)
-    if kind is PacketType.AUTH and level is not ProtocolLevel.MQTT_5:
+    if kind is _AUTH and level is not _V5:
         raise malformed("packet type 15 is reserved in MQTT 3.1.1")
     decoder = _DECODERS.get(kind)
     if decoder is None:
@@ -142,17 +146,20 @@ def decode_connect(body: bytes) -> Connect:
     reader = Reader(body)
     level = _read_protocol_level(reader)
     flags = reader.byte()
-    require(not flags & 0x01, malformed("CONNECT reserved flag is set"))
+    if flags & 0x01:
+        raise malformed("CONNECT reserved flag is set")
     keepalive_s = reader.uint16()
     v5 = level is ProtocolLevel.MQTT_5
     props = read_properties(reader, _CONNECT_PROPERTIES) if v5 else {}
     client_id = reader.utf8()
     will = _read_will(reader, flags, v5)
     has_user, has_password = bool(flags & 0x80), bool(flags & 0x40)
-    require(v5 or has_user or not has_password, malformed("password without user name"))
+    if has_password and not (has_user or v5):
+        raise malformed("password without user name")
     username = reader.utf8() if has_user else None
     password = reader.binary() if has_password else None
-    require(reader.at_end, malformed("bytes after the CONNECT payload"))
+    if not reader.at_end:
+        raise malformed("bytes after the CONNECT payload")
     clean_start = bool(flags & 0x02)
     return Connect(
         level=level,
@@ -174,7 +181,8 @@ def _read_protocol_level(reader: Reader) -> ProtocolLevel:
     level = reader.byte()
     if name == "MQIsdp" and level == ProtocolLevel.MQTT_3_1:
         raise PacketError(ReasonCode.UNSUPPORTED_PROTOCOL_VERSION, "MQTT 3.1 is not supported")
-    require(name == "MQTT", malformed(f"protocol name {name!r}"))
+    if name != "MQTT":
+        raise malformed(f"protocol name {name!r}")
     if level not in (ProtocolLevel.MQTT_3_1_1, ProtocolLevel.MQTT_5):
         raise PacketError(ReasonCode.UNSUPPORTED_PROTOCOL_VERSION, f"protocol level {level}")
     return ProtocolLevel(level)
@@ -183,12 +191,15 @@ def _read_protocol_level(reader: Reader) -> ProtocolLevel:
 def _read_will(reader: Reader, flags: int, v5: bool) -> Will | None:
     qos, retain = (flags >> 3) & 0x03, bool(flags & 0x20)
     if not flags & 0x04:
-        require(qos == 0 and not retain, malformed("will QoS or retain without a will"))
+        if qos or retain:
+            raise malformed("will QoS or retain without a will")
         return None
-    require(qos < 3, malformed("will QoS 3"))
+    if qos == 3:
+        raise malformed("will QoS 3")
     props = read_properties(reader, _WILL_PROPERTIES) if v5 else {}
     topic = reader.utf8()
-    require(is_valid_topic_name(topic), PacketError(ReasonCode.TOPIC_NAME_INVALID, "will topic"))
+    if not is_valid_topic_name(topic):
+        raise PacketError(ReasonCode.TOPIC_NAME_INVALID, "will topic")
     payload = reader.binary()
     return Will(
         topic=topic,
@@ -208,7 +219,8 @@ def _session_expiry(props: dict, clean_start: bool, v5: bool) -> int:
 
 def _nonzero(props: dict, prop: PropertyId, default: int | None) -> int | None:
     value = props.get(prop, default)
-    require(value != 0, protocol_error(f"{prop.name} of 0"))
+    if value == 0:
+        raise protocol_error(f"{prop.name} of 0")
     return value
 
 
@@ -230,12 +242,14 @@ _PUBLISH_PROPERTIES = frozenset(
 
 def _decode_publish(flags: int, reader: Reader, level: ProtocolLevel) -> Publish:
     qos, dup, retain = (flags >> 1) & 0x03, bool(flags & 0x08), bool(flags & 0x01)
-    require(qos < 3, malformed("PUBLISH with QoS 3"))
-    require(qos > 0 or not dup, malformed("DUP set on a QoS 0 PUBLISH"))
+    if qos == 3:
+        raise malformed("PUBLISH with QoS 3")
+    if dup and qos == 0:
+        raise malformed("DUP set on a QoS 0 PUBLISH")
     topic = reader.utf8()
     packet_id = _read_packet_id(reader) if qos else 0
     properties = NO_PROPERTIES
-    if level is ProtocolLevel.MQTT_5:
+    if level is _V5:
         props = read_properties(reader, _PUBLISH_PROPERTIES)
         if PropertyId.TOPIC_ALIAS in props:
             # CONNACK said Topic Alias Maximum 0: any alias is out of range (§3.3.2.3.4).
@@ -244,14 +258,17 @@ def _decode_publish(flags: int, reader: Reader, level: ProtocolLevel) -> Publish
             raise protocol_error("a client may not send a subscription identifier")
         if props:
             properties = MessageProperties.from_properties(props)
-    require(topic != "", protocol_error("empty topic name and no topic alias"))
-    require(is_valid_topic_name(topic), PacketError(ReasonCode.TOPIC_NAME_INVALID, topic))
+    if not topic:
+        raise protocol_error("empty topic name and no topic alias")
+    if not is_valid_topic_name(topic):
+        raise PacketError(ReasonCode.TOPIC_NAME_INVALID, topic)
     return Publish(topic, reader.rest(), qos, retain, dup, packet_id, properties)
 
 
 def _read_packet_id(reader: Reader) -> int:
     packet_id = reader.uint16()
-    require(packet_id != 0, malformed("packet identifier 0"))
+    if packet_id == 0:
+        raise malformed("packet identifier 0")
     return packet_id
 
 
@@ -264,11 +281,12 @@ def _decode_ack(kind: PacketType):
     def decode(flags: int, reader: Reader, level: ProtocolLevel) -> PacketIdAck:
         packet_id = _read_packet_id(reader)
         reason = 0
-        if level is ProtocolLevel.MQTT_5 and not reader.at_end:
+        if level is _V5 and not reader.at_end:
             reason = reader.byte()
             if not reader.at_end:
                 read_properties(reader, _ACK_PROPERTIES)
-        require(reader.at_end, malformed(f"bytes after the {kind.name}"))
+        if not reader.at_end:
+            raise malformed(f"bytes after the {kind.name}")
         return PacketIdAck(kind, packet_id, reason)
 
     return decode
@@ -292,19 +310,24 @@ def _decode_subscribe(flags: int, reader: Reader, level: ProtocolLevel) -> Subsc
     while not reader.at_end:
         topic_filter = reader.utf8()
         requests.append((topic_filter, _subscription_options(reader.byte(), v5)))
-    require(bool(requests), protocol_error("SUBSCRIBE without topic filters"))
+    if not requests:
+        raise protocol_error("SUBSCRIBE without topic filters")
     return Subscribe(packet_id, tuple(requests))
 
 
 def _subscription_options(options: int, v5: bool) -> SubscriptionOptions:
     qos = options & 0x03
-    require(qos < 3, malformed("subscription QoS 3"))
+    if qos == 3:
+        raise malformed("subscription QoS 3")
     if not v5:
-        require(options < 4, malformed("reserved subscription option bits set"))
+        if options >= 4:
+            raise malformed("reserved subscription option bits set")
         return SubscriptionOptions(qos)
-    require(options < 64, malformed("reserved subscription option bits set"))
+    if options >= 64:
+        raise malformed("reserved subscription option bits set")
     retain_handling = (options >> 4) & 0x03
-    require(retain_handling < 3, protocol_error("retain handling 3"))
+    if retain_handling == 3:
+        raise protocol_error("retain handling 3")
     return SubscriptionOptions(
         qos=qos,
         no_local=bool(options & 0x04),
@@ -324,12 +347,14 @@ def _decode_unsubscribe(flags: int, reader: Reader, level: ProtocolLevel) -> Uns
     filters = []
     while not reader.at_end:
         filters.append(reader.utf8())
-    require(bool(filters), protocol_error("UNSUBSCRIBE without topic filters"))
+    if not filters:
+        raise protocol_error("UNSUBSCRIBE without topic filters")
     return Unsubscribe(packet_id, tuple(filters))
 
 
 def _decode_pingreq(flags: int, reader: Reader, level: ProtocolLevel) -> PingReq:
-    require(reader.at_end, malformed("PINGREQ with a body"))
+    if not reader.at_end:
+        raise malformed("PINGREQ with a body")
     return PingReq()
 
 
@@ -346,11 +371,13 @@ _DISCONNECT_PROPERTIES = frozenset(
 
 def _decode_disconnect(flags: int, reader: Reader, level: ProtocolLevel) -> Disconnect:
     if level is not ProtocolLevel.MQTT_5 or reader.at_end:
-        require(reader.at_end, malformed("MQTT 3.1.1 DISCONNECT with a body"))
+        if not reader.at_end:
+            raise malformed("MQTT 3.1.1 DISCONNECT with a body")
         return Disconnect()
     reason = reader.byte()
     props = {} if reader.at_end else read_properties(reader, _DISCONNECT_PROPERTIES)
-    require(reader.at_end, malformed("bytes after the DISCONNECT properties"))
+    if not reader.at_end:
+        raise malformed("bytes after the DISCONNECT properties")
     return Disconnect(reason, props.get(PropertyId.SESSION_EXPIRY_INTERVAL))
 
 

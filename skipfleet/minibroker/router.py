@@ -171,9 +171,7 @@ def _subtree(node: _RetainedNode, *, skip_dollar: bool) -> Iterator[Message]:
     if node.message is not None:
         yield node.message  # `a/#` also matches `a` itself
     stack = [
-        child
-        for name, child in node.children.items()
-        if not (skip_dollar and name.startswith("$"))
+        child for name, child in node.children.items() if not (skip_dollar and name.startswith("$"))
     ]
     while stack:
         current = stack.pop()

@@ -8,7 +8,7 @@ import struct
 from collections.abc import Iterable
 from typing import Any
 
-from skipfleet.minibroker.codes import PacketError, PropertyId, malformed, protocol_error
+from skipfleet.minibroker.codes import PropertyId, malformed, protocol_error
 
 MAX_VARINT = 268_435_455  # four 7-bit groups: the largest Variable Byte Integer
 _U16 = struct.Struct(">H")
@@ -214,8 +214,3 @@ def encode_properties(items: Iterable[tuple[PropertyId, Any]]) -> bytes:
     """A whole property block, length prefix included."""
     body = b"".join(encode_property(prop, value) for prop, value in items)
     return encode_varint(len(body)) + body
-
-
-def require(condition: bool, error: PacketError) -> None:
-    if not condition:
-        raise error
