@@ -25,6 +25,7 @@ from agent.trainer.errors import AdapterError
 from agent.uplink import Uplink
 from shared.protocol.enums import JobKind, JobReason
 from shared.protocol.messages import (
+    BASE_MODEL_VERSION,
     AdapterPublication,
     FetchRequest,
     Job,
@@ -149,6 +150,8 @@ class JobHandlers:
             chosen = Versioned(
                 current.meta.version if current else None, current.arrays if current else None
             )
+        elif wanted == BASE_MODEL_VERSION:  # the reference a first fleet adapter must beat
+            chosen = Versioned(BASE_MODEL_VERSION, None)
         else:
             chosen = self._obtain(wanted, ctx)
         accuracy = learner.holdout_accuracy(self._checked(learner, chosen.arrays))

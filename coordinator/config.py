@@ -197,6 +197,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=canary.max_accuracy_regression,
         help="promote unless the canaries' mean accuracy drops by more than this",
     )
+    add(
+        "--canary-device-margin",
+        type=float,
+        default=canary.max_device_regression,
+        help="...and unless one canary's own accuracy drops by more than this",
+    )
     add("--canary-deadline-seconds", type=float, default=canary.canary_deadline_s)
     add("--command-timeout-seconds", type=float, default=300.0)
     add("--epochs", type=int, default=tune.epochs)
@@ -241,6 +247,7 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Coordinat
             rollout=RolloutPolicy(
                 canary_fraction=args.canary_fraction,
                 max_accuracy_regression=args.canary_margin,
+                max_device_regression=args.canary_device_margin,
                 canary_deadline_s=args.canary_deadline_seconds,
             ),
             finetune=FinetuneSettings(

@@ -1,10 +1,11 @@
 """Getting fleet adapters onto devices: canary evaluation, promotion, rollback, catching up.
 
 A canary never switches adapter: it gets two EVALUATE jobs, one for the candidate version
-(evaluated on its hold-out without installing it) and one for what it runs now, and the
-RolloutManager compares the two means. On promotion every cohort member gets the retained desired
-pointer, the adapter and an APPLY_ADAPTER job (the agent moves only on that job; the pointer is
-what a device that comes back finds). A rollback therefore leaves devices untouched.
+(evaluated on its hold-out without installing it) and one for the cohort's current fleet version
+(or the base model alone before the first), and the RolloutManager compares the two means.
+On promotion every cohort member gets the retained desired pointer, the adapter and an
+APPLY_ADAPTER job (the agent moves only on that job; the pointer is what a device that comes
+back finds). A rollback therefore leaves devices untouched.
 Devices that were offline, or failed to apply, are caught up by reconcile(), with a back-off.
 """
 
@@ -22,7 +23,7 @@ from coordinator.observations import RolloutDecided, RolloutResult
 from coordinator.outbound import apply_job, desired, evaluate_job, publication
 from coordinator.registry import DeviceRecord
 from coordinator.rollout import Rollout, RolloutError, RolloutState
-from shared.protocol import JobKind, JobStatus
+from shared.protocol import BASE_MODEL_VERSION, JobKind, JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -43,10 +44,17 @@ class AdapterDistributor:
             log.warning("cohort %s v%d not rolled out: %s", cohort, version, err)
             return None, f"not rolled out: {err}"
         stored = f.store.get(cohort, version)
+        # The candidate must not be worse than what the cohort runs as a fleet: its current
+        # version, or the bare base model before the first one. Not a device's own fine-tuned
+        # adapter: that one was trained on the very data it is measured on, and always wins.
+        reference = f.store.current_version(cohort) or BASE_MODEL_VERSION
         for device in rollout.canary_devices:
             record = f.registry.require(device)
             f.send(device, publication(stored, f.config.encoding))
-            for role, evaluated in ((CanaryRole.CANDIDATE, version), (CanaryRole.CURRENT, None)):
+            for role, evaluated in (
+                (CanaryRole.CANDIDATE, version),
+                (CanaryRole.CURRENT, reference),
+            ):
                 job = f.create_job(device, JobKind.EVALUATE.value, trigger="canary")
                 f.commands.add(
                     CommandRecord(
@@ -224,7 +232,7 @@ class AdapterDistributor:
                     ),
                 )
             return
-        if command.role in (None, CanaryRole.CURRENT):
+        if command.role is None:  # what the device runs (canaries evaluate other versions)
             f.registry.record_accuracy(command.device_id, accuracy)
         if command.rollout_id is None:
             return

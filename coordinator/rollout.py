@@ -3,7 +3,9 @@
 CANARY → PROMOTED | ROLLED_BACK (both final). A candidate version goes first to a canary fraction
 of the cohort (at least one device). Each canary evaluates the candidate and its current adapter
 on its own hold-out data. When every canary has reported, the rollout is promoted if the mean
-accuracy with the candidate is no worse than with the current adapter minus a margin. A canary
+accuracy with the candidate is no worse than with the current adapter minus a margin, and no
+single canary loses more than a per-device margin (a candidate that helps one device as much as
+it wrecks another leaves the mean alone, and must still not ship). A canary
 that fails rolls back at once; one that has not reported by the deadline makes the rollout roll
 back then. The cohort's current pointer in the AdapterStore only moves on promotion, so a rollback
 leaves it on the previous version; canary devices are told to return to it (desired_version).
@@ -38,15 +40,17 @@ class RolloutError(ValueError):
 @dataclass(frozen=True)
 class RolloutPolicy:
     canary_fraction: float = 0.1
-    # Promote when mean(candidate) >= mean(current) - max_accuracy_regression (fractions).
+    # Promote when mean(candidate) >= mean(current) - max_accuracy_regression (fractions)...
     max_accuracy_regression: float = 0.01
+    # ...and no canary's own candidate accuracy is below its current one minus this.
+    max_device_regression: float = 0.05
     canary_deadline_s: float = 900.0
 
     def __post_init__(self) -> None:
         if not 0.0 < self.canary_fraction <= 1.0:
             raise ValueError(f"canary_fraction must be in (0, 1], got {self.canary_fraction}")
-        if self.max_accuracy_regression < 0:
-            raise ValueError("max_accuracy_regression must be >= 0")
+        if self.max_accuracy_regression < 0 or self.max_device_regression < 0:
+            raise ValueError("max_accuracy_regression and max_device_regression must be >= 0")
         if self.canary_deadline_s <= 0:
             raise ValueError("canary_deadline_s must be > 0")
 
@@ -259,10 +263,17 @@ class RolloutManager:
         summary = (
             f"mean accuracy {candidate:.4f} with v{rollout.candidate_version} vs {current:.4f}"
         )
-        if candidate >= current - self.policy.max_accuracy_regression:
-            return RolloutState.PROMOTED, summary
         margin = self.policy.max_accuracy_regression
-        return RolloutState.ROLLED_BACK, f"{summary}: regression beyond {margin:.4f}"
+        if candidate < current - margin:
+            return RolloutState.ROLLED_BACK, f"{summary}: regression beyond {margin:.4f}"
+        worst = min(results, key=lambda r: r.accuracy_candidate - r.accuracy_current)
+        drop = worst.accuracy_current - worst.accuracy_candidate
+        if drop > self.policy.max_device_regression:
+            return RolloutState.ROLLED_BACK, (
+                f"{summary}, but {worst.device_id} regresses by {drop:.4f} "
+                f"(device margin {self.policy.max_device_regression:.4f})"
+            )
+        return RolloutState.PROMOTED, summary
 
     def _decide(self, rollout: Rollout, state: RolloutState, reason: str) -> Rollout:
         now = self._clock()

@@ -22,6 +22,7 @@ from agent.uplink import Uplink
 from shared.protocol import decode
 from shared.protocol.enums import JobKind, JobReason
 from shared.protocol.messages import (
+    BASE_MODEL_VERSION,
     AdapterPublication,
     ApplyAdapterParams,
     EvaluateParams,
@@ -135,6 +136,17 @@ def test_evaluate_the_running_adapter(device):
     )
     assert outcome.detail["adapter_version"] is None
     assert outcome.detail["accuracy"] == device.learner.holdout_accuracy(None)
+
+
+def test_evaluate_the_base_model_alone_while_an_adapter_runs(device):
+    device.handlers.finetune(finetune_job(), device.ctx())
+    assert device.store.current is not None  # the device now runs its own adapter
+    outcome = device.handlers.evaluate(
+        Job("ev0", JobKind.EVALUATE, EvaluateParams(BASE_MODEL_VERSION), EXPIRES), device.ctx()
+    )
+    assert outcome.detail["adapter_version"] == BASE_MODEL_VERSION
+    assert outcome.detail["accuracy"] == device.learner.holdout_accuracy(None)
+    assert device.store.current is not None  # evaluating never switches
 
 
 def test_apply_a_published_version_then_roll_back(device):

@@ -77,6 +77,18 @@ def test_canary_rolls_back_on_regression(tmp_path):
     assert late.state is RolloutState.ROLLED_BACK  # a decision is final
 
 
+def test_canary_rolls_back_when_one_device_is_wrecked_though_the_mean_holds(tmp_path):
+    setup = Setup(tmp_path, canary_fraction=0.2, max_accuracy_regression=0.01)
+    rollout = setup.rollouts.start(COHORT, 2, DEVICES, rollout_id="ro-w")
+    first, second = rollout.canary_devices
+    setup.rollouts.record_result("ro-w", first, accuracy_candidate=0.95, accuracy_current=0.35)
+    rollout = setup.rollouts.record_result(
+        "ro-w", second, accuracy_candidate=0.35, accuracy_current=0.95
+    )
+    assert rollout.state is RolloutState.ROLLED_BACK  # mean 0.65 vs 0.65, but one loses 0.60
+    assert f"{second} regresses by 0.6000" in rollout.reason
+
+
 def test_a_failed_canary_rolls_back_at_once(tmp_path):
     setup = Setup(tmp_path, canary_fraction=0.3)
     rollout = setup.rollouts.start(COHORT, 2, DEVICES, rollout_id="ro-3")

@@ -19,7 +19,14 @@ from coordinator.observations import (
     RoundResult,
 )
 from coordinator.service import SCAN_INTERVAL_S, FleetService
-from shared.protocol import AdapterPublication, DesiredState, JobKind, JobReason, JobState
+from shared.protocol import (
+    BASE_MODEL_VERSION,
+    AdapterPublication,
+    DesiredState,
+    JobKind,
+    JobReason,
+    JobState,
+)
 from tests.coord_fleet_helpers import SimDevice, jobs_in, make_config
 
 
@@ -46,9 +53,12 @@ def finetune_all(service: FleetService, devices: list[SimDevice], outbound, **re
 
 
 def answer_canaries(service, devices, outbound, candidate: float, current: float) -> None:
+    """Each canary measures the candidate and the cohort's current fleet version (older)."""
     by_name = {d.device_id: d for d in devices}
-    for device, job in jobs_in(outbound, JobKind.EVALUATE):
-        accuracy = candidate if job.params.adapter_version is not None else current
+    evaluations = jobs_in(outbound, JobKind.EVALUATE)
+    reference = min(j.params.adapter_version for _, j in evaluations)
+    for device, job in evaluations:
+        accuracy = current if job.params.adapter_version == reference else candidate
         service.ingest(
             [by_name[device].status(job.job_id, JobState.SUCCEEDED, {"accuracy": accuracy})]
         )
@@ -78,6 +88,8 @@ def test_a_round_goes_from_request_to_an_adapter_applied_on_every_device(tmp_pat
     assert {o.device_id for o in publications} == {"pi-1", "pi-2", "pi-3"}  # canary fraction 1
     assert len(jobs_in(outbound, JobKind.EVALUATE)) == 6  # candidate and current, per canary
 
+    evaluated = {job.params.adapter_version for _, job in jobs_in(outbound, JobKind.EVALUATE)}
+    assert evaluated == {1, BASE_MODEL_VERSION}  # the first version must beat the bare base
     answer_canaries(service, devices, outbound, candidate=0.9, current=0.85)
     outbound = service.tick()
     applies = jobs_in(outbound, JobKind.APPLY_ADAPTER)

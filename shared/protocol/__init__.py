@@ -42,6 +42,7 @@ from shared.protocol.enums import (
 from shared.protocol.envelope import SCHEMA_VERSION, Envelope, kind_of, new_message_id
 from shared.protocol.errors import DecodeError, EncodeError, ProtocolError, ReassemblyError
 from shared.protocol.messages import (
+    BASE_MODEL_VERSION,
     AdapterPublication,
     ApplyAdapterParams,
     CancelParams,
@@ -65,6 +66,7 @@ from shared.protocol.routing import TOPIC_OF_KIND, check_route, topic_kind_for
 
 __all__ = [
     "ALLOWED_DTYPES",
+    "BASE_MODEL_VERSION",
     "DEFAULT_CHUNK_LIMIT",
     "DEVICE_KINDS",
     "DEVICE_SETTABLE",

@@ -113,9 +113,14 @@ class FinetuneParams:
         _optional(checks.integer, self.max_samples, "max_samples", 1)
 
 
+# Fleet adapter versions count from 1; 0 names "no adapter, the base model alone" (evaluations).
+BASE_MODEL_VERSION = 0
+
+
 @dataclass(frozen=True)
 class EvaluateParams:
-    adapter_version: int | None = None  # None: the adapter the device runs now
+    # None: the adapter the device runs now; BASE_MODEL_VERSION: the base model alone
+    adapter_version: int | None = None
 
     def __post_init__(self) -> None:
         _optional(checks.integer, self.adapter_version, "adapter_version")
