@@ -6,7 +6,8 @@
     GET  /rounds?limit=N                      rounds with their failures, aggregation, rollout
     GET  /adapters                            versions, lineage and rollouts per cohort
     POST /finetune                            {"devices": [...]} | {"cohort": "..."} | {"all": true}
-    POST /evaluate                            the same selectors: devices evaluate what they run
+    POST /evaluate                            the same selectors (+ "adapter_version"): devices
+                                              evaluate what they run, or that version
     POST /adapters/{cohort}/{version}/promote make a stored version current, and distribute it
     POST /adapters/{cohort}/rollback          back to the current version's parent
 
@@ -126,7 +127,13 @@ class FleetApi:
         return self._port.request_finetune(*_selection(body))
 
     def _evaluate(self, body: dict) -> dict:
-        return self._port.evaluate(*_selection(body))
+        body = dict(body)
+        version = body.pop("adapter_version", None)
+        if version is not None and (
+            isinstance(version, bool) or not isinstance(version, int) or version < 0
+        ):
+            raise ApiError(HTTPStatus.BAD_REQUEST, '"adapter_version" must be an integer >= 0')
+        return self._port.evaluate(*_selection(body), version)
 
     def _promote(self, body: dict, cohort: str, version: str) -> dict:
         return self._port.promote(cohort, int(version))

@@ -176,6 +176,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--accuracy-drop-margin", type=optional_float, default=defaults.accuracy_drop_margin)
     add("--drift-threshold", type=optional_float, default=DEFAULT_DRIFT_THRESHOLD)
+    add(
+        "--drift-margin",
+        type=float,
+        default=defaults.drift_margin,
+        help="after a fine-tune, drift must rise this much above its value then to fire again",
+    )
     add("--trigger-cooldown-seconds", type=float, default=defaults.trigger_cooldown_s)
     add("--heartbeat-timeout-seconds", type=float, default=defaults.heartbeat_timeout_s)
     add("--max-temperature", type=optional_float, default=defaults.max_temperature_c)
@@ -277,6 +283,7 @@ def _policy(args: argparse.Namespace) -> SchedulerPolicy:
         accuracy_threshold=args.accuracy_threshold,
         accuracy_drop_margin=args.accuracy_drop_margin,
         drift_threshold=args.drift_threshold,
+        drift_margin=args.drift_margin,
         trigger_cooldown_s=args.trigger_cooldown_seconds,
         heartbeat_timeout_s=args.heartbeat_timeout_seconds,
         max_temperature_c=args.max_temperature,

@@ -94,9 +94,9 @@ class AdapterDistributor:
 
     # ---- operator decisions
 
-    def evaluate(self, device_ids: Sequence[str]) -> dict:
-        """Each reachable device measures the adapter it runs on its own hold-out (EVALUATE);
-        the accuracies land in the registry as they arrive (`GET /devices`)."""
+    def evaluate(self, device_ids: Sequence[str], version: int | None = None) -> dict:
+        """Each reachable device measures on its own hold-out the adapter it runs (recorded in
+        the registry: `GET /devices`), or the cohort's `version` (0: the base model alone)."""
         f = self._fleet
         sent, skipped = [], {}
         for device in device_ids:
@@ -106,9 +106,9 @@ class AdapterDistributor:
                 continue
             job = f.create_job(device, JobKind.EVALUATE.value, trigger="operator")
             f.commands.add(
-                CommandRecord(job.job_id, device, JobKind.EVALUATE, None, job.created_at)
+                CommandRecord(job.job_id, device, JobKind.EVALUATE, version, job.created_at)
             )
-            f.send(device, evaluate_job(job, None, record.base_model_hash))
+            f.send(device, evaluate_job(job, version, record.base_model_hash))
             sent.append({"device": device, "job_id": job.job_id})
         return {"evaluating": sent, "skipped": skipped}
 
@@ -232,7 +232,7 @@ class AdapterDistributor:
                     ),
                 )
             return
-        if command.role is None:  # what the device runs (canaries evaluate other versions)
+        if command.role is None and command.adapter_version is None:  # what the device runs
             f.registry.record_accuracy(command.device_id, accuracy)
         if command.rollout_id is None:
             return

@@ -243,10 +243,12 @@ class JobTable:
             "device_id = ? ORDER BY created_at DESC, rowid DESC LIMIT ?", (device_id, limit)
         )
 
-    def latest_for_device(self, device_id: str) -> Job | None:
-        jobs = self._select(
-            "device_id = ? ORDER BY created_at DESC, rowid DESC LIMIT 1", (device_id,)
-        )
+    def latest_for_device(self, device_id: str, kind: str | None = None) -> Job | None:
+        """The device's newest job, or its newest job of one kind (e.g. "finetune")."""
+        where, args = "device_id = ?", (device_id,)
+        if kind is not None:
+            where, args = "device_id = ? AND kind = ?", (device_id, kind)
+        jobs = self._select(f"{where} ORDER BY created_at DESC, rowid DESC LIMIT 1", args)
         return jobs[0] if jobs else None
 
     def for_round(self, round_id: str) -> list[Job]:

@@ -85,7 +85,9 @@ class RoundPipeline:
             if f.records.active_for_cohort(cohort) or f.rollouts.active(cohort):
                 continue
             records = [f.registry.get(d) for d in members]
-            eligible = [r for r in records if f.scheduler.skip_reason(r, now) is None]
+            # Noticing drift needs only a reachable device: one busy with an evaluation, say,
+            # still counts; its fine-tune job simply waits in the round like any other.
+            eligible = [r for r in records if f.reachable(r)]
             fired = [t for r in eligible if (t := f.triggers.automatic_trigger(r, now))]
             if fired:
                 log.info("cohort %s: %s fired, starting a round", cohort, fired[0].value)

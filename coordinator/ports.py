@@ -37,7 +37,7 @@ class FleetPort(Protocol):
     ) -> dict[str, Any]: ...
 
     def evaluate(
-        self, devices: Sequence[str] | None, cohort: str | None, all_: bool
+        self, devices: Sequence[str] | None, cohort: str | None, all_: bool, version: int | None
     ) -> dict[str, Any]: ...
 
     def promote(self, cohort: str, version: int) -> dict[str, Any]: ...
@@ -80,10 +80,10 @@ class LocalFleetPort:
             return self.service.request_finetune(devices=devices, cohort=cohort, all_=all_)
 
     def evaluate(
-        self, devices: Sequence[str] | None, cohort: str | None, all_: bool
+        self, devices: Sequence[str] | None, cohort: str | None, all_: bool, version: int | None
     ) -> dict[str, Any]:
         with self._lock:
-            return self.service.evaluate(devices=devices, cohort=cohort, all_=all_)
+            return self.service.evaluate(devices=devices, cohort=cohort, all_=all_, version=version)
 
     def promote(self, cohort: str, version: int) -> dict[str, Any]:
         with self._lock:

@@ -123,8 +123,10 @@ class FleetActor:
     ) -> dict[str, Any]:
         return self._service.request_finetune(devices=devices, cohort=cohort, all_=all_)
 
-    def evaluate(self, devices: list[str] | None, cohort: str | None, all_: bool) -> dict[str, Any]:
-        return self._service.evaluate(devices=devices, cohort=cohort, all_=all_)
+    def evaluate(
+        self, devices: list[str] | None, cohort: str | None, all_: bool, version: int | None
+    ) -> dict[str, Any]:
+        return self._service.evaluate(devices=devices, cohort=cohort, all_=all_, version=version)
 
     def promote(self, cohort: str, version: int) -> dict[str, Any]:
         return self._service.promote(cohort, version)
@@ -208,11 +210,10 @@ class RayFleetPort:
         )
 
     def evaluate(
-        self, devices: Sequence[str] | None, cohort: str | None, all_: bool
+        self, devices: Sequence[str] | None, cohort: str | None, all_: bool, version: int | None
     ) -> dict[str, Any]:
-        return self._call(
-            self.actor.evaluate, None if devices is None else list(devices), cohort, all_
-        )
+        devices = None if devices is None else list(devices)
+        return self._call(self.actor.evaluate, devices, cohort, all_, version)
 
     def promote(self, cohort: str, version: int) -> dict[str, Any]:
         return self._call(self.actor.promote, cohort, version)

@@ -48,6 +48,10 @@ class DeviceRecord:
     accuracy_after: float | None = None
     last_finetune_at: float | None = None
     accuracy_at_last_finetune: float | None = None
+    # What the device's drift score is measured against: its first score, then its score at each
+    # fine-tune. Devices differ (a quiet 8 cm fan sits higher than a quiet 12 cm one), and an
+    # adapter does not move the inputs back, so drift counts from the device's own reference.
+    drift_reference: float | None = None
     adapter_version: int | None = None
     base_model_hash: str | None = None
     task: str | None = None
@@ -69,6 +73,9 @@ def _sql_type(annotation: str) -> str:
 _SCHEMA = "CREATE TABLE IF NOT EXISTS devices (device_id TEXT PRIMARY KEY, {});".format(
     ", ".join(f"{f.name} {_sql_type(f.type)}" for f in dataclasses.fields(DeviceRecord)[1:])
 )
+_NULLABLE_COLUMNS = {
+    f.name: _sql_type(f.type) for f in dataclasses.fields(DeviceRecord)[1:] if "None" in f.type
+}
 _UPSERT = "INSERT INTO devices ({}) VALUES ({}) ON CONFLICT(device_id) DO UPDATE SET {}".format(
     ", ".join(_COLUMNS),
     ", ".join("?" for _ in _COLUMNS),
@@ -91,6 +98,7 @@ class FleetRegistry:
         self._clock = clock
         self.energy_period_s = float(energy_period_s)
         db.ensure_schema(_SCHEMA)
+        db.add_missing_columns("devices", _NULLABLE_COLUMNS)
 
     # ---- reads
 
@@ -167,6 +175,8 @@ class FleetRegistry:
                 return record
             changes: dict[str, Any] = {k: v for k, v in readings.items() if v is not None}
             changes["last_heartbeat_at"] = at
+            if drift_score is not None and record.drift_reference is None:
+                changes["drift_reference"] = drift_score  # its own baseline: devices differ
             if adapter_version is not None:
                 changes["adapter_version"] = adapter_version
             if energy_j is not None:
@@ -195,7 +205,9 @@ class FleetRegistry:
         _check_accuracy(device_id, accuracy_before)
         _check_accuracy(device_id, accuracy_after)
         at = self._at(at)
+        record = self.get(device_id)
         changes: dict[str, Any] = {
+            "drift_reference": record.drift_score if record is not None else None,
             "accuracy_before": accuracy_before,
             "accuracy_after": accuracy_after,
             "last_finetune_at": at,

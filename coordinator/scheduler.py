@@ -50,6 +50,9 @@ class SchedulerPolicy:
     accuracy_threshold: float | None = 0.85
     accuracy_drop_margin: float | None = 0.05  # below the accuracy right after the last fine-tune
     drift_threshold: float | None = 0.5
+    # ...and more than this above the device's own reference (first score, or at its last
+    # fine-tune).
+    drift_margin: float = 0.5
     # No automatic job for a device that had any job created this recently: a device whose
     # accuracy stays low after fine-tuning must not be fine-tuned in a loop.
     trigger_cooldown_s: float = 1800.0
@@ -218,7 +221,8 @@ class FineTuneScheduler:
     def automatic_trigger(self, record: DeviceRecord, now: float) -> Trigger | None:
         """Which automatic trigger fires for this device, if any (cooldown and busy excluded)."""
         policy = self.policy
-        latest = self._jobs.latest_for_device(record.device_id)
+        # only fine-tunes count: an operator's evaluations must not keep a device in cooldown
+        latest = self._jobs.latest_for_device(record.device_id, kind="finetune")
         if latest is not None and (
             latest.is_active or now - latest.created_at < policy.trigger_cooldown_s
         ):
@@ -227,7 +231,7 @@ class FineTuneScheduler:
             return Trigger.ACCURACY_BELOW
         if _above(_drop_since_last_finetune(record), policy.accuracy_drop_margin):
             return Trigger.ACCURACY_DROP
-        if _above(record.drift_score, policy.drift_threshold):
+        if _drifted(record, policy):
             return Trigger.DRIFT
         return None
 
@@ -328,6 +332,18 @@ def _below(value: float | None, limit: float | None) -> bool:
 
 def _above(value: float | None, limit: float | None) -> bool:
     return value is not None and limit is not None and value > limit
+
+
+def _drifted(record: DeviceRecord, policy: SchedulerPolicy) -> bool:
+    """Over the absolute floor (drift_threshold) and over the device's own reference + margin.
+    Drift triggers are off when the threshold is off."""
+    if policy.drift_threshold is None or record.drift_score is None:
+        return False
+    if record.drift_score <= policy.drift_threshold:
+        return False
+    return record.drift_reference is None or record.drift_score > (
+        record.drift_reference + policy.drift_margin
+    )
 
 
 def _drop_since_last_finetune(record: DeviceRecord) -> float | None:

@@ -93,10 +93,15 @@ class FleetService:
         return self._pipeline.request(devices=devices, cohort=cohort, all_=all_).as_dict()
 
     def evaluate(
-        self, *, devices: Sequence[str] | None = None, cohort: str | None = None, all_: bool = False
+        self,
+        *,
+        devices: Sequence[str] | None = None,
+        cohort: str | None = None,
+        all_: bool = False,
+        version: int | None = None,
     ) -> dict[str, Any]:
         selected = select_devices(self.fleet, devices=devices, cohort=cohort, all_=all_)
-        return self._distributor.evaluate(selected)
+        return self._distributor.evaluate(selected, version)
 
     def promote(self, cohort: str, version: int) -> dict[str, Any]:
         return self._distributor.promote(cohort, version)

@@ -44,6 +44,15 @@ class StateDB:
         with self._lock:
             self._conn.executescript(ddl)
 
+    def add_missing_columns(self, table: str, columns: dict[str, str]) -> None:
+        """Columns a newer release added (nullable): a state dir from before still opens."""
+        with self._lock:
+            present = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
+            for name, sql_type in columns.items():
+                if name not in present:
+                    self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}")
+            self._conn.commit()
+
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
         """BEGIN IMMEDIATE ... COMMIT; a transaction opened inside another one joins it."""

@@ -28,12 +28,14 @@ class FleetProbe:
         self.client.on_connect = lambda c, *a: c.subscribe(f"{topics.root}/#", qos=1)
         self.client.on_message = self._on_message
         self.received: list[tuple[str, Envelope, bool, float]] = []  # + arrival time
+        self.bytes_from_device: dict[str, int] = {}  # what each device put on the wire
         self._changed = threading.Condition()
         self._reassembler = Reassembler()
         connect_async(self.client, settings)
         self.client.loop_start()
 
     def _on_message(self, client, userdata, message) -> None:
+        self._count_bytes(message.topic, len(message.payload))
         try:
             envelope = self._reassembler.feed(decode(message.payload))
         except DecodeError:
@@ -43,6 +45,24 @@ class FleetProbe:
                 arrival = time.monotonic()
                 self.received.append((message.topic, envelope, bool(message.retain), arrival))
                 self._changed.notify_all()
+
+    def _count_bytes(self, topic: str, size: int) -> None:
+        try:
+            device, kind = self.topics.parse(topic)
+        except ValueError:
+            return
+        if kind.from_device:
+            self.bytes_from_device[device] = self.bytes_from_device.get(device, 0) + size
+
+    def messages(self, kind: type) -> list[tuple[str, Envelope, float]]:
+        """(device id, envelope, arrival) of every message of one type received so far."""
+        with self._changed:
+            items = list(self.received)
+        out = []
+        for topic, envelope, _, arrival in items:
+            if isinstance(envelope.message, kind):
+                out.append((self.topics.parse(topic)[0], envelope, arrival))
+        return out
 
     def wait_for(self, match: Match, timeout: float) -> tuple[Envelope, float]:
         """The first message matching, and when it arrived (time.monotonic)."""

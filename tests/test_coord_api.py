@@ -74,6 +74,10 @@ def test_evaluate_asks_devices_to_measure_what_they_run(fleet):
         "ghost": "unknown device"
     }
     assert post(api, "/evaluate", {"devices": "pi-1"})[0] == 400
+    status, answer = post(api, "/evaluate", {"all": True, "adapter_version": 0})
+    versions = {j.params.adapter_version for _, j in jobs_in(service.tick(), JobKind.EVALUATE)}
+    assert status == 200 and versions == {0}  # the base model alone, the device does not switch
+    assert post(api, "/evaluate", {"all": True, "adapter_version": -1})[0] == 400
 
 
 @pytest.mark.parametrize(

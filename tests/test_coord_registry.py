@@ -84,3 +84,18 @@ def test_bad_values_are_refused(tmp_path, clock):
         registry.record_heartbeat("pi-1", temperature_c=float("nan"))
     with pytest.raises(UnknownDeviceError):
         registry.require("pi-404")
+
+
+def test_a_state_dir_from_before_a_new_column_still_opens(tmp_path, clock):
+    db = StateDB.in_dir(tmp_path)
+    from coordinator.registry import _SCHEMA
+
+    before = _SCHEMA.replace(", drift_reference REAL", "")  # the release before it
+    assert before != _SCHEMA
+    db.ensure_schema(before)
+    db.close()
+    registry = FleetRegistry(StateDB.in_dir(tmp_path), clock=clock)
+    registry.register("pi-old", base_model_hash="ab" * 32, task="fan")
+    registry.record_heartbeat("pi-old", drift_score=2.5)
+    registry.record_finetune("pi-old", accuracy_before=0.5, accuracy_after=0.9)
+    assert registry.get("pi-old").drift_reference == 2.5

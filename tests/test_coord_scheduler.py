@@ -76,7 +76,9 @@ def test_drop_since_last_finetune_triggers(tmp_path, clock):
 
 def test_drift_triggers_and_cooldown_prevents_a_loop(tmp_path, clock):
     fleet = make_fleet(tmp_path, clock, drift_threshold=0.5, trigger_cooldown_s=600)
-    fleet.add("pi-drift", drift_score=0.8)
+    fleet.add("pi-drift", drift_score=0.2)  # its own baseline
+    assert fleet.scheduler.tick().dispatched == ()
+    fleet.registry.record_heartbeat("pi-drift", drift_score=0.8)  # 0.6 above it, over 0.5
     (job,) = fleet.scheduler.tick().dispatched
     assert job.trigger == Trigger.DRIFT
     fleet.finish(job)
@@ -86,6 +88,44 @@ def test_drift_triggers_and_cooldown_prevents_a_loop(tmp_path, clock):
     clock.advance(300)
     fleet.heartbeat_all()
     assert dispatched(fleet.scheduler.tick()) == {"pi-drift": Trigger.DRIFT}
+
+
+def test_drift_counts_from_the_last_finetune_not_from_the_base_model(tmp_path, clock):
+    """An adapter does not move the inputs back: a device adapted to a noisy room keeps a high
+    score, and must not be fine-tuned again until the score rises further."""
+    fleet = make_fleet(
+        tmp_path, clock, drift_threshold=2.0, drift_margin=0.5, trigger_cooldown_s=10
+    )
+    fleet.add("pi-noisy", drift_score=1.2)  # a quiet room: its baseline
+    fleet.registry.record_heartbeat("pi-noisy", drift_score=2.4)
+    (job,) = fleet.scheduler.tick().dispatched
+    fleet.finish(job)
+    fleet.registry.record_finetune("pi-noisy", accuracy_before=0.6, accuracy_after=0.99)
+    assert fleet.registry.get("pi-noisy").drift_reference == 2.4
+    clock.advance(60)
+    fleet.registry.record_heartbeat("pi-noisy", drift_score=2.7)  # within 0.5 of 2.4
+    assert fleet.scheduler.tick().dispatched == ()
+    fleet.registry.record_heartbeat("pi-noisy", drift_score=3.1)  # a new shift
+    assert dispatched(fleet.scheduler.tick()) == {"pi-noisy": Trigger.DRIFT}
+
+
+def test_drift_is_measured_against_each_devices_own_baseline(tmp_path, clock):
+    fleet = make_fleet(tmp_path, clock, drift_threshold=1.0, drift_margin=0.4)
+    fleet.add("pi-8cm", drift_score=1.25)  # quiet, but its fan sits higher than the others
+    fleet.add("pi-12cm", drift_score=0.95)
+    fleet.registry.record_heartbeat("pi-8cm", drift_score=1.3)
+    fleet.registry.record_heartbeat("pi-12cm", drift_score=1.5)  # the room went noisy
+    assert dispatched(fleet.scheduler.tick()) == {"pi-12cm": Trigger.DRIFT}
+
+
+def test_evaluations_do_not_hold_off_a_drift_trigger(tmp_path, clock):
+    fleet = make_fleet(tmp_path, clock, drift_threshold=2.0, trigger_cooldown_s=10)
+    fleet.add("pi-watched", drift_score=1.2)
+    for _ in range(3):  # an operator asks for its accuracy every few seconds
+        fleet.finish(fleet.jobs.create("pi-watched", timeout_s=30, kind="evaluate"))
+        clock.advance(5)
+    fleet.registry.record_heartbeat("pi-watched", drift_score=2.6)
+    assert dispatched(fleet.scheduler.tick()) == {"pi-watched": Trigger.DRIFT}
 
 
 def test_at_most_k_concurrent_jobs(tmp_path, clock):

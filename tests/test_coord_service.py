@@ -346,3 +346,15 @@ def test_a_round_closed_just_before_a_crash_is_recorded_on_restart(tmp_path, clo
     (round_view,) = restarted.rounds()
     assert round_view["stage"] == "STORED" and round_view["answered"] == ["pi-1"]
     assert [v["version"] for v in restarted.adapters()[0]["versions"]] == [1]
+
+
+def test_a_device_busy_evaluating_still_starts_a_drift_round(tmp_path, clock):
+    service = start(tmp_path, clock, drift_threshold=1.0, drift_margin=0.4)
+    devices = join(service, clock, "pi-1", "pi-2")  # first heartbeats: drift 1.0, the baseline
+    service.evaluate(all_=True)
+    assert len(jobs_in(service.tick(), JobKind.EVALUATE)) == 2  # both now have a job running
+    clock.advance(10)
+    service.ingest([devices[0].heartbeat(drift=1.6)])  # its room went noisy
+    service.tick()
+    (started,) = service.rounds()
+    assert started["trigger"] == "drift" and started["stage"] == "RUNNING"
