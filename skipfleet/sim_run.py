@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
+import uuid
 from pathlib import Path
 
 from shared.mqtt import parse_broker_url
@@ -73,41 +74,34 @@ class Simulation:
 
     def _start_coordinator(self, broker_url: str, stack) -> ApiClient:
         a = self.args
-        knobs = [
-            "--epochs",
-            str(DEFAULT_EPOCHS[a.dataset]),
-            "--lr",
-            str(DEFAULT_LR[a.dataset]),
-            "--max-concurrent-jobs",
-            str(max(4, 3 * a.devices)),
-            "--round-deadline-seconds",
-            str(a.timeout),
-            "--trigger-cooldown-seconds",
-            "5",
-        ]
+        settings = {
+            "--ray-address": a.ray_address,
+            # a name of its own: never another coordinator's actor on a shared Ray
+            "--actor-name": f"skipfleet-simulate-{uuid.uuid4().hex[:8]}",
+            "--epochs": DEFAULT_EPOCHS[a.dataset],
+            "--lr": DEFAULT_LR[a.dataset],
+            "--max-concurrent-jobs": max(4, 3 * a.devices),
+            "--round-deadline-seconds": a.timeout,
+            "--trigger-cooldown-seconds": 5,
+        }
         if self.drift:  # the coordinator decides by itself: drift score, or measured accuracy
-            knobs += [
-                "--drift-threshold",
-                "1.0",
-                "--drift-margin",
-                "0.4",
-                "--accuracy-threshold",
-                "0.9",
-            ]
+            settings.update(
+                {"--drift-threshold": 1.0, "--drift-margin": 0.4, "--accuracy-threshold": 0.9}
+            )
         else:  # rounds only when asked
-            knobs += [
-                "--drift-threshold",
-                "off",
-                "--accuracy-threshold",
-                "off",
-                "--accuracy-drop-margin",
-                "off",
-            ]
+            settings.update(
+                {
+                    "--drift-threshold": "off",
+                    "--accuracy-threshold": "off",
+                    "--accuracy-drop-margin": "off",
+                }
+            )
+        knobs = [str(part) for pair in settings.items() for part in pair]
         coordinator = CoordinatorProcess(
             broker_url, self.run_dir / "coordinator", self.run_dir / "coordinator.log", knobs
         )
         stack.callback(coordinator.stop)
-        self.say("starting the coordinator (local Ray)...")
+        self.say(f"starting the coordinator (Ray: {a.ray_address})...")
         coordinator.wait_healthy(self.args.timeout)
         self.metrics_url = coordinator.metrics_url
         self.say(f"coordinator up: API {coordinator.api.base_url}, metrics {self.metrics_url}")

@@ -28,6 +28,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--data-dir", help="folder of the data sets (default: $SKIPFLEET_DATA_DIR)")
     add("--broker", help="mqtt://host:port of a broker to use (default: start one)")
     add(
+        "--ray-address",
+        default="local",
+        help="local (default: the coordinator starts a small Ray) or a cluster to join",
+    )
+    add(
         "--drift-at",
         type=float,
         metavar="SECONDS",
