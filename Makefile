@@ -31,8 +31,11 @@ lint: setup
 test: setup system-deps lint
 	$(BIN)/python -m pytest
 
+# The main job: a simulated fan fleet whose rooms turn noisy at 15 s; the coordinator notices
+# and fine-tunes by itself. Writes out/simulate.json and out/simulate.html.
 run: setup
-	$(BIN)/skipfleet bench trainer --dataset damage1 --methods all --trials 5 --json out/bench-damage1.json
+	$(BIN)/skipfleet simulate --devices 8 --dataset fan --rounds 1 --drift-at 15 \
+		--json out/simulate.json --report out/simulate.html
 
 bench: setup
 	$(BIN)/skipfleet bench trainer --dataset damage1 --methods all --trials 20 --json out/bench-damage1.json

@@ -40,10 +40,10 @@ def bar_chart(
     categories, series: dict[str, list], *, title, unit="", ymax=None, percent=False
 ) -> str:
     """Grouped bars: one group per category, one bar per series (None = no bar)."""
-    width, height, left, bottom, top = 1060, 300, 60, 90, 40
+    width, height, left, bottom, top = 1060, 320, 60, 110, 40
     values = [v for vs in series.values() for v in vs if v is not None]
     ymax = ymax or (max(values) * 1.1 if values else 1.0) or 1.0
-    plot_w, plot_h = width - left - 20, height - top - bottom
+    plot_w, plot_h = width - left - 120, height - top - bottom  # room for the last label
     group_w = plot_w / max(len(categories), 1)
     bar_w = group_w * 0.8 / max(len(series), 1)
     out = [f'<svg viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title)}">']
@@ -103,6 +103,11 @@ def line_chart(
             f'<line x1="{left}" x2="{width - 20}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" '
             f'stroke="#e4e7eb"/><text x="{left - 6}" y="{sy(y) + 4:.1f}" '
             f'text-anchor="end">{y:.3g}</text>'
+        )
+    for tick in range(6):  # the time axis
+        x = xmax * tick / 5
+        out.append(
+            f'<text x="{sx(x):.1f}" y="{top + plot_h + 16}" text-anchor="middle">{x:.0f}</text>'
         )
     for x, label in events:
         out.append(
