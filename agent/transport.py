@@ -11,7 +11,6 @@
 
 from __future__ import annotations
 
-import functools
 import logging
 import threading
 from collections.abc import Callable
@@ -21,7 +20,7 @@ import paho.mqtt.client as paho
 from agent.errors import BrokerRefused
 from agent.outbox import Outbox
 from agent.spool import SpoolItem
-from shared.mqtt import MqttSettings, Will, connect_async, make_client
+from shared.mqtt import MqttSettings, Will, connect_async, logged, make_client
 
 log = logging.getLogger(__name__)
 
@@ -30,19 +29,6 @@ BAD_CREDENTIALS = 0x86
 NOT_AUTHORIZED = 0x87
 # Publish failed for a reason that may pass (v5 PUBACK): keep the message and try again later.
 QUOTA_EXCEEDED = 0x97
-
-
-def logged(callback: Callable) -> Callable:
-    """paho re-raises callback exceptions into its loop by default: log them instead."""
-
-    @functools.wraps(callback)
-    def wrapper(*args: object, **kwargs: object) -> None:
-        try:
-            callback(*args, **kwargs)
-        except Exception:
-            log.exception("MQTT callback %s failed", callback.__name__)
-
-    return wrapper
 
 
 class Transport:

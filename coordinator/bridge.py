@@ -10,7 +10,6 @@ pointer), and applies the fleet's metrics every metrics_interval_s.
 
 from __future__ import annotations
 
-import functools
 import logging
 import queue
 import threading
@@ -31,6 +30,7 @@ from shared.mqtt import (
     backoff_delay,
     check_publish_size,
     connect_async,
+    logged,
     make_client,
     publish_properties,
 )
@@ -63,19 +63,6 @@ class RejectReason(StrEnum):
     REASSEMBLY = "reassembly"
     DUPLICATE = "duplicate"
     OVERLOAD = "overload"
-
-
-def logged(callback: Callable) -> Callable:
-    """paho re-raises callback exceptions into its loop by default: log them instead."""
-
-    @functools.wraps(callback)
-    def wrapper(*args: object, **kwargs: object) -> None:
-        try:
-            callback(*args, **kwargs)
-        except Exception:
-            log.exception("MQTT callback %s failed", callback.__name__)
-
-    return wrapper
 
 
 class Deduplicator:

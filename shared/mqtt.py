@@ -3,9 +3,12 @@ settings, client construction, MQTT v5 publish properties, backoff and publish-s
 
 from __future__ import annotations
 
+import functools
+import logging
 import math
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from urllib.parse import unquote, urlsplit
@@ -16,6 +19,22 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 
 from shared.protocol import SCHEMA_VERSION, Envelope
+
+log = logging.getLogger(__name__)
+
+
+def logged(callback: Callable) -> Callable:
+    """paho re-raises callback exceptions into its loop by default: log them instead."""
+
+    @functools.wraps(callback)
+    def wrapper(*args: object, **kwargs: object) -> None:
+        try:
+            callback(*args, **kwargs)
+        except Exception:
+            log.exception("MQTT callback %s failed", callback.__name__)
+
+    return wrapper
+
 
 _DEFAULT_PORTS = {"mqtt": 1883, "mqtts": 8883}
 CONTENT_TYPE = "application/msgpack"
