@@ -13,12 +13,9 @@ import configparser
 import http.server
 import json
 import os
-import pwd
-import queue
 import re
 import shlex
 import shutil
-import socket
 import stat
 import subprocess
 import sys
@@ -30,7 +27,7 @@ from pathlib import Path
 import pytest
 import yaml
 
-from tests.mqtt_broker import find_mosquitto, free_port
+from tests.topology import DeployBroker, Mqtt, make_accounts
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
@@ -61,18 +58,6 @@ def command_flags(command: list[str]) -> dict[str, str]:
 
 def run(args: list[str], **kwargs) -> subprocess.CompletedProcess:
     return subprocess.run(args, capture_output=True, text=True, timeout=30, **kwargs)
-
-
-def make_accounts(n: int, directory: Path) -> dict[str, str]:
-    """Run make-accounts.sh; return the device and coordinator passwords by user name."""
-    if shutil.which("mosquitto_passwd") is None:
-        pytest.fail("mosquitto_passwd is not installed: run `make system-deps`")
-    result = run(["bash", str(MAKE_ACCOUNTS), str(n), str(directory)])
-    assert result.returncode == 0, result.stderr
-    lines = (directory / "device_passwords").read_text().splitlines()
-    passwords = dict(line.split(":", 1) for line in lines)
-    passwords["coordinator"] = (directory / "coordinator_password").read_text().strip()
-    return passwords
 
 
 # -- docker-compose.yml ---------------------------------------------------------------------------
@@ -639,134 +624,14 @@ def test_acl_confines_each_device_to_its_own_topics():
     }
 
 
-class Mqtt:
-    """A paho-mqtt 2.x MQTTv5 client that waits for its acknowledgements."""
-
-    def __init__(self, port: int, client_id: str, username: str | None, password: str | None):
-        import paho.mqtt.client as paho
-        from paho.mqtt.enums import CallbackAPIVersion
-
-        self.port = port
-        self.client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
-        )
-        if username is not None:
-            self.client.username_pw_set(username, password)
-        self.messages: queue.Queue = queue.Queue()
-        self.acks: dict[int, object] = {}
-        self.connack = None
-        self.done = threading.Condition()
-        self.client.on_connect = self._on_connect
-        self.client.on_publish = self._on_ack
-        self.client.on_subscribe = self._on_ack
-        self.client.on_message = lambda client, userdata, msg: self.messages.put(msg)
-
-    def _on_connect(self, client, userdata, flags, reason_code, properties):
-        with self.done:
-            self.connack = reason_code
-            self.done.notify_all()
-
-    def _on_ack(self, client, userdata, mid, reason_codes, properties):
-        with self.done:
-            self.acks[mid] = reason_codes
-            self.done.notify_all()
-
-    def _wait(self, ready) -> object:
-        with self.done:
-            assert self.done.wait_for(ready, timeout=5), "no answer from the broker"
-
-    def connect(self):
-        self.client.connect("127.0.0.1", self.port)
-        self.client.loop_start()
-        self._wait(lambda: self.connack is not None)
-        return self.connack
-
-    def publish(self, topic: str, payload: bytes):
-        info = self.client.publish(topic, payload, qos=1)
-        self._wait(lambda: info.mid in self.acks)
-        return self.acks[info.mid]
-
-    def subscribe(self, topic: str):
-        _, mid = self.client.subscribe(topic, qos=1)
-        self._wait(lambda: mid in self.acks)
-        (reason,) = self.acks[mid]
-        return reason
-
-    def received(self, timeout: float, count: int | None = None) -> list:
-        """Messages that arrive within `timeout` seconds (or until `count` have)."""
-        out, deadline = [], time.monotonic() + timeout
-        while len(out) != count and (left := deadline - time.monotonic()) > 0:
-            try:
-                out.append(self.messages.get(timeout=left))
-            except queue.Empty:
-                break
-        return out
-
-    def close(self):
-        self.client.disconnect()
-        self.client.loop_stop()
-
-
-def _listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
 @pytest.fixture(scope="module")
 def fleet_broker(tmp_path_factory):
     """mosquitto running deploy/mosquitto/mosquitto.conf, its container paths mapped to tmp."""
-    binary = find_mosquitto()
-    if binary is None:
-        pytest.fail("mosquitto is not installed: run `make system-deps`")
     root = tmp_path_factory.mktemp("fleet-broker")
     passwords = make_accounts(2, root / "secrets")
-    port, probe_port = free_port(), free_port()
-    # Container path -> host path, from the compose service itself.
-    paths = {
-        target: str(REPO / source)
-        for source, target, *_ in (v.split(":") for v in SERVICES["mosquitto"]["volumes"])
-        if source.startswith("./")
-    }
-    paths["/run/secrets/mosquitto_passwd"] = str(root / "secrets" / "mosquitto_passwd")
-    (root / "data").mkdir()
-    replacements = {
-        "listener 1883": f"listener {port} 127.0.0.1",
-        "listener 1880 127.0.0.1": f"listener {probe_port} 127.0.0.1",
-        "persistence_location /mosquitto/data/": f"persistence_location {root / 'data'}/",
-        "log_dest stdout": f"log_dest file {root / 'mosquitto.log'}",
-        "password_file /run/secrets/mosquitto_passwd": (
-            f"password_file {paths['/run/secrets/mosquitto_passwd']}"
-        ),
-        "acl_file /mosquitto/config/acl": f"acl_file {paths['/mosquitto/config/acl']}",
-        "acl_file /mosquitto/config/probe.acl": (
-            f"acl_file {paths['/mosquitto/config/probe.acl']}"
-        ),
-    }
-    lines = (MOSQUITTO_DIR / "mosquitto.conf").read_text().splitlines()
-    for old, new in replacements.items():
-        assert lines.count(old) == 1, f"mosquitto.conf: expected one line {old!r}"
-        lines[lines.index(old)] = new
-    # As root, mosquitto would switch to user `mosquitto`, who cannot read the tmp dir.
-    lines.append(f"user {pwd.getpwuid(os.getuid()).pw_name}")
-    config = root / "mosquitto.conf"
-    config.write_text("\n".join(lines) + "\n")
-    process = subprocess.Popen(
-        [binary, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-    )
-    deadline = time.monotonic() + 10
-    while not (_listening(port) and _listening(probe_port)):
-        if process.poll() is not None or time.monotonic() > deadline:
-            process.kill()
-            log = (root / "mosquitto.log").read_text() if (root / "mosquitto.log").exists() else ""
-            pytest.fail(f"mosquitto did not start: {process.stderr.read()!r} {log[-2000:]}")
-        time.sleep(0.05)
-    yield {"port": port, "probe_port": probe_port, "passwords": passwords}
-    process.terminate()
-    process.wait(timeout=10)
-    process.stderr.close()
+    broker = DeployBroker(root, root / "secrets" / "mosquitto_passwd")
+    yield {"port": broker.port, "probe_port": broker.probe_port, "passwords": passwords}
+    broker.stop()
 
 
 @pytest.fixture

@@ -1,0 +1,303 @@
+"""The dashboards against the coordinator that really runs, and a real Prometheus scraping it.
+
+tests/test_dashboards_static.py holds every dashboard query to docs/architecture.md; these tests
+hold them to what `skipfleet coordinator` exports. One fleet for the module: a private mosquitto,
+the coordinator as a process on the session's Ray, three fan agents, and Prometheus scraping the
+coordinator from before the round. After one real round (promoted on every device) and one
+malformed message (for the rejection counter), every metric family has samples.
+"""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+from collections import defaultdict
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from skipfleet.brokers import MosquittoBroker
+from skipfleet.processes import AgentProcess
+from skipfleet.scenario import Scenario, build_scenario
+from tests.promql_names import documented_metrics, promql_names
+from tests.test_dashboards_static import (
+    DASHBOARD_DIR,
+    DASHBOARD_FILES,
+    LABEL_VALUES,
+    expressions,
+    load,
+)
+from tests.topology import (
+    SCRAPE_SECONDS,
+    CoordinatorProcess,
+    Mqtt,
+    PrometheusServer,
+    devices_reachable,
+    prometheus_config,
+    run_one_round,
+    session_coordinator_flags,
+    wait_until,
+)
+
+pytestmark = pytest.mark.slow
+
+ARCHITECTURE = Path(__file__).resolve().parent.parent / "docs" / "architecture.md"
+FAST_AGENT = (
+    "--heartbeat-seconds", "1", "--will-delay-seconds", "0", "--reconnect-max-seconds", "2",
+    "--power-profile", "generic",
+)  # fmt: skip
+SCRAPE_LABELS = frozenset({"job", "instance"})  # Prometheus adds these to every scraped series
+# Series names prometheus_client derives from a family's name, by type (text format 0.0.4).
+SUFFIXES = {
+    "counter": ("_total", "_created"),
+    "histogram": ("_bucket", "_sum", "_count", "_created"),
+    "gauge": ("",),
+}
+
+
+# -- the fleet -------------------------------------------------------------------------------------
+@pytest.fixture(scope="module")
+def scenario(data_dir, tmp_path_factory) -> Scenario:
+    # A briefly pre-trained base model: fine-tuning clearly helps, so the canary promotes.
+    return build_scenario("fan", 3, data_dir, tmp_path_factory.mktemp("scenario"), drift=False,
+                          pretrain_epochs=5, log=lambda _: None)  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def broker(tmp_path_factory) -> Iterator[MosquittoBroker]:
+    broker = MosquittoBroker(tmp_path_factory.mktemp("mosquitto"))
+    broker.start()
+    yield broker
+    broker.stop()
+
+
+@pytest.fixture(scope="module")
+def coordinator_flags(ray_session, broker, tmp_path_factory) -> dict[str, str]:
+    state_dir = tmp_path_factory.mktemp("coordinator") / "state"
+    return {"broker": broker.url, **session_coordinator_flags(ray_session, state_dir)}
+
+
+@pytest.fixture(scope="module")
+def prometheus(coordinator_flags, tmp_path_factory) -> Iterator[PrometheusServer]:
+    """Prometheus scraping the coordinator's metrics address (before the coordinator is up, as
+    in compose: it scrapes from its first discovery update, about 5 s after its start)."""
+    address = f"127.0.0.1:{coordinator_flags['metrics-port']}"
+    server = PrometheusServer(tmp_path_factory.mktemp("prometheus"), prometheus_config(address))
+    yield server
+    assert server.stop() == 0, server.log_tail()  # a clean stop: SIGTERM, TSDB closed
+
+
+@pytest.fixture(scope="module")
+def coordinator(coordinator_flags, prometheus) -> Iterator[CoordinatorProcess]:
+    # Prometheus (a dependency only for the order) runs through the whole life of the fleet.
+    log = Path(coordinator_flags["state-dir"]).parent / "coordinator.log"
+    coordinator = CoordinatorProcess(coordinator_flags, log)
+    wait_until("the coordinator's /health", coordinator.healthy, watch=[coordinator])
+    yield coordinator
+    assert coordinator.stop() == 0, coordinator.log_tail()
+
+
+@pytest.fixture(scope="module")
+def fleet(scenario, broker, coordinator, tmp_path_factory) -> Iterator[list[str]]:
+    """The device ids, once every metric family has samples."""
+    root = tmp_path_factory.mktemp("agents")
+    agents = [
+        AgentProcess(
+            d.device_id,
+            broker.url,
+            d.data_file,
+            scenario.base_model,
+            root / d.device_id,
+            root / f"{d.device_id}.log",
+            FAST_AGENT,
+        )
+        for d in scenario.devices
+    ]
+    ids = [agent.device_id for agent in agents]
+    watch = [coordinator, *agents]
+    try:
+        wait_until("every device reachable", lambda: devices_reachable(coordinator, ids),
+                   watch=watch)  # fmt: skip
+        run_one_round(coordinator, ids, watch=agents)
+        # Nothing in a clean round is rejected: one undecodable message fills that counter.
+        sender = Mqtt(broker.port, "observability-garbage", None, None)
+        assert not sender.connect().is_failure
+        assert not sender.publish(f"fleet/{ids[0]}/telemetry", b"not an envelope").is_failure
+        sender.close()
+        wait_until(
+            "every metric family to have samples",
+            lambda: all(f.samples for f in text_string_to_metric_families(coordinator.metrics())),
+            watch=watch,
+        )
+        yield ids
+    finally:
+        for agent in agents:
+            agent.stop()
+
+
+@pytest.fixture(scope="module")
+def exposition(fleet, coordinator) -> str:
+    """What GET /metrics answers, once every family has samples."""
+    return coordinator.metrics()
+
+
+# -- reading the exposition and the dashboards -----------------------------------------------------
+def exported_series(text: str) -> dict[str, dict[str, set[str]]]:
+    """Every series name Prometheus would store from `text` -> {label: values seen}."""
+    series: dict[str, dict[str, set[str]]] = {}
+    for family in text_string_to_metric_families(text):
+        for suffix in SUFFIXES[family.type]:
+            series.setdefault(family.name + suffix, {})
+        for sample in family.samples:
+            labels = series.setdefault(sample.name, {})
+            for label, value in sample.labels.items():
+                labels.setdefault(label, set()).add(value)
+    return series
+
+
+def documented_label_values(architecture_md: Path) -> dict[str, dict[str, set[str]]]:
+    """Label values the metric table lists (`outcome` = completed/failed), by metric."""
+    section = architecture_md.read_text().split("## Prometheus metrics", 1)[1]
+    values: dict[str, dict[str, set[str]]] = defaultdict(dict)
+    for name, labels in re.findall(r"^\| `(\w+)` \|[^|]*\|([^|]*)\|", section, re.M):
+        for label, listed in re.findall(r"`(\w+)` = ([\w/]+)", labels):
+            values[name][label] = set(listed.split("/"))
+    return values
+
+
+def equality_matchers(expr: str) -> list[tuple[str, str]]:
+    """(label, value) of the `label="value"` matchers whose value is no Grafana variable."""
+    return [(k, v) for k, v in re.findall(r'(\w+)\s*=\s*"([^"]*)"', expr) if "$" not in v]
+
+
+def selects_unseen_value(expr: str, series: dict[str, dict[str, set[str]]]) -> bool:
+    """Whether `expr` selects a label value no exported series has yet (e.g. failed rounds)."""
+    metrics = promql_names(expr).metrics
+    seen = {
+        label: set().union(*(series.get(m, {}).get(label, set()) for m in metrics))
+        for label, _ in equality_matchers(expr)
+    }
+    return any(value not in seen[label] for label, value in equality_matchers(expr))
+
+
+def panel_queries(dashboard: dict) -> list[tuple[str, str]]:
+    """(where, PromQL) of a dashboard's panel targets (its variables are label_values calls)."""
+    return [(w, e) for w, e in expressions(dashboard) if not w.startswith("variable ")]
+
+
+# -- the exposition --------------------------------------------------------------------------------
+def test_the_coordinator_exports_exactly_the_documented_metrics(exposition):
+    families = {f.name: f for f in text_string_to_metric_families(exposition)}
+    created = {name for name in families if name.endswith("_created")}  # prometheus_client's
+    problems = []
+    for metric in documented_metrics(ARCHITECTURE).values():
+        name = metric.name.removesuffix("_total") if metric.type == "counter" else metric.name
+        family = families.pop(name, None)
+        if family is None:
+            problems.append(f"{metric.name}: not exported")
+            continue
+        labels = {label for s in family.samples for label in s.labels} - {"le"}
+        if family.type != metric.type or labels != metric.labels:
+            problems.append(f"{metric.name}: exported as {family.type} {sorted(labels)}, "
+                            f"documented as {metric.type} {sorted(metric.labels)}")  # fmt: skip
+        if not family.samples:
+            problems.append(f"{metric.name}: no samples after a round")
+    undocumented = set(families) - created
+    assert not problems and not undocumented, (problems, sorted(undocumented))
+
+
+def test_every_dashboard_query_reads_series_and_labels_the_coordinator_exports(exposition):
+    series = exported_series(exposition)
+    documented_values = documented_label_values(ARCHITECTURE)
+    problems = []
+    for path in DASHBOARD_FILES:
+        for where, expr in expressions(load(path)):
+            where = f"{path.name} {where}"
+            names = promql_names(expr)
+            missing = sorted(names.metrics - series.keys())
+            if missing:
+                problems.append(f"{where}: {missing} not exported: {expr}")
+                continue
+            labels = SCRAPE_LABELS.union(*(series[m].keys() for m in names.metrics))
+            if names.labels - labels:
+                problems.append(f"{where}: no label {sorted(names.labels - labels)}: {expr}")
+            # A value no series has (live or listed in the docs) would select nothing, forever.
+            for label, value in equality_matchers(expr):
+                known = set().union(
+                    *(series[m].get(label, set()) for m in names.metrics),
+                    *(documented_values[m].get(label, set()) for m in names.metrics),
+                )
+                if value not in known:
+                    problems.append(f"{where}: {label}={value!r} is never exported: {expr}")
+    assert not problems, "\n".join(problems)
+
+
+def test_promtool_accepts_the_scraped_metrics(exposition):
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool is not installed: run `make system-deps`")
+    result = subprocess.run([promtool, "check", "metrics"], input=exposition,
+                            capture_output=True, text=True, timeout=30)  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
+# -- Prometheus ------------------------------------------------------------------------------------
+def test_prometheus_answers_the_devices_online_panel(prometheus, fleet):
+    overview = load(DASHBOARD_DIR / "fleet-overview.json")
+    (expr,) = [e for where, e in panel_queries(overview) if where.startswith("'Devices online' ")]
+    (series,) = wait_until(
+        f"Prometheus: {expr} = {len(fleet)}",
+        lambda: [r for r in prometheus.query(expr) if float(r["value"][1]) == len(fleet)],
+        watch=[prometheus],
+    )
+    assert series["metric"]["job"] == "skipfleet-coordinator"  # deploy/prometheus/prometheus.yml
+
+
+def test_prometheus_answers_every_dashboard_query(prometheus, fleet, exposition):
+    """Every panel query, with Grafana's variables filled as Grafana would, is valid PromQL to
+    Prometheus and returns data, except those selecting an outcome this run did not have."""
+    series = exported_series(exposition)
+    queries = []
+    for path in DASHBOARD_FILES:
+        dashboard = load(path)
+        grafana = {
+            "$__rate_interval": f"{4 * SCRAPE_SECONDS}s",  # Grafana: at least 4 scrape intervals
+            "$__range": dashboard["time"]["from"].removeprefix("now-"),
+        }
+        # A variable offers what its label_values query answers (the device picker: the fleet);
+        # the panels are then looked at with its first value.
+        for variable in dashboard["templating"]["list"]:
+            selector, label = LABEL_VALUES.match(variable["definition"]).groups()
+            values = prometheus.api(f"label/{label}/values", **{"match[]": selector})
+            assert label != "device" or sorted(values) == sorted(fleet), values
+            grafana[f"${variable['name']}"] = sorted(values)[0]
+        for where, expr in panel_queries(dashboard):
+            query = expr
+            for variable, value in grafana.items():
+                query = query.replace(variable, value)
+            assert "$" not in query, (where, query)
+            queries.append((f"{path.name} {where}", query, selects_unseen_value(expr, series)))
+    device = sorted(fleet)[0]
+
+    unanswered: list[str] = []
+
+    def all_answered() -> bool:
+        unanswered.clear()
+        for where, query, may_be_empty in queries:
+            result = prometheus.query(query)  # fails on any error Prometheus reports
+            if not result and not may_be_empty:
+                unanswered.append(f"{where}: {query}")
+            if 'device=~"' in query:  # $device narrowed it to that one device
+                assert {r["metric"].get("device", device) for r in result} <= {device}, query
+        return not unanswered
+
+    wait_until(
+        "every dashboard query to return data",
+        all_answered,
+        timeout=20,
+        watch=[prometheus],
+        details=lambda: "no data for:\n" + "\n".join(unanswered),
+    )

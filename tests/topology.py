@@ -1,0 +1,417 @@
+"""The compose topology's pieces as local processes, for the tests that run it without Docker.
+
+- the compose broker: deploy/mosquitto/mosquitto.conf and its ACLs, with the container's ports
+  and paths rewritten into a tmp dir, and accounts made by deploy/mosquitto/make-accounts.sh;
+- `skipfleet coordinator` as a child process that joins the session's Ray (`ray_session`);
+- a real Prometheus scraping it, with a config derived from deploy/prometheus/prometheus.yml;
+- `wait_until`: every wait is on a condition with a timeout, never a fixed sleep.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import pwd
+import queue
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+import pytest
+import yaml
+
+from skipfleet.brokers import find_mosquitto, free_port
+from skipfleet.processes import child_env
+
+REPO = Path(__file__).resolve().parent.parent
+DEPLOY = REPO / "deploy"
+SERVICES = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+MAKE_ACCOUNTS = DEPLOY / "mosquitto" / "make-accounts.sh"
+PROMETHEUS_YML = DEPLOY / "prometheus" / "prometheus.yml"
+SKIPFLEET = [sys.executable, "-m", "skipfleet.cli"]
+RAY_NAMESPACE = "skipfleet-tests"  # the session's (tests/conftest.py)
+WAIT = 45.0  # seconds: generous for a loaded 2-core machine; passing runs take far less
+
+
+# -- waiting and child processes ---------------------------------------------------------------
+class LoggedProcess:
+    """A child process with its output in a log file; stop() is SIGTERM, then SIGKILL."""
+
+    def __init__(self, name: str, argv: list[str], log_path: Path, env: dict[str, str]):
+        self.name = name
+        self.log_path = log_path
+        log_path.parent.mkdir(parents=True, exist_ok=True)
+        with open(log_path, "wb") as log:
+            self.process = subprocess.Popen(
+                argv, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT
+            )
+
+    def alive(self) -> bool:
+        return self.process.poll() is None
+
+    def log_tail(self, chars: int = 3000) -> str:
+        return self.log_path.read_text(errors="replace")[-chars:]
+
+    def stop(self, timeout: float = 20.0) -> int:
+        """SIGTERM and the exit code; a process that ignores it is killed (and fails: -9)."""
+        if self.alive():
+            self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            return self.process.wait()
+
+
+def wait_until(
+    what: str,
+    check: Callable[[], object],
+    *,
+    timeout: float = WAIT,
+    watch: Iterable = (),
+    details: Callable[[], str] = lambda: "",
+) -> object:
+    """check()'s first truthy value. Fails at once, with its log, if a watched process (anything
+    with alive() and log_path: a LoggedProcess, a skipfleet.processes.AgentProcess) exits; on a
+    timeout the message has details() and the watched processes' logs."""
+    watched = list(watch)
+    deadline = time.monotonic() + timeout
+    while True:
+        for proc in watched:
+            assert proc.alive(), f"{_describe(proc)} exited while waiting for {what}"
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            logs = "\n".join(_describe(proc, 1500) for proc in watched)
+            raise AssertionError(f"timed out after {timeout:.0f} s waiting for {what}\n"
+                                 f"{details()}\n{logs}")  # fmt: skip
+        time.sleep(0.1)
+
+
+def _describe(proc, chars: int = 3000) -> str:
+    name = getattr(proc, "name", None) or getattr(proc, "device_id", "a process")
+    log = Path(proc.log_path).read_text(errors="replace")[-chars:]
+    return f"--- {name} (exit code {proc.process.poll()}):\n{log}"
+
+
+def http_json(url: str, body: dict | None = None, method: str | None = None) -> tuple[int, object]:
+    data = None if body is None else json.dumps(body).encode()
+    request = urllib.request.Request(url, data=data, method=method)
+    try:
+        with urllib.request.urlopen(request, timeout=WAIT) as response:
+            return response.status, json.load(response)
+    except urllib.error.HTTPError as err:
+        return err.code, json.load(err)
+
+
+def listening(port: int) -> bool:
+    try:
+        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+            return True
+    except OSError:
+        return False
+
+
+# -- the compose broker -------------------------------------------------------------------------
+def make_accounts(n: int, directory: Path) -> dict[str, str]:
+    """Run make-accounts.sh; return the device and coordinator passwords by user name."""
+    if shutil.which("mosquitto_passwd") is None:
+        pytest.fail("mosquitto_passwd is not installed: run `make system-deps`")
+    result = subprocess.run(
+        ["bash", str(MAKE_ACCOUNTS), str(n), str(directory)],
+        capture_output=True, text=True, timeout=30,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    lines = (directory / "device_passwords").read_text().splitlines()
+    passwords = dict(line.split(":", 1) for line in lines)
+    passwords["coordinator"] = (directory / "coordinator_password").read_text().strip()
+    return passwords
+
+
+class DeployBroker:
+    """mosquitto running deploy/mosquitto/mosquitto.conf, its container paths mapped into `root`.
+
+    Only ports, paths and logging change; the ACLs and every other setting are the compose
+    broker's own. `passwd` is a mosquitto_passwd file (make_accounts writes one).
+    """
+
+    def __init__(self, root: Path, passwd: Path) -> None:
+        binary = find_mosquitto()
+        if binary is None:
+            pytest.fail("mosquitto is not installed: run `make system-deps`")
+        self.root = root
+        self.port, self.probe_port = free_port(), free_port()
+        self.log_path = root / "mosquitto.log"
+        # Container path -> host path, from the compose service itself.
+        paths = {
+            target: str(REPO / source)
+            for source, target, *_ in (v.split(":") for v in SERVICES["mosquitto"]["volumes"])
+            if source.startswith("./")
+        }
+        (root / "data").mkdir(parents=True)
+        replacements = {
+            "listener 1883": f"listener {self.port} 127.0.0.1",
+            "listener 1880 127.0.0.1": f"listener {self.probe_port} 127.0.0.1",
+            "persistence_location /mosquitto/data/": f"persistence_location {root / 'data'}/",
+            "log_dest stdout": f"log_dest file {self.log_path}",
+            "password_file /run/secrets/mosquitto_passwd": f"password_file {passwd}",
+            "acl_file /mosquitto/config/acl": f"acl_file {paths['/mosquitto/config/acl']}",
+            "acl_file /mosquitto/config/probe.acl": (
+                f"acl_file {paths['/mosquitto/config/probe.acl']}"
+            ),
+        }
+        lines = (DEPLOY / "mosquitto" / "mosquitto.conf").read_text().splitlines()
+        for old, new in replacements.items():
+            assert lines.count(old) == 1, f"mosquitto.conf: expected one line {old!r}"
+            lines[lines.index(old)] = new
+        # As root, mosquitto would switch to user `mosquitto`, who cannot read the tmp dir.
+        lines.append(f"user {pwd.getpwuid(os.getuid()).pw_name}")
+        config = root / "mosquitto.conf"
+        config.write_text("\n".join(lines) + "\n")
+        self.process = subprocess.Popen(
+            [binary, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+        )
+        deadline = time.monotonic() + 10
+        while not (listening(self.port) and listening(self.probe_port)):
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                self.process.kill()
+                pytest.fail(f"mosquitto did not start: {self.process.stderr.read()!r} "
+                            f"{self.log()[-2000:]}")  # fmt: skip
+            time.sleep(0.05)
+
+    @property
+    def url(self) -> str:
+        return f"mqtt://127.0.0.1:{self.port}"
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
+
+    def stop(self) -> None:
+        self.process.terminate()
+        self.process.wait(timeout=10)
+        self.process.stderr.close()
+
+
+class Mqtt:
+    """A paho-mqtt 2.x MQTTv5 client that waits for its acknowledgements."""
+
+    def __init__(self, port: int, client_id: str, username: str | None, password: str | None):
+        import paho.mqtt.client as paho
+        from paho.mqtt.enums import CallbackAPIVersion
+
+        self.port = port
+        self.client = paho.Client(
+            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
+        )
+        if username is not None:
+            self.client.username_pw_set(username, password)
+        self.messages: queue.Queue = queue.Queue()
+        self.acks: dict[int, object] = {}
+        self.connack = None
+        self.done = threading.Condition()
+        self.client.on_connect = self._on_connect
+        self.client.on_publish = self._on_ack
+        self.client.on_subscribe = self._on_ack
+        self.client.on_message = lambda client, userdata, msg: self.messages.put(msg)
+
+    def _on_connect(self, client, userdata, flags, reason_code, properties):
+        with self.done:
+            self.connack = reason_code
+            self.done.notify_all()
+
+    def _on_ack(self, client, userdata, mid, reason_codes, properties):
+        with self.done:
+            self.acks[mid] = reason_codes
+            self.done.notify_all()
+
+    def _wait(self, ready) -> object:
+        with self.done:
+            assert self.done.wait_for(ready, timeout=5), "no answer from the broker"
+
+    def connect(self):
+        self.client.connect("127.0.0.1", self.port)
+        self.client.loop_start()
+        self._wait(lambda: self.connack is not None)
+        return self.connack
+
+    def publish(self, topic: str, payload: bytes, retain: bool = False):
+        info = self.client.publish(topic, payload, qos=1, retain=retain)
+        self._wait(lambda: info.mid in self.acks)
+        return self.acks[info.mid]
+
+    def subscribe(self, topic: str):
+        _, mid = self.client.subscribe(topic, qos=1)
+        self._wait(lambda: mid in self.acks)
+        (reason,) = self.acks[mid]
+        return reason
+
+    def received(self, timeout: float, count: int | None = None) -> list:
+        """Messages that arrive within `timeout` seconds (or until `count` have)."""
+        out, deadline = [], time.monotonic() + timeout
+        while len(out) != count and (left := deadline - time.monotonic()) > 0:
+            try:
+                out.append(self.messages.get(timeout=left))
+            except queue.Empty:
+                break
+        return out
+
+    def close(self):
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+# -- the coordinator ----------------------------------------------------------------------------
+def compose_flags(service: str) -> dict[str, str]:
+    """The `--name=value` items of a compose service's command."""
+    command = SERVICES[service]["command"]
+    return dict(item[2:].split("=", 1) for item in command if item.startswith("--"))
+
+
+def session_coordinator_flags(ray_session, state_dir: Path) -> dict[str, str]:
+    """Flags for a coordinator on the session's Ray (under a name of its own) and free ports on
+    127.0.0.1; automatic fine-tune triggers off, so only the tests start rounds."""
+    return {
+        "state-dir": str(state_dir),
+        "ray-address": ray_session.get_runtime_context().gcs_address,
+        "ray-namespace": RAY_NAMESPACE,
+        "actor-name": f"topology-{uuid.uuid4().hex[:8]}",
+        "api-addr": "127.0.0.1",
+        "api-port": str(free_port()),
+        "metrics-addr": "127.0.0.1",
+        "metrics-port": str(free_port()),
+        "accuracy-threshold": "off",
+        "accuracy-drop-margin": "off",
+        "drift-threshold": "off",
+        "tick-seconds": "0.2",
+    }
+
+
+class CoordinatorProcess(LoggedProcess):
+    """`skipfleet coordinator --NAME=VALUE ...`, and its HTTP API and /metrics."""
+
+    def __init__(self, flags: dict[str, str], log_path: Path) -> None:
+        argv = [*SKIPFLEET, "coordinator", *(f"--{name}={value}" for name, value in flags.items())]
+        super().__init__("coordinator", argv, log_path, child_env())
+        self.api_url = f"http://127.0.0.1:{flags['api-port']}"
+        self.metrics_address = f"127.0.0.1:{flags['metrics-port']}"
+
+    def api(self, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
+        return http_json(self.api_url + path, body, method)
+
+    def get(self, path: str):
+        status, payload = self.api("GET", path)
+        assert status == 200, (path, status, payload)
+        return payload
+
+    def healthy(self) -> bool:
+        try:
+            return self.api("GET", "/health")[0] == 200
+        except OSError:  # not listening yet
+            return False
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://{self.metrics_address}/metrics", timeout=WAIT) as r:
+            return r.read().decode()
+
+
+def devices_reachable(coordinator: CoordinatorProcess, device_ids: Iterable[str]) -> bool:
+    """Online with a heartbeat: `online` alone is the retained presence, and a device that has
+    not sent a heartbeat yet is skipped by POST /finetune as `heartbeat_stale`."""
+    devices = {d["device_id"]: d for d in coordinator.get("/devices")}
+    return all(
+        d in devices and devices[d]["online"] and devices[d]["last_heartbeat_at"] is not None
+        for d in device_ids
+    )
+
+
+def run_one_round(coordinator: CoordinatorProcess, device_ids: list[str],
+                  watch: Iterable[LoggedProcess] = ()) -> dict:  # fmt: skip
+    """POST /finetune {"all": true} over the reachable fleet, then wait until the round's adapter is
+    promoted and runs on every device; returns the cohort (GET /adapters)."""
+    status, started = coordinator.api("POST", "/finetune", {"all": True})
+    assert status == 200, started
+    (started_round,) = started["rounds"]
+    assert sorted(started_round["devices"]) == sorted(device_ids), started
+    watch = [coordinator, *watch]
+
+    def promoted() -> dict | None:
+        # A failed round or a rolled back canary never gets there: say so at once.
+        assert all(r["stage"] != "FAILED" for r in coordinator.get("/rounds")), "round failed"
+        cohorts = coordinator.get("/adapters")
+        rollouts = [r for c in cohorts for r in c["rollouts"]]
+        assert all(r["state"] != "ROLLED_BACK" for r in rollouts), rollouts
+        return next((c for c in cohorts if c["current_version"] is not None), None)
+
+    cohort = wait_until("the round's adapter promoted", promoted, watch=watch)
+    version = cohort["current_version"]
+    wait_until(
+        f"version {version} running on every device",
+        lambda: all(d["adapter_version"] == version for d in coordinator.get("/devices")),
+        watch=watch,
+    )
+    return cohort
+
+
+# -- Prometheus ---------------------------------------------------------------------------------
+SCRAPE_SECONDS = 1
+
+
+def prometheus_config(coordinator_address: str) -> dict:
+    """deploy/prometheus/prometheus.yml scraping `coordinator_address` every second."""
+    config = yaml.safe_load(PROMETHEUS_YML.read_text())
+    seconds = f"{SCRAPE_SECONDS}s"
+    config["global"].update(scrape_interval=seconds, scrape_timeout=seconds)
+    (job,) = config["scrape_configs"]
+    (static,) = job["static_configs"]
+    assert static["targets"] == ["coordinator:9464"], "the compose target changed"
+    static["targets"] = [coordinator_address]
+    return config
+
+
+class PrometheusServer(LoggedProcess):
+    """The `prometheus` binary on a free 127.0.0.1 port, its config and TSDB in `root`."""
+
+    def __init__(self, root: Path, config: dict) -> None:
+        binary = shutil.which("prometheus")
+        if binary is None:
+            pytest.fail("prometheus is not installed: run `make system-deps`")
+        root.mkdir(parents=True, exist_ok=True)
+        (root / "prometheus.yml").write_text(yaml.safe_dump(config))
+        self.port = free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        argv = [
+            binary, f"--config.file={root / 'prometheus.yml'}",
+            f"--storage.tsdb.path={root / 'data'}", f"--web.listen-address=127.0.0.1:{self.port}",
+        ]  # fmt: skip
+        super().__init__("prometheus", argv, root / "prometheus.log", dict(os.environ))
+        wait_until("Prometheus ready", self._ready, timeout=20, watch=[self])
+
+    def _ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"{self.url}/-/ready", timeout=2) as response:
+                return response.status == 200
+        except OSError:
+            return False
+
+    def api(self, path: str, **params: str) -> object:
+        """GET /api/v1/{path}; the `data` of a success, AssertionError with the error if not."""
+        status, answer = http_json(f"{self.url}/api/v1/{path}?{urllib.parse.urlencode(params)}")
+        assert status == 200 and answer["status"] == "success", (path, params, answer)
+        return answer["data"]
+
+    def query(self, expr: str) -> list[dict]:
+        """An instant query's result: [{"metric": {...}, "value": [t, "v"]}, ...]."""
+        data = self.api("query", query=expr)
+        assert data["resultType"] in ("vector", "scalar"), data
+        return data["result"] if data["resultType"] == "vector" else [{"value": data["result"]}]
