@@ -206,8 +206,10 @@ class FineTuneScheduler:
             return SkipReason.UNKNOWN_DEVICE
         if not record.online:
             return SkipReason.OFFLINE
-        heartbeat = record.last_heartbeat_at
-        if heartbeat is None or now - heartbeat > policy.heartbeat_timeout_s:
+        # The `online` presence is itself a sign of life: a device that just connected is not
+        # stale before its first heartbeat.
+        seen = max(record.last_heartbeat_at or 0.0, record.presence_since or 0.0)
+        if now - seen > policy.heartbeat_timeout_s:
             return SkipReason.HEARTBEAT_STALE
         if _above(record.temperature_c, policy.max_temperature_c):
             return SkipReason.TOO_HOT

@@ -169,6 +169,14 @@ def test_offline_hot_stale_and_energy_budget_are_skipped_with_reason(tmp_path, c
     assert fleet.registry.require("pi-hot").last_skip_at == clock()
 
 
+def test_a_device_that_just_came_online_is_not_stale_before_its_first_heartbeat(tmp_path, clock):
+    fleet = make_fleet(tmp_path, clock)
+    fleet.registry.register("pi-new", base_model_hash=HASH, task="har")
+    fleet.registry.set_presence("pi-new", True)  # retained `online`, no heartbeat yet
+    fleet.scheduler.request_all()
+    assert dispatched(fleet.scheduler.tick()) == {"pi-new": Trigger.REQUEST}
+
+
 def test_unknown_devices_are_reported_not_queued(tmp_path, clock):
     fleet = make_fleet(tmp_path, clock)
     fleet.add("pi-1")
