@@ -55,6 +55,7 @@ class FleetApi:
             ("GET", re.compile(r"/health"), self._health),
             ("GET", re.compile(r"/devices"), self._devices),
             ("GET", re.compile(rf"/devices/({_DEVICE})"), self._device),
+            ("GET", re.compile(rf"/devices/({_DEVICE})/adapters"), self._device_adapters),
             ("GET", re.compile(r"/jobs"), self._jobs),
             ("GET", re.compile(r"/rounds"), self._rounds),
             ("GET", re.compile(r"/adapters"), self._adapters),
@@ -110,6 +111,9 @@ class FleetApi:
 
     def _device(self, query: dict, device_id: str) -> dict:
         return self._port.read("device", device_id)
+
+    def _device_adapters(self, query: dict, device_id: str) -> list:
+        return self._port.read("device_adapters", device_id)
 
     def _jobs(self, query: dict) -> list:
         device = _one(query, "device")

@@ -15,7 +15,7 @@ import logging
 import math
 from collections.abc import Sequence
 
-from coordinator.adapter_store import AdapterStoreError
+from coordinator.adapter_store import AdapterStoreError, StoredAdapter
 from coordinator.commands import CanaryRole, CommandRecord
 from coordinator.fleet import Conflict, Fleet, NotFound
 from coordinator.jobs import Job, JobState
@@ -143,12 +143,15 @@ class AdapterDistributor:
         """Points every member at the cohort's current version; applies it where reachable."""
         f = self._fleet
         version = f.store.current_version(cohort)
+        stored = None if version is None else f.store.get(cohort, version)  # once, not per device
         sent = []
         for record in f.registry.devices(cohort):
-            f.send(record.device_id, desired(version, record.base_model_hash, cohort))
-            if version is not None and f.reachable(record) and record.adapter_version != version:
-                self._apply(record, version)
+            if stored is not None and f.reachable(record) and record.adapter_version != version:
+                self._apply(record, stored)
                 sent.append(record.device_id)
+            # The pointer after the adapter: an agent given the pointer first has nothing to
+            # install and sends a FetchRequest, on a promotion every reachable device at once.
+            f.send(record.device_id, desired(version, record.base_model_hash, cohort))
         return sent
 
     def reconcile(self) -> None:
@@ -160,13 +163,15 @@ class AdapterDistributor:
             version = f.store.current_version(cohort)
             if version is None:
                 continue
+            stored = None
             for record in f.registry.devices(cohort):
                 if record.adapter_version == version or not f.reachable(record):
                     continue
                 if f.jobs.active(record.device_id) or self._recently_applied(record, version, now):
                     continue
+                stored = stored or f.store.get(cohort, version)
+                self._apply(record, stored)
                 f.send(record.device_id, desired(version, record.base_model_hash, cohort))
-                self._apply(record, version)
 
     def on_registered(self, record: DeviceRecord) -> None:
         """A device joined (or changed) its cohort: tell it what it should run."""
@@ -191,8 +196,9 @@ class AdapterDistributor:
 
     # ---- internals
 
-    def _apply(self, record: DeviceRecord, version: int) -> None:
+    def _apply(self, record: DeviceRecord, stored: StoredAdapter) -> None:
         f = self._fleet
+        version = stored.meta.version
         job = f.create_job(record.device_id, JobKind.APPLY_ADAPTER.value, trigger="rollout")
         f.commands.add(
             CommandRecord(
@@ -200,7 +206,6 @@ class AdapterDistributor:
             )
         )
         # The adapter first, so the apply job finds it in the agent's inbox and needs no fetch.
-        stored = f.store.get(record.cohort, version)
         f.send(record.device_id, publication(stored, f.config.encoding))
         f.send(record.device_id, apply_job(job, version, record.base_model_hash))
 

@@ -136,7 +136,7 @@ class FleetActor:
 
     @ray.method(concurrency_group="query")
     def read(self, view: str, *args: Any) -> Any:
-        if view not in ("devices", "device", "jobs", "rounds", "adapters"):
+        if view not in ("devices", "device", "device_adapters", "jobs", "rounds", "adapters"):
             raise ValueError(f"no view {view!r}")
         return getattr(self._service, view)(*args)
 

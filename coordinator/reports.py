@@ -135,6 +135,14 @@ class ReportStore:
         )
         return [_from_row(r) for r in rows]
 
+    def for_device(self, device_id: str, limit: int = 20) -> list[ReportMeta]:
+        """The device's own (personalised) adapters, newest first: kept beside the fleet's."""
+        rows = self._db.query(
+            "SELECT * FROM fit_reports WHERE device_id = ? ORDER BY received_at DESC LIMIT ?",
+            (device_id, limit),
+        )
+        return [_from_row(r) for r in rows]
+
     def cohort_shape(self, cohort: str) -> AdapterShape | None:
         row = self._db.query_one(
             "SELECT * FROM fit_reports WHERE cohort = ? ORDER BY received_at, rowid LIMIT 1",

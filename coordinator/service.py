@@ -117,6 +117,9 @@ class FleetService:
     def device(self, device_id: str) -> dict[str, Any]:
         return views.device(self.fleet, device_id)
 
+    def device_adapters(self, device_id: str) -> list[dict[str, Any]]:
+        return views.device_adapters(self.fleet, device_id)
+
     def jobs(self, limit: int = 100, device_id: str | None = None) -> list[dict[str, Any]]:
         return views.jobs(self.fleet, limit, device_id)
 

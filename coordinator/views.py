@@ -40,6 +40,24 @@ def device(fleet: Fleet, device_id: str) -> dict[str, Any]:
     return view
 
 
+def device_adapters(fleet: Fleet, device_id: str) -> list[dict[str, Any]]:
+    """A device's personalised adapters (its fine-tune reports), newest first."""
+    if fleet.registry.get(device_id) is None:
+        raise NotFound(f"unknown device {device_id!r}")
+    return [
+        {
+            "job_id": m.job_id,
+            "round_id": m.round_id,
+            "cohort": m.cohort,
+            "samples": m.samples,
+            "parent_adapter_version": m.parent_adapter_version,
+            "received_at": m.received_at,
+            "file": m.file,
+        }
+        for m in fleet.reports.for_device(device_id)
+    ]
+
+
 def jobs(fleet: Fleet, limit: int = 100, device_id: str | None = None) -> list[dict[str, Any]]:
     return [job_view(j) for j in fleet.jobs.recent(limit, device_id=device_id)]
 

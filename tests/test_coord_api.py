@@ -38,6 +38,8 @@ def test_reads(fleet):
     status, device = api.handle("GET", "/devices/pi-1/")
     assert status == 200 and device["jobs"] == []
     assert api.handle("GET", "/devices/pi-9")[0] == 404
+    assert api.handle("GET", "/devices/pi-1/adapters") == (200, [])  # none fine-tuned yet
+    assert api.handle("GET", "/devices/pi-9/adapters")[0] == 404
     assert api.handle("GET", "/jobs?limit=5&device=pi-1") == (200, [])
     assert api.handle("GET", "/rounds") == (200, [])
     assert api.handle("GET", "/adapters") == (200, [])

@@ -358,3 +358,15 @@ def test_a_device_busy_evaluating_still_starts_a_drift_round(tmp_path, clock):
     service.tick()
     (started,) = service.rounds()
     assert started["trigger"] == "drift" and started["stage"] == "RUNNING"
+
+
+def test_each_devices_personalised_adapters_are_kept_beside_the_fleet_one(tmp_path, clock):
+    service = start(tmp_path, clock)
+    devices = join(service, clock, "pi-1", "pi-2")
+    service.request_finetune(all_=True)
+    finetune_all(service, devices, service.tick())
+    kept = service.device_adapters("pi-1")
+    assert len(kept) == 1 and kept[0]["samples"] > 0 and kept[0]["round_id"]
+    assert (tmp_path / kept[0]["file"]).is_file()  # its own arrays, on disk
+    with pytest.raises(NotFound):
+        service.device_adapters("ghost")
