@@ -35,6 +35,30 @@ def configure(parser: argparse.ArgumentParser) -> None:
     agent.add_argument("--datasets", default="damage1,damage2,har", help="comma-separated")
     agent.add_argument("--jobs", type=positive_int, default=5, help="jobs of each kind (default 5)")
     agent.add_argument("--json", metavar="OUT", help="write the results as JSON")
+    add_coordinator(targets)
+
+
+def add_coordinator(targets) -> None:
+    coordinator = targets.add_parser(
+        "coordinator",
+        help="round latency, messages/s, aggregation time and memory of the coordinator "
+        "under a simulated fleet (skipfleet.loadgen)",
+    )
+    add_data_dir(coordinator)
+    add = coordinator.add_argument
+    add("--devices", default="10,100,1000", help="fleet sizes, comma-separated")
+    add("--processes", type=positive_int, help="load-generator processes (default: 1 per 250)")
+    add("--rounds", type=positive_int, default=3, help="rounds per fleet size (default 3)")
+    add("--device-seconds", type=float, help="a simulated fine-tune's duration (default: "
+        "the measured seconds of each generator's one real fine-tune)")  # fmt: skip
+    add("--heartbeat-seconds", type=float, default=30.0, help="device heartbeats (default 30)")
+    add("--round-timeout", type=float, default=900.0, help="seconds a round may take")
+    add("--aggregation-sizes", default="10,100,1000,10000",
+        help="report counts of the aggregation micro-benchmark")  # fmt: skip
+    add("--ray-address", default="local",
+        help="'local' (default: the coordinator starts its own Ray) or a Ray to join")  # fmt: skip
+    add("--work-dir", help="keep every log and state dir here (default: a temporary dir)")
+    add("--json", metavar="OUT", help="write the results as JSON")
 
 
 def add_data_dir(parser: argparse.ArgumentParser) -> None:
@@ -69,10 +93,12 @@ def main(args) -> int:
         except (DataError, ValueError) as error:
             print(f"skipfleet bench trainer: {error}", file=sys.stderr)
             return 2
-    from skipfleet import bench_agent
-
+    if args.target == "coordinator":
+        from skipfleet import bench_coordinator as bench_module
+    else:
+        from skipfleet import bench_agent as bench_module
     try:
-        return bench_agent.main(args)
+        return bench_module.main(args)
     except (DataError, ValueError, TimeoutError) as error:
         print(f"skipfleet bench {args.target}: {error}", file=sys.stderr)
         return 2

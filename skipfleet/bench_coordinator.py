@@ -1,0 +1,226 @@
+"""`skipfleet bench coordinator`: the coordinator under a simulated fleet of N devices, measured.
+
+For each fleet size: a private mosquitto, `skipfleet coordinator` as a process (its own local
+Ray unless --ray-address), and the load generator (skipfleet.loadgen: simulated devices on the
+real protocol, many per process) over several processes. Once every device is online in the
+API, each of --rounds rounds is `POST /finetune {"all": true}`, timed until every device runs
+the promoted version (skipfleet.bench_coordinator_round). Then the aggregation strategies alone
+over synthetic reports (skipfleet.bench_aggregation).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import os
+import platform
+import resource
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+
+from agent.data.dataset import Dataset
+from agent.data.fan import load_fan_split
+from agent.device_data import write_device_file
+from agent.trainer.finetune import pretrain
+from skipfleet import bench_aggregation
+from skipfleet.bench_coordinator_round import Parties, RoundFailed, run_round, wait_for
+from skipfleet.bench_coordinator_tables import format_tables
+from skipfleet.brokers import MosquittoBroker
+from skipfleet.coordinator_process import ApiError, CoordinatorProcess
+from skipfleet.loadgen.fleet import SimulatedFleet
+from skipfleet.measure import PeakMemory, children_of, descendant_running, memory_of
+
+# One asyncio loop carried 1,000 clients (skipfleet.loadgen.connection); 250 per process lets
+# the generators use both cores without one process per handful of devices.
+DEVICES_PER_PROCESS = 250
+EPOCHS, LR = 30, 0.02  # the coordinator's default fine-tune, also the reference run's
+FD_HEADROOM = 256
+
+
+def broker_config() -> list[str]:
+    """mosquitto for a thousand clients: no connection cap, and a deep per-client queue so the
+    coordinator's subscription does not drop QoS 1 messages behind a burst of reports (the
+    default of 1,000 queued messages would); snapshots every minute, not every second."""
+    return [
+        "max_connections -1",
+        "max_queued_messages 1000000",
+        "set_tcp_nodelay true",
+        "autosave_interval 60",
+    ]
+
+
+def coordinator_knobs(devices: int, args) -> list[str]:
+    """Rounds only when the benchmark asks; every device fine-tunes at once; a tenth canaries."""
+    knobs = {
+        "--max-concurrent-jobs": str(devices),
+        "--accuracy-threshold": "off",
+        "--accuracy-drop-margin": "off",
+        "--drift-threshold": "off",
+        "--heartbeat-timeout-seconds": str(3 * args.heartbeat_seconds),
+        "--round-deadline-seconds": str(args.round_timeout),
+        "--job-timeout-seconds": str(args.round_timeout),
+        "--canary-fraction": "0.1",
+        "--canary-margin": "0.05",
+        "--canary-deadline-seconds": str(args.round_timeout),
+        "--epochs": str(EPOCHS),
+        "--lr": str(LR),
+        "--ray-address": args.ray_address,
+    }
+    if args.ray_address != "local":  # joining a shared Ray: a name of our own there
+        knobs["--actor-name"] = f"bench-{os.getpid()}-{devices}"
+    return [item for pair in knobs.items() for item in pair]
+
+
+def loadgen_options(args) -> list[str]:
+    options = ["--heartbeat-seconds", str(args.heartbeat_seconds), "--epochs", str(EPOCHS),
+               "--lr", str(LR)]  # fmt: skip
+    if args.device_seconds is not None:
+        options += ["--device-seconds", str(args.device_seconds)]
+    return options
+
+
+def prepare_world(data_dir: Path, root: Path, shards: int) -> tuple[Path, list[Path]]:
+    """A fan base model pre-trained on Damage1's silent room; the noisy room split into one
+    interleaved shard per load-generator process (its own data, its own reference run)."""
+    root.mkdir(parents=True, exist_ok=True)
+    silent = load_fan_split(data_dir, "damage1", "pretrain")
+    noisy = load_fan_split(data_dir, "damage1", "finetune")
+    pretrain(silent.X, silent.y, 3, epochs=20, lr=0.05, seed=0).save(root / "base.npz")
+    files = []
+    for p in range(shards):
+        rows = np.arange(p, len(noisy), shards)
+        files.append(root / f"shard-{p}.npz")
+        write_device_file(files[-1], Dataset(noisy.X[rows], noisy.y[rows], 3, {}))
+    return root / "base.npz", files
+
+
+def raise_fd_limit(needed: int) -> None:
+    """Children inherit it: mosquitto holds a socket per client, each generator one per device."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != resource.RLIM_INFINITY and soft < needed:
+        limit = needed if hard == resource.RLIM_INFINITY else min(needed, hard)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
+
+
+def processes_for(devices: int, asked: int | None) -> int:
+    return asked or max(1, math.ceil(devices / DEVICES_PER_PROCESS))
+
+
+def bench_fleet(devices: int, args, world: tuple[Path, list[Path]], root: Path, log) -> dict:
+    """A broker, a coordinator and the simulated fleet for this size; --rounds rounds on it."""
+    processes = processes_for(devices, args.processes)
+    raise_fd_limit(2 * devices + FD_HEADROOM)
+    knobs = coordinator_knobs(devices, args)
+    with contextlib.ExitStack() as stack:
+        broker = MosquittoBroker(root / "broker", extra_config=broker_config())
+        broker.start()
+        stack.callback(broker.stop)
+        coordinator = CoordinatorProcess(broker.url, root / "state", root / "coordinator.log",
+                                         knobs)  # fmt: skip
+        stack.callback(coordinator.stop)
+        coordinator.wait_healthy(args.round_timeout)
+        fleet = SimulatedFleet(broker.url, world[0], world[1], devices, processes,
+                               root / "loadgen", options=loadgen_options(args))  # fmt: skip
+        stack.callback(fleet.stop)
+        started = time.monotonic()
+        ready = fleet.start(args.round_timeout)
+        wait_for(f"{devices} devices online in the API", lambda: _online(coordinator, devices),
+                 args.round_timeout, 1.0)  # fmt: skip
+        online_s = time.monotonic() - started
+        log(f"{devices} devices: online in {online_s:.1f} s over {processes} processes")
+        result = {
+            "devices": devices,
+            "processes": processes,
+            "coordinator_knobs": knobs,
+            "online_seconds": online_s,
+            "reference": [r["reference"] | {"device_seconds": r["device_seconds"]} for r in ready],
+            "loadgen_connected_seconds": max(r["connected_seconds"] for r in ready),
+            "memory_idle": _memory(coordinator),
+        }
+        broker_pid = descendant_running(os.getpid(), str(broker.config_path))
+        parties = Parties(coordinator, broker_pid, fleet)
+        with PeakMemory(coordinator.pid) as peak:
+            result |= run_rounds(parties, devices, args, log)
+        result["memory_peak_pss_bytes"] = peak.peak.pss_bytes
+        result["memory_after"] = _memory(coordinator)
+        return result
+
+
+def run_rounds(parties: Parties, devices: int, args, log) -> dict:
+    rounds = []
+    for number in range(1, args.rounds + 1):
+        try:
+            rounds.append(run_round(parties, devices, args.round_timeout))
+        except (RoundFailed, ApiError) as err:
+            log(f"{devices} devices: round {number} failed: {err}")
+            return {"rounds": rounds, "failure": f"round {number}: {err}"}
+        log(f"{devices} devices: round {number} in {rounds[-1]['latency_seconds']:.2f} s")
+    return {"rounds": rounds, "failure": None}
+
+
+def _online(coordinator: CoordinatorProcess, devices: int) -> bool:
+    listed = coordinator.api.get("/devices")
+    return sum(1 for d in listed if d["online"] and d["cohort"]) >= devices
+
+
+def _memory(coordinator: CoordinatorProcess) -> dict:
+    """The coordinator process alone, and with everything it started (Ray's processes)."""
+    driver = memory_of([coordinator.pid])
+    tree = memory_of(children_of(coordinator.pid))
+    return {
+        "driver_rss_bytes": driver.rss_bytes,
+        "driver_pss_bytes": driver.pss_bytes,
+        "tree_rss_bytes": tree.rss_bytes,
+        "tree_pss_bytes": tree.pss_bytes,
+        "tree_processes": tree.processes,
+    }
+
+
+def main(args) -> int:
+    def log(message: str) -> None:
+        print(message, file=sys.stderr, flush=True)
+
+    sizes = [int(n) for n in args.devices.split(",")]
+    shards = max(processes_for(n, args.processes) for n in sizes)
+    fleets = {}
+    with contextlib.ExitStack() as stack:
+        if args.work_dir:
+            root = Path(args.work_dir)
+        else:
+            root = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="skipfleet-bench-")))
+        world = prepare_world(args.data_dir, root / "world", shards)
+        for devices in sizes:
+            fleets[str(devices)] = bench_fleet(devices, args, world, root / str(devices), log)
+    aggregation = bench_aggregation.run([int(n) for n in args.aggregation_sizes.split(",")])
+    result = {
+        "machine": {"cpus": os.cpu_count(), "python": platform.python_version(),
+                    "platform": platform.platform()},
+        "settings": _settings(args),
+        "fleets": fleets,
+        "aggregation_micro": aggregation,
+    }  # fmt: skip
+    print(format_tables(result))
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
+    return 0 if all(f["failure"] is None for f in fleets.values()) else 1
+
+
+def _settings(args) -> dict:
+    return {
+        "rounds": args.rounds,
+        "processes": args.processes or f"ceil(devices / {DEVICES_PER_PROCESS})",
+        "heartbeat_seconds": args.heartbeat_seconds,
+        "device_seconds": args.device_seconds or "measured (the reference fine-tune's seconds)",
+        "round_timeout_seconds": args.round_timeout,
+        "max_concurrent_jobs": "the fleet size",
+        "broker_config": broker_config(),
+        "loadgen_options": loadgen_options(args),
+        "data": "fan damage1: base pre-trained on the silent room (20 epochs), devices on "
+        "interleaved shards of the noisy room, one shard per load-generator process",
+    }

@@ -1,0 +1,116 @@
+"""The printed tables of `skipfleet bench coordinator` (the JSON holds every figure)."""
+
+from __future__ import annotations
+
+import statistics
+
+from skipfleet.bench_aggregation import format_table as aggregation_table
+
+MIB = 2**20
+
+
+def format_tables(result: dict) -> str:
+    fleets = list(result["fleets"].values())
+    parts = [
+        "Round latency: POST /finetune -> the promoted adapter running on every device "
+        "(device-side timestamps); phases from the coordinator's records",
+        _latency(fleets),
+        "",
+        "Coordinator messages over the round (Prometheus counters / round seconds); CPU "
+        "seconds used during the round (other: the rest of this shared machine, kernel included)",
+        _messages(fleets),
+        "",
+        "Aggregation inside the coordinator (Ray task time per round, from "
+        "skipfleet_aggregation_duration_seconds)",
+        _aggregation(fleets),
+        "",
+        "Coordinator memory: the driver process, and its whole tree (driver + Ray) in RSS and PSS",
+        _memory(fleets),
+        "",
+        "Aggregation strategies alone, synthetic HAR-shaped reports (185/96/96 inputs, 6 "
+        "classes, rank 4), median time",
+        aggregation_table(result["aggregation_micro"]),
+    ]
+    failures = [f"{f['devices']} devices: {f['failure']}" for f in fleets if f["failure"]]
+    if failures:
+        parts += ["", "FAILED: " + "; ".join(failures)]
+    return "\n".join(parts)
+
+
+def _median(rounds: list[dict], pick) -> float:
+    values = [pick(r) for r in rounds]
+    return statistics.median(values) if values else float("nan")
+
+
+PHASES = (("finetune", 7), ("aggregate_and_store", 7), ("canary", 8), ("distribute", 7))
+
+
+def _latency(fleets: list[dict]) -> str:
+    lines = [f"{'devices':>7s} {'procs':>5s} {'rounds':>6s} {'latency s':>9s} {'max s':>7s} "
+             f"{'api s':>7s} {'tune s':>7s} {'aggr s':>7s} {'canary s':>8s} {'distr s':>7s} "
+             f"{'dev s':>6s}"]  # fmt: skip
+    for f in fleets:
+        rounds = f["rounds"]
+        device_s = f["reference"][0]["device_seconds"] if f["reference"] else float("nan")
+        latest = max((r["latency_seconds"] for r in rounds), default=float("nan"))
+        phases = [
+            f"{_median(rounds, lambda r, p=phase: r['phases_seconds'][p]):{width}.2f}"
+            for phase, width in PHASES
+        ]
+        lines.append(
+            f"{f['devices']:7d} {f['processes']:5d} {len(rounds):6d} "
+            f"{_median(rounds, lambda r: r['latency_seconds']):9.2f} {latest:7.2f} "
+            f"{_median(rounds, lambda r: r['coordinator_view_seconds']):7.2f} "
+            f"{' '.join(phases)} {device_s:6.3f}"
+        )
+    return "\n".join(lines)
+
+
+def _messages(fleets: list[dict]) -> str:
+    lines = [f"{'devices':>7s} {'recv':>7s} {'recv/s':>8s} {'sent':>7s} {'sent/s':>8s} "
+             f"{'rejected':>8s} {'cpu coord':>9s} {'cpu mqtt':>8s} {'cpu gen':>7s} "
+             f"{'cpu other':>9s}"]  # fmt: skip
+    for f in fleets:
+        rounds = f["rounds"]
+        if not rounds:
+            continue
+
+        def m(direction, key, rounds=rounds):
+            return _median(rounds, lambda r: r["messages"][direction][key])
+
+        def cpu(party, rounds=rounds):
+            return _median(rounds, lambda r: r["cpu_seconds"][party])
+
+        lines.append(
+            f"{f['devices']:7d} {m('received', 'count'):7.0f} {m('received', 'per_second'):8.1f} "
+            f"{m('sent', 'count'):7.0f} {m('sent', 'per_second'):8.1f} "
+            f"{_median(rounds, lambda r: r['messages']['rejected']):8.0f} "
+            f"{cpu('coordinator_and_ray'):9.1f} {cpu('mosquitto'):8.1f} "
+            f"{cpu('load_generators'):7.1f} {cpu('other'):9.1f}"
+        )
+    return "\n".join(lines)
+
+
+def _aggregation(fleets: list[dict]) -> str:
+    lines = [f"{'devices':>7s} {'exact-delta ms':>14s} {'naive-fedavg ms':>15s}"]
+    for f in fleets:
+        rounds = f["rounds"]
+        if rounds:
+            exact = _median(rounds, lambda r: r["aggregation_seconds"].get("exact-delta", 0.0))
+            naive = _median(rounds, lambda r: r["aggregation_seconds"].get("naive-fedavg", 0.0))
+            lines.append(f"{f['devices']:7d} {1e3 * exact:14.2f} {1e3 * naive:15.2f}")
+    return "\n".join(lines)
+
+
+def _memory(fleets: list[dict]) -> str:
+    lines = [f"{'devices':>7s} {'driver RSS':>10s} {'tree RSS':>9s} {'tree PSS':>9s} "
+             f"{'procs':>5s} {'peak PSS':>9s} {'after PSS':>9s}  (MiB)"]  # fmt: skip
+    for f in fleets:
+        idle, after = f["memory_idle"], f["memory_after"]
+        lines.append(
+            f"{f['devices']:7d} {idle['driver_rss_bytes'] / MIB:10.1f} "
+            f"{idle['tree_rss_bytes'] / MIB:9.1f} {idle['tree_pss_bytes'] / MIB:9.1f} "
+            f"{idle['tree_processes']:5d} {f['memory_peak_pss_bytes'] / MIB:9.1f} "
+            f"{after['tree_pss_bytes'] / MIB:9.1f}"
+        )
+    return "\n".join(lines)

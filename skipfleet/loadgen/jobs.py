@@ -1,0 +1,227 @@
+"""Jobs on a simulated device: the agent's job life cycle (agent.jobs), on one event loop.
+
+The same rules as the agent (docs/agent.md, "Jobs"): checks on arrival answered REJECTED
+(expired, duplicate id, another base model, queue full); at most `max_queued` wait; one runs at
+a time, IN_PROGRESS when it starts, then SUCCEEDED, FAILED or REJECTED; a CANCEL is carried out
+on arrival and never queued. Nothing blocks: a handler may end its job later (a timer, an
+adapter to wait for) through the RunningJob it is given. Tasks given to `between_jobs` (the
+desired-state installs) run before the next job starts, never during one.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import time
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+
+from agent.jobs import CancelResult, clip
+from shared.protocol.checks import Scalar
+from shared.protocol.enums import TERMINAL_STATES, JobKind, JobReason, JobState
+from shared.protocol.messages import CancelParams, Job, JobStatus
+from skipfleet.loadgen.timing import Timers
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(eq=False)
+class RunningJob:
+    """The job a handler works on; exactly one of succeed / fail / reject ends it."""
+
+    job: Job
+    runner: SimJobRunner
+    cancelled: bool = False
+    finished: bool = False
+    cancel_hooks: list[Callable[[], None]] = field(default_factory=list)
+    end_hooks: list[Callable[[], None]] = field(default_factory=list)
+
+    def on_cancel(self, hook: Callable[[], None]) -> None:
+        """Runs (on the next loop turn) if a CANCEL job targets this one while it runs."""
+        self.cancel_hooks.append(hook)
+
+    def on_end(self, hook: Callable[[], None]) -> None:
+        """Runs when the job ends, however it ends (stop its timers here)."""
+        self.end_hooks.append(hook)
+
+    def succeed(self, detail: Mapping[str, Scalar] | None = None) -> None:
+        self.runner.end(self, JobState.SUCCEEDED, detail=detail)
+
+    def fail(self, code: JobReason, reason: str) -> None:
+        self.runner.end(self, JobState.FAILED, code, reason)
+
+    def reject(self, code: JobReason, reason: str) -> None:
+        self.runner.end(self, JobState.REJECTED, code, reason)
+
+
+Handler = Callable[[RunningJob], None]
+
+
+class SimJobRunner:
+    def __init__(
+        self,
+        handlers: Mapping[JobKind, Handler],
+        emit: Callable[[JobStatus], None],
+        timers: Timers,
+        *,
+        base_model_hash: str,
+        max_queued: int = 4,
+        wall: Callable[[], float] = time.time,
+    ) -> None:
+        self._handlers = dict(handlers)
+        self._emit = emit
+        self._timers = timers
+        self._base_model_hash = base_model_hash
+        self._max_queued = max_queued
+        self._wall = wall
+        self.history: dict[str, JobState] = {}  # job id -> last state (the agent's JobHistory)
+        self._queue: collections.deque[Job] = collections.deque()
+        self._tasks: collections.deque[Callable[[], None]] = collections.deque()
+        self.running: RunningJob | None = None
+
+    @property
+    def busy_job_id(self) -> str | None:
+        return self.running.job.job_id if self.running else None
+
+    # ---- arrivals
+
+    def submit(self, job: Job) -> None:
+        rejection = self._admission_check(job)
+        if rejection is not None:
+            self._emit(rejection)
+        elif job.kind is JobKind.CANCEL:
+            self._carry_out_cancel(job)
+        else:
+            self.history[job.job_id] = JobState.QUEUED
+            self._queue.append(job)
+            self._next()
+
+    def reject(self, job_id: str, code: JobReason, message: str) -> None:
+        """A job command that could not be decoded, but whose id could be read."""
+        self._emit(JobStatus(job_id, JobState.REJECTED, reason_code=code, reason=clip(message)))
+
+    def between_jobs(self, task: Callable[[], None]) -> None:
+        self._tasks.append(task)
+        self._next()
+
+    # ---- the life cycle
+
+    def end(
+        self,
+        run: RunningJob,
+        state: JobState,
+        code: JobReason | None = None,
+        reason: str | None = None,
+        detail: Mapping[str, Scalar] | None = None,
+    ) -> None:
+        if run.finished:
+            return  # a late timer after a cancel already ended it
+        run.finished = True
+        for hook in run.end_hooks:
+            hook()
+        self._finish(run.job, state, code, reason, detail)
+        if self.running is run:
+            self.running = None
+        self._next()
+
+    def _admission_check(self, job: Job) -> JobStatus | None:
+        def rejected(code: JobReason, why: str, **detail: Scalar) -> JobStatus:
+            return JobStatus(
+                job.job_id, JobState.REJECTED, reason_code=code, reason=why, detail=detail
+            )
+
+        if job.kind not in self._handlers and job.kind is not JobKind.CANCEL:
+            return rejected(JobReason.UNKNOWN_KIND, f"this agent does not run {job.kind} jobs")
+        if job.is_expired(self._wall()):
+            return rejected(JobReason.EXPIRED, f"job expired at {job.expires_at:.0f}")
+        previous = self.history.get(job.job_id)
+        if previous is not None:
+            return rejected(
+                JobReason.DUPLICATE, "job id seen before", previous_state=previous.value
+            )
+        if job.base_model_hash is not None and job.base_model_hash != self._base_model_hash:
+            return rejected(
+                JobReason.BASE_MODEL_MISMATCH,
+                f"job is for base model {job.base_model_hash}, device runs {self._base_model_hash}",
+            )
+        if job.kind is not JobKind.CANCEL and len(self._queue) >= self._max_queued:
+            return rejected(JobReason.BUSY, f"{len(self._queue)} jobs already queued")
+        return None
+
+    def _next(self) -> None:
+        while self.running is None:
+            if self._tasks:
+                self._tasks.popleft()()
+                continue
+            if not self._queue:
+                return
+            job = self._queue.popleft()
+            if job.is_expired(self._wall()):
+                self._finish(job, JobState.REJECTED, JobReason.EXPIRED, "expired while queued")
+                continue
+            self._start(job)
+
+    def _start(self, job: Job) -> None:
+        run = RunningJob(job, self)
+        self.running = run
+        self.history[job.job_id] = JobState.IN_PROGRESS
+        self._emit(JobStatus(job.job_id, JobState.IN_PROGRESS))
+        try:
+            self._handlers[job.kind](run)
+        except Exception as err:  # a bug in a handler fails its job, as in the agent
+            log.exception("job %s (%s) failed", job.job_id, job.kind)
+            self.end(run, JobState.FAILED, JobReason.INTERNAL_ERROR, f"{type(err).__name__}: {err}")
+
+    def _finish(
+        self,
+        job: Job,
+        state: JobState,
+        code: JobReason | None = None,
+        reason: str | None = None,
+        detail: Mapping[str, Scalar] | None = None,
+    ) -> JobStatus:
+        assert state in TERMINAL_STATES
+        self.history[job.job_id] = state
+        status = JobStatus(
+            job.job_id,
+            state,
+            progress=1.0,
+            reason=None if reason is None else clip(reason),
+            reason_code=code,
+            detail=dict(detail or {}),
+        )
+        self._emit(status)
+        return status
+
+    # ---- cancel
+
+    def _cancel(self, target: str) -> CancelResult:
+        run = self.running
+        if run is not None and run.job.job_id == target and not run.finished:
+            run.cancelled = True
+            # The agent's trainer notices between two batches: the target's FAILED comes after
+            # the cancel job's own SUCCEEDED, so the hooks run on the next loop turn.
+            for hook in run.cancel_hooks:
+                self._timers.call_later(0, hook)
+            return CancelResult.CANCELLING_RUNNING
+        queued = next((j for j in self._queue if j.job_id == target), None)
+        if queued is None:
+            return CancelResult.NOT_FOUND
+        self._queue.remove(queued)
+        self._finish(queued, JobState.REJECTED, JobReason.CANCELED, "cancelled before it started")
+        return CancelResult.REMOVED_FROM_QUEUE
+
+    def _carry_out_cancel(self, job: Job) -> None:
+        assert isinstance(job.params, CancelParams)
+        target = job.params.target_job_id
+        result = self._cancel(target)
+        if result is CancelResult.NOT_FOUND:
+            previous = self.history.get(target)
+            state = "unknown" if previous is None else previous.value
+            why = f"no job {target} here" if previous is None else f"job {target} ended: {state}"
+            detail = {"target_job_id": target, "target_state": state}
+            self._finish(job, JobState.REJECTED, JobReason.NOTHING_TO_CANCEL, why, detail)
+            return
+        self._finish(
+            job, JobState.SUCCEEDED, detail={"target_job_id": target, "result": result.value}
+        )

@@ -1,0 +1,217 @@
+"""Measuring processes from /proc (Linux) and reading Prometheus text: for the benchmarks.
+
+Memory of a process tree is given both as RSS (what `ps` shows; shared pages counted once per
+process, so a sum over Ray's processes overstates) and PSS (shared pages divided among their
+sharers: a sum that adds up).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import threading
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+_SAMPLE = re.compile(r"^([a-zA-Z_:][a-zA-Z0-9_:]*)(\{[^}]*\})?\s+(\S+)")
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\]|\\.)*)"')
+
+
+def _stat_fields(pid: int) -> list[str]:
+    with open(f"/proc/{pid}/stat") as stat:
+        text = stat.read()
+    return text[text.rindex(")") + 2 :].split()  # after "pid (comm) "
+
+
+def children_of(root: int) -> list[int]:
+    """`root` and every descendant alive now."""
+    parents: dict[int, list[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                parent = int(_stat_fields(int(entry))[1])
+            except (OSError, ValueError, IndexError):
+                continue  # gone meanwhile
+            parents.setdefault(parent, []).append(int(entry))
+    tree, todo = [], [root]
+    while todo:
+        pid = todo.pop()
+        tree.append(pid)
+        todo.extend(parents.get(pid, []))
+    return tree
+
+
+def descendant_running(root: int, argument: str) -> int:
+    """The descendant of `root` whose command line holds `argument` (e.g. its config file)."""
+    for pid in children_of(root)[1:]:
+        try:
+            with open(f"/proc/{pid}/cmdline", "rb") as cmdline:
+                if argument.encode() in cmdline.read().split(b"\0"):
+                    return pid
+        except OSError:
+            continue
+    raise LookupError(f"no process under {root} runs with {argument!r}")
+
+
+def _kib_field(path: str, key: str) -> int:
+    try:
+        with open(path) as source:
+            for line in source:
+                if line.startswith(key + ":"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+@dataclass(frozen=True)
+class Memory:
+    rss_bytes: int
+    pss_bytes: int
+    processes: int
+
+    def __add__(self, other: Memory) -> Memory:
+        return Memory(
+            self.rss_bytes + other.rss_bytes,
+            self.pss_bytes + other.pss_bytes,
+            self.processes + other.processes,
+        )
+
+
+def memory_of(pids: Iterable[int]) -> Memory:
+    total = Memory(0, 0, 0)
+    for pid in pids:
+        rss = _kib_field(f"/proc/{pid}/status", "VmRSS")
+        if rss:
+            total += Memory(rss, _kib_field(f"/proc/{pid}/smaps_rollup", "Pss"), 1)
+    return total
+
+
+def cpu_by_process(pids: Iterable[int]) -> dict[tuple[int, int], float]:
+    """{(pid, start time): user + system CPU seconds so far}; the start time tells a reused pid
+    apart. Children's times (cutime) are left out: a reaped child was counted on its own."""
+    out = {}
+    for pid in pids:
+        try:
+            fields = _stat_fields(pid)
+        except OSError:
+            continue  # ended meanwhile
+        out[(pid, int(fields[19]))] = (int(fields[11]) + int(fields[12])) / _CLOCK_TICKS
+    return out
+
+
+def machine_cpu_seconds() -> float:
+    """Busy CPU seconds of the whole machine since boot (every core; /proc/stat, idle and
+    iowait left out): with the parties' own, it shows what else ran during a measurement."""
+    with open("/proc/stat") as stat:
+        fields = [int(x) for x in stat.readline().split()[1:]]
+    user, nice, system, _idle, _iowait, irq, softirq, steal = fields[:8]
+    return (user + nice + system + irq + softirq + steal) / _CLOCK_TICKS
+
+
+class CpuWindow:
+    """CPU seconds groups of processes use in a `with` block (asked with `seconds()`).
+
+    Sampled on a thread every `interval_s`, so a process that ends inside the window (Ray's
+    workers come and go) still counts, up to its last sample.
+    """
+
+    def __init__(
+        self, groups: dict[str, Callable[[], Iterable[int]]], interval_s: float = 0.5
+    ) -> None:
+        self._groups = groups
+        self._interval = interval_s
+        self._first: dict[str, dict] = {}
+        self._last: dict[str, dict] = {}
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="cpu-window", daemon=True)
+
+    def __enter__(self) -> CpuWindow:
+        self._machine = machine_cpu_seconds()
+        self._first = {name: cpu_by_process(pids()) for name, pids in self._groups.items()}
+        self._last = {name: dict(seen) for name, seen in self._first.items()}
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def seconds(self) -> dict[str, float]:
+        """CPU seconds per group from the start of the window until now, and `other`: what
+        every other process of the machine used meanwhile."""
+        self._sample()
+        used = {
+            name: sum(cpu - self._first[name].get(key, 0.0) for key, cpu in last.items())
+            for name, last in self._last.items()
+        }
+        used["other"] = max(0.0, machine_cpu_seconds() - self._machine - sum(used.values()))
+        return used
+
+    def _sample(self) -> None:
+        for name, pids in self._groups.items():
+            now = cpu_by_process(pids())
+            with self._lock:
+                self._last[name].update(now)
+
+    def _run(self) -> None:
+        while not self._stop.wait(self._interval):
+            self._sample()
+
+
+class PeakMemory:
+    """Samples the memory of a process tree on a thread; keeps the highest total seen."""
+
+    def __init__(self, root: int, interval_s: float = 0.5) -> None:
+        self._root = root
+        self._interval = interval_s
+        self._stop = threading.Event()
+        self.peak = Memory(0, 0, 0)
+        self._thread = threading.Thread(target=self._run, name="peak-memory", daemon=True)
+
+    def __enter__(self) -> PeakMemory:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            now = memory_of(children_of(self._root))
+            if now.pss_bytes > self.peak.pss_bytes:
+                self.peak = now
+            self._stop.wait(self._interval)
+
+
+Samples = dict[tuple[str, frozenset], float]
+
+
+def parse_prometheus(text: str) -> Samples:
+    """{(name, frozenset of (label, value)): value} for every sample line."""
+    out: Samples = {}
+    for line in text.splitlines():
+        match = _SAMPLE.match(line)
+        if match is None or line.startswith("#"):
+            continue
+        name, labels, value = match.groups()
+        out[(name, frozenset(_LABEL.findall(labels or "")))] = float(value)
+    return out
+
+
+def total(samples: Samples, name: str, **labels: str) -> float:
+    """The sum of a metric's samples whose labels include `labels`."""
+    wanted = set(labels.items())
+    return sum(v for (n, ls), v in samples.items() if n == name and wanted <= ls)
+
+
+def by_label(samples: Samples, name: str, label: str) -> dict[str, float]:
+    out: dict[str, float] = {}
+    for (n, labels), value in samples.items():
+        if n == name:
+            key = dict(labels).get(label, "")
+            out[key] = out.get(key, 0.0) + value
+    return out

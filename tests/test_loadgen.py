@@ -1,0 +1,467 @@
+"""The load generator's simulated devices: their protocol without a broker (a fake clock, a list
+for what they publish), then a few of them against the real coordinator on the session's Ray,
+and `skipfleet bench coordinator` end to end on three devices."""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import json
+import os
+import random
+import subprocess
+import sys
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from agent.data.dataset import Dataset
+from agent.data.fan import load_fan_split
+from agent.device_data import write_device_file
+from agent.trainer.finetune import pretrain
+from coordinator.app import Coordinator
+from coordinator.config import CoordinatorConfig, FinetuneSettings
+from coordinator.rollout import RolloutPolicy
+from coordinator.scheduler import SchedulerPolicy
+from shared.mqtt import parse_broker_url
+from shared.protocol import (
+    BASE_MODEL_VERSION,
+    AdapterPublication,
+    ApplyAdapterParams,
+    CancelParams,
+    DesiredState,
+    EvaluateParams,
+    FetchRequest,
+    FinetuneParams,
+    Heartbeat,
+    Job,
+    JobKind,
+    JobReason,
+    JobState,
+    JobStatus,
+    Lineage,
+    Presence,
+    Report,
+    decode,
+    encode,
+    encode_for_publish,
+)
+from shared.protocol.enums import PresenceState
+from skipfleet.coordinator_process import ApiClient
+from skipfleet.loadgen.device import DeviceSettings, SimulatedDevice
+from skipfleet.loadgen.fleet import SimulatedFleet, split
+from skipfleet.loadgen.reference import Evaluator, perturbed, run_reference
+from skipfleet.measure import CpuWindow, by_label, memory_of, parse_prometheus, total
+from skipfleet.probe import FleetProbe
+
+DEVICE = "sim-00007"
+SECONDS = 2.0  # a simulated fine-tune
+
+
+class ManualTimers:
+    """The event loop's timers on a clock the test moves."""
+
+    class Handle:
+        def __init__(self) -> None:
+            self.cancelled = False
+
+        def cancel(self) -> None:
+            self.cancelled = True
+
+    def __init__(self) -> None:
+        self.now = 100.0
+        self._due: list = []
+        self._order = itertools.count()
+
+    def time(self) -> float:
+        return self.now
+
+    def call_later(self, delay: float, callback) -> Handle:
+        handle = self.Handle()
+        heapq.heappush(self._due, (self.now + delay, next(self._order), handle, callback))
+        return handle
+
+    def advance(self, seconds: float) -> None:
+        end = self.now + seconds
+        while self._due and self._due[0][0] <= end:
+            at, _, handle, callback = heapq.heappop(self._due)
+            self.now = max(self.now, at)
+            if not handle.cancelled:
+                callback()
+        self.now = end
+
+
+@pytest.fixture(scope="module")
+def world(data_dir, tmp_path_factory):
+    root = tmp_path_factory.mktemp("loadgen-world")
+    silent = load_fan_split(data_dir, "damage1", "pretrain")
+    noisy = load_fan_split(data_dir, "damage1", "finetune")
+    pretrain(silent.X, silent.y, 3, epochs=20, lr=0.05, seed=0).save(root / "base.npz")
+    write_device_file(root / "device.npz", Dataset(noisy.X, noisy.y, 3, {}))
+    return root
+
+
+@pytest.fixture(scope="module")
+def reference(world):
+    return run_reference(world / "base.npz", world / "device.npz", epochs=10, lr=0.02)
+
+
+class Bench:
+    """One simulated device, what it published (decoded), and what it installed."""
+
+    def __init__(self, reference, **settings) -> None:
+        self.timers = ManualTimers()
+        self.published: list[tuple[str, bytes, int, bool]] = []
+        self.installs: list[tuple[int | None, str]] = []
+        self.evaluator = Evaluator(reference.learner)
+        self.reference = reference
+        self.device = SimulatedDevice(
+            DEVICE, 7, reference, self.evaluator,
+            DeviceSettings(device_seconds=SECONDS, **settings), self.timers,
+            lambda *publish: self.published.append(publish), boot_id="boot-1",
+            on_install=lambda device, version, how: self.installs.append((version, how)),
+            rng=random.Random(0),  # heartbeat phase and fetch waits: the same every run
+        )  # fmt: skip
+
+    def deliver(self, kind: str, message, **headers) -> None:
+        topic = f"fleet/{DEVICE}/{kind}"
+        self.device.on_message(topic, encode(message, sender="coordinator", **headers))
+
+    def job(self, kind: JobKind, params, *, expires_in: float = 60.0, job_id=None) -> Job:
+        job = Job(job_id or uuid.uuid4().hex, kind, params, time.time() + expires_in,
+                  self.reference.base_model_hash)  # fmt: skip
+        self.deliver("cmd/job", job)
+        return job
+
+    def envelopes(self):
+        return [decode(payload) for _, payload, _, _ in self.published]
+
+    def messages(self, cls) -> list:
+        return [e.message for e in self.envelopes() if isinstance(e.message, cls)]
+
+    def statuses(self, job_id: str) -> list[JobStatus]:
+        return [s for s in self.messages(JobStatus) if s.job_id == job_id]
+
+    def states(self, job_id: str) -> list[tuple[JobState, JobReason | None]]:
+        return [(s.state, s.reason_code) for s in self.statuses(job_id)]
+
+    def publication(self, version: int, arrays=None) -> AdapterPublication:
+        return AdapterPublication(
+            version, self.reference.base_model_hash, "default",
+            arrays or {f"delta{k}": np.zeros((d, 3), np.float32) for k, d in
+                       enumerate(self.reference.learner.model.layer_input_dims, start=1)},
+            Lineage("round-1", (DEVICE,), "exact-delta"), time.time(),
+        )  # fmt: skip
+
+
+def finetune_params(seed: int = 1) -> FinetuneParams:
+    return FinetuneParams(epochs=10, lr=0.02, seed=seed)
+
+
+# -- the reference run -------------------------------------------------------------------------
+def test_the_reference_is_a_real_fine_tune_and_devices_vary_it(reference):
+    assert reference.accuracy_tuned > reference.accuracy_base  # the noisy room is learned
+    assert reference.seconds > 0 and reference.samples > 0
+    assert set(reference.arrays) == {"A1", "A2", "A3", "B1", "B2", "B3"}
+    one, two = perturbed(reference.arrays, 1), perturbed(reference.arrays, 2)
+    assert not np.array_equal(one["A1"], two["A1"])
+    assert np.array_equal(one["A1"], perturbed(reference.arrays, 1)["A1"])  # seeded
+    gap = np.linalg.norm(one["A1"] - reference.arrays["A1"]) / np.linalg.norm(
+        reference.arrays["A1"]
+    )
+    assert 0.0 < gap < 0.2
+
+
+def test_devices_are_split_evenly_over_processes():
+    assert split(10, 3) == [(0, 4), (4, 3), (7, 3)]
+    assert split(2, 5) == [(0, 1), (1, 1)]
+
+
+# -- jobs --------------------------------------------------------------------------------------
+def test_a_finetune_goes_in_progress_then_reports_then_succeeds(reference):
+    bench = Bench(reference)
+    job = bench.job(JobKind.FINETUNE, finetune_params())
+    assert bench.states(job.job_id) == [(JobState.IN_PROGRESS, None)]
+    assert bench.device.heartbeat().busy_job_id == job.job_id
+    bench.timers.advance(SECONDS - 0.01)
+    assert not bench.messages(Report)
+    bench.timers.advance(0.02)
+    (report,) = bench.messages(Report)
+    assert report.job_id == job.job_id and report.metrics.epochs == 10
+    assert report.metrics.accuracy_before == pytest.approx(reference.accuracy_base)
+    assert report.metrics.accuracy_after == bench.evaluator.accuracy(report.adapter)
+    assert report.metrics.finetune_seconds == SECONDS and report.metrics.rank == 4
+    assert report.adapter["A1"].shape == (256, 4) and report.adapter["B3"].shape == (4, 3)
+    (done,) = [s for s in bench.statuses(job.job_id) if s.state is JobState.SUCCEEDED]
+    assert done.detail["installed"] is True and done.detail["samples"] == report.metrics.samples
+    assert bench.installs == [(None, "finetune")]
+    beat = bench.device.heartbeat()
+    assert beat.adapter_version is None and beat.busy_job_id is None and beat.cache_bytes > 0
+
+
+def test_every_message_carries_the_boot_id_and_the_next_seq(reference):
+    bench = Bench(reference)
+    bench.device.on_connected()  # presence and the first heartbeat
+    bench.job(JobKind.FINETUNE, finetune_params())
+    bench.timers.advance(SECONDS)
+    envelopes = bench.envelopes()
+    assert {e.boot_id for e in envelopes} == {"boot-1"}
+    assert [e.seq for e in envelopes] == list(range(len(envelopes)))
+    kinds = [type(e.message).__name__ for e in envelopes]
+    assert kinds == ["Presence", "Heartbeat", "JobStatus", "Report", "JobStatus"]
+    status_topic, _, qos, retain = bench.published[0]
+    assert status_topic == f"fleet/{DEVICE}/status" and (qos, retain) == (1, True)
+    assert bench.published[1][2:] == (0, False)  # telemetry: QoS 0, not retained
+    assert isinstance(envelopes[0].message, Presence)
+    assert envelopes[0].message.state is PresenceState.ONLINE
+
+
+def test_arrivals_are_checked_like_the_agent_does(reference):
+    bench = Bench(reference, max_queued_jobs=1)
+    first = bench.job(JobKind.FINETUNE, finetune_params())
+    bench.job(JobKind.FINETUNE, finetune_params(), job_id=first.job_id)
+    assert bench.states(first.job_id)[-1] == (JobState.REJECTED, JobReason.DUPLICATE)
+    assert bench.statuses(first.job_id)[-1].detail == {"previous_state": "in_progress"}
+    expired = bench.job(JobKind.EVALUATE, EvaluateParams(), expires_in=-1)
+    assert bench.states(expired.job_id) == [(JobState.REJECTED, JobReason.EXPIRED)]
+    foreign = Job("j-foreign", JobKind.EVALUATE, EvaluateParams(), time.time() + 60, "f" * 64)
+    bench.deliver("cmd/job", foreign)
+    assert bench.states("j-foreign") == [(JobState.REJECTED, JobReason.BASE_MODEL_MISMATCH)]
+    queued = bench.job(JobKind.EVALUATE, EvaluateParams())
+    over = bench.job(JobKind.EVALUATE, EvaluateParams())
+    assert bench.states(queued.job_id) == [] and bench.states(over.job_id) == [
+        (JobState.REJECTED, JobReason.BUSY)
+    ]
+    bench.timers.advance(SECONDS)  # the fine-tune ends, the queued evaluation runs
+    assert bench.states(queued.job_id)[-1] == (JobState.SUCCEEDED, None)
+
+
+def test_cancel_stops_the_running_job_removes_a_queued_one_and_refuses_the_unknown(reference):
+    bench = Bench(reference)
+    running = bench.job(JobKind.FINETUNE, finetune_params())
+    queued = bench.job(JobKind.FINETUNE, finetune_params(2))
+    cancel_queued = bench.job(JobKind.CANCEL, CancelParams(queued.job_id))
+    assert bench.states(queued.job_id) == [(JobState.REJECTED, JobReason.CANCELED)]
+    assert bench.statuses(cancel_queued.job_id)[0].detail["result"] == "removed_from_queue"
+    cancel_running = bench.job(JobKind.CANCEL, CancelParams(running.job_id))
+    assert bench.statuses(cancel_running.job_id)[0].detail["result"] == "cancelling_running"
+    bench.timers.advance(0)  # the device notices on its next turn, after answering the cancel
+    assert bench.states(running.job_id)[-1] == (JobState.FAILED, JobReason.CANCELED)
+    bench.timers.advance(SECONDS)
+    assert not bench.messages(Report)  # the cancelled fine-tune never reports
+    unknown = bench.job(JobKind.CANCEL, CancelParams("nope"))
+    assert bench.states(unknown.job_id) == [(JobState.REJECTED, JobReason.NOTHING_TO_CANCEL)]
+
+
+def test_an_undecodable_command_is_dropped_or_rejected_by_its_readable_id(reference):
+    bench = Bench(reference)
+    bench.device.on_message(f"fleet/{DEVICE}/cmd/job", b"\x93garbage")
+    assert bench.device.dropped == 1 and not bench.published
+    bench.device.on_message("fleet/other-device/cmd/job", b"")
+    assert bench.device.dropped == 2
+
+
+# -- adapters ----------------------------------------------------------------------------------
+def test_a_chunked_adapter_is_reassembled_and_applied_without_a_fetch(reference):
+    bench = Bench(reference)
+    publication = bench.publication(3, perturbed(reference.arrays, 5))
+    chunks = encode_for_publish(publication, sender="coordinator", limit=4096)
+    assert len(chunks) > 1
+    for item in reversed(chunks):  # any order, as QoS 1 may deliver them
+        bench.device.on_message(f"fleet/{DEVICE}/cmd/adapter", item.payload)
+    job = bench.job(JobKind.APPLY_ADAPTER, ApplyAdapterParams(3))
+    (done,) = [s for s in bench.statuses(job.job_id) if s.state is JobState.SUCCEEDED]
+    assert done.detail["accuracy"] == bench.evaluator.accuracy(publication.arrays)
+    assert not bench.messages(FetchRequest)
+    assert bench.installs == [(3, "apply_adapter")]
+    assert bench.device.heartbeat().adapter_version == 3
+    again = bench.job(JobKind.APPLY_ADAPTER, ApplyAdapterParams(3))
+    assert bench.statuses(again.job_id)[-1].detail["already_running"] is True
+
+
+def test_apply_fetches_a_missing_version_and_fails_if_it_never_comes(reference):
+    bench = Bench(reference, fetch_timeout_s=10.0)
+    job = bench.job(JobKind.APPLY_ADAPTER, ApplyAdapterParams(4))
+    assert bench.messages(FetchRequest) == [FetchRequest(4)]
+    bench.timers.advance(10.0)
+    assert bench.states(job.job_id)[-1] == (JobState.FAILED, JobReason.ADAPTER_UNAVAILABLE)
+    second = bench.job(JobKind.APPLY_ADAPTER, ApplyAdapterParams(4))
+    bench.deliver("cmd/adapter", bench.publication(4))
+    assert bench.states(second.job_id)[-1] == (JobState.SUCCEEDED, None)
+
+
+def test_the_canary_evaluations_measure_the_candidate_and_the_base_model(reference):
+    bench = Bench(reference)
+    candidate = bench.publication(1, perturbed(reference.arrays, 9))
+    bench.deliver("cmd/adapter", candidate)
+    on_candidate = bench.job(JobKind.EVALUATE, EvaluateParams(1))
+    on_base = bench.job(JobKind.EVALUATE, EvaluateParams(BASE_MODEL_VERSION))
+    detail = bench.statuses(on_candidate.job_id)[-1].detail
+    assert detail["accuracy"] == bench.evaluator.accuracy(candidate.arrays)
+    assert bench.statuses(on_base.job_id)[-1].detail["accuracy"] == reference.accuracy_base
+    assert bench.installs == []  # evaluating never installs
+
+
+def test_the_desired_pointer_is_fetched_and_installed_between_jobs(reference):
+    bench = Bench(reference, desired_retry_s=5.0)
+    running = bench.job(JobKind.FINETUNE, finetune_params())
+    desired = DesiredState(2, reference.base_model_hash, "default")
+    bench.deliver("cmd/desired", desired)
+    bench.deliver("cmd/desired", desired)  # re-delivered while fetching: ignored
+    assert bench.messages(FetchRequest) == [FetchRequest(2)]
+    bench.deliver("cmd/adapter", bench.publication(2))
+    assert bench.installs == []  # a fine-tune runs: the install waits for it
+    bench.timers.advance(SECONDS)
+    assert bench.states(running.job_id)[-1][0] is JobState.SUCCEEDED
+    assert bench.installs == [(None, "finetune"), (2, "desired_state")]
+    assert bench.device.heartbeat().adapter_version == 2
+    bench.deliver("cmd/desired", DesiredState(2, "f" * 64, "default"))  # another base model
+    assert bench.installs[-1] == (2, "desired_state") and len(bench.messages(FetchRequest)) == 1
+
+
+def test_the_desired_pointer_asks_again_with_backoff_then_gives_up(reference):
+    bench = Bench(reference, desired_retry_s=4.0, desired_max_fetches=3)
+    bench.deliver("cmd/desired", DesiredState(6, reference.base_model_hash, "default"))
+    bench.timers.advance(4.0 + 8.0 + 16.0)  # each wait at most retry × 2^k
+    assert bench.messages(FetchRequest) == [FetchRequest(6)] * 3
+    bench.timers.advance(600.0)
+    assert len(bench.messages(FetchRequest)) == 3 and bench.installs == []
+
+
+def test_heartbeats_carry_the_agents_fields_at_a_random_phase(reference):
+    bench = Bench(reference, heartbeat_seconds=30.0)
+    bench.device.on_connected()  # the first beat at once, then every 30 s from a random phase
+    bench.timers.advance(100.0)
+    beats = bench.messages(Heartbeat)
+    uptimes = [beat.uptime_s for beat in beats]
+    assert uptimes[0] == 0.0 and 0.0 <= uptimes[1] < 30.0
+    assert np.allclose(np.diff(uptimes[1:]), 30.0) and len(beats) in (4, 5)
+    last = beats[-1]
+    assert last.power_source == "model:rpi-zero-2w" and last.drifted is False
+    assert last.power_w == pytest.approx(0.6)  # the profile's idle watts
+    assert last.drift_score == pytest.approx(reference.drift_score)
+    assert last.spool_depth == 0 and last.adapter_version is None
+
+
+# -- the benchmark's measuring ------------------------------------------------------------------
+def test_prometheus_text_is_read_by_name_and_label():
+    samples = parse_prometheus(
+        "# TYPE skipfleet_received_messages_total counter\n"
+        'skipfleet_received_messages_total{kind="job"} 3.0\n'
+        'skipfleet_received_messages_total{kind="report"} 2.0\n'
+        'skipfleet_aggregation_duration_seconds_sum{algorithm="exact-delta"} 0.5\n'
+    )
+    assert total(samples, "skipfleet_received_messages_total") == 5.0
+    assert by_label(samples, "skipfleet_received_messages_total", "kind") == {
+        "job": 3.0,
+        "report": 2.0,
+    }
+    assert total(samples, "skipfleet_aggregation_duration_seconds_sum", algorithm="exact-delta")
+
+
+def test_a_process_that_ends_inside_the_cpu_window_still_counts():
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass"
+    child = subprocess.Popen([sys.executable, "-c", burn])
+    with CpuWindow({"child": lambda: [child.pid]}, interval_s=0.05) as window:
+        child.wait()
+        assert window.seconds()["child"] > 0.3
+    assert memory_of([os.getpid()]).rss_bytes > 0
+
+
+# -- against the real coordinator ------------------------------------------------------------
+def coordinator_config(broker_url: str, state_dir: Path) -> CoordinatorConfig:
+    policy = SchedulerPolicy(
+        max_concurrent_jobs=5, accuracy_threshold=None, accuracy_drop_margin=None,
+        drift_threshold=None, heartbeat_timeout_s=10.0, job_timeout_s=30.0,
+        round_deadline_s=60.0,
+    )  # fmt: skip
+    return CoordinatorConfig(
+        mqtt=parse_broker_url(broker_url, session_expiry_s=600, reconnect_max_delay_s=2),
+        state_dir=state_dir,
+        actor_name=f"loadgen-{uuid.uuid4().hex[:8]}",  # one actor per test on the shared Ray
+        metrics_addr="127.0.0.1", metrics_port=0, api_addr="127.0.0.1", api_port=0,
+        policy=policy,
+        rollout=RolloutPolicy(canary_fraction=0.4, canary_deadline_s=60.0),
+        finetune=FinetuneSettings(epochs=10, lr=0.02),
+        command_timeout_s=30.0, tick_interval_s=0.2, metrics_interval_s=0.5,
+    )  # fmt: skip
+
+
+def wait(check, timeout: float = 45.0):
+    deadline = time.monotonic() + timeout
+    while not (value := check()):
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.1)
+    return value
+
+
+def said_offline(envelope, retained: bool, device: str) -> bool:
+    message = envelope.message
+    return (
+        retained
+        and envelope.sender == device
+        and isinstance(message, Presence)
+        and message.state is PresenceState.OFFLINE
+    )
+
+
+@pytest.mark.slow
+def test_a_round_reaches_every_simulated_device(ray_session, mosquitto, world, tmp_path):
+    coordinator = Coordinator.start(coordinator_config(mosquitto.url, tmp_path / "coordinator"))
+    api = ApiClient(f"http://127.0.0.1:{coordinator.api.port}")
+    fleet = SimulatedFleet(
+        mosquitto.url, world / "base.npz", [world / "device.npz"], 5, 2, tmp_path / "loadgen",
+        options=["--heartbeat-seconds", "1", "--device-seconds", "0.5", "--epochs", "10"],
+    )  # fmt: skip
+    try:
+        fleet.start(60)
+        assert len(fleet.device_ids) == 5
+        wait(lambda: sum(d["online"] and bool(d["cohort"]) for d in api.get("/devices")) == 5)
+        started = time.time()
+        (opened,) = api.post("/finetune", {"all": True})["rounds"]
+        assert sorted(opened["devices"]) == fleet.device_ids
+        cohort = wait(lambda: next((c for c in api.get("/adapters")
+                                    if c["current_version"] is not None), None))  # fmt: skip
+        version = cohort["current_version"]
+        installs = wait(lambda: len(seen := fleet.first_installs(version, started)) == 5 and seen)
+        assert all(at > started for at in installs.values())
+        wait(lambda: all(d["adapter_version"] == version for d in api.get("/devices")))
+        (record,) = api.get("/rounds")
+        assert record["stage"] == "STORED" and sorted(record["answered"]) == fleet.device_ids
+        assert {j["state"] for j in api.get("/jobs?limit=1000")} == {"SUCCEEDED"}
+        fleet.stop()
+        probe = FleetProbe(parse_broker_url(mosquitto.url), "loadgen-probe")
+        try:  # a clean stop leaves every device's retained presence at offline
+            for device in fleet.device_ids:
+                probe.wait_for(lambda t, e, r, d=device: said_offline(e, r, d), 10)
+        finally:
+            probe.close()
+    finally:
+        fleet.stop()
+        coordinator.stop()
+
+
+@pytest.mark.slow
+def test_bench_coordinator_runs_end_to_end_on_three_devices(ray_session, data_dir, tmp_path):
+    from skipfleet.cli import main
+
+    out = tmp_path / "bench.json"
+    code = main([
+        "bench", "coordinator", "--data-dir", str(data_dir), "--devices", "3", "--rounds", "1",
+        "--aggregation-sizes", "10", "--heartbeat-seconds", "2", "--round-timeout", "60",
+        "--ray-address", ray_session.get_runtime_context().gcs_address,
+        "--work-dir", str(tmp_path / "work"), "--json", str(out),
+    ])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert code == 0, result["fleets"]["3"]["failure"]
+    fleet = result["fleets"]["3"]
+    (measured,) = fleet["rounds"]
+    assert 0 < measured["latency_seconds"] <= measured["coordinator_view_seconds"]
+    assert measured["messages"]["received"]["count"] > 0 and measured["answered"] == 3
+    assert set(measured["aggregation_seconds"]) == {"exact-delta", "naive-fedavg"}
+    assert fleet["memory_idle"]["driver_rss_bytes"] > 0
+    assert set(result["aggregation_micro"]["sizes"]) == {"10"}
+    assert Path(tmp_path / "work" / "3" / "coordinator.log").exists()
