@@ -28,6 +28,24 @@ JOB_MAX_BYTES = 16 * 1024
 PUBLISH_MAX_BYTES = 2 * DEFAULT_CHUNK_LIMIT
 
 
+def decode_command(
+    device_id: str, kind: TopicKind, payload: bytes, reassembler: Reassembler
+) -> Envelope | None:
+    """A command for this device, checked (size, route, job size), or None until the last chunk
+    of a chunked one is in. DecodeError for anything else (with the job id when it is readable).
+    Shared by the agent and the load generator."""
+    envelope = decode(payload, max_bytes=PUBLISH_MAX_BYTES)
+    check_route(device_id, kind, envelope)
+    if kind is TopicKind.CMD_JOB and len(payload) > JOB_MAX_BYTES:
+        job_id = envelope.message.job_id if isinstance(envelope.message, Job) else None
+        raise DecodeError(
+            f"job command of {len(payload)} bytes exceeds {JOB_MAX_BYTES}",
+            job_id=job_id,
+            job_reason=JobReason.MALFORMED,
+        )
+    return reassembler.feed(envelope)
+
+
 class Downlink:
     def __init__(
         self,
@@ -60,16 +78,7 @@ class Downlink:
             self._dispatch(envelope)
 
     def _decode(self, kind: TopicKind, payload: bytes) -> Envelope | None:
-        envelope = decode(payload, max_bytes=PUBLISH_MAX_BYTES)
-        check_route(self._device_id, kind, envelope)
-        if kind is TopicKind.CMD_JOB and len(payload) > JOB_MAX_BYTES:
-            job_id = envelope.message.job_id if isinstance(envelope.message, Job) else None
-            raise DecodeError(
-                f"job command of {len(payload)} bytes exceeds {JOB_MAX_BYTES}",
-                job_id=job_id,
-                job_reason=JobReason.MALFORMED,
-            )
-        return self._reassembler.feed(envelope)  # None until the last chunk is in
+        return decode_command(self._device_id, kind, payload, self._reassembler)
 
     def _refuse(self, err: DecodeError) -> None:
         if err.job_id is not None:

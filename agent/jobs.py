@@ -77,6 +77,41 @@ class CancelResult(Enum):
     NOT_FOUND = "not_found"  # unknown, or already finished
 
 
+def admission_check(
+    job: Job,
+    *,
+    runnable,
+    now: float,
+    previous_state: JobState | None,
+    base_model_hash: str,
+    queued: int,
+    max_queued: int,
+) -> JobStatus | None:
+    """The REJECTED status a job gets on arrival (unknown kind, expired, seen before, for another
+    base model, queue full), or None to queue it. Shared by the agent and the load generator."""
+
+    def rejected(code: JobReason, why: str, **detail: Scalar) -> JobStatus:
+        return JobStatus(job.job_id, JobState.REJECTED, reason_code=code, reason=why, detail=detail)
+
+    if job.kind not in runnable and job.kind is not JobKind.CANCEL:
+        return rejected(JobReason.UNKNOWN_KIND, f"this agent does not run {job.kind} jobs")
+    if job.is_expired(now):
+        return rejected(JobReason.EXPIRED, f"job expired at {job.expires_at:.0f}")
+    if previous_state is not None:
+        # A QoS 1 re-delivery or a re-sent job: say what became of the first one.
+        return rejected(
+            JobReason.DUPLICATE, "job id seen before", previous_state=previous_state.value
+        )
+    if job.base_model_hash is not None and job.base_model_hash != base_model_hash:
+        return rejected(
+            JobReason.BASE_MODEL_MISMATCH,
+            f"job is for base model {job.base_model_hash}, device runs {base_model_hash}",
+        )
+    if job.kind is not JobKind.CANCEL and queued >= max_queued:
+        return rejected(JobReason.BUSY, f"{queued} jobs already queued")
+    return None
+
+
 class JobRunner:
     def __init__(
         self,
@@ -123,30 +158,16 @@ class JobRunner:
 
     def _admission_check(self, job: Job) -> JobStatus | None:
         """The REJECTED status this job gets on arrival, or None to queue it."""
-
-        def rejected(code: JobReason, why: str, **detail: Scalar) -> JobStatus:
-            return JobStatus(
-                job.job_id, JobState.REJECTED, reason_code=code, reason=why, detail=detail
-            )
-
-        if job.kind not in self._handlers and job.kind is not JobKind.CANCEL:
-            return rejected(JobReason.UNKNOWN_KIND, f"this agent does not run {job.kind} jobs")
-        if job.is_expired(self._clock()):
-            return rejected(JobReason.EXPIRED, f"job expired at {job.expires_at:.0f}")
         previous = self._history.get(job.job_id)
-        if previous is not None:
-            # A QoS 1 re-delivery or a re-sent job: say what became of the first one.
-            return rejected(
-                JobReason.DUPLICATE, "job id seen before", previous_state=previous.state.value
-            )
-        if job.base_model_hash is not None and job.base_model_hash != self._base_model_hash:
-            return rejected(
-                JobReason.BASE_MODEL_MISMATCH,
-                f"job is for base model {job.base_model_hash}, device runs {self._base_model_hash}",
-            )
-        if job.kind is not JobKind.CANCEL and len(self._queue) >= self._max_queued:
-            return rejected(JobReason.BUSY, f"{len(self._queue)} jobs already queued")
-        return None
+        return admission_check(
+            job,
+            runnable=self._handlers,
+            now=self._clock(),
+            previous_state=previous.state if previous is not None else None,
+            base_model_hash=self._base_model_hash,
+            queued=len(self._queue),
+            max_queued=self._max_queued,
+        )
 
     def reject(self, job_id: str, reason_code: JobReason, message: str) -> None:
         """Reject a job command that could not even be decoded (the transport read its id)."""

@@ -20,7 +20,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
-from agent.downlink import JOB_MAX_BYTES, PUBLISH_MAX_BYTES
+from agent.downlink import decode_command
 from agent.reconcile import FetchPolicy
 from agent.startup import agent_version
 from agent.telemetry import read_temperature
@@ -29,8 +29,6 @@ from shared.protocol import (
     DEFAULT_CHUNK_LIMIT,
     DecodeError,
     Reassembler,
-    check_route,
-    decode,
     encode_for_publish,
     kind_of,
 )
@@ -217,16 +215,7 @@ class SimulatedDevice:
             self._dispatch(envelope)
 
     def _decode(self, kind: TopicKind, payload: bytes) -> Envelope | None:
-        envelope = decode(payload, max_bytes=PUBLISH_MAX_BYTES)
-        check_route(self.device_id, kind, envelope)
-        if kind is TopicKind.CMD_JOB and len(payload) > JOB_MAX_BYTES:
-            job_id = envelope.message.job_id if isinstance(envelope.message, Job) else None
-            raise DecodeError(
-                f"job command of {len(payload)} bytes exceeds {JOB_MAX_BYTES}",
-                job_id=job_id,
-                job_reason=JobReason.MALFORMED,
-            )
-        return self._reassembler.feed(envelope)  # None until the last chunk is in
+        return decode_command(self.device_id, kind, payload, self._reassembler)
 
     def _dispatch(self, envelope: Envelope) -> None:
         message = envelope.message

@@ -16,7 +16,7 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from agent.jobs import CancelResult, clip
+from agent.jobs import CancelResult, admission_check, clip
 from shared.protocol.checks import Scalar
 from shared.protocol.enums import TERMINAL_STATES, JobKind, JobReason, JobState
 from shared.protocol.messages import CancelParams, Job, JobStatus
@@ -125,28 +125,15 @@ class SimJobRunner:
         self._next()
 
     def _admission_check(self, job: Job) -> JobStatus | None:
-        def rejected(code: JobReason, why: str, **detail: Scalar) -> JobStatus:
-            return JobStatus(
-                job.job_id, JobState.REJECTED, reason_code=code, reason=why, detail=detail
-            )
-
-        if job.kind not in self._handlers and job.kind is not JobKind.CANCEL:
-            return rejected(JobReason.UNKNOWN_KIND, f"this agent does not run {job.kind} jobs")
-        if job.is_expired(self._wall()):
-            return rejected(JobReason.EXPIRED, f"job expired at {job.expires_at:.0f}")
-        previous = self.history.get(job.job_id)
-        if previous is not None:
-            return rejected(
-                JobReason.DUPLICATE, "job id seen before", previous_state=previous.value
-            )
-        if job.base_model_hash is not None and job.base_model_hash != self._base_model_hash:
-            return rejected(
-                JobReason.BASE_MODEL_MISMATCH,
-                f"job is for base model {job.base_model_hash}, device runs {self._base_model_hash}",
-            )
-        if job.kind is not JobKind.CANCEL and len(self._queue) >= self._max_queued:
-            return rejected(JobReason.BUSY, f"{len(self._queue)} jobs already queued")
-        return None
+        return admission_check(
+            job,
+            runnable=self._handlers,
+            now=self._wall(),
+            previous_state=self.history.get(job.job_id),
+            base_model_hash=self._base_model_hash,
+            queued=len(self._queue),
+            max_queued=self._max_queued,
+        )
 
     def _next(self) -> None:
         while self.running is None:
