@@ -9,31 +9,46 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from typing import NamedTuple
 
 from shared.mqtt import MqttSettings, connect_async, make_client
-from shared.protocol import DecodeError, Reassembler, decode, encode
-from shared.protocol.enums import JobState
+from shared.protocol import DecodeError, Reassembler, decode, encode, encode_for_publish
+from shared.protocol.enums import JobState, PresenceState
 from shared.protocol.envelope import Envelope
-from shared.protocol.messages import Job, JobStatus
-from shared.topics import Topics
+from shared.protocol.messages import Heartbeat, Job, JobStatus, Message, Presence
+from shared.topics import TopicKind, Topics
 
 Match = Callable[[str, Envelope, bool], bool]  # (topic, envelope, retained) -> wanted?
 
 
+class Received(NamedTuple):
+    topic: str
+    envelope: Envelope
+    retained: bool
+    arrival: float  # time.monotonic()
+
+
 class FleetProbe:
-    def __init__(self, settings: MqttSettings, client_id: str = "skipfleet-probe",
-                 topics: Topics | None = None):  # fmt: skip
+    def __init__(
+        self,
+        settings: MqttSettings,
+        client_id: str = "skipfleet-probe",
+        topics: Topics | None = None,
+    ):
         self.topics = topics = topics or Topics()
         self.client = make_client(settings, client_id)
+        self.subscribed = threading.Event()
         self.client.on_connect = lambda c, *a: c.subscribe(f"{topics.root}/#", qos=1)
+        self.client.on_subscribe = lambda *a: self.subscribed.set()
         self.client.on_message = self._on_message
-        self.received: list[tuple[str, Envelope, bool, float]] = []  # + arrival time
+        self.received: list[Received] = []
         self.bytes_from_device: dict[str, int] = {}  # what each device put on the wire
         self._changed = threading.Condition()
         self._reassembler = Reassembler()
         connect_async(self.client, settings)
         self.client.loop_start()
 
+    # ---------------------------------------------------------------- receiving
     def _on_message(self, client, userdata, message) -> None:
         self._count_bytes(message.topic, len(message.payload))
         try:
@@ -42,8 +57,8 @@ class FleetProbe:
             return  # someone else's garbage is not the probe's problem
         if envelope is not None:
             with self._changed:
-                arrival = time.monotonic()
-                self.received.append((message.topic, envelope, bool(message.retain), arrival))
+                item = Received(message.topic, envelope, bool(message.retain), time.monotonic())
+                self.received.append(item)
                 self._changed.notify_all()
 
     def _count_bytes(self, topic: str, size: int) -> None:
@@ -58,44 +73,92 @@ class FleetProbe:
         """(device id, envelope, arrival) of every message of one type received so far."""
         with self._changed:
             items = list(self.received)
-        out = []
-        for topic, envelope, _, arrival in items:
-            if isinstance(envelope.message, kind):
-                out.append((self.topics.parse(topic)[0], envelope, arrival))
-        return out
+        return [
+            (self.topics.parse(item.topic)[0], item.envelope, item.arrival)
+            for item in items
+            if isinstance(item.envelope.message, kind)
+        ]
 
-    def wait_for(self, match: Match, timeout: float) -> tuple[Envelope, float]:
-        """The first message matching, and when it arrived (time.monotonic)."""
+    def mark(self) -> int:
+        """A point in what was received: `wait_for(..., after=mark)` looks only past it."""
+        with self._changed:
+            return len(self.received)
+
+    def wait_for(self, match: Match, timeout: float, after: int = 0) -> tuple[Envelope, float]:
+        """The first message matching (past `after`), and when it arrived."""
+        return self._wait(match, timeout, after)
+
+    def _wait(self, match: Match, timeout: float, after: int) -> tuple[Envelope, float]:
         deadline = time.monotonic() + timeout
         with self._changed:
             while True:
-                for topic, envelope, retained, arrival in self.received:
-                    if match(topic, envelope, retained):
-                        return envelope, arrival
+                for item in self.received[after:]:
+                    if match(item.topic, item.envelope, item.retained):
+                        return item.envelope, item.arrival
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
-                    raise TimeoutError(f"no matching message within {timeout} s")
+                    last = [
+                        (i.topic, type(i.envelope.message).__name__) for i in self.received[-10:]
+                    ]
+                    raise TimeoutError(f"nothing matched within {timeout} s; last: {last}")
                 self._changed.wait(remaining)
 
     def job_status(self, job_id: str, state: JobState, timeout: float) -> tuple[JobStatus, float]:
-        envelope, arrival = self.wait_for(
+        envelope, arrival = self._wait(
             lambda t, e, r: (
                 isinstance(e.message, JobStatus)
                 and e.message.job_id == job_id
                 and e.message.state is state
             ),
             timeout,
+            0,
         )
         return envelope.message, arrival
 
-    def send_job(self, device_id: str, job: Job, timeout: float = 10.0) -> float:
+    def presence(self, state: PresenceState, timeout: float, retained: bool | None = None):
+        return self._wait(
+            lambda t, e, r: (
+                isinstance(e.message, Presence)
+                and e.message.state is state
+                and (retained is None or r == retained)
+            ),
+            timeout,
+            0,
+        )[0].message
+
+    def heartbeat(self, match: Callable[[Heartbeat], bool], timeout: float, after: int = 0):
+        return self._wait(
+            lambda t, e, r: isinstance(e.message, Heartbeat) and match(e.message), timeout, after
+        )[0].message
+
+    # ---------------------------------------------------------------- sending
+    def send_job(self, device_id: str, job: Job | bytes, timeout: float = 10.0) -> float:
         """Publish a job (QoS 1, wait for PUBACK); returns when it was sent (time.monotonic)."""
+        payload = job if isinstance(job, bytes) else encode(job, sender="skipfleet-probe")
         sent = time.monotonic()
-        info = self.client.publish(
-            self.topics.cmd_job(device_id), encode(job, sender="skipfleet-probe"), qos=1
+        self.client.publish(self.topics.cmd_job(device_id), payload, qos=1).wait_for_publish(
+            timeout
         )
-        info.wait_for_publish(timeout)
         return sent
+
+    def send(
+        self,
+        device_id: str,
+        kind: TopicKind,
+        message: Message,
+        *,
+        retain: bool = False,
+        timeout: float = 10.0,
+    ) -> int:
+        """Publish as the coordinator would on one of the device's topics (chunked if large);
+        returns the number of publishes."""
+        if not self.subscribed.wait(timeout):
+            raise TimeoutError("the probe never connected")
+        outgoing = encode_for_publish(message, sender="coordinator")
+        for item in outgoing:
+            topic = self.topics.topic(device_id, kind)
+            self.client.publish(topic, item.payload, 1, retain).wait_for_publish(timeout)
+        return len(outgoing)
 
     def close(self) -> None:
         self.client.disconnect()

@@ -133,7 +133,9 @@ def test_a_report_made_while_the_broker_is_down_arrives_once_after_it_restarts(f
         time.sleep(0.1)
     mosquitto.start()
     observer.status_of("ft-away", JobState.SUCCEEDED)  # sent after the report, same order
-    reports = [e for t, e, r in observer.received if isinstance(e.message, Report)]
+    reports = [
+        item.envelope for item in observer.received if isinstance(item.envelope.message, Report)
+    ]
     assert {e.dedup_key for e in reports} == {reports[0].dedup_key}
     assert reports[0].message.job_id == "ft-away"
     deadline = time.monotonic() + WAIT
