@@ -16,7 +16,8 @@ import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
-from agent.jobs import CancelResult, admission_check, clip
+from agent.admission import admission_check
+from agent.jobs import CancelResult, clip
 from shared.protocol.checks import Scalar
 from shared.protocol.enums import TERMINAL_STATES, JobKind, JobReason, JobState
 from shared.protocol.messages import CancelParams, Job, JobStatus
