@@ -13,6 +13,9 @@ os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 REPO = Path(__file__).resolve().parent.parent
 
+# Module-scoped fixtures of the modules that run a whole fleet (each defines coordinator_flags).
+from tests.topology import coordinator, prometheus  # noqa: E402, F401
+
 
 @pytest.fixture(scope="session")
 def data_dir() -> Path:

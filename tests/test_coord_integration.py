@@ -7,7 +7,6 @@ sleeps for correctness.
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import subprocess
@@ -32,6 +31,7 @@ from coordinator.config import CoordinatorConfig, FinetuneSettings
 from coordinator.rollout import RolloutPolicy
 from coordinator.scheduler import SchedulerPolicy
 from shared.mqtt import parse_broker_url
+from skipfleet.coordinator_process import ApiClient
 
 pytestmark = pytest.mark.slow
 
@@ -156,14 +156,8 @@ class Fleet:
         return agent
 
     def api(self, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
-        url = f"http://127.0.0.1:{self.coordinator.api.port}{path}"
-        data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(url, data=data, method=method)
-        try:
-            with urllib.request.urlopen(request, timeout=WAIT) as response:
-                return response.status, json.load(response)
-        except urllib.error.HTTPError as err:
-            return err.code, json.load(err)
+        api = ApiClient(f"http://127.0.0.1:{self.coordinator.api.port}", WAIT)
+        return api.request(method, path, body)
 
     def get(self, path: str):
         status, payload = self.api("GET", path)

@@ -32,11 +32,8 @@ from tests.test_dashboards_static import (
 )
 from tests.topology import (
     SCRAPE_SECONDS,
-    CoordinatorProcess,
     Mqtt,
-    PrometheusServer,
     devices_reachable,
-    prometheus_config,
     run_one_round,
     session_coordinator_flags,
     wait_until,
@@ -78,26 +75,6 @@ def broker(tmp_path_factory) -> Iterator[MosquittoBroker]:
 def coordinator_flags(ray_session, broker, tmp_path_factory) -> dict[str, str]:
     state_dir = tmp_path_factory.mktemp("coordinator") / "state"
     return {"broker": broker.url, **session_coordinator_flags(ray_session, state_dir)}
-
-
-@pytest.fixture(scope="module")
-def prometheus(coordinator_flags, tmp_path_factory) -> Iterator[PrometheusServer]:
-    """Prometheus scraping the coordinator's metrics address (before the coordinator is up, as
-    in compose: it scrapes from its first discovery update, about 5 s after its start)."""
-    address = f"127.0.0.1:{coordinator_flags['metrics-port']}"
-    server = PrometheusServer(tmp_path_factory.mktemp("prometheus"), prometheus_config(address))
-    yield server
-    assert server.stop() == 0, server.log_tail()  # a clean stop: SIGTERM, TSDB closed
-
-
-@pytest.fixture(scope="module")
-def coordinator(coordinator_flags, prometheus) -> Iterator[CoordinatorProcess]:
-    # Prometheus (a dependency only for the order) runs through the whole life of the fleet.
-    log = Path(coordinator_flags["state-dir"]).parent / "coordinator.log"
-    coordinator = CoordinatorProcess(coordinator_flags, log)
-    wait_until("the coordinator's /health", coordinator.healthy, watch=[coordinator])
-    yield coordinator
-    assert coordinator.stop() == 0, coordinator.log_tail()
 
 
 @pytest.fixture(scope="module")

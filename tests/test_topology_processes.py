@@ -28,15 +28,12 @@ from skipfleet.processes import child_env
 from tests.topology import (
     DEPLOY,
     SERVICES,
-    CoordinatorProcess,
     DeployBroker,
     LoggedProcess,
     Mqtt,
-    PrometheusServer,
     compose_flags,
     devices_reachable,
     make_accounts,
-    prometheus_config,
     run_one_round,
     session_coordinator_flags,
     wait_until,
@@ -94,25 +91,6 @@ def coordinator_flags(ray_session, broker, secrets, tmp_path_factory) -> dict[st
     assert set(compose) - set(local) == {"username"}, compose
     assert compose["username"] == "coordinator"
     return {**compose, **local}
-
-
-@pytest.fixture(scope="module")
-def prometheus(coordinator_flags, tmp_path_factory) -> Iterator[PrometheusServer]:
-    """Up before the coordinator, as in compose (it first scrapes about 5 s after its start)."""
-    address = f"127.0.0.1:{coordinator_flags['metrics-port']}"
-    server = PrometheusServer(tmp_path_factory.mktemp("prometheus"), prometheus_config(address))
-    yield server
-    assert server.stop() == 0, server.log_tail()
-
-
-@pytest.fixture(scope="module")
-def coordinator(coordinator_flags, prometheus) -> Iterator[CoordinatorProcess]:
-    # Prometheus (a dependency only for the order) runs through the whole life of the fleet.
-    log = Path(coordinator_flags["state-dir"]).parent / "coordinator.log"
-    coordinator = CoordinatorProcess(coordinator_flags, log)
-    wait_until("the coordinator's /health", coordinator.healthy, watch=[coordinator])
-    yield coordinator
-    assert coordinator.stop() == 0, coordinator.log_tail()
 
 
 def agent_environment(broker: DeployBroker, secrets: Secrets, fleet_dir: Path) -> dict[str, str]:

@@ -9,7 +9,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import pwd
 import queue
@@ -24,13 +23,14 @@ import urllib.error
 import urllib.parse
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import pytest
 import yaml
 
 from skipfleet.brokers import find_mosquitto, free_port
+from skipfleet.coordinator_process import ApiClient, ApiError
 from skipfleet.processes import child_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -106,13 +106,9 @@ def _describe(proc, chars: int = 3000) -> str:
 
 
 def http_json(url: str, body: dict | None = None, method: str | None = None) -> tuple[int, object]:
-    data = None if body is None else json.dumps(body).encode()
-    request = urllib.request.Request(url, data=data, method=method)
-    try:
-        with urllib.request.urlopen(request, timeout=WAIT) as response:
-            return response.status, json.load(response)
-    except urllib.error.HTTPError as err:
-        return err.code, json.load(err)
+    """(status, JSON) through the product's API client; ApiError if nothing answers."""
+    method = method or ("GET" if body is None else "POST")
+    return ApiClient(url, WAIT).request(method, "", body)
 
 
 def listening(port: int) -> bool:
@@ -317,7 +313,7 @@ class CoordinatorProcess(LoggedProcess):
     def healthy(self) -> bool:
         try:
             return self.api("GET", "/health")[0] == 200
-        except OSError:  # not listening yet
+        except ApiError:  # not listening yet
             return False
 
     def metrics(self) -> str:
@@ -415,3 +411,26 @@ class PrometheusServer(LoggedProcess):
         data = self.api("query", query=expr)
         assert data["resultType"] in ("vector", "scalar"), data
         return data["result"] if data["resultType"] == "vector" else [{"value": data["result"]}]
+
+
+# ---- fixtures shared by the modules that run a fleet; each module defines coordinator_flags
+
+
+@pytest.fixture(scope="module")
+def prometheus(coordinator_flags, tmp_path_factory) -> Iterator[PrometheusServer]:
+    """Prometheus scraping the coordinator's metrics address, up before the coordinator as in
+    compose (it first scrapes about 5 s after its start, from its first discovery update)."""
+    address = f"127.0.0.1:{coordinator_flags['metrics-port']}"
+    server = PrometheusServer(tmp_path_factory.mktemp("prometheus"), prometheus_config(address))
+    yield server
+    assert server.stop() == 0, server.log_tail()  # a clean stop: SIGTERM, TSDB closed
+
+
+@pytest.fixture(scope="module")
+def coordinator(coordinator_flags, prometheus) -> Iterator[CoordinatorProcess]:
+    # Prometheus (a dependency only for the order) runs through the whole life of the fleet.
+    log = Path(coordinator_flags["state-dir"]).parent / "coordinator.log"
+    coordinator = CoordinatorProcess(coordinator_flags, log)
+    wait_until("the coordinator's /health", coordinator.healthy, watch=[coordinator])
+    yield coordinator
+    assert coordinator.stop() == 0, coordinator.log_tail()
