@@ -71,14 +71,15 @@ def run_bench(data: TaskData, methods, *, trials, epochs, lr, pretrain_epochs, s
     for trial in range(trials):
         t0 = time.perf_counter()
         for name in methods:
-            result = run_method(model, *data.finetune, method=name, epochs=epochs, lr=lr,
-                                seed=seed + 1 + trial)  # fmt: skip
+            result = run_method(
+                model, *data.finetune, method=name, epochs=epochs, lr=lr, seed=seed + 1 + trial
+            )
             runs[name].append((evaluate(result.trainer, model, *data.test), result))
         log(f"trial {trial + 1}/{trials} done in {time.perf_counter() - t0:.1f} s")
     return model, before, runs
 
 
-def summarize(model, before, runs, *, epochs, batch_size, rank):
+def summarize(model, before, runs, *, epochs, batch_size, rank, call_floor_s):
     dims, n_classes = model.layer_input_dims, model.n_classes
     out = {}
     for name, trials in runs.items():
@@ -110,11 +111,10 @@ def summarize(model, before, runs, *, epochs, batch_size, rank):
                 trainable=trainable,
             ),
         }
-    floor = call_floor()["numpy_ufunc_call_seconds"]
     for m in out.values():
         m["gflops_achieved"] = m["flops_per_batch"] / m["batch_seconds"]["total"] / 1e9
         # time per batch in units of the bare per-call cost: how call-bound the method is
-        m["batch_time_in_call_floors"] = m["batch_seconds"]["total"] / floor
+        m["batch_time_in_call_floors"] = m["batch_seconds"]["total"] / call_floor_s
     return out
 
 
@@ -175,13 +175,30 @@ def main(args) -> int:
     def log(message):
         print(message, file=sys.stderr, flush=True)
 
-    log(f"{args.dataset}: {data.split}; {len(methods)} methods x {args.trials} trials, "
-        f"{epochs} epochs, lr {args.lr}")  # fmt: skip
+    log(
+        f"{args.dataset}: {data.split}; {len(methods)} methods x {args.trials} trials, "
+        f"{epochs} epochs, lr {args.lr}"
+    )
     model, before, runs = run_bench(
-        data, methods, trials=args.trials, epochs=epochs, lr=args.lr,
-        pretrain_epochs=args.pretrain_epochs, seed=args.seed, log=log,
-    )  # fmt: skip
-    summary = summarize(model, before, runs, epochs=epochs, batch_size=20, rank=4)
+        data,
+        methods,
+        trials=args.trials,
+        epochs=epochs,
+        lr=args.lr,
+        pretrain_epochs=args.pretrain_epochs,
+        seed=args.seed,
+        log=log,
+    )
+    machine = machine_info()  # measured once: the call floor is in it
+    summary = summarize(
+        model,
+        before,
+        runs,
+        epochs=epochs,
+        batch_size=20,
+        rank=4,
+        call_floor_s=machine["numpy_ufunc_call_seconds"],
+    )
     result = {
         "dataset": args.dataset,
         "trials": args.trials,
@@ -193,7 +210,7 @@ def main(args) -> int:
         "base_model_hash": model.weights_hash,
         "methods": summary,
         "comparisons": comparisons(summary),
-        "machine": machine_info(),
+        "machine": machine,
     }
     print(format_table(result))
     if args.json:

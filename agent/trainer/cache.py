@@ -134,7 +134,7 @@ class QuantizedCache:
         return self._decode(codes, scales, z)
 
     # ---------------------------------------------------------------- codecs
-    def _segments(self, width_total):
+    def _segments(self):
         start = 0
         for width in self.widths:
             yield slice(start, start + width)
@@ -144,7 +144,7 @@ class QuantizedCache:
         acts = rows[:, : sum(self.widths)]  # (B, Wx) non-negative
         scales = np.empty((len(rows), len(self.widths)), dtype=np.float16)  # (B, S)
         codes = np.empty(acts.shape, dtype=np.uint8)  # (B, Wx)
-        for s, seg in enumerate(self._segments(acts.shape[1])):
+        for s, seg in enumerate(self._segments()):
             peak = acts[:, seg].max(axis=1)  # (B,)
             scale = (np.maximum(peak, 1e-12) / self.levels).astype(np.float16)  # (B,)
             scale = np.maximum(scale, np.float16(6e-8))  # float16 must not round it to 0
@@ -162,7 +162,7 @@ class QuantizedCache:
             unpacked[:, 1::2] = codes >> 4
             codes = unpacked
         out = np.empty((len(codes), codes.shape[1] + self.n_classes), dtype=np.float32)
-        for s, seg in enumerate(self._segments(codes.shape[1])):
+        for s, seg in enumerate(self._segments()):
             out[:, seg] = codes[:, seg] * scales[:, s : s + 1].astype(np.float32)  # (B, w)
         out[:, codes.shape[1] :] = z  # (B, C)
         return out
