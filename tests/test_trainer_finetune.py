@@ -107,8 +107,8 @@ def test_overflowing_softmax_is_replayed_stably(base, fan):
     """Without the max-subtraction a huge adapter overflows exp: the epoch is redone stably."""
     rng = np.random.default_rng(0)
     trainer = SkipTrainer(base, lr=0.05, rank=4, rng=rng, cache="dense", n_samples=470)
-    trainer.B[...] = 50.0  # finite, but pushes logits far past exp's float32 range
-    np.matmul(trainer.A, trainer.B, out=trainer.W_ext[: trainer.D])
+    # finite factors, but B = 50 pushes logits far past exp's float32 range
+    trainer.head.assign([(A, np.full_like(B, 50.0)) for A, B in trainer.head.factors()])
     X1 = base.standardize(fan.finetune.X)
     with np.errstate(over="ignore", invalid="ignore"):
         run_epochs(trainer, X1, fan.finetune.y, 3, epochs=2, batch_size=20, rng=rng,

@@ -34,6 +34,7 @@ class DenseCache:
     def __init__(self, n_samples: int, width: int):
         self.rows = np.zeros((n_samples, width), dtype=np.float32)  # (n, W)
         self.filled = np.zeros(n_samples, dtype=bool)  # (n,)
+        self._complete = False
         self.stats = CacheStats()
 
     @property
@@ -42,7 +43,9 @@ class DenseCache:
 
     @property
     def complete(self) -> bool:
-        return bool(self.filled.all())
+        if not self._complete:  # rows are never dropped: once complete, always complete
+            self._complete = bool(self.filled.all())
+        return self._complete
 
     def lookup(self, ids):
         """(hit mask (B,), rows (B, W) valid where hit)."""
