@@ -21,6 +21,7 @@ from agent.data.har import har_drift_split
 from agent.trainer.finetune import evaluate, pretrain, run_method
 from agent.trainer.flops import flops_per_batch
 from agent.trainer.methods import method_names, resolve
+from skipfleet.bench_overhead import TINY_WIDTH, fixed_cost_per_batch
 
 DATASETS = ("damage1", "damage2", "har")
 PAPER_EPOCHS = {"damage1": 100, "damage2": 60, "har": 200}  # epochs to within 1 % (§5)
@@ -145,6 +146,10 @@ def comparisons(methods: dict) -> dict:
     out["skip2_vs_lora_all_flops_cut"] = cut(
         "skip2-lora", "lora-all", key=lambda m: m["flops_per_batch"]
     )
+    if all("batch_seconds_fixed_cost" in methods.get(k, {}) for k in ("skip2-lora", "lora-all")):
+        out["skip2_vs_lora_all_fixed_cost_cut"] = cut(
+            "skip2-lora", "lora-all", key=lambda m: m["batch_seconds_fixed_cost"]
+        )
     out["skip_vs_lora_all_backward_cut"] = cut(
         "skip-lora", "lora-all", key=lambda m: m["batch_seconds"]["backward"]
     )
@@ -161,7 +166,8 @@ def comparisons(methods: dict) -> dict:
 def format_table(result: dict) -> str:
     head = (
         f"{'method':15s} {'acc %':>7s} {'±':>5s} {'fwd µs':>8s} {'bwd µs':>8s} {'upd µs':>7s} "
-        f"{'batch µs':>9s} {'tune s':>7s} {'params':>7s} {'cache B':>9s} {'MFLOP/b':>8s}"
+        f"{'batch µs':>9s} {'fixed µs':>9s} {'tune s':>7s} {'params':>7s} {'cache B':>9s} "
+        f"{'MFLOP/b':>8s}"
     )
     lines = [head, "-" * len(head)]
     for name, m in result["methods"].items():
@@ -169,7 +175,8 @@ def format_table(result: dict) -> str:
         lines.append(
             f"{name:15s} {m['accuracy_mean'] * 100:7.2f} {m['accuracy_std'] * 100:5.2f} "
             f"{b['forward'] * 1e6:8.1f} {b['backward'] * 1e6:8.1f} {b['update'] * 1e6:7.1f} "
-            f"{b['total'] * 1e6:9.1f} {m['finetune_seconds']:7.3f} {m['trainable_params']:7d} "
+            f"{b['total'] * 1e6:9.1f} {m.get('batch_seconds_fixed_cost', float('nan')) * 1e6:9.1f} "
+            f"{m['finetune_seconds']:7.3f} {m['trainable_params']:7d} "
             f"{m['cache_bytes']:9d} {m['flops_per_batch'] / 1e6:8.3f}"
         )
     first = next(iter(result["methods"].values()))
@@ -203,6 +210,8 @@ def main(args) -> int:
         seed=args.seed,
         log=log,
     )
+    log(f"fixed cost per batch: the same methods on a {TINY_WIDTH}-wide model...")
+    fixed = fixed_cost_per_batch(methods, n_samples=len(data.finetune[1]), n_classes=data.n_classes)
     machine = machine_info()  # measured once: the call floor is in it
     summary = summarize(
         model,
@@ -213,6 +222,10 @@ def main(args) -> int:
         rank=4,
         call_floor_s=machine["numpy_ufunc_call_seconds"],
     )
+    for name, seconds in fixed.items():
+        m = summary[name]
+        m["batch_seconds_fixed_cost"] = seconds  # the step on a 4-wide model: no arithmetic
+        m["fixed_cost_share"] = seconds / m["batch_seconds"]["total"]
     result = {
         "dataset": args.dataset,
         "trials": args.trials,

@@ -93,6 +93,38 @@ def test_bounded_cache_keeps_at_most_capacity_rows(base, fan):
     assert result.cache_bytes < dense.cache_bytes
 
 
+def test_bounded_cache_trains_the_same_adapter_as_the_dense_one(base, fan):
+    """Misses are recomputed, hits come from the cache: either way the rows are exact."""
+    kwargs = dict(method="skip2-lora", epochs=4, seed=2)
+    bounded = run_method(base, fan.finetune.X, fan.finetune.y, cache="bounded", capacity=100,
+                         **kwargs)  # fmt: skip
+    dense = run_method(base, fan.finetune.X, fan.finetune.y, **kwargs)
+    for (a1, b1), (a2, b2) in zip(bounded.adapter.factors, dense.adapter.factors, strict=True):
+        np.testing.assert_allclose(a1, a2, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(b1, b2, rtol=1e-5, atol=1e-7)
+
+
+def test_skip_head_rejects_factors_of_the_wrong_shape(base):
+    trainer = SkipTrainer(base, lr=0.05, rank=4, rng=np.random.default_rng(0), n_samples=40)
+    factors = trainer.head.factors()
+    wrong = [(A + 1, B + 1) for A, B in factors[:-1]] + [(factors[-1][0][:-1], factors[-1][1])]
+    with pytest.raises(ValueError, match="do not fit"):
+        trainer.head.assign(wrong)
+    for (a1, b1), (a2, b2) in zip(trainer.head.factors(), factors, strict=True):  # untouched
+        np.testing.assert_array_equal(a1, a2)
+        np.testing.assert_array_equal(b1, b2)
+
+
+def test_skip_trainer_refuses_a_batch_of_another_size(base, fan):
+    trainer = SkipTrainer(base, lr=0.05, rank=4, rng=np.random.default_rng(0), n_samples=40,
+                          batch_size=20)  # fmt: skip
+    X1 = base.standardize(fan.finetune.X[:40])
+    y = fan.finetune.y[:40]
+    trainer.begin_epoch(X1, y, np.eye(3, dtype=np.float32)[y], np.arange(40))
+    with pytest.raises(ValueError, match="batch size 20"):
+        trainer.forward(0, 10)
+
+
 def test_dense_cache_look_up_reports_misses_then_hits():
     cache = DenseCache(4, 2)
     hit, _ = cache.lookup(np.array([0, 1]))

@@ -164,9 +164,11 @@ class SkipHead:
 
     def assign(self, factors):
         """Set every (A_k, B_k); shapes must match factors()."""
-        for (r, c), (A, B) in zip(self._blocks(), factors, strict=True):
+        blocks = list(zip(self._blocks(), factors, strict=True))
+        for (r, c), (A, B) in blocks:  # all checked before any is written
             if A.shape != self.P[r, c].T.shape or B.shape != self.QT[r].shape:
                 raise ValueError(f"factor shapes {A.shape}, {B.shape} do not fit the adapter")
+        for (r, c), (A, B) in blocks:
             self.P[r, c], self.QT[r] = A.T, B
         self.refresh()
 
