@@ -40,9 +40,10 @@ class SkipTrainer:
         if cache != "none":
             self.cache = make_cache(cache, n_samples, widths, self.n_classes, capacity)
         self.batch_size = batch_size
-        # laid out once: every sample's row [x | z] and its scaled one-hot label column
+        # laid out once: every sample's row [x | z] and its one-hot label × lr/batch
         self.source = self.y_source = None
-        self.y_buffer = self.views = self._snapshot = None  # set up by the first epoch
+        # set up by the first epoch: shuffled labels, per-batch arrays and ids, θ's snapshot
+        self.y_buffer = self.views = self.batches = self.ids = self._snapshot = None
 
     # ------------------------------------------------------------- frozen part
     def frozen_rows(self, x1):
@@ -93,7 +94,7 @@ class SkipTrainer:
         if self.y_buffer is not None and len(self.y_buffer) == n:
             return
         head = self.head
-        self._snapshot = np.empty_like(head.theta)  # θ when the epoch began (see below)
+        self._snapshot = np.empty_like(head.theta)  # θ when the epoch began: check_overflow
         self.y_source = (onehot * (head.lr / head.batch_size)).astype(np.float32)  # (n, C)
         self.y_buffer = np.empty_like(self.y_source)  # (n, C)
         self.ids = np.empty(n, dtype=np.intp)  # (n,) this epoch's sample order
