@@ -6,9 +6,9 @@ rows, and once every sample is cached a batch is one gather of its rows [x | z] 
 adapter arithmetic of `SkipHead`.
 
 Rows are gathered batch by batch into one small buffer rather than epoch by epoch into a
-shuffled copy of everything: the cache and its copy together outgrow a 1 MiB L2 cache, the
-cache alone does not, and the batch's rows are then still in L1 for the products (measured:
-about 2 µs a batch less).
+shuffled copy of everything: the cache and its copy together outgrow a 1 MiB L2 cache (the
+fan sets' cache alone fits), and a batch's rows are then still in L1 for the products
+(measured: about 2 µs a batch less).
 """
 
 from __future__ import annotations
