@@ -104,6 +104,65 @@ def test_bounded_cache_trains_the_same_adapter_as_the_dense_one(base, fan):
         np.testing.assert_allclose(b1, b2, rtol=1e-5, atol=1e-7)
 
 
+@pytest.mark.parametrize("layers", [(2, 3), (3,)])
+def test_skip_adapters_without_the_first_layer_train_with_every_cache(base, fan, layers):
+    X1, y = base.standardize(fan.finetune.X), fan.finetune.y
+    factors = {}
+    for cache in ("none", "dense", "bounded", "q8"):
+        rng = np.random.default_rng(4)
+        trainer = SkipTrainer(base, layers=layers, lr=0.05, rank=4, rng=rng, cache=cache,
+                              n_samples=len(X1), capacity=100)  # fmt: skip
+        run_epochs(trainer, X1, y, 3, epochs=2, batch_size=20, rng=rng, cancel=None,
+                   progress=None)  # fmt: skip
+        factors[cache] = [f for f in trainer.adapter().factors if f is not None]
+        assert len(factors[cache]) == len(layers)
+    for cache in ("none", "bounded"):  # exact caches: the same adapter as the dense one
+        for (a1, b1), (a2, b2) in zip(factors[cache], factors["dense"], strict=True):
+            np.testing.assert_allclose(a1, a2, rtol=1e-5, atol=1e-7)
+            np.testing.assert_allclose(b1, b2, rtol=1e-5, atol=1e-7)
+
+
+def test_skip_head_step_is_exact_for_logits_near_the_float32_limit(base):
+    """No max-subtraction, yet a logit of 84 (exp < FLT_MAX, 3·exp > FLT_MAX) steps right."""
+    trainer = SkipTrainer(base, layers=(3,), lr=0.05, rank=4, rng=np.random.default_rng(0),
+                          n_samples=1)  # fmt: skip
+    head, C = trainer.head, 3
+    logits = np.array([84.0, -1.0, -2.0], dtype=np.float32)
+    x = np.zeros((1, head.W), np.float32)
+    x[0, head.D :] = logits  # z alone: the adapter adds nothing while B = 0
+    views = head.views(np.eye(C, dtype=np.float32)[[1]] * head.label_scale)[0]
+    views.x[...] = x
+    head.backward(head.forward(views))
+    p = np.exp(logits.astype(np.float64) - logits.max())
+    p /= p.sum()
+    step = views.g[0] * head.step[2].max()  # the step the update takes for these logits
+    np.testing.assert_allclose(step, (p - np.eye(C)[1]) * 0.05, rtol=1e-6, atol=1e-12)
+
+
+def test_overflow_replay_leaves_the_cache_hit_rate_alone(base, fan):
+    X1, y = base.standardize(fan.finetune.X), fan.finetune.y
+    rng = np.random.default_rng(0)
+    trainer = SkipTrainer(base, lr=0.05, rank=4, rng=rng, cache="bounded", capacity=100,
+                          n_samples=len(X1))  # fmt: skip
+    run_epochs(trainer, X1, y, 3, epochs=2, batch_size=20, rng=rng, cancel=None, progress=None)
+    before = (trainer.cache.stats.lookups, trainer.cache.stats.hits)
+    trainer.head.theta[-1] = np.nan  # as if the last epoch had overflowed
+    trainer.head.refresh()
+    trainer.check_overflow()
+    assert trainer.stable and np.isfinite(trainer.head.theta).all()
+    assert (trainer.cache.stats.lookups, trainer.cache.stats.hits) == before
+
+
+def test_skip_trainer_refuses_a_second_data_set(base, fan):
+    X1, y = base.standardize(fan.finetune.X), fan.finetune.y
+    onehot = np.eye(3, dtype=np.float32)[y]
+    trainer = SkipTrainer(base, lr=0.05, rank=4, rng=np.random.default_rng(0), cache="dense",
+                          n_samples=len(X1))  # fmt: skip
+    trainer.begin_epoch(X1, y, onehot, np.arange(len(X1)))
+    with pytest.raises(ValueError, match="one data set"):
+        trainer.begin_epoch(X1.copy(), y, onehot, np.arange(len(X1)))
+
+
 def test_skip_head_rejects_factors_of_the_wrong_shape(base):
     trainer = SkipTrainer(base, lr=0.05, rank=4, rng=np.random.default_rng(0), n_samples=40)
     factors = trainer.head.factors()
@@ -142,7 +201,7 @@ def test_overflowing_softmax_is_replayed_stably(base, fan):
     # finite factors, but B = 50 pushes logits far past exp's float32 range
     trainer.head.assign([(A, np.full_like(B, 50.0)) for A, B in trainer.head.factors()])
     X1 = base.standardize(fan.finetune.X)
-    with np.errstate(over="ignore", invalid="ignore"):
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         run_epochs(trainer, X1, fan.finetune.y, 3, epochs=2, batch_size=20, rng=rng,
                    cancel=None, progress=None)  # fmt: skip
         adapter = trainer.adapter()  # checks the last epoch too

@@ -130,7 +130,7 @@ def test_skip_lora_gradients_match_finite_differences():
         np.testing.assert_allclose(gB, numeric(loss, B), rtol=2e-3, atol=1e-5)
     # the fused products also reach entries that must not train (A_k from another layer's
     # input, the identities that pass z through): the step leaves them as they were
-    fixed = head.trainable == 0
+    fixed = head.step_size == 0
     before = head.theta.copy()
     assert np.abs(head.QT.dot(head.G)[fixed[: head.P.size].reshape(head.P.shape)]).max() > 0
     trainer.update(views)

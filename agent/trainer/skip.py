@@ -40,8 +40,8 @@ class SkipTrainer:
         if cache != "none":
             self.cache = make_cache(cache, n_samples, widths, self.n_classes, capacity)
         self.batch_size = batch_size
-        # laid out once: every sample's row [x | z] and its one-hot label × lr/batch
-        self.source = self.y_source = None
+        # laid out once: every sample's row [x | z] and its scaled one-hot label
+        self.source = self.y_source = self._data = None
         # set up by the first epoch: shuffled labels, per-batch arrays and ids, θ's snapshot
         self.y_buffer = self.views = self.batches = self.ids = self._snapshot = None
 
@@ -60,7 +60,7 @@ class SkipTrainer:
     def begin_epoch(self, X1, labels, onehot, perm):
         """Shuffle this epoch's labels; the rows of each batch are gathered by forward()."""
         self.check_overflow()
-        self._layout(len(perm), onehot)
+        self._layout(X1, onehot)
         np.copyto(self._snapshot, self.head.theta)
         n, cache = len(perm), self.cache
         np.copyto(self.ids, perm)  # the batches' id views (self.batches) see the new order
@@ -90,12 +90,15 @@ class SkipTrainer:
             self.cache.store(ids, self.frozen_rows(X1[ids]))
         self.cache.stats.lookups += n
 
-    def _layout(self, n, onehot):
-        if self.y_buffer is not None and len(self.y_buffer) == n:
+    def _layout(self, X1, onehot):
+        if self._data is not None:
+            if X1 is not self._data[0] or onehot is not self._data[1]:
+                # the Skip-Cache holds rows by sample id: other data would meet stale rows
+                raise ValueError("a SkipTrainer trains on one data set: make a new one")
             return
-        head = self.head
+        self._data, n, head = (X1, onehot), len(X1), self.head
         self._snapshot = np.empty_like(head.theta)  # θ when the epoch began: check_overflow
-        self.y_source = (onehot * (head.lr / head.batch_size)).astype(np.float32)  # (n, C)
+        self.y_source = (onehot * head.label_scale).astype(np.float32)  # (n, C)
         self.y_buffer = np.empty_like(self.y_source)  # (n, C)
         self.ids = np.empty(n, dtype=np.intp)  # (n,) this epoch's sample order
         self.views = head.views(self.y_buffer)
@@ -113,7 +116,8 @@ class SkipTrainer:
         if self.ready:  # every row cached: one gather, no frozen forward
             self.source.take(ids, 0, x, "clip")
         else:
-            x[:, : self.x1_width] = self.X1[ids]
+            if self.x1_width:
+                x[:, : self.x1_width] = self.X1[ids]
             x[:, self.x1_width :] = self._frozen_batch(ids)
         return self.head.forward(views)
 
@@ -142,10 +146,14 @@ class SkipTrainer:
         head.theta[...] = self._snapshot
         head.refresh()
         head.stable = True
+        stats = self.cache.stats if self.cache is not None else None
+        counted = (stats.lookups, stats.hits) if stats is not None else None
         for start in range(0, len(self.ids), self.batch_size):  # the same batches again
             views = self.forward(start, min(start + self.batch_size, len(self.ids)))
             head.backward(views)
             head.update()
+        if stats is not None:  # a replay is not a second epoch: the hit rate stays as it was
+            stats.lookups, stats.hits = counted
 
     # ------------------------------------------------------------- results
     def adapter(self) -> Adapter:

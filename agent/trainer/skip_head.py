@@ -10,10 +10,14 @@ products, so the head is laid out to need as few calls as possible (11 per batch
   block for z and then A_kᵀ as diagonal blocks; Qᵀ (R × C) holds an identity and then the
   B_k. M = Q P is one product and the gradient of every factor is two. P and Qᵀ share one
   buffer, laid out so that everything that trains is one contiguous stretch: the SGD step
-  is one subtraction, and one mask keeps the block structure (each A_k sees only x_k).
-- Softmax folds the step size in: the row sums come from one product with a C × C matrix
-  of batch/lr (already the shape of the logits, so the division needs no broadcasting) and
-  the one-hot labels are stored pre-scaled by lr/batch: (p − y)·lr/batch takes no extra call.
+  is one subtraction after one multiplication by a per-entry step size, which is lr/batch
+  where θ trains and 0 on the block structure's zeros and the identities (so each A_k
+  learns from x_k alone).
+- Softmax without broadcasting: the row sums come from one product with a C × C matrix
+  (already the shape of the logits). Its entries are 2⁻ᵏ with 2ᵏ >= C, and the one-hot
+  labels are stored × 2ᵏ: the rows sum to at most FLT_MAX whenever every exp is finite (so
+  only exp itself can overflow, and that makes NaN, which skip.py detects), and a power of
+  two scales p and y exactly alike. The 2⁻ᵏ goes into the step size.
 Every product writes into a preallocated array (`a.dot(b, out)`): at this size allocating a
 result costs as much as computing it, and the method form skips the `__array_function__`
 dispatch of `np.dot` (measured here: 0.7 µs against 1.0 µs a call). `flops.py` counts the
@@ -22,6 +26,7 @@ method's own arithmetic.
 
 from __future__ import annotations
 
+import math
 from typing import NamedTuple
 
 import numpy as np
@@ -31,8 +36,8 @@ class BatchViews(NamedTuple):
     """The arrays one batch of an epoch works in, made once: rows, labels, logits."""
 
     x: np.ndarray  # (b, W) rows [x | z] of this batch, gathered before its forward
-    y: np.ndarray  # (b, C) one-hot labels × lr/batch
-    g: np.ndarray  # (b, C) logits, then the loss gradient (scaled to a step)
+    y: np.ndarray  # (b, C) one-hot labels × 2ᵏ
+    g: np.ndarray  # (b, C) logits, then the loss gradient × batch · 2ᵏ (see above)
     gT: np.ndarray  # (C, b) view of g
     den: np.ndarray  # (b, C) softmax denominators × batch/lr, repeated along each row
     short: np.float32 | None  # batch/b for a short last batch, else None
@@ -50,22 +55,25 @@ class SkipHead:
         # it is masked like P's off-diagonal blocks)
         self.theta = np.zeros(R * W + R * C, dtype=np.float32)
         self.grad = np.zeros_like(self.theta)  # steps for θ, same layout
-        self.trainable = np.zeros_like(self.theta)  # 1 where θ trains
+        # the softmax's scale (see above), then the step per entry: 0 where θ must not move
+        self.label_scale = np.float32(2.0 ** math.ceil(math.log2(C)))
+        step = np.float32(self.lr / batch_size / self.label_scale)  # exact: a power of two
+        self.step_size = np.zeros_like(self.theta)
         self.P, self.QT = self._split(self.theta)  # (R, W), (R, C)
         self.gP, self.gQT = self._split(self.grad)
-        mask_P, mask_QT = self._split(self.trainable)
+        step_P, step_QT = self._split(self.step_size)
         for (rows, cols), d in zip(self._blocks(), in_dims, strict=True):
-            mask_P[rows, cols] = mask_QT[rows] = 1.0
+            step_P[rows, cols] = step_QT[rows] = step
             self.P[rows, cols] = (rng.standard_normal((d, rank)) / np.sqrt(d)).T  # A_kᵀ
         self.P[:C, D:] = self.QT[:C] = np.eye(C, dtype=np.float32)  # z passes to the logits
-        start = C * W  # the stretch that trains: in θ, its steps and its mask
-        self.step = (self.theta[start:], self.grad[start:], self.trainable[start:])
+        start = C * W  # the stretch that trains: in θ, its gradient, its step sizes
+        self.step = (self.theta[start:], self.grad[start:], self.step_size[start:])
         self.Q = self.QT.T  # (C, R); every B_k starts at 0: training starts at the base
         self.M = np.empty((C, W), dtype=np.float32)  # (C, W) [ΔWᵀ | I] = Q P
         self.MT = self.M.T
         self.G = np.empty((C, W), dtype=np.float32)  # (C, W) gradient wrt M
         self.GT = self.G.T
-        self.den_weights = np.full((C, C), batch_size / self.lr, dtype=np.float32)
+        self.den_weights = np.full((C, C), 1 / self.label_scale, dtype=np.float32)
         self.stable = False  # subtract the max before exp (after an overflow, see skip.py)
         self.forward, self.backward, self.update = self._phases()
         self.refresh()
@@ -114,19 +122,19 @@ class SkipHead:
         MT, den_weights, G, GT = self.MT, self.den_weights, self.G, self.GT
         Q, P, M = self.Q, self.P, self.M
         P_tr, QT_tr, gP_tr, gQT_tr = self.P[C:], self.QT[C:], self.gP[C:], self.gQT[C:]
-        theta, grad, trainable = self.step
+        theta, grad, step_size = self.step
         exp, divide, subtract, multiply = np.exp, np.divide, np.subtract, np.multiply
 
         def forward(v: BatchViews):
-            """Logits and the softmax cross-entropy gradient, left in v.g as an SGD step."""
+            """Logits, then the softmax cross-entropy gradient wrt them, left in v.g."""
             x, y, g, _, den, short = v
             x.dot(MT, g)  # (b, C) = (b, W) @ (W, C): logits
             if head.stable:  # only after an overflow: cached z <= 0 keeps exp finite
                 subtract(g, g.max(axis=1, keepdims=True), g)
             exp(g, g)  # (b, C)
-            g.dot(den_weights, den)  # (b, C) = (b, C) @ (C, C): Σ exp × batch/lr
-            divide(g, den, g)  # (b, C) softmax × lr/batch
-            subtract(g, y, g)  # (b, C) (p − y) × lr/batch
+            g.dot(den_weights, den)  # (b, C) = (b, C) @ (C, C): Σ exp × 2⁻ᵏ
+            divide(g, den, g)  # (b, C) softmax × 2ᵏ
+            subtract(g, y, g)  # (b, C) (p − y) × 2ᵏ: the labels are stored × 2ᵏ
             if short is not None:  # the mean over a short last batch: × batch/b
                 multiply(g, short, g)
             return v
@@ -137,7 +145,7 @@ class SkipHead:
             # rows that train only: the identities get no gradient
             P_tr.dot(GT, gQT_tr)  # (KR, C) = (KR, W) @ (W, C): wrt the B_k
             QT_tr.dot(G, gP_tr)  # (KR, W) = (KR, C) @ (C, W): wrt the A_kᵀ
-            multiply(grad, trainable, grad)  # each A_k learns from x_k alone
+            multiply(grad, step_size, grad)  # × lr/batch/2ᵏ; 0 off the blocks: x_k → A_k only
             return v
 
         def update(_views=None):
