@@ -10,9 +10,9 @@ products, so the head is laid out to need as few calls as possible (11 per batch
   block for z and then A_kᵀ as diagonal blocks; Qᵀ (R × C) holds an identity and then the
   B_k. M = Q P is one product and the gradient of every factor is two. P and Qᵀ share one
   buffer, laid out so that everything that trains is one contiguous stretch: the SGD step
-  is one subtraction after one multiplication by a per-entry step size, which is lr/batch
-  where θ trains and 0 on the block structure's zeros and the identities (so each A_k
-  learns from x_k alone).
+  is one subtraction after one multiplication by a per-entry step size, which is
+  lr/batch/2ᵏ (see below) where θ trains and 0 on the block structure's zeros and the
+  identities (so each A_k learns from x_k alone).
 - Softmax without broadcasting: the row sums come from one product with a C × C matrix
   (already the shape of the logits). Its entries are 2⁻ᵏ with 2ᵏ >= C, and the one-hot
   labels are stored × 2ᵏ: the rows sum to at most FLT_MAX whenever every exp is finite (so
@@ -37,9 +37,9 @@ class BatchViews(NamedTuple):
 
     x: np.ndarray  # (b, W) rows [x | z] of this batch, gathered before its forward
     y: np.ndarray  # (b, C) one-hot labels × 2ᵏ
-    g: np.ndarray  # (b, C) logits, then the loss gradient × batch · 2ᵏ (see above)
+    g: np.ndarray  # (b, C) logits, then each row's p − y × 2ᵏ (× batch/b if short)
     gT: np.ndarray  # (C, b) view of g
-    den: np.ndarray  # (b, C) softmax denominators × batch/lr, repeated along each row
+    den: np.ndarray  # (b, C) softmax denominators × 2⁻ᵏ, repeated along each row
     short: np.float32 | None  # batch/b for a short last batch, else None
 
 
@@ -52,9 +52,9 @@ class SkipHead:
         self.lr, self.batch_size = np.float32(lr), batch_size
         # one buffer [P | Qᵀ]; rows 0..C-1 of each are the fixed identities, so the trained
         # entries [P rows C.. | Qᵀ] form one stretch from offset C·W (Qᵀ's identity inside
-        # it is masked like P's off-diagonal blocks)
+        # it has step size 0, like P's off-diagonal blocks)
         self.theta = np.zeros(R * W + R * C, dtype=np.float32)
-        self.grad = np.zeros_like(self.theta)  # steps for θ, same layout
+        self.grad = np.zeros_like(self.theta)  # gradients, then steps: same layout
         # the softmax's scale (see above), then the step per entry: 0 where θ must not move
         self.label_scale = np.float32(2.0 ** math.ceil(math.log2(C)))
         step = np.float32(self.lr / batch_size / self.label_scale)  # exact: a power of two
