@@ -40,10 +40,11 @@ class SkipTrainer:
         if cache != "none":
             self.cache = make_cache(cache, n_samples, widths, self.n_classes, capacity)
         self.batch_size = batch_size
-        # laid out once: every sample's row [x | z] and its scaled one-hot label
-        self.source = self.y_source = self._data = None
+        # the one data set it trains on, given by the first epoch, and laid out once from it:
+        # every sample's row [x | z] and its scaled one-hot label
+        self.X1 = self._onehot = self.source = self.y_source = None
         # set up by the first epoch: shuffled labels, per-batch arrays and ids, θ's snapshot
-        self.y_buffer = self.views = self.batches = self.ids = self._snapshot = None
+        self.y_buffer = self.batches = self.ids = self._snapshot = None
 
     # ------------------------------------------------------------- frozen part
     def frozen_rows(self, x1):
@@ -64,7 +65,6 @@ class SkipTrainer:
         np.copyto(self._snapshot, self.head.theta)
         n, cache = len(perm), self.cache
         np.copyto(self.ids, perm)  # the batches' id views (self.batches) see the new order
-        self.X1 = X1
         # mode "clip": the ids are valid, and "raise" would copy the output once more
         self.y_source.take(perm, 0, self.y_buffer, "clip")
         complete = cache is not None and cache.complete
@@ -91,22 +91,21 @@ class SkipTrainer:
         self.cache.stats.lookups += n
 
     def _layout(self, X1, onehot):
-        if self._data is not None:
-            if X1 is not self._data[0] or onehot is not self._data[1]:
+        if self.X1 is not None:
+            if X1 is not self.X1 or onehot is not self._onehot:
                 # the Skip-Cache holds rows by sample id: other data would meet stale rows
                 raise ValueError("a SkipTrainer trains on one data set: make a new one")
             return
-        self._data, n, head = (X1, onehot), len(X1), self.head
+        self.X1, self._onehot, n, head = X1, onehot, len(X1), self.head
         self._snapshot = np.empty_like(head.theta)  # θ when the epoch began: check_overflow
         self.y_source = (onehot * head.label_scale).astype(np.float32)  # (n, C)
         self.y_buffer = np.empty_like(self.y_source)  # (n, C)
         self.ids = np.empty(n, dtype=np.intp)  # (n,) this epoch's sample order
-        self.views = head.views(self.y_buffer)
         size = self.batch_size
         self.batches = [
-            (v, self.ids[i * size : i * size + len(v.x)]) for i, v in enumerate(self.views)
+            (v, self.ids[i * size : i * size + len(v.x)])
+            for i, v in enumerate(head.views(self.y_buffer))
         ]
-        self.source = None
 
     def forward(self, start, stop):
         views, ids = self.batches[start // self.batch_size]
@@ -141,7 +140,7 @@ class SkipTrainer:
         head = self.head
         # M = Q P is refreshed after every step, and any NaN or inf in θ reaches it (even
         # 0 · inf is NaN): checking M is checking θ, at a third of the size
-        if self.views is None or np.isfinite(head.M).all():
+        if self.batches is None or np.isfinite(head.M).all():
             return
         head.theta[...] = self._snapshot
         head.refresh()
