@@ -70,7 +70,7 @@ class RayAggregator:
         results = ray.put(list(request.results))  # once, shared by every strategy's task
         failures = list(request.failures)
         refs = {a: aggregate_remote.remote(a, request.shape, results, failures) for a in algorithms}
-        self._pending[request.round_id] = (request, refs)
+        self._pending[request.key] = (request, refs)
 
     def collect(self) -> list[AggregationOutcome]:
         """Outcomes of the rounds whose tasks all finished; never waits for the others."""
@@ -79,11 +79,11 @@ class RayAggregator:
         refs = [ref for _, by_algorithm in self._pending.values() for ref in by_algorithm.values()]
         ready = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0])
         finished = [
-            round_id
-            for round_id, (_, by_algorithm) in self._pending.items()
+            key
+            for key, (_, by_algorithm) in self._pending.items()
             if ready.issuperset(by_algorithm.values())
         ]
-        batches = [self._pending.pop(round_id) for round_id in finished]
+        batches = [self._pending.pop(key) for key in finished]
         runs = iter(_gather([(a, ref) for _, refs in batches for a, ref in refs.items()]))
         return [
             AggregationOutcome(request, tuple(next(runs) for _ in refs))

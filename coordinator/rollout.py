@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from coordinator.adapter_store import AdapterStore
+from coordinator.adapter_store import WHOLE_COHORT, AdapterStore
 from coordinator.clock import Clock, system_clock
 from coordinator.state_db import StateDB
 
@@ -81,6 +81,7 @@ class Rollout:
     results: Mapping[str, CanaryResult] = field(default_factory=dict)
     decided_at: float | None = None
     reason: str | None = None
+    cluster: str = WHOLE_COHORT  # the cluster of the cohort whose current version it moves
 
     @property
     def is_decided(self) -> bool:
@@ -157,6 +158,7 @@ class RolloutManager:
         self._store = store
         self._clock = clock
         db.ensure_schema(_SCHEMA)
+        db.add_missing_columns("rollouts", {"cluster": "TEXT"})
 
     def start(
         self,
@@ -164,19 +166,25 @@ class RolloutManager:
         candidate_version: int,
         device_ids: Iterable[str],
         *,
+        cluster: str = WHOLE_COHORT,
         rollout_id: str | None = None,
     ) -> Rollout:
-        """Starts a canary over the given cohort members (pass those able to evaluate now)."""
+        """Starts a canary over the given members of the cluster (pass those able to measure
+        now); fewer than min_canaries of them is refused."""
         devices = sorted(set(device_ids))
-        if not devices:
-            raise RolloutError(f"cohort {cohort}: no devices to canary on")
+        where = f"cohort {cohort} cluster {cluster}"
+        if len(devices) < self.policy.min_canaries:
+            raise RolloutError(
+                f"{where}: {len(devices)} device(s) able to measure, the canary needs "
+                f"{self.policy.min_canaries}"
+            )
         with self._db.transaction():
             if self._store.meta(cohort, candidate_version) is None:
                 raise RolloutError(f"cohort {cohort} has no adapter version {candidate_version}")
-            running = self.active(cohort)
+            running = self.active(cohort, cluster)
             if running is not None:
-                raise RolloutError(f"cohort {cohort} already has rollout {running.rollout_id}")
-            previous = self._store.current_version(cohort)
+                raise RolloutError(f"{where} already has rollout {running.rollout_id}")
+            previous = self._store.current_version(cohort, cluster)
             if previous == candidate_version:
                 raise RolloutError(f"{cohort} v{candidate_version} is already current")
             rollout_id = rollout_id or uuid.uuid4().hex
@@ -189,6 +197,7 @@ class RolloutManager:
                 canary_devices=self._pick_canaries(rollout_id, devices),
                 started_at=now,
                 deadline=now + self.policy.canary_deadline_s,
+                cluster=cluster,
             )
             self._insert(rollout)
         return rollout
@@ -233,12 +242,17 @@ class RolloutManager:
         row = self._db.query_one("SELECT * FROM rollouts WHERE rollout_id = ?", (rollout_id,))
         return None if row is None else self._from_row(row)
 
-    def active(self, cohort: str) -> Rollout | None:
-        row = self._db.query_one(
+    def active(self, cohort: str, cluster: str | None = None) -> Rollout | None:
+        """The cluster's canary under way (cluster None: any of the cohort's)."""
+        rows = self._db.query(
             "SELECT * FROM rollouts WHERE cohort = ? AND state = ?",
             (cohort, RolloutState.CANARY.value),
         )
-        return None if row is None else self._from_row(row)
+        for row in rows:
+            rollout = self._from_row(row)
+            if cluster is None or rollout.cluster == cluster:
+                return rollout
+        return None
 
     def history(self, cohort: str) -> list[Rollout]:
         rows = self._db.query(
@@ -249,7 +263,10 @@ class RolloutManager:
     # ---- internals
 
     def _pick_canaries(self, rollout_id: str, devices: list[str]) -> tuple[str, ...]:
-        count = min(len(devices), max(1, math.ceil(self.policy.canary_fraction * len(devices))))
+        wanted = max(
+            self.policy.min_canaries, math.ceil(self.policy.canary_fraction * len(devices))
+        )
+        count = min(len(devices), wanted)
         # A hash of (rollout, device) spreads the canary duty over the cohort across rollouts,
         # and is reproducible, unlike random choice.
         ranked = sorted(
@@ -290,7 +307,7 @@ class RolloutManager:
     def _decide(self, rollout: Rollout, state: RolloutState, reason: str) -> Rollout:
         now = self._clock()
         if state is RolloutState.PROMOTED:
-            self._store.set_current(rollout.cohort, rollout.candidate_version)
+            self._store.set_current(rollout.cohort, rollout.candidate_version, rollout.cluster)
         self._db.execute(
             "UPDATE rollouts SET state = ?, decided_at = ?, reason = ? WHERE rollout_id = ?",
             (state.value, now, reason, rollout.rollout_id),
@@ -312,7 +329,9 @@ class RolloutManager:
 
     def _insert(self, rollout: Rollout) -> None:
         self._db.execute(
-            "INSERT INTO rollouts VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
+            "INSERT INTO rollouts (rollout_id, cohort, candidate_version, previous_version, "
+            "canary_devices, started_at, deadline, state, cluster) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 rollout.rollout_id,
                 rollout.cohort,
@@ -322,6 +341,7 @@ class RolloutManager:
                 rollout.started_at,
                 rollout.deadline,
                 rollout.state.value,
+                rollout.cluster,
             ),
         )
 
@@ -346,4 +366,5 @@ class RolloutManager:
             results=results,
             decided_at=row["decided_at"],
             reason=row["reason"],
+            cluster=row["cluster"] or WHOLE_COHORT,
         )

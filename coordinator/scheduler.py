@@ -29,6 +29,15 @@ class Trigger(StrEnum):
     ACCURACY_BELOW = "accuracy_below"
     ACCURACY_DROP = "accuracy_drop"
     DRIFT = "drift"
+    LABEL_FREE_DRIFT = "label_free_drift"
+
+
+class LabelFreeSignal(StrEnum):
+    """Which calibrated heartbeat score a label-free drift trigger reads."""
+
+    CONFIDENCE = "confidence"  # mean 1 − max softmax, with the adapter the device runs
+    FEATURE = "feature"  # Mahalanobis distance on the last hidden layer
+    EITHER = "either"  # the larger of the two
 
 
 class SkipReason(StrEnum):
@@ -53,6 +62,12 @@ class SchedulerPolicy:
     # ...and more than this above the device's own reference (first score, or at its last
     # fine-tune).
     drift_margin: float = 0.5
+    # The calibrated label-free scores of the heartbeat: 1.0 is the threshold calibrated for
+    # the base model on its own in-distribution data. A device fires when its score is over
+    # this, and (after a run) more than label_free_margin over its score when the run began.
+    label_free_threshold: float | None = 1.0
+    label_free_signal: LabelFreeSignal = LabelFreeSignal.EITHER
+    label_free_margin: float = 0.5
     # No automatic job for a device that had any job created this recently: a device whose
     # accuracy stays low after fine-tuning must not be fine-tuned in a loop.
     trigger_cooldown_s: float = 1800.0
@@ -235,6 +250,8 @@ class FineTuneScheduler:
             return Trigger.ACCURACY_DROP
         if _drifted(record, policy):
             return Trigger.DRIFT
+        if _label_free_drifted(record, policy):
+            return Trigger.LABEL_FREE_DRIFT
         return None
 
     # ---- internals
@@ -346,6 +363,28 @@ def _drifted(record: DeviceRecord, policy: SchedulerPolicy) -> bool:
     return record.drift_reference is None or record.drift_score > (
         record.drift_reference + policy.drift_margin
     )
+
+
+def label_free_score(record: DeviceRecord, signal: LabelFreeSignal) -> float | None:
+    """The record's calibrated label-free score on the chosen signal (None: not reported)."""
+    scores = {
+        LabelFreeSignal.CONFIDENCE: [record.confidence_score],
+        LabelFreeSignal.FEATURE: [record.feature_score],
+        LabelFreeSignal.EITHER: [record.confidence_score, record.feature_score],
+    }[signal]
+    present = [score for score in scores if score is not None]
+    return max(present) if present else None
+
+
+def _label_free_drifted(record: DeviceRecord, policy: SchedulerPolicy) -> bool:
+    """Over the calibrated threshold, and over the device's score at the last run's start
+    plus a margin (an adapter does not move the inputs back: a drift that stays must not
+    start a run after every run)."""
+    score = label_free_score(record, policy.label_free_signal)
+    if not _above(score, policy.label_free_threshold):
+        return False
+    reference = record.label_free_reference
+    return reference is None or score > reference + policy.label_free_margin
 
 
 def _drop_since_last_finetune(record: DeviceRecord) -> float | None:

@@ -78,6 +78,7 @@ class FleetService:
         self._pipeline.on_closed(result.closed_rounds)
         self._pipeline.collect()
         self._distributor.check_deadlines()
+        self._pipeline.settle()
         now = f.clock()
         if now - self._last_scan >= SCAN_INTERVAL_S:
             self._last_scan = now
@@ -106,8 +107,8 @@ class FleetService:
     def promote(self, cohort: str, version: int) -> dict[str, Any]:
         return self._distributor.promote(cohort, version)
 
-    def rollback(self, cohort: str) -> dict[str, Any]:
-        return self._distributor.rollback(cohort)
+    def rollback(self, cohort: str, cluster: str | None = None) -> dict[str, Any]:
+        return self._distributor.rollback(cohort, cluster)
 
     # ---- reads
 
@@ -141,6 +142,7 @@ class FleetService:
             "active_jobs": f.jobs.active_count(),
             "open_rounds": len(f.records.in_stage(RoundStage.RUNNING)),
             "aggregating_rounds": len(f.records.in_stage(RoundStage.AGGREGATING)),
+            "active_runs": len(f.runs.running()),
             "dropped_metric_events": f.events.dropped,
         }
 
@@ -159,7 +161,12 @@ class FleetService:
         for job in result.dispatched:
             record = f.registry.get(job.device_id)
             base_hash = record.base_model_hash if record else None
-            f.send(job.device_id, finetune_job(job, self.config.finetune, base_hash))
+            start = f.runs.start_version(job.round_id, job.device_id)
+            steps = None if start is None else self.config.federation.steps
+            message = finetune_job(
+                job, self.config.finetune, base_hash, start_version=start, steps=steps
+            )
+            f.send(job.device_id, message)
         for job in (*result.timed_out, *result.canceled):
             self._cancel_on_device(job)
         _log_skips(result.skipped.items())

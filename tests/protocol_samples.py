@@ -158,6 +158,8 @@ def sample_messages(seed: int) -> list[Message]:
                 installed=bool(seed % 2),
                 holdout_samples=int(rng.integers(1, 100)),
                 steps=int(rng.integers(1, 1000)),
+                loss_before=float(rng.uniform(0, 3)),
+                loss_after=float(rng.uniform(0, 3)),
             ),
             parent_adapter_version=None,
         ),

@@ -35,7 +35,23 @@ def test_defaults(tmp_path):
     assert (config.metrics_port, config.api_port) == (DEFAULT_METRICS_PORT, DEFAULT_API_PORT)
     assert config.mqtt.url == "mqtt://localhost:1883" and config.mqtt.session_expiry_s > 0
     assert config.algorithm is AggregationAlgorithm.EXACT_DELTA
-    assert config.policy.drift_threshold == 2.0 and config.policy.max_concurrent_jobs == 2
+    assert config.policy.drift_threshold is None and config.policy.max_concurrent_jobs == 2
+    # the federation's defaults: calibrated label-free triggers, clusters, runs of rounds,
+    # ΔW trained directly, two labelled canaries before a device that cannot measure
+    assert config.policy.label_free_threshold == 1.0
+    assert config.cluster_distance == 0.4 and config.finetune.method == "skip2-delta"
+    assert (config.federation.max_rounds, config.federation.steps) == (10, 50)
+    assert config.rollout.min_canaries == 2
+
+
+def test_clustering_and_the_label_free_trigger_can_be_switched_off(tmp_path):
+    config = from_args(
+        parse("--state-dir", str(tmp_path), "--cluster-distance", "off",
+              "--label-free-threshold", "off", "--max-rounds", "1", "--min-canaries", "3"),
+        {},
+    )  # fmt: skip
+    assert config.cluster_distance is None and config.policy.label_free_threshold is None
+    assert config.federation.max_rounds == 1 and config.rollout.min_canaries == 3
 
 
 def test_arguments_win_over_the_environment_which_fills_the_gaps(tmp_path):

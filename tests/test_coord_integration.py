@@ -28,6 +28,7 @@ from agent.device_data import write_device_file
 from agent.trainer.finetune import pretrain
 from coordinator.app import Coordinator
 from coordinator.config import CoordinatorConfig, FinetuneSettings
+from coordinator.federation import FederationPolicy
 from coordinator.rollout import RolloutPolicy
 from coordinator.scheduler import SchedulerPolicy
 from shared.mqtt import parse_broker_url
@@ -123,7 +124,9 @@ def make_config(broker_url: str, state_dir: Path, **policy: object) -> Coordinat
         rollout=RolloutPolicy(
             canary_fraction=1.0, max_accuracy_regression=0.05, canary_deadline_s=60.0
         ),
-        finetune=FinetuneSettings(epochs=30, lr=0.02),
+        # the A·B factors: this test also checks the exact-vs-naive gap, which needs factors
+        finetune=FinetuneSettings(epochs=30, lr=0.02, method="skip2-lora"),
+        federation=FederationPolicy(max_rounds=1),  # a run of one round: the mechanics
         command_timeout_s=30.0,
         tick_interval_s=0.2,
         metrics_interval_s=0.5,

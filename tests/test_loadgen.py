@@ -24,6 +24,7 @@ from agent.device_data import write_device_file
 from agent.trainer.finetune import pretrain
 from coordinator.app import Coordinator
 from coordinator.config import CoordinatorConfig, FinetuneSettings
+from coordinator.federation import FederationPolicy
 from coordinator.rollout import RolloutPolicy
 from coordinator.scheduler import SchedulerPolicy
 from shared.mqtt import parse_broker_url
@@ -386,6 +387,7 @@ def coordinator_config(broker_url: str, state_dir: Path) -> CoordinatorConfig:
         policy=policy,
         rollout=RolloutPolicy(canary_fraction=0.4, canary_deadline_s=60.0),
         finetune=FinetuneSettings(epochs=10, lr=0.02),
+        federation=FederationPolicy(max_rounds=1),  # the load generator's devices: one round
         command_timeout_s=30.0, tick_interval_s=0.2, metrics_interval_s=0.5,
     )  # fmt: skip
 

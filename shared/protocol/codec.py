@@ -269,6 +269,8 @@ def metrics_to_wire(m: ReportMetrics) -> dict:
         "installed": m.installed,
         "holdout_samples": m.holdout_samples,
         "steps": m.steps,
+        "loss_before": m.loss_before,
+        "loss_after": m.loss_after,
     }
 
 
@@ -289,6 +291,8 @@ def metrics_from_wire(f: Fields) -> ReportMetrics:
         installed=f.boolean("installed", optional=True),
         holdout_samples=f.integer("holdout_samples", optional=True),
         steps=f.integer("steps", optional=True),
+        loss_before=f.number("loss_before", optional=True),
+        loss_after=f.number("loss_after", optional=True),
     )
 
 

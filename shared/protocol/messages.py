@@ -276,6 +276,10 @@ class ReportMetrics:
     installed: bool | None = None
     holdout_samples: int | None = None
     steps: int | None = None  # SGD steps run
+    # Mean hold-out cross-entropy of the start adapter and of the result (nats): a federated
+    # run goes on while aggregates lower it, also where accuracy on a few rows is saturated.
+    loss_before: float | None = None
+    loss_after: float | None = None
 
     def __post_init__(self) -> None:
         checks.fraction(self.accuracy_before, "accuracy_before")
@@ -293,6 +297,8 @@ class ReportMetrics:
         _optional(checks.boolean, self.installed, "installed")
         _optional(checks.integer, self.holdout_samples, "holdout_samples")
         _optional(checks.integer, self.steps, "steps")
+        _optional(checks.number, self.loss_before, "loss_before", 0.0)
+        _optional(checks.number, self.loss_after, "loss_after", 0.0)
 
 
 @dataclass(frozen=True, eq=False)
