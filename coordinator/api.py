@@ -5,11 +5,14 @@
     GET  /jobs?limit=N&device=ID              jobs, newest first
     GET  /rounds?limit=N                      rounds with their failures, aggregation, rollout
     GET  /adapters                            versions, lineage and rollouts per cohort
+    GET  /runs?limit=N                        federated runs: clusters, rounds, measured gains
+    GET  /clusters                            per cohort: its clusters, members, current versions
     POST /finetune                            {"devices": [...]} | {"cohort": "..."} | {"all": true}
     POST /evaluate                            the same selectors (+ "adapter_version"): devices
                                               evaluate what they run, or that version
     POST /adapters/{cohort}/{version}/promote make a stored version current, and distribute it
     POST /adapters/{cohort}/rollback          back to the current version's parent
+                                              ({"cluster": ...} when the cohort has several)
 
 Routing and validation live in FleetApi.handle() (plain: unit-tested without sockets); every
 error is a JSON body {"error": "..."} with a 4xx/5xx status.
@@ -59,6 +62,8 @@ class FleetApi:
             ("GET", re.compile(r"/jobs"), self._jobs),
             ("GET", re.compile(r"/rounds"), self._rounds),
             ("GET", re.compile(r"/adapters"), self._adapters),
+            ("GET", re.compile(r"/runs"), self._runs),
+            ("GET", re.compile(r"/clusters"), self._clusters),
             ("POST", re.compile(r"/finetune"), self._finetune),
             ("POST", re.compile(r"/evaluate"), self._evaluate),
             ("POST", re.compile(rf"/adapters/({_COHORT})/(\d{{1,9}})/promote"), self._promote),
@@ -127,6 +132,12 @@ class FleetApi:
     def _adapters(self, query: dict) -> list:
         return self._port.read("adapters")
 
+    def _runs(self, query: dict) -> list:
+        return self._port.read("runs", _limit(query, 20))
+
+    def _clusters(self, query: dict) -> list:
+        return self._port.read("clusters")
+
     def _finetune(self, body: dict) -> dict:
         return self._port.request_finetune(*_selection(body))
 
@@ -143,7 +154,12 @@ class FleetApi:
         return self._port.promote(cohort, int(version))
 
     def _rollback(self, body: dict, cohort: str) -> dict:
-        return self._port.rollback(cohort)
+        cluster = body.get("cluster")
+        if cluster is not None and (
+            not isinstance(cluster, str) or not re.fullmatch(r"[a-z0-9]{1,16}", cluster)
+        ):
+            raise ApiError(HTTPStatus.BAD_REQUEST, '"cluster" must be a cluster id such as "c1"')
+        return self._port.rollback(cohort, cluster)
 
 
 def _selection(body: dict) -> tuple[list[str] | None, str | None, bool]:

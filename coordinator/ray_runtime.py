@@ -30,7 +30,7 @@ from coordinator.ingest import Received
 from coordinator.observations import MetricsReport
 from coordinator.outbound import Outbound
 from coordinator.ports import Unavailable
-from coordinator.service import FleetService
+from coordinator.service import READ_VIEWS, FleetService
 
 log = logging.getLogger(__name__)
 
@@ -131,12 +131,12 @@ class FleetActor:
     def promote(self, cohort: str, version: int) -> dict[str, Any]:
         return self._service.promote(cohort, version)
 
-    def rollback(self, cohort: str) -> dict[str, Any]:
-        return self._service.rollback(cohort)
+    def rollback(self, cohort: str, cluster: str | None = None) -> dict[str, Any]:
+        return self._service.rollback(cohort, cluster)
 
     @ray.method(concurrency_group="query")
     def read(self, view: str, *args: Any) -> Any:
-        if view not in ("devices", "device", "device_adapters", "jobs", "rounds", "adapters"):
+        if view not in READ_VIEWS:
             raise ValueError(f"no view {view!r}")
         return getattr(self._service, view)(*args)
 
@@ -218,8 +218,8 @@ class RayFleetPort:
     def promote(self, cohort: str, version: int) -> dict[str, Any]:
         return self._call(self.actor.promote, cohort, version)
 
-    def rollback(self, cohort: str) -> dict[str, Any]:
-        return self._call(self.actor.rollback, cohort)
+    def rollback(self, cohort: str, cluster: str | None = None) -> dict[str, Any]:
+        return self._call(self.actor.rollback, cohort, cluster)
 
     def read(self, view: str, *args: Any) -> Any:
         return self._call(self.actor.read, view, *args)

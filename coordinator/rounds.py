@@ -161,6 +161,12 @@ class RoundTable:
         )
         return [_round_from_row(r) for r in rows]
 
+    def open_count(self) -> int:
+        row = self._db.query_one(
+            "SELECT COUNT(*) AS n FROM rounds WHERE outcome = ?", (RoundOutcome.RUNNING.value,)
+        )
+        return int(row["n"])
+
     def close(self, round_id: str, outcome: RoundOutcome, at: float) -> None:
         self._db.execute(
             "UPDATE rounds SET outcome = ?, closed_at = ? WHERE round_id = ? AND outcome = ?",

@@ -214,6 +214,12 @@ class FineTuneScheduler:
             closed_rounds=tuple(closed_rounds),
         )
 
+    def dispatch_now(self) -> TickResult:
+        """Only the dispatching part of tick(): jobs for rounds started since (no timeouts,
+        no closing, so nothing of those is lost between two ticks)."""
+        dispatched, skipped = self._dispatch(self._candidates(self._clock()), self._clock())
+        return TickResult(dispatched=tuple(dispatched), skipped=skipped)
+
     def skip_reason(self, record: DeviceRecord | None, now: float) -> SkipReason | None:
         """Why this device may not start a fine-tune now (None: it may)."""
         policy = self.policy

@@ -32,6 +32,10 @@ log = logging.getLogger(__name__)
 
 # Automatic triggers and the catch-up of lagging devices scan the whole fleet: not every tick.
 SCAN_INTERVAL_S = 5.0
+# The read-only views the API may ask for (FleetService methods of these names).
+READ_VIEWS = frozenset(
+    {"devices", "device", "device_adapters", "jobs", "rounds", "adapters", "runs", "clusters"}
+)
 
 
 class FleetService:
@@ -71,6 +75,7 @@ class FleetService:
     def tick(self) -> list[Outbound]:
         """One step of time; returns what to publish (including what requests queued)."""
         f = self.fleet
+        rounds_before = f.rounds.open_count()
         result = f.scheduler.tick()
         self._dispatch(result)
         for job in result.timed_out:
@@ -84,6 +89,9 @@ class FleetService:
             self._last_scan = now
             self._pipeline.trigger_automatically()
             self._distributor.reconcile()
+        if f.rounds.open_count() > rounds_before - len(result.closed_rounds):
+            # a run's next round started in this tick: its jobs go out now, not a tick later
+            self._dispatch(f.scheduler.dispatch_now())
         return f.drain_outbox()
 
     # ---- operator requests (HTTP API)
@@ -129,6 +137,12 @@ class FleetService:
 
     def adapters(self) -> list[dict[str, Any]]:
         return views.adapters(self.fleet)
+
+    def runs(self, limit: int = 20) -> list[dict[str, Any]]:
+        return views.runs(self.fleet, limit)
+
+    def clusters(self) -> list[dict[str, Any]]:
+        return views.clusters(self.fleet)
 
     def health(self) -> dict[str, Any]:
         f = self.fleet
