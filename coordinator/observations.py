@@ -57,6 +57,13 @@ class MessageRejected:
     reason: str
 
 
+@dataclass(frozen=True)
+class RunFinished:
+    """A federated run ended after this many rounds."""
+
+    rounds: int
+
+
 MetricEvent = (
     JobTransition
     | FinetuneReported
@@ -64,6 +71,7 @@ MetricEvent = (
     | AggregationTimed
     | RolloutDecided
     | MessageRejected
+    | RunFinished
 )
 
 
@@ -99,6 +107,10 @@ class DeviceGauges:
     temperature_c: float | None = None
     drift_score: float | None = None
     adapter_version: int | None = None
+    adapter_origin: str = "base"  # base, personal or fleet
+    cluster: str = "none"  # the cluster it is placed in ("none": in none)
+    confidence_score: float | None = None  # calibrated: 1.0 = the base model's threshold
+    feature_score: float | None = None
 
 
 @dataclass(frozen=True)

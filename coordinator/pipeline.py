@@ -23,7 +23,7 @@ from coordinator.aggregate_task import AggregationOutcome, Aggregator, algorithm
 from coordinator.distribution import AdapterDistributor
 from coordinator.federation import Next, RunProgress, is_last
 from coordinator.fleet import Conflict, Fleet, select_devices
-from coordinator.observations import AggregationTimed, RoundFinished, RoundResult
+from coordinator.observations import AggregationTimed, RoundFinished, RoundResult, RunFinished
 from coordinator.registry import DeviceRecord
 from coordinator.round_inputs import aggregation_gap_view, aggregation_request, measured_before
 from coordinator.round_records import RoundStage
@@ -397,6 +397,7 @@ class RoundPipeline:
         active = (ClusterStage.TRAINING, ClusterStage.AGGREGATING, ClusterStage.ROLLING_OUT)
         if run.state is RunState.RUNNING and not run.in_stage(*active):
             run.state, run.finished_at = RunState.DONE, self._fleet.clock()
+            self._fleet.events.record(RunFinished(run.round_index))
             log.info("run %s done: %s", run.run_id, {c: x.note for c, x in run.clusters.items()})
 
     def _finished(self, round_id: str, result: RoundResult) -> None:

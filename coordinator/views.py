@@ -31,6 +31,24 @@ def device_view(record: DeviceRecord, now: float, placement=None) -> dict[str, A
     return view
 
 
+def _gauges(r: DeviceRecord, placement) -> DeviceGauges:
+    origin = r.adapter_origin or ("fleet" if r.adapter_version is not None else "base")
+    return DeviceGauges(
+        device_id=r.device_id,
+        online=r.online,
+        accuracy_before=r.accuracy_before,
+        accuracy_after=r.accuracy_after,
+        power_w=r.power_w,
+        temperature_c=r.temperature_c,
+        drift_score=r.drift_score,
+        adapter_version=r.adapter_version,
+        adapter_origin=origin,
+        cluster=(placement.cluster if placement is not None else None) or "none",
+        confidence_score=r.confidence_score,
+        feature_score=r.feature_score,
+    )
+
+
 def _placement(fleet: Fleet, record: DeviceRecord):
     return (
         None if record.cohort is None else fleet.clusters.placement(record.cohort, record.device_id)
@@ -172,19 +190,7 @@ def run_view(run) -> dict[str, Any]:
 
 
 def snapshot(fleet: Fleet) -> FleetSnapshot:
-    gauges = tuple(
-        DeviceGauges(
-            device_id=r.device_id,
-            online=r.online,
-            accuracy_before=r.accuracy_before,
-            accuracy_after=r.accuracy_after,
-            power_w=r.power_w,
-            temperature_c=r.temperature_c,
-            drift_score=r.drift_score,
-            adapter_version=r.adapter_version,
-        )
-        for r in fleet.registry.devices()
-    )
+    gauges = tuple(_gauges(r, _placement(fleet, r)) for r in fleet.registry.devices())
     versions = {}
     for cohort in fleet.store.cohorts():
         current = fleet.store.current_versions(cohort)
