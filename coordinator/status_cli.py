@@ -69,16 +69,34 @@ def ago(seconds: float | None) -> str:
     return f"{int(seconds)}s ago"
 
 
+def runs(device: dict) -> str:
+    """What the device runs: base, personal, or the fleet version (and its cluster)."""
+    running = device.get("running") or {}
+    version, origin = running.get("version"), running.get("origin")
+    if version is not None:
+        return f"v{version}" + (f" ({device['cluster']})" if device.get("cluster") else "")
+    return origin or "base"
+
+
+def label_free(device: dict) -> str:
+    scores = [device.get(k) for k in ("confidence_score", "feature_score")]
+    present = [s for s in scores if s is not None]
+    return "-" if not present else f"{max(present):.2f}"
+
+
 COLUMNS: Sequence[Column] = (
     ("DEVICE", lambda d: d["device_id"]),
     ("ONLINE", lambda d: "yes" if d.get("online") else "no"),
+    ("LABELS", lambda d: "yes" if d.get("labelled", True) else "no"),
+    ("CLUSTER", lambda d: d.get("cluster") or "-"),
+    ("RUNS", runs),
     ("ACC BEFORE", _number("accuracy_before", 3)),
     ("ACC AFTER", _number("accuracy_after", 3)),
     ("POWER W", _number("power_w", 2)),
     ("ENERGY J", _number("energy_j", 1)),
-    ("ADAPTER", lambda d: "-" if d.get("adapter_version") is None else f"v{d['adapter_version']}"),
-    ("DRIFT", _number("drift_score", 2)),
+    ("DRIFT", label_free),
     ("LAST SEEN", lambda d: ago(d.get("seen_seconds_ago"))),
+    ("WHY", lambda d: (d.get("running") or {}).get("why") or "-"),
 )
 
 

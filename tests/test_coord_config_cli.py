@@ -146,47 +146,39 @@ def test_status_formats_the_fleet():
             {
                 "device_id": "pi-1",
                 "online": True,
+                "labelled": True,
+                "cluster": "c2",
+                "running": {"version": 3, "origin": "fleet", "why": "runs cluster c2's v3"},
                 "accuracy_before": 0.612,
                 "accuracy_after": 0.934,
                 "power_w": 1.25,
                 "energy_j": 120.0,
-                "adapter_version": 3,
-                "drift_score": 2.71,
+                "confidence_score": 1.71,
+                "feature_score": 2.5,
                 "seen_seconds_ago": 4.2,
+            },
+            {
+                "device_id": "pi-3",
+                "online": True,
+                "labelled": False,
+                "running": {"version": None, "origin": "personal", "why": None},
+                "seen_seconds_ago": 1.0,
             },
             {"device_id": "pi-22", "online": False, "seen_seconds_ago": None},
         ]
     )
-    header, first, second = table.splitlines()
+    header, first, third, second = table.splitlines()
     assert header.split() == [
-        "DEVICE",
-        "ONLINE",
-        "ACC",
-        "BEFORE",
-        "ACC",
-        "AFTER",
-        "POWER",
-        "W",
-        "ENERGY",
-        "J",
-        "ADAPTER",
-        "DRIFT",
-        "LAST",
-        "SEEN",
-    ]
+        "DEVICE", "ONLINE", "LABELS", "CLUSTER", "RUNS", "ACC", "BEFORE", "ACC", "AFTER",
+        "POWER", "W", "ENERGY", "J", "DRIFT", "LAST", "SEEN", "WHY",
+    ]  # fmt: skip
     assert first.split() == [
-        "pi-1",
-        "yes",
-        "0.612",
-        "0.934",
-        "1.25",
-        "120.0",
-        "v3",
-        "2.71",
-        "4s",
-        "ago",
-    ]
-    assert second.split() == ["pi-22", "no", "-", "-", "-", "-", "-", "-", "never"]
+        "pi-1", "yes", "yes", "c2", "v3", "(c2)", "0.612", "0.934", "1.25", "120.0", "2.50",
+        "4s", "ago", "runs", "cluster", "c2's", "v3",
+    ]  # fmt: skip
+    assert third.split()[:5] == ["pi-3", "yes", "no", "-", "personal"]
+    assert second.split() == ["pi-22", "no", "yes", "-", "base", "-", "-", "-", "-", "-",
+                              "never", "-"]  # fmt: skip
     assert status_cli.format_table([]) == "no devices known yet"
     assert [status_cli.ago(s) for s in (59, 61, 7200, 90000)] == [
         "59s ago",
