@@ -17,6 +17,7 @@ from collections.abc import Callable
 
 import numpy as np
 
+from agent.data.dataset import Dataset
 from agent.drift_calibration import fit_calibration
 from agent.trainer.finetune import pretrain
 from agent.trainer.model import BaseModel
@@ -37,6 +38,14 @@ def held_out_blocks(stream_ids: np.ndarray, phase: int = CALIBRATION_PHASE) -> n
         block = np.arange(len(rows)) // BLOCK_ROWS
         mask[rows[block % EVERY == phase]] = True
     return mask
+
+
+def stream_ids(dataset: Dataset) -> np.ndarray:
+    """A loader's per-row stream: the fan recording, or the HAR subject."""
+    for key in ("recording", "subject"):
+        if isinstance(dataset.meta.get(key), np.ndarray):
+            return dataset.meta[key]
+    raise ValueError(f"{dataset.source}: no per-row recording or subject to hold blocks out of")
 
 
 def streams_of(rows: np.ndarray, stream_ids: np.ndarray) -> list[np.ndarray]:
