@@ -36,6 +36,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
     agent.add_argument("--jobs", type=positive_int, default=5, help="jobs of each kind (default 5)")
     agent.add_argument("--json", metavar="OUT", help="write the results as JSON")
     add_coordinator(targets)
+    add_drift(targets)
+
+
+def add_drift(targets) -> None:
+    drift = targets.add_parser(
+        "drift", help="AUROC of each label-free drift score for harmful drift (fan, HAR)"
+    )
+    add_data_dir(drift)
+    drift.add_argument("--dataset", choices=("fan", "har"), required=True)
+    drift.add_argument(
+        "--seeds", type=positive_int, default=10,
+        help="base models (and, on HAR, new subjects) drawn (default 10)",
+    )  # fmt: skip
+    drift.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    drift.add_argument("--pretrain-epochs", type=positive_int, default=40,
+                       help="as simulate's base model (default 40)")  # fmt: skip
+    drift.add_argument("--json", metavar="OUT", help="write the results as JSON")
 
 
 def add_coordinator(targets) -> None:
@@ -95,6 +112,8 @@ def main(args) -> int:
             return 2
     if args.target == "coordinator":
         from skipfleet import bench_coordinator as bench_module
+    elif args.target == "drift":
+        from skipfleet import bench_drift as bench_module
     else:
         from skipfleet import bench_agent as bench_module
     try:
