@@ -49,6 +49,8 @@ SCORES = {
 }
 THRESHOLDS = {"bn1": BN1_COORDINATOR_THRESHOLD, "confidence_score": 1.0, "feature_score": 1.0,
               "max_score": 1.0}  # fmt: skip
+# other trigger levels of the calibrated scores (1.0 = the calibrated threshold), in the JSON
+LEVELS = (0.5, 0.75, 1.5, 2.0, 3.0)
 
 
 @dataclass(frozen=True)
@@ -183,16 +185,24 @@ def seed_metrics(run: dict) -> dict:
         neg, drifted = t["negatives"][name], t["drifted"][name]
         m = {"auroc_harmful": auroc(neg, drifted[harmful]), "auroc_all": auroc(neg, drifted)}
         if name in THRESHOLDS:
-            level = THRESHOLDS[name]
-            m["tpr_harmful"] = _share_above(drifted[harmful], level)
-            m["tpr_all"] = _share_above(drifted, level)
-            m["fpr"] = _share_above(neg, level)
-            if "other" in t:
-                other, harmed = t["other"][name], run["other_harmful"]
-                m["fpr_other_recording"] = _share_above(other, level)
-                m["fpr_other_recording_unharmed"] = _share_above(other[~harmed], level)
+            m.update(rates_at(run, name, THRESHOLDS[name]))
+        if name.endswith("_score"):
+            m["at_levels"] = {str(level): rates_at(run, name, level) for level in LEVELS}
         out[name] = m
     return out
+
+
+def rates_at(run: dict, name: str, level: float) -> dict:
+    """How often score `name` exceeds `level` on each kind of window of one seed."""
+    t, harmful = run["tables"], run["harmful"]
+    neg, drifted = t["negatives"][name], t["drifted"][name]
+    rates = {"tpr_harmful": _share_above(drifted[harmful], level),
+             "tpr_all": _share_above(drifted, level), "fpr": _share_above(neg, level)}  # fmt: skip
+    if "other" in t:
+        other, harmed = t["other"][name], run["other_harmful"]
+        rates["fpr_other_recording"] = _share_above(other, level)
+        rates["fpr_other_recording_unharmed"] = _share_above(other[~harmed], level)
+    return rates
 
 
 def pooled_metrics(runs: list[dict]) -> dict:
@@ -216,10 +226,14 @@ def spread(values) -> dict | None:
 
 
 def summarize(per_seed: list[dict]) -> dict:
-    return {
-        name: {key: spread(m[name][key] for m in per_seed) for key in per_seed[0][name]}
-        for name in SCORES
-    }
+    """Mean, std, min, max over the seeds of every figure (nested as in seed_metrics)."""
+
+    def over(values: list):
+        if isinstance(values[0], dict):
+            return {key: over([v[key] for v in values]) for key in values[0]}
+        return spread(values)
+
+    return {name: over([m[name] for m in per_seed]) for name in SCORES}
 
 
 def _share_above(values: np.ndarray, level: float) -> float | None:
