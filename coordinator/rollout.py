@@ -45,8 +45,13 @@ class RolloutPolicy:
     # ...and no canary's own candidate accuracy is below its current one minus this.
     max_device_regression: float = 0.05
     canary_deadline_s: float = 900.0
+    # A decision never rests on fewer canaries than this: a cohort with fewer reachable
+    # devices able to measure gets no canary (and no promotion) at all.
+    min_canaries: int = 1
 
     def __post_init__(self) -> None:
+        if self.min_canaries < 1:
+            raise ValueError(f"min_canaries must be >= 1, got {self.min_canaries}")
         if not 0.0 < self.canary_fraction <= 1.0:
             raise ValueError(f"canary_fraction must be in (0, 1], got {self.canary_fraction}")
         if self.max_accuracy_regression < 0 or self.max_device_regression < 0:
@@ -115,6 +120,27 @@ CREATE TABLE IF NOT EXISTS canary_results (
     PRIMARY KEY (rollout_id, device_id)
 );
 """
+
+
+def canary_verdict(
+    results: list[CanaryResult], policy: RolloutPolicy, *, version: int
+) -> tuple[RolloutState, str]:
+    """Promote when the mean accuracy with the candidate is no worse than with the current
+    adapter minus a margin, and no single canary loses more than the per-device margin."""
+    candidate = sum(r.accuracy_candidate for r in results) / len(results)
+    current = sum(r.accuracy_current for r in results) / len(results)
+    summary = f"mean accuracy {candidate:.4f} with v{version} vs {current:.4f}"
+    margin = policy.max_accuracy_regression
+    if candidate < current - margin:
+        return RolloutState.ROLLED_BACK, f"{summary}: regression beyond {margin:.4f}"
+    worst = min(results, key=lambda r: r.accuracy_candidate - r.accuracy_current)
+    drop = worst.accuracy_current - worst.accuracy_candidate
+    if drop > policy.max_device_regression:
+        return RolloutState.ROLLED_BACK, (
+            f"{summary}, but {worst.device_id} regresses by {drop:.4f} "
+            f"(device margin {policy.max_device_regression:.4f})"
+        )
+    return RolloutState.PROMOTED, summary
 
 
 class RolloutManager:
@@ -257,23 +283,9 @@ class RolloutManager:
             return rollout
 
     def _verdict(self, rollout: Rollout) -> tuple[RolloutState, str]:
-        results = rollout.results.values()
-        candidate = sum(r.accuracy_candidate for r in results) / len(results)
-        current = sum(r.accuracy_current for r in results) / len(results)
-        summary = (
-            f"mean accuracy {candidate:.4f} with v{rollout.candidate_version} vs {current:.4f}"
+        return canary_verdict(
+            list(rollout.results.values()), self.policy, version=rollout.candidate_version
         )
-        margin = self.policy.max_accuracy_regression
-        if candidate < current - margin:
-            return RolloutState.ROLLED_BACK, f"{summary}: regression beyond {margin:.4f}"
-        worst = min(results, key=lambda r: r.accuracy_candidate - r.accuracy_current)
-        drop = worst.accuracy_current - worst.accuracy_candidate
-        if drop > self.policy.max_device_regression:
-            return RolloutState.ROLLED_BACK, (
-                f"{summary}, but {worst.device_id} regresses by {drop:.4f} "
-                f"(device margin {self.policy.max_device_regression:.4f})"
-            )
-        return RolloutState.PROMOTED, summary
 
     def _decide(self, rollout: Rollout, state: RolloutState, reason: str) -> Rollout:
         now = self._clock()

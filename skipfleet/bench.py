@@ -36,7 +36,34 @@ def configure(parser: argparse.ArgumentParser) -> None:
     agent.add_argument("--jobs", type=positive_int, default=5, help="jobs of each kind (default 5)")
     agent.add_argument("--json", metavar="OUT", help="write the results as JSON")
     add_coordinator(targets)
+    add_federation(targets)
     add_drift(targets)
+
+
+def add_federation(targets) -> None:
+    from coordinator.clustering import DEFAULT_CLUSTER_DISTANCE
+    from coordinator.federation import FederationPolicy
+    from skipfleet.federation_scenarios import SCENARIOS
+
+    defaults = FederationPolicy()
+    federation = targets.add_parser(
+        "federation",
+        help="per strategy (base, own, one cohort, clustered, pooled): accuracy and devices "
+        "made worse, over seeds, on a scenario fleet of real data",
+    )
+    add_data_dir(federation)
+    add = federation.add_argument
+    add("--scenario", choices=sorted(SCENARIOS), required=True)
+    add("--dataset", help="the scenario's data set (each scenario has one; checked)")
+    add("--seeds", type=positive_int, default=5, help="seeds, each with its own base model")
+    add("--method", default="skip2-delta", help="what devices train (default skip2-delta)")
+    add("--steps", type=positive_int, default=defaults.steps, help="SGD steps per round")
+    add("--max-rounds", type=positive_int, default=defaults.max_rounds)
+    add("--min-gain", type=float, default=defaults.min_gain,
+        help="stop a run when an aggregate gains less hold-out accuracy than this")  # fmt: skip
+    add("--cluster-distance", type=float, default=DEFAULT_CLUSTER_DISTANCE,
+        help="DP-means radius, in in-distribution standard deviations")  # fmt: skip
+    add("--json", metavar="OUT", help="write the results as JSON")
 
 
 def add_drift(targets) -> None:
@@ -109,6 +136,20 @@ def main(args) -> int:
             return bench_trainer.main(args)
         except (DataError, ValueError) as error:
             print(f"skipfleet bench trainer: {error}", file=sys.stderr)
+            return 2
+    if args.target == "federation":
+        from skipfleet import bench_federation
+        from skipfleet.federation_scenarios import SCENARIOS
+
+        expected = SCENARIOS[args.scenario][0]
+        if args.dataset not in (None, expected):
+            print(f"skipfleet bench federation: {args.scenario} runs on {expected}, "
+                  f"not {args.dataset}", file=sys.stderr)  # fmt: skip
+            return 2
+        try:
+            return bench_federation.main(args, args.data_dir)
+        except (DataError, ValueError) as error:
+            print(f"skipfleet bench federation: {error}", file=sys.stderr)
             return 2
     if args.target == "coordinator":
         from skipfleet import bench_coordinator as bench_module
