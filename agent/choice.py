@@ -1,5 +1,6 @@
-"""The device's own choice: run a candidate adapter only if it measures strictly better, on the
-device's own hold-out, than what it runs now (a personal or fleet adapter, or the base model).
+"""The device's own choice: run a candidate adapter only if it measures better, on the device's
+own hold-out, than what it runs now (a personal or fleet adapter, or the base model): higher
+accuracy, or the same accuracy and a lower cross-entropy (agent/trainer/evaluation.py).
 
 Used by APPLY_ADAPTER jobs and by the desired-state pointer when they say `only_if_better`.
 A candidate that does not win is remembered (agent/declined.py), so the pointer, which comes
@@ -14,16 +15,26 @@ from agent.adapter_store import AdapterStore, StoredAdapter
 from agent.declined import BASE_MODEL, DeclinedVersions
 from agent.learner import Learner
 from agent.trainer.adapter import Adapter
+from agent.trainer.evaluation import Measure
 
 
 @dataclass(frozen=True)
 class Verdict:
-    accuracy_candidate: float
-    accuracy_running: float
+    candidate: Measure
+    running: Measure
 
     @property
     def better(self) -> bool:
-        return self.accuracy_candidate > self.accuracy_running
+        return self.candidate.better_than(self.running)
+
+    def detail(self) -> dict[str, float]:
+        """For a job's SUCCEEDED detail."""
+        return {
+            "accuracy_candidate": self.candidate.accuracy,
+            "accuracy_running": self.running.accuracy,
+            "loss_candidate": self.candidate.loss,
+            "loss_running": self.running.loss,
+        }
 
 
 class OwnChoice:
@@ -36,14 +47,12 @@ class OwnChoice:
         remember it when it does not win. Call between jobs: what runs must not change."""
         running = self._store.current
         verdict = Verdict(
-            accuracy_candidate=learner.holdout_accuracy(candidate),
-            accuracy_running=learner.holdout_accuracy(
-                learner.adapter(running.arrays if running else None)
-            ),
+            candidate=learner.holdout_measure(candidate),
+            running=learner.holdout_measure(learner.adapter(running.arrays if running else None)),
         )
         if not verdict.better:
             self._declined.add(
-                version, running_key(running), verdict.accuracy_candidate, verdict.accuracy_running
+                version, running_key(running), verdict.candidate.accuracy, verdict.running.accuracy
             )
         return verdict
 

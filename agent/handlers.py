@@ -7,8 +7,9 @@ without labels rejects what needs them (fine-tune, evaluate, apply only_if_bette
 INSUFFICIENT_DATA.
 
 What the device runs changes only for the better: a fine-tune is installed (as the device's
-personal adapter) only if it measures strictly better on the hold-out than what runs now; an
-apply with only_if_better likewise (agent/choice.py). Plain apply and rollback obey as asked.
+personal adapter) only if it measures better on the hold-out than what runs now (higher
+accuracy, or as accurate with a lower cross-entropy: agent/trainer/evaluation.py); an apply with
+only_if_better likewise (agent/choice.py). Plain apply and rollback obey as asked.
 """
 
 from __future__ import annotations
@@ -98,8 +99,8 @@ class JobHandlers:
         current = self._store.current
         running = self._checked(learner, current.arrays if current else None)
         parent, start = self._start_of(params.start_version, current, running, learner, ctx)
-        before = learner.holdout_accuracy(start)
-        accuracy_running = before if start is running else learner.holdout_accuracy(running)
+        before = learner.holdout_measure(start)
+        was_running = before if start is running else learner.holdout_measure(running)
         with EnergyWindow(self._meter) as energy:
             try:
                 result = learner.finetune(
@@ -108,11 +109,11 @@ class JobHandlers:
             except InvalidMethod as err:
                 raise JobRejected(JobReason.INVALID_PARAMS, str(err)) from None
         self.last_cache_bytes = result.cache_bytes
-        after = learner.holdout_accuracy(result.adapter)
-        installed = after > accuracy_running  # the device's own choice: strictly better only
+        after = learner.holdout_measure(result.adapter)
+        installed = after.better_than(was_running)  # the device's own choice: better only
         metrics = ReportMetrics(
-            accuracy_before=before,
-            accuracy_after=after,
+            accuracy_before=before.accuracy,
+            accuracy_after=after.accuracy,
             samples=result.samples,
             epochs=result.epochs_run,
             finetune_seconds=result.seconds,
@@ -122,7 +123,7 @@ class JobHandlers:
             base_model_hash=self.base_model_hash,
             method=params.method,
             rank=params.rank,
-            accuracy_running=accuracy_running,
+            accuracy_running=was_running.accuracy,
             installed=installed,
             holdout_samples=len(learner.holdout),
             steps=result.steps,
@@ -135,13 +136,19 @@ class JobHandlers:
                 version=None,
                 base_model_hash=self.base_model_hash,
                 source=AdapterSource.FINETUNE,
-                details={"job_id": job.job_id, "accuracy": after, "parent_version": parent},
+                details={
+                    "job_id": job.job_id,
+                    "accuracy": after.accuracy,
+                    "parent_version": parent,
+                },
             )
         return JobOutcome(
             {
-                "accuracy_before": before,
-                "accuracy_after": after,
-                "accuracy_running": accuracy_running,
+                "accuracy_before": before.accuracy,
+                "accuracy_after": after.accuracy,
+                "accuracy_running": was_running.accuracy,
+                "loss_after": after.loss,
+                "loss_running": was_running.loss,
                 "installed": installed,
                 "start_version": params.start_version,
                 "parent_adapter_version": parent,
@@ -207,10 +214,7 @@ class JobHandlers:
         detail = {}
         if only_if_better:
             verdict = self._choice.judge(learner, wanted, adapter)
-            detail = {
-                "accuracy_candidate": verdict.accuracy_candidate,
-                "accuracy_running": verdict.accuracy_running,
-            }
+            detail = verdict.detail()
             if not verdict.better:
                 return JobOutcome({**detail, "installed": False, **self._running_now()})
         self._store.install(

@@ -20,6 +20,7 @@ from agent.device_data import DeviceRows, load_device_data
 from agent.errors import BaseModelUnusable, DataUnusable
 from agent.trainer.adapter import Adapter
 from agent.trainer.errors import ModelFileError
+from agent.trainer.evaluation import Measure, measure
 from agent.trainer.finetune import FinetuneResult, finetune
 from agent.trainer.methods import resolve
 from agent.trainer.model import BaseModel
@@ -86,9 +87,13 @@ class Learner:
         return Adapter.from_arrays(dict(arrays), self.model.layer_input_dims, self.model.n_classes)
 
     def holdout_accuracy(self, adapter: Adapter | None) -> float:
+        return self.holdout_measure(adapter).accuracy
+
+    def holdout_measure(self, adapter: Adapter | None) -> Measure:
+        """Accuracy and mean cross-entropy on the hold-out: what "measures better" compares."""
         if len(self.holdout) == 0:
             raise ValueError("no labelled hold-out: the device has no labels")
-        return self.model.accuracy(self.holdout.X, self.holdout.y, adapter=adapter)
+        return measure(self.model, self.holdout.X, self.holdout.y, adapter)
 
     def logits(self, X: np.ndarray, adapter: Adapter | None) -> np.ndarray:
         return self.model.logits(X, adapter)

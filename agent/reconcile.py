@@ -8,7 +8,7 @@ agent asks for it (`FetchRequest` on `fetch`), waits for the `AdapterPublication
 before for rollback. A version of None means: run the base model alone.
 
 With `only_if_better` (a device with labels), the device measures the version on its own
-hold-out against what it runs and takes it only if strictly better (agent/choice.py); a version
+hold-out against what it runs and takes it only if it measures better (agent/choice.py); a version
 it declined is remembered and not fetched or measured again while the same adapter runs. A
 device without labels cannot measure, and takes the version as is.
 
@@ -223,7 +223,7 @@ class Reconciler:
                 return
 
     def _install_now(self, version: int | None, arrays: Arrays | None, judged: bool) -> None:
-        """On the job runner's worker, between jobs; `judged`: only if strictly better."""
+        """On the job runner's worker, between jobs; `judged`: only if it measures better."""
         if self._runs(version):
             return  # an apply job got there first
         if judged and not self._wins(version, arrays):
@@ -245,10 +245,13 @@ class Reconciler:
         learner = self._data.current().learner
         verdict = self._choice.judge(learner, _candidate(version), learner.adapter(arrays))
         log.info(
-            "desired adapter %s: hold-out accuracy %.4f against %.4f of what runs (%s): %s",
+            "desired adapter %s: hold-out accuracy %.4f (loss %.4f) against %.4f (%.4f) of what "
+            "runs (%s): %s",
             version,
-            verdict.accuracy_candidate,
-            verdict.accuracy_running,
+            verdict.candidate.accuracy,
+            verdict.candidate.loss,
+            verdict.running.accuracy,
+            verdict.running.loss,
             self._store.origin.value,
             "installing it" if verdict.better else "declined, keeping what runs",
         )

@@ -408,3 +408,23 @@ def test_declined_versions_survive_a_restart_and_lapse_when_the_running_adapter_
     assert again.has(12, mine.slot) and not again.has(12, "base") and not again.has(13, mine.slot)
     device.store.clear()  # the base model runs now: version 12 is worth measuring again
     assert not own_choice(device.store, tmp_path).declined(12)
+
+
+def scaled(arrays, factor):
+    return {name: a * np.float32(factor) for name, a in arrays.items()}
+
+
+@pytest.mark.parametrize(
+    ("running", "candidate", "installed"), [(0.8, 1.0, True), (1.0, 1.5, False)]
+)
+def test_as_accurate_with_a_lower_cross_entropy_measures_better(device, good_arrays, running,  # noqa: F811
+                                                                 candidate, installed):  # fmt: skip
+    """The fan hold-out is 100 % right at all these scales: the loss decides (0.014 > 0.004 <
+    0.015 for 0.8, 1.0 and 1.5 times the trained ΔW)."""
+    device.store.install(scaled(good_arrays, running), version=None, source=AdapterSource.FINETUNE,
+                         base_model_hash=device.learner.model.weights_hash)  # fmt: skip
+    device.inbox.put(fleet_version(device, 20, scaled(good_arrays, candidate)))
+    detail = device.handlers.apply_adapter(apply_job(20), device.ctx()).detail
+    assert detail["accuracy_candidate"] == detail["accuracy_running"] == 1.0
+    assert (detail["loss_candidate"] < detail["loss_running"]) is installed
+    assert detail["installed"] is installed
