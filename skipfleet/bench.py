@@ -37,6 +37,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     agent.add_argument("--json", metavar="OUT", help="write the results as JSON")
     add_coordinator(targets)
     add_federation(targets)
+    add_drift(targets)
 
 
 def add_federation(targets) -> None:
@@ -63,6 +64,22 @@ def add_federation(targets) -> None:
     add("--cluster-distance", type=float, default=DEFAULT_CLUSTER_DISTANCE,
         help="DP-means radius, in in-distribution standard deviations")  # fmt: skip
     add("--json", metavar="OUT", help="write the results as JSON")
+
+
+def add_drift(targets) -> None:
+    drift = targets.add_parser(
+        "drift", help="AUROC of each label-free drift score for harmful drift (fan, HAR)"
+    )
+    add_data_dir(drift)
+    drift.add_argument("--dataset", choices=("fan", "har"), required=True)
+    drift.add_argument(
+        "--seeds", type=positive_int, default=10,
+        help="base models (and, on HAR, new subjects) drawn (default 10)",
+    )  # fmt: skip
+    drift.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    drift.add_argument("--pretrain-epochs", type=positive_int, default=40,
+                       help="as simulate's base model (default 40)")  # fmt: skip
+    drift.add_argument("--json", metavar="OUT", help="write the results as JSON")
 
 
 def add_coordinator(targets) -> None:
@@ -136,6 +153,8 @@ def main(args) -> int:
             return 2
     if args.target == "coordinator":
         from skipfleet import bench_coordinator as bench_module
+    elif args.target == "drift":
+        from skipfleet import bench_drift as bench_module
     else:
         from skipfleet import bench_agent as bench_module
     try:

@@ -23,7 +23,7 @@ import numpy as np
 from agent.data import load_fan_task
 from agent.data.har import har_drift_split
 from agent.device_data import write_device_file
-from agent.trainer.finetune import finetune, pretrain
+from agent.trainer.finetune import finetune
 from shared.mqtt import parse_broker_url
 from shared.protocol import encode
 from shared.protocol.enums import ArrayEncoding, JobKind, JobState, PresenceState
@@ -35,6 +35,7 @@ from shared.protocol.messages import (
     Report,
     ReportMetrics,
 )
+from skipfleet.base_model import pretrain_calibrated, stream_ids
 from skipfleet.bench_trainer import DEFAULT_LR, PAPER_EPOCHS
 from skipfleet.brokers import MosquittoBroker
 from skipfleet.probe import FleetProbe
@@ -139,7 +140,9 @@ def main(args) -> int:
             raise ValueError(f"unknown dataset {dataset!r}: damage1, damage2 or har")
         task = load(args.data_dir, dataset)
         log(f"{dataset}: pre-training and fine-tuning once for the report sizes")
-        model = pretrain(task.pretrain.X, task.pretrain.y, task.pretrain.n_classes, epochs=30)
+        pre = task.pretrain
+        model = pretrain_calibrated(pre.X, pre.y, pre.n_classes, stream_ids(pre), epochs=30,
+                                    seed=0, log=log)  # fmt: skip
         adapter = finetune(model, task.finetune.X, task.finetune.y, epochs=PAPER_EPOCHS[dataset],
                            lr=DEFAULT_LR[dataset]).adapter  # fmt: skip
         entry = {"report_bytes": report_bytes(model, adapter)}

@@ -11,6 +11,10 @@ the noisy room of the same fan.
 
 Device files follow agent/device_data.py (`X`, `y` in time order) plus, for a drift event,
 `X_drift`, `y_drift`: the stream the device sees after the switch.
+
+The base model ships its drift calibration (skipfleet/base_model.py): a fifth of each
+pre-training stream (HAR: a person; fan: a group's recording), in blocks, is held out of
+pre-training for the thresholds.
 """
 
 from __future__ import annotations
@@ -26,7 +30,7 @@ from agent.data import fan_fleet_devices, load_fan_fleet_group, load_har_windows
 from agent.data.fan_fleet import FAN_FLEET_GROUP_NAMES
 from agent.data.har import HAR_ACTIVITY_NAMES
 from agent.data.har_features import window_features
-from agent.trainer.finetune import pretrain
+from skipfleet.base_model import pretrain_calibrated
 
 # People new to the base model, in the order devices get them: the paper's drift subjects first.
 HAR_DEVICE_SUBJECTS = (9, 14, 16, 19, 25, 2, 4, 6, 11, 13, 20, 22, 28, 30, 17)
@@ -63,8 +67,9 @@ def build_scenario(dataset: str, n_devices: int, data_dir: Path, out_dir: Path, 
     builder = _har_fleet if dataset == "har" else _fan_fleet
     pretrain_set, devices, description = builder(n_devices, data_dir, drift)
     log(f"pre-training the base model on {len(pretrain_set[1])} samples ({description})")
-    X, y, info = pretrain_set
-    model = pretrain(X, y, len(info["class_names"]), epochs=pretrain_epochs, seed=seed, info=info)
+    X, y, streams, info = pretrain_set
+    model = pretrain_calibrated(X, y, len(info["class_names"]), streams, epochs=pretrain_epochs,
+                                seed=seed, info=info, log=log)  # fmt: skip
     base_path = out_dir / "base-model.npz"
     model.save(base_path)
     specs = []
@@ -110,7 +115,8 @@ def _har_fleet(n_devices: int, data_dir: Path, drift: bool):
     description = (
         f"HAR: {len(known)} known subjects pre-train; devices hold new subjects {list(people)}"
     )
-    return (features[pre_rows], data.y[pre_rows], info), devices, description
+    pre_set = (features[pre_rows], data.y[pre_rows], data.subject[pre_rows], info)
+    return pre_set, devices, description
 
 
 # ----------------------------------------------------------------------------------- fan
@@ -120,6 +126,7 @@ def _fan_fleet(n_devices: int, data_dir: Path, drift: bool):
     pre = [groups[g].subset(groups[g].meta["recording"] == 0) for g in quiet]
     X_pre = np.concatenate([ds.X for ds in pre])
     y_pre = np.concatenate([ds.y for ds in pre])
+    streams = np.concatenate([np.full(len(ds), g) for g, ds in zip(quiet, pre, strict=True)])
     if drift:  # quiet-room devices; those recorded in the noisy room too drift into it
         slots = [(d.quiet_group, d.noisy_group) for d in fan_fleet_devices()]
     else:  # every group is a device; the noisy rooms are the drifted ones
@@ -145,4 +152,4 @@ def _fan_fleet(n_devices: int, data_dir: Path, drift: bool):
         devices.append((device_id, arrays, what))
     info = {"task": "fan", "class_names": list(FAN_CLASS_NAMES), "features": "fan_features"}
     description = "fan: quiet rooms' first recordings pre-train; one fan group per device"
-    return (X_pre, y_pre, info), devices, description
+    return (X_pre, y_pre, streams, info), devices, description

@@ -1,4 +1,5 @@
-"""The simulated fleet's data: base model, one valid device file per device, drift streams."""
+"""The simulated fleet's data: a calibrated base model, one valid device file per device, drift
+streams."""
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ def test_scenario_writes_a_base_model_and_device_files(tmp_path, data_dir, datas
                               log=lambda _: None)  # fmt: skip
     model = BaseModel.load(scenario.base_model)
     assert model.weights_hash == scenario.base_model_hash
+    assert model.calibration.window_rows == 256 and model.calibration.held_out_rows > 0
     ids = [d.device_id for d in scenario.devices]
     assert len(set(ids)) == 3
     for device in scenario.devices:
@@ -63,6 +65,7 @@ def test_prepare_writes_the_compose_layout(tmp_path, data_dir):
     assert main(argv) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     model = BaseModel.load(out / "base.npz")
+    assert model.calibration is not None  # the agents on the shards send calibrated scores
     assert manifest["base_model_hash"] == model.weights_hash
     assert [s["shard"] for s in manifest["shards"]] == [0, 1, 2]
     for k in range(3):
