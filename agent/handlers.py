@@ -127,6 +127,8 @@ class JobHandlers:
             installed=installed,
             holdout_samples=len(learner.holdout),
             steps=result.steps,
+            loss_before=before.loss,
+            loss_after=after.loss,
         )
         arrays = result.adapter.to_arrays()
         self._send_record(Report(job.job_id, arrays, metrics, parent_adapter_version=parent))

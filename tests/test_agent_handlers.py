@@ -254,6 +254,8 @@ def test_a_finetune_from_a_fleet_version_starts_from_it(device, good_arrays):  #
     assert m.accuracy_running == device.learner.holdout_accuracy(None) < 0.8  # what ran
     assert report.parent_adapter_version == 4 and m.steps == 7
     assert m.holdout_samples == len(device.learner.holdout)
+    start = device.learner.holdout_measure(device.learner.adapter(good_arrays))
+    assert m.loss_before == start.loss and m.loss_after > 0
     assert detail["start_version"] == 4 and detail["parent_adapter_version"] == 4
     # ΔW trained on from the fleet's deltas: the report is the version plus a little
     delta = report.adapter["delta3"] - good_arrays["delta3"]
