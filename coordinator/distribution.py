@@ -30,12 +30,15 @@ from coordinator.observations import RolloutDecided, RolloutResult
 from coordinator.outbound import apply_job, desired, evaluate_job, publication
 from coordinator.registry import DeviceRecord
 from coordinator.rollout import Rollout, RolloutError, RolloutState
-from coordinator.scheduler import LabelFreeSignal, label_free_score
+from coordinator.scheduler import label_free_score
 from shared.protocol import BASE_MODEL_VERSION, AdapterOrigin, JobKind, JobStatus
 
 log = logging.getLogger(__name__)
 
 OFFER_INSTALLED, OFFER_DECLINED, OFFER_FAILED = "installed", "declined", "failed"
+# A calibrated label-free score above this says the device's inputs drifted: 1.0 is the
+# threshold calibrated for the base model on its own in-distribution data.
+DRIFTED_SCORE = 1.0
 
 
 class AdapterDistributor:
@@ -251,10 +254,11 @@ class AdapterDistributor:
     def _takes_without_measuring(self, record: DeviceRecord) -> bool:
         """A device without labels takes a promoted adapter always, or (the default) only when
         its calibrated label-free scores say it drifted."""
-        if self._fleet.config.label_free_rollout is LabelFreeRollout.ALWAYS:
+        config = self._fleet.config
+        if config.label_free_rollout is LabelFreeRollout.ALWAYS:
             return True
-        score = label_free_score(record, LabelFreeSignal.EITHER)
-        return score is not None and score > 1.0
+        score = label_free_score(record, config.policy.label_free_signal)
+        return score is not None and score > DRIFTED_SCORE
 
     def _due(self, record: DeviceRecord, version: int, now: float) -> bool:
         f = self._fleet

@@ -66,7 +66,9 @@ class SchedulerPolicy:
     # the base model on its own in-distribution data. A device fires when its score is over
     # this, and (after a run) more than label_free_margin over its score when the run began.
     label_free_threshold: float | None = 1.0
-    label_free_signal: LabelFreeSignal = LabelFreeSignal.EITHER
+    # The confidence score separates harmful drift best (HAR AUROC 0.968, every base model
+    # >= 0.912; the max of both 0.917: docs/benchmarks.md, "Label-free drift").
+    label_free_signal: LabelFreeSignal = LabelFreeSignal.CONFIDENCE
     label_free_margin: float = 0.5
     # No automatic job for a device that had any job created this recently: a device whose
     # accuracy stays low after fine-tuning must not be fine-tuned in a loop.

@@ -57,6 +57,7 @@ def add_federation(targets) -> None:
     add("--dataset", help="the scenario's data set (each scenario has one; checked)")
     add("--seeds", type=positive_int, default=5, help="seeds, each with its own base model")
     add("--method", default="skip2-delta", help="what devices train (default skip2-delta)")
+    add("--lr", type=float, help="SGD step size (default 0.02, the coordinator's)")
     add("--steps", type=positive_int, default=defaults.steps, help="SGD steps per round")
     add("--max-rounds", type=positive_int, default=defaults.max_rounds)
     add("--min-gain", type=float, default=defaults.min_gain,

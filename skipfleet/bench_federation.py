@@ -9,6 +9,7 @@ or the device's own fine-tune gave it (summed over seeds).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import statistics
 import sys
@@ -22,6 +23,8 @@ from skipfleet.federation_sim import STRATEGIES, Federation, Settings, scored_ac
 def run_seed(scenario: str, data_dir: Path, seed: int, settings: Settings) -> dict:
     _, build = SCENARIOS[scenario]
     fleet = build(data_dir, seed)
+    if settings.lr is not None:
+        fleet = dataclasses.replace(fleet, lr=settings.lr)
     federation = Federation(fleet, settings, seed)
     scored = [d for d in fleet.devices if d.scored]
     out = {}
@@ -78,6 +81,7 @@ def run(scenario: str, data_dir: Path, seeds: int, settings: Settings, log=print
             "min_gain": p.min_gain,
             "cluster_distance": settings.cluster_distance,
             "min_canaries": settings.rollout.min_canaries,
+            "lr": settings.lr,
             "own_epochs": settings.own_epochs,
         },
         "strategies": summarize(per_seed),
@@ -105,6 +109,7 @@ def main(args, data_dir: Path) -> int:
             max_rounds=args.max_rounds, steps=args.steps, min_gain=args.min_gain
         ),
         cluster_distance=args.cluster_distance,
+        lr=args.lr,
     )
     result = run(args.scenario, data_dir, args.seeds, settings)
     print_table(result)

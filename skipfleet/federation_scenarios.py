@@ -32,10 +32,11 @@ from agent.data import load_fan_fleet_group, load_fan_task, load_har_windows
 from agent.data.dataset import Dataset, holdout_split
 from agent.data.fan_fleet import FAN_FLEET_GROUP_NAMES
 from agent.data.har_features import window_features
-from agent.trainer.finetune import pretrain
 from agent.trainer.model import BaseModel
+from skipfleet.base_model import pretrain_calibrated, stream_ids
 
 HOLDOUT_FRACTION = 0.25  # the agent's default
+LR = 0.02  # the coordinator's default step size (coordinator.config.FinetuneSettings)
 SIGNATURE_ROWS = 256  # the agent's drift window
 PRETRAIN_EPOCHS = 40
 HAR_FLEET_SUBJECTS = (9, 14, 16, 19, 25)
@@ -61,8 +62,7 @@ class SimDevice:
 class Fleet:
     scenario: str
     dataset: str
-    model: BaseModel
-    calibration_rows: np.ndarray  # in-distribution inputs never trained on
+    model: BaseModel  # pre-trained with this seed, with its drift calibration
     devices: tuple[SimDevice, ...]
     lr: float
 
@@ -72,13 +72,10 @@ def _labelled(device_id, group, data: Dataset, test: Dataset, seed, scored=True)
     return SimDevice(device_id, group, data.X, test, train, holdout, scored)
 
 
-def _pretrain(X, y, n_classes, seed, info) -> tuple[BaseModel, np.ndarray]:
-    """A base model on 85 % of (X, y); the other 15 % are its in-distribution calibration rows."""
-    rows = np.random.default_rng(seed).permutation(len(y))
-    cut = int(0.85 * len(y))
-    model = pretrain(X[rows[:cut]], y[rows[:cut]], n_classes, epochs=PRETRAIN_EPOCHS, seed=seed,
-                     info=info)  # fmt: skip
-    return model, X[rows[cut:]]
+def _pretrain(X, y, n_classes, streams, seed, info) -> BaseModel:
+    """A base model with its drift calibration, as every place that makes one does."""
+    return pretrain_calibrated(X, y, n_classes, streams, epochs=PRETRAIN_EPOCHS, seed=seed,
+                               info=info)  # fmt: skip
 
 
 # ------------------------------------------------------------------------------------- fan
@@ -86,11 +83,12 @@ def _fan_groups(data_dir: Path) -> dict[int, Dataset]:
     return {g: load_fan_fleet_group(data_dir, g) for g in range(len(FAN_FLEET_GROUP_NAMES))}
 
 
-def _fan_base(groups, seed):
+def _fan_base(groups, seed) -> BaseModel:
     quiet = [g for g, ds in groups.items() if ds.meta["room"] != "noisy"]
     pre = [groups[g].subset(groups[g].meta["recording"] == 0) for g in quiet]
     X, y = np.concatenate([d.X for d in pre]), np.concatenate([d.y for d in pre])
-    return _pretrain(X, y, 3, seed, {"task": "fan"})
+    streams = np.concatenate([np.full(len(d), g) for g, d in zip(quiet, pre, strict=True)])
+    return _pretrain(X, y, 3, streams, seed, {"task": "fan"})
 
 
 def _recording(ds: Dataset, which: int) -> Dataset:
@@ -103,7 +101,7 @@ def _device_name(group_name: str) -> str:
 
 def new_device(data_dir: Path, seed: int) -> Fleet:
     groups = _fan_groups(data_dir)
-    model, calibration = _fan_base(groups, seed)
+    model = _fan_base(groups, seed)
     devices = []
     for g, ds in groups.items():
         name = FAN_FLEET_GROUP_NAMES[g]
@@ -117,24 +115,25 @@ def new_device(data_dir: Path, seed: int) -> Fleet:
             devices.append(_labelled(f"{_device_name(name)}-{shard}", name, part, part, seed,
                                      scored=False))  # fmt: skip
         devices.append(SimDevice(f"{_device_name(name)}-new", name, second.X, second))
-    return Fleet("new-device", "fan", model, calibration, tuple(devices), lr=0.05)
+    return Fleet("new-device", "fan", model, tuple(devices), lr=LR)
 
 
 def mixed_fleet(data_dir: Path, seed: int) -> Fleet:
     groups = _fan_groups(data_dir)
-    model, calibration = _fan_base(groups, seed)
+    model = _fan_base(groups, seed)
     devices = []
     for g, ds in groups.items():
         name = FAN_FLEET_GROUP_NAMES[g]
         own = _recording(ds, 0 if ds.meta["room"] == "noisy" else 1)
         rest, test = holdout_split(own, HOLDOUT_FRACTION, seed=seed + 1000)
         devices.append(_labelled(_device_name(name), name, rest, test, seed))
-    return Fleet("mixed-fleet", "fan", model, calibration, tuple(devices), lr=0.05)
+    return Fleet("mixed-fleet", "fan", model, tuple(devices), lr=LR)
 
 
 def label_scarce(data_dir: Path, seed: int, devices: int = 40, labels: int = 10) -> Fleet:
     task = load_fan_task(data_dir, "damage1")
-    model, calibration = _pretrain(task.pretrain.X, task.pretrain.y, 3, seed, {"task": "fan"})
+    pre = task.pretrain
+    model = _pretrain(pre.X, pre.y, 3, stream_ids(pre), seed, {"task": "fan"})
     rng = np.random.default_rng(seed)
     pool = task.finetune
     if devices * labels > len(pool):
@@ -147,7 +146,7 @@ def label_scarce(data_dir: Path, seed: int, devices: int = 40, labels: int = 10)
         train, holdout = holdout_split(own, HOLDOUT_FRACTION, seed=seed + k)
         inputs = np.concatenate([unlabelled, own.X])
         fleet.append(SimDevice(f"fan-{k:02d}", "damage1", inputs, task.test, train, holdout))
-    return Fleet("label-scarce", "damage1", model, calibration, tuple(fleet), lr=0.05)
+    return Fleet("label-scarce", "damage1", model, tuple(fleet), lr=LR)
 
 
 # ------------------------------------------------------------------------------------- HAR
@@ -156,7 +155,8 @@ def unseen_subjects(data_dir: Path, seed: int) -> Fleet:
     features = window_features(windows.windows)
     held_back = set(HAR_FLEET_SUBJECTS) | set(HAR_UNSEEN_SUBJECTS)
     known = np.flatnonzero(~np.isin(windows.subject, sorted(held_back)))
-    model, calibration = _pretrain(features[known], windows.y[known], 6, seed, {"task": "har"})
+    streams = windows.subject[known] * 10 + windows.experiment[known]  # one per recording
+    model = _pretrain(features[known], windows.y[known], 6, streams, seed, {"task": "har"})
     devices = []
     for subject in (*HAR_FLEET_SUBJECTS, *HAR_UNSEEN_SUBJECTS):
         rows = np.flatnonzero(windows.subject == subject)
@@ -167,7 +167,7 @@ def unseen_subjects(data_dir: Path, seed: int) -> Fleet:
                                      scored=False))  # fmt: skip
         else:
             devices.append(SimDevice(device_id, f"subject {subject}", data.X, data))
-    return Fleet("unseen-subjects", "har", model, calibration, tuple(devices), lr=0.02)
+    return Fleet("unseen-subjects", "har", model, tuple(devices), lr=LR)
 
 
 SCENARIOS: dict[str, tuple[str, Callable[[Path, int], Fleet]]] = {

@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
+from agent.drift import score_window
 from agent.trainer.adapter import Adapter
 from agent.trainer.evaluation import Measure, measure
 from agent.trainer.finetune import finetune
@@ -34,6 +35,9 @@ from coordinator.clustering import DEFAULT_CLUSTER_DISTANCE, assign, cluster_sig
 from coordinator.federation import FederationPolicy, Measured, Next, RunProgress, is_last
 from coordinator.rollout import CanaryResult, RolloutPolicy, RolloutState, canary_verdict
 from skipfleet.federation_scenarios import SIGNATURE_ROWS, Fleet, SimDevice
+
+# The calibrated threshold: 1.0 is the base model's own (coordinator --label-free-threshold).
+LABEL_FREE_THRESHOLD = 1.0
 
 STRATEGIES = ("base", "own", "today", "one-cohort", "clustered", "pooled")
 
@@ -44,6 +48,8 @@ class Settings:
     policy: FederationPolicy = field(default_factory=FederationPolicy)
     rollout: RolloutPolicy = field(default_factory=lambda: RolloutPolicy(min_canaries=2))
     cluster_distance: float = DEFAULT_CLUSTER_DISTANCE
+    label_free_drifted_only: bool = True  # --label-free-rollout drifted (the default)
+    lr: float | None = None  # None: the scenario's step size
     own_epochs: int = 30
     today_epochs: int = 30
 
@@ -58,16 +64,10 @@ class Outcome:
     promoted: dict[str, bool] = field(default_factory=dict)
 
 
-def signature(fleet: Fleet, inputs: np.ndarray) -> np.ndarray:
-    """The device's mean standardised last hidden layer over its last SIGNATURE_ROWS inputs."""
-    mean, std = _hidden_stats(fleet)
-    hidden = fleet.model.frozen_features(inputs[-SIGNATURE_ROWS:])[0][-1]  # (m, H)
-    return ((hidden - mean) / std).mean(axis=0)
-
-
-def _hidden_stats(fleet: Fleet) -> tuple[np.ndarray, np.ndarray]:
-    hidden = fleet.model.frozen_features(fleet.calibration_rows)[0][-1].astype(np.float64)
-    return hidden.mean(axis=0), hidden.std(axis=0) + 1e-3
+def window_scores(fleet: Fleet, inputs: np.ndarray, adapter=None):
+    """What the device's heartbeat would say over its last SIGNATURE_ROWS inputs (the agent's
+    own scoring: calibrated label-free scores and the feature signature)."""
+    return score_window(fleet.model, inputs[-SIGNATURE_ROWS:], adapter)
 
 
 class Federation:
@@ -121,7 +121,9 @@ class Federation:
         return Outcome({d.device_id: result for d in self.fleet.devices})
 
     def _clusters(self) -> dict[str, list[SimDevice]]:
-        signatures = {d.device_id: signature(self.fleet, d.inputs) for d in self.fleet.devices}
+        signatures = {
+            d.device_id: window_scores(self.fleet, d.inputs).signature for d in self.fleet.devices
+        }
         labelled = {d: s for d, s in signatures.items() if self._by_id(d).labelled}
         found = cluster_signatures(labelled, max_distance=self.settings.cluster_distance)
         clusters = {f"c{k}": [self._by_id(d) for d in c.members] for k, c in enumerate(found)}
@@ -188,13 +190,21 @@ class Federation:
         if state is not RolloutState.PROMOTED:
             return False
         for d in members:
-            if not d.labelled:
-                running[d.device_id] = candidate
+            if not d.labelled:  # it cannot measure: it takes it only if it drifted
+                if self._drifted(d, running[d.device_id]):
+                    running[d.device_id] = candidate
                 continue
             offered = self._measure(d, candidate)
             if offered.better_than(runs[d.device_id]):
                 running[d.device_id], runs[d.device_id] = candidate, offered
         return True
+
+    def _drifted(self, d: SimDevice, running) -> bool:
+        """The coordinator's rule for a device without labels (--label-free-rollout drifted)."""
+        if not self.settings.label_free_drifted_only:
+            return True
+        score = window_scores(self.fleet, d.inputs, running).confidence_score
+        return score is not None and score > LABEL_FREE_THRESHOLD
 
     # ------------------------------------------------------------------------ helpers
     def _train(self, d: SimDevice, start, *, tag, steps=None, epochs=30, method=None) -> Adapter:
