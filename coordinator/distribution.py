@@ -296,7 +296,10 @@ class AdapterDistributor:
             log.warning("%s did not apply v%s: %s %s", device, version, job.state, job.detail or "")
             return
         detail = dict(status.detail) if status is not None else {}
-        installed = detail.get("installed", True) is not False
+        # runs it: installed now, or already (the desired pointer got there first)
+        installed = detail.get("installed", True) is not False or bool(
+            detail.get("already_running")
+        )
         cluster = self._version_cluster(f.registry.get(device), version)
         if installed:
             why = _measured(f"runs {cluster} v{version}", detail)

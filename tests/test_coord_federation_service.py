@@ -228,3 +228,22 @@ def test_a_restarted_service_carries_on_with_a_run_between_rounds(tmp_path, cloc
     assert {j.params.start_version for _, j in second} == {1}
     (run,) = again.runs()
     assert run["state"] == "RUNNING" and len(run["rounds"]) == 2
+
+
+def test_a_device_already_running_the_offered_version_counts_as_installed(tmp_path, clock):
+    """The retained pointer can reach the agent before the apply job does."""
+    service = start(tmp_path, clock, rounds=1)
+    devices = join(service, clock, ("pi-1", None, True), ("pi-2", None, True))
+    service.request_finetune(all_=True)
+    answer_round(service, devices, service.tick(), before=0.6, loss=1.0)
+    answer_evaluations(service, devices, service.tick(), candidate=0.9, current=0.6)
+    applies = dict(jobs_in(service.tick(), JobKind.APPLY_ADAPTER))
+    already = {"already_running": True, "installed": False, "adapter_version": 1,
+               "origin": AdapterOrigin.FLEET.value}  # fmt: skip
+    service.ingest([devices["pi-1"].status(applies["pi-1"].job_id, JobState.SUCCEEDED, already)])
+    pi1 = next(d for d in service.devices() if d["device_id"] == "pi-1")
+    assert (pi1["offer_result"], pi1["running"]["version"], pi1["running"]["origin"]) == (
+        "installed",
+        1,
+        "fleet",
+    )
