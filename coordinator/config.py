@@ -15,6 +15,7 @@ from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from coordinator.aggregation.bounds import TrustBounds
 from coordinator.clustering import DEFAULT_CLUSTER_DISTANCE
 from coordinator.federation import FederationPolicy
 from coordinator.rollout import RolloutPolicy
@@ -47,11 +48,12 @@ class ConfigError(ValueError):
 
 
 class AggregationAlgorithm(StrEnum):
-    """Strategies that produce one adapter per cohort (the personalised one keeps per-device
-    adapters, which the cohort-wide rollout does not distribute)."""
+    """The strategies of coordinator.aggregation, by name (here so --help needs no numpy)."""
 
     EXACT_DELTA = "exact-delta"
     NAIVE_FEDAVG = "naive-fedavg"
+    COORDINATE_MEDIAN = "coordinate-median"  # robust: unweighted, per coordinate
+    TRIMMED_MEAN = "trimmed-mean"  # robust: drops each coordinate's extremes
 
 
 class LabelFreeRollout(StrEnum):
@@ -111,6 +113,7 @@ class CoordinatorConfig:
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
     federation: FederationPolicy = field(default_factory=FederationPolicy)
     cluster_distance: float | None = DEFAULT_CLUSTER_DISTANCE  # None: one cluster per cohort
+    trust: TrustBounds = field(default_factory=TrustBounds)
     label_free_rollout: LabelFreeRollout = LabelFreeRollout.DRIFTED
     algorithm: AggregationAlgorithm = AggregationAlgorithm.EXACT_DELTA
     encoding: WireEncoding = WireEncoding.FLOAT32
@@ -298,6 +301,19 @@ def add_federation_arguments(parser: argparse.ArgumentParser) -> None:
         help="...or lowers the hold-out cross-entropy by this share",
     )
     add("--patience", type=int, default=run.patience, help="rounds without either, then stop")
+    trust = TrustBounds()
+    add(
+        "--max-weight-ratio",
+        type=optional_float,
+        default=trust.max_weight_ratio,
+        help="a report weighs at most this times the median of the others' samples ('off')",
+    )
+    add(
+        "--clip-factor",
+        type=optional_float,
+        default=trust.clip_factor,
+        help="clip a report's update to this times the others' median update norm ('off')",
+    )
     add(
         "--cluster-distance",
         type=optional_float,
@@ -346,6 +362,7 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Coordinat
                 steps=args.steps_per_round,
             ),
             cluster_distance=args.cluster_distance,
+            trust=TrustBounds(max_weight_ratio=args.max_weight_ratio, clip_factor=args.clip_factor),
             label_free_rollout=LabelFreeRollout(args.label_free_rollout),
             finetune=FinetuneSettings(
                 epochs=args.epochs,

@@ -47,13 +47,18 @@ class AdapterDistributor:
 
     # ---- canary
 
-    def start_canary(self, cohort: str, cluster: str, version: int) -> tuple[str | None, str]:
-        """Starts the candidate's canary on the cluster's labelled members; returns (rollout id
-        or None, what happened). Without enough of them, the labelled members are still
-        offered the candidate: they measure it themselves."""
+    def start_canary(
+        self, cohort: str, cluster: str, version: int, *, exclude: Sequence[str] = ()
+    ) -> tuple[str | None, str]:
+        """Starts the candidate's canary on the cluster's labelled members (not those in
+        `exclude`: devices whose reports were outliers); returns (rollout id or None, what
+        happened). Without enough of them, the labelled members are still offered the
+        candidate: they measure it themselves."""
         f = self._fleet
         able = [
-            r.device_id for r in self._members(cohort, cluster) if r.labelled and f.reachable(r)
+            r.device_id
+            for r in self._members(cohort, cluster)
+            if r.labelled and f.reachable(r) and r.device_id not in exclude
         ]
         try:
             rollout = f.rollouts.start(cohort, version, able, cluster=cluster)

@@ -183,8 +183,9 @@ class MessageHandler:
     def _refuse(self, job: Job, device: str, reason: str) -> None:
         f = self._fleet
         f.reject("invalid_report", reason)
+        if job.round_id is not None:  # failed for this device, not for its round
+            f.rounds.excuse(job.round_id, device)
         if job.is_active:
-            # The coordinator refuses the result: the job failed (and may be retried in its round).
             failed = f.jobs.report_status(
                 job.job_id, JobState.FAILED, device_id=device, detail=f"report refused: {reason}"
             )

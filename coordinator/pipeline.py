@@ -19,6 +19,7 @@ import uuid
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
+from coordinator.adapter_store import AdapterStoreError
 from coordinator.aggregate_task import AggregationOutcome, Aggregator, algorithms_for
 from coordinator.distribution import AdapterDistributor
 from coordinator.federation import Next, RunProgress, is_last
@@ -32,6 +33,10 @@ from coordinator.runs import ClusterRun, ClusterStage, Run, RunState, members_of
 from coordinator.scheduler import label_free_score
 
 log = logging.getLogger(__name__)
+
+# Aggregating a cluster takes milliseconds to seconds (Ray tasks); one not back after this was
+# lost (a crashed worker past its retries), and the cluster stops with what it measured.
+AGGREGATION_TIMEOUT_S = 300.0
 
 
 @dataclass(frozen=True)
@@ -130,10 +135,21 @@ class RoundPipeline:
             self._on_aggregated(outcome)
 
     def settle(self) -> None:
-        """Clusters whose canary has decided are done; a run whose clusters all are, too."""
+        """Clusters whose canary has decided are done; a run whose clusters all are, too. An
+        aggregation that never came back (a lost task) ends its cluster's training: no stage
+        waits forever."""
         f = self._fleet
+        now = f.clock()
         for run in f.runs.running():
             changed = False
+            for c in run.in_stage(ClusterStage.AGGREGATING):
+                if now - (c.aggregating_since or now) > AGGREGATION_TIMEOUT_S:
+                    why = f"aggregation did not finish in {AGGREGATION_TIMEOUT_S:.0f} s"
+                    log.warning("run %s cluster %s: %s", run.run_id, c.cluster, why)
+                    self._stop(c, c.progress.best_measured(), why)
+                    changed = True
+            if changed and not run.in_stage(ClusterStage.AGGREGATING):
+                self._advance(run)
             for c in run.in_stage(ClusterStage.ROLLING_OUT):
                 rollout = f.rollouts.get(c.rollout_id) if c.rollout_id else None
                 if rollout is not None and rollout.is_decided:
@@ -293,7 +309,7 @@ class RoundPipeline:
         if isinstance(request, str):
             self._stop(c, c.progress.best_measured(), request)
             return
-        c.stage = ClusterStage.AGGREGATING
+        c.stage, c.aggregating_since = ClusterStage.AGGREGATING, f.clock()
         f.runs.save(run)
         self._aggregator.submit(request, algorithms_for(f.config.algorithm.value))
 
@@ -314,7 +330,12 @@ class RoundPipeline:
             f.records.cluster_outcome(request.round_id, c.cluster, {"error": error})
             self._stop(c, c.progress.best_measured(), f"aggregation failed: {error}")
         else:
-            self._store(run, c, found[1], outcome)
+            try:
+                self._store(run, c, found[1], outcome)
+            except AdapterStoreError as err:  # e.g. not finite: refused, the run goes on
+                log.warning("run %s cluster %s: aggregate refused: %s", run.run_id, c.cluster, err)
+                f.records.cluster_outcome(request.round_id, c.cluster, {"error": str(err)})
+                self._stop(c, c.progress.best_measured(), f"aggregate refused: {err}")
         f.runs.save(run)
         if not run.in_stage(ClusterStage.AGGREGATING):
             f.records.settle(request.round_id, RoundStage.STORED, f.clock())
@@ -377,7 +398,7 @@ class RoundPipeline:
         for c in run.in_stage(ClusterStage.ROLLING_OUT):
             if c.rollout_id is None:
                 rollout_id, note = self._distributor.start_canary(
-                    run.cohort, c.cluster, c.candidate
+                    run.cohort, c.cluster, c.candidate, exclude=c.outliers
                 )
                 c.rollout_id = rollout_id
                 self._note_rollout(run, c, rollout_id, note)

@@ -5,7 +5,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from coordinator.aggregate_task import AggregationOutcome, AggregationRequest
-from coordinator.aggregation import FitFailure, FitResult, aggregation_gap
+from coordinator.aggregation import FitFailure, FitResult, aggregation_gap, bound_reports
 from coordinator.federation import Measured
 from coordinator.fleet import Fleet
 from coordinator.reports import ReportMeta
@@ -34,7 +34,9 @@ def aggregation_request(
     answered: Sequence[str],
     failed: Mapping[str, str],
 ) -> AggregationRequest | str:
-    """The cluster's inputs (each answering member's latest valid report), or why none."""
+    """The cluster's inputs (each answering member's latest valid report, bounded:
+    coordinator.aggregation.bounds), or why none. Devices whose update was clipped join the
+    cluster's outliers, whose canary evaluations do not count."""
     latest = {meta.device_id: meta for meta in fleet.reports.for_round(round_id)}
     failures = [FitFailure(d, why) for d, why in failed.items() if d in c.members]
     results = []
@@ -49,17 +51,29 @@ def aggregation_request(
     if not results:
         return "no valid report to aggregate"
     first = latest[results[0].device_id]
-    parent = c.start_of(index)
+    parent = c.start_of(index) or None
+    start = None if parent is None else fleet.store.get(run.cohort, parent).arrays
+    registered = {r.device_id: _registered(fleet, r.device_id) for r in results}
+    bounded = bound_reports(results, shape=first.shape, bounds=fleet.config.trust,
+                            registered=registered, start=start)  # fmt: skip
+    c.outliers = tuple(sorted(set(c.outliers) | bounded.outliers))
+    if bounded.notes:
+        fleet.records.cluster_outcome(round_id, c.cluster, {"bounded": dict(bounded.notes)})
     return AggregationRequest(
         round_id=round_id,
         cohort=run.cohort,
         base_model_hash=first.base_model_hash,
         shape=first.shape,
-        results=tuple(results),
+        results=bounded.results,
         failures=tuple(failures),
-        parent_version=parent or None,
+        parent_version=parent,
         cluster=c.cluster,
     )
+
+
+def _registered(fleet: Fleet, device_id: str) -> int | None:
+    record = fleet.registry.get(device_id)
+    return None if record is None else record.train_samples
 
 
 def aggregation_gap_view(outcome: AggregationOutcome) -> dict:

@@ -42,6 +42,8 @@ class ClusterRun:
     candidate: int | None = None  # the version to roll out
     rollout_id: str | None = None
     note: str = ""
+    outliers: tuple[str, ...] = ()  # devices whose update was clipped: no canary for them
+    aggregating_since: float | None = None  # when its aggregate under way was submitted
 
     def start_of(self, index: int) -> int:
         """The version round `index` starts from (0: the base model)."""
@@ -189,6 +191,7 @@ def _load_cluster(body: dict[str, Any], policy: FederationPolicy) -> ClusterRun:
         **{
             **body,
             "members": tuple(body["members"]),
+            "outliers": tuple(body.get("outliers", ())),
             "stage": ClusterStage(body["stage"]),
             "aggregates": {int(k): v for k, v in body["aggregates"].items()},
         },

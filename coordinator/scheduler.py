@@ -269,7 +269,7 @@ class FineTuneScheduler:
         triggers, worst accuracy first; one candidate per device."""
         candidates: dict[str, Candidate] = {}
         for job in self._jobs.retry_candidates(updated_since=now - self.policy.request_ttl_s):
-            if job.round_id is None or self._round_is_open(job.round_id):
+            if job.round_id is None or self._may_retry_in(job.round_id, job.device_id):
                 candidates.setdefault(
                     job.device_id, Candidate(job.device_id, Trigger.RETRY, job.round_id, job)
                 )
@@ -348,8 +348,13 @@ class FineTuneScheduler:
                 reasons[device] = f"last skipped: {record.last_skip_reason}"
         return evaluate_round(rnd, latest, now, can_retry=can_retry, not_started_reasons=reasons)
 
-    def _round_is_open(self, round_id: str) -> bool:
-        return self._rounds.outcome(round_id) is RoundOutcome.RUNNING
+    def _may_retry_in(self, round_id: str, device_id: str) -> bool:
+        rnd = self._rounds.get(round_id)
+        return (
+            rnd is not None
+            and self._rounds.outcome(round_id) is RoundOutcome.RUNNING
+            and device_id not in rnd.excused
+        )
 
 
 def _below(value: float | None, limit: float | None) -> bool:

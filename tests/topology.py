@@ -289,6 +289,8 @@ def session_coordinator_flags(ray_session, state_dir: Path) -> dict[str, str]:
         "accuracy-threshold": "off",
         "accuracy-drop-margin": "off",
         "drift-threshold": "off",
+        "label-free-threshold": "off",
+        "max-rounds": "1",  # a run of one round: these tests are about the deployment
         "tick-seconds": "0.2",
     }
 
@@ -333,8 +335,10 @@ def devices_reachable(coordinator: CoordinatorProcess, device_ids: Iterable[str]
 
 def run_one_round(coordinator: CoordinatorProcess, device_ids: list[str],
                   watch: Iterable[LoggedProcess] = ()) -> dict:  # fmt: skip
-    """POST /finetune {"all": true} over the reachable fleet, then wait until the round's adapter is
-    promoted and runs on every device; returns the cohort (GET /adapters)."""
+    """POST /finetune {"all": true} over the reachable fleet (a run of one round: the session
+    flags say --max-rounds 1), then wait until its adapter is promoted and every device has
+    answered the offer (installed it, or kept what measured better on its own hold-out);
+    returns the cohort (GET /adapters)."""
     status, started = coordinator.api("POST", "/finetune", {"all": True})
     assert status == 200, started
     (started_round,) = started["rounds"]
@@ -350,12 +354,15 @@ def run_one_round(coordinator: CoordinatorProcess, device_ids: list[str],
         return next((c for c in cohorts if c["current_version"] is not None), None)
 
     cohort = wait_until("the round's adapter promoted", promoted, watch=watch)
-    version = cohort["current_version"]
-    wait_until(
-        f"version {version} running on every device",
-        lambda: all(d["adapter_version"] == version for d in coordinator.get("/devices")),
+    wait_until(  # each device was offered its cluster's version
+        "every device's answer to the version offered to it",
+        lambda: all(
+            d["offered_version"] is not None and d["offer_result"] in ("installed", "declined")
+            for d in coordinator.get("/devices")
+        ),
         watch=watch,
     )
+    wait_until("the run done", lambda: coordinator.get("/runs")[0]["state"] == "DONE", watch=watch)
     return cohort
 
 

@@ -21,6 +21,10 @@ MAX_TEXT = 1024
 MAX_SCALARS = 64
 MAX_ARRAYS = 64
 MAX_INT = 2**63 - 1
+# No honest adapter comes near: ΔW entries are O(0.01-1) (logits move by x·ΔW over hundreds of
+# inputs). A report or a fleet adapter beyond it is refused, by the coordinator and by the
+# agent, instead of being averaged (a finite 1e30 overflowed a float32 aggregate to Inf).
+ADAPTER_VALUE_BOUND = 1e3
 
 Scalar = str | int | float | bool | None
 
