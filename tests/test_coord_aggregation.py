@@ -208,7 +208,7 @@ def deltas_reports(values: list[float], counts=None) -> list[FitResult]:
             f"dev-{i}",
             {f"delta{k}": np.full(SHAPE.delta_shape(k), v, np.float32) for k in SHAPE.layers},
             n,
-        )  # fmt: skip
+        )
         for i, (v, n) in enumerate(zip(values, counts, strict=True))
     ]
 
