@@ -237,6 +237,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--energy-period-seconds", type=float, default=3600.0)
     add("--job-timeout-seconds", type=float, default=defaults.job_timeout_s)
     add("--max-attempts", type=int, default=defaults.max_attempts)
+    add(
+        "--quarantine-after",
+        type=int,
+        default=defaults.quarantine_after,
+        help="jobs a device lets time out in a row before it is left alone for a while",
+    )
+    add("--quarantine-seconds", type=float, default=defaults.quarantine_s)
     add("--round-deadline-seconds", type=float, default=defaults.round_deadline_s)
     add("--min-completion-ratio", type=float, default=defaults.min_completion_ratio)
     add("--canary-fraction", type=float, default=canary.canary_fraction)
@@ -401,6 +408,8 @@ def _policy(args: argparse.Namespace) -> SchedulerPolicy:
         energy_budget_j=args.energy_budget_joules,
         job_timeout_s=args.job_timeout_seconds,
         max_attempts=args.max_attempts,
+        quarantine_after=args.quarantine_after,
+        quarantine_s=args.quarantine_seconds,
         round_deadline_s=args.round_deadline_seconds,
         min_completion_ratio=args.min_completion_ratio,
     )

@@ -34,7 +34,14 @@ from coordinator.state_db import StateDB
 log = logging.getLogger(__name__)
 
 # Not reachable now: a device is offline, silent, or unknown (hot or busy ones may clear soon).
-UNREACHABLE = frozenset({SkipReason.OFFLINE, SkipReason.HEARTBEAT_STALE, SkipReason.UNKNOWN_DEVICE})
+UNREACHABLE = frozenset(
+    {
+        SkipReason.OFFLINE,
+        SkipReason.HEARTBEAT_STALE,
+        SkipReason.UNKNOWN_DEVICE,
+        SkipReason.QUARANTINED,
+    }
+)
 
 
 class FleetRequestError(ValueError):

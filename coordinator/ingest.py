@@ -118,6 +118,7 @@ class MessageHandler:
             return
         f.transitioned(updated)
         if updated.is_terminal:
+            f.registry.record_answer(device)
             self._distributor.on_job_finished(updated, status)
 
     def _report(self, device: str, report: Report, at: float) -> None:

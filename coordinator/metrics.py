@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from coordinator.observations import (
     AggregationTimed,
     DeviceGauges,
+    DeviceQuarantined,
     FinetuneReported,
     FleetSnapshot,
     JobTransition,
@@ -75,6 +76,14 @@ class FleetMetrics:
             "Calibrated label-free drift score (1 = the base model's threshold)",
             ["device", "signal"],
             registry=r,
+        )
+        self.devices_quarantined = Gauge(
+            p + "devices_quarantined",
+            "Devices left alone after letting jobs time out in a row",
+            registry=r,
+        )
+        self.quarantines = Counter(
+            p + "quarantines", "Devices quarantined (jobs timed out in a row)", registry=r
         )
         self.run_rounds = Histogram(
             p + "run_rounds",
@@ -167,12 +176,15 @@ class FleetMetrics:
                     self.message_rejected(reason)
                 case RunFinished(rounds=rounds):
                     self.run_rounds.observe(rounds)
+                case DeviceQuarantined():
+                    self.quarantines.inc()
                 case _:
                     raise TypeError(f"not a metric event: {event!r}")
 
     def apply_snapshot(self, snapshot: FleetSnapshot) -> None:
         self.devices_known.set(len(snapshot.devices))
         self.devices_online.set(snapshot.devices_online)
+        self.devices_quarantined.set(snapshot.devices_quarantined)
         for device in snapshot.devices:
             self._set_device(device)
         self._forget(self._device_labels, {d.device_id for d in snapshot.devices}, "device")

@@ -58,6 +58,11 @@ class MessageRejected:
 
 
 @dataclass(frozen=True)
+class DeviceQuarantined:
+    """A device let too many jobs time out in a row."""
+
+
+@dataclass(frozen=True)
 class RunFinished:
     """A federated run ended after this many rounds."""
 
@@ -72,6 +77,7 @@ MetricEvent = (
     | RolloutDecided
     | MessageRejected
     | RunFinished
+    | DeviceQuarantined
 )
 
 
@@ -118,6 +124,7 @@ class FleetSnapshot:
     devices: tuple[DeviceGauges, ...] = ()
     jobs_by_state: dict[str, int] = field(default_factory=dict)
     adapter_versions: dict[str, int] = field(default_factory=dict)  # cohort -> current version
+    devices_quarantined: int = 0
 
     @property
     def devices_online(self) -> int:

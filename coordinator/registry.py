@@ -95,6 +95,9 @@ class DeviceRecord:
     # The fleet version last offered to the device, and what it said (installed or declined).
     offered_version: int | None = None
     offer_result: str | None = None
+    # Jobs it let time out in a row; past a limit it is quarantined until the given time.
+    timeouts_in_a_row: int | None = None
+    quarantined_until: float | None = None
 
     @property
     def labelled(self) -> bool:
@@ -304,6 +307,26 @@ class FleetRegistry:
         return self._update(
             device_id, adapter_version=version, adapter_origin=origin, adapter_reason=reason
         )
+
+    def record_timeout(self, device_id: str, *, at: float, limit: int, hold_s: float) -> bool:
+        """A job of the device timed out; True if that quarantines it (limit in a row)."""
+        with self._db.transaction():
+            record = self.get(device_id)
+            if record is None:
+                return False
+            count = (record.timeouts_in_a_row or 0) + 1
+            quarantine = count >= limit
+            until = at + hold_s if quarantine else record.quarantined_until
+            self._save(
+                dataclasses.replace(record, timeouts_in_a_row=count, quarantined_until=until)
+            )
+            return quarantine
+
+    def record_answer(self, device_id: str) -> None:
+        """The device answered a job: its run of timeouts (and any quarantine) ends."""
+        record = self.get(device_id)
+        if record is not None and (record.timeouts_in_a_row or record.quarantined_until):
+            self._update(device_id, timeouts_in_a_row=0, quarantined_until=None)
 
     def set_label_free_reference(self, device_id: str, score: float | None) -> DeviceRecord:
         return self._update(device_id, label_free_reference=score)

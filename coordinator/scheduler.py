@@ -47,6 +47,7 @@ class SkipReason(StrEnum):
     TOO_HOT = "too_hot"
     ENERGY_BUDGET = "energy_budget"
     BUSY = "busy"
+    QUARANTINED = "quarantined"  # let too many jobs time out in a row: left alone for a while
     CONCURRENCY_LIMIT = "concurrency_limit"
 
 
@@ -80,6 +81,8 @@ class SchedulerPolicy:
     # Jobs.
     job_timeout_s: float = 600.0
     max_attempts: int = 3
+    quarantine_after: int = 3  # jobs timed out in a row
+    quarantine_s: float = 900.0
     request_ttl_s: float = 3600.0  # how long an unserved request (or a retry) stays wanted
     # Rounds.
     round_deadline_s: float = 900.0
@@ -90,6 +93,8 @@ class SchedulerPolicy:
             raise ValueError("max_concurrent_jobs must be >= 1")
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
+        if self.quarantine_after < 1 or not self.quarantine_s > 0:
+            raise ValueError("quarantine_after must be >= 1 and quarantine_s > 0")
         if not 0.0 < self.min_completion_ratio <= 1.0:
             raise ValueError("min_completion_ratio must be in (0, 1]")
         positive = ("heartbeat_timeout_s", "job_timeout_s", "request_ttl_s", "round_deadline_s")
@@ -234,6 +239,8 @@ class FineTuneScheduler:
         seen = max(record.last_heartbeat_at or 0.0, record.presence_since or 0.0)
         if now - seen > policy.heartbeat_timeout_s:
             return SkipReason.HEARTBEAT_STALE
+        if record.quarantined_until is not None and now < record.quarantined_until:
+            return SkipReason.QUARANTINED
         if _above(record.temperature_c, policy.max_temperature_c):
             return SkipReason.TOO_HOT
         budget = policy.energy_budget_j
@@ -291,7 +298,7 @@ class FineTuneScheduler:
     def _dispatch(
         self, candidates: list[Candidate], now: float
     ) -> tuple[list[Job], dict[str, SkipReason]]:
-        capacity = self.policy.max_concurrent_jobs - self._jobs.active_count()
+        capacity = self.policy.max_concurrent_jobs - self._slots_taken(now)
         dispatched: list[Job] = []
         skipped: dict[str, SkipReason] = {}
         for candidate in candidates:
@@ -306,6 +313,23 @@ class FineTuneScheduler:
             dispatched.append(self._start_job(candidate))
             capacity -= 1
         return dispatched, skipped
+
+    def _slots_taken(self, now: float) -> int:
+        """Fine-tunes under way on devices that are still there. A device that went silent
+        holds no slot of the fleet's (only its own: it stays BUSY until its job times out),
+        and quick commands (evaluate, apply) never count against training."""
+        taken = 0
+        for job in self._jobs.active():
+            if job.kind != "finetune":
+                continue
+            record = self._registry.get(job.device_id)
+            if record is not None and record.online and not self._stale(record, now):
+                taken += 1
+        return taken
+
+    def _stale(self, record: DeviceRecord, now: float) -> bool:
+        seen = max(record.last_heartbeat_at or 0.0, record.presence_since or 0.0)
+        return now - seen > self.policy.heartbeat_timeout_s
 
     def _start_job(self, candidate: Candidate) -> Job:
         if candidate.retry_of is not None:

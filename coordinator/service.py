@@ -21,7 +21,7 @@ from coordinator.distribution import AdapterDistributor
 from coordinator.fleet import Fleet, select_devices
 from coordinator.ingest import MessageHandler, Received
 from coordinator.jobs import Job
-from coordinator.observations import MetricsReport
+from coordinator.observations import DeviceQuarantined, MetricsReport
 from coordinator.outbound import Outbound, cancel_job, finetune_job
 from coordinator.pipeline import RoundPipeline
 from coordinator.round_records import RoundStage
@@ -80,6 +80,7 @@ class FleetService:
         self._dispatch(result)
         for job in result.timed_out:
             self._distributor.on_job_finished(job, None)
+            self._timed_out(job)
         self._pipeline.on_closed(result.closed_rounds)
         self._pipeline.collect()
         self._distributor.check_deadlines()
@@ -184,6 +185,17 @@ class FleetService:
         for job in (*result.timed_out, *result.canceled):
             self._cancel_on_device(job)
         _log_skips(result.skipped.items())
+
+    def _timed_out(self, job: Job) -> None:
+        policy = self.config.policy
+        quarantined = self.fleet.registry.record_timeout(
+            job.device_id, at=self.fleet.clock(), limit=policy.quarantine_after,
+            hold_s=policy.quarantine_s,
+        )  # fmt: skip
+        if quarantined:
+            log.warning("%s let %d jobs time out in a row: quarantined for %.0f s",
+                        job.device_id, policy.quarantine_after, policy.quarantine_s)  # fmt: skip
+            self.fleet.events.record(DeviceQuarantined())
 
     def _cancel_on_device(self, job: Job) -> None:
         """Tells a reachable device to stop work nobody waits for any more (a dead one finds

@@ -197,4 +197,8 @@ def snapshot(fleet: Fleet) -> FleetSnapshot:
         if current:
             versions[cohort] = max(current.values())
     states = {state.value: n for state, n in fleet.jobs.count_by_state().items()}
-    return FleetSnapshot(gauges, states, versions)
+    now = fleet.clock()
+    quarantined = sum(
+        1 for r in fleet.registry.devices() if r.quarantined_until and r.quarantined_until > now
+    )
+    return FleetSnapshot(gauges, states, versions, quarantined)

@@ -112,3 +112,34 @@ def test_an_aggregation_that_never_returns_ends_the_run_instead_of_wedging_it(tm
     started = service.request_finetune(all_=True)  # the cohort is free again
     assert started["rounds"] and not started["skipped"]
     assert service.health()["status"] == "ok"
+
+
+def test_a_silent_device_holds_no_fleet_slot_and_is_quarantined_after_timeouts(tmp_path, clock):
+    """Jobs to a device that went silent do not keep others from training, and a device that
+    keeps letting jobs time out is left alone for a while, then tried again."""
+    service = start(tmp_path, clock, max_concurrent_jobs=1, job_timeout_s=30.0,
+                    heartbeat_timeout_s=20.0, quarantine_after=2, quarantine_s=300.0,
+                    max_attempts=5, round_deadline_s=1000.0)  # fmt: skip
+    devices = {"mute": SimDevice("mute", clock), "pi-1": SimDevice("pi-1", clock, cohort="hvac")}
+    service.ingest([m for d in devices.values() for m in (d.presence(), d.heartbeat())])
+    service.request_finetune(devices=["mute"])
+    assert [d for d, _ in jobs_in(service.tick(), JobKind.FINETUNE)] == ["mute"]
+    clock.advance(25)  # mute went silent: its job no longer takes the fleet's one slot
+    service.ingest([devices["pi-1"].heartbeat()])
+    service.request_finetune(devices=["pi-1"])
+    assert [d for d, _ in jobs_in(service.tick(), JobKind.FINETUNE)] == ["pi-1"]
+    for _ in range(2):  # two timeouts in a row (it comes back just long enough for a retry)
+        clock.advance(31)
+        service.ingest([devices["mute"].heartbeat(), devices["pi-1"].heartbeat()])
+        service.tick()
+    mute = next(d for d in service.devices() if d["device_id"] == "mute")
+    assert mute["timeouts_in_a_row"] == 2 and mute["quarantined_until"] > clock()
+    assert service.metrics_report().snapshot.devices_quarantined == 1
+    clock.advance(1)
+    service.ingest([devices["mute"].heartbeat()])
+    assert jobs_in(service.tick(), JobKind.FINETUNE) == []  # its retry waits
+    mute = next(d for d in service.devices() if d["device_id"] == "mute")
+    assert mute["last_skip_reason"] == "quarantined"
+    clock.advance(300)
+    service.ingest([devices["mute"].heartbeat()])
+    assert [d for d, _ in jobs_in(service.tick(), JobKind.FINETUNE)] == ["mute"]  # tried again
