@@ -36,8 +36,8 @@ from shared.mqtt import (
 )
 from shared.protocol import (
     DecodeError,
-    Reassembler,
     ReassemblyError,
+    SenderReassemblers,
     check_route,
     decode,
     encode_for_publish,
@@ -85,7 +85,7 @@ class Deduplicator:
 class InboundDecoder:
     """bytes on a topic -> a Received, or None (a chunk still waiting, or a counted rejection).
 
-    Runs on paho's network thread only (the Reassembler and Deduplicator are not shared).
+    Runs on paho's network thread only (the reassemblers and Deduplicator are not shared).
     """
 
     def __init__(
@@ -100,7 +100,7 @@ class InboundDecoder:
         self._metrics = metrics
         self._publish_limit = publish_limit
         self._clock = clock
-        self._reassembler = Reassembler(max_in_flight=64)
+        self._reassembler = SenderReassemblers()  # a device evicts only its own
         self._dedup = Deduplicator()
 
     def decode(self, topic: str, payload: bytes) -> Received | None:

@@ -18,6 +18,7 @@ from shared.protocol.chunking import (
     DEFAULT_CHUNK_LIMIT,
     Outgoing,
     Reassembler,
+    SenderReassemblers,
     encode_for_publish,
     split_envelope,
 )
@@ -107,6 +108,7 @@ __all__ = [
     "Report",
     "ReportMetrics",
     "RollbackAdapterParams",
+    "SenderReassemblers",
     "array_from_wire",
     "array_to_wire",
     "check_route",
