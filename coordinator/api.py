@@ -5,6 +5,7 @@
     GET  /jobs?limit=N&device=ID              jobs, newest first
     GET  /rounds?limit=N                      rounds with their failures, aggregation, rollout
     GET  /adapters                            versions, lineage and rollouts per cohort
+    GET  /adapters/{cohort}/{version}         one version: lineage, arrays (base64, dtype, shape)
     GET  /runs?limit=N                        federated runs: clusters, rounds, measured gains
     GET  /clusters                            per cohort: its clusters, members, current versions
     POST /finetune                            {"devices": [...]} | {"cohort": "..."} | {"all": true}
@@ -62,6 +63,7 @@ class FleetApi:
             ("GET", re.compile(r"/jobs"), self._jobs),
             ("GET", re.compile(r"/rounds"), self._rounds),
             ("GET", re.compile(r"/adapters"), self._adapters),
+            ("GET", re.compile(rf"/adapters/({_COHORT})/(\d{{1,9}})"), self._adapter),
             ("GET", re.compile(r"/runs"), self._runs),
             ("GET", re.compile(r"/clusters"), self._clusters),
             ("POST", re.compile(r"/finetune"), self._finetune),
@@ -131,6 +133,9 @@ class FleetApi:
 
     def _adapters(self, query: dict) -> list:
         return self._port.read("adapters")
+
+    def _adapter(self, query: dict, cohort: str, version: str) -> dict:
+        return self._port.read("adapter", cohort, int(version))
 
     def _runs(self, query: dict) -> list:
         return self._port.read("runs", _limit(query, 20))

@@ -87,6 +87,16 @@ class ClusterBook:
             out.setdefault(row["cluster"], []).append(row["device_id"])
         return {cluster: tuple(members) for cluster, members in out.items()}
 
+    def labelled_members(
+        self, cohort: str, records: Sequence[DeviceRecord]
+    ) -> dict[str, frozenset[str]]:
+        """Each cluster's members that have labels (the ones its canaries are drawn from)."""
+        labelled = {r.device_id for r in records if r.labelled}
+        return {
+            cluster: frozenset(m for m in members if m in labelled)
+            for cluster, members in self.clusters(cohort).items()
+        }
+
     def centroids(self, cohort: str) -> dict[str, np.ndarray]:
         rows = self._db.query(
             "SELECT cluster, centroid FROM cluster_centroids WHERE cohort = ? AND centroid IS "

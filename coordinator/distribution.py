@@ -204,6 +204,16 @@ class AdapterDistributor:
         if version is not None:
             self._offer(record, self._fleet.store.get(record.cohort, version), cluster)
 
+    def owes(self, record: DeviceRecord) -> bool:
+        """A device without labels that its cluster has an adapter for, not running it yet."""
+        if record.labelled or record.cohort is None:
+            return False
+        placement = self._fleet.clusters.placement(record.cohort, record.device_id)
+        if placement is None or placement.cluster is None:
+            return False
+        version = self._fleet.store.current_version(record.cohort, placement.cluster)
+        return version is not None and record.adapter_version != version
+
     def answer_fetch(self, device_id: str, version: int) -> None:
         f = self._fleet
         record = f.registry.get(device_id)

@@ -96,8 +96,10 @@ class RoundPipeline:
                 continue
             records = [f.registry.get(d) for d in members]
             # Noticing drift needs only a reachable device: one busy with an evaluation, say,
-            # still counts; its fine-tune job simply waits in the round like any other.
-            eligible = [r for r in records if f.reachable(r)]
+            # still counts; its fine-tune job simply waits in the round like any other. A device
+            # without labels whose cluster has an adapter for it gets that first (reconcile):
+            # it starts a run only if it still drifts with what it runs.
+            eligible = [r for r in records if f.reachable(r) and not self._distributor.owes(r)]
             fired = [t for r in eligible if (t := f.triggers.automatic_trigger(r, now))]
             if fired:
                 log.info("cohort %s: %s fired, starting a run", cohort, fired[0].value)
@@ -194,10 +196,10 @@ class RoundPipeline:
         if rollout is not None:
             raise Conflict(f"cohort {cohort} has canary rollout {rollout.rollout_id} running")
         everyone = f.registry.devices(cohort)
+        before = f.clusters.labelled_members(cohort, everyone)
         placed = f.clusters.recluster(cohort, everyone)
-        signal = f.config.policy.label_free_signal
-        for member in everyone:  # drift that stays after this run must not start another
-            f.registry.set_label_free_reference(member.device_id, label_free_score(member, signal))
+        self._invalidate_changed(cohort, before, f.clusters.labelled_members(cohort, everyone))
+        self._set_references(cohort)
         cluster_of = {p.device_id: p for p in placed}
         trainers: dict[str, list[str]] = {}
         for record in records:
@@ -234,6 +236,25 @@ class RoundPipeline:
             "devices": members_of(run, run.clusters.values()),
             "clusters": {c: list(m.members) for c, m in run.clusters.items()},
         }
+
+    def _set_references(self, cohort: str) -> None:
+        """Each member's label-free score now becomes what its next trigger is measured
+        against (at a run's start and end): a drift that stays must not start run after run."""
+        f = self._fleet
+        signal = f.config.policy.label_free_signal
+        for member in f.registry.devices(cohort):
+            f.registry.set_label_free_reference(member.device_id, label_free_score(member, signal))
+
+    def _invalidate_changed(self, cohort: str, before: dict, after: dict) -> None:
+        """A cluster whose labelled members changed loses its current version: that version's
+        canary was measured on other devices, and a device without labels must not get it on
+        their word (a damaged-fan adapter on a normal fan). The run's own canary decides anew."""
+        f = self._fleet
+        for cluster, version in f.store.current_versions(cohort).items():
+            if before.get(cluster) != after.get(cluster):
+                f.store.set_current(cohort, None, cluster)
+                log.info("cohort %s cluster %s: its members changed, v%d no longer current",
+                         cohort, cluster, version)  # fmt: skip
 
     def _cannot_train(self, record: DeviceRecord, placement) -> str | None:
         f = self._fleet
@@ -419,6 +440,7 @@ class RoundPipeline:
         if run.state is RunState.RUNNING and not run.in_stage(*active):
             run.state, run.finished_at = RunState.DONE, self._fleet.clock()
             self._fleet.events.record(RunFinished(run.round_index))
+            self._set_references(run.cohort)  # a drift still rising when it began is answered
             log.info("run %s done: %s", run.run_id, {c: x.note for c, x in run.clusters.items()})
 
     def _finished(self, round_id: str, result: RoundResult) -> None:

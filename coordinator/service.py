@@ -34,7 +34,17 @@ log = logging.getLogger(__name__)
 SCAN_INTERVAL_S = 5.0
 # The read-only views the API may ask for (FleetService methods of these names).
 READ_VIEWS = frozenset(
-    {"devices", "device", "device_adapters", "jobs", "rounds", "adapters", "runs", "clusters"}
+    {
+        "devices",
+        "device",
+        "device_adapters",
+        "jobs",
+        "rounds",
+        "adapters",
+        "adapter",
+        "runs",
+        "clusters",
+    }
 )
 
 
@@ -138,6 +148,9 @@ class FleetService:
 
     def adapters(self) -> list[dict[str, Any]]:
         return views.adapters(self.fleet)
+
+    def adapter(self, cohort: str, version: int) -> dict[str, Any]:
+        return views.adapter(self.fleet, cohort, version)
 
     def runs(self, limit: int = 20) -> list[dict[str, Any]]:
         return views.runs(self.fleet, limit)

@@ -3,8 +3,11 @@ snapshot. Plain values only (they cross the Ray boundary)."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 from typing import Any
+
+import numpy as np
 
 from coordinator.fleet import Fleet, NotFound
 from coordinator.jobs import Job
@@ -130,6 +133,25 @@ def adapters(fleet: Fleet) -> list[dict[str, Any]]:
             }
         )
     return out
+
+
+def adapter(fleet: Fleet, cohort: str, version: int) -> dict[str, Any]:
+    """One stored version with its arrays (base64 little-endian bytes, dtype and shape)."""
+    meta = fleet.store.meta(cohort, version)
+    if meta is None:
+        raise NotFound(f"cohort {cohort} has no adapter version {version}")
+    stored = fleet.store.get(cohort, version)
+    arrays = {
+        name: {
+            "dtype": np.asarray(a).dtype.newbyteorder("<").str,
+            "shape": list(np.shape(a)),
+            "data": base64.b64encode(
+                np.ascontiguousarray(a).astype(np.asarray(a).dtype.newbyteorder("<")).tobytes()
+            ).decode(),
+        }
+        for name, a in stored.arrays.items()
+    }
+    return {"meta": dataclasses.asdict(meta), "arrays": arrays}
 
 
 def clusters(fleet: Fleet) -> list[dict[str, Any]]:

@@ -247,3 +247,30 @@ def test_a_device_already_running_the_offered_version_counts_as_installed(tmp_pa
         1,
         "fleet",
     )
+
+
+def test_a_cluster_whose_members_change_loses_a_version_its_new_members_never_judged(
+    tmp_path, clock
+):
+    """A version's canary speaks for the devices it was measured on; after re-clustering
+    brings others in, a device without labels waits for the next canary."""
+    service = start(tmp_path, clock, rounds=1)
+    devices = join(service, clock, ("noisy-1", NOISY, True), ("noisy-2", NOISY, True),
+                   ("other", QUIET, True))  # fmt: skip
+    service.request_finetune(devices=["noisy-1", "noisy-2"])
+    answer_round(service, devices, service.tick(), before=0.5, loss=1.2)
+    answer_evaluations(service, devices, service.tick(), candidate=0.95, current=0.5)
+    service.tick()
+    (cluster,) = [c for c in service.clusters()[0]["clusters"] if c["current_version"]]
+    assert sorted(cluster["members"]) == ["noisy-1", "noisy-2"]
+    # "other" moves into the noisy room; a device without labels arrives there too
+    devices["other"].signature = NOISY + 0.02
+    new = SimDevice("noisy-new", clock, signature=NOISY, labelled=False)
+    devices["noisy-new"] = new
+    service.ingest([devices["other"].heartbeat(), new.presence(), new.heartbeat(confidence=3.0)])
+    service.request_finetune(all_=True)  # re-clusters: the noisy cluster has a third member
+    (now,) = [c for c in service.clusters()[0]["clusters"] if "other" in c["members"]]
+    assert now["cluster"] == cluster["cluster"] and now["current_version"] is None
+    clock.advance(SCAN_INTERVAL_S)
+    service.ingest([new.heartbeat(confidence=3.0)])
+    assert "noisy-new" not in {d for d, _ in jobs_in(service.tick(), JobKind.APPLY_ADAPTER)}

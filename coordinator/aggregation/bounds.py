@@ -8,9 +8,10 @@ finite adapter. Two bounds, applied to every round whatever the strategy:
   clipped to `clip_factor` times the median norm of the other reports' updates (norm clipping,
   as in Sun et al., "Can you really backdoor federated learning?", 2019). A clipped report's
   device is an outlier: its canary evaluations do not count.
-Leave-one-out medians: a report cannot raise its own bound. With two reports the other's median
-is one report, so one liar is bounded by one honest device; the canary and the devices' own
-hold-outs are what protect them then (docs/coordinator.md).
+Leave-one-out medians: a report cannot raise its own bound. The relative bounds need at least
+two other reports (three in all): one peer's figure is no norm, and two honest devices of
+unequal data would clip each other. With fewer, the registered samples, the value bound, the
+canary and the devices' own hold-outs are what protect the fleet (docs/coordinator.md).
 """
 
 from __future__ import annotations
@@ -94,9 +95,12 @@ def _capped_samples(results, registered, ratio, notes) -> list[int]:
     return capped
 
 
+MIN_PEERS = 2  # other reports a relative bound needs
+
+
 def _leave_one_out(values: Sequence[float], i: int, factor: float | None) -> float | None:
     others = [v for j, v in enumerate(values) if j != i]
-    if factor is None or not others:
+    if factor is None or len(others) < MIN_PEERS:
         return None
     median = float(np.median(others))
     return factor * median if median > 0 else None
