@@ -82,6 +82,7 @@ def run(scenario: str, data_dir: Path, seeds: int, settings: Settings, log=print
             "cluster_distance": settings.cluster_distance,
             "min_canaries": settings.rollout.min_canaries,
             "lr": settings.lr,
+            "algorithm": settings.algorithm,
             "own_epochs": settings.own_epochs,
         },
         "strategies": summarize(per_seed),
@@ -110,6 +111,7 @@ def main(args, data_dir: Path) -> int:
         ),
         cluster_distance=args.cluster_distance,
         lr=args.lr,
+        algorithm=args.algorithm,
     )
     result = run(args.scenario, data_dir, args.seeds, settings)
     print_table(result)

@@ -30,7 +30,13 @@ from agent.drift import score_window
 from agent.trainer.adapter import Adapter
 from agent.trainer.evaluation import Measure, measure
 from agent.trainer.finetune import finetune
-from coordinator.aggregation import AdapterShape, ExactDeltaStrategy, FitResult
+from coordinator.aggregation import STRATEGIES as AGGREGATIONS
+from coordinator.aggregation import (
+    AdapterShape,
+    FitResult,
+    TrustBounds,
+    bound_reports,
+)
 from coordinator.clustering import DEFAULT_CLUSTER_DISTANCE, assign, cluster_signatures
 from coordinator.federation import FederationPolicy, Measured, Next, RunProgress, is_last
 from coordinator.rollout import CanaryResult, RolloutPolicy, RolloutState, canary_verdict
@@ -50,6 +56,8 @@ class Settings:
     cluster_distance: float = DEFAULT_CLUSTER_DISTANCE
     label_free_drifted_only: bool = True  # --label-free-rollout drifted (the default)
     lr: float | None = None  # None: the scenario's step size
+    algorithm: str = "exact-delta"
+    bounds: TrustBounds = field(default_factory=TrustBounds)
     own_epochs: int = 30
     today_epochs: int = 30
 
@@ -78,6 +86,7 @@ class Federation:
         model = fleet.model
         self.shape = AdapterShape(tuple(model.layer_input_dims), model.n_classes)
         self.labelled = [d for d in fleet.devices if d.labelled]
+        self._outliers: dict[str, set[str]] = {}
 
     def run(self, strategy: str) -> Outcome:
         runs: dict[str, Callable[[], Outcome]] = {
@@ -109,7 +118,9 @@ class Federation:
             )
             for d in self.labelled
         ]
-        fleet_adapter = self._aggregate(reports)
+        arrays = AGGREGATIONS["exact-delta"](self.shape).aggregate_fit(reports).arrays
+        model = self.fleet.model
+        fleet_adapter = Adapter.from_arrays(arrays, model.layer_input_dims, model.n_classes)
         return Outcome({d.device_id: fleet_adapter for d in self.fleet.devices})
 
     def _pooled(self) -> Outcome:
@@ -143,7 +154,9 @@ class Federation:
             outcome.clusters[cluster_id] = tuple(d.device_id for d in members)
             candidate, rounds = self._run_cluster(cluster_id, members, outcome.running, runs)
             outcome.rounds[cluster_id] = rounds
-            outcome.promoted[cluster_id] = self._roll_out(members, candidate, outcome.running, runs)
+            outcome.promoted[cluster_id] = self._roll_out(
+                cluster_id, members, candidate, outcome.running, runs
+            )
         return outcome
 
     # ---------------------------------------------------------------- one cluster's run
@@ -153,6 +166,7 @@ class Federation:
             return None, 0
         progress = RunProgress(self.settings.policy)
         aggregates: dict[int, Adapter | None] = {0: None}
+        outliers = self._outliers.setdefault(cluster_id, set())
         while True:
             r = progress.rounds_done + 1
             reports, before = [], {}
@@ -169,22 +183,23 @@ class Federation:
             decision = progress.record_round(before)
             if decision.next is Next.STOP:
                 return aggregates.get(decision.candidate), progress.rounds_done
-            aggregates[r] = self._aggregate(reports)
+            aggregates[r] = self._aggregate(reports, aggregates[r - 1], outliers)
             if is_last(decision):
                 return aggregates[r], progress.rounds_done
 
-    def _roll_out(self, members, candidate, running, runs) -> bool:
+    def _roll_out(self, cluster_id, members, candidate, running, runs) -> bool:
         """The cluster's canary on its labelled members (the candidate against the cluster's
         current adapter, the base model here); then devices without labels take it, and
         labelled ones only if it measures better than what they run."""
         labelled = [d for d in members if d.labelled]
-        if candidate is None or len(labelled) < self.settings.rollout.min_canaries:
+        judges = [d for d in labelled if d.device_id not in self._outliers.get(cluster_id, ())]
+        if candidate is None or len(judges) < self.settings.rollout.min_canaries:
             return False
         results = [
             CanaryResult(
                 d.device_id, self._measure(d, candidate).accuracy, self._measure(d, None).accuracy
             )
-            for d in labelled
+            for d in judges
         ]
         state, _ = canary_verdict(results, self.settings.rollout, version=1)
         if state is not RolloutState.PROMOTED:
@@ -216,8 +231,17 @@ class Federation:
     def _fit(self, d: SimDevice, adapter: Adapter) -> FitResult:
         return FitResult(d.device_id, adapter.to_arrays(), len(d.train))
 
-    def _aggregate(self, reports: list[FitResult]) -> Adapter:
-        arrays = ExactDeltaStrategy(self.shape).aggregate_fit(reports).arrays
+    def _aggregate(self, reports: list[FitResult], start=None, outliers=None) -> Adapter:
+        """As the coordinator does: reports bounded (coordinator.aggregation.bounds), then the
+        configured strategy; clipped devices join the cluster's outliers (no canary)."""
+        start_arrays = None if start is None else start.to_arrays()
+        registered = {r.device_id: r.num_samples for r in reports}  # honest: what they hold
+        bounded = bound_reports(reports, shape=self.shape, bounds=self.settings.bounds,
+                                registered=registered, start=start_arrays)  # fmt: skip
+        if outliers is not None:
+            outliers |= bounded.outliers
+        strategy = AGGREGATIONS[self.settings.algorithm](self.shape)
+        arrays = strategy.aggregate_fit(bounded.results).arrays
         model = self.fleet.model
         return Adapter.from_arrays(arrays, model.layer_input_dims, model.n_classes)
 
