@@ -220,6 +220,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--label-free-margin", type=float, default=defaults.label_free_margin)
     add(
+        "--label-free-seconds",
+        type=float,
+        default=defaults.label_free_persistence_s,
+        help="...continuously for this long before it starts a run",
+    )
+    add(
         "--drift-margin",
         type=float,
         default=defaults.drift_margin,
@@ -402,6 +408,7 @@ def _policy(args: argparse.Namespace) -> SchedulerPolicy:
         label_free_threshold=args.label_free_threshold,
         label_free_signal=LabelFreeSignal(args.label_free_signal),
         label_free_margin=args.label_free_margin,
+        label_free_persistence_s=args.label_free_seconds,
         trigger_cooldown_s=args.trigger_cooldown_seconds,
         heartbeat_timeout_s=args.heartbeat_timeout_seconds,
         max_temperature_c=args.max_temperature,

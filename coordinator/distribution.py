@@ -205,13 +205,14 @@ class AdapterDistributor:
             self._offer(record, self._fleet.store.get(record.cohort, version), cluster)
 
     def owes(self, record: DeviceRecord) -> bool:
-        """A device without labels that its cluster has an adapter for, not running it yet."""
+        """A device without labels that its cluster has an adapter for, not running it yet
+        (placed now if it was not yet: a device that just joined is owed its cluster's)."""
         if record.labelled or record.cohort is None:
             return False
-        placement = self._fleet.clusters.placement(record.cohort, record.device_id)
-        if placement is None or placement.cluster is None:
+        cluster = self._cluster_of(record.cohort, record)
+        if cluster is None:
             return False
-        version = self._fleet.store.current_version(record.cohort, placement.cluster)
+        version = self._fleet.store.current_version(record.cohort, cluster)
         return version is not None and record.adapter_version != version
 
     def answer_fetch(self, device_id: str, version: int) -> None:

@@ -17,6 +17,7 @@ from coordinator.jobs import Job, JobError, JobState
 from coordinator.observations import FinetuneReported
 from coordinator.registry import LabelFree
 from coordinator.reports import ReportMeta, ReportRejected, ReportStore, check_adapter
+from coordinator.scheduler import label_free_score
 from shared.protocol import (
     Envelope,
     FetchRequest,
@@ -84,7 +85,7 @@ class MessageHandler:
     def _heartbeat(self, device: str, beat: Heartbeat, at: float) -> None:
         signature = None if beat.signature is None else beat.signature.astype("<f4").tobytes()
         origin = None if beat.adapter_origin is None else beat.adapter_origin.value
-        self._fleet.registry.record_heartbeat(
+        record = self._fleet.registry.record_heartbeat(
             device,
             at=at,
             power_w=beat.power_w,
@@ -100,6 +101,11 @@ class MessageHandler:
                 adapter_origin=origin,
             ),
         )
+        policy = self._fleet.config.policy
+        score = label_free_score(record, policy.label_free_signal)
+        threshold = policy.label_free_threshold
+        above = score is not None and threshold is not None and score > threshold
+        self._fleet.registry.note_label_free(device, above, at)
 
     def _job_status(self, device: str, status: JobStatus) -> None:
         f = self._fleet

@@ -35,6 +35,7 @@ class LabelFree:
     confidence_score: float | None = None
     feature_score: float | None = None
     label_free_reference: float | None = None  # its score when the last run began
+    label_free_since: float | None = None  # over the trigger threshold since (continuously)
     signature: bytes | None = None  # float32, little-endian
     signature_rows: int | None = None
     adapter_origin: str | None = None
@@ -87,6 +88,7 @@ class DeviceRecord:
     confidence_score: float | None = None
     feature_score: float | None = None
     label_free_reference: float | None = None  # its score when the last run began
+    label_free_since: float | None = None  # over the trigger threshold since (continuously)
     signature: bytes | None = None
     signature_rows: int | None = None
     # What the device runs (base, personal, fleet) and why it runs it.
@@ -327,6 +329,16 @@ class FleetRegistry:
         record = self.get(device_id)
         if record is not None and (record.timeouts_in_a_row or record.quarantined_until):
             self._update(device_id, timeouts_in_a_row=0, quarantined_until=None)
+
+    def note_label_free(self, device_id: str, above: bool, at: float) -> None:
+        """Whether its label-free score is over the trigger threshold now; keeps since when."""
+        record = self.get(device_id)
+        if record is None:
+            return
+        if above and record.label_free_since is None:
+            self._update(device_id, label_free_since=at)
+        elif not above and record.label_free_since is not None:
+            self._update(device_id, label_free_since=None)
 
     def set_label_free_reference(self, device_id: str, score: float | None) -> DeviceRecord:
         return self._update(device_id, label_free_reference=score)

@@ -71,6 +71,9 @@ class SchedulerPolicy:
     # >= 0.912; the max of both 0.917: docs/benchmarks.md, "Label-free drift").
     label_free_signal: LabelFreeSignal = LabelFreeSignal.CONFIDENCE
     label_free_margin: float = 0.5
+    # ...continuously for this long: a drift that lasts, not a window's blip (and signatures
+    # that show the drift when the run clusters by them)
+    label_free_persistence_s: float = 30.0
     # No automatic job for a device that had any job created this recently: a device whose
     # accuracy stays low after fine-tuning must not be fine-tuned in a loop.
     trigger_cooldown_s: float = 1800.0
@@ -265,7 +268,7 @@ class FineTuneScheduler:
             return Trigger.ACCURACY_DROP
         if _drifted(record, policy):
             return Trigger.DRIFT
-        if _label_free_drifted(record, policy):
+        if _label_free_drifted(record, policy, now):
             return Trigger.LABEL_FREE_DRIFT
         return None
 
@@ -413,12 +416,15 @@ def label_free_score(record: DeviceRecord, signal: LabelFreeSignal) -> float | N
     return max(present) if present else None
 
 
-def _label_free_drifted(record: DeviceRecord, policy: SchedulerPolicy) -> bool:
-    """Over the calibrated threshold, and over the device's score at the last run's start
-    plus a margin (an adapter does not move the inputs back: a drift that stays must not
-    start a run after every run)."""
+def _label_free_drifted(record: DeviceRecord, policy: SchedulerPolicy, now: float) -> bool:
+    """Over the calibrated threshold for label_free_persistence_s, and over the device's score
+    at the last run plus a margin (an adapter does not move the inputs back: a drift that stays
+    must not start a run after every run)."""
     score = label_free_score(record, policy.label_free_signal)
     if not _above(score, policy.label_free_threshold):
+        return False
+    since = record.label_free_since
+    if since is None or now - since < policy.label_free_persistence_s:
         return False
     reference = record.label_free_reference
     return reference is None or score > reference + policy.label_free_margin

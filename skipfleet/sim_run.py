@@ -105,6 +105,9 @@ class Simulation:
             settings.update(
                 {
                     "--label-free-threshold": LABEL_FREE_THRESHOLD[a.dataset],
+                    # longer than the 256-row window takes to turn over (4 s): the run
+                    # clusters by signatures that show the whole drift
+                    "--label-free-seconds": 6,
                     "--accuracy-threshold": 0.9,
                 }
             )

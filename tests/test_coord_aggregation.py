@@ -258,7 +258,16 @@ def test_bounds_clip_an_update_far_beyond_the_others_and_mark_its_device():
                             registered={}, start=start)  # fmt: skip
     assert bounded.outliers == {"dev-3"}
     update = bounded.results[3].arrays["delta1"].astype(np.float64) - 0.5
-    others = np.sort([0.1, 0.05, 0.05])  # the update norms of the others, per entry
-    assert np.abs(update).max() == pytest.approx(3.0 * np.median(others), rel=1e-5)
+    every = [0.1, 0.05, 0.05, 599.5]  # each report's update per entry, the huge one's own too
+    assert np.abs(update).max() == pytest.approx(3.0 * np.median(every), rel=1e-5)
     for honest, original in zip(bounded.results[:3], results[:3], strict=True):
         assert honest.arrays is original.arrays  # untouched
+
+
+def test_bounds_leave_two_honest_sub_groups_of_a_cluster_alone():
+    """Two devices that drifted further than the other two: not outliers (the median of all)."""
+    start = {f"delta{k}": np.zeros(SHAPE.delta_shape(k), np.float32) for k in SHAPE.layers}
+    results = deltas_reports([0.3, 0.32, 0.05, 0.06])
+    bounded = bound_reports(results, shape=SHAPE, bounds=TrustBounds(), registered={},
+                            start=start)  # fmt: skip
+    assert not bounded.outliers and not bounded.notes

@@ -192,7 +192,7 @@ def test_a_cluster_with_one_labelled_member_has_no_canary_and_no_label_free_roll
 
 def test_a_label_free_score_over_its_threshold_starts_a_run_once(tmp_path, clock):
     service = start(tmp_path, clock, rounds=1, label_free_threshold=1.0, label_free_margin=0.5,
-                    trigger_cooldown_s=0.0)  # fmt: skip
+                    trigger_cooldown_s=0.0, label_free_persistence_s=8.0)  # fmt: skip
     devices = join(service, clock, ("pi-1", None, True), ("pi-2", None, True))
     service.ingest([devices["pi-1"].heartbeat(confidence=0.6, feature=0.9)])
     clock.advance(SCAN_INTERVAL_S)
@@ -200,6 +200,10 @@ def test_a_label_free_score_over_its_threshold_starts_a_run_once(tmp_path, clock
     assert service.runs() == []  # in distribution
     service.ingest([devices["pi-1"].heartbeat(confidence=1.4, feature=1.1)])
     clock.advance(SCAN_INTERVAL_S)
+    service.tick()
+    assert service.runs() == []  # over the threshold for 5 s: not yet a lasting drift
+    clock.advance(SCAN_INTERVAL_S)
+    service.ingest([devices["pi-1"].heartbeat(confidence=1.5, feature=1.1)])
     outbound = service.tick()  # the run starts, and its first jobs go out in the same tick
     (run,) = service.runs()
     assert run["trigger"] == "label_free_drift"
@@ -211,10 +215,14 @@ def test_a_label_free_score_over_its_threshold_starts_a_run_once(tmp_path, clock
     service.ingest([devices["pi-1"].heartbeat(confidence=1.4, feature=1.1)])
     service.tick()
     assert len(service.runs()) == 1
-    clock.advance(SCAN_INTERVAL_S)  # it gets clearly worse: a new run
-    service.ingest([devices["pi-1"].heartbeat(confidence=2.0, feature=1.1)])
+    clock.advance(SCAN_INTERVAL_S)  # it gets clearly worse (over 1.5 + margin): a new run
+    service.ingest([devices["pi-1"].heartbeat(confidence=2.1, feature=1.1)])
     service.tick()
     assert len(service.runs()) == 2
+    service.ingest([devices["pi-1"].heartbeat(confidence=0.5, feature=1.1)])  # and it passes
+    assert (
+        next(d for d in service.devices() if d["device_id"] == "pi-1")["label_free_since"] is None
+    )
 
 
 def test_a_restarted_service_carries_on_with_a_run_between_rounds(tmp_path, clock):
@@ -274,3 +282,20 @@ def test_a_cluster_whose_members_change_loses_a_version_its_new_members_never_ju
     clock.advance(SCAN_INTERVAL_S)
     service.ingest([new.heartbeat(confidence=3.0)])
     assert "noisy-new" not in {d for d, _ in jobs_in(service.tick(), JobKind.APPLY_ADAPTER)}
+
+
+def test_a_new_device_without_labels_gets_its_clusters_adapter_before_it_can_start_a_run(
+    tmp_path, clock
+):
+    service = start(tmp_path, clock, rounds=1, label_free_threshold=1.0, trigger_cooldown_s=0.0)
+    devices = join(service, clock, ("noisy-1", NOISY, True), ("noisy-2", NOISY, True))
+    service.request_finetune(all_=True)
+    answer_round(service, devices, service.tick(), before=0.5, loss=1.2)
+    answer_evaluations(service, devices, service.tick(), candidate=0.95, current=0.5)
+    service.tick()
+    new = SimDevice("noisy-new", clock, signature=NOISY, labelled=False)
+    service.ingest([new.presence(), new.heartbeat(confidence=4.0)])  # drifted, just joined
+    clock.advance(SCAN_INTERVAL_S)
+    outbound = service.tick()
+    assert len(service.runs()) == 1  # no run: its cluster has an adapter for it
+    assert [d for d, _ in jobs_in(outbound, JobKind.APPLY_ADAPTER)] == ["noisy-new"]

@@ -3,15 +3,17 @@
 A device on a valid account can still lie: claim 2**62 training samples, or send a huge but
 finite adapter. Two bounds, applied to every round whatever the strategy:
 - weight: a report counts at most the samples the device registered (its presence), and at most
-  `max_weight_ratio` times the median of the *other* reports' counts;
+  `max_weight_ratio` times the median of the *other* reports' counts (leave-one-out: a claim
+  cannot raise its own cap);
 - update: each report's update (its effective ΔW minus the adapter training started from) is
-  clipped to `clip_factor` times the median norm of the other reports' updates (norm clipping,
-  as in Sun et al., "Can you really backdoor federated learning?", 2019). A clipped report's
-  device is an outlier: its canary evaluations do not count.
-Leave-one-out medians: a report cannot raise its own bound. The relative bounds need at least
-two other reports (three in all): one peer's figure is no norm, and two honest devices of
-unequal data would clip each other. With fewer, the registered samples, the value bound, the
-canary and the devices' own hold-outs are what protect the fleet (docs/coordinator.md).
+  clipped to `clip_factor` times the median norm of the round's updates (norm clipping, as in
+  Sun et al., "Can you really backdoor federated learning?", 2019). A clipped report's device is
+  an outlier: its canary evaluations do not count. The median is over every report, the
+  device's own included: two honest sub-groups of a cluster (say, two that drifted further than
+  the other two) then do not clip each other, while one update far beyond the rest still is.
+Both relative bounds need three reports: with fewer, one peer's figure is no norm. Then the
+registered samples, the value bound, the canary and the devices' own hold-outs are what protect
+the fleet (docs/coordinator.md).
 """
 
 from __future__ import annotations
@@ -29,7 +31,7 @@ from coordinator.aggregation.base import FitResult
 @dataclass(frozen=True)
 class TrustBounds:
     max_weight_ratio: float | None = 10.0  # None: no relative cap on a report's weight
-    clip_factor: float | None = 3.0  # None: no clipping of updates
+    clip_factor: float | None = 4.0  # None: no clipping of updates
 
     def __post_init__(self) -> None:
         for name in ("max_weight_ratio", "clip_factor"):
@@ -59,9 +61,9 @@ def bound_reports(
     start_deltas = _start_deltas(start, shape)
     deltas = [effective_deltas(r.arrays, shape) for r in results]
     norms = [_update_norm(d, start_deltas) for d in deltas]
+    bound = _of_all(norms, bounds.clip_factor)
     out, outliers = [], set()
     for i, result in enumerate(results):
-        bound = _leave_one_out(norms, i, bounds.clip_factor)
         arrays = result.arrays
         if bound is not None and norms[i] > bound:
             scale = bound / norms[i]
@@ -95,14 +97,22 @@ def _capped_samples(results, registered, ratio, notes) -> list[int]:
     return capped
 
 
-MIN_PEERS = 2  # other reports a relative bound needs
+MIN_REPORTS = 3  # reports a relative bound needs
 
 
 def _leave_one_out(values: Sequence[float], i: int, factor: float | None) -> float | None:
     others = [v for j, v in enumerate(values) if j != i]
-    if factor is None or len(others) < MIN_PEERS:
+    return _bound(others, factor, MIN_REPORTS - 1)
+
+
+def _of_all(values: Sequence[float], factor: float | None) -> float | None:
+    return _bound(values, factor, MIN_REPORTS)
+
+
+def _bound(values: Sequence[float], factor: float | None, needed: int) -> float | None:
+    if factor is None or len(values) < needed:
         return None
-    median = float(np.median(others))
+    median = float(np.median(values))
     return factor * median if median > 0 else None
 
 
