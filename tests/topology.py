@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from skipfleet.brokers import find_mosquitto, free_port
-from skipfleet.coordinator_process import ApiClient, ApiError
+from skipfleet.coordinator_process import ApiClient, ApiError, token_file
 from skipfleet.processes import child_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,10 +105,11 @@ def _describe(proc, chars: int = 3000) -> str:
     return f"--- {name} (exit code {proc.process.poll()}):\n{log}"
 
 
-def http_json(url: str, body: dict | None = None, method: str | None = None) -> tuple[int, object]:
+def http_json(url: str, body: dict | None = None, method: str | None = None,
+              token_file: Path | None = None) -> tuple[int, object]:  # fmt: skip
     """(status, JSON) through the product's API client; ApiError if nothing answers."""
     method = method or ("GET" if body is None else "POST")
-    return ApiClient(url, WAIT).request(method, "", body)
+    return ApiClient(url, WAIT, token_file).request(method, "", body)
 
 
 def listening(port: int) -> bool:
@@ -303,9 +304,10 @@ class CoordinatorProcess(LoggedProcess):
         super().__init__("coordinator", argv, log_path, child_env())
         self.api_url = f"http://127.0.0.1:{flags['api-port']}"
         self.metrics_address = f"127.0.0.1:{flags['metrics-port']}"
+        self.token_file = Path(flags.get("api-token-file") or token_file(flags["state-dir"]))
 
     def api(self, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
-        return http_json(self.api_url + path, body, method)
+        return http_json(self.api_url + path, body, method, self.token_file)
 
     def get(self, path: str):
         status, payload = self.api("GET", path)
