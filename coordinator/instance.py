@@ -25,6 +25,7 @@ class StateDirLock:
 
     @classmethod
     def acquire(cls, state_dir: Path) -> StateDirLock:
+        Path(state_dir).mkdir(parents=True, exist_ok=True)
         path = Path(state_dir) / LOCK_FILE
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:

@@ -40,7 +40,9 @@ def ensure_token_file(path: Path) -> str:
         path.parent.mkdir(parents=True, exist_ok=True)
         fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
     except FileExistsError:
-        return read_token_file(path)
+        if path.exists():
+            return read_token_file(path)
+        raise TokenFileError(f"cannot create the token file {path}: a parent is a file") from None
     except OSError as err:
         raise TokenFileError(f"cannot create the token file {path}: {err.strerror}") from None
     token = secrets.token_urlsafe(TOKEN_BYTES)
