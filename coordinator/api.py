@@ -12,11 +12,14 @@
     POST /evaluate                            the same selectors (+ "adapter_version"): devices
                                               evaluate what they run, or that version
     POST /adapters/{cohort}/{version}/promote make a stored version current, and distribute it
+                                              ({"force": true} for one its canary rolled back)
     POST /adapters/{cohort}/rollback          back to the current version's parent
                                               ({"cluster": ...} when the cohort has several)
 
 Routing and validation live in FleetApi.handle() (plain: unit-tested without sockets); every
-error is a JSON body {"error": "..."} with a 4xx/5xx status.
+error is a JSON body {"error": "..."} with a 4xx/5xx status. Before routing, the server asks its
+RequestGuard (shared.http_auth): a POST needs the bearer token (401) and a JSON content type
+(415); a GET needs the token unless it comes from loopback.
 """
 
 from __future__ import annotations
@@ -34,6 +37,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from coordinator.fleet import FleetRequestError
 from coordinator.ports import FleetPort, Unavailable
+from shared.http_auth import RequestGuard, check_request
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +160,13 @@ class FleetApi:
         return self._port.evaluate(*_selection(body), version)
 
     def _promote(self, body: dict, cohort: str, version: str) -> dict:
-        return self._port.promote(cohort, int(version))
+        unknown = set(body) - {"force"}
+        if unknown:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown fields {sorted(unknown)}")
+        force = body.get("force", False)
+        if not isinstance(force, bool):
+            raise ApiError(HTTPStatus.BAD_REQUEST, '"force" must be true or false')
+        return self._port.promote(cohort, int(version), force)
 
     def _rollback(self, body: dict, cohort: str) -> dict:
         cluster = body.get("cluster")
@@ -232,9 +242,13 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
+        if self._refused():
+            return
         self._respond(*self.server.api.handle("GET", self.path))
 
     def do_POST(self) -> None:
+        if self._refused():
+            return
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_BODY_BYTES:
             self._respond(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "body too large"})
@@ -242,9 +256,22 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         self._respond(*self.server.api.handle("POST", self.path, body))
 
+    def _refused(self) -> bool:
+        """Answers a request its guard refuses (and closes the connection: its body is unread)."""
+        refusal = check_request(self.server.guard, self)
+        if refusal is None:
+            return False
+        self.close_connection = True
+        self._respond(refusal.status, {"error": refusal.message})
+        return True
+
     def _respond(self, status: int, payload: Any) -> None:
         data = to_json(payload)
         self.send_response(status)
+        if status == HTTPStatus.UNAUTHORIZED:
+            self.send_header("WWW-Authenticate", 'Bearer realm="skipfleet"')
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -257,9 +284,10 @@ class _Handler(BaseHTTPRequestHandler):
 class ApiServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, api: FleetApi, addr: str, port: int) -> None:
+    def __init__(self, api: FleetApi, addr: str, port: int, guard: RequestGuard) -> None:
         super().__init__((addr, port), _Handler)
         self.api = api
+        self.guard = guard
         self._thread = threading.Thread(target=self.serve_forever, name="api", daemon=True)
 
     @property

@@ -8,7 +8,9 @@ imports this module through coordinator.cli.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -29,6 +31,11 @@ ENV_USERNAME = "SKIPFLEET_MQTT_USERNAME"
 ENV_PASSWORD = "SKIPFLEET_MQTT_PASSWORD"
 ENV_STATE_DIR = "SKIPFLEET_COORDINATOR_STATE_DIR"
 ENV_RAY_ADDRESS = "SKIPFLEET_RAY_ADDRESS"
+# A path, never the token itself: the environment of a process is readable in /proc and `ps e`.
+ENV_API_TOKEN_FILE = "SKIPFLEET_API_TOKEN_FILE"
+API_TOKEN_FILE = "api-token"  # in the state dir, made on first start (mode 0600)
+INSTANCE_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+CLIENT_ID_PREFIX = "skipfleet-coordinator-"
 
 LOCAL_RAY = "local"
 # 9464 is the port Prometheus exporters of OpenTelemetry SDKs use by default: free of the
@@ -41,6 +48,8 @@ DEFAULT_API_PORT = 8080
 DEFAULT_DRIFT_THRESHOLD = None
 # Devices need 2 labelled canaries before one that cannot measure gets a new adapter.
 DEFAULT_MIN_CANARIES = 2
+# The API and /metrics answer this machine only unless the operator binds them elsewhere.
+DEFAULT_BIND = "127.0.0.1"
 
 
 class ConfigError(ValueError):
@@ -99,15 +108,18 @@ class FinetuneSettings:
 class CoordinatorConfig:
     mqtt: MqttSettings
     state_dir: Path
-    client_id: str = "skipfleet-coordinator"
+    # Names this coordinator among others on one broker or Ray cluster: its MQTT client id and
+    # its fleet actor's name derive from it. None: a short hash of the state dir's absolute path.
+    instance: str | None = None
     topic_root: str = "fleet"
     ray_address: str = LOCAL_RAY
     ray_namespace: str = "skipfleet"
-    actor_name: str = "skipfleet-coordinator"
-    metrics_addr: str = "0.0.0.0"
+    actor_name: str | None = None  # None: derived from the instance
+    metrics_addr: str = DEFAULT_BIND
     metrics_port: int = DEFAULT_METRICS_PORT  # 0: any free port (logged)
-    api_addr: str = "0.0.0.0"
+    api_addr: str = DEFAULT_BIND
     api_port: int = DEFAULT_API_PORT
+    api_token_file: Path | None = None  # None: API_TOKEN_FILE in the state dir
     policy: SchedulerPolicy = field(default_factory=SchedulerPolicy)
     rollout: RolloutPolicy = field(default_factory=lambda: RolloutPolicy(min_canaries=2))
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
@@ -147,10 +159,35 @@ class CoordinatorConfig:
             raise ConfigError("--ray-address must be 'local', 'auto' or an address")
         if self.cluster_distance is not None and not self.cluster_distance > 0:
             raise ConfigError("--cluster-distance must be > 0 (or 'off')")
+        if self.instance is not None and not INSTANCE_PATTERN.fullmatch(self.instance):
+            raise ConfigError(f"--instance {self.instance!r}: use [a-z0-9-], at most 32")
 
     @property
     def joins_cluster(self) -> bool:
         return self.ray_address != LOCAL_RAY
+
+    @property
+    def instance_name(self) -> str:
+        return self.instance or instance_of(self.state_dir)
+
+    @property
+    def client_id(self) -> str:
+        """The MQTT client id: one per coordinator instance, so two never take over each other's
+        session (a broker with use_username_as_clientid uses the account name instead)."""
+        return CLIENT_ID_PREFIX + self.instance_name
+
+    @property
+    def fleet_actor_name(self) -> str:
+        return self.actor_name or CLIENT_ID_PREFIX + self.instance_name
+
+    @property
+    def token_path(self) -> Path:
+        return self.api_token_file or self.state_dir / API_TOKEN_FILE
+
+
+def instance_of(state_dir: Path) -> str:
+    """A coordinator's default instance name: 10 hex of its state dir's absolute path."""
+    return hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:10]
 
 
 def optional_float(text: str) -> float | None:
@@ -185,12 +222,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"'local' (default: a 2-CPU Ray in this process), 'auto' (join "
         f"the running cluster) or a cluster address; default ${ENV_RAY_ADDRESS}",
     )
+    add(
+        "--instance",
+        help="this coordinator's name among others on the broker and Ray (its MQTT client id "
+        "and fleet actor derive from it); default: a hash of the state dir's path",
+    )
     add("--ray-namespace", default="skipfleet")
-    add("--actor-name", default="skipfleet-coordinator")
-    add("--metrics-addr", default="0.0.0.0")
+    add("--actor-name", help="the fleet actor's name (default: derived from --instance)")
+    add("--metrics-addr", default=DEFAULT_BIND, help="0.0.0.0 to serve other hosts")
     add("--metrics-port", type=int, default=DEFAULT_METRICS_PORT, help="0: any free port")
-    add("--api-addr", default="0.0.0.0")
+    add("--api-addr", default=DEFAULT_BIND, help="0.0.0.0 to serve other hosts")
     add("--api-port", type=int, default=DEFAULT_API_PORT, help="0: any free port")
+    add(
+        "--api-token-file",
+        help=f"the API's bearer token (made there if absent); default ${ENV_API_TOKEN_FILE}, "
+        f"else {API_TOKEN_FILE} in the state dir",
+    )
     add("--max-concurrent-jobs", type=int, default=defaults.max_concurrent_jobs, help="K")
     add(
         "--accuracy-threshold",
@@ -351,6 +398,7 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Coordinat
         return CoordinatorConfig(
             mqtt=_mqtt_settings(args, environ),
             state_dir=Path(state_dir),
+            instance=args.instance,
             topic_root=args.topic_root,
             ray_address=args.ray_address or environ.get(ENV_RAY_ADDRESS) or LOCAL_RAY,
             ray_namespace=args.ray_namespace,
@@ -359,6 +407,7 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Coordinat
             metrics_port=args.metrics_port,
             api_addr=args.api_addr,
             api_port=args.api_port,
+            api_token_file=_optional_path(args.api_token_file or environ.get(ENV_API_TOKEN_FILE)),
             policy=_policy(args),
             rollout=RolloutPolicy(
                 canary_fraction=args.canary_fraction,
@@ -396,6 +445,10 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Coordinat
         raise
     except ValueError as err:  # the policies' own checks
         raise ConfigError(str(err)) from None
+
+
+def _optional_path(text: str | None) -> Path | None:
+    return Path(text) if text else None
 
 
 def _policy(args: argparse.Namespace) -> SchedulerPolicy:

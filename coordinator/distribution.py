@@ -127,7 +127,7 @@ class AdapterDistributor:
             sent.append({"device": device, "job_id": job.job_id})
         return {"evaluating": sent, "skipped": skipped}
 
-    def promote(self, cohort: str, version: int) -> dict:
+    def promote(self, cohort: str, version: int, force: bool = False) -> dict:
         f = self._fleet
         meta = f.store.meta(cohort, version)
         if meta is None:
@@ -137,6 +137,16 @@ class AdapterDistributor:
             raise Conflict(
                 f"cluster {meta.cluster} has canary rollout {running.rollout_id} running"
             )
+        rejected = self._rolled_back(cohort, version)
+        if rejected is not None and not force:
+            # A canary measured it worse than what the cluster ran: promoting it anyway can
+            # take devices that cannot measure to a bad adapter. Only on an explicit force.
+            raise Conflict(
+                f"cohort {cohort} v{version}: its canary rollout {rejected.rollout_id} rolled it "
+                f'back ({rejected.reason}); send {{"force": true}} to promote it anyway'
+            )
+        if rejected is not None:
+            log.warning("cohort %s v%d promoted by force over its canary", cohort, version)
         f.store.set_current(cohort, version, meta.cluster)
         f.events.record(RolloutDecided(RolloutResult.PROMOTED))
         return {
@@ -145,6 +155,13 @@ class AdapterDistributor:
             "current_version": version,
             "devices": self.distribute(cohort, meta.cluster),
         }
+
+    def _rolled_back(self, cohort: str, version: int) -> Rollout | None:
+        """The rollout whose canary rolled this version back, if one did."""
+        for rollout in self._fleet.rollouts.history(cohort):
+            if rollout.candidate_version == version and rollout.state is RolloutState.ROLLED_BACK:
+                return rollout
+        return None
 
     def rollback(self, cohort: str, cluster: str | None = None) -> dict:
         f = self._fleet

@@ -40,7 +40,9 @@ class FleetPort(Protocol):
         self, devices: Sequence[str] | None, cohort: str | None, all_: bool, version: int | None
     ) -> dict[str, Any]: ...
 
-    def promote(self, cohort: str, version: int) -> dict[str, Any]: ...
+    def promote(self, cohort: str, version: int, force: bool = False) -> dict[str, Any]:
+        """force: also a version whose canary rolled back (Conflict otherwise)."""
+        ...
 
     def rollback(self, cohort: str, cluster: str | None = None) -> dict[str, Any]: ...
 
@@ -86,9 +88,9 @@ class LocalFleetPort:
         with self._lock:
             return self.service.evaluate(devices=devices, cohort=cohort, all_=all_, version=version)
 
-    def promote(self, cohort: str, version: int) -> dict[str, Any]:
+    def promote(self, cohort: str, version: int, force: bool = False) -> dict[str, Any]:
         with self._lock:
-            return self.service.promote(cohort, version)
+            return self.service.promote(cohort, version, force)
 
     def rollback(self, cohort: str, cluster: str | None = None) -> dict[str, Any]:
         with self._lock:

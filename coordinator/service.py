@@ -123,8 +123,8 @@ class FleetService:
         selected = select_devices(self.fleet, devices=devices, cohort=cohort, all_=all_)
         return self._distributor.evaluate(selected, version)
 
-    def promote(self, cohort: str, version: int) -> dict[str, Any]:
-        return self._distributor.promote(cohort, version)
+    def promote(self, cohort: str, version: int, force: bool = False) -> dict[str, Any]:
+        return self._distributor.promote(cohort, version, force)
 
     def rollback(self, cohort: str, cluster: str | None = None) -> dict[str, Any]:
         return self._distributor.rollback(cohort, cluster)

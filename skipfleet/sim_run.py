@@ -1,4 +1,10 @@
-"""The simulation itself: start everything, run the rounds, watch, collect (skipfleet simulate)."""
+"""The simulation itself: start everything, run the rounds, watch, collect (skipfleet simulate).
+
+Each run has its own name (`sim-<8 hex>`): its topic root, its coordinator's instance (MQTT client
+id and Ray actor) and its probe's client id, so two runs (or a run and a real fleet) on one broker
+or Ray never see or kick each other. At the end, after the agents and the coordinator stopped, it
+deletes the retained messages left under its root (skipfleet.retained).
+"""
 
 from __future__ import annotations
 
@@ -9,8 +15,10 @@ from pathlib import Path
 
 from shared.mqtt import parse_broker_url
 from shared.protocol.enums import JobState
+from shared.topics import Topics
 from skipfleet.coordinator_process import ApiClient, CoordinatorProcess
 from skipfleet.probe import FleetProbe
+from skipfleet.retained import clear_retained
 from skipfleet.scenario import build_scenario
 from skipfleet.sim_results import Progress, collect
 from skipfleet.simulate import DEFAULT_EPOCHS, DEFAULT_LR
@@ -53,6 +61,8 @@ class Simulation:
         self.t0 = time.monotonic()
         self.wall_t0 = time.time()
         self.progress = Progress(self.t0)
+        self.name = f"sim-{uuid.uuid4().hex[:8]}"  # topic root, coordinator instance, client ids
+        self.cleared: list[str] = []  # the retained topics removed at the end
 
     def say(self, message: str) -> None:
         self.progress.say(message)
@@ -74,22 +84,27 @@ class Simulation:
         )
         with contextlib.ExitStack() as stack:
             broker_url, broker_kind = start_broker(a.broker, self.run_dir, stack)
-            self.say(f"broker: {broker_kind} at {broker_url}")
+            self.say(f"broker: {broker_kind} at {broker_url}, topic root {self.name}")
+            stack.callback(self._clear_retained, broker_url)  # after everything else stopped
             self.api = self._start_coordinator(broker_url, stack)
-            self.probe = FleetProbe(parse_broker_url(broker_url), "skipfleet-simulate")
+            self.probe = FleetProbe(
+                parse_broker_url(broker_url), f"{self.name}-probe", Topics(self.name)
+            )
             stack.callback(self.probe.close)
             fleet = self._start_fleet(broker_url, scenario, stack)
             self.t0 = time.monotonic()  # the agents' clocks (and --drift-at) start about now
             self.wall_t0 = time.time()
             runs, evaluations = self._run_federation(scenario, fleet)
-            return collect(self, scenario, broker_kind, runs, evaluations)
+            result = collect(self, scenario, broker_kind, runs, evaluations)
+        return {**result, "topic_root": self.name, "retained_cleared": self.cleared}
 
     def _start_coordinator(self, broker_url: str, stack) -> ApiClient:
         a = self.args
         settings = {
             "--ray-address": a.ray_address,
-            # a name of its own: never another coordinator's actor on a shared Ray
-            "--actor-name": f"skipfleet-simulate-{uuid.uuid4().hex[:8]}",
+            # a name of its own: its own MQTT client id and Ray actor on a shared broker or Ray
+            "--instance": self.name,
+            "--topic-root": self.name,
             "--epochs": DEFAULT_EPOCHS[a.dataset],
             "--lr": DEFAULT_LR[a.dataset],
             "--max-concurrent-jobs": max(4, 3 * a.devices),
@@ -136,7 +151,8 @@ class Simulation:
 
         # 64 new input rows a second: the 256-row drift window turns over in 4 s, so the
         # signatures a run clusters by show a drift soon after it happens
-        agent_args = ["--heartbeat-seconds", "1", "--stream-rows", "64", "--seed", "0"]
+        agent_args = ["--heartbeat-seconds", "1", "--stream-rows", "64", "--seed", "0",
+                      "--topic-root", self.name]  # fmt: skip
         drift = ("--drift-at", str(self.args.drift_at)) if self.drift else ()
         specs = [  # only devices with a drifted stream can drift (a 14 cm fan never went noisy)
             AgentSpec(d.device_id, d.data_file, drift if d.drifts else ()) for d in scenario.devices
@@ -150,8 +166,8 @@ class Simulation:
         stack.callback(control.stop)
         fleet.set_control_url(control.url)
         self.say(
-            f"{len(specs)} agents started; inject faults with: "
-            f"skipfleet fleet --control {control.url} ls|kill|pause|cut DEVICE"
+            f"{len(specs)} agents started; inject faults with: skipfleet fleet --control "
+            f"{control.url} --token-file {control.token_file} ls|kill|pause|cut DEVICE"
         )
         return fleet
 
@@ -261,6 +277,16 @@ class Simulation:
         mean = sum(accuracies.values()) / max(len(accuracies), 1)
         self.say(f"{what}: mean {mean * 100:.1f} % over {len(accuracies)} devices")
         return accuracies
+
+    def _clear_retained(self, broker_url: str) -> None:
+        try:
+            self.cleared = clear_retained(
+                parse_broker_url(broker_url), self.name, f"{self.name}-cleanup"
+            )
+        except (OSError, TimeoutError) as err:  # the run's results stand; say what is left
+            self.say(f"could not remove the retained messages under {self.name}/: {err}")
+            return
+        self.say(f"removed {len(self.cleared)} retained messages under {self.name}/")
 
     # ---------------------------------------------------------------- helpers
     def elapsed(self) -> float:

@@ -20,7 +20,10 @@ from coordinator.config import (
 )
 from coordinator.ports import LocalFleetPort
 from coordinator.service import FleetService
+from shared.http_auth import RequestGuard
 from tests.coord_fleet_helpers import SimDevice, make_config
+
+GUARD = RequestGuard("a-test-token-of-32-characters-xx", "in a test")
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -193,15 +196,19 @@ def test_status_reads_the_api(tmp_path: Path, capsys):
     service = FleetService(make_config(tmp_path), clock=clock)
     device = SimDevice("pi-1", clock)
     service.ingest([device.presence(), device.heartbeat()])
-    server = ApiServer(FleetApi(LocalFleetPort(service)), "127.0.0.1", 0)
+    server = ApiServer(FleetApi(LocalFleetPort(service)), "127.0.0.1", 0, GUARD)
     server.start()
     try:
-        args = argparse.Namespace(api=f"http://127.0.0.1:{server.port}/", timeout=10.0)
+        args = argparse.Namespace(
+            api=f"http://127.0.0.1:{server.port}/", timeout=10.0, api_token_file=None
+        )
         assert status_cli.main(args) == 0
         assert "pi-1" in capsys.readouterr().out
     finally:
         server.stop()
         service.close()
-    args = argparse.Namespace(api=f"http://127.0.0.1:{server.port}", timeout=2.0)
+    args = argparse.Namespace(
+        api=f"http://127.0.0.1:{server.port}", timeout=2.0, api_token_file=None
+    )
     assert status_cli.main(args) == status_cli.EXIT_UNREACHABLE
     assert "cannot reach" in capsys.readouterr().err

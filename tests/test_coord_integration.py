@@ -159,7 +159,9 @@ class Fleet:
         return agent
 
     def api(self, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
-        api = ApiClient(f"http://127.0.0.1:{self.coordinator.api.port}", WAIT)
+        api = ApiClient(
+            f"http://127.0.0.1:{self.coordinator.api.port}", WAIT, self.config.token_path
+        )
         return api.request(method, path, body)
 
     def get(self, path: str):

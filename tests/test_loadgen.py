@@ -413,7 +413,9 @@ def said_offline(envelope, retained: bool, device: str) -> bool:
 @pytest.mark.slow
 def test_a_round_reaches_every_simulated_device(ray_session, mosquitto, world, tmp_path):
     coordinator = Coordinator.start(coordinator_config(mosquitto.url, tmp_path / "coordinator"))
-    api = ApiClient(f"http://127.0.0.1:{coordinator.api.port}")
+    api = ApiClient(
+        f"http://127.0.0.1:{coordinator.api.port}", token_file=coordinator.config.token_path
+    )
     fleet = SimulatedFleet(
         mosquitto.url, world / "base.npz", [world / "device.npz"], 5, 2, tmp_path / "loadgen",
         options=["--heartbeat-seconds", "1", "--device-seconds", "0.5", "--epochs", "10"],

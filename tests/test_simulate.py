@@ -7,9 +7,12 @@ request; one through mosquitto with a drift event the coordinator answers by its
 from __future__ import annotations
 
 import json
+import re
+import threading
 
 import pytest
 
+from shared.mqtt import connect_async, make_client, parse_broker_url
 from skipfleet.cli import main
 
 pytestmark = pytest.mark.slow
@@ -58,14 +61,21 @@ def test_a_run_on_request_through_the_embedded_python_broker(
 
 
 def test_after_a_drift_a_new_device_without_labels_gets_its_clusters_adapter(
-    tmp_path, ray_session, data_dir
+    tmp_path, ray_session, data_dir, mosquitto
 ):
     """The coordinator answers the drift by itself, the drifted devices fine-tune together,
-    and a device that joins later without labels recovers with what its cluster learned."""
+    and a device that joins later without labels recovers with what its cluster learned. On a
+    broker it is given (mosquitto): a topic root of its own, and no retained message of its left
+    there at the end."""
     result = simulate(
         tmp_path, ray_session, data_dir, "--devices", "3", "--dataset", "fan", "--drift-at", "3",
-        "--new-devices", "1", "--max-rounds", "4",
+        "--new-devices", "1", "--max-rounds", "4", "--broker", mosquitto.url,
     )  # fmt: skip
+    root = result["topic_root"]
+    assert re.fullmatch(r"sim-[0-9a-f]{8}", root)
+    statuses = {f"{root}/{d['device']}/status" for d in result["per_device"]}
+    assert statuses <= set(result["retained_cleared"])  # the agents' presence, at least
+    assert retained_on(mosquitto.url, "#") == []
     answered = next(r for r in result["runs"] if r["trigger"] != "request")
     assert answered["trigger"] in ("label_free_drift", "accuracy_below")  # its own decision
     drifted = [d for d in result["per_device"] if d["description"].count("->")]
@@ -80,3 +90,22 @@ def test_after_a_drift_a_new_device_without_labels_gets_its_clusters_adapter(
     (new,) = [d for d in result["per_device"] if not d["labelled"]]
     assert new["runs"].startswith("v") and new["cluster"] is not None
     assert new["accuracy_end"] > new["accuracy_initial"] + 0.1  # it recovers without labels
+
+
+def retained_on(broker_url: str, pattern: str, quiet_s: float = 1.0) -> list[str]:
+    """The topics holding a retained message: a fresh subscriber gets them right after SUBACK."""
+    found: list[str] = []
+    subscribed = threading.Event()
+    client = make_client(parse_broker_url(broker_url), "retained-check")
+    client.on_connect = lambda c, *a: c.subscribe(pattern, qos=1)
+    client.on_subscribe = lambda *a: subscribed.set()
+    client.on_message = lambda c, u, m: found.append(m.topic) if m.retain else None
+    connect_async(client, parse_broker_url(broker_url))
+    client.loop_start()
+    try:
+        assert subscribed.wait(10), "no SUBACK"
+        threading.Event().wait(quiet_s)
+        return found
+    finally:
+        client.disconnect()
+        client.loop_stop()
