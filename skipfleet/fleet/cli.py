@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from enum import IntEnum
 
@@ -61,7 +62,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--control", metavar="URL", help="a process fleet's control endpoint")
     target.add_argument("--run-dir", metavar="DIR", help="a process fleet's run dir (fleet.json)")
     target.add_argument("--docker", action="store_true", help="the docker compose fleet")
-    parser.add_argument("--project", help="compose project with --docker (default: skipfleet)")
+    parser.add_argument(
+        "--project",
+        help="compose project with --docker (default: $COMPOSE_PROJECT_NAME, else skipfleet)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON rows, not a table")
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     actions.add_parser("ls", help="list the devices")
@@ -111,7 +115,8 @@ def open_fleet(args: argparse.Namespace):
     if args.docker:
         from skipfleet.fleet.docker_backend import DockerFleet
 
-        return DockerFleet(args.project or "skipfleet")
+        # As compose names the project: COMPOSE_PROJECT_NAME (also set by the repository's .env).
+        return DockerFleet(args.project or os.environ.get("COMPOSE_PROJECT_NAME") or "skipfleet")
     from skipfleet.fleet.remote import RemoteFleet
 
     if args.control:
