@@ -1,20 +1,42 @@
 #!/usr/bin/env bash
-# Install the Debian packages the integration tests need, if they are missing.
-# mosquitto: the MQTT broker the tests start on a free port; prometheus: promtool and a real scrape.
+# Install the Debian packages skipfleet needs, if they are missing.
+#   install-system-deps.sh [--if-possible] [PACKAGE...]
+# Packages: mosquitto (the MQTT broker simulate and the tests start on a free port) and
+# prometheus (promtool and a real scrape in the tests); default both (`make test`).
+# --if-possible (`make run`): where installing cannot work (not root, no apt-get), say so and
+# exit 0, leaving the clear error to the program that needs the package.
 set -euo pipefail
+if_possible=0
+if [ "${1:-}" = "--if-possible" ]; then
+  if_possible=1
+  shift
+fi
+[ $# -gt 0 ] || set -- mosquitto prometheus
 need=()
-command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto)
-command -v promtool >/dev/null 2>&1 || need+=(prometheus)
+for package in "$@"; do
+  case "$package" in
+    mosquitto) command -v mosquitto >/dev/null 2>&1 || [ -x /usr/sbin/mosquitto ] || need+=(mosquitto) ;;
+    prometheus) command -v promtool >/dev/null 2>&1 || need+=(prometheus) ;;
+    *) echo "install-system-deps.sh: unknown package $package (mosquitto, prometheus)" >&2; exit 2 ;;
+  esac
+done
 if [ ${#need[@]} -eq 0 ]; then
   exit 0
 fi
+why=""
 if [ "$(id -u)" -ne 0 ]; then
-  echo "missing Debian packages: ${need[*]} (run: sudo apt-get install ${need[*]})" >&2
+  why="not root"
+elif ! command -v apt-get >/dev/null 2>&1; then
+  why="no apt-get on this machine"
+fi
+if [ -n "$why" ]; then
+  echo "missing packages: ${need[*]} ($why: install them yourself, e.g. sudo apt-get install ${need[*]})" >&2
+  [ "$if_possible" -eq 1 ] && exit 0
   exit 1
 fi
 echo "installing Debian packages: ${need[*]}"
 export DEBIAN_FRONTEND=noninteractive
 apt-get update -qq
 apt-get install -y -qq --no-install-recommends "${need[@]}" >/dev/null
-# Debian starts the packaged services; the tests run their own on free ports.
+# Debian starts the packaged services; skipfleet and the tests run their own on free ports.
 systemctl disable --now prometheus >/dev/null 2>&1 || true

@@ -19,7 +19,7 @@ from shared.topics import Topics
 from skipfleet.coordinator_process import ApiClient, CoordinatorProcess
 from skipfleet.probe import FleetProbe
 from skipfleet.retained import clear_retained
-from skipfleet.scenario import build_scenario
+from skipfleet.scenario import Scenario, build_scenario
 from skipfleet.sim_results import Progress, collect
 from skipfleet.simulate import DEFAULT_EPOCHS, DEFAULT_LR
 
@@ -30,6 +30,9 @@ MONITOR_EVERY_S = 10.0  # with a drift event: how often the devices are asked fo
 # on 30 % of their windows before any drift, at 2.0 on 12 %, still 91 % of noisy-room windows
 # (docs/benchmarks.md, "Label-free drift"). HAR: the devices' measured accuracy decides.
 LABEL_FREE_THRESHOLD = {"fan": 2.0, "har": "off"}
+# A task of your own (prepare --from): the coordinator's calibrated default threshold, and the
+# fine-tune settings of the fan task
+OTHER_LABEL_FREE_THRESHOLD, OTHER_EPOCHS, OTHER_LR = 1.0, 100, 0.05
 # A new device is placed by the signature in its heartbeats, and offered its cluster's version by
 # the coordinator's catch-up scan (every 5 s): give both a moment before asking.
 NEW_DEVICE_GRACE_S = 8.0
@@ -37,26 +40,25 @@ DRIFT_CLOCK_SLACK_S = 5.0
 
 
 def start_broker(url: str | None, run_dir: Path, stack: contextlib.ExitStack) -> tuple[str, str]:
-    """(broker URL, what it is): the given one, else mosquitto if installed, else Python's."""
+    """(broker URL, what it is): the given one, else a private mosquitto (MosquittoMissing, which
+    says how to install it, if there is none)."""
     if url:
         return url, "given"
-    from skipfleet.brokers import MosquittoBroker, find_mosquitto
+    from skipfleet.brokers import MosquittoBroker
 
-    if find_mosquitto() is not None:
-        broker = MosquittoBroker(run_dir / "broker")
-        broker.start()
-        stack.callback(broker.stop)
-        return broker.url, "mosquitto (private, on a free port)"
-    from skipfleet.minibroker import MiniBroker
-
-    broker = MiniBroker("127.0.0.1").start()
+    broker = MosquittoBroker(run_dir / "broker")
+    broker.start()
     stack.callback(broker.stop)
-    return broker.url, "embedded Python broker (mosquitto is not installed)"
+    return broker.url, "mosquitto (private, on a free port)"
 
 
 class Simulation:
-    def __init__(self, args, data_dir: Path, run_dir: Path):
+    def __init__(
+        self, args, data_dir: Path | None, run_dir: Path, prepared: Scenario | None = None
+    ):
+        """`prepared`: a fleet from `skipfleet prepare` (--fleet-dir), else one is built."""
         self.args, self.data_dir, self.run_dir = args, data_dir, run_dir
+        self.prepared = prepared
         self.drift = args.drift_at is not None
         self.t0 = time.monotonic()
         self.wall_t0 = time.time()
@@ -72,7 +74,7 @@ class Simulation:
         a = self.args
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.say(f"run dir {self.run_dir}")
-        scenario = build_scenario(
+        scenario = self.prepared or build_scenario(
             a.dataset,
             a.devices,
             self.data_dir,
@@ -82,6 +84,7 @@ class Simulation:
             new_devices=a.new_devices,
             log=self.say,
         )
+        self.scenario = scenario
         with contextlib.ExitStack() as stack:
             broker_url, broker_kind = start_broker(a.broker, self.run_dir, stack)
             self.say(f"broker: {broker_kind} at {broker_url}, topic root {self.name}")
@@ -105,9 +108,9 @@ class Simulation:
             # a name of its own: its own MQTT client id and Ray actor on a shared broker or Ray
             "--instance": self.name,
             "--topic-root": self.name,
-            "--epochs": DEFAULT_EPOCHS[a.dataset],
-            "--lr": DEFAULT_LR[a.dataset],
-            "--max-concurrent-jobs": max(4, 3 * a.devices),
+            "--epochs": DEFAULT_EPOCHS.get(self.scenario.dataset, OTHER_EPOCHS),
+            "--lr": DEFAULT_LR.get(self.scenario.dataset, OTHER_LR),
+            "--max-concurrent-jobs": max(4, 3 * len(self.scenario.devices)),
             "--round-deadline-seconds": a.timeout,
             "--trigger-cooldown-seconds": 5,
             "--max-rounds": a.max_rounds,
@@ -119,7 +122,9 @@ class Simulation:
         if self.drift:  # the coordinator decides by itself: drift score, or measured accuracy
             settings.update(
                 {
-                    "--label-free-threshold": LABEL_FREE_THRESHOLD[a.dataset],
+                    "--label-free-threshold": LABEL_FREE_THRESHOLD.get(
+                        self.scenario.dataset, OTHER_LABEL_FREE_THRESHOLD
+                    ),
                     # longer than the 256-row window takes to turn over (4 s): the run
                     # clusters by signatures that show the whole drift
                     "--label-free-seconds": 6,
