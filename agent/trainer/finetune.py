@@ -191,6 +191,15 @@ def evaluate(trainer, model: BaseModel, X, y) -> float:
     return float((logits.argmax(axis=1) == y).mean())
 
 
+def input_scale(X) -> np.ndarray:
+    """Per-feature std for standardising the inputs, float32 (d,). A feature constant in
+    pre-training (a pixel always blank) gets 1, not ~0: divided by 1e-6, any value a device
+    sees there became ~1e7 after standardising and overflowed the logits (measured: a digit
+    shifted by one pixel). The others keep std + 1e-6 (finite for near-constant ones)."""
+    std = X.std(axis=0)  # (d,)
+    return np.where(std > 0, std + 1e-6, 1.0).astype(np.float32)
+
+
 def pretrain(X, y, n_classes: int, *, epochs=100, lr=0.05, batch_size=20, seed=0,
              info=None, progress=None, hidden: int = HIDDEN) -> BaseModel:  # fmt: skip
     """Train the base model from scratch (all layers, BN in training mode); `hidden` is the
@@ -200,7 +209,7 @@ def pretrain(X, y, n_classes: int, *, epochs=100, lr=0.05, batch_size=20, seed=0
     rng = np.random.default_rng(seed)
     params = init_params(X.shape[1], n_classes, rng, hidden=hidden)
     params["in_mean"] = X.mean(axis=0).astype(np.float32)
-    params["in_std"] = (X.std(axis=0) + 1e-6).astype(np.float32)  # constant inputs stay finite
+    params["in_std"] = input_scale(X)
     model = BaseModel(params, dict(info or {}))
     check_training_data(X, y, model.n_inputs, n_classes)
     spec, _ = resolve("ft-all")

@@ -1,6 +1,7 @@
-"""A base model of any hidden width: pre-trained with it, saved with it in the header, loaded and
-fine-tuned at it; a file from before the header said (96, the arrays alone) still loads, and a
-header that disagrees with the weights is refused."""
+"""Pre-training options. A base model of any hidden width: pre-trained with it, saved with it in
+the header, loaded and fine-tuned at it; a file from before the header said (96, the arrays
+alone) still loads, and a header that disagrees with the weights is refused. A feature constant
+in pre-training is not blown up by standardising."""
 
 from __future__ import annotations
 
@@ -63,3 +64,18 @@ def test_a_header_that_disagrees_with_the_weights_is_refused(tmp_path, rows, cla
 def test_a_hidden_width_below_one_is_refused(rows):
     with pytest.raises(ValueError, match="hidden width must be >= 1"):
         pretrain(*rows, 4, epochs=1, hidden=0)
+
+
+def test_a_feature_constant_in_pre_training_keeps_a_unit_scale(rows):
+    """A blank pixel in every pre-training image, inked on a device: standardised by ~0 it was
+    ~1e7 and overflowed the logits; with scale 1 it stays what it is."""
+    X, y = rows
+    X = X.copy()
+    X[:, 3] = 0.0  # constant in pre-training
+    model = pretrain(X, y, 4, epochs=2, seed=0)
+    assert model.params["in_std"][3] == 1.0
+    np.testing.assert_allclose(model.params["in_std"][:3], X[:, :3].std(axis=0) + 1e-6, rtol=1e-6)
+    inked = X[:5].copy()
+    inked[:, 3] = 16.0
+    assert model.standardize(inked)[:, 3].tolist() == [16.0] * 5
+    assert np.isfinite(model.logits(inked)).all()
