@@ -30,9 +30,8 @@ MONITOR_EVERY_S = 10.0  # with a drift event: how often the devices are asked fo
 # on 30 % of their windows before any drift, at 2.0 on 12 %, still 91 % of noisy-room windows
 # (docs/benchmarks.md, "Label-free drift"). HAR: the devices' measured accuracy decides.
 LABEL_FREE_THRESHOLD = {"fan": 2.0, "har": "off"}
-# A task of your own (prepare --from): the coordinator's calibrated default threshold, and the
-# fine-tune settings of the fan task
-OTHER_LABEL_FREE_THRESHOLD, OTHER_EPOCHS, OTHER_LR = 1.0, 100, 0.05
+# A task of your own (prepare --from): the coordinator's calibrated default threshold
+OTHER_LABEL_FREE_THRESHOLD = 1.0
 # A new device is placed by the signature in its heartbeats, and offered its cluster's version by
 # the coordinator's catch-up scan (every 5 s): give both a moment before asking.
 NEW_DEVICE_GRACE_S = 8.0
@@ -108,8 +107,6 @@ class Simulation:
             # a name of its own: its own MQTT client id and Ray actor on a shared broker or Ray
             "--instance": self.name,
             "--topic-root": self.name,
-            "--epochs": DEFAULT_EPOCHS.get(self.scenario.dataset, OTHER_EPOCHS),
-            "--lr": DEFAULT_LR.get(self.scenario.dataset, OTHER_LR),
             "--max-concurrent-jobs": max(4, 3 * len(self.scenario.devices)),
             "--round-deadline-seconds": a.timeout,
             "--trigger-cooldown-seconds": 5,
@@ -119,6 +116,9 @@ class Simulation:
             # and a device the fleet adapter helps would promote it over those it hurts
             "--canary-fraction": 0.5,
         }
+        if self.scenario.dataset in DEFAULT_EPOCHS:  # a task of your own: the coordinator's
+            settings["--epochs"] = DEFAULT_EPOCHS[self.scenario.dataset]
+            settings["--lr"] = DEFAULT_LR[self.scenario.dataset]
         if self.drift:  # the coordinator decides by itself: drift score, or measured accuracy
             settings.update(
                 {
