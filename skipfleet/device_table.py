@@ -74,6 +74,11 @@ def read_device_table(
             raise DataError(f"{path}: {name!r} cannot be both a feature and the label or device")
     X = np.stack([_numbers(path, name, columns[name]) for name in feature_columns], axis=1)
     check_finite(X, "features", source=str(path))
+    beyond = np.argwhere(np.abs(X) > np.finfo(np.float32).max)  # the model computes in float32
+    if len(beyond):
+        row, col = beyond[0]
+        raise DataError(f"{path}: data row {row + 1}, column {feature_columns[col]!r}: "
+                        f"{X[row, col]:g} is beyond float32's range")  # fmt: skip
     class_names, y = _classes(path, label_column, columns[label_column])
     device_ids, device_names = _device_ids(path, device_column, columns[device_column])
     return DeviceTable(

@@ -51,8 +51,11 @@ def holdout_devices(
         chosen = list(dict.fromkeys(by_name[n] for n in names))
     else:
         count = count if count is not None else math.ceil(HOLDOUT_SHARE * len(devices))
-        if count < 1:
-            raise DataError("--holdout-count must be at least 1")
+        if not 1 <= count < len(devices):
+            raise DataError(
+                f"{table.source}: --holdout-count must be 1..{len(devices) - 1} "
+                f"(one device at least pre-trains), got {count}"
+            )
         chosen = list(np.random.default_rng(seed).choice(devices, size=count, replace=False))
     if len(chosen) >= len(devices):
         raise DataError(

@@ -127,6 +127,9 @@ def test_numeric_labels_sort_as_numbers(tmp_path):
         ("d,f,label\na,1,x\nb,2,y\n", {"--holdout-devices": "a,b"}, "all 2 devices held out"),
         ("d,f,label\na,1,x\nb,2,y\n", {}, "1 rows on the pre-training devices"),
         ("d,f,label\na,1,x\nb,2,y\n", {"--feature-columns": "f,g"}, "no feature column 'g'"),
+        ("d,f,label\na,1,x\nb,2,y\n", {"--holdout-count": "2"},
+         "--holdout-count must be 1..1 (one device at least pre-trains), got 2"),
+        ("d,f,label\na,1,x\nb,1e39,y\n", {}, "data row 2, column 'f': 1e+39 is beyond float32"),
     ],
 )  # fmt: skip
 def test_bad_tables_are_refused_naming_where(tmp_path, capsys, text, options, message):
@@ -166,3 +169,10 @@ def test_a_table_in_another_format_is_refused(tmp_path, capsys):
     assert prepare("--from", str(path), "--label-column", "y", "--device-column", "d",
                    "--out", str(tmp_path / "out")) == 2  # fmt: skip
     assert "expected a .csv or .npz file" in capsys.readouterr().err
+
+
+def test_prepare_dataset_takes_the_hidden_width_and_epochs_too(tmp_path, data_dir):
+    out = tmp_path / "fleet"
+    assert prepare("--dataset", "fan", "--devices", "1", "--hidden", "8", "--epochs", "1",
+                   "--data-dir", str(data_dir), "--out", str(out)) == 0  # fmt: skip
+    assert BaseModel.load(out / "base.npz").hidden_width == 8
