@@ -17,7 +17,7 @@ from pathlib import Path
 from agent.trainer.model import HIDDEN
 from skipfleet.prepared import BASE_MODEL, shard_entry, shard_path, write_manifest
 
-PRETRAIN_EPOCHS = 40  # as the simulation's scenarios
+PRETRAIN_EPOCHS = 40  # with --from: as the simulation's scenarios
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -32,18 +32,6 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--out", required=True, help="folder to write (created)")
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument(
-        "--hidden",
-        type=int,
-        default=HIDDEN,
-        help=f"width of the base model's hidden layers (default {HIDDEN})",
-    )
-    parser.add_argument(
-        "--epochs",
-        type=int,
-        default=PRETRAIN_EPOCHS,
-        help=f"pre-training epochs (default {PRETRAIN_EPOCHS})",
-    )
     scenario = parser.add_argument_group("with --dataset")
     scenario.add_argument("--devices", type=int, help="number of shards")
     scenario.add_argument(
@@ -68,6 +56,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help="the devices held out of pre-training: the fleet, one shard each",
     )
     own.add_argument(
+        "--hidden",
+        type=int,
+        help=f"width of the base model's hidden layers (default {HIDDEN})",
+    )
+    own.add_argument("--epochs", type=int, help=f"pre-training epochs (default {PRETRAIN_EPOCHS})")
+    own.add_argument(
         "--holdout-count",
         type=int,
         metavar="N",
@@ -83,8 +77,6 @@ def prepare(
     *,
     drift: bool,
     seed: int,
-    hidden: int = HIDDEN,
-    epochs: int = PRETRAIN_EPOCHS,
     log=print,
 ) -> dict:
     from skipfleet.scenario import build_scenario
@@ -98,8 +90,6 @@ def prepare(
             Path(tmp),
             drift=drift,
             seed=seed,
-            pretrain_epochs=epochs,
-            hidden=hidden,
             log=log,
         )
         shutil.copyfile(scenario.base_model, out / BASE_MODEL)
@@ -144,6 +134,8 @@ def _check_args(args) -> str | None:
         "--feature-columns": args.feature_columns,
         "--holdout-devices": args.holdout_devices,
         "--holdout-count": args.holdout_count is not None,
+        "--hidden": args.hidden is not None,
+        "--epochs": args.epochs is not None,
     }
     wrong = [k for k, v in (own_only if args.dataset else scenario_only).items() if v]
     if wrong:
@@ -154,7 +146,7 @@ def _check_args(args) -> str | None:
         return "--from needs --label-column and --device-column"
     if args.holdout_devices and args.holdout_count is not None:
         return "give --holdout-devices or --holdout-count, not both"
-    if args.hidden < 1 or args.epochs < 1:
+    if any(value is not None and value < 1 for value in (args.hidden, args.epochs)):
         return "--hidden and --epochs must be >= 1"
     return None
 
@@ -174,8 +166,6 @@ def _prepare_dataset(args) -> dict:
         Path(args.out),
         drift=args.drift,
         seed=args.seed,
-        hidden=args.hidden,
-        epochs=args.epochs,
         log=_log,
     )
 
@@ -195,8 +185,8 @@ def _prepare_from(args) -> dict:
         table,
         fleet,
         Path(args.out),
-        hidden=args.hidden,
-        epochs=args.epochs,
+        hidden=args.hidden or HIDDEN,
+        epochs=args.epochs or PRETRAIN_EPOCHS,
         seed=args.seed,
         log=_log,
     )

@@ -35,7 +35,6 @@ from agent.data import fan_fleet_devices, load_fan_fleet_group, load_har_windows
 from agent.data.fan_fleet import FAN_FLEET_GROUP_NAMES
 from agent.data.har import HAR_ACTIVITY_NAMES
 from agent.data.har_features import window_features
-from agent.trainer.model import HIDDEN
 from skipfleet.base_model import pretrain_calibrated
 
 # People new to the base model, in the order devices get them: the paper's drift subjects first.
@@ -71,7 +70,6 @@ class Scenario:
 
 def build_scenario(dataset: str, n_devices: int, data_dir: Path, out_dir: Path, *, drift: bool,
                    seed: int = 0, pretrain_epochs: int = 40, new_devices: int = 0,
-                   hidden: int = HIDDEN,
                    log: Callable[[str], None] = print) -> Scenario:  # fmt: skip
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}: choose har or fan")
@@ -85,7 +83,7 @@ def build_scenario(dataset: str, n_devices: int, data_dir: Path, out_dir: Path, 
     log(f"pre-training the base model on {len(pretrain_set[1])} samples ({description})")
     X, y, streams, info = pretrain_set
     model = pretrain_calibrated(X, y, len(info["class_names"]), streams, epochs=pretrain_epochs,
-                                seed=seed, info=info, hidden=hidden, log=log)  # fmt: skip
+                                seed=seed, info=info, log=log)  # fmt: skip
     base_path = out_dir / "base-model.npz"
     model.save(base_path)
     specs = []

@@ -30,8 +30,6 @@ MONITOR_EVERY_S = 10.0  # with a drift event: how often the devices are asked fo
 # on 30 % of their windows before any drift, at 2.0 on 12 %, still 91 % of noisy-room windows
 # (docs/benchmarks.md, "Label-free drift"). HAR: the devices' measured accuracy decides.
 LABEL_FREE_THRESHOLD = {"fan": 2.0, "har": "off"}
-# A task of your own (prepare --from): the coordinator's calibrated default threshold
-OTHER_LABEL_FREE_THRESHOLD = 1.0
 # A new device is placed by the signature in its heartbeats, and offered its cluster's version by
 # the coordinator's catch-up scan (every 5 s): give both a moment before asking.
 NEW_DEVICE_GRACE_S = 8.0
@@ -122,9 +120,7 @@ class Simulation:
         if self.drift:  # the coordinator decides by itself: drift score, or measured accuracy
             settings.update(
                 {
-                    "--label-free-threshold": LABEL_FREE_THRESHOLD.get(
-                        self.scenario.dataset, OTHER_LABEL_FREE_THRESHOLD
-                    ),
+                    "--label-free-threshold": LABEL_FREE_THRESHOLD[self.scenario.dataset],
                     # longer than the 256-row window takes to turn over (4 s): the run
                     # clusters by signatures that show the whole drift
                     "--label-free-seconds": 6,

@@ -20,7 +20,6 @@ from pathlib import Path
 
 DEFAULT_EPOCHS = {"fan": 100, "har": 200}  # the paper's epochs (fan: Damage1)
 DEFAULT_LR = {"fan": 0.05, "har": 0.02}
-DEFAULT_DEVICES = 6
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -84,13 +83,17 @@ def main(args) -> int:
     return 0
 
 
+DEFAULT_DATASET, DEFAULT_DEVICES = "fan", 6
+
+
 def _fleet(args):
     """(the prepared fleet, None) with --fleet-dir, else (None, the data sets' folder); the
     defaults of --dataset and --devices are set here."""
     from agent.data import resolve_data_dir
 
     if args.fleet_dir is None:
-        args.dataset, args.devices = args.dataset or "fan", args.devices or DEFAULT_DEVICES
+        args.dataset = args.dataset or DEFAULT_DATASET
+        args.devices = args.devices or DEFAULT_DEVICES
         return None, resolve_data_dir(args.data_dir, os.environ)
     from agent.data import DataError
     from skipfleet.prepared import load_prepared_fleet

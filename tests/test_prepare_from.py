@@ -152,6 +152,7 @@ def test_bad_tables_are_refused_naming_where(tmp_path, capsys, text, options, me
          "--devices go(es) with --dataset"),
         (["--dataset", "fan", "--devices", "2", "--label-column", "y"],
          "--label-column go(es) with --from"),
+        (["--dataset", "fan", "--devices", "2", "--hidden", "8"], "--hidden go(es) with --from"),
         (["--from", "t.csv", "--label-column", "y", "--device-column", "d", "--hidden", "0"],
          "--hidden and --epochs must be >= 1"),
         (["--from", "t.csv", "--label-column", "y", "--device-column", "d",
@@ -169,10 +170,3 @@ def test_a_table_in_another_format_is_refused(tmp_path, capsys):
     assert prepare("--from", str(path), "--label-column", "y", "--device-column", "d",
                    "--out", str(tmp_path / "out")) == 2  # fmt: skip
     assert "expected a .csv or .npz file" in capsys.readouterr().err
-
-
-def test_prepare_dataset_takes_the_hidden_width_and_epochs_too(tmp_path, data_dir):
-    out = tmp_path / "fleet"
-    assert prepare("--dataset", "fan", "--devices", "1", "--hidden", "8", "--epochs", "1",
-                   "--data-dir", str(data_dir), "--out", str(out)) == 0  # fmt: skip
-    assert BaseModel.load(out / "base.npz").hidden_width == 8
