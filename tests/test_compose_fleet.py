@@ -180,6 +180,8 @@ def fleet(engine, data_dir, tmp_path_factory) -> Iterator[Fleet]:
         "SKIPFLEET_MQTT_PORT": "",
         "SKIPFLEET_API_PORT": "",
         "SKIPFLEET_PROMETHEUS_PORT": "",
+        # a paused or cut agent is declared offline after 15 s, not 45 s: the test waits less
+        "SKIPFLEET_AGENT_KEEPALIVE_SECONDS": "10",
     }
     fleet = Fleet(engine, env, compose_command())
     try:
