@@ -157,10 +157,10 @@ class SkipTrainer:
     # ------------------------------------------------------------- results
     def adapter(self) -> Adapter:
         self.check_overflow()
-        factors = [None, None, None]
+        factors = [None] * len(self.model.layer_input_dims)
         for k, pair in zip(self.layers, self.head.factors(), strict=True):
             factors[k - 1] = pair
-        deltas = self.start.deltas if self.start is not None else (None, None, None)
+        deltas = self.start.deltas if self.start is not None else ()
         dims = self.model.layer_input_dims
         return Adapter(dims, self.n_classes, deltas, tuple(factors))
 
