@@ -122,16 +122,27 @@ def run_method(model: BaseModel, X, y, *, method="skip2-lora", epochs=100, lr=0.
                cancel=None, progress=None) -> FinetuneResult:  # fmt: skip
     """Fine-tune with any method; `cache` overrides the method's own cache kind."""
     spec, default_cache = resolve(method)
-    check_training_data(X, y, model.n_inputs, model.n_classes)
-    if epochs < 1 or batch_size < 1 or rank < 1 or not lr > 0:
-        raise ValueError("epochs, batch_size and rank must be >= 1 and lr > 0")
+    check_run(model, X, y, epochs=epochs, batch_size=batch_size, rank=rank, lr=lr)
     rng = np.random.default_rng(seed)
     X1 = model.standardize(X)  # (n, N): x1, the first layer's input
     trainer = make_trainer(model, spec, cache or default_cache, lr=lr, rank=rank, rng=rng,
                            n_samples=len(X), batch_size=batch_size, start=start,
                            capacity=capacity)  # fmt: skip
+    return train(trainer, X1, y, model.n_classes, epochs=epochs, batch_size=batch_size, rng=rng,
+                 cancel=cancel, progress=progress)  # fmt: skip
+
+
+def check_run(model, X, y, *, epochs, batch_size, rank, lr) -> None:
+    check_training_data(X, y, model.n_inputs, model.n_classes)
+    if epochs < 1 or batch_size < 1 or rank < 1 or not lr > 0:
+        raise ValueError("epochs, batch_size and rank must be >= 1 and lr > 0")
+
+
+def train(trainer, X1, y, n_classes, *, epochs, batch_size, rng, cancel=None,
+          progress=None) -> FinetuneResult:  # fmt: skip
+    """Run the epochs of any trainer on standardised inputs X1, timed, into a FinetuneResult."""
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    times = run_epochs(trainer, X1, y, model.n_classes, epochs=epochs, batch_size=batch_size,
+    times = run_epochs(trainer, X1, y, n_classes, epochs=epochs, batch_size=batch_size,
                        rng=rng, cancel=cancel, progress=progress)  # fmt: skip
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     is_skip = isinstance(trainer, SkipTrainer)
@@ -141,7 +152,7 @@ def run_method(model: BaseModel, X, y, *, method="skip2-lora", epochs=100, lr=0.
         epochs_run=epochs,
         seconds=wall,
         cpu_seconds=cpu,
-        samples=len(X),
+        samples=len(X1),
         times=times,
         cache_hit_rate=trainer.cache_hit_rate if is_skip else 0.0,
         cache_bytes=trainer.cache_bytes if is_skip else 0,

@@ -100,10 +100,11 @@ class BaseModel:
         return load_model(Path(path))
 
 
-def weights_hash(params: dict[str, np.ndarray]) -> str:
-    """sha256 over every parameter's name, dtype, shape and bytes, in a fixed order."""
-    digest = hashlib.sha256()
-    for name in PARAM_NAMES:
+def weights_hash(params: dict[str, np.ndarray], names=PARAM_NAMES, prefix: bytes = b"") -> str:
+    """sha256 over `prefix` (e.g. an architecture) and every parameter's name, dtype, shape and
+    bytes, in the fixed order of `names`."""
+    digest = hashlib.sha256(prefix)
+    for name in names:
         array = np.ascontiguousarray(params[name])
         digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
         digest.update(array.tobytes())

@@ -1,0 +1,70 @@
+"""The CNN fine-tuning methods as data: what each trains, where in the model.
+
+"all" and "last" are resolved against a model's units: the last unit is the FC that makes the
+logits. The Skip methods are the MLP's (`agent/trainer/skip.py`), one adapter per layer.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+WHERE = ("none", "all", "last")
+
+
+@dataclass(frozen=True)
+class CnnMethod:
+    name: str
+    weights: str = "none"  # units whose W and b train
+    bn_train: bool = False  # BN of those units in training mode, gamma and beta trained
+    lora: str = "none"  # units with a LoRA adapter on their weight
+    dora: str = "none"  # units with a DoRA adapter on their weight
+    adapters: bool = False  # a bottleneck adapter on every layer's output but the logits
+    optimizer: str = "sgd"  # sgd, or galore: Adam in a low-rank projection of the gradients
+    skip: bool = False  # Skip-LoRA: every layer's input straight to the logits
+    cache: str = "none"  # Skip-Cache kind: none, dense, q8, q4
+    lr_scale: float = 1.0  # this method's step size relative to the run's (Adam needs less)
+
+    def units(self, where: str, n_units: int) -> frozenset[int]:
+        if where not in WHERE:
+            raise ValueError(f"{self.name}: unknown unit set {where!r}")
+        return {"none": frozenset(), "all": frozenset(range(1, n_units + 1)),
+                "last": frozenset({n_units})}[where]  # fmt: skip
+
+    @property
+    def is_adapter_only(self) -> bool:
+        """True when the result is a Skip adapter a device can ship (base model untouched)."""
+        return self.skip
+
+
+# The Adam methods' step size relative to the SGD methods' (0.003 at the bench's 0.02): Adam
+# normalises every step, so an SGD-sized one overshoots (measured on the rotated Fashion-MNIST
+# bench, docs/benchmarks.md). LoRA-All with Adam is there to show what the optimizer alone does.
+ADAM_LR = 0.15
+
+CNN_METHODS: dict[str, CnnMethod] = {
+    m.name: m
+    for m in (
+        CnnMethod("ft-all", weights="all", bn_train=True),
+        CnnMethod("ft-last", weights="last"),
+        CnnMethod("lora-last", lora="last"),
+        CnnMethod("lora-all", lora="all"),
+        CnnMethod("dora", dora="all"),
+        CnnMethod("galore", weights="all", bn_train=True, optimizer="galore", lr_scale=ADAM_LR),
+        CnnMethod("adapter", adapters=True),
+        CnnMethod("lora-all-adam", lora="all", optimizer="adam", lr_scale=ADAM_LR),
+        CnnMethod("skip-lora", skip=True),
+        CnnMethod("skip2-lora", skip=True, cache="dense"),
+        CnnMethod("skip2-lora-q8", skip=True, cache="q8"),
+        CnnMethod("skip2-lora-q4", skip=True, cache="q4"),
+    )
+}
+
+
+def cnn_method_names() -> list[str]:
+    return list(CNN_METHODS)
+
+
+def resolve_cnn(name: str) -> CnnMethod:
+    if name not in CNN_METHODS:
+        raise ValueError(f"unknown CNN method {name!r}; choose from {', '.join(CNN_METHODS)}")
+    return CNN_METHODS[name]

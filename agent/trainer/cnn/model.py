@@ -1,0 +1,177 @@
+"""A pre-trained CNN as the agent and the Skip trainer use it: the MLP's BaseModel interface.
+
+Inputs are rows of side×side pixels (Fashion-MNIST: 784), standardised with one mean and one
+standard deviation of the pre-training pixels: a per-pixel statistic would divide by ~0 at the
+borders, where upright images are always empty and rotated ones are not. `frozen_features`
+returns every layer's input x_k (flattened, channels last; average-pooled where its unit says
+`tap_pool`) and the logits z, BN in inference mode: what Skip-Cache stores. A saved CNN is an `.npz` of float32 arrays plus a JSON header
+with `"kind": "cnn"` and its units; its `weights_hash` covers the units too.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from agent.trainer.cnn import arch
+from agent.trainer.cnn import layers as cl
+from agent.trainer.cnn.network import UnitMods, folded, unit_forward, unit_infer
+from agent.trainer.errors import ModelFileError
+from agent.trainer.model import check_inputs, weights_hash
+
+MODEL_KIND = "cnn"
+FORMAT_VERSION = 1
+CHUNK = 32  # images per inference pass: patches of ~3.6 MB (measured fastest of 16..512)
+
+
+@dataclass
+class CnnModel:
+    units: tuple[arch.Unit, ...]
+    params: dict[str, np.ndarray]
+    side: int = 28
+    info: dict = field(default_factory=dict)  # task, class names, architecture name: JSON-safe
+
+    @property
+    def param_names(self) -> tuple[str, ...]:
+        names = ("in_mean", "in_std")
+        for u, unit in enumerate(self.units, start=1):
+            names += unit.param_names(u)
+        return names
+
+    @property
+    def n_inputs(self) -> int:
+        return self.side * self.side
+
+    @property
+    def n_classes(self) -> int:
+        return self.units[-1].c_out
+
+    @property
+    def layer_input_dims(self) -> tuple[int, ...]:
+        return arch.layer_input_dims(self.units, self.side)
+
+    @property
+    def n_parameters(self) -> int:
+        return arch.n_weights(self.units)
+
+    @property
+    def weights_hash(self) -> str:
+        return weights_hash(self.params, self.param_names, self._hash_prefix())
+
+    def _hash_prefix(self) -> bytes:
+        return json.dumps({"side": self.side, "units": arch.to_json(self.units)}).encode()
+
+    # -------------------------------------------------------------- inference
+    def standardize(self, X: np.ndarray) -> np.ndarray:
+        check_inputs(X, self.n_inputs)
+        return ((X - self.params["in_mean"]) / self.params["in_std"]).astype(np.float32)
+
+    def images(self, x1: np.ndarray) -> np.ndarray:
+        return x1.reshape(len(x1), self.side, self.side, 1)  # (B, H, W, 1)
+
+    def frozen_features(self, X: np.ndarray, standardized: bool = False):
+        """Every layer's input xs = [x1, .., xK] (flattened) and the logits z, all float32."""
+        x1 = X if standardized else self.standardize(X)
+        weights = [folded(unit, u, self.params) for u, unit in enumerate(self.units, start=1)]
+        parts = [self._frozen_chunk(x1[i : i + CHUNK], weights) for i in range(0, len(x1), CHUNK)]
+        xs = [np.concatenate([p[0][k] for p in parts]) for k in range(len(parts[0][0]))]
+        return xs, np.concatenate([p[1] for p in parts])
+
+    def _frozen_chunk(self, x1, weights):
+        h, xs = self.images(x1), []
+        for unit, (W, b) in zip(self.units, weights, strict=True):
+            if unit.starts_layer:
+                tap = h if unit.tap_pool == 1 else cl.avgpool_forward(h, unit.tap_pool)[0]
+                xs.append(tap.reshape(len(h), -1))  # (b, d_k)
+            h = unit_infer(unit, h, W, b)
+        return xs, h  # h: (b, C) logits
+
+    def logits(self, X: np.ndarray, adapter=None) -> np.ndarray:
+        xs, z = self.frozen_features(X)
+        return z if adapter is None else z + adapter.delta_logits(xs)  # (B, C)
+
+    def predict(self, X: np.ndarray, adapter=None) -> np.ndarray:
+        return self.logits(X, adapter).argmax(axis=1)
+
+    def accuracy(self, X: np.ndarray, y: np.ndarray, adapter=None) -> float:
+        return float((self.predict(X, adapter) == y).mean())
+
+    def bn1_pre_activations(self, X: np.ndarray):
+        """(unit 1's op output before BN1 as rows (n·H·W, C), BN1's running mean, var)."""
+        p = self.params
+        bare = arch.Unit(self.units[0].op, self.units[0].c_in, self.units[0].c_out, bn=False)
+        h, _ = unit_forward(bare, 1, self.images(self.standardize(X)), p, UnitMods())
+        return h.reshape(-1, h.shape[-1]), p["mean1"], p["var1"]
+
+    # ------------------------------------------------------------------ files
+    def save(self, path: str | Path) -> str:
+        header = {
+            "format": FORMAT_VERSION,
+            "kind": MODEL_KIND,
+            "side": self.side,
+            "units": arch.to_json(self.units),
+            "weights_hash": self.weights_hash,
+            "info": self.info,
+        }
+        arrays = {name: self.params[name] for name in self.param_names}
+        with open(path, "wb") as out:
+            np.savez(out, header=np.array(json.dumps(header)), **arrays)
+        return self.weights_hash
+
+    @classmethod
+    def load(cls, path: str | Path) -> CnnModel:
+        return load_cnn(Path(path))
+
+
+def load_cnn(path: Path) -> CnnModel:
+    if not path.is_file():
+        raise ModelFileError(f"base model file not found: {path}")
+    try:
+        with np.load(path, allow_pickle=False) as npz:
+            header = json.loads(str(npz["header"]))
+            units = arch.from_json(header["units"])
+            side = int(header["side"])
+            arch.check_units(units, side)
+            model = CnnModel(units, {}, side, header.get("info", {}))
+            model.params = {n: np.asarray(npz[n], dtype=np.float32) for n in model.param_names}
+    except Exception as error:  # zip, JSON, units or missing-array errors: one clear message
+        raise ModelFileError(f"{path} is not a skipfleet CNN base model: {error}") from error
+    if header.get("format") != FORMAT_VERSION or header.get("kind") != MODEL_KIND:
+        raise ModelFileError(f"{path}: unsupported model format {header.get('format')!r}")
+    check_param_shapes(model, path)
+    if model.weights_hash != header.get("weights_hash"):
+        raise ModelFileError(f"{path}: weights do not match the stored hash (corrupted file?)")
+    return model
+
+
+def check_param_shapes(model: CnnModel, where) -> None:
+    expected = {"in_mean": (1,), "in_std": (1,)}
+    for u, unit in enumerate(model.units, start=1):
+        expected[f"W{u}"] = unit.weight_shape()
+        for name in unit.param_names(u)[1:]:
+            expected[name] = (unit.c_out,)
+    for name, shape in expected.items():
+        array = model.params[name]
+        if array.shape != shape:
+            raise ModelFileError(f"{where}: {name} has shape {array.shape}, expected {shape}")
+        if not np.isfinite(array).all():
+            raise ModelFileError(f"{where}: {name} holds NaN or infinity")
+
+
+def init_cnn(units, rng: np.random.Generator, side: int = 28, info=None) -> CnnModel:
+    """He-initialised weights, zero biases, identity BN, standardisation (0, 1)."""
+    arch.check_units(units, side)
+    params = {"in_mean": np.zeros(1), "in_std": np.ones(1)}
+    for u, unit in enumerate(units, start=1):
+        fan_in, fan_out = unit.weight_shape()
+        fan_in = fan_in if unit.op != "dw" else arch.KERNEL * arch.KERNEL
+        params[f"W{u}"] = rng.standard_normal((fan_in, fan_out)) * np.sqrt(2.0 / fan_in)
+        params[f"b{u}"] = np.zeros(unit.c_out)
+        if unit.bn:
+            params.update({f"gamma{u}": np.ones(unit.c_out), f"beta{u}": np.zeros(unit.c_out)})
+            params.update({f"mean{u}": np.zeros(unit.c_out), f"var{u}": np.ones(unit.c_out)})
+    params = {name: np.asarray(value, dtype=np.float32) for name, value in params.items()}
+    return CnnModel(tuple(units), params, side, dict(info or {}))
