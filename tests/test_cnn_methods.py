@@ -12,7 +12,7 @@ from tests.test_trainer_methods import numeric
 
 SIDE, CLASSES, BATCH, RANK = 8, 3, 4, 2
 BACKPROP = [name for name, m in CNN_METHODS.items() if not m.skip]
-TINY = {"cnn": {"width": 2, "hidden": 3}, "dwcnn": {"width": 2, "top": 4}}
+TINY = {"cnn": {"width": 2, "hidden": 3}, "dwcnn": {"width": 2}}
 
 
 def tiny_model(architecture: str, seed=0) -> CnnModel:

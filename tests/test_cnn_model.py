@@ -8,7 +8,8 @@ from agent.trainer.cnn.finetune import pretrain_cnn, run_cnn_method
 from agent.trainer.cnn.model import CnnModel
 from agent.trainer.errors import ModelFileError
 from agent.trainer.finetune import evaluate
-from tests.test_cnn_methods import SIDE, tiny_model
+from agent.trainer.layers import softmax
+from tests.test_cnn_methods import SIDE, batch, tiny_model, trainer_for
 
 
 def toy_images(n, seed=0):
@@ -38,22 +39,21 @@ def test_both_architectures_have_four_layers_whose_inputs_the_features_return(ar
 
 
 def test_full_size_models_are_pi_sized():
-    for name, expected_dims in (("cnn", (784, 784, 1568, 64)), ("dwcnn", (784, 784, 1568, 128))):
+    for name, expected_dims in (("cnn", (784, 784, 1568, 64)), ("dwcnn", (784, 784, 1568, 1568))):
         units = arch.build(name, 10)
         arch.check_units(units, 28)
         assert arch.layer_input_dims(units, 28) == expected_dims
         assert arch.n_weights(units) < 200_000  # under 1 MB of float32 weights
 
 
-def test_the_frozen_forward_equals_the_training_codes_inference(toy_model):
-    from agent.trainer.cnn.backprop import CnnTrainer
-    from agent.trainer.cnn.methods import resolve_cnn
-
-    X, _ = toy_images(40, seed=3)
-    trainer = CnnTrainer(toy_model, resolve_cnn("lora-all"), lr=0.1, rank=2,
-                         rng=np.random.default_rng(0))  # fmt: skip
-    x1 = toy_model.standardize(X)  # BN folded in one, unfolded in the other: float rounding
-    np.testing.assert_allclose(trainer.logits(x1), toy_model.logits(X), rtol=1e-4, atol=1e-4)
+@pytest.mark.parametrize("architecture", ["cnn", "dwcnn"])
+@pytest.mark.parametrize("method", ["lora-all", "dora", "adapter"])
+def test_merged_and_folded_inference_equals_the_training_forward(architecture, method):
+    """Inference merges LoRA / DoRA into the weights and folds BN in; training does neither."""
+    trainer = trainer_for(architecture, method)  # adapters moved off their zero start
+    x, labels = batch()
+    probs, _ = trainer.forward_arrays(x, labels)["loss"]  # BN in inference mode: nothing trains it
+    np.testing.assert_allclose(softmax(trainer.logits(x)), probs, rtol=1e-9, atol=1e-12)
 
 
 def test_pretraining_learns_the_toy_task(toy_model):

@@ -23,7 +23,7 @@ from dataclasses import asdict, dataclass
 
 KERNEL = 3  # every spatial convolution is 3×3, stride 1, zero padding 1
 OPS = ("conv", "dw", "pw", "fc")
-POOLS = (None, "max", "gap")
+POOLS = (None, "max")
 
 
 @dataclass(frozen=True)
@@ -32,7 +32,7 @@ class Unit:
     c_in: int  # input channels (fc: input width)
     c_out: int  # output channels (dw: = c_in)
     bn: bool = True  # BN (then ReLU) after the op; the logits unit has neither
-    pool: str | None = None  # "max": 2×2 max pooling; "gap": global average pooling
+    pool: str | None = None  # "max": 2×2 max pooling
     starts_layer: bool = False  # its input is a layer input x_k
     tap_pool: int = 1  # x_k is average-pooled tap_pool×tap_pool before its Skip adapter
 
@@ -67,17 +67,19 @@ def standard_cnn(n_classes: int, side: int = 28, width: int = 16, hidden: int = 
     )
 
 
-def depthwise_cnn(n_classes: int, side: int = 28, width: int = 16, top: int = 128, tap_pool=2):
-    """MobileNet-style: conv3×3(1→w) BN ReLU maxpool · [dw3×3 BN ReLU · pw(w→2w) BN ReLU maxpool]
-    · [dw3×3 BN ReLU · pw(2w→top) BN ReLU global-average-pool] · FC."""
-    del side  # global average pooling makes the head independent of the image size
+def depthwise_cnn(n_classes: int, side: int = 28, width: int = 16, tap_pool=2):
+    """MobileNet-style: conv3×3(1→w) BN ReLU maxpool · [dw3×3 BN ReLU · pw(w→2w) BN ReLU
+    maxpool] · [dw3×3 BN ReLU · pw(2w→2w) BN ReLU] · FC. A global-average-pooled head (MobileNet's)
+    reached 83 % on upright Fashion-MNIST against 89 % for this flattened one (measured, same
+    pre-training), at this depth too few pixels of context for averaging them away."""
+    flat = (side // 4) ** 2 * 2 * width
     return (
         Unit("conv", 1, width, pool="max", starts_layer=True),
         Unit("dw", width, width, starts_layer=True, tap_pool=tap_pool),
         Unit("pw", width, 2 * width, pool="max"),
         Unit("dw", 2 * width, 2 * width, starts_layer=True),
-        Unit("pw", 2 * width, top, pool="gap"),
-        Unit("fc", top, n_classes, bn=False, starts_layer=True),
+        Unit("pw", 2 * width, 2 * width),
+        Unit("fc", flat, n_classes, bn=False, starts_layer=True),
     )
 
 
@@ -109,8 +111,6 @@ def layer_input_dims(units, side: int) -> tuple[int, ...]:
             dims.append(unit.c_in if unit.op == "fc" else pooled * pooled * unit.c_in)
         if unit.pool == "max":
             h //= 2
-        elif unit.pool == "gap":
-            h = 1
     return tuple(dims)
 
 
@@ -128,7 +128,7 @@ def check_units(units, side: int) -> None:
         if unit.op == "fc":
             h = 1
         c = unit.c_out
-        h = h // 2 if unit.pool == "max" else 1 if unit.pool == "gap" else h
+        h = h // 2 if unit.pool == "max" else h
     if not units[0].starts_layer or units[-1].op != "fc" or units[-1].bn:
         raise ValueError("a CNN starts a layer at its first unit and ends in an FC without BN")
 

@@ -21,8 +21,10 @@ from agent.trainer.cnn.network import (
     FROZEN,
     UnitMods,
     batch_statistics,
+    folded,
     unit_backward,
     unit_forward,
+    unit_infer,
 )
 from agent.trainer.cnn.optim import make_optimizer
 
@@ -137,13 +139,16 @@ class CnnTrainer:
 
     # ------------------------------------------------------------- inference
     def logits(self, x):
-        """Inference-mode logits (BN with running statistics) of standardised pixel rows."""
-        return np.concatenate([self._logits(x[i : i + CHUNK]) for i in range(0, len(x), CHUNK)])
+        """Inference-mode logits of standardised pixel rows: LoRA / DoRA merged into the
+        weights and BN (running statistics) folded in, as a device would deploy them."""
+        weights = [folded(unit, u, self.p, self.mods[u]) for u, unit in enumerate(self.units, 1)]
+        chunks = range(0, len(x), CHUNK)
+        return np.concatenate([self._logits(x[i : i + CHUNK], weights) for i in chunks])
 
-    def _logits(self, x):
+    def _logits(self, x, weights):
         h = self.model.images(x)
-        for u, unit in enumerate(self.units, start=1):
-            h, _ = unit_forward(unit, u, h, self.p, UnitMods(self.mods[u].lora, self.mods[u].dora))
+        for u, (unit, (W, b)) in enumerate(zip(self.units, weights, strict=True), start=1):
+            h = unit_infer(unit, h, W, b)
             if u in self.adapters:
                 h, _ = adapter_forward(h, self.adapters[u])
         return h

@@ -46,11 +46,15 @@ def run_cnn_method(model: CnnModel, X, y, *, method="skip2-lora", epochs=10, lr=
 
 
 def pretrain_cnn(X, y, n_classes: int, *, architecture="cnn", epochs=2, lr=PRETRAIN_LR,
-                 batch_size=32, seed=0, side=28, info=None, progress=None) -> CnnModel:  # fmt: skip
-    """Train a CNN from scratch (every weight, BN in training mode) by SGD."""
+                 batch_size=32, seed=0, side=28, units=None, info=None,
+                 progress=None) -> CnnModel:  # fmt: skip
+    """Train a CNN from scratch (every weight, BN in training mode) by SGD.
+
+    `units` overrides the named architecture's (e.g. its Skip taps unpooled)."""
     rng = np.random.default_rng(seed)
     info = {"architecture": architecture, **dict(info or {})}
-    model = init_cnn(arch.build(architecture, n_classes, side), rng, side, info)
+    units = units or arch.build(architecture, n_classes, side)
+    model = init_cnn(units, rng, side, info)
     model.params["in_mean"] = np.array([X.mean()], dtype=np.float32)
     model.params["in_std"] = np.array([X.std() + 1e-6], dtype=np.float32)
     check_training_data(X, y, model.n_inputs, n_classes)

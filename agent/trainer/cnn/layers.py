@@ -76,9 +76,11 @@ def depthwise_forward(x, W, b, k):
     H, Wd = x.shape[1:3]
     xp = pad_hw(x, k // 2)  # (B, H+2p, W+2p, C)
     y = np.zeros_like(x)  # (B, H, W, C)
+    tap = np.empty_like(x)  # (B, H, W, C): one buffer for every tap's product
     for t in range(k * k):
         i, j = divmod(t, k)
-        y += xp[:, i : i + H, j : j + Wd, :] * W[t]  # (B, H, W, C) * (C,)
+        np.multiply(xp[:, i : i + H, j : j + Wd, :], W[t], out=tap)  # (B, H, W, C) * (C,)
+        y += tap
     y += b  # (B, H, W, C) + (C,)
     return y, (xp, W, k)
 
@@ -168,13 +170,3 @@ def avgpool_backward(dy, cache):
     (B, H, W, C), f = cache
     spread = np.broadcast_to((dy / (f * f))[:, :, None, :, None, :], (B, H // f, f, W // f, f, C))
     return spread.reshape(B, H, W, C)  # (B, H, W, C)
-
-
-# ------------------------------------------------------------------- global average pooling
-def gap_forward(x):
-    return x.mean(axis=(1, 2)), x.shape  # (B, C)
-
-
-def gap_backward(dy, x_shape):
-    H, W = x_shape[1:3]
-    return np.broadcast_to((dy / (H * W))[:, None, None, :], x_shape).copy()  # (B, H, W, C)

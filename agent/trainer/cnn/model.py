@@ -4,8 +4,9 @@ Inputs are rows of side×side pixels (Fashion-MNIST: 784), standardised with one
 standard deviation of the pre-training pixels: a per-pixel statistic would divide by ~0 at the
 borders, where upright images are always empty and rotated ones are not. `frozen_features`
 returns every layer's input x_k (flattened, channels last; average-pooled where its unit says
-`tap_pool`) and the logits z, BN in inference mode: what Skip-Cache stores. A saved CNN is an `.npz` of float32 arrays plus a JSON header
-with `"kind": "cnn"` and its units; its `weights_hash` covers the units too.
+`tap_pool`) and the logits z, BN in inference mode: what Skip-Cache stores. A saved CNN is an
+`.npz` of float32 arrays plus a JSON header with `"kind": "cnn"` and its units; its
+`weights_hash` covers the units too.
 """
 
 from __future__ import annotations
@@ -175,3 +176,29 @@ def init_cnn(units, rng: np.random.Generator, side: int = 28, info=None) -> CnnM
             params.update({f"mean{u}": np.zeros(unit.c_out), f"var{u}": np.ones(unit.c_out)})
     params = {name: np.asarray(value, dtype=np.float32) for name, value in params.items()}
     return CnnModel(tuple(units), params, side, dict(info or {}))
+
+
+def widen_classes(model: CnnModel, n_classes: int, rng: np.random.Generator) -> CnnModel:
+    """The model with its logits unit grown to n_classes: a device adding classes of its own.
+
+    The new columns of the last weight are drawn at the scale of the existing ones and their
+    biases set to the existing mean, so the new classes start as plausible but untrained
+    outputs that every method can move (a zero column would stay zero for methods that do not
+    train the last layer).
+    """
+    last, u = model.units[-1], len(model.units)
+    extra = n_classes - last.c_out
+    if extra <= 0:
+        raise ValueError(f"the model already has {last.c_out} classes, asked for {n_classes}")
+    W, b = model.params[f"W{u}"], model.params[f"b{u}"]
+    params = dict(model.params)
+    params[f"W{u}"] = np.concatenate(
+        [W, rng.standard_normal((W.shape[0], extra)) * W.std()], axis=1
+    )
+    params[f"b{u}"] = np.concatenate([b, np.full(extra, b.mean())])
+    params = {name: np.asarray(a, dtype=np.float32) for name, a in params.items()}
+    units = (
+        *model.units[:-1],
+        arch.Unit(last.op, last.c_in, n_classes, bn=False, starts_layer=True),
+    )
+    return CnnModel(units, params, model.side, {**model.info, "widened_from": last.c_out})

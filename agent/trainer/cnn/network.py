@@ -75,8 +75,6 @@ def unit_forward(unit: Unit, u: int, h, p, mods: UnitMods = FROZEN):
         y, caches["relu"] = layers.relu_forward(y)
     if unit.pool == "max":
         y, caches["pool"] = cl.maxpool_forward(y)  # (B, H/2, W/2, M)
-    elif unit.pool == "gap":
-        y, caches["pool"] = cl.gap_forward(y)  # (B, M)
     return y, caches
 
 
@@ -94,9 +92,20 @@ def batch_statistics(caches):
 
 
 # ------------------------------------------------------- inference with BN folded in
-def folded(unit: Unit, u: int, p):
-    """(W', b') of unit u with its inference-mode BN folded in: BN(op(x; W, b)) = op(x; W', b')."""
-    W, b = p[f"W{u}"], p[f"b{u}"]
+def merged(u: int, p, mods: UnitMods = FROZEN):
+    """Unit u's weight with its LoRA or DoRA adapter merged in (as deployed: no extra cost)."""
+    W = p[f"W{u}"]
+    if mods.lora is not None:
+        return peft.lora_merge(W, *mods.lora)[0]
+    if mods.dora is not None:
+        return peft.dora_merge(W, *mods.dora)[0]
+    return W
+
+
+def folded(unit: Unit, u: int, p, mods: UnitMods = FROZEN):
+    """(W', b') of unit u, adapters merged and its inference-mode BN folded in:
+    BN(op(x; W, b)) = op(x; W', b')."""
+    W, b = merged(u, p, mods), p[f"b{u}"]
     if not unit.bn:
         return W, b
     scale = p[f"gamma{u}"] / np.sqrt(p[f"var{u}"] + layers.BN_EPS)  # (M,)
@@ -119,8 +128,6 @@ def unit_infer(unit: Unit, h, W, b):
         np.maximum(y, 0, out=y)  # ReLU
     if unit.pool == "max":
         y, _ = cl.maxpool_forward(y)  # (B, H/2, W/2, M)
-    elif unit.pool == "gap":
-        y, _ = cl.gap_forward(y)  # (B, M)
     return y
 
 
@@ -131,8 +138,6 @@ def unit_backward(unit: Unit, u: int, g, caches, mods: UnitMods = FROZEN, *, nee
     grads = {}
     if unit.pool == "max":
         g = cl.maxpool_backward(g, caches["pool"])
-    elif unit.pool == "gap":
-        g = cl.gap_backward(g, caches["pool"])
     if unit.bn:
         g = layers.relu_backward(g, caches["relu"])
         if mods.bn_train:
