@@ -1,9 +1,10 @@
 """Label-free drift scores for the heartbeat.
 
-1. BN1 z-score: BN1's running mean/var describe the FC1 pre-activations the base model saw in
-   pre-training. For recent inputs, the mean squared z-score of those pre-activations against
-   them is about 1 on pre-training-like data and grows as the inputs drift (a shift of s
-   standard deviations adds about s²). No labels needed, one matrix product per input row.
+1. BN1 z-score: BN1's running mean/var describe the first layer's pre-activations the base
+   model saw in pre-training (FC1's units; a CNN's first conv channels at every pixel). For
+   recent inputs, the mean squared z-score of those pre-activations against them is about 1 on
+   pre-training-like data and grows as the inputs drift (a shift of s standard deviations adds
+   about s²). No labels needed; the model computes its own (`bn1_pre_activations`).
 2. Prediction entropy, normalised to [0, 1] by log(C): a model unsure of its predictions.
 
 Pure functions on arrays, plus a small ring buffer of recent inputs they are computed on.
@@ -12,7 +13,6 @@ Pure functions on arrays, plus a small ring buffer of recent inputs they are com
 from __future__ import annotations
 
 import threading
-from collections.abc import Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -40,12 +40,6 @@ def bn_mean_squared_z(
         raise ValueError("no rows to score")
     z2 = (h - running_mean) ** 2 / (running_var.astype(np.float64) + eps)
     return float(z2.mean())
-
-
-def fc1_pre_activations(params: Mapping[str, np.ndarray], X: np.ndarray) -> np.ndarray:
-    """FC1's output before BN1 for raw inputs X, with the model's own input standardisation."""
-    x1 = (X - params["in_mean"]) / params["in_std"]
-    return x1 @ params["W1"] + params["b1"]  # (n, hidden) = (n, N) @ (N, hidden)
 
 
 def mean_normalized_entropy(logits: np.ndarray) -> float:
@@ -101,13 +95,14 @@ class DriftScores:
     rows: int
 
 
-def score_recent(
-    params: Mapping[str, np.ndarray], recent: np.ndarray, logits: np.ndarray
-) -> DriftScores:
-    """Both scores on the same rows; `logits` are the model's (with its adapter) on `recent`."""
-    pre = fc1_pre_activations(params, recent)
+def score_recent(model, recent: np.ndarray, logits: np.ndarray) -> DriftScores:
+    """Both scores on the same rows; `logits` are the model's (with its adapter) on `recent`.
+
+    `model`: a base model (MLP or CNN), whose `bn1_pre_activations(X)` gives the first layer's
+    pre-activations as rows with BN1's running mean and variance."""
+    pre, running_mean, running_var = model.bn1_pre_activations(recent)
     return DriftScores(
-        bn1_mean_squared_z=bn_mean_squared_z(pre, params["mean1"], params["var1"]),
+        bn1_mean_squared_z=bn_mean_squared_z(pre, running_mean, running_var),
         prediction_entropy=mean_normalized_entropy(logits),
         rows=len(recent),
     )

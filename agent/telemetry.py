@@ -89,7 +89,7 @@ class Telemetry:
             adapter = s.learner.adapter(current.arrays if current else None)
         except AdapterError:
             adapter = None
-        scores = score_recent(s.learner.model.params, rows, s.learner.logits(rows, adapter))
+        scores = score_recent(s.learner.model, rows, s.learner.logits(rows, adapter))
         log.debug(
             "drift: bn1 z² %.3f, entropy %.3f over %d rows",
             scores.bn1_mean_squared_z,

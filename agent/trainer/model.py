@@ -77,6 +77,12 @@ class BaseModel:
         h, _ = layers.relu_forward(h)  # (B, 96)
         return h
 
+    def bn1_pre_activations(self, X: np.ndarray):
+        """(FC1's output before BN1 for raw inputs X (n, hidden), BN1's running mean, var)."""
+        p = self.params
+        h, _ = layers.fc_forward(self.standardize(X), p["W1"], p["b1"])  # (n, hidden)
+        return h, p["mean1"], p["var1"]
+
     def logits(self, X: np.ndarray, adapter=None) -> np.ndarray:
         xs, z = self.frozen_features(X)
         return z if adapter is None else z + adapter.delta_logits(xs)  # (B, C)
