@@ -62,3 +62,14 @@ def pretrain_cnn(X, y, n_classes: int, *, architecture="cnn", epochs=2, lr=PRETR
     train(trainer, model.standardize(X), y, n_classes, epochs=epochs, batch_size=batch_size,
           rng=rng, progress=progress)  # fmt: skip
     return CnnModel(model.units, trainer.p, side, info)
+
+
+def finetune_cnn(model: CnnModel, X, y, *, method="skip2-lora", epochs=10, lr=0.02,
+                 batch_size=20, rank=4, seed=0, cache=None, start=None, cancel=None,
+                 progress=None) -> FinetuneResult:  # fmt: skip
+    """What a CNN device runs: a Skip-LoRA-family fine-tune whose result is an adapter to ship."""
+    if not resolve_cnn(method).is_adapter_only:
+        raise ValueError(f"{method} changes the base model; a device ships Skip-LoRA adapters")
+    return run_cnn_method(model, X, y, method=method, epochs=epochs, lr=lr, batch_size=batch_size,
+                          rank=rank, seed=seed, cache=cache, start=start, cancel=cancel,
+                          progress=progress)  # fmt: skip
