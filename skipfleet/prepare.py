@@ -20,7 +20,7 @@ from pathlib import Path
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--dataset", choices=("har", "fan"), required=True)
+    parser.add_argument("--dataset", choices=("har", "fan", "fmnist"), required=True)
     parser.add_argument("--devices", type=int, required=True, help="number of shards")
     parser.add_argument("--out", required=True, help="folder to write (created)")
     parser.add_argument("--data-dir", help="folder of the data sets (default: $SKIPFLEET_DATA_DIR)")

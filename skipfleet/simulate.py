@@ -16,14 +16,14 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_EPOCHS = {"fan": 100, "har": 200}  # the paper's epochs (fan: Damage1)
-DEFAULT_LR = {"fan": 0.05, "har": 0.02}
+DEFAULT_EPOCHS = {"fan": 100, "har": 200, "fmnist": 10}  # the papers' (fan: Damage1)
+DEFAULT_LR = {"fan": 0.05, "har": 0.02, "fmnist": 0.02}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--devices", type=int, default=6, help="number of simulated devices (default 6)")
-    add("--dataset", choices=("har", "fan"), default="fan", help="default fan")
+    add("--dataset", choices=("har", "fan", "fmnist"), default="fan", help="default fan")
     add("--rounds", type=int, default=1, help="fine-tune rounds to run (default 1)")
     add("--data-dir", help="folder of the data sets (default: $SKIPFLEET_DATA_DIR)")
     add("--broker", help="mqtt://host:port of a broker to use (default: start one)")

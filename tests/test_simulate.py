@@ -69,3 +69,22 @@ def test_a_drift_event_makes_the_coordinator_fine_tune_by_itself(tmp_path, ray_s
         assert device["accuracy_own"] > device["accuracy_initial"]  # and its fine-tune fixed it
         series = [score for _, score in result["drift_series"][device["device"]]]
         assert max(series[-5:]) > min(series[:3]) + 0.3  # the label-free score saw it
+
+
+def test_a_camera_fleet_fine_tunes_a_cnn_per_rotation_and_rolls_out(
+    tmp_path, ray_session, data_dir
+):
+    """fmnist: three cameras (0°, 30°, 75°) run the CNN; two rounds, the second's reports carry
+    the fleet adapter's deltas too (over the 128 KB publish limit: chunked)."""
+    result = simulate(
+        tmp_path, ray_session, data_dir, "--devices", "3", "--dataset", "fmnist", "--rounds", "2"
+    )
+    assert [r["answered"] for r in result["rounds"]] == [3, 3]
+    assert [r["adapter_version"] for r in result["rounds"]] == [1, 2]
+    by_id = {d["device"]: d for d in result["per_device"]}
+    assert sorted(by_id) == ["fmnist-r00", "fmnist-r30", "fmnist-r75"]
+    for device in by_id.values():
+        assert device["finetunes"] == 2 and device["bytes_sent"] > 0
+    turned = by_id["fmnist-r75"]
+    assert turned["accuracy_initial"] < 0.3 < 0.6 < turned["accuracy_own"]  # its camera's own fix
+    assert by_id["fmnist-r30"]["accuracy_own"] > by_id["fmnist-r30"]["accuracy_initial"]
