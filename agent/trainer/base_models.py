@@ -8,10 +8,7 @@ a Skip-LoRA `Adapter`. A file without a kind is an MLP (the format before CNNs).
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
-
-import numpy as np
 
 from agent.trainer.cnn.finetune import finetune_cnn
 from agent.trainer.cnn.model import MODEL_KIND as CNN_KIND
@@ -20,20 +17,14 @@ from agent.trainer.errors import ModelFileError
 from agent.trainer.finetune import FinetuneResult
 from agent.trainer.finetune import finetune as finetune_mlp
 from agent.trainer.model import BaseModel
+from agent.trainer.model_file import read_header
 
 MLP_KIND = "mlp"
 
 
 def model_kind(path: Path) -> str:
     """The kind a model file declares in its header ("mlp" when it declares none)."""
-    if not path.is_file():
-        raise ModelFileError(f"base model file not found: {path}")
-    try:
-        with np.load(path, allow_pickle=False) as npz:
-            header = json.loads(str(npz["header"]))
-    except Exception as error:  # zip, JSON or missing-header errors: one clear message
-        raise ModelFileError(f"{path} is not a skipfleet base model: {error}") from error
-    kind = header.get("kind", MLP_KIND) if isinstance(header, dict) else None
+    kind = read_header(path).get("kind", MLP_KIND)
     if kind not in (MLP_KIND, CNN_KIND):
         raise ModelFileError(f"{path}: unknown model kind {kind!r} (expected mlp or cnn)")
     return kind

@@ -27,8 +27,23 @@ PARAM_NAMES = (
 )  # fmt: skip
 
 
+class FrozenFeatureModel:
+    """What a base model derives from its `frozen_features(X) -> (xs, z)`: logits with or
+    without a Skip adapter, predictions, accuracy. The MLP and the CNNs share it."""
+
+    def logits(self, X: np.ndarray, adapter=None) -> np.ndarray:
+        xs, z = self.frozen_features(X)
+        return z if adapter is None else z + adapter.delta_logits(xs)  # (B, C)
+
+    def predict(self, X: np.ndarray, adapter=None) -> np.ndarray:
+        return self.logits(X, adapter).argmax(axis=1)
+
+    def accuracy(self, X: np.ndarray, y: np.ndarray, adapter=None) -> float:
+        return float((self.predict(X, adapter) == y).mean())
+
+
 @dataclass
-class BaseModel:
+class BaseModel(FrozenFeatureModel):
     """Parameters of the pre-trained model (float32) and what it was trained for."""
 
     params: dict[str, np.ndarray]
@@ -82,16 +97,6 @@ class BaseModel:
         p = self.params
         h, _ = layers.fc_forward(self.standardize(X), p["W1"], p["b1"])  # (n, hidden)
         return h, p["mean1"], p["var1"]
-
-    def logits(self, X: np.ndarray, adapter=None) -> np.ndarray:
-        xs, z = self.frozen_features(X)
-        return z if adapter is None else z + adapter.delta_logits(xs)  # (B, C)
-
-    def predict(self, X: np.ndarray, adapter=None) -> np.ndarray:
-        return self.logits(X, adapter).argmax(axis=1)
-
-    def accuracy(self, X: np.ndarray, y: np.ndarray, adapter=None) -> float:
-        return float((self.predict(X, adapter) == y).mean())
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> str:

@@ -12,7 +12,7 @@ from __future__ import annotations
 import numpy as np
 
 from agent.trainer import layers
-from agent.trainer.backprop import BN_MOMENTUM, init_lora
+from agent.trainer.backprop import BN_MOMENTUM, ShuffledBatches, init_lora
 from agent.trainer.cnn import peft
 from agent.trainer.cnn.arch import layer_units
 from agent.trainer.cnn.methods import CnnMethod
@@ -31,7 +31,7 @@ from agent.trainer.cnn.optim import make_optimizer
 ADAPTER = 0.5  # an adapter's position above the unit whose output it adapts
 
 
-class CnnTrainer:
+class CnnTrainer(ShuffledBatches):
     def __init__(self, model: CnnModel, method: CnnMethod, *, lr, rank, rng):
         self.model, self.method, self.units = model, method, model.units
         n = len(self.units)
@@ -87,13 +87,6 @@ class CnnTrainer:
         return out
 
     # ------------------------------------------------------------------ phases
-    def begin_epoch(self, X1, labels, onehot, perm):
-        self.x_epoch = X1[perm]  # (n, N) shuffled once per epoch; batches are views
-        self.y_epoch = labels[perm]  # (n,)
-
-    def forward(self, start, stop):
-        return self.forward_arrays(self.x_epoch[start:stop], self.y_epoch[start:stop])
-
     def forward_arrays(self, x, labels):
         """x: standardised pixel rows (B, N). Returns the caches backward needs."""
         h, caches = self.model.images(x), []

@@ -21,7 +21,8 @@ from agent.trainer.cnn import arch
 from agent.trainer.cnn import layers as cl
 from agent.trainer.cnn.network import UnitMods, folded, unit_forward, unit_infer
 from agent.trainer.errors import ModelFileError
-from agent.trainer.model import check_inputs, weights_hash
+from agent.trainer.model import FrozenFeatureModel, check_inputs, weights_hash
+from agent.trainer.model_file import read_header
 
 MODEL_KIND = "cnn"
 FORMAT_VERSION = 1
@@ -29,7 +30,7 @@ CHUNK = 32  # images per inference pass: patches of ~3.6 MB (measured fastest of
 
 
 @dataclass
-class CnnModel:
+class CnnModel(FrozenFeatureModel):
     units: tuple[arch.Unit, ...]
     params: dict[str, np.ndarray]
     side: int = 28
@@ -90,16 +91,6 @@ class CnnModel:
             h = unit_infer(unit, h, W, b)
         return xs, h  # h: (b, C) logits
 
-    def logits(self, X: np.ndarray, adapter=None) -> np.ndarray:
-        xs, z = self.frozen_features(X)
-        return z if adapter is None else z + adapter.delta_logits(xs)  # (B, C)
-
-    def predict(self, X: np.ndarray, adapter=None) -> np.ndarray:
-        return self.logits(X, adapter).argmax(axis=1)
-
-    def accuracy(self, X: np.ndarray, y: np.ndarray, adapter=None) -> float:
-        return float((self.predict(X, adapter) == y).mean())
-
     def bn1_pre_activations(self, X: np.ndarray):
         """(unit 1's op output before BN1 as rows (n·H·W, C), BN1's running mean, var)."""
         p = self.params
@@ -128,17 +119,15 @@ class CnnModel:
 
 
 def load_cnn(path: Path) -> CnnModel:
-    if not path.is_file():
-        raise ModelFileError(f"base model file not found: {path}")
+    header = read_header(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
-            header = json.loads(str(npz["header"]))
             units = arch.from_json(header["units"])
             side = int(header["side"])
             arch.check_units(units, side)
             model = CnnModel(units, {}, side, header.get("info", {}))
             model.params = {n: np.asarray(npz[n], dtype=np.float32) for n in model.param_names}
-    except Exception as error:  # zip, JSON, units or missing-array errors: one clear message
+    except Exception as error:  # units or missing-array errors: one clear message
         raise ModelFileError(f"{path} is not a skipfleet CNN base model: {error}") from error
     if header.get("format") != FORMAT_VERSION or header.get("kind") != MODEL_KIND:
         raise ModelFileError(f"{path}: unsupported model format {header.get('format')!r}")
