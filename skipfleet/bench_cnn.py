@@ -223,6 +223,10 @@ def cnn_comparisons(methods: dict) -> dict:
         value = ratio(name, "ft-all", "peak_memory_bytes")
         if value is not None:
             out[f"{name.replace('-', '_')}_vs_ft_all_peak_memory"] = value
+    for name in ("galore", "lora-all-adam"):  # against full fine-tuning with the same optimizer
+        value = ratio(name, "ft-all-adam", "peak_memory_bytes")
+        if value is not None:
+            out[f"{name.replace('-', '_')}_vs_ft_all_adam_peak_memory"] = value
     if "skip2-lora" in methods and "skip2-lora-q4" in methods:
         gap = methods["skip2-lora-q4"]["accuracy_mean"] - methods["skip2-lora"]["accuracy_mean"]
         out["q4_minus_dense_accuracy"] = gap
