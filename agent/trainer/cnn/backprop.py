@@ -14,8 +14,7 @@ import numpy as np
 from agent.trainer import layers
 from agent.trainer.backprop import BN_MOMENTUM, ShuffledBatches, init_lora
 from agent.trainer.cnn import peft
-from agent.trainer.cnn.arch import layer_units
-from agent.trainer.cnn.methods import CnnMethod
+from agent.trainer.cnn.methods import ADAPTER, CnnMethod
 from agent.trainer.cnn.model import CHUNK, CnnModel
 from agent.trainer.cnn.network import (
     FROZEN,
@@ -28,14 +27,13 @@ from agent.trainer.cnn.network import (
 )
 from agent.trainer.cnn.optim import make_optimizer
 
-ADAPTER = 0.5  # an adapter's position above the unit whose output it adapts
-
 
 class CnnTrainer(ShuffledBatches):
     def __init__(self, model: CnnModel, method: CnnMethod, *, lr, rank, rng):
         self.model, self.method, self.units = model, method, model.units
         n = len(self.units)
-        self.train_units = method.units(method.weights, n)
+        self.placement = method.placement(self.units)
+        self.train_units = self.placement.weights
         self.p = dict(model.params)  # frozen arrays are shared; trained ones copied below
         self.trainable: dict[str, np.ndarray] = {}
         for u in self.train_units:
@@ -47,12 +45,8 @@ class CnnTrainer(ShuffledBatches):
                 self.p[f"mean{u}"] = model.params[f"mean{u}"].copy()
                 self.p[f"var{u}"] = model.params[f"var{u}"].copy()
         self.mods = {u: self._mods(u, rank, rng) for u in range(1, n + 1)}
-        self.adapters = self._bottlenecks(rank, rng) if method.adapters else {}
-        positions = [u for u in self.train_units] + [
-            u for u, m in self.mods.items() if m.lora is not None or m.dora is not None
-        ]
-        positions += [u + ADAPTER for u in self.adapters]
-        self.lowest = min(positions)
+        self.adapters = self._bottlenecks(rank, rng)
+        self.lowest = self.placement.lowest
         self.optimizer = make_optimizer(method.optimizer, self.trainable, lr=lr, rank=rank)
         self.scale_loss = np.float32(lr) if method.optimizer == "sgd" else np.float32(1.0)
 
@@ -60,12 +54,12 @@ class CnnTrainer(ShuffledBatches):
         return self.method.bn_train and self.units[u - 1].bn
 
     def _mods(self, u, rank, rng) -> UnitMods:
-        m, n = self.method, len(self.units)
+        where = self.placement
         W = self.model.params[f"W{u}"]
-        if u in m.units(m.lora, n) or u in m.units(m.dora, n):
+        if u in where.lora or u in where.dora:
             A, B = init_lora(W.shape, rank, rng, W.dtype)
             self.trainable[f"A{u}"], self.trainable[f"B{u}"] = A, B
-            if u in m.units(m.lora, n):
+            if u in where.lora:
                 return UnitMods(lora=(A, B))
             magnitude = peft.dora_init_magnitude(W)
             self.trainable[f"m{u}"] = magnitude
@@ -73,10 +67,9 @@ class CnnTrainer(ShuffledBatches):
         return UnitMods(bn_train=self._bn_trains(u)) if u in self.train_units else FROZEN
 
     def _bottlenecks(self, width, rng):
-        """A bottleneck adapter (width `rank`) on the output of every layer but the last."""
+        """A bottleneck adapter (width `rank`) where the placement puts one."""
         out = {}
-        for layer in layer_units(self.units)[:-1]:
-            u = layer[-1]
+        for u in self.placement.adapters:
             c, dtype = self.units[u - 1].c_out, self.model.params["W1"].dtype  # unit u's output
             down = (rng.standard_normal((c, width)) * np.sqrt(2.0 / c)).astype(dtype)
             # W_up = 0: the adapted model starts as the base model

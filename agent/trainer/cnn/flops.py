@@ -19,7 +19,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from agent.trainer.cnn import arch
-from agent.trainer.cnn.methods import CnnMethod
+from agent.trainer.cnn.methods import ADAPTER, CnnMethod
 from agent.trainer.cnn.optim import GALORE_UPDATE_EVERY
 from agent.trainer.flops import _bn, _fc, _lora_backward, _lora_forward, softmax_xent
 
@@ -101,12 +101,9 @@ def skip_flops(units, side, method, *, batch, rank, epochs, trainable_params) ->
 
 
 def backprop_flops(units, side, method, *, batch, rank, trainable_params) -> Flops:
-    n_units = len(units)
-    train = method.units(method.weights, n_units)
-    lora, dora = method.units(method.lora, n_units), method.units(method.dora, n_units)
-    adapters = {layer[-1] for layer in arch.layer_units(units)[:-1]} if method.adapters else set()
-    positions = [*train, *lora, *dora, *(u + 0.5 for u in adapters)]
-    lowest = min(positions)
+    where = method.placement(units)
+    train, lora, dora, adapters = where.weights, where.lora, where.dora, where.adapters
+    lowest = where.lowest
     f = Flops(forward=softmax_xent(batch, units[-1].c_out))
     shapes = unit_shapes(units, side, batch)
     for u, (unit, (rows, n, m, _, outputs)) in enumerate(zip(units, shapes, strict=True), 1):
@@ -117,10 +114,10 @@ def backprop_flops(units, side, method, *, batch, rank, trainable_params) -> Flo
         pooled_rows = rows // 4 if unit.pool == "max" else rows
         if u in adapters:
             f.forward += _bottleneck_forward(pooled_rows, m, rank)
-        if u + 0.5 >= lowest and u in adapters:
+        if u in adapters:  # every adapter trains: none is below the lowest position
             grads = _bottleneck_param_grads(pooled_rows, m, rank)
             f.backward += grads + (2 * pooled_rows * rank * m + pooled_rows * m
-                                   if u + 0.5 > lowest else 0)  # fmt: skip
+                                   if u + ADAPTER > lowest else 0)  # fmt: skip
             f.trainable += grads
         if u < lowest:
             continue

@@ -8,7 +8,25 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from agent.trainer.cnn.arch import layer_units
+
 WHERE = ("none", "all", "last")
+ADAPTER = 0.5  # a bottleneck adapter's position: just above the unit whose output it adapts
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Where a method trains in a model: units, adapters, and the lowest trained position."""
+
+    weights: frozenset[int]  # units whose W and b train
+    lora: frozenset[int]
+    dora: frozenset[int]
+    adapters: tuple[int, ...]  # units whose output a bottleneck adapter adapts
+
+    @property
+    def lowest(self) -> float:
+        """Backward stops here: unit u, or u + ½ for the adapter on unit u's output."""
+        return min([*self.weights, *self.lora, *self.dora, *(u + ADAPTER for u in self.adapters)])
 
 
 @dataclass(frozen=True)
@@ -29,6 +47,13 @@ class CnnMethod:
             raise ValueError(f"{self.name}: unknown unit set {where!r}")
         return {"none": frozenset(), "all": frozenset(range(1, n_units + 1)),
                 "last": frozenset({n_units})}[where]  # fmt: skip
+
+    def placement(self, units) -> Placement:
+        """Bottleneck adapters go on every layer's output but the logits' (arch.py's layers)."""
+        n = len(units)
+        adapters = tuple(layer[-1] for layer in layer_units(units)[:-1]) if self.adapters else ()
+        return Placement(self.units(self.weights, n), self.units(self.lora, n),
+                         self.units(self.dora, n), adapters)  # fmt: skip
 
     @property
     def is_adapter_only(self) -> bool:
