@@ -78,9 +78,16 @@ class CnnModel(FrozenFeatureModel):
         """Every layer's input xs = [x1, .., xK] (flattened) and the logits z, all float32."""
         x1 = X if standardized else self.standardize(X)
         weights = [folded(unit, u, self.params) for u, unit in enumerate(self.units, start=1)]
-        parts = [self._frozen_chunk(x1[i : i + CHUNK], weights) for i in range(0, len(x1), CHUNK)]
-        xs = [np.concatenate([p[0][k] for p in parts]) for k in range(len(parts[0][0]))]
-        return xs, np.concatenate([p[1] for p in parts])
+        xs = z = None  # allocated once the first chunk shows the dtype; then filled in place
+        for i in range(0, len(x1), CHUNK):
+            taps, logits = self._frozen_chunk(x1[i : i + CHUNK], weights)
+            if z is None:
+                xs = [np.empty((len(x1), t.shape[1]), t.dtype) for t in taps]  # (n, d_k)
+                z = np.empty((len(x1), logits.shape[1]), logits.dtype)  # (n, C)
+            for out, tap in zip(xs, taps, strict=True):
+                out[i : i + len(tap)] = tap
+            z[i : i + len(logits)] = logits
+        return xs, z
 
     def _frozen_chunk(self, x1, weights):
         h, xs = self.images(x1), []
