@@ -31,10 +31,11 @@ lint: setup
 test: setup system-deps lint
 	$(BIN)/python -m pytest
 
-# The main job: a simulated fan fleet whose rooms turn noisy at 15 s; the coordinator notices
-# and fine-tunes by itself. Writes out/simulate.json and out/simulate.html.
+# The main job: a simulated fan fleet whose rooms turn noisy at 30 s; the coordinator notices
+# and starts a federated run by itself; then three new fans without labels join and get what
+# their cluster learned. Writes out/simulate.json and out/simulate.html.
 run: setup
-	$(BIN)/skipfleet simulate --devices 8 --dataset fan --rounds 1 --drift-at 15 \
+	$(BIN)/skipfleet simulate --devices 8 --dataset fan --runs 1 --drift-at 30 --new-devices 3 \
 		--json out/simulate.json --report out/simulate.html
 
 bench: setup

@@ -1,12 +1,16 @@
-"""The adapter the device runs, and the one before it (for rollback), kept in the state dir.
+"""The adapter the device runs, the one before it (for rollback), and the device's own latest
+fine-tune (its personal adapter), kept in the state dir.
 
 Layout under `root`:
     slots/<slot>/adapter.npz   the arrays (`Adapter.to_arrays()` names), loaded allow_pickle=False
     slots/<slot>/meta.json     version, base-model hash, source, when, details
-    pointer.json               {"current": slot | null, "previous": slot | null}
+    pointer.json               {"current": slot | null, "previous": slot | null,
+                                "personal": slot | null}
 A slot is written completely before `pointer.json` is atomically replaced to name it, so a
-power cut leaves either the old pair or the new pair, never a half-written adapter. Slots the
-pointer no longer names are deleted afterwards.
+power cut leaves either the old state or the new one, never a half-written adapter. Slots the
+pointer no longer names are deleted afterwards. Installing a fine-tune of this device makes it
+both `current` and `personal`; the personal slot stays while fleet adapters come and go (one
+slot may be named twice), so the device keeps its own adapter to compare and come back to.
 """
 
 from __future__ import annotations
@@ -25,12 +29,20 @@ from pathlib import Path
 
 import numpy as np
 
+from shared.protocol.enums import AdapterOrigin
+
 log = logging.getLogger(__name__)
+
+SLOT_NAMES = ("current", "previous", "personal")
 
 
 class AdapterSource(StrEnum):
     FINETUNE = "finetune"  # trained on this device
     COORDINATOR = "coordinator"  # a fleet version published by the coordinator
+
+    @property
+    def origin(self) -> AdapterOrigin:
+        return AdapterOrigin.PERSONAL if self is AdapterSource.FINETUNE else AdapterOrigin.FLEET
 
 
 class BaseModelMismatch(ValueError):
@@ -73,6 +85,7 @@ class AdapterMeta:
 class StoredAdapter:
     meta: AdapterMeta
     arrays: Mapping[str, np.ndarray]
+    slot: str  # its directory under slots/: names this very adapter (e.g. what declined what)
 
 
 class AdapterStore:
@@ -84,14 +97,14 @@ class AdapterStore:
         self._clock = clock
         self._lock = threading.Lock()
         self._pointer = self._read_pointer()
-        self._current = self._load_slot(self._pointer.get("current"))
+        self._current = self._load_slot(self._pointer["current"])
         if self._current is not None and self._current.meta.base_model_hash != base_model_hash:
             # A new base model was deployed: adapters of the old one mean nothing on it.
             log.warning(
                 "stored adapters belong to base model %s; starting without adapter",
                 self._current.meta.base_model_hash,
             )
-            self._set_pointer({"current": None, "previous": None})
+            self._set_pointer(current=None, previous=None, personal=None)
             self._current = None
 
     @property
@@ -102,7 +115,19 @@ class AdapterStore:
     @property
     def previous(self) -> StoredAdapter | None:
         with self._lock:
-            return self._load_slot(self._pointer.get("previous"))
+            return self._load_slot(self._pointer["previous"])
+
+    @property
+    def personal(self) -> StoredAdapter | None:
+        """The latest fine-tune of this device that was installed, whatever runs now."""
+        with self._lock:
+            return self._load_slot(self._pointer["personal"])
+
+    @property
+    def origin(self) -> AdapterOrigin:
+        """Where the running adapter came from (BASE: none runs)."""
+        current = self.current
+        return AdapterOrigin.BASE if current is None else current.meta.source.origin
 
     def find(self, version: int) -> StoredAdapter | None:
         """The current or previous adapter if it has this coordinator version."""
@@ -128,27 +153,28 @@ class AdapterStore:
         meta = AdapterMeta(version, base_model_hash, source, self._clock(), dict(details or {}))
         slot = self._write_slot(arrays, meta)
         with self._lock:
-            self._set_pointer({"current": slot, "previous": self._pointer.get("current")})
+            personal = slot if source is AdapterSource.FINETUNE else self._pointer["personal"]
+            self._set_pointer(current=slot, previous=self._pointer["current"], personal=personal)
             self._current = self._load_slot(slot)
             return self._current
 
     def clear(self) -> StoredAdapter | None:
         """Run the base model alone; the adapter running until now (returned) becomes `previous`."""
         with self._lock:
-            running = self._pointer.get("current")
+            running = self._pointer["current"]
             if running is None:
                 return None
-            self._set_pointer({"current": None, "previous": running})
+            self._set_pointer(current=None, previous=running)
             stopped, self._current = self._current, None
             return stopped
 
     def rollback(self) -> StoredAdapter:
         """Swap current and previous: a second rollback undoes the first."""
         with self._lock:
-            previous = self._pointer.get("previous")
+            previous = self._pointer["previous"]
             if previous is None:
                 raise NothingToRollBack("no previous adapter kept")
-            self._set_pointer({"current": previous, "previous": self._pointer.get("current")})
+            self._set_pointer(current=previous, previous=self._pointer["current"])
             self._current = self._load_slot(previous)
             return self._current
 
@@ -172,15 +198,17 @@ class AdapterStore:
         meta = AdapterMeta.from_json(json.loads((where / "meta.json").read_text()))
         with np.load(where / "adapter.npz", allow_pickle=False) as npz:
             arrays = {name: npz[name] for name in npz.files}
-        return StoredAdapter(meta, arrays)
+        return StoredAdapter(meta, arrays, slot)
 
     def _read_pointer(self) -> dict:
         try:
-            return json.loads((self._root / "pointer.json").read_text())
+            stored = json.loads((self._root / "pointer.json").read_text())
         except FileNotFoundError:
-            return {"current": None, "previous": None}
+            stored = {}
+        return {name: stored.get(name) for name in SLOT_NAMES}  # older stores: no personal
 
-    def _set_pointer(self, pointer: dict) -> None:
+    def _set_pointer(self, **changes: str | None) -> None:
+        pointer = {**self._pointer, **changes}
         _write_json(self._root / "pointer.json", pointer)
         self._pointer = pointer
         self._remove_unreferenced()

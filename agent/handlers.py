@@ -2,7 +2,14 @@
 
 A handler raises JobRejected when the job cannot be run as asked (nothing changed on the device)
 and JobFailed when it ran and did not succeed; what it returns goes into the SUCCEEDED status.
-Each takes the device's current data phase once, at its start (see agent.local_data).
+Each takes the device's current data phase once, at its start (see agent.local_data). A device
+without labels rejects what needs them (fine-tune, evaluate, apply only_if_better) with
+INSUFFICIENT_DATA.
+
+What the device runs changes only for the better: a fine-tune is installed (as the device's
+personal adapter) only if it measures better on the hold-out than what runs now (higher
+accuracy, or as accurate with a lower cross-entropy: agent/trainer/evaluation.py); an apply with
+only_if_better likewise (agent/choice.py). Plain apply and rollback obey as asked.
 """
 
 from __future__ import annotations
@@ -14,9 +21,10 @@ from dataclasses import dataclass
 import numpy as np
 
 from agent.adapter_inbox import AdapterInbox
-from agent.adapter_store import AdapterSource, AdapterStore, NothingToRollBack
+from agent.adapter_store import AdapterSource, AdapterStore, NothingToRollBack, StoredAdapter
+from agent.choice import OwnChoice
 from agent.jobs import Handler, JobContext, JobFailed, JobOutcome, JobRejected
-from agent.learner import MIN_TRAIN_SAMPLES, InvalidMethod, Learner
+from agent.learner import InvalidMethod, Learner
 from agent.local_data import LocalData
 from agent.meters import EnergyMeter, EnergyWindow, source_label
 from agent.spool import SpoolFull
@@ -34,6 +42,10 @@ from shared.protocol.messages import (
 )
 
 log = logging.getLogger(__name__)
+
+NO_LABELS = (
+    "the device has no labels (its data has no y): it can neither train nor measure accuracy"
+)
 
 
 @dataclass(frozen=True)
@@ -53,6 +65,7 @@ class JobHandlers:
         uplink: Uplink,
         meter: EnergyMeter,
         *,
+        choice: OwnChoice,
         fetch_timeout_seconds: float = 60.0,
     ):
         self._data = data
@@ -60,6 +73,7 @@ class JobHandlers:
         self._inbox = inbox
         self._uplink = uplink
         self._meter = meter
+        self._choice = choice
         self._fetch_timeout = fetch_timeout_seconds
         self.last_cache_bytes = 0  # Skip-Cache size of the last fine-tune, for telemetry
 
@@ -81,12 +95,12 @@ class JobHandlers:
     # -- fine-tune ------------------------------------------------------------------------
     def finetune(self, job: Job, ctx: JobContext) -> JobOutcome:
         params = job.params
-        learner = self._learner()  # a drift switch from now on applies to the next job
-        if len(learner.train) < MIN_TRAIN_SAMPLES:
-            raise JobRejected(JobReason.INSUFFICIENT_DATA, "too few training rows")
+        learner = self._labelled_learner()  # a drift switch from now on applies to the next job
         current = self._store.current
-        start = self._checked(learner, current.arrays if current else None)
-        before = learner.holdout_accuracy(start)
+        running = self._checked(learner, current.arrays if current else None)
+        parent, start = self._start_of(params.start_version, current, running, learner, ctx)
+        before = learner.holdout_measure(start)
+        was_running = before if start is running else learner.holdout_measure(running)
         with EnergyWindow(self._meter) as energy:
             try:
                 result = learner.finetune(
@@ -95,10 +109,11 @@ class JobHandlers:
             except InvalidMethod as err:
                 raise JobRejected(JobReason.INVALID_PARAMS, str(err)) from None
         self.last_cache_bytes = result.cache_bytes
-        after = learner.holdout_accuracy(result.adapter)
+        after = learner.holdout_measure(result.adapter)
+        installed = after.better_than(was_running)  # the device's own choice: better only
         metrics = ReportMetrics(
-            accuracy_before=before,
-            accuracy_after=after,
+            accuracy_before=before.accuracy,
+            accuracy_after=after.accuracy,
             samples=result.samples,
             epochs=result.epochs_run,
             finetune_seconds=result.seconds,
@@ -108,31 +123,40 @@ class JobHandlers:
             base_model_hash=self.base_model_hash,
             method=params.method,
             rank=params.rank,
+            accuracy_running=was_running.accuracy,
+            installed=installed,
+            holdout_samples=len(learner.holdout),
+            steps=result.steps,
+            loss_before=before.loss,
+            loss_after=after.loss,
         )
         arrays = result.adapter.to_arrays()
-        self._send_record(
-            Report(
-                job.job_id,
-                arrays,
-                metrics,
-                parent_adapter_version=current.meta.version if current else None,
-            )
-        )
-        # Run the new adapter only if it is not worse on data it never saw.
-        installed = after >= before
+        self._send_record(Report(job.job_id, arrays, metrics, parent_adapter_version=parent))
         if installed:
             self._store.install(
                 arrays,
                 version=None,
                 base_model_hash=self.base_model_hash,
                 source=AdapterSource.FINETUNE,
-                details={"job_id": job.job_id, "accuracy": after},
+                details={
+                    "job_id": job.job_id,
+                    "accuracy": after.accuracy,
+                    "parent_version": parent,
+                },
             )
         return JobOutcome(
             {
-                "accuracy_before": before,
-                "accuracy_after": after,
+                "accuracy_before": before.accuracy,
+                "accuracy_after": after.accuracy,
+                "accuracy_running": was_running.accuracy,
+                "loss_after": after.loss,
+                "loss_running": was_running.loss,
                 "installed": installed,
+                "start_version": params.start_version,
+                "parent_adapter_version": parent,
+                **self._running_now(),
+                "steps": result.steps,
+                "holdout_samples": len(learner.holdout),
                 "joules": energy.result.joules,
                 "power_source": source_label(self._meter),
                 "energy_scope": energy.result.scope.value,
@@ -141,9 +165,25 @@ class JobHandlers:
             }
         )
 
+    def _start_of(
+        self,
+        start_version: int | None,
+        current: StoredAdapter | None,
+        running: Adapter | None,
+        learner: Learner,
+        ctx: JobContext,
+    ) -> tuple[int | None, Adapter | None]:
+        """(parent version, start adapter) for FinetuneParams.start_version."""
+        if start_version is None:  # what the device runs (as before start_version existed)
+            return (current.meta.version if current else None), running
+        if start_version == BASE_MODEL_VERSION:
+            return None, None
+        fleet = self._obtain(start_version, ctx)
+        return start_version, self._checked(learner, fleet.arrays)
+
     # -- evaluate, apply, roll back --------------------------------------------------------------
     def evaluate(self, job: Job, ctx: JobContext) -> JobOutcome:
-        learner = self._learner()
+        learner = self._labelled_learner()
         wanted = job.params.adapter_version
         if wanted is None:
             current = self._store.current
@@ -165,12 +205,20 @@ class JobHandlers:
 
     def apply_adapter(self, job: Job, ctx: JobContext) -> JobOutcome:
         learner = self._learner()
-        wanted = job.params.adapter_version
+        wanted, only_if_better = job.params.adapter_version, job.params.only_if_better
         current = self._store.current
         if current is not None and current.meta.version == wanted:
-            return JobOutcome({"adapter_version": wanted, "already_running": True})
+            return JobOutcome({**self._running_now(), "already_running": True, "installed": False})
+        if only_if_better and not learner.labelled:
+            raise JobRejected(JobReason.INSUFFICIENT_DATA, f"only_if_better: {NO_LABELS}")
         chosen = self._obtain(wanted, ctx)
         adapter = self._checked(learner, chosen.arrays)
+        detail = {}
+        if only_if_better:
+            verdict = self._choice.judge(learner, wanted, adapter)
+            detail = verdict.detail()
+            if not verdict.better:
+                return JobOutcome({**detail, "installed": False, **self._running_now()})
         self._store.install(
             chosen.arrays,
             version=wanted,
@@ -178,9 +226,9 @@ class JobHandlers:
             source=AdapterSource.COORDINATOR,
             details={"job_id": job.job_id},
         )
-        return JobOutcome(
-            {"adapter_version": wanted, "accuracy": learner.holdout_accuracy(adapter)}
-        )
+        accuracy = learner.holdout_accuracy(adapter) if learner.labelled else None
+        return JobOutcome({**detail, "installed": True, **self._running_now(),
+                           "accuracy": accuracy})  # fmt: skip
 
     def rollback_adapter(self, job: Job, ctx: JobContext) -> JobOutcome:
         learner = self._learner()
@@ -188,16 +236,31 @@ class JobHandlers:
             restored = self._store.rollback()
         except NothingToRollBack as err:
             raise JobRejected(JobReason.ADAPTER_UNAVAILABLE, str(err)) from None
-        accuracy = learner.holdout_accuracy(self._checked(learner, restored.arrays))
+        adapter = self._checked(learner, restored.arrays)
         return JobOutcome(
             {
                 "adapter_version": restored.meta.version,
-                "accuracy": accuracy,
+                "accuracy": learner.holdout_accuracy(adapter) if learner.labelled else None,
                 "source": restored.meta.source.value,
+                "origin": self._store.origin.value,
             }
         )
 
     # -- helpers --------------------------------------------------------------------------------
+    def _labelled_learner(self) -> Learner:
+        learner = self._learner()
+        if not learner.labelled:
+            raise JobRejected(JobReason.INSUFFICIENT_DATA, NO_LABELS)
+        return learner
+
+    def _running_now(self) -> dict:
+        """What the device runs: its fleet version (None: personal or none) and origin."""
+        current = self._store.current
+        return {
+            "adapter_version": current.meta.version if current else None,
+            "origin": self._store.origin.value,
+        }
+
     def _obtain(self, version: int, ctx: JobContext) -> Versioned:
         """A coordinator version from the store, the inbox, or fetched and waited for."""
         stored = self._store.find(version)

@@ -1,7 +1,8 @@
 """The trainer as the agent uses it: the base model, the device's data split, adapter conversion.
 
 The device keeps a stratified hold-out of its local data (never trained on) to measure accuracy
-before and after each fine-tune, and trains on the rest.
+before and after each fine-tune, and trains on the rest. A device without labels has neither:
+its train and hold-out sets are empty, and `labelled` says so.
 """
 
 from __future__ import annotations
@@ -15,13 +16,14 @@ import numpy as np
 
 from agent.data.dataset import Dataset, holdout_split
 from agent.data.errors import DataError
-from agent.device_data import load_device_data
+from agent.device_data import DeviceRows, load_device_data
 from agent.errors import BaseModelUnusable, DataUnusable
 from agent.trainer.adapter import Adapter
 from agent.trainer.base_models import finetune
 from agent.trainer.base_models import load_base_model as load_model_file
 from agent.trainer.cnn.model import CnnModel
 from agent.trainer.errors import ModelFileError
+from agent.trainer.evaluation import Measure, measure
 from agent.trainer.finetune import FinetuneResult
 from agent.trainer.methods import resolve
 from agent.trainer.model import BaseModel
@@ -44,21 +46,31 @@ def load_base_model(path: Path) -> BaseModel | CnnModel:
 
 def load_split(
     data_path: Path, model: BaseModel | CnnModel, holdout_fraction: float, seed: int
-) -> tuple[Dataset, Dataset, Dataset]:
-    """(all, train, holdout) of the device data; DataUnusable if it cannot feed this model."""
+) -> tuple[DeviceRows, Dataset, Dataset]:
+    """(rows, train, holdout) of the device data; DataUnusable if it cannot feed this model."""
     try:
-        data = load_device_data(data_path, model.n_classes)
+        rows = load_device_data(data_path, model.n_classes)
     except DataError as err:
         raise DataUnusable(f"device data unusable: {err}") from None
-    if data.n_features != model.n_inputs or data.n_classes != model.n_classes:
+    if rows.n_features != model.n_inputs:
         raise DataUnusable(
-            f"device data {data.source} has {data.n_features} features and {data.n_classes} "
-            f"classes; the base model expects {model.n_inputs} and {model.n_classes}"
+            f"device data {rows.source} has {rows.n_features} features; the base model "
+            f"expects {model.n_inputs}"
         )
-    train, holdout = holdout_split(data, holdout_fraction, seed=seed)
+    return (rows, *split_rows(rows, model, holdout_fraction, seed))
+
+
+def split_rows(
+    rows: DeviceRows, model: BaseModel, holdout_fraction: float, seed: int
+) -> tuple[Dataset, Dataset]:
+    """(train, holdout) of labelled rows; two empty sets for rows without labels."""
+    if rows.labelled is None:
+        none = Dataset(rows.X[:0], np.zeros(0, np.int64), model.n_classes, {"source": rows.source})
+        return none, none
+    train, holdout = holdout_split(rows.labelled, holdout_fraction, seed=seed)
     if len(holdout) == 0 or len(train) < MIN_TRAIN_SAMPLES:
-        raise DataUnusable(f"device data {data.source}: {len(data)} rows are too few to split")
-    return data, train, holdout
+        raise DataUnusable(f"device data {rows.source}: {len(rows)} rows are too few to split")
+    return train, holdout
 
 
 @dataclass(frozen=True)
@@ -67,6 +79,11 @@ class Learner:
     train: Dataset
     holdout: Dataset
 
+    @property
+    def labelled(self) -> bool:
+        """Whether the device can fine-tune and measure accuracy (it has labelled rows)."""
+        return len(self.holdout) > 0 and len(self.train) >= MIN_TRAIN_SAMPLES
+
     def adapter(self, arrays: Mapping[str, np.ndarray] | None) -> Adapter | None:
         """Check stored or received arrays against this model; AdapterError if they do not fit."""
         if arrays is None:
@@ -74,7 +91,13 @@ class Learner:
         return Adapter.from_arrays(dict(arrays), self.model.layer_input_dims, self.model.n_classes)
 
     def holdout_accuracy(self, adapter: Adapter | None) -> float:
-        return self.model.accuracy(self.holdout.X, self.holdout.y, adapter=adapter)
+        return self.holdout_measure(adapter).accuracy
+
+    def holdout_measure(self, adapter: Adapter | None) -> Measure:
+        """Accuracy and mean cross-entropy on the hold-out: what "measures better" compares."""
+        if len(self.holdout) == 0:
+            raise ValueError("no labelled hold-out: the device has no labels")
+        return measure(self.model, self.holdout.X, self.holdout.y, adapter)
 
     def logits(self, X: np.ndarray, adapter: Adapter | None) -> np.ndarray:
         return self.model.logits(X, adapter)
@@ -102,6 +125,7 @@ class Learner:
             start=start,
             cancel=cancel,
             progress=lambda epoch, epochs: progress(epoch / epochs),
+            steps=params.steps,
         )
 
     def training_rows(self, max_samples: int | None) -> tuple[np.ndarray, np.ndarray]:

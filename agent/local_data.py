@@ -1,9 +1,10 @@
 """The device's local data as the agent uses it, and the one-way switch to its drifted data.
 
-A simulated device may carry a second set of rows (`X_drift`, `y_drift`): what it sees after a
-drift event, e.g. its fan moved from a quiet room to a noisy one. Before the switch the agent
-trains on, holds out and streams its normal rows; after it, the drifted rows. A job takes
-`current()` once when it starts, so a switch during a job takes effect at the next job.
+A simulated device may carry a second set of rows (`X_drift`, `y_drift` if labelled): what it
+sees after a drift event, e.g. its fan moved from a quiet room to a noisy one. Before the
+switch the agent trains on, holds out and streams its normal rows; after it, the drifted rows.
+A job takes `current()` once when it starts, so a switch during a job takes effect at the next
+job.
 """
 
 from __future__ import annotations
@@ -15,11 +16,10 @@ from pathlib import Path
 
 import numpy as np
 
-from agent.data.dataset import Dataset, holdout_split
 from agent.data.errors import DataError
 from agent.device_data import load_drifted_data
 from agent.errors import DataUnusable
-from agent.learner import MIN_TRAIN_SAMPLES, Learner, load_split
+from agent.learner import Learner, load_split, split_rows
 from agent.trainer.model import BaseModel
 
 
@@ -69,19 +69,13 @@ def load_local_data(
     data_path: Path, model: BaseModel, holdout_fraction: float, seed: int
 ) -> LocalData:
     """Both phases of the device data; DataUnusable if either cannot feed this model."""
-    data, train, holdout = load_split(data_path, model, holdout_fraction, seed)
-    normal = DataPhase(Learner(model, train, holdout), data.X, drifted=False)
+    rows, train, holdout = load_split(data_path, model, holdout_fraction, seed)
+    normal = DataPhase(Learner(model, train, holdout), rows.X, drifted=False)
     try:
         drifted = load_drifted_data(data_path, model.n_classes, model.n_inputs)
     except DataError as err:
         raise DataUnusable(f"device data unusable: {err}") from None
     if drifted is None:
         return LocalData(normal)
-    return LocalData(normal, _phase(drifted, model, holdout_fraction, seed))
-
-
-def _phase(data: Dataset, model: BaseModel, holdout_fraction: float, seed: int) -> DataPhase:
-    train, holdout = holdout_split(data, holdout_fraction, seed=seed)
-    if len(holdout) == 0 or len(train) < MIN_TRAIN_SAMPLES:
-        raise DataUnusable(f"device data {data.source}: {len(data)} rows are too few to split")
-    return DataPhase(Learner(model, train, holdout), data.X, drifted=True)
+    train, holdout = split_rows(drifted, model, holdout_fraction, seed)
+    return LocalData(normal, DataPhase(Learner(model, train, holdout), drifted.X, drifted=True))

@@ -7,9 +7,14 @@ agent asks for it (`FetchRequest` on `fetch`), waits for the `AdapterPublication
 `cmd/adapter` (the inbox, chunks already joined) and installs it, keeping the adapter it ran
 before for rollback. A version of None means: run the base model alone.
 
-Waiting and asking again happen on the reconciler's own thread; the install itself is handed to
-the job runner's worker (`run_between_jobs`), so it never overlaps a job that reads or replaces
-the adapter.
+With `only_if_better` (a device with labels), the device measures the version on its own
+hold-out against what it runs and takes it only if it measures better (agent/choice.py); a version
+it declined is remembered and not fetched or measured again while the same adapter runs. A
+device without labels cannot measure, and takes the version as is.
+
+Waiting and asking again happen on the reconciler's own thread; the install (and the
+comparison before it) is handed to the job runner's worker (`run_between_jobs`), so it never
+overlaps a job that reads or replaces the adapter.
 """
 
 from __future__ import annotations
@@ -26,11 +31,12 @@ import numpy as np
 
 from agent.adapter_inbox import AdapterInbox
 from agent.adapter_store import AdapterSource, AdapterStore
+from agent.choice import OwnChoice
 from agent.local_data import LocalData
 from agent.spool import SpoolFull
 from agent.trainer.errors import AdapterError
 from shared.mqtt import backoff_delay
-from shared.protocol.messages import DesiredState, FetchRequest
+from shared.protocol.messages import BASE_MODEL_VERSION, DesiredState, FetchRequest
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +69,13 @@ class Reconciler:
         inbox: AdapterInbox,
         send_fetch: Callable[[FetchRequest], None],
         between_jobs: Callable[[Callable[[], object]], Future],
+        choice: OwnChoice,
         policy: FetchPolicy = FetchPolicy(),
         rng: random.Random | None = None,
     ):
         self._data = data
         self._store = store
+        self._choice = choice
         self._inbox = inbox
         self._send_fetch = send_fetch
         self._between_jobs = between_jobs
@@ -133,13 +141,17 @@ class Reconciler:
         if self._runs(version):
             log.debug("desired adapter %s is running already", version)
             return
+        judged = desired.only_if_better and self._data.current().learner.labelled
+        if judged and self._choice.declined(_candidate(version)):
+            log.debug("desired adapter %s declined before against what runs: not again", version)
+            return
         try:
             arrays = None if version is None else self._obtain(version)
         except Refused as err:
             log.error("desired adapter %s refused: %s", version, err)
             return
         if version is None or arrays is not None:
-            self._install(version, arrays)
+            self._install(version, arrays, judged)
 
     def _runs(self, version: int | None) -> bool:
         current = self._store.current
@@ -198,8 +210,8 @@ class Reconciler:
         except SpoolFull as err:  # the wait still runs: the adapter may come anyway
             log.error("desired adapter %d: fetch request not spooled: %s", version, err)
 
-    def _install(self, version: int | None, arrays: Arrays | None) -> None:
-        future = self._between_jobs(lambda: self._install_now(version, arrays))
+    def _install(self, version: int | None, arrays: Arrays | None, judged: bool) -> None:
+        future = self._between_jobs(lambda: self._install_now(version, arrays, judged))
         while True:
             try:
                 future.result(timeout=0.25)
@@ -210,10 +222,12 @@ class Reconciler:
             except CancelledError:
                 return
 
-    def _install_now(self, version: int | None, arrays: Arrays | None) -> None:
-        """On the job runner's worker, between jobs."""
+    def _install_now(self, version: int | None, arrays: Arrays | None, judged: bool) -> None:
+        """On the job runner's worker, between jobs; `judged`: only if it measures better."""
         if self._runs(version):
             return  # an apply job got there first
+        if judged and not self._wins(version, arrays):
+            return
         if arrays is None:
             self._store.clear()
             log.info("desired state: running the base model alone (the adapter kept for rollback)")
@@ -226,3 +240,24 @@ class Reconciler:
             details={"desired_state": True},
         )
         log.info("desired state: adapter version %d installed (the previous kept)", version)
+
+    def _wins(self, version: int | None, arrays: Arrays | None) -> bool:
+        learner = self._data.current().learner
+        verdict = self._choice.judge(learner, _candidate(version), learner.adapter(arrays))
+        log.info(
+            "desired adapter %s: hold-out accuracy %.4f (loss %.4f) against %.4f (%.4f) of what "
+            "runs (%s): %s",
+            version,
+            verdict.candidate.accuracy,
+            verdict.candidate.loss,
+            verdict.running.accuracy,
+            verdict.running.loss,
+            self._store.origin.value,
+            "installing it" if verdict.better else "declined, keeping what runs",
+        )
+        return verdict.better
+
+
+def _candidate(version: int | None) -> int:
+    """The version a decline is remembered under (the base model alone: 0)."""
+    return BASE_MODEL_VERSION if version is None else version

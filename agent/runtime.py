@@ -14,9 +14,11 @@ from dataclasses import dataclass
 
 from agent.adapter_inbox import AdapterInbox
 from agent.adapter_store import AdapterStore
+from agent.choice import OwnChoice
 from agent.config import AgentConfig
+from agent.declined import DeclinedVersions
 from agent.downlink import Downlink
-from agent.drift import RecentInputs
+from agent.drift import WINDOW_ROWS, RecentInputs
 from agent.errors import ExitCode, FatalError
 from agent.handlers import JobHandlers
 from agent.health import HealthFile
@@ -45,7 +47,6 @@ from shared.topics import Topics
 
 log = logging.getLogger(__name__)
 
-DRIFT_WINDOW_ROWS = 256  # the most recent input rows the drift score looks at
 SHUTDOWN_FLUSH_SECONDS = 3.0  # time given to deliver the last statuses before disconnecting
 
 
@@ -90,8 +91,15 @@ class Agent:
         outbox = Outbox(spool, lambda item: transport.publish_spooled(item))
         uplink = Uplink(c.device_id, topics, spool, boot_id=new_boot_id(), on_spooled=outbox.notify)
         inbox = AdapterInbox()
+        choice = OwnChoice(store, DeclinedVersions(state / "adapters" / "declined.json"))
         handlers = JobHandlers(
-            data, store, inbox, uplink, meter, fetch_timeout_seconds=c.fetch_timeout_seconds
+            data,
+            store,
+            inbox,
+            uplink,
+            meter,
+            choice=choice,
+            fetch_timeout_seconds=c.fetch_timeout_seconds,
         )
         runner = JobRunner(
             handlers.table(),
@@ -106,12 +114,16 @@ class Agent:
             inbox=inbox,
             send_fetch=uplink.send,
             between_jobs=runner.run_between_jobs,
+            choice=choice,
             policy=FetchPolicy(c.desired_retry_seconds, c.desired_max_fetches),
         )
         downlink = Downlink(
             c.device_id, topics, runner=runner, inbox=inbox, on_desired=reconciler.offer
         )
-        recent = RecentInputs(DRIFT_WINDOW_ROWS, model.n_inputs)
+        # the window the calibration's thresholds hold for (agent/drift.py's, unless the model
+        # was calibrated for another)
+        window = model.calibration.window_rows if model.calibration else WINDOW_ROWS
+        recent = RecentInputs(window, model.n_inputs)
         recent.add(data.current().stream)  # rows are in time order: the window keeps the latest
         telemetry = Telemetry(
             TelemetrySources(
@@ -125,7 +137,7 @@ class Agent:
                 drifted=lambda: data.current().drifted,
             )
         )
-        presence = PresenceFactory(c, model.weights_hash, meter, uplink)
+        presence = PresenceFactory(c, data, meter, uplink)
         status_topic = topics.status(c.device_id)
         health = HealthFile(c.health_file)
         transport = Transport(

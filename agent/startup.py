@@ -63,6 +63,18 @@ def load_data(config: AgentConfig) -> LocalData:
         ", drifted rows for a simulated drift event" if data.can_drift else "",
         model.weights_hash[:12],
     )
+    if not learner.labelled:
+        log.warning(
+            "device %s has no labels: it streams drift scores and runs the adapters it is "
+            "given, but rejects fine-tune and evaluate jobs",
+            config.device_id,
+        )
+    if model.calibration is None:
+        log.warning(
+            "base model %s carries no drift calibration (made before calibrations existed): "
+            "heartbeats carry no confidence_score, feature_score or signature",
+            config.base_model_path,
+        )
     return data
 
 
@@ -95,13 +107,15 @@ def status_sender(uplink: Uplink) -> Callable[[JobStatus], None]:
 
 
 class PresenceFactory:
-    """Retained presence payloads, stamped with (boot id, seq) like every device message."""
+    """Retained presence payloads, stamped with (boot id, seq) like every device message.
 
-    def __init__(
-        self, config: AgentConfig, base_model_hash: str, meter: EnergyMeter, uplink: Uplink
-    ):
+    They say how many labelled rows the device trains on and holds out (0 and 0: no labels),
+    as its current data phase has them when the payload is made (at every connect).
+    """
+
+    def __init__(self, config: AgentConfig, data: LocalData, meter: EnergyMeter, uplink: Uplink):
         self._cohort = config.cohort
-        self._hash = base_model_hash
+        self._data = data
         self._meter = meter
         self._uplink = uplink
 
@@ -113,8 +127,16 @@ class PresenceFactory:
             "power_source": source_label(self._meter),
             "sent_at": time.time(),
         }
+        learner = self._data.current().learner
         message = Presence(
-            state, self._uplink.boot_id, agent_version(), self._hash, self._cohort, device
+            state,
+            self._uplink.boot_id,
+            agent_version(),
+            self._data.model.weights_hash,
+            self._cohort,
+            device,
+            train_samples=len(learner.train),
+            holdout_samples=len(learner.holdout),
         )
         (item,) = self._uplink.encode(message)
         return item.payload

@@ -1,7 +1,9 @@
 """The heartbeat: power, energy, spool, drift and job state, sent every few seconds (QoS 0).
 
-Before each beat the loop lets the (simulated) sensor observe its next rows, so the drift score
-describes the inputs of the last moments.
+Before each beat the loop lets the (simulated) sensor observe its next rows, so the drift
+scores describe the inputs of the last moments: the BN1 score (`drift_score`), and, when the
+base model ships a calibration, the calibrated confidence and feature scores (1.0 = the
+calibrated threshold), the feature signature, and which adapter (origin) runs.
 
 Heartbeats go through the spool too, as low-priority telemetry: the first thing dropped when
 the spool is full, but a heartbeat made while the broker was away still arrives later.
@@ -17,7 +19,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from agent.adapter_store import AdapterStore
-from agent.drift import RecentInputs, score_recent
+from agent.drift import DriftScores, RecentInputs, score_window
 from agent.jobs import JobRunner
 from agent.learner import Learner
 from agent.meters import EnergyMeter, source_label
@@ -63,6 +65,8 @@ class Telemetry:
         self._last = (now, joules)
         stats = s.spool.stats()
         current = s.store.current
+        scores = self.drift_scores()
+        signature = None if scores is None else scores.signature
         return Heartbeat(
             power_w=max(0.0, (joules - joules_then) / (now - then)) if now > then else 0.0,
             power_source=source_label(s.meter),
@@ -72,14 +76,19 @@ class Telemetry:
             spool_dropped=stats.dropped_telemetry + stats.refused_records,
             uptime_s=now - self._started,
             temperature_c=read_temperature(self._root),
-            drift_score=self.drift_score(),
+            drift_score=None if scores is None else scores.bn1_mean_squared_z,
             adapter_version=current.meta.version if current else None,
             busy_job_id=s.runner.busy_job_id,
             drifted=s.drifted(),
+            confidence_score=None if scores is None else scores.confidence_score,
+            feature_score=None if scores is None else scores.feature_score,
+            signature=signature,
+            signature_rows=None if signature is None else scores.rows,
+            adapter_origin=s.store.origin,
         )
 
-    def drift_score(self) -> float | None:
-        """BN1 mean squared z-score of the recent inputs (about 1 when nothing drifted)."""
+    def drift_scores(self) -> DriftScores | None:
+        """The scores of the recent inputs (None before any), with the running adapter."""
         s = self._s
         rows = s.recent.snapshot()
         if len(rows) == 0:
@@ -89,14 +98,22 @@ class Telemetry:
             adapter = s.learner.adapter(current.arrays if current else None)
         except AdapterError:
             adapter = None
-        scores = score_recent(s.learner.model, rows, s.learner.logits(rows, adapter))
+        scores = score_window(s.learner.model, rows, adapter)
         log.debug(
-            "drift: bn1 z² %.3f, entropy %.3f over %d rows",
+            "drift: bn1 z² %.3f, entropy %.3f, confidence %.4f (score %s), feature score %s "
+            "over %d rows",
             scores.bn1_mean_squared_z,
             scores.prediction_entropy,
+            scores.confidence,
+            _fmt(scores.confidence_score),
+            _fmt(scores.feature_score),
             scores.rows,
         )
-        return scores.bn1_mean_squared_z
+        return scores
+
+
+def _fmt(value: float | None) -> str:
+    return "none" if value is None else f"{value:.3f}"
 
 
 def read_temperature(root: Path) -> float | None:

@@ -1,9 +1,11 @@
 """Versioned fleet adapters per cohort: arrays as .npz files, metadata and lineage in SQLite.
 
-Versions are monotonic ints per cohort. Saving a version does not deploy it: each cohort has a
-"current" pointer that only the rollout moves (promote) or leaves alone (rollback). A cohort is
-bound to the base-model hash of its first adapter; an adapter is only meaningful on top of the
-exact base weights it was trained on, so any other hash is refused on save and on read.
+Versions are monotonic ints per cohort, whatever cluster of the cohort they were trained for, so
+a version number names one adapter to a device that moves between clusters. Saving a version
+does not deploy it: each cluster of a cohort has a "current" pointer that only the rollout moves
+(promote) or leaves alone (rollback); WHOLE_COHORT is the cluster of a cohort not split up. A
+cohort is bound to the base-model hash of its first adapter; an adapter is only meaningful on top
+of the exact base weights it was trained on, so any other hash is refused on save and on read.
 """
 
 from __future__ import annotations
@@ -45,7 +47,16 @@ CREATE TABLE IF NOT EXISTS current_adapters (
     version INTEGER NOT NULL,
     updated_at REAL NOT NULL
 );
+CREATE TABLE IF NOT EXISTS cluster_adapters (
+    cohort TEXT NOT NULL,
+    cluster TEXT NOT NULL,
+    version INTEGER NOT NULL,
+    updated_at REAL NOT NULL,
+    PRIMARY KEY (cohort, cluster)
+);
 """
+# The cluster of a cohort that is not split into clusters (and of state dirs from before).
+WHOLE_COHORT = "all"
 
 
 class AdapterStoreError(ValueError):
@@ -68,6 +79,7 @@ class AdapterVersion:
     created_at: float
     file: str  # relative to the state dir
     sha256: str
+    cluster: str = WHOLE_COHORT  # the cluster it was trained for
 
 
 @dataclass(frozen=True)
@@ -82,6 +94,14 @@ class AdapterStore:
         self._state_dir = Path(state_dir)
         self._clock = clock
         db.ensure_schema(_SCHEMA)
+        db.add_missing_columns("adapters", {"cluster": "TEXT"})
+        # pointers of a state dir from before clusters: the whole cohort's
+        db.execute(
+            "INSERT OR IGNORE INTO cluster_adapters SELECT cohort, ?, version, updated_at "
+            "FROM current_adapters",
+            (WHOLE_COHORT,),
+        )
+        db.execute("DELETE FROM current_adapters")
 
     def save(
         self,
@@ -93,6 +113,7 @@ class AdapterStore:
         device_ids: Iterable[str] = (),
         round_id: str | None = None,
         parent_version: int | None = None,
+        cluster: str = WHOLE_COHORT,
     ) -> AdapterVersion:
         """Stores a new version (latest + 1); does not make it current."""
         _check_cohort(cohort)
@@ -115,6 +136,7 @@ class AdapterStore:
                 created_at=self._clock(),
                 file=relative.as_posix(),
                 sha256=digest,
+                cluster=cluster,
             )
             self._insert(meta)
         return meta
@@ -130,27 +152,43 @@ class AdapterStore:
             )
         return StoredAdapter(meta, self._read_npz(meta))
 
-    def current(self, cohort: str, *, base_model_hash: str | None = None) -> StoredAdapter | None:
-        version = self.current_version(cohort)
+    def current(
+        self, cohort: str, cluster: str = WHOLE_COHORT, *, base_model_hash: str | None = None
+    ) -> StoredAdapter | None:
+        version = self.current_version(cohort, cluster)
         if version is None:
             return None
         return self.get(cohort, version, base_model_hash=base_model_hash)
 
-    def current_version(self, cohort: str) -> int | None:
-        row = self._db.query_one("SELECT version FROM current_adapters WHERE cohort = ?", (cohort,))
+    def current_version(self, cohort: str, cluster: str = WHOLE_COHORT) -> int | None:
+        row = self._db.query_one(
+            "SELECT version FROM cluster_adapters WHERE cohort = ? AND cluster = ?",
+            (cohort, cluster),
+        )
         return None if row is None else int(row["version"])
 
-    def set_current(self, cohort: str, version: int | None) -> None:
-        """Points the cohort at a stored version (None: back to the bare base model)."""
+    def current_versions(self, cohort: str) -> dict[str, int]:
+        """Every cluster's current version in the cohort."""
+        rows = self._db.query(
+            "SELECT cluster, version FROM cluster_adapters WHERE cohort = ? ORDER BY cluster",
+            (cohort,),
+        )
+        return {r["cluster"]: int(r["version"]) for r in rows}
+
+    def set_current(self, cohort: str, version: int | None, cluster: str = WHOLE_COHORT) -> None:
+        """Points the cluster at a stored version (None: back to the bare base model)."""
         with self._db.transaction():
             if version is None:
-                self._db.execute("DELETE FROM current_adapters WHERE cohort = ?", (cohort,))
+                self._db.execute(
+                    "DELETE FROM cluster_adapters WHERE cohort = ? AND cluster = ?",
+                    (cohort, cluster),
+                )
                 return
             self._require_meta(cohort, version)
             self._db.execute(
-                "INSERT INTO current_adapters VALUES (?, ?, ?) ON CONFLICT(cohort) "
+                "INSERT INTO cluster_adapters VALUES (?, ?, ?, ?) ON CONFLICT(cohort, cluster) "
                 "DO UPDATE SET version = excluded.version, updated_at = excluded.updated_at",
-                (cohort, version, self._clock()),
+                (cohort, cluster, version, self._clock()),
             )
 
     def cohorts(self) -> list[str]:
@@ -208,7 +246,9 @@ class AdapterStore:
 
     def _insert(self, meta: AdapterVersion) -> None:
         self._db.execute(
-            "INSERT INTO adapters VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT INTO adapters (cohort, version, base_model_hash, algorithm, device_ids, "
+            "round_id, parent_version, created_at, file, sha256, cluster) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 meta.cohort,
                 meta.version,
@@ -220,6 +260,7 @@ class AdapterStore:
                 meta.created_at,
                 meta.file,
                 meta.sha256,
+                meta.cluster,
             ),
         )
 
@@ -276,4 +317,5 @@ def _meta_from_row(row: Any) -> AdapterVersion:
         created_at=row["created_at"],
         file=row["file"],
         sha256=row["sha256"],
+        cluster=row["cluster"] or WHOLE_COHORT,
     )

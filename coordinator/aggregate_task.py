@@ -34,6 +34,12 @@ class AggregationRequest:
     results: tuple[FitResult, ...]
     failures: tuple[FitFailure, ...]
     parent_version: int | None
+    cluster: str = "all"
+
+    @property
+    def key(self) -> str:
+        """One aggregation per cluster of a round."""
+        return f"{self.round_id}/{self.cluster}"
 
 
 @dataclass(frozen=True)
@@ -81,7 +87,7 @@ class Aggregator(Protocol):
         ...
 
     def pending(self) -> set[str]:
-        """Round ids submitted and not collected yet."""
+        """Keys (AggregationRequest.key) submitted and not collected yet."""
         ...
 
 
@@ -102,4 +108,4 @@ class LocalAggregator:
         return done
 
     def pending(self) -> set[str]:
-        return {outcome.request.round_id for outcome in self._done}
+        return {outcome.request.key for outcome in self._done}

@@ -5,14 +5,21 @@
     GET  /jobs?limit=N&device=ID              jobs, newest first
     GET  /rounds?limit=N                      rounds with their failures, aggregation, rollout
     GET  /adapters                            versions, lineage and rollouts per cohort
+    GET  /adapters/{cohort}/{version}         one version: lineage, arrays (base64, dtype, shape)
+    GET  /runs?limit=N                        federated runs: clusters, rounds, measured gains
+    GET  /clusters                            per cohort: its clusters, members, current versions
     POST /finetune                            {"devices": [...]} | {"cohort": "..."} | {"all": true}
     POST /evaluate                            the same selectors (+ "adapter_version"): devices
                                               evaluate what they run, or that version
     POST /adapters/{cohort}/{version}/promote make a stored version current, and distribute it
+                                              ({"force": true} for one its canary rolled back)
     POST /adapters/{cohort}/rollback          back to the current version's parent
+                                              ({"cluster": ...} when the cohort has several)
 
 Routing and validation live in FleetApi.handle() (plain: unit-tested without sockets); every
-error is a JSON body {"error": "..."} with a 4xx/5xx status.
+error is a JSON body {"error": "..."} with a 4xx/5xx status. Before routing, the server asks its
+RequestGuard (shared.http_auth): a POST needs the bearer token (401) and a JSON content type
+(415); a GET needs the token unless it comes from loopback.
 """
 
 from __future__ import annotations
@@ -30,6 +37,7 @@ from urllib.parse import parse_qs, urlsplit
 
 from coordinator.fleet import FleetRequestError
 from coordinator.ports import FleetPort, Unavailable
+from shared.http_auth import RequestGuard, check_request
 
 log = logging.getLogger(__name__)
 
@@ -59,6 +67,9 @@ class FleetApi:
             ("GET", re.compile(r"/jobs"), self._jobs),
             ("GET", re.compile(r"/rounds"), self._rounds),
             ("GET", re.compile(r"/adapters"), self._adapters),
+            ("GET", re.compile(rf"/adapters/({_COHORT})/(\d{{1,9}})"), self._adapter),
+            ("GET", re.compile(r"/runs"), self._runs),
+            ("GET", re.compile(r"/clusters"), self._clusters),
             ("POST", re.compile(r"/finetune"), self._finetune),
             ("POST", re.compile(r"/evaluate"), self._evaluate),
             ("POST", re.compile(rf"/adapters/({_COHORT})/(\d{{1,9}})/promote"), self._promote),
@@ -127,6 +138,15 @@ class FleetApi:
     def _adapters(self, query: dict) -> list:
         return self._port.read("adapters")
 
+    def _adapter(self, query: dict, cohort: str, version: str) -> dict:
+        return self._port.read("adapter", cohort, int(version))
+
+    def _runs(self, query: dict) -> list:
+        return self._port.read("runs", _limit(query, 20))
+
+    def _clusters(self, query: dict) -> list:
+        return self._port.read("clusters")
+
     def _finetune(self, body: dict) -> dict:
         return self._port.request_finetune(*_selection(body))
 
@@ -140,10 +160,21 @@ class FleetApi:
         return self._port.evaluate(*_selection(body), version)
 
     def _promote(self, body: dict, cohort: str, version: str) -> dict:
-        return self._port.promote(cohort, int(version))
+        unknown = set(body) - {"force"}
+        if unknown:
+            raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown fields {sorted(unknown)}")
+        force = body.get("force", False)
+        if not isinstance(force, bool):
+            raise ApiError(HTTPStatus.BAD_REQUEST, '"force" must be true or false')
+        return self._port.promote(cohort, int(version), force)
 
     def _rollback(self, body: dict, cohort: str) -> dict:
-        return self._port.rollback(cohort)
+        cluster = body.get("cluster")
+        if cluster is not None and (
+            not isinstance(cluster, str) or not re.fullmatch(r"[a-z0-9]{1,16}", cluster)
+        ):
+            raise ApiError(HTTPStatus.BAD_REQUEST, '"cluster" must be a cluster id such as "c1"')
+        return self._port.rollback(cohort, cluster)
 
 
 def _selection(body: dict) -> tuple[list[str] | None, str | None, bool]:
@@ -211,9 +242,13 @@ class _Handler(BaseHTTPRequestHandler):
     protocol_version = "HTTP/1.1"
 
     def do_GET(self) -> None:
+        if self._refused():
+            return
         self._respond(*self.server.api.handle("GET", self.path))
 
     def do_POST(self) -> None:
+        if self._refused():
+            return
         length = int(self.headers.get("Content-Length") or 0)
         if length > MAX_BODY_BYTES:
             self._respond(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, {"error": "body too large"})
@@ -221,9 +256,22 @@ class _Handler(BaseHTTPRequestHandler):
         body = self.rfile.read(length) if length else b""
         self._respond(*self.server.api.handle("POST", self.path, body))
 
+    def _refused(self) -> bool:
+        """Answers a request its guard refuses (and closes the connection: its body is unread)."""
+        refusal = check_request(self.server.guard, self)
+        if refusal is None:
+            return False
+        self.close_connection = True
+        self._respond(refusal.status, {"error": refusal.message})
+        return True
+
     def _respond(self, status: int, payload: Any) -> None:
         data = to_json(payload)
         self.send_response(status)
+        if status == HTTPStatus.UNAUTHORIZED:
+            self.send_header("WWW-Authenticate", 'Bearer realm="skipfleet"')
+        if self.close_connection:
+            self.send_header("Connection", "close")
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
@@ -236,9 +284,10 @@ class _Handler(BaseHTTPRequestHandler):
 class ApiServer(ThreadingHTTPServer):
     daemon_threads = True
 
-    def __init__(self, api: FleetApi, addr: str, port: int) -> None:
+    def __init__(self, api: FleetApi, addr: str, port: int, guard: RequestGuard) -> None:
         super().__init__((addr, port), _Handler)
         self.api = api
+        self.guard = guard
         self._thread = threading.Thread(target=self.serve_forever, name="api", daemon=True)
 
     @property

@@ -1,6 +1,10 @@
 """The running coordinator: the fleet actor, the MQTT bridge, the HTTP API and /metrics, started
 and stopped in order. Used by `skipfleet coordinator` and by the integration tests (in their own
-process, on the session's Ray)."""
+process, on the session's Ray).
+
+Start: the state dir's lock (one coordinator per state dir), the API token, a fleet actor of its
+own (never another coordinator's), /metrics, the API, the bridge. Stop: the reverse; the actor it
+created is killed and its name released before stop() returns."""
 
 from __future__ import annotations
 
@@ -11,10 +15,12 @@ from dataclasses import dataclass
 import ray
 
 from coordinator.api import ApiServer, FleetApi
-from coordinator.bridge import MqttBridge
+from coordinator.bridge import FatalReason, MqttBridge
 from coordinator.config import CoordinatorConfig
+from coordinator.instance import StateDirLock
 from coordinator.metrics import FleetMetrics
-from coordinator.ray_runtime import RayFleetPort, start_actor
+from coordinator.ray_runtime import RayFleetPort, release_actor, start_actor
+from shared.http_auth import RequestGuard, ensure_token_file
 
 log = logging.getLogger(__name__)
 
@@ -30,14 +36,17 @@ class PortUnavailable(StartupError):
 
 
 class FatalSignal:
-    """Set by a part that cannot go on (the broker refused our credentials); the CLI waits on it."""
+    """Set by a part that cannot go on (the broker refused our credentials, another client took
+    our MQTT session over); the CLI waits on it."""
 
     def __init__(self) -> None:
         self.event = threading.Event()
         self.reason: str | None = None
+        self.kind: FatalReason | None = None
 
-    def __call__(self, reason: str) -> None:
-        self.reason = self.reason or reason
+    def __call__(self, kind: FatalReason, reason: str) -> None:
+        if self.reason is None:
+            self.kind, self.reason = kind, reason
         self.event.set()
 
 
@@ -51,11 +60,28 @@ class Coordinator:
     api: ApiServer
     metrics_port: int
     fatal: FatalSignal
+    lock: StateDirLock
 
     @classmethod
     def start(cls, config: CoordinatorConfig) -> Coordinator:
-        """Ray must be initialised. Starts the actor, /metrics, the API, then the bridge."""
-        actor = start_actor(config)
+        """Ray must be initialised. InstanceConflict if another coordinator runs this instance,
+        TokenFileError if the API token file is unusable, StartupError if a part fails."""
+        lock = StateDirLock.acquire(config.state_dir)
+        actor = None
+        try:
+            guard = RequestGuard(ensure_token_file(config.token_path), _where(config))
+            actor = start_actor(config)
+            return cls._start_parts(config, actor, guard, lock)
+        except BaseException:
+            if actor is not None:
+                release_actor(actor, config)
+            lock.release()
+            raise
+
+    @classmethod
+    def _start_parts(
+        cls, config: CoordinatorConfig, actor, guard: RequestGuard, lock: StateDirLock
+    ) -> Coordinator:
         port = RayFleetPort(actor)
         try:
             ray.get(actor.health.remote(), timeout=ACTOR_START_TIMEOUT_S)
@@ -75,16 +101,26 @@ class Coordinator:
                 FleetApi(port, bridge_connected=lambda: bridge.connected),
                 config.api_addr,
                 config.api_port,
+                guard,
             )
         except OSError as err:
             metrics.stop_serving()
             raise PortUnavailable(
                 f"cannot serve the API on {config.api_addr}:{config.api_port}: {err}"
             ) from None
-        coordinator = cls(config, actor, port, metrics, bridge, api, metrics_port, fatal)
+        coordinator = cls(config, actor, port, metrics, bridge, api, metrics_port, fatal, lock)
         api.start()
         bridge.start()
-        log.info("coordinator up: API on port %d, /metrics on port %d", api.port, metrics_port)
+        log.info(
+            "coordinator %s up: API on %s:%d, /metrics on %s:%d; the API token (for POSTs, and "
+            "for reads from other hosts) is in %s",
+            config.instance_name,
+            config.api_addr,
+            api.port,
+            config.metrics_addr,
+            metrics_port,
+            config.token_path,
+        )
         return coordinator
 
     def stop(self) -> None:
@@ -99,5 +135,10 @@ class Coordinator:
             ray.get(self.actor.close.remote(), timeout=ACTOR_START_TIMEOUT_S)
         except ray.exceptions.RayError as err:  # the state is committed either way
             log.warning("the fleet actor did not close cleanly: %s", err)
-        ray.kill(self.actor, no_restart=True)
+        release_actor(self.actor, self.config)  # ours: start_actor never adopts another's
+        self.lock.release()
         log.info("coordinator stopped")
+
+
+def _where(config: CoordinatorConfig) -> str:
+    return f"in the file {config.token_path} on the coordinator's host"

@@ -36,8 +36,8 @@ from shared.mqtt import (
 )
 from shared.protocol import (
     DecodeError,
-    Reassembler,
     ReassemblyError,
+    SenderReassemblers,
     check_route,
     decode,
     encode_for_publish,
@@ -49,8 +49,18 @@ log = logging.getLogger(__name__)
 
 # CONNACK reason codes retrying cannot fix (MQTT 3.1.1 return codes 4 and 5 map to them).
 REFUSED_FOR_GOOD = frozenset({0x86, 0x87})
+# DISCONNECT "Session taken over": a client connected with our client id. Reconnecting would
+# take it back, and the two would kick each other every few seconds, each time losing messages.
+SESSION_TAKEN_OVER = 0x8E
 MAX_BATCH = 256
 QUEUE_CAPACITY = 10_000
+
+
+class FatalReason(StrEnum):
+    """Why the bridge gave up for good (the CLI exits with a code for each)."""
+
+    BROKER_REFUSED = "broker_refused"
+    SESSION_TAKEN_OVER = "session_taken_over"
 
 
 class RejectReason(StrEnum):
@@ -85,7 +95,7 @@ class Deduplicator:
 class InboundDecoder:
     """bytes on a topic -> a Received, or None (a chunk still waiting, or a counted rejection).
 
-    Runs on paho's network thread only (the Reassembler and Deduplicator are not shared).
+    Runs on paho's network thread only (the reassemblers and Deduplicator are not shared).
     """
 
     def __init__(
@@ -100,7 +110,7 @@ class InboundDecoder:
         self._metrics = metrics
         self._publish_limit = publish_limit
         self._clock = clock
-        self._reassembler = Reassembler(max_in_flight=64)
+        self._reassembler = SenderReassemblers()  # a device evicts only its own
         self._dedup = Deduplicator()
 
     def decode(self, topic: str, payload: bytes) -> Received | None:
@@ -147,7 +157,7 @@ class MqttBridge:
         port: FleetPort,
         metrics: FleetMetrics,
         *,
-        on_fatal: Callable[[str], None] = lambda reason: None,
+        on_fatal: Callable[[FatalReason, str], None] = lambda kind, reason: None,
         client_factory: Callable[..., paho.Client] = make_client,
     ) -> None:
         self._config = config
@@ -223,7 +233,10 @@ class MqttBridge:
         if reason_code.is_failure:
             log.error("broker %s refused the connection: %s", self._config.mqtt.url, reason_code)
             if reason_code.value in REFUSED_FOR_GOOD:
-                self._on_fatal(f"broker {self._config.mqtt.url} refused us: {reason_code}")
+                self._on_fatal(
+                    FatalReason.BROKER_REFUSED,
+                    f"broker {self._config.mqtt.url} refused us: {reason_code}",
+                )
             return
         client.subscribe(self._topics.coordinator_subscriptions())
         self._connected.set()
@@ -231,8 +244,18 @@ class MqttBridge:
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self._connected.clear()
-        if not self._stopping.is_set():
-            log.warning("disconnected from %s: %s", self._config.mqtt.url, reason_code)
+        if self._stopping.is_set():
+            return
+        log.warning("disconnected from %s: %s", self._config.mqtt.url, reason_code)
+        if reason_code.value == SESSION_TAKEN_OVER:
+            client.disconnect()  # no automatic reconnect: never take the session back
+            self._on_fatal(
+                FatalReason.SESSION_TAKEN_OVER,
+                f"another MQTT client connected to {self._config.mqtt.url} with this "
+                f"coordinator's client id {self._config.client_id!r} (a second coordinator of "
+                f"instance {self._config.instance_name!r}?): stopping rather than fighting over "
+                f"the session. Give each coordinator its own --instance (and broker account)",
+            )
 
     def _handle_message(self, client, userdata, message) -> None:
         received = self._decoder.decode(message.topic, message.payload)

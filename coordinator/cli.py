@@ -3,9 +3,11 @@
     skipfleet coordinator --broker mqtt://broker:1883 --state-dir /var/lib/skipfleet-coordinator \\
         [--ray-address local|auto|ADDRESS] [--metrics-port 9464] [--api-port 8080] ...
 
-Exit codes: 0 after a clean stop; 64 bad configuration; 69 Ray could not be started or joined;
-70 internal error (the fleet actor did not start, or a crash); 71 the API or /metrics port
-cannot be bound; 73 the state dir is not writable; 77 the broker refused our credentials.
+Exit codes: 0 after a clean stop; 64 bad configuration (also an unusable API token file); 69 Ray
+could not be started or joined; 70 internal error (the fleet actor did not start, or a crash);
+71 the API or /metrics port cannot be bound; 73 the state dir is not writable; 75 another
+coordinator runs this instance (its state dir is locked, its fleet actor answers, or it took our
+MQTT session over); 77 the broker refused our credentials.
 Only argparse-level imports at module level: `skipfleet --help` imports this module.
 """
 
@@ -36,6 +38,7 @@ class ExitCode(IntEnum):
     INTERNAL = 70
     PORT_UNAVAILABLE = 71
     STATE_DIR = 73
+    INSTANCE_CONFLICT = 75
     BROKER_REFUSED = 77
 
 
@@ -83,7 +86,10 @@ def run(config: CoordinatorConfig) -> int:
     import ray
 
     from coordinator.app import Coordinator, PortUnavailable, StartupError
+    from coordinator.bridge import FatalReason
+    from coordinator.instance import InstanceConflict
     from coordinator.ray_runtime import init_ray
+    from shared.http_auth import TokenFileError
 
     try:
         init_ray(config)
@@ -95,14 +101,18 @@ def run(config: CoordinatorConfig) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda signum, frame: stop.set())
+    refusals = {
+        PortUnavailable: ExitCode.PORT_UNAVAILABLE,
+        StartupError: ExitCode.INTERNAL,
+        InstanceConflict: ExitCode.INSTANCE_CONFLICT,
+        TokenFileError: ExitCode.CONFIG,
+    }
     try:
         coordinator = Coordinator.start(config)
-    except PortUnavailable as err:
+    except tuple(refusals) as err:
         ray.shutdown()
-        return fail(ExitCode.PORT_UNAVAILABLE, str(err))
-    except StartupError as err:
-        ray.shutdown()
-        return fail(ExitCode.INTERNAL, str(err))
+        code = next(c for kind, c in refusals.items() if isinstance(err, kind))
+        return fail(code, str(err))
     try:
         while not stop.wait(0.5) and not coordinator.fatal.event.is_set():
             pass
@@ -111,5 +121,7 @@ def run(config: CoordinatorConfig) -> int:
         coordinator.stop()
         ray.shutdown()
     if coordinator.fatal.reason is not None:
-        return fail(ExitCode.BROKER_REFUSED, coordinator.fatal.reason)
+        takeover = coordinator.fatal.kind is FatalReason.SESSION_TAKEN_OVER
+        code = ExitCode.INSTANCE_CONFLICT if takeover else ExitCode.BROKER_REFUSED
+        return fail(code, coordinator.fatal.reason)
     return int(ExitCode.OK)

@@ -8,15 +8,20 @@ imports this module through coordinator.cli.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from coordinator.aggregation.bounds import TrustBounds
+from coordinator.clustering import DEFAULT_CLUSTER_DISTANCE
+from coordinator.federation import FederationPolicy
 from coordinator.rollout import RolloutPolicy
-from coordinator.scheduler import SchedulerPolicy
+from coordinator.scheduler import LabelFreeSignal, SchedulerPolicy
 
 if TYPE_CHECKING:  # keep paho out of `skipfleet --help`
     from shared.mqtt import MqttSettings
@@ -26,15 +31,25 @@ ENV_USERNAME = "SKIPFLEET_MQTT_USERNAME"
 ENV_PASSWORD = "SKIPFLEET_MQTT_PASSWORD"
 ENV_STATE_DIR = "SKIPFLEET_COORDINATOR_STATE_DIR"
 ENV_RAY_ADDRESS = "SKIPFLEET_RAY_ADDRESS"
+# A path, never the token itself: the environment of a process is readable in /proc and `ps e`.
+ENV_API_TOKEN_FILE = "SKIPFLEET_API_TOKEN_FILE"
+API_TOKEN_FILE = "api-token"  # in the state dir, made on first start (mode 0600)
+INSTANCE_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
+CLIENT_ID_PREFIX = "skipfleet-coordinator-"
 
 LOCAL_RAY = "local"
 # 9464 is the port Prometheus exporters of OpenTelemetry SDKs use by default: free of the
 # well-known ones (9090 Prometheus itself, 8080 our API, 8265 Ray's dashboard).
 DEFAULT_METRICS_PORT = 9464
 DEFAULT_API_PORT = 8080
-# The agent's drift score is BN1's mean squared z-score: about 1.05 on the data the base model
-# was trained on and 2.7 on the noisy-room fan data (measured on fan damage1).
-DEFAULT_DRIFT_THRESHOLD = 2.0
+# The BN1 drift score (mean squared z-score: about 1.05 on the pre-training data, 2.7 on the
+# noisy-room fan data) is off by default: it separates harmful drift poorly (docs/benchmarks.md,
+# label-free drift); the calibrated label-free scores trigger instead (--label-free-threshold).
+DEFAULT_DRIFT_THRESHOLD = None
+# Devices need 2 labelled canaries before one that cannot measure gets a new adapter.
+DEFAULT_MIN_CANARIES = 2
+# The API and /metrics answer this machine only unless the operator binds them elsewhere.
+DEFAULT_BIND = "127.0.0.1"
 
 
 class ConfigError(ValueError):
@@ -42,11 +57,19 @@ class ConfigError(ValueError):
 
 
 class AggregationAlgorithm(StrEnum):
-    """Strategies that produce one adapter per cohort (the personalised one keeps per-device
-    adapters, which the cohort-wide rollout does not distribute)."""
+    """The strategies of coordinator.aggregation, by name (here so --help needs no numpy)."""
 
     EXACT_DELTA = "exact-delta"
     NAIVE_FEDAVG = "naive-fedavg"
+    COORDINATE_MEDIAN = "coordinate-median"  # robust: unweighted, per coordinate
+    TRIMMED_MEAN = "trimmed-mean"  # robust: drops each coordinate's extremes
+
+
+class LabelFreeRollout(StrEnum):
+    """Which devices without labels take their cluster's promoted adapter."""
+
+    DRIFTED = "drifted"  # only those whose label-free scores say they drifted (over 1.0)
+    ALWAYS = "always"  # every member of the cluster
 
 
 class WireEncoding(StrEnum):
@@ -62,9 +85,13 @@ class FinetuneSettings:
     """What every fine-tune job asks of the device (shared.protocol.FinetuneParams)."""
 
     epochs: int = 30
+    # Also what federated runs use: a smaller local step generalises better when devices hold
+    # few labels (label-scarce: 97.1 % at 0.02 against 96.1 % at 0.05; docs/benchmarks.md).
     lr: float = 0.02
     rank: int = 4
-    method: str = "skip2-lora"
+    # ΔW trained directly: convex, and better than the A·B factors on the federation
+    # benchmark (docs/benchmarks.md); the factors remain available (skip2-lora).
+    method: str = "skip2-delta"
     batch_size: int = 20
     max_samples: int | None = None
 
@@ -81,18 +108,25 @@ class FinetuneSettings:
 class CoordinatorConfig:
     mqtt: MqttSettings
     state_dir: Path
-    client_id: str = "skipfleet-coordinator"
+    # Names this coordinator among others on one broker or Ray cluster: its MQTT client id and
+    # its fleet actor's name derive from it. None: a short hash of the state dir's absolute path.
+    instance: str | None = None
     topic_root: str = "fleet"
     ray_address: str = LOCAL_RAY
     ray_namespace: str = "skipfleet"
-    actor_name: str = "skipfleet-coordinator"
-    metrics_addr: str = "0.0.0.0"
+    actor_name: str | None = None  # None: derived from the instance
+    metrics_addr: str = DEFAULT_BIND
     metrics_port: int = DEFAULT_METRICS_PORT  # 0: any free port (logged)
-    api_addr: str = "0.0.0.0"
+    api_addr: str = DEFAULT_BIND
     api_port: int = DEFAULT_API_PORT
+    api_token_file: Path | None = None  # None: API_TOKEN_FILE in the state dir
     policy: SchedulerPolicy = field(default_factory=SchedulerPolicy)
-    rollout: RolloutPolicy = field(default_factory=RolloutPolicy)
+    rollout: RolloutPolicy = field(default_factory=lambda: RolloutPolicy(min_canaries=2))
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
+    federation: FederationPolicy = field(default_factory=FederationPolicy)
+    cluster_distance: float | None = DEFAULT_CLUSTER_DISTANCE  # None: one cluster per cohort
+    trust: TrustBounds = field(default_factory=TrustBounds)
+    label_free_rollout: LabelFreeRollout = LabelFreeRollout.DRIFTED
     algorithm: AggregationAlgorithm = AggregationAlgorithm.EXACT_DELTA
     encoding: WireEncoding = WireEncoding.FLOAT32
     chunk_limit: int = 131_072
@@ -123,10 +157,37 @@ class CoordinatorConfig:
             raise ConfigError("--chunk-limit must be at least 4096 bytes")
         if not self.ray_address:
             raise ConfigError("--ray-address must be 'local', 'auto' or an address")
+        if self.cluster_distance is not None and not self.cluster_distance > 0:
+            raise ConfigError("--cluster-distance must be > 0 (or 'off')")
+        if self.instance is not None and not INSTANCE_PATTERN.fullmatch(self.instance):
+            raise ConfigError(f"--instance {self.instance!r}: use [a-z0-9-], at most 32")
 
     @property
     def joins_cluster(self) -> bool:
         return self.ray_address != LOCAL_RAY
+
+    @property
+    def instance_name(self) -> str:
+        return self.instance or instance_of(self.state_dir)
+
+    @property
+    def client_id(self) -> str:
+        """The MQTT client id: one per coordinator instance, so two never take over each other's
+        session (a broker with use_username_as_clientid uses the account name instead)."""
+        return CLIENT_ID_PREFIX + self.instance_name
+
+    @property
+    def fleet_actor_name(self) -> str:
+        return self.actor_name or CLIENT_ID_PREFIX + self.instance_name
+
+    @property
+    def token_path(self) -> Path:
+        return self.api_token_file or self.state_dir / API_TOKEN_FILE
+
+
+def instance_of(state_dir: Path) -> str:
+    """A coordinator's default instance name: 10 hex of its state dir's absolute path."""
+    return hashlib.sha256(str(Path(state_dir).resolve()).encode()).hexdigest()[:10]
 
 
 def optional_float(text: str) -> float | None:
@@ -161,12 +222,22 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"'local' (default: a 2-CPU Ray in this process), 'auto' (join "
         f"the running cluster) or a cluster address; default ${ENV_RAY_ADDRESS}",
     )
+    add(
+        "--instance",
+        help="this coordinator's name among others on the broker and Ray (its MQTT client id "
+        "and fleet actor derive from it); default: a hash of the state dir's path",
+    )
     add("--ray-namespace", default="skipfleet")
-    add("--actor-name", default="skipfleet-coordinator")
-    add("--metrics-addr", default="0.0.0.0")
+    add("--actor-name", help="the fleet actor's name (default: derived from --instance)")
+    add("--metrics-addr", default=DEFAULT_BIND, help="0.0.0.0 to serve other hosts")
     add("--metrics-port", type=int, default=DEFAULT_METRICS_PORT, help="0: any free port")
-    add("--api-addr", default="0.0.0.0")
+    add("--api-addr", default=DEFAULT_BIND, help="0.0.0.0 to serve other hosts")
     add("--api-port", type=int, default=DEFAULT_API_PORT, help="0: any free port")
+    add(
+        "--api-token-file",
+        help=f"the API's bearer token (made there if absent); default ${ENV_API_TOKEN_FILE}, "
+        f"else {API_TOKEN_FILE} in the state dir",
+    )
     add("--max-concurrent-jobs", type=int, default=defaults.max_concurrent_jobs, help="K")
     add(
         "--accuracy-threshold",
@@ -175,7 +246,32 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="fine-tune a cohort when a device's accuracy is below this ('off')",
     )
     add("--accuracy-drop-margin", type=optional_float, default=defaults.accuracy_drop_margin)
-    add("--drift-threshold", type=optional_float, default=DEFAULT_DRIFT_THRESHOLD)
+    add(
+        "--drift-threshold",
+        type=optional_float,
+        default=DEFAULT_DRIFT_THRESHOLD,
+        help="the BN1 drift score that starts a run ('off', the default)",
+    )
+    add(
+        "--label-free-threshold",
+        type=optional_float,
+        default=defaults.label_free_threshold,
+        help="start a run when a device's calibrated label-free score exceeds this (1.0: the "
+        "base model's own calibrated threshold; 'off')",
+    )
+    add(
+        "--label-free-signal",
+        choices=[s.value for s in LabelFreeSignal],
+        default=defaults.label_free_signal.value,
+        help="which calibrated score the label-free trigger reads",
+    )
+    add("--label-free-margin", type=float, default=defaults.label_free_margin)
+    add(
+        "--label-free-seconds",
+        type=float,
+        default=defaults.label_free_persistence_s,
+        help="...continuously for this long before it starts a run",
+    )
     add(
         "--drift-margin",
         type=float,
@@ -194,6 +290,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     add("--energy-period-seconds", type=float, default=3600.0)
     add("--job-timeout-seconds", type=float, default=defaults.job_timeout_s)
     add("--max-attempts", type=int, default=defaults.max_attempts)
+    add(
+        "--quarantine-after",
+        type=int,
+        default=defaults.quarantine_after,
+        help="jobs a device lets time out in a row before it is left alone for a while",
+    )
+    add("--quarantine-seconds", type=float, default=defaults.quarantine_s)
     add("--round-deadline-seconds", type=float, default=defaults.round_deadline_s)
     add("--min-completion-ratio", type=float, default=defaults.min_completion_ratio)
     add("--canary-fraction", type=float, default=canary.canary_fraction)
@@ -210,6 +313,13 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="...and unless one canary's own accuracy drops by more than this",
     )
     add("--canary-deadline-seconds", type=float, default=canary.canary_deadline_s)
+    add(
+        "--min-canaries",
+        type=int,
+        default=DEFAULT_MIN_CANARIES,
+        help="labelled devices a canary needs before devices without labels get an adapter",
+    )
+    add_federation_arguments(parser)
     add("--command-timeout-seconds", type=float, default=300.0)
     add("--epochs", type=int, default=tune.epochs)
     add("--lr", type=float, default=tune.lr)
@@ -233,6 +343,53 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
 
 
+def add_federation_arguments(parser: argparse.ArgumentParser) -> None:
+    add = parser.add_argument
+    run = FederationPolicy()
+    add("--steps-per-round", type=int, default=run.steps, help="SGD steps a device runs a round")
+    add("--max-rounds", type=int, default=run.max_rounds, help="rounds a run may take at most")
+    add(
+        "--min-gain",
+        type=float,
+        default=run.min_gain,
+        help="a run goes on while an aggregate gains this much hold-out accuracy...",
+    )
+    add(
+        "--min-loss-drop",
+        type=float,
+        default=run.min_loss_drop,
+        help="...or lowers the hold-out cross-entropy by this share",
+    )
+    add("--patience", type=int, default=run.patience, help="rounds without either, then stop")
+    trust = TrustBounds()
+    add(
+        "--max-weight-ratio",
+        type=optional_float,
+        default=trust.max_weight_ratio,
+        help="a report weighs at most this times the median of the others' samples ('off')",
+    )
+    add(
+        "--clip-factor",
+        type=optional_float,
+        default=trust.clip_factor,
+        help="clip a report's update to this times the others' median update norm ('off')",
+    )
+    add(
+        "--cluster-distance",
+        type=optional_float,
+        default=DEFAULT_CLUSTER_DISTANCE,
+        help="devices whose signatures lie within this many in-distribution standard "
+        "deviations share an adapter ('off': one adapter per cohort)",
+    )
+    add(
+        "--label-free-rollout",
+        choices=[r.value for r in LabelFreeRollout],
+        default=LabelFreeRollout.DRIFTED.value,
+        help="devices without labels take their cluster's adapter only when they drifted, "
+        "or always",
+    )
+
+
 def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> CoordinatorConfig:
     state_dir = args.state_dir or environ.get(ENV_STATE_DIR)
     if not state_dir:
@@ -241,6 +398,7 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Coordinat
         return CoordinatorConfig(
             mqtt=_mqtt_settings(args, environ),
             state_dir=Path(state_dir),
+            instance=args.instance,
             topic_root=args.topic_root,
             ray_address=args.ray_address or environ.get(ENV_RAY_ADDRESS) or LOCAL_RAY,
             ray_namespace=args.ray_namespace,
@@ -249,13 +407,25 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Coordinat
             metrics_port=args.metrics_port,
             api_addr=args.api_addr,
             api_port=args.api_port,
+            api_token_file=_optional_path(args.api_token_file or environ.get(ENV_API_TOKEN_FILE)),
             policy=_policy(args),
             rollout=RolloutPolicy(
                 canary_fraction=args.canary_fraction,
                 max_accuracy_regression=args.canary_margin,
                 max_device_regression=args.canary_device_margin,
                 canary_deadline_s=args.canary_deadline_seconds,
+                min_canaries=args.min_canaries,
             ),
+            federation=FederationPolicy(
+                max_rounds=args.max_rounds,
+                min_gain=args.min_gain,
+                min_loss_drop=args.min_loss_drop,
+                patience=args.patience,
+                steps=args.steps_per_round,
+            ),
+            cluster_distance=args.cluster_distance,
+            trust=TrustBounds(max_weight_ratio=args.max_weight_ratio, clip_factor=args.clip_factor),
+            label_free_rollout=LabelFreeRollout(args.label_free_rollout),
             finetune=FinetuneSettings(
                 epochs=args.epochs,
                 lr=args.lr,
@@ -277,6 +447,10 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Coordinat
         raise ConfigError(str(err)) from None
 
 
+def _optional_path(text: str | None) -> Path | None:
+    return Path(text) if text else None
+
+
 def _policy(args: argparse.Namespace) -> SchedulerPolicy:
     return SchedulerPolicy(
         max_concurrent_jobs=args.max_concurrent_jobs,
@@ -284,12 +458,18 @@ def _policy(args: argparse.Namespace) -> SchedulerPolicy:
         accuracy_drop_margin=args.accuracy_drop_margin,
         drift_threshold=args.drift_threshold,
         drift_margin=args.drift_margin,
+        label_free_threshold=args.label_free_threshold,
+        label_free_signal=LabelFreeSignal(args.label_free_signal),
+        label_free_margin=args.label_free_margin,
+        label_free_persistence_s=args.label_free_seconds,
         trigger_cooldown_s=args.trigger_cooldown_seconds,
         heartbeat_timeout_s=args.heartbeat_timeout_seconds,
         max_temperature_c=args.max_temperature,
         energy_budget_j=args.energy_budget_joules,
         job_timeout_s=args.job_timeout_seconds,
         max_attempts=args.max_attempts,
+        quarantine_after=args.quarantine_after,
+        quarantine_s=args.quarantine_seconds,
         round_deadline_s=args.round_deadline_seconds,
         min_completion_ratio=args.min_completion_ratio,
     )

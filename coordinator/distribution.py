@@ -1,31 +1,44 @@
-"""Getting fleet adapters onto devices: canary evaluation, promotion, rollback, catching up.
+"""Getting cluster adapters onto devices: canary, per-device offers, promotion, catching up.
+
+What a device runs changes only when the candidate measures better on its own hold-out than
+what it runs now. So a device with labels is never *given* an adapter: it is *offered* one
+(APPLY_ADAPTER and the desired pointer with only_if_better) and installs it only if it measures
+strictly better than its personal adapter, its current fleet adapter or the base model. A device
+without labels cannot measure: it takes its cluster's adapter only after the cluster's canary
+passed, which is measured on the cluster's labelled members (at least min_canaries of them:
+never one device's word alone), and (by default) only if its own label-free scores say it
+drifted: an adapter is no fix for a device that is not broken.
 
 A canary never switches adapter: it gets two EVALUATE jobs, one for the candidate version
-(evaluated on its hold-out without installing it) and one for the cohort's current fleet version
-(or the base model alone before the first), and the RolloutManager compares the two means.
-On promotion every cohort member gets the retained desired pointer, the adapter and an
-APPLY_ADAPTER job (the agent moves only on that job; the pointer is what a device that comes
-back finds). A rollback therefore leaves devices untouched.
-Devices that were offline, or failed to apply, are caught up by reconcile(), with a back-off.
+(evaluated on its hold-out without installing it) and one for the cluster's current version (or
+the base model alone before the first), and the RolloutManager compares them. Devices that were
+offline, joined later, drifted later, or failed to apply, are caught up by reconcile().
 """
 
 from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
-from coordinator.adapter_store import AdapterStoreError, StoredAdapter
+from coordinator.adapter_store import WHOLE_COHORT, AdapterStoreError, StoredAdapter
 from coordinator.commands import CanaryRole, CommandRecord
+from coordinator.config import LabelFreeRollout
 from coordinator.fleet import Conflict, Fleet, NotFound
 from coordinator.jobs import Job, JobState
 from coordinator.observations import RolloutDecided, RolloutResult
 from coordinator.outbound import apply_job, desired, evaluate_job, publication
 from coordinator.registry import DeviceRecord
 from coordinator.rollout import Rollout, RolloutError, RolloutState
-from shared.protocol import BASE_MODEL_VERSION, JobKind, JobStatus
+from coordinator.scheduler import label_free_score
+from shared.protocol import BASE_MODEL_VERSION, AdapterOrigin, JobKind, JobStatus
 
 log = logging.getLogger(__name__)
+
+OFFER_INSTALLED, OFFER_DECLINED, OFFER_FAILED = "installed", "declined", "failed"
+# A calibrated label-free score above this says the device's inputs drifted: 1.0 is the
+# threshold calibrated for the base model on its own in-distribution data.
+DRIFTED_SCORE = 1.0
 
 
 class AdapterDistributor:
@@ -34,20 +47,27 @@ class AdapterDistributor:
 
     # ---- canary
 
-    def start_canary(self, cohort: str, version: int) -> tuple[str | None, str]:
-        """Starts the candidate's canary; returns (rollout id or None, what happened)."""
+    def start_canary(
+        self, cohort: str, cluster: str, version: int, *, exclude: Sequence[str] = ()
+    ) -> tuple[str | None, str]:
+        """Starts the candidate's canary on the cluster's labelled members (not those in
+        `exclude`: devices whose reports were outliers); returns (rollout id or None, what
+        happened). Without enough of them, the labelled members are still offered the
+        candidate: they measure it themselves."""
         f = self._fleet
-        members = [r for r in f.registry.devices(cohort) if f.reachable(r)]
+        able = [
+            r.device_id
+            for r in self._members(cohort, cluster)
+            if r.labelled and f.reachable(r) and r.device_id not in exclude
+        ]
         try:
-            rollout = f.rollouts.start(cohort, version, [r.device_id for r in members])
+            rollout = f.rollouts.start(cohort, version, able, cluster=cluster)
         except RolloutError as err:
-            log.warning("cohort %s v%d not rolled out: %s", cohort, version, err)
-            return None, f"not rolled out: {err}"
+            log.warning("cohort %s cluster %s v%d: no canary: %s", cohort, cluster, version, err)
+            offered = self._offer_cluster(cohort, cluster, version, labelled_only=True)
+            return None, f"no canary ({err}); offered to {len(offered)} labelled member(s)"
         stored = f.store.get(cohort, version)
-        # The candidate must not be worse than what the cohort runs as a fleet: its current
-        # version, or the bare base model before the first one. Not a device's own fine-tuned
-        # adapter: that one was trained on the very data it is measured on, and always wins.
-        reference = f.store.current_version(cohort) or BASE_MODEL_VERSION
+        reference = f.store.current_version(cohort, cluster) or BASE_MODEL_VERSION
         for device in rollout.canary_devices:
             record = f.registry.require(device)
             f.send(device, publication(stored, f.config.encoding))
@@ -57,19 +77,13 @@ class AdapterDistributor:
             ):
                 job = f.create_job(device, JobKind.EVALUATE.value, trigger="canary")
                 f.commands.add(
-                    CommandRecord(
-                        job.job_id,
-                        device,
-                        JobKind.EVALUATE,
-                        evaluated,
-                        job.created_at,
-                        rollout_id=rollout.rollout_id,
-                        role=role,
-                    )
-                )
+                    CommandRecord(job.job_id, device, JobKind.EVALUATE, evaluated,
+                                  job.created_at, rollout_id=rollout.rollout_id, role=role)
+                )  # fmt: skip
                 f.send(device, evaluate_job(job, evaluated, record.base_model_hash))
-        log.info("cohort %s v%d: canary on %s", cohort, version, list(rollout.canary_devices))
-        return rollout.rollout_id, f"canary on {', '.join(rollout.canary_devices)}"
+        canaries = ", ".join(rollout.canary_devices)
+        log.info("cohort %s cluster %s v%d: canary on %s", cohort, cluster, version, canaries)
+        return rollout.rollout_id, f"canary on {canaries}"
 
     def on_job_finished(self, job: Job, status: JobStatus | None) -> None:
         """A command job reached a terminal state (from its device, or timed out here)."""
@@ -78,7 +92,7 @@ class AdapterDistributor:
             return
         succeeded = job.state is JobState.SUCCEEDED
         if command.kind is JobKind.APPLY_ADAPTER:
-            self._on_applied(command, succeeded, job)
+            self._on_applied(command, succeeded, job, status)
         elif succeeded:
             self._on_evaluated(command, _accuracy(status))
         elif command.rollout_id is not None:
@@ -101,8 +115,9 @@ class AdapterDistributor:
         sent, skipped = [], {}
         for device in device_ids:
             record = f.registry.get(device)
-            if record is None or not f.reachable(record):
-                skipped[device] = "unknown device" if record is None else "not reachable"
+            why = _cannot_evaluate(f, record)
+            if why is not None:
+                skipped[device] = why
                 continue
             job = f.create_job(device, JobKind.EVALUATE.value, trigger="operator")
             f.commands.add(
@@ -112,74 +127,110 @@ class AdapterDistributor:
             sent.append({"device": device, "job_id": job.job_id})
         return {"evaluating": sent, "skipped": skipped}
 
-    def promote(self, cohort: str, version: int) -> dict:
+    def promote(self, cohort: str, version: int, force: bool = False) -> dict:
         f = self._fleet
-        running = f.rollouts.active(cohort)
-        if running is not None:
-            raise Conflict(f"cohort {cohort} has canary rollout {running.rollout_id} running")
-        if f.store.meta(cohort, version) is None:
+        meta = f.store.meta(cohort, version)
+        if meta is None:
             raise NotFound(f"cohort {cohort} has no adapter version {version}")
-        f.store.set_current(cohort, version)
+        running = f.rollouts.active(cohort, meta.cluster)
+        if running is not None:
+            raise Conflict(
+                f"cluster {meta.cluster} has canary rollout {running.rollout_id} running"
+            )
+        rejected = self._rolled_back(cohort, version)
+        if rejected is not None and not force:
+            # A canary measured it worse than what the cluster ran: promoting it anyway can
+            # take devices that cannot measure to a bad adapter. Only on an explicit force.
+            raise Conflict(
+                f"cohort {cohort} v{version}: its canary rollout {rejected.rollout_id} rolled it "
+                f'back ({rejected.reason}); send {{"force": true}} to promote it anyway'
+            )
+        if rejected is not None:
+            log.warning("cohort %s v%d promoted by force over its canary", cohort, version)
+        f.store.set_current(cohort, version, meta.cluster)
         f.events.record(RolloutDecided(RolloutResult.PROMOTED))
-        return {"cohort": cohort, "current_version": version, "devices": self.distribute(cohort)}
+        return {
+            "cohort": cohort,
+            "cluster": meta.cluster,
+            "current_version": version,
+            "devices": self.distribute(cohort, meta.cluster),
+        }
 
-    def rollback(self, cohort: str) -> dict:
+    def _rolled_back(self, cohort: str, version: int) -> Rollout | None:
+        """The rollout whose canary rolled this version back, if one did."""
+        for rollout in self._fleet.rollouts.history(cohort):
+            if rollout.candidate_version == version and rollout.state is RolloutState.ROLLED_BACK:
+                return rollout
+        return None
+
+    def rollback(self, cohort: str, cluster: str | None = None) -> dict:
         f = self._fleet
-        current = f.store.current_version(cohort)
-        if current is None:
-            raise Conflict(f"cohort {cohort} runs no fleet adapter: nothing to roll back")
-        parent = f.store.meta(cohort, current).parent_version
+        current = f.store.current_versions(cohort)
+        if cluster is None:
+            if len(current) != 1:
+                which = ", ".join(current) or "none has a version"
+                raise Conflict(f"cohort {cohort}: say which cluster to roll back ({which})")
+            cluster = next(iter(current))
+        if cluster not in current:
+            raise Conflict(f"cohort {cohort} cluster {cluster} runs no fleet adapter")
+        parent = f.store.meta(cohort, current[cluster]).parent_version
         if parent is None:
             # The agent cannot be told to drop its adapter for the bare base model.
-            raise Conflict(f"cohort {cohort} v{current} has no parent version to roll back to")
-        f.store.set_current(cohort, parent)
+            raise Conflict(
+                f"cohort {cohort} cluster {cluster} v{current[cluster]} has no parent version"
+            )
+        f.store.set_current(cohort, parent, cluster)
         f.events.record(RolloutDecided(RolloutResult.ROLLED_BACK))
-        log.info("cohort %s rolled back from v%d to v%d", cohort, current, parent)
-        return {"cohort": cohort, "current_version": parent, "devices": self.distribute(cohort)}
+        log.info("cohort %s cluster %s rolled back to v%d", cohort, cluster, parent)
+        return {
+            "cohort": cohort,
+            "cluster": cluster,
+            "current_version": parent,
+            "devices": self.distribute(cohort, cluster),
+        }
 
     # ---- distribution
 
-    def distribute(self, cohort: str) -> list[str]:
-        """Points every member at the cohort's current version; applies it where reachable."""
-        f = self._fleet
-        version = f.store.current_version(cohort)
-        stored = None if version is None else f.store.get(cohort, version)  # once, not per device
-        sent = []
-        for record in f.registry.devices(cohort):
-            if stored is not None and f.reachable(record) and record.adapter_version != version:
-                self._apply(record, stored)
-                sent.append(record.device_id)
-            # The pointer after the adapter: an agent given the pointer first has nothing to
-            # install and sends a FetchRequest, on a promotion every reachable device at once.
-            f.send(record.device_id, desired(version, record.base_model_hash, cohort))
-        return sent
+    def distribute(self, cohort: str, cluster: str) -> list[str]:
+        """Offers the cluster's current version to every member (see the module doc)."""
+        version = self._fleet.store.current_version(cohort, cluster)
+        if version is None:
+            return []
+        return self._offer_cluster(cohort, cluster, version, labelled_only=False)
 
     def reconcile(self) -> None:
-        """Applies the current version on reachable members that run another one: devices that
-        were offline at promotion, joined later, or failed to apply (after a back-off)."""
+        """Places devices not yet in a cluster, and offers each cluster's current version to
+        members that were not offered it: offline at promotion, joined or drifted later, or
+        whose apply failed (after a back-off)."""
         f = self._fleet
         now = f.clock()
-        for cohort in f.store.cohorts():
-            version = f.store.current_version(cohort)
-            if version is None:
-                continue
-            stored = None
-            for record in f.registry.devices(cohort):
-                if record.adapter_version == version or not f.reachable(record):
+        for cohort, members in f.registry.cohorts().items():
+            current = f.store.current_versions(cohort)
+            for device in members:
+                record = f.registry.get(device)
+                cluster = self._cluster_of(cohort, record)
+                version = current.get(cluster) if cluster is not None else None
+                if version is None or not self._due(record, version, now):
                     continue
-                if f.jobs.active(record.device_id) or self._recently_applied(record, version, now):
-                    continue
-                stored = stored or f.store.get(cohort, version)
-                self._apply(record, stored)
-                f.send(record.device_id, desired(version, record.base_model_hash, cohort))
+                self._offer(record, f.store.get(cohort, version), cluster)
 
     def on_registered(self, record: DeviceRecord) -> None:
-        """A device joined (or changed) its cohort: tell it what it should run."""
-        version = self._fleet.store.current_version(record.cohort)
+        """A device joined (or changed) its cohort: place it, and tell it what it should run."""
+        cluster = self._cluster_of(record.cohort, record)
+        version = self._fleet.store.current_version(record.cohort, cluster) if cluster else None
         if version is not None:
-            self._fleet.send(
-                record.device_id, desired(version, record.base_model_hash, record.cohort)
-            )
+            self._offer(record, self._fleet.store.get(record.cohort, version), cluster)
+
+    def owes(self, record: DeviceRecord) -> bool:
+        """A device without labels that its cluster has an adapter for, not running it yet
+        (placed now if it was not yet: a device that just joined is owed its cluster's)."""
+        if record.labelled or record.cohort is None:
+            return False
+        cluster = self._cluster_of(record.cohort, record)
+        if cluster is None:
+            return False
+        version = self._fleet.store.current_version(record.cohort, cluster)
+        return version is not None and record.adapter_version != version
 
     def answer_fetch(self, device_id: str, version: int) -> None:
         f = self._fleet
@@ -194,36 +245,111 @@ class AdapterDistributor:
             return
         f.send(device_id, publication(stored, f.config.encoding))
 
-    # ---- internals
+    # ---- internals: offers
 
-    def _apply(self, record: DeviceRecord, stored: StoredAdapter) -> None:
+    def _offer_cluster(self, cohort, cluster, version, *, labelled_only: bool) -> list[str]:
+        stored = self._fleet.store.get(cohort, version)  # once, not per device
+        sent = []
+        for record in self._members(cohort, cluster):
+            if labelled_only and not record.labelled:
+                continue
+            if self._offer(record, stored, cluster):
+                sent.append(record.device_id)
+        return sent
+
+    def _offer(self, record: DeviceRecord, stored: StoredAdapter, cluster: str) -> bool:
+        """Offers a version to one device; False if it is not for this device (yet)."""
         f = self._fleet
-        version = stored.meta.version
-        job = f.create_job(record.device_id, JobKind.APPLY_ADAPTER.value, trigger="rollout")
-        f.commands.add(
-            CommandRecord(
-                job.job_id, record.device_id, JobKind.APPLY_ADAPTER, version, job.created_at
-            )
+        version, measures = stored.meta.version, record.labelled
+        if not measures and not self._takes_without_measuring(record):
+            return False
+        applying = f.reachable(record) and not f.jobs.active(record.device_id)
+        if applying:
+            job = f.create_job(record.device_id, JobKind.APPLY_ADAPTER.value, trigger="rollout")
+            f.commands.add(
+                CommandRecord(job.job_id, record.device_id, JobKind.APPLY_ADAPTER, version,
+                              job.created_at)
+            )  # fmt: skip
+            # The adapter first, so the apply job finds it in the agent's inbox: no fetch.
+            f.send(record.device_id, publication(stored, f.config.encoding))
+            f.send(record.device_id, apply_job(job, version, record.base_model_hash,
+                                               only_if_better=measures))  # fmt: skip
+        # The pointer after the adapter (a device given the pointer first would fetch it); it is
+        # what a device that is away now finds when it comes back.
+        f.send(
+            record.device_id,
+            desired(version, record.base_model_hash, record.cohort, only_if_better=measures),
         )
-        # The adapter first, so the apply job finds it in the agent's inbox and needs no fetch.
-        f.send(record.device_id, publication(stored, f.config.encoding))
-        f.send(record.device_id, apply_job(job, version, record.base_model_hash))
+        if applying:  # an apply's answer settles the offer; reconcile() re-offers otherwise
+            f.registry.set_offer(record.device_id, version, None)
+        return True
 
-    def _recently_applied(self, record: DeviceRecord, version: int, now: float) -> bool:
-        last = self._fleet.commands.last_apply(record.device_id, version)
-        return last is not None and now - last.created_at < self._fleet.config.reapply_backoff_s
+    def _takes_without_measuring(self, record: DeviceRecord) -> bool:
+        """A device without labels takes a promoted adapter always, or (the default) only when
+        its calibrated label-free scores say it drifted."""
+        config = self._fleet.config
+        if config.label_free_rollout is LabelFreeRollout.ALWAYS:
+            return True
+        score = label_free_score(record, config.policy.label_free_signal)
+        return score is not None and score > DRIFTED_SCORE
 
-    def _on_applied(self, command: CommandRecord, succeeded: bool, job: Job) -> None:
-        if succeeded:
-            self._fleet.registry.set_adapter_version(command.device_id, command.adapter_version)
+    def _due(self, record: DeviceRecord, version: int, now: float) -> bool:
+        f = self._fleet
+        if record.adapter_version == version or not f.reachable(record):
+            return False
+        if record.offered_version == version and record.offer_result != OFFER_FAILED:
+            return False  # offered: installed, declined, or its answer is on the way
+        if f.jobs.active(record.device_id):
+            return False
+        last = f.commands.last_apply(record.device_id, version)
+        return last is None or now - last.created_at >= f.config.reapply_backoff_s
+
+    def _members(self, cohort: str, cluster: str) -> list[DeviceRecord]:
+        f = self._fleet
+        members = f.clusters.clusters(cohort).get(cluster, ())
+        return [r for d in members if (r := f.registry.get(d)) is not None]
+
+    def _cluster_of(self, cohort: str, record: DeviceRecord) -> str | None:
+        """The device's cluster; one not placed yet (or placed nowhere for want of a
+        signature it has now) is placed."""
+        f = self._fleet
+        placement = f.clusters.placement(cohort, record.device_id)
+        if placement is None or placement.cluster is None:
+            if not f.clusters.clusters(cohort):
+                return None
+            placement = f.clusters.place(cohort, record)
+        return placement.cluster
+
+    # ---- internals: answers
+
+    def _on_applied(self, command: CommandRecord, succeeded: bool, job: Job, status) -> None:
+        f, device, version = self._fleet, command.device_id, command.adapter_version
+        if not succeeded:
+            f.registry.set_offer(device, version, OFFER_FAILED)
+            log.warning("%s did not apply v%s: %s %s", device, version, job.state, job.detail or "")
+            return
+        detail = dict(status.detail) if status is not None else {}
+        # runs it: installed now, or already (the desired pointer got there first)
+        installed = detail.get("installed", True) is not False or bool(
+            detail.get("already_running")
+        )
+        cluster = self._version_cluster(f.registry.get(device), version)
+        if installed:
+            why = _measured(f"runs {cluster} v{version}", detail)
+            f.registry.set_running(device, version=version, origin="fleet", reason=why)
         else:
-            log.warning(
-                "%s did not apply v%s: %s %s",
-                command.device_id,
-                command.adapter_version,
-                job.state,
-                job.detail or "",
-            )
+            origin = detail.get("origin") or AdapterOrigin.PERSONAL.value
+            why = _measured(f"keeps its {origin} adapter, declined {cluster} v{version}", detail)
+            f.registry.set_running(
+                device, version=_int_or_none(detail.get("adapter_version")), origin=origin,
+                reason=why,
+            )  # fmt: skip
+        f.registry.set_offer(device, version, OFFER_INSTALLED if installed else OFFER_DECLINED)
+
+    def _version_cluster(self, record: DeviceRecord | None, version: int) -> str:
+        meta = None if record is None else self._fleet.store.meta(record.cohort, version)
+        cluster = meta.cluster if meta is not None else WHOLE_COHORT
+        return "the cohort's" if cluster == WHOLE_COHORT else f"cluster {cluster}'s"
 
     def _on_evaluated(self, command: CommandRecord, accuracy: float | None) -> None:
         f = self._fleet
@@ -266,15 +392,37 @@ class AdapterDistributor:
         result = RolloutResult.PROMOTED if promoted else RolloutResult.ROLLED_BACK
         self._fleet.events.record(RolloutDecided(result))
         log.info(
-            "rollout %s of %s v%d: %s (%s)",
+            "rollout %s of %s cluster %s v%d: %s (%s)",
             rollout.rollout_id,
             rollout.cohort,
+            rollout.cluster,
             rollout.candidate_version,
             rollout.state,
             rollout.reason,
         )
         if promoted:
-            self.distribute(rollout.cohort)
+            self.distribute(rollout.cohort, rollout.cluster)
+
+
+def _cannot_evaluate(fleet: Fleet, record: DeviceRecord | None) -> str | None:
+    if record is None:
+        return "unknown device"
+    if not fleet.reachable(record):
+        return "not reachable"
+    if not record.labelled:
+        return "no labels: it cannot measure accuracy"
+    return None
+
+
+def _measured(what: str, detail: Mapping) -> str:
+    candidate, running = detail.get("accuracy_candidate"), detail.get("accuracy_running")
+    if isinstance(candidate, int | float) and isinstance(running, int | float):
+        return f"{what}: {candidate:.3f} against {running:.3f} on its hold-out"
+    return what
+
+
+def _int_or_none(value) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _accuracy(status: JobStatus | None) -> float | None:

@@ -16,6 +16,7 @@ from dataclasses import dataclass, field
 
 from coordinator.adapter_store import AdapterStore
 from coordinator.clock import Clock, system_clock
+from coordinator.clusters import ClusterBook
 from coordinator.commands import CommandLog
 from coordinator.config import CoordinatorConfig
 from coordinator.jobs import Job, JobTable
@@ -26,13 +27,21 @@ from coordinator.reports import ReportStore
 from coordinator.rollout import RolloutManager
 from coordinator.round_records import RoundRecords
 from coordinator.rounds import RoundTable
+from coordinator.runs import RunBook
 from coordinator.scheduler import FineTuneScheduler, SkipReason
 from coordinator.state_db import StateDB
 
 log = logging.getLogger(__name__)
 
 # Not reachable now: a device is offline, silent, or unknown (hot or busy ones may clear soon).
-UNREACHABLE = frozenset({SkipReason.OFFLINE, SkipReason.HEARTBEAT_STALE, SkipReason.UNKNOWN_DEVICE})
+UNREACHABLE = frozenset(
+    {
+        SkipReason.OFFLINE,
+        SkipReason.HEARTBEAT_STALE,
+        SkipReason.UNKNOWN_DEVICE,
+        SkipReason.QUARANTINED,
+    }
+)
 
 
 class FleetRequestError(ValueError):
@@ -73,6 +82,8 @@ class Fleet:
     rollouts: RolloutManager
     commands: CommandLog
     reports: ReportStore
+    clusters: ClusterBook
+    runs: RunBook
     events: EventLog = field(default_factory=EventLog)
     _outbox: list[Outbound] = field(default_factory=list)
     _outbox_lock: threading.Lock = field(default_factory=threading.Lock)
@@ -87,7 +98,11 @@ class Fleet:
         # scheduler must not also start lone fine-tunes for them: it runs with triggers off, and
         # a second one with the configured thresholds only answers automatic_trigger().
         dispatching = dataclasses.replace(
-            config.policy, accuracy_threshold=None, accuracy_drop_margin=None, drift_threshold=None
+            config.policy,
+            accuracy_threshold=None,
+            accuracy_drop_margin=None,
+            drift_threshold=None,
+            label_free_threshold=None,
         )
         return cls(
             config=config,
@@ -103,6 +118,8 @@ class Fleet:
             rollouts=RolloutManager(db, store, policy=config.rollout, clock=clock),
             commands=CommandLog(db),
             reports=ReportStore(db, config.state_dir),
+            clusters=ClusterBook(db, max_distance=config.cluster_distance, clock=clock),
+            runs=RunBook(db, config.federation),
         )
 
     # ---- side channels

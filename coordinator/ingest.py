@@ -15,7 +15,9 @@ from coordinator.distribution import AdapterDistributor
 from coordinator.fleet import Fleet, task_name
 from coordinator.jobs import Job, JobError, JobState
 from coordinator.observations import FinetuneReported
+from coordinator.registry import LabelFree
 from coordinator.reports import ReportMeta, ReportRejected, ReportStore, check_adapter
+from coordinator.scheduler import label_free_score
 from shared.protocol import (
     Envelope,
     FetchRequest,
@@ -69,7 +71,11 @@ class MessageHandler:
         if message.state is PresenceState.ONLINE:
             before = f.registry.get(device)
             record = f.registry.register(
-                device, base_model_hash=message.base_model_hash, task=task_name(message.cohort)
+                device,
+                base_model_hash=message.base_model_hash,
+                task=task_name(message.cohort),
+                train_samples=message.train_samples,
+                holdout_samples=message.holdout_samples,
             )
             if before is None or before.cohort != record.cohort:
                 log.info("device %s joined cohort %s", device, record.cohort)
@@ -77,7 +83,9 @@ class MessageHandler:
         f.registry.set_presence(device, message.state is PresenceState.ONLINE, at=at)
 
     def _heartbeat(self, device: str, beat: Heartbeat, at: float) -> None:
-        self._fleet.registry.record_heartbeat(
+        signature = None if beat.signature is None else beat.signature.astype("<f4").tobytes()
+        origin = None if beat.adapter_origin is None else beat.adapter_origin.value
+        record = self._fleet.registry.record_heartbeat(
             device,
             at=at,
             power_w=beat.power_w,
@@ -85,7 +93,19 @@ class MessageHandler:
             temperature_c=beat.temperature_c,
             drift_score=beat.drift_score,
             adapter_version=beat.adapter_version,
+            label_free=LabelFree(
+                confidence_score=beat.confidence_score,
+                feature_score=beat.feature_score,
+                signature=signature,
+                signature_rows=beat.signature_rows,
+                adapter_origin=origin,
+            ),
         )
+        policy = self._fleet.config.policy
+        score = label_free_score(record, policy.label_free_signal)
+        threshold = policy.label_free_threshold
+        above = score is not None and threshold is not None and score > threshold
+        self._fleet.registry.note_label_free(device, above, at)
 
     def _job_status(self, device: str, status: JobStatus) -> None:
         f = self._fleet
@@ -104,6 +124,7 @@ class MessageHandler:
             return
         f.transitioned(updated)
         if updated.is_terminal:
+            f.registry.record_answer(device)
             self._distributor.on_job_finished(updated, status)
 
     def _report(self, device: str, report: Report, at: float) -> None:
@@ -121,8 +142,14 @@ class MessageHandler:
         f.registry.record_finetune(
             device, accuracy_before=m.accuracy_before, accuracy_after=m.accuracy_after, at=at
         )
-        if m.accuracy_after < m.accuracy_before:
-            f.registry.record_accuracy(device, m.accuracy_before, at=at)
+        running = m.accuracy_running if m.accuracy_running is not None else m.accuracy_before
+        if m.installed or (m.installed is None and m.accuracy_after >= running):
+            why = f"its own fine-tune ({job.job_id[:8]}): {m.accuracy_after:.3f} against "
+            f.registry.set_running(
+                device, version=None, origin="personal", reason=f"{why}{running:.3f} before"
+            )
+        else:  # the device keeps what it ran
+            f.registry.record_accuracy(device, running, at=at)
         f.events.record(FinetuneReported(record.cohort, m.joules, m.finetune_seconds))
         if job.is_terminal and job.state is not JobState.SUCCEEDED:
             f.reject("stale_report", f"report for job {job.job_id}, which is {job.state}")
@@ -143,6 +170,8 @@ class MessageHandler:
             parent_adapter_version=report.parent_adapter_version,
             received_at=at,
             file=ReportStore.file_for(job.job_id),
+            accuracy_before=m.accuracy_before,
+            loss_before=m.loss_before,
         )
         f.reports.save(meta, report.adapter)
 
@@ -161,8 +190,9 @@ class MessageHandler:
     def _refuse(self, job: Job, device: str, reason: str) -> None:
         f = self._fleet
         f.reject("invalid_report", reason)
+        if job.round_id is not None:  # failed for this device, not for its round
+            f.rounds.excuse(job.round_id, device)
         if job.is_active:
-            # The coordinator refuses the result: the job failed (and may be retried in its round).
             failed = f.jobs.report_status(
                 job.job_id, JobState.FAILED, device_id=device, detail=f"report refused: {reason}"
             )

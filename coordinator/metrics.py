@@ -17,6 +17,7 @@ from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, star
 from coordinator.observations import (
     AggregationTimed,
     DeviceGauges,
+    DeviceQuarantined,
     FinetuneReported,
     FleetSnapshot,
     JobTransition,
@@ -25,12 +26,15 @@ from coordinator.observations import (
     MetricsReport,
     RolloutDecided,
     RoundFinished,
+    RunFinished,
 )
 
 # Fine-tunes on a Pi take seconds to minutes; rounds minutes; aggregation milliseconds.
 FINETUNE_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
 ROUND_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 900, 1800, 3600)
 AGGREGATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30)
+RUN_ROUND_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50)
+LABEL_FREE_SIGNALS = ("confidence", "feature")
 
 
 class FleetMetrics:
@@ -59,6 +63,32 @@ class FleetMetrics:
             p + "device_adapter_version",
             "Fleet adapter version the device runs",
             ["device"],
+            registry=r,
+        )
+        self.device_adapter = Gauge(
+            p + "device_adapter_info",
+            "1 for what the device runs (origin: base, personal or fleet) and its cluster",
+            ["device", "origin", "cluster"],
+            registry=r,
+        )
+        self.device_label_free = Gauge(
+            p + "device_label_free_score",
+            "Calibrated label-free drift score (1 = the base model's threshold)",
+            ["device", "signal"],
+            registry=r,
+        )
+        self.devices_quarantined = Gauge(
+            p + "devices_quarantined",
+            "Devices left alone after letting jobs time out in a row",
+            registry=r,
+        )
+        self.quarantines = Counter(
+            p + "quarantines", "Devices quarantined (jobs timed out in a row)", registry=r
+        )
+        self.run_rounds = Histogram(
+            p + "run_rounds",
+            "Rounds a federated run took",
+            buckets=RUN_ROUND_BUCKETS,
             registry=r,
         )
         self.energy = Counter(
@@ -105,6 +135,7 @@ class FleetMetrics:
             p + "rejected_messages", "Messages dropped, by reason", ["reason"], registry=r
         )
         self._device_labels: set[str] = set()
+        self._running: dict[str, tuple[str, str]] = {}  # device -> (origin, cluster) exported
         self._state_labels: set[str] = set()
         self._cohort_labels: set[str] = set()
 
@@ -143,12 +174,17 @@ class FleetMetrics:
                     self.rollouts.labels(outcome=result.value).inc()
                 case MessageRejected(reason=reason):
                     self.message_rejected(reason)
+                case RunFinished(rounds=rounds):
+                    self.run_rounds.observe(rounds)
+                case DeviceQuarantined():
+                    self.quarantines.inc()
                 case _:
                     raise TypeError(f"not a metric event: {event!r}")
 
     def apply_snapshot(self, snapshot: FleetSnapshot) -> None:
         self.devices_known.set(len(snapshot.devices))
         self.devices_online.set(snapshot.devices_online)
+        self.devices_quarantined.set(snapshot.devices_quarantined)
         for device in snapshot.devices:
             self._set_device(device)
         self._forget(self._device_labels, {d.device_id for d in snapshot.devices}, "device")
@@ -183,6 +219,16 @@ class FleetMetrics:
         _set(self.device_temperature.labels(device=device), d.temperature_c)
         _set(self.device_drift.labels(device=device), d.drift_score)
         _set(self.device_adapter_version.labels(device=device), d.adapter_version)
+        running = (d.adapter_origin, d.cluster)
+        before = self._running.get(device)
+        if before is not None and before != running:  # one series: what it runs now
+            _remove(self.device_adapter, device, *before)
+        self._running[device] = running
+        self.device_adapter.labels(device, *running).set(1)
+        scores = (d.confidence_score, d.feature_score)
+        for signal, score in zip(LABEL_FREE_SIGNALS, scores, strict=True):
+            if score is not None:  # an agent without calibration sends none: no series
+                self.device_label_free.labels(device=device, signal=signal).set(score)
 
     def _forget(self, known: set[str], current: set[str], label: str) -> None:
         """Removes the series of devices (or cohorts) that are gone, so they stop being scraped."""
@@ -197,6 +243,10 @@ class FleetMetrics:
                     self.device_adapter_version,
                 ):
                     _remove(gauge, gone)
+                if (running := self._running.pop(gone, None)) is not None:
+                    _remove(self.device_adapter, gone, *running)
+                for signal in LABEL_FREE_SIGNALS:
+                    _remove(self.device_label_free, gone, signal)
             else:
                 _remove(self.adapter_version, gone)
         known.clear()

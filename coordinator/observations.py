@@ -57,6 +57,18 @@ class MessageRejected:
     reason: str
 
 
+@dataclass(frozen=True)
+class DeviceQuarantined:
+    """A device let too many jobs time out in a row."""
+
+
+@dataclass(frozen=True)
+class RunFinished:
+    """A federated run ended after this many rounds."""
+
+    rounds: int
+
+
 MetricEvent = (
     JobTransition
     | FinetuneReported
@@ -64,6 +76,8 @@ MetricEvent = (
     | AggregationTimed
     | RolloutDecided
     | MessageRejected
+    | RunFinished
+    | DeviceQuarantined
 )
 
 
@@ -99,6 +113,10 @@ class DeviceGauges:
     temperature_c: float | None = None
     drift_score: float | None = None
     adapter_version: int | None = None
+    adapter_origin: str = "base"  # base, personal or fleet
+    cluster: str = "none"  # the cluster it is placed in ("none": in none)
+    confidence_score: float | None = None  # calibrated: 1.0 = the base model's threshold
+    feature_score: float | None = None
 
 
 @dataclass(frozen=True)
@@ -106,6 +124,7 @@ class FleetSnapshot:
     devices: tuple[DeviceGauges, ...] = ()
     jobs_by_state: dict[str, int] = field(default_factory=dict)
     adapter_versions: dict[str, int] = field(default_factory=dict)  # cohort -> current version
+    devices_quarantined: int = 0
 
     @property
     def devices_online(self) -> int:

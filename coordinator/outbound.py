@@ -46,7 +46,16 @@ def job_seed(job_id: str) -> int:
     return int.from_bytes(hashlib.sha256(job_id.encode()).digest()[:4], "big") >> 1
 
 
-def finetune_job(record: JobRecord, settings: FinetuneSettings, base_model_hash: str | None) -> Job:
+def finetune_job(
+    record: JobRecord,
+    settings: FinetuneSettings,
+    base_model_hash: str | None,
+    *,
+    start_version: int | None = None,
+    steps: int | None = None,
+) -> Job:
+    """A fine-tune; in a federated run it starts from `start_version` (0: the base model) and
+    runs a budget of `steps` SGD steps."""
     params = FinetuneParams(
         epochs=settings.epochs,
         lr=settings.lr,
@@ -55,6 +64,8 @@ def finetune_job(record: JobRecord, settings: FinetuneSettings, base_model_hash:
         batch_size=settings.batch_size,
         rank=settings.rank,
         max_samples=settings.max_samples,
+        steps=steps,
+        start_version=start_version,
     )
     return _job(record, JobKind.FINETUNE, params, base_model_hash)
 
@@ -63,8 +74,11 @@ def evaluate_job(record: JobRecord, version: int | None, base_model_hash: str | 
     return _job(record, JobKind.EVALUATE, EvaluateParams(version), base_model_hash)
 
 
-def apply_job(record: JobRecord, version: int, base_model_hash: str | None) -> Job:
-    return _job(record, JobKind.APPLY_ADAPTER, ApplyAdapterParams(version), base_model_hash)
+def apply_job(
+    record: JobRecord, version: int, base_model_hash: str | None, *, only_if_better: bool = False
+) -> Job:
+    params = ApplyAdapterParams(version, only_if_better=only_if_better)
+    return _job(record, JobKind.APPLY_ADAPTER, params, base_model_hash)
 
 
 def cancel_job(record: JobRecord, target_job_id: str, base_model_hash: str | None) -> Job:
@@ -94,5 +108,12 @@ def publication(stored: StoredAdapter, encoding: ArrayEncoding | str) -> Adapter
     )
 
 
-def desired(version: int | None, base_model_hash: str, cohort: str) -> DesiredState:
-    return DesiredState(adapter_version=version, base_model_hash=base_model_hash, cohort=cohort)
+def desired(
+    version: int | None, base_model_hash: str, cohort: str, *, only_if_better: bool = False
+) -> DesiredState:
+    return DesiredState(
+        adapter_version=version,
+        base_model_hash=base_model_hash,
+        cohort=cohort,
+        only_if_better=only_if_better,
+    )

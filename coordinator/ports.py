@@ -14,7 +14,7 @@ from typing import Any, Protocol
 from coordinator.ingest import Received
 from coordinator.observations import MetricsReport
 from coordinator.outbound import Outbound
-from coordinator.service import FleetService
+from coordinator.service import READ_VIEWS, FleetService
 
 
 class Unavailable(RuntimeError):
@@ -40,12 +40,15 @@ class FleetPort(Protocol):
         self, devices: Sequence[str] | None, cohort: str | None, all_: bool, version: int | None
     ) -> dict[str, Any]: ...
 
-    def promote(self, cohort: str, version: int) -> dict[str, Any]: ...
+    def promote(self, cohort: str, version: int, force: bool = False) -> dict[str, Any]:
+        """force: also a version whose canary rolled back (Conflict otherwise)."""
+        ...
 
-    def rollback(self, cohort: str) -> dict[str, Any]: ...
+    def rollback(self, cohort: str, cluster: str | None = None) -> dict[str, Any]: ...
 
     def read(self, view: str, *args: Any) -> Any:
-        """devices | device(id) | jobs(limit, device) | rounds(limit) | adapters."""
+        """One of coordinator.service.READ_VIEWS: devices | device(id) | device_adapters(id) |
+        jobs(limit, device) | rounds(limit) | adapters | runs(limit) | clusters."""
         ...
 
     def health(self) -> dict[str, Any]: ...
@@ -85,15 +88,17 @@ class LocalFleetPort:
         with self._lock:
             return self.service.evaluate(devices=devices, cohort=cohort, all_=all_, version=version)
 
-    def promote(self, cohort: str, version: int) -> dict[str, Any]:
+    def promote(self, cohort: str, version: int, force: bool = False) -> dict[str, Any]:
         with self._lock:
-            return self.service.promote(cohort, version)
+            return self.service.promote(cohort, version, force)
 
-    def rollback(self, cohort: str) -> dict[str, Any]:
+    def rollback(self, cohort: str, cluster: str | None = None) -> dict[str, Any]:
         with self._lock:
-            return self.service.rollback(cohort)
+            return self.service.rollback(cohort, cluster)
 
     def read(self, view: str, *args: Any) -> Any:
+        if view not in READ_VIEWS:
+            raise ValueError(f"no view {view!r}")
         with self._lock:
             return getattr(self.service, view)(*args)
 

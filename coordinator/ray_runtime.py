@@ -1,6 +1,9 @@
 """Ray at the boundary: the named fleet actor, aggregation as Ray tasks, and the driver's client.
 
-The actor is a thin shell around FleetService. Its __init__ re-runs after a crash
+The actor is a thin shell around FleetService. Each coordinator creates its own, under its
+instance's name, and never adopts one it finds: a live actor of that name belongs to another
+coordinator (start_actor refuses), and one that is still dying after ray.kill is waited out.
+ Its __init__ re-runs after a crash
 (max_restarts=-1) and FleetService reloads everything from SQLite, so a restarted actor carries
 on; calls that were in flight are retried (max_task_retries), and every handler is idempotent.
 Health, metrics and reads run in their own concurrency groups so a slow tick never blocks them
@@ -12,6 +15,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Sequence
 from typing import Any
 
@@ -27,14 +31,21 @@ from coordinator.aggregate_task import (
 from coordinator.aggregation import AdapterShape, FitFailure, FitResult
 from coordinator.config import CoordinatorConfig
 from coordinator.ingest import Received
+from coordinator.instance import InstanceConflict
 from coordinator.observations import MetricsReport
 from coordinator.outbound import Outbound
 from coordinator.ports import Unavailable
-from coordinator.service import FleetService
+from coordinator.service import READ_VIEWS, FleetService
 
 log = logging.getLogger(__name__)
 
 ACTOR_TASK_RETRIES = 3  # calls in flight when the actor died are re-run after its restart
+NAME_WAIT_S = 30.0  # how long a dying actor of our name may keep it
+PROBE_TIMEOUT_S = 5.0  # a live actor answers health() within this
+
+
+class ActorOwnedElsewhere(InstanceConflict):
+    """A live fleet actor already has this coordinator's name: another coordinator runs it."""
 
 
 def init_ray(config: CoordinatorConfig) -> None:
@@ -70,7 +81,7 @@ class RayAggregator:
         results = ray.put(list(request.results))  # once, shared by every strategy's task
         failures = list(request.failures)
         refs = {a: aggregate_remote.remote(a, request.shape, results, failures) for a in algorithms}
-        self._pending[request.round_id] = (request, refs)
+        self._pending[request.key] = (request, refs)
 
     def collect(self) -> list[AggregationOutcome]:
         """Outcomes of the rounds whose tasks all finished; never waits for the others."""
@@ -79,11 +90,11 @@ class RayAggregator:
         refs = [ref for _, by_algorithm in self._pending.values() for ref in by_algorithm.values()]
         ready = set(ray.wait(refs, num_returns=len(refs), timeout=0)[0])
         finished = [
-            round_id
-            for round_id, (_, by_algorithm) in self._pending.items()
+            key
+            for key, (_, by_algorithm) in self._pending.items()
             if ready.issuperset(by_algorithm.values())
         ]
-        batches = [self._pending.pop(round_id) for round_id in finished]
+        batches = [self._pending.pop(key) for key in finished]
         runs = iter(_gather([(a, ref) for _, refs in batches for a, ref in refs.items()]))
         return [
             AggregationOutcome(request, tuple(next(runs) for _ in refs))
@@ -128,15 +139,15 @@ class FleetActor:
     ) -> dict[str, Any]:
         return self._service.evaluate(devices=devices, cohort=cohort, all_=all_, version=version)
 
-    def promote(self, cohort: str, version: int) -> dict[str, Any]:
-        return self._service.promote(cohort, version)
+    def promote(self, cohort: str, version: int, force: bool = False) -> dict[str, Any]:
+        return self._service.promote(cohort, version, force)
 
-    def rollback(self, cohort: str) -> dict[str, Any]:
-        return self._service.rollback(cohort)
+    def rollback(self, cohort: str, cluster: str | None = None) -> dict[str, Any]:
+        return self._service.rollback(cohort, cluster)
 
     @ray.method(concurrency_group="query")
     def read(self, view: str, *args: Any) -> Any:
-        if view not in ("devices", "device", "device_adapters", "jobs", "rounds", "adapters"):
+        if view not in READ_VIEWS:
             raise ValueError(f"no view {view!r}")
         return getattr(self._service, view)(*args)
 
@@ -154,11 +165,69 @@ class FleetActor:
 
 
 def start_actor(config: CoordinatorConfig) -> ray.actor.ActorHandle:
-    """The named fleet actor: this cluster's existing one, or a new one on this node."""
+    """A new named fleet actor on this node, owned by this driver (it dies with it).
+
+    Ray's get_if_exists would hand back any actor of the name, a live one (another
+    coordinator's) or one still dying from ray.kill (Ray issue 44083: get_actor can return a
+    killed actor). Instead: a name held by an actor that answers is refused; one held by an actor
+    that does not is waited out until Ray releases it.
+    """
+    name, namespace = config.fleet_actor_name, config.ray_namespace
+    deadline = time.monotonic() + NAME_WAIT_S
+    while True:
+        holder = _named_actor(name, namespace)
+        if holder is None:
+            try:
+                return _create_actor(config)
+            except ray.exceptions.ActorAlreadyExistsError:
+                continue  # created by someone else between the look-up and ours: look again
+        if _answers(holder):
+            raise ActorOwnedElsewhere(
+                f"a fleet actor named {name!r} (Ray namespace {namespace!r}) is already running: "
+                f"another coordinator with this instance or state dir owns it. Stop that one, or "
+                f"give this one its own --instance and --state-dir"
+            )
+        if time.monotonic() > deadline:
+            raise ActorOwnedElsewhere(
+                f"the fleet actor named {name!r} neither answers nor goes away "
+                f"after {NAME_WAIT_S:.0f} s"
+            )
+        time.sleep(0.2)
+
+
+def release_actor(actor: ray.actor.ActorHandle, config: CoordinatorConfig) -> None:
+    """Kills an actor this coordinator created and waits until Ray has released its name, so a
+    coordinator started right after this one creates a fresh actor instead of finding this one."""
+    ray.kill(actor, no_restart=True)
+    deadline = time.monotonic() + NAME_WAIT_S
+    while _named_actor(config.fleet_actor_name, config.ray_namespace) is not None:
+        if time.monotonic() > deadline:
+            log.warning("Ray still lists the killed fleet actor %s", config.fleet_actor_name)
+            return
+        time.sleep(0.1)
+
+
+def _named_actor(name: str, namespace: str) -> ray.actor.ActorHandle | None:
+    try:
+        return ray.get_actor(name, namespace=namespace)
+    except ValueError:  # no actor of that name (or it is gone)
+        return None
+
+
+def _answers(actor: ray.actor.ActorHandle) -> bool:
+    try:
+        ray.get(actor.health.remote(), timeout=PROBE_TIMEOUT_S)
+        return True
+    except ray.exceptions.GetTimeoutError:
+        return True  # alive but busy (restarting, a long tick): still someone else's
+    except ray.exceptions.RayError:
+        return False  # dead, or dying from a ray.kill
+
+
+def _create_actor(config: CoordinatorConfig) -> ray.actor.ActorHandle:
     return FleetActor.options(
-        name=config.actor_name,
+        name=config.fleet_actor_name,
         namespace=config.ray_namespace,
-        get_if_exists=True,
         max_task_retries=ACTOR_TASK_RETRIES,
         num_cpus=0,  # it waits on SQLite and the driver; the CPUs are for aggregation tasks
         scheduling_strategy=NodeAffinitySchedulingStrategy(
@@ -215,11 +284,11 @@ class RayFleetPort:
         devices = None if devices is None else list(devices)
         return self._call(self.actor.evaluate, devices, cohort, all_, version)
 
-    def promote(self, cohort: str, version: int) -> dict[str, Any]:
-        return self._call(self.actor.promote, cohort, version)
+    def promote(self, cohort: str, version: int, force: bool = False) -> dict[str, Any]:
+        return self._call(self.actor.promote, cohort, version, force)
 
-    def rollback(self, cohort: str) -> dict[str, Any]:
-        return self._call(self.actor.rollback, cohort)
+    def rollback(self, cohort: str, cluster: str | None = None) -> dict[str, Any]:
+        return self._call(self.actor.rollback, cohort, cluster)
 
     def read(self, view: str, *args: Any) -> Any:
         return self._call(self.actor.read, view, *args)

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
+import numpy as np
+
 from coordinator.clock import Clock, system_clock
 from coordinator.state_db import StateDB
 
@@ -24,6 +26,26 @@ TASK = re.compile(r"[a-z0-9][a-z0-9_-]{0,63}")
 
 class UnknownDeviceError(KeyError):
     pass
+
+
+@dataclass(frozen=True)
+class LabelFree:
+    """A heartbeat's label-free readings: calibrated scores, signature, adapter origin."""
+
+    confidence_score: float | None = None
+    feature_score: float | None = None
+    label_free_reference: float | None = None  # its score when the last run began
+    label_free_since: float | None = None  # over the trigger threshold since (continuously)
+    signature: bytes | None = None  # float32, little-endian
+    signature_rows: int | None = None
+    adapter_origin: str | None = None
+
+    def readings(self) -> dict[str, float | None]:
+        return {"confidence_score": self.confidence_score, "feature_score": self.feature_score}
+
+    def columns(self) -> dict[str, Any]:
+        values = {name: getattr(self, name) for name in self.__dataclass_fields__}
+        return {name: value for name, value in values.items() if value is not None}
 
 
 @dataclass(frozen=True)
@@ -58,6 +80,39 @@ class DeviceRecord:
     cohort: str | None = None
     last_skip_reason: str | None = None
     last_skip_at: float | None = None
+    # Labelled rows the device trains on and holds out (presence); 0 and 0: no labels.
+    train_samples: int | None = None
+    holdout_samples: int | None = None
+    # Calibrated label-free drift scores (1.0 = the base model's threshold) and the feature
+    # signature clusters are made of (float32 bytes), from the heartbeat.
+    confidence_score: float | None = None
+    feature_score: float | None = None
+    label_free_reference: float | None = None  # its score when the last run began
+    label_free_since: float | None = None  # over the trigger threshold since (continuously)
+    signature: bytes | None = None
+    signature_rows: int | None = None
+    # What the device runs (base, personal, fleet) and why it runs it.
+    adapter_origin: str | None = None
+    adapter_reason: str | None = None
+    # The fleet version last offered to the device, and what it said (installed or declined).
+    offered_version: int | None = None
+    offer_result: str | None = None
+    # Jobs it let time out in a row; past a limit it is quarantined until the given time.
+    timeouts_in_a_row: int | None = None
+    quarantined_until: float | None = None
+
+    @property
+    def labelled(self) -> bool:
+        """Can fine-tune and measure (an agent too old to say is taken to have labels)."""
+        if self.train_samples is None or self.holdout_samples is None:
+            return True
+        return self.train_samples > 0 and self.holdout_samples > 0
+
+    def signature_vector(self) -> np.ndarray | None:
+        """The signature as a float32 vector, or None."""
+        if self.signature is None:
+            return None
+        return np.frombuffer(self.signature, dtype="<f4")
 
 
 _COLUMNS = [f.name for f in dataclasses.fields(DeviceRecord)]
@@ -66,7 +121,9 @@ _COLUMNS = [f.name for f in dataclasses.fields(DeviceRecord)]
 def _sql_type(annotation: str) -> str:
     # Annotations are strings here (from __future__ import annotations): "float | None" etc.
     base = annotation.split("|")[0].strip()
-    sql = {"bool": "INTEGER", "int": "INTEGER", "float": "REAL", "str": "TEXT"}[base]
+    sql = {"bool": "INTEGER", "int": "INTEGER", "float": "REAL", "str": "TEXT", "bytes": "BLOB"}[
+        base
+    ]
     return sql if "None" in annotation else f"{sql} NOT NULL"
 
 
@@ -135,13 +192,28 @@ class FleetRegistry:
 
     # ---- updates
 
-    def register(self, device_id: str, *, base_model_hash: str, task: str) -> DeviceRecord:
+    def register(
+        self,
+        device_id: str,
+        *,
+        base_model_hash: str,
+        task: str,
+        train_samples: int | None = None,
+        holdout_samples: int | None = None,
+    ) -> DeviceRecord:
         if not TASK.fullmatch(task):
             raise ValueError(f"task {task!r} must match {TASK.pattern}")
         if not base_model_hash:
             raise ValueError(f"device {device_id}: empty base-model hash")
         cohort = cohort_id(base_model_hash, task)
-        return self._update(device_id, base_model_hash=base_model_hash, task=task, cohort=cohort)
+        return self._update(
+            device_id,
+            base_model_hash=base_model_hash,
+            task=task,
+            cohort=cohort,
+            train_samples=train_samples,
+            holdout_samples=holdout_samples,
+        )
 
     def set_presence(
         self, device_id: str, online: bool, *, at: float | None = None
@@ -165,9 +237,12 @@ class FleetRegistry:
         temperature_c: float | None = None,
         drift_score: float | None = None,
         adapter_version: int | None = None,
+        label_free: LabelFree | None = None,
     ) -> DeviceRecord:
         at = self._at(at)
         readings = {"power_w": power_w, "temperature_c": temperature_c, "drift_score": drift_score}
+        if label_free is not None:
+            readings.update(label_free.readings())
         _check_finite(device_id, {**readings, "energy_j": energy_j})
         with self._db.transaction():
             record = self._load_or_new(device_id)
@@ -179,6 +254,10 @@ class FleetRegistry:
                 changes["drift_reference"] = drift_score  # its own baseline: devices differ
             if adapter_version is not None:
                 changes["adapter_version"] = adapter_version
+            if label_free is not None:
+                changes.update(label_free.columns())
+                if label_free.adapter_origin is not None:  # a personal adapter has no version
+                    changes["adapter_version"] = adapter_version
             if energy_j is not None:
                 changes.update(self._energy_changes(record, energy_j, at))
             # A heartbeat proves the device is connected, unless presence news is newer.
@@ -221,6 +300,52 @@ class FleetRegistry:
 
     def set_adapter_version(self, device_id: str, version: int | None) -> DeviceRecord:
         return self._update(device_id, adapter_version=version)
+
+    def set_running(
+        self, device_id: str, *, version: int | None, origin: str, reason: str
+    ) -> DeviceRecord:
+        """What the device runs now (a fleet version, its personal adapter, the base model)
+        and why, as the device reported it."""
+        return self._update(
+            device_id, adapter_version=version, adapter_origin=origin, adapter_reason=reason
+        )
+
+    def record_timeout(self, device_id: str, *, at: float, limit: int, hold_s: float) -> bool:
+        """A job of the device timed out; True if that quarantines it (limit in a row)."""
+        with self._db.transaction():
+            record = self.get(device_id)
+            if record is None:
+                return False
+            count = (record.timeouts_in_a_row or 0) + 1
+            quarantine = count >= limit
+            until = at + hold_s if quarantine else record.quarantined_until
+            self._save(
+                dataclasses.replace(record, timeouts_in_a_row=count, quarantined_until=until)
+            )
+            return quarantine
+
+    def record_answer(self, device_id: str) -> None:
+        """The device answered a job: its run of timeouts (and any quarantine) ends."""
+        record = self.get(device_id)
+        if record is not None and (record.timeouts_in_a_row or record.quarantined_until):
+            self._update(device_id, timeouts_in_a_row=0, quarantined_until=None)
+
+    def note_label_free(self, device_id: str, above: bool, at: float) -> None:
+        """Whether its label-free score is over the trigger threshold now; keeps since when."""
+        record = self.get(device_id)
+        if record is None:
+            return
+        if above and record.label_free_since is None:
+            self._update(device_id, label_free_since=at)
+        elif not above and record.label_free_since is not None:
+            self._update(device_id, label_free_since=None)
+
+    def set_label_free_reference(self, device_id: str, score: float | None) -> DeviceRecord:
+        return self._update(device_id, label_free_reference=score)
+
+    def set_offer(self, device_id: str, version: int | None, result: str | None) -> DeviceRecord:
+        """The fleet version last offered to the device and its answer (None: not yet)."""
+        return self._update(device_id, offered_version=version, offer_result=result)
 
     def record_skip(self, device_id: str, reason: str, *, at: float | None = None) -> None:
         """Why the scheduler did not fine-tune this device (kept so an operator can ask)."""

@@ -55,6 +55,10 @@ class ReportMeta:
     parent_adapter_version: int | None
     received_at: float
     file: str  # relative to the state dir
+    # The device's hold-out measurement of the adapter its training started from: in a
+    # federated run, the previous aggregate's accuracy and cross-entropy on that device.
+    accuracy_before: float | None = None
+    loss_before: float | None = None
 
 
 def infer_shape(device_id: str, arrays: Mapping[str, np.ndarray]) -> AdapterShape:
@@ -102,6 +106,7 @@ class ReportStore:
         self._db = db
         self._state_dir = Path(state_dir)
         db.ensure_schema(_SCHEMA)
+        db.add_missing_columns("fit_reports", {"accuracy_before": "REAL", "loss_before": "REAL"})
 
     def save(self, meta: ReportMeta, arrays: Mapping[str, np.ndarray]) -> None:
         """Stores a checked report; a repeated one (same job) changes nothing."""
@@ -109,7 +114,10 @@ class ReportStore:
             return
         _write_npz(self._state_dir / meta.file, arrays)
         self._db.execute(
-            "INSERT OR IGNORE INTO fit_reports VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "INSERT OR IGNORE INTO fit_reports (job_id, device_id, round_id, cohort, "
+            "base_model_hash, samples, layer_dims, n_classes, parent_adapter_version, "
+            "received_at, file, accuracy_before, loss_before) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 meta.job_id,
                 meta.device_id,
@@ -122,6 +130,8 @@ class ReportStore:
                 meta.parent_adapter_version,
                 meta.received_at,
                 meta.file,
+                meta.accuracy_before,
+                meta.loss_before,
             ),
         )
 
@@ -180,4 +190,6 @@ def _from_row(row) -> ReportMeta:
         parent_adapter_version=row["parent_adapter_version"],
         received_at=row["received_at"],
         file=row["file"],
+        accuracy_before=row["accuracy_before"],
+        loss_before=row["loss_before"],
     )

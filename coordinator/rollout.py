@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from enum import StrEnum
 from typing import Any
 
-from coordinator.adapter_store import AdapterStore
+from coordinator.adapter_store import WHOLE_COHORT, AdapterStore
 from coordinator.clock import Clock, system_clock
 from coordinator.state_db import StateDB
 
@@ -45,8 +45,13 @@ class RolloutPolicy:
     # ...and no canary's own candidate accuracy is below its current one minus this.
     max_device_regression: float = 0.05
     canary_deadline_s: float = 900.0
+    # A decision never rests on fewer canaries than this: a cohort with fewer reachable
+    # devices able to measure gets no canary (and no promotion) at all.
+    min_canaries: int = 1
 
     def __post_init__(self) -> None:
+        if self.min_canaries < 1:
+            raise ValueError(f"min_canaries must be >= 1, got {self.min_canaries}")
         if not 0.0 < self.canary_fraction <= 1.0:
             raise ValueError(f"canary_fraction must be in (0, 1], got {self.canary_fraction}")
         if self.max_accuracy_regression < 0 or self.max_device_regression < 0:
@@ -76,6 +81,7 @@ class Rollout:
     results: Mapping[str, CanaryResult] = field(default_factory=dict)
     decided_at: float | None = None
     reason: str | None = None
+    cluster: str = WHOLE_COHORT  # the cluster of the cohort whose current version it moves
 
     @property
     def is_decided(self) -> bool:
@@ -117,6 +123,27 @@ CREATE TABLE IF NOT EXISTS canary_results (
 """
 
 
+def canary_verdict(
+    results: list[CanaryResult], policy: RolloutPolicy, *, version: int
+) -> tuple[RolloutState, str]:
+    """Promote when the mean accuracy with the candidate is no worse than with the current
+    adapter minus a margin, and no single canary loses more than the per-device margin."""
+    candidate = sum(r.accuracy_candidate for r in results) / len(results)
+    current = sum(r.accuracy_current for r in results) / len(results)
+    summary = f"mean accuracy {candidate:.4f} with v{version} vs {current:.4f}"
+    margin = policy.max_accuracy_regression
+    if candidate < current - margin:
+        return RolloutState.ROLLED_BACK, f"{summary}: regression beyond {margin:.4f}"
+    worst = min(results, key=lambda r: r.accuracy_candidate - r.accuracy_current)
+    drop = worst.accuracy_current - worst.accuracy_candidate
+    if drop > policy.max_device_regression:
+        return RolloutState.ROLLED_BACK, (
+            f"{summary}, but {worst.device_id} regresses by {drop:.4f} "
+            f"(device margin {policy.max_device_regression:.4f})"
+        )
+    return RolloutState.PROMOTED, summary
+
+
 class RolloutManager:
     def __init__(
         self,
@@ -131,6 +158,7 @@ class RolloutManager:
         self._store = store
         self._clock = clock
         db.ensure_schema(_SCHEMA)
+        db.add_missing_columns("rollouts", {"cluster": "TEXT"})
 
     def start(
         self,
@@ -138,19 +166,25 @@ class RolloutManager:
         candidate_version: int,
         device_ids: Iterable[str],
         *,
+        cluster: str = WHOLE_COHORT,
         rollout_id: str | None = None,
     ) -> Rollout:
-        """Starts a canary over the given cohort members (pass those able to evaluate now)."""
+        """Starts a canary over the given members of the cluster (pass those able to measure
+        now); fewer than min_canaries of them is refused."""
         devices = sorted(set(device_ids))
-        if not devices:
-            raise RolloutError(f"cohort {cohort}: no devices to canary on")
+        where = f"cohort {cohort} cluster {cluster}"
+        if len(devices) < self.policy.min_canaries:
+            raise RolloutError(
+                f"{where}: {len(devices)} device(s) able to measure, the canary needs "
+                f"{self.policy.min_canaries}"
+            )
         with self._db.transaction():
             if self._store.meta(cohort, candidate_version) is None:
                 raise RolloutError(f"cohort {cohort} has no adapter version {candidate_version}")
-            running = self.active(cohort)
+            running = self.active(cohort, cluster)
             if running is not None:
-                raise RolloutError(f"cohort {cohort} already has rollout {running.rollout_id}")
-            previous = self._store.current_version(cohort)
+                raise RolloutError(f"{where} already has rollout {running.rollout_id}")
+            previous = self._store.current_version(cohort, cluster)
             if previous == candidate_version:
                 raise RolloutError(f"{cohort} v{candidate_version} is already current")
             rollout_id = rollout_id or uuid.uuid4().hex
@@ -163,6 +197,7 @@ class RolloutManager:
                 canary_devices=self._pick_canaries(rollout_id, devices),
                 started_at=now,
                 deadline=now + self.policy.canary_deadline_s,
+                cluster=cluster,
             )
             self._insert(rollout)
         return rollout
@@ -207,12 +242,17 @@ class RolloutManager:
         row = self._db.query_one("SELECT * FROM rollouts WHERE rollout_id = ?", (rollout_id,))
         return None if row is None else self._from_row(row)
 
-    def active(self, cohort: str) -> Rollout | None:
-        row = self._db.query_one(
+    def active(self, cohort: str, cluster: str | None = None) -> Rollout | None:
+        """The cluster's canary under way (cluster None: any of the cohort's)."""
+        rows = self._db.query(
             "SELECT * FROM rollouts WHERE cohort = ? AND state = ?",
             (cohort, RolloutState.CANARY.value),
         )
-        return None if row is None else self._from_row(row)
+        for row in rows:
+            rollout = self._from_row(row)
+            if cluster is None or rollout.cluster == cluster:
+                return rollout
+        return None
 
     def history(self, cohort: str) -> list[Rollout]:
         rows = self._db.query(
@@ -223,7 +263,10 @@ class RolloutManager:
     # ---- internals
 
     def _pick_canaries(self, rollout_id: str, devices: list[str]) -> tuple[str, ...]:
-        count = min(len(devices), max(1, math.ceil(self.policy.canary_fraction * len(devices))))
+        wanted = max(
+            self.policy.min_canaries, math.ceil(self.policy.canary_fraction * len(devices))
+        )
+        count = min(len(devices), wanted)
         # A hash of (rollout, device) spreads the canary duty over the cohort across rollouts,
         # and is reproducible, unlike random choice.
         ranked = sorted(
@@ -257,28 +300,14 @@ class RolloutManager:
             return rollout
 
     def _verdict(self, rollout: Rollout) -> tuple[RolloutState, str]:
-        results = rollout.results.values()
-        candidate = sum(r.accuracy_candidate for r in results) / len(results)
-        current = sum(r.accuracy_current for r in results) / len(results)
-        summary = (
-            f"mean accuracy {candidate:.4f} with v{rollout.candidate_version} vs {current:.4f}"
+        return canary_verdict(
+            list(rollout.results.values()), self.policy, version=rollout.candidate_version
         )
-        margin = self.policy.max_accuracy_regression
-        if candidate < current - margin:
-            return RolloutState.ROLLED_BACK, f"{summary}: regression beyond {margin:.4f}"
-        worst = min(results, key=lambda r: r.accuracy_candidate - r.accuracy_current)
-        drop = worst.accuracy_current - worst.accuracy_candidate
-        if drop > self.policy.max_device_regression:
-            return RolloutState.ROLLED_BACK, (
-                f"{summary}, but {worst.device_id} regresses by {drop:.4f} "
-                f"(device margin {self.policy.max_device_regression:.4f})"
-            )
-        return RolloutState.PROMOTED, summary
 
     def _decide(self, rollout: Rollout, state: RolloutState, reason: str) -> Rollout:
         now = self._clock()
         if state is RolloutState.PROMOTED:
-            self._store.set_current(rollout.cohort, rollout.candidate_version)
+            self._store.set_current(rollout.cohort, rollout.candidate_version, rollout.cluster)
         self._db.execute(
             "UPDATE rollouts SET state = ?, decided_at = ?, reason = ? WHERE rollout_id = ?",
             (state.value, now, reason, rollout.rollout_id),
@@ -300,7 +329,9 @@ class RolloutManager:
 
     def _insert(self, rollout: Rollout) -> None:
         self._db.execute(
-            "INSERT INTO rollouts VALUES (?, ?, ?, ?, ?, ?, ?, ?, NULL, NULL)",
+            "INSERT INTO rollouts (rollout_id, cohort, candidate_version, previous_version, "
+            "canary_devices, started_at, deadline, state, cluster) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 rollout.rollout_id,
                 rollout.cohort,
@@ -310,6 +341,7 @@ class RolloutManager:
                 rollout.started_at,
                 rollout.deadline,
                 rollout.state.value,
+                rollout.cluster,
             ),
         )
 
@@ -334,4 +366,5 @@ class RolloutManager:
             results=results,
             decided_at=row["decided_at"],
             reason=row["reason"],
+            cluster=row["cluster"] or WHOLE_COHORT,
         )

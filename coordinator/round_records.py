@@ -20,7 +20,8 @@ from coordinator.state_db import StateDB
 class RoundStage(StrEnum):
     RUNNING = "RUNNING"  # jobs out, waiting for reports
     AGGREGATING = "AGGREGATING"  # closed with enough answers, aggregation under way
-    STORED = "STORED"  # aggregated into a new adapter version
+    STORED = "STORED"  # aggregated into new adapter versions (one per cluster that went on)
+    DONE = "DONE"  # closed; its reports measured the aggregate before, no cluster went on
     FAILED = "FAILED"  # too few answers, or nothing aggregatable
 
 
@@ -48,7 +49,7 @@ CREATE TABLE IF NOT EXISTS round_records (
 );
 CREATE INDEX IF NOT EXISTS round_records_by_stage ON round_records (stage, cohort);
 """
-_JSON_FIELDS = ("skipped_at_start", "answered", "failures", "weights", "gap")
+_JSON_FIELDS = ("skipped_at_start", "answered", "failures", "weights", "gap", "outcomes")
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,8 @@ class RoundRecord:
     finished_at: float | None = None
     rollout_id: str | None = None
     rollout_note: str | None = None
+    # per cluster: the federation's decision after this round, the version it stored, errors
+    outcomes: Mapping[str, Mapping[str, Any]] | None = None
 
     def as_dict(self) -> dict[str, Any]:
         return {name: getattr(self, name) for name in self.__dataclass_fields__}
@@ -79,6 +82,7 @@ class RoundRecords:
     def __init__(self, db: StateDB) -> None:
         self._db = db
         db.ensure_schema(_SCHEMA)
+        db.add_missing_columns("round_records", {"outcomes": "TEXT"})
 
     def open(
         self,
@@ -126,16 +130,33 @@ class RoundRecords:
         gap: Mapping[str, Any],
         at: float,
     ) -> None:
-        self._update(
-            round_id,
-            stage=RoundStage.STORED.value,
-            algorithm=algorithm,
-            adapter_version=version,
-            weights=_dump(dict(weights)),
-            failures=_dump(dict(failures)),
-            gap=_dump(dict(gap)),
-            finished_at=at,
-        )
+        """A cluster's aggregate of this round was stored (the round may have several)."""
+        with self._db.transaction():
+            record = self.get(round_id)
+            known = dict(record.failures or {}) if record is not None else {}
+            self._update(
+                round_id,
+                algorithm=algorithm,
+                adapter_version=version,
+                weights=_dump({**dict(record.weights or {}), **weights} if record else weights),
+                failures=_dump({**known, **failures}),
+                gap=_dump(dict(gap)),
+                finished_at=at,
+            )
+
+    def cluster_outcome(self, round_id: str, cluster: str, outcome: Mapping[str, Any]) -> None:
+        """Merges what happened to one cluster in this round into the record."""
+        with self._db.transaction():
+            record = self.get(round_id)
+            if record is None:
+                raise KeyError(f"no record of round {round_id}")
+            outcomes = {k: dict(v) for k, v in (record.outcomes or {}).items()}
+            outcomes.setdefault(cluster, {}).update(outcome)
+            self._update(round_id, outcomes=_dump(outcomes))
+
+    def settle(self, round_id: str, stage: RoundStage, at: float) -> None:
+        """The round's last step is done: STORED, DONE (or FAILED)."""
+        self._update(round_id, stage=stage.value, finished_at=at)
 
     def aggregation_failed(self, round_id: str, error: str, at: float) -> None:
         self._update(round_id, stage=RoundStage.FAILED.value, error=error, finished_at=at)

@@ -33,6 +33,9 @@ class Round:
     deadline: float
     min_completion_ratio: float
     cohort: str | None = None
+    # Devices whose report the coordinator refused: failed for themselves, not for the round
+    # (they leave the completion ratio's denominator, and get no retry in it).
+    excused: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
         if not self.device_ids:
@@ -49,7 +52,8 @@ class Round:
     @property
     def answers_needed(self) -> int:
         # Counted in devices, not compared as floats: 0.7 * 10 is 7.000000000000001.
-        return math.ceil(self.min_completion_ratio * len(self.device_ids) - 1e-9)
+        counted = len(self.device_ids) - len(set(self.excused) & set(self.device_ids))
+        return math.ceil(self.min_completion_ratio * counted - 1e-9)
 
 
 @dataclass(frozen=True)
@@ -84,7 +88,9 @@ def evaluate_round(
     answered, pending, failed = [], [], {}
     for device in rnd.device_ids:
         job = latest_jobs.get(device)
-        if job is not None and job.state is JobState.SUCCEEDED:
+        if device in rnd.excused:
+            failed[device] = "its report was refused" + (f" ({job.detail})" if job else "")
+        elif job is not None and job.state is JobState.SUCCEEDED:
             answered.append(device)
         elif job is not None and job.is_terminal and not can_retry.get(device, False):
             failed[device] = f"{job.state}" + (f": {job.detail}" if job.detail else "")
@@ -124,6 +130,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     closed_at REAL
 );
 """
+_ADDED_COLUMNS = {"excused": "TEXT"}
 
 
 class RoundTable:
@@ -132,10 +139,23 @@ class RoundTable:
     def __init__(self, db: StateDB) -> None:
         self._db = db
         db.ensure_schema(_SCHEMA)
+        db.add_missing_columns("rounds", _ADDED_COLUMNS)
+
+    def excuse(self, round_id: str, device_id: str) -> None:
+        """The device's report was refused: see Round.excused."""
+        with self._db.transaction():
+            rnd = self.get(round_id)
+            if rnd is None or device_id in rnd.excused:
+                return
+            excused = json.dumps([*rnd.excused, device_id])
+            self._db.execute(
+                "UPDATE rounds SET excused = ? WHERE round_id = ?", (excused, round_id)
+            )
 
     def add(self, rnd: Round) -> None:
         self._db.execute(
-            "INSERT INTO rounds VALUES (?, ?, ?, ?, ?, ?, ?, NULL)",
+            "INSERT INTO rounds (round_id, device_ids, started_at, deadline, "
+            "min_completion_ratio, cohort, outcome) VALUES (?, ?, ?, ?, ?, ?, ?)",
             (
                 rnd.round_id,
                 json.dumps(list(rnd.device_ids)),
@@ -161,6 +181,12 @@ class RoundTable:
         )
         return [_round_from_row(r) for r in rows]
 
+    def open_count(self) -> int:
+        row = self._db.query_one(
+            "SELECT COUNT(*) AS n FROM rounds WHERE outcome = ?", (RoundOutcome.RUNNING.value,)
+        )
+        return int(row["n"])
+
     def close(self, round_id: str, outcome: RoundOutcome, at: float) -> None:
         self._db.execute(
             "UPDATE rounds SET outcome = ?, closed_at = ? WHERE round_id = ? AND outcome = ?",
@@ -176,4 +202,5 @@ def _round_from_row(row: Mapping) -> Round:
         deadline=row["deadline"],
         min_completion_ratio=row["min_completion_ratio"],
         cohort=row["cohort"],
+        excused=tuple(json.loads(row["excused"] or "[]")),
     )

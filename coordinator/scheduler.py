@@ -29,6 +29,15 @@ class Trigger(StrEnum):
     ACCURACY_BELOW = "accuracy_below"
     ACCURACY_DROP = "accuracy_drop"
     DRIFT = "drift"
+    LABEL_FREE_DRIFT = "label_free_drift"
+
+
+class LabelFreeSignal(StrEnum):
+    """Which calibrated heartbeat score a label-free drift trigger reads."""
+
+    CONFIDENCE = "confidence"  # mean 1 − max softmax, with the adapter the device runs
+    FEATURE = "feature"  # Mahalanobis distance on the last hidden layer
+    EITHER = "either"  # the larger of the two
 
 
 class SkipReason(StrEnum):
@@ -38,6 +47,7 @@ class SkipReason(StrEnum):
     TOO_HOT = "too_hot"
     ENERGY_BUDGET = "energy_budget"
     BUSY = "busy"
+    QUARANTINED = "quarantined"  # let too many jobs time out in a row: left alone for a while
     CONCURRENCY_LIMIT = "concurrency_limit"
 
 
@@ -53,6 +63,17 @@ class SchedulerPolicy:
     # ...and more than this above the device's own reference (first score, or at its last
     # fine-tune).
     drift_margin: float = 0.5
+    # The calibrated label-free scores of the heartbeat: 1.0 is the threshold calibrated for
+    # the base model on its own in-distribution data. A device fires when its score is over
+    # this, and (after a run) more than label_free_margin over its score when the run began.
+    label_free_threshold: float | None = 1.0
+    # The confidence score separates harmful drift best (HAR AUROC 0.968, every base model
+    # >= 0.912; the max of both 0.917: docs/benchmarks.md, "Label-free drift").
+    label_free_signal: LabelFreeSignal = LabelFreeSignal.CONFIDENCE
+    label_free_margin: float = 0.5
+    # ...continuously for this long: a drift that lasts, not a window's blip (and signatures
+    # that show the drift when the run clusters by them)
+    label_free_persistence_s: float = 30.0
     # No automatic job for a device that had any job created this recently: a device whose
     # accuracy stays low after fine-tuning must not be fine-tuned in a loop.
     trigger_cooldown_s: float = 1800.0
@@ -63,6 +84,8 @@ class SchedulerPolicy:
     # Jobs.
     job_timeout_s: float = 600.0
     max_attempts: int = 3
+    quarantine_after: int = 3  # jobs timed out in a row
+    quarantine_s: float = 900.0
     request_ttl_s: float = 3600.0  # how long an unserved request (or a retry) stays wanted
     # Rounds.
     round_deadline_s: float = 900.0
@@ -73,6 +96,8 @@ class SchedulerPolicy:
             raise ValueError("max_concurrent_jobs must be >= 1")
         if self.max_attempts < 1:
             raise ValueError("max_attempts must be >= 1")
+        if self.quarantine_after < 1 or not self.quarantine_s > 0:
+            raise ValueError("quarantine_after must be >= 1 and quarantine_s > 0")
         if not 0.0 < self.min_completion_ratio <= 1.0:
             raise ValueError("min_completion_ratio must be in (0, 1]")
         positive = ("heartbeat_timeout_s", "job_timeout_s", "request_ttl_s", "round_deadline_s")
@@ -199,6 +224,12 @@ class FineTuneScheduler:
             closed_rounds=tuple(closed_rounds),
         )
 
+    def dispatch_now(self) -> TickResult:
+        """Only the dispatching part of tick(): jobs for rounds started since (no timeouts,
+        no closing, so nothing of those is lost between two ticks)."""
+        dispatched, skipped = self._dispatch(self._candidates(self._clock()), self._clock())
+        return TickResult(dispatched=tuple(dispatched), skipped=skipped)
+
     def skip_reason(self, record: DeviceRecord | None, now: float) -> SkipReason | None:
         """Why this device may not start a fine-tune now (None: it may)."""
         policy = self.policy
@@ -211,6 +242,8 @@ class FineTuneScheduler:
         seen = max(record.last_heartbeat_at or 0.0, record.presence_since or 0.0)
         if now - seen > policy.heartbeat_timeout_s:
             return SkipReason.HEARTBEAT_STALE
+        if record.quarantined_until is not None and now < record.quarantined_until:
+            return SkipReason.QUARANTINED
         if _above(record.temperature_c, policy.max_temperature_c):
             return SkipReason.TOO_HOT
         budget = policy.energy_budget_j
@@ -235,6 +268,8 @@ class FineTuneScheduler:
             return Trigger.ACCURACY_DROP
         if _drifted(record, policy):
             return Trigger.DRIFT
+        if _label_free_drifted(record, policy, now):
+            return Trigger.LABEL_FREE_DRIFT
         return None
 
     # ---- internals
@@ -244,7 +279,7 @@ class FineTuneScheduler:
         triggers, worst accuracy first; one candidate per device."""
         candidates: dict[str, Candidate] = {}
         for job in self._jobs.retry_candidates(updated_since=now - self.policy.request_ttl_s):
-            if job.round_id is None or self._round_is_open(job.round_id):
+            if job.round_id is None or self._may_retry_in(job.round_id, job.device_id):
                 candidates.setdefault(
                     job.device_id, Candidate(job.device_id, Trigger.RETRY, job.round_id, job)
                 )
@@ -266,7 +301,7 @@ class FineTuneScheduler:
     def _dispatch(
         self, candidates: list[Candidate], now: float
     ) -> tuple[list[Job], dict[str, SkipReason]]:
-        capacity = self.policy.max_concurrent_jobs - self._jobs.active_count()
+        capacity = self.policy.max_concurrent_jobs - self._slots_taken(now)
         dispatched: list[Job] = []
         skipped: dict[str, SkipReason] = {}
         for candidate in candidates:
@@ -281,6 +316,23 @@ class FineTuneScheduler:
             dispatched.append(self._start_job(candidate))
             capacity -= 1
         return dispatched, skipped
+
+    def _slots_taken(self, now: float) -> int:
+        """Fine-tunes under way on devices that are still there. A device that went silent
+        holds no slot of the fleet's (only its own: it stays BUSY until its job times out),
+        and quick commands (evaluate, apply) never count against training."""
+        taken = 0
+        for job in self._jobs.active():
+            if job.kind != "finetune":
+                continue
+            record = self._registry.get(job.device_id)
+            if record is not None and record.online and not self._stale(record, now):
+                taken += 1
+        return taken
+
+    def _stale(self, record: DeviceRecord, now: float) -> bool:
+        seen = max(record.last_heartbeat_at or 0.0, record.presence_since or 0.0)
+        return now - seen > self.policy.heartbeat_timeout_s
 
     def _start_job(self, candidate: Candidate) -> Job:
         if candidate.retry_of is not None:
@@ -323,8 +375,13 @@ class FineTuneScheduler:
                 reasons[device] = f"last skipped: {record.last_skip_reason}"
         return evaluate_round(rnd, latest, now, can_retry=can_retry, not_started_reasons=reasons)
 
-    def _round_is_open(self, round_id: str) -> bool:
-        return self._rounds.outcome(round_id) is RoundOutcome.RUNNING
+    def _may_retry_in(self, round_id: str, device_id: str) -> bool:
+        rnd = self._rounds.get(round_id)
+        return (
+            rnd is not None
+            and self._rounds.outcome(round_id) is RoundOutcome.RUNNING
+            and device_id not in rnd.excused
+        )
 
 
 def _below(value: float | None, limit: float | None) -> bool:
@@ -346,6 +403,31 @@ def _drifted(record: DeviceRecord, policy: SchedulerPolicy) -> bool:
     return record.drift_reference is None or record.drift_score > (
         record.drift_reference + policy.drift_margin
     )
+
+
+def label_free_score(record: DeviceRecord, signal: LabelFreeSignal) -> float | None:
+    """The record's calibrated label-free score on the chosen signal (None: not reported)."""
+    scores = {
+        LabelFreeSignal.CONFIDENCE: [record.confidence_score],
+        LabelFreeSignal.FEATURE: [record.feature_score],
+        LabelFreeSignal.EITHER: [record.confidence_score, record.feature_score],
+    }[signal]
+    present = [score for score in scores if score is not None]
+    return max(present) if present else None
+
+
+def _label_free_drifted(record: DeviceRecord, policy: SchedulerPolicy, now: float) -> bool:
+    """Over the calibrated threshold for label_free_persistence_s, and over the device's score
+    at the last run plus a margin (an adapter does not move the inputs back: a drift that stays
+    must not start a run after every run)."""
+    score = label_free_score(record, policy.label_free_signal)
+    if not _above(score, policy.label_free_threshold):
+        return False
+    since = record.label_free_since
+    if since is None or now - since < policy.label_free_persistence_s:
+        return False
+    reference = record.label_free_reference
+    return reference is None or score > reference + policy.label_free_margin
 
 
 def _drop_since_last_finetune(record: DeviceRecord) -> float | None:

@@ -21,7 +21,7 @@ from coordinator.distribution import AdapterDistributor
 from coordinator.fleet import Fleet, select_devices
 from coordinator.ingest import MessageHandler, Received
 from coordinator.jobs import Job
-from coordinator.observations import MetricsReport
+from coordinator.observations import DeviceQuarantined, MetricsReport
 from coordinator.outbound import Outbound, cancel_job, finetune_job
 from coordinator.pipeline import RoundPipeline
 from coordinator.round_records import RoundStage
@@ -32,6 +32,20 @@ log = logging.getLogger(__name__)
 
 # Automatic triggers and the catch-up of lagging devices scan the whole fleet: not every tick.
 SCAN_INTERVAL_S = 5.0
+# The read-only views the API may ask for (FleetService methods of these names).
+READ_VIEWS = frozenset(
+    {
+        "devices",
+        "device",
+        "device_adapters",
+        "jobs",
+        "rounds",
+        "adapters",
+        "adapter",
+        "runs",
+        "clusters",
+    }
+)
 
 
 class FleetService:
@@ -71,18 +85,24 @@ class FleetService:
     def tick(self) -> list[Outbound]:
         """One step of time; returns what to publish (including what requests queued)."""
         f = self.fleet
+        rounds_before = f.rounds.open_count()
         result = f.scheduler.tick()
         self._dispatch(result)
         for job in result.timed_out:
             self._distributor.on_job_finished(job, None)
+            self._timed_out(job)
         self._pipeline.on_closed(result.closed_rounds)
         self._pipeline.collect()
         self._distributor.check_deadlines()
+        self._pipeline.settle()
         now = f.clock()
         if now - self._last_scan >= SCAN_INTERVAL_S:
             self._last_scan = now
             self._pipeline.trigger_automatically()
             self._distributor.reconcile()
+        if f.rounds.open_count() > rounds_before - len(result.closed_rounds):
+            # a run's next round started in this tick: its jobs go out now, not a tick later
+            self._dispatch(f.scheduler.dispatch_now())
         return f.drain_outbox()
 
     # ---- operator requests (HTTP API)
@@ -103,11 +123,11 @@ class FleetService:
         selected = select_devices(self.fleet, devices=devices, cohort=cohort, all_=all_)
         return self._distributor.evaluate(selected, version)
 
-    def promote(self, cohort: str, version: int) -> dict[str, Any]:
-        return self._distributor.promote(cohort, version)
+    def promote(self, cohort: str, version: int, force: bool = False) -> dict[str, Any]:
+        return self._distributor.promote(cohort, version, force)
 
-    def rollback(self, cohort: str) -> dict[str, Any]:
-        return self._distributor.rollback(cohort)
+    def rollback(self, cohort: str, cluster: str | None = None) -> dict[str, Any]:
+        return self._distributor.rollback(cohort, cluster)
 
     # ---- reads
 
@@ -129,6 +149,15 @@ class FleetService:
     def adapters(self) -> list[dict[str, Any]]:
         return views.adapters(self.fleet)
 
+    def adapter(self, cohort: str, version: int) -> dict[str, Any]:
+        return views.adapter(self.fleet, cohort, version)
+
+    def runs(self, limit: int = 20) -> list[dict[str, Any]]:
+        return views.runs(self.fleet, limit)
+
+    def clusters(self) -> list[dict[str, Any]]:
+        return views.clusters(self.fleet)
+
     def health(self) -> dict[str, Any]:
         f = self.fleet
         records = f.registry.devices()
@@ -141,6 +170,7 @@ class FleetService:
             "active_jobs": f.jobs.active_count(),
             "open_rounds": len(f.records.in_stage(RoundStage.RUNNING)),
             "aggregating_rounds": len(f.records.in_stage(RoundStage.AGGREGATING)),
+            "active_runs": len(f.runs.running()),
             "dropped_metric_events": f.events.dropped,
         }
 
@@ -159,10 +189,26 @@ class FleetService:
         for job in result.dispatched:
             record = f.registry.get(job.device_id)
             base_hash = record.base_model_hash if record else None
-            f.send(job.device_id, finetune_job(job, self.config.finetune, base_hash))
+            start = f.runs.start_version(job.round_id, job.device_id)
+            steps = None if start is None else self.config.federation.steps
+            message = finetune_job(
+                job, self.config.finetune, base_hash, start_version=start, steps=steps
+            )
+            f.send(job.device_id, message)
         for job in (*result.timed_out, *result.canceled):
             self._cancel_on_device(job)
         _log_skips(result.skipped.items())
+
+    def _timed_out(self, job: Job) -> None:
+        policy = self.config.policy
+        quarantined = self.fleet.registry.record_timeout(
+            job.device_id, at=self.fleet.clock(), limit=policy.quarantine_after,
+            hold_s=policy.quarantine_s,
+        )  # fmt: skip
+        if quarantined:
+            log.warning("%s let %d jobs time out in a row: quarantined for %.0f s",
+                        job.device_id, policy.quarantine_after, policy.quarantine_s)  # fmt: skip
+            self.fleet.events.record(DeviceQuarantined())
 
     def _cancel_on_device(self, job: Job) -> None:
         """Tells a reachable device to stop work nobody waits for any more (a dead one finds

@@ -3,8 +3,11 @@ snapshot. Plain values only (they cross the Ray boundary)."""
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 from typing import Any
+
+import numpy as np
 
 from coordinator.fleet import Fleet, NotFound
 from coordinator.jobs import Job
@@ -13,13 +16,46 @@ from coordinator.registry import DeviceRecord
 from coordinator.round_records import RoundRecord, RoundStage
 
 
-def device_view(record: DeviceRecord, now: float) -> dict[str, Any]:
+def device_view(record: DeviceRecord, now: float, placement=None) -> dict[str, Any]:
     view = dataclasses.asdict(record)
+    del view["signature"]  # bytes: the clusters view shows where it placed the device
     times = (record.last_heartbeat_at, record.presence_since)
     seen = max((t for t in times if t is not None), default=None)
     view["last_seen"] = seen
     view["seen_seconds_ago"] = None if seen is None else max(0.0, now - seen)
+    view["labelled"] = record.labelled
+    view["cluster"] = None if placement is None else placement.cluster
+    view["placed"] = None if placement is None else placement.how
+    view["running"] = {
+        "version": record.adapter_version,
+        "origin": record.adapter_origin,
+        "why": record.adapter_reason,
+    }
     return view
+
+
+def _gauges(r: DeviceRecord, placement) -> DeviceGauges:
+    origin = r.adapter_origin or ("fleet" if r.adapter_version is not None else "base")
+    return DeviceGauges(
+        device_id=r.device_id,
+        online=r.online,
+        accuracy_before=r.accuracy_before,
+        accuracy_after=r.accuracy_after,
+        power_w=r.power_w,
+        temperature_c=r.temperature_c,
+        drift_score=r.drift_score,
+        adapter_version=r.adapter_version,
+        adapter_origin=origin,
+        cluster=(placement.cluster if placement is not None else None) or "none",
+        confidence_score=r.confidence_score,
+        feature_score=r.feature_score,
+    )
+
+
+def _placement(fleet: Fleet, record: DeviceRecord):
+    return (
+        None if record.cohort is None else fleet.clusters.placement(record.cohort, record.device_id)
+    )
 
 
 def job_view(job: Job) -> dict[str, Any]:
@@ -28,14 +64,14 @@ def job_view(job: Job) -> dict[str, Any]:
 
 def devices(fleet: Fleet) -> list[dict[str, Any]]:
     now = fleet.clock()
-    return [device_view(r, now) for r in fleet.registry.devices()]
+    return [device_view(r, now, _placement(fleet, r)) for r in fleet.registry.devices()]
 
 
 def device(fleet: Fleet, device_id: str) -> dict[str, Any]:
     record = fleet.registry.get(device_id)
     if record is None:
         raise NotFound(f"unknown device {device_id!r}")
-    view = device_view(record, fleet.clock())
+    view = device_view(record, fleet.clock(), _placement(fleet, record))
     view["jobs"] = [job_view(j) for j in fleet.jobs.recent(20, device_id=device_id)]
     return view
 
@@ -83,35 +119,108 @@ def round_view(fleet: Fleet, record: RoundRecord) -> dict[str, Any]:
 
 
 def adapters(fleet: Fleet) -> list[dict[str, Any]]:
-    return [
-        {
-            "cohort": cohort,
-            "current_version": fleet.store.current_version(cohort),
-            "versions": [dataclasses.asdict(m) for m in fleet.store.versions(cohort)],
-            "rollouts": [dataclasses.asdict(r) for r in fleet.rollouts.history(cohort)],
+    out = []
+    for cohort in fleet.store.cohorts():
+        current = fleet.store.current_versions(cohort)
+        out.append(
+            {
+                "cohort": cohort,
+                # one cluster's version, or the newest of several (each is in current_versions)
+                "current_version": max(current.values()) if current else None,
+                "current_versions": current,
+                "versions": [dataclasses.asdict(m) for m in fleet.store.versions(cohort)],
+                "rollouts": [dataclasses.asdict(r) for r in fleet.rollouts.history(cohort)],
+            }
+        )
+    return out
+
+
+def adapter(fleet: Fleet, cohort: str, version: int) -> dict[str, Any]:
+    """One stored version with its arrays (base64 little-endian bytes, dtype and shape)."""
+    meta = fleet.store.meta(cohort, version)
+    if meta is None:
+        raise NotFound(f"cohort {cohort} has no adapter version {version}")
+    stored = fleet.store.get(cohort, version)
+    arrays = {
+        name: {
+            "dtype": np.asarray(a).dtype.newbyteorder("<").str,
+            "shape": list(np.shape(a)),
+            "data": base64.b64encode(
+                np.ascontiguousarray(a).astype(np.asarray(a).dtype.newbyteorder("<")).tobytes()
+            ).decode(),
         }
-        for cohort in fleet.store.cohorts()
-    ]
+        for name, a in stored.arrays.items()
+    }
+    return {"meta": dataclasses.asdict(meta), "arrays": arrays}
+
+
+def clusters(fleet: Fleet) -> list[dict[str, Any]]:
+    """Per cohort: its clusters, their members and current versions, and the unplaced."""
+    out = []
+    for cohort in fleet.registry.cohorts():
+        current = fleet.store.current_versions(cohort)
+        members = fleet.clusters.clusters(cohort)
+        out.append(
+            {
+                "cohort": cohort,
+                "clusters": [
+                    {"cluster": c, "members": list(m), "current_version": current.get(c)}
+                    for c, m in members.items()
+                ],
+            }
+        )
+    return out
+
+
+def runs(fleet: Fleet, limit: int = 20) -> list[dict[str, Any]]:
+    return [run_view(r) for r in fleet.runs.recent(limit)]
+
+
+def run_view(run) -> dict[str, Any]:
+    clusters = {}
+    for name, c in run.clusters.items():
+        measured = {
+            str(index): {
+                "accuracy": sum(m.accuracy for m in by.values()) / len(by),
+                "loss": sum(m.loss for m in by.values()) / len(by),
+                "devices": len(by),
+            }
+            for index, by in sorted(c.progress.measured.items())
+            if by
+        }
+        clusters[name] = {
+            "stage": c.stage.value,
+            "members": list(c.members),
+            "start_version": c.start_version,
+            "rounds": c.progress.rounds_done,
+            "aggregates": {str(index): v for index, v in c.aggregates.items()},
+            "measured": measured,  # aggregate index (0: the start) -> mean over members
+            "candidate": c.candidate,
+            "rollout_id": c.rollout_id,
+            "note": c.note,
+        }
+    return {
+        "run_id": run.run_id,
+        "cohort": run.cohort,
+        "trigger": run.trigger,
+        "state": run.state.value,
+        "started_at": run.started_at,
+        "finished_at": run.finished_at,
+        "rounds": list(run.rounds),
+        "clusters": clusters,
+    }
 
 
 def snapshot(fleet: Fleet) -> FleetSnapshot:
-    gauges = tuple(
-        DeviceGauges(
-            device_id=r.device_id,
-            online=r.online,
-            accuracy_before=r.accuracy_before,
-            accuracy_after=r.accuracy_after,
-            power_w=r.power_w,
-            temperature_c=r.temperature_c,
-            drift_score=r.drift_score,
-            adapter_version=r.adapter_version,
-        )
-        for r in fleet.registry.devices()
-    )
+    gauges = tuple(_gauges(r, _placement(fleet, r)) for r in fleet.registry.devices())
     versions = {}
     for cohort in fleet.store.cohorts():
-        version = fleet.store.current_version(cohort)
-        if version is not None:
-            versions[cohort] = version
+        current = fleet.store.current_versions(cohort)
+        if current:
+            versions[cohort] = max(current.values())
     states = {state.value: n for state, n in fleet.jobs.count_by_state().items()}
-    return FleetSnapshot(gauges, states, versions)
+    now = fleet.clock()
+    quarantined = sum(
+        1 for r in fleet.registry.devices() if r.quarantined_until and r.quarantined_until > now
+    )
+    return FleetSnapshot(gauges, states, versions, quarantined)

@@ -39,6 +39,54 @@ def configure(parser: argparse.ArgumentParser) -> None:
     agent.add_argument("--jobs", type=positive_int, default=5, help="jobs of each kind (default 5)")
     agent.add_argument("--json", metavar="OUT", help="write the results as JSON")
     add_coordinator(targets)
+    add_federation(targets)
+    add_drift(targets)
+
+
+def add_federation(targets) -> None:
+    from coordinator.clustering import DEFAULT_CLUSTER_DISTANCE
+    from coordinator.federation import FederationPolicy
+    from skipfleet.federation_scenarios import SCENARIOS
+
+    defaults = FederationPolicy()
+    federation = targets.add_parser(
+        "federation",
+        help="per strategy (base, own, one cohort, clustered, pooled): accuracy and devices "
+        "made worse, over seeds, on a scenario fleet of real data",
+    )
+    add_data_dir(federation)
+    add = federation.add_argument
+    add("--scenario", choices=sorted(SCENARIOS), required=True)
+    add("--dataset", help="the scenario's data set (each scenario has one; checked)")
+    add("--seeds", type=positive_int, default=5, help="seeds, each with its own base model")
+    add("--method", default="skip2-delta", help="what devices train (default skip2-delta)")
+    add("--lr", type=float, help="SGD step size (default 0.02, the coordinator's)")
+    add("--algorithm", default="exact-delta",
+        choices=("exact-delta", "coordinate-median", "trimmed-mean"),
+        help="how a cluster's reports are combined (default exact-delta)")  # fmt: skip
+    add("--steps", type=positive_int, default=defaults.steps, help="SGD steps per round")
+    add("--max-rounds", type=positive_int, default=defaults.max_rounds)
+    add("--min-gain", type=float, default=defaults.min_gain,
+        help="stop a run when an aggregate gains less hold-out accuracy than this")  # fmt: skip
+    add("--cluster-distance", type=float, default=DEFAULT_CLUSTER_DISTANCE,
+        help="DP-means radius, in in-distribution standard deviations")  # fmt: skip
+    add("--json", metavar="OUT", help="write the results as JSON")
+
+
+def add_drift(targets) -> None:
+    drift = targets.add_parser(
+        "drift", help="AUROC of each label-free drift score for harmful drift (fan, HAR)"
+    )
+    add_data_dir(drift)
+    drift.add_argument("--dataset", choices=("fan", "har"), required=True)
+    drift.add_argument(
+        "--seeds", type=positive_int, default=10,
+        help="base models (and, on HAR, new subjects) drawn (default 10)",
+    )  # fmt: skip
+    drift.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    drift.add_argument("--pretrain-epochs", type=positive_int, default=40,
+                       help="as simulate's base model (default 40)")  # fmt: skip
+    drift.add_argument("--json", metavar="OUT", help="write the results as JSON")
 
 
 MLP_DATASETS = ("damage1", "damage2", "har")
@@ -133,8 +181,24 @@ def main(args) -> int:
         except (DataError, ValueError) as error:
             print(f"skipfleet bench trainer: {error}", file=sys.stderr)
             return 2
+    if args.target == "federation":
+        from skipfleet import bench_federation
+        from skipfleet.federation_scenarios import SCENARIOS
+
+        expected = SCENARIOS[args.scenario][0]
+        if args.dataset not in (None, expected):
+            print(f"skipfleet bench federation: {args.scenario} runs on {expected}, "
+                  f"not {args.dataset}", file=sys.stderr)  # fmt: skip
+            return 2
+        try:
+            return bench_federation.main(args, args.data_dir)
+        except (DataError, ValueError) as error:
+            print(f"skipfleet bench federation: {error}", file=sys.stderr)
+            return 2
     if args.target == "coordinator":
         from skipfleet import bench_coordinator as bench_module
+    elif args.target == "drift":
+        from skipfleet import bench_drift as bench_module
     else:
         from skipfleet import bench_agent as bench_module
     try:

@@ -55,12 +55,15 @@ def broker_config() -> list[str]:
 
 
 def coordinator_knobs(devices: int, args) -> list[str]:
-    """Rounds only when the benchmark asks; every device fine-tunes at once; a tenth canaries."""
+    """Rounds only when the benchmark asks, one round a run (the round is what is measured);
+    every device fine-tunes at once; a tenth canaries."""
     knobs = {
         "--max-concurrent-jobs": str(devices),
+        "--max-rounds": "1",
         "--accuracy-threshold": "off",
         "--accuracy-drop-margin": "off",
         "--drift-threshold": "off",
+        "--label-free-threshold": "off",
         "--heartbeat-timeout-seconds": str(3 * args.heartbeat_seconds),
         "--round-deadline-seconds": str(args.round_timeout),
         "--job-timeout-seconds": str(args.round_timeout),

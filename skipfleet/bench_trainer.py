@@ -1,8 +1,8 @@
 """`skipfleet bench trainer`: the paper's method comparison, measured on this machine.
 
-For each trial the base model is fixed (pre-trained once, seeded) and every method fine-tunes
-it with the trial's seed. Methods run interleaved within a trial, so machine noise spreads
-over all of them alike.
+Each trial pre-trains its own base model and every method fine-tunes it, both with the
+trial's seed, so the ± of an accuracy covers pre-training noise as well as fine-tuning noise.
+Methods run interleaved within a trial, so machine noise spreads over all of them alike.
 """
 
 from __future__ import annotations
@@ -65,22 +65,25 @@ def parse_methods(text: str) -> list[str]:
 
 
 def run_bench(data: TaskData, methods, *, trials, epochs, lr, pretrain_epochs, seed, log):
-    log(f"pre-training the base model ({pretrain_epochs} epochs)...")
-    model = pretrain(*data.pretrain, data.n_classes, epochs=pretrain_epochs, seed=seed)
-    before = model.accuracy(*data.test)
-    runs = {name: [] for name in methods}
+    """(the trials' base models, their test accuracies before fine-tuning, runs per method)."""
+    models, before, runs = [], [], {name: [] for name in methods}
     for trial in range(trials):
-        t0 = time.perf_counter()
+        t0, trial_seed = time.perf_counter(), seed + 1 + trial
+        model = pretrain(*data.pretrain, data.n_classes, epochs=pretrain_epochs, seed=trial_seed)
+        models.append(model)
+        before.append(model.accuracy(*data.test))
         for name in methods:
             result = run_method(
-                model, *data.finetune, method=name, epochs=epochs, lr=lr, seed=seed + 1 + trial
+                model, *data.finetune, method=name, epochs=epochs, lr=lr, seed=trial_seed
             )
             runs[name].append((evaluate(result.trainer, model, *data.test), result))
-        log(f"trial {trial + 1}/{trials} done in {time.perf_counter() - t0:.1f} s")
-    return model, before, runs
+        log(f"trial {trial + 1}/{trials} (pre-training {pretrain_epochs} epochs included) done "
+            f"in {time.perf_counter() - t0:.1f} s")  # fmt: skip
+    return models, before, runs
 
 
 def summarize(model, before, runs, *, epochs, batch_size, rank, call_floor_s):
+    """`model`: any trial's base model (they share their shapes); `before`: per trial."""
     dims, n_classes = model.layer_input_dims, model.n_classes
     out = {}
     for name, trials in runs.items():
@@ -92,7 +95,8 @@ def summarize(model, before, runs, *, epochs, batch_size, rank, call_floor_s):
         out[name] = {
             "accuracy_mean": statistics.fmean(accuracies),
             "accuracy_std": statistics.pstdev(accuracies),
-            "accuracy_before": before,
+            "accuracy_before": statistics.fmean(before),  # mean over the trials' base models
+            "accuracy_before_std": statistics.pstdev(before),
             "batch_seconds": {
                 phase: statistics.fmean(p[phase] for p in per_batch) for phase in per_batch[0]
             },
@@ -180,7 +184,10 @@ def format_table(result: dict) -> str:
             f"{m['cache_bytes']:9d} {m['flops_per_batch'] / 1e6:8.3f}"
         )
     first = next(iter(result["methods"].values()))
-    lines.append(f"accuracy before fine-tuning: {first['accuracy_before'] * 100:.2f} %")
+    lines.append(
+        f"accuracy before fine-tuning: {first['accuracy_before'] * 100:.2f} ± "
+        f"{first['accuracy_before_std'] * 100:.2f} % (one base model per trial)"
+    )
     for key, value in result["comparisons"].items():
         lines.append(f"{key}: {value * 100:.1f} %" if "cut" in key else f"{key}: {value:.2f}x")
     return "\n".join(lines)
@@ -200,7 +207,7 @@ def main(args) -> int:
         f"{args.dataset}: {data.split}; {len(methods)} methods x {args.trials} trials, "
         f"{epochs} epochs, lr {args.lr}"
     )
-    model, before, runs = run_bench(
+    models, before, runs = run_bench(
         data,
         methods,
         trials=args.trials,
@@ -214,7 +221,7 @@ def main(args) -> int:
     fixed = fixed_cost_per_batch(methods, n_samples=len(data.finetune[1]), n_classes=data.n_classes)
     machine = machine_info()  # measured once: the call floor is in it
     summary = summarize(
-        model,
+        models[0],
         before,
         runs,
         epochs=epochs,
@@ -234,7 +241,8 @@ def main(args) -> int:
         "batch_size": 20,
         "rank": 4,
         "split": data.split,
-        "base_model_hash": model.weights_hash,
+        "base_model_hash": models[0].weights_hash,  # the first trial's
+        "base_model_hashes": [m.weights_hash for m in models],
         "methods": summary,
         "comparisons": comparisons(summary),
         "machine": machine,

@@ -2,7 +2,8 @@
 
 Used by `skipfleet simulate` and `skipfleet bench coordinator`. The API and /metrics ports are
 chosen here (free ports on 127.0.0.1) and passed on the command line, so nothing has to be read
-back from the coordinator's log.
+back from the coordinator's log. The coordinator makes its API token in its state dir on start;
+the client reads it from there (coordinator.config.API_TOKEN_FILE).
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ import urllib.request
 from collections.abc import Sequence
 from pathlib import Path
 
+from shared.http_auth import JSON_CONTENT_TYPE, bearer_header, read_token_file
 from skipfleet.brokers import free_port
 from skipfleet.processes import child_env
 
@@ -33,14 +35,25 @@ class ApiError(RuntimeError):
 
 
 class ApiClient:
-    def __init__(self, base_url: str, timeout_s: float = HTTP_TIMEOUT_S) -> None:
+    """JSON over HTTP with the coordinator's bearer token, read from `token_file` when a request
+    is made (the coordinator writes it on its first start, so it may not exist yet)."""
+
+    def __init__(
+        self, base_url: str, timeout_s: float = HTTP_TIMEOUT_S, token_file: Path | None = None
+    ) -> None:
         self.base_url = base_url.rstrip("/")
         self.timeout_s = timeout_s
+        self.token_file = token_file
 
     def request(self, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
         """(status, JSON payload); ApiError if nothing (or no JSON) came back."""
+        if body is None and method != "GET":
+            body = {}
         data = None if body is None else json.dumps(body).encode()
-        request = urllib.request.Request(self.base_url + path, data=data, method=method)
+        headers = {"Content-Type": JSON_CONTENT_TYPE} if data is not None else {}
+        request = urllib.request.Request(
+            self.base_url + path, data=data, method=method, headers={**headers, **self._auth()}
+        )
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 return response.status, json.load(response)
@@ -51,6 +64,11 @@ class ApiClient:
                 return err.code, None
         except (OSError, ValueError) as err:  # refused, timed out, not JSON
             raise ApiError(f"{method} {self.base_url}{path}: {err}") from None
+
+    def _auth(self) -> dict[str, str]:
+        if self.token_file is None or not Path(self.token_file).exists():
+            return {}
+        return bearer_header(read_token_file(self.token_file))
 
     def get(self, path: str):
         return self._ok("GET", path)
@@ -63,6 +81,13 @@ class ApiClient:
         if status != 200:
             raise ApiError(f"{method} {path}: {status} {payload}", status, payload)
         return payload
+
+
+def token_file(state_dir: Path) -> Path:
+    """Where a coordinator with this state dir keeps its API token (no --api-token-file)."""
+    from coordinator.config import API_TOKEN_FILE
+
+    return Path(state_dir) / API_TOKEN_FILE
 
 
 class CoordinatorProcess:
@@ -80,7 +105,7 @@ class CoordinatorProcess:
             "--metrics-addr", "127.0.0.1", "--metrics-port", str(self.metrics_port),
             *knobs,
         ]  # fmt: skip
-        self.api = ApiClient(f"http://127.0.0.1:{self.api_port}")
+        self.api = ApiClient(f"http://127.0.0.1:{self.api_port}", token_file=token_file(state_dir))
         self.metrics_url = f"http://127.0.0.1:{self.metrics_port}/metrics"
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)

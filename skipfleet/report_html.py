@@ -145,10 +145,10 @@ def render(result: dict) -> str:
     devices = result["per_device"]
     names = [d["device"] for d in devices]
     cards = [
-        ("devices", result["devices"]),
-        ("rounds completed", sum(1 for r in result["rounds"] if r.get("completed"))),
+        ("devices", f"{result['devices']} + {result.get('new_devices', 0)} new without labels"),
+        ("runs", len(result["runs"])),
+        ("rounds", sum(r["rounds"] for r in result["runs"])),
         ("mean accuracy before", _pct(_mean(d["accuracy_initial"] for d in devices))),
-        ("mean accuracy, fleet adapter", _pct(_mean(d["accuracy_fleet"] for d in devices))),
         ("mean accuracy at the end", _pct(_mean(d["accuracy_end"] for d in devices))),
         ("fine-tune energy", f"{sum(d['joules'] or 0 for d in devices):.2f} J"),
         ("bytes sent by devices", f"{sum(d['bytes_sent'] or 0 for d in devices):,}"),
@@ -159,13 +159,13 @@ def render(result: dict) -> str:
         '<div class="cards">'
         + "".join(f"<div class=card>{esc(k)}<b>{esc(v)}</b></div>" for k, v in cards)
         + "</div>",
-        "<h2>Accuracy on each device's own hold-out</h2>",
+        "<h2>Accuracy of each device (own hold-out; devices without labels: the simulation's "
+        "labels)</h2>",
         bar_chart(
             names,
             {
                 "before any fine-tune": [d["accuracy_initial"] for d in devices],
                 "after its own fine-tune": [d["accuracy_own"] for d in devices],
-                "with the fleet adapter": [d["accuracy_fleet"] for d in devices],
                 "running at the end": [d["accuracy_end"] for d in devices],
             },
             title="accuracy per device",
@@ -185,10 +185,11 @@ def render(result: dict) -> str:
     if drift:
         events = [(e["t"], e["event"]) for e in result.get("timeline", [])]
         body += [
-            "<h2>Drift score over time (label-free, from heartbeats)</h2>",
-            line_chart(drift, title="drift score", events=events, ylabel="drift score"),
+            "<h2>Label-free drift score over time (calibrated: 1 = the base model's threshold)"
+            "</h2>",
+            line_chart(drift, title="drift score", events=events, ylabel="confidence score"),
         ]
-    body += ["<h2>Devices</h2>", _device_table(devices), "<h2>Rounds</h2>", _round_table(result)]
+    body += ["<h2>Devices</h2>", _device_table(devices), "<h2>Runs</h2>", _run_table(result)]
     return (
         f"<!doctype html><html lang=en><meta charset=utf-8><title>skipfleet simulation"
         f"</title><style>{CSS}</style><body>{''.join(body)}</body></html>\n"
@@ -204,10 +205,13 @@ def _device_table(devices) -> str:
     head = (
         "device",
         "what it is",
+        "labels",
+        "cluster",
         "before",
         "own fine-tune",
-        "fleet adapter",
         "at the end",
+        "runs",
+        "why",
         "tune s",
         "joules",
         "bytes sent",
@@ -216,10 +220,13 @@ def _device_table(devices) -> str:
         (
             d["device"],
             d.get("description", ""),
+            "yes" if d.get("labelled", True) else "no",
+            d.get("cluster") or "–",
             _pct(d["accuracy_initial"]),
             _pct(d["accuracy_own"]),
-            _pct(d["accuracy_fleet"]),
             _pct(d["accuracy_end"]),
+            d.get("runs", "–"),
+            d.get("why", ""),
             _num(d["finetune_seconds"], "{:.3f}"),
             _num(d["joules"]),
             _num(d["bytes_sent"], "{:,}"),
@@ -229,18 +236,20 @@ def _device_table(devices) -> str:
     return _table(head, rows)
 
 
-def _round_table(result) -> str:
-    head = ("round", "devices answered", "failed", "adapter version", "outcome", "seconds")
+def _run_table(result) -> str:
+    head = ("run", "trigger", "rounds", "cluster", "members", "outcome", "seconds")
     rows = [
         (
-            r["round"],
-            r.get("answered", "–"),
-            ", ".join(r.get("failed") or []) or "–",
-            r.get("adapter_version", "–"),
-            r.get("outcome", "–"),
+            r["run"],
+            r["trigger"],
+            r["rounds"],
+            name,
+            ", ".join(c["members"]),
+            c["note"],
             _num(r.get("seconds")),
         )
-        for r in result["rounds"]
+        for r in result["runs"]
+        for name, c in r["clusters"].items()
     ]
     return _table(head, rows)
 

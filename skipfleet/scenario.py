@@ -14,6 +14,15 @@ the images, and a CNN base model.
 
 Device files follow agent/device_data.py (`X`, `y` in time order) plus, for a drift event,
 `X_drift`, `y_drift`: the stream the device sees after the switch.
+
+New devices (`new_devices`) have no labels: their file holds only `X`, and the labels stay with
+the simulation (`truth_file`), which measures them itself (a real device without labels cannot).
+Fan: new fans installed in the noisy room (the noisy groups' second recordings; drifting devices
+stream the first recordings, so no spectrum is in both); HAR: people no device had yet.
+
+The base model ships its drift calibration (skipfleet/base_model.py): a fifth of each
+pre-training stream (HAR: a person; fan: a group's recording), in blocks, is held out of
+pre-training for the thresholds.
 """
 
 from __future__ import annotations
@@ -30,12 +39,13 @@ from agent.data.fan_fleet import FAN_FLEET_GROUP_NAMES
 from agent.data.har import HAR_ACTIVITY_NAMES
 from agent.data.har_features import window_features
 from agent.trainer.cnn.finetune import pretrain_cnn
-from agent.trainer.finetune import pretrain
+from skipfleet.base_model import pretrain_calibrated
 from skipfleet.scenario_fmnist import fmnist_fleet
 
 # People new to the base model, in the order devices get them: the paper's drift subjects first.
 HAR_DEVICE_SUBJECTS = (9, 14, 16, 19, 25, 2, 4, 6, 11, 13, 20, 22, 28, 30, 17)
 FAN_CLASS_NAMES = ("stop", "normal", "damaged")
+HAR_NEW_DEVICES = 3  # subjects held out of everything, for devices that join later
 DATASETS = ("har", "fan", "fmnist")
 PRETRAIN_EPOCHS = {"har": 40, "fan": 40, "fmnist": 2}  # the CNN's are over 12,000 images
 
@@ -46,6 +56,11 @@ class DeviceSpec:
     data_file: Path
     description: str  # what this device is, in words
     drifts: bool  # whether the file carries a drifted stream
+    truth_file: Path | None = None  # a device without labels: its labels, for the simulation
+
+    @property
+    def labelled(self) -> bool:
+        return self.truth_file is None
 
 
 @dataclass(frozen=True)
@@ -56,10 +71,11 @@ class Scenario:
     base_model_hash: str
     devices: tuple[DeviceSpec, ...]
     description: str
+    new_devices: tuple[DeviceSpec, ...] = ()  # without labels, joining later
 
 
 def build_scenario(dataset: str, n_devices: int, data_dir: Path, out_dir: Path, *, drift: bool,
-                   seed: int = 0, pretrain_epochs: int | None = None,
+                   seed: int = 0, pretrain_epochs: int | None = None, new_devices: int = 0,
                    log: Callable[[str], None] = print) -> Scenario:  # fmt: skip
     if dataset not in DATASETS:
         raise ValueError(f"unknown dataset {dataset!r}: choose har, fan or fmnist")
@@ -67,12 +83,17 @@ def build_scenario(dataset: str, n_devices: int, data_dir: Path, out_dir: Path, 
         raise ValueError("a fleet needs at least one device")
     out_dir.mkdir(parents=True, exist_ok=True)
     builder = {"har": _har_fleet, "fan": _fan_fleet, "fmnist": fmnist_fleet}[dataset]
-    pretrain_set, devices, description = builder(n_devices, data_dir, drift)
+    pretrain_set, devices, description, newcomers = builder(n_devices, data_dir, drift)
+    if new_devices > len(newcomers):
+        raise ValueError(f"{dataset} has {len(newcomers)} new devices to offer, not {new_devices}")
     log(f"pre-training the base model on {len(pretrain_set[1])} samples ({description})")
-    X, y, info = pretrain_set
+    X, y, streams, info = pretrain_set
     epochs = pretrain_epochs or PRETRAIN_EPOCHS[dataset]
-    train = pretrain_cnn if dataset == "fmnist" else pretrain
-    model = train(X, y, len(info["class_names"]), epochs=epochs, seed=seed, info=info)
+    if dataset == "fmnist":  # a CNN, without a drift calibration (docs/agent.md)
+        model = pretrain_cnn(X, y, len(info["class_names"]), epochs=epochs, seed=seed, info=info)
+    else:
+        model = pretrain_calibrated(X, y, len(info["class_names"]), streams, epochs=epochs,
+                                    seed=seed, info=info, log=log)  # fmt: skip
     base_path = out_dir / "base-model.npz"
     model.save(base_path)
     specs = []
@@ -81,7 +102,19 @@ def build_scenario(dataset: str, n_devices: int, data_dir: Path, out_dir: Path, 
         with open(path, "wb") as out:
             np.savez(out, class_names=np.array(info["class_names"]), **arrays)
         specs.append(DeviceSpec(device_id, path, what, "X_drift" in arrays))
-    return Scenario(dataset, dataset, base_path, model.weights_hash, tuple(specs), description)
+    late = [_unlabelled(out_dir, info, *n) for n in newcomers[:new_devices]]
+    return Scenario(dataset, dataset, base_path, model.weights_hash, tuple(specs), description,
+                    tuple(late))  # fmt: skip
+
+
+def _unlabelled(out_dir: Path, info: dict, device_id: str, X, y, what: str) -> DeviceSpec:
+    """A device file with inputs only, and the labels in a file of the simulation's own."""
+    path, truth = out_dir / f"{device_id}.npz", out_dir / f"{device_id}.truth.npz"
+    with open(path, "wb") as out:
+        np.savez(out, class_names=np.array(info["class_names"]), X=X)
+    with open(truth, "wb") as out:
+        np.savez(out, X=X, y=y)
+    return DeviceSpec(device_id, path, f"{what} (no labels)", False, truth)
 
 
 def _shards(rows: np.ndarray, count: int) -> list[np.ndarray]:
@@ -93,7 +126,9 @@ def _shards(rows: np.ndarray, count: int) -> list[np.ndarray]:
 def _har_fleet(n_devices: int, data_dir: Path, drift: bool):
     data = load_har_windows(data_dir)
     people = HAR_DEVICE_SUBJECTS[: min(n_devices, len(HAR_DEVICE_SUBJECTS))]
-    known = sorted(set(range(1, 31)) - set(people))
+    # the next people in line join later, without labels: nobody pre-trains on them either
+    strangers = [s for s in HAR_DEVICE_SUBJECTS if s not in people][:HAR_NEW_DEVICES]
+    known = sorted(set(range(1, 31)) - set(people) - set(strangers))
     features = window_features(data.windows)  # (n, F): what each device computes itself
     pre_rows = np.flatnonzero(np.isin(data.subject, known))
     shards_per_person = math.ceil(n_devices / len(people))
@@ -118,7 +153,13 @@ def _har_fleet(n_devices: int, data_dir: Path, drift: bool):
     description = (
         f"HAR: {len(known)} known subjects pre-train; devices hold new subjects {list(people)}"
     )
-    return (features[pre_rows], data.y[pre_rows], info), devices, description
+    pre_set = (features[pre_rows], data.y[pre_rows], data.subject[pre_rows], info)
+    newcomers = []
+    for person in strangers:
+        rows = np.flatnonzero(data.subject == person)
+        newcomers.append((f"har-s{person:02d}-new", features[rows], data.y[rows],
+                          f"subject {person}"))  # fmt: skip
+    return pre_set, devices, description, newcomers
 
 
 # ----------------------------------------------------------------------------------- fan
@@ -128,6 +169,7 @@ def _fan_fleet(n_devices: int, data_dir: Path, drift: bool):
     pre = [groups[g].subset(groups[g].meta["recording"] == 0) for g in quiet]
     X_pre = np.concatenate([ds.X for ds in pre])
     y_pre = np.concatenate([ds.y for ds in pre])
+    streams = np.concatenate([np.full(len(ds), g) for g, ds in zip(quiet, pre, strict=True)])
     if drift:  # quiet-room devices; those recorded in the noisy room too drift into it
         slots = [(d.quiet_group, d.noisy_group) for d in fan_fleet_devices()]
     else:  # every group is a device; the noisy rooms are the drifted ones
@@ -147,10 +189,18 @@ def _fan_fleet(n_devices: int, data_dir: Path, drift: bool):
         what = name
         if drift and noisy is not None:
             loud = groups[noisy]
-            loud_rows = _shards(np.arange(len(loud)), per_slot)[shard]
+            first = np.flatnonzero(loud.meta["recording"] == 0)  # the second: new devices'
+            loud_rows = _shards(first, per_slot)[shard]
             arrays.update(X_drift=loud.X[loud_rows], y_drift=loud.y[loud_rows])
             what = f"{name} -> {FAN_FLEET_GROUP_NAMES[noisy]}"
         devices.append((device_id, arrays, what))
     info = {"task": "fan", "class_names": list(FAN_CLASS_NAMES), "features": "fan_features"}
     description = "fan: quiet rooms' first recordings pre-train; one fan group per device"
-    return (X_pre, y_pre, info), devices, description
+    newcomers = []
+    for g, group in groups.items():
+        if group.meta["room"] == "noisy":
+            second = group.subset(group.meta["recording"] == 1)
+            name = FAN_FLEET_GROUP_NAMES[g]
+            newcomers.append((f"fan-{name.lower().replace('_', '-')}-new", second.X, second.y,
+                              f"a new {name} fan"))  # fmt: skip
+    return (X_pre, y_pre, streams, info), devices, description, newcomers

@@ -23,7 +23,8 @@ ARCHITECTURE = "cnn"
 
 
 def fmnist_fleet(n_devices: int, data_dir, drift: bool, seed: int = 0):
-    """(pre-training (X, y, info), [(device id, arrays, description)], description)."""
+    """(pre-training (X, y, streams, info), [(device id, arrays, description)], description,
+    newcomers): no pre-training streams (nothing to calibrate), no devices joining later."""
     train, _ = load_fashion_mnist(data_dir)
     order = np.random.default_rng(seed).permutation(len(train))
     needed = PRETRAIN_IMAGES + n_devices * DEVICE_IMAGES
@@ -53,4 +54,4 @@ def fmnist_fleet(n_devices: int, data_dir, drift: bool, seed: int = 0):
         f"fmnist: a CNN pre-trained on {PRETRAIN_IMAGES} upright images; each device sees its "
         f"own rotation of {DEVICE_IMAGES} others ({', '.join(f'{r}°' for r in ROTATIONS)})"
     )
-    return (train.X[pre], train.y[pre], info), devices, description
+    return (train.X[pre], train.y[pre], None, info), devices, description, []

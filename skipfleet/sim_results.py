@@ -2,9 +2,13 @@
 
 from __future__ import annotations
 
+import base64
 import sys
 import time
 from collections import Counter
+from pathlib import Path
+
+import numpy as np
 
 from shared.protocol.messages import Heartbeat, Report
 
@@ -46,81 +50,146 @@ class Progress:
         return " | ".join(parts)
 
 
-def collect(sim, scenario, broker_kind: str, round_ids: list[str], evaluations: dict) -> dict:
-    reports = _by_device(sim.probe.messages(Report))
+def collect(sim, scenario, broker_kind: str, runs: list[dict], evaluations: dict) -> dict:
+    # with a drift event, the reports of the run that answered it (earlier runs: before it)
+    since = evaluations.get("answered_from")
+    since = None if since is None else since - sim.wall_t0 + sim.t0  # on the probe's clock
+    reports = _by_device(sim.probe.messages(Report), since)
+    devices = {d["device_id"]: d for d in sim.api.get("/devices")}
+    truth = TruthMeter(sim.api, scenario.base_model)
     per_device = [
-        _device_row(sim, d, reports.get(d.device_id, []), evaluations) for d in scenario.devices
+        _device_row(sim, d, reports.get(d.device_id, []), evaluations, devices, truth)
+        for d in (*scenario.devices, *scenario.new_devices)
     ]
     result = {
         "dataset": scenario.dataset,
         "devices": len(scenario.devices),
-        "rounds_requested": sim.args.rounds,
+        "new_devices": len(scenario.new_devices),
+        "runs_requested": sim.args.runs,
         "drift_at": sim.args.drift_at,
         "broker": broker_kind,
         "description": scenario.description,
         "base_model_hash": scenario.base_model_hash,
         "duration_seconds": sim.elapsed(),
         "per_device": per_device,
-        "rounds": [
-            _round_row(sim, r) for r in sim.api.get("/rounds") if r["round_id"] in round_ids
-        ],
+        "runs": [_run_row(run) for run in runs],
         "drift_series": _drift_series(sim),
         "timeline": _timeline(sim),
         "metrics_url": sim.metrics_url,
     }
-    result["rounds"].reverse()  # oldest first
     return result
 
 
-def _by_device(messages) -> dict[str, list]:
+def _by_device(messages, since: float | None = None) -> dict[str, list]:
     out: dict[str, list] = {}
-    for device, envelope, _ in messages:
-        out.setdefault(device, []).append(envelope.message)
+    for device, envelope, arrival in messages:
+        if since is None or arrival >= since:
+            out.setdefault(device, []).append(envelope.message)
     return out
 
 
-def _device_row(sim, device, reports: list, evaluations: dict) -> dict:
+class TruthMeter:
+    """Accuracy of what a device without labels runs, on the labels only the simulation holds
+    (the device cannot measure it; the coordinator's API gives the adapter's arrays)."""
+
+    def __init__(self, api, base_model: Path):
+        from agent.trainer.base_models import load_base_model
+
+        self._api = api
+        self._model = load_base_model(base_model)  # an MLP or a CNN, by the kind in its file
+
+    def accuracy(self, truth_file: Path, device: dict, version: int | None) -> float:
+        with np.load(truth_file, allow_pickle=False) as truth:
+            X, y = truth["X"], truth["y"]
+        return self._model.accuracy(X, y, self._adapter(device, version))
+
+    def _adapter(self, device: dict, version: int | None):
+        from agent.trainer.adapter import Adapter
+
+        if version is None:
+            return None
+        stored = self._api.get(f"/adapters/{device['cohort']}/{version}")
+        arrays = {name: _array(a) for name, a in stored["arrays"].items()}
+        model = self._model
+        return Adapter.from_arrays(arrays, model.layer_input_dims, model.n_classes)
+
+
+def _array(wire: dict) -> np.ndarray:
+    data = base64.b64decode(wire["data"])
+    return np.frombuffer(data, dtype=np.dtype(wire["dtype"])).reshape(wire["shape"])
+
+
+def _device_row(sim, device, reports: list, evaluations: dict, seen: dict, truth) -> dict:
     first = reports[0].metrics if reports else None
-    start = evaluations["start"].get(device.device_id)
-    return {
+    record = seen.get(device.device_id, {})
+    running = record.get("running") or {}
+    row = {
         "device": device.device_id,
         "description": device.description,
-        # before any fine-tune: with a drift event, the drifted data just before the first
-        # fine-tune (the report's own "before"); otherwise the evaluation at the start
-        "accuracy_initial": first.accuracy_before if sim.drift and first else start,
-        "accuracy_at_start": start,
-        "accuracy_own": first.accuracy_after if first else None,
-        "accuracy_fleet": evaluations.get("fleet", {}).get(device.device_id),
-        "fleet_version": evaluations.get("fleet_version"),
-        "accuracy_end": evaluations["end"].get(device.device_id),
+        "labelled": device.labelled,
+        "cluster": record.get("cluster"),
+        "runs": _what_it_runs(running),
+        "why": running.get("why") or _why_base(record),
         "finetunes": len(reports),
         "finetune_seconds": sum(r.metrics.finetune_seconds for r in reports) if reports else None,
         "joules": sum(r.metrics.joules for r in reports) if reports else None,
         "power_source": first.power_source if first else None,
         "bytes_sent": sim.probe.bytes_from_device.get(device.device_id, 0),
     }
-
-
-def _round_row(sim, record: dict) -> dict:
-    started, finished = record.get("started_at"), record.get("finished_at")
+    if not device.labelled:  # measured on the truth only the simulation holds
+        before = truth.accuracy(device.truth_file, record, None)
+        end = truth.accuracy(device.truth_file, record, running.get("version"))
+        return {**row, "accuracy_initial": before, "accuracy_at_start": None,
+                "accuracy_own": None, "accuracy_end": end}  # fmt: skip
+    start = evaluations["start"].get(device.device_id)
     return {
-        "round": record["round_id"],
-        "trigger": record["trigger"],
-        "stage": record["stage"],
-        "completed": record["stage"] == "STORED",
-        "answered": len(record.get("answered") or []),
-        "failed": sorted((record.get("failures") or {}).keys()),
-        "adapter_version": record.get("adapter_version"),
-        "outcome": sim._rollout_state(record) or record["stage"].lower(),
-        "exact_vs_naive_gap": record.get("gap"),
+        **row,
+        # before any fine-tune: with a drift event, the drifted data just before the first
+        # fine-tune (the report's own "before"); otherwise the evaluation at the start
+        "accuracy_initial": first.accuracy_before if sim.drift and first else start,
+        "accuracy_at_start": start,
+        # its own fine-tune: the first round started from the base model
+        "accuracy_own": first.accuracy_after if first else None,
+        "accuracy_end": evaluations["end"].get(device.device_id),
+    }
+
+
+def _what_it_runs(running: dict) -> str:
+    if running.get("version") is not None:
+        return f"v{running['version']}"
+    return running.get("origin") or "base"
+
+
+def _why_base(record: dict) -> str:
+    if not record:
+        return "never seen by the coordinator"
+    return record.get("placed") or "runs the base model"
+
+
+def _run_row(run: dict) -> dict:
+    started, finished = run.get("started_at"), run.get("finished_at")
+    return {
+        "run": run["run_id"],
+        "trigger": run["trigger"],
+        "rounds": len(run["rounds"]),
         "seconds": finished - started if started and finished else None,
+        "clusters": {
+            name: {
+                "members": c["members"],
+                "rounds": c["rounds"],
+                "measured": c["measured"],
+                "candidate": c["candidate"],
+                "note": c["note"],
+            }
+            for name, c in run["clusters"].items()
+        },
     }
 
 
 def _drift_series(sim) -> dict[str, list]:
     series: dict[str, list] = {}
     for device, envelope, arrival in sim.probe.messages(Heartbeat):
-        score = envelope.message.drift_score
+        score = envelope.message.confidence_score  # what the coordinator triggers on
         if score is not None and arrival >= sim.t0:
             series.setdefault(device, []).append((round(arrival - sim.t0, 2), score))
     return series
@@ -139,30 +208,33 @@ def _pct(value) -> str:
 
 def format_table(result: dict) -> str:
     head = (
-        f"{'device':28s} {'before':>7s} {'own FT':>7s} {'fleet':>7s} {'at end':>7s} "
-        f"{'tune s':>7s} {'joules':>7s} {'bytes':>8s}"
+        f"{'device':30s} {'labels':>6s} {'cluster':>7s} {'before':>7s} {'own FT':>7s} "
+        f"{'at end':>7s} {'runs':>8s} {'tune s':>7s} {'joules':>7s} {'bytes':>8s}"
     )
     lines = [head, "-" * len(head)]
     for d in result["per_device"]:
         tune = "-" if d["finetune_seconds"] is None else f"{d['finetune_seconds']:.3f}"
         joules = "-" if d["joules"] is None else f"{d['joules']:.3f}"
         lines.append(
-            f"{d['device']:28s} {_pct(d['accuracy_initial']):>7s} {_pct(d['accuracy_own']):>7s} "
-            f"{_pct(d['accuracy_fleet']):>7s} {_pct(d['accuracy_end']):>7s} {tune:>7s} "
-            f"{joules:>7s} {d['bytes_sent']:8d}"
+            f"{d['device']:30s} {'yes' if d['labelled'] else 'no':>6s} "
+            f"{d['cluster'] or '-':>7s} {_pct(d['accuracy_initial']):>7s} "
+            f"{_pct(d['accuracy_own']):>7s} {_pct(d['accuracy_end']):>7s} {d['runs']:>8s} "
+            f"{tune:>7s} {joules:>7s} {d['bytes_sent']:8d}"
         )
-    for r in result["rounds"]:
-        failed = f", failed: {', '.join(r['failed'])}" if r["failed"] else ""
-        lines.append(
-            f"round {r['round']} ({r['trigger']}): {r['answered']} answered, adapter "
-            f"v{r['adapter_version']} {r['outcome']}{failed}"
-        )
+    lines.append("why each runs what it runs:")
+    for d in result["per_device"]:
+        lines.append(f"  {d['device']}: {d['why']}")
+    for r in result["runs"]:
+        lines.append(f"run {r['run']} ({r['trigger']}): {r['rounds']} round(s)")
+        for name, c in r["clusters"].items():
+            lines.append(f"  cluster {name} {c['members']}: {c['note']}")
     lines.append(
-        "before: hold-out accuracy before any fine-tune; own FT: after the device's own "
-        "fine-tune; fleet: with the last fleet adapter; at end: what it runs at the end"
+        "before: accuracy before any fine-tune (after the drift); own FT: after the device's "
+        "own first fine-tune; at end: with what it runs at the end (devices without labels: "
+        "measured by the simulation on labels the device never had)"
     )
     lines.append(
-        f"{result['devices']} devices, {result['dataset']}, broker: {result['broker']}, "
-        f"{result['duration_seconds']:.0f} s"
+        f"{result['devices']} devices (+{result['new_devices']} new without labels), "
+        f"{result['dataset']}, broker: {result['broker']}, {result['duration_seconds']:.0f} s"
     )
     return "\n".join(lines)

@@ -2,9 +2,11 @@
 
 A broker (yours, else a private mosquitto, else the embedded Python broker), the coordinator on
 a local Ray, and one agent process per device, each owning its drifted data (skipfleet.scenario).
-It runs the rounds, shows progress, and ends with a per-device table, JSON and an HTML report.
-With --drift-at the devices' input switches mid-run and the coordinator starts the fine-tune
-by itself (fan: the label-free drift score; HAR: the accuracy the devices measure when asked).
+It runs federated runs (rounds per cluster until the gain stops), shows progress, and ends with a
+per-device table (what each device runs, and why), JSON and an HTML report. With --drift-at the
+devices' input switches mid-run and the coordinator starts the run by itself (fan: the calibrated
+label-free drift score; HAR: the accuracy the devices measure when asked). With --new-devices,
+devices without labels join after the run and get their cluster's adapter if it helps them.
 """
 
 from __future__ import annotations
@@ -24,7 +26,16 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--devices", type=int, default=6, help="number of simulated devices (default 6)")
     add("--dataset", choices=("har", "fan", "fmnist"), default="fan", help="default fan")
-    add("--rounds", type=int, default=1, help="fine-tune rounds to run (default 1)")
+    add("--runs", type=int, default=1, help="federated runs to request (default 1; with "
+        "--drift-at the coordinator starts the first itself)")  # fmt: skip
+    add("--max-rounds", type=int, default=8, help="rounds a run may take at most (default 8)")
+    add(
+        "--new-devices",
+        type=int,
+        default=0,
+        help="devices without labels that join after the first run (fan: up to 3, har: 3)",
+    )
+    add("--new-at", type=float, metavar="SECONDS", help="when they join (default: after the run)")
     add("--data-dir", help="folder of the data sets (default: $SKIPFLEET_DATA_DIR)")
     add("--broker", help="mqtt://host:port of a broker to use (default: start one)")
     add(
@@ -69,8 +80,12 @@ def main(args) -> int:
 def _check_args(args) -> str | None:
     if args.devices < 1:
         return "--devices must be >= 1"
-    if args.rounds < 0:
-        return "--rounds must be >= 0"
+    if args.runs < 0:
+        return "--runs must be >= 0"
+    if args.max_rounds < 1:
+        return "--max-rounds must be >= 1"
+    if args.new_devices < 0:
+        return "--new-devices must be >= 0"
     if args.drift_at is not None and args.drift_at < 0:
         return "--drift-at must be >= 0"
     return None

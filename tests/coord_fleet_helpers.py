@@ -11,12 +11,14 @@ import numpy as np
 
 from coordinator.clock import ManualClock
 from coordinator.config import CoordinatorConfig
+from coordinator.federation import FederationPolicy
 from coordinator.ingest import Received
 from coordinator.outbound import Outbound
 from coordinator.rollout import RolloutPolicy
 from coordinator.scheduler import SchedulerPolicy
 from shared.mqtt import MqttSettings
 from shared.protocol import (
+    AdapterOrigin,
     Envelope,
     FetchRequest,
     Heartbeat,
@@ -35,7 +37,14 @@ from tests.coord_helpers import SHAPE, random_factors
 BASE_HASH = "b" * 64
 
 
-def make_config(state_dir: Path, **policy: object) -> CoordinatorConfig:
+def make_config(
+    state_dir: Path,
+    *,
+    federation: FederationPolicy | None = None,
+    rollout: RolloutPolicy | None = None,
+    **policy: object,
+) -> CoordinatorConfig:
+    """One round per run unless `federation` says otherwise: most tests are about a round."""
     settings = {
         "max_concurrent_jobs": 4,
         "accuracy_threshold": None,
@@ -52,7 +61,8 @@ def make_config(state_dir: Path, **policy: object) -> CoordinatorConfig:
         metrics_port=0,
         api_port=0,
         policy=SchedulerPolicy(**settings),
-        rollout=RolloutPolicy(canary_fraction=1.0, max_accuracy_regression=0.02),
+        rollout=rollout or RolloutPolicy(canary_fraction=1.0, max_accuracy_regression=0.02),
+        federation=federation or FederationPolicy(max_rounds=1),
     )
 
 
@@ -60,12 +70,21 @@ class SimDevice:
     """One device's side of the protocol, as decoded messages stamped like an agent's."""
 
     def __init__(
-        self, device_id: str, clock: ManualClock, *, base_hash: str = BASE_HASH, cohort="fan"
+        self,
+        device_id: str,
+        clock: ManualClock,
+        *,
+        base_hash: str = BASE_HASH,
+        cohort="fan",
+        labelled: bool = True,
+        signature: np.ndarray | None = None,
     ) -> None:
         self.device_id = device_id
         self.clock = clock
         self.base_hash = base_hash
         self.cohort = cohort
+        self.labelled = labelled
+        self.signature = signature
         self.boot_id = uuid.uuid4().hex[:16]
         self.seq = 0
         self.rng = np.random.default_rng(abs(hash(device_id)) % 2**32)
@@ -77,9 +96,22 @@ class SimDevice:
 
     def presence(self, online: bool = True) -> Received:
         state = PresenceState.ONLINE if online else PresenceState.OFFLINE
-        return self.received(Presence(state, self.boot_id, "test", self.base_hash, self.cohort))
+        samples = 100 if self.labelled else 0
+        return self.received(
+            Presence(state, self.boot_id, "test", self.base_hash, self.cohort,
+                     train_samples=samples, holdout_samples=samples // 4)
+        )  # fmt: skip
 
-    def heartbeat(self, *, adapter_version: int | None = None, drift: float = 1.0) -> Received:
+    def heartbeat(
+        self,
+        *,
+        adapter_version: int | None = None,
+        drift: float = 1.0,
+        confidence: float | None = None,
+        feature: float | None = None,
+        origin: AdapterOrigin | None = None,
+    ) -> Received:
+        signature = None if self.signature is None else self.signature.astype(np.float32)
         return self.received(
             Heartbeat(
                 power_w=1.5,
@@ -92,6 +124,11 @@ class SimDevice:
                 temperature_c=45.0,
                 drift_score=drift,
                 adapter_version=adapter_version,
+                confidence_score=confidence,
+                feature_score=feature,
+                signature=signature,
+                signature_rows=None if signature is None else 64,
+                adapter_origin=origin,
             )
         )
 
@@ -115,6 +152,9 @@ class SimDevice:
         before: float = 0.6,
         after: float = 0.9,
         base_hash: str | None = None,
+        loss_before: float | None = None,
+        installed: bool | None = None,
+        running: float | None = None,
     ) -> Received:
         metrics = ReportMetrics(
             accuracy_before=before,
@@ -128,6 +168,9 @@ class SimDevice:
             base_model_hash=base_hash or self.base_hash,
             method="skip2-lora",
             rank=4,
+            loss_before=loss_before,
+            installed=installed,
+            accuracy_running=running,
         )
         adapter = dict(arrays) if arrays is not None else random_factors(self.rng, shape=SHAPE)
         return self.received(Report(job_id, adapter, metrics))

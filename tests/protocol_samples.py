@@ -8,6 +8,7 @@ from collections.abc import Mapping
 import numpy as np
 
 from shared.protocol import (
+    AdapterOrigin,
     AdapterPublication,
     ApplyAdapterParams,
     CancelParams,
@@ -72,6 +73,15 @@ def sample_messages(seed: int) -> list[Message]:
             cohort="fan-a",
             device={"hostname": "pi-07", "cpus": 4, "arm64": True, "mem_gb": 3.7, "note": None},
         ),
+        Presence(
+            PresenceState.ONLINE,
+            boot_id=f"boot-{seed}",
+            agent_version="0.2.0",
+            base_model_hash=BASE_HASH,
+            cohort="fan-a",
+            train_samples=int(rng.integers(0, 500)),
+            holdout_samples=int(rng.integers(0, 100)),
+        ),
         Heartbeat(
             power_w=float(rng.uniform(1, 8)),
             power_source="ina219",
@@ -88,6 +98,20 @@ def sample_messages(seed: int) -> list[Message]:
         ),
         Heartbeat(0.0, "model:pi4", 0.0, 0, 0, 0, 0.0),
         Heartbeat(1.2, "hwmon:ina226", 3.0, 0, 0, 0, 5.0, drifted=True),
+        Heartbeat(
+            1.2,
+            "model:rpi-zero-2w",
+            3.0,
+            0,
+            0,
+            0,
+            5.0,
+            confidence_score=float(rng.uniform(0, 3)),
+            feature_score=float(rng.uniform(0, 3)),
+            signature=rng.standard_normal(96).astype(np.float32),
+            signature_rows=int(rng.integers(1, 256)),
+            adapter_origin=AdapterOrigin.PERSONAL,
+        ),
         Job(
             "job-17",
             JobKind.FINETUNE,
@@ -95,9 +119,16 @@ def sample_messages(seed: int) -> list[Message]:
             expires_at=2e9,
             base_model_hash=BASE_HASH,
         ),
+        Job(
+            "job-23",
+            JobKind.FINETUNE,
+            FinetuneParams(epochs=30, lr=0.05, seed=seed, steps=30, start_version=0),
+            expires_at=2e9,
+        ),
         Job("job-18", JobKind.EVALUATE, EvaluateParams(), expires_at=2e9),
         Job("job-19", JobKind.EVALUATE, EvaluateParams(adapter_version=3), expires_at=2e9),
         Job("job-20", JobKind.APPLY_ADAPTER, ApplyAdapterParams(7), expires_at=2e9),
+        Job("job-24", JobKind.APPLY_ADAPTER, ApplyAdapterParams(8, True), expires_at=2e9),
         Job("job-21", JobKind.ROLLBACK_ADAPTER, RollbackAdapterParams(), expires_at=2e9),
         Job("job-22", JobKind.CANCEL, CancelParams(target_job_id="job-17"), expires_at=2e9),
         JobStatus("job-17", JobState.IN_PROGRESS, progress=0.4, detail={"epoch": 2, "loss": 0.3}),
@@ -117,6 +148,21 @@ def sample_messages(seed: int) -> list[Message]:
             metrics(rng),
             parent_adapter_version=int(rng.integers(0, 10)),
         ),
+        Report(
+            "job-23",
+            {k: v for k, v in adapter_arrays(rng).items() if k.startswith("delta")},
+            dataclasses.replace(
+                metrics(rng),
+                method="skip2-delta",
+                accuracy_running=float(rng.uniform(0, 1)),
+                installed=bool(seed % 2),
+                holdout_samples=int(rng.integers(1, 100)),
+                steps=int(rng.integers(1, 1000)),
+                loss_before=float(rng.uniform(0, 3)),
+                loss_after=float(rng.uniform(0, 3)),
+            ),
+            parent_adapter_version=None,
+        ),
         AdapterPublication(
             version=int(rng.integers(1, 1000)),
             base_model_hash=BASE_HASH,
@@ -129,6 +175,7 @@ def sample_messages(seed: int) -> list[Message]:
             adapter_version=int(rng.integers(0, 100)), base_model_hash=BASE_HASH, cohort="x"
         ),
         DesiredState(adapter_version=None, base_model_hash=BASE_HASH, cohort="x"),
+        DesiredState(adapter_version=4, base_model_hash=BASE_HASH, cohort="x", only_if_better=True),
         FetchRequest(adapter_version=int(rng.integers(0, 100))),
         Chunk("0" * 32, 1, 3, bytes(rng.integers(0, 256, 32, dtype=np.uint8)), b"\x00\x01piece"),
     ]

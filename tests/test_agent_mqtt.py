@@ -16,14 +16,14 @@ import pytest
 from agent.data.dataset import holdout_split
 from agent.trainer.adapter import Adapter
 from shared.protocol import encode
-from shared.protocol.enums import JobKind, JobReason, JobState, PresenceState
+from shared.protocol.enums import AdapterOrigin, JobKind, JobReason, JobState, PresenceState
 from shared.protocol.messages import (
     CancelParams,
     EvaluateParams,
     FinetuneParams,
     Report,
 )
-from tests.agent_fixtures import drift_files, fan_files  # noqa: F401 (fixtures)
+from tests.agent_fixtures import drift_files, fan_files, unlabelled_files  # noqa: F401 (fixtures)
 from tests.agent_process import (
     DEVICE,
     HOLDOUT_FRACTION,
@@ -241,3 +241,34 @@ def test_sigusr1_moves_a_simulated_device_to_its_drifted_data(fleet, drift_files
     assert metrics.samples == len(train)  # the noisy-room rows, not the 1880 quiet ones
     assert metrics.accuracy_before < 0.75 < 0.9 < metrics.accuracy_after
     assert "drift event (SIGUSR1)" in agent.log(tail=100_000)
+
+
+def test_presence_counts_labelled_rows_and_heartbeats_carry_calibrated_scores(fleet, fan_files):  # noqa: F811
+    start_agent, observer, _ = fleet
+    start_agent("--heartbeat-seconds", "0.5")
+    online = observer.presence(PresenceState.ONLINE)
+    train, holdout = holdout_split(fan_files.device_data, HOLDOUT_FRACTION, seed=SEED)
+    assert (online.train_samples, online.holdout_samples) == (len(train), len(holdout))
+    assert online.labelled is True
+    beat = observer.heartbeat(lambda b: b.signature is not None)
+    assert beat.signature.dtype == np.float32 and beat.signature.shape == (96,)
+    assert beat.signature_rows == 256 and beat.adapter_origin is AdapterOrigin.BASE
+    assert beat.confidence_score > 1.0 and beat.feature_score > 1.0  # the noisy room
+
+
+def test_a_device_without_labels_rejects_a_finetune_and_still_sends_its_signature(
+    fleet,
+    unlabelled_files,  # noqa: F811
+):
+    start_agent, observer, _ = fleet
+    agent = start_agent("--heartbeat-seconds", "0.5", data_path=unlabelled_files.device_data_path)
+    online = observer.presence(PresenceState.ONLINE)
+    assert (online.train_samples, online.holdout_samples) == (0, 0) and online.labelled is False
+    observer.send_job(
+        job("ft-nolabel", JobKind.FINETUNE, FinetuneParams(epochs=5, lr=0.05, seed=0))
+    )
+    rejected = observer.status_of("ft-nolabel", JobState.REJECTED)
+    assert rejected.reason_code is JobReason.INSUFFICIENT_DATA and "no labels" in rejected.reason
+    beat = observer.heartbeat(lambda b: b.signature is not None)
+    assert beat.signature.shape == (96,) and beat.feature_score > 1.0
+    assert "has no labels" in agent.log(tail=100_000)

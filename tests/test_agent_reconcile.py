@@ -12,14 +12,17 @@ import pytest
 
 from agent.adapter_inbox import AdapterInbox
 from agent.adapter_store import AdapterSource, AdapterStore
-from agent.data.dataset import holdout_split
 from agent.job_history import JobHistory
 from agent.jobs import JobRunner
-from agent.learner import Learner
-from agent.local_data import DataPhase, LocalData
+from agent.local_data import load_local_data
 from agent.reconcile import FetchPolicy, Reconciler
 from shared.protocol.messages import AdapterPublication, DesiredState, FetchRequest, Lineage
-from tests.agent_fixtures import fan_files  # noqa: F401 (a fixture)
+from tests.agent_fixtures import (  # noqa: F401 (fixtures)
+    fan_files,
+    good_arrays,
+    own_choice,
+    unlabelled_files,
+)
 
 WAIT = 10.0
 OTHER_HASH = "f" * 64
@@ -57,11 +60,11 @@ class Device:
     def __init__(self, tmp_path, files, policy: FetchPolicy):
         model = files.model
         self.hash = model.weights_hash
-        train, holdout = holdout_split(files.device_data, 0.25, seed=0)
-        self.data = LocalData(DataPhase(Learner(model, train, holdout), train.X, drifted=False))
+        self.data = load_local_data(files.device_data_path, model, 0.25, 0)
         self.store = AdapterStore(tmp_path / "adapters", self.hash)
         self.inbox = AdapterInbox()
         self.coordinator = Coordinator(self.inbox)
+        self.choice = own_choice(self.store, tmp_path)
         self.runner = JobRunner(
             {}, lambda s: None, JobHistory(tmp_path / "j.json"), base_model_hash="h"
         )
@@ -71,21 +74,23 @@ class Device:
             inbox=self.inbox,
             send_fetch=self.coordinator.fetch,
             between_jobs=self.runner.run_between_jobs,
+            choice=self.choice,
             policy=policy,
             rng=random.Random(0),
         )
 
-    def publication(self, version: int, base_hash: str | None = None, scale=0.01):
+    def publication(self, version: int, base_hash: str | None = None, scale=0.01, arrays=None):
         model = self.data.model
-        arrays = {
+        arrays = arrays or {
             f"delta{k + 1}": np.full((d, model.n_classes), scale, np.float32)
             for k, d in enumerate(model.layer_input_dims)
         }
         lineage = Lineage("r1", ("dev-1",), "fedavg")
         return AdapterPublication(version, base_hash or self.hash, "default", arrays, lineage, 1.0)
 
-    def desired(self, version: int | None, base_hash: str | None = None) -> DesiredState:
-        return DesiredState(version, base_hash or self.hash, "default")
+    def desired(self, version: int | None, base_hash: str | None = None,
+                only_if_better: bool = False) -> DesiredState:  # fmt: skip
+        return DesiredState(version, base_hash or self.hash, "default", only_if_better)
 
     def running(self) -> int | None:
         current = self.store.current
@@ -202,3 +207,53 @@ def test_a_newer_pointer_takes_over_from_a_wait_for_an_older_one(device):
     wait_until(lambda: device.running() == 21)
     assert time.monotonic() - started < 2.0
     assert device.coordinator.asked() == [20, 21]
+
+
+# -- only_if_better: the device's own choice ----------------------------------------------------
+def test_a_worse_desired_version_is_declined_once_and_not_fetched_again(
+    device,
+    good_arrays,  # noqa: F811
+    caplog,
+):
+    mine = device.store.install(good_arrays, version=None, base_model_hash=device.hash,
+                                source=AdapterSource.FINETUNE)  # fmt: skip
+    device.coordinator.answers[14] = device.publication(14, scale=0.0)  # runs like the base
+    with caplog.at_level(logging.INFO, logger="agent.reconcile"):
+        device.reconciler.offer(device.desired(14, only_if_better=True))
+        wait_until(lambda: "declined, keeping what runs" in caplog.text)
+    assert device.store.current.slot == mine.slot and device.coordinator.asked() == [14]
+    with caplog.at_level(logging.DEBUG, logger="agent.reconcile"):
+        device.reconciler.offer(device.desired(None))  # something else in between, then
+        wait_until(lambda: device.store.current is None)  # (no judging: takes it as is)
+        device.store.rollback()  # back to the personal adapter the decline was made against
+        device.reconciler.offer(device.desired(14, only_if_better=True))  # a reconnect
+        wait_until(lambda: "declined before" in caplog.text)
+    assert device.coordinator.asked() == [14] and device.store.current.slot == mine.slot
+
+
+def test_a_better_desired_version_is_installed(device, good_arrays):  # noqa: F811
+    device.coordinator.answers[15] = device.publication(15, arrays=good_arrays)
+    device.reconciler.offer(device.desired(15, only_if_better=True))
+    wait_until(lambda: device.running() == 15)
+    assert device.store.origin.value == "fleet"
+
+
+def test_the_base_model_as_desired_state_is_judged_too(device, good_arrays):  # noqa: F811
+    device.store.install(good_arrays, version=None, base_model_hash=device.hash,
+                         source=AdapterSource.FINETUNE)  # fmt: skip
+    device.reconciler.offer(device.desired(None, only_if_better=True))
+    wait_until(lambda: device.choice.declined(0))
+    assert device.store.origin.value == "personal"
+
+
+def test_a_device_without_labels_takes_the_desired_version_as_is(tmp_path, unlabelled_files):  # noqa: F811
+    d = Device(tmp_path, unlabelled_files, FetchPolicy(retry_seconds=5.0, max_fetches=3))
+    d.runner.start()
+    d.reconciler.start()
+    try:
+        d.coordinator.answers[16] = d.publication(16, scale=0.0)
+        d.reconciler.offer(d.desired(16, only_if_better=True))
+        wait_until(lambda: d.running() == 16)
+    finally:
+        d.reconciler.stop()
+        d.runner.stop()

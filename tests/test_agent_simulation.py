@@ -12,6 +12,7 @@ import pytest
 from agent.adapter_inbox import AdapterInbox
 from agent.adapter_store import AdapterStore
 from agent.data.dataset import Dataset, holdout_split
+from agent.drift import WINDOW_ROWS as DRIFT_WINDOW_ROWS
 from agent.drift import RecentInputs
 from agent.handlers import JobHandlers
 from agent.job_history import JobHistory
@@ -19,7 +20,6 @@ from agent.jobs import JobContext, JobRunner
 from agent.learner import Learner
 from agent.local_data import DataPhase, LocalData, SwitchResult, load_local_data
 from agent.meters import GENERIC, ModelMeter
-from agent.runtime import DRIFT_WINDOW_ROWS
 from agent.simulation import DriftTrigger, SensorStream
 from agent.spool import Spool
 from agent.telemetry import Telemetry, TelemetrySources
@@ -27,7 +27,7 @@ from agent.uplink import Uplink
 from shared.protocol.enums import JobKind
 from shared.protocol.messages import FinetuneParams, Job
 from shared.topics import Topics
-from tests.agent_fixtures import drift_files, fan_files  # noqa: F401 (fixtures)
+from tests.agent_fixtures import drift_files, fan_files, own_choice  # noqa: F401 (fixtures)
 
 WAIT = 10.0
 
@@ -119,7 +119,9 @@ def device(tmp_path, drift_files):  # noqa: F811
         drifted=lambda: data.current().drifted,
     )
     uplink = Uplink("dev-1", Topics(), spool, boot_id="b")
-    handlers = JobHandlers(data, store, AdapterInbox(), uplink, meter)
+    handlers = JobHandlers(
+        data, store, AdapterInbox(), uplink, meter, choice=own_choice(store, tmp_path)
+    )
     yield data, Telemetry(sources), SensorStream(data, recent, DRIFT_WINDOW_ROWS), handlers
     spool.close()
 

@@ -1,8 +1,10 @@
-"""The heartbeat: power from the meter, spool counters, drift, adapter and job state."""
+"""The heartbeat: power from the meter, spool counters, drift scores, signature, adapter and job
+state."""
 
 from __future__ import annotations
 
 import time
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -17,7 +19,8 @@ from agent.learner import Learner
 from agent.meters import RPI_ZERO_2W, ModelMeter
 from agent.spool import Priority, Spool
 from agent.telemetry import HeartbeatLoop, Telemetry, TelemetrySources
-from tests.agent_fixtures import fan_files  # noqa: F401 (a fixture)
+from shared.protocol.enums import AdapterOrigin
+from tests.agent_fixtures import fan_files, good_arrays  # noqa: F401 (fixtures)
 
 
 @pytest.fixture
@@ -103,3 +106,41 @@ def test_heartbeat_loop_sends_until_stopped_and_survives_a_failure(parts):
         time.sleep(0.01)
     loop.stop()
     assert len(sent) >= 2
+
+
+def test_heartbeat_carries_calibrated_scores_a_signature_and_the_adapter_origin(parts, data_dir):
+    telemetry, sources, _, files = parts
+    quiet = load_fan_split(data_dir, "damage1", "silent_all")
+    sources.recent.add(quiet.X[quiet.meta["recording"] == "12cm_hmlo_normal_silentB_2"])
+    calm = telemetry.heartbeat()
+    assert calm.adapter_origin is AdapterOrigin.BASE
+    assert calm.signature.shape == (files.model.hidden_width,) and calm.signature_rows == 64
+    sources.recent.add(files.device_data.X)  # the noisy room
+    loud = telemetry.heartbeat()
+    assert calm.confidence_score < 1.0 < loud.confidence_score
+    assert calm.feature_score < 1.0 < loud.feature_score
+    assert np.linalg.norm(loud.signature) > np.linalg.norm(calm.signature)
+
+
+def test_scores_use_the_running_adapter(parts, good_arrays):  # noqa: F811
+    telemetry, sources, _, files = parts
+    sources.recent.add(files.device_data.X)
+    before = telemetry.heartbeat()
+    sources.store.install(good_arrays, version=None, base_model_hash=files.model.weights_hash,
+                          source=AdapterSource.FINETUNE)  # fmt: skip
+    after = telemetry.heartbeat()
+    assert after.adapter_origin is AdapterOrigin.PERSONAL
+    assert after.confidence_score < before.confidence_score  # the adapter knows this room
+    assert after.feature_score == pytest.approx(before.feature_score)  # x3 is the base model's
+    np.testing.assert_array_equal(after.signature, before.signature)
+
+
+def test_without_a_calibration_the_heartbeat_has_no_calibrated_scores(parts):
+    telemetry, sources, _, files = parts
+    sources.learner = Learner(replace(files.model, calibration=None), sources.learner.train,
+                              sources.learner.holdout)  # fmt: skip
+    sources.recent.add(files.device_data.X)
+    beat = telemetry.heartbeat()
+    assert beat.drift_score is not None and beat.adapter_origin is AdapterOrigin.BASE
+    assert (beat.confidence_score, beat.feature_score, beat.signature) == (None, None, None)
+    assert beat.signature_rows is None

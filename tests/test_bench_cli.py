@@ -33,6 +33,10 @@ def test_bench_trainer_writes_the_documented_json(tmp_path, data_dir, capsys):
     assert skip2["flops_per_batch"] < result["methods"]["lora-all"]["flops_per_batch"]
     assert "skip2_vs_lora_all_time_cut" in result["comparisons"]
     assert "skip2-lora" in capsys.readouterr().out  # the printed table
+    # one base model per trial: the ± covers pre-training noise too
+    hashes = result["base_model_hashes"]
+    assert len(set(hashes)) == 2 and result["base_model_hash"] == hashes[0]
+    assert skip2["accuracy_before_std"] >= 0.0
 
 
 def test_bench_trainer_har_accepts_drift_subjects(tmp_path, data_dir):

@@ -114,3 +114,14 @@ def test_architectures_refuse_shapes_that_do_not_chain(name):
         arch.check_units(units, 28)
     with pytest.raises(ValueError, match="unknown CNN"):
         arch.build("resnet", 10)
+
+
+def test_the_delta_methods_train_each_layers_delta_on_a_cnn(toy_model):
+    """skip2-delta (what the federation asks devices for) on a CNN: ΔW_k itself, cache exact."""
+    X, y = toy_images(80, seed=6)
+    runs = [run_cnn_method(toy_model, X, y, method=m, epochs=3, lr=0.05, batch_size=10, seed=2)
+            for m in ("skip-delta", "skip2-delta")]  # fmt: skip
+    exact, cached = (r.adapter for r in runs)
+    assert sorted(cached.to_arrays()) == ["delta1", "delta2", "delta3", "delta4"]
+    for a, b in zip(exact.effective_deltas(), cached.effective_deltas(), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)

@@ -1,4 +1,5 @@
-"""Aggregation strategies: exactness, the naive gap, personalisation, and what is refused."""
+"""Aggregation strategies: exactness, the naive gap, robust statistics, bounds on what a report
+can do, and what is refused."""
 
 from __future__ import annotations
 
@@ -8,12 +9,15 @@ import pytest
 from coordinator.aggregation import (
     STRATEGIES,
     AggregationError,
+    CoordinateMedianStrategy,
     ExactDeltaStrategy,
     FitFailure,
     FitResult,
     NaiveFedAvgStrategy,
-    PersonalizedStrategy,
+    TrimmedMeanStrategy,
+    TrustBounds,
     aggregation_gap,
+    bound_reports,
     validate_fit_result,
 )
 from tests.coord_helpers import SHAPE, random_deltas, random_factors
@@ -196,30 +200,74 @@ def test_configure_round_gives_every_device_the_fleet_adapter(rng):
     assert first["dev-a"].start_arrays is None
 
 
-def test_personalized_keeps_each_devices_effective_delta_and_mixes(rng):
-    results = reports(rng)
-    strategy = PersonalizedStrategy(SHAPE, alpha=0.25)
-    aggregate = strategy.aggregate_fit(results)
-    fleet = aggregate.arrays["delta1"].astype(np.float64)
-    own = results[1].arrays["delta1"] + results[1].arrays["A1"] @ results[1].arrays["B1"]
-    personal = strategy.personal_adapter("dev-1")
-    np.testing.assert_allclose(personal["delta1"], own, rtol=1e-5)
-    mixed = strategy.adapter_for("dev-1")
-    np.testing.assert_allclose(mixed["delta1"], 0.25 * own + 0.75 * fleet, rtol=1e-5, atol=1e-6)
-    np.testing.assert_allclose(strategy.adapter_for("dev-1", alpha=1.0)["delta1"], own, rtol=1e-5)
-    np.testing.assert_allclose(strategy.adapter_for("stranger")["delta1"], fleet, rtol=1e-6)
-    instructions = strategy.configure_round("r2", ["dev-1", "stranger"])
-    np.testing.assert_allclose(instructions["dev-1"].start_arrays["delta1"], mixed["delta1"])
+def deltas_reports(values: list[float], counts=None) -> list[FitResult]:
+    """Reports whose every ΔW entry is one value each: robust statistics are easy to check."""
+    counts = counts or [10] * len(values)
+    return [
+        FitResult(
+            f"dev-{i}",
+            {f"delta{k}": np.full(SHAPE.delta_shape(k), v, np.float32) for k in SHAPE.layers},
+            n,
+        )
+        for i, (v, n) in enumerate(zip(values, counts, strict=True))
+    ]
 
 
-def test_personalized_state_can_be_restored(rng):
-    first = PersonalizedStrategy(SHAPE)
-    first.aggregate_fit(reports(rng))
-    restored = PersonalizedStrategy(
-        SHAPE, fleet=first.fleet_arrays, personal=first.personal_adapters()
-    )
-    np.testing.assert_array_equal(
-        restored.adapter_for("dev-2")["delta3"], first.adapter_for("dev-2")["delta3"]
-    )
-    with pytest.raises(AggregationError, match="alpha"):
-        PersonalizedStrategy(SHAPE, alpha=1.5)
+def test_coordinate_median_ignores_a_minority_of_liars_and_their_sample_claims():
+    results = deltas_reports([0.1, 0.2, 0.3, 900.0], counts=[10, 10, 10, 2**62])
+    aggregate = CoordinateMedianStrategy(SHAPE).aggregate_fit(results)
+    np.testing.assert_allclose(aggregate.arrays["delta2"], 0.25)  # median of 0.1 .. 0.3, 900
+    exact = ExactDeltaStrategy(SHAPE).aggregate_fit(results)
+    assert exact.arrays["delta2"].min() > 800  # the weighted mean follows the liar
+
+
+def test_trimmed_mean_drops_each_coordinates_extremes():
+    strategy = TrimmedMeanStrategy(SHAPE, trim=0.1)
+    assert [strategy.dropped_per_end(n) for n in (2, 3, 10, 20)] == [0, 1, 1, 2]
+    aggregate = strategy.aggregate_fit(deltas_reports([-500.0, 0.1, 0.2, 0.3, 700.0]))
+    np.testing.assert_allclose(aggregate.arrays["delta1"], 0.2, rtol=1e-6)
+    with pytest.raises(ValueError, match="trim"):
+        TrimmedMeanStrategy(SHAPE, trim=0.5)
+
+
+def test_reports_beyond_the_value_bound_are_refused_even_as_finite_products(rng):
+    huge = {**random_factors(rng), "A1": np.full((SHAPE.input_dim(1), 4), 30.0, np.float32),
+            "B1": np.full((4, SHAPE.n_classes), 30.0, np.float32)}  # fmt: skip
+    with pytest.raises(AggregationError, match="beyond the bound"):
+        validate_fit_result(FitResult("liar", huge, 10), SHAPE)  # 30 x 30 x 4 per entry
+    with pytest.raises(AggregationError, match="beyond the bound"):
+        validate_fit_result(deltas_reports([1e30])[0], SHAPE)
+
+
+def test_bounds_cap_weights_at_the_registered_samples_and_the_others_median():
+    results = deltas_reports([0.1, 0.2, 0.3, 0.4], counts=[100, 120, 80, 2**62])
+    bounded = bound_reports(
+        results, shape=SHAPE, bounds=TrustBounds(max_weight_ratio=10.0, clip_factor=None),
+        registered={"dev-0": 50, "dev-3": 2**62},
+    )  # fmt: skip
+    samples = {r.device_id: r.num_samples for r in bounded.results}
+    assert samples["dev-0"] == 50  # it claimed 100, it registered 50
+    assert samples["dev-3"] == 800  # 10 x the median of the others' (50, 120, 80)
+    assert "capped" in bounded.notes["dev-3"] and not bounded.outliers
+
+
+def test_bounds_clip_an_update_far_beyond_the_others_and_mark_its_device():
+    start = {f"delta{k}": np.full(SHAPE.delta_shape(k), 0.5, np.float32) for k in SHAPE.layers}
+    results = deltas_reports([0.6, 0.55, 0.45, 600.0])  # updates +-0.05..0.1, and one huge
+    bounded = bound_reports(results, shape=SHAPE, bounds=TrustBounds(clip_factor=3.0),
+                            registered={}, start=start)  # fmt: skip
+    assert bounded.outliers == {"dev-3"}
+    update = bounded.results[3].arrays["delta1"].astype(np.float64) - 0.5
+    every = [0.1, 0.05, 0.05, 599.5]  # each report's update per entry, the huge one's own too
+    assert np.abs(update).max() == pytest.approx(3.0 * np.median(every), rel=1e-5)
+    for honest, original in zip(bounded.results[:3], results[:3], strict=True):
+        assert honest.arrays is original.arrays  # untouched
+
+
+def test_bounds_leave_two_honest_sub_groups_of_a_cluster_alone():
+    """Two devices that drifted further than the other two: not outliers (the median of all)."""
+    start = {f"delta{k}": np.zeros(SHAPE.delta_shape(k), np.float32) for k in SHAPE.layers}
+    results = deltas_reports([0.3, 0.32, 0.05, 0.06])
+    bounded = bound_reports(results, shape=SHAPE, bounds=TrustBounds(), registered={},
+                            start=start)  # fmt: skip
+    assert not bounded.outliers and not bounded.notes

@@ -12,6 +12,7 @@ from coordinator.api import ApiServer, FleetApi, to_json
 from coordinator.clock import ManualClock
 from coordinator.ports import LocalFleetPort, Unavailable
 from coordinator.service import FleetService
+from shared.http_auth import RequestGuard
 from shared.protocol import JobKind, JobState
 from tests.coord_fleet_helpers import SimDevice, jobs_in, make_config
 
@@ -131,14 +132,17 @@ def test_health_is_503_without_the_broker(fleet):
 
 def test_the_server_speaks_json_over_http(fleet):
     api, *_ = fleet
-    server = ApiServer(api, "127.0.0.1", 0)
+    server = ApiServer(api, "127.0.0.1", 0, RequestGuard("t" * 32, "in a test"))
     server.start()
     try:
         base = f"http://127.0.0.1:{server.port}"
         with urllib.request.urlopen(f"{base}/devices", timeout=10) as response:
             assert response.headers["Content-Type"] == "application/json"
             assert len(json.load(response)) == 2
-        request = urllib.request.Request(f"{base}/finetune", data=b"{oops", method="POST")
+        headers = {"Content-Type": "application/json", "Authorization": "Bearer " + "t" * 32}
+        request = urllib.request.Request(
+            f"{base}/finetune", data=b"{oops", method="POST", headers=headers
+        )
         with pytest.raises(urllib.error.HTTPError) as error:
             urllib.request.urlopen(request, timeout=10)
         assert error.value.code == 400 and "JSON" in json.load(error.value)["error"]

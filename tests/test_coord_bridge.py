@@ -11,7 +11,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from coordinator.bridge import Deduplicator, InboundDecoder, MqttBridge
+from coordinator.bridge import Deduplicator, FatalReason, InboundDecoder, MqttBridge
 from coordinator.clock import ManualClock
 from coordinator.metrics import FleetMetrics
 from coordinator.outbound import Outbound, desired
@@ -149,7 +149,7 @@ def bridge_parts(tmp_path):
     config = dataclasses.replace(make_config(tmp_path), tick_interval_s=0.02, chunk_limit=4096)
     service = FleetService(config, clock=clock)
     metrics = FleetMetrics()
-    fatal: list[str] = []
+    fatal: list[tuple[FatalReason, str]] = []
     clients: list[FakeClient] = []
 
     def factory(settings, client_id):
@@ -157,7 +157,11 @@ def bridge_parts(tmp_path):
         return clients[-1]
 
     bridge = MqttBridge(
-        config, LocalFleetPort(service), metrics, on_fatal=fatal.append, client_factory=factory
+        config,
+        LocalFleetPort(service),
+        metrics,
+        on_fatal=lambda *why: fatal.append(why),
+        client_factory=factory,
     )
     bridge.start()
     yield bridge, clients[0], service, metrics, fatal, clock
@@ -176,7 +180,8 @@ def test_the_bridge_subscribes_on_connect_and_stops_on_refused_credentials(bridg
     (subscriptions,) = client.subscribed
     assert ("fleet/+/report", 1) in subscriptions and ("fleet/+/telemetry", 0) in subscriptions
     client.on_connect(client, None, None, connack(0x86), None)
-    assert fatal and "Bad user name or password" in fatal[0]
+    assert fatal and fatal[0][0] is FatalReason.BROKER_REFUSED
+    assert "Bad user name or password" in fatal[0][1]
 
 
 def test_device_messages_reach_the_fleet_and_jobs_come_back(bridge_parts):

@@ -20,7 +20,10 @@ from coordinator.config import (
 )
 from coordinator.ports import LocalFleetPort
 from coordinator.service import FleetService
+from shared.http_auth import RequestGuard
 from tests.coord_fleet_helpers import SimDevice, make_config
+
+GUARD = RequestGuard("a-test-token-of-32-characters-xx", "in a test")
 
 
 def parse(*argv: str) -> argparse.Namespace:
@@ -35,7 +38,23 @@ def test_defaults(tmp_path):
     assert (config.metrics_port, config.api_port) == (DEFAULT_METRICS_PORT, DEFAULT_API_PORT)
     assert config.mqtt.url == "mqtt://localhost:1883" and config.mqtt.session_expiry_s > 0
     assert config.algorithm is AggregationAlgorithm.EXACT_DELTA
-    assert config.policy.drift_threshold == 2.0 and config.policy.max_concurrent_jobs == 2
+    assert config.policy.drift_threshold is None and config.policy.max_concurrent_jobs == 2
+    # the federation's defaults: calibrated label-free triggers, clusters, runs of rounds,
+    # ΔW trained directly, two labelled canaries before a device that cannot measure
+    assert config.policy.label_free_threshold == 1.0
+    assert config.cluster_distance == 0.4 and config.finetune.method == "skip2-delta"
+    assert (config.federation.max_rounds, config.federation.steps) == (10, 50)
+    assert config.rollout.min_canaries == 2
+
+
+def test_clustering_and_the_label_free_trigger_can_be_switched_off(tmp_path):
+    config = from_args(
+        parse("--state-dir", str(tmp_path), "--cluster-distance", "off",
+              "--label-free-threshold", "off", "--max-rounds", "1", "--min-canaries", "3"),
+        {},
+    )  # fmt: skip
+    assert config.cluster_distance is None and config.policy.label_free_threshold is None
+    assert config.federation.max_rounds == 1 and config.rollout.min_canaries == 3
 
 
 def test_arguments_win_over_the_environment_which_fills_the_gaps(tmp_path):
@@ -130,47 +149,39 @@ def test_status_formats_the_fleet():
             {
                 "device_id": "pi-1",
                 "online": True,
+                "labelled": True,
+                "cluster": "c2",
+                "running": {"version": 3, "origin": "fleet", "why": "runs cluster c2's v3"},
                 "accuracy_before": 0.612,
                 "accuracy_after": 0.934,
                 "power_w": 1.25,
                 "energy_j": 120.0,
-                "adapter_version": 3,
-                "drift_score": 2.71,
+                "confidence_score": 1.71,
+                "feature_score": 2.5,
                 "seen_seconds_ago": 4.2,
+            },
+            {
+                "device_id": "pi-3",
+                "online": True,
+                "labelled": False,
+                "running": {"version": None, "origin": "personal", "why": None},
+                "seen_seconds_ago": 1.0,
             },
             {"device_id": "pi-22", "online": False, "seen_seconds_ago": None},
         ]
     )
-    header, first, second = table.splitlines()
+    header, first, third, second = table.splitlines()
     assert header.split() == [
-        "DEVICE",
-        "ONLINE",
-        "ACC",
-        "BEFORE",
-        "ACC",
-        "AFTER",
-        "POWER",
-        "W",
-        "ENERGY",
-        "J",
-        "ADAPTER",
-        "DRIFT",
-        "LAST",
-        "SEEN",
-    ]
+        "DEVICE", "ONLINE", "LABELS", "CLUSTER", "RUNS", "ACC", "BEFORE", "ACC", "AFTER",
+        "POWER", "W", "ENERGY", "J", "DRIFT", "LAST", "SEEN", "WHY",
+    ]  # fmt: skip
     assert first.split() == [
-        "pi-1",
-        "yes",
-        "0.612",
-        "0.934",
-        "1.25",
-        "120.0",
-        "v3",
-        "2.71",
-        "4s",
-        "ago",
-    ]
-    assert second.split() == ["pi-22", "no", "-", "-", "-", "-", "-", "-", "never"]
+        "pi-1", "yes", "yes", "c2", "v3", "(c2)", "0.612", "0.934", "1.25", "120.0", "2.50",
+        "4s", "ago", "runs", "cluster", "c2's", "v3",
+    ]  # fmt: skip
+    assert third.split()[:5] == ["pi-3", "yes", "no", "-", "personal"]
+    assert second.split() == ["pi-22", "no", "yes", "-", "base", "-", "-", "-", "-", "-",
+                              "never", "-"]  # fmt: skip
     assert status_cli.format_table([]) == "no devices known yet"
     assert [status_cli.ago(s) for s in (59, 61, 7200, 90000)] == [
         "59s ago",
@@ -185,15 +196,19 @@ def test_status_reads_the_api(tmp_path: Path, capsys):
     service = FleetService(make_config(tmp_path), clock=clock)
     device = SimDevice("pi-1", clock)
     service.ingest([device.presence(), device.heartbeat()])
-    server = ApiServer(FleetApi(LocalFleetPort(service)), "127.0.0.1", 0)
+    server = ApiServer(FleetApi(LocalFleetPort(service)), "127.0.0.1", 0, GUARD)
     server.start()
     try:
-        args = argparse.Namespace(api=f"http://127.0.0.1:{server.port}/", timeout=10.0)
+        args = argparse.Namespace(
+            api=f"http://127.0.0.1:{server.port}/", timeout=10.0, api_token_file=None
+        )
         assert status_cli.main(args) == 0
         assert "pi-1" in capsys.readouterr().out
     finally:
         server.stop()
         service.close()
-    args = argparse.Namespace(api=f"http://127.0.0.1:{server.port}", timeout=2.0)
+    args = argparse.Namespace(
+        api=f"http://127.0.0.1:{server.port}", timeout=2.0, api_token_file=None
+    )
     assert status_cli.main(args) == status_cli.EXIT_UNREACHABLE
     assert "cannot reach" in capsys.readouterr().err

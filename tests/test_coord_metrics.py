@@ -26,6 +26,7 @@ from coordinator.observations import (
     RolloutResult,
     RoundFinished,
     RoundResult,
+    RunFinished,
 )
 
 ARCHITECTURE = Path(__file__).resolve().parent.parent / "docs" / "architecture.md"
@@ -60,7 +61,7 @@ def sample(metrics: FleetMetrics, name: str, **labels: str) -> float | None:
 
 def test_the_metrics_are_exactly_the_documented_table():
     table = documented()
-    assert len(table) == 20
+    assert len(table) == 25
     assert defined(FleetMetrics()) == table
 
 
@@ -124,6 +125,27 @@ def test_snapshots_set_gauges_and_forget_what_is_gone():
     assert sample(metrics, "skipfleet_device_power_watts", device="pi-2") is None
     assert sample(metrics, "skipfleet_jobs", state="QUEUED") == 0
     assert sample(metrics, "skipfleet_adapter_version", cohort="fan-abc") is None
+
+
+def test_what_a_device_runs_is_one_series_that_moves_and_unknown_scores_are_absent():
+    metrics = FleetMetrics()
+    personal = DeviceGauges("pi-1", True, adapter_origin="personal", cluster="c1",
+                            confidence_score=1.4, feature_score=0.7)  # fmt: skip
+    metrics.apply(MetricsReport((), FleetSnapshot(devices=(personal, DeviceGauges("pi-2", True)))))
+    info = "skipfleet_device_adapter_info"
+    assert sample(metrics, info, device="pi-1", origin="personal", cluster="c1") == 1
+    assert sample(metrics, info, device="pi-2", origin="base", cluster="none") == 1
+    score = "skipfleet_device_label_free_score"
+    assert sample(metrics, score, device="pi-1", signal="confidence") == 1.4
+    assert sample(metrics, score, device="pi-2", signal="confidence") is None  # not NaN: absent
+    fleet = DeviceGauges("pi-1", True, adapter_version=4, adapter_origin="fleet", cluster="c1")
+    metrics.apply(MetricsReport((), FleetSnapshot(devices=(fleet,))))
+    assert sample(metrics, info, device="pi-1", origin="personal", cluster="c1") is None
+    assert sample(metrics, info, device="pi-1", origin="fleet", cluster="c1") == 1
+    assert sample(metrics, info, device="pi-2", origin="base", cluster="none") is None  # gone
+    metrics.apply(MetricsReport((RunFinished(3),), FleetSnapshot()))
+    assert sample(metrics, "skipfleet_run_rounds_count") == 1
+    assert sample(metrics, "skipfleet_run_rounds_sum") == 3
 
 
 @pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")

@@ -6,10 +6,12 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import urllib.error
 import urllib.request
+from pathlib import Path
 
 import pytest
 
@@ -25,13 +27,22 @@ pytestmark = pytest.mark.slow
 
 
 @pytest.fixture
-def control(fleet):
+def control(fleet, monkeypatch):
     with ControlServer(fleet) as server:
+        # `skipfleet fleet --control URL` finds the token through the environment
+        monkeypatch.setenv("SKIPFLEET_FLEET_TOKEN_FILE", str(server.token_file))
         yield server
 
 
-def request(url: str, method: str = "GET", body: bytes | None = None) -> tuple[int, dict]:
-    req = urllib.request.Request(url, data=body, method=method)
+def request(
+    url: str, method: str = "GET", body: bytes | None = None, headers: dict | None = None
+) -> tuple[int, dict]:
+    """As an operator's client sends it: JSON with the fleet's token (unless headers say else),
+    the token file the `control` fixture names in the environment."""
+    if headers is None:
+        token = Path(os.environ["SKIPFLEET_FLEET_TOKEN_FILE"]).read_text().strip()
+        headers = {"Content-Type": "application/json", "Authorization": f"Bearer {token}"}
+    req = urllib.request.Request(url, data=body, method=method, headers=headers)
     try:
         with urllib.request.urlopen(req, timeout=30) as response:
             return response.status, json.loads(response.read())
@@ -79,7 +90,7 @@ def test_http_verbs_and_errors(control, fleet):
 
 
 def test_remote_fleet_maps_errors_back(control, fleet):
-    remote = RemoteFleet(control.url)
+    remote = RemoteFleet(control.url, token_file=control.token_file)
     with pytest.raises(InvalidRequest, match="device count"):
         remote.scale(-2)
     rows = remote.cut_broker(CutMode.REFUSE)
@@ -145,6 +156,39 @@ def test_the_console_command_reads_the_run_dir(control, fleet):
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert all(dev in result.stdout for dev in fleet_ids(fleet))
+
+
+def test_nothing_changes_without_the_token_or_with_a_simple_request(
+    control, fleet, capsys, monkeypatch
+):
+    """A page in the operator's browser can send a cross-origin text/plain or form POST, but not
+    a JSON one and not an Authorization header: none of them kills, pauses or scales anything."""
+    dev = fleet_ids(fleet)[0]
+    token = control.token_file.read_text().strip()
+    assert control.token_file.stat().st_mode & 0o777 == 0o600
+    attempts = [
+        ({}, 401),
+        ({"Content-Type": "application/json"}, 401),
+        ({"Content-Type": "application/json", "Authorization": "Bearer wrong-token-0123456789"},
+         401),
+        ({"Content-Type": "text/plain", "Authorization": f"Bearer {token}"}, 415),
+        ({"Content-Type": "application/x-www-form-urlencoded",
+          "Authorization": f"Bearer {token}"}, 415),
+    ]  # fmt: skip
+    paths = [f"/devices/{dev}/kill", f"/devices/{dev}/pause", "/scale", "/broker/cut"]
+    for headers, want in attempts:
+        for path in paths:
+            status, body = request(control.url + path, "POST", b'{"devices": 0}', headers)
+            assert status == want and body["error"], (path, headers, body)
+            if want == 401:
+                assert str(control.token_file) in body["error"]
+    rows = fleet.devices()
+    assert len(rows) == 3 and {r.state for r in rows} == {DeviceState.RUNNING}
+    assert request(control.url + "/devices", headers={})[0] == 200  # reads: open on loopback
+    monkeypatch.delenv("SKIPFLEET_FLEET_TOKEN_FILE")
+    code, _, err = cli(capsys, "--control", control.url, "kill", dev)
+    assert code == 1 and "Authorization: Bearer" in err
+    assert fleet.device(dev).state is DeviceState.RUNNING
 
 
 def fleet_ids(fleet) -> list[str]:

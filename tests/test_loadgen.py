@@ -24,6 +24,7 @@ from agent.device_data import write_device_file
 from agent.trainer.finetune import pretrain
 from coordinator.app import Coordinator
 from coordinator.config import CoordinatorConfig, FinetuneSettings
+from coordinator.federation import FederationPolicy
 from coordinator.rollout import RolloutPolicy
 from coordinator.scheduler import SchedulerPolicy
 from shared.mqtt import parse_broker_url
@@ -386,6 +387,7 @@ def coordinator_config(broker_url: str, state_dir: Path) -> CoordinatorConfig:
         policy=policy,
         rollout=RolloutPolicy(canary_fraction=0.4, canary_deadline_s=60.0),
         finetune=FinetuneSettings(epochs=10, lr=0.02),
+        federation=FederationPolicy(max_rounds=1),  # the load generator's devices: one round
         command_timeout_s=30.0, tick_interval_s=0.2, metrics_interval_s=0.5,
     )  # fmt: skip
 
@@ -411,7 +413,9 @@ def said_offline(envelope, retained: bool, device: str) -> bool:
 @pytest.mark.slow
 def test_a_round_reaches_every_simulated_device(ray_session, mosquitto, world, tmp_path):
     coordinator = Coordinator.start(coordinator_config(mosquitto.url, tmp_path / "coordinator"))
-    api = ApiClient(f"http://127.0.0.1:{coordinator.api.port}")
+    api = ApiClient(
+        f"http://127.0.0.1:{coordinator.api.port}", token_file=coordinator.config.token_path
+    )
     fleet = SimulatedFleet(
         mosquitto.url, world / "base.npz", [world / "device.npz"], 5, 2, tmp_path / "loadgen",
         options=["--heartbeat-seconds", "1", "--device-seconds", "0.5", "--epochs", "10"],

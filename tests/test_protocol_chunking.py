@@ -16,12 +16,15 @@ from shared.protocol import (
     Chunk,
     DecodeError,
     EncodeError,
+    Envelope,
     FetchRequest,
     Lineage,
     Reassembler,
     ReassemblyError,
+    SenderReassemblers,
     decode,
     encode,
+    encode_envelope,
     encode_for_publish,
     new_envelope,
     split_envelope,
@@ -194,3 +197,38 @@ def test_a_decode_error_from_a_hostile_chunk_payload():
     wire["body"]["index"] = 5
     with pytest.raises(DecodeError):
         decode(msgpack.packb(wire))
+
+
+def chunk_starts(sender: str, count: int, limit: int = 300) -> list[Envelope]:
+    """The first chunk of `count` different large messages from one sender."""
+    out = []
+    for i in range(count):
+        big = new_envelope(FetchRequest(i), sender=sender, boot_id="b", seq=i)
+        pieces = split_envelope(big, encode_envelope(big) + bytes(3 * limit), limit=limit)
+        out.append(pieces[0].envelope)
+    return out
+
+
+def test_one_senders_chunk_starts_never_evict_another_senders_message(outgoing):
+    reassemblers = SenderReassemblers(per_sender_in_flight=4)
+    victim = [item.envelope for item in outgoing]
+    assert reassemblers.feed(victim[0]) is None  # pi-1's message is half in
+    for envelope in chunk_starts("flooder", 100):  # 100 partial messages from one device
+        assert reassemblers.feed(envelope) is None
+    assert len(reassemblers.in_flight("flooder")) == 4  # it evicted only its own
+    done = [reassemblers.feed(e) for e in victim[1:]]
+    assert done[-1] is not None and done[-1].message_id == victim[0].message.message_id
+    assert reassemblers.in_flight(victim[0].sender) == []  # completed: nothing kept for it
+    assert reassemblers.dropped == 96
+
+
+def test_the_global_byte_cap_evicts_from_the_sender_holding_the_most(outgoing):
+    victim = [item.envelope for item in outgoing]
+    one_chunk = len(victim[0].message.data)
+    reassemblers = SenderReassemblers(per_sender_in_flight=50,
+                                      max_total_bytes=3 * one_chunk)  # fmt: skip
+    reassemblers.feed(victim[0])
+    for envelope in chunk_starts("hog", 10, limit=one_chunk + 200):
+        reassemblers.feed(envelope)
+        assert reassemblers.buffered_bytes <= 3 * one_chunk
+    assert reassemblers.in_flight(victim[0].sender) == [victim[0].message.message_id]

@@ -14,6 +14,7 @@ from shared.protocol import (
     DEVICE_SETTABLE,
     SCHEMA_VERSION,
     TERMINAL_STATES,
+    ApplyAdapterParams,
     CancelParams,
     DecodeError,
     Envelope,
@@ -225,6 +226,21 @@ def _base_metrics(**changes):
         lambda: Presence("online", "b", "v", BASE_HASH, "c"),
         lambda: Presence(PresenceState.ONLINE, "b", "v", BASE_HASH, "c", device={"x": [1]}),
         lambda: JobStatus("j", JobState.SUCCEEDED, progress=1.01),
+        lambda: Heartbeat(1.0, "rapl", 0.0, 0, 0, 0, 0.0, signature=np.zeros(4, np.float32)),
+        lambda: Heartbeat(1.0, "rapl", 0.0, 0, 0, 0, 0.0, signature_rows=4),
+        lambda: Heartbeat(
+            1.0, "rapl", 0.0, 0, 0, 0, 0.0, signature=np.full(3, np.nan), signature_rows=1
+        ),
+        lambda: Heartbeat(
+            1.0, "rapl", 0.0, 0, 0, 0, 0.0, signature=np.zeros((2, 2)), signature_rows=1
+        ),
+        lambda: Heartbeat(1.0, "rapl", 0.0, 0, 0, 0, 0.0, confidence_score=-0.1),
+        lambda: Heartbeat(1.0, "rapl", 0.0, 0, 0, 0, 0.0, adapter_origin="fleet"),
+        lambda: FinetuneParams(epochs=1, lr=0.1, seed=0, steps=0),
+        lambda: FinetuneParams(epochs=1, lr=0.1, seed=0, start_version=-1),
+        lambda: _base_metrics(accuracy_running=1.2),
+        lambda: _base_metrics(installed=1),
+        lambda: Presence(PresenceState.ONLINE, "b", "v", BASE_HASH, "c", train_samples=-1),
     ],
 )
 def test_construction_validates(build):
@@ -300,3 +316,30 @@ def test_sent_at_defaults_to_now():
     before = time.time()
     envelope = decode(encode(FetchRequest(1), sender="a", boot_id="b", seq=0))
     assert before <= envelope.sent_at <= time.time()
+
+
+def test_fields_added_for_federation_default_when_an_older_sender_leaves_them_out():
+    """A device or coordinator that predates a field still talks: optional fields stay None."""
+    beat = Heartbeat(1.0, "rapl", 0.0, 0, 0, 0, 0.0)
+    wire = msgpack.unpackb(encode(beat, sender="pi-1", boot_id="b", seq=0))
+    for key in ("confidence_score", "feature_score", "signature", "signature_rows"):
+        del wire["body"][key]
+    decoded = decode(msgpack.packb(wire)).message
+    assert (decoded.confidence_score, decoded.signature, decoded.adapter_origin) == (None,) * 3
+    job = Job("a-1", JobKind.APPLY_ADAPTER, ApplyAdapterParams(3, only_if_better=True), 2e9)
+    wire = msgpack.unpackb(encode(job, sender="coordinator"))
+    del wire["body"]["params"]["only_if_better"]
+    assert decode(msgpack.packb(wire)).message.params.only_if_better is False
+
+
+def test_a_float16_signature_arrives_as_float32_and_a_labelless_presence_says_so():
+    signature = np.linspace(-2, 2, 96).astype(np.float16)
+    beat = Heartbeat(1.0, "rapl", 0.0, 0, 0, 0, 0.0, signature=signature, signature_rows=64)
+    decoded = decode(encode(beat, sender="pi-1", boot_id="b", seq=0)).message
+    assert decoded.signature.dtype == np.float32
+    np.testing.assert_array_equal(decoded.signature, signature.astype(np.float32))
+    unlabelled = Presence(
+        PresenceState.ONLINE, "b", "v", BASE_HASH, "c", train_samples=0, holdout_samples=0
+    )
+    assert unlabelled.labelled is False
+    assert Presence(PresenceState.ONLINE, "b", "v", BASE_HASH, "c").labelled is None

@@ -1,4 +1,5 @@
-"""The simulated fleet's data: base model, one valid device file per device, drift streams."""
+"""The simulated fleet's data: a calibrated base model, one valid device file per device, drift
+streams."""
 
 import numpy as np
 import pytest
@@ -16,6 +17,7 @@ def test_scenario_writes_a_base_model_and_device_files(tmp_path, data_dir, datas
                               log=lambda _: None)  # fmt: skip
     model = BaseModel.load(scenario.base_model)
     assert model.weights_hash == scenario.base_model_hash
+    assert model.calibration.window_rows == 256 and model.calibration.held_out_rows > 0
     ids = [d.device_id for d in scenario.devices]
     assert len(set(ids)) == 3
     for device in scenario.devices:
@@ -58,7 +60,28 @@ def test_har_devices_are_people_the_base_model_never_saw(tmp_path, data_dir):
         "har-s09", "har-s14", "har-s16", "har-s19", "har-s25",
     ]  # fmt: skip
     pretrained_on = set(BaseModel.load(scenario.base_model).info["pretrain_subjects"])
-    assert len(pretrained_on) == 25 and not pretrained_on & {9, 14, 16, 19, 25}
+    # three more are held out for devices that join later, without labels
+    assert len(pretrained_on) == 22 and not pretrained_on & {9, 14, 16, 19, 25, 2, 4, 6}
+
+
+def test_new_devices_have_no_labels_and_the_simulation_keeps_their_truth(tmp_path, data_dir):
+    scenario = build_scenario("fan", 8, data_dir, tmp_path, drift=True, pretrain_epochs=1,
+                              new_devices=2, log=lambda _: None)  # fmt: skip
+    assert [d.device_id for d in scenario.new_devices] == [
+        "fan-12cm-noisy-normal-new", "fan-12cm-noisy-damage1-new",
+    ]  # fmt: skip
+    for device in scenario.new_devices:
+        assert not device.labelled
+        with np.load(device.data_file) as inputs, np.load(device.truth_file) as truth:
+            assert "y" not in inputs.files and len(truth["y"]) == len(inputs["X"])
+    # drifting devices stream the noisy room's first recordings, new ones its second
+    drifting = next(d for d in scenario.devices if "normal ->" in d.description)
+    with np.load(drifting.data_file) as own, np.load(scenario.new_devices[0].data_file) as new:
+        shared = {row.tobytes() for row in own["X_drift"]} & {row.tobytes() for row in new["X"]}
+    assert not shared
+    with pytest.raises(ValueError, match="new devices"):
+        build_scenario("fan", 2, data_dir, tmp_path, drift=True, pretrain_epochs=1,
+                       new_devices=4, log=lambda _: None)  # fmt: skip
 
 
 def test_more_devices_than_groups_split_the_data(tmp_path, data_dir):
@@ -86,6 +109,7 @@ def test_prepare_writes_the_compose_layout(tmp_path, data_dir):
     assert main(argv) == 0
     manifest = json.loads((out / "manifest.json").read_text())
     model = BaseModel.load(out / "base.npz")
+    assert model.calibration is not None  # the agents on the shards send calibrated scores
     assert manifest["base_model_hash"] == model.weights_hash
     assert [s["shard"] for s in manifest["shards"]] == [0, 1, 2]
     for k in range(3):

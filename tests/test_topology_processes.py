@@ -158,7 +158,7 @@ def test_every_device_comes_online_through_the_acl_broker(coordinator, agents):
 
 def test_a_round_triggered_through_the_api_runs_on_every_device(coordinator, agents):
     cohort = run_one_round(coordinator, DEVICE_IDS, watch=agents)
-    assert cohort["current_version"] == 1
+    assert cohort["current_version"] in cohort["current_versions"].values()
     (stored,) = coordinator.get("/rounds")
     assert sorted(stored["answered"]) == DEVICE_IDS and stored["failures"] == {}, stored
 

@@ -297,3 +297,34 @@ def test_finetune_can_be_cancelled(base, fan):
     with pytest.raises(Cancelled, match="after 2 of 50"):
         finetune(base, fan.finetune.X, fan.finetune.y, epochs=50, cancel=cancel, progress=progress)
     assert seen == [1, 2]
+
+
+class BatchRecorder:
+    """A trainer that only records the size of every batch it is given."""
+
+    def __init__(self):
+        self.sizes = []
+
+    def begin_epoch(self, X1, labels, onehot, perm):
+        pass
+
+    def forward(self, start, stop):
+        self.sizes.append(stop - start)
+
+    def backward(self, ctx):
+        return None
+
+    def update(self, grads):
+        pass
+
+
+@pytest.mark.parametrize(("n", "drop_last", "sizes"), [
+    (42, False, [20, 20, 2]), (42, True, [20, 20]), (40, True, [20, 20]), (7, True, [7]),
+])  # fmt: skip
+def test_drop_last_skips_only_a_partial_last_batch(n, drop_last, sizes):
+    trainer = BatchRecorder()
+    X, labels = np.zeros((n, 2), np.float32), np.zeros(n, np.int64)
+    times = run_epochs(trainer, X, labels, 2, epochs=2, batch_size=20,
+                       rng=np.random.default_rng(0), cancel=None, progress=None,
+                       drop_last=drop_last)  # fmt: skip
+    assert trainer.sizes == sizes * 2 and times.batches == 2 * len(sizes)

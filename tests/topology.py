@@ -30,7 +30,7 @@ import pytest
 import yaml
 
 from skipfleet.brokers import find_mosquitto, free_port
-from skipfleet.coordinator_process import ApiClient, ApiError
+from skipfleet.coordinator_process import ApiClient, ApiError, token_file
 from skipfleet.processes import child_env
 
 REPO = Path(__file__).resolve().parent.parent
@@ -105,10 +105,11 @@ def _describe(proc, chars: int = 3000) -> str:
     return f"--- {name} (exit code {proc.process.poll()}):\n{log}"
 
 
-def http_json(url: str, body: dict | None = None, method: str | None = None) -> tuple[int, object]:
+def http_json(url: str, body: dict | None = None, method: str | None = None,
+              token_file: Path | None = None) -> tuple[int, object]:  # fmt: skip
     """(status, JSON) through the product's API client; ApiError if nothing answers."""
     method = method or ("GET" if body is None else "POST")
-    return ApiClient(url, WAIT).request(method, "", body)
+    return ApiClient(url, WAIT, token_file).request(method, "", body)
 
 
 def listening(port: int) -> bool:
@@ -139,10 +140,12 @@ class DeployBroker:
     """mosquitto running deploy/mosquitto/mosquitto.conf, its container paths mapped into `root`.
 
     Only ports, paths and logging change; the ACLs and every other setting are the compose
-    broker's own. `passwd` is a mosquitto_passwd file (make_accounts writes one).
+    broker's own. `passwd` is a mosquitto_passwd file (make_accounts writes one). `extra_lines`
+    (another listener, say) are appended; the broker must then also listen on `extra_ports`.
     """
 
-    def __init__(self, root: Path, passwd: Path) -> None:
+    def __init__(self, root: Path, passwd: Path, extra_lines: Iterable[str] = (),
+                 extra_ports: Iterable[int] = ()) -> None:  # fmt: skip
         binary = find_mosquitto()
         if binary is None:
             pytest.fail("mosquitto is not installed: run `make system-deps`")
@@ -171,6 +174,7 @@ class DeployBroker:
         for old, new in replacements.items():
             assert lines.count(old) == 1, f"mosquitto.conf: expected one line {old!r}"
             lines[lines.index(old)] = new
+        lines += extra_lines
         # As root, mosquitto would switch to user `mosquitto`, who cannot read the tmp dir.
         lines.append(f"user {pwd.getpwuid(os.getuid()).pw_name}")
         config = root / "mosquitto.conf"
@@ -179,7 +183,8 @@ class DeployBroker:
             [binary, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         deadline = time.monotonic() + 10
-        while not (listening(self.port) and listening(self.probe_port)):
+        ports = [self.port, self.probe_port, *extra_ports]
+        while not all(listening(port) for port in ports):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.process.kill()
                 pytest.fail(f"mosquitto did not start: {self.process.stderr.read()!r} "
@@ -215,8 +220,13 @@ class Mqtt:
         self.messages: queue.Queue = queue.Queue()
         self.acks: dict[int, object] = {}
         self.connack = None
+        self.session_present = False
+        self.disconnects: list[object] = []  # reason codes, e.g. a session taken over
         self.done = threading.Condition()
         self.client.on_connect = self._on_connect
+        self.client.on_disconnect = lambda c, u, flags, reason, props: self.disconnects.append(
+            reason
+        )
         self.client.on_publish = self._on_ack
         self.client.on_subscribe = self._on_ack
         self.client.on_message = lambda client, userdata, msg: self.messages.put(msg)
@@ -224,6 +234,7 @@ class Mqtt:
     def _on_connect(self, client, userdata, flags, reason_code, properties):
         with self.done:
             self.connack = reason_code
+            self.session_present = flags.session_present
             self.done.notify_all()
 
     def _on_ack(self, client, userdata, mid, reason_codes, properties):
@@ -235,8 +246,17 @@ class Mqtt:
         with self.done:
             assert self.done.wait_for(ready, timeout=5), "no answer from the broker"
 
-    def connect(self):
-        self.client.connect("127.0.0.1", self.port)
+    def connect(self, session_expiry_s: int = 0):
+        """A clean start, or (session_expiry_s > 0) resuming a persistent session."""
+        from paho.mqtt.packettypes import PacketTypes
+        from paho.mqtt.properties import Properties
+
+        props = Properties(PacketTypes.CONNECT)
+        props.SessionExpiryInterval = session_expiry_s
+        self.connack = None
+        self.client.connect(
+            "127.0.0.1", self.port, clean_start=session_expiry_s == 0, properties=props
+        )
         self.client.loop_start()
         self._wait(lambda: self.connack is not None)
         return self.connack
@@ -289,6 +309,8 @@ def session_coordinator_flags(ray_session, state_dir: Path) -> dict[str, str]:
         "accuracy-threshold": "off",
         "accuracy-drop-margin": "off",
         "drift-threshold": "off",
+        "label-free-threshold": "off",
+        "max-rounds": "1",  # a run of one round: these tests are about the deployment
         "tick-seconds": "0.2",
     }
 
@@ -301,9 +323,10 @@ class CoordinatorProcess(LoggedProcess):
         super().__init__("coordinator", argv, log_path, child_env())
         self.api_url = f"http://127.0.0.1:{flags['api-port']}"
         self.metrics_address = f"127.0.0.1:{flags['metrics-port']}"
+        self.token_file = Path(flags.get("api-token-file") or token_file(flags["state-dir"]))
 
     def api(self, method: str, path: str, body: dict | None = None) -> tuple[int, object]:
-        return http_json(self.api_url + path, body, method)
+        return http_json(self.api_url + path, body, method, self.token_file)
 
     def get(self, path: str):
         status, payload = self.api("GET", path)
@@ -333,8 +356,10 @@ def devices_reachable(coordinator: CoordinatorProcess, device_ids: Iterable[str]
 
 def run_one_round(coordinator: CoordinatorProcess, device_ids: list[str],
                   watch: Iterable[LoggedProcess] = ()) -> dict:  # fmt: skip
-    """POST /finetune {"all": true} over the reachable fleet, then wait until the round's adapter is
-    promoted and runs on every device; returns the cohort (GET /adapters)."""
+    """POST /finetune {"all": true} over the reachable fleet (a run of one round: the session
+    flags say --max-rounds 1), then wait until its adapter is promoted and every device has
+    answered the offer (installed it, or kept what measured better on its own hold-out);
+    returns the cohort (GET /adapters)."""
     status, started = coordinator.api("POST", "/finetune", {"all": True})
     assert status == 200, started
     (started_round,) = started["rounds"]
@@ -350,12 +375,15 @@ def run_one_round(coordinator: CoordinatorProcess, device_ids: list[str],
         return next((c for c in cohorts if c["current_version"] is not None), None)
 
     cohort = wait_until("the round's adapter promoted", promoted, watch=watch)
-    version = cohort["current_version"]
-    wait_until(
-        f"version {version} running on every device",
-        lambda: all(d["adapter_version"] == version for d in coordinator.get("/devices")),
+    wait_until(  # each device was offered its cluster's version
+        "every device's answer to the version offered to it",
+        lambda: all(
+            d["offered_version"] is not None and d["offer_result"] in ("installed", "declined")
+            for d in coordinator.get("/devices")
+        ),
         watch=watch,
     )
+    wait_until("the run done", lambda: coordinator.get("/runs")[0]["state"] == "DONE", watch=watch)
     return cohort
 
 

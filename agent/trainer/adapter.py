@@ -13,6 +13,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from agent.trainer.errors import AdapterError
+from shared.protocol.checks import ADAPTER_VALUE_BOUND
 
 
 @dataclass(frozen=True)
@@ -77,7 +78,11 @@ class Adapter:
         for k, d_k in enumerate(layer_dims, start=1):
             deltas.append(_checked(arrays, f"delta{k}", (d_k, n_classes)))
             factors.append(_factor_pair(arrays, k, d_k, n_classes))
-        return cls(tuple(layer_dims), n_classes, tuple(deltas), tuple(factors))
+        adapter = cls(tuple(layer_dims), n_classes, tuple(deltas), tuple(factors))
+        for k, delta in enumerate(adapter.effective_deltas(), start=1):
+            if delta is not None:  # bounded factors can still multiply past the bound
+                _check_bound(delta, f"ΔW{k}")
+        return adapter
 
     def n_parameters(self) -> int:
         return sum(a.size for a in self.to_arrays().values())
@@ -108,4 +113,11 @@ def _checked(arrays, name: str, shape) -> np.ndarray | None:
     array = array.astype(np.float32)
     if not np.isfinite(array).all():
         raise AdapterError(f"{name} holds NaN or infinity")
+    _check_bound(array, name)
     return array
+
+
+def _check_bound(array: np.ndarray, name: str) -> None:
+    largest = float(np.abs(array).max(initial=0.0))
+    if largest > ADAPTER_VALUE_BOUND:
+        raise AdapterError(f"{name} holds {largest:.3g}, beyond the bound {ADAPTER_VALUE_BOUND:g}")

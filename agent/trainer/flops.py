@@ -63,13 +63,25 @@ def backprop_batch(spec: MethodSpec, batch, dims, n_classes, rank):
     return forward, backward
 
 
+def _delta_forward(batch, n, m):
+    return 2 * batch * n * m + batch * m  # x ΔW, added
+
+
+def _delta_backward(batch, n, m):
+    return 2 * batch * n * m  # dΔW = xᵀ dy
+
+
 def skip_batch(spec: MethodSpec, batch, dims, n_classes, rank, epochs):
     adapters = [dims[k - 1] for k in spec.skip]
-    forward = sum(_lora_forward(batch, d, n_classes, rank) for d in adapters)
+    if spec.delta:  # ΔW_k trained directly (delta_head.py)
+        forward = sum(_delta_forward(batch, d, n_classes) for d in adapters)
+        backward = sum(_delta_backward(batch, d, n_classes) for d in adapters)
+    else:
+        forward = sum(_lora_forward(batch, d, n_classes, rank) for d in adapters)
+        backward = sum(_lora_backward(batch, d, n_classes, rank, False) for d in adapters)
     forward += softmax_xent(batch, n_classes)
     frozen = frozen_forward(batch, dims, n_classes)
     forward += frozen / epochs if spec.cache else frozen  # Skip-Cache: once per sample
-    backward = sum(_lora_backward(batch, d, n_classes, rank, False) for d in adapters)
     return forward, backward
 
 

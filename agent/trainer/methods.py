@@ -16,6 +16,7 @@ class MethodSpec:
     lora: frozenset[int] = frozenset()  # layers with an in-layer LoRA adapter
     skip: tuple[int, ...] = ()  # layers whose INPUT feeds a Skip-LoRA adapter to the logits
     cache: bool = False  # Skip-Cache: frozen activations computed once per sample
+    delta: bool = False  # skip adapters train ΔW_k (d_k × C) itself, not A_k B_k
 
     @property
     def lowest_trained_layer(self) -> int:
@@ -42,10 +43,18 @@ METHODS: dict[str, MethodSpec] = {
         MethodSpec("lora-last", lora=frozenset({3})),
         MethodSpec("skip-lora", skip=(1, 2, 3)),
         MethodSpec("skip2-lora", skip=(1, 2, 3), cache=True),
+        # The same skip paths with ΔW_k trained directly: a convex problem (delta_head.py)
+        MethodSpec("skip-delta", skip=(1, 2, 3), delta=True),
+        MethodSpec("skip2-delta", skip=(1, 2, 3), cache=True, delta=True),
     )
 }
 # Skip2-LoRA with a quantized Skip-Cache (the CNN follow-up), selectable like a method.
-CACHE_VARIANTS = {"skip2-lora-q8": ("skip2-lora", "q8"), "skip2-lora-q4": ("skip2-lora", "q4")}
+CACHE_VARIANTS = {
+    "skip2-lora-q8": ("skip2-lora", "q8"),
+    "skip2-lora-q4": ("skip2-lora", "q4"),
+    "skip2-delta-q8": ("skip2-delta", "q8"),
+    "skip2-delta-q4": ("skip2-delta", "q4"),
+}
 
 
 def method_names() -> list[str]:

@@ -2,19 +2,24 @@
 
 Inputs are standardised with the pre-training statistics stored in the model, so a device
 and the coordinator always agree on what `x1` (the first layer's input) is. A saved model is
-an `.npz` of float32 arrays plus a JSON header; its `weights_hash` pins adapters to it.
+an `.npz` of float32 arrays plus a JSON header; its `weights_hash` pins adapters to it. It may
+carry a drift calibration (agent/trainer/calibration.py) beside the weights, outside the hash;
+a file without one loads with `calibration = None`.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import numpy as np
 
 from agent.trainer import layers
+from agent.trainer.calibration import ARRAY_NAMES as CALIBRATION_ARRAYS
+from agent.trainer.calibration import HEADER_KEY as CALIBRATION_KEY
+from agent.trainer.calibration import CalibrationError, DriftCalibration
 from agent.trainer.errors import ModelFileError
 
 HIDDEN = 96
@@ -48,6 +53,7 @@ class BaseModel(FrozenFeatureModel):
 
     params: dict[str, np.ndarray]
     info: dict = field(default_factory=dict)  # task, feature spec, class names: JSON-safe
+    calibration: DriftCalibration | None = None  # in-distribution reference of the drift scores
 
     @property
     def n_inputs(self) -> int:
@@ -64,6 +70,20 @@ class BaseModel(FrozenFeatureModel):
     @property
     def weights_hash(self) -> str:
         return weights_hash(self.params)
+
+    @property
+    def hidden_width(self) -> int:
+        """H: the width of the last hidden layer (x3, the last layer's input)."""
+        return int(self.params["W3"].shape[0])
+
+    def with_calibration(self, calibration: DriftCalibration) -> BaseModel:
+        """The same weights (and hash) carrying `calibration`; it must describe x3."""
+        if calibration.width != self.hidden_width:
+            raise ValueError(
+                f"calibration of width {calibration.width} for a last hidden layer of "
+                f"{self.hidden_width} units"
+            )
+        return replace(self, calibration=calibration)
 
     # -------------------------------------------------------------- inference
     def standardize(self, X: np.ndarray) -> np.ndarray:
@@ -102,6 +122,9 @@ class BaseModel(FrozenFeatureModel):
     def save(self, path: str | Path) -> str:
         header = {"format": FORMAT_VERSION, "weights_hash": self.weights_hash, "info": self.info}
         arrays = {name: self.params[name] for name in PARAM_NAMES}
+        if self.calibration is not None:
+            header[CALIBRATION_KEY] = self.calibration.header()
+            arrays.update(self.calibration.arrays())
         with open(path, "wb") as out:
             np.savez(out, header=np.array(json.dumps(header)), **arrays)
         return self.weights_hash
@@ -129,6 +152,7 @@ def load_model(path: Path) -> BaseModel:
         with np.load(path, allow_pickle=False) as npz:
             header = json.loads(str(npz["header"]))
             params = {name: np.asarray(npz[name], dtype=np.float32) for name in PARAM_NAMES}
+            extra = {name: npz[name] for name in CALIBRATION_ARRAYS if name in npz.files}
     except ModelFileError:
         raise
     except Exception as error:  # zip, JSON or missing-array errors: one clear message
@@ -139,7 +163,12 @@ def load_model(path: Path) -> BaseModel:
     model = BaseModel(params=params, info=header.get("info", {}))
     if model.weights_hash != header.get("weights_hash"):
         raise ModelFileError(f"{path}: weights do not match the stored hash (corrupted file?)")
-    return model
+    if CALIBRATION_KEY not in header:
+        return model  # made before calibrations existed: still a usable model
+    try:
+        return model.with_calibration(DriftCalibration.from_file(header[CALIBRATION_KEY], extra))
+    except (CalibrationError, ValueError) as error:
+        raise ModelFileError(f"{path}: drift calibration unusable: {error}") from None
 
 
 def check_param_shapes(params: dict[str, np.ndarray], where) -> None:

@@ -17,6 +17,7 @@ import numpy as np
 
 from agent.trainer.adapter import Adapter
 from agent.trainer.cache import make_cache
+from agent.trainer.delta_head import DeltaHead
 from agent.trainer.skip_head import SkipHead
 
 FILL_ROWS = 4096  # samples per product when the dense cache is filled: bounds the memory
@@ -24,16 +25,25 @@ FILL_ROWS = 4096  # samples per product when the dense cache is filled: bounds t
 
 class SkipTrainer:
     def __init__(self, model, *, layers=(1, 2, 3), lr, rank, rng, cache="none", start=None,
-                 n_samples, capacity=None, batch_size=20):  # fmt: skip
+                 n_samples, capacity=None, batch_size=20, delta=False):  # fmt: skip
         dims = model.layer_input_dims
         self.model = model
         self.layers = tuple(layers)
         self.n_classes = model.n_classes
-        self.start = start.frozen() if start is not None and not start.is_empty else None
+        self.delta = delta
+        start = start.frozen() if start is not None and not start.is_empty else None
         self.cached_layers = [k for k in self.layers if k >= 2]
         self.x1_width = dims[0] if 1 in self.layers else 0
         in_dims = [dims[k - 1] for k in self.layers]
-        self.head = SkipHead(in_dims, rank, self.n_classes, rng, lr=lr, batch_size=batch_size)
+        if delta:  # ΔW_k trains from where the start adapter left it (a warm start)
+            trained = [_delta_or_zero(start, k, dims, self.n_classes) for k in self.layers]
+            self.head = DeltaHead(in_dims, self.n_classes, lr=lr, batch_size=batch_size,
+                                  start=trained)  # fmt: skip
+            start = _without_layers(start, self.layers)  # the rest of it stays frozen
+        else:  # fresh factors on top of the start adapter, which is frozen
+            self.head = SkipHead(in_dims, rank, self.n_classes, rng, lr=lr, batch_size=batch_size)
+        # a frozen adapter the device already runs: folded into z by frozen_rows
+        self.start = start
         self.backward, self.update = self.head.backward, self.head.update  # the head's own
         widths = [dims[k - 1] for k in self.cached_layers]
         self.cache = None
@@ -157,12 +167,17 @@ class SkipTrainer:
     # ------------------------------------------------------------- results
     def adapter(self) -> Adapter:
         self.check_overflow()
-        factors = [None] * len(self.model.layer_input_dims)
-        for k, pair in zip(self.layers, self.head.factors(), strict=True):
-            factors[k - 1] = pair
-        deltas = self.start.deltas if self.start is not None else ()
+        n_layers = len(self.model.layer_input_dims)
+        deltas = list(self.start.deltas) if self.start is not None else [None] * n_layers
+        factors = [None] * n_layers
+        trained = self.head.deltas() if self.delta else self.head.factors()
+        for k, value in zip(self.layers, trained, strict=True):
+            if self.delta:
+                deltas[k - 1] = value
+            else:
+                factors[k - 1] = value
         dims = self.model.layer_input_dims
-        return Adapter(dims, self.n_classes, deltas, tuple(factors))
+        return Adapter(dims, self.n_classes, tuple(deltas), tuple(factors))
 
     def logits(self, X1):
         xs, z = self.model.frozen_features(X1, standardized=True)
@@ -183,3 +198,19 @@ class SkipTrainer:
     @property
     def cache_hit_rate(self) -> float:
         return self.cache.stats.hit_rate if self.cache is not None else 0.0
+
+
+def _delta_or_zero(start: Adapter | None, k: int, dims, n_classes: int) -> np.ndarray:
+    """Layer k's ΔW in the (frozen) start adapter, or zeros: where ΔW-training begins."""
+    if start is None or start.deltas[k - 1] is None:
+        return np.zeros((dims[k - 1], n_classes), dtype=np.float32)
+    return start.deltas[k - 1]
+
+
+def _without_layers(start: Adapter | None, layers) -> Adapter | None:
+    """The start adapter with the given layers' deltas removed (None if nothing is left)."""
+    if start is None:
+        return None
+    deltas = tuple(None if k in layers else d for k, d in enumerate(start.deltas, start=1))
+    rest = Adapter(start.layer_dims, start.n_classes, deltas)
+    return None if rest.is_empty else rest

@@ -1,5 +1,8 @@
 """The trainable part of Skip-LoRA: adapters from every layer's input straight to the logits.
 
+Two heads share the layout and the forward phase (`LogitHead`): `SkipHead` trains the factors
+A_k, B_k of ΔW_k = A_k B_k, `DeltaHead` (delta_head.py) trains ΔW_k itself.
+
 logits = z + Σ_k x_k A_k B_k with x_k and z frozen, so a training step is the adapters' own
 few products. At batch 20 NumPy's cost per call, not arithmetic, sets the time of such small
 products, so the head is laid out to need as few calls as possible (11 per batch):
@@ -43,54 +46,19 @@ class BatchViews(NamedTuple):
     short: np.float32 | None  # batch/b for a short last batch, else None
 
 
-class SkipHead:
-    def __init__(self, in_dims, rank: int, n_classes: int, rng, *, lr, batch_size: int):
-        C = n_classes
-        self.in_dims, self.rank, self.n_classes = tuple(in_dims), rank, C
-        self.D = D = sum(in_dims)
-        self.W, self.R = W, R = D + C, C + len(in_dims) * rank
+class LogitHead:
+    """What both heads share: rows [x | z], logits [x | z] Mᵀ with M = [ΔWᵀ | I] (C × W), the
+    batches' arrays, and the forward phase (logits, then p − y in place).
+
+    A head sets D, W, n_classes, batch_size, label_scale, M (C × W), stable, and its own
+    backward and update phases.
+    """
+
+    def _init_softmax(self, n_classes: int, lr, batch_size: int) -> None:
         self.lr, self.batch_size = np.float32(lr), batch_size
-        # one buffer [P | Qᵀ]; rows 0..C-1 of each are the fixed identities, so the trained
-        # entries [P rows C.. | Qᵀ] form one stretch from offset C·W (Qᵀ's identity inside
-        # it has step size 0, like P's off-diagonal blocks)
-        self.theta = np.zeros(R * W + R * C, dtype=np.float32)
-        self.grad = np.zeros_like(self.theta)  # gradients, then steps: same layout
-        # the softmax's scale (see above), then the step per entry: 0 where θ must not move
-        self.label_scale = np.float32(2.0 ** math.ceil(math.log2(C)))
-        step = np.float32(self.lr / batch_size / self.label_scale)  # exact: a power of two
-        self.step_size = np.zeros_like(self.theta)
-        self.P, self.QT = self._split(self.theta)  # (R, W), (R, C)
-        self.gP, self.gQT = self._split(self.grad)
-        step_P, step_QT = self._split(self.step_size)
-        for (rows, cols), d in zip(self._blocks(), in_dims, strict=True):
-            step_P[rows, cols] = step_QT[rows] = step
-            self.P[rows, cols] = (rng.standard_normal((d, rank)) / np.sqrt(d)).T  # A_kᵀ
-        self.P[:C, D:] = self.QT[:C] = np.eye(C, dtype=np.float32)  # z passes to the logits
-        start = C * W  # the stretch that trains: in θ, its gradient, its step sizes
-        self.step = (self.theta[start:], self.grad[start:], self.step_size[start:])
-        self.Q = self.QT.T  # (C, R); every B_k starts at 0: training starts at the base
-        self.M = np.empty((C, W), dtype=np.float32)  # (C, W) [ΔWᵀ | I] = Q P
-        self.MT = self.M.T
-        self.G = np.empty((C, W), dtype=np.float32)  # (C, W) gradient wrt M
-        self.GT = self.G.T
-        self.den_weights = np.full((C, C), 1 / self.label_scale, dtype=np.float32)
+        self.label_scale = np.float32(2.0 ** math.ceil(math.log2(n_classes)))
+        self.den_weights = np.full((n_classes, n_classes), 1 / self.label_scale, np.float32)
         self.stable = False  # subtract the max before exp (after an overflow, see skip.py)
-        self.forward, self.backward, self.update = self._phases()
-        self.refresh()
-
-    def _split(self, flat):
-        R, W, C = self.R, self.W, self.n_classes
-        return flat[: R * W].reshape(R, W), flat[R * W :].reshape(R, C)
-
-    def _blocks(self):
-        """(rows, cols) of each A_kᵀ in P; the same rows of Qᵀ hold B_k."""
-        row, col = self.n_classes, 0
-        for d in self.in_dims:
-            yield slice(row, row + self.rank), slice(col, col + d)
-            row, col = row + self.rank, col + d
-
-    def refresh(self):
-        self.Q.dot(self.P, self.M)  # (C, W) = (C, R) @ (R, W)
 
     # ----------------------------------------------------------------- batches
     def views(self, y_buffer) -> list[BatchViews]:
@@ -110,23 +78,18 @@ class SkipHead:
             out.append(BatchViews(x, y, g, gT, den, short))
         return out
 
-    def _phases(self):
-        """forward(v), backward(v) and update(): one SGD step in three timed phases.
+    def _forward_phase(self):
+        """forward(v): the logits, then the softmax cross-entropy gradient wrt them, in v.g.
 
-        Closures over the arrays they use: at ~20 µs a step, a dozen attribute look-ups per
-        phase cost about 1 µs (measured). Every array is allocated once and only ever
-        written in place, so binding them here is safe; `stable` can change, so it is read
-        from the head at each call.
+        A closure over the arrays it uses: at ~20 µs a step, a dozen attribute look-ups per
+        phase cost about 1 µs (measured). Every array is allocated once and only ever written
+        in place, so binding them here is safe; `stable` can change, so it is read from the
+        head at each call.
         """
-        head, C = self, self.n_classes
-        MT, den_weights, G, GT = self.MT, self.den_weights, self.G, self.GT
-        Q, P, M = self.Q, self.P, self.M
-        P_tr, QT_tr, gP_tr, gQT_tr = self.P[C:], self.QT[C:], self.gP[C:], self.gQT[C:]
-        theta, grad, step_size = self.step
+        head, MT, den_weights = self, self.M.T, self.den_weights
         exp, divide, subtract, multiply = np.exp, np.divide, np.subtract, np.multiply
 
         def forward(v: BatchViews):
-            """Logits, then the softmax cross-entropy gradient wrt them, left in v.g."""
             x, y, g, _, den, short = v
             x.dot(MT, g)  # (b, C) = (b, W) @ (W, C): logits
             if head.stable:  # only after an overflow: cached z <= 0 keeps exp finite
@@ -138,6 +101,63 @@ class SkipHead:
             if short is not None:  # the mean over a short last batch: × batch/b
                 multiply(g, short, g)
             return v
+
+        return forward
+
+
+class SkipHead(LogitHead):
+    def __init__(self, in_dims, rank: int, n_classes: int, rng, *, lr, batch_size: int):
+        C = n_classes
+        self.in_dims, self.rank, self.n_classes = tuple(in_dims), rank, C
+        self.D = D = sum(in_dims)
+        self.W, self.R = W, R = D + C, C + len(in_dims) * rank
+        self._init_softmax(C, lr, batch_size)
+        # one buffer [P | Qᵀ]; rows 0..C-1 of each are the fixed identities, so the trained
+        # entries [P rows C.. | Qᵀ] form one stretch from offset C·W (Qᵀ's identity inside
+        # it has step size 0, like P's off-diagonal blocks)
+        self.theta = np.zeros(R * W + R * C, dtype=np.float32)
+        self.grad = np.zeros_like(self.theta)  # gradients, then steps: same layout
+        # the step per entry: lr/batch/2ᵏ where θ trains (exact: a power of two), 0 where θ
+        # must not move
+        step = np.float32(self.lr / batch_size / self.label_scale)
+        self.step_size = np.zeros_like(self.theta)
+        self.P, self.QT = self._split(self.theta)  # (R, W), (R, C)
+        self.gP, self.gQT = self._split(self.grad)
+        step_P, step_QT = self._split(self.step_size)
+        for (rows, cols), d in zip(self._blocks(), in_dims, strict=True):
+            step_P[rows, cols] = step_QT[rows] = step
+            self.P[rows, cols] = (rng.standard_normal((d, rank)) / np.sqrt(d)).T  # A_kᵀ
+        self.P[:C, D:] = self.QT[:C] = np.eye(C, dtype=np.float32)  # z passes to the logits
+        start = C * W  # the stretch that trains: in θ, its gradient, its step sizes
+        self.step = (self.theta[start:], self.grad[start:], self.step_size[start:])
+        self.Q = self.QT.T  # (C, R); every B_k starts at 0: training starts at the base
+        self.M = np.empty((C, W), dtype=np.float32)  # (C, W) [ΔWᵀ | I] = Q P
+        self.G = np.empty((C, W), dtype=np.float32)  # (C, W) gradient wrt M
+        self.forward = self._forward_phase()
+        self.backward, self.update = self._training_phases()
+        self.refresh()
+
+    def _split(self, flat):
+        R, W, C = self.R, self.W, self.n_classes
+        return flat[: R * W].reshape(R, W), flat[R * W :].reshape(R, C)
+
+    def _blocks(self):
+        """(rows, cols) of each A_kᵀ in P; the same rows of Qᵀ hold B_k."""
+        row, col = self.n_classes, 0
+        for d in self.in_dims:
+            yield slice(row, row + self.rank), slice(col, col + d)
+            row, col = row + self.rank, col + d
+
+    def refresh(self):
+        self.Q.dot(self.P, self.M)  # (C, W) = (C, R) @ (R, W)
+
+    def _training_phases(self):
+        """backward(v) and update(): the factors' gradients and their SGD step."""
+        C, G, GT = self.n_classes, self.G, self.G.T
+        Q, P, M = self.Q, self.P, self.M
+        P_tr, QT_tr, gP_tr, gQT_tr = self.P[C:], self.QT[C:], self.gP[C:], self.gQT[C:]
+        theta, grad, step_size = self.step
+        subtract, multiply = np.subtract, np.multiply
 
         def backward(v: BatchViews):
             x, _, _, gT, _, _ = v
@@ -152,7 +172,7 @@ class SkipHead:
             subtract(theta, grad, theta)  # every factor in one step
             Q.dot(P, M)  # (C, W) = (C, R) @ (R, W): refresh
 
-        return forward, backward, update
+        return backward, update
 
     # ----------------------------------------------------------------- factors
     def factors(self) -> list[tuple[np.ndarray, np.ndarray]]:

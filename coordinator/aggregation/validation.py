@@ -13,7 +13,14 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from coordinator.aggregation.arrays import AdapterShape, a_name, b_name, delta_name
+from coordinator.aggregation.arrays import (
+    AdapterShape,
+    a_name,
+    b_name,
+    delta_name,
+    effective_deltas,
+)
+from shared.protocol.checks import ADAPTER_VALUE_BOUND
 
 if TYPE_CHECKING:
     from coordinator.aggregation.base import FitFailure, FitResult
@@ -45,7 +52,10 @@ def validate_fit_result(result: FitResult, shape: AdapterShape) -> tuple[int, ..
             _check_shape(device, delta_name(k), result.arrays[delta_name(k)], shape.delta_shape(k))
     if a_name(1) not in names:
         return None
-    return tuple(_check_factor_pair(device, result, shape, k) for k in shape.layers)
+    ranks = tuple(_check_factor_pair(device, result, shape, k) for k in shape.layers)
+    for k, delta in zip(shape.layers, effective_deltas(result.arrays, shape), strict=True):
+        check_bound(device, f"ΔW{k}", delta)  # bounded factors can still multiply past it
+    return ranks
 
 
 def validate_round(
@@ -82,6 +92,16 @@ def _check_array(device: str, name: str, array: object) -> None:
         raise AggregationError(f"device {device}: {name} has dtype {array.dtype}, not float")
     if not np.isfinite(array).all():
         raise AggregationError(f"device {device}: {name} contains NaN or infinite values")
+    check_bound(device, name, array)
+
+
+def check_bound(device: str, name: str, array: np.ndarray) -> None:
+    """|values| <= ADAPTER_VALUE_BOUND: a huge but finite report is refused, not averaged."""
+    largest = float(np.abs(array).max(initial=0.0))
+    if largest > ADAPTER_VALUE_BOUND:
+        raise AggregationError(
+            f"device {device}: {name} holds {largest:.3g}, beyond the bound {ADAPTER_VALUE_BOUND:g}"
+        )
 
 
 def _check_shape(device: str, name: str, array: np.ndarray, expected: tuple[int, ...]) -> None:

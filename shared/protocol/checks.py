@@ -21,6 +21,10 @@ MAX_TEXT = 1024
 MAX_SCALARS = 64
 MAX_ARRAYS = 64
 MAX_INT = 2**63 - 1
+# No honest adapter comes near: ΔW entries are O(0.01-1) (logits move by x·ΔW over hundreds of
+# inputs). A report or a fleet adapter beyond it is refused, by the coordinator and by the
+# agent, instead of being averaged (a finite 1e30 overflowed a float32 aggregate to Inf).
+ADAPTER_VALUE_BOUND = 1e3
 
 Scalar = str | int | float | bool | None
 
@@ -78,3 +82,11 @@ def float_arrays(value: object, what: str) -> None:
         token(name, f"{what} name", ARRAY_NAME)
         if not isinstance(array, np.ndarray) or array.dtype.kind != "f":
             raise ValueError(f"{what}[{name!r}] must be a floating-point numpy array")
+
+
+def vector(value: object, what: str, max_len: int) -> None:
+    """A 1-D finite float array of 1..max_len entries (a device's feature signature)."""
+    if not isinstance(value, np.ndarray) or value.dtype.kind != "f" or value.ndim != 1:
+        raise ValueError(f"{what} must be a 1-D floating-point numpy array")
+    if not 1 <= value.shape[0] <= max_len or not np.isfinite(value).all():
+        raise ValueError(f"{what} must hold 1..{max_len} finite values")

@@ -204,3 +204,76 @@ class Reassembler:
     def _drop(self, message_id: str) -> None:
         self._forget(message_id)
         self.dropped += 1
+
+    def drop_oldest(self) -> None:
+        """Drops the oldest partial message (counted in `dropped`)."""
+        if self._partials:
+            self._drop(next(iter(self._partials)))
+
+
+class SenderReassemblers:
+    """One Reassembler per sender, so one device's chunks can only ever evict its own partial
+    messages; a global byte cap evicts from whichever sender holds the most (the hog pays).
+
+    The coordinator hears thousands of devices through one of these. Idle senders cost nothing:
+    a sender's reassembler goes once it holds no partial message.
+    """
+
+    def __init__(
+        self,
+        *,
+        per_sender_in_flight: int = 4,
+        per_sender_bytes: int = 2 * MAX_MESSAGE_BYTES,
+        max_total_bytes: int = 16 * MAX_MESSAGE_BYTES,
+        max_message_bytes: int = MAX_MESSAGE_BYTES,
+        ttl_s: float = 300.0,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        self._make = lambda: Reassembler(
+            max_in_flight=per_sender_in_flight,
+            max_total_bytes=per_sender_bytes,
+            max_message_bytes=max_message_bytes,
+            ttl_s=ttl_s,
+            clock=clock,
+        )
+        self.max_total_bytes = max_total_bytes
+        self._by_sender: dict[str, Reassembler] = {}
+        self._dropped_gone = 0  # dropped by senders whose reassembler is gone
+
+    @property
+    def dropped(self) -> int:
+        return self._dropped_gone + sum(r.dropped for r in self._by_sender.values())
+
+    @property
+    def buffered_bytes(self) -> int:
+        return sum(r.buffered_bytes for r in self._by_sender.values())
+
+    def in_flight(self, sender: str) -> list[str]:
+        reassembler = self._by_sender.get(sender)
+        return [] if reassembler is None else reassembler.in_flight
+
+    def feed(self, envelope: Envelope) -> Envelope | None:
+        """As Reassembler.feed, with the sender's own reassembler."""
+        if not isinstance(envelope.message, Chunk):
+            return envelope
+        sender = envelope.sender
+        reassembler = self._by_sender.get(sender) or self._by_sender.setdefault(
+            sender, self._make()
+        )
+        try:
+            whole = reassembler.feed(envelope)
+        finally:
+            self._evict_over_cap()
+            self._forget_idle(sender)
+        return whole
+
+    def _evict_over_cap(self) -> None:
+        while self.buffered_bytes > self.max_total_bytes:
+            hog = max(self._by_sender.values(), key=lambda r: r.buffered_bytes)
+            hog.drop_oldest()
+
+    def _forget_idle(self, sender: str) -> None:
+        reassembler = self._by_sender.get(sender)
+        if reassembler is not None and not reassembler.in_flight:
+            self._dropped_gone += reassembler.dropped
+            del self._by_sender[sender]

@@ -10,9 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
+import numpy as np
+
 from shared.protocol import checks
-from shared.protocol.arrays import compress_arrays, decompress_arrays
+from shared.protocol.arrays import (
+    array_from_wire,
+    array_to_wire,
+    compress_arrays,
+    decompress_arrays,
+)
 from shared.protocol.enums import (
+    AdapterOrigin,
     JobKind,
     JobReason,
     JobState,
@@ -56,6 +64,8 @@ def presence_to_wire(m: Presence) -> dict:
         "base_model_hash": m.base_model_hash,
         "cohort": m.cohort,
         "device": dict(m.device),
+        "train_samples": m.train_samples,
+        "holdout_samples": m.holdout_samples,
     }
 
 
@@ -67,6 +77,8 @@ def presence_from_wire(f: Fields) -> Presence:
         base_model_hash=f.text("base_model_hash"),
         cohort=f.text("cohort"),
         device=f.mapping("device"),
+        train_samples=f.integer("train_samples", optional=True),
+        holdout_samples=f.integer("holdout_samples", optional=True),
     )
 
 
@@ -85,6 +97,11 @@ def heartbeat_to_wire(m: Heartbeat) -> dict:
         "adapter_version": m.adapter_version,
         "busy_job_id": m.busy_job_id,
         "drifted": m.drifted,
+        "confidence_score": m.confidence_score,
+        "feature_score": m.feature_score,
+        "signature": None if m.signature is None else array_to_wire(m.signature),
+        "signature_rows": m.signature_rows,
+        "adapter_origin": None if m.adapter_origin is None else m.adapter_origin.value,
     }
 
 
@@ -102,7 +119,23 @@ def heartbeat_from_wire(f: Fields) -> Heartbeat:
         adapter_version=f.integer("adapter_version", optional=True),
         busy_job_id=f.text("busy_job_id", optional=True),
         drifted=f.boolean("drifted", optional=True),
+        confidence_score=f.number("confidence_score", optional=True),
+        feature_score=f.number("feature_score", optional=True),
+        signature=_optional_vector(f, "signature"),
+        signature_rows=f.integer("signature_rows", optional=True),
+        adapter_origin=f.choice("adapter_origin", AdapterOrigin, optional=True),
     )
+
+
+def _optional_vector(f: Fields, key: str):
+    """A float vector (float16 or float32 on the wire) as float32, or None."""
+    wire = f.mapping(key, optional=True)
+    if wire is None:
+        return None
+    array = array_from_wire(wire)
+    if array.dtype.kind != "f":
+        raise DecodeError(f"{key} must hold floating-point values")
+    return array.astype(np.float32)
 
 
 # --- Job ----------------------------------------------------------------------------------
@@ -116,8 +149,12 @@ def params_to_wire(p: JobParams) -> dict:
             "rank": p.rank,
             "seed": p.seed,
             "max_samples": p.max_samples,
+            "steps": p.steps,
+            "start_version": p.start_version,
         }
-    if isinstance(p, EvaluateParams | ApplyAdapterParams):
+    if isinstance(p, ApplyAdapterParams):
+        return {"adapter_version": p.adapter_version, "only_if_better": p.only_if_better}
+    if isinstance(p, EvaluateParams):
         return {"adapter_version": p.adapter_version}
     if isinstance(p, CancelParams):
         return {"target_job_id": p.target_job_id}
@@ -134,11 +171,16 @@ def params_from_wire(kind: JobKind, f: Fields) -> JobParams:
             rank=f.integer("rank"),
             seed=f.integer("seed"),
             max_samples=f.integer("max_samples", optional=True),
+            steps=f.integer("steps", optional=True),
+            start_version=f.integer("start_version", optional=True),
         )
     if kind is JobKind.EVALUATE:
         return EvaluateParams(adapter_version=f.integer("adapter_version", optional=True))
     if kind is JobKind.APPLY_ADAPTER:
-        return ApplyAdapterParams(adapter_version=f.integer("adapter_version"))
+        return ApplyAdapterParams(
+            adapter_version=f.integer("adapter_version"),
+            only_if_better=bool(f.boolean("only_if_better", optional=True)),
+        )
     if kind is JobKind.CANCEL:
         return CancelParams(target_job_id=f.text("target_job_id"))
     return RollbackAdapterParams()
@@ -223,6 +265,12 @@ def metrics_to_wire(m: ReportMetrics) -> dict:
         "base_model_hash": m.base_model_hash,
         "method": m.method,
         "rank": m.rank,
+        "accuracy_running": m.accuracy_running,
+        "installed": m.installed,
+        "holdout_samples": m.holdout_samples,
+        "steps": m.steps,
+        "loss_before": m.loss_before,
+        "loss_after": m.loss_after,
     }
 
 
@@ -239,6 +287,12 @@ def metrics_from_wire(f: Fields) -> ReportMetrics:
         base_model_hash=f.text("base_model_hash"),
         method=f.text("method"),
         rank=f.integer("rank"),
+        accuracy_running=f.number("accuracy_running", optional=True),
+        installed=f.boolean("installed", optional=True),
+        holdout_samples=f.integer("holdout_samples", optional=True),
+        steps=f.integer("steps", optional=True),
+        loss_before=f.number("loss_before", optional=True),
+        loss_after=f.number("loss_after", optional=True),
     )
 
 
@@ -311,6 +365,7 @@ def desired_to_wire(m: DesiredState) -> dict:
         "adapter_version": m.adapter_version,
         "base_model_hash": m.base_model_hash,
         "cohort": m.cohort,
+        "only_if_better": m.only_if_better,
     }
 
 
@@ -319,6 +374,7 @@ def desired_from_wire(f: Fields) -> DesiredState:
         adapter_version=f.integer("adapter_version", optional=True),
         base_model_hash=f.text("base_model_hash"),
         cohort=f.text("cohort"),
+        only_if_better=bool(f.boolean("only_if_better", optional=True)),
     )
 
 

@@ -94,3 +94,11 @@ class ArrayEncoding(StrEnum):
     FLOAT32 = "float32"
     FLOAT16 = "float16"
     INT8 = "int8"
+
+
+class AdapterOrigin(StrEnum):
+    """Where the adapter a device runs came from."""
+
+    BASE = "base"  # no adapter: the base model alone
+    PERSONAL = "personal"  # fine-tuned on this device (possibly from a fleet adapter)
+    FLEET = "fleet"  # a coordinator version (a cluster's or the cohort's aggregate)

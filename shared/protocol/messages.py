@@ -18,6 +18,7 @@ from shared.protocol.checks import Scalar
 from shared.protocol.enums import (
     DEVICE_SETTABLE,
     TERMINAL_STATES,
+    AdapterOrigin,
     ArrayEncoding,
     JobKind,
     JobReason,
@@ -28,6 +29,7 @@ from shared.topics import validate_device_id
 
 MAX_CHUNKS = 4096
 MAX_LINEAGE_DEVICES = 10_000
+MAX_SIGNATURE_WIDTH = 4096
 
 
 def _optional(check, value: object, *args: object) -> None:
@@ -50,12 +52,26 @@ class Presence:
     base_model_hash: str
     cohort: str
     device: Mapping[str, Scalar] = field(default_factory=dict)  # hostname, arch, cpus, model...
+    # Labelled rows the device trains on and holds out to measure accuracy. 0 and 0: a device
+    # without labels (it can neither fine-tune nor measure; it runs what its cluster runs).
+    # None: an agent too old to say.
+    train_samples: int | None = None
+    holdout_samples: int | None = None
 
     def __post_init__(self) -> None:
         _enum(self.state, PresenceState, "state")
         for name in ("boot_id", "agent_version", "base_model_hash", "cohort"):
             checks.token(getattr(self, name), name)
         checks.scalar_map(self.device, "device")
+        _optional(checks.integer, self.train_samples, "train_samples")
+        _optional(checks.integer, self.holdout_samples, "holdout_samples")
+
+    @property
+    def labelled(self) -> bool | None:
+        """Whether the device can fine-tune and measure accuracy (None: not said)."""
+        if self.train_samples is None or self.holdout_samples is None:
+            return None
+        return self.train_samples > 0 and self.holdout_samples > 0
 
 
 @dataclass(frozen=True)
@@ -74,6 +90,15 @@ class Heartbeat:
     adapter_version: int | None = None
     busy_job_id: str | None = None
     drifted: bool | None = None  # a simulated device switched to its drifted data
+    # Label-free drift scores over the recent inputs, each divided by the threshold calibrated
+    # for the base model on its own in-distribution data: above 1, beyond what that data shows.
+    confidence_score: float | None = None  # mean (1 − max softmax), with the running adapter
+    feature_score: float | None = None  # mean Mahalanobis distance on the last hidden layer
+    # Where the inputs sit: the mean of the last hidden layer's activations over the recent
+    # inputs, standardised by the base model's in-distribution statistics (a float vector).
+    signature: np.ndarray | None = field(default=None, compare=False)
+    signature_rows: int | None = None  # how many input rows `signature` averages
+    adapter_origin: AdapterOrigin | None = None
 
     def __post_init__(self) -> None:
         checks.number(self.power_w, "power_w", 0.0)
@@ -87,6 +112,13 @@ class Heartbeat:
         _optional(checks.integer, self.adapter_version, "adapter_version")
         _optional(checks.token, self.busy_job_id, "busy_job_id")
         _optional(checks.boolean, self.drifted, "drifted")
+        _optional(checks.number, self.confidence_score, "confidence_score", 0.0)
+        _optional(checks.number, self.feature_score, "feature_score", 0.0)
+        _optional(checks.vector, self.signature, "signature", MAX_SIGNATURE_WIDTH)
+        _optional(checks.integer, self.signature_rows, "signature_rows", 1)
+        if (self.signature is None) != (self.signature_rows is None):
+            raise ValueError("signature and signature_rows come together")
+        _optional(_enum, self.adapter_origin, AdapterOrigin, "adapter_origin")
 
 
 @dataclass(frozen=True)
@@ -100,6 +132,13 @@ class FinetuneParams:
     batch_size: int = 20
     rank: int = 4
     max_samples: int | None = None  # None: all the device's training data
+    # A budget of SGD steps (batches): when set, training runs exactly this many (as many
+    # epochs as that takes) and `epochs` is not used. 10 samples x 30 epochs is 30 steps;
+    # 470 samples x 30 epochs, 720: a step budget gives every device the same local work.
+    steps: int | None = None
+    # What training starts from: None the adapter the device runs now, BASE_MODEL_VERSION (0)
+    # the base model alone, v >= 1 the fleet version v (fetched if the device lacks it).
+    start_version: int | None = None
 
     def __post_init__(self) -> None:
         checks.integer(self.epochs, "epochs", 1, 10_000)
@@ -111,6 +150,8 @@ class FinetuneParams:
         checks.integer(self.batch_size, "batch_size", 1, 65_536)
         checks.integer(self.rank, "rank", 1, 1024)
         _optional(checks.integer, self.max_samples, "max_samples", 1)
+        _optional(checks.integer, self.steps, "steps", 1, 10_000_000)
+        _optional(checks.integer, self.start_version, "start_version")
 
 
 # Fleet adapter versions count from 1; 0 names "no adapter, the base model alone" (evaluations).
@@ -129,9 +170,13 @@ class EvaluateParams:
 @dataclass(frozen=True)
 class ApplyAdapterParams:
     adapter_version: int
+    # Install only if it measures strictly better on the device's own hold-out than what the
+    # device runs now (personal, fleet or the base model); otherwise keep running that.
+    only_if_better: bool = False
 
     def __post_init__(self) -> None:
         checks.integer(self.adapter_version, "adapter_version")
+        checks.boolean(self.only_if_better, "only_if_better")
 
 
 @dataclass(frozen=True)
@@ -224,6 +269,17 @@ class ReportMetrics:
     base_model_hash: str
     method: str
     rank: int
+    # accuracy_before is the hold-out accuracy of what training started from; this is the one
+    # of what the device ran when the job started (they differ when it started from a fleet
+    # version), and whether it runs the new adapter now (it must measure strictly better).
+    accuracy_running: float | None = None
+    installed: bool | None = None
+    holdout_samples: int | None = None
+    steps: int | None = None  # SGD steps run
+    # Mean hold-out cross-entropy of the start adapter and of the result (nats): a federated
+    # run goes on while aggregates lower it, also where accuracy on a few rows is saturated.
+    loss_before: float | None = None
+    loss_after: float | None = None
 
     def __post_init__(self) -> None:
         checks.fraction(self.accuracy_before, "accuracy_before")
@@ -237,6 +293,12 @@ class ReportMetrics:
         checks.token(self.base_model_hash, "base_model_hash")
         checks.token(self.method, "method", checks.METHOD)
         checks.integer(self.rank, "rank", 1, 1024)
+        _optional(checks.fraction, self.accuracy_running, "accuracy_running")
+        _optional(checks.boolean, self.installed, "installed")
+        _optional(checks.integer, self.holdout_samples, "holdout_samples")
+        _optional(checks.integer, self.steps, "steps")
+        _optional(checks.number, self.loss_before, "loss_before", 0.0)
+        _optional(checks.number, self.loss_after, "loss_after", 0.0)
 
 
 @dataclass(frozen=True, eq=False)
@@ -307,11 +369,15 @@ class DesiredState:
     adapter_version: int | None
     base_model_hash: str
     cohort: str
+    # The device's own choice: take the version only if it measures strictly better on the
+    # device's hold-out than what it runs (a device with labels); otherwise take it as is.
+    only_if_better: bool = False
 
     def __post_init__(self) -> None:
         _optional(checks.integer, self.adapter_version, "adapter_version")
         checks.token(self.base_model_hash, "base_model_hash")
         checks.token(self.cohort, "cohort")
+        checks.boolean(self.only_if_better, "only_if_better")
 
 
 @dataclass(frozen=True)

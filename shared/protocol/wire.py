@@ -96,8 +96,8 @@ class Fields:
     def blob(self, key: str) -> bytes:
         return self._get(key, bytes, False)
 
-    def mapping(self, key: str) -> dict:
-        return self._get(key, dict, False)
+    def mapping(self, key: str, *, optional: bool = False) -> dict | None:
+        return self._get(key, dict, optional)
 
     def sequence(self, key: str) -> list:
         return self._get(key, list, False)

@@ -1,6 +1,6 @@
 """`skipfleet fleet`: list a running fleet's devices, scale it, inject faults.
 
-    skipfleet fleet --control http://127.0.0.1:PORT ls       a process fleet's control endpoint
+    skipfleet fleet --control http://127.0.0.1:PORT --token-file RUN/control-token kill DEV
     skipfleet fleet --run-dir RUN kill fan-8cm-silenta-normal    ... found through RUN/fleet.json
     skipfleet fleet --docker [--project skipfleet] pause device-2   the docker compose fleet
 
@@ -12,8 +12,11 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from collections.abc import Mapping
 from enum import IntEnum
+from pathlib import Path
 
 from skipfleet.fleet.base import (
     CutMode,
@@ -26,8 +29,11 @@ from skipfleet.fleet.base import (
     Unsupported,
     Verb,
 )
+from skipfleet.fleet.runstate import CONTROL_TOKEN_FILE
 
 BROKER_ACTIONS = ("cut-broker", "restore-broker")
+ENV_TOKEN_FILE = "SKIPFLEET_FLEET_TOKEN_FILE"
+
 VERB_HELP = {
     Verb.KILL: "SIGKILL the agent (its Will announces it offline)",
     Verb.PAUSE: "freeze the agent (SIGSTOP / docker pause)",
@@ -61,6 +67,11 @@ def configure(parser: argparse.ArgumentParser) -> None:
     target.add_argument("--control", metavar="URL", help="a process fleet's control endpoint")
     target.add_argument("--run-dir", metavar="DIR", help="a process fleet's run dir (fleet.json)")
     target.add_argument("--docker", action="store_true", help="the docker compose fleet")
+    parser.add_argument(
+        "--token-file",
+        help=f"with --control: the fleet's {CONTROL_TOKEN_FILE} file, needed to change anything "
+        f"(default ${ENV_TOKEN_FILE}; --run-dir finds it in the run dir)",
+    )
     parser.add_argument("--project", help="compose project with --docker (default: skipfleet)")
     parser.add_argument("--json", action="store_true", help="print JSON rows, not a table")
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
@@ -94,7 +105,7 @@ def _count(text: str) -> int:
 
 def main(args: argparse.Namespace) -> int:
     try:
-        rows = run(open_fleet(args), args)
+        rows = run(open_fleet(args, os.environ), args)
     except FleetError as err:
         print(f"skipfleet fleet: {err}", file=sys.stderr)
         return int(EXIT_CODES.get(type(err), ExitCode.FAILED))
@@ -105,9 +116,11 @@ def main(args: argparse.Namespace) -> int:
     return ExitCode.OK
 
 
-def open_fleet(args: argparse.Namespace):
+def open_fleet(args: argparse.Namespace, environ: Mapping[str, str]):
     if args.project and not args.docker:
         raise InvalidRequest("--project goes with --docker")
+    if args.token_file and not args.control:
+        raise InvalidRequest("--token-file goes with --control")
     if args.docker:
         from skipfleet.fleet.docker_backend import DockerFleet
 
@@ -115,13 +128,16 @@ def open_fleet(args: argparse.Namespace):
     from skipfleet.fleet.remote import RemoteFleet
 
     if args.control:
-        return RemoteFleet(args.control)
+        token_file = args.token_file or environ.get(ENV_TOKEN_FILE)
+        return RemoteFleet(args.control, token_file=Path(token_file) if token_file else None)
     if args.run_dir:
-        from pathlib import Path
-
         from skipfleet.fleet.runstate import control_url_of
 
-        return RemoteFleet(control_url_of(Path(args.run_dir)))
+        run_dir = Path(args.run_dir)
+        token_file = run_dir / CONTROL_TOKEN_FILE
+        return RemoteFleet(
+            control_url_of(run_dir), token_file=token_file if token_file.exists() else None
+        )
     raise InvalidRequest("which fleet? give --control URL, --run-dir DIR or --docker")
 
 

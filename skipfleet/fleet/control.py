@@ -1,7 +1,9 @@
 """The HTTP JSON control endpoint of a process fleet, served by the process that owns it.
 
-Bound to 127.0.0.1 (port 0: the kernel picks one, published in fleet.json): it kills and
-pauses processes, so it is for this machine's user only and has no authentication.
+Bound to 127.0.0.1 (port 0: the kernel picks one, published in fleet.json). It kills and pauses
+processes, so it takes the coordinator API's rules (shared.http_auth): a POST needs the bearer
+token of `control-token` in the fleet's run dir (made there, mode 0600) and a JSON content type;
+reads are open to loopback.
 
     GET  /devices                      {"devices": [row, ...]}
     GET  /devices/{id}                 {"device": row}
@@ -11,8 +13,9 @@ pauses processes, so it is for this machine's user only and has no authenticatio
     POST /scale  {"devices": N}        {"devices": [...]}
 
 Errors are JSON `{"error": message, "code": code}`: 400 invalid_request (bad verb, mode, N or
-JSON), 404 unknown_device / not_found, 405 method_not_allowed, 409 state_conflict /
-unsupported, 503 unavailable (the fleet is stopped), 500 fleet_error.
+JSON), 401 unauthorized (no or a wrong token), 404 unknown_device / not_found, 405
+method_not_allowed, 409 state_conflict / unsupported, 415 unsupported_media_type (not JSON),
+503 unavailable (the fleet is stopped), 500 fleet_error.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import TYPE_CHECKING
 from urllib.parse import unquote, urlsplit
 
+from shared.http_auth import RequestGuard, check_request, ensure_token_file
 from skipfleet.fleet.base import (
     CutMode,
     DeviceStateError,
@@ -38,12 +42,17 @@ from skipfleet.fleet.base import (
     check_count,
     parse_enum,
 )
+from skipfleet.fleet.runstate import CONTROL_TOKEN_FILE
 
 if TYPE_CHECKING:
     from skipfleet.fleet.supervisor import ProcessFleet
 
 log = logging.getLogger(__name__)
 MAX_BODY = 64 * 1024
+REFUSAL_CODES = {
+    HTTPStatus.UNAUTHORIZED: "unauthorized",
+    HTTPStatus.UNSUPPORTED_MEDIA_TYPE: "unsupported_media_type",
+}
 
 
 class NotFound(FleetError):
@@ -68,9 +77,12 @@ STATUS = {
 class ControlServer:
     def __init__(self, fleet: ProcessFleet, host: str = "127.0.0.1", port: int = 0) -> None:
         self.fleet = fleet
+        self.token_file = fleet.run_dir / CONTROL_TOKEN_FILE
+        guard = RequestGuard(ensure_token_file(self.token_file), f"in the file {self.token_file}")
         self._server = ThreadingHTTPServer((host, port), _Handler)
         self._server.daemon_threads = True
         self._server.fleet = fleet  # the handlers find it here
+        self._server.guard = guard
         self._thread = threading.Thread(
             target=self._server.serve_forever, name="skipfleet-control", daemon=True
         )
@@ -168,8 +180,14 @@ class _Handler(BaseHTTPRequestHandler):
 
     def _respond(self, route) -> None:
         parts = [unquote(p) for p in urlsplit(self.path).path.split("/") if p]
+        refusal = check_request(self.server.guard, self)
         try:
-            status, payload = HTTPStatus.OK, route(parts)
+            if refusal is not None:  # before the body is read or anything is touched
+                self.close_connection = True
+                status = refusal.status
+                payload = {"error": refusal.message, "code": REFUSAL_CODES[refusal.status]}
+            else:
+                status, payload = HTTPStatus.OK, route(parts)
         except FleetError as err:
             status = STATUS.get(type(err), HTTPStatus.INTERNAL_SERVER_ERROR)
             payload = {"error": str(err), "code": err.code}

@@ -5,18 +5,37 @@ from __future__ import annotations
 import json
 import urllib.error
 import urllib.request
+from pathlib import Path
 from urllib.parse import quote
 
-from skipfleet.fleet.base import ERRORS, CutMode, DeviceInfo, FleetError, FleetUnavailable
+from shared.http_auth import JSON_CONTENT_TYPE, TokenFileError, bearer_header, read_token_file
+from skipfleet.fleet.base import (
+    ERRORS,
+    CutMode,
+    DeviceInfo,
+    FleetError,
+    FleetUnavailable,
+    InvalidRequest,
+)
 
 # Restart and scale wait for agents to stop (up to the fleet's stop timeout, 20 s by default).
 TIMEOUT_S = 60.0
 
 
 class RemoteFleet:
-    def __init__(self, url: str, timeout_s: float = TIMEOUT_S) -> None:
+    """token_file: the endpoint's `control-token` (its changes need it; reads do not)."""
+
+    def __init__(
+        self, url: str, timeout_s: float = TIMEOUT_S, token_file: Path | None = None
+    ) -> None:
         self.url = url.rstrip("/")
         self.timeout_s = timeout_s
+        self.headers = {"Content-Type": JSON_CONTENT_TYPE}
+        if token_file is not None:
+            try:
+                self.headers.update(bearer_header(read_token_file(token_file)))
+            except TokenFileError as err:
+                raise InvalidRequest(str(err)) from None
 
     def devices(self) -> list[DeviceInfo]:
         return _rows(self._call("GET", "/devices"))
@@ -58,7 +77,7 @@ class RemoteFleet:
     def _call(self, method: str, path: str, body: dict | None = None) -> dict:
         data = None if body is None else json.dumps(body).encode()
         request = urllib.request.Request(self.url + path, data=data, method=method,
-                                         headers={"Content-Type": "application/json"})  # fmt: skip
+                                         headers=self.headers)  # fmt: skip
         try:
             with urllib.request.urlopen(request, timeout=self.timeout_s) as response:
                 return json.loads(response.read())

@@ -14,6 +14,7 @@ from pathlib import Path
 from skipfleet.fleet.base import FleetUnavailable
 
 RUN_STATE_FILE = "fleet.json"
+CONTROL_TOKEN_FILE = "control-token"  # the control endpoint's bearer token, beside fleet.json
 RUN_STATE_VERSION = 1
 
 

@@ -191,6 +191,13 @@ class ProcessFleet:
             self._launch(device)
             return self._changed(device)
 
+    def join(self, spec: AgentSpec) -> DeviceInfo:
+        """A device that joins the fleet now (a late arrival)."""
+        with self._lock:
+            self._check_running()
+            self._add(spec)
+            return self._changed(self._devices[spec.device_id])
+
     def scale(self, n: int) -> list[DeviceInfo]:
         """Start devices from the factory up to n, or stop the highest-numbered ones."""
         with self._lock:

@@ -24,7 +24,8 @@ def make_cnn_trainer(model: CnnModel, method: CnnMethod, *, lr, rank, rng, n_sam
         layers = tuple(range(1, len(model.layer_input_dims) + 1))
         return SkipTrainer(model, layers=layers, lr=lr, rank=rank, rng=rng,
                            cache=cache or method.cache, start=start, n_samples=n_samples,
-                           capacity=capacity, batch_size=batch_size)  # fmt: skip
+                           capacity=capacity, batch_size=batch_size,
+                           delta=method.delta)  # fmt: skip
     if start is not None and not start.is_empty:
         raise ValueError(f"{method.name} cannot start from an adapter: only Skip-LoRA methods can")
     return CnnTrainer(model, method, lr=lr * method.lr_scale, rank=rank, rng=rng)
@@ -32,17 +33,19 @@ def make_cnn_trainer(model: CnnModel, method: CnnMethod, *, lr, rank, rng, n_sam
 
 def run_cnn_method(model: CnnModel, X, y, *, method="skip2-lora", epochs=10, lr=0.05,
                    batch_size=20, rank=4, seed=0, cache=None, capacity=None, start=None,
-                   cancel=None, progress=None) -> FinetuneResult:  # fmt: skip
-    """Fine-tune a CNN with any CNN method; `cache` overrides a Skip method's cache kind."""
+                   cancel=None, progress=None, steps=None) -> FinetuneResult:  # fmt: skip
+    """Fine-tune a CNN with any CNN method; `cache` overrides a Skip method's cache kind;
+    `steps` (a budget of batches) replaces `epochs` when given."""
     spec = resolve_cnn(method)
-    check_run(model, X, y, epochs=epochs, batch_size=batch_size, rank=rank, lr=lr)
+    epochs = check_run(model, X, y, epochs=epochs, batch_size=batch_size, rank=rank, lr=lr,
+                       steps=steps)  # fmt: skip
     rng = np.random.default_rng(seed)
     X1 = model.standardize(X)  # (n, side²): standardised pixels
     trainer = make_cnn_trainer(model, spec, lr=lr, rank=rank, rng=rng, n_samples=len(X),
                                batch_size=batch_size, cache=cache, start=start,
                                capacity=capacity)  # fmt: skip
     return train(trainer, X1, y, model.n_classes, epochs=epochs, batch_size=batch_size, rng=rng,
-                 cancel=cancel, progress=progress)  # fmt: skip
+                 cancel=cancel, progress=progress, steps=steps)  # fmt: skip
 
 
 def pretrain_cnn(X, y, n_classes: int, *, architecture="cnn", epochs=2, lr=PRETRAIN_LR,
@@ -66,10 +69,10 @@ def pretrain_cnn(X, y, n_classes: int, *, architecture="cnn", epochs=2, lr=PRETR
 
 def finetune_cnn(model: CnnModel, X, y, *, method="skip2-lora", epochs=10, lr=0.02,
                  batch_size=20, rank=4, seed=0, cache=None, start=None, cancel=None,
-                 progress=None) -> FinetuneResult:  # fmt: skip
+                 progress=None, steps=None) -> FinetuneResult:  # fmt: skip
     """What a CNN device runs: a Skip-LoRA-family fine-tune whose result is an adapter to ship."""
     if not resolve_cnn(method).is_adapter_only:
         raise ValueError(f"{method} changes the base model; a device ships Skip-LoRA adapters")
     return run_cnn_method(model, X, y, method=method, epochs=epochs, lr=lr, batch_size=batch_size,
                           rank=rank, seed=seed, cache=cache, start=start, cancel=cancel,
-                          progress=progress)  # fmt: skip
+                          progress=progress, steps=steps)  # fmt: skip

@@ -40,6 +40,7 @@ class CnnMethod:
     optimizer: str = "sgd"  # sgd, or galore: Adam in a low-rank projection of the gradients
     skip: bool = False  # Skip-LoRA: every layer's input straight to the logits
     cache: str = "none"  # Skip-Cache kind: none, dense, q8, q4
+    delta: bool = False  # Skip adapters train ΔW_k (d_k × C) itself, not A_k B_k (the MLP's too)
     lr_scale: float = 1.0  # this method's step size relative to the run's (Adam needs less)
 
     def units(self, where: str, n_units: int) -> frozenset[int]:
@@ -85,13 +86,26 @@ CNN_METHODS: dict[str, CnnMethod] = {
         CnnMethod("skip2-lora-q4", skip=True, cache="q4"),
     )
 }
+# The Skip paths with ΔW_k trained directly (agent/trainer/delta_head.py), what the federation
+# asks devices for: run when named, not part of the sources' comparison ("all").
+DELTA_METHODS: dict[str, CnnMethod] = {
+    m.name: m
+    for m in (
+        CnnMethod("skip-delta", skip=True, delta=True),
+        CnnMethod("skip2-delta", skip=True, cache="dense", delta=True),
+        CnnMethod("skip2-delta-q8", skip=True, cache="q8", delta=True),
+        CnnMethod("skip2-delta-q4", skip=True, cache="q4", delta=True),
+    )
+}
 
 
 def cnn_method_names() -> list[str]:
+    """The sources' comparison: what `--methods all` runs."""
     return list(CNN_METHODS)
 
 
 def resolve_cnn(name: str) -> CnnMethod:
-    if name not in CNN_METHODS:
-        raise ValueError(f"unknown CNN method {name!r}; choose from {', '.join(CNN_METHODS)}")
-    return CNN_METHODS[name]
+    known = {**CNN_METHODS, **DELTA_METHODS}
+    if name not in known:
+        raise ValueError(f"unknown CNN method {name!r}; choose from {', '.join(known)}")
+    return known[name]

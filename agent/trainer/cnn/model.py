@@ -35,6 +35,9 @@ class CnnModel(FrozenFeatureModel):
     params: dict[str, np.ndarray]
     side: int = 28
     info: dict = field(default_factory=dict)  # task, class names, architecture name: JSON-safe
+    # A CNN ships no drift calibration (agent/trainer/calibration.py describes the MLP's x3): a
+    # camera's heartbeat carries the BN1 score and the raw confidence, not the calibrated ones.
+    calibration = None
 
     @property
     def param_names(self) -> tuple[str, ...]:

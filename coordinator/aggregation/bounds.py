@@ -1,0 +1,130 @@
+"""Bounded trust in reports, before any strategy averages them.
+
+A device on a valid account can still lie: claim 2**62 training samples, or send a huge but
+finite adapter. Two bounds, applied to every round whatever the strategy:
+- weight: a report counts at most the samples the device registered (its presence), and at most
+  `max_weight_ratio` times the median of the *other* reports' counts (leave-one-out: a claim
+  cannot raise its own cap);
+- update: each report's update (its effective ΔW minus the adapter training started from) is
+  clipped to `clip_factor` times the median norm of the round's updates (norm clipping, as in
+  Sun et al., "Can you really backdoor federated learning?", 2019). A clipped report's device is
+  an outlier: its canary evaluations do not count. The median is over every report, the
+  device's own included: two honest sub-groups of a cluster (say, two that drifted further than
+  the other two) then do not clip each other, while one update far beyond the rest still is.
+Both relative bounds need three reports: with fewer, one peer's figure is no norm. Then the
+registered samples, the value bound, the canary and the devices' own hold-outs are what protect
+the fleet (docs/coordinator.md).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from coordinator.aggregation.arrays import AdapterShape, Arrays, deltas_as_arrays, effective_deltas
+from coordinator.aggregation.base import FitResult
+
+
+@dataclass(frozen=True)
+class TrustBounds:
+    max_weight_ratio: float | None = 10.0  # None: no relative cap on a report's weight
+    clip_factor: float | None = 4.0  # None: no clipping of updates
+
+    def __post_init__(self) -> None:
+        for name in ("max_weight_ratio", "clip_factor"):
+            value = getattr(self, name)
+            if value is not None and not (math.isfinite(value) and value >= 1.0):
+                raise ValueError(f"{name} must be >= 1 (or None), got {value}")
+
+
+@dataclass(frozen=True)
+class Bounded:
+    results: tuple[FitResult, ...]
+    notes: Mapping[str, str] = field(default_factory=dict)  # device -> what was bounded
+    outliers: frozenset[str] = frozenset()  # devices whose update was clipped
+
+
+def bound_reports(
+    results: Sequence[FitResult],
+    *,
+    shape: AdapterShape,
+    bounds: TrustBounds,
+    registered: Mapping[str, int | None],
+    start: Arrays | None = None,
+) -> Bounded:
+    """The reports with weights capped and updates clipped; unbounded ones pass unchanged."""
+    notes: dict[str, str] = {}
+    samples = _capped_samples(results, registered, bounds.max_weight_ratio, notes)
+    start_deltas = _start_deltas(start, shape)
+    deltas = [effective_deltas(r.arrays, shape) for r in results]
+    norms = [_update_norm(d, start_deltas) for d in deltas]
+    bound = _of_all(norms, bounds.clip_factor)
+    out, outliers = [], set()
+    for i, result in enumerate(results):
+        arrays = result.arrays
+        if bound is not None and norms[i] > bound:
+            scale = bound / norms[i]
+            clipped = [s + (d - s) * scale for d, s in zip(deltas[i], start_deltas, strict=True)]
+            arrays = deltas_as_arrays(clipped)
+            outliers.add(result.device_id)
+            notes[result.device_id] = _join(
+                notes.get(result.device_id), f"update norm {norms[i]:.3g} clipped to {bound:.3g}"
+            )
+        out.append(FitResult(result.device_id, arrays, samples[i]))
+    return Bounded(tuple(out), notes, frozenset(outliers))
+
+
+def _capped_samples(results, registered, ratio, notes) -> list[int]:
+    samples = []
+    for r in results:
+        held = registered.get(r.device_id)
+        count = r.num_samples if held is None or held <= 0 else min(r.num_samples, held)
+        if count != r.num_samples:
+            notes[r.device_id] = f"claimed {r.num_samples} samples, registered {held}"
+        samples.append(count)
+    capped = []
+    for i, count in enumerate(samples):
+        limit = _leave_one_out(samples, i, ratio)
+        if limit is not None and count > limit:
+            notes[results[i].device_id] = _join(
+                notes.get(results[i].device_id), f"weight {count} capped to {int(limit)}"
+            )
+            count = max(1, int(limit))
+        capped.append(count)
+    return capped
+
+
+MIN_REPORTS = 3  # reports a relative bound needs
+
+
+def _leave_one_out(values: Sequence[float], i: int, factor: float | None) -> float | None:
+    others = [v for j, v in enumerate(values) if j != i]
+    return _bound(others, factor, MIN_REPORTS - 1)
+
+
+def _of_all(values: Sequence[float], factor: float | None) -> float | None:
+    return _bound(values, factor, MIN_REPORTS)
+
+
+def _bound(values: Sequence[float], factor: float | None, needed: int) -> float | None:
+    if factor is None or len(values) < needed:
+        return None
+    median = float(np.median(values))
+    return factor * median if median > 0 else None
+
+
+def _start_deltas(start: Arrays | None, shape: AdapterShape) -> list[np.ndarray]:
+    if start is None:
+        return [np.zeros(shape.delta_shape(k), dtype=np.float64) for k in shape.layers]
+    return effective_deltas(start, shape)
+
+
+def _update_norm(deltas: list[np.ndarray], start: list[np.ndarray]) -> float:
+    return math.sqrt(sum(float(np.sum((d - s) ** 2)) for d, s in zip(deltas, start, strict=True)))
+
+
+def _join(first: str | None, second: str) -> str:
+    return second if first is None else f"{first}; {second}"

@@ -1,0 +1,197 @@
+"""The clusters of each cohort: who shares an adapter, checkpointed to SQLite.
+
+A federated run re-clusters its cohort when it starts (coordinator.clustering on the labelled
+devices' signatures); a device that has no labels, or arrives later, is placed in the nearest
+cluster by its signature. Every placement records how it was made, so an operator can ask why a
+device runs its cluster's adapter. Rules:
+- clustering off (`max_distance` None), or no labelled device with a signature yet (old agents,
+  base models without calibration): the whole cohort is one cluster, WHOLE_COHORT;
+- a labelled device without a signature joins the largest cluster (it measures every adapter
+  on its own hold-out before it runs it, so a wrong cluster cannot make it worse);
+- a device without labels and without a signature, or whose signature is near no cluster, is
+  in none: nothing is rolled out to it that it cannot judge.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import numpy as np
+
+from coordinator.adapter_store import WHOLE_COHORT
+from coordinator.clock import Clock, system_clock
+from coordinator.clustering import assign, carry_over_ids, cluster_signatures, rms_distance
+from coordinator.registry import DeviceRecord
+from coordinator.state_db import StateDB
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS cluster_members (
+    cohort TEXT NOT NULL,
+    device_id TEXT NOT NULL,
+    cluster TEXT,
+    how TEXT NOT NULL,
+    at REAL NOT NULL,
+    PRIMARY KEY (cohort, device_id)
+);
+CREATE TABLE IF NOT EXISTS cluster_centroids (
+    cohort TEXT NOT NULL,
+    cluster TEXT NOT NULL,
+    centroid BLOB,
+    at REAL NOT NULL,
+    PRIMARY KEY (cohort, cluster)
+);
+CREATE TABLE IF NOT EXISTS cluster_ids (
+    cohort TEXT PRIMARY KEY,
+    next INTEGER NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class Placement:
+    device_id: str
+    cluster: str | None  # None: in no cluster
+    how: str  # why, in words
+
+
+class ClusterBook:
+    def __init__(
+        self, db: StateDB, *, max_distance: float | None, clock: Clock = system_clock
+    ) -> None:
+        self._db = db
+        self._clock = clock
+        self.max_distance = max_distance
+        db.ensure_schema(_SCHEMA)
+
+    # ---- reads
+
+    def placement(self, cohort: str, device_id: str) -> Placement | None:
+        row = self._db.query_one(
+            "SELECT * FROM cluster_members WHERE cohort = ? AND device_id = ?", (cohort, device_id)
+        )
+        return None if row is None else Placement(row["device_id"], row["cluster"], row["how"])
+
+    def cluster_of(self, cohort: str, device_id: str) -> str | None:
+        placed = self.placement(cohort, device_id)
+        return None if placed is None else placed.cluster
+
+    def clusters(self, cohort: str) -> dict[str, tuple[str, ...]]:
+        rows = self._db.query(
+            "SELECT device_id, cluster FROM cluster_members WHERE cohort = ? AND cluster IS NOT "
+            "NULL ORDER BY cluster, device_id",
+            (cohort,),
+        )
+        out: dict[str, list[str]] = {}
+        for row in rows:
+            out.setdefault(row["cluster"], []).append(row["device_id"])
+        return {cluster: tuple(members) for cluster, members in out.items()}
+
+    def labelled_members(
+        self, cohort: str, records: Sequence[DeviceRecord]
+    ) -> dict[str, frozenset[str]]:
+        """Each cluster's members that have labels (the ones its canaries are drawn from)."""
+        labelled = {r.device_id for r in records if r.labelled}
+        return {
+            cluster: frozenset(m for m in members if m in labelled)
+            for cluster, members in self.clusters(cohort).items()
+        }
+
+    def centroids(self, cohort: str) -> dict[str, np.ndarray]:
+        rows = self._db.query(
+            "SELECT cluster, centroid FROM cluster_centroids WHERE cohort = ? AND centroid IS "
+            "NOT NULL",
+            (cohort,),
+        )
+        return {r["cluster"]: np.frombuffer(r["centroid"], dtype="<f8") for r in rows}
+
+    # ---- updates
+
+    def recluster(self, cohort: str, records: Sequence[DeviceRecord]) -> list[Placement]:
+        """Clusters the cohort afresh from its members' signatures; returns every placement."""
+        with self._db.transaction():
+            previous = {c: frozenset(m) for c, m in self.clusters(cohort).items()}
+            placements, centroids = self._cluster(cohort, records, previous)
+            self._db.execute("DELETE FROM cluster_members WHERE cohort = ?", (cohort,))
+            self._db.execute("DELETE FROM cluster_centroids WHERE cohort = ?", (cohort,))
+            at = self._clock()
+            for p in placements:
+                self._save(cohort, p, at)
+            for cluster, centroid in centroids.items():
+                blob = None if centroid is None else np.asarray(centroid, "<f8").tobytes()
+                self._db.execute(
+                    "INSERT INTO cluster_centroids VALUES (?, ?, ?, ?)", (cohort, cluster, blob, at)
+                )
+        return placements
+
+    def place(self, cohort: str, record: DeviceRecord) -> Placement:
+        """Places one device not yet in a cluster (it joined after the last re-clustering)."""
+        clusters = self.clusters(cohort)
+        placement = self._place_one(record, clusters, self.centroids(cohort))
+        with self._db.transaction():
+            self._save(cohort, placement, self._clock())
+        return placement
+
+    # ---- internals
+
+    def _cluster(self, cohort, records, previous):
+        labelled = {
+            r.device_id: r.signature_vector().astype(np.float64)
+            for r in records
+            if r.labelled and r.signature is not None
+        }
+        if self.max_distance is None or not labelled:
+            why = "clustering is off" if self.max_distance is None else "no signatures yet"
+            how = f"the whole cohort ({why})"
+            return [Placement(r.device_id, WHOLE_COHORT, how) for r in records], {
+                WHOLE_COHORT: None
+            }
+        found = carry_over_ids(
+            previous, cluster_signatures(labelled, max_distance=self.max_distance),
+            lambda: self._new_id(cohort),
+        )  # fmt: skip
+        placements = [
+            Placement(d, cluster, "clustered by signature")
+            for cluster, c in found.items()
+            for d in c.members
+        ]
+        centroids = {cluster: c.centroid for cluster, c in found.items()}
+        members = {cluster: c.members for cluster, c in found.items()}
+        for r in records:
+            if r.device_id not in labelled:
+                placements.append(self._place_one(r, members, centroids))
+        return placements, centroids
+
+    def _place_one(self, record, members, centroids) -> Placement:
+        if WHOLE_COHORT in members:
+            return Placement(record.device_id, WHOLE_COHORT, "the whole cohort")
+        if not members:
+            return Placement(record.device_id, None, "no clusters yet")
+        signature = record.signature_vector()
+        if signature is None:
+            if record.labelled and members:
+                largest = max(sorted(members), key=lambda c: len(members[c]))
+                return Placement(record.device_id, largest, "no signature: the largest cluster")
+            return Placement(record.device_id, None, "no signature and no labels: no cluster")
+        vector = signature.astype(np.float64)
+        chosen = assign(vector, centroids, max_distance=self.max_distance or 0.0)
+        if chosen is None:
+            return Placement(record.device_id, None, f"no cluster within {self.max_distance}")
+        distance = rms_distance(vector, centroids[chosen])
+        return Placement(record.device_id, chosen, f"nearest cluster ({distance:.2f} away)")
+
+    def _save(self, cohort: str, placement: Placement, at: float) -> None:
+        self._db.execute(
+            "INSERT INTO cluster_members VALUES (?, ?, ?, ?, ?) ON CONFLICT(cohort, device_id) "
+            "DO UPDATE SET cluster = excluded.cluster, how = excluded.how, at = excluded.at",
+            (cohort, placement.device_id, placement.cluster, placement.how, at),
+        )
+
+    def _new_id(self, cohort: str) -> str:
+        row = self._db.query_one("SELECT next FROM cluster_ids WHERE cohort = ?", (cohort,))
+        number = 1 if row is None else int(row["next"])
+        self._db.execute(
+            "INSERT INTO cluster_ids VALUES (?, ?) ON CONFLICT(cohort) DO UPDATE SET next = ?",
+            (cohort, number + 1, number + 1),
+        )
+        return f"c{number}"

@@ -1,0 +1,203 @@
+"""Federated runs: what each trigger set going, cluster by cluster, checkpointed to SQLite.
+
+A run covers one cohort. Each of its clusters goes TRAINING (a round out) → AGGREGATING (the
+round's reports being averaged into the next aggregate) → TRAINING ... → ROLLING_OUT (the
+candidate behind its canary) → DONE. The whole run is one JSON document per row: it is read and
+written by one actor, a few times per round, and a restarted actor carries on from it.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Mapping
+from dataclasses import asdict, dataclass, field, replace
+from enum import StrEnum
+from typing import Any
+
+from coordinator.federation import FederationPolicy, Measured, RunProgress
+from coordinator.state_db import StateDB
+
+
+class ClusterStage(StrEnum):
+    TRAINING = "TRAINING"
+    AGGREGATING = "AGGREGATING"
+    ROLLING_OUT = "ROLLING_OUT"
+    DONE = "DONE"
+
+
+class RunState(StrEnum):
+    RUNNING = "RUNNING"
+    DONE = "DONE"
+
+
+@dataclass
+class ClusterRun:
+    cluster: str
+    members: tuple[str, ...]  # the labelled devices that train
+    start_version: int  # the cluster's current version when the run began (0: the base model)
+    progress: RunProgress
+    stage: ClusterStage = ClusterStage.TRAINING
+    aggregates: dict[int, int] = field(default_factory=dict)  # round index -> stored version
+    last_round: bool = False  # the aggregate under way is the last (the budget is used up)
+    candidate: int | None = None  # the version to roll out
+    rollout_id: str | None = None
+    note: str = ""
+    outliers: tuple[str, ...] = ()  # devices whose update was clipped: no canary for them
+    aggregating_since: float | None = None  # when its aggregate under way was submitted
+
+    def start_of(self, index: int) -> int:
+        """The version round `index` starts from (0: the base model)."""
+        return self.start_version if index == 1 else self.aggregates[index - 1]
+
+
+@dataclass
+class Run:
+    run_id: str
+    cohort: str
+    trigger: str
+    started_at: float
+    clusters: dict[str, ClusterRun]
+    state: RunState = RunState.RUNNING
+    rounds: list[str] = field(default_factory=list)  # round ids, in order
+    finished_at: float | None = None
+
+    @property
+    def round_index(self) -> int:
+        return len(self.rounds)
+
+    def in_stage(self, *stages: ClusterStage) -> list[ClusterRun]:
+        return [c for c in self.clusters.values() if c.stage in stages]
+
+    def cluster_of(self, device_id: str) -> ClusterRun | None:
+        return next((c for c in self.clusters.values() if device_id in c.members), None)
+
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id TEXT PRIMARY KEY,
+    cohort TEXT NOT NULL,
+    state TEXT NOT NULL,
+    started_at REAL NOT NULL,
+    body TEXT NOT NULL
+);
+CREATE INDEX IF NOT EXISTS runs_by_cohort ON runs (cohort, state);
+CREATE TABLE IF NOT EXISTS run_rounds (
+    round_id TEXT PRIMARY KEY,
+    run_id TEXT NOT NULL,
+    round_index INTEGER NOT NULL,
+    starts TEXT NOT NULL
+);
+"""
+
+
+class RunBook:
+    def __init__(self, db: StateDB, policy: FederationPolicy) -> None:
+        self._db = db
+        self.policy = policy
+        db.ensure_schema(_SCHEMA)
+
+    def save(self, run: Run) -> None:
+        self._db.execute(
+            "INSERT INTO runs VALUES (?, ?, ?, ?, ?) ON CONFLICT(run_id) DO UPDATE SET "
+            "state = excluded.state, body = excluded.body",
+            (run.run_id, run.cohort, run.state.value, run.started_at, json.dumps(_dump(run))),
+        )
+
+    def get(self, run_id: str) -> Run | None:
+        row = self._db.query_one("SELECT body FROM runs WHERE run_id = ?", (run_id,))
+        return None if row is None else _load(json.loads(row["body"]), self.policy)
+
+    def active(self, cohort: str) -> Run | None:
+        row = self._db.query_one(
+            "SELECT body FROM runs WHERE cohort = ? AND state = ?", (cohort, RunState.RUNNING.value)
+        )
+        return None if row is None else _load(json.loads(row["body"]), self.policy)
+
+    def running(self) -> list[Run]:
+        rows = self._db.query(
+            "SELECT body FROM runs WHERE state = ? ORDER BY started_at", (RunState.RUNNING.value,)
+        )
+        return [_load(json.loads(r["body"]), self.policy) for r in rows]
+
+    def recent(self, limit: int = 20) -> list[Run]:
+        rows = self._db.query(
+            "SELECT body FROM runs ORDER BY started_at DESC, rowid DESC LIMIT ?", (limit,)
+        )
+        return [_load(json.loads(r["body"]), self.policy) for r in rows]
+
+    def add_round(self, run: Run, round_id: str, starts: Mapping[str, int]) -> None:
+        """Round `run.round_index + 1` of the run is out; `starts`: each device's start version."""
+        run.rounds.append(round_id)
+        with self._db.transaction():
+            self._db.execute(
+                "INSERT INTO run_rounds VALUES (?, ?, ?, ?)",
+                (round_id, run.run_id, run.round_index, json.dumps(dict(starts))),
+            )
+            self.save(run)
+
+    def round_of(self, round_id: str) -> tuple[str, int, dict[str, int]] | None:
+        """(run id, round index, start version per device) of a run's round, or None."""
+        row = self._db.query_one("SELECT * FROM run_rounds WHERE round_id = ?", (round_id,))
+        if row is None:
+            return None
+        return row["run_id"], int(row["round_index"]), json.loads(row["starts"])
+
+    def start_version(self, round_id: str | None, device_id: str) -> int | None:
+        """The version a device's fine-tune in this round starts from (None: not a run's)."""
+        found = None if round_id is None else self.round_of(round_id)
+        return None if found is None else found[2].get(device_id)
+
+
+def _dump(run: Run) -> dict[str, Any]:
+    body = asdict(replace(run, clusters={}))
+    body["clusters"] = {name: _dump_cluster(c) for name, c in run.clusters.items()}
+    return body
+
+
+def _dump_cluster(c: ClusterRun) -> dict[str, Any]:
+    body = asdict(replace(c, progress=None))
+    body["aggregates"] = {str(k): v for k, v in c.aggregates.items()}
+    body["progress"] = {
+        "rounds_done": c.progress.rounds_done,
+        "stalled": c.progress.stalled,
+        "measured": {
+            str(r): {d: [m.accuracy, m.loss] for d, m in by_device.items()}
+            for r, by_device in c.progress.measured.items()
+        },
+    }
+    return body
+
+
+def _load(body: dict[str, Any], policy: FederationPolicy) -> Run:
+    clusters = {name: _load_cluster(c, policy) for name, c in body.pop("clusters").items()}
+    return Run(
+        **{**body, "state": RunState(body["state"]), "rounds": list(body["rounds"])},
+        clusters=clusters,
+    )
+
+
+def _load_cluster(body: dict[str, Any], policy: FederationPolicy) -> ClusterRun:
+    saved = body.pop("progress")
+    progress = RunProgress(
+        policy,
+        measured={
+            int(r): {d: Measured(*m) for d, m in by_device.items()}
+            for r, by_device in saved["measured"].items()
+        },
+        rounds_done=saved["rounds_done"],
+        stalled=saved["stalled"],
+    )
+    return ClusterRun(
+        **{
+            **body,
+            "members": tuple(body["members"]),
+            "outliers": tuple(body.get("outliers", ())),
+            "stage": ClusterStage(body["stage"]),
+            "aggregates": {int(k): v for k, v in body["aggregates"].items()},
+        },
+        progress=progress,
+    )
+
+
+def members_of(run: Run, clusters: Iterable[ClusterRun]) -> list[str]:
+    return sorted({d for c in clusters for d in c.members})

@@ -1,0 +1,92 @@
+"""Clusters from label-free signatures (DP-means), assignment of new devices, stable ids."""
+
+import itertools
+
+import numpy as np
+import pytest
+
+from coordinator.clustering import (
+    Cluster,
+    assign,
+    carry_over_ids,
+    cluster_signatures,
+    rms_distance,
+)
+
+H = 96
+
+
+def group(center: float, n: int, rng, spread=0.05, prefix="d"):
+    """n signatures around a point at `center` in every unit (rms distance to it ~ spread)."""
+    return {f"{prefix}{i}": center + spread * rng.standard_normal(H) for i in range(n)}
+
+
+def test_rms_distance_is_in_standard_deviations_per_unit():
+    assert rms_distance(np.zeros(H), np.full(H, 0.5)) == pytest.approx(0.5)
+
+
+def test_two_groups_farther_apart_than_the_radius_become_two_clusters():
+    rng = np.random.default_rng(0)
+    signatures = {**group(0.0, 5, rng, prefix="quiet"), **group(1.0, 4, rng, prefix="noisy")}
+    clusters = cluster_signatures(signatures, max_distance=0.4)
+    assert sorted(c.members for c in clusters) == [
+        tuple(f"noisy{i}" for i in range(4)),
+        tuple(f"quiet{i}" for i in range(5)),
+    ]
+    for c in clusters:  # each centroid is its members' mean
+        np.testing.assert_allclose(c.centroid, np.mean([signatures[d] for d in c.members], 0))
+
+
+def test_one_spread_group_stays_one_cluster_and_the_result_does_not_depend_on_order():
+    rng = np.random.default_rng(1)
+    signatures = group(0.3, 12, rng, spread=0.15)
+    clusters = cluster_signatures(signatures, max_distance=0.4)
+    assert [c.members for c in clusters] == [tuple(sorted(signatures))]
+    shuffled = dict(reversed(list(signatures.items())))
+    assert [c.members for c in cluster_signatures(shuffled, max_distance=0.4)] == [
+        c.members for c in clusters
+    ]
+
+
+def test_every_device_is_in_exactly_one_cluster_within_the_radius_of_its_centroid():
+    rng = np.random.default_rng(2)
+    signatures = {f"d{i}": rng.uniform(-1, 1) + 0.2 * rng.standard_normal(H) for i in range(60)}
+    clusters = cluster_signatures(signatures, max_distance=0.3)
+    members = list(itertools.chain.from_iterable(c.members for c in clusters))
+    assert sorted(members) == sorted(signatures)
+    for c in clusters:
+        assert all(rms_distance(signatures[d], c.centroid) <= 0.3 + 1e-9 for d in c.members)
+
+
+def test_signatures_of_different_widths_or_not_finite_are_refused():
+    with pytest.raises(ValueError, match="one width"):
+        cluster_signatures({"a": np.zeros(H), "b": np.zeros(H - 1)}, max_distance=0.4)
+    with pytest.raises(ValueError, match="finite"):
+        cluster_signatures({"a": np.full(H, np.nan)}, max_distance=0.4)
+    with pytest.raises(ValueError, match="max_distance"):
+        cluster_signatures({"a": np.zeros(H)}, max_distance=0.0)
+    assert cluster_signatures({}, max_distance=0.4) == []
+
+
+def test_a_new_device_joins_the_nearest_cluster_within_the_radius_or_none():
+    centroids = {"c1": np.zeros(H), "c2": np.ones(H)}
+    assert assign(np.full(H, 0.9), centroids, max_distance=0.4) == "c2"
+    assert assign(np.full(H, 0.1), centroids, max_distance=0.4) == "c1"
+    assert assign(np.full(H, 0.5), centroids, max_distance=0.4) is None  # near neither
+    assert assign(np.zeros(H - 1), centroids, max_distance=0.4) is None  # another model
+
+
+def test_new_clusters_keep_the_ids_of_the_clusters_they_overlap_most():
+    previous = {"c1": frozenset({"a", "b", "c"}), "c2": frozenset({"x", "y"})}
+    fresh = iter(["c3", "c4"])
+    clusters = [
+        Cluster(("x", "y", "z"), np.zeros(H)),  # mostly the old c2
+        Cluster(("a", "b"), np.zeros(H)),  # mostly the old c1
+        Cluster(("q",), np.zeros(H)),  # nobody's: a new id
+    ]
+    named = carry_over_ids(previous, clusters, lambda: next(fresh))
+    assert {k: v.members for k, v in named.items()} == {
+        "c2": ("x", "y", "z"),
+        "c1": ("a", "b"),
+        "c3": ("q",),
+    }

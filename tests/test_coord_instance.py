@@ -1,0 +1,176 @@
+"""One coordinator per instance: its own MQTT client id and Ray actor, derived from its state dir
+(or --instance); a second one refuses to start and leaves the first alone; a coordinator whose
+MQTT session another client takes over stops instead of fighting for it."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import subprocess
+import sys
+import threading
+import time
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt.enums import CallbackAPIVersion
+
+from coordinator import cli
+from coordinator.bridge import FatalReason, MqttBridge
+from coordinator.config import ConfigError, from_args
+from coordinator.instance import InstanceConflict, StateDirLock
+from coordinator.metrics import FleetMetrics
+from coordinator.ports import LocalFleetPort
+from coordinator.ray_runtime import ActorOwnedElsewhere, release_actor, start_actor
+from coordinator.service import FleetService
+from shared.mqtt import parse_broker_url
+from skipfleet.processes import REPO, child_env
+from tests.coord_fleet_helpers import make_config
+
+WAIT = 30.0
+
+
+def parse(*argv: str) -> argparse.Namespace:
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    return parser.parse_args(list(argv))
+
+
+def test_the_client_id_and_actor_name_derive_from_the_state_dir(tmp_path, monkeypatch):
+    one = from_args(parse("--state-dir", str(tmp_path / "one")), {})
+    other = from_args(parse("--state-dir", str(tmp_path / "other")), {})
+    assert one.client_id.startswith("skipfleet-coordinator-") and len(one.instance_name) == 10
+    assert one.client_id != other.client_id and one.fleet_actor_name != other.fleet_actor_name
+    monkeypatch.chdir(tmp_path)
+    relative = from_args(parse("--state-dir", "one"), {})
+    assert relative.client_id == one.client_id  # the absolute path, however it was written
+
+
+def test_an_instance_name_overrides_the_derived_one(tmp_path):
+    config = from_args(parse("--state-dir", str(tmp_path), "--instance", "site-b"), {})
+    assert config.client_id == "skipfleet-coordinator-site-b"
+    assert config.fleet_actor_name == "skipfleet-coordinator-site-b"
+    with pytest.raises(ConfigError, match="--instance"):
+        from_args(parse("--state-dir", str(tmp_path), "--instance", "Site/B"), {})
+
+
+def test_the_api_and_metrics_bind_loopback_and_the_token_has_a_home(tmp_path):
+    config = from_args(parse("--state-dir", str(tmp_path)), {})
+    assert (config.api_addr, config.metrics_addr) == ("127.0.0.1", "127.0.0.1")
+    assert config.token_path == tmp_path / "api-token"
+    from_env = from_args(
+        parse("--state-dir", str(tmp_path)), {"SKIPFLEET_API_TOKEN_FILE": "/etc/x/token"}
+    )
+    assert str(from_env.token_path) == "/etc/x/token"
+    flag = parse("--state-dir", str(tmp_path), "--api-token-file", "/run/t", "--api-addr", "::")
+    assert str(from_args(flag, {}).token_path) == "/run/t"
+
+
+def test_a_state_dir_has_one_coordinator_at_a_time(tmp_path):
+    first = StateDirLock.acquire(tmp_path / "state")
+    with pytest.raises(InstanceConflict, match=f"pid {os.getpid()}"):
+        StateDirLock.acquire(tmp_path / "state")
+    first.release()
+    StateDirLock.acquire(tmp_path / "state").release()
+
+
+# -- Ray: the fleet actor is never adopted, never killed by another coordinator ------------------
+@pytest.mark.slow
+def test_a_second_coordinator_of_an_instance_refuses_and_the_first_lives_on(ray_session, tmp_path):
+    config = dataclasses.replace(make_config(tmp_path / "a"), instance="refuse-test")
+    actor = start_actor(config)
+    try:
+        assert ray_session.get(actor.health.remote(), timeout=WAIT)["status"] == "ok"
+        # another state dir, another topic root, the same instance: the old bug fed this actor
+        # the other fleet's devices and ray.kill'ed it on exit
+        intruder = dataclasses.replace(
+            make_config(tmp_path / "b"), instance="refuse-test", topic_root="elsewhere"
+        )
+        with pytest.raises(ActorOwnedElsewhere, match="already running"):
+            start_actor(intruder)
+        assert ray_session.get(actor.health.remote(), timeout=WAIT)["status"] == "ok"
+    finally:
+        release_actor(actor, config)
+
+
+@pytest.mark.slow
+def test_a_coordinator_restarted_right_after_stopping_gets_a_live_actor(ray_session, tmp_path):
+    """The cause of the flaky restart test: get_if_exists found the actor ray.kill was ending."""
+    config = dataclasses.replace(make_config(tmp_path), instance="restart-test")
+    for _ in range(4):
+        actor = start_actor(config)
+        health = ray_session.get(actor.health.remote(), timeout=WAIT)
+        assert health["status"] == "ok"
+        ray_session.get(actor.close.remote(), timeout=WAIT)
+        release_actor(actor, config)
+        with pytest.raises(ValueError):  # the name is free again when stop() returns
+            ray_session.get_actor(config.fleet_actor_name, namespace=config.ray_namespace)
+
+
+@pytest.mark.slow
+def test_the_cli_exits_75_when_its_state_dir_is_taken(ray_session, tmp_path):
+    state = tmp_path / "state"
+    lock = StateDirLock.acquire(state)  # a coordinator already runs on it
+    try:
+        result = subprocess.run(
+            [sys.executable, "-m", "skipfleet.cli", "coordinator", "--state-dir", str(state),
+             "--ray-address", ray_session.get_runtime_context().gcs_address,
+             "--ray-namespace", "skipfleet-tests", "--api-port", "0", "--metrics-port", "0"],
+            capture_output=True, text=True, env=child_env(), cwd=REPO, timeout=120,
+        )  # fmt: skip
+    finally:
+        lock.release()
+    assert result.returncode == 75, result.stderr[-2000:]
+    assert "another coordinator" in result.stderr and str(state) in result.stderr
+
+
+# -- MQTT: a session taken over ends the coordinator, it does not fight back -------------------
+@pytest.fixture
+def minibroker():
+    """The embedded broker: it sends MQTT v5's DISCONNECT 0x8E on a takeover, as the standard
+    says; mosquitto 2.0.11 (Debian 12) only closes the socket, which looks like a network loss."""
+    from skipfleet.minibroker import MiniBroker
+
+    broker = MiniBroker("127.0.0.1").start()
+    yield broker
+    broker.stop()
+
+
+def test_a_coordinator_whose_session_is_taken_over_stops_instead_of_fighting(minibroker, tmp_path):
+    settings = parse_broker_url(minibroker.url, session_expiry_s=60, reconnect_max_delay_s=2)
+    config = dataclasses.replace(
+        make_config(tmp_path / "state"), mqtt=settings, instance="takeover-test"
+    )
+    service = FleetService(config)
+    fatal: list[tuple[FatalReason, str]] = []
+    bridge = MqttBridge(
+        config, LocalFleetPort(service), FleetMetrics(), on_fatal=lambda *a: fatal.append(a)
+    )
+    intruder_kicked = threading.Event()
+    intruder = paho.Client(
+        CallbackAPIVersion.VERSION2, client_id=config.client_id, protocol=paho.MQTTv5
+    )
+    intruder.on_disconnect = lambda *args: intruder_kicked.set()
+    try:
+        bridge.start()
+        deadline = time.monotonic() + WAIT
+        while not bridge.connected:
+            assert time.monotonic() < deadline, "the bridge did not connect"
+            time.sleep(0.05)
+        intruder.connect(settings.host, settings.port)
+        intruder.loop_start()
+        deadline = time.monotonic() + WAIT
+        while not fatal:
+            assert time.monotonic() < deadline, "the bridge did not notice the takeover"
+            time.sleep(0.05)
+        ((kind, reason),) = fatal
+        assert kind is FatalReason.SESSION_TAKEN_OVER and config.client_id in reason
+        # the old behaviour: paho reconnected within seconds and kicked the other client back
+        assert not intruder_kicked.wait(6.0), "the coordinator took its session back"
+        assert not bridge.connected
+    finally:
+        intruder.disconnect()
+        intruder.loop_stop()
+        bridge.stop()
+        service.close()
