@@ -125,3 +125,15 @@ def test_the_delta_methods_train_each_layers_delta_on_a_cnn(toy_model):
     assert sorted(cached.to_arrays()) == ["delta1", "delta2", "delta3", "delta4"]
     for a, b in zip(exact.effective_deltas(), cached.effective_deltas(), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+
+
+def test_bn1_pre_activations_are_the_first_convs_output_at_every_pixel(toy_model):
+    from agent.trainer.cnn.model import CHUNK
+    from agent.trainer.cnn.network import unit_forward
+
+    X, _ = toy_images(CHUNK + 5)  # more than one chunk
+    rows, mean, var = toy_model.bn1_pre_activations(X)
+    first = arch.Unit(**{**arch.to_json(toy_model.units[:1])[0], "bn": False, "pool": None})
+    direct, _ = unit_forward(first, 1, toy_model.images(toy_model.standardize(X)), toy_model.params)
+    np.testing.assert_allclose(rows, direct.reshape(-1, direct.shape[-1]), rtol=1e-6, atol=1e-6)
+    assert mean is toy_model.params["mean1"] and var is toy_model.params["var1"]

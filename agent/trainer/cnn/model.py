@@ -102,11 +102,18 @@ class CnnModel(FrozenFeatureModel):
         return xs, h  # h: (b, C) logits
 
     def bn1_pre_activations(self, X: np.ndarray):
-        """(unit 1's op output before BN1 as rows (n·H·W, C), BN1's running mean, var)."""
+        """(unit 1's op output before BN1 as rows (n·H·W, C), BN1's running mean, var).
+
+        Chunk by chunk into one output: the patches of every image at once would be a second
+        copy the size of the result."""
         p = self.params
         bare = arch.Unit(self.units[0].op, self.units[0].c_in, self.units[0].c_out, bn=False)
-        h, _ = unit_forward(bare, 1, self.images(self.standardize(X)), p, UnitMods())
-        return h.reshape(-1, h.shape[-1]), p["mean1"], p["var1"]
+        x1, per_image = self.standardize(X), self.n_inputs  # a row per pixel of each image
+        out = np.empty((len(x1) * per_image, bare.c_out), dtype=np.float32)  # (n·H·W, C)
+        for i in range(0, len(x1), CHUNK):
+            h, _ = unit_forward(bare, 1, self.images(x1[i : i + CHUNK]), p, UnitMods())
+            out[i * per_image : i * per_image + h.size // bare.c_out] = h.reshape(-1, bare.c_out)
+        return out, p["mean1"], p["var1"]
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> str:
