@@ -21,6 +21,7 @@ from agent.trainer.calibration import ARRAY_NAMES as CALIBRATION_ARRAYS
 from agent.trainer.calibration import HEADER_KEY as CALIBRATION_KEY
 from agent.trainer.calibration import CalibrationError, DriftCalibration
 from agent.trainer.errors import ModelFileError
+from agent.trainer.model_file import read_header
 
 HIDDEN = 96
 FORMAT_VERSION = 1
@@ -146,16 +147,12 @@ def weights_hash(params: dict[str, np.ndarray], names=PARAM_NAMES, prefix: bytes
 
 
 def load_model(path: Path) -> BaseModel:
-    if not path.is_file():
-        raise ModelFileError(f"base model file not found: {path}")
+    header = read_header(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
-            header = json.loads(str(npz["header"]))
             params = {name: np.asarray(npz[name], dtype=np.float32) for name in PARAM_NAMES}
             extra = {name: npz[name] for name in CALIBRATION_ARRAYS if name in npz.files}
-    except ModelFileError:
-        raise
-    except Exception as error:  # zip, JSON or missing-array errors: one clear message
+    except Exception as error:  # missing-array errors: one clear message
         raise ModelFileError(f"{path} is not a skipfleet base model: {error}") from error
     if header.get("format") != FORMAT_VERSION:
         raise ModelFileError(f"{path}: unsupported model format {header.get('format')!r}")
