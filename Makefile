@@ -20,7 +20,8 @@ $(VENV)/.installed: pyproject.toml
 	$(BIN)/pip install --quiet -e '.[dev]'
 	touch $@
 
-# Debian packages the integration tests talk to (mosquitto broker, prometheus + promtool).
+# Debian packages the integration tests talk to (mosquitto broker, prometheus + promtool, and for
+# the compose fleet on a real engine: docker.io, docker-compose, debootstrap).
 system-deps:
 	@bash deploy/install-system-deps.sh
 
@@ -28,8 +29,10 @@ lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 
+# The suite runs with a Docker engine: as root, deploy/docker-engine.sh starts Debian's dockerd
+# when none answers, and stops it when the suite is done.
 test: setup system-deps lint
-	$(BIN)/python -m pytest
+	bash deploy/docker-engine.sh run $(BIN)/python -m pytest
 
 # The main job: a simulated fan fleet whose rooms turn noisy at 30 s; the coordinator notices
 # and starts a federated run by itself; then three new fans without labels join and get what

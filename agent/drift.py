@@ -170,6 +170,10 @@ class RecentInputs:
         with self._lock:
             return self._count
 
+    @property
+    def capacity(self) -> int:
+        return len(self._rows)
+
 
 # eq=False: the signature is an array.
 @dataclass(frozen=True, eq=False)

@@ -15,7 +15,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 from agent.adapter_store import AdapterStore
@@ -99,6 +99,10 @@ class Telemetry:
         except AdapterError:
             adapter = None
         scores = score_window(s.learner.model, rows, adapter)
+        if len(rows) < s.recent.capacity:
+            # The thresholds were calibrated on full windows: a score over fewer rows (after a
+            # start) is noisier than they allow for, and would start runs on a blip.
+            scores = replace(scores, confidence_score=None, feature_score=None, signature=None)
         log.debug(
             "drift: bn1 z² %.3f, entropy %.3f, confidence %.4f (score %s), feature score %s "
             "over %d rows",

@@ -115,6 +115,9 @@ class FleetApi:
         connected = self._bridge_connected()
         if not connected:
             raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, "not connected to the MQTT broker")
+        if health["stuck"]:
+            stuck = "; ".join(f"{s['kind']} {s['id']}: {s['why']}" for s in health["stuck"])
+            raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, f"work is stuck: {stuck}")
         return {**health, "mqtt_connected": connected}
 
     def _devices(self, query: dict) -> list:

@@ -1,11 +1,15 @@
 """The MQTT bridge: the coordinator's only MQTT client (paho 2.x, callback API v2).
 
-Inbound: paho's network thread only decodes, routes, reassembles chunks and drops duplicates
-(InboundDecoder), then hands messages to a queue; a worker thread passes them to the fleet state
-in batches (fire-and-forget through the port). Nothing slow ever runs in a callback.
-Outbound: a control thread ticks the fleet state every tick_interval_s and publishes what it
-returns (jobs with an expiry, adapters chunked under the publish limit, the retained desired
-pointer), and applies the fleet's metrics every metrics_interval_s.
+Inbound: paho's network thread only decodes, routes and reassembles chunks (InboundDecoder),
+then hands messages to a queue; a worker thread passes them to the fleet state in batches and
+acknowledges them to the broker (PUBACK, manual acks) only once the fleet state has committed
+them: a message is never lost between the broker and SQLite. The fleet state drops repeats
+(coordinator.seen). Nothing slow ever runs in a callback.
+Outbound: a control thread ticks the fleet state every tick_interval_s and publishes what its
+durable outbox hands out (jobs with an expiry, adapters chunked under the publish limit, the
+retained desired pointer); the broker's PUBACKs go back with the next tick, and only then are the
+rows deleted (coordinator.delivery, coordinator.outbox). It applies the fleet's metrics every
+metrics_interval_s.
 """
 
 from __future__ import annotations
@@ -14,13 +18,13 @@ import logging
 import queue
 import threading
 import time
-from collections import OrderedDict
 from collections.abc import Callable
 from enum import StrEnum
 
 import paho.mqtt.client as paho
 
 from coordinator.config import CoordinatorConfig
+from coordinator.delivery import AckToken, InboundAcks, PublishTracker
 from coordinator.ingest import Received
 from coordinator.metrics import FleetMetrics
 from coordinator.outbound import Outbound
@@ -54,6 +58,9 @@ REFUSED_FOR_GOOD = frozenset({0x86, 0x87})
 SESSION_TAKEN_OVER = 0x8E
 MAX_BATCH = 256
 QUEUE_CAPACITY = 10_000
+# Unacknowledged device messages the broker may have in flight to us (MQTT v5 Receive Maximum):
+# we acknowledge after the actor's commit, so mosquitto's default window of 20 would throttle us.
+RECEIVE_MAXIMUM = 2_000
 
 
 class FatalReason(StrEnum):
@@ -71,31 +78,14 @@ class RejectReason(StrEnum):
     MALFORMED = "malformed"
     WRONG_ROUTE = "wrong_route"
     REASSEMBLY = "reassembly"
-    DUPLICATE = "duplicate"
     OVERLOAD = "overload"
-
-
-class Deduplicator:
-    """Remembers the last `capacity` idempotency keys: (device, boot id, seq) or a message id."""
-
-    def __init__(self, capacity: int = 100_000) -> None:
-        self._capacity = capacity
-        self._seen: OrderedDict[tuple, None] = OrderedDict()
-
-    def seen(self, key: tuple) -> bool:
-        """True if the key was seen before; remembers it otherwise."""
-        if key in self._seen:
-            return True
-        self._seen[key] = None
-        if len(self._seen) > self._capacity:
-            self._seen.popitem(last=False)
-        return False
 
 
 class InboundDecoder:
     """bytes on a topic -> a Received, or None (a chunk still waiting, or a counted rejection).
 
-    Runs on paho's network thread only (the reassemblers and Deduplicator are not shared).
+    Runs on paho's network thread only (the reassemblers are not shared). Repeats pass: the
+    fleet state drops them in the same transaction that would apply them (coordinator.seen).
     """
 
     def __init__(
@@ -111,7 +101,6 @@ class InboundDecoder:
         self._publish_limit = publish_limit
         self._clock = clock
         self._reassembler = SenderReassemblers()  # a device evicts only its own
-        self._dedup = Deduplicator()
 
     def decode(self, topic: str, payload: bytes) -> Received | None:
         try:
@@ -139,9 +128,6 @@ class InboundDecoder:
             return self._rejected(RejectReason.MALFORMED, f"{topic} (reassembled): {err}")
         if whole is None:
             return None
-        key = whole.dedup_key or ("id", whole.message_id)
-        if self._dedup.seen(key):
-            return self._rejected(RejectReason.DUPLICATE, f"{whole.kind} {key} from {device}")
         return Received(whole, self._clock())
 
     def _rejected(self, reason: RejectReason, detail: str) -> None:
@@ -168,13 +154,18 @@ class MqttBridge:
         # A whole report may arrive as one publish of up to twice the chunk limit (as the agent
         # accepts on its side); chunks are re-assembled into at most 16 MiB.
         self._decoder = InboundDecoder(self._topics, metrics, publish_limit=2 * config.chunk_limit)
-        self._inbox: queue.Queue[Received] = queue.Queue(QUEUE_CAPACITY)
+        self._inbox: queue.Queue[tuple[Received | None, AckToken]] = queue.Queue(QUEUE_CAPACITY)
         self._stopping = threading.Event()
         self._connected = threading.Event()
-        self._client = client_factory(config.mqtt, config.client_id)
+        self._client = client_factory(config.mqtt, config.client_id, manual_ack=True)
+        self._acks = InboundAcks(self._client.ack)
+        self._published = PublishTracker()
+        self._unpublished: list[Outbound] = []  # handed out, but paho would not take them yet
+        self._settled: list[int] = []  # acknowledged outbox rows the actor has not heard of
         self._client.on_connect = logged(self._handle_connect)
         self._client.on_disconnect = logged(self._handle_disconnect)
         self._client.on_message = logged(self._handle_message)
+        self._client.on_publish = logged(self._handle_publish)
         self._threads = [
             threading.Thread(target=self._forward_inbound, name="bridge-inbound", daemon=True),
             threading.Thread(target=self._control_loop, name="bridge-control", daemon=True),
@@ -185,35 +176,49 @@ class MqttBridge:
         return self._connected.is_set()
 
     def start(self) -> None:
-        connect_async(self._client, self._config.mqtt)
+        connect_async(self._client, self._config.mqtt, receive_maximum=RECEIVE_MAXIMUM)
         self._client.loop_start()
         for thread in self._threads:
             thread.start()
         log.info("bridge connecting to %s as %s", self._config.mqtt.url, self._config.client_id)
 
     def stop(self, flush_timeout_s: float = 10.0) -> None:
-        """Stops ticking, disconnects, then hands the last received messages to the fleet."""
+        """Stops ticking, disconnects, then commits what was received. Those messages cannot
+        be acknowledged any more: a persistent session delivers them again to the next
+        coordinator, which drops the repeats. Outbox rows not acknowledged stay in the outbox."""
         self._stopping.set()
         self._client.disconnect()
         self._client.loop_stop()
         for thread in self._threads:
             if thread.ident is not None:  # started
                 thread.join(flush_timeout_s)
-        self._forward_remaining()
-        self._port.flush(flush_timeout_s)
+        remaining = [received for received, _ in self._take(QUEUE_CAPACITY) if received]
+        try:
+            if remaining:
+                self._port.ingest(remaining)
+        except Unavailable as err:
+            log.warning("%d received messages not committed (%s)", len(remaining), err)
 
-    def publish(self, outbound: Outbound) -> None:
+    def publish(self, outbound: Outbound) -> bool:
+        """Hands one outbox row to paho (all its chunks); False if paho would not take it now.
+        A row paho already holds from an earlier hand-out is not published twice."""
+        if outbound.seq is not None and self._published.holds(outbound.seq):
+            return True
         kind = outbound.topic_kind
         topic = self._topics.topic(outbound.device_id, kind)
+        headers = {} if outbound.message_id is None else {"message_id": outbound.message_id}
         items = encode_for_publish(
-            outbound.message, sender=self._config.client_id, limit=self._config.chunk_limit
-        )
+            outbound.message, sender=self._config.client_id, limit=self._config.chunk_limit,
+            **headers,
+        )  # fmt: skip
+        mids = []
         for item in items:
             try:
                 check_publish_size(item.payload, self._config.chunk_limit)
             except PublishTooLarge as err:
-                log.error("not publishing %s to %s: %s", kind.value, topic, err)
-                return
+                log.error("not publishing %s to %s, ever: %s", kind.value, topic, err)
+                self._settle_now(outbound)
+                return True
             info = self._client.publish(
                 topic,
                 item.payload,
@@ -222,10 +227,18 @@ class MqttBridge:
                 properties=publish_properties(item.envelope),
             )
             if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
-                log.error("publish to %s failed: %s", topic, paho.error_string(info.rc))
-                return
+                log.warning("publish to %s not taken: %s", topic, paho.error_string(info.rc))
+                return False  # the whole row again later (the device drops repeated chunks)
+            mids.append(info.mid)
             # Counted when handed to paho, which queues QoS 1 publishes while disconnected.
             self._metrics.message_sent(kind_of(outbound.message).value)
+        if outbound.seq is not None:
+            self._published.published(outbound.seq, mids)
+        return True
+
+    def _settle_now(self, outbound: Outbound) -> None:
+        if outbound.seq is not None:
+            self._settled.append(outbound.seq)
 
     # ---- paho callbacks (network thread: quick, never blocking)
 
@@ -238,6 +251,7 @@ class MqttBridge:
                     f"broker {self._config.mqtt.url} refused us: {reason_code}",
                 )
             return
+        self._acks.connected()
         client.subscribe(self._topics.coordinator_subscriptions())
         self._connected.set()
         log.info("connected to %s", self._config.mqtt.url)
@@ -258,18 +272,20 @@ class MqttBridge:
             )
 
     def _handle_message(self, client, userdata, message) -> None:
+        token = self._acks.token(message.mid, message.qos)
         received = self._decoder.decode(message.topic, message.payload)
-        if received is None:
-            return
         try:
-            self._inbox.put_nowait(received)
-        except queue.Full:
+            # A rejected message or a chunk is acknowledged through the queue too, in order,
+            # after the messages before it (the worker never blocks this thread).
+            self._inbox.put_nowait((received, token))
+        except queue.Full:  # QoS 0 floods only: the broker holds QoS 1 beyond RECEIVE_MAXIMUM
             self._metrics.message_rejected(RejectReason.OVERLOAD.value)
-            log.error(
-                "inbound queue full: dropped a %s from %s",
-                received.envelope.kind,
-                received.device_id,
-            )
+            log.error("inbound queue full: dropped a message on %s", message.topic)
+
+    def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        if reason_code.is_failure:  # refused (e.g. the ACL): it will never be delivered
+            log.error("the broker refused publish %d: %s", mid, reason_code)
+        self._published.on_puback(mid)
 
     # ---- worker threads
 
@@ -281,21 +297,24 @@ class MqttBridge:
                 continue
             self._forward([first, *self._take(MAX_BATCH - 1)])
 
-    def _forward_remaining(self) -> None:
-        while batch := self._take(MAX_BATCH):
-            self._forward(batch)
-
-    def _forward(self, batch: list[Received]) -> None:
-        for attempt in range(5):
+    def _forward(self, items: list[tuple[Received | None, AckToken]]) -> None:
+        """Commits the batch in the fleet state, then acknowledges it. While the fleet state is
+        unavailable it retries (nothing is acknowledged, so the broker holds back the rest)."""
+        batch = [received for received, _ in items if received is not None]
+        attempt = 0
+        while batch:
             try:
                 self._port.ingest(batch)
-                return
+                break
             except Unavailable as err:
+                if self._stopping.is_set():
+                    return  # not acknowledged: delivered again to the next coordinator
                 log.warning("fleet state unavailable (%s); retrying", err)
                 time.sleep(backoff_delay(attempt, base_s=0.5, cap_s=10.0))
-        log.error("dropped %d device messages: the fleet state stayed unavailable", len(batch))
+                attempt = min(attempt + 1, 6)
+        self._acks.ack(token for _, token in items)
 
-    def _take(self, limit: int) -> list[Received]:
+    def _take(self, limit: int) -> list[tuple[Received | None, AckToken]]:
         batch = []
         while len(batch) < limit:
             try:
@@ -310,8 +329,7 @@ class MqttBridge:
         failures = 0
         while not self._stopping.wait(interval if failures == 0 else backoff_delay(failures)):
             try:
-                for outbound in self._port.tick():
-                    self.publish(outbound)
+                self._publish_handed_out()
                 if time.monotonic() >= next_metrics:
                     next_metrics = time.monotonic() + self._config.metrics_interval_s
                     self._metrics.apply(self._port.metrics_report())
@@ -322,3 +340,14 @@ class MqttBridge:
             except Exception:
                 failures = min(failures + 1, 6)
                 log.exception("tick failed")
+
+    def _publish_handed_out(self) -> None:
+        self._settled.extend(self._published.settled())
+        acknowledged = list(self._settled)
+        handed_out = self._port.tick(acknowledged)
+        del self._settled[: len(acknowledged)]  # the actor has them (tick raised otherwise)
+        waiting, self._unpublished = [*self._unpublished, *handed_out], []
+        for index, outbound in enumerate(waiting):
+            if not self.publish(outbound):
+                self._unpublished = waiting[index:]  # in order, from this one, next tick
+                return

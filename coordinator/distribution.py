@@ -21,13 +21,13 @@ import logging
 import math
 from collections.abc import Mapping, Sequence
 
-from coordinator.adapter_store import WHOLE_COHORT, AdapterStoreError, StoredAdapter
+from coordinator.adapter_store import WHOLE_COHORT, AdapterStoreError
 from coordinator.commands import CanaryRole, CommandRecord
 from coordinator.config import LabelFreeRollout
 from coordinator.fleet import Conflict, Fleet, NotFound
 from coordinator.jobs import Job, JobState
 from coordinator.observations import RolloutDecided, RolloutResult
-from coordinator.outbound import apply_job, desired, evaluate_job, publication
+from coordinator.outbound import apply_job, desired, evaluate_job
 from coordinator.registry import DeviceRecord
 from coordinator.rollout import Rollout, RolloutError, RolloutState
 from coordinator.scheduler import label_free_score
@@ -66,11 +66,10 @@ class AdapterDistributor:
             log.warning("cohort %s cluster %s v%d: no canary: %s", cohort, cluster, version, err)
             offered = self._offer_cluster(cohort, cluster, version, labelled_only=True)
             return None, f"no canary ({err}); offered to {len(offered)} labelled member(s)"
-        stored = f.store.get(cohort, version)
         reference = f.store.current_version(cohort, cluster) or BASE_MODEL_VERSION
         for device in rollout.canary_devices:
             record = f.registry.require(device)
-            f.send(device, publication(stored, f.config.encoding))
+            f.send_adapter(device, cohort, version)
             for role, evaluated in (
                 (CanaryRole.CANDIDATE, version),
                 (CanaryRole.CURRENT, reference),
@@ -212,14 +211,14 @@ class AdapterDistributor:
                 version = current.get(cluster) if cluster is not None else None
                 if version is None or not self._due(record, version, now):
                     continue
-                self._offer(record, f.store.get(cohort, version), cluster)
+                self._offer(record, version, cluster)
 
     def on_registered(self, record: DeviceRecord) -> None:
         """A device joined (or changed) its cohort: place it, and tell it what it should run."""
         cluster = self._cluster_of(record.cohort, record)
         version = self._fleet.store.current_version(record.cohort, cluster) if cluster else None
         if version is not None:
-            self._offer(record, self._fleet.store.get(record.cohort, version), cluster)
+            self._offer(record, version, cluster)
 
     def owes(self, record: DeviceRecord) -> bool:
         """A device without labels that its cluster has an adapter for, not running it yet
@@ -239,28 +238,27 @@ class AdapterDistributor:
             f.reject("unknown_device", f"fetch from {device_id}, who never sent its presence")
             return
         try:
-            stored = f.store.get(record.cohort, version, base_model_hash=record.base_model_hash)
+            f.store.get(record.cohort, version, base_model_hash=record.base_model_hash)
         except AdapterStoreError as err:
             f.reject("unknown_adapter", f"fetch from {device_id}: {err}")
             return
-        f.send(device_id, publication(stored, f.config.encoding))
+        f.send_adapter(device_id, record.cohort, version)
 
     # ---- internals: offers
 
     def _offer_cluster(self, cohort, cluster, version, *, labelled_only: bool) -> list[str]:
-        stored = self._fleet.store.get(cohort, version)  # once, not per device
         sent = []
         for record in self._members(cohort, cluster):
             if labelled_only and not record.labelled:
                 continue
-            if self._offer(record, stored, cluster):
+            if self._offer(record, version, cluster):
                 sent.append(record.device_id)
         return sent
 
-    def _offer(self, record: DeviceRecord, stored: StoredAdapter, cluster: str) -> bool:
+    def _offer(self, record: DeviceRecord, version: int, cluster: str) -> bool:
         """Offers a version to one device; False if it is not for this device (yet)."""
         f = self._fleet
-        version, measures = stored.meta.version, record.labelled
+        measures = record.labelled
         if not measures and not self._takes_without_measuring(record):
             return False
         applying = f.reachable(record) and not f.jobs.active(record.device_id)
@@ -271,7 +269,7 @@ class AdapterDistributor:
                               job.created_at)
             )  # fmt: skip
             # The adapter first, so the apply job finds it in the agent's inbox: no fetch.
-            f.send(record.device_id, publication(stored, f.config.encoding))
+            f.send_adapter(record.device_id, record.cohort, version)
             f.send(record.device_id, apply_job(job, version, record.base_model_hash,
                                                only_if_better=measures))  # fmt: skip
         # The pointer after the adapter (a device given the pointer first would fetch it); it is

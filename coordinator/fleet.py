@@ -10,18 +10,18 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import threading
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
-from coordinator.adapter_store import AdapterStore
+from coordinator.adapter_store import AdapterStore, AdapterStoreError
 from coordinator.clock import Clock, system_clock
 from coordinator.clusters import ClusterBook
 from coordinator.commands import CommandLog
 from coordinator.config import CoordinatorConfig
 from coordinator.jobs import Job, JobTable
 from coordinator.observations import EventLog, JobTransition, MessageRejected
-from coordinator.outbound import DownlinkMessage, Outbound
+from coordinator.outbound import DownlinkMessage, Outbound, publication
+from coordinator.outbox import AdapterRef, DurableOutbox
 from coordinator.registry import DeviceRecord, FleetRegistry
 from coordinator.reports import ReportStore
 from coordinator.rollout import RolloutManager
@@ -29,7 +29,9 @@ from coordinator.round_records import RoundRecords
 from coordinator.rounds import RoundTable
 from coordinator.runs import RunBook
 from coordinator.scheduler import FineTuneScheduler, SkipReason
+from coordinator.seen import SeenMessages
 from coordinator.state_db import StateDB
+from shared.protocol import AdapterPublication
 
 log = logging.getLogger(__name__)
 
@@ -84,9 +86,9 @@ class Fleet:
     reports: ReportStore
     clusters: ClusterBook
     runs: RunBook
+    outbox: DurableOutbox
+    seen: SeenMessages
     events: EventLog = field(default_factory=EventLog)
-    _outbox: list[Outbound] = field(default_factory=list)
-    _outbox_lock: threading.Lock = field(default_factory=threading.Lock)
 
     @classmethod
     def open(cls, config: CoordinatorConfig, clock: Clock = system_clock) -> Fleet:
@@ -120,18 +122,28 @@ class Fleet:
             reports=ReportStore(db, config.state_dir),
             clusters=ClusterBook(db, max_distance=config.cluster_distance, clock=clock),
             runs=RunBook(db, config.federation),
+            outbox=DurableOutbox(db, config.client_id, clock),
+            seen=SeenMessages(db, clock),
         )
 
     # ---- side channels
 
     def send(self, device_id: str, message: DownlinkMessage) -> None:
-        with self._outbox_lock:
-            self._outbox.append(Outbound(device_id, message))
+        """Into the durable outbox, in the caller's transaction (see coordinator.outbox)."""
+        self.outbox.add(device_id, message)
 
-    def drain_outbox(self) -> list[Outbound]:
-        with self._outbox_lock:
-            outbox, self._outbox = self._outbox, []
-        return outbox
+    def send_adapter(self, device_id: str, cohort: str, version: int) -> None:
+        """A stored adapter version, by reference (read from the store when handed out)."""
+        self.outbox.add_adapter(device_id, AdapterRef(cohort, version, self.config.encoding.value))
+
+    def hand_out(self) -> list[Outbound]:
+        return self.outbox.hand_out(self._resolve_adapter)
+
+    def _resolve_adapter(self, ref: AdapterRef) -> AdapterPublication | None:
+        try:
+            return publication(self.store.get(ref.cohort, ref.version), ref.encoding)
+        except AdapterStoreError:
+            return None
 
     def transitioned(self, job: Job) -> None:
         self.events.record(JobTransition(job.state.value))

@@ -35,6 +35,8 @@ DownlinkMessage = Job | AdapterPublication | DesiredState
 class Outbound:
     device_id: str
     message: DownlinkMessage
+    seq: int | None = None  # its durable outbox row (the bridge acknowledges it by this)
+    message_id: str | None = None  # the envelope's id, the same on every re-send
 
     @property
     def topic_kind(self) -> TopicKind:

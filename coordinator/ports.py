@@ -1,8 +1,9 @@
 """How the driver's parts (MQTT bridge, HTTP API, metrics loop) reach the fleet state.
 
 One interface, two implementations: RayFleetPort (coordinator.ray_runtime) talks to the actor;
-LocalFleetPort calls a FleetService in this process (unit tests, tools). The bridge's ingest is
-fire-and-forget; everything else returns a value (or raises FleetRequestError / Unavailable).
+LocalFleetPort calls a FleetService in this process (unit tests, tools). ingest() returns once
+the batch is committed (the bridge acknowledges it to the broker then); everything else returns
+a value (or raises FleetRequestError / Unavailable).
 """
 
 from __future__ import annotations
@@ -22,13 +23,13 @@ class Unavailable(RuntimeError):
 
 
 class FleetPort(Protocol):
-    def ingest(self, batch: Sequence[Received]) -> None: ...
-
-    def flush(self, timeout_s: float) -> None:
-        """Waits until every ingest sent so far was applied (or the timeout passed)."""
+    def ingest(self, batch: Sequence[Received]) -> None:
+        """Returns when the batch is committed; Unavailable if that is not known."""
         ...
 
-    def tick(self) -> list[Outbound]: ...
+    def tick(self, acknowledged: Sequence[int] = ()) -> list[Outbound]:
+        """acknowledged: outbox rows the broker acknowledged (see coordinator.outbox)."""
+        ...
 
     def metrics_report(self) -> MetricsReport: ...
 
@@ -65,12 +66,9 @@ class LocalFleetPort:
         with self._lock:
             self.service.ingest(batch)
 
-    def flush(self, timeout_s: float) -> None:
-        return None  # ingest() applied everything before returning
-
-    def tick(self) -> list[Outbound]:
+    def tick(self, acknowledged: Sequence[int] = ()) -> list[Outbound]:
         with self._lock:
-            return self.service.tick()
+            return self.service.tick(acknowledged)
 
     def metrics_report(self) -> MetricsReport:
         with self._lock:

@@ -14,7 +14,6 @@ state dir is a local path.
 from __future__ import annotations
 
 import logging
-import threading
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -126,8 +125,8 @@ class FleetActor:
     def ingest(self, batch: list[Received]) -> int:
         return self._service.ingest(batch)
 
-    def tick(self) -> list[Outbound]:
-        return self._service.tick()
+    def tick(self, acknowledged: list[int]) -> list[Outbound]:
+        return self._service.tick(acknowledged)
 
     def request_finetune(
         self, devices: list[str] | None, cohort: str | None, all_: bool
@@ -237,36 +236,19 @@ def _create_actor(config: CoordinatorConfig) -> ray.actor.ActorHandle:
 
 
 class RayFleetPort:
-    """The driver's side of the actor (see coordinator.ports.FleetPort).
+    """The driver's side of the actor (see coordinator.ports.FleetPort): every call is one
+    ray.get with a timeout. ingest() waits for the commit, so the bridge can acknowledge; the
+    bridge's one worker thread calls it, never the MQTT network thread."""
 
-    ingest() is fire-and-forget, ordered (one caller's calls to an actor run in order) and
-    bounded: with too many batches in flight it waits for the oldest, on the bridge's worker
-    thread, never on the MQTT network thread. Every other call is one ray.get with a timeout.
-    """
-
-    def __init__(
-        self, actor: ray.actor.ActorHandle, *, timeout_s: float = 30.0, max_in_flight: int = 16
-    ) -> None:
+    def __init__(self, actor: ray.actor.ActorHandle, *, timeout_s: float = 30.0) -> None:
         self.actor = actor
         self._timeout_s = timeout_s
-        self._max_in_flight = max_in_flight
-        self._in_flight: list[ray.ObjectRef] = []
-        self._lock = threading.Lock()
 
     def ingest(self, batch: Sequence[Received]) -> None:
-        with self._lock:
-            self._in_flight.append(self.actor.ingest.remote(list(batch)))
-            excess = len(self._in_flight) - self._max_in_flight
-            if excess > 0:
-                self._settle(self._in_flight[:excess], self._timeout_s)
-            self._settle(self._in_flight, 0)
+        self._call(self.actor.ingest, list(batch))
 
-    def flush(self, timeout_s: float) -> None:
-        with self._lock:
-            self._settle(self._in_flight, timeout_s)
-
-    def tick(self) -> list[Outbound]:
-        return self._call(self.actor.tick)
+    def tick(self, acknowledged: Sequence[int] = ()) -> list[Outbound]:
+        return self._call(self.actor.tick, list(acknowledged))
 
     def metrics_report(self) -> MetricsReport:
         return self._call(self.actor.metrics_report)
@@ -306,19 +288,3 @@ class RayFleetPort:
             raise err.cause from None  # the service's own error (FleetRequestError, ...)
         except ray.exceptions.RayActorError as err:
             raise Unavailable(f"the fleet actor is unavailable: {err}") from None
-
-    def _settle(self, refs: list[ray.ObjectRef], timeout_s: float) -> None:
-        """Forgets finished ingest calls (waiting up to timeout_s); logs the failed ones."""
-        if not refs:
-            return
-        done, _ = ray.wait(refs, num_returns=len(refs), timeout=timeout_s)
-        if not done:
-            return
-        finished = set(done)
-        self._in_flight = [ref for ref in self._in_flight if ref not in finished]
-        try:
-            ray.get(done)
-        except ray.exceptions.RayError as err:
-            # The service applies messages one by one and never raises; this is the actor dying
-            # with these batches after their retries. Devices re-send nothing: log it loudly.
-            log.error("a batch of device messages was lost: %s", err)

@@ -314,6 +314,10 @@ class RolloutManager:
         )
         return self._require(rollout.rollout_id)
 
+    def overdue(self, before: float) -> list[Rollout]:
+        """Canaries still undecided whose deadline was before `before`."""
+        return self._canaries(deadline_before=before)
+
     def _canaries(self, *, deadline_before: float) -> list[Rollout]:
         rows = self._db.query(
             "SELECT * FROM rollouts WHERE state = ? AND deadline <= ? ORDER BY deadline",

@@ -21,11 +21,12 @@ from coordinator.distribution import AdapterDistributor
 from coordinator.fleet import Fleet, select_devices
 from coordinator.ingest import MessageHandler, Received
 from coordinator.jobs import Job
-from coordinator.observations import DeviceQuarantined, MetricsReport
+from coordinator.observations import DeviceQuarantined, MessageRejected, MetricsReport
 from coordinator.outbound import Outbound, cancel_job, finetune_job
 from coordinator.pipeline import RoundPipeline
 from coordinator.round_records import RoundStage
 from coordinator.scheduler import TickResult
+from coordinator.stuck import stuck_work
 from shared.protocol import JobKind
 
 log = logging.getLogger(__name__)
@@ -71,19 +72,41 @@ class FleetService:
     # ---- the bridge
 
     def ingest(self, batch: Sequence[Received]) -> int:
-        """Applies device messages in order; one bad message never stops the others."""
-        for received in batch:
-            try:
-                self._handler.handle(received)
-            except Exception as err:  # a bug must cost one message, not the actor
-                log.exception(
-                    "could not apply a %s from %s", received.envelope.kind, received.device_id
-                )
-                self.fleet.reject("internal_error", f"{type(err).__name__}: {err}")
-        return len(batch)
+        """Applies device messages in order, the batch in one transaction (so, when this
+        returns, every message is applied and remembered, and the bridge may acknowledge them);
+        a repeat of an applied message changes nothing; one bad message never stops the others
+        (its own writes roll back). Returns how many were applied (not repeats)."""
+        applied = 0
+        with self.fleet.db.transaction():
+            for received in batch:
+                applied += self._apply(received)
+        return applied
 
-    def tick(self) -> list[Outbound]:
-        """One step of time; returns what to publish (including what requests queued)."""
+    def _apply(self, received: Received) -> bool:
+        try:
+            with self.fleet.db.transaction():  # a savepoint: this message's writes, or none
+                if not self.fleet.seen.first_time(received.envelope):
+                    self.fleet.events.record(MessageRejected("duplicate"))
+                    return False
+                self._handler.handle(received)
+                return True
+        except Exception as err:  # a bug must cost one message, not the actor
+            log.exception(
+                "could not apply a %s from %s", received.envelope.kind, received.device_id
+            )
+            self.fleet.reject("internal_error", f"{type(err).__name__}: {err}")
+            return False
+
+    def tick(self, acknowledged: Sequence[int] = ()) -> list[Outbound]:
+        """One step of time, in one transaction; `acknowledged` are the outbox rows the broker
+        has acknowledged since the last tick. Returns the messages to publish: the outbox rows
+        this actor has not handed out yet (after a restart, every unacknowledged one)."""
+        with self.fleet.db.transaction():
+            self.fleet.outbox.mark_sent(acknowledged)
+            self._step()
+        return self.fleet.hand_out()
+
+    def _step(self) -> None:
         f = self.fleet
         rounds_before = f.rounds.open_count()
         result = f.scheduler.tick()
@@ -100,17 +123,19 @@ class FleetService:
             self._last_scan = now
             self._pipeline.trigger_automatically()
             self._distributor.reconcile()
+            f.seen.prune()
         if f.rounds.open_count() > rounds_before - len(result.closed_rounds):
             # a run's next round started in this tick: its jobs go out now, not a tick later
             self._dispatch(f.scheduler.dispatch_now())
-        return f.drain_outbox()
 
     # ---- operator requests (HTTP API)
 
     def request_finetune(
         self, *, devices: Sequence[str] | None = None, cohort: str | None = None, all_: bool = False
     ) -> dict[str, Any]:
-        return self._pipeline.request(devices=devices, cohort=cohort, all_=all_).as_dict()
+        with self.fleet.db.transaction():
+            started = self._pipeline.request(devices=devices, cohort=cohort, all_=all_)
+        return started.as_dict()
 
     def evaluate(
         self,
@@ -121,13 +146,16 @@ class FleetService:
         version: int | None = None,
     ) -> dict[str, Any]:
         selected = select_devices(self.fleet, devices=devices, cohort=cohort, all_=all_)
-        return self._distributor.evaluate(selected, version)
+        with self.fleet.db.transaction():
+            return self._distributor.evaluate(selected, version)
 
     def promote(self, cohort: str, version: int, force: bool = False) -> dict[str, Any]:
-        return self._distributor.promote(cohort, version, force)
+        with self.fleet.db.transaction():
+            return self._distributor.promote(cohort, version, force)
 
     def rollback(self, cohort: str, cluster: str | None = None) -> dict[str, Any]:
-        return self._distributor.rollback(cohort, cluster)
+        with self.fleet.db.transaction():
+            return self._distributor.rollback(cohort, cluster)
 
     # ---- reads
 
@@ -162,7 +190,7 @@ class FleetService:
         f = self.fleet
         records = f.registry.devices()
         return {
-            "status": "ok",
+            "status": "ok",  # the API answers 503 when "stuck" is not empty
             "pid": os.getpid(),
             "started_at": self.started_at,
             "devices": len(records),
@@ -172,6 +200,8 @@ class FleetService:
             "aggregating_rounds": len(f.records.in_stage(RoundStage.AGGREGATING)),
             "active_runs": len(f.runs.running()),
             "dropped_metric_events": f.events.dropped,
+            "outbox_backlog": f.outbox.backlog(),
+            "stuck": stuck_work(f),
         }
 
     def metrics_report(self) -> MetricsReport:

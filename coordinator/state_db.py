@@ -21,71 +21,102 @@ Params = Sequence[Any] | dict[str, Any]
 
 
 class StateDB:
+    """One SQLite connection per thread over one file.
+
+    The actor's default thread writes (ingest, tick and operator requests each in one
+    transaction); its health and query threads read through connections of their own, so a long
+    tick never blocks them: under WAL a reader sees the last committed state, never half a tick.
+    """
+
     def __init__(self, path: str | Path, *, busy_timeout_s: float = 5.0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        # One connection per process, shared by the actor's threads (e.g. a health concurrency
-        # group): the lock serialises them, which sqlite3 requires of a shared connection.
-        self._lock = threading.RLock()
-        self._conn = sqlite3.connect(
-            self.path, timeout=busy_timeout_s, isolation_level=None, check_same_thread=False
+        self._busy_timeout_s = busy_timeout_s
+        self._local = threading.local()
+        self._all: list[sqlite3.Connection] = []
+        self._all_lock = threading.Lock()
+        self._closed = False
+        self._conn()  # open (and create) the file now: a bad path fails at start, not later
+
+    def _conn(self) -> sqlite3.Connection:
+        conn = getattr(self._local, "conn", None)
+        if conn is not None:
+            return conn
+        if self._closed:
+            raise sqlite3.ProgrammingError(f"{self.path} is closed")
+        conn = sqlite3.connect(
+            self.path, timeout=self._busy_timeout_s, isolation_level=None, check_same_thread=False
         )
-        self._conn.row_factory = sqlite3.Row
-        self._conn.execute("PRAGMA journal_mode=WAL")
+        conn.row_factory = sqlite3.Row
+        conn.execute("PRAGMA journal_mode=WAL")
         # NORMAL under WAL survives a process crash; a power cut may lose the last commits, which
         # the idempotent job/report handling tolerates, and it avoids an fsync per heartbeat.
-        self._conn.execute("PRAGMA synchronous=NORMAL")
+        conn.execute("PRAGMA synchronous=NORMAL")
+        self._local.conn, self._local.depth = conn, 0
+        with self._all_lock:
+            self._all.append(conn)
+        return conn
 
     @classmethod
     def in_dir(cls, state_dir: str | Path) -> StateDB:
         return cls(Path(state_dir) / DB_FILENAME)
 
     def ensure_schema(self, ddl: str) -> None:
-        with self._lock:
-            self._conn.executescript(ddl)
+        self._conn().executescript(ddl)
 
     def add_missing_columns(self, table: str, columns: dict[str, str]) -> None:
         """Columns a newer release added (nullable): a state dir from before still opens."""
-        with self._lock:
-            present = {row[1] for row in self._conn.execute(f"PRAGMA table_info({table})")}
-            for name, sql_type in columns.items():
-                if name not in present:
-                    self._conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}")
-            self._conn.commit()
+        conn = self._conn()
+        present = {row[1] for row in conn.execute(f"PRAGMA table_info({table})")}
+        for name, sql_type in columns.items():
+            if name not in present:
+                conn.execute(f"ALTER TABLE {table} ADD COLUMN {name} {sql_type}")
 
     @contextmanager
     def transaction(self) -> Iterator[sqlite3.Connection]:
-        """BEGIN IMMEDIATE ... COMMIT; a transaction opened inside another one joins it."""
-        with self._lock:
-            if self._conn.in_transaction:
-                yield self._conn
-                return
+        """BEGIN IMMEDIATE ... COMMIT. Opened inside another one it is a SAVEPOINT: its own
+        writes roll back if it raises, and they commit only with the outer transaction."""
+        conn = self._conn()
+        depth = self._local.depth
+        if depth == 0:
             # IMMEDIATE takes the write lock up front, so a read-modify-write cannot interleave
-            # with another process's and fail at commit time.
-            self._conn.execute("BEGIN IMMEDIATE")
-            try:
-                yield self._conn
-            except BaseException:
-                self._conn.execute("ROLLBACK")
-                raise
-            self._conn.execute("COMMIT")
+            # with another connection's and fail at commit time.
+            begin, commit, rollback = "BEGIN IMMEDIATE", "COMMIT", ("ROLLBACK",)
+        else:
+            name = f"sp{depth}"
+            begin, commit = f"SAVEPOINT {name}", f"RELEASE {name}"
+            rollback = (f"ROLLBACK TO {name}", f"RELEASE {name}")
+        conn.execute(begin)
+        self._local.depth = depth + 1
+        try:
+            yield conn
+        except BaseException:
+            for statement in rollback:
+                conn.execute(statement)
+            raise
+        finally:
+            self._local.depth = depth
+        conn.execute(commit)
 
     def query(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
-        with self._lock:
-            return self._conn.execute(sql, params).fetchall()
+        return self._conn().execute(sql, params).fetchall()
 
     def query_one(self, sql: str, params: Params = ()) -> sqlite3.Row | None:
-        with self._lock:
-            return self._conn.execute(sql, params).fetchone()
+        return self._conn().execute(sql, params).fetchone()
 
     def execute(self, sql: str, params: Params = ()) -> int:
         """Runs one statement (in its own transaction unless inside one); returns rowcount."""
-        with self._lock:
-            return self._conn.execute(sql, params).rowcount
+        return self._conn().execute(sql, params).rowcount
+
+    def executemany(self, sql: str, rows: Sequence[Params]) -> int:
+        return self._conn().executemany(sql, rows).rowcount
 
     def close(self) -> None:
-        with self._lock:
-            self._conn.close()
+        with self._all_lock:
+            self._closed = True
+            conns, self._all = self._all, []
+        for conn in conns:
+            conn.close()
 
     def __enter__(self) -> StateDB:
         return self

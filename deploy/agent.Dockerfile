@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # The device agent image: the skipfleet package with its three dependencies (NumPy, paho-mqtt,
 # msgpack) and nothing else: no Ray, no Prometheus client. Small enough for a Raspberry Pi.
 # Build for both architectures (from the repository root; push, or load one platform locally):
@@ -9,17 +8,25 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # --- build: a virtualenv with the package installed from wheels --------------------------------
 FROM ${PYTHON_IMAGE} AS build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/skipfleet
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY --chmod=0755 deploy/pip-in-build.sh /usr/local/bin/
+# Dependencies first, keyed on pyproject.toml alone. `.` without extras: NumPy, paho-mqtt and
+# msgpack. --only-binary: never compile them (under QEMU that takes an hour and fails without a
+# compiler); a missing wheel for the platform must fail the build instead. The pip cache and the
+# host's index settings (secrets pip_cert, pip_conf) are mounted for the RUN, never in a layer.
+COPY pyproject.toml ./
+RUN --mount=type=cache,id=skipfleet-pip,target=/root/.cache/pip \
+    --mount=type=secret,id=pip_cert --mount=type=secret,id=pip_conf \
+    pip-in-build.sh dependencies "" --only-binary=numpy,msgpack,paho-mqtt
 # The coordinator package is not copied at all: nothing in this image can import it.
+COPY README.md ./
 COPY shared/ shared/
 COPY agent/ agent/
 COPY skipfleet/ skipfleet/
-# `.` without extras. --only-binary: never compile NumPy (under QEMU that takes an hour and fails
-# without a compiler); a missing wheel for the platform must fail the build instead.
-RUN /opt/skipfleet/bin/pip install --only-binary=numpy,msgpack,paho-mqtt .
+RUN --mount=type=cache,id=skipfleet-pip,target=/root/.cache/pip \
+    --mount=type=secret,id=pip_cert --mount=type=secret,id=pip_conf \
+    pip-in-build.sh package
 
 # --- runtime: the virtualenv, two scripts, a non-root user --------------------------------------
 FROM ${PYTHON_IMAGE}

@@ -1,4 +1,3 @@
-# syntax=docker/dockerfile:1
 # The coordinator image: the skipfleet package with its `coordinator` extra (Ray, Prometheus
 # client) and a Ray head node started by the entrypoint (deploy/coordinator-entrypoint.sh).
 # Build for both architectures (from the repository root):
@@ -8,16 +7,23 @@ ARG PYTHON_IMAGE=python:3.11-slim-bookworm
 
 # --- build: a virtualenv with the package and the coordinator extra, from wheels ---------------
 FROM ${PYTHON_IMAGE} AS build
-ENV PIP_NO_CACHE_DIR=1 PIP_DISABLE_PIP_VERSION_CHECK=1
 RUN python -m venv /opt/skipfleet
 WORKDIR /src
-COPY pyproject.toml README.md ./
+COPY --chmod=0755 deploy/pip-in-build.sh /usr/local/bin/
+# Dependencies first, keyed on pyproject.toml alone (deploy/pip-in-build.sh). Ray and NumPy ship
+# wheels for linux/amd64 and linux/arm64; never fall back to compiling them.
+COPY pyproject.toml ./
+RUN --mount=type=cache,id=skipfleet-pip,target=/root/.cache/pip \
+    --mount=type=secret,id=pip_cert --mount=type=secret,id=pip_conf \
+    pip-in-build.sh dependencies coordinator --only-binary=ray,numpy,grpcio
+COPY README.md ./
 COPY shared/ shared/
 COPY agent/ agent/
 COPY coordinator/ coordinator/
 COPY skipfleet/ skipfleet/
-# Ray and NumPy ship wheels for linux/amd64 and linux/arm64; never fall back to compiling them.
-RUN /opt/skipfleet/bin/pip install --only-binary=ray,numpy,grpcio ".[coordinator]"
+RUN --mount=type=cache,id=skipfleet-pip,target=/root/.cache/pip \
+    --mount=type=secret,id=pip_cert --mount=type=secret,id=pip_conf \
+    pip-in-build.sh package
 
 # --- runtime: the virtualenv, the entrypoint, a non-root user -----------------------------------
 FROM ${PYTHON_IMAGE}

@@ -144,8 +144,11 @@ def make_client(
     will: Will | None = None,
     userdata: object = None,
     rng: random.Random | None = None,
+    manual_ack: bool = False,
 ) -> paho.Client:
-    """A configured, unconnected paho 2.x client (callback API version 2)."""
+    """A configured, unconnected paho 2.x client (callback API version 2). manual_ack: the
+    caller acknowledges each QoS 1 message itself (client.ack) once it is safe, not paho on
+    return from on_message."""
     if not isinstance(client_id, str) or not client_id:
         raise ValueError("client_id must be a non-empty string")
     v5 = settings.protocol is MqttProtocol.V5
@@ -155,6 +158,7 @@ def make_client(
         protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
         clean_session=None if v5 else not settings.persistent_session,
         userdata=userdata,
+        manual_ack=manual_ack,
     )
     if settings.username is not None:
         client.username_pw_set(settings.username, settings.password)
@@ -180,14 +184,20 @@ def _will_props(will: Will, v5: bool) -> Properties | None:
     return props
 
 
-def connect_async(client: paho.Client, settings: MqttSettings) -> None:
-    """Start connecting (retried by paho's loop): clean start or session expiry as configured."""
+def connect_async(
+    client: paho.Client, settings: MqttSettings, *, receive_maximum: int | None = None
+) -> None:
+    """Start connecting (retried by paho's loop): clean start or session expiry as configured.
+    receive_maximum (MQTT v5): how many unacknowledged QoS 1 messages the broker may have in
+    flight to us (mosquitto's own default is 20: too few for a client that acknowledges late)."""
     if settings.protocol is not MqttProtocol.V5:
         client.connect_async(settings.host, settings.port, settings.keepalive_s)
         return
     props = Properties(PacketTypes.CONNECT)
     if settings.persistent_session:
         props.SessionExpiryInterval = settings.session_expiry_s
+    if receive_maximum is not None:
+        props.ReceiveMaximum = receive_maximum
     client.connect_async(
         settings.host,
         settings.port,

@@ -63,6 +63,8 @@ class MosquittoBroker:
             "persistence true",
             f"persistence_location {data_dir}/",
             "autosave_interval 1",  # the default snapshot every 30 min loses everything on SIGKILL
+            # the coordinator acknowledges after its commit: the broker holds a burst meanwhile
+            "max_queued_messages 100000",
             f"log_dest file {self.log_path}",
             "log_type error",
             "log_type warning",

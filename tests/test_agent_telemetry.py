@@ -144,3 +144,14 @@ def test_without_a_calibration_the_heartbeat_has_no_calibrated_scores(parts):
     assert beat.drift_score is not None and beat.adapter_origin is AdapterOrigin.BASE
     assert (beat.confidence_score, beat.feature_score, beat.signature) == (None, None, None)
     assert beat.signature_rows is None
+
+
+def test_a_window_not_yet_full_carries_no_calibrated_scores(parts):
+    telemetry, sources, _, files = parts
+    sources.recent.add(files.device_data.X[:10])  # 10 of the 64 rows the thresholds expect
+    partial = telemetry.heartbeat()
+    assert partial.drift_score is not None
+    assert (partial.confidence_score, partial.feature_score, partial.signature) == (None,) * 3
+    sources.recent.add(files.device_data.X[10:64])
+    full = telemetry.heartbeat()
+    assert full.confidence_score is not None and full.signature_rows == 64

@@ -11,7 +11,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
-from coordinator.bridge import Deduplicator, FatalReason, InboundDecoder, MqttBridge
+from coordinator.bridge import FatalReason, InboundDecoder, MqttBridge
 from coordinator.clock import ManualClock
 from coordinator.metrics import FleetMetrics
 from coordinator.outbound import Outbound, desired
@@ -60,18 +60,17 @@ def test_a_device_message_is_decoded_and_counted(decoder_and_metrics):
     assert sample("skipfleet_received_bytes_total", {"kind": "telemetry"}) > 0
 
 
-def test_duplicates_garbage_impostors_and_strangers_are_dropped(decoder_and_metrics):
+def test_garbage_impostors_and_strangers_are_dropped(decoder_and_metrics):
     decoder, metrics = decoder_and_metrics
     device = SimDevice("pi-1", ManualClock())
     beat = payload_of(device.heartbeat())
     assert decoder.decode("fleet/pi-1/telemetry", beat) is not None
-    assert decoder.decode("fleet/pi-1/telemetry", beat) is None  # QoS 1 re-delivery
     assert decoder.decode("fleet/pi-1/telemetry", b"\x93garbage") is None
     assert decoder.decode("fleet/pi-2/telemetry", payload_of(device.heartbeat())) is None
     assert decoder.decode("other/pi-1/telemetry", beat) is None
     assert decoder.decode("fleet/pi-1/cmd/job", beat) is None
     assert decoder.decode("fleet/pi-1/telemetry", b"x" * 9000) is None
-    for reason in ("duplicate", "malformed", "wrong_route", "bad_topic", "oversized"):
+    for reason in ("malformed", "wrong_route", "bad_topic", "oversized"):
         assert rejected(metrics, reason) >= 1.0, reason
 
 
@@ -90,23 +89,15 @@ def test_a_chunked_report_is_reassembled_once(decoder_and_metrics):
     assert decoder.decode("fleet/pi-1/report", items[-1].payload) is None  # a late duplicate
 
 
-def test_the_deduplicator_forgets_the_oldest_keys():
-    dedup = Deduplicator(capacity=2)
-    assert [dedup.seen(k) for k in [(1,), (1,), (2,), (3,), (1,)]] == [
-        False,
-        True,
-        False,
-        False,
-        False,
-    ]
-
-
 class FakeClient:
     """Stands in for paho: records publishes and subscriptions; tests call the callbacks."""
 
-    def __init__(self, settings, client_id):
+    def __init__(self, settings, client_id, manual_ack=False):
         self.client_id = client_id
+        self.manual_ack = manual_ack
         self.published: list[tuple[str, bytes, int, bool, object]] = []
+        self.mids: list[int] = []
+        self.acked: list[int] = []
         self.subscribed: list = []
         self.lock = threading.Lock()
 
@@ -128,10 +119,23 @@ class FakeClient:
     def publish(self, topic, payload, qos=0, retain=False, properties=None):
         with self.lock:
             self.published.append((topic, payload, qos, retain, properties))
-        return type("Info", (), {"rc": 0})()
+            self.mids.append(len(self.mids) + 1)
+            return type("Info", (), {"rc": 0, "mid": self.mids[-1]})()
 
-    def deliver(self, topic: str, payload: bytes) -> None:
-        message = type("Message", (), {"topic": topic, "payload": payload})()
+    def ack(self, mid, qos):
+        with self.lock:
+            self.acked.append(mid)
+
+    def puback_all(self):
+        """The broker acknowledges every publish so far."""
+        with self.lock:
+            mids = list(self.mids)
+        for mid in mids:
+            self.on_publish(self, None, mid, ReasonCode(PacketTypes.PUBACK, identifier=0), None)
+
+    def deliver(self, topic: str, payload: bytes, mid: int = 1, qos: int = 1) -> None:
+        message = type("Message", (), {"topic": topic, "payload": payload, "mid": mid,
+                                        "qos": qos})()  # fmt: skip
         self.on_message(self, None, message)
 
 
@@ -152,8 +156,8 @@ def bridge_parts(tmp_path):
     fatal: list[tuple[FatalReason, str]] = []
     clients: list[FakeClient] = []
 
-    def factory(settings, client_id):
-        clients.append(FakeClient(settings, client_id))
+    def factory(settings, client_id, manual_ack=False):
+        clients.append(FakeClient(settings, client_id, manual_ack))
         return clients[-1]
 
     bridge = MqttBridge(
@@ -227,7 +231,7 @@ def test_adapters_are_chunked_under_the_limit_and_the_desired_pointer_is_retaine
     assert (qos, retain) == (1, True) and isinstance(decode(payload).message, DesiredState)
 
 
-def test_stop_hands_the_last_received_messages_to_the_fleet(tmp_path):
+def test_stop_commits_the_last_received_messages(tmp_path):
     service = FleetService(make_config(tmp_path), clock=ManualClock())
     port = LocalFleetPort(service)
     bridge = MqttBridge(service.config, port, FleetMetrics(), client_factory=FakeClient)

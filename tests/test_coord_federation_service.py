@@ -229,7 +229,9 @@ def test_a_restarted_service_carries_on_with_a_run_between_rounds(tmp_path, cloc
     service = start(tmp_path, clock, rounds=3)
     devices = join(service, clock, ("pi-1", None, True), ("pi-2", None, True))
     service.request_finetune(all_=True)
-    answer_round(service, devices, service.tick(), before=0.6, loss=1.0)
+    first = service.tick()
+    answer_round(service, devices, first, before=0.6, loss=1.0)
+    service.tick([o.seq for o in first])  # the broker acknowledged the first round's jobs
     service.close()
     again = start(tmp_path, clock, rounds=3)  # the same state dir
     second = jobs_in(again.tick(), JobKind.FINETUNE)

@@ -1,8 +1,8 @@
 """The Docker backend: device ids, the no-engine message, and the verbs on a fake engine.
 
-The real engine is used only where one answers (`test_on_a_live_compose_project`); here the
-verbs run against a small in-memory stand-in of the SDK's objects, which checks our side of
-the calls (what is disconnected, recorded, reconnected, cloned), not Docker's.
+Here the verbs run against a small in-memory stand-in of the SDK's objects, which checks our side
+of the calls (what is disconnected, recorded, reconnected, cloned), not Docker's. Every verb also
+runs on the real engine, on the compose fleet's containers, in tests/test_compose_fleet.py.
 """
 
 from __future__ import annotations
@@ -151,6 +151,13 @@ class FakeContainer:
     def kill(self) -> None:
         assert self.status == "running", "the engine refuses to kill a paused container"
         self.status = "exited"
+        self.engine.killed_by_engine.append(self.name)
+
+    def exec_run(self, cmd: list[str]) -> None:
+        assert self.status == "running", "the engine refuses to exec in a paused container"
+        self.engine.execs.append((self.name, cmd))
+        if cmd == ["sh", "-c", "kill -KILL -1"] and self.attrs["HostConfig"].get("Init"):
+            self.status = "exited"  # the init exits with the agent; no restart policy here
 
     def restart(self, timeout: int) -> None:
         self.status = "running"
@@ -187,6 +194,8 @@ class FakeEngine:
         self.containers = FakeContainers(self)
         self.networks = FakeNetworks()
         self.api = self
+        self.killed_by_engine: list[str] = []
+        self.execs: list[tuple[str, list[str]]] = []
 
     def add(self, name: str, number: int, service: str = "agent", env=()) -> FakeContainer:
         container = FakeContainer(self, name, inspect_data(name, number, service, env))
@@ -247,10 +256,20 @@ def test_devices_are_the_agent_containers(docker_fleet):
         docker_fleet.kill("device-9")
 
 
-def test_pause_kill_restart(docker_fleet):
+def test_pause_kill_restart(docker_fleet, engine):
     assert docker_fleet.pause("device-1").state is DeviceState.PAUSED
     assert docker_fleet.kill("device-1").state is DeviceState.DEAD  # unpaused first
     assert docker_fleet.restart("device-1").state is DeviceState.RUNNING
+    # Killed from inside, as a crash: the engine's kill would suspend the restart policy.
+    assert engine.execs == [("skipfleet-agent-2", ["sh", "-c", "kill -KILL -1"])]
+    assert engine.killed_by_engine == []
+
+
+def test_kill_without_an_init_goes_through_the_engine(docker_fleet, engine):
+    # The agent is PID 1 then, which ignores SIGKILL from inside its own namespace.
+    engine.all[1].attrs["HostConfig"]["Init"] = False
+    assert docker_fleet.kill("device-0").state is DeviceState.DEAD
+    assert engine.killed_by_engine == ["skipfleet-agent-1"] and engine.execs == []
 
 
 def test_cut_records_networks_and_restore_reconnects_with_aliases(docker_fleet, engine, tmp_path):
@@ -281,26 +300,3 @@ def test_scale_clones_and_removes_the_highest_numbered(docker_fleet, engine):
     docker_fleet.scale(0)
     with pytest.raises(Unsupported, match="no agent container to clone"):
         docker_fleet.scale(1)
-
-
-# -- a real engine, where one answers ----------------------------------------------------------
-@pytest.fixture
-def live_fleet(tmp_path) -> DockerFleet:
-    try:
-        client = connect_engine()
-    except FleetUnavailable as err:
-        pytest.skip(f"the Docker backend is tested only where an engine answers: {err}")
-    project = os.environ.get("SKIPFLEET_COMPOSE_PROJECT", "skipfleet")
-    fleet = DockerFleet(project, client=client, cuts_path=tmp_path / "cuts.json")
-    if not fleet.devices():
-        pytest.skip(f"compose project {project!r} has no agent containers: `docker compose up`")
-    return fleet
-
-
-@pytest.mark.slow
-def test_on_a_live_compose_project(live_fleet):
-    dev = live_fleet.devices()[0].device_id
-    assert live_fleet.pause(dev).state is DeviceState.PAUSED
-    assert live_fleet.resume(dev).state is DeviceState.RUNNING
-    assert live_fleet.cut(dev).state is DeviceState.CUT
-    assert live_fleet.restore(dev).state is DeviceState.RUNNING

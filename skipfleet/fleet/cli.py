@@ -72,7 +72,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help=f"with --control: the fleet's {CONTROL_TOKEN_FILE} file, needed to change anything "
         f"(default ${ENV_TOKEN_FILE}; --run-dir finds it in the run dir)",
     )
-    parser.add_argument("--project", help="compose project with --docker (default: skipfleet)")
+    parser.add_argument(
+        "--project",
+        help="compose project with --docker (default: $COMPOSE_PROJECT_NAME, else skipfleet)",
+    )
     parser.add_argument("--json", action="store_true", help="print JSON rows, not a table")
     actions = parser.add_subparsers(dest="action", metavar="ACTION", required=True)
     actions.add_parser("ls", help="list the devices")
@@ -124,7 +127,8 @@ def open_fleet(args: argparse.Namespace, environ: Mapping[str, str]):
     if args.docker:
         from skipfleet.fleet.docker_backend import DockerFleet
 
-        return DockerFleet(args.project or "skipfleet")
+        # As compose names the project: COMPOSE_PROJECT_NAME (also set by the repository's .env).
+        return DockerFleet(args.project or os.environ.get("COMPOSE_PROJECT_NAME") or "skipfleet")
     from skipfleet.fleet.remote import RemoteFleet
 
     if args.control:

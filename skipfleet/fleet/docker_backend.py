@@ -127,10 +127,23 @@ class DockerFleet:
         return self._info(self._get(device_id), fresh=True)
 
     def kill(self, device_id: str) -> DeviceInfo:
+        """SIGKILL the agent as a crash would, so that the container's restart policy applies.
+
+        The engine's own kill counts as a deliberate stop, which suspends the restart policy; so
+        where the container has an init (compose `init: true`), every process but that init is
+        killed from inside and the init exits with the agent's status, as after a crash. Without
+        an init the agent is PID 1, which ignores SIGKILL from inside its namespace: the engine
+        kills it then, and it stays down until `restart`.
+        """
         container = self._live(device_id, "kill")
         if container.status == "paused":  # the engine refuses to signal a frozen container
             container.unpause()
-        container.kill()
+        if not container.attrs["HostConfig"].get("Init"):
+            container.kill()
+            return self._info(container)
+        started = container.attrs["State"].get("StartedAt")
+        container.exec_run(["sh", "-c", "kill -KILL -1"])  # all but PID 1 and the caller
+        self._wait_for_exit(container, started)
         return self._info(container)
 
     def pause(self, device_id: str) -> DeviceInfo:
@@ -230,6 +243,16 @@ class DockerFleet:
             rss_bytes=self._rss(container) if alive else None,
             detail=f"{container.name} ({container.status}{', no network' if cut else ''})",
         )
+
+    def _wait_for_exit(self, container: Any, started: str | None) -> None:
+        """Until the engine has seen the container exit (or already restart it)."""
+        deadline = time.monotonic() + self.stop_timeout_s
+        while time.monotonic() < deadline:
+            container.reload()
+            restarted = container.attrs["State"].get("StartedAt") != started
+            if container.status != "running" or restarted:
+                return
+            time.sleep(0.1)
 
     def _rss(self, container: Any) -> int | None:
         try:

@@ -1,0 +1,141 @@
+"""The coordinator's durable outbox: what the fleet state decided to send, until the broker has it.
+
+A message is written in the same SQLite transaction as the state change that caused it (a job's
+row and the job message commit together or not at all), handed to the MQTT bridge once per
+actor life, and deleted when the bridge reports the broker's PUBACK for it. A restarted actor
+hands out again every row not yet acknowledged: delivery to the broker is at-least-once, and the
+device drops a repeat (a job by its id, an adapter by its version, the desired pointer is a
+state). A job that expired while it waited is dropped, not sent: the device would refuse it.
+
+Adapters are stored by reference (cohort, version, encoding) and read from the adapter store when
+handed out: a rollout to a thousand devices writes a thousand small rows, not the arrays.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+from coordinator.outbound import DownlinkMessage, Outbound
+from coordinator.state_db import StateDB
+from shared.protocol import AdapterPublication, DecodeError, Job, decode, encode
+from shared.protocol.envelope import new_message_id
+from shared.protocol.wire import Fields, pack, unpack
+
+log = logging.getLogger(__name__)
+
+ADAPTER_REF = "adapter_ref"
+ENVELOPE = "envelope"
+HAND_OUT_LIMIT = 5_000  # rows per tick: a large rollout goes out over a few ticks
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS outbox (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT,
+    device_id TEXT NOT NULL,
+    form TEXT NOT NULL,
+    message_id TEXT NOT NULL,
+    body BLOB NOT NULL,
+    created_at REAL NOT NULL
+);
+"""
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    cohort: str
+    version: int
+    encoding: str
+
+
+# (cohort, version, encoding) -> the publication, or None when that version is gone
+AdapterResolver = Callable[[AdapterRef], AdapterPublication | None]
+
+
+class DurableOutbox:
+    def __init__(self, db: StateDB, sender: str, clock: Callable[[], float]) -> None:
+        self._db = db
+        self._sender = sender
+        self._clock = clock
+        self._handed_through = 0  # the highest seq handed out in this actor's life
+        db.ensure_schema(_SCHEMA)
+
+    def add(self, device_id: str, message: DownlinkMessage) -> None:
+        """Joins the caller's transaction (if any): the row commits with the state change."""
+        if isinstance(message, AdapterPublication):
+            ref = AdapterRef(message.cohort, message.version, message.encoding.value)
+            self.add_adapter(device_id, ref)
+            return
+        message_id = new_message_id()
+        body = encode(message, sender=self._sender, message_id=message_id)
+        self._insert(device_id, ENVELOPE, message_id, body)
+
+    def add_adapter(self, device_id: str, ref: AdapterRef) -> None:
+        body = pack({"cohort": ref.cohort, "version": ref.version, "encoding": str(ref.encoding)})
+        self._insert(device_id, ADAPTER_REF, new_message_id(), body)
+
+    def _insert(self, device_id: str, form: str, message_id: str, body: bytes) -> None:
+        self._db.execute(
+            "INSERT INTO outbox (device_id, form, message_id, body, created_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (device_id, form, message_id, body, self._clock()),
+        )
+
+    def hand_out(self, resolve: AdapterResolver) -> list[Outbound]:
+        """Rows not handed out in this actor's life, oldest first (at most HAND_OUT_LIMIT)."""
+        rows = self._db.query(
+            "SELECT * FROM outbox WHERE seq > ? ORDER BY seq LIMIT ?",
+            (self._handed_through, HAND_OUT_LIMIT),
+        )
+        if not rows:
+            return []
+        self._handed_through = rows[-1]["seq"]
+        out, dropped = [], []
+        resolve = _once_each(resolve)  # a rollout to many devices reads its version once
+        for row in rows:
+            message = self._message(row, resolve)
+            if message is None:
+                dropped.append(row["seq"])
+                continue
+            out.append(Outbound(row["device_id"], message, row["seq"], row["message_id"]))
+        self.mark_sent(dropped)
+        return out
+
+    def mark_sent(self, seqs: Iterable[int]) -> None:
+        """The broker acknowledged these (or they are not to be sent): forget them."""
+        self._db.executemany("DELETE FROM outbox WHERE seq = ?", [(int(s),) for s in seqs])
+
+    def backlog(self) -> int:
+        row = self._db.query_one("SELECT COUNT(*) AS n FROM outbox")
+        return int(row["n"])
+
+    def _message(self, row, resolve: AdapterResolver) -> DownlinkMessage | None:
+        where = f"outbox row {row['seq']} for {row['device_id']}"
+        try:
+            if row["form"] == ADAPTER_REF:
+                f = Fields(unpack(row["body"], max_bytes=4096), where)
+                ref = AdapterRef(f.text("cohort"), f.integer("version"), f.text("encoding"))
+                message = resolve(ref)
+                if message is None:
+                    log.warning("%s: adapter %s v%d is gone; not sent", where, ref.cohort,
+                                ref.version)  # fmt: skip
+                return message
+            message = decode(row["body"]).message
+        except DecodeError as err:  # written by an older release, or damaged
+            log.error("%s cannot be read (%s); not sent", where, err)
+            return None
+        if isinstance(message, Job) and message.is_expired(self._clock()):
+            log.info("%s: job %s expired before it could be sent", where, message.job_id)
+            return None
+        return message
+
+
+def _once_each(resolve: AdapterResolver) -> AdapterResolver:
+    found: dict[AdapterRef, AdapterPublication | None] = {}
+
+    def cached(ref: AdapterRef) -> AdapterPublication | None:
+        if ref not in found:
+            found[ref] = resolve(ref)
+        return found[ref]
+
+    return cached

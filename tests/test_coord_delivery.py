@@ -1,0 +1,288 @@
+"""Delivery the coordinator can state exactly: a durable outbox, de-duplication in the fleet
+state, transactions per batch and per tick, acknowledgements only after the commit, and /health
+naming stuck work. No Ray and no broker: the service in-process and a fake paho client."""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+
+import pytest
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.reasoncodes import ReasonCode
+
+from coordinator.api import ApiError, FleetApi
+from coordinator.bridge import MqttBridge
+from coordinator.clock import ManualClock
+from coordinator.delivery import InboundAcks, PublishTracker
+from coordinator.metrics import FleetMetrics
+from coordinator.ports import LocalFleetPort, Unavailable
+from coordinator.service import FleetService
+from coordinator.state_db import StateDB
+from coordinator.stuck import STUCK_GRACE_S
+from shared.protocol import JobKind, encode_envelope
+from tests.coord_fleet_helpers import SimDevice, jobs_in, make_config
+from tests.test_coord_bridge import FakeClient, wait_for
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+def joined(service: FleetService, clock: ManualClock, *names: str) -> dict[str, SimDevice]:
+    devices = {name: SimDevice(name, clock) for name in names}
+    service.ingest([m for d in devices.values() for m in (d.presence(), d.heartbeat())])
+    return devices
+
+
+# ---- the durable outbox
+
+
+def test_unacknowledged_messages_are_handed_out_again_by_a_restarted_service(tmp_path, clock):
+    service = FleetService(make_config(tmp_path), clock=clock)
+    joined(service, clock, "pi-1", "pi-2")
+    service.request_finetune(all_=True)
+    first = service.tick()
+    assert len(jobs_in(first, JobKind.FINETUNE)) == 2
+    assert service.tick() == []  # handed out once per life, not on every tick
+    acked = next(o for o in first if o.device_id == "pi-1")
+    service.tick([acked.seq])  # the broker acknowledged pi-1's job only
+    service.close()
+    again = FleetService(make_config(tmp_path), clock=clock)
+    resent = again.tick()
+    assert [(o.device_id, o.message_id) for o in resent] == [
+        (o.device_id, o.message_id) for o in first if o.device_id == "pi-2"
+    ]  # the same message (same id: the device drops a repeat), and only the unacknowledged one
+
+
+def test_a_job_that_expired_in_the_outbox_is_dropped_not_sent(tmp_path, clock):
+    service = FleetService(make_config(tmp_path, job_timeout_s=60.0), clock=clock)
+    joined(service, clock, "pi-1")
+    service.request_finetune(devices=["pi-1"])
+    ((_, old),) = jobs_in(service.tick(), JobKind.FINETUNE)
+    service.close()
+    clock.advance(61.0)
+    again = FleetService(make_config(tmp_path, job_timeout_s=60.0), clock=clock)
+    handed = again.tick()
+    assert old.job_id not in {job.job_id for _, job in jobs_in(handed)}
+    assert all(not job.is_expired(clock()) for _, job in jobs_in(handed))
+
+
+def test_a_failed_tick_leaves_neither_its_jobs_nor_their_messages(tmp_path, clock, monkeypatch):
+    service = FleetService(make_config(tmp_path), clock=clock)
+    joined(service, clock, "pi-1")
+    service.request_finetune(devices=["pi-1"])
+    distributor = service._distributor
+    monkeypatch.setattr(distributor, "check_deadlines", lambda: 1 / 0)  # after the dispatch
+    with pytest.raises(ZeroDivisionError):
+        service.tick()
+    assert service.jobs() == [] and service.health()["outbox_backlog"] == 0
+    monkeypatch.undo()
+    (job,) = jobs_in(service.tick(), JobKind.FINETUNE)  # the request is still queued
+    assert [j["job_id"] for j in service.jobs()] == [job[1].job_id]
+
+
+def test_a_rollout_to_many_devices_reads_its_adapter_once_per_hand_out(tmp_path, clock):
+    service = FleetService(make_config(tmp_path), clock=clock)
+    devices = joined(service, clock, "pi-1", "pi-2", "pi-3")
+    service.request_finetune(all_=True)
+    for device, job in jobs_in(service.tick(), JobKind.FINETUNE):
+        service.ingest(devices[device].finetune(job.job_id))
+    reads = []
+    store = service.fleet.store
+    original = store.get
+    store.get = lambda *args, **kwargs: reads.append(args) or original(*args, **kwargs)
+    canary = service.tick()  # candidate adapter + two evaluations per canary
+    adapters = [o for o in canary if type(o.message).__name__ == "AdapterPublication"]
+    assert len(adapters) == 3 and len(reads) == 1
+
+
+# ---- de-duplication in the fleet state
+
+
+def test_a_report_delivered_again_after_a_restart_is_applied_once(tmp_path, clock):
+    service = FleetService(make_config(tmp_path), clock=clock)
+    devices = joined(service, clock, "pi-1", "pi-2")
+    service.request_finetune(all_=True)
+    (device, job), *_ = jobs_in(service.tick(), JobKind.FINETUNE)
+    answer = devices[device].finetune(job.job_id)
+    assert service.ingest(answer) == len(answer)
+    assert service.ingest(answer) == 0  # the same envelopes (boot id, seq) again
+    service.close()
+    again = FleetService(make_config(tmp_path), clock=clock)
+    assert again.ingest(answer) == 0  # remembered in SQLite, not only in memory
+    (record,) = [j for j in again.jobs() if j["job_id"] == job.job_id]
+    assert record["state"] == "SUCCEEDED"
+
+
+def test_a_repeated_heartbeat_is_dropped_in_memory(tmp_path, clock):
+    service = FleetService(make_config(tmp_path), clock=clock)
+    beat = SimDevice("pi-1", clock).heartbeat()
+    assert service.ingest([beat, beat]) == 1
+
+
+def test_a_message_that_fails_rolls_back_its_own_writes_only(tmp_path, clock, monkeypatch):
+    service = FleetService(make_config(tmp_path), clock=clock)
+    registry = service.fleet.registry
+    original = registry.set_presence
+
+    def fails_for_bad(device, *args, **kwargs):
+        if device == "pi-bad":
+            raise RuntimeError("a bug, after register() wrote the device")
+        return original(device, *args, **kwargs)
+
+    monkeypatch.setattr(registry, "set_presence", fails_for_bad)
+    good, bad = SimDevice("pi-good", clock), SimDevice("pi-bad", clock)
+    assert service.ingest([bad.presence(), good.presence()]) == 1
+    assert [d["device_id"] for d in service.devices()] == ["pi-good"]
+
+
+# ---- the state DB
+
+
+def test_a_reader_thread_sees_committed_state_and_is_not_blocked_by_an_open_transaction(
+    tmp_path,
+):
+    db = StateDB(tmp_path / "state.sqlite3")
+    db.ensure_schema("CREATE TABLE t (v INTEGER);")
+    db.execute("INSERT INTO t VALUES (1)")
+    seen, took = [], []
+
+    def read():
+        start = time.monotonic()
+        seen.append([r["v"] for r in db.query("SELECT v FROM t ORDER BY v")])
+        took.append(time.monotonic() - start)
+
+    with db.transaction():
+        db.execute("INSERT INTO t VALUES (2)")
+        reader = threading.Thread(target=read)
+        reader.start()
+        reader.join(timeout=4.0)  # under the 5 s busy timeout: it must not have waited for us
+        assert not reader.is_alive() and seen == [[1]]
+    read()
+    assert seen[-1] == [1, 2]
+    db.close()
+
+
+def test_a_nested_transaction_that_raises_rolls_back_only_itself(tmp_path):
+    db = StateDB(tmp_path / "state.sqlite3")
+    db.ensure_schema("CREATE TABLE t (v INTEGER);")
+    with db.transaction():
+        db.execute("INSERT INTO t VALUES (1)")
+        with pytest.raises(ValueError), db.transaction():
+            db.execute("INSERT INTO t VALUES (2)")
+            raise ValueError("inner")
+        db.execute("INSERT INTO t VALUES (3)")
+    assert [r["v"] for r in db.query("SELECT v FROM t ORDER BY v")] == [1, 3]
+    db.close()
+
+
+# ---- the bridge's acknowledgements
+
+
+def test_an_outbox_row_is_settled_only_when_every_chunk_was_acknowledged():
+    tracker = PublishTracker()
+    tracker.published(1, [10, 11, 12])
+    tracker.on_puback(20)  # row 2's PUBACK, before published() recorded its mid
+    tracker.on_puback(10)
+    tracker.on_puback(11)
+    assert tracker.settled() == [] and tracker.holds(1)
+    tracker.published(2, [20])
+    tracker.on_puback(12)
+    assert sorted(tracker.settled()) == [1, 2] and not tracker.holds(1)
+
+
+def test_an_acknowledgement_owed_on_an_earlier_connection_is_never_sent():
+    sent = []
+    acks = InboundAcks(lambda mid, qos: sent.append(mid))
+    acks.connected()
+    before = acks.token(7, 1)
+    acks.connected()  # a reconnect: mid 7 may now name another message
+    assert acks.ack([before, acks.token(8, 1), acks.token(9, 0)]) == 1 and sent == [8]
+
+
+class GatedPort(LocalFleetPort):
+    """ingest waits for the test's go, or fails as unavailable while `down` is set."""
+
+    def __init__(self, service):
+        super().__init__(service)
+        self.go = threading.Event()
+        self.down = threading.Event()
+
+    def ingest(self, batch):
+        self.go.wait(10)
+        if self.down.is_set():
+            raise Unavailable("the actor is restarting")
+        super().ingest(batch)
+
+
+@pytest.fixture
+def gated_bridge(tmp_path):
+    clock = ManualClock()
+    config = dataclasses.replace(make_config(tmp_path), tick_interval_s=0.02)
+    service = FleetService(config, clock=clock)
+    port = GatedPort(service)
+    clients = []
+
+    def factory(settings, client_id, manual_ack=False):
+        clients.append(FakeClient(settings, client_id, manual_ack))
+        return clients[-1]
+
+    bridge = MqttBridge(config, port, FleetMetrics(), client_factory=factory)
+    bridge.start()
+    (client,) = clients
+    assert client.manual_ack
+    client.on_connect(client, None, None, ReasonCode(PacketTypes.CONNACK, identifier=0), None)
+    yield client, port, service, clock
+    port.go.set()
+    bridge.stop()
+    service.close()
+
+
+def test_a_device_message_is_acknowledged_only_after_the_fleet_state_committed_it(gated_bridge):
+    client, port, service, clock = gated_bridge
+    port.down.set()
+    client.deliver("fleet/pi-1/status", encode_envelope(SimDevice("pi-1", clock).presence()
+                                                        .envelope), mid=7)  # fmt: skip
+    port.go.set()  # the fleet state is unavailable: retried, not acknowledged
+    time.sleep(0.3)
+    assert client.acked == [] and service.devices() == []
+    port.down.clear()
+    wait_for(lambda: client.acked == [7])
+    assert [d["device_id"] for d in service.devices()] == ["pi-1"]
+
+
+def test_the_broker_acknowledgement_of_a_publish_deletes_its_outbox_row(gated_bridge):
+    client, port, service, clock = gated_bridge
+    port.go.set()
+    for message in (SimDevice("pi-1", clock).presence(), SimDevice("pi-1", clock).heartbeat()):
+        client.deliver("fleet/pi-1/status", encode_envelope(message.envelope), mid=1)
+    wait_for(lambda: service.devices())
+    service.request_finetune(devices=["pi-1"])
+    wait_for(lambda: client.mids)  # the job was published
+    assert service.health()["outbox_backlog"] == 1
+    client.puback_all()
+    wait_for(lambda: service.health()["outbox_backlog"] == 0)
+
+
+# ---- /health
+
+
+def test_health_names_a_round_left_open_past_its_deadline_and_the_api_answers_503(
+    tmp_path, clock, monkeypatch
+):
+    service = FleetService(make_config(tmp_path, round_deadline_s=120.0), clock=clock)
+    joined(service, clock, "pi-1", "pi-2")
+    service.request_finetune(all_=True)
+    service.tick()
+    api = FleetApi(LocalFleetPort(service), bridge_connected=lambda: True)
+    assert service.health()["stuck"] == []
+    monkeypatch.setattr(service.fleet.scheduler, "tick", lambda: 1 / 0)  # a wedged part
+    clock.advance(120.0 + STUCK_GRACE_S + 1)
+    (stuck,) = service.health()["stuck"]
+    assert stuck["kind"] == "round" and stuck["stage"] == "RUNNING"
+    with pytest.raises(ApiError) as refused:
+        api._health({})
+    assert refused.value.status == 503 and stuck["id"] in str(refused.value)
