@@ -10,7 +10,7 @@ BIN := $(VENV)/bin
 SKIPFLEET_DATA_DIR ?= $(abspath ../shared/data)
 export SKIPFLEET_DATA_DIR
 
-.PHONY: setup system-deps run test lint bench clean
+.PHONY: setup system-deps broker-deps run test lint bench clean
 
 setup: $(VENV)/.installed
 
@@ -25,6 +25,11 @@ $(VENV)/.installed: pyproject.toml
 system-deps:
 	@bash deploy/install-system-deps.sh
 
+# The broker simulate starts: mosquitto, installed as root when missing; where that cannot be
+# done (not root, no apt-get), simulate stops with how to install it.
+broker-deps:
+	@bash deploy/install-system-deps.sh --if-possible mosquitto
+
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
@@ -37,7 +42,7 @@ test: setup system-deps lint
 # The main job: a simulated fan fleet whose rooms turn noisy at 30 s; the coordinator notices
 # and starts a federated run by itself; then three new fans without labels join and get what
 # their cluster learned. Writes out/simulate.json and out/simulate.html.
-run: setup
+run: setup broker-deps
 	$(BIN)/skipfleet simulate --devices 8 --dataset fan --runs 1 --drift-at 30 --new-devices 3 \
 		--json out/simulate.json --report out/simulate.html
 

@@ -20,7 +20,7 @@ import numpy as np
 from agent.data.dataset import Dataset
 from agent.drift_calibration import fit_calibration
 from agent.trainer.finetune import pretrain
-from agent.trainer.model import BaseModel
+from agent.trainer.model import HIDDEN, BaseModel
 
 BLOCK_ROWS = 16
 EVERY = 5  # a fifth of each stream's blocks
@@ -57,15 +57,16 @@ def streams_of(rows: np.ndarray, stream_ids: np.ndarray) -> list[np.ndarray]:
 
 def pretrain_calibrated(X: np.ndarray, y: np.ndarray, n_classes: int, stream_ids: np.ndarray,
                         *, epochs: int, seed: int, info: dict | None = None,
-                        unused: np.ndarray | None = None,
+                        unused: np.ndarray | None = None, hidden: int = HIDDEN,
                         log: Callable[[str], None] = lambda _: None) -> BaseModel:  # fmt: skip
     """Pre-train on X, y but the calibration blocks (and the `unused` rows, a bool mask a bench
-    keeps for itself), then calibrate on the blocks."""
+    keeps for itself), then calibrate on the blocks. `hidden`: the hidden layers' width."""
     held_out = held_out_blocks(stream_ids)
     if unused is not None:
         held_out &= ~unused
     train = ~held_out if unused is None else ~held_out & ~unused
-    model = pretrain(X[train], y[train], n_classes, epochs=epochs, seed=seed, info=info)
+    model = pretrain(X[train], y[train], n_classes, epochs=epochs, seed=seed, info=info,
+                     hidden=hidden)  # fmt: skip
     streams = [X[rows] for rows in streams_of(np.flatnonzero(held_out), stream_ids)]
     calibration = fit_calibration(model, X[train], streams)
     log(

@@ -1,5 +1,8 @@
 """Brokers skipfleet starts itself: a private mosquitto (tests, benchmarks, `simulate`).
 
+skipfleet ships no broker of its own: without mosquitto installed, `MosquittoMissing` says how to
+install it (docs/benchmarks.md, "The broker": why not a Python broker instead).
+
 A `MosquittoBroker` has its own port, config, persistence and log in a work dir; it never
 touches a broker on 1883. `stop()` is a graceful SIGTERM (mosquitto saves its
 persistence snapshot), `kill()` a SIGKILL (it does not), and `start()` again reuses the same
@@ -17,6 +20,20 @@ import subprocess
 import time
 from collections.abc import Sequence
 from pathlib import Path
+
+INSTALL_MOSQUITTO = (
+    "mosquitto is not installed, and skipfleet needs an MQTT broker: install it (on Debian or "
+    "Ubuntu `sudo apt-get install mosquitto`; `make run` does that itself when run as root; "
+    "elsewhere your system's mosquitto package), or pass --broker mqtt://HOST:PORT of a broker "
+    "you run"
+)
+
+
+class MosquittoMissing(RuntimeError):
+    """No mosquitto binary on this machine (the message says how to install one)."""
+
+    def __init__(self) -> None:
+        super().__init__(INSTALL_MOSQUITTO)
 
 
 def find_mosquitto() -> str | None:
@@ -37,7 +54,7 @@ class MosquittoBroker:
     ) -> None:
         binary = find_mosquitto()
         if binary is None:
-            raise FileNotFoundError("mosquitto not found: run `make system-deps`")
+            raise MosquittoMissing()
         self.binary = binary
         self.workdir = Path(workdir)
         self.port = port or free_port()
@@ -49,6 +66,10 @@ class MosquittoBroker:
     @property
     def url(self) -> str:
         return f"mqtt://127.0.0.1:{self.port}"
+
+    @property
+    def pid(self) -> int | None:
+        return None if self._process is None else self._process.pid
 
     @property
     def running(self) -> bool:

@@ -19,7 +19,7 @@ from shared.topics import Topics
 from skipfleet.coordinator_process import ApiClient, CoordinatorProcess
 from skipfleet.probe import FleetProbe
 from skipfleet.retained import clear_retained
-from skipfleet.scenario import build_scenario
+from skipfleet.scenario import Scenario, build_scenario
 from skipfleet.sim_results import Progress, collect
 from skipfleet.simulate import DEFAULT_EPOCHS, DEFAULT_LR
 
@@ -41,26 +41,25 @@ DRIFT_CLOCK_SLACK_S = 5.0
 
 
 def start_broker(url: str | None, run_dir: Path, stack: contextlib.ExitStack) -> tuple[str, str]:
-    """(broker URL, what it is): the given one, else mosquitto if installed, else Python's."""
+    """(broker URL, what it is): the given one, else a private mosquitto (MosquittoMissing, which
+    says how to install it, if there is none)."""
     if url:
         return url, "given"
-    from skipfleet.brokers import MosquittoBroker, find_mosquitto
+    from skipfleet.brokers import MosquittoBroker
 
-    if find_mosquitto() is not None:
-        broker = MosquittoBroker(run_dir / "broker")
-        broker.start()
-        stack.callback(broker.stop)
-        return broker.url, "mosquitto (private, on a free port)"
-    from skipfleet.minibroker import MiniBroker
-
-    broker = MiniBroker("127.0.0.1").start()
+    broker = MosquittoBroker(run_dir / "broker")
+    broker.start()
     stack.callback(broker.stop)
-    return broker.url, "embedded Python broker (mosquitto is not installed)"
+    return broker.url, "mosquitto (private, on a free port)"
 
 
 class Simulation:
-    def __init__(self, args, data_dir: Path, run_dir: Path):
+    def __init__(
+        self, args, data_dir: Path | None, run_dir: Path, prepared: Scenario | None = None
+    ):
+        """`prepared`: a fleet from `skipfleet prepare` (--fleet-dir), else one is built."""
         self.args, self.data_dir, self.run_dir = args, data_dir, run_dir
+        self.prepared = prepared
         self.drift = args.drift_at is not None
         self.t0 = time.monotonic()
         self.wall_t0 = time.time()
@@ -76,7 +75,7 @@ class Simulation:
         a = self.args
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.say(f"run dir {self.run_dir}")
-        scenario = build_scenario(
+        scenario = self.prepared or build_scenario(
             a.dataset,
             a.devices,
             self.data_dir,
@@ -86,6 +85,7 @@ class Simulation:
             new_devices=a.new_devices,
             log=self.say,
         )
+        self.scenario = scenario
         with contextlib.ExitStack() as stack:
             broker_url, broker_kind = start_broker(a.broker, self.run_dir, stack)
             self.say(f"broker: {broker_kind} at {broker_url}, topic root {self.name}")
@@ -109,9 +109,7 @@ class Simulation:
             # a name of its own: its own MQTT client id and Ray actor on a shared broker or Ray
             "--instance": self.name,
             "--topic-root": self.name,
-            "--epochs": DEFAULT_EPOCHS[a.dataset],
-            "--lr": DEFAULT_LR[a.dataset],
-            "--max-concurrent-jobs": max(4, 3 * a.devices),
+            "--max-concurrent-jobs": max(4, 3 * len(self.scenario.devices)),
             "--round-deadline-seconds": a.timeout,
             "--trigger-cooldown-seconds": 5,
             "--max-rounds": a.max_rounds,
@@ -120,10 +118,13 @@ class Simulation:
             # and a device the fleet adapter helps would promote it over those it hurts
             "--canary-fraction": 0.5,
         }
+        if self.scenario.dataset in DEFAULT_EPOCHS:  # a task of your own: the coordinator's
+            settings["--epochs"] = DEFAULT_EPOCHS[self.scenario.dataset]
+            settings["--lr"] = DEFAULT_LR[self.scenario.dataset]
         if self.drift:  # the coordinator decides by itself: drift score, or measured accuracy
             settings.update(
                 {
-                    "--label-free-threshold": LABEL_FREE_THRESHOLD[a.dataset],
+                    "--label-free-threshold": LABEL_FREE_THRESHOLD[self.scenario.dataset],
                     # longer than the 256-row window takes to turn over (4 s): the run
                     # clusters by signatures that show the whole drift
                     "--label-free-seconds": 6,

@@ -1,6 +1,6 @@
 """`skipfleet simulate`: a whole fleet on this machine, end to end (the README's main command).
 
-A broker (yours, else a private mosquitto, else the embedded Python broker), the coordinator on
+A broker (yours, else a private mosquitto: none installed is a clear error), the coordinator on
 a local Ray, and one agent process per device, each owning its drifted data (skipfleet.scenario).
 It runs federated runs (rounds per cluster until the gain stops), shows progress, and ends with a
 per-device table (what each device runs, and why), JSON and an HTML report. With --drift-at the
@@ -24,8 +24,10 @@ DEFAULT_LR = {"fan": 0.05, "har": 0.02, "fmnist": 0.02}
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
-    add("--devices", type=int, default=6, help="number of simulated devices (default 6)")
-    add("--dataset", choices=("har", "fan", "fmnist"), default="fan", help="default fan")
+    add("--devices", type=int, help="number of simulated devices (default 6)")
+    add("--dataset", choices=("har", "fan", "fmnist"), help="default fan")
+    add("--fleet-dir", metavar="DIR", help="a fleet from `skipfleet prepare --out DIR` "
+        "(your own task with --from): every shard a device, instead of --dataset")  # fmt: skip
     add("--runs", type=int, default=1, help="federated runs to request (default 1; with "
         "--drift-at the coordinator starts the first itself)")  # fmt: skip
     add("--max-rounds", type=int, default=8, help="rounds a run may take at most (default 8)")
@@ -57,19 +59,23 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args) -> int:
-    from agent.data import DataError, resolve_data_dir
+    from agent.data import DataError
+    from skipfleet.brokers import MosquittoMissing, find_mosquitto
     from skipfleet.coordinator_process import ApiError
 
     problems = _check_args(args)
     if problems:
         print(f"skipfleet simulate: {problems}", file=sys.stderr)
         return 2
+    if not args.broker and find_mosquitto() is None:  # before minutes of pre-training
+        print(f"skipfleet simulate: {MosquittoMissing()}", file=sys.stderr)
+        return 1
     run_dir = Path(args.run_dir or f"out/simulate-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
     try:
-        data_dir = resolve_data_dir(args.data_dir, os.environ)
+        prepared, data_dir = _fleet(args)
         from skipfleet.sim_run import Simulation
 
-        result = Simulation(args, data_dir, run_dir).run()
+        result = Simulation(args, data_dir, run_dir, prepared).run()
     except (DataError, ApiError, TimeoutError, RuntimeError) as error:
         print(f"skipfleet simulate: {error}\n  logs: {run_dir}", file=sys.stderr)
         return 1
@@ -77,8 +83,37 @@ def main(args) -> int:
     return 0
 
 
+DEFAULT_DATASET, DEFAULT_DEVICES = "fan", 6
+
+
+def _fleet(args):
+    """(the prepared fleet, None) with --fleet-dir, else (None, the data sets' folder); the
+    defaults of --dataset and --devices are set here."""
+    from agent.data import resolve_data_dir
+
+    if args.fleet_dir is None:
+        args.dataset = args.dataset or DEFAULT_DATASET
+        args.devices = args.devices or DEFAULT_DEVICES
+        return None, resolve_data_dir(args.data_dir, os.environ)
+    from agent.data import DataError
+    from skipfleet.prepared import load_prepared_fleet
+
+    prepared = load_prepared_fleet(Path(args.fleet_dir))
+    if args.drift_at is not None and not any(d.drifts for d in prepared.devices):
+        raise DataError(f"{args.fleet_dir}: no shard has a drifted stream for --drift-at "
+                        "(prepare --dataset ... --drift makes them)")  # fmt: skip
+    args.dataset, args.devices = prepared.dataset, len(prepared.devices)
+    return prepared, None
+
+
 def _check_args(args) -> str | None:
-    if args.devices < 1:
+    if args.fleet_dir is not None:
+        given = {"--dataset": args.dataset, "--devices": args.devices,
+                 "--data-dir": args.data_dir, "--new-devices": args.new_devices}  # fmt: skip
+        wrong = [option for option, value in given.items() if value]
+        if wrong:
+            return f"--fleet-dir brings its devices and data: drop {', '.join(wrong)}"
+    if args.devices is not None and args.devices < 1:
         return "--devices must be >= 1"
     if args.runs < 0:
         return "--runs must be >= 0"

@@ -9,15 +9,12 @@ import dataclasses
 import os
 import subprocess
 import sys
-import threading
 import time
 
-import paho.mqtt.client as paho
 import pytest
-from paho.mqtt.enums import CallbackAPIVersion
 
 from coordinator import cli
-from coordinator.bridge import FatalReason, MqttBridge
+from coordinator.bridge import SESSION_TAKEN_OVER, FatalReason, MqttBridge
 from coordinator.config import ConfigError, from_args
 from coordinator.instance import InstanceConflict, StateDirLock
 from coordinator.metrics import FleetMetrics
@@ -27,6 +24,7 @@ from coordinator.service import FleetService
 from shared.mqtt import parse_broker_url
 from skipfleet.processes import REPO, child_env
 from tests.coord_fleet_helpers import make_config
+from tests.fake_mqtt_server import FakeMqttServer
 
 WAIT = 30.0
 
@@ -126,19 +124,15 @@ def test_the_cli_exits_75_when_its_state_dir_is_taken(ray_session, tmp_path):
 
 
 # -- MQTT: a session taken over ends the coordinator, it does not fight back -------------------
-@pytest.fixture
-def minibroker():
-    """The embedded broker: it sends MQTT v5's DISCONNECT 0x8E on a takeover, as the standard
-    says; mosquitto 2.0.11 (Debian 12) only closes the socket, which looks like a network loss."""
-    from skipfleet.minibroker import MiniBroker
-
-    broker = MiniBroker("127.0.0.1").start()
-    yield broker
-    broker.stop()
+# mosquitto 2.0.11 (Debian 12) only closes a taken-over connection, which looks like a network
+# loss; the standard's DISCONNECT 0x8E comes from a fake server that sends just that.
+SERVER_SHUTTING_DOWN = 0x8B  # a disconnect the bridge must ride out by reconnecting
 
 
-def test_a_coordinator_whose_session_is_taken_over_stops_instead_of_fighting(minibroker, tmp_path):
-    settings = parse_broker_url(minibroker.url, session_expiry_s=60, reconnect_max_delay_s=2)
+def run_bridge_until_disconnected(server: FakeMqttServer, tmp_path):
+    """A bridge on the fake server, until the server has sent its DISCONNECT and the bridge had
+    time to reconnect (it would within its 1-2 s backoff). What it reported as fatal."""
+    settings = parse_broker_url(server.url, session_expiry_s=60, reconnect_max_delay_s=2)
     config = dataclasses.replace(
         make_config(tmp_path / "state"), mqtt=settings, instance="takeover-test"
     )
@@ -147,30 +141,32 @@ def test_a_coordinator_whose_session_is_taken_over_stops_instead_of_fighting(min
     bridge = MqttBridge(
         config, LocalFleetPort(service), FleetMetrics(), on_fatal=lambda *a: fatal.append(a)
     )
-    intruder_kicked = threading.Event()
-    intruder = paho.Client(
-        CallbackAPIVersion.VERSION2, client_id=config.client_id, protocol=paho.MQTTv5
-    )
-    intruder.on_disconnect = lambda *args: intruder_kicked.set()
     try:
         bridge.start()
-        deadline = time.monotonic() + WAIT
-        while not bridge.connected:
-            assert time.monotonic() < deadline, "the bridge did not connect"
+        assert server.disconnect_sent.wait(WAIT), "the bridge never connected and subscribed"
+        deadline = time.monotonic() + 5.0
+        while time.monotonic() < deadline and server.connections < 2:
             time.sleep(0.05)
-        intruder.connect(settings.host, settings.port)
-        intruder.loop_start()
-        deadline = time.monotonic() + WAIT
-        while not fatal:
-            assert time.monotonic() < deadline, "the bridge did not notice the takeover"
-            time.sleep(0.05)
-        ((kind, reason),) = fatal
-        assert kind is FatalReason.SESSION_TAKEN_OVER and config.client_id in reason
-        # the old behaviour: paho reconnected within seconds and kicked the other client back
-        assert not intruder_kicked.wait(6.0), "the coordinator took its session back"
-        assert not bridge.connected
+        return fatal, bridge.connected, config
     finally:
-        intruder.disconnect()
-        intruder.loop_stop()
         bridge.stop()
         service.close()
+
+
+def test_a_coordinator_whose_session_is_taken_over_stops_instead_of_fighting(tmp_path):
+    with FakeMqttServer(disconnect_reason=SESSION_TAKEN_OVER) as server:
+        fatal, connected, config = run_bridge_until_disconnected(server, tmp_path)
+        # the old behaviour: paho reconnected within seconds and kicked the other client back
+        assert server.connections == 1, "the coordinator reconnected to take its session back"
+    ((kind, reason),) = fatal
+    assert kind is FatalReason.SESSION_TAKEN_OVER and config.client_id in reason
+    assert not connected
+
+
+def test_a_coordinator_disconnected_for_another_reason_reconnects(tmp_path):
+    """The same server with another reason code: the bridge reconnects and nothing is fatal, so
+    the takeover test above sees the reason code, not the fake server's manners."""
+    with FakeMqttServer(disconnect_reason=SERVER_SHUTTING_DOWN) as server:
+        fatal, connected, _ = run_bridge_until_disconnected(server, tmp_path)
+        assert server.connections == 2
+    assert fatal == [] and connected

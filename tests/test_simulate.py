@@ -1,7 +1,9 @@
 """`skipfleet simulate` end to end: the README's main command, on the test session's Ray.
 
-One run through the embedded Python broker (as on a machine without mosquitto), rounds on
-request; one through mosquitto with a drift event the coordinator answers by itself.
+One run of a prepared fleet of a task of the user's own (`prepare --from`, `--fleet-dir`) through
+the private mosquitto simulate starts itself, rounds on request; one of the fan scenario through a
+given mosquitto with a drift event the coordinator answers by itself. Without mosquitto it stops
+at once and says how to install it.
 """
 
 from __future__ import annotations
@@ -14,6 +16,7 @@ import pytest
 
 from shared.mqtt import connect_async, make_client, parse_broker_url
 from skipfleet.cli import main
+from tests.byo_table import write_pump_csv
 
 pytestmark = pytest.mark.slow
 
@@ -22,8 +25,7 @@ def simulate(tmp_path, ray_session, data_dir, *extra: str) -> dict:
     out = tmp_path / "result.json"
     argv = [
         "simulate",
-        "--data-dir",
-        str(data_dir),
+        *(["--data-dir", str(data_dir)] if data_dir else []),
         "--run-dir",
         str(tmp_path / "run"),
         "--ray-address",
@@ -40,24 +42,60 @@ def simulate(tmp_path, ray_session, data_dir, *extra: str) -> dict:
     return json.loads(out.read_text())
 
 
-def test_a_run_on_request_through_the_embedded_python_broker(
-    tmp_path, ray_session, data_dir, monkeypatch
+def test_without_mosquitto_simulate_stops_at_once_and_says_how_to_install_it(
+    tmp_path, data_dir, monkeypatch, capsys
 ):
     monkeypatch.setattr("skipfleet.brokers.find_mosquitto", lambda: None)
-    result = simulate(tmp_path, ray_session, data_dir, "--devices", "4", "--dataset", "fan",
-                      "--max-rounds", "3")  # fmt: skip
-    assert result["broker"].startswith("embedded Python broker")
+    code = main(["simulate", "--data-dir", str(data_dir), "--run-dir", str(tmp_path / "run")])
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "mosquitto is not installed" in err and "apt-get install mosquitto" in err
+    assert "--broker" in err
+    assert not (tmp_path / "run").exists()  # nothing started, nothing pre-trained
+
+
+def test_a_prepared_fleet_of_your_own_task_through_its_own_private_mosquitto(tmp_path, ray_session):
+    """`prepare --from` a table of pumps (hidden width 16), then `simulate --fleet-dir` on it,
+    rounds on request: the agents run that base model, and the pump whose sensor is upside down
+    (the base model never saw it) recovers with its fine-tune."""
+    table = write_pump_csv(tmp_path / "pumps.csv")
+    fleet = tmp_path / "fleet"
+    assert main(["prepare", "--from", str(table), "--label-column", "state",
+                 "--device-column", "pump", "--holdout-devices", "pump-d,pump-e,pump-f",
+                 "--hidden", "16", "--epochs", "10", "--out", str(fleet)]) == 0  # fmt: skip
+    result = simulate(tmp_path, ray_session, None, "--fleet-dir", str(fleet), "--max-rounds", "3")
+    assert result["broker"].startswith("mosquitto (private")
+    assert result["dataset"] == "custom" and result["devices"] == 3
     (run,) = result["runs"]
     assert run["trigger"] == "request" and 1 <= run["rounds"] <= 3
     for device in result["per_device"]:
         assert device["labelled"] and device["finetunes"] >= 1 and device["bytes_sent"] > 0
         # measured on its own hold-out, a device only ever switches to what measures better
         assert device["accuracy_end"] >= max(device["accuracy_initial"], device["accuracy_own"])
-        assert device["joules"] > 0 and device["why"]
-    noisy = next(d for d in result["per_device"] if "noisy" in d["device"])
-    assert noisy["accuracy_initial"] < 0.9 < noisy["accuracy_end"]  # the drifted one recovers
+    upside_down = next(d for d in result["per_device"] if d["device"] == "pump-f")
+    assert upside_down["accuracy_initial"] < 0.5 and upside_down["accuracy_end"] > 0.9
     html = (tmp_path / "report.html").read_text()
-    assert html.count("<svg") >= 3 and noisy["device"] in html
+    assert html.count("<svg") >= 3 and "pump-f" in html
+
+
+def test_bad_fleet_dirs_and_options_are_refused_before_anything_starts(tmp_path, capsys):
+    table = write_pump_csv(tmp_path / "pumps.csv")
+    fleet = tmp_path / "fleet"
+    assert main(["prepare", "--from", str(table), "--label-column", "state",
+                 "--device-column", "pump", "--epochs", "2", "--out", str(fleet)]) == 0  # fmt: skip
+    capsys.readouterr()
+    run = ["simulate", "--run-dir", str(tmp_path / "run")]
+    assert main([*run, "--fleet-dir", str(fleet), "--dataset", "fan", "--devices", "2"]) == 2
+    assert "--fleet-dir brings its devices and data: drop --dataset, --devices" in (
+        capsys.readouterr().err
+    )
+    assert main([*run, "--fleet-dir", str(tmp_path / "nowhere")]) == 1
+    assert "is nowhere the --out of skipfleet prepare?" in capsys.readouterr().err.replace(
+        str(tmp_path) + "/", ""
+    )
+    assert main([*run, "--fleet-dir", str(fleet), "--drift-at", "5"]) == 1
+    assert "no shard has a drifted stream for --drift-at" in capsys.readouterr().err
+    assert not (tmp_path / "run").exists()
 
 
 def test_after_a_drift_a_new_device_without_labels_gets_its_clusters_adapter(
@@ -80,13 +118,17 @@ def test_after_a_drift_a_new_device_without_labels_gets_its_clusters_adapter(
     assert answered["trigger"] in ("label_free_drift", "accuracy_below")  # its own decision
     drifted = [d for d in result["per_device"] if d["description"].count("->")]
     assert drifted, "the scenario must have drifting devices"
+    peaks = []
     for device in drifted:
         assert device["accuracy_at_start"] > device["accuracy_initial"]  # the drift hurt
         assert device["accuracy_own"] > device["accuracy_initial"]  # and fine-tuning fixed it
         assert device["accuracy_end"] >= max(device["accuracy_initial"], device["accuracy_own"])
         series = [score for _, score in result["drift_series"][device["device"]]]
-        # the calibrated score saw the drift, and fell again once it ran its new adapter
-        assert max(series[:3]) < 1.0 < max(series) and series[-1] < 1.0
+        # in distribution before the drift, and again once it runs its new adapter
+        assert max(series[:3]) < 1.0 and series[-1] < 1.0
+        peaks.append(max(series))
+    if answered["trigger"] == "label_free_drift":  # (on a busy machine the measured accuracy
+        assert max(peaks) > 1.0  # may answer first, and an adapter then keeps the score low)
     (new,) = [d for d in result["per_device"] if not d["labelled"]]
     assert new["runs"].startswith("v") and new["cluster"] is not None
     assert new["accuracy_end"] > new["accuracy_initial"] + 0.1  # it recovers without labels

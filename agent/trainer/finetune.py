@@ -16,7 +16,7 @@ from agent.trainer.adapter import Adapter
 from agent.trainer.backprop import BackpropTrainer
 from agent.trainer.errors import Cancelled
 from agent.trainer.methods import MethodSpec, resolve
-from agent.trainer.model import BaseModel, init_params
+from agent.trainer.model import HIDDEN, BaseModel, init_params
 from agent.trainer.skip import SkipTrainer
 
 PHASES = ("forward", "backward", "update")
@@ -203,13 +203,25 @@ def evaluate(trainer, model: BaseModel, X, y) -> float:
     return float((logits.argmax(axis=1) == y).mean())
 
 
+def input_scale(X) -> np.ndarray:
+    """Per-feature std for standardising the inputs, float32 (d,). A feature constant in
+    pre-training (a pixel always blank) gets 1, not ~0: divided by 1e-6, any value a device
+    sees there became ~1e7 after standardising and overflowed the logits (measured: a digit
+    shifted by one pixel). The others keep std + 1e-6 (finite for near-constant ones)."""
+    std = X.std(axis=0)  # (d,)
+    return np.where(std > 0, std + 1e-6, 1.0).astype(np.float32)
+
+
 def pretrain(X, y, n_classes: int, *, epochs=100, lr=0.05, batch_size=20, seed=0,
-             info=None, progress=None) -> BaseModel:  # fmt: skip
-    """Train the base model from scratch (all layers, BN in training mode)."""
+             info=None, progress=None, hidden: int = HIDDEN) -> BaseModel:  # fmt: skip
+    """Train the base model from scratch (all layers, BN in training mode); `hidden` is the
+    width of both hidden layers (the paper's 96)."""
+    if hidden < 1:
+        raise ValueError(f"the hidden width must be >= 1, got {hidden}")
     rng = np.random.default_rng(seed)
-    params = init_params(X.shape[1], n_classes, rng)
+    params = init_params(X.shape[1], n_classes, rng, hidden=hidden)
     params["in_mean"] = X.mean(axis=0).astype(np.float32)
-    params["in_std"] = (X.std(axis=0) + 1e-6).astype(np.float32)  # constant inputs stay finite
+    params["in_std"] = input_scale(X)
     model = BaseModel(params, dict(info or {}))
     check_training_data(X, y, model.n_inputs, n_classes)
     spec, _ = resolve("ft-all")

@@ -1,5 +1,8 @@
 """The paper's base model: FC1 → BN1 → ReLU → FC2 → BN2 → ReLU → FC3, softmax cross-entropy.
 
+Both hidden layers have H units: the paper's 96 by default, any width a model was pre-trained
+with (`pretrain(hidden=...)`, `skipfleet prepare --hidden`); the file's header says which.
+
 Inputs are standardised with the pre-training statistics stored in the model, so a device
 and the coordinator always agree on what `x1` (the first layer's input) is. A saved model is
 an `.npz` of float32 arrays plus a JSON header; its `weights_hash` pins adapters to it. It may
@@ -99,18 +102,18 @@ class BaseModel(FrozenFeatureModel):
         """
         p = self.params
         x1 = X if standardized else self.standardize(X)  # (B, N)
-        x2 = self._hidden(x1, 1)  # (B, 96)
-        x3 = self._hidden(x2, 2)  # (B, 96)
+        x2 = self._hidden(x1, 1)  # (B, H)
+        x3 = self._hidden(x2, 2)  # (B, H)
         z, _ = layers.fc_forward(x3, p["W3"], p["b3"])  # (B, C)
         return [x1, x2, x3], z
 
     def _hidden(self, x, k: int):
         p = self.params
-        h, _ = layers.fc_forward(x, p[f"W{k}"], p[f"b{k}"])  # (B, 96)
+        h, _ = layers.fc_forward(x, p[f"W{k}"], p[f"b{k}"])  # (B, H)
         h, _ = layers.bn_infer_forward(
             h, p[f"gamma{k}"], p[f"beta{k}"], p[f"mean{k}"], p[f"var{k}"]
         )
-        h, _ = layers.relu_forward(h)  # (B, 96)
+        h, _ = layers.relu_forward(h)  # (B, H)
         return h
 
     def bn1_pre_activations(self, X: np.ndarray):
@@ -121,7 +124,8 @@ class BaseModel(FrozenFeatureModel):
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> str:
-        header = {"format": FORMAT_VERSION, "weights_hash": self.weights_hash, "info": self.info}
+        header = {"format": FORMAT_VERSION, "weights_hash": self.weights_hash, "info": self.info,
+                  "hidden": int(self.params["W1"].shape[1])}  # fmt: skip
         arrays = {name: self.params[name] for name in PARAM_NAMES}
         if self.calibration is not None:
             header[CALIBRATION_KEY] = self.calibration.header()
@@ -157,6 +161,7 @@ def load_model(path: Path) -> BaseModel:
     if header.get("format") != FORMAT_VERSION:
         raise ModelFileError(f"{path}: unsupported model format {header.get('format')!r}")
     check_param_shapes(params, path)
+    check_hidden_width(header, params, path)
     model = BaseModel(params=params, info=header.get("info", {}))
     if model.weights_hash != header.get("weights_hash"):
         raise ModelFileError(f"{path}: weights do not match the stored hash (corrupted file?)")
@@ -185,6 +190,18 @@ def check_param_shapes(params: dict[str, np.ndarray], where) -> None:
             )
         if not np.isfinite(params[name]).all():
             raise ModelFileError(f"{where}: {name} holds NaN or infinity")
+
+
+def check_hidden_width(header: dict, params: dict[str, np.ndarray], where) -> None:
+    """The header's `hidden` (written since widths other than 96 exist; absent in older
+    files, whose widths the arrays alone give) must be the width the arrays have."""
+    if "hidden" not in header:
+        return
+    width = header["hidden"]
+    if isinstance(width, bool) or not isinstance(width, int) or width != params["W1"].shape[1]:
+        raise ModelFileError(
+            f"{where}: header says hidden width {width!r}, the weights have {params['W1'].shape[1]}"
+        )
 
 
 def check_inputs(X: np.ndarray, n_inputs: int) -> None:

@@ -1,16 +1,17 @@
-"""Measure messages per second through the minibroker with N real paho clients.
+"""Measure messages per second through an MQTT broker with N real paho clients.
 
-    python -m skipfleet.minibroker.throughput --clients 100 --messages 200 --qos 1
+    python -m skipfleet.bench_broker --clients 100 --messages 200 --qos 1
+    python -m skipfleet.bench_broker --port 1883 --pid PID   # a broker already running
 
-The broker runs in its own process (`python -m skipfleet.minibroker`, as `skipfleet simulate`
-would use it) and the clients in this one, driven by one thread through epoll (paho's external
-loop API), so the two share the machine's cores but not a GIL. Each client subscribes to its
+By default the broker is a private mosquitto (skipfleet.brokers, as `skipfleet simulate` starts
+it); `--port` and `--pid` measure any other (docs/benchmarks.md: mosquitto against amqtt, the
+Python broker we did not adopt). The broker runs in its own process and the clients in this one,
+driven by one thread through epoll (paho's external loop API), so the two share the machine's
+cores but not a GIL. Each client subscribes to its
 own topic and publishes `--messages` messages to its neighbour's. Two figures: messages
 delivered to subscribers per second (first publish to last delivery; on two cores the paho
 clients cost more CPU than the broker), and the broker process's own CPU time per message
 (Linux /proc), which says what the broker alone could sustain on one core.
-
-Unlike the broker itself this needs paho-mqtt, a dependency of skipfleet anyway.
 """
 
 from __future__ import annotations
@@ -18,12 +19,18 @@ from __future__ import annotations
 import argparse
 import os
 import selectors
-import subprocess
 import sys
+import tempfile
 import time
+from pathlib import Path
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
+
+from skipfleet.brokers import MosquittoBroker
+
+# mosquitto's default per-client queue (1000) would drop what the benchmark queues up front
+MOSQUITTO_CONFIG = ("max_queued_messages 1000000", "max_inflight_messages 0")
 
 
 class ClientSwarm:
@@ -73,17 +80,10 @@ class ClientSwarm:
             client.disconnect()
 
 
-def start_broker() -> tuple[subprocess.Popen, int]:
-    process = subprocess.Popen(
-        [sys.executable, "-m", "skipfleet.minibroker", "--port", "0"],
-        stdout=subprocess.PIPE,
-        text=True,
-    )
-    line = process.stdout.readline()
-    if not line.startswith("listening on"):
-        process.kill()
-        raise RuntimeError(f"broker did not start: {line!r}")
-    return process, int(line.rsplit(":", 1)[1])
+def start_mosquitto(workdir: Path) -> MosquittoBroker:
+    broker = MosquittoBroker(workdir, extra_config=MOSQUITTO_CONFIG)
+    broker.start()
+    return broker
 
 
 def cpu_seconds(pid: int) -> float:
@@ -125,28 +125,36 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--qos", type=int, choices=(0, 1), default=1)
     parser.add_argument("--payload", type=int, default=100, help="bytes per message")
     parser.add_argument("--protocol", choices=("5", "3.1.1"), default="5")
-    parser.add_argument("--port", type=int, help="an already running broker instead...")
+    parser.add_argument("--port", type=int, help="an already running broker on 127.0.0.1...")
     parser.add_argument("--pid", type=int, help="...and its process id, for its CPU time")
     args = parser.parse_args(argv)
     protocol = MQTTProtocolVersion.MQTTv5 if args.protocol == "5" else MQTTProtocolVersion.MQTTv311
-    if args.port and not args.pid:
-        parser.error("--port needs --pid")
-    broker, port = (None, args.port) if args.port else start_broker()
-    pid = args.pid or broker.pid
-    try:
-        rate, cpu_per_message = measure(
-            port, args.clients, args.messages, args.qos, protocol, args.payload, pid
-        )
-    finally:
-        if broker is not None:
-            broker.terminate()
-            broker.wait(10)
+    if bool(args.port) != bool(args.pid):
+        parser.error("--port and --pid go together")
+    with tempfile.TemporaryDirectory(prefix="skipfleet-bench-broker-") as workdir:
+        broker = None if args.port else start_mosquitto(Path(workdir))
+        port, pid = (args.port, args.pid) if broker is None else (broker.port, broker.pid)
+        try:
+            rate, cpu_per_message = measure(
+                port, args.clients, args.messages, args.qos, protocol, args.payload, pid
+            )
+        finally:
+            if broker is not None:
+                broker.stop()
+    name = f"broker pid {pid}" if broker is None else "mosquitto"
     print(
-        f"{rate:,.0f} messages/s delivered; broker CPU {cpu_per_message * 1e6:.1f} µs/message "
-        f"(= {1 / cpu_per_message:,.0f} messages/s per core): {args.clients} clients x "
-        f"{args.messages} messages, QoS {args.qos}, MQTT {args.protocol}, {args.payload} B"
+        f"{name}: {rate:,.0f} messages/s delivered; broker CPU {describe_cpu(cpu_per_message)}: "
+        f"{args.clients} clients x {args.messages} messages, QoS {args.qos}, "
+        f"MQTT {args.protocol}, {args.payload} B"
     )
     return 0
+
+
+def describe_cpu(seconds_per_message: float) -> str:
+    if seconds_per_message <= 0:  # /proc counts clock ticks (10 ms): too short a run
+        return "below one clock tick in all (run more messages)"
+    per_core = 1 / seconds_per_message
+    return f"{seconds_per_message * 1e6:.1f} µs/message (= {per_core:,.0f} messages/s per core)"
 
 
 if __name__ == "__main__":
