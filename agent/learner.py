@@ -19,9 +19,12 @@ from agent.data.errors import DataError
 from agent.device_data import DeviceRows, load_device_data
 from agent.errors import BaseModelUnusable, DataUnusable
 from agent.trainer.adapter import Adapter
+from agent.trainer.base_models import finetune
+from agent.trainer.base_models import load_base_model as load_model_file
+from agent.trainer.cnn.model import CnnModel
 from agent.trainer.errors import ModelFileError
 from agent.trainer.evaluation import Measure, measure
-from agent.trainer.finetune import FinetuneResult, finetune
+from agent.trainer.finetune import FinetuneResult
 from agent.trainer.methods import resolve
 from agent.trainer.model import BaseModel
 from shared.protocol.messages import FinetuneParams
@@ -33,15 +36,16 @@ class InvalidMethod(ValueError):
     """The method does not exist, or changes the base model (a device ships adapters only)."""
 
 
-def load_base_model(path: Path) -> BaseModel:
+def load_base_model(path: Path) -> BaseModel | CnnModel:
+    """The base model file, MLP or CNN (by the kind in its header)."""
     try:
-        return BaseModel.load(path)
+        return load_model_file(path)
     except ModelFileError as err:
         raise BaseModelUnusable(f"base model unusable: {err}") from None
 
 
 def load_split(
-    data_path: Path, model: BaseModel, holdout_fraction: float, seed: int
+    data_path: Path, model: BaseModel | CnnModel, holdout_fraction: float, seed: int
 ) -> tuple[DeviceRows, Dataset, Dataset]:
     """(rows, train, holdout) of the device data; DataUnusable if it cannot feed this model."""
     try:
@@ -71,7 +75,7 @@ def split_rows(
 
 @dataclass(frozen=True)
 class Learner:
-    model: BaseModel
+    model: BaseModel | CnnModel
     train: Dataset
     holdout: Dataset
 

@@ -11,12 +11,15 @@ def configure(parser: argparse.ArgumentParser) -> None:
     targets = parser.add_subparsers(dest="target", metavar="TARGET", required=True)
     trainer = targets.add_parser("trainer", help="the paper's eight fine-tuning methods compared")
     add_data_dir(trainer)
-    trainer.add_argument("--dataset", choices=("damage1", "damage2", "har"), required=True)
+    trainer.add_argument("--dataset", choices=(*MLP_DATASETS, *CNN_DATASETS), required=True)
     trainer.add_argument("--methods", default="all", help="all, or a comma-separated list")
-    trainer.add_argument("--trials", type=positive_int, default=20)
+    trainer.add_argument("--trials", type=positive_int, help="default: 20 (MLP), 5 (CNN)")
     trainer.add_argument("--epochs", type=positive_int, help="default: the paper's per data set")
-    trainer.add_argument("--lr", type=float, help="SGD step size (default: 0.05 fan, 0.02 har)")
-    trainer.add_argument("--pretrain-epochs", type=positive_int, default=100)
+    trainer.add_argument(
+        "--lr", type=float, help="SGD step size (default: 0.05 fan, 0.02 har, fmnist)"
+    )
+    trainer.add_argument("--pretrain-epochs", type=positive_int, help="default: 100 (MLP), 2 (CNN)")
+    add_cnn_options(trainer)
     trainer.add_argument("--seed", type=int, default=0)
     trainer.add_argument(
         "--drift-subjects", type=int, nargs="+", metavar="S",
@@ -86,6 +89,37 @@ def add_drift(targets) -> None:
     drift.add_argument("--json", metavar="OUT", help="write the results as JSON")
 
 
+MLP_DATASETS = ("damage1", "damage2", "har")
+CNN_DATASETS = ("fmnist-rot75", "fmnist-unseen")  # skipfleet/bench_cnn.py
+
+
+def add_cnn_options(trainer) -> None:
+    add = trainer.add_argument
+    add(
+        "--model",
+        choices=("cnn", "dwcnn"),
+        default="cnn",
+        help="the CNN of the fmnist data sets: standard or depthwise-separable (default cnn)",
+    )
+    add(
+        "--ranks",
+        metavar="R,R,..",
+        help="LoRA ranks / adapter widths, e.g. 1,2,4,8 for a sweep (fmnist data sets; default 4)",
+    )
+    add(
+        "--pretrain-samples",
+        type=positive_int,
+        help="pre-train on this many train images (fmnist data sets; default all 58,976)",
+    )
+    add(
+        "--tap-pool",
+        type=positive_int,
+        choices=(1, 2),
+        default=2,
+        help="average pooling of the second layer's map before its Skip adapter (default 2)",
+    )
+
+
 def add_coordinator(targets) -> None:
     coordinator = targets.add_parser(
         "coordinator",
@@ -136,8 +170,14 @@ def main(args) -> int:
     if args.target == "trainer":
         from skipfleet import bench_trainer
 
+        bench_module = bench_trainer
+        if args.dataset in CNN_DATASETS:
+            from skipfleet import bench_cnn as bench_module
+        else:
+            args.trials = args.trials or 20
+            args.pretrain_epochs = args.pretrain_epochs or 100
         try:
-            return bench_trainer.main(args)
+            return bench_module.main(args)
         except (DataError, ValueError) as error:
             print(f"skipfleet bench trainer: {error}", file=sys.stderr)
             return 2

@@ -22,7 +22,9 @@ PRETRAIN_EPOCHS = 40  # with --from: as the simulation's scenarios
 
 def configure(parser: argparse.ArgumentParser) -> None:
     source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--dataset", choices=("har", "fan"), help="one of the simulation's")
+    source.add_argument(
+        "--dataset", choices=("har", "fan", "fmnist"), help="one of the simulation's"
+    )
     source.add_argument(
         "--from",
         dest="from_file",

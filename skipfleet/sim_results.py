@@ -93,10 +93,10 @@ class TruthMeter:
     (the device cannot measure it; the coordinator's API gives the adapter's arrays)."""
 
     def __init__(self, api, base_model: Path):
-        from agent.trainer.model import BaseModel
+        from agent.trainer.base_models import load_base_model
 
         self._api = api
-        self._model = BaseModel.load(base_model)
+        self._model = load_base_model(base_model)  # an MLP or a CNN, by the kind in its file
 
     def accuracy(self, truth_file: Path, device: dict, version: int | None) -> float:
         with np.load(truth_file, allow_pickle=False) as truth:

@@ -29,7 +29,11 @@ MONITOR_EVERY_S = 10.0  # with a drift event: how often the devices are asked fo
 # recorded apart from the base model's calibration recordings: at 1.0 the confidence score fires
 # on 30 % of their windows before any drift, at 2.0 on 12 %, still 91 % of noisy-room windows
 # (docs/benchmarks.md, "Label-free drift"). HAR: the devices' measured accuracy decides.
-LABEL_FREE_THRESHOLD = {"fan": 2.0, "har": "off"}
+LABEL_FREE_THRESHOLD = {"fan": 2.0, "har": "off", "fmnist": "off"}
+# fmnist: the CNN ships no calibration and its BN1 score does not see a turned camera
+# (docs/agent.md); its measured accuracy decides, below 0.6: the CNN is ~85-89 % accurate
+# upright, so 0.9 would fire before any drift, and a camera turned 30° drops to ~36 %.
+ACCURACY_THRESHOLD = {"fmnist": 0.6}
 # A new device is placed by the signature in its heartbeats, and offered its cluster's version by
 # the coordinator's catch-up scan (every 5 s): give both a moment before asking.
 NEW_DEVICE_GRACE_S = 8.0
@@ -124,7 +128,7 @@ class Simulation:
                     # longer than the 256-row window takes to turn over (4 s): the run
                     # clusters by signatures that show the whole drift
                     "--label-free-seconds": 6,
-                    "--accuracy-threshold": 0.9,
+                    "--accuracy-threshold": ACCURACY_THRESHOLD.get(a.dataset, 0.9),
                 }
             )
         else:  # runs only when asked

@@ -18,14 +18,14 @@ import sys
 import time
 from pathlib import Path
 
-DEFAULT_EPOCHS = {"fan": 100, "har": 200}  # the paper's epochs (fan: Damage1)
-DEFAULT_LR = {"fan": 0.05, "har": 0.02}
+DEFAULT_EPOCHS = {"fan": 100, "har": 200, "fmnist": 10}  # the papers' (fan: Damage1)
+DEFAULT_LR = {"fan": 0.05, "har": 0.02, "fmnist": 0.02}
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
     add = parser.add_argument
     add("--devices", type=int, help="number of simulated devices (default 6)")
-    add("--dataset", choices=("har", "fan"), help="default fan")
+    add("--dataset", choices=("har", "fan", "fmnist"), help="default fan")
     add("--fleet-dir", metavar="DIR", help="a fleet from `skipfleet prepare --out DIR` "
         "(your own task with --from): every shard a device, instead of --dataset")  # fmt: skip
     add("--runs", type=int, default=1, help="federated runs to request (default 1; with "

@@ -9,7 +9,6 @@ import pytest
 from agent.drift import (
     RecentInputs,
     bn_mean_squared_z,
-    fc1_pre_activations,
     feature_signature,
     mahalanobis_squared,
     mean_feature_distance,
@@ -20,6 +19,7 @@ from agent.drift import (
     softmax,
 )
 from agent.trainer.calibration import DriftCalibration
+from agent.trainer.model import BaseModel, init_params
 
 
 def test_z_score_is_about_one_in_distribution_and_grows_with_a_shift():
@@ -45,30 +45,41 @@ def test_entropy_is_zero_when_certain_and_one_when_uniform():
     assert mixed == pytest.approx(0.5)
 
 
-def test_fc1_pre_activations_use_the_models_standardisation():
-    params = {
-        "in_mean": np.array([1.0, 1.0]),
-        "in_std": np.array([2.0, 2.0]),
-        "W1": np.eye(2),
-        "b1": np.array([0.5, 0.0]),
-    }
-    out = fc1_pre_activations(params, np.array([[3.0, 1.0]]))
+def mlp(in_mean, in_std, W1, b1, mean1, var1):
+    """An MLP base model whose first layer is given (the rest is never looked at here)."""
+    params = init_params(2, 3, np.random.default_rng(0), hidden=2)
+    params.update(in_mean=in_mean, in_std=in_std, W1=W1, b1=b1, mean1=mean1, var1=var1)
+    return BaseModel({k: np.asarray(v, dtype=np.float32) for k, v in params.items()})
+
+
+def test_mlp_bn1_pre_activations_use_the_models_standardisation():
+    model = mlp([1.0, 1.0], [2.0, 2.0], np.eye(2), [0.5, 0.0], [0.1, 0.2], [3.0, 4.0])
+    out, mean, var = model.bn1_pre_activations(np.array([[3.0, 1.0]], dtype=np.float32))
     np.testing.assert_allclose(out, [[1.5, 0.0]])
+    np.testing.assert_allclose(np.stack([mean, var]), [[0.1, 0.2], [3.0, 4.0]])
 
 
 def test_score_recent_combines_both():
-    params = {
-        "in_mean": np.zeros(2),
-        "in_std": np.ones(2),
-        "W1": np.eye(2),
-        "b1": np.zeros(2),
-        "mean1": np.zeros(2),
-        "var1": np.ones(2),
-    }
-    scores = score_recent(params, np.full((4, 2), 3.0), np.zeros((4, 3)))
+    model = mlp(np.zeros(2), np.ones(2), np.eye(2), np.zeros(2), np.zeros(2), np.ones(2))
+    scores = score_recent(model, np.full((4, 2), 3.0, dtype=np.float32), np.zeros((4, 3)))
     assert scores.bn1_mean_squared_z == pytest.approx(9.0, rel=1e-4)
     assert scores.prediction_entropy == pytest.approx(1.0)
     assert scores.rows == 4
+
+
+def test_a_cnns_drift_score_is_near_1_on_its_pre_training_images_and_grows_when_rotated():
+    from agent.trainer.cnn.finetune import pretrain_cnn
+    from tests.test_cnn_model import SIDE, toy_images
+
+    X, y = toy_images(300)
+    model = pretrain_cnn(X, y, 2, architecture="dwcnn", epochs=2, side=SIDE, batch_size=10)
+    rows, mean, _ = model.bn1_pre_activations(X[:50])
+    assert rows.shape == (50 * SIDE * SIDE, len(mean))  # every pixel of every image a row
+    logits = model.logits(X[:50])
+    calm = score_recent(model, X[:50], logits).bn1_mean_squared_z
+    drifted = X[:50].reshape(-1, SIDE, SIDE).transpose(0, 2, 1).reshape(50, -1) * 3.0
+    assert calm == pytest.approx(1.0, abs=0.5)
+    assert score_recent(model, drifted, logits).bn1_mean_squared_z > calm + 1.0
 
 
 def test_recent_inputs_keeps_the_last_rows_oldest_first():
@@ -167,15 +178,14 @@ def calibration(width=2, confidence=0.5, feature=2.0):
 
 
 def test_calibrated_scores_are_the_raw_ones_over_their_thresholds():
-    params = {"in_mean": np.zeros(2), "in_std": np.ones(2), "W1": np.eye(2), "b1": np.zeros(2),
-              "mean1": np.zeros(2), "var1": np.ones(2)}  # fmt: skip
+    model = mlp(np.zeros(2), np.ones(2), np.eye(2), np.zeros(2), np.zeros(2), np.ones(2))
     hidden = np.array([[2.0, 0.0], [0.0, 2.0]])  # squared distances 4 and 4: mean / H = 2
     logits = np.zeros((2, 3))  # uniform: confidence 2/3
-    scores = score_recent(params, np.ones((2, 2)), logits, hidden=hidden,
-                          calibration=calibration())  # fmt: skip
+    rows = np.ones((2, 2), np.float32)
+    scores = score_recent(model, rows, logits, hidden=hidden, calibration=calibration())
     assert scores.confidence == pytest.approx(2 / 3) and scores.feature == pytest.approx(2.0)
     assert scores.confidence_score == pytest.approx((2 / 3) / 0.5)
     assert scores.feature_score == pytest.approx(1.0)
     np.testing.assert_allclose(scores.signature, [0.5, 0.5])  # mean (1, 1) / std 2
-    bare = score_recent(params, np.ones((2, 2)), logits)
+    bare = score_recent(model, rows, logits)
     assert bare.feature is None and bare.confidence_score is None and bare.signature is None

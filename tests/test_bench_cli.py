@@ -80,3 +80,39 @@ def test_bench_usage_errors_exit_2(argv):
     with pytest.raises(SystemExit) as info:
         main(argv)
     assert info.value.code == 2
+
+
+def test_bench_trainer_cnn_writes_the_mlp_keys_plus_memory(tmp_path, data_dir, capsys):
+    out = tmp_path / "cnn.json"
+    code = main([
+        "bench", "trainer", "--data-dir", str(data_dir), "--dataset", "fmnist-rot75",
+        "--model", "dwcnn", "--methods", "ft-all,adapter,skip2-lora,skip2-lora-q4",
+        "--trials", "2", "--epochs", "1", "--pretrain-epochs", "1", "--pretrain-samples", "300",
+        "--json", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["model"] == "dwcnn" and result["trials"] == 2 and result["rank"] == 4
+    assert len(set(result["base_model_hashes"])) == 2  # a base model drawn per trial
+    for name, m in result["methods"].items():
+        assert set(m) >= REQUIRED | {"peak_memory_bytes", "flops_per_batch_trainable"}, name
+        assert m["peak_memory_bytes"] > 0 and len(m["accuracy_per_trial"]) == 2
+    skip2, q4 = result["methods"]["skip2-lora"], result["methods"]["skip2-lora-q4"]
+    assert skip2["cache_bytes"] == 1024 * (784 + 1568 + 1568 + 10) * 4  # x2 pooled, x3, x4, z
+    assert skip2["cache_bytes"] > 7 * q4["cache_bytes"]
+    assert "adapter_vs_ft_all_trainable_flops_cut" in result["comparisons"]
+    assert "peak MB" in capsys.readouterr().out
+
+
+def test_bench_trainer_cnn_rank_sweep_reports_each_rank(tmp_path, data_dir):
+    out = tmp_path / "sweep.json"
+    code = main([
+        "bench", "trainer", "--data-dir", str(data_dir), "--dataset", "fmnist-unseen",
+        "--methods", "lora-last", "--ranks", "1,2", "--trials", "1", "--epochs", "1",
+        "--pretrain-epochs", "1", "--pretrain-samples", "300", "--json", str(out),
+    ])  # fmt: skip
+    assert code == 0
+    result = json.loads(out.read_text())
+    assert result["ranks"] == [1, 2]
+    one, two = (result["by_rank"][r]["methods"]["lora-last"] for r in ("1", "2"))
+    assert two["trainable_params"] == 2 * one["trainable_params"] == 2 * (64 + 10)

@@ -30,6 +30,29 @@ def test_scenario_writes_a_base_model_and_device_files(tmp_path, data_dir, datas
         assert any(d.drifts for d in scenario.devices)
 
 
+def test_fmnist_devices_each_see_their_own_rotation_through_a_cnn(tmp_path, data_dir):
+    from agent.learner import load_base_model
+    from agent.trainer.cnn.model import CnnModel
+
+    scenario = build_scenario("fmnist", 4, data_dir, tmp_path, drift=True, pretrain_epochs=1,
+                              log=lambda _: None)  # fmt: skip
+    model = load_base_model(scenario.base_model)
+    assert isinstance(model, CnnModel) and model.weights_hash == scenario.base_model_hash
+    ids = [d.device_id for d in scenario.devices]
+    assert ids == ["fmnist-r00-0", "fmnist-r30-0", "fmnist-r75-0", "fmnist-r00-1"]
+    assert [d.drifts for d in scenario.devices] == [False, True, True, False]  # upright: no drift
+    accuracy = {}
+    for device in scenario.devices:
+        with np.load(device.data_file) as arrays:
+            assert arrays["X"].shape == (1365, 784)
+            if device.drifts:  # the same images, turned
+                assert not np.array_equal(arrays["X"], arrays["X_drift"])
+                accuracy[device.device_id] = model.accuracy(arrays["X_drift"], arrays["y_drift"])
+            else:
+                accuracy[device.device_id] = model.accuracy(arrays["X"], arrays["y"])
+    assert accuracy["fmnist-r00-0"] > 0.6 > accuracy["fmnist-r30-0"] > accuracy["fmnist-r75-0"]
+
+
 def test_har_devices_are_people_the_base_model_never_saw(tmp_path, data_dir):
     scenario = build_scenario("har", 5, data_dir, tmp_path, drift=False, pretrain_epochs=1,
                               log=lambda _: None)  # fmt: skip
@@ -69,7 +92,7 @@ def test_more_devices_than_groups_split_the_data(tmp_path, data_dir):
 
 
 def test_scenario_refuses_bad_requests(tmp_path, data_dir):
-    with pytest.raises(ValueError, match="har or fan"):
+    with pytest.raises(ValueError, match="har, fan or fmnist"):
         build_scenario("mnist", 2, data_dir, tmp_path, drift=False)
     with pytest.raises(ValueError, match="at least one"):
         build_scenario("fan", 0, data_dir, tmp_path, drift=False)

@@ -151,3 +151,20 @@ def retained_on(broker_url: str, pattern: str, quiet_s: float = 1.0) -> list[str
     finally:
         client.disconnect()
         client.loop_stop()
+
+
+def test_a_camera_fleet_fine_tunes_a_cnn_per_rotation(tmp_path, ray_session, data_dir):
+    """fmnist: three cameras (0°, 30°, 75°) run the CNN through the unchanged agent and
+    coordinator; a run on request, each camera ending on what measures best on its hold-out."""
+    result = simulate(tmp_path, ray_session, data_dir, "--devices", "3", "--dataset", "fmnist",
+                      "--max-rounds", "2")  # fmt: skip
+    (run,) = result["runs"]
+    assert run["trigger"] == "request" and 1 <= run["rounds"] <= 2
+    by_id = {d["device"]: d for d in result["per_device"]}
+    assert sorted(by_id) == ["fmnist-r00", "fmnist-r30", "fmnist-r75"]
+    for device in by_id.values():
+        assert device["labelled"] and device["finetunes"] >= 1 and device["bytes_sent"] > 0
+        assert device["accuracy_end"] >= max(device["accuracy_initial"], device["accuracy_own"])
+    turned = by_id["fmnist-r75"]
+    assert turned["accuracy_initial"] < 0.3 < 0.6 < turned["accuracy_end"]  # its camera recovers
+    assert by_id["fmnist-r30"]["accuracy_end"] > by_id["fmnist-r30"]["accuracy_initial"] + 0.2

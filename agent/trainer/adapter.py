@@ -3,7 +3,7 @@
 Effective update of layer k: ΔW_k = delta_k + A_k B_k (d_k × C), where `delta_k` is a frozen
 part (e.g. a fleet aggregate the device started from) and A_k, B_k are the factors trained on
 the device. Logits = z + Σ_k x_k ΔW_k, with z the frozen head output. LoRA-Last is the special
-case with only layer 3.
+case with only the last layer. Any number of layers: the paper's MLP has 3, the CNNs 4.
 """
 
 from __future__ import annotations
@@ -15,15 +15,21 @@ import numpy as np
 from agent.trainer.errors import AdapterError
 from shared.protocol.checks import ADAPTER_VALUE_BOUND
 
-N_LAYERS = 3
-
 
 @dataclass(frozen=True)
 class Adapter:
-    layer_dims: tuple[int, ...]  # d_k, the input width of layer k (k = 1..3)
+    layer_dims: tuple[int, ...]  # d_k, the input width of layer k (k = 1..K)
     n_classes: int
-    deltas: tuple[np.ndarray | None, ...] = (None, None, None)  # ΔW_k part: d_k × C
-    factors: tuple[tuple[np.ndarray, np.ndarray] | None, ...] = (None, None, None)  # (A_k, B_k)
+    deltas: tuple[np.ndarray | None, ...] = ()  # ΔW_k part: d_k × C; () is none on any layer
+    factors: tuple[tuple[np.ndarray, np.ndarray] | None, ...] = ()  # (A_k, B_k) per layer
+
+    def __post_init__(self):
+        n = len(self.layer_dims)
+        for name in ("deltas", "factors"):
+            parts = getattr(self, name) or (None,) * n
+            if len(parts) != n:
+                raise AdapterError(f"{name}: {len(parts)} entries for {n} layers")
+            object.__setattr__(self, name, tuple(parts))
 
     def effective_deltas(self) -> list[np.ndarray | None]:
         """ΔW_k = delta_k + A_k B_k per layer, None where the layer has no adapter."""
@@ -37,7 +43,7 @@ class Adapter:
         return out
 
     def delta_logits(self, xs: list[np.ndarray]) -> np.ndarray:
-        """Σ_k x_k ΔW_k for layer inputs xs = [x1, x2, x3]."""
+        """Σ_k x_k ΔW_k for layer inputs xs = [x1, x2, ..., xK]."""
         out = np.zeros((xs[0].shape[0], self.n_classes), dtype=np.float32)  # (B, C)
         for x, delta in zip(xs, self.effective_deltas(), strict=True):
             if delta is not None:
@@ -54,7 +60,7 @@ class Adapter:
 
     def to_arrays(self) -> dict[str, np.ndarray]:
         arrays = {}
-        for k in range(N_LAYERS):
+        for k in range(len(self.layer_dims)):
             if self.deltas[k] is not None:
                 arrays[f"delta{k + 1}"] = self.deltas[k]
             if self.factors[k] is not None:
@@ -63,8 +69,8 @@ class Adapter:
 
     @classmethod
     def from_arrays(cls, arrays: dict, layer_dims, n_classes: int) -> Adapter:
-        """Build and check an adapter from its wire form (names delta1..3, A1..3, B1..3)."""
-        allowed = {f"{p}{k}" for p in ("delta", "A", "B") for k in range(1, N_LAYERS + 1)}
+        """Build and check an adapter from its wire form (names delta1..K, A1..K, B1..K)."""
+        allowed = {f"{p}{k}" for p in ("delta", "A", "B") for k in range(1, len(layer_dims) + 1)}
         unknown = set(arrays) - allowed
         if unknown:
             raise AdapterError(f"unknown adapter arrays: {sorted(unknown)}")

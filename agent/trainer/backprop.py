@@ -23,7 +23,19 @@ def init_lora(dims_in_out, rank: int, rng: np.random.Generator, dtype=np.float32
     return A, np.zeros((rank, m), dtype=dtype)
 
 
-class BackpropTrainer:
+class ShuffledBatches:
+    """The epoch phases of a backprop trainer: one shuffled copy of the data an epoch, its
+    batches views of it, each fed to the trainer's `forward_arrays(x, labels)`."""
+
+    def begin_epoch(self, X1, labels, onehot, perm):
+        self.x_epoch = X1[perm]  # (n, N) shuffled once per epoch; batches are views
+        self.y_epoch = labels[perm]  # (n,)
+
+    def forward(self, start, stop):
+        return self.forward_arrays(self.x_epoch[start:stop], self.y_epoch[start:stop])
+
+
+class BackpropTrainer(ShuffledBatches):
     """Trains a copy of the base parameters (and in-layer LoRA adapters) by SGD."""
 
     def __init__(self, params: dict, spec: MethodSpec, *, lr: float, rank: int, rng):
@@ -36,13 +48,6 @@ class BackpropTrainer:
         }  # k -> (A_k, B_k)
 
     # ------------------------------------------------------------------ phases
-    def begin_epoch(self, X1, labels, onehot, perm):
-        self.x_epoch = X1[perm]  # (n, N) shuffled once per epoch; batches are views
-        self.y_epoch = labels[perm]  # (n,)
-
-    def forward(self, start, stop):
-        return self.forward_arrays(self.x_epoch[start:stop], self.y_epoch[start:stop])
-
     def forward_arrays(self, x, labels):
         """x: standardised inputs (B, N). Returns the context backward needs."""
         p = self.p

@@ -143,20 +143,32 @@ def run_method(model: BaseModel, X, y, *, method="skip2-lora", epochs=100, lr=0.
     """Fine-tune with any method; `cache` overrides the method's own cache kind; `steps`
     (a budget of batches) replaces `epochs` when given."""
     spec, default_cache = resolve(method)
-    check_training_data(X, y, model.n_inputs, model.n_classes)
-    if epochs < 1 or batch_size < 1 or rank < 1 or not lr > 0:
-        raise ValueError("epochs, batch_size and rank must be >= 1 and lr > 0")
-    if steps is not None and steps < 1:
-        raise ValueError(f"steps must be >= 1, got {steps}")
-    if steps is not None:
-        epochs = epochs_for_steps(steps, len(X), batch_size)
+    epochs = check_run(model, X, y, epochs=epochs, batch_size=batch_size, rank=rank, lr=lr,
+                       steps=steps)  # fmt: skip
     rng = np.random.default_rng(seed)
     X1 = model.standardize(X)  # (n, N): x1, the first layer's input
     trainer = make_trainer(model, spec, cache or default_cache, lr=lr, rank=rank, rng=rng,
                            n_samples=len(X), batch_size=batch_size, start=start,
                            capacity=capacity)  # fmt: skip
+    return train(trainer, X1, y, model.n_classes, epochs=epochs, batch_size=batch_size, rng=rng,
+                 cancel=cancel, progress=progress, steps=steps)  # fmt: skip
+
+
+def check_run(model, X, y, *, epochs, batch_size, rank, lr, steps=None) -> int:
+    """Refuse bad data or settings; returns the epochs to run (`steps` decides, when given)."""
+    check_training_data(X, y, model.n_inputs, model.n_classes)
+    if epochs < 1 or batch_size < 1 or rank < 1 or not lr > 0:
+        raise ValueError("epochs, batch_size and rank must be >= 1 and lr > 0")
+    if steps is not None and steps < 1:
+        raise ValueError(f"steps must be >= 1, got {steps}")
+    return epochs if steps is None else epochs_for_steps(steps, len(X), batch_size)
+
+
+def train(trainer, X1, y, n_classes, *, epochs, batch_size, rng, cancel=None, progress=None,
+          steps=None) -> FinetuneResult:  # fmt: skip
+    """Run the epochs of any trainer on standardised inputs X1, timed, into a FinetuneResult."""
     wall0, cpu0 = time.perf_counter(), time.process_time()
-    times = run_epochs(trainer, X1, y, model.n_classes, epochs=epochs, batch_size=batch_size,
+    times = run_epochs(trainer, X1, y, n_classes, epochs=epochs, batch_size=batch_size,
                        rng=rng, cancel=cancel, progress=progress, steps=steps)  # fmt: skip
     wall, cpu = time.perf_counter() - wall0, time.process_time() - cpu0
     is_skip = isinstance(trainer, SkipTrainer)
@@ -166,7 +178,7 @@ def run_method(model: BaseModel, X, y, *, method="skip2-lora", epochs=100, lr=0.
         epochs_run=epochs,
         seconds=wall,
         cpu_seconds=cpu,
-        samples=len(X),
+        samples=len(X1),
         times=times,
         cache_hit_rate=trainer.cache_hit_rate if is_skip else 0.0,
         cache_bytes=trainer.cache_bytes if is_skip else 0,

@@ -24,6 +24,7 @@ from agent.trainer.calibration import ARRAY_NAMES as CALIBRATION_ARRAYS
 from agent.trainer.calibration import HEADER_KEY as CALIBRATION_KEY
 from agent.trainer.calibration import CalibrationError, DriftCalibration
 from agent.trainer.errors import ModelFileError
+from agent.trainer.model_file import read_header
 
 HIDDEN = 96
 FORMAT_VERSION = 1
@@ -35,8 +36,23 @@ PARAM_NAMES = (
 )  # fmt: skip
 
 
+class FrozenFeatureModel:
+    """What a base model derives from its `frozen_features(X) -> (xs, z)`: logits with or
+    without a Skip adapter, predictions, accuracy. The MLP and the CNNs share it."""
+
+    def logits(self, X: np.ndarray, adapter=None) -> np.ndarray:
+        xs, z = self.frozen_features(X)
+        return z if adapter is None else z + adapter.delta_logits(xs)  # (B, C)
+
+    def predict(self, X: np.ndarray, adapter=None) -> np.ndarray:
+        return self.logits(X, adapter).argmax(axis=1)
+
+    def accuracy(self, X: np.ndarray, y: np.ndarray, adapter=None) -> float:
+        return float((self.predict(X, adapter) == y).mean())
+
+
 @dataclass
-class BaseModel:
+class BaseModel(FrozenFeatureModel):
     """Parameters of the pre-trained model (float32) and what it was trained for."""
 
     params: dict[str, np.ndarray]
@@ -100,15 +116,11 @@ class BaseModel:
         h, _ = layers.relu_forward(h)  # (B, H)
         return h
 
-    def logits(self, X: np.ndarray, adapter=None) -> np.ndarray:
-        xs, z = self.frozen_features(X)
-        return z if adapter is None else z + adapter.delta_logits(xs)  # (B, C)
-
-    def predict(self, X: np.ndarray, adapter=None) -> np.ndarray:
-        return self.logits(X, adapter).argmax(axis=1)
-
-    def accuracy(self, X: np.ndarray, y: np.ndarray, adapter=None) -> float:
-        return float((self.predict(X, adapter) == y).mean())
+    def bn1_pre_activations(self, X: np.ndarray):
+        """(FC1's output before BN1 for raw inputs X (n, hidden), BN1's running mean, var)."""
+        p = self.params
+        h, _ = layers.fc_forward(self.standardize(X), p["W1"], p["b1"])  # (n, hidden)
+        return h, p["mean1"], p["var1"]
 
     # ------------------------------------------------------------------ files
     def save(self, path: str | Path) -> str:
@@ -127,10 +139,11 @@ class BaseModel:
         return load_model(Path(path))
 
 
-def weights_hash(params: dict[str, np.ndarray]) -> str:
-    """sha256 over every parameter's name, dtype, shape and bytes, in a fixed order."""
-    digest = hashlib.sha256()
-    for name in PARAM_NAMES:
+def weights_hash(params: dict[str, np.ndarray], names=PARAM_NAMES, prefix: bytes = b"") -> str:
+    """sha256 over `prefix` (e.g. an architecture) and every parameter's name, dtype, shape and
+    bytes, in the fixed order of `names`."""
+    digest = hashlib.sha256(prefix)
+    for name in names:
         array = np.ascontiguousarray(params[name])
         digest.update(f"{name}|{array.dtype.str}|{array.shape}|".encode())
         digest.update(array.tobytes())
@@ -138,16 +151,12 @@ def weights_hash(params: dict[str, np.ndarray]) -> str:
 
 
 def load_model(path: Path) -> BaseModel:
-    if not path.is_file():
-        raise ModelFileError(f"base model file not found: {path}")
+    header = read_header(path)
     try:
         with np.load(path, allow_pickle=False) as npz:
-            header = json.loads(str(npz["header"]))
             params = {name: np.asarray(npz[name], dtype=np.float32) for name in PARAM_NAMES}
             extra = {name: npz[name] for name in CALIBRATION_ARRAYS if name in npz.files}
-    except ModelFileError:
-        raise
-    except Exception as error:  # zip, JSON or missing-array errors: one clear message
+    except Exception as error:  # missing-array errors: one clear message
         raise ModelFileError(f"{path} is not a skipfleet base model: {error}") from error
     if header.get("format") != FORMAT_VERSION:
         raise ModelFileError(f"{path}: unsupported model format {header.get('format')!r}")

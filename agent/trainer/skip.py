@@ -20,7 +20,9 @@ from agent.trainer.cache import make_cache
 from agent.trainer.delta_head import DeltaHead
 from agent.trainer.skip_head import SkipHead
 
-FILL_ROWS = 4096  # samples per product when the dense cache is filled: bounds the memory
+# Frozen-feature floats per block when the dense cache is filled: bounds the fill's memory for
+# any model (the MLP's ~450-float rows: ~2,300 samples a block; a CNN's ~3,200: ~330).
+FILL_FLOATS = 1 << 20
 
 
 class SkipTrainer:
@@ -92,11 +94,12 @@ class SkipTrainer:
         """The first epoch's frozen forward for every sample at once, in a few large products.
 
         The same work as filling the cache batch by batch, but NumPy's cost per call is paid
-        once per FILL_ROWS samples instead of once per batch. Counted as the epoch's misses.
+        once per block of samples instead of once per batch. Counted as the epoch's misses.
         """
         n = len(X1)
-        for start in range(0, n, FILL_ROWS):
-            ids = np.arange(start, min(start + FILL_ROWS, n))
+        block = max(1, FILL_FLOATS // (sum(self.model.layer_input_dims) + self.n_classes))
+        for start in range(0, n, block):
+            ids = np.arange(start, min(start + block, n))
             self.cache.store(ids, self.frozen_rows(X1[ids]))
         self.cache.stats.lookups += n
 
@@ -167,8 +170,9 @@ class SkipTrainer:
     # ------------------------------------------------------------- results
     def adapter(self) -> Adapter:
         self.check_overflow()
-        deltas = list(self.start.deltas) if self.start is not None else [None, None, None]
-        factors = [None, None, None]
+        n_layers = len(self.model.layer_input_dims)
+        deltas = list(self.start.deltas) if self.start is not None else [None] * n_layers
+        factors = [None] * n_layers
         trained = self.head.deltas() if self.delta else self.head.factors()
         for k, value in zip(self.layers, trained, strict=True):
             if self.delta:

@@ -76,7 +76,7 @@ def run_reference(
     recent = RecentInputs(DRIFT_WINDOW_ROWS, model.n_inputs)
     recent.add(all_rows.X)
     rows = recent.snapshot()
-    drift = score_recent(model.params, rows, learner.logits(rows, None)).bn1_mean_squared_z
+    drift = score_recent(model, rows, learner.logits(rows, None)).bn1_mean_squared_z
     return ReferenceRun(
         learner=learner,
         arrays=result.adapter.to_arrays(),
