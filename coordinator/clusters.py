@@ -124,10 +124,16 @@ class ClusterBook:
                 )
         return placements
 
-    def place(self, cohort: str, record: DeviceRecord) -> Placement:
-        """Places one device not yet in a cluster (it joined after the last re-clustering)."""
+    def place(
+        self, cohort: str, record: DeviceRecord, members: Sequence[DeviceRecord] = ()
+    ) -> Placement:
+        """Places one device not yet in a cluster (it joined after the last re-clustering).
+        `members`: the clusters' members as they are now; a cluster is then found where its
+        members' signatures are now, not where they were when the run started (a run can start
+        before a drift has filled the members' windows, and their signatures move with it)."""
         clusters = self.clusters(cohort)
-        placement = self._place_one(record, clusters, self.centroids(cohort))
+        centroids = self.centroids(cohort) | current_centroids(clusters, members)
+        placement = self._place_one(record, clusters, centroids)
         with self._db.transaction():
             self._save(cohort, placement, self._clock())
         return placement
@@ -195,3 +201,20 @@ class ClusterBook:
             (cohort, number + 1, number + 1),
         )
         return f"c{number}"
+
+
+def current_centroids(
+    clusters: dict[str, tuple[str, ...]], members: Sequence[DeviceRecord]
+) -> dict[str, np.ndarray]:
+    """Each cluster's mean signature over its labelled members that have one now."""
+    signatures = {
+        r.device_id: r.signature_vector().astype(np.float64)
+        for r in members
+        if r.labelled and r.signature is not None
+    }
+    out = {}
+    for cluster, ids in clusters.items():
+        vectors = [signatures[d] for d in ids if d in signatures]  # each (H,)
+        if vectors:
+            out[cluster] = np.mean(vectors, axis=0)  # (H,)
+    return out

@@ -313,9 +313,11 @@ class AdapterDistributor:
         f = self._fleet
         placement = f.clusters.placement(cohort, record.device_id)
         if placement is None or placement.cluster is None:
-            if not f.clusters.clusters(cohort):
+            clusters = f.clusters.clusters(cohort)
+            if not clusters:
                 return None
-            placement = f.clusters.place(cohort, record)
+            members = [r for ids in clusters.values() for d in ids if (r := f.registry.get(d))]
+            placement = f.clusters.place(cohort, record, members)
         return placement.cluster
 
     # ---- internals: answers

@@ -301,3 +301,24 @@ def test_a_new_device_without_labels_gets_its_clusters_adapter_before_it_can_sta
     outbound = service.tick()
     assert len(service.runs()) == 1  # no run: its cluster has an adapter for it
     assert [d for d, _ in jobs_in(outbound, JobKind.APPLY_ADAPTER)] == ["noisy-new"]
+
+
+def test_a_new_device_is_placed_where_its_clusters_members_signatures_are_now(tmp_path, clock):
+    """A run can start before a drift has filled its members' windows: the cluster was formed
+    where they were (quiet); a newcomer that looks like them now (noisy) still finds it."""
+    service = start(tmp_path, clock, rounds=1, label_free_threshold=1.0, trigger_cooldown_s=0.0)
+    devices = join(service, clock, ("fan-1", QUIET, True), ("fan-2", QUIET, True))
+    service.request_finetune(all_=True)  # clustered on the quiet signatures
+    answer_round(service, devices, service.tick(), before=0.5, loss=1.2)
+    answer_evaluations(service, devices, service.tick(), candidate=0.95, current=0.5)
+    service.tick()
+    for device in devices.values():
+        device.signature = NOISY  # their windows now hold the noisy room
+    service.ingest([d.heartbeat() for d in devices.values()])
+    new = SimDevice("noisy-new", clock, signature=NOISY, labelled=False)
+    service.ingest([new.presence(), new.heartbeat(confidence=4.0)])
+    clock.advance(SCAN_INTERVAL_S)
+    outbound = service.tick()
+    assert [d for d, _ in jobs_in(outbound, JobKind.APPLY_ADAPTER)] == ["noisy-new"]
+    placed = {m for c in service.clusters()[0]["clusters"] for m in c["members"]}
+    assert "noisy-new" in placed

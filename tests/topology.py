@@ -12,6 +12,7 @@ from __future__ import annotations
 import os
 import pwd
 import queue
+import re
 import shutil
 import signal
 import socket
@@ -35,7 +36,32 @@ from skipfleet.processes import child_env
 
 REPO = Path(__file__).resolve().parent.parent
 DEPLOY = REPO / "deploy"
-SERVICES = yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"]
+_COMPOSE_VARIABLE = re.compile(r"\$\{(\w+)(:?-)([^}]*)\}")
+
+
+def compose_interpolate(value: object, environment: dict[str, str]) -> object:
+    """value with compose's ${NAME:-default} / ${NAME-default} applied, as `docker compose` would
+    (`:-` also replaces an empty value), so the processes run what the containers run."""
+    if isinstance(value, dict):
+        return {key: compose_interpolate(item, environment) for key, item in value.items()}
+    if isinstance(value, list):
+        return [compose_interpolate(item, environment) for item in value]
+    if not isinstance(value, str):
+        return value
+
+    def substitute(match: re.Match) -> str:
+        name, operator, default = match.groups()
+        found = environment.get(name)
+        if found is None or (operator == ":-" and not found):
+            return default
+        return found
+
+    return _COMPOSE_VARIABLE.sub(substitute, value)
+
+
+SERVICES = compose_interpolate(
+    yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"], dict(os.environ)
+)
 MAKE_ACCOUNTS = DEPLOY / "mosquitto" / "make-accounts.sh"
 PROMETHEUS_YML = DEPLOY / "prometheus" / "prometheus.yml"
 SKIPFLEET = [sys.executable, "-m", "skipfleet.cli"]
