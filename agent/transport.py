@@ -20,7 +20,15 @@ import paho.mqtt.client as paho
 from agent.errors import BrokerRefused
 from agent.outbox import Outbox
 from agent.spool import SpoolItem
-from shared.mqtt import MqttSettings, Will, connect_async, logged, make_client
+from shared.mqtt import (
+    MqttSettings,
+    Will,
+    connect_async,
+    describe_refusal,
+    logged,
+    make_client,
+    report_connect_failures,
+)
 
 log = logging.getLogger(__name__)
 
@@ -57,6 +65,9 @@ class Transport:
         self.connected = threading.Event()
         self._client = make_client(settings, client_id, will=will)
         self._client.enable_logger(logging.getLogger("paho"))
+        report_connect_failures(self._client, settings, log)  # refused, TLS: why, what to check
+        self._client_id = client_id
+        self._told_not_authorized = False  # the ACL explanation, once per connection
         self._client.on_connect = logged(self._handle_connect)
         self._client.on_disconnect = logged(self._handle_disconnect)
         self._client.on_publish = logged(self._handle_publish)
@@ -91,10 +102,12 @@ class Transport:
     # -- paho callbacks (network thread) ---------------------------------------------------
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            log.error("broker refused the connection: %s", reason_code)
+            message = describe_refusal(reason_code, self._settings)
+            log.error("%s", message)
             if reason_code.value in (BAD_CREDENTIALS, NOT_AUTHORIZED):
-                self._on_fatal(BrokerRefused(f"broker {self._settings.url}: {reason_code}"))
+                self._on_fatal(BrokerRefused(message))
             return
+        self._told_not_authorized = False
         log.info("connected to %s (session present: %s)", self._settings.url, flags.session_present)
         client.subscribe(self._subscriptions)
         client.publish(self._status_topic, self._online_payload(), qos=1, retain=True)
@@ -110,7 +123,20 @@ class Transport:
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         if reason_code.value == QUOTA_EXCEEDED:
             return  # the outbox re-sends it once its in-flight entry goes stale
+        if reason_code.value == NOT_AUTHORIZED and not self._told_not_authorized:
+            self._told_not_authorized = True
+            log.error("%s", self.not_authorized_message())
         self._outbox.acknowledged(mid, accepted=not reason_code.is_failure)
+
+    def not_authorized_message(self) -> str:
+        """Connected, yet every publish refused: the account is not this device's."""
+        return (
+            f"the broker refused our publishes (MQTT 5 PUBACK reason code 0x87 Not authorized): "
+            f"its ACL lets an account publish only under its own device's topics, so the MQTT "
+            f"user name ({self._settings.username!r}) must equal the device id "
+            f"({self._client_id!r}). Use this device's own account (--username), or fix "
+            f"--device-id; nothing this device reports reaches the coordinator until then"
+        )
 
     def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         refused = [str(code) for code in reason_codes if code.is_failure]

@@ -34,9 +34,11 @@ from shared.mqtt import (
     backoff_delay,
     check_publish_size,
     connect_async,
+    describe_refusal,
     logged,
     make_client,
     publish_properties,
+    report_connect_failures,
 )
 from shared.protocol import (
     DecodeError,
@@ -162,6 +164,7 @@ class MqttBridge:
         self._published = PublishTracker()
         self._unpublished: list[Outbound] = []  # handed out, but paho would not take them yet
         self._settled: list[int] = []  # acknowledged outbox rows the actor has not heard of
+        report_connect_failures(self._client, config.mqtt, log)  # refused, TLS: why, what to do
         self._client.on_connect = logged(self._handle_connect)
         self._client.on_disconnect = logged(self._handle_disconnect)
         self._client.on_message = logged(self._handle_message)
@@ -244,12 +247,10 @@ class MqttBridge:
 
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            log.error("broker %s refused the connection: %s", self._config.mqtt.url, reason_code)
+            message = describe_refusal(reason_code, self._config.mqtt)
+            log.error("%s", message)
             if reason_code.value in REFUSED_FOR_GOOD:
-                self._on_fatal(
-                    FatalReason.BROKER_REFUSED,
-                    f"broker {self._config.mqtt.url} refused us: {reason_code}",
-                )
+                self._on_fatal(FatalReason.BROKER_REFUSED, message)
             return
         self._acks.connected()
         client.subscribe(self._topics.coordinator_subscriptions())

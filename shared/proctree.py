@@ -7,6 +7,7 @@ between a snapshot and a kill. Used by the coordinator's reaper (coordinator.rea
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import time
@@ -87,7 +88,6 @@ def terminate(keys: set[tuple[int, int]], grace_s: float = 2.0) -> list[int]:
 
 def _signal(keys: set[tuple[int, int]], sig: signal.Signals) -> None:
     for pid, _ in keys:
-        try:
+        # gone meanwhile (its pid cannot be someone else's yet: we checked it just now)
+        with contextlib.suppress(ProcessLookupError, PermissionError):
             os.kill(pid, sig)
-        except (ProcessLookupError, PermissionError):
-            pass  # gone meanwhile (its pid cannot be someone else's yet: we checked it just now)

@@ -17,6 +17,7 @@ from shared.mqtt import parse_broker_url
 from shared.protocol.enums import JobState
 from shared.topics import Topics
 from skipfleet.coordinator_process import ApiClient, CoordinatorProcess
+from skipfleet.fleet.runstate import SIMULATE_FLEET_DIR
 from skipfleet.probe import FleetProbe
 from skipfleet.retained import clear_retained
 from skipfleet.scenario import Scenario, build_scenario
@@ -164,7 +165,7 @@ class Simulation:
             AgentSpec(d.device_id, d.data_file, drift if d.drifts else ()) for d in scenario.devices
         ]
         fleet = ProcessFleet(
-            broker_url, scenario.base_model, specs, self.run_dir / "fleet", agent_args=agent_args
+            broker_url, scenario.base_model, specs, self.run_dir / SIMULATE_FLEET_DIR, agent_args=agent_args
         )
         stack.callback(fleet.stop)
         fleet.start()
@@ -172,8 +173,8 @@ class Simulation:
         stack.callback(control.stop)
         fleet.set_control_url(control.url)
         self.say(
-            f"{len(specs)} agents started; inject faults with: skipfleet fleet --control "
-            f"{control.url} --token-file {control.token_file} ls|kill|pause|cut DEVICE"
+            f"{len(specs)} agents started; inject faults with: skipfleet fleet --run-dir "
+            f"{self.run_dir} ls|kill|pause|cut DEVICE"
         )
         return fleet
 
