@@ -293,8 +293,10 @@ def describe_refusal(reason_code: ReasonCode, settings: MqttSettings) -> str:
     advice = {
         0x86: f"the broker does not accept {account} with this password: check the user name "
         "(--username) and the password (--password-file) against the broker's password file",
-        0x87: f"the broker does not let {account} connect: check its ACL and that the account "
-        "exists (a broker with allow_anonymous false needs --username and a password)",
+        # mosquitto answers a wrong password or an unknown user with this one (MQTT 5)
+        0x87: f"the broker does not let {account} connect: check the user name (--username) "
+        "and the password (--password-file) against the broker's password file (a broker with "
+        "allow_anonymous false needs both)",
         0x85: "the broker refuses the client id: with use_username_as_clientid, the user name "
         "must be a valid client id",
         0x84: "the broker does not speak this MQTT version: try --mqtt-version 3.1.1",

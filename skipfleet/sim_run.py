@@ -165,7 +165,11 @@ class Simulation:
             AgentSpec(d.device_id, d.data_file, drift if d.drifts else ()) for d in scenario.devices
         ]
         fleet = ProcessFleet(
-            broker_url, scenario.base_model, specs, self.run_dir / SIMULATE_FLEET_DIR, agent_args=agent_args
+            broker_url,
+            scenario.base_model,
+            specs,
+            self.run_dir / SIMULATE_FLEET_DIR,
+            agent_args=agent_args,
         )
         stack.callback(fleet.stop)
         fleet.start()

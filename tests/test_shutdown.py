@@ -129,6 +129,13 @@ def test_sigterm_to_simulate_stops_its_broker_coordinator_ray_and_agents(tmp_pat
         for line in simulate.stderr:  # its progress: once the agents run, everything is up
             if "agents started" in line:
                 break
+        run_dir = tmp_path / "run"  # as simulate printed it: `fleet --run-dir` takes it as is
+        assert f"skipfleet fleet --run-dir {run_dir} " in line
+        listed = subprocess.run(
+            [sys.executable, "-m", "skipfleet.cli", "fleet", "--run-dir", str(run_dir), "ls"],
+            env=child_env(), capture_output=True, text=True, timeout=30,
+        )  # fmt: skip
+        assert listed.returncode == 0 and "pump-f" in listed.stdout, listed.stderr
         started = proctree.descendants(simulate.pid)
         commands = " ".join(_cmdline(p.pid) for p in started)
         for what in ("mosquitto", "coordinator", "raylet", " agent "):
