@@ -65,7 +65,8 @@ def main(args: argparse.Namespace) -> int:
         message = f"cannot reach the coordinator at {base}: {reason}"
         print(f"skipfleet status: {message}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    print(json.dumps(devices, indent=2) if args.json else format_table(devices))
+    as_json = getattr(args, "json", False)  # a Namespace made by hand may not have it
+    print(json.dumps(devices, indent=2) if as_json else format_table(devices))
     return 0
 
 
