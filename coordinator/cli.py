@@ -76,13 +76,13 @@ def main(args: argparse.Namespace) -> int:
         config = from_args(args, os.environ)
     except ConfigError as err:
         return fail(ExitCode.CONFIG, f"invalid configuration: {err}")
+    missing = missing_extra()  # before anything is written: an agent-only install (a Pi)
+    if missing:
+        return fail(ExitCode.RAY_UNAVAILABLE, missing)
     try:
         prepare_state_dir(config.state_dir)
     except OSError as err:
         return fail(ExitCode.STATE_DIR, f"state dir {config.state_dir}: {err.strerror or err}")
-    missing = missing_extra()
-    if missing:
-        return fail(ExitCode.RAY_UNAVAILABLE, missing)
     try:
         return run(config)
     except Exception:

@@ -188,9 +188,10 @@ def test_publishes_the_acl_refuses_are_explained_the_user_name_must_be_the_devic
 
 def test_the_coordinator_without_its_extra_says_the_pip_command(tmp_path, monkeypatch, capsys):
     monkeypatch.setitem(sys.modules, "ray", None)  # `import ray` fails, as on an agent install
-    code = main(["coordinator", "--broker", "mqtt://127.0.0.1:1", "--state-dir", str(tmp_path)])
+    state_dir = tmp_path / "state"
+    code = main(["coordinator", "--broker", "mqtt://127.0.0.1:1", "--state-dir", str(state_dir)])
     err = capsys.readouterr().err
-    assert code == 69
+    assert code == 69 and not state_dir.exists()
     assert "pip install 'skipfleet[coordinator]'" in err and "ray" in err
     assert "Traceback" not in err
 
