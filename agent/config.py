@@ -270,9 +270,9 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--topic-root", default="fleet", help="first level of every topic (the coordinator's)")
     add("--cohort", default="default", help="group of devices sharing fleet adapters")
-    add("--data", help="device data (.npz with X, y) or a directory (required)")
-    add("--base-model", help="the pre-trained base model (.npz) (required)")
-    add("--state-dir", help="where adapters, spool and job history live (required)")
+    add("--data", help="device data (.npz with X, y) or a directory (required, no default)")
+    add("--base-model", help="the pre-trained base model (.npz) (required, no default)")
+    add("--state-dir", help="where adapters, spool and job history live (required, no default)")
     add(
         "--health-file",
         help="a file rewritten on connect and every heartbeat while connected, for a "
