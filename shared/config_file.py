@@ -26,6 +26,7 @@ ENV_CONFIG = "SKIPFLEET_CONFIG"
 SECTIONS = ("agent", "coordinator", "simulate")
 DEFAULT, FLAG = "default", "flag"
 EXIT_USAGE = 2  # argparse's own code for a bad command line; a bad file is the same mistake
+_KINDS = {"bool": "a boolean", "int": "an integer", "float": "a number", "str": "a string"}
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -64,9 +65,8 @@ class Option:
     def expected(self) -> str:
         if self.choices:
             return "one of " + ", ".join(repr(c) for c in self.choices)
-        described = getattr(self.convert, "config_type", None)
-        return described or {"bool": "a boolean", "int": "an integer", "float": "a number",
-                             "str": "a string"}.get(self.kind, f"a value {self.flag} accepts")  # fmt: skip
+        described = getattr(self.convert, "config_type", None)  # e.g. "a number or 'off'"
+        return described or _KINDS.get(self.kind, f"a value {self.flag} accepts")
 
 
 @dataclass(frozen=True)
@@ -231,7 +231,7 @@ def _typed(option: Option, value: Any) -> Any:
         if not isinstance(value, bool):
             raise TypeError
         return value
-    if isinstance(value, bool) or isinstance(value, dict | list):
+    if isinstance(value, bool | dict | list):
         raise TypeError  # TOML booleans are not numbers; no option takes a table or array
     if option.kind == "int":
         if not isinstance(value, int):
