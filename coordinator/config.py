@@ -213,7 +213,9 @@ def optional_float(text: str) -> float | None:
     return value
 
 
-optional_float.config_type = "a number or 'off'"  # shared.config_file's messages
+# for shared.config_file: its messages, and how `config show` prints None
+optional_float.config_type = "a number or 'off'"
+optional_float.none_text = "off"
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

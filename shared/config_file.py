@@ -280,7 +280,10 @@ def show(resolved: Resolved) -> str:
     width = max((len(o.key) for o in resolved.options), default=0)
     for option in resolved.options:
         value, source = resolved.values[option.key], resolved.sources[option.key]
-        if value is None:
+        off = getattr(option.convert, "none_text", None)  # None means 'off' for this option
+        if value is None and off:
+            line = f"{option.key:<{width}} = {toml_value(off)}"
+        elif value is None:
             line = f"# {option.key} unset"
         elif not option.in_file:  # a secret: never printed, and never read from a file
             line = f"# {option.key} = <hidden>"
