@@ -63,10 +63,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 def main(args) -> int:
     from agent.data import DataError
+    from shared.config_file import EXIT_USAGE, ConfigFileError, resolve_args
     from skipfleet.brokers import MosquittoMissing, find_mosquitto
     from skipfleet.coordinator_process import ApiError
-
-    from shared.config_file import EXIT_USAGE, ConfigFileError, resolve_args
 
     try:  # flags, environment, config file ([simulate]) and defaults merged once, here
         args = resolve_args(args, os.environ)
