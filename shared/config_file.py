@@ -27,6 +27,8 @@ SECTIONS = ("agent", "coordinator", "simulate")
 DEFAULT, FLAG = "default", "flag"
 EXIT_USAGE = 2  # argparse's own code for a bad command line; a bad file is the same mistake
 _KINDS = {"bool": "a boolean", "int": "an integer", "float": "a number", "str": "a string"}
+_TOML_TYPES = {bool: "a boolean", int: "an integer", float: "a float", str: "a string",
+               dict: "a table", list: "an array"}  # fmt: skip
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
@@ -215,13 +217,17 @@ def _from_file(path: Path, section: str, key: str, value: Any, options: dict) ->
         hint = f" (did you mean {close[0]!r}?)" if close else ""
         raise ConfigFileError(f"{where}: unknown key{hint}")
     if not option.in_file:
-        raise ConfigFileError(f"{where}: a secret is not read from this file ({option.flag}_file)")
+        raise ConfigFileError(f"{where}: a secret is never read from this file: use {key}_file")
     try:
         return _typed(option, value)
-    except (TypeError, ValueError, argparse.ArgumentTypeError):
-        got = type(value).__name__
+    except TypeError:
+        got = _TOML_TYPES.get(type(value), type(value).__name__)
         raise ConfigFileError(
-            f"{where} = {value!r}: expected {option.expected()}, got {got}"
+            f"{where} = {toml_value(value)}: expected {option.expected()}, got {got}"
+        ) from None
+    except (ValueError, argparse.ArgumentTypeError):  # the right type, not an accepted value
+        raise ConfigFileError(
+            f"{where} = {toml_value(value)}: expected {option.expected()}"
         ) from None
 
 
@@ -294,6 +300,8 @@ def show(resolved: Resolved) -> str:
 
 
 def toml_value(value: Any) -> str:
+    if isinstance(value, dict | list):
+        return "[...]" if isinstance(value, list) else "{...}"
     if isinstance(value, bool):
         return "true" if value else "false"
     if isinstance(value, int | float):
