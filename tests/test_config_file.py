@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import argparse
 import importlib
+import re
+import textwrap
 import tomllib
 from pathlib import Path
 
@@ -217,3 +219,13 @@ def test_every_option_of_every_configurable_command_has_help_that_shows_its_defa
 def test_a_simulated_fleet_does_not_inherit_the_operators_config_file(monkeypatch):
     monkeypatch.setenv(ENV_CONFIG, "/etc/skipfleet/skipfleet.toml")
     assert ENV_CONFIG not in child_env()
+
+
+def test_the_pis_agent_toml_in_the_deploy_guide_is_a_valid_agent_table(tmp_path):
+    guide = (REPO / "deploy" / "README.md").read_text()
+    blocks = re.findall(r"```toml\n(.*?)```", guide, re.S)
+    assert blocks, "deploy/README.md shows no agent.toml"
+    path = write(tmp_path, textwrap.dedent(blocks[0]))
+    resolved = resolve(parser_of("agent").parse_args(["--config", str(path)]), {})
+    assert resolved.values["device_id"] == resolved.values["username"] == "pi-kitchen"
+    assert resolved.sources["broker"] == f"file:{path}"
