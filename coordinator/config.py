@@ -22,7 +22,7 @@ from coordinator.clustering import DEFAULT_CLUSTER_DISTANCE
 from coordinator.federation import FederationPolicy
 from coordinator.rollout import RolloutPolicy
 from coordinator.scheduler import LabelFreeSignal, SchedulerPolicy
-from shared.config_file import prepare_parser, resolve_args
+from shared.config_file import prepare_parser, resolve_args, source_rank
 
 if TYPE_CHECKING:  # keep paho out of `skipfleet --help`
     from shared.mqtt import MqttSettings
@@ -631,12 +631,13 @@ def _mqtt_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Mqtt
 
 
 def _password(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
-    """A password file (flag, $SKIPFLEET_MQTT_PASSWORD_FILE or the config file) before the
-    password itself in $SKIPFLEET_MQTT_PASSWORD."""
+    """As the agent's: the command line before the environment before the config file, and
+    within the environment a file before the literal $SKIPFLEET_MQTT_PASSWORD."""
     # No --password flag: a password on the command line is visible in `ps`.
-    if not args.password_file:
-        return environ.get(ENV_PASSWORD)
+    literal = environ.get(ENV_PASSWORD) or None
     source = args._config_sources["password_file"]
+    if not args.password_file or (literal and source_rank(source) > source_rank("env")):
+        return literal
     where = "--password-file" if source == "flag" else source
     try:
         password = Path(args.password_file).read_text().strip()

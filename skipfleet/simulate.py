@@ -58,7 +58,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--run-dir", help="where logs and state go (default: out/simulate-TIMESTAMP)")
     add("--timeout", type=float, default=300.0, help="seconds any one phase may take")
     add("--seed", type=int, default=0, help="seed of the scenario (data shards, device order)")
-    prepare_parser(parser, "simulate")
+    prepare_parser(parser, "simulate", {"data_dir": "SKIPFLEET_DATA_DIR"})
 
 
 def main(args) -> int:

@@ -80,7 +80,7 @@ def test_the_file_comes_from_the_environment_when_no_flag_names_one(tmp_path):
     assert flag.api_port == 9200
 
 
-def test_the_coordinator_reads_its_password_file_from_the_environment(tmp_path):
+def test_the_coordinator_reads_its_password_file_from_the_environment_or_the_file(tmp_path):
     from coordinator.config import ConfigError, from_args
 
     (tmp_path / "pw").write_text("coordinator-secret\n")
@@ -92,6 +92,13 @@ def test_the_coordinator_reads_its_password_file_from_the_environment(tmp_path):
     environ["SKIPFLEET_MQTT_PASSWORD_FILE"] = str(tmp_path / "empty")
     with pytest.raises(ConfigError, match=r"SKIPFLEET_MQTT_PASSWORD_FILE .*empty"):
         from_args(args, environ)
+    # the agent's order: the environment's password before the config file's password file
+    path = write(tmp_path, f'[coordinator]\npassword_file = "{tmp_path / "pw"}"\n')
+    in_file = parser_of("coordinator").parse_args(
+        ["--config", str(path), "--state-dir", str(tmp_path), "--username", "c"]
+    )
+    assert from_args(in_file, {}).mqtt.password == "coordinator-secret"
+    assert from_args(in_file, {"SKIPFLEET_MQTT_PASSWORD": "literal"}).mqtt.password == "literal"
 
 
 def test_the_agents_password_follows_the_precedence_a_file_before_a_literal(tmp_path):
