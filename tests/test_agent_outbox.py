@@ -44,7 +44,7 @@ def parts(tmp_path):
     spool = Spool(tmp_path / "s.sqlite", max_messages=100)
     client = FakeClient()
     clock = FakeClock()
-    outbox = Outbox(spool, client.publish, window=3, resend_after_seconds=30, clock=clock)
+    outbox = Outbox(spool, client.publish, window=3, retry_after_seconds=30, clock=clock)
     client.outbox = outbox
     yield spool, client, outbox, clock
     spool.close()
@@ -95,11 +95,30 @@ def test_disconnect_keeps_in_flight_so_reconnect_does_not_duplicate(parts):
     assert len(client.sent) == 2
 
 
-def test_stale_in_flight_messages_are_sent_again(parts):
+def test_an_outage_longer_than_the_retry_time_hands_no_row_to_paho_twice(parts):
+    # Issue 10: after > 60 s without PUBACK every in-flight row was handed over again while
+    # paho re-sent its own copies (4 sends for 2 messages).
+    spool, client, outbox, clock = parts
+    spool_records(spool, 2)
+    outbox.connected()
+    assert outbox.pump() == 2
+    outbox.disconnected()
+    clock.now += 3600
+    outbox.connected()  # paho re-sends its 2 itself after the CONNACK
+    assert outbox.pump() == 0
+    assert [t for _, t in client.sent] == ["r/0", "r/1"] and outbox.handed_over == 2
+    for mid, _ in client.sent:
+        outbox.acknowledged(mid, accepted=True)
+    assert spool.stats().depth == 0
+
+
+def test_a_row_paho_dropped_for_quota_is_handed_over_again_after_the_retry_time(parts):
     spool, client, outbox, clock = parts
     spool_records(spool, 1)
     outbox.connected()
     outbox.pump()
+    outbox.acknowledged(client.sent[0][0], accepted=None)  # v5 PUBACK quota exceeded
+    assert outbox.pump() == 0 and spool.stats().depth == 1
     clock.now += 31
     assert outbox.pump() == 1
     assert [t for _, t in client.sent] == ["r/0", "r/0"]

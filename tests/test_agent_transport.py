@@ -34,7 +34,9 @@ def wired(tmp_path):
         on_message=lambda topic, payload: None,
         on_fatal=fatal.append,
     )
+    transport.handoff.start()
     yield transport, spool, fatal
+    transport.handoff.stop()
     spool.close()
 
 
@@ -67,7 +69,9 @@ def test_puback_outcomes_settle_or_keep_the_spooled_row(wired):
     assert outbox.pump() == 1  # the fake publish hands out mid 1
     quota = ReasonCode(PacketTypes.PUBACK, identifier=0x97)
     transport._client.on_publish(transport._client, None, 1, quota, None)
+    assert transport.handoff.drain()
     assert spool.stats().depth == 1  # quota exceeded: kept for a later retry
     ok = ReasonCode(PacketTypes.PUBACK, identifier=0x10)  # "no matching subscribers" is a success
     transport._client.on_publish(transport._client, None, 1, ok, None)
+    assert transport.handoff.drain()
     assert spool.stats().depth == 0
