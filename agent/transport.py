@@ -49,7 +49,7 @@ class Transport:
         will: Will,
         online_payload: Callable[[], bytes],
         outbox: Outbox,
-        on_message: Callable[[str, bytes], None],
+        on_message: Callable[[str, bytes, bool], None],  # topic, payload, retained
         on_fatal: Callable[[BrokerRefused], None],
         on_connected: Callable[[], None] = lambda: None,
     ):
@@ -130,15 +130,12 @@ class Transport:
             log.error("broker refused subscriptions: %s (check the ACL)", ", ".join(refused))
 
     def _handle_message(self, client, userdata, message) -> None:
-        self.handoff.submit(
-            self._deliver, message.topic, message.payload, message.mid, message.qos,
-            self._connection,
-        )  # fmt: skip
+        self.handoff.submit(self._deliver, message, self._connection)
 
     # -- on the handoff worker -----------------------------------------------------------------
-    def _deliver(self, topic: str, payload: bytes, mid: int, qos: int, connection: int) -> None:
+    def _deliver(self, message: paho.MQTTMessage, connection: int) -> None:
         try:
-            self._on_message(topic, payload)
+            self._on_message(message.topic, message.payload, bool(message.retain))
         finally:  # a message that broke its handler would break it again: not redelivered
-            if qos > 0 and connection == self._connection:
-                self._client.ack(mid, qos)
+            if message.qos > 0 and connection == self._connection:
+                self._client.ack(message.mid, message.qos)

@@ -30,8 +30,8 @@ def wired(tmp_path):
         status_topic="fleet/dev-1/status",
         will=Will("fleet/dev-1/status", b"offline"),
         online_payload=lambda: b"online",
-        outbox=Outbox(spool, lambda item: 1),
-        on_message=lambda topic, payload: None,
+        outbox=Outbox(spool, lambda item: 1, retry_after_seconds=0.0),
+        on_message=lambda topic, payload, retained: None,
         on_fatal=fatal.append,
     )
     transport.handoff.start()
