@@ -71,6 +71,7 @@ def test_puback_outcomes_settle_or_keep_the_spooled_row(wired):
     transport._client.on_publish(transport._client, None, 1, quota, None)
     assert transport.handoff.drain()
     assert spool.stats().depth == 1  # quota exceeded: kept for a later retry
+    assert outbox.pump() == 1  # paho forgot it: handed over again (retry time 0 here)
     ok = ReasonCode(PacketTypes.PUBACK, identifier=0x10)  # "no matching subscribers" is a success
     transport._client.on_publish(transport._client, None, 1, ok, None)
     assert transport.handoff.drain()
