@@ -106,7 +106,7 @@ class Agent:
         offset = ClockOffset()
         runner = JobRunner(
             handlers.table(),
-            status_sender(uplink),
+            status_sender(uplink, lambda *publish: transport.publish_direct(*publish)),
             JobHistory(state / "jobs.json", clock=offset.coordinator_now),
             base_model_hash=model.weights_hash,
             max_queued=c.max_queued_jobs,

@@ -87,6 +87,11 @@ class Transport:
             return info.mid  # queued by paho: sent after the reconnect, PUBACK settles it
         return None
 
+    def publish_direct(self, topic: str, payload: bytes, qos: int) -> None:
+        """Bypass the spool (it cannot be written): paho holds a QoS 1 message in memory until
+        its PUBACK, across reconnects, but not across a restart of the agent."""
+        self._client.publish(topic, payload, qos=qos)
+
     def stop(self, offline_payload: bytes, timeout: float = 5.0) -> None:
         """Announce `offline` (the Will is not sent on a clean DISCONNECT), then disconnect."""
         if self.connected.is_set():
