@@ -91,11 +91,15 @@ class Outbox:
         """PUBACK for `mid`: `accepted` False when a v5 broker refused it for good, None when it
         refused it for now (quota exceeded: paho forgot it, it is handed over again later)."""
         with self._lock:
-            entry = self._in_flight.pop(mid, None)
+            entry = self._in_flight.get(mid)
             if entry is None:
                 self._early_acks[mid] = (accepted, self._clock())
                 return
+        # The entry stays in flight until its row is deleted (or marked for retry): a pump in
+        # between would otherwise find the row still spooled and not in flight, and send it again.
         self._outcome(entry.spool_id, accepted)
+        with self._lock:
+            self._in_flight.pop(mid, None)
         self.notify()
 
     def _outcome(self, spool_id: int, accepted: bool | None) -> None:

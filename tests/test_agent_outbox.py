@@ -180,3 +180,28 @@ def test_a_row_the_client_can_never_publish_does_not_block_the_rest(parts):
     assert outbox.pump() == 1
     assert [t for _, t in client.sent] == ["r/1"]
     assert outbox.stats().refused_for_good == 1 and spool.stats().depth == 1
+
+
+def test_a_pump_while_a_puback_is_being_settled_does_not_hand_the_row_over_again(parts):
+    spool, client, outbox, _ = parts
+    spool_records(spool, 1)
+    outbox.connected()
+    outbox.pump()
+    entered, release = threading.Event(), threading.Event()
+    ack = spool.ack
+
+    def slow_ack(item_id):  # the row's delete is slow (SQLite commit on an SD card)
+        entered.set()
+        assert release.wait(5)
+        return ack(item_id)
+
+    spool.ack = slow_ack
+    settling = threading.Thread(target=outbox.acknowledged, args=(client.sent[0][0], True))
+    settling.start()
+    try:
+        assert entered.wait(5)
+        assert outbox.pump() == 0  # the row is still spooled, but it is not sent twice
+    finally:
+        release.set()
+        settling.join(5)
+    assert [t for _, t in client.sent] == ["r/0"] and spool.stats().depth == 0
