@@ -182,6 +182,7 @@ def run(args) -> DeliveryResult:
     topic = TOPICS.report(DEVICE)
     sends = PahoSends(topic)
     paho_log = logging.getLogger("paho")
+    was = paho_log.level, paho_log.propagate
     paho_log.addHandler(sends)
     paho_log.setLevel(logging.DEBUG)
     paho_log.propagate = False  # counted, not printed
@@ -220,6 +221,7 @@ def run(args) -> DeliveryResult:
             coordinator.close()
             loop.close()
             paho_log.removeHandler(sends)
+            paho_log.level, paho_log.propagate = was
     copies, applied = coordinator.snapshot()
     delivered = len(applied)
     return DeliveryResult(
