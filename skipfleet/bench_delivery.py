@@ -221,7 +221,8 @@ def run(args) -> DeliveryResult:
             coordinator.close()
             loop.close()
             paho_log.removeHandler(sends)
-            paho_log.level, paho_log.propagate = was
+            paho_log.setLevel(was[0])  # setLevel: it also clears the loggers' level cache
+            paho_log.propagate = was[1]
     copies, applied = coordinator.snapshot()
     delivered = len(applied)
     return DeliveryResult(
