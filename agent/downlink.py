@@ -1,6 +1,7 @@
 """Commands from the coordinator: decoded, checked, and handed over without blocking.
 
-Runs on paho's network thread, so it only decodes and queues: jobs go to the job runner,
+Runs on the MQTT worker (agent.handoff), never on paho's network thread; it decodes and
+hands over without waiting for a job: jobs go to the job runner,
 adapter publications (possibly chunked) to the adapter inbox, desired-state pointers to the
 reconciler (agent.reconcile). Each command's sent time feeds the clock offset estimate
 (agent.clock_offset) before the command is judged. A job command that cannot be

@@ -114,7 +114,7 @@ class JobRunner:
         self._stopping = False
         self._thread: threading.Thread | None = None
 
-    # -- called from the transport's thread: quick, never blocks on a job ----------------
+    # -- called from the MQTT worker (agent.handoff): writes the history, never runs a job --
     def submit(self, job: Job) -> JobStatus | None:
         """Queue a job, or reject it at once; a CANCEL is carried out at once.
 

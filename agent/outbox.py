@@ -78,7 +78,7 @@ class Outbox:
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    # -- events from the transport (paho's thread) -------------------------------------------
+    # -- events from the transport (its MQTT worker, agent.handoff) ---------------------------
     def connected(self) -> None:
         self._connected.set()
         self.notify()
