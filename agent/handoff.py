@@ -5,6 +5,9 @@ PUBACK deletes a spool row (SQLite commit): on an SD card any of these can take 
 stall keep-alive if done on the network thread. So the transport's callbacks only append to an
 unbounded queue here (never blocks) and this thread runs the work, one item at a time, in the
 order paho delivered the events (a PUBACK never overtakes the publish's connection event).
+The queue stays small without a bound of its own: commands are acknowledged only after they
+ran here, so the broker has at most its in-flight limit of them outstanding (mosquitto: 20),
+and PUBACKs come for at most the outbox's window of publishes (16).
 """
 
 from __future__ import annotations
