@@ -41,24 +41,33 @@ def main(args: argparse.Namespace) -> int:
     if flags and not section:
         print("skipfleet config: name the command whose flags these are", file=sys.stderr)
         return EXIT_USAGE
-    path = config or os.environ.get(ENV_CONFIG) or "none"
-    print(f"# effective configuration; precedence flag > env > file > default; file: {path}")
+    tables = []
     for name in [section] if section else SECTIONS:
         try:
             namespace = _parse(name, (["--config", config] if config else []) + flags)
-            text = show(resolve(namespace, os.environ))
+            tables.append(show(resolve(namespace, os.environ)))
         except ConfigFileError as err:
             print(f"skipfleet config: {err}", file=sys.stderr)
             return EXIT_USAGE
-        print(f"\n{text}")
+    path = config or os.environ.get(ENV_CONFIG) or "none"
+    print(f"# effective configuration; precedence flag > env > file > default; file: {path}")
+    for table in tables:
+        print(f"\n{table}")
     return 0
 
 
 def _words(words: list[str]) -> tuple[str | None, str | None, list[str]]:
     """(--config, the section, the command's flags); argparse exits 2 on a bad section."""
-    parser = argparse.ArgumentParser(prog="skipfleet config show")
-    parser.add_argument("--config", metavar="FILE")
-    parser.add_argument("section", nargs="?", choices=SECTIONS)
+    parser = argparse.ArgumentParser(
+        prog="skipfleet config show",
+        description="The effective configuration; any further flags are the command's own.",
+    )
+    parser.add_argument(
+        "--config", metavar="FILE", help=f"TOML config file (default: ${ENV_CONFIG}, else none)"
+    )
+    parser.add_argument(
+        "section", nargs="?", choices=SECTIONS, help="whose configuration (default: all three)"
+    )
     known, flags = parser.parse_known_args(words)
     return known.config, known.section, flags
 
