@@ -56,8 +56,11 @@ def test_a_flag_beats_the_environment_which_beats_the_file_which_beats_the_defau
         'base_model = "file-base.npz"\nstate_dir = "file-state"\n',
     )
     environ = {"SKIPFLEET_BROKER": "mqtt://from-env:1883", "SKIPFLEET_MQTT_USERNAME": "env-user"}
-    args = parser_of("agent").parse_args(["--config", str(path), "--username", "flag-user"])
+    argv = ["--config", str(path), "--username", "flag-user", "--topic-root", "fleet"]
+    args = parser_of("agent").parse_args(argv)
     resolved = resolve(args, environ)
+    # a flag that repeats the default is still the flag
+    assert resolved.sources["topic_root"] == "flag" and resolved.values["topic_root"] == "fleet"
     assert resolved.values["username"] == "flag-user" and resolved.sources["username"] == "flag"
     assert resolved.sources["broker"] == "env:SKIPFLEET_BROKER"
     assert resolved.values["heartbeat_seconds"] == 7.0
