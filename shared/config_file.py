@@ -58,7 +58,7 @@ class Option:
     key: str  # the argparse dest, also the file's key
     flag: str  # the long option string, for messages
     convert: Callable[[str], Any] | None  # the flag's `type=`
-    choices: tuple | None
+    choices: tuple[Any, ...] | None
     default: Any
     kind: str  # "bool", "int", "float", "str" or "value" (a custom type= such as 'off'|number)
     env: str | None
@@ -110,16 +110,15 @@ def prepare_parser(
 
 
 def _option(action: argparse.Action, env: str | None, in_file: bool) -> Option:
+    convert: Callable[[str], Any] | None = action.type if callable(action.type) else None
     default = action.default.value
-    if isinstance(default, str) and action.type is not None:
-        default = action.type(default)  # as argparse converts a string default
-    if action.nargs == 0:
-        kind = "bool"
-    else:
-        kind = {None: "str", str: "str", int: "int", float: "float"}.get(action.type, "value")
+    if isinstance(default, str) and convert is not None:
+        default = convert(default)  # as argparse converts a string default
+    kinds: dict[object, str] = {None: "str", str: "str", int: "int", float: "float"}
+    kind = "bool" if action.nargs == 0 else kinds.get(convert, "value")
     flag = max(action.option_strings, key=len)
     choices = tuple(action.choices) if action.choices else None
-    return Option(action.dest, flag, action.type, choices, default, kind, env, in_file)
+    return Option(action.dest, flag, convert, choices, default, kind, env, in_file)
 
 
 def _formatter(env: Mapping[str, str]) -> type[argparse.HelpFormatter]:
@@ -209,7 +208,7 @@ def load_section(path: Path, spec: Spec) -> dict[str, Any]:
     }
 
 
-def _from_file(path: Path, section: str, key: str, value: Any, options: dict) -> Any:
+def _from_file(path: Path, section: str, key: str, value: Any, options: dict[str, Option]) -> Any:
     where = f"config file {path}: [{section}] {key}"
     option = options.get(key)
     if option is None:
