@@ -228,7 +228,8 @@ def _password(args: argparse.Namespace) -> str | None:
     file_rank, literal_rank = (source_rank(sources[k]) for k in ("password_file", "password"))
     if args.password_file and (file_rank <= literal_rank or not args.password):
         return _read_password(args.password_file, _described(sources["password_file"]))
-    return args.password
+    literal: str | None = args.password
+    return literal
 
 
 def _described(source: str) -> str:

@@ -22,7 +22,7 @@ from coordinator.clustering import DEFAULT_CLUSTER_DISTANCE
 from coordinator.federation import FederationPolicy
 from coordinator.rollout import RolloutPolicy
 from coordinator.scheduler import LabelFreeSignal, SchedulerPolicy
-from shared.config_file import prepare_parser, resolve_args, source_rank
+from shared.config_file import describe_type, prepare_parser, resolve_args, source_rank
 
 if TYPE_CHECKING:  # keep paho out of `skipfleet --help`
     from shared.mqtt import MqttSettings
@@ -213,9 +213,7 @@ def optional_float(text: str) -> float | None:
     return value
 
 
-# for shared.config_file: its messages, and how `config show` prints None
-optional_float.config_type = "a number or 'off'"
-optional_float.none_text = "off"
+describe_type(optional_float, "a number or 'off'", none_as="off")  # for the config file
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -32,6 +32,16 @@ _TOML_TYPES = {bool: "a boolean", int: "an integer", float: "a float", str: "a s
 _TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
 
 
+# custom `type=` callables -> (the type a file value must have, in words; how None is written)
+_DESCRIBED: dict[Callable[[str], Any], tuple[str, str | None]] = {}
+
+
+def describe_type(convert: Callable[[str], Any], expected: str, none_as: str | None = None) -> None:
+    """Tell file messages what a custom `type=` accepts ("a number or 'off'"), and `config show`
+    how to write its None ("off") so that the output reads back."""
+    _DESCRIBED[convert] = (expected, none_as)
+
+
 class ConfigFileError(ValueError):
     """A config file (or environment variable) that cannot be used: the entry points print it
     and exit with EXIT_USAGE."""
@@ -67,8 +77,13 @@ class Option:
     def expected(self) -> str:
         if self.choices:
             return "one of " + ", ".join(repr(c) for c in self.choices)
-        described = getattr(self.convert, "config_type", None)  # e.g. "a number or 'off'"
-        return described or _KINDS.get(self.kind, f"a value {self.flag} accepts")
+        if self.convert in _DESCRIBED:
+            return _DESCRIBED[self.convert][0]
+        return _KINDS.get(self.kind, f"a value {self.flag} accepts")
+
+    def none_as(self) -> str | None:
+        """How this option's None is written in a file, if it can be ('off')."""
+        return _DESCRIBED[self.convert][1] if self.convert in _DESCRIBED else None
 
 
 @dataclass(frozen=True)
@@ -285,7 +300,7 @@ def show(resolved: Resolved) -> str:
     width = max((len(o.key) for o in resolved.options), default=0)
     for option in resolved.options:
         value, source = resolved.values[option.key], resolved.sources[option.key]
-        off = getattr(option.convert, "none_text", None)  # None means 'off' for this option
+        off = option.none_as()
         if value is None and off:
             line = f"{option.key:<{width}} = {toml_value(off)}"
         elif value is None:
