@@ -7,6 +7,8 @@ from __future__ import annotations
 import argparse
 import importlib
 import re
+import subprocess
+import sys
 import textwrap
 import tomllib
 from pathlib import Path
@@ -239,3 +241,16 @@ def test_the_pis_agent_toml_in_the_deploy_guide_is_a_valid_agent_table(tmp_path)
     resolved = resolve(parser_of("agent").parse_args(["--config", str(path)]), {})
     assert resolved.values["device_id"] == resolved.values["username"] == "pi-kitchen"
     assert resolved.sources["broker"] == f"file:{path}"
+
+
+def test_the_config_file_code_needs_only_the_standard_library():
+    """The agent loads it on a Pi: nothing beyond the standard library and `shared` itself."""
+    script = (
+        "import sys, shared.config_file\n"
+        "top = {m.split('.')[0] for m in sys.modules if not m.startswith('_')}\n"
+        "print(sorted(top - set(sys.stdlib_module_names) - {'shared'}))\n"
+    )
+    result = subprocess.run(
+        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO
+    )
+    assert result.stdout.strip() == "[]", result.stdout
