@@ -36,7 +36,7 @@ _FAILED_STATES = frozenset({"FAILED", "REJECTED", "TIMED_OUT"})  # coordinator.j
 
 
 class RejectReason(StrEnum):
-    """Why the bridge dropped an inbound message (the `reason` label)."""
+    """Why the bridge (coordinator.bridge) dropped an inbound message (the `reason` label)."""
 
     BAD_TOPIC = "bad_topic"
     OVERSIZED = "oversized"
@@ -46,8 +46,8 @@ class RejectReason(StrEnum):
     OVERLOAD = "overload"
 
 
-# Why the fleet state dropped a message (coordinator.fleet.Fleet.reject); the bridge's own
-# reasons are coordinator.bridge.RejectReason. Both start at 0 on /metrics.
+# Why the fleet state dropped a message (coordinator.fleet.Fleet.reject; a test holds the
+# literals there to this list). These and RejectReason start at 0 on /metrics.
 FLEET_REJECT_REASONS = (
     "duplicate", "internal_error", "invalid_report", "invalid_status", "not_owner",
     "stale_report", "stale_status", "unexpected_kind", "unexpected_report", "unknown_adapter",
