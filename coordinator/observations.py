@@ -12,6 +12,7 @@ import threading
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from coordinator.jobs import JobState
 from shared.protocol import JobReason
 
 
@@ -32,7 +33,7 @@ TIMED_OUT = "timed_out"  # the coordinator's deadline passed
 REPORT_REFUSED = "report_refused"  # the device's report failed the coordinator's checks
 UNSPECIFIED = "unspecified"  # the device said no reason code
 JOB_FAILURE_REASONS = (*(r.value for r in JobReason), TIMED_OUT, REPORT_REFUSED, UNSPECIFIED)
-_FAILED_STATES = frozenset({"FAILED", "REJECTED", "TIMED_OUT"})  # coordinator.jobs.JobState
+_FAILED_STATES = frozenset({JobState.FAILED, JobState.REJECTED, JobState.TIMED_OUT})
 
 
 class RejectReason(StrEnum):
@@ -59,7 +60,7 @@ def failure_reason(state: str, detail: str | None) -> str | None:
     """The `reason` label of a job entering `state` with `detail`; None if it did not fail."""
     if state not in _FAILED_STATES:
         return None
-    if state == "TIMED_OUT":
+    if state == JobState.TIMED_OUT:
         return TIMED_OUT
     if detail and detail.startswith("report refused"):
         return REPORT_REFUSED
