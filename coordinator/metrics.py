@@ -98,6 +98,12 @@ class FleetMetrics:
         self.device_drift = Gauge(
             p + "device_drift_score", "Last reported input drift score", ["device"], registry=r
         )
+        self.device_clock_offset = Gauge(
+            p + "device_clock_offset_seconds",
+            "The device's clock minus the coordinator's, as the device estimates it",
+            ["device"],
+            registry=r,
+        )
         self.device_adapter_version = Gauge(
             p + "device_adapter_version",
             "Fleet adapter version the device runs",
@@ -294,6 +300,7 @@ class FleetMetrics:
             (self.device_adapter_version, "adapter_version"),  # none: runs no fleet version
             (self.device_last_seen, "last_seen"),
             (self.device_spooled, "spooled"),
+            (self.device_clock_offset, "clock_offset_s"),
         )
 
     def _set_device(self, d: DeviceGauges) -> None:

@@ -168,6 +168,7 @@ class DeviceGauges:
     last_seen: float | None = None  # epoch seconds of its last heartbeat or presence news
     spooled: int | None = None  # messages its spool holds, as its last heartbeat said
     cohort: str = "none"  # the cohort it registered in ("none": not registered yet)
+    clock_offset_s: float | None = None  # the device's clock minus the coordinator's
 
 
 @dataclass(frozen=True)

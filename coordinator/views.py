@@ -61,6 +61,7 @@ def _gauges(r: DeviceRecord, placement) -> DeviceGauges:
         last_seen=_last_seen(r),
         spooled=r.spool_depth,
         cohort=r.cohort or "none",
+        clock_offset_s=r.clock_offset_s,
     )
 
 
