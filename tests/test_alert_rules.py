@@ -1,6 +1,6 @@
 """The alert rules of deploy/prometheus/alerts.yml: valid to promtool, every rule covered by the
 unit tests of tests/prometheus/alerts_test.yml (fires and stays quiet where it should), and on
-metrics the coordinator exports (docs/architecture.md, or the clock offset the agents report)."""
+metrics the coordinator exports (docs/architecture.md)."""
 
 from __future__ import annotations
 
@@ -20,8 +20,6 @@ ARCHITECTURE = ROOT / "docs" / "architecture.md"
 # The alerts the fleet's operator asked for (issue 14), by what they watch.
 REQUIRED = {"SkipfleetDeviceOffline", "SkipfleetDriftHigh", "SkipfleetRoundFailed",
             "SkipfleetRollback", "SkipfleetSpoolGrowing", "SkipfleetClockSkew"}  # fmt: skip
-# Set by the agents' heartbeat (the agent-delivery work), not in this tree's metric table yet.
-CLOCK_OFFSET = "skipfleet_device_clock_offset_seconds"
 
 
 def promtool() -> str:
@@ -64,7 +62,7 @@ def test_every_alert_is_unit_tested_firing_and_the_required_ones_exist():
 
 def test_alerts_read_only_metrics_the_coordinator_exports():
     documented = documented_metrics(ARCHITECTURE)
-    known = set(documented) | {CLOCK_OFFSET, "up"}
+    known = set(documented) | {"up"}  # up: Prometheus's own, per scrape target
     for rule in rules():
         used = promql_names(rule["expr"]).metrics
         assert used <= known, (rule["alert"], used - known)
