@@ -42,6 +42,13 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_federation(targets)
     add_drift(targets)
     add_delivery(targets)
+    shutdown = targets.add_parser(
+        "shutdown",
+        help="a local-Ray coordinator stopped by SIGTERM and killed by SIGKILL: seconds until "
+        "nothing it started runs, and what is left",
+    )
+    shutdown.add_argument("--trials", type=positive_int, default=3, help="of each (default 3)")
+    shutdown.add_argument("--json", metavar="OUT", help="write the results as JSON")
 
 
 def add_delivery(targets) -> None:
@@ -190,6 +197,10 @@ def main(args) -> int:
         from skipfleet import bench_delivery
 
         return bench_delivery.main(args)
+    if args.target == "shutdown":  # no data sets: a coordinator and a broker
+        from skipfleet import bench_shutdown
+
+        return bench_shutdown.main(args)
     try:
         args.data_dir = resolve_data_dir(args.data_dir, os.environ)
     except DataError as error:
