@@ -13,6 +13,7 @@ from __future__ import annotations
 import contextlib
 import os
 import signal
+import threading
 from collections.abc import Iterator
 
 from shared import proctree
@@ -43,7 +44,11 @@ def _raise_stopped(signum: int, frame: object) -> None:
 
 @contextlib.contextmanager
 def stop_on_signals() -> Iterator[None]:
-    """Within the block, SIGTERM and SIGINT raise Stopped (main thread only)."""
+    """Within the block, SIGTERM and SIGINT raise Stopped. Off the main thread (simulate run
+    from a thread), where Python cannot set handlers, it changes nothing."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
     before = {sig: signal.getsignal(sig) for sig in SIGNALS}
     for sig in SIGNALS:
         signal.signal(sig, _raise_stopped)
