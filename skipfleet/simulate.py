@@ -54,6 +54,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--json", metavar="OUT", help="write the results as JSON")
     add("--report", metavar="OUT.html", help="write an HTML report with charts")
     add("--run-dir", help="where logs and state go (default: out/simulate-TIMESTAMP)")
+    add(
+        "--keep-running",
+        action="store_true",
+        help="after the scenario (and its table, JSON and report), keep the fleet and the "
+        "coordinator's dashboard running until Ctrl-C or SIGTERM",
+    )
     add("--timeout", type=float, default=300.0, help="seconds any one phase may take")
     add("--seed", type=int, default=0)
 
@@ -75,11 +81,12 @@ def main(args) -> int:
         prepared, data_dir = _fleet(args)
         from skipfleet.sim_run import Simulation
 
-        result = Simulation(args, data_dir, run_dir, prepared).run()
+        simulation = Simulation(args, data_dir, run_dir, prepared)
+        # with --keep-running the outputs are written while everything still runs
+        simulation.run(lambda result: _write_outputs(args, result))
     except (DataError, ApiError, TimeoutError, RuntimeError) as error:
         print(f"skipfleet simulate: {error}\n  logs: {run_dir}", file=sys.stderr)
         return 1
-    _write_outputs(args, result)
     return 0
 
 
