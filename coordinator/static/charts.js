@@ -120,20 +120,26 @@
     return chart;
   }
 
+  // opts.names: every series the page shows, so a device has one colour on every chart;
+  // opts.xMin, opts.xMax: one time range for charts side by side
   function updateTimeChart(chart, series, opts) {
     const names = Object.keys(series).sort();
+    const order = opts.names || names;
+    const slot = (name) => Math.max(order.indexOf(name), 0);
     const all = names.flatMap((n) => series[n].map((p) => p[1]));
     const u = opts.percent ? { unit: "", factor: 1 } : unitFor(opts.unit, all);
-    chart.data.datasets = names.map((name, i) => ({
+    chart.data.datasets = names.map((name) => ({
       label: name,
       data: series[name].map((p) => ({ x: p[0], y: p[1] === null ? null : p[1] / u.factor })),
-      borderColor: colour(i),
-      backgroundColor: colour(i),
-      borderDash: dash(i),
+      borderColor: colour(slot(name)),
+      backgroundColor: colour(slot(name)),
+      borderDash: dash(slot(name)),
       borderWidth: 1.6,
       pointRadius: series[name].length < 40 ? 2.5 : 0,
       spanGaps: false,
     }));
+    chart.options.scales.x.min = opts.xMin;
+    chart.options.scales.x.max = opts.xMax;
     const y = chart.options.scales.y;
     if (!opts.percent) {
       y.title.text = u.unit && opts.yTitle ? opts.yTitle + " (" + u.unit + ")" : opts.yTitle;

@@ -152,8 +152,12 @@
 
   function renderCharts(state) {
     const markers = state.events.filter((e) => e.kind !== "round" && e.kind !== "device");
+    const names = state.devices.map((d) => d.device_id).sort();
+    const times = Object.values(state.history).flatMap((by) => Object.values(by))
+      .flatMap((points) => points.map((p) => p[0]));
+    const xMin = times.length ? Math.min(...times) : state.now - 60;
     for (const [what, opts] of Object.entries(TIME_CHARTS)) {
-      const o = Object.assign({ clock: true, events: markers }, opts);
+      const o = Object.assign({ clock: true, events: markers, names, xMin, xMax: state.now }, opts);
       const data = series(state.history, what);
       if (charts[what]) SkipCharts.updateTimeChart(charts[what], data, o);
       else charts[what] = SkipCharts.timeChart($("chart-" + what), data, o);
