@@ -75,8 +75,8 @@ class Simulation:
 
     # ---------------------------------------------------------------- set up
     def run(self, done=lambda result: None) -> dict:
-        """The scenario's result; `done(result)` is called with it before anything stops (and,
-        with --keep-running, everything stops only when the operator stops simulate)."""
+        """The scenario's result. With --keep-running, `done(result)` is called with it while
+        everything still runs, which it then does until the operator stops simulate."""
         a = self.args
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.say(f"run dir {self.run_dir}")
@@ -106,8 +106,8 @@ class Simulation:
             runs, evaluations = self._run_federation(scenario, fleet)
             result = {**collect(self, scenario, broker_kind, runs, evaluations),
                       "topic_root": self.name}  # fmt: skip
-            done(result)
             if a.keep_running:
+                done(result)
                 keep_running(self.say, self.dashboard_url)
         return {**result, "retained_cleared": self.cleared}
 

@@ -82,11 +82,13 @@ def main(args) -> int:
         from skipfleet.sim_run import Simulation
 
         simulation = Simulation(args, data_dir, run_dir, prepared)
-        # with --keep-running the outputs are written while everything still runs
-        simulation.run(lambda result: _write_outputs(args, result))
+        # with --keep-running the outputs are written while everything still runs, and the JSON
+        # again at the end, with the retained messages removed on the way out
+        result = simulation.run(lambda result: _write_outputs(args, result))
     except (DataError, ApiError, TimeoutError, RuntimeError) as error:
         print(f"skipfleet simulate: {error}\n  logs: {run_dir}", file=sys.stderr)
         return 1
+    _write_outputs(args, result, only_json=args.keep_running)
     return 0
 
 
@@ -133,15 +135,16 @@ def _check_args(args) -> str | None:
     return None
 
 
-def _write_outputs(args, result: dict) -> None:
+def _write_outputs(args, result: dict, only_json: bool = False) -> None:
     from skipfleet.sim_results import format_table
 
-    print(format_table(result))
+    if not only_json:
+        print(format_table(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
-    if args.report:
+    if args.report and not only_json:
         from skipfleet.report_html import render
 
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)

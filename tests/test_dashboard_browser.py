@@ -57,6 +57,8 @@ def live(tmp_path_factory, ray_session, data_dir):
             raise
     assert code == 0, out.read_text()[-3000:]
     assert "stopping the fleet" in out.read_text()
+    final = json.loads((tmp / "result.json").read_text())  # rewritten once all stopped
+    assert final["retained_cleared"], "the agents' retained presence was removed at the end"
 
 
 def _wait_for_dashboard(process, out: Path) -> str:
