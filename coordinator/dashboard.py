@@ -30,6 +30,7 @@ STATIC_DIR = Path(__file__).parent / "static"
 STATIC_TYPES = {".js": "text/javascript", ".html": "text/html", ".md": "text/markdown"}
 SAMPLE_S = 2.0
 HISTORY_POINTS = 1800  # per device and series: an hour of 2 s heartbeats
+POINTS_SHOWN = 300  # per device and series in one state answer: a chart's width, not an hour
 MAX_EVENTS = 2000  # online/offline changes kept
 ROUNDS_SHOWN = 200
 RUNS_SHOWN = 50
@@ -42,8 +43,8 @@ HEARTBEAT_SERIES = {"drift": "confidence_score", "power": "power_w", "spool": "s
 class FleetHistory:
     """Bounded per-device time series, fed with the devices view (plain dicts)."""
 
-    def __init__(self, points: int = HISTORY_POINTS) -> None:
-        self._points = points
+    def __init__(self, points: int = HISTORY_POINTS, shown: int = POINTS_SHOWN) -> None:
+        self._points, self._shown = points, shown
         self._series: dict[str, dict[str, deque]] = {}
         self._last: dict[str, dict[str, Any]] = {}  # device -> the times last recorded
         self._events: deque = deque(maxlen=MAX_EVENTS)
@@ -84,13 +85,21 @@ class FleetHistory:
     def series(self) -> dict[str, dict[str, list]]:
         with self._lock:
             return {
-                device: {what: sorted(points) for what, points in by.items()}
+                device: {what: _thin(sorted(points), self._shown) for what, points in by.items()}
                 for device, by in self._series.items()
             }
 
     def events(self) -> list[dict[str, Any]]:
         with self._lock:
             return list(self._events)
+
+
+def _thin(points: list, most: int) -> list:
+    """At most `most` points, evenly spaced, the newest always among them."""
+    if len(points) <= most:
+        return points
+    step = len(points) / most
+    return [points[int(len(points) - 1 - i * step)] for i in range(most)][::-1]
 
 
 class HistorySampler:

@@ -46,6 +46,15 @@ def test_history_keeps_one_point_per_heartbeat_and_evaluation_and_logs_online_ch
     assert [(e["t"], e["text"]) for e in events] == [(13.0, "pi-1 offline"), (15.0, "pi-1 online")]
 
 
+def test_a_long_history_is_thinned_to_a_charts_width_keeping_the_newest_point():
+    history = FleetHistory(points=100, shown=10)
+    for t in range(100):
+        history.record([reading(float(t), power_w=float(t))], float(t))
+    power = history.series()["pi-1"]["power"]
+    assert len(power) == 10 and power[-1] == (99.0, 99.0)
+    assert [t for t, _ in power] == sorted({t for t, _ in power})  # in order, no repeats
+
+
 def test_faults_logged_by_the_fleet_control_endpoint_reach_the_timeline(tmp_path):
     log_event(tmp_path, "pause", "pi-2")
     log_event(tmp_path, "cut-broker", None)
