@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from skipfleet.fleet.base import FleetUnavailable
@@ -27,6 +28,17 @@ def fleet_dir_of(run_dir: Path) -> Path:
     if not (run_dir / RUN_STATE_FILE).exists() and (nested / RUN_STATE_FILE).exists():
         return nested
     return run_dir
+
+
+EVENTS_FILE = "events.jsonl"  # one JSON line per fault injected through the control endpoint
+
+
+def log_event(run_dir: Path, action: str, device: str | None) -> None:
+    """Appends {"at": wall time, "action", "device"} for the coordinator's dashboard timeline;
+    one write of one line, so a reader sees whole lines (or a torn last one it skips)."""
+    line = json.dumps({"at": time.time(), "action": action, "device": device}) + "\n"
+    with open(Path(run_dir) / EVENTS_FILE, "a") as out:
+        out.write(line)
 
 
 def write_run_state(run_dir: Path, state: dict) -> None:
