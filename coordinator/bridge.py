@@ -61,6 +61,10 @@ QUEUE_CAPACITY = 10_000
 # Unacknowledged device messages the broker may have in flight to us (MQTT v5 Receive Maximum):
 # we acknowledge after the actor's commit, so mosquitto's default window of 20 would throttle us.
 RECEIVE_MAXIMUM = 2_000
+# Ticks follow events: a committed batch of device messages, or a tick that handed out work,
+# asks for the next tick this soon (the gap lets a burst of batches share one tick); with
+# nothing happening the fleet is ticked every tick_interval_s.
+EVENT_TICK_GAP_S = 0.05
 
 
 class FatalReason(StrEnum):
@@ -156,6 +160,7 @@ class MqttBridge:
         self._decoder = InboundDecoder(self._topics, metrics, publish_limit=2 * config.chunk_limit)
         self._inbox: queue.Queue[tuple[Received | None, AckToken]] = queue.Queue(QUEUE_CAPACITY)
         self._stopping = threading.Event()
+        self._wake = threading.Event()  # device messages committed: tick soon
         self._connected = threading.Event()
         self._client = client_factory(config.mqtt, config.client_id, manual_ack=True)
         self._acks = InboundAcks(self._client.ack)
@@ -187,6 +192,7 @@ class MqttBridge:
         be acknowledged any more: a persistent session delivers them again to the next
         coordinator, which drops the repeats. Outbox rows not acknowledged stay in the outbox."""
         self._stopping.set()
+        self._wake.set()
         self._client.disconnect()
         self._client.loop_stop()
         for thread in self._threads:
@@ -313,6 +319,8 @@ class MqttBridge:
                 time.sleep(backoff_delay(attempt, base_s=0.5, cap_s=10.0))
                 attempt = min(attempt + 1, 6)
         self._acks.ack(token for _, token in items)
+        if batch:
+            self._wake.set()
 
     def _take(self, limit: int) -> list[tuple[Received | None, AckToken]]:
         batch = []
@@ -324,12 +332,15 @@ class MqttBridge:
         return batch
 
     def _control_loop(self) -> None:
-        interval = self._config.tick_interval_s
         next_metrics = 0.0
         failures = 0
-        while not self._stopping.wait(interval if failures == 0 else backoff_delay(failures)):
+        busy = False
+        while not self._stopping.is_set():
+            self._wait_for_tick(busy, failures)
+            if self._stopping.is_set():
+                return
             try:
-                self._publish_handed_out()
+                busy = self._publish_handed_out()
                 if time.monotonic() >= next_metrics:
                     next_metrics = time.monotonic() + self._config.metrics_interval_s
                     self._metrics.apply(self._port.metrics_report())
@@ -341,7 +352,21 @@ class MqttBridge:
                 failures = min(failures + 1, 6)
                 log.exception("tick failed")
 
-    def _publish_handed_out(self) -> None:
+    def _wait_for_tick(self, busy: bool, failures: int) -> None:
+        """Until the next tick: a short gap after an event (or a busy tick), the tick interval
+        when idle, a backoff after failures."""
+        if failures:
+            self._stopping.wait(backoff_delay(failures))
+            return
+        if busy:
+            self._stopping.wait(EVENT_TICK_GAP_S)
+            return
+        if self._wake.wait(self._config.tick_interval_s):
+            self._stopping.wait(EVENT_TICK_GAP_S)  # let the rest of the burst commit first
+        self._wake.clear()
+
+    def _publish_handed_out(self) -> bool:
+        """One tick; True if it handed out messages (more work is likely to follow soon)."""
         self._settled.extend(self._published.settled())
         acknowledged = list(self._settled)
         handed_out = self._port.tick(acknowledged)
@@ -350,4 +375,5 @@ class MqttBridge:
         for index, outbound in enumerate(waiting):
             if not self.publish(outbound):
                 self._unpublished = waiting[index:]  # in order, from this one, next tick
-                return
+                return True
+        return bool(handed_out)

@@ -254,6 +254,15 @@ class JobTable:
     def for_round(self, round_id: str) -> list[Job]:
         return self._select("round_id = ? ORDER BY created_at, rowid", (round_id,))
 
+    def round_progress(self, round_id: str) -> tuple[int, int]:
+        """(active, succeeded) job counts of the round, over all attempts, in one query."""
+        row = self._db.query_one(
+            f"SELECT COALESCE(SUM({_ACTIVE_SQL}), 0) AS active, "
+            "COALESCE(SUM(state = 'SUCCEEDED'), 0) AS succeeded FROM jobs WHERE round_id = ?",
+            (round_id,),
+        )
+        return int(row["active"]), int(row["succeeded"])
+
     def latest_attempts(self, round_id: str) -> dict[str, Job]:
         """Each device's most recent attempt in the round."""
         return {job.device_id: job for job in self.for_round(round_id)}

@@ -352,6 +352,8 @@ class FineTuneScheduler:
     def _close_finished_rounds(self, now: float) -> tuple[list[RoundStatus], list[Job]]:
         closed, canceled = [], []
         for rnd in self._rounds.open_rounds():
+            if self._surely_running(rnd, now):
+                continue
             status = self._evaluate(rnd, now)
             if not status.is_over:
                 continue
@@ -365,13 +367,27 @@ class FineTuneScheduler:
             closed.append(status)
         return closed, canceled
 
+    def _surely_running(self, rnd: Round, now: float) -> bool:
+        """A count-only check that spares the full evaluation (every job of the round read)
+        on ticks that cannot close the round: before the deadline, with a job still active
+        (so a device is pending) and enough active + succeeded jobs to reach the answers
+        needed (so it is reachable), evaluate_round says RUNNING. Only a retry replaces a
+        failed attempt, so active and succeeded jobs are each one device's latest attempt.
+        Excused devices are not counted here: a round with any gets the full evaluation."""
+        if now >= rnd.deadline or rnd.excused:
+            return False
+        active, succeeded = self._jobs.round_progress(rnd.round_id)
+        return active > 0 and active + succeeded >= rnd.answers_needed
+
     def _evaluate(self, rnd: Round, now: float) -> RoundStatus:
         latest = self._jobs.latest_attempts(rnd.round_id)
         can_retry = {device: self._jobs.can_retry(job) for device, job in latest.items()}
         reasons = {}
         for device in rnd.device_ids:
+            if device in latest:  # started: its job says how it went (no registry read)
+                continue
             record = self._registry.get(device)
-            if device not in latest and record is not None and record.last_skip_reason:
+            if record is not None and record.last_skip_reason:
                 reasons[device] = f"last skipped: {record.last_skip_reason}"
         return evaluate_round(rnd, latest, now, can_retry=can_retry, not_started_reasons=reasons)
 
