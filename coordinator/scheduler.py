@@ -255,13 +255,19 @@ class FineTuneScheduler:
 
     def automatic_trigger(self, record: DeviceRecord, now: float) -> Trigger | None:
         """Which automatic trigger fires for this device, if any (cooldown and busy excluded)."""
-        policy = self.policy
+        trigger = self._fired(record, now)
+        if trigger is None:  # the record alone says no: no query (this runs for every device)
+            return None
         # only fine-tunes count: an operator's evaluations must not keep a device in cooldown
         latest = self._jobs.latest_for_device(record.device_id, kind="finetune")
         if latest is not None and (
-            latest.is_active or now - latest.created_at < policy.trigger_cooldown_s
+            latest.is_active or now - latest.created_at < self.policy.trigger_cooldown_s
         ):
             return None
+        return trigger
+
+    def _fired(self, record: DeviceRecord, now: float) -> Trigger | None:
+        policy = self.policy
         if _below(record.accuracy, policy.accuracy_threshold):
             return Trigger.ACCURACY_BELOW
         if _above(_drop_since_last_finetune(record), policy.accuracy_drop_margin):
@@ -287,7 +293,7 @@ class FineTuneScheduler:
             candidate = Candidate(request.device_id, Trigger(request.trigger), request.round_id)
             candidates.setdefault(request.device_id, candidate)
         automatic = []
-        for record in self._registry.devices():
+        for record in self._registry.devices() if self._triggers_on() else ():
             if record.device_id in candidates:
                 continue
             trigger = self.automatic_trigger(record, now)
@@ -298,9 +304,19 @@ class FineTuneScheduler:
             candidates[device] = Candidate(device, trigger)
         return list(candidates.values())
 
+    def _triggers_on(self) -> bool:
+        """False when every automatic trigger is switched off: no device could fire one, so
+        the whole-fleet scan is skipped."""
+        p = self.policy
+        limits = (p.accuracy_threshold, p.accuracy_drop_margin, p.drift_threshold,
+                  p.label_free_threshold)  # fmt: skip
+        return any(limit is not None for limit in limits)
+
     def _dispatch(
         self, candidates: list[Candidate], now: float
     ) -> tuple[list[Job], dict[str, SkipReason]]:
+        if not candidates:  # most ticks: no need to count the slots (a look-up per job)
+            return [], {}
         capacity = self.policy.max_concurrent_jobs - self._slots_taken(now)
         dispatched: list[Job] = []
         skipped: dict[str, SkipReason] = {}
