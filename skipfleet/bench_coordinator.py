@@ -29,7 +29,7 @@ from agent.device_data import write_device_file
 from agent.trainer.finetune import pretrain
 from skipfleet import bench_aggregation
 from skipfleet.bench_coordinator_round import Parties, RoundFailed, run_round, wait_for
-from skipfleet.bench_coordinator_tables import format_tables
+from skipfleet.bench_coordinator_tables import format_tables, scale_summary
 from skipfleet.brokers import MosquittoBroker
 from skipfleet.coordinator_process import ApiError, CoordinatorProcess
 from skipfleet.loadgen.fleet import SimulatedFleet
@@ -151,6 +151,7 @@ def bench_fleet(devices: int, args, world: tuple[Path, list[Path]], root: Path, 
             result |= run_rounds(parties, devices, args, log)
         result["memory_peak_pss_bytes"] = peak.peak.pss_bytes
         result["memory_after"] = _memory(coordinator)
+        result["scale"] = scale_summary(result)
         return result
 
 
