@@ -162,7 +162,9 @@ class MqttBridge:
         self._stopping = threading.Event()
         self._wake = threading.Event()  # device messages committed: tick soon
         self._connected = threading.Event()
-        self._client = client_factory(config.mqtt, config.client_id, manual_ack=True)
+        # Derived from the state dir's resolved path: read once, not on every publish.
+        self._client_id = config.client_id
+        self._client = client_factory(config.mqtt, self._client_id, manual_ack=True)
         self._acks = InboundAcks(self._client.ack)
         self._published = PublishTracker()
         self._unpublished: list[Outbound] = []  # handed out, but paho would not take them yet
@@ -214,7 +216,7 @@ class MqttBridge:
         topic = self._topics.topic(outbound.device_id, kind)
         headers = {} if outbound.message_id is None else {"message_id": outbound.message_id}
         items = encode_for_publish(
-            outbound.message, sender=self._config.client_id, limit=self._config.chunk_limit,
+            outbound.message, sender=self._client_id, limit=self._config.chunk_limit,
             **headers,
         )  # fmt: skip
         mids = []
