@@ -220,10 +220,14 @@ class FleetService:
         f = self.fleet
         for job in (*result.dispatched, *result.timed_out, *result.canceled):
             f.transitioned(job)
+        starts: dict[str | None, dict[str, int]] = {}  # per round: its devices' start versions
         for job in result.dispatched:
             record = f.registry.get(job.device_id)
             base_hash = record.base_model_hash if record else None
-            start = f.runs.start_version(job.round_id, job.device_id)
+            if job.round_id not in starts:  # decoded once per round, not once per job
+                found = None if job.round_id is None else f.runs.round_of(job.round_id)
+                starts[job.round_id] = {} if found is None else found[2]
+            start = starts[job.round_id].get(job.device_id)
             steps = None if start is None else self.config.federation.steps
             message = finetune_job(
                 job, self.config.finetune, base_hash, start_version=start, steps=steps
