@@ -57,6 +57,10 @@ REFUSED_FOR_GOOD = frozenset({0x86, 0x87})
 # take it back, and the two would kick each other every few seconds, each time losing messages.
 SESSION_TAKEN_OVER = 0x8E
 MAX_BATCH = 256
+# QoS 0 messages (telemetry) beyond this many queued are dropped and counted. QoS 1 messages are
+# always queued: the broker holds them back beyond RECEIVE_MAXIMUM unacknowledged ones, so they
+# add at most that many (10,000 devices connecting at once filled a bounded queue with telemetry,
+# and the presences dropped behind it were never delivered again).
 QUEUE_CAPACITY = 10_000
 # Unacknowledged device messages the broker may have in flight to us (MQTT v5 Receive Maximum):
 # we acknowledge after the actor's commit, so mosquitto's default window of 20 would throttle us.
@@ -158,7 +162,7 @@ class MqttBridge:
         # A whole report may arrive as one publish of up to twice the chunk limit (as the agent
         # accepts on its side); chunks are re-assembled into at most 16 MiB.
         self._decoder = InboundDecoder(self._topics, metrics, publish_limit=2 * config.chunk_limit)
-        self._inbox: queue.Queue[tuple[Received | None, AckToken]] = queue.Queue(QUEUE_CAPACITY)
+        self._inbox: queue.Queue[tuple[Received | None, AckToken]] = queue.Queue()
         self._stopping = threading.Event()
         self._wake = threading.Event()  # device messages committed: tick soon
         self._connected = threading.Event()
@@ -200,7 +204,7 @@ class MqttBridge:
         for thread in self._threads:
             if thread.ident is not None:  # started
                 thread.join(flush_timeout_s)
-        remaining = [received for received, _ in self._take(QUEUE_CAPACITY) if received]
+        remaining = [r for r, _ in self._take(QUEUE_CAPACITY + RECEIVE_MAXIMUM) if r]
         try:
             if remaining:
                 self._port.ingest(remaining)
@@ -282,13 +286,13 @@ class MqttBridge:
     def _handle_message(self, client, userdata, message) -> None:
         token = self._acks.token(message.mid, message.qos)
         received = self._decoder.decode(message.topic, message.payload)
-        try:
-            # A rejected message or a chunk is acknowledged through the queue too, in order,
-            # after the messages before it (the worker never blocks this thread).
-            self._inbox.put_nowait((received, token))
-        except queue.Full:  # QoS 0 floods only: the broker holds QoS 1 beyond RECEIVE_MAXIMUM
+        if message.qos == 0 and self._inbox.qsize() >= QUEUE_CAPACITY:
             self._metrics.message_rejected(RejectReason.OVERLOAD.value)
-            log.error("inbound queue full: dropped a message on %s", message.topic)
+            log.error("inbound queue full: dropped a QoS 0 message on %s", message.topic)
+            return
+        # A rejected message or a chunk is acknowledged through the queue too, in order, after
+        # the messages before it (the worker never blocks this thread).
+        self._inbox.put_nowait((received, token))
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         if reason_code.is_failure:  # refused (e.g. the ACL): it will never be delivered

@@ -11,6 +11,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
+from coordinator import bridge as bridge_module
 from coordinator.bridge import FatalReason, InboundDecoder, MqttBridge
 from coordinator.clock import ManualClock
 from coordinator.metrics import FleetMetrics
@@ -239,3 +240,20 @@ def test_stop_commits_the_last_received_messages(tmp_path):
     bridge._client.deliver("fleet/pi-9/status", payload_of(device.presence()))  # not started
     bridge.stop()
     assert [d["device_id"] for d in service.devices()] == ["pi-9"]
+
+
+def test_a_full_queue_drops_telemetry_but_never_a_qos_1_message(tmp_path, monkeypatch):
+    monkeypatch.setattr(bridge_module, "QUEUE_CAPACITY", 2)
+    service = FleetService(make_config(tmp_path), clock=ManualClock())
+    metrics = FleetMetrics()
+    bridge = MqttBridge(service.config, LocalFleetPort(service), metrics, client_factory=FakeClient)
+    devices = [SimDevice(f"pi-{n}", ManualClock()) for n in range(4)]
+    for d in devices[:2]:  # not started: nothing drains the queue, which is now full
+        bridge._client.deliver(f"fleet/{d.device_id}/telemetry", payload_of(d.heartbeat()), qos=0)
+    bridge._client.deliver("fleet/pi-2/telemetry", payload_of(devices[2].heartbeat()), qos=0)
+    assert rejected(metrics, "overload") == 1
+    for mid, d in enumerate(devices, start=10):  # presences (QoS 1) past the capacity
+        bridge._client.deliver(f"fleet/{d.device_id}/status", payload_of(d.presence()), mid=mid)
+    bridge.stop()
+    assert [d["device_id"] for d in service.devices()] == ["pi-0", "pi-1", "pi-2", "pi-3"]
+    assert rejected(metrics, "overload") == 1
