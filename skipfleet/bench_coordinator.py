@@ -123,10 +123,12 @@ def bench_fleet(devices: int, args, world: tuple[Path, list[Path]], root: Path, 
         broker = MosquittoBroker(root / "broker", extra_config=broker_config())
         broker.start()
         stack.callback(broker.stop)
+        launched = time.monotonic()
         coordinator = CoordinatorProcess(broker.url, root / "state", root / "coordinator.log",
                                          knobs)  # fmt: skip
         stack.callback(coordinator.stop)
         coordinator.wait_healthy(args.round_timeout)
+        startup_s = time.monotonic() - launched  # process start to GET /health answering ok
         fleet = SimulatedFleet(broker.url, world[0], world[1], devices, processes,
                                root / "loadgen", options=loadgen_options(args))  # fmt: skip
         stack.callback(fleet.stop)
@@ -139,6 +141,7 @@ def bench_fleet(devices: int, args, world: tuple[Path, list[Path]], root: Path, 
         result = {
             "devices": devices,
             "processes": processes,
+            "coordinator_startup_seconds": startup_s,
             "coordinator_knobs": knobs,
             "online_seconds": online_s,
             "reference": [r["reference"] | {"device_seconds": r["device_seconds"]} for r in ready],

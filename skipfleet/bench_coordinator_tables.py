@@ -15,7 +15,7 @@ def format_tables(result: dict) -> str:
     parts = [
         "Scale: round latency over the rounds; messages (in + out) and coordinator CPU "
         "(its whole tree, Ray included) per device per round; phases as shares of the median "
-        "round; peak PSS of the coordinator's tree",
+        "round; peak and idle PSS of the coordinator's tree; its start-up (process to healthy)",
         _scale(fleets),
         "",
         "Round latency: POST /finetune -> the promoted adapter running on every device "
@@ -70,6 +70,7 @@ def scale_summary(fleet: dict) -> dict:
         "phase_share": {p: (v / whole if whole > 0 else float("nan")) for p, v in phases.items()},
         "peak_tree_pss_mib": fleet["memory_peak_pss_bytes"] / MIB,
         "idle_tree_pss_mib": fleet["memory_idle"]["tree_pss_bytes"] / MIB,
+        "startup_seconds": fleet.get("coordinator_startup_seconds", float("nan")),
         # every device's report in every round, and no message the coordinator refused
         "reports_missing": sum(devices - r["answered"] for r in rounds),
         "rejected_messages": sum(r["messages"]["rejected"] for r in rounds),
@@ -86,7 +87,8 @@ SHARE_WIDTHS = (("finetune", 4), ("aggregate_and_store", 4), ("canary", 5), ("di
 def _scale(fleets: list[dict]) -> str:
     lines = [f"{'devices':>7s} {'median s':>8s} {'p90 s':>6s} {'max s':>6s} {'msg/dev':>7s} "
              f"{'cpu ms/dev':>10s} {'cpu ms/msg':>10s} {'tune':>5s} {'aggr':>5s} {'canary':>6s} "
-             f"{'distr':>5s} {'peak PSS MiB':>12s} {'idle PSS MiB':>12s}"]  # fmt: skip
+             f"{'distr':>5s} {'peak PSS MiB':>12s} {'idle PSS MiB':>12s} "
+             f"{'start s':>7s}"]  # fmt: skip
     for f in fleets:
         s = scale_summary(f)
         lat, share = s["latency_seconds"], s["phase_share"]
@@ -96,7 +98,8 @@ def _scale(fleets: list[dict]) -> str:
             f"{s['messages_per_device_per_round']:7.2f} "
             f"{1e3 * s['coordinator_cpu_seconds_per_device_per_round']:10.2f} "
             f"{s['coordinator_cpu_ms_per_message']:10.3f} {shares} "
-            f"{s['peak_tree_pss_mib']:12.1f} {s['idle_tree_pss_mib']:12.1f}"
+            f"{s['peak_tree_pss_mib']:12.1f} {s['idle_tree_pss_mib']:12.1f} "
+            f"{s['startup_seconds']:7.1f}"
         )
     return "\n".join(lines)
 
