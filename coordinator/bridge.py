@@ -40,6 +40,7 @@ from shared.mqtt import (
 )
 from shared.protocol import (
     DecodeError,
+    MessageKind,
     ReassemblyError,
     SenderReassemblers,
     check_route,
@@ -57,10 +58,12 @@ REFUSED_FOR_GOOD = frozenset({0x86, 0x87})
 # take it back, and the two would kick each other every few seconds, each time losing messages.
 SESSION_TAKEN_OVER = 0x8E
 MAX_BATCH = 256
-# QoS 0 messages (telemetry) beyond this many queued are dropped and counted. QoS 1 messages are
-# always queued: the broker holds them back beyond RECEIVE_MAXIMUM unacknowledged ones, so they
-# add at most that many (10,000 devices connecting at once filled a bounded queue with telemetry,
-# and the presences dropped behind it were never delivered again).
+# Past this many queued messages, a heartbeat (QoS 0, a state) waits beside the queue as its
+# device's latest one, replacing (and counting as `overload`) an older one still waiting; other
+# QoS 0 messages are dropped and counted. QoS 1 messages are always queued: the broker holds them
+# back beyond RECEIVE_MAXIMUM unacknowledged ones. (10,000 devices connecting at once filled a
+# bounded queue with heartbeats: the presences dropped behind them were never delivered again,
+# and devices whose heartbeats were all dropped went stale.)
 QUEUE_CAPACITY = 10_000
 # Unacknowledged device messages the broker may have in flight to us (MQTT v5 Receive Maximum):
 # we acknowledge after the actor's commit, so mosquitto's default window of 20 would throttle us.
@@ -163,6 +166,8 @@ class MqttBridge:
         # accepts on its side); chunks are re-assembled into at most 16 MiB.
         self._decoder = InboundDecoder(self._topics, metrics, publish_limit=2 * config.chunk_limit)
         self._inbox: queue.Queue[tuple[Received | None, AckToken]] = queue.Queue()
+        self._latest_beats: dict[str, tuple[Received, AckToken]] = {}  # device -> newest held
+        self._beats_lock = threading.Lock()
         self._stopping = threading.Event()
         self._wake = threading.Event()  # device messages committed: tick soon
         self._connected = threading.Event()
@@ -204,7 +209,8 @@ class MqttBridge:
         for thread in self._threads:
             if thread.ident is not None:  # started
                 thread.join(flush_timeout_s)
-        remaining = [r for r, _ in self._take(QUEUE_CAPACITY + RECEIVE_MAXIMUM) if r]
+        waiting = [*self._take(QUEUE_CAPACITY + RECEIVE_MAXIMUM), *self._take_beats(None)]
+        remaining = [r for r, _ in waiting if r]
         try:
             if remaining:
                 self._port.ingest(remaining)
@@ -287,12 +293,22 @@ class MqttBridge:
         token = self._acks.token(message.mid, message.qos)
         received = self._decoder.decode(message.topic, message.payload)
         if message.qos == 0 and self._inbox.qsize() >= QUEUE_CAPACITY:
-            self._metrics.message_rejected(RejectReason.OVERLOAD.value)
-            log.error("inbound queue full: dropped a QoS 0 message on %s", message.topic)
+            self._hold_or_drop(received, token, message.topic)
             return
         # A rejected message or a chunk is acknowledged through the queue too, in order, after
         # the messages before it (the worker never blocks this thread).
         self._inbox.put_nowait((received, token))
+
+    def _hold_or_drop(self, received: Received | None, token: AckToken, topic: str) -> None:
+        if received is not None and received.envelope.kind == MessageKind.HEARTBEAT:
+            with self._beats_lock:
+                replaced = self._latest_beats.pop(received.device_id, None)
+                self._latest_beats[received.device_id] = (received, token)
+            if replaced is None:
+                return
+        else:
+            log.error("inbound queue full: dropped a QoS 0 message on %s", topic)
+        self._metrics.message_rejected(RejectReason.OVERLOAD.value)
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
         if reason_code.is_failure:  # refused (e.g. the ACL): it will never be delivered
@@ -304,10 +320,13 @@ class MqttBridge:
     def _forward_inbound(self) -> None:
         while not self._stopping.is_set():
             try:
-                first = self._inbox.get(timeout=0.2)
+                items = [self._inbox.get(timeout=0.05 if self._latest_beats else 0.2)]
             except queue.Empty:
-                continue
-            self._forward([first, *self._take(MAX_BATCH - 1)])
+                items = []
+            items += self._take(MAX_BATCH - len(items))
+            items += self._take_beats(MAX_BATCH // 4)  # held heartbeats: after the queue's
+            if items:
+                self._forward(items)
 
     def _forward(self, items: list[tuple[Received | None, AckToken]]) -> None:
         """Commits the batch in the fleet state, then acknowledges it. While the fleet state is
@@ -336,6 +355,12 @@ class MqttBridge:
             except queue.Empty:
                 break
         return batch
+
+    def _take_beats(self, limit: int | None) -> list[tuple[Received, AckToken]]:
+        """Up to `limit` held heartbeats (all with None), oldest held first."""
+        with self._beats_lock:
+            devices = list(self._latest_beats)[:limit]
+            return [self._latest_beats.pop(device) for device in devices]
 
     def _control_loop(self) -> None:
         next_metrics = 0.0
