@@ -7,7 +7,10 @@ The rules, the same for both servers:
 - and a JSON body (`Content-Type: application/json`), else 415: a browser sends a cross-origin
   POST without a preflight only as text/plain, form-urlencoded or multipart, so a page the
   operator visits cannot make one (CSRF), and it cannot set the Authorization header either;
-- reads are open to loopback clients and need the token from anywhere else.
+- reads are open to loopback clients and need the token from anywhere else; an open read must
+  also name a loopback host (`Host: localhost` or a loopback address): a web page whose name
+  the attacker re-points at 127.0.0.1 (DNS rebinding) is a loopback client to us, but its
+  requests carry the attacker's name.
 
 Tokens live in files (mode 0600), never in the environment or on a command line, where `ps`
 shows them; they are compared in constant time. Standard library only: the agent's side of the
@@ -94,11 +97,24 @@ class RequestGuard:
         self._where = where  # how an operator finds the token, for the 401 message
 
     def check(
-        self, method: str, client_host: str, authorization: str | None, content_type: str | None
+        self,
+        method: str,
+        client_host: str,
+        authorization: str | None,
+        content_type: str | None,
+        host_header: str | None = None,
     ) -> Refusal | None:
         reading = method.upper() in READ_METHODS
-        if not (reading and is_loopback(client_host)) and not self._authorized(authorization):
-            what = "reading from another host" if reading else f"{method} (it changes state)"
+        open_read = reading and is_loopback(client_host) and _names_loopback(host_header)
+        if not open_read and not self._authorized(authorization):
+            what = f"{method} (it changes state)"
+            if reading:
+                local = is_loopback(client_host)
+                what = (
+                    f"reading through the name {host_header!r}"
+                    if local
+                    else "reading from another host"
+                )
             return Refusal(
                 HTTPStatus.UNAUTHORIZED,
                 f"{what} needs 'Authorization: Bearer TOKEN'; the token is {self._where}",
@@ -117,6 +133,18 @@ class RequestGuard:
         return hmac.compare_digest(presented.strip().encode(), self._token)
 
 
+def _names_loopback(host_header: str | None) -> bool:
+    """The Host header names this machine's loopback (absent: a client that is not a browser)."""
+    if host_header is None:
+        return True
+    host = host_header.strip().lower()
+    if host.startswith("["):  # [::1]:8080
+        host = host[1 : host.find("]")] if "]" in host else ""
+    elif host.count(":") == 1:
+        host = host.split(":", 1)[0]
+    return host.rstrip(".") == "localhost" or is_loopback(host)
+
+
 def _media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
@@ -129,4 +157,5 @@ def check_request(guard: RequestGuard, handler) -> Refusal | None:
         handler.client_address[0],
         headers.get("Authorization"),
         headers.get("Content-Type"),
+        headers.get("Host"),
     )

@@ -138,3 +138,14 @@ def test_promoting_a_version_its_canary_rolled_back_needs_force(tmp_path):
         assert service.adapters()[0]["current_version"] == 1
     finally:
         service.close()
+
+
+def test_the_dashboard_state_is_not_open_to_a_rebound_name(served):
+    """A page on attacker.example whose name now resolves to 127.0.0.1 reads nothing."""
+    base, _, _, token_file = served
+    status, body, _ = send(base + "/dashboard/state", Host="attacker.example")
+    assert status == 401 and "attacker.example" in body["error"]
+    token = token_file.read_text().strip()
+    auth = {"Host": "attacker.example", "Authorization": f"Bearer {token}"}
+    assert send(base + "/dashboard/state", **auth)[0] == 200
+    assert send(base + "/dashboard/state", Host=base.removeprefix("http://"))[0] == 200

@@ -92,3 +92,18 @@ def test_loopback_is_an_address_not_a_name():
     assert is_loopback("127.0.0.1") and is_loopback("127.8.0.1") and is_loopback("::1")
     assert not is_loopback("localhost.evil.example") and not is_loopback("0.0.0.0")
     assert not is_loopback("10.0.0.1") and not is_loopback("")
+
+
+@pytest.mark.parametrize("host", ["attacker.example", "attacker.example:8080", "10.0.0.7:80"])
+def test_an_open_read_from_loopback_through_a_foreign_name_needs_the_token(host):
+    """DNS rebinding: a page from attacker.example re-pointed at 127.0.0.1 is a loopback peer."""
+    refusal = guard().check("GET", "127.0.0.1", None, None, host)
+    assert refusal.status == HTTPStatus.UNAUTHORIZED and host in refusal.message
+    assert guard().check("GET", "127.0.0.1", f"Bearer {TOKEN}", None, host) is None
+
+
+@pytest.mark.parametrize(
+    "host", [None, "localhost", "localhost:8080", "127.0.0.1:8080", "[::1]:8080", "LOCALHOST."]
+)
+def test_an_open_read_from_loopback_may_name_localhost_or_a_loopback_address(host):
+    assert guard().check("GET", "127.0.0.1", None, None, host) is None
