@@ -68,6 +68,10 @@ MAX_BATCH = 256
 # bounded queue with heartbeats: the presences dropped behind them were never delivered again,
 # and devices whose heartbeats were all dropped went stale.)
 QUEUE_CAPACITY = 10_000
+# A device's heartbeats queued at once: past this its newest waits beside the queue as above, so
+# one device flooding heartbeats (up to 32 KiB each decoded, with a 4,096-wide signature) holds
+# a few of them in memory, not QUEUE_CAPACITY (~330 MB), and other devices keep their place.
+QUEUED_BEATS_PER_DEVICE = 4
 # Unacknowledged device messages the broker may have in flight to us (MQTT v5 Receive Maximum):
 # we acknowledge after the actor's commit, so mosquitto's default window of 20 would throttle us.
 RECEIVE_MAXIMUM = 2_000
@@ -159,6 +163,7 @@ class MqttBridge:
         self._decoder = InboundDecoder(self._topics, metrics, publish_limit=2 * config.chunk_limit)
         self._inbox: queue.Queue[tuple[Received | None, AckToken]] = queue.Queue()
         self._latest_beats: dict[str, tuple[Received, AckToken]] = {}  # device -> newest held
+        self._queued_beats: dict[str, int] = {}  # device -> its heartbeats in the queue
         self._beats_lock = threading.Lock()
         self._stopping = threading.Event()
         self._wake = threading.Event()  # device messages committed: tick soon
@@ -283,12 +288,33 @@ class MqttBridge:
     def _handle_message(self, client, userdata, message) -> None:
         token = self._acks.token(message.mid, message.qos)
         received = self._decoder.decode(message.topic, message.payload)
-        if message.qos == 0 and self._inbox.qsize() >= QUEUE_CAPACITY:
+        if message.qos == 0 and not self._may_queue(received):
             self._hold_or_drop(received, token, message.topic)
             return
         # A rejected message or a chunk is acknowledged through the queue too, in order, after
         # the messages before it (the worker never blocks this thread).
         self._inbox.put_nowait((received, token))
+
+    def _may_queue(self, received: Received | None) -> bool:
+        """A QoS 0 message may join the queue (and is counted there if it is a heartbeat)."""
+        if self._inbox.qsize() >= QUEUE_CAPACITY:
+            return False
+        if received is None or received.envelope.kind != MessageKind.HEARTBEAT:
+            return True
+        with self._beats_lock:
+            queued = self._queued_beats.get(received.device_id, 0)
+            if queued >= QUEUED_BEATS_PER_DEVICE:
+                return False
+            self._queued_beats[received.device_id] = queued + 1
+            return True
+
+    def _dequeued(self, items: list[tuple[Received | None, AckToken]]) -> None:
+        with self._beats_lock:
+            for received, _ in items:
+                if received is not None and received.envelope.kind == MessageKind.HEARTBEAT:
+                    left = self._queued_beats.pop(received.device_id, 0) - 1
+                    if left > 0:
+                        self._queued_beats[received.device_id] = left
 
     def _hold_or_drop(self, received: Received | None, token: AckToken, topic: str) -> None:
         if received is not None and received.envelope.kind == MessageKind.HEARTBEAT:
@@ -315,6 +341,7 @@ class MqttBridge:
             except queue.Empty:
                 items = []
             items += self._take(MAX_BATCH - len(items))
+            self._dequeued(items)
             items += self._take_beats(MAX_BATCH // 4)  # held heartbeats: after the queue's
             if items:
                 self._forward(items)

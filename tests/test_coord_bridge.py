@@ -260,3 +260,24 @@ def test_a_full_queue_keeps_each_devices_latest_heartbeat_and_every_qos_1_messag
     bridge.stop()
     assert [d["device_id"] for d in service.devices()] == ["pi-0", "pi-1", "pi-2", "pi-3"]
     assert service.device("pi-3")["adapter_version"] == 2  # the latest heartbeat was applied
+
+
+def test_one_device_flooding_heartbeats_queues_a_few_and_its_latest_is_applied(tmp_path):
+    service = FleetService(make_config(tmp_path), clock=ManualClock())
+    metrics = FleetMetrics()
+    bridge = MqttBridge(service.config, LocalFleetPort(service), metrics, client_factory=FakeClient)
+    flooder, other = SimDevice("pi-0", ManualClock()), SimDevice("pi-1", ManualClock())
+    for mid, d in enumerate((flooder, other), start=10):
+        bridge._client.deliver(f"fleet/{d.device_id}/status", payload_of(d.presence()), mid=mid)
+    for version in range(1, 201):  # not started: nothing drains the queue
+        beat = payload_of(flooder.heartbeat(adapter_version=version))
+        bridge._client.deliver("fleet/pi-0/telemetry", beat, qos=0)
+    bridge._client.deliver(
+        "fleet/pi-1/telemetry", payload_of(other.heartbeat(adapter_version=7)), qos=0
+    )
+    queued_flood = bridge._inbox.qsize() - 2 - 1  # less the presences and pi-1's heartbeat
+    assert 1 <= queued_flood <= 8  # a few of pi-0's 200, not all of them
+    assert rejected(metrics, "overload") == 200 - queued_flood - 1  # replaced while held
+    bridge.stop()
+    assert service.device("pi-0")["adapter_version"] == 200  # the newest, held beside the queue
+    assert service.device("pi-1")["adapter_version"] == 7
