@@ -18,6 +18,7 @@ import argparse
 import difflib
 import json
 import tomllib
+import urllib.parse
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -233,6 +234,11 @@ def _from_file(path: Path, section: str, key: str, value: Any, options: dict[str
         raise ConfigFileError(f"{where}: unknown key{hint}")
     if not option.in_file:
         raise ConfigFileError(f"{where}: a secret is never read from this file: use {key}_file")
+    if isinstance(value, str) and _url_password(value) is not None:
+        raise ConfigFileError(
+            f"{where}: a secret is never read from this file: a password in a URL "
+            f"(user:password@); give the password as password_file"
+        )
     try:
         return _typed(option, value)
     except TypeError:
@@ -308,10 +314,27 @@ def show(resolved: Resolved) -> str:
             line = f"# {option.key} unset"
         elif not option.in_file:  # a secret: never printed, and never read from a file
             line = f"# {option.key} = <hidden>"
+        elif isinstance(value, str) and _url_password(value) is not None:  # from a flag or env
+            line = f"# {option.key} = {toml_value(_hide_url_password(value))}"
         else:
             line = f"{option.key:<{width}} = {toml_value(value)}"
         lines.append(f"{line:<{width + 30}}  # {source}")
     return "\n".join(lines)
+
+
+def _url_password(text: str) -> str | None:
+    """The password of a URL's `user:password@` part (mqtt://pi-07:secret@host), else None."""
+    try:
+        parts = urllib.parse.urlsplit(text)
+        return parts.password if parts.scheme and parts.netloc else None
+    except ValueError:
+        return None
+
+
+def _hide_url_password(text: str) -> str:
+    parts = urllib.parse.urlsplit(text)
+    user, _, host = parts.netloc.rpartition("@")
+    return parts._replace(netloc=f"{user.split(':', 1)[0]}:<hidden>@{host}").geturl()
 
 
 def toml_value(value: Any) -> str:

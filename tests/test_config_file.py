@@ -254,3 +254,19 @@ def test_the_config_file_code_needs_only_the_standard_library():
         [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO
     )
     assert result.stdout.strip() == "[]", result.stdout
+
+
+def test_a_password_in_a_broker_url_is_refused_in_the_file(tmp_path, capsys):
+    path = write(tmp_path, '[agent]\nbroker = "mqtt://pi-07:s3cret-pw@broker:1883"\n')
+    assert main(["agent", "--config", str(path)]) == 2
+    err = capsys.readouterr().err
+    assert "[agent] broker: a secret is never read from this file" in err
+    assert "s3cret-pw" not in err
+
+
+def test_config_show_hides_a_password_in_a_broker_url_from_the_environment(monkeypatch, capsys):
+    monkeypatch.setenv("SKIPFLEET_BROKER", "mqtt://pi-07:s3cret-pw@broker:1883")
+    assert main(["config", "show", "agent"]) == 0
+    out = capsys.readouterr().out
+    assert "s3cret-pw" not in out
+    assert '# broker = "mqtt://pi-07:<hidden>@broker:1883"' in out
