@@ -6,6 +6,13 @@ negative: so the smallest recent sample is the best estimate (the message that w
 and a message that sat in the broker's queue only makes its own sample larger. Retained messages
 (the desired-state pointer) can be hours old and are not used.
 
+One sample far below the others (a message stamped in the future: the coordinator's clock
+jumped ahead a moment, or a bad sent_at) would be the minimum for the whole window and make
+every job look expired, or make the job history forget every job. So the estimate is the
+smallest sample another sample agrees with (within AGREE_SECONDS); only while no two agree (a
+cold start, or delays spread wider than that) is it the smallest of all. A real step of the
+coordinator's clock is believed from its second message on.
+
 The offset is device clock minus coordinator clock: +3600 for a device an hour ahead. Job
 expiry is judged on `coordinator_now()` (the local clock minus the offset), so a device whose
 clock is wrong neither rejects every job as expired nor runs stale ones. Samples are kept for
@@ -14,6 +21,7 @@ WINDOW_SECONDS (by the monotonic clock): a device clock that NTP steps is believ
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from collections import deque
@@ -21,6 +29,7 @@ from collections.abc import Callable
 
 WINDOW_SECONDS = 600.0
 MAX_SAMPLES = 64
+AGREE_SECONDS = 10.0  # two samples this close tell the same offset (transit delays differ)
 
 
 class ClockOffset:
@@ -48,9 +57,17 @@ class ClockOffset:
             horizon = self._monotonic() - self._window
             while len(self._samples) > 1 and self._samples[0][0] < horizon:
                 self._samples.popleft()  # the latest stays: an estimate, though old
-            return min((s for _, s in self._samples), default=None)
+            return _estimate(sorted(s for _, s in self._samples))
 
     def coordinator_now(self) -> float:
         """The coordinator's clock as this device estimates it (its own before any estimate)."""
         offset = self.offset()
         return self._clock() - (0.0 if offset is None else offset)
+
+
+def _estimate(ascending: list[float]) -> float | None:
+    """The smallest sample the next one agrees with; the smallest when no two agree."""
+    for low, high in itertools.pairwise(ascending):
+        if high - low <= AGREE_SECONDS:
+            return low
+    return ascending[0] if ascending else None

@@ -356,3 +356,28 @@ def test_a_status_the_full_spool_cannot_take_is_published_directly(tmp_path):
     assert (topic, qos) == (TOPICS.job(DEVICE), 1)
     message = decode(payload).message
     assert (message.job_id, message.reason_code) == ("j-1", JobReason.DISK_FULL)
+
+
+def test_one_message_stamped_a_day_ahead_does_not_make_fresh_jobs_expire(tmp_path):
+    local = FakeClock(NOW)
+    downlink, runner, statuses, offset = runner_with_offset(tmp_path, local)
+    for n in range(3):
+        downlink.handle(TOPICS.cmd_desired(DEVICE), encode(DesiredState(n, "h", "fan-h"),
+                        sender="coordinator", sent_at=NOW - 0.1))  # fmt: skip
+    glitch = encode(DesiredState(3, "h", "fan-h"), sender="coordinator", sent_at=NOW + 86_400)
+    downlink.handle(TOPICS.cmd_desired(DEVICE), glitch)  # the coordinator's clock jumped a moment
+    assert offset.offset() == pytest.approx(0.1)
+    fresh = evaluate_job("fresh", NOW + 300)
+    downlink.handle(TOPICS.cmd_job(DEVICE), encode(fresh, sender="coordinator", sent_at=NOW))
+    assert statuses.empty() and len(runner._queue) == 1  # queued, not rejected as expired
+
+
+def test_a_real_step_of_the_coordinators_clock_is_believed_from_its_second_message():
+    local, mono = FakeClock(NOW), FakeClock(0.0)
+    offset = ClockOffset(clock=local, monotonic=mono)
+    offset.observe(NOW - 0.1)
+    offset.observe(NOW - 0.2)
+    offset.observe(NOW + 120)  # the coordinator's NTP stepped its clock 2 min ahead
+    assert offset.offset() == pytest.approx(0.1)
+    offset.observe(NOW + 120.1)
+    assert offset.offset() == pytest.approx(-120.1)
