@@ -14,8 +14,10 @@ Ray offers no option to fate-share them with the driver, hence this small stdlib
 - every POLL_S it records the coordinator's descendants (orphans are re-parented to init, so
   they must be known before the coordinator dies);
 - when the coordinator has exited, it stops (SIGTERM, then SIGKILL) those it recorded that still
-  run and the members of the coordinator's process group that were re-parented (not its
-  siblings: `skipfleet coordinator | tee log` keeps its tee), then exits.
+  run and the other members of the coordinator's process group (not its siblings there when
+  the reaper started: `skipfleet coordinator | tee log` keeps its tee), then exits. Siblings are
+  told apart by who they were at the start, not by their parent: under systemd or a container's
+  init the coordinator's parent also adopts its orphans, so they share its parent.
 """
 
 from __future__ import annotations
@@ -56,6 +58,8 @@ def watch(pid: int) -> list[int]:
         return []
     me = os.getpid()
     leader = target.pgid == pid  # only then is the whole group ours to stop
+    # the coordinator's siblings in its group (a shell pipeline's `tee`), started with it
+    siblings = {p.key for p in proctree.group(pid) if p.ppid == target.ppid and p.pid != pid}
     seen: set[tuple[int, int]] = set()
     while proctree.alive(target.key):
         procs = proctree.snapshot()
@@ -65,7 +69,7 @@ def watch(pid: int) -> list[int]:
     left = set(seen)
     if leader:  # also those started after the last look, re-parented since; not the
         # coordinator's siblings in a shell pipeline (`skipfleet coordinator | tee log`)
-        left |= {p.key for p in proctree.group(pid) if p.pid != me and p.ppid != target.ppid}
+        left |= {p.key for p in proctree.group(pid) if p.pid != me and p.key not in siblings}
     return proctree.terminate(left)
 
 

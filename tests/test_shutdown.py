@@ -74,6 +74,52 @@ def test_the_reaper_stops_what_a_sigkilled_parent_left_even_processes_ignoring_s
         parent.stdout.close()
 
 
+# As a service under systemd or a container's init: the coordinator's parent adopts orphans
+# (a subreaper), so a process the coordinator started through a short-lived intermediate is
+# re-parented to the coordinator's own parent before the reaper ever sees it as a descendant.
+SUBREAPER = textwrap.dedent(
+    """
+    import ctypes, subprocess, sys, time
+    ctypes.CDLL(None).prctl(36, 1, 0, 0, 0)  # PR_SET_CHILD_SUBREAPER
+    subprocess.run([sys.executable, "-c", sys.argv[1]])
+    time.sleep(600)
+    """
+)
+# Starts a process through an intermediate that exits at once, then dies by SIGKILL.
+COORDINATOR_WITH_A_DAEMON = textwrap.dedent(
+    """
+    import os, signal, subprocess, sys, time
+    from coordinator.reaper import lead_own_process_group, start_reaper
+    lead_own_process_group()
+    start_reaper()
+    time.sleep(1.0)  # the reaper watches
+    daemon = [sys.executable, "-c", "import time; time.sleep(600)"]
+    quiet = "stdin=s.DEVNULL, stdout=s.DEVNULL, stderr=s.DEVNULL"
+    spawn = f"import subprocess as s; print(s.Popen({daemon!r}, {quiet}).pid)"
+    pid = subprocess.run([sys.executable, "-c", spawn], capture_output=True, text=True).stdout
+    print(pid, end="", flush=True)
+    time.sleep(1.0)  # the reaper's looks do not see it below the coordinator
+    os.kill(os.getpid(), signal.SIGKILL)
+    """
+)
+
+
+def test_the_reaper_stops_what_the_coordinator_left_when_its_parent_adopts_orphans():
+    parent = subprocess.Popen(
+        [sys.executable, "-c", SUBREAPER, COORDINATOR_WITH_A_DAEMON],
+        env=child_env(),
+        stdout=subprocess.PIPE,
+    )
+    try:
+        orphan = proctree.read(int(parent.stdout.readline()))
+        assert orphan is not None and orphan.ppid == parent.pid  # adopted by the subreaper
+        assert gone_within({orphan.key}, STOP_S) == set()
+    finally:
+        parent.kill()
+        parent.wait()
+        parent.stdout.close()
+
+
 @pytest.fixture
 def broker(tmp_path):
     broker = MosquittoBroker(tmp_path / "broker")
