@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import threading
 import time
 from collections import deque
@@ -146,10 +147,22 @@ def read_fleet_events(path: Path | None) -> list[dict[str, Any]]:
             entry = json.loads(line)
         except ValueError:
             continue  # being written
+        if not _is_fault(entry):  # an edited or foreign file must not break every state answer
+            log.debug("skipping a fleet event that is not a fault entry: %.200s", line)
+            continue
         target = entry.get("device") or "the broker"
         text = f"fault: {entry['action']} {target}"
         events.append(_event(entry["at"], "fault", text, device=entry.get("device")))
     return events
+
+
+def _is_fault(entry: Any) -> bool:
+    """{"at": seconds, "action": str, "device": str or None}, as skipfleet.fleet.control logs."""
+    if not isinstance(entry, dict):
+        return False
+    at, action, device = entry.get("at"), entry.get("action"), entry.get("device")
+    number = isinstance(at, int | float) and not isinstance(at, bool) and math.isfinite(at)
+    return number and isinstance(action, str) and (device is None or isinstance(device, str))
 
 
 def rollouts(adapters: list[dict]) -> list[dict[str, Any]]:

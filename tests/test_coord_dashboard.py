@@ -65,6 +65,17 @@ def test_faults_logged_by_the_fleet_control_endpoint_reach_the_timeline(tmp_path
     assert read_fleet_events(tmp_path / "absent.jsonl") == []
 
 
+def test_entries_of_the_events_file_that_are_not_faults_are_skipped(tmp_path):
+    """Each of these made every /dashboard/state answer a 500 (KeyError, or a sort of str/float)."""
+    with open(tmp_path / "events.jsonl", "w") as out:
+        for line in ('[1, 2]', '{"at": 5.0}', '{"at": "soon", "action": "pause"}', "7",
+                     '{"at": 6.0, "action": "pause", "device": ["pi-1"]}'):  # fmt: skip
+            out.write(line + "\n")
+    log_event(tmp_path, "pause", "pi-2")
+    events = read_fleet_events(tmp_path / "events.jsonl")
+    assert [e["text"] for e in events] == ["fault: pause pi-2"]
+
+
 ROLLOUT = {
     "rollout_id": "r1", "cohort": "fan", "cluster": "c1", "candidate_version": 5,
     "previous_version": None, "canary_devices": ["pi-1", "pi-2"], "started_at": 20.0,
