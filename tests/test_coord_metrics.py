@@ -148,14 +148,16 @@ def test_what_a_device_runs_is_one_series_that_moves_and_unknown_scores_are_abse
     assert sample(metrics, "skipfleet_run_rounds_sum") == 3
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
 def test_promtool_accepts_the_exposition():
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool is not installed: run `make system-deps`")
     metrics = FleetMetrics()
     metrics.apply_events([FinetuneReported("fan-abc", 1.0, 1.0), JobTransition("QUEUED")])
     metrics.apply_snapshot(FleetSnapshot((DeviceGauges("pi-1", True, 0.5, 0.8),), {"QUEUED": 1}))
     metrics.message_received("report", 100)
     checked = subprocess.run(
-        ["promtool", "check", "metrics"],
+        [promtool, "check", "metrics"],
         input=generate_latest(metrics.registry),
         capture_output=True,
         timeout=30,
