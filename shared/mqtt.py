@@ -11,6 +11,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
@@ -23,7 +24,7 @@ from shared.protocol import SCHEMA_VERSION, Envelope
 log = logging.getLogger(__name__)
 
 
-def logged(callback: Callable) -> Callable:
+def logged(callback: Callable[..., object]) -> Callable[..., None]:
     """paho re-raises callback exceptions into its loop by default: log them instead."""
 
     @functools.wraps(callback)
@@ -90,7 +91,7 @@ class MqttSettings:
         return f"{scheme}://{host}:{self.port}"
 
 
-def parse_broker_url(url: str, **overrides: object) -> MqttSettings:
+def parse_broker_url(url: str, **overrides: Any) -> MqttSettings:
     """`mqtt://[user:pass@]host[:port]` or `mqtts://...` -> settings; keyword overrides win."""
     try:
         parts = urlsplit(url)
