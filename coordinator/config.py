@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from coordinator.aggregation.bounds import TrustBounds
 from coordinator.clustering import DEFAULT_CLUSTER_DISTANCE
@@ -479,7 +479,10 @@ def _mqtt_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Mqtt
     from shared.mqtt import parse_broker_url
 
     url = args.broker or environ.get(ENV_BROKER) or "mqtt://localhost:1883"
-    overrides: dict = {"session_expiry_s": args.session_expiry_seconds, "tls_ca": args.tls_ca}
+    overrides: dict[str, Any] = {
+        "session_expiry_s": args.session_expiry_seconds,
+        "tls_ca": args.tls_ca,
+    }
     username = args.username or environ.get(ENV_USERNAME)
     if username:
         overrides["username"] = username

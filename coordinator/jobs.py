@@ -245,6 +245,8 @@ class JobTable:
 
     def latest_for_device(self, device_id: str, kind: str | None = None) -> Job | None:
         """The device's newest job, or its newest job of one kind (e.g. "finetune")."""
+        where: str
+        args: tuple[str, ...]
         where, args = "device_id = ?", (device_id,)
         if kind is not None:
             where, args = "device_id = ? AND kind = ?", (device_id, kind)

@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import re
+import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -118,8 +119,9 @@ class DeviceRecord:
 _COLUMNS = [f.name for f in dataclasses.fields(DeviceRecord)]
 
 
-def _sql_type(annotation: str) -> str:
+def _sql_type(annotation: object) -> str:
     # Annotations are strings here (from __future__ import annotations): "float | None" etc.
+    assert isinstance(annotation, str), annotation
     base = annotation.split("|")[0].strip()
     sql = {"bool": "INTEGER", "int": "INTEGER", "float": "REAL", "str": "TEXT", "bytes": "BLOB"}[
         base
@@ -131,7 +133,9 @@ _SCHEMA = "CREATE TABLE IF NOT EXISTS devices (device_id TEXT PRIMARY KEY, {});"
     ", ".join(f"{f.name} {_sql_type(f.type)}" for f in dataclasses.fields(DeviceRecord)[1:])
 )
 _NULLABLE_COLUMNS = {
-    f.name: _sql_type(f.type) for f in dataclasses.fields(DeviceRecord)[1:] if "None" in f.type
+    f.name: _sql_type(f.type)
+    for f in dataclasses.fields(DeviceRecord)[1:]
+    if "None" in str(f.type)  # a string annotation, as _sql_type checks
 }
 _UPSERT = "INSERT INTO devices ({}) VALUES ({}) ON CONFLICT(device_id) DO UPDATE SET {}".format(
     ", ".join(_COLUMNS),
@@ -396,7 +400,7 @@ class FleetRegistry:
         return self._clock() if at is None else float(at)
 
 
-def _from_row(row: Mapping[str, Any]) -> DeviceRecord:
+def _from_row(row: sqlite3.Row) -> DeviceRecord:
     values = {c: row[c] for c in _COLUMNS}
     values["online"] = bool(values["online"])
     return DeviceRecord(**values)

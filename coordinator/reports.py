@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -178,7 +179,7 @@ def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     os.replace(temporary, path)
 
 
-def _from_row(row) -> ReportMeta:
+def _from_row(row: sqlite3.Row) -> ReportMeta:
     return ReportMeta(
         job_id=row["job_id"],
         device_id=row["device_id"],

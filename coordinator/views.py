@@ -9,14 +9,18 @@ from typing import Any
 
 import numpy as np
 
+from coordinator.clusters import Placement
 from coordinator.fleet import Fleet, NotFound
 from coordinator.jobs import Job
 from coordinator.observations import DeviceGauges, FleetSnapshot
 from coordinator.registry import DeviceRecord
 from coordinator.round_records import RoundRecord, RoundStage
+from coordinator.runs import Run
 
 
-def device_view(record: DeviceRecord, now: float, placement=None) -> dict[str, Any]:
+def device_view(
+    record: DeviceRecord, now: float, placement: Placement | None = None
+) -> dict[str, Any]:
     view = dataclasses.asdict(record)
     del view["signature"]  # bytes: the clusters view shows where it placed the device
     times = (record.last_heartbeat_at, record.presence_since)
@@ -34,7 +38,7 @@ def device_view(record: DeviceRecord, now: float, placement=None) -> dict[str, A
     return view
 
 
-def _gauges(r: DeviceRecord, placement) -> DeviceGauges:
+def _gauges(r: DeviceRecord, placement: Placement | None) -> DeviceGauges:
     origin = r.adapter_origin or ("fleet" if r.adapter_version is not None else "base")
     return DeviceGauges(
         device_id=r.device_id,
@@ -52,7 +56,7 @@ def _gauges(r: DeviceRecord, placement) -> DeviceGauges:
     )
 
 
-def _placement(fleet: Fleet, record: DeviceRecord):
+def _placement(fleet: Fleet, record: DeviceRecord) -> Placement | None:
     return (
         None if record.cohort is None else fleet.clusters.placement(record.cohort, record.device_id)
     )
@@ -176,7 +180,7 @@ def runs(fleet: Fleet, limit: int = 20) -> list[dict[str, Any]]:
     return [run_view(r) for r in fleet.runs.recent(limit)]
 
 
-def run_view(run) -> dict[str, Any]:
+def run_view(run: Run) -> dict[str, Any]:
     clusters = {}
     for name, c in run.clusters.items():
         measured = {

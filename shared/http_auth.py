@@ -52,7 +52,7 @@ def ensure_token_file(path: Path) -> str:
     return token
 
 
-def read_token_file(path: Path) -> str:
+def read_token_file(path: str | Path) -> str:
     """The token in an existing file: its first line, stripped; TokenFileError if unusable."""
     try:
         lines = Path(path).read_text().splitlines()
