@@ -475,7 +475,7 @@ def _envelope_from_wire(f: Fields) -> Envelope:
     )
 
 
-def decode(data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Envelope:
+def decode(data: bytes | bytearray, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Envelope:
     """Bytes -> Envelope with a typed `.message`. Raises DecodeError and nothing else."""
     obj = unpack(data, max_bytes=max_bytes)
     try:
