@@ -54,4 +54,4 @@ bench: setup
 	$(BIN)/skipfleet bench trainer --dataset har --methods all --trials 20 --json out/bench-har.json
 
 clean:
-	rm -rf $(VENV) out .pytest_cache .ruff_cache
+	rm -rf $(VENV) out .pytest_cache .ruff_cache .mypy_cache
