@@ -26,7 +26,7 @@ from agent.drift import (
     shrunk_covariance,
 )
 from agent.trainer.calibration import DriftCalibration
-from agent.trainer.model import BaseModel
+from agent.trainer.model import FrozenFeatureModel
 
 QUANTILE = 0.99
 STRIDE_ROWS = 16
@@ -35,7 +35,8 @@ STRIDE_ROWS = 16
 STD_FLOOR_SHARE = 0.1
 
 
-def fit_calibration(model: BaseModel, reference: np.ndarray, held_out: Sequence[np.ndarray], *,
+def fit_calibration(model: FrozenFeatureModel, reference: np.ndarray,
+                    held_out: Sequence[np.ndarray], *,
                     window_rows: int = WINDOW_ROWS, quantile: float = QUANTILE,
                     stride: int = STRIDE_ROWS) -> DriftCalibration:  # fmt: skip
     """The calibration of `model`: statistics of x3 on the `reference` rows (the pre-training
@@ -46,10 +47,11 @@ def fit_calibration(model: BaseModel, reference: np.ndarray, held_out: Sequence[
     if window_rows < 1 or stride < 1:
         raise ValueError("window_rows and stride must be >= 1")
     xs, _ = model.frozen_features(np.asarray(reference, dtype=np.float32))
-    mean, std, precision = last_hidden_statistics(xs[2])
+    mean, std, precision = last_hidden_statistics(xs[-1])  # the last layer's input
     confidence, feature = [], []
     for stream in held_out:
-        (_, _, h), z = model.frozen_features(stream)  # x3 (n_s, H), logits (n_s, C)
+        taps, z = model.frozen_features(stream)  # logits z (n_s, C)
+        h = taps[-1]  # the last layer's input (n_s, H)
         for w in cyclic_windows(len(stream), window_rows, stride):
             confidence.append(mean_max_softmax_gap(z[w]))
             feature.append(mean_feature_distance(h[w], mean, precision))

@@ -19,8 +19,9 @@ import numpy as np
 
 from agent.data.dataset import Dataset
 from agent.drift_calibration import fit_calibration
+from agent.trainer.cnn.finetune import pretrain_cnn
 from agent.trainer.finetune import pretrain
-from agent.trainer.model import HIDDEN, BaseModel
+from agent.trainer.model import HIDDEN
 
 BLOCK_ROWS = 16
 EVERY = 5  # a fifth of each stream's blocks
@@ -58,15 +59,21 @@ def streams_of(rows: np.ndarray, stream_ids: np.ndarray) -> list[np.ndarray]:
 def pretrain_calibrated(X: np.ndarray, y: np.ndarray, n_classes: int, stream_ids: np.ndarray,
                         *, epochs: int, seed: int, info: dict | None = None,
                         unused: np.ndarray | None = None, hidden: int = HIDDEN,
-                        log: Callable[[str], None] = lambda _: None) -> BaseModel:  # fmt: skip
+                        architecture: str | None = None,
+                        log: Callable[[str], None] = lambda _: None):  # fmt: skip
     """Pre-train on X, y but the calibration blocks (and the `unused` rows, a bool mask a bench
-    keeps for itself), then calibrate on the blocks. `hidden`: the hidden layers' width."""
+    keeps for itself), then calibrate on the blocks. `hidden`: the MLP's hidden layers' width;
+    `architecture`: a CNN's (agent/trainer/cnn/arch.py) instead of the MLP."""
     held_out = held_out_blocks(stream_ids)
     if unused is not None:
         held_out &= ~unused
     train = ~held_out if unused is None else ~held_out & ~unused
-    model = pretrain(X[train], y[train], n_classes, epochs=epochs, seed=seed, info=info,
-                     hidden=hidden)  # fmt: skip
+    if architecture is None:
+        model = pretrain(X[train], y[train], n_classes, epochs=epochs, seed=seed, info=info,
+                         hidden=hidden)  # fmt: skip
+    else:
+        model = pretrain_cnn(X[train], y[train], n_classes, architecture=architecture,
+                             epochs=epochs, seed=seed, info=info)  # fmt: skip
     streams = [X[rows] for rows in streams_of(np.flatnonzero(held_out), stream_ids)]
     calibration = fit_calibration(model, X[train], streams)
     log(

@@ -61,7 +61,7 @@ def load(data_dir: Path, dataset: str):
 
 def pretrained(dataset: str, task, log):
     pre = task.pretrain
-    if dataset == CNN_DATASET:  # a CNN, without a drift calibration (docs/agent.md)
+    if dataset == CNN_DATASET:  # the fine-tune is measured here, not drift: no calibration
         return pretrain_cnn(pre.X, pre.y, pre.n_classes, epochs=2)
     return pretrain_calibrated(pre.X, pre.y, pre.n_classes, stream_ids(pre), epochs=30, seed=0,
                                log=log)  # fmt: skip

@@ -38,7 +38,6 @@ from agent.data import fan_fleet_devices, load_fan_fleet_group, load_har_windows
 from agent.data.fan_fleet import FAN_FLEET_GROUP_NAMES
 from agent.data.har import HAR_ACTIVITY_NAMES
 from agent.data.har_features import window_features
-from agent.trainer.cnn.finetune import pretrain_cnn
 from skipfleet.base_model import pretrain_calibrated
 from skipfleet.scenario_fmnist import fmnist_fleet
 
@@ -89,11 +88,9 @@ def build_scenario(dataset: str, n_devices: int, data_dir: Path, out_dir: Path, 
     log(f"pre-training the base model on {len(pretrain_set[1])} samples ({description})")
     X, y, streams, info = pretrain_set
     epochs = pretrain_epochs or PRETRAIN_EPOCHS[dataset]
-    if dataset == "fmnist":  # a CNN, without a drift calibration (docs/agent.md)
-        model = pretrain_cnn(X, y, len(info["class_names"]), epochs=epochs, seed=seed, info=info)
-    else:
-        model = pretrain_calibrated(X, y, len(info["class_names"]), streams, epochs=epochs,
-                                    seed=seed, info=info, log=log)  # fmt: skip
+    model = pretrain_calibrated(X, y, len(info["class_names"]), streams, epochs=epochs,
+                                seed=seed, info=info, architecture=info.get("architecture"),
+                                log=log)  # fmt: skip
     base_path = out_dir / "base-model.npz"
     model.save(base_path)
     specs = []

@@ -20,11 +20,14 @@ ROTATIONS = (0, 30, 75)  # degrees, device by device
 PRETRAIN_IMAGES = 12_000
 DEVICE_IMAGES = 1_365  # 1,024 to train on after the agent's 25 % hold-out
 ARCHITECTURE = "cnn"
+CALIBRATION_STREAMS = 8
 
 
 def fmnist_fleet(n_devices: int, data_dir, drift: bool, seed: int = 0):
     """(pre-training (X, y, streams, info), [(device id, arrays, description)], description,
-    newcomers): no pre-training streams (nothing to calibrate), no devices joining later."""
+    newcomers): no devices joining later. Images have no time order: the pre-training images
+    (in random order) are cut into CALIBRATION_STREAMS streams the calibration holds blocks of
+    out, as a fan's recordings are."""
     train, _ = load_fashion_mnist(data_dir)
     order = np.random.default_rng(seed).permutation(len(train))
     needed = PRETRAIN_IMAGES + n_devices * DEVICE_IMAGES
@@ -54,4 +57,5 @@ def fmnist_fleet(n_devices: int, data_dir, drift: bool, seed: int = 0):
         f"fmnist: a CNN pre-trained on {PRETRAIN_IMAGES} upright images; each device sees its "
         f"own rotation of {DEVICE_IMAGES} others ({', '.join(f'{r}°' for r in ROTATIONS)})"
     )
-    return (train.X[pre], train.y[pre], None, info), devices, description, []
+    streams = np.arange(len(pre)) * CALIBRATION_STREAMS // len(pre)  # (n,) stream of each image
+    return (train.X[pre], train.y[pre], streams, info), devices, description, []

@@ -137,3 +137,23 @@ def test_bn1_pre_activations_are_the_first_convs_output_at_every_pixel(toy_model
     direct, _ = unit_forward(first, 1, toy_model.images(toy_model.standardize(X)), toy_model.params)
     np.testing.assert_allclose(rows, direct.reshape(-1, direct.shape[-1]), rtol=1e-6, atol=1e-6)
     assert mean is toy_model.params["mean1"] and var is toy_model.params["var1"]
+
+
+def test_a_cnns_drift_calibration_describes_its_last_tap_and_round_trips_outside_the_hash(
+    tmp_path, toy_model
+):
+    from agent.drift_calibration import fit_calibration
+
+    X, _ = toy_images(120, seed=2)
+    calibration = fit_calibration(toy_model, X[:80], [X[80:]], window_rows=16, stride=8)
+    assert calibration.width == toy_model.layer_input_dims[-1]  # the logits unit's input
+    calibrated = toy_model.with_calibration(calibration)
+    assert calibrated.weights_hash == toy_model.weights_hash  # adapters stay valid
+    calibrated.save(tmp_path / "cnn.npz")
+    again = CnnModel.load(tmp_path / "cnn.npz")
+    np.testing.assert_array_equal(again.calibration.precision, calibration.precision)
+    assert again.calibration.feature_threshold == calibration.feature_threshold
+    toy_model.save(tmp_path / "bare.npz")
+    assert CnnModel.load(tmp_path / "bare.npz").calibration is None
+    with pytest.raises(ValueError, match="calibration of width"):
+        tiny_model("dwcnn").with_calibration(calibration)

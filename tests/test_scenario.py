@@ -31,8 +31,10 @@ def test_scenario_writes_a_base_model_and_device_files(tmp_path, data_dir, datas
 
 
 def test_fmnist_devices_each_see_their_own_rotation_through_a_cnn(tmp_path, data_dir):
+    from agent.drift import score_window
     from agent.learner import load_base_model
     from agent.trainer.cnn.model import CnnModel
+    from coordinator.clustering import rms_distance
 
     scenario = build_scenario("fmnist", 4, data_dir, tmp_path, drift=True, pretrain_epochs=1,
                               log=lambda _: None)  # fmt: skip
@@ -51,6 +53,18 @@ def test_fmnist_devices_each_see_their_own_rotation_through_a_cnn(tmp_path, data
             else:
                 accuracy[device.device_id] = model.accuracy(arrays["X"], arrays["y"])
     assert accuracy["fmnist-r00-0"] > 0.6 > accuracy["fmnist-r30-0"] > accuracy["fmnist-r75-0"]
+    # calibrated on upright images it never trained on: a turned camera's confidence score is
+    # above the threshold (1.0), an upright one's below, and the signatures tell them apart
+    scores = {}
+    for device in scenario.devices:
+        with np.load(device.data_file) as arrays:
+            scores[device.device_id] = score_window(model, arrays["X_drift" if device.drifts
+                                                                else "X"][:256])  # fmt: skip
+    assert scores["fmnist-r00-0"].confidence_score < 1.0 < scores["fmnist-r30-0"].confidence_score
+    assert scores["fmnist-r75-0"].confidence_score > 1.0
+    upright = [scores[d].signature for d in ("fmnist-r00-0", "fmnist-r00-1")]
+    turned = scores["fmnist-r75-0"].signature
+    assert rms_distance(upright[0], upright[1]) < 0.5 * rms_distance(upright[0], turned)
 
 
 def test_har_devices_are_people_the_base_model_never_saw(tmp_path, data_dir):

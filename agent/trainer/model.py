@@ -50,6 +50,16 @@ class FrozenFeatureModel:
     def accuracy(self, X: np.ndarray, y: np.ndarray, adapter=None) -> float:
         return float((self.predict(X, adapter) == y).mean())
 
+    def with_calibration(self, calibration: DriftCalibration):
+        """The same weights (and hash) carrying `calibration`; it must describe the last
+        layer's input (the MLP's x3, a CNN's last tap)."""
+        width = self.layer_input_dims[-1]
+        if calibration.width != width:
+            raise ValueError(
+                f"calibration of width {calibration.width} for a last layer input of {width} units"
+            )
+        return replace(self, calibration=calibration)
+
 
 @dataclass
 class BaseModel(FrozenFeatureModel):
@@ -79,15 +89,6 @@ class BaseModel(FrozenFeatureModel):
     def hidden_width(self) -> int:
         """H: the width of the last hidden layer (x3, the last layer's input)."""
         return int(self.params["W3"].shape[0])
-
-    def with_calibration(self, calibration: DriftCalibration) -> BaseModel:
-        """The same weights (and hash) carrying `calibration`; it must describe x3."""
-        if calibration.width != self.hidden_width:
-            raise ValueError(
-                f"calibration of width {calibration.width} for a last hidden layer of "
-                f"{self.hidden_width} units"
-            )
-        return replace(self, calibration=calibration)
 
     # -------------------------------------------------------------- inference
     def standardize(self, X: np.ndarray) -> np.ndarray:
@@ -127,9 +128,7 @@ class BaseModel(FrozenFeatureModel):
         header = {"format": FORMAT_VERSION, "weights_hash": self.weights_hash, "info": self.info,
                   "hidden": int(self.params["W1"].shape[1])}  # fmt: skip
         arrays = {name: self.params[name] for name in PARAM_NAMES}
-        if self.calibration is not None:
-            header[CALIBRATION_KEY] = self.calibration.header()
-            arrays.update(self.calibration.arrays())
+        calibration_file_parts(self, header, arrays)
         with open(path, "wb") as out:
             np.savez(out, header=np.array(json.dumps(header)), **arrays)
         return self.weights_hash
@@ -165,12 +164,25 @@ def load_model(path: Path) -> BaseModel:
     model = BaseModel(params=params, info=header.get("info", {}))
     if model.weights_hash != header.get("weights_hash"):
         raise ModelFileError(f"{path}: weights do not match the stored hash (corrupted file?)")
+    return with_stored_calibration(model, header, extra, path)
+
+
+def with_stored_calibration(model, header: dict, extra: dict, path: Path):
+    """`model` with the calibration its file holds (`extra`: the file's calibration arrays);
+    a file without one (made before calibrations existed) is still a usable model."""
     if CALIBRATION_KEY not in header:
-        return model  # made before calibrations existed: still a usable model
+        return model
     try:
         return model.with_calibration(DriftCalibration.from_file(header[CALIBRATION_KEY], extra))
     except (CalibrationError, ValueError) as error:
         raise ModelFileError(f"{path}: drift calibration unusable: {error}") from None
+
+
+def calibration_file_parts(model, header: dict, arrays: dict) -> None:
+    """Adds `model`'s calibration, if any, to the header and arrays of its file."""
+    if model.calibration is not None:
+        header[CALIBRATION_KEY] = model.calibration.header()
+        arrays.update(model.calibration.arrays())
 
 
 def check_param_shapes(params: dict[str, np.ndarray], where) -> None:

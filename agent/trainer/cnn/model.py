@@ -6,7 +6,8 @@ borders, where upright images are always empty and rotated ones are not. `frozen
 returns every layer's input x_k (flattened, channels last; average-pooled where its unit says
 `tap_pool`) and the logits z, BN in inference mode: what Skip-Cache stores. A saved CNN is an
 `.npz` of float32 arrays plus a JSON header with `"kind": "cnn"` and its units; its
-`weights_hash` covers the units too.
+`weights_hash` covers the units too. Like the MLP's, it may carry a drift calibration of its
+last tap (the logits unit's input), outside the hash.
 """
 
 from __future__ import annotations
@@ -17,11 +18,19 @@ from pathlib import Path
 
 import numpy as np
 
+from agent.trainer.calibration import ARRAY_NAMES as CALIBRATION_ARRAYS
+from agent.trainer.calibration import DriftCalibration
 from agent.trainer.cnn import arch
 from agent.trainer.cnn import layers as cl
 from agent.trainer.cnn.network import UnitMods, folded, unit_forward, unit_infer
 from agent.trainer.errors import ModelFileError
-from agent.trainer.model import FrozenFeatureModel, check_inputs, weights_hash
+from agent.trainer.model import (
+    FrozenFeatureModel,
+    calibration_file_parts,
+    check_inputs,
+    weights_hash,
+    with_stored_calibration,
+)
 from agent.trainer.model_file import read_header
 
 MODEL_KIND = "cnn"
@@ -35,9 +44,8 @@ class CnnModel(FrozenFeatureModel):
     params: dict[str, np.ndarray]
     side: int = 28
     info: dict = field(default_factory=dict)  # task, class names, architecture name: JSON-safe
-    # A CNN ships no drift calibration (agent/trainer/calibration.py describes the MLP's x3): a
-    # camera's heartbeat carries the BN1 score and the raw confidence, not the calibrated ones.
-    calibration = None
+    # The drift calibration of the last tap (the logits unit's input), as the MLP's of x3
+    calibration: DriftCalibration | None = None
 
     @property
     def param_names(self) -> tuple[str, ...]:
@@ -126,6 +134,7 @@ class CnnModel(FrozenFeatureModel):
             "info": self.info,
         }
         arrays = {name: self.params[name] for name in self.param_names}
+        calibration_file_parts(self, header, arrays)
         with open(path, "wb") as out:
             np.savez(out, header=np.array(json.dumps(header)), **arrays)
         return self.weights_hash
@@ -144,6 +153,7 @@ def load_cnn(path: Path) -> CnnModel:
             arch.check_units(units, side)
             model = CnnModel(units, {}, side, header.get("info", {}))
             model.params = {n: np.asarray(npz[n], dtype=np.float32) for n in model.param_names}
+            extra = {name: npz[name] for name in CALIBRATION_ARRAYS if name in npz.files}
     except Exception as error:  # units or missing-array errors: one clear message
         raise ModelFileError(f"{path} is not a skipfleet CNN base model: {error}") from error
     if header.get("format") != FORMAT_VERSION or header.get("kind") != MODEL_KIND:
@@ -151,7 +161,7 @@ def load_cnn(path: Path) -> CnnModel:
     check_param_shapes(model, path)
     if model.weights_hash != header.get("weights_hash"):
         raise ModelFileError(f"{path}: weights do not match the stored hash (corrupted file?)")
-    return model
+    return with_stored_calibration(model, header, extra, path)
 
 
 def check_param_shapes(model: CnnModel, where) -> None:
