@@ -115,7 +115,8 @@ def test_stable_softmax_path_equals_the_reference_layers_at_rtol_1e5(chosen):
     X, labels, perm = data()
     plain = trainer_with_factors(model, chosen, start, scale=100.0)  # logits in the hundreds
     plain.begin_epoch(model.standardize(X), labels, one_hot(labels, N_CLASSES), perm)
-    assert not np.isfinite(plain.forward(0, BATCH).g).all()  # exp overflows without the shift
+    with np.errstate(over="ignore", invalid="ignore"):  # the overflow is the point here
+        assert not np.isfinite(plain.forward(0, BATCH).g).all()  # exp overflows unshifted
     trainer = trainer_with_factors(model, chosen, start, scale=100.0)
     trainer.head.stable = True
     check_epoch(model, trainer, start, X, labels, perm)
