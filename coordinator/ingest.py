@@ -93,6 +93,7 @@ class MessageHandler:
             temperature_c=beat.temperature_c,
             drift_score=beat.drift_score,
             adapter_version=beat.adapter_version,
+            clock_offset_s=beat.clock_offset_s,
             label_free=LabelFree(
                 confidence_score=beat.confidence_score,
                 feature_score=beat.feature_score,

@@ -59,6 +59,12 @@ class FleetMetrics:
         self.device_drift = Gauge(
             p + "device_drift_score", "Last reported input drift score", ["device"], registry=r
         )
+        self.device_clock_offset = Gauge(
+            p + "device_clock_offset_seconds",
+            "The device's clock minus the coordinator's, as the device estimates it",
+            ["device"],
+            registry=r,
+        )
         self.device_adapter_version = Gauge(
             p + "device_adapter_version",
             "Fleet adapter version the device runs",
@@ -219,6 +225,7 @@ class FleetMetrics:
         _set(self.device_temperature.labels(device=device), d.temperature_c)
         _set(self.device_drift.labels(device=device), d.drift_score)
         _set(self.device_adapter_version.labels(device=device), d.adapter_version)
+        _set(self.device_clock_offset.labels(device=device), d.clock_offset_s)
         running = (d.adapter_origin, d.cluster)
         before = self._running.get(device)
         if before is not None and before != running:  # one series: what it runs now
@@ -241,6 +248,7 @@ class FleetMetrics:
                     self.device_temperature,
                     self.device_drift,
                     self.device_adapter_version,
+                    self.device_clock_offset,
                 ):
                     _remove(gauge, gone)
                 if (running := self._running.pop(gone, None)) is not None:

@@ -117,6 +117,7 @@ class DeviceGauges:
     cluster: str = "none"  # the cluster it is placed in ("none": in none)
     confidence_score: float | None = None  # calibrated: 1.0 = the base model's threshold
     feature_score: float | None = None
+    clock_offset_s: float | None = None  # the device's clock minus the coordinator's
 
 
 @dataclass(frozen=True)

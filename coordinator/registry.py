@@ -101,6 +101,8 @@ class DeviceRecord:
     # Jobs it let time out in a row; past a limit it is quarantined until the given time.
     timeouts_in_a_row: int | None = None
     quarantined_until: float | None = None
+    # Its clock minus ours (s), as it estimated from our messages' sent times (heartbeat).
+    clock_offset_s: float | None = None
 
     @property
     def labelled(self) -> bool:
@@ -242,9 +244,11 @@ class FleetRegistry:
         drift_score: float | None = None,
         adapter_version: int | None = None,
         label_free: LabelFree | None = None,
+        clock_offset_s: float | None = None,
     ) -> DeviceRecord:
         at = self._at(at)
-        readings = {"power_w": power_w, "temperature_c": temperature_c, "drift_score": drift_score}
+        readings = {"power_w": power_w, "temperature_c": temperature_c, "drift_score": drift_score,
+                    "clock_offset_s": clock_offset_s}  # fmt: skip
         if label_free is not None:
             readings.update(label_free.readings())
         _check_finite(device_id, {**readings, "energy_j": energy_j})

@@ -53,6 +53,7 @@ def _gauges(r: DeviceRecord, placement: Placement | None) -> DeviceGauges:
         cluster=(placement.cluster if placement is not None else None) or "none",
         confidence_score=r.confidence_score,
         feature_score=r.feature_score,
+        clock_offset_s=r.clock_offset_s,
     )
 
 
