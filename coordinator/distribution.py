@@ -346,6 +346,11 @@ class AdapterDistributor:
             detail.get("already_running")
         )
         cluster = self._version_cluster(f.registry.get(device), version)
+        # The device measured both on its hold-out: what it runs now has the one it kept.
+        measured = detail.get("accuracy_candidate" if installed else "accuracy_running")
+        accuracy = _ratio(measured)
+        if accuracy is not None:
+            f.registry.record_accuracy(device, accuracy)
         if installed:
             why = _measured(f"runs {cluster} v{version}", detail)
             f.registry.set_running(device, version=version, origin="fleet", reason=why)
@@ -441,6 +446,13 @@ def _measured(what: str, detail: Mapping[str, object]) -> str:
     if isinstance(candidate, int | float) and isinstance(running, int | float):
         return f"{what}: {candidate:.3f} against {running:.3f} on its hold-out"
     return what
+
+
+def _ratio(value: object) -> float | None:
+    """The value as a float if it is a number in [0, 1] (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if 0.0 <= value <= 1.0 else None  # NaN fails both
 
 
 def _int_or_none(value: object) -> int | None:

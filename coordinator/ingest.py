@@ -90,6 +90,7 @@ class MessageHandler:
             at=at,
             power_w=beat.power_w,
             energy_j=beat.energy_j_total,
+            spool_depth=beat.spool_depth,
             temperature_c=beat.temperature_c,
             drift_score=beat.drift_score,
             adapter_version=beat.adapter_version,

@@ -61,6 +61,8 @@ class DeviceRecord:
     energy_j: float | None = None
     energy_period_start: float | None = None
     energy_used_in_period_j: float = 0.0
+    # Messages its spool holds (waiting for the broker's acknowledgement), from the heartbeat.
+    spool_depth: int | None = None
     temperature_c: float | None = None
     drift_score: float | None = None
     # Latest accuracy of the adapter the device runs, on its recent data.
@@ -240,6 +242,7 @@ class FleetRegistry:
         at: float | None = None,
         power_w: float | None = None,
         energy_j: float | None = None,
+        spool_depth: int | None = None,
         temperature_c: float | None = None,
         drift_score: float | None = None,
         adapter_version: int | None = None,
@@ -268,6 +271,8 @@ class FleetRegistry:
                     changes["adapter_version"] = adapter_version
             if energy_j is not None:
                 changes.update(self._energy_changes(record, energy_j, at))
+            if spool_depth is not None:
+                changes["spool_depth"] = spool_depth
             # A heartbeat proves the device is connected, unless presence news is newer.
             if not record.online and (record.presence_since is None or at >= record.presence_since):
                 changes.update(online=True, presence_since=at)

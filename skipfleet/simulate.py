@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from shared.config_file import prepare_parser
+
 DEFAULT_EPOCHS = {"fan": 100, "har": 200, "fmnist": 10}  # the papers' (fan: Damage1)
 DEFAULT_LR = {"fan": 0.05, "har": 0.02, "fmnist": 0.02}
 
@@ -28,9 +30,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--dataset", choices=("har", "fan", "fmnist"), help="default fan")
     add("--fleet-dir", metavar="DIR", help="a fleet from `skipfleet prepare --out DIR` "
         "(your own task with --from): every shard a device, instead of --dataset")  # fmt: skip
-    add("--runs", type=int, default=1, help="federated runs to request (default 1; with "
-        "--drift-at the coordinator starts the first itself)")  # fmt: skip
-    add("--max-rounds", type=int, default=8, help="rounds a run may take at most (default 8)")
+    add("--runs", type=int, default=1, help="federated runs to request (with --drift-at the "
+        "coordinator starts the first itself)")  # fmt: skip
+    add("--max-rounds", type=int, default=8, help="rounds a run may take at most")
     add(
         "--new-devices",
         type=int,
@@ -43,7 +45,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add(
         "--ray-address",
         default="local",
-        help="local (default: the coordinator starts a small Ray) or a cluster to join",
+        help="local (the coordinator starts a small Ray) or a cluster to join",
     )
     add(
         "--drift-at",
@@ -55,14 +57,21 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--report", metavar="OUT.html", help="write an HTML report with charts")
     add("--run-dir", help="where logs and state go (default: out/simulate-TIMESTAMP)")
     add("--timeout", type=float, default=300.0, help="seconds any one phase may take")
-    add("--seed", type=int, default=0)
+    add("--seed", type=int, default=0, help="seed of the scenario (data shards, device order)")
+    prepare_parser(parser, "simulate", {"data_dir": "SKIPFLEET_DATA_DIR"})
 
 
 def main(args) -> int:
     from agent.data import DataError
+    from shared.config_file import EXIT_USAGE, ConfigFileError, resolve_args
     from skipfleet.brokers import MosquittoMissing, find_mosquitto
     from skipfleet.coordinator_process import ApiError
 
+    try:  # flags, environment, config file ([simulate]) and defaults merged once, here
+        args = resolve_args(args, os.environ)
+    except ConfigFileError as err:
+        print(f"skipfleet simulate: {err}", file=sys.stderr)
+        return EXIT_USAGE
     problems = _check_args(args)
     if problems:
         print(f"skipfleet simulate: {problems}", file=sys.stderr)

@@ -259,6 +259,18 @@ def test_prometheus_scrapes_the_coordinator_metrics_port():
     assert mounts["./deploy/prometheus/prometheus.yml"] == "/etc/prometheus/prometheus.yml"
 
 
+def test_compose_prometheus_loads_the_alert_rules_beside_its_config():
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    mounts = dict(v.split(":")[:2] for v in SERVICES["prometheus"]["volumes"])
+    in_container = {Path(target): Path(source) for source, target in mounts.items()}
+    config_dir = Path("/etc/prometheus")  # the --config.file's directory: rule paths start there
+    assert config["rule_files"], "no rule files"
+    for rule_file in config["rule_files"]:
+        source = in_container.get(config_dir / rule_file)
+        assert source is not None, f"{rule_file} is not mounted in {config_dir}"
+        assert (REPO / source).resolve() == (DEPLOY / "prometheus" / rule_file).resolve()
+
+
 def test_prometheus_config_passes_promtool():
     promtool = shutil.which("promtool")
     if promtool is None:
@@ -618,7 +630,9 @@ def test_systemd_unit_parses_and_runs_as_an_unprivileged_user():
     assert "RestartSteps" not in service and "RestartMaxDelaySec" not in service
     assert service["LoadCredential"] == "mqtt-password:/etc/skipfleet/mqtt-password"
     assert service["StateDirectory"] == "skipfleet"
-    assert service["EnvironmentFile"] == "/etc/skipfleet/agent.env"
+    # Settings come from a TOML config file, not a flag string in an environment file.
+    assert "EnvironmentFile" not in service and "$" not in service["ExecStart"]
+    assert service["RestartPreventExitStatus"].split() == ["2", "64"]
     assert service["NoNewPrivileges"] == "yes"
     assert unit["Install"]["WantedBy"] == "multi-user.target"
     # The options ExecStart passes exist in the agent's CLI; the password never appears inline.
@@ -626,8 +640,8 @@ def test_systemd_unit_parses_and_runs_as_an_unprivileged_user():
 
     binary, command, *options = service["ExecStart"].split()
     assert binary.endswith("/skipfleet") and command == "agent"
-    options = [o for o in options if not o.startswith("$")]
     assert "--password-file=%d/mqtt-password" in options
+    assert "--config=/etc/skipfleet/agent.toml" in options
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     parser.parse_args(options)
