@@ -133,6 +133,9 @@ class CoordinatorConfig:
     api_addr: str = DEFAULT_BIND
     api_port: int = DEFAULT_API_PORT
     api_token_file: Path | None = None  # None: API_TOKEN_FILE in the state dir
+    # A process fleet's fault log (JSON lines its control endpoint appends to), shown on the
+    # dashboard's timeline; None: the timeline shows what the coordinator itself saw.
+    fleet_events_file: Path | None = None
     policy: SchedulerPolicy = field(default_factory=SchedulerPolicy)
     rollout: RolloutPolicy = field(default_factory=lambda: RolloutPolicy(min_canaries=2))
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
@@ -263,6 +266,12 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         "--api-token-file",
         help=f"the API's bearer token (made there if absent); default {API_TOKEN_FILE} in the "
         "state dir",
+    )
+    add(
+        "--fleet-events-file",
+        metavar="FILE",
+        help="a process fleet's events.jsonl (faults injected with `skipfleet fleet`), for the "
+        "dashboard's timeline (default: none)",
     )
 
 
@@ -544,6 +553,7 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Coordinat
             api_addr=args.api_addr,
             api_port=args.api_port,
             api_token_file=_optional_path(args.api_token_file),
+            fleet_events_file=_optional_path(args.fleet_events_file),
             policy=_policy(args),
             rollout=RolloutPolicy(
                 canary_fraction=args.canary_fraction,

@@ -56,6 +56,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--json", metavar="OUT", help="write the results as JSON")
     add("--report", metavar="OUT.html", help="write an HTML report with charts")
     add("--run-dir", help="where logs and state go (default: out/simulate-TIMESTAMP)")
+    add(
+        "--keep-running",
+        action="store_true",
+        help="after the scenario (and its table, JSON and report), keep the fleet and the "
+        "coordinator's dashboard running until Ctrl-C or SIGTERM",
+    )
     add("--timeout", type=float, default=300.0, help="seconds any one phase may take")
     add("--seed", type=int, default=0, help="seed of the scenario (data shards, device order)")
     prepare_parser(parser, "simulate", {"data_dir": "SKIPFLEET_DATA_DIR"})
@@ -84,11 +90,14 @@ def main(args) -> int:
         prepared, data_dir = _fleet(args)
         from skipfleet.sim_run import Simulation
 
-        result = Simulation(args, data_dir, run_dir, prepared).run()
+        simulation = Simulation(args, data_dir, run_dir, prepared)
+        # with --keep-running the outputs are written while everything still runs, and the JSON
+        # again at the end, with the retained messages removed on the way out
+        result = simulation.run(lambda result: _write_outputs(args, result))
     except (DataError, ApiError, TimeoutError, RuntimeError) as error:
         print(f"skipfleet simulate: {error}\n  logs: {run_dir}", file=sys.stderr)
         return 1
-    _write_outputs(args, result)
+    _write_outputs(args, result, only_json=args.keep_running)
     return 0
 
 
@@ -135,15 +144,16 @@ def _check_args(args) -> str | None:
     return None
 
 
-def _write_outputs(args, result: dict) -> None:
+def _write_outputs(args, result: dict, only_json: bool = False) -> None:
     from skipfleet.sim_results import format_table
 
-    print(format_table(result))
+    if not only_json:
+        print(format_table(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
-    if args.report:
+    if args.report and not only_json:
         from skipfleet.report_html import render
 
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)
