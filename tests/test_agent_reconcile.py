@@ -173,7 +173,7 @@ def test_a_publication_for_another_base_model_is_refused(device, caplog):
 
 def test_a_huge_but_finite_adapter_sent_to_the_device_is_refused_not_installed(device, caplog):
     """issue 10, failure 2: an agent installed a 1e30 adapter it was sent (finite, so no NaN
-    check caught it); its logits would overflow. It is refused like any adapter that does not fit."""
+    check caught it). It is refused like any adapter that does not fit the model."""
     device.install(2)
     device.coordinator.answers[11] = device.publication(11, scale=1e30)
     with caplog.at_level(logging.ERROR, logger="agent.reconcile"):
