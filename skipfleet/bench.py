@@ -41,6 +41,26 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_coordinator(targets)
     add_federation(targets)
     add_drift(targets)
+    add_faults(targets)
+
+
+def add_faults(targets) -> None:
+    faults = targets.add_parser(
+        "faults",
+        help="issue 10's fault and attack scenarios end to end: reports lost, applied twice, "
+        "honest devices harmed, time to recover",
+    )
+    add_data_dir(faults)
+    add = faults.add_argument
+    add("--rounds", type=positive_int, default=10, help="rounds with a poisoning device")
+    add("--devices", type=positive_int, default=3, help="honest devices (agents in the live part)")
+    add("--steps", type=positive_int, default=1500,
+        help="SGD steps of a live fine-tune (long enough to fault a round mid-way)")  # fmt: skip
+    add("--outage", type=float, default=120.0, help="seconds of the agent's network outage")
+    add("--seed", type=int, default=0)
+    add("--skip-live", action="store_true", help="only the in-process trust scenarios")
+    add("--work-dir", help="keep every log and state dir here (default: a temporary dir)")
+    add("--json", metavar="OUT", help="write the results as JSON")
 
 
 def add_federation(targets) -> None:
@@ -199,6 +219,8 @@ def main(args) -> int:
         from skipfleet import bench_coordinator as bench_module
     elif args.target == "drift":
         from skipfleet import bench_drift as bench_module
+    elif args.target == "faults":
+        from skipfleet import bench_faults as bench_module
     else:
         from skipfleet import bench_agent as bench_module
     try:

@@ -128,14 +128,18 @@ class DeployBroker:
         lines += extra_lines
         # As root, mosquitto would switch to user `mosquitto`, who cannot read the tmp dir.
         lines.append(f"user {pwd.getpwuid(os.getuid()).pw_name}")
-        config = root / "mosquitto.conf"
-        config.write_text("\n".join(lines) + "\n")
+        self._argv = [binary, "-c", str(root / "mosquitto.conf")]
+        (root / "mosquitto.conf").write_text("\n".join(lines) + "\n")
+        self._ports = [self.port, self.probe_port, *extra_ports]
+        self.start()
+
+    def start(self) -> None:
+        """Run mosquitto (again, after kill(): the same ports, config and persistence)."""
         self.process = subprocess.Popen(
-            [binary, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
+            self._argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
         )
         deadline = time.monotonic() + 10
-        ports = [self.port, self.probe_port, *extra_ports]
-        while not all(listening(port) for port in ports):
+        while not all(listening(port) for port in self._ports):
             if self.process.poll() is not None or time.monotonic() > deadline:
                 self.process.kill()
                 raise BrokerError(f"mosquitto did not start: {self.process.stderr.read()!r} "
@@ -151,6 +155,12 @@ class DeployBroker:
 
     def stop(self) -> None:
         self.process.terminate()
+        self.process.wait(timeout=10)
+        self.process.stderr.close()
+
+    def kill(self) -> None:
+        """SIGKILL: no persistence snapshot is written, as in a power cut."""
+        self.process.kill()
         self.process.wait(timeout=10)
         self.process.stderr.close()
 

@@ -44,8 +44,15 @@ Versions = dict[int, Adapter]  # every version published so far, as the agents w
 class Device:
     """An honest device (subclasses lie or stay silent)."""
 
-    def __init__(self, device_id: str, world: FanWorld, share: Share, clock: ManualClock,
-                 versions: Versions, cohort: str = "fan") -> None:  # fmt: skip
+    def __init__(
+        self,
+        device_id: str,
+        world: FanWorld,
+        share: Share,
+        clock: ManualClock,
+        versions: Versions,
+        cohort: str = "fan",
+    ) -> None:
         self.device_id, self.world, self.share = device_id, world, share
         self.clock, self.versions, self.cohort = clock, versions, cohort
         self.boot_id = uuid.uuid4().hex[:16]
@@ -60,17 +67,33 @@ class Device:
 
     def presence(self) -> Received:
         samples = len(self.share.train)
-        return self._received(Presence(
-            PresenceState.ONLINE, self.boot_id, "bench-faults", self.world.model.weights_hash,
-            self.cohort, train_samples=samples, holdout_samples=len(self.share.holdout),
-        ))  # fmt: skip
+        return self._received(
+            Presence(
+                PresenceState.ONLINE,
+                self.boot_id,
+                "bench-faults",
+                self.world.model.weights_hash,
+                self.cohort,
+                train_samples=samples,
+                holdout_samples=len(self.share.holdout),
+            )
+        )
 
     def heartbeat(self) -> Received:
-        return self._received(Heartbeat(
-            power_w=1.5, power_source="model:bench", energy_j_total=float(self.seq),
-            cache_bytes=0, spool_depth=0, spool_dropped=0, uptime_s=1.0, temperature_c=45.0,
-            drift_score=1.0, adapter_version=self.running,
-        ))  # fmt: skip
+        return self._received(
+            Heartbeat(
+                power_w=1.5,
+                power_source="model:bench",
+                energy_j_total=float(self.seq),
+                cache_bytes=0,
+                spool_depth=0,
+                spool_dropped=0,
+                uptime_s=1.0,
+                temperature_c=45.0,
+                drift_score=1.0,
+                adapter_version=self.running,
+            )
+        )
 
     def _status(self, job: Job, detail: dict | None = None) -> Received:
         return self._received(JobStatus(job.job_id, JobState.SUCCEEDED, detail=detail or {}))
@@ -101,8 +124,9 @@ class Device:
     def _decode(self, publication: AdapterPublication) -> None:
         model = self.world.model
         try:  # the agent's own check: shape, finite, within ADAPTER_VALUE_BOUND
-            adapter = Adapter.from_arrays(dict(publication.arrays), model.layer_input_dims,
-                                          model.n_classes)  # fmt: skip
+            adapter = Adapter.from_arrays(
+                dict(publication.arrays), model.layer_input_dims, model.n_classes
+            )
         except AdapterError:
             return
         self.versions.setdefault(publication.version, adapter)
@@ -125,22 +149,42 @@ class Device:
     def finetune(self, job: Job) -> list[Received]:
         p = job.params
         start = self.adapter(p.start_version)
-        result = finetune(self.world.model, self.share.train.X, self.share.train.y,
-                          method=p.method, epochs=p.epochs, lr=p.lr, batch_size=p.batch_size,
-                          rank=p.rank, seed=p.seed, start=start, steps=p.steps).adapter  # fmt: skip
+        result = finetune(
+            self.world.model,
+            self.share.train.X,
+            self.share.train.y,
+            method=p.method,
+            epochs=p.epochs,
+            lr=p.lr,
+            batch_size=p.batch_size,
+            rank=p.rank,
+            seed=p.seed,
+            start=start,
+            steps=p.steps,
+        ).adapter
         before = self.holdout_accuracy(p.start_version)
         after = measure(self.world.model, self.share.holdout.X, self.share.holdout.y, result)
-        report = self._report(job, result.to_arrays(), len(self.share.train), before,
-                              after.accuracy)  # fmt: skip
+        report = self._report(
+            job, result.to_arrays(), len(self.share.train), before, after.accuracy
+        )
         return [report, self._status(job)]
 
     def _report(self, job, arrays, samples, before, after) -> Received:
         metrics = ReportMetrics(
-            accuracy_before=before, accuracy_after=after, samples=samples, epochs=1,
-            finetune_seconds=1.0, joules=1.0, power_source="model:bench", cache_hit_rate=0.0,
-            base_model_hash=self.world.model.weights_hash, method=job.params.method,
-            rank=job.params.rank, installed=False, holdout_samples=len(self.share.holdout),
-        )  # fmt: skip
+            accuracy_before=before,
+            accuracy_after=after,
+            samples=samples,
+            epochs=1,
+            finetune_seconds=1.0,
+            joules=1.0,
+            power_source="model:bench",
+            cache_hit_rate=0.0,
+            base_model_hash=self.world.model.weights_hash,
+            method=job.params.method,
+            rank=job.params.rank,
+            installed=False,
+            holdout_samples=len(self.share.holdout),
+        )
         return self._received(Report(job.job_id, arrays, metrics))
 
     def evaluate(self, job: Job) -> list[Received]:
@@ -168,8 +212,10 @@ class Liar(Device):
 
     def finetune(self, job: Job) -> list[Received]:
         honest = super().finetune(job)[0].envelope.message.adapter
-        arrays = {name: -a * (self.PEAK / max(float(np.abs(a).max()), 1e-12))
-                  for name, a in honest.items()}  # fmt: skip
+        arrays = {
+            name: -a * (self.PEAK / max(float(np.abs(a).max()), 1e-12))
+            for name, a in honest.items()
+        }
         return [self._report(job, arrays, self.SAMPLES, 0.0, 1.0), self._status(job)]
 
     def evaluate(self, job: Job) -> list[Received]:

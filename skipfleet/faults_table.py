@@ -35,10 +35,17 @@ def _cell(value) -> str:
 
 def render(rows: list[Row]) -> str:
     cells = [
-        (r.scenario, r.injected, _cell(r.reports_lost), _cell(r.applied_twice),
-         _cell(r.honest_harmed), _cell(r.recover_s), "met" if r.held else "NOT MET")
+        (
+            r.scenario,
+            r.injected,
+            _cell(r.reports_lost),
+            _cell(r.applied_twice),
+            _cell(r.honest_harmed),
+            _cell(r.recover_s),
+            "met" if r.held else "NOT MET",
+        )
         for r in rows
-    ]  # fmt: skip
+    ]
     lines = ["| " + " | ".join(COLUMNS) + " |", "|" + "---|" * len(COLUMNS)]
     lines += ["| " + " | ".join(row) + " |" for row in cells]
     return "\n".join(lines)

@@ -30,28 +30,46 @@ ROUND_DEADLINE_S = 120.0
 LIMIT_S = 1800.0  # a round not decided by then is wedged
 
 
-def make_service(state_dir: Path, clock: ManualClock, algorithm: str = "exact-delta",
-                 **policy) -> FleetService:  # fmt: skip
+def make_service(
+    state_dir: Path, clock: ManualClock, algorithm: str = "exact-delta", **policy
+) -> FleetService:
     """The coordinator's defaults where they matter here: canary fraction 0.1 with at least 2
     canaries, exact-delta, the trust bounds; one round per run, one cluster per cohort."""
-    settings = {"max_concurrent_jobs": 8, "accuracy_threshold": None,
-                "accuracy_drop_margin": None, "drift_threshold": None, "job_timeout_s": 60.0,
-                "round_deadline_s": ROUND_DEADLINE_S, "min_completion_ratio": 0.6,
-                **policy}  # fmt: skip
+    settings = {
+        "max_concurrent_jobs": 8,
+        "accuracy_threshold": None,
+        "accuracy_drop_margin": None,
+        "drift_threshold": None,
+        "job_timeout_s": 60.0,
+        "round_deadline_s": ROUND_DEADLINE_S,
+        "min_completion_ratio": 0.6,
+        **policy,
+    }
     config = CoordinatorConfig(
-        mqtt=MqttSettings("localhost"), state_dir=state_dir, metrics_port=0, api_port=0,
-        policy=SchedulerPolicy(**settings), rollout=RolloutPolicy(min_canaries=2),
-        federation=FederationPolicy(max_rounds=1), cluster_distance=None,
+        mqtt=MqttSettings("localhost"),
+        state_dir=state_dir,
+        metrics_port=0,
+        api_port=0,
+        policy=SchedulerPolicy(**settings),
+        rollout=RolloutPolicy(min_canaries=2),
+        federation=FederationPolicy(max_rounds=1),
+        cluster_distance=None,
         algorithm=AggregationAlgorithm(algorithm),
-    )  # fmt: skip
+    )
     return FleetService(config, clock=clock)
 
 
 class Fleet:
     """The service, its clock and its devices, driven tick by tick."""
 
-    def __init__(self, state_dir: Path, world: FanWorld, kinds: dict[str, type[Device]],
-                 algorithm: str = "exact-delta", **policy) -> None:  # fmt: skip
+    def __init__(
+        self,
+        state_dir: Path,
+        world: FanWorld,
+        kinds: dict[str, type[Device]],
+        algorithm: str = "exact-delta",
+        **policy,
+    ) -> None:
         self.clock = ManualClock()
         self.service = make_service(state_dir, self.clock, algorithm, **policy)
         versions: dict = {}
@@ -104,13 +122,15 @@ def _one_round(fleet: Fleet) -> tuple[dict, float | None]:
     return record, took
 
 
-def poisoning(world: FanWorld, workdir: Path, rounds: int = 10,
-              algorithm: str = "exact-delta") -> Row:  # fmt: skip
+def poisoning(
+    world: FanWorld, workdir: Path, rounds: int = 10, algorithm: str = "exact-delta"
+) -> Row:
     """The liar's rounds, and the same rounds without it (what the liar cost the others)."""
     honest = {f"honest-{k}": Device for k in range(len(world.shares))}
     root = workdir / f"poisoning-{algorithm}"
-    row = _poisoning(Fleet(root / "liar", world, honest | {"liar": Liar}, algorithm=algorithm),
-                     rounds)  # fmt: skip
+    row = _poisoning(
+        Fleet(root / "liar", world, honest | {"liar": Liar}, algorithm=algorithm), rounds
+    )
     control = _poisoning(Fleet(root / "no-liar", world, honest, algorithm=algorithm), rounds)
     if algorithm != "exact-delta":
         row.scenario += f" ({algorithm})"
@@ -144,19 +164,29 @@ def _poisoning(fleet: Fleet, rounds: int) -> Row:
         harmed_total += (harmed := _harmed(before, after))
         worst = min(worst, *(after[n] - before[n] for n in after))
         lost += _lost(fleet, record)
-        per_round.append({
-            "stage": record["stage"], "version": record["adapter_version"], "harmed": harmed,
-            "liar_weight": (record["weights"] or {}).get("liar"),
-            "running": {d.device_id: d.running for d in fleet.honest()},
-        })  # fmt: skip
-    detail = {"rounds": per_round, "wedged_rounds": wedged, "worst_change_points": worst * 100,
-              "test_accuracy_end": _accuracies(fleet)}  # fmt: skip
+        per_round.append(
+            {
+                "stage": record["stage"],
+                "version": record["adapter_version"],
+                "harmed": harmed,
+                "liar_weight": (record["weights"] or {}).get("liar"),
+                "running": {d.device_id: d.running for d in fleet.honest()},
+            }
+        )
+    detail = {
+        "rounds": per_round,
+        "wedged_rounds": wedged,
+        "worst_change_points": worst * 100,
+        "test_accuracy_end": _accuracies(fleet),
+    }
     return Row(
         f"poisoning device, {rounds} rounds",
         "samples=2**62, update 999 against its own, canary answers 1.0/0.0",
-        reports_lost=lost, honest_harmed=harmed_total,
-        held=harmed_total == 0 and wedged == 0 and lost == 0, detail=detail,
-    )  # fmt: skip
+        reports_lost=lost,
+        honest_harmed=harmed_total,
+        held=harmed_total == 0 and wedged == 0 and lost == 0,
+        detail=detail,
+    )
 
 
 def overflow(world: FanWorld, workdir: Path) -> Row:
@@ -196,8 +226,13 @@ def silent(world: FanWorld, workdir: Path) -> Row:
     closed = record["closed_at"]
     late = None if closed is None else closed - (record["started_at"] + ROUND_DEADLINE_S)
     lost = _lost(fleet, record)
-    detail = {"stage": record["stage"], "failures": record["failures"], "closed_late_s": late,
-              "round_deadline_s": ROUND_DEADLINE_S, "settled_after_s": took}  # fmt: skip
+    detail = {
+        "stage": record["stage"],
+        "failures": record["failures"],
+        "closed_late_s": late,
+        "round_deadline_s": ROUND_DEADLINE_S,
+        "settled_after_s": took,
+    }
     held = took is not None and late is not None and late <= STEP_S and lost == 0
     return Row(
         "silent device",
