@@ -53,8 +53,10 @@ def add_faults(targets) -> None:
     add_data_dir(faults)
     add = faults.add_argument
     add("--rounds", type=positive_int, default=10, help="rounds with a poisoning device")
+    add("--repeats", type=positive_int, default=20,
+        help="runs of the poisoning scenario (training seeds differ run to run)")  # fmt: skip
     add("--devices", type=positive_int, default=3, help="honest devices (agents in the live part)")
-    add("--steps", type=positive_int, default=1500,
+    add("--steps", type=positive_int, default=60_000,
         help="SGD steps of a live fine-tune (long enough to fault a round mid-way)")  # fmt: skip
     add("--outage", type=float, default=120.0, help="seconds of the agent's network outage")
     add("--seed", type=int, default=0)

@@ -23,8 +23,15 @@ from skipfleet.faults_world import fan_world
 
 def trust_rows(args, world, workdir: Path) -> list[Row]:
     return [
-        faults_trust.poisoning(world, workdir, args.rounds),
-        faults_trust.poisoning(world, workdir, args.rounds, "coordinate-median"),
+        faults_trust.repeated(
+            args.repeats, lambda k: faults_trust.poisoning(world, workdir / f"run-{k}", args.rounds)
+        ),
+        faults_trust.repeated(
+            args.repeats,
+            lambda k: faults_trust.poisoning(
+                world, workdir / f"run-{k}", args.rounds, "coordinate-median"
+            ),
+        ),
         faults_trust.overflow(world, workdir),
         faults_trust.silent(world, workdir),
     ]

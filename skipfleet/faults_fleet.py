@@ -154,12 +154,9 @@ class LiveFleet:
     def round(self, round_id: str) -> dict | None:
         return next((r for r in self.api().get("/rounds") if r["round_id"] == round_id), None)
 
-    def jobs_in(self, round_devices, *states: str) -> list[dict]:
-        return [
-            j
-            for j in self.api().get("/jobs")
-            if j["kind"] == "finetune" and j["state"] in states and j["device_id"] in round_devices
-        ]
+    def jobs_in(self, round_id: str, *states: str) -> list[dict]:
+        jobs = self.api().get("/jobs")
+        return [j for j in jobs if j["round_id"] == round_id and j["state"] in states]
 
     def reports_taken(self) -> float:
         return self.reports_before_restarts + total(

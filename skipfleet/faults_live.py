@@ -18,13 +18,14 @@ from collections.abc import Callable
 
 from coordinator.config import CoordinatorConfig
 from shared.mqtt import MqttSettings
-from skipfleet.deploy_broker import Mqtt
+from skipfleet.deploy_broker import DeployBroker, Mqtt
 from skipfleet.faults_fleet import DUPLICATES, LiveFleet, wait_for
 from skipfleet.faults_table import Row
 from skipfleet.fleet.proxy import CutMode
 from skipfleet.measure import parse_prometheus, total
 
 ROUND_TIMEOUT_S = 600.0
+METRICS_LAG_S = 5.0
 
 Fault = Callable[[LiveFleet, dict], tuple[float, dict]]  # -> when recovery starts, details
 
@@ -40,6 +41,8 @@ def fault_round(fleet: LiveFleet, scenario: str, injected: str, fault: Fault) ->
     )
     recover_s = time.monotonic() - since
     wait_for("every device online again", fleet.online)
+    wait_for("the round's canary and installs", fleet.settled)
+    time.sleep(METRICS_LAG_S)  # the coordinator's counters are updated every 2 s
     answered = record["answered"] or []
     reports = fleet.reports_taken() - reports_before
     duplicates = total(parse_prometheus(fleet.coordinator.metrics()), DUPLICATES)
@@ -71,9 +74,9 @@ def _ended(fleet: LiveFleet, round_id: str) -> dict | None:
 
 def _mid_round(fleet: LiveFleet, opened: dict, state: str) -> dict:
     """Waits until a job of the round is in `state` while the round is still open."""
-    wait_for(f"a job {state}", lambda: fleet.jobs_in(opened["devices"], state))
+    wait_for(f"a job {state}", lambda: fleet.jobs_in(opened["round_id"], state))
     record = fleet.round(opened["round_id"])
-    done = fleet.jobs_in(opened["devices"], "SUCCEEDED")
+    done = fleet.jobs_in(opened["round_id"], "SUCCEEDED")
     return {"round_stage_at_fault": record["stage"], "reports_in_at_fault": len(done)}
 
 
@@ -87,7 +90,8 @@ def broker_sigkill(fleet: LiveFleet, opened: dict) -> tuple[float, dict]:
 
 
 def coordinator_kill9(fleet: LiveFleet, opened: dict) -> tuple[float, dict]:
-    detail = _mid_round(fleet, opened, "SUCCEEDED")
+    """Killed while the devices train: their reports come while no coordinator runs."""
+    detail = _mid_round(fleet, opened, "IN_PROGRESS")
     since = time.monotonic()
     detail |= fleet.kill_coordinator()
     fleet.coordinator = fleet.start_coordinator()
@@ -164,6 +168,7 @@ def _state(fleet: LiveFleet) -> str:
 
 
 def api_attacks(fleet: LiveFleet) -> Row:
+    wait_for("every device online", fleet.online)
     wait_for("a quiet fleet", fleet.settled)
     cohort = fleet.api().get("/devices")[0]["cohort"]
     token = fleet.api().token_file.read_text().strip()
@@ -193,6 +198,7 @@ def api_attacks(fleet: LiveFleet) -> Row:
 def takeover(fleet: LiveFleet, commands: int = 10) -> Row:
     """A device account with no agent asks for the live coordinator's client id and a running
     device's; then for the id of an offline device whose commands wait in its session."""
+    wait_for("every device online", fleet.online)
     port, passwords = fleet.broker.port, fleet.passwords
     attacker, owner = fleet.spare_accounts
     coordinator_id = CoordinatorConfig(MqttSettings("x"), fleet.state_dir).client_id
@@ -211,7 +217,13 @@ def takeover(fleet: LiveFleet, commands: int = 10) -> Row:
     kicked += [] if same else ["coordinator"]
     for mqtt in opened:
         mqtt.close()
-    queued = _queued_commands(port, passwords, attacker, owner, commands)
+    # On a second broker of the same config and accounts: sending commands takes the coordinator
+    # account, whose one session (client id = user name) is the live coordinator's.
+    probe = DeployBroker(fleet.root / "probe-broker", fleet.root / "secrets" / "mosquitto_passwd")
+    try:
+        queued = _queued_commands(probe.port, passwords, attacker, owner, commands)
+    finally:
+        probe.stop()
     detail = {
         "kicked": kicked,
         "queued_commands_sent": commands,

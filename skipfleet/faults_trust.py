@@ -154,6 +154,38 @@ def _lost(fleet: Fleet, record: dict) -> int:
     return sum(1 for d in fleet.honest() if d.device_id not in (record["answered"] or []))
 
 
+def repeated(times: int, run: Callable[[int], Row]) -> Row:
+    """One row for `times` runs of a scenario: counts summed, each run's figures kept."""
+    rows = [run(k) for k in range(times)]
+    first = rows[0]
+    first.scenario += f", {times} runs" if times > 1 else ""
+    first.reports_lost = sum(r.reports_lost or 0 for r in rows)
+    first.honest_harmed = sum(r.honest_harmed or 0 for r in rows)
+    first.held = all(r.held for r in rows)
+    first.detail = {"runs": [r.detail for r in rows], "summary": _summary(rows)}
+    return first
+
+
+def _summary(rows: list[Row]) -> dict:
+    """Poisoning runs: the honest devices' test accuracy at the end, with and without the liar
+    (means over devices and runs), and the worst one-round change of any honest device."""
+
+    def mean(values) -> float:
+        values = list(values)
+        return sum(values) / len(values)
+
+    runs = [r.detail for r in rows]
+    return {
+        "end_accuracy_with_liar": mean(a for d in runs for a in d["test_accuracy_end"].values()),
+        "end_accuracy_without_liar": mean(
+            a for d in runs for a in d["without_the_liar"]["test_accuracy_end"].values()
+        ),
+        "base_accuracy": runs[0]["base_test_accuracy"],
+        "worst_change_points": min(d["worst_change_points"] for d in runs),
+        "wedged_rounds": sum(d["wedged_rounds"] for d in runs),
+    }
+
+
 def _poisoning(fleet: Fleet, rounds: int) -> Row:
     harmed_total, worst, wedged, lost, per_round = 0, 0.0, 0, 0, []
     for _ in range(rounds):
