@@ -22,7 +22,7 @@ from skipfleet.deploy_broker import DeployBroker, Mqtt
 from skipfleet.faults_fleet import DUPLICATES, LiveFleet, wait_for
 from skipfleet.faults_table import Row
 from skipfleet.fleet.proxy import CutMode
-from skipfleet.measure import parse_prometheus, total
+from skipfleet.measure import by_label, parse_prometheus
 
 ROUND_TIMEOUT_S = 600.0
 METRICS_LAG_S = 5.0
@@ -45,7 +45,7 @@ def fault_round(fleet: LiveFleet, scenario: str, injected: str, fault: Fault) ->
     time.sleep(METRICS_LAG_S)  # the coordinator's counters are updated every 2 s
     answered = record["answered"] or []
     reports = fleet.reports_taken() - reports_before
-    duplicates = total(parse_prometheus(fleet.coordinator.metrics()), DUPLICATES)
+    dropped = by_label(parse_prometheus(fleet.coordinator.metrics()), DUPLICATES, "reason")
     lost = len(opened["devices"]) - len(answered)
     twice = max(0, round(reports) - len(answered))
     detail |= {
@@ -53,7 +53,7 @@ def fault_round(fleet: LiveFleet, scenario: str, injected: str, fault: Fault) ->
         "answered": answered,
         "failures": record["failures"],
         "reports_taken": reports,
-        "messages_dropped_by_reason_total": duplicates,
+        "messages_dropped_by_reason": dropped,
     }
     held = lost == 0 and twice == 0 and record["stage"] == "STORED"
     return Row(
