@@ -1,8 +1,10 @@
 """Commands from the coordinator: decoded, checked, and handed over without blocking.
 
-Runs on paho's network thread, so it only decodes and queues: jobs go to the job runner,
+Runs on the MQTT worker (agent.handoff), never on paho's network thread; it decodes and
+hands over without waiting for a job: jobs go to the job runner,
 adapter publications (possibly chunked) to the adapter inbox, desired-state pointers to the
-reconciler (agent.reconcile). A job command that cannot be
+reconciler (agent.reconcile). Each command's sent time feeds the clock offset estimate
+(agent.clock_offset) before the command is judged. A job command that cannot be
 accepted is answered with a REJECTED status whenever its job id can be read, so the
 coordinator learns why instead of waiting for a timeout.
 """
@@ -13,6 +15,7 @@ import logging
 from collections.abc import Callable
 
 from agent.adapter_inbox import AdapterInbox
+from agent.clock_offset import ClockOffset
 from agent.jobs import JobRunner
 from shared.protocol import DEFAULT_CHUNK_LIMIT, DecodeError, Reassembler, check_route, decode
 from shared.protocol.enums import JobReason
@@ -29,13 +32,19 @@ PUBLISH_MAX_BYTES = 2 * DEFAULT_CHUNK_LIMIT
 
 
 def decode_command(
-    device_id: str, kind: TopicKind, payload: bytes, reassembler: Reassembler
+    device_id: str,
+    kind: TopicKind,
+    payload: bytes,
+    reassembler: Reassembler,
+    on_envelope: Callable[[Envelope], None] = lambda envelope: None,
 ) -> Envelope | None:
     """A command for this device, checked (size, route, job size), or None until the last chunk
     of a chunked one is in. DecodeError for anything else (with the job id when it is readable).
-    Shared by the agent and the load generator."""
+    `on_envelope` sees every decoded, routed publish (each chunk too). Shared by the agent and
+    the load generator."""
     envelope = decode(payload, max_bytes=PUBLISH_MAX_BYTES)
     check_route(device_id, kind, envelope)
+    on_envelope(envelope)
     if kind is TopicKind.CMD_JOB and len(payload) > JOB_MAX_BYTES:
         job_id = envelope.message.job_id if isinstance(envelope.message, Job) else None
         raise DecodeError(
@@ -56,6 +65,7 @@ class Downlink:
         inbox: AdapterInbox,
         on_desired: Callable[[DesiredState], None] = lambda desired: None,
         reassembler: Reassembler | None = None,
+        clock_offset: ClockOffset | None = None,
     ):
         self._device_id = device_id
         self._topics = topics
@@ -63,22 +73,28 @@ class Downlink:
         self._inbox = inbox
         self._on_desired = on_desired
         self._reassembler = reassembler or Reassembler(max_in_flight=4)
+        self._clock_offset = clock_offset or ClockOffset()
         self.dropped = 0  # undecodable commands without a readable job id
 
-    def handle(self, topic: str, payload: bytes) -> None:
+    def handle(self, topic: str, payload: bytes, retained: bool = False) -> None:
+        """One publish; `retained`: the broker's stored copy, sent at some unknown past time."""
         try:
             device_id, kind = self._topics.parse(topic)
             if device_id != self._device_id:
                 raise DecodeError(f"command for {device_id} arrived at {self._device_id}")
-            envelope = self._decode(kind, payload)
+            envelope = self._decode(kind, payload, retained)
         except DecodeError as err:
             self._refuse(err)
             return
         if envelope is not None:
             self._dispatch(envelope)
 
-    def _decode(self, kind: TopicKind, payload: bytes) -> Envelope | None:
-        return decode_command(self._device_id, kind, payload, self._reassembler)
+    def _decode(self, kind: TopicKind, payload: bytes, retained: bool) -> Envelope | None:
+        def observe(envelope: Envelope) -> None:
+            if not retained:
+                self._clock_offset.observe(envelope.sent_at)
+
+        return decode_command(self._device_id, kind, payload, self._reassembler, observe)
 
     def _refuse(self, err: DecodeError) -> None:
         if err.job_id is not None:

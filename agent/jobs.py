@@ -8,6 +8,10 @@ Life cycle as the device sees it (it may set only IN_PROGRESS, SUCCEEDED, FAILED
 A CANCEL job is carried out in `submit` (waiting in the queue behind its target would defeat
 it): SUCCEEDED at once, or REJECTED `nothing_to_cancel`.
 Accepted job ids are persisted (`JobHistory`) so a restart neither re-runs nor forgets them.
+A job whose state cannot be written (disk full, or any other write error) ends FAILED
+`disk_full` at once, not QUEUED until its deadline: a job the device cannot remember must not
+run (a restart would run it again). The history still holds it in memory, so a repeat is
+rejected as a duplicate while the agent runs.
 Tasks given to `run_between_jobs` (adapter changes of the desired-state reconciler) run on the
 worker thread too, before the next job, so they never overlap a job that reads the adapter.
 """
@@ -15,6 +19,8 @@ worker thread too, before the next job, so they never overlap a job that reads t
 from __future__ import annotations
 
 import collections
+import contextlib
+import errno
 import logging
 import threading
 import time
@@ -33,6 +39,10 @@ log = logging.getLogger(__name__)
 
 
 MAX_REASON_CHARS = 500  # JobStatus takes up to 1024; error texts can be longer
+
+
+# errno values that mean "no room to write": a handler failing with one fails `disk_full`.
+NO_ROOM = frozenset({errno.ENOSPC, errno.EDQUOT})
 
 
 def clip(text: str) -> str:
@@ -104,7 +114,7 @@ class JobRunner:
         self._stopping = False
         self._thread: threading.Thread | None = None
 
-    # -- called from the transport's thread: quick, never blocks on a job ----------------
+    # -- called from the MQTT worker (agent.handoff): writes the history, never runs a job --
     def submit(self, job: Job) -> JobStatus | None:
         """Queue a job, or reject it at once; a CANCEL is carried out at once.
 
@@ -113,14 +123,26 @@ class JobRunner:
         with self._lock:
             rejection = self._admission_check(job)
             if rejection is None and job.kind is not JobKind.CANCEL:
-                self._history.record(job.job_id, job.expires_at, JobState.QUEUED)
-                self._queue.append(job)
-                self._lock.notify()
-                return None
+                unsaved = self._save_state(job, JobState.QUEUED)
+                if unsaved is None:
+                    self._queue.append(job)
+                    self._lock.notify()
+                    return None
+        if rejection is None and job.kind is not JobKind.CANCEL:
+            return self._finish(job, JobState.FAILED, JobReason.DISK_FULL, unsaved)
         if rejection is not None:
             self._emit(rejection)
             return rejection
         return self._carry_out_cancel(job)
+
+    def _save_state(self, job: Job, state: JobState) -> str | None:
+        """Persist the job's state; the error's text if it could not be written."""
+        try:
+            self._history.record(job.job_id, job.expires_at, state)
+        except OSError as err:
+            log.error("job %s: cannot write its state %s: %s", job.job_id, state.value, err)
+            return f"cannot write the job's state on the device: {err}"
+        return None
 
     def _admission_check(self, job: Job) -> JobStatus | None:
         """The REJECTED status this job gets on arrival, or None to queue it."""
@@ -230,7 +252,8 @@ class JobRunner:
                     reason="the agent stopped while the job was queued or running",
                 )
             )
-            self._history.record(record.job_id, record.expires_at, JobState.FAILED)
+            with contextlib.suppress(OSError):  # in memory anyway; tried again next start
+                self._history.record(record.job_id, record.expires_at, JobState.FAILED)
 
     def _work(self) -> None:
         while True:
@@ -259,7 +282,10 @@ class JobRunner:
         if job.is_expired(self._clock()):
             self._finish(job, JobState.REJECTED, JobReason.EXPIRED, "expired while queued")
             return
-        self._history.record(job.job_id, job.expires_at, JobState.IN_PROGRESS)
+        unsaved = self._save_state(job, JobState.IN_PROGRESS)
+        if unsaved is not None:
+            self._finish(job, JobState.FAILED, JobReason.DISK_FULL, unsaved)
+            return
         self._emit(JobStatus(job.job_id, JobState.IN_PROGRESS))
         context = JobContext(cancel=cancel, progress=self._progress_reporter(job))
         try:
@@ -269,7 +295,9 @@ class JobRunner:
         except JobFailed as err:
             self._finish(job, JobState.FAILED, err.reason_code, str(err))
         except Exception as err:
-            if cancel.is_set():  # the trainer's Cancelled, or anything the cancel provoked
+            if isinstance(err, OSError) and err.errno in NO_ROOM:  # e.g. installing the adapter
+                self._finish(job, JobState.FAILED, JobReason.DISK_FULL, f"{err}")
+            elif cancel.is_set():  # the trainer's Cancelled, or anything the cancel provoked
                 why = "the agent is shutting down" if self._stopping else "cancelled while running"
                 self._finish(job, JobState.FAILED, JobReason.CANCELED, why)
             else:
@@ -289,7 +317,7 @@ class JobRunner:
         detail: Mapping[str, Scalar] | None = None,
     ) -> JobStatus:
         assert state in TERMINAL_STATES
-        self._history.record(job.job_id, job.expires_at, state)
+        self._save_state(job, state)  # unsaved: the outcome still goes out (memory has it)
         status = JobStatus(
             job.job_id,
             state,

@@ -4,6 +4,12 @@ A small window of messages is in flight at a time (paho's own in-flight limit is
 more would only pile up in paho's memory). The outbox runs on its own thread, woken when a
 message is spooled, when an acknowledgement frees a slot, or when the connection comes up.
 
+Each row is handed to paho once per client (the agent's life): paho keeps every QoS 1 message
+it was given until its PUBACK, across reconnects, and re-sends it itself (DUP) after each
+CONNACK. Handing it over again after an outage would put a second copy on the wire for every
+row in flight. The one exception is a v5 PUBACK "quota exceeded": paho forgets the message then,
+so the row is handed over again after `retry_after_seconds`.
+
 paho calls `on_publish` while holding its internal message lock, and `publish()` takes the same
 lock; so the outbox never calls paho while holding its own lock, and a PUBACK that arrives before
 `publish()` has even returned its mid (possible with the network loop on another thread) is
@@ -49,7 +55,7 @@ class Outbox:
         publish: PublishFn,
         *,
         window: int = 16,
-        resend_after_seconds: float = 60.0,
+        retry_after_seconds: float = 60.0,
         clock: Callable[[], float] = time.monotonic,
     ):
         if window < 1:
@@ -57,19 +63,22 @@ class Outbox:
         self._spool = spool
         self._publish = publish
         self._window = window
-        self._resend_after = resend_after_seconds
+        self._retry_after = retry_after_seconds
         self._clock = clock
         self._lock = threading.Lock()
         self._in_flight: dict[int, _InFlight] = {}  # mid -> spooled message
         # mid -> (accepted, when): acknowledged before publish() returned its mid
-        self._early_acks: dict[int, tuple[bool, float]] = {}
+        self._early_acks: dict[int, tuple[bool | None, float]] = {}
+        # spool id -> when to hand it over again: rows paho dropped without the broker taking them
+        self._retry_at: dict[int, float] = {}
+        self.handed_over = 0  # publishes handed to paho (each row once, unless paho dropped it)
         self._refused = 0
         self._connected = threading.Event()
         self._wake = threading.Event()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
 
-    # -- events from the transport (paho's thread) -------------------------------------------
+    # -- events from the transport (its MQTT worker, agent.handoff) ---------------------------
     def connected(self) -> None:
         self._connected.set()
         self.notify()
@@ -78,15 +87,27 @@ class Outbox:
         # In-flight messages stay recorded: paho re-sends them itself after reconnecting.
         self._connected.clear()
 
-    def acknowledged(self, mid: int, accepted: bool) -> None:
-        """PUBACK for `mid`; `accepted` False when a v5 broker answered with a failure code."""
+    def acknowledged(self, mid: int, accepted: bool | None) -> None:
+        """PUBACK for `mid`: `accepted` False when a v5 broker refused it for good, None when it
+        refused it for now (quota exceeded: paho forgot it, it is handed over again later)."""
         with self._lock:
-            entry = self._in_flight.pop(mid, None)
+            entry = self._in_flight.get(mid)
             if entry is None:
                 self._early_acks[mid] = (accepted, self._clock())
                 return
-        self._settle(entry.spool_id, accepted)
+        # The entry stays in flight until its row is deleted (or marked for retry): a pump in
+        # between would otherwise find the row still spooled and not in flight, and send it again.
+        self._outcome(entry.spool_id, accepted)
+        with self._lock:
+            self._in_flight.pop(mid, None)
         self.notify()
+
+    def _outcome(self, spool_id: int, accepted: bool | None) -> None:
+        if accepted is None:
+            with self._lock:
+                self._retry_at[spool_id] = self._clock() + self._retry_after
+            return
+        self._settle(spool_id, accepted)
 
     def notify(self) -> None:
         self._wake.set()
@@ -97,9 +118,9 @@ class Outbox:
         if not self._connected.is_set():
             return 0
         with self._lock:
-            self._forget_stale()
+            self._forget_old_early_acks()
             free = self._window - len(self._in_flight)
-            busy = {entry.spool_id for entry in self._in_flight.values()}
+            busy = {entry.spool_id for entry in self._in_flight.values()} | self._waiting()
         if free <= 0:
             return 0
         sent = 0
@@ -113,16 +134,18 @@ class Outbox:
             if mid is None:
                 break  # the client refused (queue full or just disconnected): try later
             self._record(mid, item.id)
+            self.handed_over += 1
             sent += 1
         return sent
 
     def _record(self, mid: int, spool_id: int) -> None:
         with self._lock:
+            self._retry_at.pop(spool_id, None)
             early = self._early_acks.pop(mid, None)
             if early is None:
                 self._in_flight[mid] = _InFlight(spool_id, self._clock())
                 return
-        self._settle(spool_id, early[0])
+        self._outcome(spool_id, early[0])
 
     def _settle(self, spool_id: int, accepted: bool) -> None:
         if not accepted:
@@ -132,15 +155,17 @@ class Outbox:
                 self._refused += 1
         self._spool.ack(spool_id)
 
-    def _forget_stale(self) -> None:
-        """In-flight entries without a PUBACK for too long are sent again (receivers dedupe)."""
+    def _waiting(self) -> set[int]:
+        """Rows paho dropped (quota exceeded) whose retry time has not come (lock held)."""
         now = self._clock()
-        stale = [mid for mid, e in self._in_flight.items() if now - e.sent_at > self._resend_after]
-        for mid in stale:
-            log.warning("no PUBACK for mid %d after %.0f s; will re-send", mid, self._resend_after)
-            del self._in_flight[mid]
-        # A real early ack is claimed within microseconds; an old one is a late PUBACK of a
-        # forgotten message and must not settle a later message that reuses its mid.
+        for spool_id in [i for i, at in self._retry_at.items() if at <= now]:
+            del self._retry_at[spool_id]
+        return set(self._retry_at)
+
+    def _forget_old_early_acks(self) -> None:
+        # A real early ack is claimed within microseconds; an old one is no publish of ours
+        # and must not settle a later message that reuses its mid.
+        now = self._clock()
         for mid in [m for m, (_, t) in self._early_acks.items() if now - t > EARLY_ACK_TTL]:
             del self._early_acks[mid]
 
@@ -161,8 +186,8 @@ class Outbox:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            # Also wake periodically: stale in-flight entries need re-sending even when idle.
-            self._wake.wait(timeout=min(5.0, self._resend_after))
+            # Also wake periodically: a row paho dropped is handed over again even when idle.
+            self._wake.wait(timeout=min(5.0, self._retry_after))
             self._wake.clear()
             try:
                 while self.pump() > 0 and not self._stop.is_set():

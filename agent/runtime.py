@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from agent.adapter_inbox import AdapterInbox
 from agent.adapter_store import AdapterStore
 from agent.choice import OwnChoice
+from agent.clock_offset import ClockOffset
 from agent.config import AgentConfig
 from agent.declined import DeclinedVersions
 from agent.downlink import Downlink
@@ -101,12 +102,15 @@ class Agent:
             choice=choice,
             fetch_timeout_seconds=c.fetch_timeout_seconds,
         )
+        # Job expiry is the coordinator's clock: judged on its estimate, not on the device's.
+        offset = ClockOffset()
         runner = JobRunner(
             handlers.table(),
-            status_sender(uplink),
-            JobHistory(state / "jobs.json"),
+            status_sender(uplink, lambda *publish: transport.publish_direct(*publish)),
+            JobHistory(state / "jobs.json", clock=offset.coordinator_now),
             base_model_hash=model.weights_hash,
             max_queued=c.max_queued_jobs,
+            clock=offset.coordinator_now,
         )
         reconciler = Reconciler(
             data=data,
@@ -118,7 +122,12 @@ class Agent:
             policy=FetchPolicy(c.desired_retry_seconds, c.desired_max_fetches),
         )
         downlink = Downlink(
-            c.device_id, topics, runner=runner, inbox=inbox, on_desired=reconciler.offer
+            c.device_id,
+            topics,
+            runner=runner,
+            inbox=inbox,
+            on_desired=reconciler.offer,
+            clock_offset=offset,
         )
         # the window the calibration's thresholds hold for (agent/drift.py's, unless the model
         # was calibrated for another)
@@ -135,6 +144,7 @@ class Agent:
                 recent,
                 lambda: handlers.last_cache_bytes,
                 drifted=lambda: data.current().drifted,
+                clock_offset=offset.offset,
             )
         )
         presence = PresenceFactory(c, data, meter, uplink)

@@ -93,15 +93,29 @@ def detect_meter(config: AgentConfig) -> EnergyMeter:
     return detection.meter
 
 
-def status_sender(uplink: Uplink) -> Callable[[JobStatus], None]:
-    """The job runner's way out: spool the status; if even that is impossible, log it."""
+# Publishes one payload now, not durably (paho keeps a QoS 1 message in memory until PUBACK).
+DirectPublish = Callable[[str, bytes, int], object]
+
+
+def status_sender(
+    uplink: Uplink, direct: DirectPublish | None = None
+) -> Callable[[JobStatus], None]:
+    """The job runner's way out: spool the status. A spool full of records, or a disk that
+    takes no write (SQLite: "database or disk is full"), sends it straight to paho instead,
+    so a job that failed `disk_full` still says so; only without `direct` is it lost."""
 
     def send(status: JobStatus) -> None:
         try:
             uplink.send(status)
-        except SpoolFull:
-            # The spool is full of undelivered records: this status is lost (and counted).
-            log.error("spool full: job %s status %s not sent", status.job_id, status.state)
+        except (SpoolFull, sqlite3.Error, OSError) as err:
+            if direct is None:
+                log.error("job %s status %s not sent: %s", status.job_id, status.state, err)
+                return
+            log.warning("job %s status %s not spooled (%s): sent directly", status.job_id,
+                        status.state, err)  # fmt: skip
+            topic, kind = uplink.topic_for(status)
+            for outgoing in uplink.encode(status):
+                direct(topic, outgoing.payload, kind.qos)
 
     return send
 

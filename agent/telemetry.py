@@ -42,6 +42,7 @@ class TelemetrySources:
     recent: RecentInputs
     cache_bytes: Callable[[], int]  # Skip-Cache bytes of the last fine-tune
     drifted: Callable[[], bool] = lambda: False  # switched to the drifted data (simulation)
+    clock_offset: Callable[[], float | None] = lambda: None  # device minus coordinator clock
 
 
 class Telemetry:
@@ -85,6 +86,7 @@ class Telemetry:
             signature=signature,
             signature_rows=None if signature is None else scores.rows,
             adapter_origin=s.store.origin,
+            clock_offset_s=s.clock_offset(),
         )
 
     def drift_scores(self) -> DriftScores | None:

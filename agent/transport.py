@@ -6,7 +6,13 @@
   retained `online` after every CONNACK, `offline` published by `stop()` on a clean shutdown.
 - Subscriptions are made in `on_connect`, so they come back after every reconnect.
 - Every callback is wrapped: an exception is logged and never reaches paho's network thread.
-- Callbacks only hand work over (outbox, downlink queue); nothing blocks or trains in them.
+- Callbacks only enqueue (agent.handoff): accepting or rejecting a job (job history fsync, a
+  status spooled), a PUBACK (a spool row deleted) and the connection events run on the handoff
+  worker, in paho's order. Nothing blocks, writes to disk or trains on paho's thread.
+- Commands are acknowledged (manual PUBACK) only after the worker handled them: a job is in the
+  job history before the broker forgets it, so an agent that dies in between gets it again. A
+  message that arrived on an earlier connection is not acknowledged (its mid means nothing on
+  this one): the broker delivers it again and the job history drops the repeat.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from collections.abc import Callable
 import paho.mqtt.client as paho
 
 from agent.errors import BrokerRefused
+from agent.handoff import Handoff
 from agent.outbox import Outbox
 from agent.spool import SpoolItem
 from shared.mqtt import MqttSettings, Will, connect_async, logged, make_client
@@ -42,7 +49,7 @@ class Transport:
         will: Will,
         online_payload: Callable[[], bytes],
         outbox: Outbox,
-        on_message: Callable[[str, bytes], None],
+        on_message: Callable[[str, bytes, bool], None],  # topic, payload, retained
         on_fatal: Callable[[BrokerRefused], None],
         on_connected: Callable[[], None] = lambda: None,
     ):
@@ -55,7 +62,9 @@ class Transport:
         self._on_fatal = on_fatal
         self._on_connected = on_connected
         self.connected = threading.Event()
-        self._client = make_client(settings, client_id, will=will)
+        self.handoff = Handoff()
+        self._connection = 0  # which connection a message arrived on (network thread writes)
+        self._client = make_client(settings, client_id, will=will, manual_ack=True)
         self._client.enable_logger(logging.getLogger("paho"))
         self._client.on_connect = logged(self._handle_connect)
         self._client.on_disconnect = logged(self._handle_disconnect)
@@ -65,6 +74,7 @@ class Transport:
 
     def start(self) -> None:
         log.info("connecting to %s", self._settings.url)
+        self.handoff.start()
         connect_async(self._client, self._settings)
         self._client.loop_start()
 
@@ -77,6 +87,11 @@ class Transport:
             return info.mid  # queued by paho: sent after the reconnect, PUBACK settles it
         return None
 
+    def publish_direct(self, topic: str, payload: bytes, qos: int) -> None:
+        """Bypass the spool (it cannot be written): paho holds a QoS 1 message in memory until
+        its PUBACK, across reconnects, but not across a restart of the agent."""
+        self._client.publish(topic, payload, qos=qos)
+
     def stop(self, offline_payload: bytes, timeout: float = 5.0) -> None:
         """Announce `offline` (the Will is not sent on a clean DISCONNECT), then disconnect."""
         if self.connected.is_set():
@@ -87,6 +102,7 @@ class Transport:
                 log.warning("could not announce offline: %s", err)
         self._client.disconnect()
         self._client.loop_stop()
+        self.handoff.stop()
 
     # -- paho callbacks (network thread) ---------------------------------------------------
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
@@ -96,21 +112,22 @@ class Transport:
                 self._on_fatal(BrokerRefused(f"broker {self._settings.url}: {reason_code}"))
             return
         log.info("connected to %s (session present: %s)", self._settings.url, flags.session_present)
-        client.subscribe(self._subscriptions)
+        self._connection += 1
+        client.subscribe(self._subscriptions)  # paho calls: they only queue packets
         client.publish(self._status_topic, self._online_payload(), qos=1, retain=True)
         self.connected.set()
-        self._on_connected()
-        self._outbox.connected()
+        self.handoff.submit(self._on_connected)  # the health file: a disk write
+        self.handoff.submit(self._outbox.connected)
 
     def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
         self.connected.clear()
-        self._outbox.disconnected()
+        self.handoff.submit(self._outbox.disconnected)
         log.warning("disconnected from %s: %s", self._settings.url, reason_code)
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
-        if reason_code.value == QUOTA_EXCEEDED:
-            return  # the outbox re-sends it once its in-flight entry goes stale
-        self._outbox.acknowledged(mid, accepted=not reason_code.is_failure)
+        # quota exceeded: paho forgot the message, the broker did not take it (None: try later)
+        accepted = None if reason_code.value == QUOTA_EXCEEDED else not reason_code.is_failure
+        self.handoff.submit(self._outbox.acknowledged, mid, accepted)
 
     def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         refused = [str(code) for code in reason_codes if code.is_failure]
@@ -118,4 +135,12 @@ class Transport:
             log.error("broker refused subscriptions: %s (check the ACL)", ", ".join(refused))
 
     def _handle_message(self, client, userdata, message) -> None:
-        self._on_message(message.topic, message.payload)
+        self.handoff.submit(self._deliver, message, self._connection)
+
+    # -- on the handoff worker -----------------------------------------------------------------
+    def _deliver(self, message: paho.MQTTMessage, connection: int) -> None:
+        try:
+            self._on_message(message.topic, message.payload, bool(message.retain))
+        finally:  # a message that broke its handler would break it again: not redelivered
+            if message.qos > 0 and connection == self._connection:
+                self._client.ack(message.mid, message.qos)

@@ -27,6 +27,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.delivery import AckToken, InboundAcks, PublishTracker
 from coordinator.ingest import Received
 from coordinator.metrics import FleetMetrics
+from coordinator.observations import RejectReason
 from coordinator.outbound import Outbound
 from coordinator.ports import FleetPort, Unavailable
 from shared.mqtt import (
@@ -68,17 +69,6 @@ class FatalReason(StrEnum):
 
     BROKER_REFUSED = "broker_refused"
     SESSION_TAKEN_OVER = "session_taken_over"
-
-
-class RejectReason(StrEnum):
-    """Why the bridge dropped an inbound message (the `reason` label)."""
-
-    BAD_TOPIC = "bad_topic"
-    OVERSIZED = "oversized"
-    MALFORMED = "malformed"
-    WRONG_ROUTE = "wrong_route"
-    REASSEMBLY = "reassembly"
-    OVERLOAD = "overload"
 
 
 class InboundDecoder:

@@ -334,6 +334,10 @@ class AdapterDistributor:
             detail.get("already_running")
         )
         cluster = self._version_cluster(f.registry.get(device), version)
+        # The device measured both on its hold-out: what it runs now has the one it kept.
+        measured = detail.get("accuracy_candidate" if installed else "accuracy_running")
+        if _is_ratio(measured):
+            f.registry.record_accuracy(device, float(measured))
         if installed:
             why = _measured(f"runs {cluster} v{version}", detail)
             f.registry.set_running(device, version=version, origin="fleet", reason=why)
@@ -419,6 +423,11 @@ def _measured(what: str, detail: Mapping) -> str:
     if isinstance(candidate, int | float) and isinstance(running, int | float):
         return f"{what}: {candidate:.3f} against {running:.3f} on its hold-out"
     return what
+
+
+def _is_ratio(value) -> bool:
+    ok = isinstance(value, int | float) and not isinstance(value, bool)
+    return ok and 0.0 <= value <= 1.0  # NaN fails both
 
 
 def _int_or_none(value) -> int | None:

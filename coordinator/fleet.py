@@ -19,7 +19,7 @@ from coordinator.clusters import ClusterBook
 from coordinator.commands import CommandLog
 from coordinator.config import CoordinatorConfig
 from coordinator.jobs import Job, JobTable
-from coordinator.observations import EventLog, JobTransition, MessageRejected
+from coordinator.observations import EventLog, JobTransition, MessageRejected, failure_reason
 from coordinator.outbound import DownlinkMessage, Outbound, publication
 from coordinator.outbox import AdapterRef, DurableOutbox
 from coordinator.registry import DeviceRecord, FleetRegistry
@@ -146,7 +146,8 @@ class Fleet:
             return None
 
     def transitioned(self, job: Job) -> None:
-        self.events.record(JobTransition(job.state.value))
+        state = job.state.value
+        self.events.record(JobTransition(state, failure_reason(state, job.detail)))
 
     def reject(self, reason: str, detail: str) -> None:
         log.warning("rejected (%s): %s", reason, detail)

@@ -90,9 +90,11 @@ class MessageHandler:
             at=at,
             power_w=beat.power_w,
             energy_j=beat.energy_j_total,
+            spool_depth=beat.spool_depth,
             temperature_c=beat.temperature_c,
             drift_score=beat.drift_score,
             adapter_version=beat.adapter_version,
+            clock_offset_s=beat.clock_offset_s,
             label_free=LabelFree(
                 confidence_score=beat.confidence_score,
                 feature_score=beat.feature_score,

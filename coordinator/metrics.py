@@ -10,11 +10,23 @@ with apply().
 from __future__ import annotations
 
 import contextlib
+import platform
 from collections.abc import Iterable
+from importlib import metadata
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, start_http_server
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    ProcessCollector,
+    start_http_server,
+)
 
+from coordinator.jobs import JobState
 from coordinator.observations import (
+    FLEET_REJECT_REASONS,
+    JOB_FAILURE_REASONS,
     AggregationTimed,
     DeviceGauges,
     DeviceQuarantined,
@@ -24,8 +36,11 @@ from coordinator.observations import (
     MessageRejected,
     MetricEvent,
     MetricsReport,
+    RejectReason,
     RolloutDecided,
+    RolloutResult,
     RoundFinished,
+    RoundResult,
     RunFinished,
 )
 
@@ -35,6 +50,8 @@ ROUND_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 900, 1800, 3600)
 AGGREGATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30)
 RUN_ROUND_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50)
 LABEL_FREE_SIGNALS = ("confidence", "feature")
+ACCURACY_STAGES = ("running", "before", "after")  # what it runs now; its last fine-tune's
+REJECT_REASONS = (*(r.value for r in RejectReason), *FLEET_REJECT_REASONS)
 
 
 class FleetMetrics:
@@ -42,12 +59,34 @@ class FleetMetrics:
         self.registry = registry or CollectorRegistry()
         r = self.registry
         p = "skipfleet_"
+        ProcessCollector(registry=r)  # process_*: the coordinator's CPU, memory, files, start
+        self.build_info = Gauge(
+            p + "build_info", "1, labelled with the running build", ["version", "python"],
+            registry=r,
+        )  # fmt: skip
+        self.build_info.labels(version=_version(), python=platform.python_version()).set(1)
         self.devices_known = Gauge(p + "devices_known", "Devices the coordinator knows", registry=r)
         self.devices_online = Gauge(p + "devices_online", "Devices online now", registry=r)
+        self.device_online = Gauge(
+            p + "device_online", "1 if the device is online, 0 if not", ["device"], registry=r
+        )
+        self.device_last_seen = Gauge(
+            p + "device_last_seen_timestamp_seconds",
+            "When the coordinator last heard from the device (heartbeat or presence)",
+            ["device"],
+            registry=r,
+        )
         self.device_accuracy = Gauge(
             p + "device_accuracy_ratio",
-            "Hold-out accuracy of the device's last fine-tune, before and after it",
+            "Hold-out accuracy: of what the device runs now (stage running, from evaluations, "
+            "applies and fine-tunes), and before and after its last fine-tune; absent unmeasured",
             ["device", "stage"],
+            registry=r,
+        )
+        self.device_spooled = Gauge(
+            p + "device_spooled_messages",
+            "Messages the device's spool holds, waiting for the broker's acknowledgement",
+            ["device"],
             registry=r,
         )
         self.device_power = Gauge(
@@ -59,6 +98,12 @@ class FleetMetrics:
         self.device_drift = Gauge(
             p + "device_drift_score", "Last reported input drift score", ["device"], registry=r
         )
+        self.device_clock_offset = Gauge(
+            p + "device_clock_offset_seconds",
+            "The device's clock minus the coordinator's, as the device estimates it",
+            ["device"],
+            registry=r,
+        )
         self.device_adapter_version = Gauge(
             p + "device_adapter_version",
             "Fleet adapter version the device runs",
@@ -67,8 +112,8 @@ class FleetMetrics:
         )
         self.device_adapter = Gauge(
             p + "device_adapter_info",
-            "1 for what the device runs (origin: base, personal or fleet) and its cluster",
-            ["device", "origin", "cluster"],
+            "1 for what the device runs (origin: base, personal or fleet), its cohort and cluster",
+            ["device", "cohort", "origin", "cluster"],
             registry=r,
         )
         self.device_label_free = Gauge(
@@ -121,6 +166,22 @@ class FleetMetrics:
         self.adapter_version = Gauge(
             p + "adapter_version", "Current fleet adapter version", ["cohort"], registry=r
         )
+        self.cohort_devices = Gauge(
+            p + "cohort_devices", "Devices registered in the cohort", ["cohort"], registry=r
+        )
+        self.devices_behind = Gauge(
+            p + "devices_behind",
+            "Devices of the cohort not running their cluster's current fleet version "
+            "(base, personal, an older version or none; 0 while the cohort has no version)",
+            ["cohort"],
+            registry=r,
+        )
+        self.job_failures = Counter(
+            p + "job_failures",
+            "Jobs that failed, were rejected or timed out, by reason",
+            ["reason"],
+            registry=r,
+        )
         self.rollouts = Counter(p + "rollouts", "Adapter rollouts decided", ["outcome"], registry=r)
         self.received_messages = Counter(
             p + "received_messages", "MQTT messages received", ["kind"], registry=r
@@ -135,9 +196,24 @@ class FleetMetrics:
             p + "rejected_messages", "Messages dropped, by reason", ["reason"], registry=r
         )
         self._device_labels: set[str] = set()
-        self._running: dict[str, tuple[str, str]] = {}  # device -> (origin, cluster) exported
-        self._state_labels: set[str] = set()
+        self._running: dict[str, tuple[str, str, str]] = {}  # device -> (cohort, origin, cluster)
         self._cohort_labels: set[str] = set()
+        self._start_at_zero()
+
+    def _start_at_zero(self) -> None:
+        """Every label value known in advance exists from the start at 0: a query for failed
+        rounds reads 0, not "No data", and increase() sees the first one."""
+        for outcome in RoundResult:
+            self.rounds.labels(outcome=outcome.value)
+        for outcome in RolloutResult:
+            self.rollouts.labels(outcome=outcome.value)
+        for reason in REJECT_REASONS:
+            self.rejected_messages.labels(reason=reason)
+        for reason in JOB_FAILURE_REASONS:
+            self.job_failures.labels(reason=reason)
+        for state in JobState:
+            self.job_transitions.labels(state=state.value)
+            self.jobs.labels(state=state.value)
 
     # ---- the bridge, in this process
 
@@ -160,8 +236,10 @@ class FleetMetrics:
     def apply_events(self, events: Iterable[MetricEvent]) -> None:
         for event in events:
             match event:
-                case JobTransition(state=state):
+                case JobTransition(state=state, failure=failure):
                     self.job_transitions.labels(state=state).inc()
+                    if failure is not None:
+                        self.job_failures.labels(reason=failure).inc()
                 case FinetuneReported(cohort=cohort, joules=joules, seconds=seconds):
                     self.energy.labels(cohort=cohort).inc(joules)
                     self.finetune_duration.observe(seconds)
@@ -188,14 +266,16 @@ class FleetMetrics:
         for device in snapshot.devices:
             self._set_device(device)
         self._forget(self._device_labels, {d.device_id for d in snapshot.devices}, "device")
-        for state, count in snapshot.jobs_by_state.items():
-            self.jobs.labels(state=state).set(count)
-        for state in self._state_labels - set(snapshot.jobs_by_state):
-            self.jobs.labels(state=state).set(0)  # a state nobody is in any more counts 0
-        self._state_labels |= set(snapshot.jobs_by_state)
+        for state in JobState:  # a state nobody is in counts 0
+            self.jobs.labels(state=state.value).set(snapshot.jobs_by_state.get(state.value, 0))
         for cohort, version in snapshot.adapter_versions.items():
             self.adapter_version.labels(cohort=cohort).set(version)
-        self._forget(self._cohort_labels, set(snapshot.adapter_versions), "cohort")
+        for cohort, count in snapshot.cohort_devices.items():
+            self.cohort_devices.labels(cohort=cohort).set(count)
+            self.devices_behind.labels(cohort=cohort).set(snapshot.devices_behind.get(cohort, 0))
+            self.energy.labels(cohort=cohort)  # from 0 before the cohort's first fine-tune
+        cohorts = set(snapshot.adapter_versions) | set(snapshot.cohort_devices)
+        self._forget(self._cohort_labels, cohorts, "cohort")
 
     def serve(self, addr: str, port: int) -> int:
         """Serves /metrics on a daemon thread; returns the bound port (port 0: any free one)."""
@@ -211,15 +291,27 @@ class FleetMetrics:
 
     # ---- internals
 
+    def _device_gauges(self) -> tuple[tuple[Gauge, str], ...]:
+        """(gauge, DeviceGauges field) of the per-device readings: absent while unknown."""
+        return (
+            (self.device_power, "power_w"),
+            (self.device_temperature, "temperature_c"),  # none off a Pi
+            (self.device_drift, "drift_score"),
+            (self.device_adapter_version, "adapter_version"),  # none: runs no fleet version
+            (self.device_last_seen, "last_seen"),
+            (self.device_spooled, "spooled"),
+            (self.device_clock_offset, "clock_offset_s"),
+        )
+
     def _set_device(self, d: DeviceGauges) -> None:
         device = d.device_id
-        _set(self.device_accuracy.labels(device=device, stage="before"), d.accuracy_before)
-        _set(self.device_accuracy.labels(device=device, stage="after"), d.accuracy_after)
-        _set(self.device_power.labels(device=device), d.power_w)
-        _set(self.device_temperature.labels(device=device), d.temperature_c)
-        _set(self.device_drift.labels(device=device), d.drift_score)
-        _set(self.device_adapter_version.labels(device=device), d.adapter_version)
-        running = (d.adapter_origin, d.cluster)
+        self.device_online.labels(device=device).set(1 if d.online else 0)
+        accuracies = (d.accuracy, d.accuracy_before, d.accuracy_after)
+        for stage, accuracy in zip(ACCURACY_STAGES, accuracies, strict=True):
+            _set(self.device_accuracy, accuracy, device, stage)
+        for gauge, field in self._device_gauges():
+            _set(gauge, getattr(d, field), device)
+        running = (d.cohort, d.adapter_origin, d.cluster)
         before = self._running.get(device)
         if before is not None and before != running:  # one series: what it runs now
             _remove(self.device_adapter, device, *before)
@@ -227,35 +319,42 @@ class FleetMetrics:
         self.device_adapter.labels(device, *running).set(1)
         scores = (d.confidence_score, d.feature_score)
         for signal, score in zip(LABEL_FREE_SIGNALS, scores, strict=True):
-            if score is not None:  # an agent without calibration sends none: no series
-                self.device_label_free.labels(device=device, signal=signal).set(score)
+            _set(self.device_label_free, score, device, signal)
 
     def _forget(self, known: set[str], current: set[str], label: str) -> None:
         """Removes the series of devices (or cohorts) that are gone, so they stop being scraped."""
         for gone in known - current:
             if label == "device":
-                for stage in ("before", "after"):
+                for stage in ACCURACY_STAGES:
                     _remove(self.device_accuracy, gone, stage)
-                for gauge in (
-                    self.device_power,
-                    self.device_temperature,
-                    self.device_drift,
-                    self.device_adapter_version,
-                ):
+                for gauge, _ in self._device_gauges():
                     _remove(gauge, gone)
+                _remove(self.device_online, gone)
                 if (running := self._running.pop(gone, None)) is not None:
                     _remove(self.device_adapter, gone, *running)
                 for signal in LABEL_FREE_SIGNALS:
                     _remove(self.device_label_free, gone, signal)
             else:
-                _remove(self.adapter_version, gone)
+                for gauge in (self.adapter_version, self.cohort_devices, self.devices_behind):
+                    _remove(gauge, gone)
         known.clear()
         known.update(current)
 
 
-def _set(child: Gauge, value: float | None) -> None:
-    # Unknown is NaN, not 0: a dashboard must not read "0 W" or "accuracy 0" for "no reading".
-    child.set(float("nan") if value is None else float(value))
+def _set(gauge: Gauge, value: float | None, *labels: str) -> None:
+    # Unknown is no series, neither NaN nor 0: a dashboard must not read "0 W" or "accuracy 0"
+    # for "no reading", and avg() over the fleet must not turn NaN for one device not measured.
+    if value is None:
+        _remove(gauge, *labels)
+    else:
+        gauge.labels(*labels).set(float(value))
+
+
+def _version() -> str:
+    try:
+        return metadata.version("skipfleet")
+    except metadata.PackageNotFoundError:  # a source tree run without `pip install`
+        return "unknown"
 
 
 def _remove(gauge: Gauge, *labels: str) -> None:

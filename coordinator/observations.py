@@ -12,6 +12,9 @@ import threading
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from coordinator.jobs import JobState
+from shared.protocol import JobReason
+
 
 class RoundResult(StrEnum):
     COMPLETED = "completed"  # aggregated into a stored adapter version
@@ -23,9 +26,52 @@ class RolloutResult(StrEnum):
     ROLLED_BACK = "rolled_back"
 
 
+# Why a job failed, the `reason` label of skipfleet_job_failures_total: the device's
+# machine-readable JobReason, or what the coordinator itself decided. Every value is exported
+# from the start (at 0), so "failures by reason" reads 0 rather than "No data".
+TIMED_OUT = "timed_out"  # the coordinator's deadline passed
+REPORT_REFUSED = "report_refused"  # the device's report failed the coordinator's checks
+UNSPECIFIED = "unspecified"  # the device said no reason code
+JOB_FAILURE_REASONS = (*(r.value for r in JobReason), TIMED_OUT, REPORT_REFUSED, UNSPECIFIED)
+_FAILED_STATES = frozenset({JobState.FAILED, JobState.REJECTED, JobState.TIMED_OUT})
+
+
+class RejectReason(StrEnum):
+    """Why the bridge (coordinator.bridge) dropped an inbound message (the `reason` label)."""
+
+    BAD_TOPIC = "bad_topic"
+    OVERSIZED = "oversized"
+    MALFORMED = "malformed"
+    WRONG_ROUTE = "wrong_route"
+    REASSEMBLY = "reassembly"
+    OVERLOAD = "overload"
+
+
+# Why the fleet state dropped a message (coordinator.fleet.Fleet.reject; a test holds the
+# literals there to this list). These and RejectReason start at 0 on /metrics.
+FLEET_REJECT_REASONS = (
+    "duplicate", "internal_error", "invalid_report", "invalid_status", "not_owner",
+    "stale_report", "stale_status", "unexpected_kind", "unexpected_report", "unknown_adapter",
+    "unknown_device", "unknown_job",
+)  # fmt: skip
+
+
+def failure_reason(state: str, detail: str | None) -> str | None:
+    """The `reason` label of a job entering `state` with `detail`; None if it did not fail."""
+    if state not in _FAILED_STATES:
+        return None
+    if state == JobState.TIMED_OUT:
+        return TIMED_OUT
+    if detail and detail.startswith("report refused"):
+        return REPORT_REFUSED
+    code = (detail or "").split(":", 1)[0].strip()  # ingest writes "code: reason"
+    return code if code in JOB_FAILURE_REASONS else UNSPECIFIED
+
+
 @dataclass(frozen=True)
 class JobTransition:
     state: str  # the coordinator's JobState value
+    failure: str | None = None  # failure_reason(): set when the job failed
 
 
 @dataclass(frozen=True)
@@ -117,6 +163,12 @@ class DeviceGauges:
     cluster: str = "none"  # the cluster it is placed in ("none": in none)
     confidence_score: float | None = None  # calibrated: 1.0 = the base model's threshold
     feature_score: float | None = None
+    # Latest accuracy of what it runs now, from an evaluation, an apply or a fine-tune.
+    accuracy: float | None = None
+    last_seen: float | None = None  # epoch seconds of its last heartbeat or presence news
+    spooled: int | None = None  # messages its spool holds, as its last heartbeat said
+    cohort: str = "none"  # the cohort it registered in ("none": not registered yet)
+    clock_offset_s: float | None = None  # the device's clock minus the coordinator's
 
 
 @dataclass(frozen=True)
@@ -125,6 +177,9 @@ class FleetSnapshot:
     jobs_by_state: dict[str, int] = field(default_factory=dict)
     adapter_versions: dict[str, int] = field(default_factory=dict)  # cohort -> current version
     devices_quarantined: int = 0
+    # Per cohort: devices in it, and those not running their cluster's current fleet version.
+    cohort_devices: dict[str, int] = field(default_factory=dict)
+    devices_behind: dict[str, int] = field(default_factory=dict)
 
     @property
     def devices_online(self) -> int:

@@ -60,6 +60,8 @@ class DeviceRecord:
     energy_j: float | None = None
     energy_period_start: float | None = None
     energy_used_in_period_j: float = 0.0
+    # Messages its spool holds (waiting for the broker's acknowledgement), from the heartbeat.
+    spool_depth: int | None = None
     temperature_c: float | None = None
     drift_score: float | None = None
     # Latest accuracy of the adapter the device runs, on its recent data.
@@ -100,6 +102,8 @@ class DeviceRecord:
     # Jobs it let time out in a row; past a limit it is quarantined until the given time.
     timeouts_in_a_row: int | None = None
     quarantined_until: float | None = None
+    # Its clock minus ours (s), as it estimated from our messages' sent times (heartbeat).
+    clock_offset_s: float | None = None
 
     @property
     def labelled(self) -> bool:
@@ -234,13 +238,16 @@ class FleetRegistry:
         at: float | None = None,
         power_w: float | None = None,
         energy_j: float | None = None,
+        spool_depth: int | None = None,
         temperature_c: float | None = None,
         drift_score: float | None = None,
         adapter_version: int | None = None,
         label_free: LabelFree | None = None,
+        clock_offset_s: float | None = None,
     ) -> DeviceRecord:
         at = self._at(at)
-        readings = {"power_w": power_w, "temperature_c": temperature_c, "drift_score": drift_score}
+        readings = {"power_w": power_w, "temperature_c": temperature_c, "drift_score": drift_score,
+                    "clock_offset_s": clock_offset_s}  # fmt: skip
         if label_free is not None:
             readings.update(label_free.readings())
         _check_finite(device_id, {**readings, "energy_j": energy_j})
@@ -260,6 +267,8 @@ class FleetRegistry:
                     changes["adapter_version"] = adapter_version
             if energy_j is not None:
                 changes.update(self._energy_changes(record, energy_j, at))
+            if spool_depth is not None:
+                changes["spool_depth"] = spool_depth
             # A heartbeat proves the device is connected, unless presence news is newer.
             if not record.online and (record.presence_since is None or at >= record.presence_since):
                 changes.update(online=True, presence_since=at)

@@ -114,6 +114,7 @@ COLUMNS: Sequence[Column] = (
     ("POWER W", _number("power_w", 2)),
     ("ENERGY J", _number("energy_j", 1)),
     ("DRIFT", label_free),
+    ("CLOCK S", _number("clock_offset_s", 1)),  # device minus coordinator clock
     ("LAST SEEN", lambda d: ago(d.get("seen_seconds_ago"))),
     ("WHY", lambda d: (d.get("running") or {}).get("why") or "-"),
 )

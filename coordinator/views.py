@@ -9,6 +9,7 @@ from typing import Any
 
 import numpy as np
 
+from coordinator.adapter_store import WHOLE_COHORT
 from coordinator.fleet import Fleet, NotFound
 from coordinator.jobs import Job
 from coordinator.observations import DeviceGauges, FleetSnapshot
@@ -19,8 +20,7 @@ from coordinator.round_records import RoundRecord, RoundStage
 def device_view(record: DeviceRecord, now: float, placement=None) -> dict[str, Any]:
     view = dataclasses.asdict(record)
     del view["signature"]  # bytes: the clusters view shows where it placed the device
-    times = (record.last_heartbeat_at, record.presence_since)
-    seen = max((t for t in times if t is not None), default=None)
+    seen = _last_seen(record)
     view["last_seen"] = seen
     view["seen_seconds_ago"] = None if seen is None else max(0.0, now - seen)
     view["labelled"] = record.labelled
@@ -34,8 +34,16 @@ def device_view(record: DeviceRecord, now: float, placement=None) -> dict[str, A
     return view
 
 
+def _origin(r: DeviceRecord) -> str:
+    return r.adapter_origin or ("fleet" if r.adapter_version is not None else "base")
+
+
+def _last_seen(r: DeviceRecord) -> float | None:
+    return max((t for t in (r.last_heartbeat_at, r.presence_since) if t is not None), default=None)
+
+
 def _gauges(r: DeviceRecord, placement) -> DeviceGauges:
-    origin = r.adapter_origin or ("fleet" if r.adapter_version is not None else "base")
+    origin = _origin(r)
     return DeviceGauges(
         device_id=r.device_id,
         online=r.online,
@@ -49,7 +57,23 @@ def _gauges(r: DeviceRecord, placement) -> DeviceGauges:
         cluster=(placement.cluster if placement is not None else None) or "none",
         confidence_score=r.confidence_score,
         feature_score=r.feature_score,
+        accuracy=r.accuracy,
+        last_seen=_last_seen(r),
+        spooled=r.spool_depth,
+        cohort=r.cohort or "none",
+        clock_offset_s=r.clock_offset_s,
     )
+
+
+def _behind(fleet: Fleet, r: DeviceRecord, placement) -> bool:
+    """Whether the device runs something other than its cluster's current fleet version (the
+    cohort's, or the newest, for a device in no cluster with one); False where none exists."""
+    current = fleet.store.current_versions(r.cohort) if r.cohort is not None else {}
+    if not current:
+        return False
+    cluster = placement.cluster if placement is not None else None
+    target = current.get(cluster) or current.get(WHOLE_COHORT) or max(current.values())
+    return not (_origin(r) == "fleet" and r.adapter_version == target)
 
 
 def _placement(fleet: Fleet, record: DeviceRecord):
@@ -212,7 +236,15 @@ def run_view(run) -> dict[str, Any]:
 
 
 def snapshot(fleet: Fleet) -> FleetSnapshot:
-    gauges = tuple(_gauges(r, _placement(fleet, r)) for r in fleet.registry.devices())
+    records = [(r, _placement(fleet, r)) for r in fleet.registry.devices()]
+    gauges = tuple(_gauges(r, placement) for r, placement in records)
+    members: dict[str, int] = {}
+    behind: dict[str, int] = {}
+    for r, placement in records:
+        if r.cohort is None:
+            continue
+        members[r.cohort] = members.get(r.cohort, 0) + 1
+        behind[r.cohort] = behind.get(r.cohort, 0) + _behind(fleet, r, placement)
     versions = {}
     for cohort in fleet.store.cohorts():
         current = fleet.store.current_versions(cohort)
@@ -223,4 +255,4 @@ def snapshot(fleet: Fleet) -> FleetSnapshot:
     quarantined = sum(
         1 for r in fleet.registry.devices() if r.quarantined_until and r.quarantined_until > now
     )
-    return FleetSnapshot(gauges, states, versions, quarantined)
+    return FleetSnapshot(gauges, states, versions, quarantined, members, behind)

@@ -42,6 +42,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_federation(targets)
     add_drift(targets)
     add_faults(targets)
+    add_delivery(targets)
 
 
 def add_faults(targets) -> None:
@@ -63,6 +64,29 @@ def add_faults(targets) -> None:
     add("--skip-live", action="store_true", help="only the in-process trust scenarios")
     add("--work-dir", help="keep every log and state dir here (default: a temporary dir)")
     add("--json", metavar="OUT", help="write the results as JSON")
+
+
+def add_delivery(targets) -> None:
+    delivery = targets.add_parser(
+        "delivery",
+        help="an agent's reports across a network outage through a real mosquitto: "
+        "sent, lost, duplicated",
+    )
+    add = delivery.add_argument
+    add("--outage-seconds", type=float, default=120.0, help="the link is down this long")
+    add("--cut", choices=[m.value for m in _cut_modes()], default="blackhole",
+        help="blackhole: a dead link only keepalive notices (default); refuse: reset")  # fmt: skip
+    add("--rate", type=float, default=2.0, help="reports per second the agent makes")
+    add("--before-seconds", type=float, default=10.0, help="reporting before the outage")
+    add("--after-seconds", type=float, default=10.0, help="reporting after the outage")
+    add("--keepalive", type=positive_int, default=10, help="the agent's MQTT keepalive (s)")
+    add("--json", metavar="OUT", help="write the results as JSON")
+
+
+def _cut_modes():
+    from skipfleet.fleet.base import CutMode
+
+    return CutMode
 
 
 def add_federation(targets) -> None:
@@ -184,6 +208,10 @@ def main(args) -> int:
     from agent.trainer.blas import limit_blas_threads
 
     limit_blas_threads(1)
+    if args.target == "delivery":  # no data sets: reports of fixed size through a broker
+        from skipfleet import bench_delivery
+
+        return bench_delivery.main(args)
     try:
         args.data_dir = resolve_data_dir(args.data_dir, os.environ)
     except DataError as error:

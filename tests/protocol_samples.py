@@ -95,6 +95,7 @@ def sample_messages(seed: int) -> list[Message]:
             adapter_version=int(rng.integers(0, 100)),
             busy_job_id="job-17",
             drifted=bool(seed % 2),
+            clock_offset_s=float(rng.uniform(-4000, 4000)),
         ),
         Heartbeat(0.0, "model:pi4", 0.0, 0, 0, 0, 0.0),
         Heartbeat(1.2, "hwmon:ina226", 3.0, 0, 0, 0, 5.0, drifted=True),

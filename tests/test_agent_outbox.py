@@ -44,7 +44,7 @@ def parts(tmp_path):
     spool = Spool(tmp_path / "s.sqlite", max_messages=100)
     client = FakeClient()
     clock = FakeClock()
-    outbox = Outbox(spool, client.publish, window=3, resend_after_seconds=30, clock=clock)
+    outbox = Outbox(spool, client.publish, window=3, retry_after_seconds=30, clock=clock)
     client.outbox = outbox
     yield spool, client, outbox, clock
     spool.close()
@@ -95,11 +95,30 @@ def test_disconnect_keeps_in_flight_so_reconnect_does_not_duplicate(parts):
     assert len(client.sent) == 2
 
 
-def test_stale_in_flight_messages_are_sent_again(parts):
+def test_an_outage_longer_than_the_retry_time_hands_no_row_to_paho_twice(parts):
+    # Issue 10: after > 60 s without PUBACK every in-flight row was handed over again while
+    # paho re-sent its own copies (4 sends for 2 messages).
+    spool, client, outbox, clock = parts
+    spool_records(spool, 2)
+    outbox.connected()
+    assert outbox.pump() == 2
+    outbox.disconnected()
+    clock.now += 3600
+    outbox.connected()  # paho re-sends its 2 itself after the CONNACK
+    assert outbox.pump() == 0
+    assert [t for _, t in client.sent] == ["r/0", "r/1"] and outbox.handed_over == 2
+    for mid, _ in client.sent:
+        outbox.acknowledged(mid, accepted=True)
+    assert spool.stats().depth == 0
+
+
+def test_a_row_paho_dropped_for_quota_is_handed_over_again_after_the_retry_time(parts):
     spool, client, outbox, clock = parts
     spool_records(spool, 1)
     outbox.connected()
     outbox.pump()
+    outbox.acknowledged(client.sent[0][0], accepted=None)  # v5 PUBACK quota exceeded
+    assert outbox.pump() == 0 and spool.stats().depth == 1
     clock.now += 31
     assert outbox.pump() == 1
     assert [t for _, t in client.sent] == ["r/0", "r/0"]
@@ -161,3 +180,28 @@ def test_a_row_the_client_can_never_publish_does_not_block_the_rest(parts):
     assert outbox.pump() == 1
     assert [t for _, t in client.sent] == ["r/1"]
     assert outbox.stats().refused_for_good == 1 and spool.stats().depth == 1
+
+
+def test_a_pump_while_a_puback_is_being_settled_does_not_hand_the_row_over_again(parts):
+    spool, client, outbox, _ = parts
+    spool_records(spool, 1)
+    outbox.connected()
+    outbox.pump()
+    entered, release = threading.Event(), threading.Event()
+    ack = spool.ack
+
+    def slow_ack(item_id):  # the row's delete is slow (SQLite commit on an SD card)
+        entered.set()
+        assert release.wait(5)
+        return ack(item_id)
+
+    spool.ack = slow_ack
+    settling = threading.Thread(target=outbox.acknowledged, args=(client.sent[0][0], True))
+    settling.start()
+    try:
+        assert entered.wait(5)
+        assert outbox.pump() == 0  # the row is still spooled, but it is not sent twice
+    finally:
+        release.set()
+        settling.join(5)
+    assert [t for _, t in client.sent] == ["r/0"] and spool.stats().depth == 0

@@ -30,11 +30,13 @@ def wired(tmp_path):
         status_topic="fleet/dev-1/status",
         will=Will("fleet/dev-1/status", b"offline"),
         online_payload=lambda: b"online",
-        outbox=Outbox(spool, lambda item: 1),
-        on_message=lambda topic, payload: None,
+        outbox=Outbox(spool, lambda item: 1, retry_after_seconds=0.0),
+        on_message=lambda topic, payload, retained: None,
         on_fatal=fatal.append,
     )
+    transport.handoff.start()
     yield transport, spool, fatal
+    transport.handoff.stop()
     spool.close()
 
 
@@ -67,7 +69,10 @@ def test_puback_outcomes_settle_or_keep_the_spooled_row(wired):
     assert outbox.pump() == 1  # the fake publish hands out mid 1
     quota = ReasonCode(PacketTypes.PUBACK, identifier=0x97)
     transport._client.on_publish(transport._client, None, 1, quota, None)
+    assert transport.handoff.drain()
     assert spool.stats().depth == 1  # quota exceeded: kept for a later retry
+    assert outbox.pump() == 1  # paho forgot it: handed over again (retry time 0 here)
     ok = ReasonCode(PacketTypes.PUBACK, identifier=0x10)  # "no matching subscribers" is a success
     transport._client.on_publish(transport._client, None, 1, ok, None)
+    assert transport.handoff.drain()
     assert spool.stats().depth == 0

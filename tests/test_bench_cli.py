@@ -116,3 +116,17 @@ def test_bench_trainer_cnn_rank_sweep_reports_each_rank(tmp_path, data_dir):
     assert result["ranks"] == [1, 2]
     one, two = (result["by_rank"][r]["methods"]["lora-last"] for r in ("1", "2"))
     assert two["trainable_params"] == 2 * one["trainable_params"] == 2 * (64 + 10)
+
+
+def test_bench_delivery_counts_every_report_across_a_short_outage(tmp_path, capsys):
+    out = tmp_path / "delivery.json"
+    code = main([
+        "bench", "delivery", "--outage-seconds", "2", "--cut", "refuse", "--rate", "10",
+        "--before-seconds", "0.5", "--after-seconds", "0.5", "--json", str(out),
+    ])  # fmt: skip
+    result = json.loads(out.read_text())
+    assert code == 0, result
+    assert result["reports_sent"] == result["delivered"] > result["reports_made_during_outage"] > 0
+    assert result["lost"] == result["applied_twice"] == 0
+    assert result["handed_to_paho"] == result["reports_sent"]  # each row once
+    assert "applied twice" in capsys.readouterr().out

@@ -310,6 +310,10 @@ def test_prometheus_scrapes_the_coordinator(fleet):
 
     (sample,) = fleet.wait("Prometheus: the coordinator's target up and scraped", scraped, 90)
     assert float(sample["value"][1]) == N_AGENTS
+    # The alert rules compose mounts beside the config are loaded (deploy/prometheus/alerts.yml).
+    groups = prometheus.get("/api/v1/rules?type=alert")["data"]["groups"]
+    alerts = {rule["name"] for group in groups for rule in group["rules"]}
+    assert {"SkipfleetDeviceOffline", "SkipfleetRoundFailed"} <= alerts, alerts
 
 
 def test_fleet_ls_lists_the_agent_containers(fleet):

@@ -158,6 +158,7 @@ def test_status_formats_the_fleet():
                 "energy_j": 120.0,
                 "confidence_score": 1.71,
                 "feature_score": 2.5,
+                "clock_offset_s": 3600.04,
                 "seen_seconds_ago": 4.2,
             },
             {
@@ -173,14 +174,14 @@ def test_status_formats_the_fleet():
     header, first, third, second = table.splitlines()
     assert header.split() == [
         "DEVICE", "ONLINE", "LABELS", "CLUSTER", "RUNS", "ACC", "BEFORE", "ACC", "AFTER",
-        "POWER", "W", "ENERGY", "J", "DRIFT", "LAST", "SEEN", "WHY",
+        "POWER", "W", "ENERGY", "J", "DRIFT", "CLOCK", "S", "LAST", "SEEN", "WHY",
     ]  # fmt: skip
     assert first.split() == [
         "pi-1", "yes", "yes", "c2", "v3", "(c2)", "0.612", "0.934", "1.25", "120.0", "2.50",
-        "4s", "ago", "runs", "cluster", "c2's", "v3",
+        "3600.0", "4s", "ago", "runs", "cluster", "c2's", "v3",
     ]  # fmt: skip
     assert third.split()[:5] == ["pi-3", "yes", "no", "-", "personal"]
-    assert second.split() == ["pi-22", "no", "yes", "-", "base", "-", "-", "-", "-", "-",
+    assert second.split() == ["pi-22", "no", "yes", "-", "base", "-", "-", "-", "-", "-", "-",
                               "never", "-"]  # fmt: skip
     assert status_cli.format_table([]) == "no devices known yet"
     assert [status_cli.ago(s) for s in (59, 61, 7200, 90000)] == [

@@ -286,3 +286,17 @@ def test_health_names_a_round_left_open_past_its_deadline_and_the_api_answers_50
     with pytest.raises(ApiError) as refused:
         api._health({})
     assert refused.value.status == 503 and stuck["id"] in str(refused.value)
+
+
+def test_a_device_clock_offset_from_its_heartbeat_is_in_its_view_and_a_metric(tmp_path, clock):
+    service = FleetService(make_config(tmp_path), clock=clock)
+    device = SimDevice("pi-1", clock)
+    beat = dataclasses.replace(device.heartbeat().envelope.message, clock_offset_s=3600.5)
+    assert service.ingest([device.presence(), device.received(beat)]) == 2
+    assert service.device("pi-1")["clock_offset_s"] == 3600.5
+    metrics = FleetMetrics()
+    metrics.apply(service.metrics_report())
+    offset = metrics.registry.get_sample_value(
+        "skipfleet_device_clock_offset_seconds", {"device": "pi-1"}
+    )
+    assert offset == 3600.5

@@ -3,7 +3,6 @@ fleet events and snapshots, and accepted by promtool."""
 
 from __future__ import annotations
 
-import math
 import re
 import shutil
 import subprocess
@@ -13,7 +12,7 @@ from pathlib import Path
 import pytest
 from prometheus_client import Counter, Gauge, Histogram, generate_latest
 
-from coordinator.metrics import FleetMetrics
+from coordinator.metrics import REJECT_REASONS, FleetMetrics
 from coordinator.observations import (
     AggregationTimed,
     DeviceGauges,
@@ -27,6 +26,7 @@ from coordinator.observations import (
     RoundFinished,
     RoundResult,
     RunFinished,
+    failure_reason,
 )
 
 ARCHITECTURE = Path(__file__).resolve().parent.parent / "docs" / "architecture.md"
@@ -61,7 +61,7 @@ def sample(metrics: FleetMetrics, name: str, **labels: str) -> float | None:
 
 def test_the_metrics_are_exactly_the_documented_table():
     table = documented()
-    assert len(table) == 25
+    assert len(table) == 33
     assert defined(FleetMetrics()) == table
 
 
@@ -116,7 +116,17 @@ def test_snapshots_set_gauges_and_forget_what_is_gone():
     assert sample(metrics, "skipfleet_device_temperature_celsius", device="pi-1") == 44.0
     assert sample(metrics, "skipfleet_device_drift_score", device="pi-1") == 2.7
     assert sample(metrics, "skipfleet_device_adapter_version", device="pi-1") == 3
-    assert math.isnan(sample(metrics, "skipfleet_device_power_watts", device="pi-2"))
+    # pi-2 reported nothing: no series (not NaN), so avg() over the fleet stays a number.
+    for name in (
+        "skipfleet_device_power_watts",
+        "skipfleet_device_temperature_celsius",
+        "skipfleet_device_adapter_version",
+        "skipfleet_device_last_seen_timestamp_seconds",
+    ):
+        assert sample(metrics, name, device="pi-2") is None, name
+    assert sample(metrics, "skipfleet_device_accuracy_ratio", device="pi-2", stage="before") is None
+    assert sample(metrics, "skipfleet_device_online", device="pi-2") == 0
+    assert sample(metrics, "skipfleet_device_online", device="pi-1") == 1
     assert sample(metrics, "skipfleet_jobs", state="QUEUED") == 2
     assert sample(metrics, "skipfleet_adapter_version", cohort="fan-abc") == 3
 
@@ -133,29 +143,108 @@ def test_what_a_device_runs_is_one_series_that_moves_and_unknown_scores_are_abse
                             confidence_score=1.4, feature_score=0.7)  # fmt: skip
     metrics.apply(MetricsReport((), FleetSnapshot(devices=(personal, DeviceGauges("pi-2", True)))))
     info = "skipfleet_device_adapter_info"
-    assert sample(metrics, info, device="pi-1", origin="personal", cluster="c1") == 1
-    assert sample(metrics, info, device="pi-2", origin="base", cluster="none") == 1
+    assert sample(metrics, info, device="pi-1", cohort="none", origin="personal", cluster="c1") == 1
+    assert sample(metrics, info, device="pi-2", cohort="none", origin="base", cluster="none") == 1
     score = "skipfleet_device_label_free_score"
     assert sample(metrics, score, device="pi-1", signal="confidence") == 1.4
     assert sample(metrics, score, device="pi-2", signal="confidence") is None  # not NaN: absent
     fleet = DeviceGauges("pi-1", True, adapter_version=4, adapter_origin="fleet", cluster="c1")
     metrics.apply(MetricsReport((), FleetSnapshot(devices=(fleet,))))
-    assert sample(metrics, info, device="pi-1", origin="personal", cluster="c1") is None
-    assert sample(metrics, info, device="pi-1", origin="fleet", cluster="c1") == 1
-    assert sample(metrics, info, device="pi-2", origin="base", cluster="none") is None  # gone
+    assert (
+        sample(metrics, info, device="pi-1", cohort="none", origin="personal", cluster="c1") is None
+    )
+    assert sample(metrics, info, device="pi-1", cohort="none", origin="fleet", cluster="c1") == 1
+    assert (
+        sample(metrics, info, device="pi-2", cohort="none", origin="base", cluster="none") is None
+    )
     metrics.apply(MetricsReport((RunFinished(3),), FleetSnapshot()))
     assert sample(metrics, "skipfleet_run_rounds_count") == 1
     assert sample(metrics, "skipfleet_run_rounds_sum") == 3
 
 
-@pytest.mark.skipif(shutil.which("promtool") is None, reason="promtool not installed")
+def test_counters_with_known_labels_start_at_zero():
+    metrics = FleetMetrics()
+    for name, label, value in [
+        ("skipfleet_rounds_total", "outcome", "failed"),
+        ("skipfleet_rounds_total", "outcome", "completed"),
+        ("skipfleet_rollouts_total", "outcome", "rolled_back"),
+        ("skipfleet_rejected_messages_total", "reason", "malformed"),  # the bridge's
+        ("skipfleet_rejected_messages_total", "reason", "unknown_job"),  # the fleet state's
+        ("skipfleet_job_failures_total", "reason", "timed_out"),
+        ("skipfleet_job_failures_total", "reason", "insufficient_data"),  # a device's JobReason
+        ("skipfleet_job_transitions_total", "state", "FAILED"),
+        ("skipfleet_jobs", "state", "IN_PROGRESS"),
+    ]:
+        assert sample(metrics, name, **{label: value}) == 0, (name, value)
+
+
+def test_the_fleet_state_rejects_only_reasons_exported_from_the_start():
+    # Fleet.reject("...") literals across the coordinator: each must be a pre-set label value.
+    source = "\n".join(
+        p.read_text() for p in (ARCHITECTURE.parent.parent / "coordinator").glob("*.py")
+    )
+    used = set(re.findall(r'(?:\.reject|MessageRejected)\(\s*"(\w+)"', source))
+    assert len(used) >= 10, used  # the pattern still finds them
+    assert used <= set(REJECT_REASONS), used - set(REJECT_REASONS)
+
+
+def test_job_failures_are_counted_by_reason():
+    metrics = FleetMetrics()
+    metrics.apply_events([
+        JobTransition("FAILED", failure_reason("FAILED", "insufficient_data: 3 rows")),
+        JobTransition("TIMED_OUT", failure_reason("TIMED_OUT", "no result by the deadline")),
+        JobTransition("FAILED", failure_reason("FAILED", "report refused: not finite")),
+        JobTransition("REJECTED", failure_reason("REJECTED", "something odd")),
+        JobTransition("SUCCEEDED", failure_reason("SUCCEEDED", None)),
+    ])  # fmt: skip
+    failures = {
+        reason: sample(metrics, "skipfleet_job_failures_total", reason=reason)
+        for reason in ("insufficient_data", "timed_out", "report_refused", "unspecified", "busy")
+    }
+    assert failures == {"insufficient_data": 1, "timed_out": 1, "report_refused": 1,
+                        "unspecified": 1, "busy": 0}  # fmt: skip
+
+
+def test_fleet_accuracy_and_devices_behind_are_exported_per_cohort():
+    metrics = FleetMetrics()
+    measured = DeviceGauges("pi-1", True, accuracy=0.8, cohort="fan-a", accuracy_after=0.82)
+    never = DeviceGauges("pi-2", True, cohort="fan-a")  # never fine-tuned nor evaluated
+    snapshot = FleetSnapshot(
+        devices=(measured, never),
+        adapter_versions={"fan-a": 2},
+        cohort_devices={"fan-a": 2, "har-b": 5},
+        devices_behind={"fan-a": 1, "har-b": 0},
+    )
+    metrics.apply(MetricsReport((), snapshot))
+    accuracy = "skipfleet_device_accuracy_ratio"
+    assert sample(metrics, accuracy, device="pi-1", stage="running") == 0.8
+    assert sample(metrics, accuracy, device="pi-2", stage="running") is None
+    assert sample(metrics, "skipfleet_devices_behind", cohort="fan-a") == 1
+    assert sample(metrics, "skipfleet_devices_behind", cohort="har-b") == 0  # 0, not absent
+    assert sample(metrics, "skipfleet_cohort_devices", cohort="har-b") == 5
+    assert sample(metrics, "skipfleet_energy_joules_total", cohort="har-b") == 0
+    metrics.apply(MetricsReport((), FleetSnapshot(cohort_devices={"fan-a": 0})))
+    assert sample(metrics, "skipfleet_devices_behind", cohort="har-b") is None  # gone
+
+
+def test_process_and_build_info_metrics_are_exported():
+    metrics = FleetMetrics()
+    assert sample(metrics, "process_start_time_seconds") > 0
+    (family,) = [f for f in metrics.registry.collect() if f.name == "skipfleet_build_info"]
+    (build,) = family.samples
+    assert build.value == 1 and build.labels["version"] and build.labels["python"]
+
+
 def test_promtool_accepts_the_exposition():
     metrics = FleetMetrics()
     metrics.apply_events([FinetuneReported("fan-abc", 1.0, 1.0), JobTransition("QUEUED")])
     metrics.apply_snapshot(FleetSnapshot((DeviceGauges("pi-1", True, 0.5, 0.8),), {"QUEUED": 1}))
     metrics.message_received("report", 100)
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool is not installed: run `make system-deps`")
     checked = subprocess.run(
-        ["promtool", "check", "metrics"],
+        [promtool, "check", "metrics"],
         input=generate_latest(metrics.registry),
         capture_output=True,
         timeout=30,

@@ -370,3 +370,44 @@ def test_each_devices_personalised_adapters_are_kept_beside_the_fleet_one(tmp_pa
     assert (tmp_path / kept[0]["file"]).is_file()  # its own arrays, on disk
     with pytest.raises(NotFound):
         service.device_adapters("ghost")
+
+
+def test_the_snapshot_counts_devices_behind_per_cohort_and_the_accuracy_of_what_each_runs(
+    tmp_path, clock
+):
+    service = start(tmp_path, clock)
+    devices = join(service, clock, "pi-1", "pi-2")
+    other = SimDevice("har-1", clock, base_hash="b" * 64, cohort="har")
+    service.ingest([other.presence(), other.heartbeat()])
+    snapshot = service.metrics_report().snapshot
+    fan = next(d.cohort for d in snapshot.devices if d.device_id == "pi-1")
+    har = next(d.cohort for d in snapshot.devices if d.device_id == "har-1")
+    assert snapshot.cohort_devices == {fan: 2, har: 1}
+    assert snapshot.devices_behind == {fan: 0, har: 0}  # no version yet: nobody is behind
+    assert {d.accuracy for d in snapshot.devices} == {None}  # measured nothing yet
+
+    service.request_finetune(devices=["pi-1", "pi-2"])
+    finetune_all(service, devices, service.tick())
+    answer_canaries(service, devices, service.tick(), candidate=0.9, current=0.85)
+    applies = jobs_in(service.tick(), JobKind.APPLY_ADAPTER)
+    # v1 exists for fan: both its devices run something else (their own fine-tunes), har has none
+    assert service.metrics_report().snapshot.devices_behind == {fan: 2, har: 0}
+
+    by_name = {d.device_id: d for d in devices}
+    measured = {"installed": True, "accuracy_candidate": 0.93, "accuracy_running": 0.8}
+    (device, job), *_ = applies
+    service.ingest([by_name[device].status(job.job_id, JobState.SUCCEEDED, measured)])
+    snapshot = service.metrics_report().snapshot
+    assert snapshot.devices_behind == {fan: 1, har: 0}
+    accuracy = {d.device_id: d.accuracy for d in snapshot.devices}
+    assert accuracy[device] == 0.93  # the version it installed, as it measured it
+    assert accuracy["har-1"] is None
+
+    # An evaluation of what a device runs moves its accuracy, not only a fine-tune.
+    service.evaluate(devices=[device])
+    (_, evaluation), *_ = jobs_in(service.tick(), JobKind.EVALUATE)
+    service.ingest(
+        [by_name[device].status(evaluation.job_id, JobState.SUCCEEDED, {"accuracy": 0.71})]
+    )
+    accuracy = {d.device_id: d.accuracy for d in service.metrics_report().snapshot.devices}
+    assert accuracy[device] == 0.71

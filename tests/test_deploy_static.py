@@ -258,6 +258,18 @@ def test_prometheus_scrapes_the_coordinator_metrics_port():
     assert mounts["./deploy/prometheus/prometheus.yml"] == "/etc/prometheus/prometheus.yml"
 
 
+def test_compose_prometheus_loads_the_alert_rules_beside_its_config():
+    config = yaml.safe_load((DEPLOY / "prometheus" / "prometheus.yml").read_text())
+    mounts = dict(v.split(":")[:2] for v in SERVICES["prometheus"]["volumes"])
+    in_container = {Path(target): Path(source) for source, target in mounts.items()}
+    config_dir = Path("/etc/prometheus")  # the --config.file's directory: rule paths start there
+    assert config["rule_files"], "no rule files"
+    for rule_file in config["rule_files"]:
+        source = in_container.get(config_dir / rule_file)
+        assert source is not None, f"{rule_file} is not mounted in {config_dir}"
+        assert (REPO / source).resolve() == (DEPLOY / "prometheus" / rule_file).resolve()
+
+
 def test_prometheus_config_passes_promtool():
     promtool = shutil.which("promtool")
     if promtool is None:

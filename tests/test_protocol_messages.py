@@ -275,6 +275,17 @@ def test_drifted_is_optional_in_a_heartbeat_and_must_be_a_bool_on_the_wire():
         decode(msgpack.packb(wire))
 
 
+def test_a_heartbeat_clock_offset_round_trips_and_an_older_heartbeat_without_it_decodes():
+    beat = Heartbeat(1.0, "rapl", 0.0, 0, 0, 0, 0.0, clock_offset_s=-3600.25)
+    wire = msgpack.unpackb(encode(beat, sender="pi-1", boot_id="b", seq=0))
+    assert decode(msgpack.packb(wire)).message.clock_offset_s == -3600.25
+    del wire["body"]["clock_offset_s"]  # an agent that predates the field
+    assert decode(msgpack.packb(wire)).message.clock_offset_s is None
+    wire["body"]["clock_offset_s"] = float("nan")
+    with pytest.raises(DecodeError, match="clock_offset_s"):
+        decode(msgpack.packb(wire))
+
+
 def test_messages_are_frozen():
     with pytest.raises(dataclasses.FrozenInstanceError):
         FetchRequest(1).adapter_version = 2

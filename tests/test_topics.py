@@ -3,13 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from shared.topics import DOWNLINK, UPLINK, TopicKind, Topics, validate_device_id
+from tests.import_check import foreign_imports
 
 REPO = Path(__file__).resolve().parent.parent
 TABLE = {  # docs/architecture.md: suffix -> (retained, QoS, from device)
@@ -108,14 +107,5 @@ def test_parse_rejects_foreign_topics(topic):
 
 def test_shared_imports_only_its_allowed_dependencies():
     """`shared` is the bottom of the import graph: stdlib, numpy, msgpack, paho-mqtt only."""
-    script = (
-        "import sys, shared.topics, shared.protocol, shared.mqtt\n"
-        "allowed = set(sys.stdlib_module_names) | {'shared', 'numpy', 'msgpack', 'paho'}\n"
-        "allowed.add('cython_runtime')  # msgpack's compiled extension\n"
-        "top = {m.split('.')[0] for m in sys.modules if not m.startswith('_')}\n"
-        "print(sorted(top - allowed))\n"
-    )
-    result = subprocess.run(
-        [sys.executable, "-c", script], capture_output=True, text=True, check=True, cwd=REPO
-    )
-    assert result.stdout.strip() == "[]", result.stdout
+    allowed = {"shared", "numpy", "msgpack", "paho"}
+    assert foreign_imports(["shared.topics", "shared.protocol", "shared.mqtt"], allowed) == []

@@ -220,10 +220,14 @@ SCRAPE_SECONDS = 1
 
 
 def prometheus_config(coordinator_address: str) -> dict:
-    """deploy/prometheus/prometheus.yml scraping `coordinator_address` every second."""
+    """deploy/prometheus/prometheus.yml scraping `coordinator_address` every second, with its
+    alert rules (paths relative to the deployed config, here made absolute) evaluated as often."""
     config = yaml.safe_load(PROMETHEUS_YML.read_text())
     seconds = f"{SCRAPE_SECONDS}s"
-    config["global"].update(scrape_interval=seconds, scrape_timeout=seconds)
+    config["global"].update(
+        scrape_interval=seconds, scrape_timeout=seconds, evaluation_interval=seconds
+    )
+    config["rule_files"] = [str(PROMETHEUS_YML.parent / f) for f in config["rule_files"]]
     (job,) = config["scrape_configs"]
     (static,) = job["static_configs"]
     assert static["targets"] == ["coordinator:9464"], "the compose target changed"

@@ -102,6 +102,7 @@ def heartbeat_to_wire(m: Heartbeat) -> dict:
         "signature": None if m.signature is None else array_to_wire(m.signature),
         "signature_rows": m.signature_rows,
         "adapter_origin": None if m.adapter_origin is None else m.adapter_origin.value,
+        "clock_offset_s": m.clock_offset_s,
     }
 
 
@@ -124,6 +125,7 @@ def heartbeat_from_wire(f: Fields) -> Heartbeat:
         signature=_optional_vector(f, "signature"),
         signature_rows=f.integer("signature_rows", optional=True),
         adapter_origin=f.choice("adapter_origin", AdapterOrigin, optional=True),
+        clock_offset_s=f.number("clock_offset_s", optional=True),
     )
 
 

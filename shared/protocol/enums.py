@@ -86,6 +86,7 @@ class JobReason(StrEnum):
     ADAPTER_UNAVAILABLE = "adapter_unavailable"
     INSUFFICIENT_DATA = "insufficient_data"
     INTERNAL_ERROR = "internal_error"
+    DISK_FULL = "disk_full"  # the device could not write the job's state (or its results)
 
 
 class ArrayEncoding(StrEnum):

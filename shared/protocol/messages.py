@@ -99,6 +99,9 @@ class Heartbeat:
     signature: np.ndarray | None = field(default=None, compare=False)
     signature_rows: int | None = None  # how many input rows `signature` averages
     adapter_origin: AdapterOrigin | None = None
+    # Device clock minus coordinator clock (s), estimated from the sent times of the commands it
+    # received (agent/clock_offset.py); None before any, or from an agent too old to say.
+    clock_offset_s: float | None = None
 
     def __post_init__(self) -> None:
         checks.number(self.power_w, "power_w", 0.0)
@@ -119,6 +122,7 @@ class Heartbeat:
         if (self.signature is None) != (self.signature_rows is None):
             raise ValueError("signature and signature_rows come together")
         _optional(_enum, self.adapter_origin, AdapterOrigin, "adapter_origin")
+        _optional(checks.number, self.clock_offset_s, "clock_offset_s")
 
 
 @dataclass(frozen=True)
