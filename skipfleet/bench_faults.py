@@ -16,7 +16,7 @@ import time
 from pathlib import Path
 
 from skipfleet import faults_live, faults_trust
-from skipfleet.faults_fleet import FaultsError, LiveFleet
+from skipfleet.faults_fleet import LiveFleet
 from skipfleet.faults_table import Row, render
 from skipfleet.faults_world import fan_world
 
@@ -69,7 +69,7 @@ def main(args) -> int:
         if not args.skip_live:
             try:
                 rows += live_rows(args, world, workdir)
-            except FaultsError as err:
+            except (RuntimeError, TimeoutError) as err:  # FaultsError, or a process that died
                 print(f"skipfleet bench faults: {err} (logs in {workdir})", file=sys.stderr)
                 if not args.work_dir:
                     print("rerun with --work-dir DIR to keep them", file=sys.stderr)

@@ -93,13 +93,23 @@ class LiveFleet:
         self.reports_before_restarts = 0.0  # reports counted by coordinators killed since
 
     # -- processes
-    def start_coordinator(self) -> CoordinatorProcess:
-        n = len(list(self.root.glob("coordinator-*.log")))
-        process = CoordinatorProcess(
-            self.broker.url, self.state_dir, self.root / f"coordinator-{n}.log", self.knobs
-        )
-        process.wait_healthy()
-        return process
+    def start_coordinator(self, tries: int = 3) -> CoordinatorProcess:
+        """Started and healthy. Its ports are picked free just before; on a shared machine
+        another process can take one first, and then it is started again on new ones."""
+        attempt = 0
+        while True:
+            n = len(list(self.root.glob("coordinator-*.log")))
+            process = CoordinatorProcess(
+                self.broker.url, self.state_dir, self.root / f"coordinator-{n}.log", self.knobs
+            )
+            try:
+                process.wait_healthy()
+                return process
+            except RuntimeError as err:
+                process.stop()
+                attempt += 1
+                if "Address already in use" not in str(err) or attempt == tries:
+                    raise
 
     def start_agent(self, name: str, data: Path, base_model: Path) -> None:
         secret = self.root / "secrets" / f"{name}.password"
