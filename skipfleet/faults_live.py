@@ -83,6 +83,9 @@ def _mid_round(fleet: LiveFleet, opened: dict, state: str) -> dict:
 def broker_sigkill(fleet: LiveFleet, opened: dict) -> tuple[float, dict]:
     detail = _mid_round(fleet, opened, "IN_PROGRESS")
     since = time.monotonic()
+    # mosquitto writes its sessions every autosave_interval (10 s, deploy/mosquitto): a session
+    # made less than that before a SIGKILL is not in the snapshot it restarts from
+    detail["seconds_since_the_clients_connected"] = since - fleet.clients_connected_at
     fleet.broker.kill()
     time.sleep(2.0)  # down for a moment, as a crashed broker restarted by its supervisor
     fleet.broker.start()
