@@ -85,7 +85,7 @@ def broker_sigkill(fleet: LiveFleet, opened: dict) -> tuple[float, dict]:
     since = time.monotonic()
     # mosquitto writes its sessions every autosave_interval (10 s, deploy/mosquitto): a session
     # made less than that before a SIGKILL is not in the snapshot it restarts from
-    detail["seconds_since_the_clients_connected"] = since - fleet.clients_connected_at
+    detail["seconds_since_the_agents_started"] = since - fleet.agents_started_at
     fleet.broker.kill()
     time.sleep(2.0)  # down for a moment, as a crashed broker restarted by its supervisor
     fleet.broker.start()
