@@ -20,6 +20,8 @@ from skipfleet.faults_fleet import LiveFleet
 from skipfleet.faults_table import Row, render
 from skipfleet.faults_world import fan_world
 
+SNAPSHOT_S = 15.0  # older than deploy/mosquitto's autosave_interval (10 s): in its snapshot
+
 
 def trust_rows(args, world, workdir: Path) -> list[Row]:
     return [
@@ -44,9 +46,18 @@ def live_rows(args, world, workdir: Path) -> list[Row]:
     try:
         rows.append(faults_live.api_attacks(fleet))
         rows.append(faults_live.takeover(fleet))
+        young = ("broker SIGKILL mid-round, young sessions", "kill -9 of mosquitto "
+                 "{sessions_age_s:.0f} s after the agents started, restarted 2 s later",
+                 faults_live.broker_sigkill)  # fmt: skip
+        rows.append(faults_live.fault_round(fleet, *young))
+        old = (
+            "broker SIGKILL mid-round",
+            "kill -9 of mosquitto, sessions {sessions_age_s:.0f} "
+            "s old (autosave: 10 s), restarted 2 s later",
+            faults_live.broker_sigkill,
+        )
+        rows.append(faults_live.fault_round(fleet, *old, sessions_older_than_s=SNAPSHOT_S))
         scenarios = [
-            ("broker SIGKILL mid-round", "kill -9 of mosquitto, restarted 2 s later",
-             faults_live.broker_sigkill),
             ("coordinator kill -9 mid-round", "kill -9 of `skipfleet coordinator`, restarted",
              faults_live.coordinator_kill9),
             (f"agent outage {args.outage:.0f} s", f"one device's network blackholed for "

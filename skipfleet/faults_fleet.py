@@ -91,7 +91,7 @@ class LiveFleet:
         for k, path in enumerate(data):
             self.start_agent(f"device-{k}", path, base_model)
         self.reports_before_restarts = 0.0  # reports counted by coordinators killed since
-        self.agents_started_at = time.monotonic()
+        self.sessions_since = time.monotonic()  # the clients' sessions were made by then
 
     # -- processes
     def start_coordinator(self, tries: int = 3) -> CoordinatorProcess:

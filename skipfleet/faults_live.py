@@ -30,9 +30,12 @@ METRICS_LAG_S = 5.0
 Fault = Callable[[LiveFleet, dict], tuple[float, dict]]  # -> when recovery starts, details
 
 
-def fault_round(fleet: LiveFleet, scenario: str, injected: str, fault: Fault) -> Row:
+def fault_round(fleet: LiveFleet, scenario: str, injected: str, fault: Fault,
+                sessions_older_than_s: float = 0.0) -> Row:  # fmt: skip
+    """`injected` may name the fault's details, e.g. {sessions_age_s:.0f}."""
     wait_for("every device online", fleet.online)
     wait_for("a quiet fleet", fleet.settled)
+    time.sleep(max(0.0, sessions_older_than_s - (time.monotonic() - fleet.sessions_since)))
     reports_before = fleet.reports_taken()
     (opened,) = fleet.api().post("/finetune", {"all": True})["rounds"]
     since, detail = fault(fleet, opened)
@@ -85,10 +88,11 @@ def broker_sigkill(fleet: LiveFleet, opened: dict) -> tuple[float, dict]:
     since = time.monotonic()
     # mosquitto writes its sessions every autosave_interval (10 s, deploy/mosquitto): a session
     # made less than that before a SIGKILL is not in the snapshot it restarts from
-    detail["seconds_since_the_agents_started"] = since - fleet.agents_started_at
+    detail["sessions_age_s"] = since - fleet.sessions_since
     fleet.broker.kill()
     time.sleep(2.0)  # down for a moment, as a crashed broker restarted by its supervisor
     fleet.broker.start()
+    fleet.sessions_since = time.monotonic()  # the clients reconnect: new sessions, or old ones
     return since, detail
 
 
