@@ -61,7 +61,7 @@ def fault_round(fleet: LiveFleet, scenario: str, injected: str, fault: Fault,
     held = lost == 0 and twice == 0 and record["stage"] == "STORED"
     return Row(
         scenario,
-        injected,
+        injected.format(**detail),
         reports_lost=lost,
         applied_twice=twice,
         recover_s=recover_s,
