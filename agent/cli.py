@@ -6,8 +6,9 @@ SIGUSR1 switches a simulated device to its drifted data (see agent.simulation).
         --data /var/lib/skipfleet/device.npz --base-model /opt/skipfleet/base.npz \\
         --state-dir /var/lib/skipfleet/state
 
-Exit codes: 0 after a clean stop; 64 bad configuration, 65 unusable base model, 66 unusable
-device data, 73 state dir not writable, 77 broker refused our credentials, 70 internal error.
+Exit codes: 0 after a clean stop; 2 a config file (or variable) that cannot be read; 64 bad
+configuration, 65 unusable base model, 66 unusable device data, 73 state dir not writable,
+77 broker refused our credentials, 70 internal error.
 Only argparse-level imports at module level: `skipfleet --help` imports this module.
 """
 
@@ -37,7 +38,13 @@ def main(args: argparse.Namespace) -> int:
     from agent.config import from_args
     from agent.errors import ExitCode, FatalError
     from agent.runtime import Agent
+    from shared.config_file import EXIT_USAGE, ConfigFileError, resolve_args
 
+    try:  # flags, environment, config file and defaults merged once, here
+        args = resolve_args(args, os.environ)
+    except ConfigFileError as err:
+        print(f"skipfleet agent: {err}", file=sys.stderr)
+        return EXIT_USAGE
     logging.basicConfig(
         level=args.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

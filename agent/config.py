@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.errors import ConfigError
+from shared.config_file import prepare_parser, resolve_args, source_rank
 
 if TYPE_CHECKING:  # `skipfleet --help` imports this module: keep paho out of the import
     from shared.mqtt import MqttSettings
@@ -38,6 +39,19 @@ ENV_DATA = "SKIPFLEET_DEVICE_DATA"
 ENV_BASE_MODEL = "SKIPFLEET_BASE_MODEL"
 ENV_STATE_DIR = "SKIPFLEET_STATE_DIR"
 ENV_HEALTH_FILE = "SKIPFLEET_HEALTH_FILE"
+DEFAULT_BROKER = "mqtt://localhost:1883"
+# option -> the environment variable that overrides the config file for it
+ENV_VARS = {
+    "device_id": ENV_DEVICE_ID,
+    "broker": ENV_BROKER,
+    "username": ENV_USERNAME,
+    "password": ENV_PASSWORD,
+    "password_file": ENV_PASSWORD_FILE,
+    "data": ENV_DATA,
+    "base_model": ENV_BASE_MODEL,
+    "state_dir": ENV_STATE_DIR,
+    "health_file": ENV_HEALTH_FILE,
+}
 
 
 class PowerProfileChoice(Enum):
@@ -141,22 +155,16 @@ def device_id_from_hostname(hostname: str) -> str:
 
 
 def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> AgentConfig:
-    """Build the config from parsed arguments, falling back to environment variables."""
-    device_id = (
-        args.device_id
-        or environ.get(ENV_DEVICE_ID)
-        or device_id_from_hostname(socket.gethostname())
-    )
+    """Build the config from parsed arguments, the environment and the config file (flag >
+    environment > file > default: shared.config_file). Raises ConfigFileError for a file or
+    variable that cannot be read, ConfigError for values the agent cannot use."""
+    args = resolve_args(args, environ)
     return AgentConfig(
-        device_id=device_id,
-        mqtt=_mqtt_settings(args, environ),
-        data_path=_required_path(args.data, environ.get(ENV_DATA), "--data", ENV_DATA),
-        base_model_path=_required_path(
-            args.base_model, environ.get(ENV_BASE_MODEL), "--base-model", ENV_BASE_MODEL
-        ),
-        state_dir=_required_path(
-            args.state_dir, environ.get(ENV_STATE_DIR), "--state-dir", ENV_STATE_DIR
-        ),
+        device_id=args.device_id or device_id_from_hostname(socket.gethostname()),
+        mqtt=_mqtt_settings(args),
+        data_path=_required_path(args.data, "--data", ENV_DATA),
+        base_model_path=_required_path(args.base_model, "--base-model", ENV_BASE_MODEL),
+        state_dir=_required_path(args.state_dir, "--state-dir", ENV_STATE_DIR),
         topic_root=args.topic_root,
         cohort=args.cohort,
         will_delay_seconds=args.will_delay_seconds,
@@ -172,15 +180,15 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> AgentConf
         drift_at_seconds=args.drift_at,
         desired_retry_seconds=args.desired_retry_seconds,
         desired_max_fetches=args.desired_max_fetches,
-        health_file=_optional_path(args.health_file or environ.get(ENV_HEALTH_FILE)),
+        health_file=_optional_path(args.health_file),
         log_level=args.log_level.upper(),
     )
 
 
-def _mqtt_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> MqttSettings:
+def _mqtt_settings(args: argparse.Namespace) -> MqttSettings:
     from shared.mqtt import MqttProtocol, parse_broker_url
 
-    url = args.broker or environ.get(ENV_BROKER) or "mqtt://localhost:1883"
+    url = args.broker or DEFAULT_BROKER
     overrides: dict = {
         "protocol": MqttProtocol(args.mqtt_version),
         "keepalive_s": args.keepalive_seconds,
@@ -189,7 +197,7 @@ def _mqtt_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Mqtt
         "tls_ca": args.tls_ca,
     }
     # Unset values keep what the URL says (mqtt://user:pass@host).
-    username, password = args.username or environ.get(ENV_USERNAME), _password(args, environ)
+    username, password = args.username, _password(args)
     if username:
         overrides["username"] = username
     if password is not None:
@@ -204,24 +212,30 @@ def _optional_path(value: str | None) -> Path | None:
     return Path(value) if value else None
 
 
-def _required_path(value: str | None, env_value: str | None, flag: str, env: str) -> Path:
-    chosen = value or env_value
-    if not chosen:
-        raise ConfigError(f"{flag} is required (or set {env})")
-    return Path(chosen)
+def _required_path(value: str | None, flag: str, env: str) -> Path:
+    if not value:
+        raise ConfigError(f"{flag} is required (or set {env}, or {flag[2:].replace('-', '_')} "
+                          "in the config file's [agent] table)")  # fmt: skip
+    return Path(value)
 
 
-def _password(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
-    """Command line before environment; within each, a file before a literal password."""
+def _password(args: argparse.Namespace) -> str | None:
+    """Command line before environment before config file; within each, a file before a
+    literal password (which the config file never holds)."""
     # A password on the command line is visible in `ps`; a file (compose secrets) or the
     # environment are the better places, the flag is kept for quick local runs.
-    if args.password_file:
-        return _read_password(args.password_file, "--password-file")
-    if args.password:
-        return args.password
-    if environ.get(ENV_PASSWORD_FILE):
-        return _read_password(environ[ENV_PASSWORD_FILE], ENV_PASSWORD_FILE)
-    return environ.get(ENV_PASSWORD)
+    sources = args._config_sources
+    file_rank, literal_rank = (source_rank(sources[k]) for k in ("password_file", "password"))
+    if args.password_file and (file_rank <= literal_rank or not args.password):
+        return _read_password(args.password_file, _described(sources["password_file"]))
+    literal: str | None = args.password
+    return literal
+
+
+def _described(source: str) -> str:
+    """A password file's source as its messages name it: the flag, the variable, the file."""
+    kind, _, where = source.partition(":")
+    return {"flag": "--password-file", "env": where}.get(kind, f"password_file in {where}")
 
 
 def _read_password(path: str, source: str) -> str:
@@ -240,32 +254,37 @@ def _read_password(path: str, source: str) -> str:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """The command-line options of `skipfleet agent` (defaults mirror AgentConfig)."""
     add = parser.add_argument
-    add("--device-id", help=f"[a-z0-9-]{{1,64}}; default ${ENV_DEVICE_ID} or the host name")
-    add("--broker", help=f"mqtt://host:port or mqtts://host:port (TLS); default ${ENV_BROKER}")
-    add("--username", help=f"MQTT user name; default ${ENV_USERNAME}")
-    add("--password", help=f"MQTT password (visible in ps: prefer ${ENV_PASSWORD} or a file)")
+    add("--device-id", help="[a-z0-9-]{1,64} (default: the host name, lower case)")
+    add("--broker", default=DEFAULT_BROKER, help="mqtt://host:port or mqtts://host:port (TLS)")
+    add("--username", help="MQTT user name (default: the URL's, else none)")
+    add("--password", help="MQTT password (visible in ps: prefer --password-file)")
     add(
         "--password-file",
-        help=f"read the MQTT password from this file (compose secrets); ${ENV_PASSWORD_FILE}",
+        help="read the MQTT password from this file (compose secrets, systemd credentials)",
     )
-    add("--tls-ca", help="CA certificate file for a TLS broker (mqtts://)")
+    add("--tls-ca", help="CA certificate file for a TLS broker (mqtts://; default: the system's)")
     add(
         "--mqtt-version",
         choices=MQTT_VERSIONS,
         default="5",
-        help="MQTT 5 (default) or 3.1.1 for older brokers",
+        help="MQTT 5, or 3.1.1 for older brokers",
     )
-    add("--topic-root", default="fleet")
+    add("--topic-root", default="fleet", help="first level of every topic (the coordinator's)")
     add("--cohort", default="default", help="group of devices sharing fleet adapters")
-    add("--data", help=f"device data (.npz with X, y) or a directory; default ${ENV_DATA}")
-    add("--base-model", help=f"the pre-trained base model (.npz); default ${ENV_BASE_MODEL}")
-    add("--state-dir", help=f"where adapters, spool and job history live; ${ENV_STATE_DIR}")
+    add("--data", help="device data (.npz with X, y) or a directory (required, no default)")
+    add("--base-model", help="the pre-trained base model (.npz) (required, no default)")
+    add("--state-dir", help="where adapters, spool and job history live (required, no default)")
     add(
         "--health-file",
-        help=f"a file rewritten on connect and every heartbeat while connected, for a "
-        f"container healthcheck to check its age; ${ENV_HEALTH_FILE}",
+        help="a file rewritten on connect and every heartbeat while connected, for a "
+        "container healthcheck to check its age (default: none)",
     )
-    add("--heartbeat-seconds", type=float, default=30.0)
+    add(
+        "--heartbeat-seconds",
+        type=float,
+        default=30.0,
+        help="seconds between heartbeats (status, drift scores, power)",
+    )
     add(
         "--holdout-fraction",
         type=float,
@@ -279,10 +298,19 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default="auto",
         help="energy model used when no power sensor is found",
     )
-    add("--ina219", help="read a raw INA219 on I2C: BUS:ADDRESS[:SHUNT_OHMS], e.g. 1:0x40:0.1")
-    add("--spool-max-messages", type=int, default=10_000)
-    add("--max-queued-jobs", type=int, default=4)
-    add("--keepalive-seconds", type=int, default=30)
+    add(
+        "--ina219",
+        help="read a raw INA219 on I2C: BUS:ADDRESS[:SHUNT_OHMS], e.g. 1:0x40:0.1 (default: "
+        "none, as probing unknown I2C addresses can upset other chips)",
+    )
+    add(
+        "--spool-max-messages",
+        type=int,
+        default=10_000,
+        help="messages the on-disk spool keeps while offline; the oldest telemetry goes first",
+    )
+    add("--max-queued-jobs", type=int, default=4, help="jobs waiting behind the running one")
+    add("--keepalive-seconds", type=int, default=30, help="MQTT keepalive")
     add(
         "--reconnect-max-seconds",
         type=int,
@@ -330,8 +358,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         "--drift-at",
         type=float,
         metavar="SECONDS",
-        help="switch to the drifted data (X_drift, y_drift) this long after start (also SIGUSR1)",
+        help="switch to the drifted data (X_drift, y_drift) this long after start (also "
+        "SIGUSR1; default: never)",
     )
     add(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="least severe log messages shown",
     )
+    prepare_parser(parser, "agent", ENV_VARS, not_in_file=("password",))

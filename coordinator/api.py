@@ -8,6 +8,8 @@
     GET  /adapters/{cohort}/{version}         one version: lineage, arrays (base64, dtype, shape)
     GET  /runs?limit=N                        federated runs: clusters, rounds, measured gains
     GET  /clusters                            per cohort: its clusters, members, current versions
+    GET  /dashboard, /dashboard/state         the live dashboard page and the JSON it polls
+                                              (coordinator.dashboard), /dashboard/static/FILE
     POST /finetune                            {"devices": [...]} | {"cohort": "..."} | {"all": true}
     POST /evaluate                            the same selectors (+ "adapter_version"): devices
                                               evaluate what they run, or that version
@@ -30,11 +32,19 @@ import math
 import re
 import threading
 from collections.abc import Callable
+from dataclasses import dataclass
 from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
 from urllib.parse import parse_qs, urlsplit
 
+from coordinator.dashboard import (
+    STATIC_DIR,
+    Dashboard,
+    FleetHistory,
+    HistorySampler,
+    static_file,
+)
 from coordinator.fleet import FleetRequestError
 from coordinator.ports import FleetPort, Unavailable
 from shared.http_auth import RequestGuard, check_request
@@ -47,6 +57,15 @@ _DEVICE = r"[a-z0-9-]{1,64}"
 _COHORT = r"[a-z0-9][a-z0-9._-]{0,127}"
 
 Response = tuple[int, Any]
+_STATIC_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
+
+
+@dataclass(frozen=True)
+class Raw:
+    """A response body that is not JSON: the dashboard's page and scripts."""
+
+    content_type: str
+    data: bytes
 
 
 class ApiError(Exception):
@@ -56,9 +75,16 @@ class ApiError(Exception):
 
 
 class FleetApi:
-    def __init__(self, port: FleetPort, *, bridge_connected: Callable[[], bool] = lambda: True):
+    def __init__(
+        self,
+        port: FleetPort,
+        *,
+        bridge_connected: Callable[[], bool] = lambda: True,
+        dashboard: Dashboard | None = None,
+    ):
         self._port = port
         self._bridge_connected = bridge_connected
+        self.dashboard = dashboard or Dashboard(port.read, FleetHistory())
         self._routes: list[tuple[str, re.Pattern[str], Callable[..., Any]]] = [
             ("GET", re.compile(r"/health"), self._health),
             ("GET", re.compile(r"/devices"), self._devices),
@@ -70,6 +96,9 @@ class FleetApi:
             ("GET", re.compile(rf"/adapters/({_COHORT})/(\d{{1,9}})"), self._adapter),
             ("GET", re.compile(r"/runs"), self._runs),
             ("GET", re.compile(r"/clusters"), self._clusters),
+            ("GET", re.compile(r"/dashboard"), self._dashboard_page),
+            ("GET", re.compile(r"/dashboard/state"), self._dashboard_state),
+            ("GET", re.compile(rf"/dashboard/static/({_STATIC_NAME})"), self._dashboard_static),
             ("POST", re.compile(r"/finetune"), self._finetune),
             ("POST", re.compile(r"/evaluate"), self._evaluate),
             ("POST", re.compile(rf"/adapters/({_COHORT})/(\d{{1,9}})/promote"), self._promote),
@@ -149,6 +178,18 @@ class FleetApi:
 
     def _clusters(self, query: dict) -> list:
         return self._port.read("clusters")
+
+    def _dashboard_page(self, query: dict) -> Raw:
+        return Raw("text/html; charset=utf-8", (STATIC_DIR / "dashboard.html").read_bytes())
+
+    def _dashboard_state(self, query: dict) -> dict:
+        return self.dashboard.state()
+
+    def _dashboard_static(self, query: dict, name: str) -> Raw:
+        found = static_file(name)
+        if found is None:
+            raise ApiError(HTTPStatus.NOT_FOUND, f"no such file: {name}")
+        return Raw(f"{found[0]}; charset=utf-8", found[1])
 
     def _finetune(self, body: dict) -> dict:
         return self._port.request_finetune(*_selection(body))
@@ -269,13 +310,15 @@ class _Handler(BaseHTTPRequestHandler):
         return True
 
     def _respond(self, status: int, payload: Any) -> None:
-        data = to_json(payload)
+        raw = payload if isinstance(payload, Raw) else Raw("application/json", to_json(payload))
+        data = raw.data
         self.send_response(status)
         if status == HTTPStatus.UNAUTHORIZED:
             self.send_header("WWW-Authenticate", 'Bearer realm="skipfleet"')
         if self.close_connection:
             self.send_header("Connection", "close")
-        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Type", raw.content_type)
+        self.send_header("Cache-Control", "no-store")  # the state changes; a new build's files too
         self.send_header("Content-Length", str(len(data)))
         self.end_headers()
         self.wfile.write(data)
@@ -291,6 +334,8 @@ class ApiServer(ThreadingHTTPServer):
         super().__init__((addr, port), _Handler)
         self.api = api
         self.guard = guard
+        # the dashboard's history fills while nobody watches, so a page opened late has it
+        self._sampler = HistorySampler(api.dashboard.sample)
         self._thread = threading.Thread(target=self.serve_forever, name="api", daemon=True)
 
     @property
@@ -299,7 +344,9 @@ class ApiServer(ThreadingHTTPServer):
 
     def start(self) -> None:
         self._thread.start()
+        self._sampler.start()
 
     def stop(self) -> None:
+        self._sampler.stop()
         self.shutdown()
         self.server_close()

@@ -17,6 +17,7 @@ import ray
 from coordinator.api import ApiServer, FleetApi
 from coordinator.bridge import FatalReason, MqttBridge
 from coordinator.config import CoordinatorConfig
+from coordinator.dashboard import Dashboard, FleetHistory
 from coordinator.instance import StateDirLock
 from coordinator.metrics import FleetMetrics
 from coordinator.ray_runtime import RayFleetPort, release_actor, start_actor
@@ -98,7 +99,11 @@ class Coordinator:
         bridge = MqttBridge(config, port, metrics, on_fatal=fatal)
         try:
             api = ApiServer(
-                FleetApi(port, bridge_connected=lambda: bridge.connected),
+                FleetApi(
+                    port,
+                    bridge_connected=lambda: bridge.connected,
+                    dashboard=Dashboard(port.read, FleetHistory(), config.fleet_events_file),
+                ),
                 config.api_addr,
                 config.api_port,
                 guard,

@@ -3,7 +3,8 @@
     skipfleet coordinator --broker mqtt://broker:1883 --state-dir /var/lib/skipfleet-coordinator \\
         [--ray-address local|auto|ADDRESS] [--metrics-port 9464] [--api-port 8080] ...
 
-Exit codes: 0 after a clean stop; 64 bad configuration (also an unusable API token file); 69 Ray
+Exit codes: 0 after a clean stop; 2 a config file (or variable) that cannot be read; 64 bad
+configuration (also an unusable API token file); 69 Ray
 could not be started or joined; 70 internal error (the fleet actor did not start, or a crash);
 71 the API or /metrics port cannot be bound; 73 the state dir is not writable; 75 another
 coordinator runs this instance (its state dir is locked, its fleet actor answers, or it took our
@@ -54,14 +55,19 @@ def prepare_state_dir(path: Path) -> None:
     probe.unlink()
 
 
-def fail(code: ExitCode, message: str) -> int:
+def fail(code: int, message: str) -> int:
     print(f"skipfleet coordinator: {message}", file=sys.stderr)
     return int(code)
 
 
 def main(args: argparse.Namespace) -> int:
     from coordinator.config import ConfigError, from_args
+    from shared.config_file import EXIT_USAGE, ConfigFileError, resolve_args
 
+    try:  # flags, environment, config file and defaults merged once, here
+        args = resolve_args(args, os.environ)
+    except ConfigFileError as err:
+        return fail(EXIT_USAGE, str(err))
     logging.basicConfig(
         level=args.log_level,
         format="%(asctime)s %(levelname)s %(name)s: %(message)s",

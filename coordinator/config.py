@@ -22,6 +22,7 @@ from coordinator.clustering import DEFAULT_CLUSTER_DISTANCE
 from coordinator.federation import FederationPolicy
 from coordinator.rollout import RolloutPolicy
 from coordinator.scheduler import LabelFreeSignal, SchedulerPolicy
+from shared.config_file import describe_type, prepare_parser, resolve_args, source_rank
 
 if TYPE_CHECKING:  # keep paho out of `skipfleet --help`
     from shared.mqtt import MqttSettings
@@ -29,6 +30,7 @@ if TYPE_CHECKING:  # keep paho out of `skipfleet --help`
 ENV_BROKER = "SKIPFLEET_BROKER"
 ENV_USERNAME = "SKIPFLEET_MQTT_USERNAME"
 ENV_PASSWORD = "SKIPFLEET_MQTT_PASSWORD"
+ENV_PASSWORD_FILE = "SKIPFLEET_MQTT_PASSWORD_FILE"  # as the agent's
 ENV_STATE_DIR = "SKIPFLEET_COORDINATOR_STATE_DIR"
 ENV_RAY_ADDRESS = "SKIPFLEET_RAY_ADDRESS"
 # A path, never the token itself: the environment of a process is readable in /proc and `ps e`.
@@ -36,6 +38,17 @@ ENV_API_TOKEN_FILE = "SKIPFLEET_API_TOKEN_FILE"
 API_TOKEN_FILE = "api-token"  # in the state dir, made on first start (mode 0600)
 INSTANCE_PATTERN = re.compile(r"[a-z0-9][a-z0-9-]{0,31}")
 CLIENT_ID_PREFIX = "skipfleet-coordinator-"
+DEFAULT_BROKER = "mqtt://localhost:1883"
+# option -> the environment variable that overrides the config file for it. The password has
+# no flag (a command line is visible in `ps`): only this variable or a password file.
+ENV_VARS = {
+    "broker": ENV_BROKER,
+    "username": ENV_USERNAME,
+    "password_file": ENV_PASSWORD_FILE,
+    "state_dir": ENV_STATE_DIR,
+    "ray_address": ENV_RAY_ADDRESS,
+    "api_token_file": ENV_API_TOKEN_FILE,
+}
 
 LOCAL_RAY = "local"
 # 9464 is the port Prometheus exporters of OpenTelemetry SDKs use by default: free of the
@@ -120,6 +133,9 @@ class CoordinatorConfig:
     api_addr: str = DEFAULT_BIND
     api_port: int = DEFAULT_API_PORT
     api_token_file: Path | None = None  # None: API_TOKEN_FILE in the state dir
+    # A process fleet's fault log (JSON lines its control endpoint appends to), shown on the
+    # dashboard's timeline; None: the timeline shows what the coordinator itself saw.
+    fleet_events_file: Path | None = None
     policy: SchedulerPolicy = field(default_factory=SchedulerPolicy)
     rollout: RolloutPolicy = field(default_factory=lambda: RolloutPolicy(min_canaries=2))
     finetune: FinetuneSettings = field(default_factory=FinetuneSettings)
@@ -200,57 +216,93 @@ def optional_float(text: str) -> float | None:
     return value
 
 
+describe_type(optional_float, "a number or 'off'", none_as="off")  # for the config file
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    add_connection_arguments(parser)
+    add_policy_arguments(parser)
+    add_federation_arguments(parser)
+    add_job_arguments(parser)
+    prepare_parser(parser, "coordinator", ENV_VARS)
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """The broker, the state, Ray and the served ports."""
     add = parser.add_argument
-    defaults = SchedulerPolicy()
-    canary = RolloutPolicy()
-    tune = FinetuneSettings()
-    add("--broker", help=f"mqtt://host:port or mqtts://...; default ${ENV_BROKER}")
-    add("--username", help=f"MQTT user name; default ${ENV_USERNAME}")
-    add("--password-file", help=f"file holding the MQTT password; default ${ENV_PASSWORD}")
-    add("--tls-ca", help="CA certificate for an mqtts:// broker")
+    add("--broker", default=DEFAULT_BROKER, help="mqtt://host:port or mqtts://host:port (TLS)")
+    add("--username", help="MQTT user name (default: the URL's, else none)")
+    add(
+        "--password-file",
+        help=f"file holding the MQTT password (default: none; else ${ENV_PASSWORD})",
+    )
+    add("--tls-ca", help="CA certificate for an mqtts:// broker (default: the system's)")
     add(
         "--session-expiry-seconds",
         type=int,
         default=86_400,
         help="MQTT v5 session: device messages wait this long for a stopped coordinator",
     )
-    add("--state-dir", help=f"SQLite state and adapter files; default ${ENV_STATE_DIR}")
-    add("--topic-root", default="fleet")
+    add("--state-dir", help="SQLite state and adapter files (required, no default)")
+    add("--topic-root", default="fleet", help="first level of every topic (the agents')")
     add(
         "--ray-address",
-        help=f"'local' (default: a 2-CPU Ray in this process), 'auto' (join "
-        f"the running cluster) or a cluster address; default ${ENV_RAY_ADDRESS}",
+        default=LOCAL_RAY,
+        help="'local' (a 2-CPU Ray in this process), 'auto' (join the running cluster) or a "
+        "cluster address",
     )
     add(
         "--instance",
         help="this coordinator's name among others on the broker and Ray (its MQTT client id "
         "and fleet actor derive from it); default: a hash of the state dir's path",
     )
-    add("--ray-namespace", default="skipfleet")
+    add("--ray-namespace", default="skipfleet", help="Ray namespace of the fleet actor")
     add("--actor-name", help="the fleet actor's name (default: derived from --instance)")
-    add("--metrics-addr", default=DEFAULT_BIND, help="0.0.0.0 to serve other hosts")
+    add("--metrics-addr", default=DEFAULT_BIND, help="/metrics bind address; 0.0.0.0: all hosts")
     add("--metrics-port", type=int, default=DEFAULT_METRICS_PORT, help="0: any free port")
-    add("--api-addr", default=DEFAULT_BIND, help="0.0.0.0 to serve other hosts")
+    add("--api-addr", default=DEFAULT_BIND, help="API bind address; 0.0.0.0: all hosts")
     add("--api-port", type=int, default=DEFAULT_API_PORT, help="0: any free port")
     add(
         "--api-token-file",
-        help=f"the API's bearer token (made there if absent); default ${ENV_API_TOKEN_FILE}, "
-        f"else {API_TOKEN_FILE} in the state dir",
+        help=f"the API's bearer token (made there if absent); default {API_TOKEN_FILE} in the "
+        "state dir",
     )
-    add("--max-concurrent-jobs", type=int, default=defaults.max_concurrent_jobs, help="K")
+    add(
+        "--fleet-events-file",
+        metavar="FILE",
+        help="a process fleet's events.jsonl (faults injected with `skipfleet fleet`), for the "
+        "dashboard's timeline (default: none)",
+    )
+
+
+def add_policy_arguments(parser: argparse.ArgumentParser) -> None:
+    """What starts a run, which devices may take part, and the canary rollout."""
+    add = parser.add_argument
+    defaults = SchedulerPolicy()
+    canary = RolloutPolicy()
+    add(
+        "--max-concurrent-jobs",
+        type=int,
+        default=defaults.max_concurrent_jobs,
+        help="fine-tune jobs running at once across the fleet",
+    )
     add(
         "--accuracy-threshold",
         type=optional_float,
         default=defaults.accuracy_threshold,
         help="fine-tune a cohort when a device's accuracy is below this ('off')",
     )
-    add("--accuracy-drop-margin", type=optional_float, default=defaults.accuracy_drop_margin)
+    add(
+        "--accuracy-drop-margin",
+        type=optional_float,
+        default=defaults.accuracy_drop_margin,
+        help="...or when it drops this far below its accuracy after the last fine-tune ('off')",
+    )
     add(
         "--drift-threshold",
         type=optional_float,
         default=DEFAULT_DRIFT_THRESHOLD,
-        help="the BN1 drift score that starts a run ('off', the default)",
+        help="the BN1 drift score that starts a run ('off')",
     )
     add(
         "--label-free-threshold",
@@ -265,7 +317,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.label_free_signal.value,
         help="which calibrated score the label-free trigger reads",
     )
-    add("--label-free-margin", type=float, default=defaults.label_free_margin)
+    add(
+        "--label-free-margin",
+        type=float,
+        default=defaults.label_free_margin,
+        help="after a run, the score must exceed its value when the run began by this much",
+    )
     add(
         "--label-free-seconds",
         type=float,
@@ -278,28 +335,42 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=defaults.drift_margin,
         help="after a fine-tune, drift must rise this much above its value then to fire again",
     )
-    add("--trigger-cooldown-seconds", type=float, default=defaults.trigger_cooldown_s)
-    add("--heartbeat-timeout-seconds", type=float, default=defaults.heartbeat_timeout_s)
-    add("--max-temperature", type=optional_float, default=defaults.max_temperature_c)
+    add(
+        "--trigger-cooldown-seconds",
+        type=float,
+        default=defaults.trigger_cooldown_s,
+        help="no automatic job for a device that had one this recently",
+    )
+    add(
+        "--heartbeat-timeout-seconds",
+        type=float,
+        default=defaults.heartbeat_timeout_s,
+        help="a device silent this long is not given jobs",
+    )
+    add(
+        "--max-temperature",
+        type=optional_float,
+        default=defaults.max_temperature_c,
+        help="°C above which a device is not given jobs ('off')",
+    )
     add(
         "--energy-budget-joules",
         type=optional_float,
         default=defaults.energy_budget_j,
         help="per device per --energy-period-seconds ('off')",
     )
-    add("--energy-period-seconds", type=float, default=3600.0)
-    add("--job-timeout-seconds", type=float, default=defaults.job_timeout_s)
-    add("--max-attempts", type=int, default=defaults.max_attempts)
     add(
-        "--quarantine-after",
-        type=int,
-        default=defaults.quarantine_after,
-        help="jobs a device lets time out in a row before it is left alone for a while",
+        "--energy-period-seconds",
+        type=float,
+        default=3600.0,
+        help="the window of --energy-budget-joules",
     )
-    add("--quarantine-seconds", type=float, default=defaults.quarantine_s)
-    add("--round-deadline-seconds", type=float, default=defaults.round_deadline_s)
-    add("--min-completion-ratio", type=float, default=defaults.min_completion_ratio)
-    add("--canary-fraction", type=float, default=canary.canary_fraction)
+    add(
+        "--canary-fraction",
+        type=float,
+        default=canary.canary_fraction,
+        help="share of a cohort's devices that try a new adapter first",
+    )
     add(
         "--canary-margin",
         type=float,
@@ -312,34 +383,101 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         default=canary.max_device_regression,
         help="...and unless one canary's own accuracy drops by more than this",
     )
-    add("--canary-deadline-seconds", type=float, default=canary.canary_deadline_s)
+    add(
+        "--canary-deadline-seconds",
+        type=float,
+        default=canary.canary_deadline_s,
+        help="canaries that have not answered by then count as failed",
+    )
     add(
         "--min-canaries",
         type=int,
         default=DEFAULT_MIN_CANARIES,
         help="labelled devices a canary needs before devices without labels get an adapter",
     )
-    add_federation_arguments(parser)
-    add("--command-timeout-seconds", type=float, default=300.0)
-    add("--epochs", type=int, default=tune.epochs)
-    add("--lr", type=float, default=tune.lr)
-    add("--rank", type=int, default=tune.rank)
-    add("--method", default=tune.method)
-    add("--max-samples", type=int)
+
+
+def add_job_arguments(parser: argparse.ArgumentParser) -> None:
+    """Jobs, fine-tuning, aggregation and the wire."""
+    add = parser.add_argument
+    defaults = SchedulerPolicy()
+    tune = FinetuneSettings()
+    add(
+        "--job-timeout-seconds",
+        type=float,
+        default=defaults.job_timeout_s,
+        help="a fine-tune job not finished by then timed out",
+    )
+    add(
+        "--max-attempts",
+        type=int,
+        default=defaults.max_attempts,
+        help="tries of a fine-tune request before it fails",
+    )
+    add(
+        "--quarantine-after",
+        type=int,
+        default=defaults.quarantine_after,
+        help="jobs a device lets time out in a row before it is left alone for a while",
+    )
+    add(
+        "--quarantine-seconds",
+        type=float,
+        default=defaults.quarantine_s,
+        help="...for this long",
+    )
+    add(
+        "--round-deadline-seconds",
+        type=float,
+        default=defaults.round_deadline_s,
+        help="a round aggregates what it has by then",
+    )
+    add(
+        "--min-completion-ratio",
+        type=float,
+        default=defaults.min_completion_ratio,
+        help="share of a round's devices that must report for it to aggregate",
+    )
+    add(
+        "--command-timeout-seconds",
+        type=float,
+        default=300.0,
+        help="an evaluate/apply job not answered by then: the device is stuck",
+    )
+    add("--epochs", type=int, default=tune.epochs, help="epochs of a device's fine-tune job")
+    add("--lr", type=float, default=tune.lr, help="learning rate of fine-tuning")
+    add("--rank", type=int, default=tune.rank, help="LoRA rank of the adapters")
+    add(
+        "--method",
+        default=tune.method,
+        help="fine-tuning method the devices run (skip2-delta: ΔW trained directly; skip2-lora: "
+        "the A·B factors)",
+    )
+    add(
+        "--max-samples",
+        type=int,
+        help="rows of its data a device trains on at most (default: all)",
+    )
     add(
         "--algorithm",
         choices=[a.value for a in AggregationAlgorithm],
         default=AggregationAlgorithm.EXACT_DELTA.value,
+        help="how a round aggregates the devices' updates",
     )
     add(
         "--adapter-encoding",
         choices=[e.value for e in WireEncoding],
         default=WireEncoding.FLOAT32.value,
+        help="number format of adapters sent to devices",
     )
     add("--chunk-limit", type=int, default=131_072, help="largest single publish, bytes")
-    add("--tick-seconds", type=float, default=0.5)
+    add("--tick-seconds", type=float, default=0.5, help="period of the scheduler's tick")
     add(
-        "--log-level", default="INFO", choices=["DEBUG", "INFO", "WARNING", "ERROR"], type=str.upper
+        "--log-level",
+        default="INFO",
+        choices=["DEBUG", "INFO", "WARNING", "ERROR"],
+        type=str.upper,
+        help="least severe log messages shown",
     )
 
 
@@ -391,23 +529,31 @@ def add_federation_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> CoordinatorConfig:
-    state_dir = args.state_dir or environ.get(ENV_STATE_DIR)
+    """Flags, environment, config file and defaults merged (shared.config_file: flag > env >
+    file > default) into the frozen config. Raises ConfigFileError for a file or variable that
+    cannot be read, ConfigError for values the coordinator cannot use."""
+    args = resolve_args(args, environ)
+    state_dir = args.state_dir
     if not state_dir:
-        raise ConfigError(f"--state-dir is required (or set {ENV_STATE_DIR})")
+        raise ConfigError(
+            f"--state-dir is required (or set {ENV_STATE_DIR}, or state_dir in the config "
+            "file's [coordinator] table)"
+        )
     try:
         return CoordinatorConfig(
             mqtt=_mqtt_settings(args, environ),
             state_dir=Path(state_dir),
             instance=args.instance,
             topic_root=args.topic_root,
-            ray_address=args.ray_address or environ.get(ENV_RAY_ADDRESS) or LOCAL_RAY,
+            ray_address=args.ray_address or LOCAL_RAY,
             ray_namespace=args.ray_namespace,
             actor_name=args.actor_name,
             metrics_addr=args.metrics_addr,
             metrics_port=args.metrics_port,
             api_addr=args.api_addr,
             api_port=args.api_port,
-            api_token_file=_optional_path(args.api_token_file or environ.get(ENV_API_TOKEN_FILE)),
+            api_token_file=_optional_path(args.api_token_file),
+            fleet_events_file=_optional_path(args.fleet_events_file),
             policy=_policy(args),
             rollout=RolloutPolicy(
                 canary_fraction=args.canary_fraction,
@@ -478,9 +624,9 @@ def _policy(args: argparse.Namespace) -> SchedulerPolicy:
 def _mqtt_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> MqttSettings:
     from shared.mqtt import parse_broker_url
 
-    url = args.broker or environ.get(ENV_BROKER) or "mqtt://localhost:1883"
+    url = args.broker or DEFAULT_BROKER
     overrides: dict = {"session_expiry_s": args.session_expiry_seconds, "tls_ca": args.tls_ca}
-    username = args.username or environ.get(ENV_USERNAME)
+    username = args.username
     if username:
         overrides["username"] = username
     password = _password(args, environ)
@@ -493,10 +639,20 @@ def _mqtt_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Mqtt
 
 
 def _password(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:
+    """As the agent's: the command line before the environment before the config file, and
+    within the environment a file before the literal $SKIPFLEET_MQTT_PASSWORD."""
     # No --password flag: a password on the command line is visible in `ps`.
-    if args.password_file:
-        try:
-            return Path(args.password_file).read_text().strip()
-        except OSError as err:
-            raise ConfigError(f"--password-file {args.password_file}: {err.strerror}") from None
-    return environ.get(ENV_PASSWORD)
+    literal = environ.get(ENV_PASSWORD) or None
+    source = args._config_sources["password_file"]
+    if not args.password_file or (literal and source_rank(source) > source_rank("env")):
+        return literal
+    where = "--password-file" if source == "flag" else source
+    try:
+        password = Path(args.password_file).read_text().strip()
+    except OSError as err:
+        raise ConfigError(f"{where} {args.password_file}: {err.strerror or err}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"{where} {args.password_file}: not UTF-8 text") from None
+    if not password:
+        raise ConfigError(f"{where} {args.password_file}: the MQTT password file is empty")
+    return password

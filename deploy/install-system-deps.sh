@@ -5,7 +5,8 @@
 # tests start on a free port), prometheus (promtool and a real scrape in the tests), docker.io
 # (dockerd, started by deploy/docker-engine.sh), docker-compose (1.29, where compose v2 is not
 # installed) and debootstrap: the compose fleet on a real engine (tests/test_compose_fleet.py);
-# systemd (systemd-analyze verifies the agent's unit).
+# systemd (systemd-analyze verifies the agent's unit); chromium and chromium-driver (the
+# dashboard's and the report's browser tests drive headless Chromium through Selenium).
 # --if-possible (`make run`): where installing cannot work (not root, no apt-get), say so and
 # exit 0, leaving the clear error to the program that needs the package.
 set -euo pipefail
@@ -14,7 +15,8 @@ if [ "${1:-}" = "--if-possible" ]; then
   if_possible=1
   shift
 fi
-[ $# -gt 0 ] || set -- mosquitto prometheus docker.io docker-compose debootstrap systemd
+[ $# -gt 0 ] || set -- mosquitto prometheus docker.io docker-compose debootstrap systemd chromium \
+  chromium-driver
 need=()
 for package in "$@"; do
   case "$package" in
@@ -27,9 +29,12 @@ for package in "$@"; do
       ;;
     debootstrap) command -v debootstrap >/dev/null 2>&1 || [ -x /usr/sbin/debootstrap ] || need+=(debootstrap) ;;
     systemd) command -v systemd-analyze >/dev/null 2>&1 || need+=(systemd) ;;
+    chromium) command -v chromium >/dev/null 2>&1 || need+=(chromium) ;;
+    chromium-driver) command -v chromedriver >/dev/null 2>&1 || need+=(chromium-driver) ;;
     *)
       echo "install-system-deps.sh: unknown package $package" \
-        "(mosquitto, prometheus, docker.io, docker-compose, debootstrap, systemd)" >&2
+        "(mosquitto, prometheus, docker.io, docker-compose, debootstrap, systemd, chromium," \
+        "chromium-driver)" >&2
       exit 2
       ;;
   esac

@@ -21,6 +21,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "simulate": ("skipfleet.simulate", "run a simulated fleet end to end on this machine"),
     "prepare": ("skipfleet.prepare", "write a fleet's base model and device data shards"),
     "fleet": ("skipfleet.fleet.cli", "drive a running fleet: list devices, scale, inject faults"),
+    "config": ("skipfleet.config_cli", "show the effective configuration and each value's source"),
 }
 
 

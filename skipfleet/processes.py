@@ -8,12 +8,17 @@ import subprocess
 import sys
 from pathlib import Path
 
+from shared.config_file import ENV_CONFIG
+
 REPO = Path(__file__).resolve().parent.parent
 
 
 def child_env(**extra: str) -> dict[str, str]:
-    """The environment of a child: one BLAS thread, and this source tree importable."""
+    """The environment of a child: one BLAS thread, and this source tree importable. Not the
+    operator's config file: a simulated fleet's agents and coordinator are configured by their
+    flags alone, so a file written for real devices cannot leak into them."""
     env = {**os.environ, "OPENBLAS_NUM_THREADS": "1", "OMP_NUM_THREADS": "1", **extra}
+    env.pop(ENV_CONFIG, None)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))
     return env
 

@@ -1,22 +1,30 @@
-"""The simulate report as one self-contained HTML page: plain SVG charts, no dependency.
+"""The simulate report as one self-contained HTML page, with the live dashboard's charts.
 
 Input: the result dictionary `skipfleet simulate --json` writes (see skipfleet/simulate.py).
+Chart.js (vendored under coordinator/static/vendor, with its licence), the charts' shared
+settings (charts.js) and the report's script are inlined, so the file opens offline, alone.
 """
 
 from __future__ import annotations
 
 import html
+import json
 import math
+import re
 
-PALETTE = ("#9aa5b1", "#2f80ed", "#27ae60", "#f2994a", "#eb5757", "#9b51e0")
+from coordinator.dashboard import STATIC_DIR
+
+SCRIPTS = (STATIC_DIR / "vendor" / "chart.umd.min.js", STATIC_DIR / "charts.js")
 CSS = """
-body{font:14px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:1100px;color:#1f2933}
-h1{font-size:1.6rem;margin-bottom:.2rem} h2{font-size:1.15rem;margin-top:2rem}
+body{font:14px/1.45 system-ui,sans-serif;margin:2rem auto;max-width:1200px;padding:0 1rem;
+color:#1f2933} h1{font-size:1.6rem;margin-bottom:.2rem} h2{font-size:1.15rem;margin-top:2rem}
 .sub{color:#52606d} .cards{display:flex;gap:1rem;flex-wrap:wrap;margin:1rem 0}
 .card{border:1px solid #e4e7eb;border-radius:8px;padding:.7rem 1rem;min-width:150px}
 .card b{display:block;font-size:1.35rem} table{border-collapse:collapse;width:100%}
-th,td{padding:.3rem .5rem;border-bottom:1px solid #e4e7eb;text-align:right}
-th:first-child,td:first-child{text-align:left} svg text{font:12px system-ui,sans-serif}
+th,td{padding:.3rem .5rem;border-bottom:1px solid #e4e7eb;text-align:left;vertical-align:top}
+td.num{text-align:right;white-space:nowrap} .wrap{overflow-x:auto}
+.chart{position:relative;height:360px;margin:.5rem 0} .chart.short{height:300px}
+.PROMOTED{color:#1a7f37;font-weight:600} .ROLLED_BACK{color:#c81e1e;font-weight:600}
 """
 
 
@@ -24,130 +32,33 @@ def esc(value) -> str:
     return html.escape(str(value))
 
 
-def _legend(names, x, y) -> str:
-    parts = []
-    for i, name in enumerate(names):
-        cx = x + i * 170
-        parts.append(
-            f'<rect x="{cx}" y="{y - 10}" width="12" height="12" '
-            f'fill="{PALETTE[i % len(PALETTE)]}"/>'
-            f'<text x="{cx + 18}" y="{y}">{esc(name)}</text>'
-        )
-    return "".join(parts)
-
-
-def bar_chart(
-    categories, series: dict[str, list], *, title, unit="", ymax=None, percent=False
-) -> str:
-    """Grouped bars: one group per category, one bar per series (None = no bar)."""
-    width, height, left, bottom, top = 1060, 320, 60, 110, 40
-    values = [v for vs in series.values() for v in vs if v is not None]
-    ymax = ymax or (max(values) * 1.1 if values else 1.0) or 1.0
-    plot_w, plot_h = width - left - 120, height - top - bottom  # room for the last label
-    group_w = plot_w / max(len(categories), 1)
-    bar_w = group_w * 0.8 / max(len(series), 1)
-    out = [f'<svg viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title)}">']
-    for tick in range(5):
-        value = ymax * tick / 4
-        y = top + plot_h - plot_h * tick / 4
-        label = f"{value * 100:.0f} %" if percent else f"{value:.3g}{unit}"
-        out.append(
-            f'<line x1="{left}" x2="{width - 20}" y1="{y}" y2="{y}" stroke="#e4e7eb"/>'
-            f'<text x="{left - 6}" y="{y + 4}" text-anchor="end">{label}</text>'
-        )
-    for g, category in enumerate(categories):
-        x0 = left + g * group_w + group_w * 0.1
-        for s, (name, vs) in enumerate(series.items()):
-            value = vs[g]
-            if value is None:
-                continue
-            h = plot_h * min(value / ymax, 1.0)
-            shown = f"{value * 100:.1f} %" if percent else f"{value:.3g}{unit}"
-            out.append(
-                f'<rect x="{x0 + s * bar_w:.1f}" y="{top + plot_h - h:.1f}" width="{bar_w:.1f}" '
-                f'height="{h:.1f}" fill="{PALETTE[s % len(PALETTE)]}">'
-                f"<title>{esc(category)}, {esc(name)}: {shown}</title></rect>"
-            )
-        cx = left + g * group_w + group_w / 2
-        out.append(
-            f'<text transform="translate({cx:.1f},{top + plot_h + 12}) rotate(35)">'
-            f"{esc(category)}</text>"
-        )
-    out.append(_legend(series, left, 20))
-    out.append("</svg>")
-    return "".join(out)
-
-
-def line_chart(
-    lines: dict[str, list[tuple[float, float]]], *, title, events=(), xlabel="seconds", ylabel=""
-) -> str:
-    """One polyline per series of (x, y) points; vertical markers for (x, label) events."""
-    width, height, left, bottom, top = 1060, 300, 60, 40, 40
-    points = [p for pts in lines.values() for p in pts]
-    if not points:
-        return ""
-    xmax = max(max(x for x, _ in points), *(x for x, _ in events), 1e-9)
-    ymax = max(y for _, y in points) * 1.1 or 1.0
-    plot_w, plot_h = width - left - 20, height - top - bottom
-
-    def sx(x):
-        return left + plot_w * x / xmax
-
-    def sy(y):
-        return top + plot_h - plot_h * min(y / ymax, 1.0)
-
-    out = [f'<svg viewBox="0 0 {width} {height}" role="img" aria-label="{esc(title)}">']
-    for tick in range(5):
-        y = ymax * tick / 4
-        out.append(
-            f'<line x1="{left}" x2="{width - 20}" y1="{sy(y):.1f}" y2="{sy(y):.1f}" '
-            f'stroke="#e4e7eb"/><text x="{left - 6}" y="{sy(y) + 4:.1f}" '
-            f'text-anchor="end">{y:.3g}</text>'
-        )
-    for tick in range(6):  # the time axis
-        x = xmax * tick / 5
-        out.append(
-            f'<text x="{sx(x):.1f}" y="{top + plot_h + 16}" text-anchor="middle">{x:.0f}</text>'
-        )
-    for x, label in events:
-        out.append(
-            f'<line x1="{sx(x):.1f}" x2="{sx(x):.1f}" y1="{top}" y2="{top + plot_h}" '
-            f'stroke="#eb5757" stroke-dasharray="4 3"/><text x="{sx(x) + 3:.1f}" '
-            f'y="{top + 12}" fill="#eb5757">{esc(label)}</text>'
-        )
-    for i, (name, pts) in enumerate(lines.items()):
-        path = " ".join(f"{sx(x):.1f},{sy(y):.1f}" for x, y in pts)
-        color = PALETTE[i % len(PALETTE)]
-        out.append(
-            f'<polyline points="{path}" fill="none" stroke="{color}" stroke-width="1.6">'
-            f"<title>{esc(name)}</title></polyline>"
-        )
-    if len(lines) <= len(PALETTE):  # beyond that the legend would crowd: hover a line instead
-        out.append(_legend(lines, left + 120, 20))
-    out.append(f'<text x="{width - 20}" y="{height - 8}" text-anchor="end">{esc(xlabel)}</text>')
-    out.append(f'<text x="{left}" y="{top - 8}">{esc(ylabel)}</text></svg>')
-    return "".join(out)
-
-
 def _pct(value) -> str:
     return "–" if value is None else f"{value * 100:.1f} %"
 
 
 def _num(value, fmt="{:.2f}") -> str:
-    return (
-        "–"
-        if value is None or (isinstance(value, float) and math.isnan(value))
-        else fmt.format(value)
-    )
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return "–"
+    return fmt.format(value)
+
+
+def _mean(values):
+    present = [v for v in values if v is not None]
+    return sum(present) / len(present) if present else None
+
+
+def _chart(name: str, short: bool = False) -> str:
+    size = "chart short" if short else "chart"
+    return f'<div class="{size}"><canvas id="chart-{name}"></canvas></div>'
 
 
 def render(result: dict) -> str:
     devices = result["per_device"]
-    names = [d["device"] for d in devices]
+    rounds = sum(r["rounds"] for r in result["runs"])
     cards = [
         ("devices", f"{result['devices']} + {result.get('new_devices', 0)} new without labels"),
         ("runs", len(result["runs"])),
-        ("rounds", sum(r["rounds"] for r in result["runs"])),
+        ("rounds", rounds),
         ("mean accuracy before", _pct(_mean(d["accuracy_initial"] for d in devices))),
         ("mean accuracy at the end", _pct(_mean(d["accuracy_end"] for d in devices))),
         ("fine-tune energy", f"{sum(d['joules'] or 0 for d in devices):.2f} J"),
@@ -161,61 +72,54 @@ def render(result: dict) -> str:
         + "</div>",
         "<h2>Accuracy of each device (own hold-out; devices without labels: the simulation's "
         "labels)</h2>",
-        bar_chart(
-            names,
-            {
-                "before any fine-tune": [d["accuracy_initial"] for d in devices],
-                "after its own fine-tune": [d["accuracy_own"] for d in devices],
-                "running at the end": [d["accuracy_end"] for d in devices],
-            },
-            title="accuracy per device",
-            ymax=1.0,
-            percent=True,
-        ),
+        _chart("accuracy"),
         "<h2>What a fine-tune cost each device</h2>",
-        bar_chart(
-            names,
-            {"fine-tune seconds": [d["finetune_seconds"] for d in devices]},
-            title="fine-tune seconds",
-            unit=" s",
-        ),
-        bar_chart(names, {"joules": [d["joules"] for d in devices]}, title="energy", unit=" J"),
+        _chart("tune", short=True),
+        _chart("energy", short=True),
     ]
-    drift = result.get("drift_series") or {}
-    if drift:
-        events = [(e["t"], e["event"]) for e in result.get("timeline", [])]
+    if result.get("drift_series"):
         body += [
-            "<h2>Label-free drift score over time (calibrated: 1 = the base model's threshold)"
-            "</h2>",
-            line_chart(drift, title="drift score", events=events, ylabel="confidence score"),
+            "<h2>Label-free drift score over time (calibrated: 1 = the base model's threshold; "
+            "dashed lines: the drift, runs, canaries, promotions, rollbacks, faults)</h2>",
+            _chart("drift"),
         ]
-    body += ["<h2>Devices</h2>", _device_table(devices), "<h2>Runs</h2>", _run_table(result)]
+    if rounds:
+        body += ["<h2>Every round: the measured accuracy of each aggregate</h2>", _chart("rounds")]
+    body += [
+        "<h2>Devices</h2>",
+        _device_table(devices),
+        "<h2>Runs</h2>",
+        _run_table(result),
+        "<h2>Canaries: each canary device's accuracy with the candidate and with what it ran</h2>",
+        _canary_table(result.get("rollouts") or []),
+        "<h2>Timeline (seconds since the agents started)</h2>",
+        _timeline_table(result.get("timeline") or []),
+    ]
     return (
-        f"<!doctype html><html lang=en><meta charset=utf-8><title>skipfleet simulation"
-        f"</title><style>{CSS}</style><body>{''.join(body)}</body></html>\n"
+        "<!doctype html><html lang=en><meta charset=utf-8>"
+        '<meta name="viewport" content="width=device-width, initial-scale=1">'
+        f"<title>skipfleet simulation</title><style>{CSS}</style><body>{''.join(body)}"
+        f'<script type="application/json" id="skf-data">{_json_for_script(result)}</script>'
+        + "".join(f"<script>{_script(path)}</script>" for path in SCRIPTS)
+        + f"<script>{_script(STATIC_DIR / 'report.js')}</script></body></html>\n"
     )
 
 
-def _mean(values):
-    present = [v for v in values if v is not None]
-    return sum(present) / len(present) if present else None
+def _script(path) -> str:
+    text = path.read_text()
+    if "</script" in text.lower():  # would end the inline element early
+        raise ValueError(f"{path} cannot be inlined: it contains '</script'")
+    return text
+
+
+def _json_for_script(value) -> str:
+    """JSON inside <script>: '<' escaped so no string can close the element."""
+    return json.dumps(value).replace("<", "\\u003c")
 
 
 def _device_table(devices) -> str:
-    head = (
-        "device",
-        "what it is",
-        "labels",
-        "cluster",
-        "before",
-        "own fine-tune",
-        "at the end",
-        "runs",
-        "why",
-        "tune s",
-        "joules",
-        "bytes sent",
-    )
+    head = ("device", "what it is", "labels", "cluster", "before", "own fine-tune", "at the end",
+            "runs", "why", "tune s", "joules", "bytes sent")  # fmt: skip
     rows = [
         (
             d["device"],
@@ -237,7 +141,8 @@ def _device_table(devices) -> str:
 
 
 def _run_table(result) -> str:
-    head = ("run", "trigger", "rounds", "cluster", "members", "outcome", "seconds")
+    head = ("run", "trigger", "rounds", "cluster", "members", "accuracy per round", "outcome",
+            "seconds")  # fmt: skip
     rows = [
         (
             r["run"],
@@ -245,16 +150,54 @@ def _run_table(result) -> str:
             r["rounds"],
             name,
             ", ".join(c["members"]),
+            " → ".join(_pct(m["accuracy"]) for _, m in sorted(c["measured"].items(),
+                                                             key=lambda kv: int(kv[0]))),
             c["note"],
             _num(r.get("seconds")),
         )
         for r in result["runs"]
         for name, c in r["clusters"].items()
-    ]
+    ]  # fmt: skip
     return _table(head, rows)
+
+
+def _canary_table(rollouts) -> str:
+    if not rollouts:
+        return "<p>No canary ran.</p>"
+    head = ("version", "cohort / cluster", "decision", "canary device", "candidate", "current",
+            "why")  # fmt: skip
+    rows = []
+    for r in rollouts:
+        for i, c in enumerate(r["canaries"]):
+            rows.append((
+                "" if i else f"v{r['candidate_version']}",
+                "" if i else f"{r['cohort']} / {r['cluster']}",
+                "" if i else r["state"],
+                c["device"],
+                _pct(c["candidate"]),
+                _pct(c["current"]),
+                c["failure"] or ("" if i else r["reason"] or ""),
+            ))  # fmt: skip
+    return _table(head, rows)
+
+
+def _timeline_table(events) -> str:
+    rows = [(f"{e['t']:.1f}", e["kind"], e["text"]) for e in events]
+    return _table(("t (s)", "what", ""), rows)
 
 
 def _table(head, rows) -> str:
     th = "".join(f"<th>{esc(h)}</th>" for h in head)
-    trs = "".join("<tr>" + "".join(f"<td>{esc(c)}</td>" for c in row) + "</tr>" for row in rows)
-    return f"<table><tr>{th}</tr>{trs}</table>"
+    trs = "".join(
+        "<tr>" + "".join(f"<td{_cls(c)}>{esc(c)}</td>" for c in row) + "</tr>" for row in rows
+    )
+    return f'<div class="wrap"><table><tr>{th}</tr>{trs}</table></div>'
+
+
+NUMBER = re.compile(r"[–\d.,]+( %)?")
+
+
+def _cls(cell) -> str:
+    if cell in ("PROMOTED", "ROLLED_BACK"):
+        return f' class="{cell}"'
+    return ' class="num"' if NUMBER.fullmatch(str(cell)) else ""

@@ -74,7 +74,7 @@ def collect(sim, scenario, broker_kind: str, runs: list[dict], evaluations: dict
         "per_device": per_device,
         "runs": [_run_row(run) for run in runs],
         "drift_series": _drift_series(sim),
-        "timeline": _timeline(sim),
+        **_rollouts_and_timeline(sim, runs),
         "metrics_url": sim.metrics_url,
     }
     return result
@@ -195,11 +195,25 @@ def _drift_series(sim) -> dict[str, list]:
     return series
 
 
-def _timeline(sim) -> list[dict]:
-    events = []
+def _rollouts_and_timeline(sim, runs: list[dict]) -> dict:
+    """The canaries (each device's candidate and current accuracy, the decision) and what
+    happened when, in seconds since the agents started: the coordinator's dashboard's timeline
+    (runs, every round, canaries, decisions, faults injected with `skipfleet fleet`)."""
+    from coordinator.dashboard import read_fleet_events, rollouts, timeline
+    from skipfleet.fleet.runstate import EVENTS_FILE
+
+    canaries = rollouts(sim.api.get("/adapters"))
+    rounds = sim.api.get("/rounds?limit=1000")
+    faults = read_fleet_events(sim.run_dir / "fleet" / EVENTS_FILE)
+    events = [{**e, "t": round(e["t"] - sim.wall_t0, 2)}
+              for e in timeline(runs, rounds, canaries, faults)]  # fmt: skip
     if sim.args.drift_at is not None:
-        events.append({"t": sim.args.drift_at, "event": "drift"})
-    return events
+        events.append({"t": sim.args.drift_at, "kind": "drift", "text": "the devices' data drifts"})
+    events.sort(key=lambda e: e["t"])
+    for r in canaries:  # on the same clock as the timeline
+        for key in ("started_at", "decided_at"):
+            r[key] = None if r[key] is None else round(r[key] - sim.wall_t0, 2)
+    return {"rollouts": canaries, "timeline": events}
 
 
 def _pct(value) -> str:

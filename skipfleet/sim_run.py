@@ -9,6 +9,7 @@ deletes the retained messages left under its root (skipfleet.retained).
 from __future__ import annotations
 
 import contextlib
+import threading
 import time
 import uuid
 from pathlib import Path
@@ -17,6 +18,7 @@ from shared.mqtt import parse_broker_url
 from shared.protocol.enums import JobState
 from shared.topics import Topics
 from skipfleet.coordinator_process import ApiClient, CoordinatorProcess
+from skipfleet.fleet.runstate import EVENTS_FILE
 from skipfleet.probe import FleetProbe
 from skipfleet.retained import clear_retained
 from skipfleet.scenario import Scenario, build_scenario
@@ -72,7 +74,9 @@ class Simulation:
         self.progress.say(message)
 
     # ---------------------------------------------------------------- set up
-    def run(self) -> dict:
+    def run(self, done=lambda result: None) -> dict:
+        """The scenario's result. With --keep-running, `done(result)` is called with it while
+        everything still runs, which it then does until the operator stops simulate."""
         a = self.args
         self.run_dir.mkdir(parents=True, exist_ok=True)
         self.say(f"run dir {self.run_dir}")
@@ -100,8 +104,12 @@ class Simulation:
             self.t0 = time.monotonic()  # the agents' clocks (and --drift-at) start about now
             self.wall_t0 = time.time()
             runs, evaluations = self._run_federation(scenario, fleet)
-            result = collect(self, scenario, broker_kind, runs, evaluations)
-        return {**result, "topic_root": self.name, "retained_cleared": self.cleared}
+            result = {**collect(self, scenario, broker_kind, runs, evaluations),
+                      "topic_root": self.name}  # fmt: skip
+            if a.keep_running:
+                done(result)
+                keep_running(self.say, self.dashboard_url)
+        return {**result, "retained_cleared": self.cleared}
 
     def _start_coordinator(self, broker_url: str, stack) -> ApiClient:
         a = self.args
@@ -118,6 +126,8 @@ class Simulation:
             # records its own classes): with the default tenth, one device is the whole canary,
             # and a device the fleet adapter helps would promote it over those it hurts
             "--canary-fraction": 0.5,
+            # the faults `skipfleet fleet` injects, on the dashboard's timeline
+            "--fleet-events-file": self.run_dir / "fleet" / EVENTS_FILE,
         }
         if self.scenario.dataset in DEFAULT_EPOCHS:  # a task of your own: the coordinator's
             settings["--epochs"] = DEFAULT_EPOCHS[self.scenario.dataset]
@@ -148,7 +158,9 @@ class Simulation:
         self.say(f"starting the coordinator (Ray: {a.ray_address})...")
         coordinator.wait_healthy(self.args.timeout)
         self.metrics_url = coordinator.metrics_url
+        self.dashboard_url = f"{coordinator.api.base_url}/dashboard"
         self.say(f"coordinator up: API {coordinator.api.base_url}, metrics {self.metrics_url}")
+        self.say(f"live dashboard: {self.dashboard_url}")
         return coordinator.api
 
     def _start_fleet(self, broker_url: str, scenario, stack) -> None:
@@ -313,6 +325,27 @@ class Simulation:
             self.progress.show(self.api)
             time.sleep(POLL_S)
         raise TimeoutError(f"timed out waiting for {what} (see the logs in {self.run_dir})")
+
+
+def keep_running(say, dashboard_url: str) -> None:
+    """Waits until Ctrl-C or SIGTERM (as KeyboardInterrupt, unless another handler is set), so
+    the caller's ExitStack stops everything in order."""
+    import signal
+
+    def interrupt(signum, frame):
+        raise KeyboardInterrupt
+
+    if (
+        threading.current_thread() is threading.main_thread()
+        and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+    ):
+        signal.signal(signal.SIGTERM, interrupt)
+    say(f"the fleet keeps running: dashboard {dashboard_url} (Ctrl-C or SIGTERM to stop)")
+    try:
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        say("stopping the fleet")
 
 
 def _running(device: dict) -> str:

@@ -18,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+from shared.config_file import prepare_parser
+
 DEFAULT_EPOCHS = {"fan": 100, "har": 200, "fmnist": 10}  # the papers' (fan: Damage1)
 DEFAULT_LR = {"fan": 0.05, "har": 0.02, "fmnist": 0.02}
 
@@ -28,9 +30,9 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--dataset", choices=("har", "fan", "fmnist"), help="default fan")
     add("--fleet-dir", metavar="DIR", help="a fleet from `skipfleet prepare --out DIR` "
         "(your own task with --from): every shard a device, instead of --dataset")  # fmt: skip
-    add("--runs", type=int, default=1, help="federated runs to request (default 1; with "
-        "--drift-at the coordinator starts the first itself)")  # fmt: skip
-    add("--max-rounds", type=int, default=8, help="rounds a run may take at most (default 8)")
+    add("--runs", type=int, default=1, help="federated runs to request (with --drift-at the "
+        "coordinator starts the first itself)")  # fmt: skip
+    add("--max-rounds", type=int, default=8, help="rounds a run may take at most")
     add(
         "--new-devices",
         type=int,
@@ -43,7 +45,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add(
         "--ray-address",
         default="local",
-        help="local (default: the coordinator starts a small Ray) or a cluster to join",
+        help="local (the coordinator starts a small Ray) or a cluster to join",
     )
     add(
         "--drift-at",
@@ -54,15 +56,28 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add("--json", metavar="OUT", help="write the results as JSON")
     add("--report", metavar="OUT.html", help="write an HTML report with charts")
     add("--run-dir", help="where logs and state go (default: out/simulate-TIMESTAMP)")
+    add(
+        "--keep-running",
+        action="store_true",
+        help="after the scenario (and its table, JSON and report), keep the fleet and the "
+        "coordinator's dashboard running until Ctrl-C or SIGTERM",
+    )
     add("--timeout", type=float, default=300.0, help="seconds any one phase may take")
-    add("--seed", type=int, default=0)
+    add("--seed", type=int, default=0, help="seed of the scenario (data shards, device order)")
+    prepare_parser(parser, "simulate", {"data_dir": "SKIPFLEET_DATA_DIR"})
 
 
 def main(args) -> int:
     from agent.data import DataError
+    from shared.config_file import EXIT_USAGE, ConfigFileError, resolve_args
     from skipfleet.brokers import MosquittoMissing, find_mosquitto
     from skipfleet.coordinator_process import ApiError
 
+    try:  # flags, environment, config file ([simulate]) and defaults merged once, here
+        args = resolve_args(args, os.environ)
+    except ConfigFileError as err:
+        print(f"skipfleet simulate: {err}", file=sys.stderr)
+        return EXIT_USAGE
     problems = _check_args(args)
     if problems:
         print(f"skipfleet simulate: {problems}", file=sys.stderr)
@@ -75,11 +90,14 @@ def main(args) -> int:
         prepared, data_dir = _fleet(args)
         from skipfleet.sim_run import Simulation
 
-        result = Simulation(args, data_dir, run_dir, prepared).run()
+        simulation = Simulation(args, data_dir, run_dir, prepared)
+        # with --keep-running the outputs are written while everything still runs, and the JSON
+        # again at the end, with the retained messages removed on the way out
+        result = simulation.run(lambda result: _write_outputs(args, result))
     except (DataError, ApiError, TimeoutError, RuntimeError) as error:
         print(f"skipfleet simulate: {error}\n  logs: {run_dir}", file=sys.stderr)
         return 1
-    _write_outputs(args, result)
+    _write_outputs(args, result, only_json=args.keep_running)
     return 0
 
 
@@ -126,15 +144,16 @@ def _check_args(args) -> str | None:
     return None
 
 
-def _write_outputs(args, result: dict) -> None:
+def _write_outputs(args, result: dict, only_json: bool = False) -> None:
     from skipfleet.sim_results import format_table
 
-    print(format_table(result))
+    if not only_json:
+        print(format_table(result))
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         Path(args.json).write_text(json.dumps(result, indent=2) + "\n")
         print(f"wrote {args.json}")
-    if args.report:
+    if args.report and not only_json:
         from skipfleet.report_html import render
 
         Path(args.report).parent.mkdir(parents=True, exist_ok=True)

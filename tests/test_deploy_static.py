@@ -630,7 +630,9 @@ def test_systemd_unit_parses_and_runs_as_an_unprivileged_user():
     assert "RestartSteps" not in service and "RestartMaxDelaySec" not in service
     assert service["LoadCredential"] == "mqtt-password:/etc/skipfleet/mqtt-password"
     assert service["StateDirectory"] == "skipfleet"
-    assert service["EnvironmentFile"] == "/etc/skipfleet/agent.env"
+    # Settings come from a TOML config file, not a flag string in an environment file.
+    assert "EnvironmentFile" not in service and "$" not in service["ExecStart"]
+    assert service["RestartPreventExitStatus"].split() == ["2", "64"]
     assert service["NoNewPrivileges"] == "yes"
     assert unit["Install"]["WantedBy"] == "multi-user.target"
     # The options ExecStart passes exist in the agent's CLI; the password never appears inline.
@@ -638,8 +640,8 @@ def test_systemd_unit_parses_and_runs_as_an_unprivileged_user():
 
     binary, command, *options = service["ExecStart"].split()
     assert binary.endswith("/skipfleet") and command == "agent"
-    options = [o for o in options if not o.startswith("$")]
     assert "--password-file=%d/mqtt-password" in options
+    assert "--config=/etc/skipfleet/agent.toml" in options
     parser = argparse.ArgumentParser()
     add_arguments(parser)
     parser.parse_args(options)

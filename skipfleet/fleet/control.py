@@ -12,6 +12,9 @@ reads are open to loopback.
     POST /broker/{cut|restore}         {"devices": [...]}; cut takes {"mode": ...} too
     POST /scale  {"devices": N}        {"devices": [...]}
 
+Every POST that succeeds is appended to events.jsonl in the run dir (runstate.log_event): the
+coordinator's dashboard shows them on its timeline (`--fleet-events-file`).
+
 Errors are JSON `{"error": message, "code": code}`: 400 invalid_request (bad verb, mode, N or
 JSON), 401 unauthorized (no or a wrong token), 404 unknown_device / not_found, 405
 method_not_allowed, 409 state_conflict / unsupported, 415 unsupported_media_type (not JSON),
@@ -42,7 +45,7 @@ from skipfleet.fleet.base import (
     check_count,
     parse_enum,
 )
-from skipfleet.fleet.runstate import CONTROL_TOKEN_FILE
+from skipfleet.fleet.runstate import CONTROL_TOKEN_FILE, log_event
 
 if TYPE_CHECKING:
     from skipfleet.fleet.supervisor import ProcessFleet
@@ -149,15 +152,23 @@ class _Handler(BaseHTTPRequestHandler):
             case ["devices", device_id, verb]:
                 verb = parse_enum(Verb, verb, "verb")
                 info = apply_verb(fleet, verb, device_id, _mode(body))
+                log_event(fleet.run_dir, verb.value, device_id)
                 return {"device": info.to_json()}
             case ["broker", "cut"]:
-                return _rows(fleet.cut_broker(_mode(body) or CutMode.BLACKHOLE))
+                rows = _rows(fleet.cut_broker(_mode(body) or CutMode.BLACKHOLE))
+                log_event(fleet.run_dir, "cut-broker", None)
+                return rows
             case ["broker", "restore"]:
-                return _rows(fleet.restore_broker())
+                rows = _rows(fleet.restore_broker())
+                log_event(fleet.run_dir, "restore-broker", None)
+                return rows
             case ["broker", verb]:
                 raise InvalidRequest(f"unknown broker verb {verb!r}: one of cut, restore")
             case ["scale"]:
-                return _rows(fleet.scale(check_count(body.get("devices"))))
+                count = check_count(body.get("devices"))
+                rows = _rows(fleet.scale(count))
+                log_event(fleet.run_dir, f"scale to {count}", None)
+                return rows
             case ["devices"] | ["devices", _]:
                 raise MethodNotAllowed(f"use GET for /{'/'.join(parts)}")
         raise NotFound(f"no such resource: POST /{'/'.join(parts)}")

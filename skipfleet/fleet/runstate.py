@@ -9,6 +9,7 @@ from __future__ import annotations
 import json
 import os
 import tempfile
+import time
 from pathlib import Path
 
 from skipfleet.fleet.base import FleetUnavailable
@@ -16,6 +17,15 @@ from skipfleet.fleet.base import FleetUnavailable
 RUN_STATE_FILE = "fleet.json"
 CONTROL_TOKEN_FILE = "control-token"  # the control endpoint's bearer token, beside fleet.json
 RUN_STATE_VERSION = 1
+EVENTS_FILE = "events.jsonl"  # one JSON line per fault injected through the control endpoint
+
+
+def log_event(run_dir: Path, action: str, device: str | None) -> None:
+    """Appends {"at": wall time, "action", "device"} for the coordinator's dashboard timeline;
+    one write of one line, so a reader sees whole lines (or a torn last one it skips)."""
+    line = json.dumps({"at": time.time(), "action": action, "device": device}) + "\n"
+    with open(Path(run_dir) / EVENTS_FILE, "a") as out:
+        out.write(line)
 
 
 def write_run_state(run_dir: Path, state: dict) -> None:
