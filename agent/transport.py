@@ -27,7 +27,15 @@ from agent.errors import BrokerRefused
 from agent.handoff import Handoff
 from agent.outbox import Outbox
 from agent.spool import SpoolItem
-from shared.mqtt import MqttSettings, Will, connect_async, logged, make_client
+from shared.mqtt import (
+    MqttSettings,
+    Will,
+    connect_async,
+    describe_refusal,
+    logged,
+    make_client,
+    report_connect_failures,
+)
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +74,9 @@ class Transport:
         self._connection = 0  # which connection a message arrived on (network thread writes)
         self._client = make_client(settings, client_id, will=will, manual_ack=True)
         self._client.enable_logger(logging.getLogger("paho"))
+        report_connect_failures(self._client, settings, log)  # refused, TLS: why, what to check
+        self._client_id = client_id
+        self._told_not_authorized = False  # the ACL explanation, once per connection
         self._client.on_connect = logged(self._handle_connect)
         self._client.on_disconnect = logged(self._handle_disconnect)
         self._client.on_publish = logged(self._handle_publish)
@@ -107,10 +118,12 @@ class Transport:
     # -- paho callbacks (network thread) ---------------------------------------------------
     def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
         if reason_code.is_failure:
-            log.error("broker refused the connection: %s", reason_code)
+            message = describe_refusal(reason_code, self._settings)
+            log.error("%s", message)
             if reason_code.value in (BAD_CREDENTIALS, NOT_AUTHORIZED):
-                self._on_fatal(BrokerRefused(f"broker {self._settings.url}: {reason_code}"))
+                self._on_fatal(BrokerRefused(message))
             return
+        self._told_not_authorized = False
         log.info("connected to %s (session present: %s)", self._settings.url, flags.session_present)
         self._connection += 1
         client.subscribe(self._subscriptions)  # paho calls: they only queue packets
@@ -125,9 +138,22 @@ class Transport:
         log.warning("disconnected from %s: %s", self._settings.url, reason_code)
 
     def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
+        if reason_code.value == NOT_AUTHORIZED and not self._told_not_authorized:
+            self._told_not_authorized = True  # a log line: no disk write, fine on this thread
+            log.error("%s", self.not_authorized_message())
         # quota exceeded: paho forgot the message, the broker did not take it (None: try later)
         accepted = None if reason_code.value == QUOTA_EXCEEDED else not reason_code.is_failure
         self.handoff.submit(self._outbox.acknowledged, mid, accepted)
+
+    def not_authorized_message(self) -> str:
+        """Connected, yet every publish refused: the account is not this device's."""
+        return (
+            f"the broker refused our publishes (MQTT 5 PUBACK reason code 0x87 Not authorized): "
+            f"its ACL lets an account publish only under its own device's topics, so the MQTT "
+            f"user name ({self._settings.username!r}) must equal the device id "
+            f"({self._client_id!r}). Use this device's own account (--username), or fix "
+            f"--device-id; nothing this device reports reaches the coordinator until then"
+        )
 
     def _handle_subscribe(self, client, userdata, mid, reason_codes, properties) -> None:
         refused = [str(code) for code in reason_codes if code.is_failure]

@@ -37,12 +37,15 @@ from shared.mqtt import (
     backoff_delay,
     check_publish_size,
     connect_async,
+    describe_refusal,
     logged,
     make_client,
     publish_properties,
+    report_connect_failures,
 )
 from shared.protocol import (
     DecodeError,
+    MessageKind,
     ReassemblyError,
     SenderReassemblers,
     check_route,
@@ -60,10 +63,20 @@ REFUSED_FOR_GOOD = frozenset({0x86, 0x87})
 # take it back, and the two would kick each other every few seconds, each time losing messages.
 SESSION_TAKEN_OVER = 0x8E
 MAX_BATCH = 256
+# Past this many queued messages, a heartbeat (QoS 0, a state) waits beside the queue as its
+# device's latest one, replacing (and counting as `overload`) an older one still waiting; other
+# QoS 0 messages are dropped and counted. QoS 1 messages are always queued: the broker holds them
+# back beyond RECEIVE_MAXIMUM unacknowledged ones. (10,000 devices connecting at once filled a
+# bounded queue with heartbeats: the presences dropped behind them were never delivered again,
+# and devices whose heartbeats were all dropped went stale.)
 QUEUE_CAPACITY = 10_000
 # Unacknowledged device messages the broker may have in flight to us (MQTT v5 Receive Maximum):
 # we acknowledge after the actor's commit, so mosquitto's default window of 20 would throttle us.
 RECEIVE_MAXIMUM = 2_000
+# Ticks follow events: a committed batch of device messages, or a tick that handed out work,
+# asks for the next tick this soon (the gap lets a burst of batches share one tick); with
+# nothing happening the fleet is ticked every tick_interval_s.
+EVENT_TICK_GAP_S = 0.05
 
 
 class FatalReason(StrEnum):
@@ -152,14 +165,20 @@ class MqttBridge:
         # A whole report may arrive as one publish of up to twice the chunk limit (as the agent
         # accepts on its side); chunks are re-assembled into at most 16 MiB.
         self._decoder = InboundDecoder(self._topics, metrics, publish_limit=2 * config.chunk_limit)
-        self._inbox: queue.Queue[tuple[Received | None, AckToken]] = queue.Queue(QUEUE_CAPACITY)
+        self._inbox: queue.Queue[tuple[Received | None, AckToken]] = queue.Queue()
+        self._latest_beats: dict[str, tuple[Received, AckToken]] = {}  # device -> newest held
+        self._beats_lock = threading.Lock()
         self._stopping = threading.Event()
+        self._wake = threading.Event()  # device messages committed: tick soon
         self._connected = threading.Event()
-        self._client = client_factory(config.mqtt, config.client_id, manual_ack=True)
+        # Derived from the state dir's resolved path: read once, not on every publish.
+        self._client_id = config.client_id
+        self._client = client_factory(config.mqtt, self._client_id, manual_ack=True)
         self._acks = InboundAcks(self._client.ack)
         self._published = PublishTracker()
         self._unpublished: list[Outbound] = []  # handed out, but paho would not take them yet
         self._settled: list[int] = []  # acknowledged outbox rows the actor has not heard of
+        report_connect_failures(self._client, config.mqtt, log)  # refused, TLS: why, what to do
         self._client.on_connect = logged(self._handle_connect)
         self._client.on_disconnect = logged(self._handle_disconnect)
         self._client.on_message = logged(self._handle_message)
@@ -185,12 +204,14 @@ class MqttBridge:
         be acknowledged any more: a persistent session delivers them again to the next
         coordinator, which drops the repeats. Outbox rows not acknowledged stay in the outbox."""
         self._stopping.set()
+        self._wake.set()
         self._client.disconnect()
         self._client.loop_stop()
         for thread in self._threads:
             if thread.ident is not None:  # started
                 thread.join(flush_timeout_s)
-        remaining = [received for received, _ in self._take(QUEUE_CAPACITY) if received]
+        waiting = [*self._take(QUEUE_CAPACITY + RECEIVE_MAXIMUM), *self._take_beats(None)]
+        remaining = [r for r, _ in waiting if r]
         try:
             if remaining:
                 self._port.ingest(remaining)
@@ -206,7 +227,7 @@ class MqttBridge:
         topic = self._topics.topic(outbound.device_id, kind)
         headers = {} if outbound.message_id is None else {"message_id": outbound.message_id}
         items = encode_for_publish(
-            outbound.message, sender=self._config.client_id, limit=self._config.chunk_limit,
+            outbound.message, sender=self._client_id, limit=self._config.chunk_limit,
             **headers,
         )  # fmt: skip
         mids = []
@@ -249,12 +270,10 @@ class MqttBridge:
         properties: Properties | None,
     ) -> None:
         if reason_code.is_failure:
-            log.error("broker %s refused the connection: %s", self._config.mqtt.url, reason_code)
+            message = describe_refusal(reason_code, self._config.mqtt)
+            log.error("%s", message)
             if reason_code.value in REFUSED_FOR_GOOD:
-                self._on_fatal(
-                    FatalReason.BROKER_REFUSED,
-                    f"broker {self._config.mqtt.url} refused us: {reason_code}",
-                )
+                self._on_fatal(FatalReason.BROKER_REFUSED, message)
             return
         self._acks.connected()
         client.subscribe(self._topics.coordinator_subscriptions())
@@ -288,13 +307,23 @@ class MqttBridge:
     ) -> None:
         token = self._acks.token(message.mid, message.qos)
         received = self._decoder.decode(message.topic, message.payload)
-        try:
-            # A rejected message or a chunk is acknowledged through the queue too, in order,
-            # after the messages before it (the worker never blocks this thread).
-            self._inbox.put_nowait((received, token))
-        except queue.Full:  # QoS 0 floods only: the broker holds QoS 1 beyond RECEIVE_MAXIMUM
-            self._metrics.message_rejected(RejectReason.OVERLOAD.value)
-            log.error("inbound queue full: dropped a message on %s", message.topic)
+        if message.qos == 0 and self._inbox.qsize() >= QUEUE_CAPACITY:
+            self._hold_or_drop(received, token, message.topic)
+            return
+        # A rejected message or a chunk is acknowledged through the queue too, in order, after
+        # the messages before it (the worker never blocks this thread).
+        self._inbox.put_nowait((received, token))
+
+    def _hold_or_drop(self, received: Received | None, token: AckToken, topic: str) -> None:
+        if received is not None and received.envelope.kind == MessageKind.HEARTBEAT:
+            with self._beats_lock:
+                replaced = self._latest_beats.pop(received.device_id, None)
+                self._latest_beats[received.device_id] = (received, token)
+            if replaced is None:
+                return
+        else:
+            log.error("inbound queue full: dropped a QoS 0 message on %s", topic)
+        self._metrics.message_rejected(RejectReason.OVERLOAD.value)
 
     def _handle_publish(
         self,
@@ -313,10 +342,13 @@ class MqttBridge:
     def _forward_inbound(self) -> None:
         while not self._stopping.is_set():
             try:
-                first = self._inbox.get(timeout=0.2)
+                items = [self._inbox.get(timeout=0.05 if self._latest_beats else 0.2)]
             except queue.Empty:
-                continue
-            self._forward([first, *self._take(MAX_BATCH - 1)])
+                items = []
+            items += self._take(MAX_BATCH - len(items))
+            items += self._take_beats(MAX_BATCH // 4)  # held heartbeats: after the queue's
+            if items:
+                self._forward(items)
 
     def _forward(self, items: list[tuple[Received | None, AckToken]]) -> None:
         """Commits the batch in the fleet state, then acknowledges it. While the fleet state is
@@ -334,6 +366,8 @@ class MqttBridge:
                 time.sleep(backoff_delay(attempt, base_s=0.5, cap_s=10.0))
                 attempt = min(attempt + 1, 6)
         self._acks.ack(token for _, token in items)
+        if batch:
+            self._wake.set()
 
     def _take(self, limit: int) -> list[tuple[Received | None, AckToken]]:
         batch: list[tuple[Received | None, AckToken]] = []
@@ -344,13 +378,22 @@ class MqttBridge:
                 break
         return batch
 
+    def _take_beats(self, limit: int | None) -> list[tuple[Received, AckToken]]:
+        """Up to `limit` held heartbeats (all with None), oldest held first."""
+        with self._beats_lock:
+            devices = list(self._latest_beats)[:limit]
+            return [self._latest_beats.pop(device) for device in devices]
+
     def _control_loop(self) -> None:
-        interval = self._config.tick_interval_s
         next_metrics = 0.0
         failures = 0
-        while not self._stopping.wait(interval if failures == 0 else backoff_delay(failures)):
+        busy = False
+        while not self._stopping.is_set():
+            self._wait_for_tick(busy, failures)
+            if self._stopping.is_set():
+                return
             try:
-                self._publish_handed_out()
+                busy = self._publish_handed_out()
                 if time.monotonic() >= next_metrics:
                     next_metrics = time.monotonic() + self._config.metrics_interval_s
                     self._metrics.apply(self._port.metrics_report())
@@ -362,7 +405,21 @@ class MqttBridge:
                 failures = min(failures + 1, 6)
                 log.exception("tick failed")
 
-    def _publish_handed_out(self) -> None:
+    def _wait_for_tick(self, busy: bool, failures: int) -> None:
+        """Until the next tick: a short gap after an event (or a busy tick), the tick interval
+        when idle, a backoff after failures."""
+        if failures:
+            self._stopping.wait(backoff_delay(failures))
+            return
+        if busy:
+            self._stopping.wait(EVENT_TICK_GAP_S)
+            return
+        if self._wake.wait(self._config.tick_interval_s):
+            self._stopping.wait(EVENT_TICK_GAP_S)  # let the rest of the burst commit first
+        self._wake.clear()
+
+    def _publish_handed_out(self) -> bool:
+        """One tick; True if it handed out messages (more work is likely to follow soon)."""
         self._settled.extend(self._published.settled())
         acknowledged = list(self._settled)
         handed_out = self._port.tick(acknowledged)
@@ -371,4 +428,5 @@ class MqttBridge:
         for index, outbound in enumerate(waiting):
             if not self.publish(outbound):
                 self._unpublished = waiting[index:]  # in order, from this one, next tick
-                return
+                return True
+        return bool(handed_out)

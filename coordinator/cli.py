@@ -4,17 +4,22 @@
         [--ray-address local|auto|ADDRESS] [--metrics-port 9464] [--api-port 8080] ...
 
 Exit codes: 0 after a clean stop; 2 a config file (or variable) that cannot be read; 64 bad
-configuration (also an unusable API token file); 69 Ray
-could not be started or joined; 70 internal error (the fleet actor did not start, or a crash);
+configuration (also an unusable API token file); 69 Ray could not be started or joined, or the
+coordinator extra (Ray, prometheus-client) is not installed; 70 internal error (the fleet actor
+did not start, or a crash);
 71 the API or /metrics port cannot be bound; 73 the state dir is not writable; 75 another
 coordinator runs this instance (its state dir is locked, its fleet actor answers, or it took our
 MQTT session over); 77 the broker refused our credentials.
+
+With a local Ray the coordinator leads its own process group and starts coordinator.reaper first:
+whatever way it ends (SIGTERM, SIGINT, a crash, SIGKILL), no Ray process it started outlives it.
 Only argparse-level imports at module level: `skipfleet --help` imports this module.
 """
 
 from __future__ import annotations
 
 import argparse
+import importlib
 import logging
 import os
 import signal
@@ -77,6 +82,9 @@ def main(args: argparse.Namespace) -> int:
         config = from_args(args, os.environ)
     except ConfigError as err:
         return fail(ExitCode.CONFIG, f"invalid configuration: {err}")
+    missing = missing_extra()  # before anything is written: an agent-only install (a Pi)
+    if missing:
+        return fail(ExitCode.RAY_UNAVAILABLE, missing)
     try:
         prepare_state_dir(config.state_dir)
     except OSError as err:
@@ -88,6 +96,28 @@ def main(args: argparse.Namespace) -> int:
         return int(ExitCode.INTERNAL)
 
 
+# What `pip install skipfleet[coordinator]` brings (pyproject.toml), by import name.
+COORDINATOR_EXTRA = ("ray", "prometheus_client")
+INSTALL_EXTRA = "pip install 'skipfleet[coordinator]'"
+
+
+def missing_extra() -> str | None:
+    """Why the coordinator cannot run here (what to install), or None. An agent-only install
+    (a Pi) has no Ray: say so instead of a traceback."""
+    missing = []
+    for name in COORDINATOR_EXTRA:
+        try:
+            importlib.import_module(name)
+        except ImportError:
+            missing.append(name)
+    if not missing:
+        return None
+    return (
+        f"the coordinator needs the coordinator extra, and {', '.join(missing)} cannot be "
+        f"imported here: run `{INSTALL_EXTRA}` (from a checkout: pip install -e '.[coordinator]')"
+    )
+
+
 def run(config: CoordinatorConfig) -> int:
     import ray
 
@@ -97,6 +127,11 @@ def run(config: CoordinatorConfig) -> int:
     from coordinator.ray_runtime import init_ray
     from shared.http_auth import TokenFileError
 
+    if not config.joins_cluster:  # the local Ray is ours: it must end with us, however we end
+        from coordinator.reaper import lead_own_process_group, start_reaper
+
+        lead_own_process_group()
+        start_reaper()
     try:
         init_ray(config)
     except Exception as err:  # ConnectionError, RuntimeError, ...: Ray says what went wrong

@@ -8,6 +8,7 @@ and anything that cannot be applied is counted as rejected with a reason, never 
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 from coordinator.aggregation import AdapterShape
@@ -216,3 +217,26 @@ def _why(status: JobStatus) -> str | None:
     if code and status.reason:
         return f"{code}: {status.reason}"
     return code or status.reason
+
+
+# A device's last word on a job within one batch: FAILED or SUCCEEDED after IN_PROGRESS.
+_FOLDING = frozenset({WireJobState.SUCCEEDED, WireJobState.FAILED})
+
+
+def superseded(batch: Sequence[Received]) -> frozenset[int]:
+    """Positions of IN_PROGRESS statuses whose job ends (SUCCEEDED or FAILED, from the same
+    device) later in the same batch. Applying only the end is what the job table allows anyway
+    (QUEUED may end directly: an IN_PROGRESS can be lost) and saves a transition per job for
+    devices that finish within a batch; the folded status is still remembered as seen."""
+    started: dict[tuple[str, str], int] = {}
+    folded = set()
+    for index, received in enumerate(batch):
+        status = received.envelope.message
+        if not isinstance(status, JobStatus):
+            continue
+        key = (received.device_id, status.job_id)
+        if status.state is WireJobState.IN_PROGRESS:
+            started[key] = index
+        elif status.state in _FOLDING and key in started:
+            folded.add(started.pop(key))
+    return frozenset(folded)

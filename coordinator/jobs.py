@@ -85,6 +85,9 @@ class Job:
 
 
 _FIELDS = [f.name for f in dataclasses.fields(Job)]
+# Reads name the columns in Job's field order: a row becomes a Job by position.
+_SELECT = f"SELECT {', '.join(_FIELDS)} FROM jobs"
+_STATE = _FIELDS.index("state")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS jobs (
     job_id TEXT PRIMARY KEY,
@@ -213,7 +216,7 @@ class JobTable:
     # ---- reads
 
     def get(self, job_id: str) -> Job | None:
-        row = self._db.query_one("SELECT * FROM jobs WHERE job_id = ?", (job_id,))
+        row = self._db.query_one(f"{_SELECT} WHERE job_id = ?", (job_id,))
         return None if row is None else _from_row(row)
 
     def require(self, job_id: str) -> Job:
@@ -255,6 +258,15 @@ class JobTable:
 
     def for_round(self, round_id: str) -> list[Job]:
         return self._select("round_id = ? ORDER BY created_at, rowid", (round_id,))
+
+    def round_progress(self, round_id: str) -> tuple[int, int]:
+        """(active, succeeded) job counts of the round, over all attempts, in one query."""
+        (row,) = self._db.query(  # an aggregate: always one row
+            f"SELECT COALESCE(SUM({_ACTIVE_SQL}), 0) AS active, "
+            "COALESCE(SUM(state = 'SUCCEEDED'), 0) AS succeeded FROM jobs WHERE round_id = ?",
+            (round_id,),
+        )
+        return int(row["active"]), int(row["succeeded"])
 
     def latest_attempts(self, round_id: str) -> dict[str, Job]:
         """Each device's most recent attempt in the round."""
@@ -309,10 +321,11 @@ class JobTable:
         self._db.execute(sql, values)
 
     def _select(self, where: str, params: tuple[Any, ...] = ()) -> list[Job]:
-        return [_from_row(r) for r in self._db.query(f"SELECT * FROM jobs WHERE {where}", params)]
+        return [_from_row(r) for r in self._db.query(f"{_SELECT} WHERE {where}", params)]
 
 
 def _from_row(row: Any) -> Job:
-    values = {f: row[f] for f in _FIELDS}
-    values["state"] = JobState(values["state"])
-    return Job(**values)
+    """A row of _SELECT (columns in Job's field order)."""
+    values = list(row)
+    values[_STATE] = JobState(values[_STATE])
+    return Job(*values)

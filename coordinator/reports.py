@@ -12,6 +12,7 @@ import io
 import json
 import os
 import sqlite3
+from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,6 +21,11 @@ import numpy as np
 
 from coordinator.aggregation import AdapterShape, AggregationError, FitResult, validate_fit_result
 from coordinator.state_db import StateDB
+
+# Reports received in this actor's life are kept in memory too, until their round's aggregation
+# reads them (once: the read takes them out), so a round's inputs are not read back file by file.
+# The files stay the durable copy: after a restart, or past this many bytes, arrays() reads them.
+MEMORY_CAP_BYTES = 256 * 2**20
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS fit_reports (
@@ -108,12 +114,15 @@ class ReportStore:
         self._state_dir = Path(state_dir)
         db.ensure_schema(_SCHEMA)
         db.add_missing_columns("fit_reports", {"accuracy_before": "REAL", "loss_before": "REAL"})
+        self._held: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()  # file -> arrays
+        self._held_bytes = 0
 
     def save(self, meta: ReportMeta, arrays: Mapping[str, np.ndarray]) -> None:
         """Stores a checked report; a repeated one (same job) changes nothing."""
         if self.get(meta.job_id) is not None:
             return
         _write_npz(self._state_dir / meta.file, arrays)
+        self._hold(meta.file, arrays)
         self._db.execute(
             "INSERT OR IGNORE INTO fit_reports (job_id, device_id, round_id, cohort, "
             "base_model_hash, samples, layer_dims, n_classes, parent_adapter_version, "
@@ -162,12 +171,29 @@ class ReportStore:
         return None if row is None else _from_row(row).shape
 
     def arrays(self, meta: ReportMeta) -> dict[str, np.ndarray]:
+        held = self._held.pop(meta.file, None)
+        if held is not None:
+            self._held_bytes -= _nbytes(held)
+            return held
         with np.load(self._state_dir / meta.file, allow_pickle=False) as npz:
             return {name: npz[name] for name in npz.files}
+
+    def _hold(self, file: str, arrays: Mapping[str, np.ndarray]) -> None:
+        copy = {k: np.array(v) for k, v in arrays.items()}  # as np.load would: owned, writable
+        if file in self._held:
+            self._held_bytes -= _nbytes(self._held.pop(file))
+        self._held[file] = copy
+        self._held_bytes += _nbytes(copy)
+        while self._held_bytes > MEMORY_CAP_BYTES:  # the oldest go back to being read from files
+            self._held_bytes -= _nbytes(self._held.popitem(last=False)[1])
 
     @staticmethod
     def file_for(job_id: str) -> str:
         return f"reports/{job_id}.npz"
+
+
+def _nbytes(arrays: Mapping[str, np.ndarray]) -> int:
+    return sum(a.nbytes for a in arrays.values())
 
 
 def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:

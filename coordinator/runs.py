@@ -142,11 +142,6 @@ class RunBook:
             return None
         return row["run_id"], int(row["round_index"]), json.loads(row["starts"])
 
-    def start_version(self, round_id: str | None, device_id: str) -> int | None:
-        """The version a device's fine-tune in this round starts from (None: not a run's)."""
-        found = None if round_id is None else self.round_of(round_id)
-        return None if found is None else found[2].get(device_id)
-
 
 def _dump(run: Run) -> dict[str, Any]:
     body = asdict(replace(run, clusters={}))

@@ -255,13 +255,19 @@ class FineTuneScheduler:
 
     def automatic_trigger(self, record: DeviceRecord, now: float) -> Trigger | None:
         """Which automatic trigger fires for this device, if any (cooldown and busy excluded)."""
-        policy = self.policy
+        trigger = self._fired(record, now)
+        if trigger is None:  # the record alone says no: no query (this runs for every device)
+            return None
         # only fine-tunes count: an operator's evaluations must not keep a device in cooldown
         latest = self._jobs.latest_for_device(record.device_id, kind="finetune")
         if latest is not None and (
-            latest.is_active or now - latest.created_at < policy.trigger_cooldown_s
+            latest.is_active or now - latest.created_at < self.policy.trigger_cooldown_s
         ):
             return None
+        return trigger
+
+    def _fired(self, record: DeviceRecord, now: float) -> Trigger | None:
+        policy = self.policy
         if _below(record.accuracy, policy.accuracy_threshold):
             return Trigger.ACCURACY_BELOW
         if _above(_drop_since_last_finetune(record), policy.accuracy_drop_margin):
@@ -287,7 +293,7 @@ class FineTuneScheduler:
             candidate = Candidate(request.device_id, Trigger(request.trigger), request.round_id)
             candidates.setdefault(request.device_id, candidate)
         automatic = []
-        for record in self._registry.devices():
+        for record in self._registry.devices() if self._triggers_on() else ():
             if record.device_id in candidates:
                 continue
             trigger = self.automatic_trigger(record, now)
@@ -298,9 +304,19 @@ class FineTuneScheduler:
             candidates[device] = Candidate(device, trigger)
         return list(candidates.values())
 
+    def _triggers_on(self) -> bool:
+        """False when every automatic trigger is switched off: no device could fire one, so
+        the whole-fleet scan is skipped."""
+        p = self.policy
+        limits = (p.accuracy_threshold, p.accuracy_drop_margin, p.drift_threshold,
+                  p.label_free_threshold)  # fmt: skip
+        return any(limit is not None for limit in limits)
+
     def _dispatch(
         self, candidates: list[Candidate], now: float
     ) -> tuple[list[Job], dict[str, SkipReason]]:
+        if not candidates:  # most ticks: no need to count the slots (a look-up per job)
+            return [], {}
         capacity = self.policy.max_concurrent_jobs - self._slots_taken(now)
         dispatched: list[Job] = []
         skipped: dict[str, SkipReason] = {}
@@ -352,6 +368,8 @@ class FineTuneScheduler:
     def _close_finished_rounds(self, now: float) -> tuple[list[RoundStatus], list[Job]]:
         closed, canceled = [], []
         for rnd in self._rounds.open_rounds():
+            if self._surely_running(rnd, now):
+                continue
             status = self._evaluate(rnd, now)
             if not status.is_over:
                 continue
@@ -365,13 +383,27 @@ class FineTuneScheduler:
             closed.append(status)
         return closed, canceled
 
+    def _surely_running(self, rnd: Round, now: float) -> bool:
+        """A count-only check that spares the full evaluation (every job of the round read)
+        on ticks that cannot close the round: before the deadline, with a job still active
+        (so a device is pending) and enough active + succeeded jobs to reach the answers
+        needed (so it is reachable), evaluate_round says RUNNING. Only a retry replaces a
+        failed attempt, so active and succeeded jobs are each one device's latest attempt.
+        Excused devices are not counted here: a round with any gets the full evaluation."""
+        if now >= rnd.deadline or rnd.excused:
+            return False
+        active, succeeded = self._jobs.round_progress(rnd.round_id)
+        return active > 0 and active + succeeded >= rnd.answers_needed
+
     def _evaluate(self, rnd: Round, now: float) -> RoundStatus:
         latest = self._jobs.latest_attempts(rnd.round_id)
         can_retry = {device: self._jobs.can_retry(job) for device, job in latest.items()}
         reasons = {}
         for device in rnd.device_ids:
+            if device in latest:  # started: its job says how it went (no registry read)
+                continue
             record = self._registry.get(device)
-            if device not in latest and record is not None and record.last_skip_reason:
+            if record is not None and record.last_skip_reason:
                 reasons[device] = f"last skipped: {record.last_skip_reason}"
         return evaluate_round(rnd, latest, now, can_retry=can_retry, not_started_reasons=reasons)
 

@@ -19,7 +19,7 @@ from coordinator.clock import Clock, system_clock
 from coordinator.config import CoordinatorConfig
 from coordinator.distribution import AdapterDistributor
 from coordinator.fleet import Fleet, select_devices
-from coordinator.ingest import MessageHandler, Received
+from coordinator.ingest import MessageHandler, Received, superseded
 from coordinator.jobs import Job
 from coordinator.observations import DeviceQuarantined, MessageRejected, MetricsReport
 from coordinator.outbound import Outbound, cancel_job, finetune_job
@@ -75,20 +75,24 @@ class FleetService:
         """Applies device messages in order, the batch in one transaction (so, when this
         returns, every message is applied and remembered, and the bridge may acknowledge them);
         a repeat of an applied message changes nothing; one bad message never stops the others
-        (its own writes roll back). Returns how many were applied (not repeats)."""
+        (its own writes roll back). A job's IN_PROGRESS followed in the batch by its end is
+        only remembered as seen (ingest.superseded). Returns how many were applied or folded
+        (not repeats)."""
         applied = 0
+        folded = superseded(batch)
         with self.fleet.db.transaction():
-            for received in batch:
-                applied += self._apply(received)
+            for index, received in enumerate(batch):
+                applied += self._apply(received, handle=index not in folded)
         return applied
 
-    def _apply(self, received: Received) -> bool:
+    def _apply(self, received: Received, *, handle: bool = True) -> bool:
         try:
             with self.fleet.db.transaction():  # a savepoint: this message's writes, or none
                 if not self.fleet.seen.first_time(received.envelope):
                     self.fleet.events.record(MessageRejected("duplicate"))
                     return False
-                self._handler.handle(received)
+                if handle:
+                    self._handler.handle(received)
                 return True
         except Exception as err:  # a bug must cost one message, not the actor
             log.exception(
@@ -216,10 +220,14 @@ class FleetService:
         f = self.fleet
         for job in (*result.dispatched, *result.timed_out, *result.canceled):
             f.transitioned(job)
+        starts: dict[str | None, dict[str, int]] = {}  # per round: its devices' start versions
         for job in result.dispatched:
             record = f.registry.get(job.device_id)
             base_hash = record.base_model_hash if record else None
-            start = f.runs.start_version(job.round_id, job.device_id)
+            if job.round_id not in starts:  # decoded once per round, not once per job
+                found = None if job.round_id is None else f.runs.round_of(job.round_id)
+                starts[job.round_id] = {} if found is None else found[2]
+            start = starts[job.round_id].get(job.device_id)
             steps = None if start is None else self.config.federation.steps
             message = finetune_job(
                 job, self.config.finetune, base_hash, start_version=start, steps=steps

@@ -1,6 +1,6 @@
 """`skipfleet status`: the fleet as a table, from the coordinator's HTTP API.
 
-    skipfleet status [--api http://coordinator:8080] [--api-token-file FILE]
+    skipfleet status [--api http://coordinator:8080] [--api-token-file FILE] [--json]
 
 Reads need no token from the coordinator's own host (loopback); from anywhere else, give the
 coordinator's token file (its state dir's `api-token`, or $SKIPFLEET_API_TOKEN_FILE).
@@ -38,7 +38,12 @@ def configure(parser: argparse.ArgumentParser) -> None:
         help=f"the coordinator's API token, for a coordinator on another host; "
         f"default ${ENV_API_TOKEN_FILE}",
     )
-    parser.add_argument("--timeout", type=float, default=10.0, help="seconds")
+    parser.add_argument("--timeout", type=float, default=10.0, help="seconds (default 10)")
+    parser.add_argument(
+        "--json",
+        action="store_true",
+        help="print the devices as the API gives them (a JSON list), for scripts, not a table",
+    )
 
 
 def main(args: argparse.Namespace) -> int:
@@ -61,7 +66,8 @@ def main(args: argparse.Namespace) -> int:
         message = f"cannot reach the coordinator at {base}: {reason}"
         print(f"skipfleet status: {message}", file=sys.stderr)
         return EXIT_UNREACHABLE
-    print(format_table(devices))
+    as_json = getattr(args, "json", False)  # a Namespace made by hand may not have it
+    print(json.dumps(devices, indent=2) if as_json else format_table(devices))
     return 0
 
 

@@ -7,6 +7,9 @@ import functools
 import logging
 import math
 import random
+import socket
+import ssl
+import sys
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
@@ -18,6 +21,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from shared.protocol import SCHEMA_VERSION, Envelope
 
@@ -244,3 +248,104 @@ def check_publish_size(payload: bytes, limit: int) -> int:
     if size > limit:
         raise PublishTooLarge(f"payload of {size} bytes is over the publish limit of {limit}")
     return size
+
+
+# ---- errors that say what to do -------------------------------------------------------------
+class BrokerUnreachable(ConnectionError):
+    """The broker could not be reached or refused us; the message says what to check."""
+
+
+def describe_connect_error(err: BaseException, settings: MqttSettings) -> str:
+    """What went wrong connecting (refused, TLS, name, timeout) and what to check."""
+    where = f"the MQTT broker at {settings.host}:{settings.port}"
+    if isinstance(err, ConnectionRefusedError):
+        return (
+            f"cannot connect to {where}: connection refused (nothing listens on that port). "
+            "Check that the broker runs (systemctl status mosquitto, docker compose ps) and "
+            "that the host and port of the broker URL (--broker) are its listener's"
+        )
+    if isinstance(err, ssl.SSLCertVerificationError):
+        return (
+            f"TLS verification of {where} failed: certificate verify failed: "
+            f"{err.verify_message}. Check that --tls-ca is the CA that signed the broker's "
+            f"certificate ({settings.tls_ca or 'none given: the system CAs were used'}) and "
+            f"that the certificate names the host {settings.host!r}"
+        )
+    if isinstance(err, ssl.SSLError):
+        return (
+            f"TLS handshake with {where} failed: {err.reason or err}. Check that the port is "
+            "the broker's TLS listener (mqtts://) and that it accepts TLS 1.2 or later"
+        )
+    if isinstance(err, socket.gaierror):
+        return f"cannot resolve the broker host {settings.host!r}: {err.strerror}. Check the URL"
+    if isinstance(err, TimeoutError):
+        return (
+            f"{where} did not answer in time. Check the host and port, and any firewall "
+            "between this machine and the broker"
+        )
+    return f"cannot connect to {where}: {getattr(err, 'strerror', None) or err}"
+
+
+def describe_refusal(reason_code: ReasonCode, settings: MqttSettings) -> str:
+    """A refused CONNACK: its MQTT 5 reason code (paho maps 3.1.1's return codes onto them)
+    and what to check."""
+    said = f"MQTT 5 reason code {reason_code.value:#04x} {reason_code.getName()}"
+    account = f"the account {settings.username!r}" if settings.username else "no account"
+    advice = {
+        0x86: f"the broker does not accept {account} with this password: check the user name "
+        "(--username) and the password (--password-file) against the broker's password file",
+        # mosquitto answers a wrong password or an unknown user with this one (MQTT 5)
+        0x87: f"the broker does not let {account} connect: check the user name (--username) "
+        "and the password (--password-file) against the broker's password file (a broker with "
+        "allow_anonymous false needs both)",
+        0x85: "the broker refuses the client id: with use_username_as_clientid, the user name "
+        "must be a valid client id",
+        0x84: "the broker does not speak this MQTT version: try --mqtt-version 3.1.1",
+    }.get(reason_code.value, "see the broker's log")
+    return f"{settings.url} refused the connection ({said}): {advice}"
+
+
+def report_connect_failures(
+    client: paho.Client, settings: MqttSettings, logger: logging.Logger
+) -> None:
+    """Log why each connection attempt fails: paho itself only reports "not connected".
+    paho calls on_connect_fail inside its `except OSError` block (loop_forever), so the
+    exception being handled is the one that failed the attempt."""
+    attempts, last_reason = 0, ""  # attempts so far, the last reason logged
+
+    def on_connect_fail(client: paho.Client, userdata: object) -> None:
+        nonlocal attempts, last_reason
+        err = sys.exc_info()[1]
+        reason = describe_connect_error(err, settings) if err else "connection failed"
+        attempts += 1
+        if reason != last_reason:  # a new reason: loud; the same again: a reminder
+            logger.error("%s (retrying with backoff)", reason)
+        else:
+            logger.warning("still cannot connect (attempt %d): %s", attempts, reason)
+        last_reason = reason
+
+    client.on_connect_fail = logged(on_connect_fail)
+
+
+def probe_broker(settings: MqttSettings, timeout_s: float = 5.0) -> None:
+    """Connect once and disconnect; BrokerUnreachable saying what to check if that fails."""
+    result: list[ReasonCode] = []
+    client = make_client(settings, f"skipfleet-probe-{random.getrandbits(48):012x}")
+    client.on_connect = lambda client, userdata, flags, reason_code, props: result.append(
+        reason_code
+    )
+    client.connect_timeout = timeout_s
+    try:
+        client.connect(settings.host, settings.port, keepalive=max(5, int(timeout_s)))
+    except OSError as err:
+        raise BrokerUnreachable(describe_connect_error(err, settings)) from None
+    deadline = time.monotonic() + timeout_s
+    try:
+        while not result and time.monotonic() < deadline:
+            client.loop(0.1)
+    finally:
+        client.disconnect()
+    if not result:
+        raise BrokerUnreachable(describe_connect_error(TimeoutError(), settings))
+    if result[0].is_failure:
+        raise BrokerUnreachable(describe_refusal(result[0], settings))

@@ -29,7 +29,7 @@ from agent.device_data import write_device_file
 from agent.trainer.finetune import pretrain
 from skipfleet import bench_aggregation
 from skipfleet.bench_coordinator_round import Parties, RoundFailed, run_round, wait_for
-from skipfleet.bench_coordinator_tables import format_tables
+from skipfleet.bench_coordinator_tables import format_tables, scale_summary
 from skipfleet.brokers import MosquittoBroker
 from skipfleet.coordinator_process import ApiError, CoordinatorProcess
 from skipfleet.loadgen.fleet import SimulatedFleet
@@ -123,10 +123,12 @@ def bench_fleet(devices: int, args, world: tuple[Path, list[Path]], root: Path, 
         broker = MosquittoBroker(root / "broker", extra_config=broker_config())
         broker.start()
         stack.callback(broker.stop)
+        launched = time.monotonic()
         coordinator = CoordinatorProcess(broker.url, root / "state", root / "coordinator.log",
                                          knobs)  # fmt: skip
         stack.callback(coordinator.stop)
         coordinator.wait_healthy(args.round_timeout)
+        startup_s = time.monotonic() - launched  # process start to GET /health answering ok
         fleet = SimulatedFleet(broker.url, world[0], world[1], devices, processes,
                                root / "loadgen", options=loadgen_options(args))  # fmt: skip
         stack.callback(fleet.stop)
@@ -139,6 +141,7 @@ def bench_fleet(devices: int, args, world: tuple[Path, list[Path]], root: Path, 
         result = {
             "devices": devices,
             "processes": processes,
+            "coordinator_startup_seconds": startup_s,
             "coordinator_knobs": knobs,
             "online_seconds": online_s,
             "reference": [r["reference"] | {"device_seconds": r["device_seconds"]} for r in ready],
@@ -151,6 +154,7 @@ def bench_fleet(devices: int, args, world: tuple[Path, list[Path]], root: Path, 
             result |= run_rounds(parties, devices, args, log)
         result["memory_peak_pss_bytes"] = peak.peak.pss_bytes
         result["memory_after"] = _memory(coordinator)
+        result["scale"] = scale_summary(result)
         return result
 
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import statistics
 
 from skipfleet.bench_aggregation import format_table as aggregation_table
@@ -12,6 +13,11 @@ MIB = 2**20
 def format_tables(result: dict) -> str:
     fleets = list(result["fleets"].values())
     parts = [
+        "Scale: round latency over the rounds; messages (in + out) and coordinator CPU "
+        "(its whole tree, Ray included) per device per round; phases as shares of the median "
+        "round; peak and idle PSS of the coordinator's tree; its start-up (process to healthy)",
+        _scale(fleets),
+        "",
         "Round latency: POST /finetune -> the promoted adapter running on every device "
         "(device-side timestamps); phases from the coordinator's records",
         _latency(fleets),
@@ -35,6 +41,67 @@ def format_tables(result: dict) -> str:
     if failures:
         parts += ["", "FAILED: " + "; ".join(failures)]
     return "\n".join(parts)
+
+
+def spread(values: list[float]) -> dict[str, float]:
+    """median, p90 (nearest rank) and max; NaN for none."""
+    if not values:
+        return {"median": float("nan"), "p90": float("nan"), "max": float("nan")}
+    ordered = sorted(values)
+    p90 = ordered[min(len(ordered) - 1, max(0, math.ceil(0.9 * len(ordered)) - 1))]
+    return {"median": statistics.median(ordered), "p90": p90, "max": ordered[-1]}
+
+
+def scale_summary(fleet: dict) -> dict:
+    """The figures the scale targets are stated in, from one fleet size's rounds."""
+    rounds, devices = fleet["rounds"], fleet["devices"]
+    messages = [r["messages"]["received"]["count"] + r["messages"]["sent"]["count"]
+                for r in rounds]  # fmt: skip
+    cpu = [r["cpu_seconds"]["coordinator_and_ray"] for r in rounds]
+    cpu_per_message = [c / m for c, m in zip(cpu, messages, strict=True) if m]
+    phases = {phase: _median(rounds, lambda r, p=phase: r["phases_seconds"][p])
+              for phase, _ in PHASES}  # fmt: skip
+    whole = sum(phases.values())
+    return {
+        "latency_seconds": spread([r["latency_seconds"] for r in rounds]),
+        "messages_per_device_per_round": _safe(statistics.median, messages) / devices,
+        "coordinator_cpu_seconds_per_device_per_round": _safe(statistics.median, cpu) / devices,
+        "coordinator_cpu_ms_per_message": 1e3 * _safe(statistics.median, cpu_per_message),
+        "phase_share": {p: (v / whole if whole > 0 else float("nan")) for p, v in phases.items()},
+        "peak_tree_pss_mib": fleet["memory_peak_pss_bytes"] / MIB,
+        "idle_tree_pss_mib": fleet["memory_idle"]["tree_pss_bytes"] / MIB,
+        "startup_seconds": fleet.get("coordinator_startup_seconds", float("nan")),
+        # every device's report in every round, and no message the coordinator refused
+        "reports_missing": sum(devices - r["answered"] for r in rounds),
+        "rejected_messages": sum(r["messages"]["rejected"] for r in rounds),
+    }  # fmt: skip
+
+
+def _safe(reduce, values: list[float]) -> float:
+    return reduce(values) if values else float("nan")
+
+
+SHARE_WIDTHS = (("finetune", 4), ("aggregate_and_store", 4), ("canary", 5), ("distribute", 4))
+
+
+def _scale(fleets: list[dict]) -> str:
+    lines = [f"{'devices':>7s} {'median s':>8s} {'p90 s':>6s} {'max s':>6s} {'msg/dev':>7s} "
+             f"{'cpu ms/dev':>10s} {'cpu ms/msg':>10s} {'tune':>5s} {'aggr':>5s} {'canary':>6s} "
+             f"{'distr':>5s} {'peak PSS MiB':>12s} {'idle PSS MiB':>12s} "
+             f"{'start s':>7s}"]  # fmt: skip
+    for f in fleets:
+        s = scale_summary(f)
+        lat, share = s["latency_seconds"], s["phase_share"]
+        shares = " ".join(f"{100 * share[p]:{w}.0f}%" for p, w in SHARE_WIDTHS)
+        lines.append(
+            f"{f['devices']:7d} {lat['median']:8.2f} {lat['p90']:6.2f} {lat['max']:6.2f} "
+            f"{s['messages_per_device_per_round']:7.2f} "
+            f"{1e3 * s['coordinator_cpu_seconds_per_device_per_round']:10.2f} "
+            f"{s['coordinator_cpu_ms_per_message']:10.3f} {shares} "
+            f"{s['peak_tree_pss_mib']:12.1f} {s['idle_tree_pss_mib']:12.1f} "
+            f"{s['startup_seconds']:7.1f}"
+        )
+    return "\n".join(lines)
 
 
 def _median(rounds: list[dict], pick) -> float:

@@ -33,10 +33,23 @@ def _chosen(argv: list[str]) -> str | None:
     return None
 
 
+def version() -> str:
+    """The installed distribution's version (pyproject.toml); a source tree that was never
+    installed says so rather than inventing one."""
+    from importlib.metadata import PackageNotFoundError
+    from importlib.metadata import version as installed
+
+    try:
+        return installed("skipfleet")
+    except PackageNotFoundError:
+        return "(not installed: run pip install -e . in the checkout)"
+
+
 def build_parser(argv: list[str]) -> argparse.ArgumentParser:
     """Only the chosen sub-command's module is imported: on a Pi, `skipfleet agent` must never
     import the coordinator's dependencies (Ray, prometheus-client, docker)."""
     parser = argparse.ArgumentParser(prog="skipfleet", description=__doc__.splitlines()[0])
+    parser.add_argument("--version", action="version", version=f"%(prog)s {version()}")
     sub = parser.add_subparsers(dest="command", metavar="COMMAND")
     chosen = _chosen(argv)
     for name, (module, help_text) in SUBCOMMANDS.items():

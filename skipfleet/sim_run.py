@@ -18,7 +18,7 @@ from shared.mqtt import parse_broker_url
 from shared.protocol.enums import JobState
 from shared.topics import Topics
 from skipfleet.coordinator_process import ApiClient, CoordinatorProcess
-from skipfleet.fleet.runstate import EVENTS_FILE
+from skipfleet.fleet.runstate import EVENTS_FILE, SIMULATE_FLEET_DIR
 from skipfleet.probe import FleetProbe
 from skipfleet.retained import clear_retained
 from skipfleet.scenario import Scenario, build_scenario
@@ -176,7 +176,11 @@ class Simulation:
             AgentSpec(d.device_id, d.data_file, drift if d.drifts else ()) for d in scenario.devices
         ]
         fleet = ProcessFleet(
-            broker_url, scenario.base_model, specs, self.run_dir / "fleet", agent_args=agent_args
+            broker_url,
+            scenario.base_model,
+            specs,
+            self.run_dir / SIMULATE_FLEET_DIR,
+            agent_args=agent_args,
         )
         stack.callback(fleet.stop)
         fleet.start()
@@ -184,8 +188,8 @@ class Simulation:
         stack.callback(control.stop)
         fleet.set_control_url(control.url)
         self.say(
-            f"{len(specs)} agents started; inject faults with: skipfleet fleet --control "
-            f"{control.url} --token-file {control.token_file} ls|kill|pause|cut DEVICE"
+            f"{len(specs)} agents started; inject faults with: skipfleet fleet --run-dir "
+            f"{self.run_dir} ls|kill|pause|cut DEVICE"
         )
         return fleet
 
@@ -328,9 +332,12 @@ class Simulation:
 
 
 def keep_running(say, dashboard_url: str) -> None:
-    """Waits until Ctrl-C or SIGTERM (as KeyboardInterrupt, unless another handler is set), so
-    the caller's ExitStack stops everything in order."""
+    """Waits until Ctrl-C or SIGTERM (as KeyboardInterrupt, unless another handler is set, as
+    simulate's skipfleet.stopping does: its Stopped), so the caller's ExitStack stops everything
+    in order and the run ends as a finished one."""
     import signal
+
+    from skipfleet.stopping import Stopped
 
     def interrupt(signum, frame):
         raise KeyboardInterrupt
@@ -344,7 +351,7 @@ def keep_running(say, dashboard_url: str) -> None:
     try:
         while True:
             time.sleep(3600)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, Stopped):
         say("stopping the fleet")
 
 

@@ -20,6 +20,7 @@ from pathlib import Path
 
 from shared.config_file import prepare_parser
 
+BROKER_PROBE_S = 5.0  # --broker must answer a CONNECT within this
 DEFAULT_EPOCHS = {"fan": 100, "har": 200, "fmnist": 10}  # the papers' (fan: Damage1)
 DEFAULT_LR = {"fan": 0.05, "har": 0.02, "fmnist": 0.02}
 
@@ -70,8 +71,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def main(args) -> int:
     from agent.data import DataError
     from shared.config_file import EXIT_USAGE, ConfigFileError, resolve_args
+    from shared.mqtt import BrokerUnreachable
     from skipfleet.brokers import MosquittoMissing, find_mosquitto
     from skipfleet.coordinator_process import ApiError
+    from skipfleet.stopping import Stopped, stop_on_signals, sweep
 
     try:  # flags, environment, config file ([simulate]) and defaults merged once, here
         args = resolve_args(args, os.environ)
@@ -86,19 +89,45 @@ def main(args) -> int:
         print(f"skipfleet simulate: {MosquittoMissing()}", file=sys.stderr)
         return 1
     run_dir = Path(args.run_dir or f"out/simulate-{time.strftime('%Y%m%d-%H%M%S')}").resolve()
-    try:
-        prepared, data_dir = _fleet(args)
-        from skipfleet.sim_run import Simulation
+    with stop_on_signals():  # SIGTERM/SIGINT: stop the broker, coordinator, Ray and agents
+        try:
+            check_broker(args.broker)
+            prepared, data_dir = _fleet(args)
+            from skipfleet.sim_run import Simulation
 
-        simulation = Simulation(args, data_dir, run_dir, prepared)
-        # with --keep-running the outputs are written while everything still runs, and the JSON
-        # again at the end, with the retained messages removed on the way out
-        result = simulation.run(lambda result: _write_outputs(args, result))
-    except (DataError, ApiError, TimeoutError, RuntimeError) as error:
-        print(f"skipfleet simulate: {error}\n  logs: {run_dir}", file=sys.stderr)
-        return 1
+            simulation = Simulation(args, data_dir, run_dir, prepared)
+            # with --keep-running the outputs are written while everything still runs, and the
+            # JSON again at the end, with the retained messages removed on the way out (a stop
+            # signal is then how the run ends: sim_run.keep_running returns)
+            result = simulation.run(lambda result: _write_outputs(args, result))
+        except Stopped as stopped:
+            left = sweep(stopped)
+            print(f"skipfleet simulate: stopped by {stopped}: the broker, coordinator, Ray and "
+                  f"agents it started are stopped{_swept(left)}\n  logs: {run_dir}",
+                  file=sys.stderr)  # fmt: skip
+            return stopped.exit_code
+        except (DataError, ApiError, TimeoutError, RuntimeError, BrokerUnreachable) as error:
+            print(f"skipfleet simulate: {error}\n  logs: {run_dir}", file=sys.stderr)
+            return 1
     _write_outputs(args, result, only_json=args.keep_running)
     return 0
+
+
+def _swept(pids: list[int]) -> str:
+    return f" ({len(pids)} that did not stop in time were killed)" if pids else ""
+
+
+def check_broker(url: str | None) -> None:
+    """A broker given with --broker must answer now (a few seconds), before minutes of
+    pre-training and a coordinator that would wait for it until --timeout."""
+    if url:
+        from shared.mqtt import BrokerUnreachable, parse_broker_url, probe_broker
+
+        try:
+            settings = parse_broker_url(url)
+        except ValueError as err:
+            raise BrokerUnreachable(f"--broker: {err}") from None
+        probe_broker(settings, BROKER_PROBE_S)
 
 
 DEFAULT_DATASET, DEFAULT_DEVICES = "fan", 6

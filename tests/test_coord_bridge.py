@@ -11,6 +11,7 @@ import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
+from coordinator import bridge as bridge_module
 from coordinator.bridge import FatalReason, InboundDecoder, MqttBridge
 from coordinator.clock import ManualClock
 from coordinator.metrics import FleetMetrics
@@ -239,3 +240,23 @@ def test_stop_commits_the_last_received_messages(tmp_path):
     bridge._client.deliver("fleet/pi-9/status", payload_of(device.presence()))  # not started
     bridge.stop()
     assert [d["device_id"] for d in service.devices()] == ["pi-9"]
+
+
+def test_a_full_queue_keeps_each_devices_latest_heartbeat_and_every_qos_1_message(
+    tmp_path, monkeypatch
+):
+    monkeypatch.setattr(bridge_module, "QUEUE_CAPACITY", 2)
+    service = FleetService(make_config(tmp_path), clock=ManualClock())
+    metrics = FleetMetrics()
+    bridge = MqttBridge(service.config, LocalFleetPort(service), metrics, client_factory=FakeClient)
+    devices = [SimDevice(f"pi-{n}", ManualClock()) for n in range(4)]
+    for mid, d in enumerate(devices, start=10):  # presences (QoS 1) past the capacity
+        bridge._client.deliver(f"fleet/{d.device_id}/status", payload_of(d.presence()), mid=mid)
+    pi3 = devices[3]
+    for version in (1, 2):  # the queue is full (not started: nothing drains it)
+        beat = pi3.heartbeat(adapter_version=version)
+        bridge._client.deliver("fleet/pi-3/telemetry", payload_of(beat), qos=0)
+    assert rejected(metrics, "overload") == 1  # pi-3's first heartbeat, replaced by its second
+    bridge.stop()
+    assert [d["device_id"] for d in service.devices()] == ["pi-0", "pi-1", "pi-2", "pi-3"]
+    assert service.device("pi-3")["adapter_version"] == 2  # the latest heartbeat was applied

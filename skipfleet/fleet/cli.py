@@ -135,9 +135,9 @@ def open_fleet(args: argparse.Namespace, environ: Mapping[str, str]):
         token_file = args.token_file or environ.get(ENV_TOKEN_FILE)
         return RemoteFleet(args.control, token_file=Path(token_file) if token_file else None)
     if args.run_dir:
-        from skipfleet.fleet.runstate import control_url_of
+        from skipfleet.fleet.runstate import control_url_of, fleet_dir_of
 
-        run_dir = Path(args.run_dir)
+        run_dir = fleet_dir_of(Path(args.run_dir))
         token_file = run_dir / CONTROL_TOKEN_FILE
         return RemoteFleet(
             control_url_of(run_dir), token_file=token_file if token_file.exists() else None

@@ -17,6 +17,19 @@ from skipfleet.fleet.base import FleetUnavailable
 RUN_STATE_FILE = "fleet.json"
 CONTROL_TOKEN_FILE = "control-token"  # the control endpoint's bearer token, beside fleet.json
 RUN_STATE_VERSION = 1
+SIMULATE_FLEET_DIR = "fleet"  # where `skipfleet simulate` keeps its fleet, under the run dir
+
+
+def fleet_dir_of(run_dir: Path) -> Path:
+    """The dir holding fleet.json: `run_dir` itself, or, given the run dir simulate prints
+    ("run dir ..."), its fleet/ sub-dir."""
+    run_dir = Path(run_dir)
+    nested = run_dir / SIMULATE_FLEET_DIR
+    if not (run_dir / RUN_STATE_FILE).exists() and (nested / RUN_STATE_FILE).exists():
+        return nested
+    return run_dir
+
+
 EVENTS_FILE = "events.jsonl"  # one JSON line per fault injected through the control endpoint
 
 
