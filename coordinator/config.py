@@ -143,7 +143,7 @@ class CoordinatorConfig:
     cluster_distance: float | None = DEFAULT_CLUSTER_DISTANCE  # None: one cluster per cohort
     trust: TrustBounds = field(default_factory=TrustBounds)
     label_free_rollout: LabelFreeRollout = LabelFreeRollout.DRIFTED
-    algorithm: AggregationAlgorithm = AggregationAlgorithm.EXACT_DELTA
+    algorithm: AggregationAlgorithm = AggregationAlgorithm.COORDINATE_MEDIAN
     encoding: WireEncoding = WireEncoding.FLOAT32
     chunk_limit: int = 131_072
     energy_period_s: float = 3600.0
@@ -461,7 +461,7 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--algorithm",
         choices=[a.value for a in AggregationAlgorithm],
-        default=AggregationAlgorithm.EXACT_DELTA.value,
+        default=AggregationAlgorithm.COORDINATE_MEDIAN.value,
         help="how a round aggregates the devices' updates",
     )
     add(

@@ -114,9 +114,9 @@ def add_federation(targets) -> None:
     add("--seeds", type=positive_int, default=5, help="seeds, each with its own base model")
     add("--method", default="skip2-delta", help="what devices train (default skip2-delta)")
     add("--lr", type=float, help="SGD step size (default 0.02, the coordinator's)")
-    add("--algorithm", default="exact-delta",
+    add("--algorithm", default="coordinate-median",
         choices=("exact-delta", "coordinate-median", "trimmed-mean"),
-        help="how a cluster's reports are combined (default exact-delta)")  # fmt: skip
+        help="how a cluster's reports are combined (default: the coordinator's)")  # fmt: skip
     add("--steps", type=positive_int, default=defaults.steps, help="SGD steps per round")
     add("--max-rounds", type=positive_int, default=defaults.max_rounds)
     add("--min-gain", type=float, default=defaults.min_gain,

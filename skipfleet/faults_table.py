@@ -16,6 +16,7 @@ class Row:
     honest_harmed: int | None = None
     recover_s: float | None = None  # from the fault until the fleet was whole again
     held: bool = False  # the target for this scenario was met
+    comparison: bool = False  # not a default: shown beside the targets, held to none
     detail: dict = field(default_factory=dict)
 
     def as_dict(self) -> dict:
@@ -42,7 +43,7 @@ def render(rows: list[Row]) -> str:
             _cell(r.applied_twice),
             _cell(r.honest_harmed),
             _cell(r.recover_s),
-            "met" if r.held else "NOT MET",
+            "(comparison)" if r.comparison else "met" if r.held else "NOT MET",
         )
         for r in rows
     ]

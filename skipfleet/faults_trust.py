@@ -23,6 +23,8 @@ from skipfleet.faults_devices import Device, Liar, Mute, Overflow
 from skipfleet.faults_table import Row
 from skipfleet.faults_world import FanWorld
 
+DEFAULT_ALGORITHM = CoordinatorConfig.__dataclass_fields__["algorithm"].default.value
+
 HARM_POINTS = 0.02  # one test row is 0.0021 of the 470: a drop of 10 rows or more
 STEP_S = 1.0
 HEARTBEAT_S = 5.0
@@ -31,10 +33,11 @@ LIMIT_S = 1800.0  # a round not decided by then is wedged
 
 
 def make_service(
-    state_dir: Path, clock: ManualClock, algorithm: str = "exact-delta", **policy
+    state_dir: Path, clock: ManualClock, algorithm: str = DEFAULT_ALGORITHM, **policy
 ) -> FleetService:
     """The coordinator's defaults where they matter here: canary fraction 0.1 with at least 2
-    canaries, exact-delta, the trust bounds; one round per run, one cluster per cohort."""
+    canaries, the default aggregation (coordinate-median), the trust bounds; one round per run,
+    one cluster per cohort."""
     settings = {
         "max_concurrent_jobs": 8,
         "accuracy_threshold": None,
@@ -67,7 +70,7 @@ class Fleet:
         state_dir: Path,
         world: FanWorld,
         kinds: dict[str, type[Device]],
-        algorithm: str = "exact-delta",
+        algorithm: str = DEFAULT_ALGORITHM,
         **policy,
     ) -> None:
         self.clock = ManualClock()
@@ -123,17 +126,19 @@ def _one_round(fleet: Fleet) -> tuple[dict, float | None]:
 
 
 def poisoning(
-    world: FanWorld, workdir: Path, rounds: int = 10, algorithm: str = "exact-delta"
+    world: FanWorld, workdir: Path, rounds: int = 10, algorithm: str = DEFAULT_ALGORITHM
 ) -> Row:
-    """The liar's rounds, and the same rounds without it (what the liar cost the others)."""
+    """The liar's rounds, and the same rounds without it (what the liar cost the others).
+    Another `algorithm` than the coordinator's default is a comparison, held to no target."""
     honest = {f"honest-{k}": Device for k in range(len(world.shares))}
     root = workdir / f"poisoning-{algorithm}"
     row = _poisoning(
         Fleet(root / "liar", world, honest | {"liar": Liar}, algorithm=algorithm), rounds
     )
     control = _poisoning(Fleet(root / "no-liar", world, honest, algorithm=algorithm), rounds)
-    if algorithm != "exact-delta":
+    if algorithm != DEFAULT_ALGORITHM:
         row.scenario += f" ({algorithm})"
+        row.comparison = True
     row.detail["without_the_liar"] = {
         key: control.detail[key] for key in ("test_accuracy_end", "worst_change_points")
     }
@@ -162,6 +167,7 @@ def repeated(times: int, run: Callable[[int], Row]) -> Row:
     first.reports_lost = sum(r.reports_lost or 0 for r in rows)
     first.honest_harmed = sum(r.honest_harmed or 0 for r in rows)
     first.held = all(r.held for r in rows)
+    first.comparison = first.comparison or any(r.comparison for r in rows)
     first.detail = {"runs": [r.detail for r in rows], "summary": _summary(rows)}
     return first
 

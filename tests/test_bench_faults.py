@@ -13,8 +13,9 @@ def test_bench_faults_trust_scenarios_hold_and_write_their_rows(tmp_path, data_d
         "--repeats", "1", "--work-dir", str(tmp_path / "work"), "--json", str(out),
     ])  # fmt: skip
     rows = {r["scenario"]: r for r in json.loads(out.read_text())["rows"]}
-    median = rows["poisoning device, 2 rounds (coordinate-median)"]
-    assert median["honest_harmed"] == 0 and median["reports_lost"] == 0
+    median = rows["poisoning device, 2 rounds"]  # the coordinator's default: coordinate-median
+    assert median["honest_harmed"] == 0 and median["reports_lost"] == 0 and median["held"]
+    assert rows["poisoning device, 2 rounds (exact-delta)"]["comparison"]
     summary = median["detail"]["summary"]
     assert summary["wedged_rounds"] == 0
     # the liar neither harmed nor held back the others: they learned as without it
@@ -28,4 +29,4 @@ def test_bench_faults_trust_scenarios_hold_and_write_their_rows(tmp_path, data_d
     assert "no answer by the deadline" in silent["detail"]["failures"]["mute"]
     printed = capsys.readouterr().out
     assert "| silent device |" in printed and "| 1e30 report |" in printed
-    assert code == (0 if all(r["held"] for r in rows.values()) else 3)
+    assert code == (0 if all(r["held"] or r["comparison"] for r in rows.values()) else 3)
