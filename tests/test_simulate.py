@@ -15,6 +15,7 @@ import threading
 import pytest
 
 from shared.mqtt import connect_async, make_client, parse_broker_url
+from skipfleet import sim_run
 from skipfleet.cli import main
 from tests.byo_table import write_pump_csv
 
@@ -78,7 +79,10 @@ def test_a_prepared_fleet_of_your_own_task_through_its_own_private_mosquitto(tmp
     assert html.count("<canvas") >= 3 and "pump-f" in html
 
 
-def test_bad_fleet_dirs_and_options_are_refused_before_anything_starts(tmp_path, capsys):
+def test_bad_fleet_dirs_and_options_are_refused_before_anything_starts(
+    tmp_path, capsys, monkeypatch, data_dir
+):
+    monkeypatch.setenv("SKIPFLEET_DATA_DIR", str(data_dir))  # exported, as `make` does: no conflict
     table = write_pump_csv(tmp_path / "pumps.csv")
     fleet = tmp_path / "fleet"
     assert main(["prepare", "--from", str(table), "--label-column", "state",
@@ -93,18 +97,24 @@ def test_bad_fleet_dirs_and_options_are_refused_before_anything_starts(tmp_path,
     assert "is nowhere the --out of skipfleet prepare?" in capsys.readouterr().err.replace(
         str(tmp_path) + "/", ""
     )
+    assert main([*run, "--fleet-dir", str(fleet), "--data-dir", str(data_dir)]) == 2
+    assert "drop --data-dir" in capsys.readouterr().err  # given for this run: a conflict
     assert main([*run, "--fleet-dir", str(fleet), "--drift-at", "5"]) == 1
     assert "no shard has a drifted stream for --drift-at" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
 
 
 def test_after_a_drift_a_new_device_without_labels_gets_its_clusters_adapter(
-    tmp_path, ray_session, data_dir, mosquitto
+    tmp_path, ray_session, data_dir, mosquitto, monkeypatch
 ):
-    """The coordinator answers the drift by itself, the drifted devices fine-tune together,
-    and a device that joins later without labels recovers with what its cluster learned. On a
-    broker it is given (mosquitto): a topic root of its own, and no retained message of its left
-    there at the end."""
+    """The coordinator answers the drift by itself, from the label-free score, the drifted
+    devices fine-tune together, and a device that joins later without labels recovers with
+    what its cluster learned. On a broker it is given (mosquitto): a topic root of its own, and
+    no retained message of its left there at the end.
+
+    The measured-accuracy trigger is off here: with both on, which one answers first depends on
+    the machine's load, and the test could only accept either."""
+    monkeypatch.setitem(sim_run.ACCURACY_THRESHOLD, "fan", "off")
     result = simulate(
         tmp_path, ray_session, data_dir, "--devices", "3", "--dataset", "fan", "--drift-at", "3",
         "--new-devices", "1", "--max-rounds", "4", "--broker", mosquitto.url,
@@ -115,7 +125,7 @@ def test_after_a_drift_a_new_device_without_labels_gets_its_clusters_adapter(
     assert statuses <= set(result["retained_cleared"])  # the agents' presence, at least
     assert retained_on(mosquitto.url, "#") == []
     answered = next(r for r in result["runs"] if r["trigger"] != "request")
-    assert answered["trigger"] in ("label_free_drift", "accuracy_below")  # its own decision
+    assert answered["trigger"] == "label_free_drift"  # its own decision, without labels
     drifted = [d for d in result["per_device"] if d["description"].count("->")]
     assert drifted, "the scenario must have drifting devices"
     peaks = []
@@ -127,8 +137,7 @@ def test_after_a_drift_a_new_device_without_labels_gets_its_clusters_adapter(
         # in distribution before the drift, and again once it runs its new adapter
         assert max(series[:3]) < 1.0 and series[-1] < 1.0
         peaks.append(max(series))
-    if answered["trigger"] == "label_free_drift":  # (on a busy machine the measured accuracy
-        assert max(peaks) > 1.0  # may answer first, and an adapter then keeps the score low)
+    assert max(peaks) > 1.0  # the calibrated score crossed the base model's own threshold
     (new,) = [d for d in result["per_device"] if not d["labelled"]]
     assert new["runs"].startswith("v") and new["cluster"] is not None
     assert new["accuracy_end"] > new["accuracy_initial"] + 0.1  # it recovers without labels
