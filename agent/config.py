@@ -17,7 +17,13 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from agent.errors import ConfigError
-from shared.config_file import prepare_parser, resolve_args, source_rank
+from shared.config_file import (
+    SecretFileError,
+    prepare_parser,
+    read_secret_file,
+    resolve_args,
+    source_rank,
+)
 
 if TYPE_CHECKING:  # `skipfleet --help` imports this module: keep paho out of the import
     from shared.mqtt import MqttSettings
@@ -240,15 +246,9 @@ def _described(source: str) -> str:
 
 def _read_password(path: str, source: str) -> str:
     try:
-        password = Path(path).read_text().strip()
-    except OSError as err:
-        why = err.strerror or str(err)
-        raise ConfigError(f"{source} {path}: cannot read the MQTT password: {why}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{source} {path}: the MQTT password file is not UTF-8 text") from None
-    if not password:
-        raise ConfigError(f"{source} {path}: the MQTT password file is empty")
-    return password
+        return read_secret_file(path, source)
+    except SecretFileError as err:
+        raise ConfigError(str(err)) from None
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:

@@ -22,7 +22,14 @@ from coordinator.clustering import DEFAULT_CLUSTER_DISTANCE
 from coordinator.federation import FederationPolicy
 from coordinator.rollout import RolloutPolicy
 from coordinator.scheduler import LabelFreeSignal, SchedulerPolicy
-from shared.config_file import describe_type, prepare_parser, resolve_args, source_rank
+from shared.config_file import (
+    SecretFileError,
+    describe_type,
+    prepare_parser,
+    read_secret_file,
+    resolve_args,
+    source_rank,
+)
 
 if TYPE_CHECKING:  # keep paho out of `skipfleet --help`
     from shared.mqtt import MqttSettings
@@ -651,11 +658,6 @@ def _password(args: argparse.Namespace, environ: Mapping[str, str]) -> str | Non
         return literal
     where = "--password-file" if source == "flag" else source
     try:
-        password = Path(args.password_file).read_text().strip()
-    except OSError as err:
-        raise ConfigError(f"{where} {args.password_file}: {err.strerror or err}") from None
-    except UnicodeDecodeError:
-        raise ConfigError(f"{where} {args.password_file}: not UTF-8 text") from None
-    if not password:
-        raise ConfigError(f"{where} {args.password_file}: the MQTT password file is empty")
-    return password
+        return read_secret_file(args.password_file, where)
+    except SecretFileError as err:
+        raise ConfigError(str(err)) from None

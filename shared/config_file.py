@@ -346,3 +346,21 @@ def toml_value(value: Any) -> str:
         return repr(value)
     # A JSON string is a TOML basic string (no \u escapes of surrogates: TOML refuses them).
     return json.dumps(str(value), ensure_ascii=False)
+
+
+class SecretFileError(ValueError):
+    """A password file that cannot serve: unreadable, not UTF-8 text, or empty."""
+
+
+def read_secret_file(path: str | Path, where: str) -> str:
+    """The MQTT password in `path`, stripped; `where` says which option or variable named it."""
+    try:
+        secret = Path(path).read_text().strip()
+    except OSError as err:
+        why = err.strerror or str(err)
+        raise SecretFileError(f"{where} {path}: cannot read the MQTT password: {why}") from None
+    except UnicodeDecodeError:
+        raise SecretFileError(f"{where} {path}: the MQTT password file is not UTF-8 text") from None
+    if not secret:
+        raise SecretFileError(f"{where} {path}: the MQTT password file is empty")
+    return secret
