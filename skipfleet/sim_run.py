@@ -189,7 +189,8 @@ class Simulation:
         fleet.set_control_url(control.url)
         self.say(
             f"{len(specs)} agents started; inject faults with: skipfleet fleet --run-dir "
-            f"{self.run_dir} ls|kill|pause|cut DEVICE"
+            f"{self.run_dir} ls|kill|pause|cut DEVICE (or --control {control.url} "
+            f"--token-file {control.token_file})"
         )
         return fleet
 
