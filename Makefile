@@ -30,9 +30,11 @@ system-deps:
 broker-deps:
 	@bash deploy/install-system-deps.sh --if-possible mosquitto
 
+# ruff, then mypy over what [tool.mypy] in pyproject.toml lists (strict for shared/, coordinator/)
 lint: setup
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
+	$(BIN)/mypy
 
 # The suite runs with a Docker engine: as root, deploy/docker-engine.sh starts Debian's dockerd
 # when none answers, and stops it when the suite is done.
@@ -52,4 +54,4 @@ bench: setup
 	$(BIN)/skipfleet bench trainer --dataset har --methods all --trials 20 --json out/bench-har.json
 
 clean:
-	rm -rf $(VENV) out .pytest_cache .ruff_cache
+	rm -rf $(VENV) out .pytest_cache .ruff_cache .mypy_cache

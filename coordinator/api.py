@@ -57,6 +57,9 @@ _DEVICE = r"[a-z0-9-]{1,64}"
 _COHORT = r"[a-z0-9][a-z0-9._-]{0,127}"
 
 Response = tuple[int, Any]
+Query = dict[str, list[str]]  # a request's query string, as parse_qs returns it
+Body = dict[str, Any]  # a POST request's JSON object
+Json = Any  # a JSON-ready view (dicts, lists, numbers, strings) as the fleet actor returns it
 _STATIC_NAME = r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}"
 
 
@@ -139,7 +142,7 @@ class FleetApi:
 
     # ---- handlers
 
-    def _health(self, query: dict) -> dict:
+    def _health(self, query: Query) -> dict[str, Any]:
         health = self._port.health()
         connected = self._bridge_connected()
         if not connected:
@@ -149,52 +152,52 @@ class FleetApi:
             raise ApiError(HTTPStatus.SERVICE_UNAVAILABLE, f"work is stuck: {stuck}")
         return {**health, "mqtt_connected": connected}
 
-    def _devices(self, query: dict) -> list:
+    def _devices(self, query: Query) -> Json:
         return self._port.read("devices")
 
-    def _device(self, query: dict, device_id: str) -> dict:
+    def _device(self, query: Query, device_id: str) -> Json:
         return self._port.read("device", device_id)
 
-    def _device_adapters(self, query: dict, device_id: str) -> list:
+    def _device_adapters(self, query: Query, device_id: str) -> Json:
         return self._port.read("device_adapters", device_id)
 
-    def _jobs(self, query: dict) -> list:
+    def _jobs(self, query: Query) -> Json:
         device = _one(query, "device")
         if device is not None and not re.fullmatch(_DEVICE, device):
             raise ApiError(HTTPStatus.BAD_REQUEST, f"device {device!r} is not a device id")
         return self._port.read("jobs", _limit(query, 100), device)
 
-    def _rounds(self, query: dict) -> list:
+    def _rounds(self, query: Query) -> Json:
         return self._port.read("rounds", _limit(query, 50))
 
-    def _adapters(self, query: dict) -> list:
+    def _adapters(self, query: Query) -> Json:
         return self._port.read("adapters")
 
-    def _adapter(self, query: dict, cohort: str, version: str) -> dict:
+    def _adapter(self, query: Query, cohort: str, version: str) -> Json:
         return self._port.read("adapter", cohort, int(version))
 
-    def _runs(self, query: dict) -> list:
+    def _runs(self, query: Query) -> Json:
         return self._port.read("runs", _limit(query, 20))
 
-    def _clusters(self, query: dict) -> list:
+    def _clusters(self, query: Query) -> Json:
         return self._port.read("clusters")
 
-    def _dashboard_page(self, query: dict) -> Raw:
+    def _dashboard_page(self, query: Query) -> Raw:
         return Raw("text/html; charset=utf-8", (STATIC_DIR / "dashboard.html").read_bytes())
 
-    def _dashboard_state(self, query: dict) -> dict:
+    def _dashboard_state(self, query: Query) -> dict[str, Any]:
         return self.dashboard.state()
 
-    def _dashboard_static(self, query: dict, name: str) -> Raw:
+    def _dashboard_static(self, query: Query, name: str) -> Raw:
         found = static_file(name)
         if found is None:
             raise ApiError(HTTPStatus.NOT_FOUND, f"no such file: {name}")
         return Raw(f"{found[0]}; charset=utf-8", found[1])
 
-    def _finetune(self, body: dict) -> dict:
+    def _finetune(self, body: Body) -> dict[str, Any]:
         return self._port.request_finetune(*_selection(body))
 
-    def _evaluate(self, body: dict) -> dict:
+    def _evaluate(self, body: Body) -> dict[str, Any]:
         body = dict(body)
         version = body.pop("adapter_version", None)
         if version is not None and (
@@ -203,7 +206,7 @@ class FleetApi:
             raise ApiError(HTTPStatus.BAD_REQUEST, '"adapter_version" must be an integer >= 0')
         return self._port.evaluate(*_selection(body), version)
 
-    def _promote(self, body: dict, cohort: str, version: str) -> dict:
+    def _promote(self, body: Body, cohort: str, version: str) -> dict[str, Any]:
         unknown = set(body) - {"force"}
         if unknown:
             raise ApiError(HTTPStatus.BAD_REQUEST, f"unknown fields {sorted(unknown)}")
@@ -212,7 +215,7 @@ class FleetApi:
             raise ApiError(HTTPStatus.BAD_REQUEST, '"force" must be true or false')
         return self._port.promote(cohort, int(version), force)
 
-    def _rollback(self, body: dict, cohort: str) -> dict:
+    def _rollback(self, body: Body, cohort: str) -> dict[str, Any]:
         cluster = body.get("cluster")
         if cluster is not None and (
             not isinstance(cluster, str) or not re.fullmatch(r"[a-z0-9]{1,16}", cluster)
@@ -221,7 +224,7 @@ class FleetApi:
         return self._port.rollback(cohort, cluster)
 
 
-def _selection(body: dict) -> tuple[list[str] | None, str | None, bool]:
+def _selection(body: Body) -> tuple[list[str] | None, str | None, bool]:
     """Who an operator command is for: {"devices": [...]}, {"cohort": ...} or {"all": true}."""
     unknown = set(body) - {"devices", "cohort", "all"}
     if unknown:
@@ -238,7 +241,7 @@ def _selection(body: dict) -> tuple[list[str] | None, str | None, bool]:
     return devices, cohort, all_
 
 
-def _json_body(body: bytes) -> dict:
+def _json_body(body: bytes) -> Body:
     if len(body) > MAX_BODY_BYTES:
         raise ApiError(HTTPStatus.REQUEST_ENTITY_TOO_LARGE, f"body over {MAX_BODY_BYTES} bytes")
     if not body.strip():
@@ -252,12 +255,12 @@ def _json_body(body: bytes) -> dict:
     return value
 
 
-def _one(query: dict, name: str) -> str | None:
+def _one(query: Query, name: str) -> str | None:
     values = query.get(name)
     return None if not values else values[-1]
 
 
-def _limit(query: dict, default: int) -> int:
+def _limit(query: Query, default: int) -> int:
     text = _one(query, "limit")
     if text is None:
         return default

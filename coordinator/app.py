@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import threading
 from dataclasses import dataclass
+from typing import Any
 
 import ray
 
@@ -54,7 +55,7 @@ class FatalSignal:
 @dataclass
 class Coordinator:
     config: CoordinatorConfig
-    actor: ray.actor.ActorHandle
+    actor: ray.actor.ActorHandle[Any]
     port: RayFleetPort
     metrics: FleetMetrics
     bridge: MqttBridge
@@ -81,7 +82,11 @@ class Coordinator:
 
     @classmethod
     def _start_parts(
-        cls, config: CoordinatorConfig, actor, guard: RequestGuard, lock: StateDirLock
+        cls,
+        config: CoordinatorConfig,
+        actor: ray.actor.ActorHandle[Any],
+        guard: RequestGuard,
+        lock: StateDirLock,
     ) -> Coordinator:
         port = RayFleetPort(actor)
         try:

@@ -22,6 +22,8 @@ from collections.abc import Callable
 from enum import StrEnum
 
 import paho.mqtt.client as paho
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
 
 from coordinator.config import CoordinatorConfig
 from coordinator.delivery import AckToken, InboundAcks, PublishTracker
@@ -105,30 +107,37 @@ class InboundDecoder:
         self._clock = clock
         self._reassembler = SenderReassemblers()  # a device evicts only its own
 
-    def decode(self, topic: str, payload: bytes) -> Received | None:
+    def decode(self, topic: str, payload: bytes | bytearray) -> Received | None:
         try:
             device, kind = self._topics.parse(topic)
         except ValueError:
-            return self._rejected(RejectReason.BAD_TOPIC, f"topic {topic!r}")
+            self._rejected(RejectReason.BAD_TOPIC, f"topic {topic!r}")
+            return None
         if not kind.from_device:
-            return self._rejected(RejectReason.BAD_TOPIC, f"a command topic {topic!r}")
+            self._rejected(RejectReason.BAD_TOPIC, f"a command topic {topic!r}")
+            return None
         self._metrics.message_received(kind.value, len(payload))
         if len(payload) > self._publish_limit:
-            return self._rejected(RejectReason.OVERSIZED, f"{len(payload)} bytes on {topic}")
+            self._rejected(RejectReason.OVERSIZED, f"{len(payload)} bytes on {topic}")
+            return None
         try:
             envelope = decode(payload, max_bytes=self._publish_limit)
         except DecodeError as err:
-            return self._rejected(RejectReason.MALFORMED, f"{topic}: {err}")
+            self._rejected(RejectReason.MALFORMED, f"{topic}: {err}")
+            return None
         try:
             check_route(device, kind, envelope)
         except DecodeError as err:
-            return self._rejected(RejectReason.WRONG_ROUTE, f"{topic}: {err}")
+            self._rejected(RejectReason.WRONG_ROUTE, f"{topic}: {err}")
+            return None
         try:
             whole = self._reassembler.feed(envelope)
         except ReassemblyError as err:
-            return self._rejected(RejectReason.REASSEMBLY, f"{topic}: {err}")
+            self._rejected(RejectReason.REASSEMBLY, f"{topic}: {err}")
+            return None
         except DecodeError as err:
-            return self._rejected(RejectReason.MALFORMED, f"{topic} (reassembled): {err}")
+            self._rejected(RejectReason.MALFORMED, f"{topic} (reassembled): {err}")
+            return None
         if whole is None:
             return None
         return Received(whole, self._clock())
@@ -136,7 +145,6 @@ class InboundDecoder:
     def _rejected(self, reason: RejectReason, detail: str) -> None:
         log.debug("dropping an inbound message (%s): %s", reason.value, detail)
         self._metrics.message_rejected(reason.value)
-        return None
 
 
 class MqttBridge:
@@ -253,7 +261,14 @@ class MqttBridge:
 
     # ---- paho callbacks (network thread: quick, never blocking)
 
-    def _handle_connect(self, client, userdata, flags, reason_code, properties) -> None:
+    def _handle_connect(
+        self,
+        client: paho.Client,
+        userdata: object,
+        flags: paho.ConnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
         if reason_code.is_failure:
             message = describe_refusal(reason_code, self._config.mqtt)
             log.error("%s", message)
@@ -265,7 +280,14 @@ class MqttBridge:
         self._connected.set()
         log.info("connected to %s", self._config.mqtt.url)
 
-    def _handle_disconnect(self, client, userdata, flags, reason_code, properties) -> None:
+    def _handle_disconnect(
+        self,
+        client: paho.Client,
+        userdata: object,
+        flags: paho.DisconnectFlags,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
         self._connected.clear()
         if self._stopping.is_set():
             return
@@ -280,7 +302,9 @@ class MqttBridge:
                 f"the session. Give each coordinator its own --instance (and broker account)",
             )
 
-    def _handle_message(self, client, userdata, message) -> None:
+    def _handle_message(
+        self, client: paho.Client, userdata: object, message: paho.MQTTMessage
+    ) -> None:
         token = self._acks.token(message.mid, message.qos)
         received = self._decoder.decode(message.topic, message.payload)
         if message.qos == 0 and self._inbox.qsize() >= QUEUE_CAPACITY:
@@ -301,7 +325,14 @@ class MqttBridge:
             log.error("inbound queue full: dropped a QoS 0 message on %s", topic)
         self._metrics.message_rejected(RejectReason.OVERLOAD.value)
 
-    def _handle_publish(self, client, userdata, mid, reason_code, properties) -> None:
+    def _handle_publish(
+        self,
+        client: paho.Client,
+        userdata: object,
+        mid: int,
+        reason_code: ReasonCode,
+        properties: Properties | None,
+    ) -> None:
         if reason_code.is_failure:  # refused (e.g. the ACL): it will never be delivered
             log.error("the broker refused publish %d: %s", mid, reason_code)
         self._published.on_puback(mid)
@@ -339,7 +370,7 @@ class MqttBridge:
             self._wake.set()
 
     def _take(self, limit: int) -> list[tuple[Received | None, AckToken]]:
-        batch = []
+        batch: list[tuple[Received | None, AckToken]] = []
         while len(batch) < limit:
             try:
                 batch.append(self._inbox.get_nowait())

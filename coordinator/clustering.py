@@ -21,7 +21,7 @@ The cost is O(devices × clusters) per pass, so it runs on 10,000 devices.
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 
 import numpy as np
@@ -97,7 +97,7 @@ def assign(
 
 
 def carry_over_ids(
-    previous: Mapping[str, frozenset[str]], clusters: list[Cluster], new_id
+    previous: Mapping[str, frozenset[str]], clusters: list[Cluster], new_id: Callable[[], str]
 ) -> dict[str, Cluster]:
     """Names the new clusters: each keeps the id of the previous cluster it shares the most
     members with (each old id used once; larger overlaps first), else gets new_id().

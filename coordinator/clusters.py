@@ -14,7 +14,7 @@ device runs its cluster's adapter. Rules:
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -140,12 +140,13 @@ class ClusterBook:
 
     # ---- internals
 
-    def _cluster(self, cohort, records, previous):
-        labelled = {
-            r.device_id: r.signature_vector().astype(np.float64)
-            for r in records
-            if r.labelled and r.signature is not None
-        }
+    def _cluster(
+        self,
+        cohort: str,
+        records: Sequence[DeviceRecord],
+        previous: Mapping[str, frozenset[str]],
+    ) -> tuple[list[Placement], Mapping[str, np.ndarray | None]]:
+        labelled = labelled_signatures(records)
         if self.max_distance is None or not labelled:
             why = "clustering is off" if self.max_distance is None else "no signatures yet"
             how = f"the whole cohort ({why})"
@@ -168,7 +169,12 @@ class ClusterBook:
                 placements.append(self._place_one(r, members, centroids))
         return placements, centroids
 
-    def _place_one(self, record, members, centroids) -> Placement:
+    def _place_one(
+        self,
+        record: DeviceRecord,
+        members: Mapping[str, Sequence[str]],
+        centroids: Mapping[str, np.ndarray],
+    ) -> Placement:
         if WHOLE_COHORT in members:
             return Placement(record.device_id, WHOLE_COHORT, "the whole cohort")
         if not members:
@@ -207,14 +213,20 @@ def current_centroids(
     clusters: dict[str, tuple[str, ...]], members: Sequence[DeviceRecord]
 ) -> dict[str, np.ndarray]:
     """Each cluster's mean signature over its labelled members that have one now."""
-    signatures = {
-        r.device_id: r.signature_vector().astype(np.float64)
-        for r in members
-        if r.labelled and r.signature is not None
-    }
-    out = {}
+    signatures = labelled_signatures(members)
+    out: dict[str, np.ndarray] = {}
     for cluster, ids in clusters.items():
         vectors = [signatures[d] for d in ids if d in signatures]  # each (H,)
         if vectors:
             out[cluster] = np.mean(vectors, axis=0)  # (H,)
+    return out
+
+
+def labelled_signatures(records: Iterable[DeviceRecord]) -> dict[str, np.ndarray]:
+    """The float64 signatures of the labelled devices that have one, by device id."""
+    out = {}
+    for r in records:
+        vector = r.signature_vector() if r.labelled else None  # None: no signature
+        if vector is not None:
+            out[r.device_id] = vector.astype(np.float64)
     return out

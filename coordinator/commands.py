@@ -8,6 +8,7 @@ Persisted, so a restarted actor still knows what an arriving status answers.
 
 from __future__ import annotations
 
+import sqlite3
 from dataclasses import dataclass
 from enum import StrEnum
 
@@ -99,7 +100,7 @@ class CommandLog:
         return None if row is None else _from_row(row)
 
 
-def _from_row(row) -> CommandRecord:
+def _from_row(row: sqlite3.Row) -> CommandRecord:
     return CommandRecord(
         job_id=row["job_id"],
         device_id=row["device_id"],

@@ -15,7 +15,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from coordinator.aggregation.bounds import TrustBounds
 from coordinator.clustering import DEFAULT_CLUSTER_DISTANCE
@@ -143,7 +143,7 @@ class CoordinatorConfig:
     cluster_distance: float | None = DEFAULT_CLUSTER_DISTANCE  # None: one cluster per cohort
     trust: TrustBounds = field(default_factory=TrustBounds)
     label_free_rollout: LabelFreeRollout = LabelFreeRollout.DRIFTED
-    algorithm: AggregationAlgorithm = AggregationAlgorithm.EXACT_DELTA
+    algorithm: AggregationAlgorithm = AggregationAlgorithm.COORDINATE_MEDIAN
     encoding: WireEncoding = WireEncoding.FLOAT32
     chunk_limit: int = 131_072
     energy_period_s: float = 3600.0
@@ -461,7 +461,7 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
     add(
         "--algorithm",
         choices=[a.value for a in AggregationAlgorithm],
-        default=AggregationAlgorithm.EXACT_DELTA.value,
+        default=AggregationAlgorithm.COORDINATE_MEDIAN.value,
         help="how a round aggregates the devices' updates",
     )
     add(
@@ -625,7 +625,10 @@ def _mqtt_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Mqtt
     from shared.mqtt import parse_broker_url
 
     url = args.broker or DEFAULT_BROKER
-    overrides: dict = {"session_expiry_s": args.session_expiry_seconds, "tls_ca": args.tls_ca}
+    overrides: dict[str, Any] = {
+        "session_expiry_s": args.session_expiry_seconds,
+        "tls_ca": args.tls_ca,
+    }
     username = args.username
     if username:
         overrides["username"] = username

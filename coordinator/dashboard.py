@@ -37,6 +37,8 @@ RUNS_SHOWN = 50
 # series name -> the devices view's field, read whenever a new heartbeat arrived
 # (when, what): an evaluation of what the device runs, and a fine-tune's result
 ACCURACY_READINGS = (("accuracy_at", "accuracy"), ("last_finetune_at", "accuracy_after"))
+Point = tuple[float, Any]  # (when, the reading)
+View = dict[str, Any]  # one JSON-ready record of a fleet view (a device, a run, a round, ...)
 HEARTBEAT_SERIES = {"drift": "confidence_score", "power": "power_w", "spool": "spool_depth"}
 
 
@@ -45,9 +47,9 @@ class FleetHistory:
 
     def __init__(self, points: int = HISTORY_POINTS, shown: int = POINTS_SHOWN) -> None:
         self._points, self._shown = points, shown
-        self._series: dict[str, dict[str, deque]] = {}
+        self._series: dict[str, dict[str, deque[Point]]] = {}
         self._last: dict[str, dict[str, Any]] = {}  # device -> the times last recorded
-        self._events: deque = deque(maxlen=MAX_EVENTS)
+        self._events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
         self._lock = threading.Lock()  # the sampler writes, API threads read
 
     def record(self, devices: list[dict[str, Any]], now: float) -> None:
@@ -82,7 +84,7 @@ class FleetHistory:
                 self._events.append(_event(at, "device", f"{name} {state}", device=name))
             last["online"] = online
 
-    def series(self) -> dict[str, dict[str, list]]:
+    def series(self) -> dict[str, dict[str, list[Point]]]:
         with self._lock:
             return {
                 device: {what: _thin(sorted(points), self._shown) for what, points in by.items()}
@@ -94,7 +96,7 @@ class FleetHistory:
             return list(self._events)
 
 
-def _thin(points: list, most: int) -> list:
+def _thin(points: list[Point], most: int) -> list[Point]:
     """At most `most` points, evenly spaced, the newest always among them."""
     if len(points) <= most:
         return points
@@ -105,7 +107,7 @@ def _thin(points: list, most: int) -> list:
 class HistorySampler:
     """Calls `sample` every `interval` seconds in a daemon thread, until stopped."""
 
-    def __init__(self, sample: Callable[[], None], interval: float = SAMPLE_S) -> None:
+    def __init__(self, sample: Callable[[], object], interval: float = SAMPLE_S) -> None:
         self._sample, self._interval = sample, interval
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dashboard-history", daemon=True)
@@ -152,7 +154,7 @@ def read_fleet_events(path: Path | None) -> list[dict[str, Any]]:
     return events
 
 
-def rollouts(adapters: list[dict]) -> list[dict[str, Any]]:
+def rollouts(adapters: list[View]) -> list[dict[str, Any]]:
     """Every canary rollout, newest first, with each canary device's candidate and current
     accuracy (None where it did not answer) and why it was decided."""
     out = []
@@ -178,7 +180,7 @@ def rollouts(adapters: list[dict]) -> list[dict[str, Any]]:
     return sorted(out, key=lambda r: r["started_at"], reverse=True)
 
 
-def _canary(result: dict | None) -> dict[str, Any]:
+def _canary(result: View | None) -> dict[str, Any]:
     result = result or {}
     return {
         "candidate": result.get("accuracy_candidate"),
@@ -191,7 +193,9 @@ def _event(t: float, kind: str, text: str, **more: Any) -> dict[str, Any]:
     return {"t": t, "kind": kind, "text": text, **more}
 
 
-def timeline(runs: list, rounds: list, rollouts_: list, *more: list) -> list[dict[str, Any]]:
+def timeline(
+    runs: list[View], rounds: list[View], rollouts_: list[View], *more: list[View]
+) -> list[dict[str, Any]]:
     """What happened, oldest first: runs, rounds, canaries and decisions, and `more` (device
     online/offline changes, injected faults)."""
     events = [e for extra in more for e in extra]
@@ -232,7 +236,7 @@ class Dashboard:
         self._events_file, self._clock = events_file, clock
 
     def sample(self) -> list[dict[str, Any]]:
-        devices = self._read("devices")
+        devices: list[dict[str, Any]] = self._read("devices")
         self._history.record(devices, self._clock())
         return devices
 

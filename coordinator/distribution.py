@@ -19,7 +19,8 @@ from __future__ import annotations
 
 import logging
 import math
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any
 
 from coordinator.adapter_store import WHOLE_COHORT, AdapterStoreError
 from coordinator.commands import CanaryRole, CommandRecord
@@ -107,7 +108,7 @@ class AdapterDistributor:
 
     # ---- operator decisions
 
-    def evaluate(self, device_ids: Sequence[str], version: int | None = None) -> dict:
+    def evaluate(self, device_ids: Sequence[str], version: int | None = None) -> dict[str, Any]:
         """Each reachable device measures on its own hold-out the adapter it runs (recorded in
         the registry: `GET /devices`), or the cohort's `version` (0: the base model alone)."""
         f = self._fleet
@@ -118,6 +119,7 @@ class AdapterDistributor:
             if why is not None:
                 skipped[device] = why
                 continue
+            assert record is not None  # _cannot_evaluate refuses an unknown device
             job = f.create_job(device, JobKind.EVALUATE.value, trigger="operator")
             f.commands.add(
                 CommandRecord(job.job_id, device, JobKind.EVALUATE, version, job.created_at)
@@ -126,7 +128,7 @@ class AdapterDistributor:
             sent.append({"device": device, "job_id": job.job_id})
         return {"evaluating": sent, "skipped": skipped}
 
-    def promote(self, cohort: str, version: int, force: bool = False) -> dict:
+    def promote(self, cohort: str, version: int, force: bool = False) -> dict[str, Any]:
         f = self._fleet
         meta = f.store.meta(cohort, version)
         if meta is None:
@@ -162,7 +164,7 @@ class AdapterDistributor:
                 return rollout
         return None
 
-    def rollback(self, cohort: str, cluster: str | None = None) -> dict:
+    def rollback(self, cohort: str, cluster: str | None = None) -> dict[str, Any]:
         f = self._fleet
         current = f.store.current_versions(cohort)
         if cluster is None:
@@ -172,7 +174,8 @@ class AdapterDistributor:
             cluster = next(iter(current))
         if cluster not in current:
             raise Conflict(f"cohort {cohort} cluster {cluster} runs no fleet adapter")
-        parent = f.store.meta(cohort, current[cluster]).parent_version
+        meta = f.store.meta(cohort, current[cluster])
+        parent = None if meta is None else meta.parent_version
         if parent is None:
             # The agent cannot be told to drop its adapter for the bare base model.
             raise Conflict(
@@ -207,17 +210,21 @@ class AdapterDistributor:
             current = f.store.current_versions(cohort)
             for device in members:
                 record = f.registry.get(device)
+                if record is None:  # gone since cohorts() listed it
+                    continue
                 cluster = self._cluster_of(cohort, record)
                 version = current.get(cluster) if cluster is not None else None
-                if version is None or not self._due(record, version, now):
+                if cluster is None or version is None or not self._due(record, version, now):
                     continue
                 self._offer(record, version, cluster)
 
     def on_registered(self, record: DeviceRecord) -> None:
         """A device joined (or changed) its cohort: place it, and tell it what it should run."""
+        if record.cohort is None:  # no presence yet: in no cohort to place it in
+            return
         cluster = self._cluster_of(record.cohort, record)
         version = self._fleet.store.current_version(record.cohort, cluster) if cluster else None
-        if version is not None:
+        if version is not None and cluster is not None:
             self._offer(record, version, cluster)
 
     def owes(self, record: DeviceRecord) -> bool:
@@ -246,7 +253,9 @@ class AdapterDistributor:
 
     # ---- internals: offers
 
-    def _offer_cluster(self, cohort, cluster, version, *, labelled_only: bool) -> list[str]:
+    def _offer_cluster(
+        self, cohort: str, cluster: str, version: int, *, labelled_only: bool
+    ) -> list[str]:
         sent = []
         for record in self._members(cohort, cluster):
             if labelled_only and not record.labelled:
@@ -261,6 +270,7 @@ class AdapterDistributor:
         measures = record.labelled
         if not measures and not self._takes_without_measuring(record):
             return False
+        cohort, base_model_hash = _registered(record)
         applying = f.reachable(record) and not f.jobs.active(record.device_id)
         if applying:
             job = f.create_job(record.device_id, JobKind.APPLY_ADAPTER.value, trigger="rollout")
@@ -269,14 +279,14 @@ class AdapterDistributor:
                               job.created_at)
             )  # fmt: skip
             # The adapter first, so the apply job finds it in the agent's inbox: no fetch.
-            f.send_adapter(record.device_id, record.cohort, version)
-            f.send(record.device_id, apply_job(job, version, record.base_model_hash,
+            f.send_adapter(record.device_id, cohort, version)
+            f.send(record.device_id, apply_job(job, version, base_model_hash,
                                                only_if_better=measures))  # fmt: skip
         # The pointer after the adapter (a device given the pointer first would fetch it); it is
         # what a device that is away now finds when it comes back.
         f.send(
             record.device_id,
-            desired(version, record.base_model_hash, record.cohort, only_if_better=measures),
+            desired(version, base_model_hash, cohort, only_if_better=measures),
         )
         if applying:  # an apply's answer settles the offer; reconcile() re-offers otherwise
             f.registry.set_offer(record.device_id, version, None)
@@ -322,7 +332,9 @@ class AdapterDistributor:
 
     # ---- internals: answers
 
-    def _on_applied(self, command: CommandRecord, succeeded: bool, job: Job, status) -> None:
+    def _on_applied(
+        self, command: CommandRecord, succeeded: bool, job: Job, status: JobStatus | None
+    ) -> None:
         f, device, version = self._fleet, command.device_id, command.adapter_version
         if not succeeded:
             f.registry.set_offer(device, version, OFFER_FAILED)
@@ -336,13 +348,15 @@ class AdapterDistributor:
         cluster = self._version_cluster(f.registry.get(device), version)
         # The device measured both on its hold-out: what it runs now has the one it kept.
         measured = detail.get("accuracy_candidate" if installed else "accuracy_running")
-        if _is_ratio(measured):
-            f.registry.record_accuracy(device, float(measured))
+        accuracy = _ratio(measured)
+        if accuracy is not None:
+            f.registry.record_accuracy(device, accuracy)
         if installed:
             why = _measured(f"runs {cluster} v{version}", detail)
             f.registry.set_running(device, version=version, origin="fleet", reason=why)
         else:
-            origin = detail.get("origin") or AdapterOrigin.PERSONAL.value
+            # str(): the registry's TEXT column stores any value as text anyway
+            origin = str(detail.get("origin") or AdapterOrigin.PERSONAL.value)
             why = _measured(f"keeps its {origin} adapter, declined {cluster} v{version}", detail)
             f.registry.set_running(
                 device, version=_int_or_none(detail.get("adapter_version")), origin=origin,
@@ -350,8 +364,10 @@ class AdapterDistributor:
             )  # fmt: skip
         f.registry.set_offer(device, version, OFFER_INSTALLED if installed else OFFER_DECLINED)
 
-    def _version_cluster(self, record: DeviceRecord | None, version: int) -> str:
-        meta = None if record is None else self._fleet.store.meta(record.cohort, version)
+    def _version_cluster(self, record: DeviceRecord | None, version: int | None) -> str:
+        meta = None
+        if record is not None and record.cohort is not None and version is not None:
+            meta = self._fleet.store.meta(record.cohort, version)
         cluster = meta.cluster if meta is not None else WHOLE_COHORT
         return "the cohort's" if cluster == WHOLE_COHORT else f"cluster {cluster}'s"
 
@@ -382,7 +398,7 @@ class AdapterDistributor:
                 ),
             )
 
-    def _decide(self, rollout_id: str, record) -> None:
+    def _decide(self, rollout_id: str, record: Callable[[str], Rollout]) -> None:
         """Records a canary outcome; acts if that decided the rollout (and not before)."""
         before = self._fleet.rollouts.get(rollout_id)
         if before is None or before.is_decided:
@@ -408,6 +424,13 @@ class AdapterDistributor:
             self.distribute(rollout.cohort, rollout.cluster)
 
 
+def _registered(record: DeviceRecord) -> tuple[str, str]:
+    """(cohort, base model hash) of a device in a cohort: its presence set both."""
+    if record.cohort is None or record.base_model_hash is None:
+        raise ValueError(f"device {record.device_id} has sent no presence: in no cohort")
+    return record.cohort, record.base_model_hash
+
+
 def _cannot_evaluate(fleet: Fleet, record: DeviceRecord | None) -> str | None:
     if record is None:
         return "unknown device"
@@ -418,19 +441,21 @@ def _cannot_evaluate(fleet: Fleet, record: DeviceRecord | None) -> str | None:
     return None
 
 
-def _measured(what: str, detail: Mapping) -> str:
+def _measured(what: str, detail: Mapping[str, object]) -> str:
     candidate, running = detail.get("accuracy_candidate"), detail.get("accuracy_running")
     if isinstance(candidate, int | float) and isinstance(running, int | float):
         return f"{what}: {candidate:.3f} against {running:.3f} on its hold-out"
     return what
 
 
-def _is_ratio(value) -> bool:
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    return ok and 0.0 <= value <= 1.0  # NaN fails both
+def _ratio(value: object) -> float | None:
+    """The value as a float if it is a number in [0, 1] (not a bool), else None."""
+    if isinstance(value, bool) or not isinstance(value, int | float):
+        return None
+    return float(value) if 0.0 <= value <= 1.0 else None  # NaN fails both
 
 
-def _int_or_none(value) -> int | None:
+def _int_or_none(value: object) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 

@@ -91,7 +91,9 @@ class RunProgress:
             return Decision(Next.CONTINUE, last, f"round budget of {self.policy.max_rounds} used")
         return Decision(Next.CONTINUE)
 
-    def _why_stalled(self, before: Mapping[str, Measured], after: Mapping[str, Measured]):
+    def _why_stalled(
+        self, before: Mapping[str, Measured], after: Mapping[str, Measured]
+    ) -> str | None:
         both = sorted(set(before) & set(after))
         if not both:
             return "no device measured both it and the aggregate before"

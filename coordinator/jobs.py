@@ -248,6 +248,8 @@ class JobTable:
 
     def latest_for_device(self, device_id: str, kind: str | None = None) -> Job | None:
         """The device's newest job, or its newest job of one kind (e.g. "finetune")."""
+        where: str
+        args: tuple[str, ...]
         where, args = "device_id = ?", (device_id,)
         if kind is not None:
             where, args = "device_id = ? AND kind = ?", (device_id, kind)
@@ -259,7 +261,7 @@ class JobTable:
 
     def round_progress(self, round_id: str) -> tuple[int, int]:
         """(active, succeeded) job counts of the round, over all attempts, in one query."""
-        row = self._db.query_one(
+        (row,) = self._db.query(  # an aggregate: always one row
             f"SELECT COALESCE(SUM({_ACTIVE_SQL}), 0) AS active, "
             "COALESCE(SUM(state = 'SUCCEEDED'), 0) AS succeeded FROM jobs WHERE round_id = ?",
             (round_id,),

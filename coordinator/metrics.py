@@ -205,8 +205,8 @@ class FleetMetrics:
         rounds reads 0, not "No data", and increase() sees the first one."""
         for outcome in RoundResult:
             self.rounds.labels(outcome=outcome.value)
-        for outcome in RolloutResult:
-            self.rollouts.labels(outcome=outcome.value)
+        for rollout in RolloutResult:
+            self.rollouts.labels(outcome=rollout.value)
         for reason in REJECT_REASONS:
             self.rejected_messages.labels(reason=reason)
         for reason in JOB_FAILURE_REASONS:

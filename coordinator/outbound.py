@@ -26,6 +26,7 @@ from shared.protocol import (
     kind_of,
     topic_kind_for,
 )
+from shared.protocol.messages import JobParams
 from shared.topics import TopicKind
 
 DownlinkMessage = Job | AdapterPublication | DesiredState
@@ -87,7 +88,7 @@ def cancel_job(record: JobRecord, target_job_id: str, base_model_hash: str | Non
     return _job(record, JobKind.CANCEL, CancelParams(target_job_id), base_model_hash)
 
 
-def _job(record: JobRecord, kind: JobKind, params, base_model_hash: str | None) -> Job:
+def _job(record: JobRecord, kind: JobKind, params: JobParams, base_model_hash: str | None) -> Job:
     # The job expires on the device when the coordinator would time it out anyway.
     return Job(record.job_id, kind, params, record.deadline, base_model_hash)
 

@@ -14,8 +14,10 @@ handed out: a rollout to a thousand devices writes a thousand small rows, not th
 from __future__ import annotations
 
 import logging
+import sqlite3
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import cast
 
 from coordinator.outbound import DownlinkMessage, Outbound
 from coordinator.state_db import StateDB
@@ -106,21 +108,22 @@ class DurableOutbox:
         self._db.executemany("DELETE FROM outbox WHERE seq = ?", [(int(s),) for s in seqs])
 
     def backlog(self) -> int:
-        row = self._db.query_one("SELECT COUNT(*) AS n FROM outbox")
+        (row,) = self._db.query("SELECT COUNT(*) AS n FROM outbox")  # COUNT(*): always one row
         return int(row["n"])
 
-    def _message(self, row, resolve: AdapterResolver) -> DownlinkMessage | None:
+    def _message(self, row: sqlite3.Row, resolve: AdapterResolver) -> DownlinkMessage | None:
         where = f"outbox row {row['seq']} for {row['device_id']}"
         try:
             if row["form"] == ADAPTER_REF:
                 f = Fields(unpack(row["body"], max_bytes=4096), where)
                 ref = AdapterRef(f.text("cohort"), f.integer("version"), f.text("encoding"))
-                message = resolve(ref)
-                if message is None:
+                adapter = resolve(ref)
+                if adapter is None:
                     log.warning("%s: adapter %s v%d is gone; not sent", where, ref.cohort,
                                 ref.version)  # fmt: skip
-                return message
-            message = decode(row["body"]).message
+                return adapter
+            # only downlink messages are ever enqueued (add takes a DownlinkMessage)
+            message = cast(DownlinkMessage, decode(row["body"]).message)
         except DecodeError as err:  # written by an older release, or damaged
             log.error("%s cannot be read (%s); not sent", where, err)
             return None

@@ -16,11 +16,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 import uuid
-from collections.abc import Iterable, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 from coordinator.adapter_store import AdapterStoreError
 from coordinator.aggregate_task import AggregationOutcome, Aggregator, algorithms_for
+from coordinator.aggregation import AggregateResult
+from coordinator.clusters import Placement
 from coordinator.distribution import AdapterDistributor
 from coordinator.federation import Next, RunProgress, is_last
 from coordinator.fleet import Conflict, Fleet, select_devices
@@ -41,10 +44,11 @@ AGGREGATION_TIMEOUT_S = 300.0
 
 @dataclass(frozen=True)
 class StartedRounds:
-    rounds: tuple[dict, ...] = ()  # {"round_id", "run_id", "cohort", "devices", "clusters"}
+    # each {"round_id", "run_id", "cohort", "devices", "clusters"}
+    rounds: tuple[dict[str, Any], ...] = ()
     skipped: dict[str, str] = field(default_factory=dict)  # device -> why it is in no round
 
-    def as_dict(self) -> dict:
+    def as_dict(self) -> dict[str, Any]:
         return {"rounds": list(self.rounds), "skipped": dict(self.skipped)}
 
 
@@ -94,7 +98,7 @@ class RoundPipeline:
         for cohort, members in f.registry.cohorts().items():
             if f.runs.active(cohort) or f.rollouts.active(cohort):
                 continue
-            records = [f.registry.get(d) for d in members]
+            records = [r for d in members if (r := f.registry.get(d)) is not None]
             # Noticing drift needs only a reachable device: one busy with an evaluation, say,
             # still counts; its fine-tune job simply waits in the round like any other. A device
             # without labels whose cluster has an adapter for it gets that first (reconcile):
@@ -130,6 +134,7 @@ class RoundPipeline:
                 dict(status.failed),
             )
             run = f.runs.get(found[0])
+            assert run is not None  # round_of found it
             self._round_closed(run, found[1], status.round_id, completed)
 
     def collect(self) -> None:
@@ -175,6 +180,7 @@ class RoundPipeline:
         for run in f.runs.running():
             round_id = run.rounds[-1] if run.rounds else None
             for c in run.in_stage(ClusterStage.AGGREGATING):
+                assert round_id is not None  # a cluster aggregates only after a round
                 if f"{round_id}/{c.cluster}" not in pending:
                     log.info("run %s: resuming cluster %s's aggregation", run.run_id, c.cluster)
                     self._aggregate(run, c, run.round_index, round_id)
@@ -187,7 +193,7 @@ class RoundPipeline:
 
     def _start_run(
         self, cohort: str, records: list[DeviceRecord], trigger: str, skipped: dict[str, str]
-    ) -> dict | None:
+    ) -> dict[str, Any] | None:
         f = self._fleet
         active = f.runs.active(cohort)
         if active is not None:
@@ -203,13 +209,13 @@ class RoundPipeline:
         cluster_of = {p.device_id: p for p in placed}
         trainers: dict[str, list[str]] = {}
         for record in records:
-            why = self._cannot_train(record, cluster_of.get(record.device_id))
+            placement = cluster_of.get(record.device_id)
+            why = self._cannot_train(record, placement)
             if why is not None:
                 skipped[record.device_id] = why
             else:
-                trainers.setdefault(cluster_of[record.device_id].cluster, []).append(
-                    record.device_id
-                )
+                assert placement is not None and placement.cluster is not None  # checked
+                trainers.setdefault(placement.cluster, []).append(record.device_id)
         if not trainers:
             return None
         run = Run(
@@ -245,7 +251,12 @@ class RoundPipeline:
         for member in f.registry.devices(cohort):
             f.registry.set_label_free_reference(member.device_id, label_free_score(member, signal))
 
-    def _invalidate_changed(self, cohort: str, before: dict, after: dict) -> None:
+    def _invalidate_changed(
+        self,
+        cohort: str,
+        before: Mapping[str, frozenset[str]],
+        after: Mapping[str, frozenset[str]],
+    ) -> None:
         """A cluster whose labelled members changed loses its current version: that version's
         canary was measured on other devices, and a device without labels must not get it on
         their word (a damaged-fan adapter on a normal fan). The run's own canary decides anew."""
@@ -256,12 +267,14 @@ class RoundPipeline:
                 log.info("cohort %s cluster %s: its members changed, v%d no longer current",
                          cohort, cluster, version)  # fmt: skip
 
-    def _cannot_train(self, record: DeviceRecord, placement) -> str | None:
+    def _cannot_train(self, record: DeviceRecord, placement: Placement | None) -> str | None:
         f = self._fleet
         if not record.labelled:
             return "no labels: it runs what its cluster's canary passes"
         if not f.reachable(record):
-            return f"not reachable ({f.scheduler.skip_reason(record, f.clock()).value})"
+            reason = f.scheduler.skip_reason(record, f.clock())
+            assert reason is not None  # unreachable: skipped for a reason
+            return f"not reachable ({reason.value})"
         if placement is None or placement.cluster is None:
             return f"in no cluster ({placement.how if placement else 'not placed'})"
         return None
@@ -298,6 +311,7 @@ class RoundPipeline:
         f = self._fleet
         reports = {meta.device_id: meta for meta in f.reports.for_round(round_id)}
         record = f.records.get(round_id)
+        assert record is not None  # opened with the round
         answered = set(record.answered or ())
         for c in run.in_stage(ClusterStage.TRAINING):
             mine = [d for d in c.members if d in answered and d in reports]
@@ -324,6 +338,7 @@ class RoundPipeline:
     def _aggregate(self, run: Run, c: ClusterRun, index: int, round_id: str) -> None:
         f = self._fleet
         record = f.records.get(round_id)
+        assert record is not None  # opened with the round
         request = aggregation_request(
             f, run, c, index, round_id, record.answered or (), record.failures or {}
         )
@@ -342,7 +357,7 @@ class RoundPipeline:
         found = f.runs.round_of(request.round_id)
         run = None if found is None else f.runs.get(found[0])
         c = None if run is None else run.clusters.get(request.cluster)
-        if c is None or c.stage is not ClusterStage.AGGREGATING:
+        if found is None or run is None or c is None or c.stage is not ClusterStage.AGGREGATING:
             return  # resubmitted after a restart, and stored already
         chosen = outcome.run(f.config.algorithm.value)
         if chosen is None or chosen.result is None:
@@ -352,7 +367,7 @@ class RoundPipeline:
             self._stop(c, c.progress.best_measured(), f"aggregation failed: {error}")
         else:
             try:
-                self._store(run, c, found[1], outcome)
+                self._store(run, c, found[1], outcome, chosen.result)
             except AdapterStoreError as err:  # e.g. not finite: refused, the run goes on
                 log.warning("run %s cluster %s: aggregate refused: %s", run.run_id, c.cluster, err)
                 f.records.cluster_outcome(request.round_id, c.cluster, {"error": str(err)})
@@ -363,9 +378,17 @@ class RoundPipeline:
             self._finished(request.round_id, RoundResult.COMPLETED)
             self._advance(run)
 
-    def _store(self, run: Run, c: ClusterRun, index: int, outcome: AggregationOutcome) -> None:
+    def _store(
+        self,
+        run: Run,
+        c: ClusterRun,
+        index: int,
+        outcome: AggregationOutcome,
+        result: AggregateResult,
+    ) -> None:
+        """Stores `result`, the configured strategy's aggregate in `outcome`."""
         f = self._fleet
-        request, result = outcome.request, outcome.run(f.config.algorithm.value).result
+        request = outcome.request
         # Stored already if the actor died right after saving: never two versions of one round.
         meta = next(
             (
@@ -418,6 +441,7 @@ class RoundPipeline:
             self._start_round(run)
         for c in run.in_stage(ClusterStage.ROLLING_OUT):
             if c.rollout_id is None:
+                assert c.candidate is not None  # rolling out: _stop or _store chose one
                 rollout_id, note = self._distributor.start_canary(
                     run.cohort, c.cluster, c.candidate, exclude=c.outliers
                 )
@@ -446,4 +470,5 @@ class RoundPipeline:
     def _finished(self, round_id: str, result: RoundResult) -> None:
         f = self._fleet
         record = f.records.get(round_id)
+        assert record is not None  # opened with the round
         f.events.record(RoundFinished(result, max(0.0, f.clock() - record.started_at)))

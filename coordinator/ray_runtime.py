@@ -41,6 +41,9 @@ log = logging.getLogger(__name__)
 ACTOR_TASK_RETRIES = 3  # calls in flight when the actor died are re-run after its restart
 NAME_WAIT_S = 30.0  # how long a dying actor of our name may keep it
 PROBE_TIMEOUT_S = 5.0  # a live actor answers health() within this
+# A FleetActor's handle: Ray types an actor's methods only for a class its overloads accept,
+# and @ray.remote with concurrency_groups is not one of them (see FleetActor)
+FleetHandle = ray.actor.ActorHandle[Any]
 # The tick that submits a round's aggregation waits this long for it (a round of 1,000 reports
 # aggregates in ~0.1 s): its result is stored in the same tick, not a tick interval later. The
 # actor's other calls wait meanwhile, once a round, when every report is already in.
@@ -78,11 +81,14 @@ class RayAggregator:
     """Submits each strategy of a round as a Ray task over one shared copy of the inputs."""
 
     def __init__(self) -> None:
-        self._pending: dict[str, tuple[AggregationRequest, dict[str, ray.ObjectRef]]] = {}
+        self._pending: dict[
+            str, tuple[AggregationRequest, dict[str, ray.ObjectRef[StrategyRun]]]
+        ] = {}
         self._submitted = False  # since the last collect
 
     def submit(self, request: AggregationRequest, algorithms: Sequence[str]) -> None:
-        results = ray.put(list(request.results))  # once, shared by every strategy's task
+        # once, shared by every strategy's task
+        results: ray.ObjectRef[Sequence[FitResult]] = ray.put(list(request.results))
         failures = list(request.failures)
         refs = {a: aggregate_remote.remote(a, request.shape, results, failures) for a in algorithms}
         self._pending[request.key] = (request, refs)
@@ -112,17 +118,19 @@ class RayAggregator:
         return set(self._pending)
 
 
-def _gather(refs: list[tuple[str, ray.ObjectRef]]) -> list[StrategyRun]:
+def _gather(refs: list[tuple[str, ray.ObjectRef[StrategyRun]]]) -> list[StrategyRun]:
     """One ray.get for every finished task (they are ready: it does not wait)."""
     try:
-        return ray.get([ref for _, ref in refs])
+        runs: list[StrategyRun] = ray.get([ref for _, ref in refs])
+        return runs
     except ray.exceptions.RayError as err:
         # Strategy errors come back as values; this is a task that crashed after its retries.
         log.error("aggregation tasks failed: %s", err)
         return [StrategyRun(algorithm, 0.0, error=f"task failed: {err}") for algorithm, _ in refs]
 
 
-@ray.remote(concurrency_groups={"health": 1, "query": 2}, max_restarts=-1)
+# ray's type overloads for @ray.remote(...) lack concurrency_groups, a documented actor option
+@ray.remote(concurrency_groups={"health": 1, "query": 2}, max_restarts=-1)  # type: ignore[call-overload]
 class FleetActor:
     def __init__(self, config: CoordinatorConfig) -> None:
         logging.basicConfig(
@@ -171,7 +179,7 @@ class FleetActor:
         self._service.close()
 
 
-def start_actor(config: CoordinatorConfig) -> ray.actor.ActorHandle:
+def start_actor(config: CoordinatorConfig) -> FleetHandle:
     """A new named fleet actor on this node, owned by this driver (it dies with it).
 
     Ray's get_if_exists would hand back any actor of the name, a live one (another
@@ -202,7 +210,7 @@ def start_actor(config: CoordinatorConfig) -> ray.actor.ActorHandle:
         time.sleep(0.2)
 
 
-def release_actor(actor: ray.actor.ActorHandle, config: CoordinatorConfig) -> None:
+def release_actor(actor: FleetHandle, config: CoordinatorConfig) -> None:
     """Kills an actor this coordinator created and waits until Ray has released its name, so a
     coordinator started right after this one creates a fresh actor instead of finding this one."""
     ray.kill(actor, no_restart=True)
@@ -214,14 +222,14 @@ def release_actor(actor: ray.actor.ActorHandle, config: CoordinatorConfig) -> No
         time.sleep(0.1)
 
 
-def _named_actor(name: str, namespace: str) -> ray.actor.ActorHandle | None:
+def _named_actor(name: str, namespace: str) -> FleetHandle | None:
     try:
         return ray.get_actor(name, namespace=namespace)
     except ValueError:  # no actor of that name (or it is gone)
         return None
 
 
-def _answers(actor: ray.actor.ActorHandle) -> bool:
+def _answers(actor: FleetHandle) -> bool:
     try:
         ray.get(actor.health.remote(), timeout=PROBE_TIMEOUT_S)
         return True
@@ -231,8 +239,10 @@ def _answers(actor: ray.actor.ActorHandle) -> bool:
         return False  # dead, or dying from a ray.kill
 
 
-def _create_actor(config: CoordinatorConfig) -> ray.actor.ActorHandle:
-    return FleetActor.options(
+def _create_actor(config: CoordinatorConfig) -> FleetHandle:
+    # what @ray.remote made of FleetActor: an ActorClass, which its types do not say (above)
+    actor_class: Any = FleetActor
+    handle: FleetHandle = actor_class.options(
         name=config.fleet_actor_name,
         namespace=config.ray_namespace,
         max_task_retries=ACTOR_TASK_RETRIES,
@@ -241,6 +251,7 @@ def _create_actor(config: CoordinatorConfig) -> ray.actor.ActorHandle:
             node_id=ray.get_runtime_context().get_node_id(), soft=False
         ),
     ).remote(config)
+    return handle
 
 
 class RayFleetPort:
@@ -248,7 +259,7 @@ class RayFleetPort:
     ray.get with a timeout. ingest() waits for the commit, so the bridge can acknowledge; the
     bridge's one worker thread calls it, never the MQTT network thread."""
 
-    def __init__(self, actor: ray.actor.ActorHandle, *, timeout_s: float = 30.0) -> None:
+    def __init__(self, actor: FleetHandle, *, timeout_s: float = 30.0) -> None:
         self.actor = actor
         self._timeout_s = timeout_s
 
@@ -256,15 +267,17 @@ class RayFleetPort:
         self._call(self.actor.ingest, list(batch))
 
     def tick(self, acknowledged: Sequence[int] = ()) -> list[Outbound]:
-        return self._call(self.actor.tick, list(acknowledged))
+        outbound: list[Outbound] = self._call(self.actor.tick, list(acknowledged))
+        return outbound
 
     def metrics_report(self) -> MetricsReport:
-        return self._call(self.actor.metrics_report)
+        report: MetricsReport = self._call(self.actor.metrics_report)
+        return report
 
     def request_finetune(
         self, devices: Sequence[str] | None, cohort: str | None, all_: bool
     ) -> dict[str, Any]:
-        return self._call(
+        return self._answer(
             self.actor.request_finetune, None if devices is None else list(devices), cohort, all_
         )
 
@@ -272,21 +285,26 @@ class RayFleetPort:
         self, devices: Sequence[str] | None, cohort: str | None, all_: bool, version: int | None
     ) -> dict[str, Any]:
         devices = None if devices is None else list(devices)
-        return self._call(self.actor.evaluate, devices, cohort, all_, version)
+        return self._answer(self.actor.evaluate, devices, cohort, all_, version)
 
     def promote(self, cohort: str, version: int, force: bool = False) -> dict[str, Any]:
-        return self._call(self.actor.promote, cohort, version, force)
+        return self._answer(self.actor.promote, cohort, version, force)
 
     def rollback(self, cohort: str, cluster: str | None = None) -> dict[str, Any]:
-        return self._call(self.actor.rollback, cohort, cluster)
+        return self._answer(self.actor.rollback, cohort, cluster)
 
     def read(self, view: str, *args: Any) -> Any:
         return self._call(self.actor.read, view, *args)
 
     def health(self) -> dict[str, Any]:
-        return self._call(self.actor.health)
+        return self._answer(self.actor.health)
 
-    def _call(self, method, *args: Any) -> Any:
+    def _answer(self, method: Any, *args: Any) -> dict[str, Any]:
+        """_call for the actor methods that answer with a JSON-ready dict."""
+        answer: dict[str, Any] = self._call(method, *args)
+        return answer
+
+    def _call(self, method: Any, *args: Any) -> Any:
         try:
             return ray.get(method.remote(*args), timeout=self._timeout_s)
         except ray.exceptions.GetTimeoutError:

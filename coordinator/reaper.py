@@ -36,7 +36,7 @@ def reaper_argv(pid: int) -> list[str]:
     return [sys.executable, "-m", "coordinator.reaper", "--watch", str(pid)]
 
 
-def start_reaper() -> subprocess.Popen:
+def start_reaper() -> subprocess.Popen[bytes]:
     """The reaper of this process (which must lead its process group), as a child of it."""
     return subprocess.Popen(reaper_argv(os.getpid()), stdin=subprocess.DEVNULL, close_fds=True)
 

@@ -126,8 +126,9 @@ _SELECT = f"SELECT {', '.join(_COLUMNS)} FROM devices"
 _ONLINE = _COLUMNS.index("online")
 
 
-def _sql_type(annotation: str) -> str:
+def _sql_type(annotation: object) -> str:
     # Annotations are strings here (from __future__ import annotations): "float | None" etc.
+    assert isinstance(annotation, str), annotation
     base = annotation.split("|")[0].strip()
     sql = {"bool": "INTEGER", "int": "INTEGER", "float": "REAL", "str": "TEXT", "bytes": "BLOB"}[
         base
@@ -139,7 +140,9 @@ _SCHEMA = "CREATE TABLE IF NOT EXISTS devices (device_id TEXT PRIMARY KEY, {});"
     ", ".join(f"{f.name} {_sql_type(f.type)}" for f in dataclasses.fields(DeviceRecord)[1:])
 )
 _NULLABLE_COLUMNS = {
-    f.name: _sql_type(f.type) for f in dataclasses.fields(DeviceRecord)[1:] if "None" in f.type
+    f.name: _sql_type(f.type)
+    for f in dataclasses.fields(DeviceRecord)[1:]
+    if "None" in str(f.type)  # a string annotation, as _sql_type checks
 }
 _UPSERT = "INSERT INTO devices ({}) VALUES ({}) ON CONFLICT(device_id) DO UPDATE SET {}".format(
     ", ".join(_COLUMNS),

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import sqlite3
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
@@ -204,7 +205,7 @@ def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     os.replace(temporary, path)
 
 
-def _from_row(row) -> ReportMeta:
+def _from_row(row: sqlite3.Row) -> ReportMeta:
     return ReportMeta(
         job_id=row["job_id"],
         device_id=row["device_id"],

@@ -128,20 +128,28 @@ def canary_verdict(
 ) -> tuple[RolloutState, str]:
     """Promote when the mean accuracy with the candidate is no worse than with the current
     adapter minus a margin, and no single canary loses more than the per-device margin."""
-    candidate = sum(r.accuracy_candidate for r in results) / len(results)
-    current = sum(r.accuracy_current for r in results) / len(results)
+    measured = {r.device_id: _accuracies(r) for r in results}  # (candidate, current)
+    candidate = sum(a for a, _ in measured.values()) / len(results)
+    current = sum(a for _, a in measured.values()) / len(results)
     summary = f"mean accuracy {candidate:.4f} with v{version} vs {current:.4f}"
     margin = policy.max_accuracy_regression
     if candidate < current - margin:
         return RolloutState.ROLLED_BACK, f"{summary}: regression beyond {margin:.4f}"
-    worst = min(results, key=lambda r: r.accuracy_candidate - r.accuracy_current)
-    drop = worst.accuracy_current - worst.accuracy_candidate
+    worst = min(results, key=lambda r: measured[r.device_id][0] - measured[r.device_id][1])
+    drop = measured[worst.device_id][1] - measured[worst.device_id][0]
     if drop > policy.max_device_regression:
         return RolloutState.ROLLED_BACK, (
             f"{summary}, but {worst.device_id} regresses by {drop:.4f} "
             f"(device margin {policy.max_device_regression:.4f})"
         )
     return RolloutState.PROMOTED, summary
+
+
+def _accuracies(result: CanaryResult) -> tuple[float, float]:
+    """(candidate, current) of a canary that answered: a failed one never reaches a verdict."""
+    if result.accuracy_candidate is None or result.accuracy_current is None:
+        raise ValueError(f"canary {result.device_id} reported no accuracies")
+    return result.accuracy_candidate, result.accuracy_current
 
 
 class RolloutManager:

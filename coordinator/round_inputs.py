@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
+from typing import Any
 
 from coordinator.aggregate_task import AggregationOutcome, AggregationRequest
 from coordinator.aggregation import FitFailure, FitResult, aggregation_gap, bound_reports
@@ -12,17 +13,20 @@ from coordinator.reports import ReportMeta
 from coordinator.runs import ClusterRun, Run
 
 
-def measured_before(reports: Mapping[str, ReportMeta], devices: Sequence[str]) -> dict:
+def measured_before(
+    reports: Mapping[str, ReportMeta], devices: Sequence[str]
+) -> dict[str, Measured]:
     """Each device's hold-out measurement of the adapter its training started from.
 
     A report without one (an agent too old to send it) measures nothing; one without the loss
     counts on accuracy alone.
     """
-    return {
-        d: Measured(reports[d].accuracy_before, reports[d].loss_before or 0.0)
-        for d in devices
-        if reports[d].accuracy_before is not None
-    }
+    out = {}
+    for d in devices:
+        accuracy = reports[d].accuracy_before
+        if accuracy is not None:
+            out[d] = Measured(accuracy, reports[d].loss_before or 0.0)
+    return out
 
 
 def aggregation_request(
@@ -76,7 +80,7 @@ def _registered(fleet: Fleet, device_id: str) -> int | None:
     return None if record is None else record.train_samples
 
 
-def aggregation_gap_view(outcome: AggregationOutcome) -> dict:
+def aggregation_gap_view(outcome: AggregationOutcome) -> dict[str, Any]:
     """How far naive FedAvg lands from the exact aggregate (relative Frobenius, per layer)."""
     exact, naive = outcome.run("exact-delta"), outcome.run("naive-fedavg")
     if exact is None or exact.result is None:

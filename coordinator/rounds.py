@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import math
+import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
@@ -182,7 +183,7 @@ class RoundTable:
         return [_round_from_row(r) for r in rows]
 
     def open_count(self) -> int:
-        row = self._db.query_one(
+        (row,) = self._db.query(  # COUNT(*): always one row
             "SELECT COUNT(*) AS n FROM rounds WHERE outcome = ?", (RoundOutcome.RUNNING.value,)
         )
         return int(row["n"])
@@ -194,7 +195,7 @@ class RoundTable:
         )
 
 
-def _round_from_row(row: Mapping) -> Round:
+def _round_from_row(row: sqlite3.Row) -> Round:
     return Round(
         round_id=row["round_id"],
         device_ids=tuple(json.loads(row["device_ids"])),

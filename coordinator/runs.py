@@ -150,7 +150,7 @@ def _dump(run: Run) -> dict[str, Any]:
 
 
 def _dump_cluster(c: ClusterRun) -> dict[str, Any]:
-    body = asdict(replace(c, progress=None))
+    body = asdict(replace(c, progress=RunProgress(c.progress.policy)))  # written below
     body["aggregates"] = {str(k): v for k, v in c.aggregates.items()}
     body["progress"] = {
         "rounds_done": c.progress.rounds_done,

@@ -453,7 +453,7 @@ def _label_free_drifted(record: DeviceRecord, policy: SchedulerPolicy, now: floa
     at the last run plus a margin (an adapter does not move the inputs back: a drift that stays
     must not start a run after every run)."""
     score = label_free_score(record, policy.label_free_signal)
-    if not _above(score, policy.label_free_threshold):
+    if score is None or not _above(score, policy.label_free_threshold):
         return False
     since = record.label_free_since
     if since is None or now - since < policy.label_free_persistence_s:

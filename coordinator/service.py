@@ -25,7 +25,7 @@ from coordinator.observations import DeviceQuarantined, MessageRejected, Metrics
 from coordinator.outbound import Outbound, cancel_job, finetune_job
 from coordinator.pipeline import RoundPipeline
 from coordinator.round_records import RoundStage
-from coordinator.scheduler import TickResult
+from coordinator.scheduler import SkipReason, TickResult
 from coordinator.stuck import stuck_work
 from shared.protocol import JobKind
 
@@ -253,12 +253,12 @@ class FleetService:
         the job expired when it comes back)."""
         f = self.fleet
         record = f.registry.get(job.device_id)
-        if job.kind == JobKind.CANCEL.value or not f.reachable(record):
+        if job.kind == JobKind.CANCEL.value or record is None or not f.reachable(record):
             return
         cancel = f.create_job(job.device_id, JobKind.CANCEL.value, trigger="cancel")
         f.send(job.device_id, cancel_job(cancel, job.job_id, record.base_model_hash))
 
 
-def _log_skips(skipped: Iterable) -> None:
+def _log_skips(skipped: Iterable[tuple[str, SkipReason]]) -> None:
     for device, reason in skipped:
         log.debug("not fine-tuning %s now: %s", device, reason.value)

@@ -39,7 +39,7 @@ class StateDB:
         self._conn()  # open (and create) the file now: a bad path fails at start, not later
 
     def _conn(self) -> sqlite3.Connection:
-        conn = getattr(self._local, "conn", None)
+        conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
         if conn is not None:
             return conn
         if self._closed:
@@ -81,7 +81,8 @@ class StateDB:
         if depth == 0:
             # IMMEDIATE takes the write lock up front, so a read-modify-write cannot interleave
             # with another connection's and fail at commit time.
-            begin, commit, rollback = "BEGIN IMMEDIATE", "COMMIT", ("ROLLBACK",)
+            rollback: tuple[str, ...] = ("ROLLBACK",)
+            begin, commit = "BEGIN IMMEDIATE", "COMMIT"
         else:
             name = f"sp{depth}"
             begin, commit = f"SAVEPOINT {name}", f"RELEASE {name}"
@@ -102,7 +103,8 @@ class StateDB:
         return self._conn().execute(sql, params).fetchall()
 
     def query_one(self, sql: str, params: Params = ()) -> sqlite3.Row | None:
-        return self._conn().execute(sql, params).fetchone()
+        row: sqlite3.Row | None = self._conn().execute(sql, params).fetchone()
+        return row
 
     def execute(self, sql: str, params: Params = ()) -> int:
         """Runs one statement (in its own transaction unless inside one); returns rowcount."""

@@ -27,7 +27,8 @@ EXIT_CONFIG = 64
 EXIT_UNREACHABLE = 69
 EXIT_API_ERROR = 70
 
-Column = tuple[str, Callable[[dict], str]]
+Device = dict[str, Any]  # one device as GET /devices returns it (JSON)
+Column = tuple[str, Callable[[Device], str]]
 
 
 def configure(parser: argparse.ArgumentParser) -> None:
@@ -72,13 +73,13 @@ def main(args: argparse.Namespace) -> int:
 
 def _error_body(err: urllib.error.HTTPError) -> str:
     try:
-        return json.loads(err.read()).get("error", "")
+        return str(json.loads(err.read()).get("error", ""))
     except (ValueError, AttributeError, OSError):
         return err.reason
 
 
-def _number(key: str, digits: int) -> Callable[[dict], str]:
-    def cell(device: dict) -> str:
+def _number(key: str, digits: int) -> Callable[[Device], str]:
+    def cell(device: Device) -> str:
         value = device.get(key)
         return "-" if value is None else f"{value:.{digits}f}"
 
@@ -94,7 +95,7 @@ def ago(seconds: float | None) -> str:
     return f"{int(seconds)}s ago"
 
 
-def runs(device: dict) -> str:
+def runs(device: Device) -> str:
     """What the device runs: base, personal, or the fleet version (and its cluster)."""
     running = device.get("running") or {}
     version, origin = running.get("version"), running.get("origin")
@@ -103,7 +104,7 @@ def runs(device: dict) -> str:
     return origin or "base"
 
 
-def label_free(device: dict) -> str:
+def label_free(device: Device) -> str:
     scores = [device.get(k) for k in ("confidence_score", "feature_score")]
     present = [s for s in scores if s is not None]
     return "-" if not present else f"{max(present):.2f}"

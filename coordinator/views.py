@@ -10,14 +10,18 @@ from typing import Any
 import numpy as np
 
 from coordinator.adapter_store import WHOLE_COHORT
+from coordinator.clusters import Placement
 from coordinator.fleet import Fleet, NotFound
 from coordinator.jobs import Job
 from coordinator.observations import DeviceGauges, FleetSnapshot
 from coordinator.registry import DeviceRecord
 from coordinator.round_records import RoundRecord, RoundStage
+from coordinator.runs import Run
 
 
-def device_view(record: DeviceRecord, now: float, placement=None) -> dict[str, Any]:
+def device_view(
+    record: DeviceRecord, now: float, placement: Placement | None = None
+) -> dict[str, Any]:
     view = dataclasses.asdict(record)
     del view["signature"]  # bytes: the clusters view shows where it placed the device
     seen = _last_seen(record)
@@ -42,7 +46,7 @@ def _last_seen(r: DeviceRecord) -> float | None:
     return max((t for t in (r.last_heartbeat_at, r.presence_since) if t is not None), default=None)
 
 
-def _gauges(r: DeviceRecord, placement) -> DeviceGauges:
+def _gauges(r: DeviceRecord, placement: Placement | None) -> DeviceGauges:
     origin = _origin(r)
     return DeviceGauges(
         device_id=r.device_id,
@@ -65,18 +69,19 @@ def _gauges(r: DeviceRecord, placement) -> DeviceGauges:
     )
 
 
-def _behind(fleet: Fleet, r: DeviceRecord, placement) -> bool:
+def _behind(fleet: Fleet, r: DeviceRecord, placement: Placement | None) -> bool:
     """Whether the device runs something other than its cluster's current fleet version (the
     cohort's, or the newest, for a device in no cluster with one); False where none exists."""
     current = fleet.store.current_versions(r.cohort) if r.cohort is not None else {}
     if not current:
         return False
     cluster = placement.cluster if placement is not None else None
-    target = current.get(cluster) or current.get(WHOLE_COHORT) or max(current.values())
+    own = current.get(cluster) if cluster is not None else None
+    target = own or current.get(WHOLE_COHORT) or max(current.values())
     return not (_origin(r) == "fleet" and r.adapter_version == target)
 
 
-def _placement(fleet: Fleet, record: DeviceRecord):
+def _placement(fleet: Fleet, record: DeviceRecord) -> Placement | None:
     return (
         None if record.cohort is None else fleet.clusters.placement(record.cohort, record.device_id)
     )
@@ -200,7 +205,7 @@ def runs(fleet: Fleet, limit: int = 20) -> list[dict[str, Any]]:
     return [run_view(r) for r in fleet.runs.recent(limit)]
 
 
-def run_view(run) -> dict[str, Any]:
+def run_view(run: Run) -> dict[str, Any]:
     clusters = {}
     for name, c in run.clusters.items():
         measured = {

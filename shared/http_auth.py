@@ -22,6 +22,7 @@ import os
 import secrets
 from dataclasses import dataclass
 from http import HTTPStatus
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 
 TOKEN_BYTES = 32  # 256 bits, as 43 URL-safe characters
@@ -51,7 +52,7 @@ def ensure_token_file(path: Path) -> str:
     return token
 
 
-def read_token_file(path: Path) -> str:
+def read_token_file(path: str | Path) -> str:
     """The token in an existing file: its first line, stripped; TokenFileError if unusable."""
     try:
         lines = Path(path).read_text().splitlines()
@@ -121,7 +122,7 @@ def _media_type(content_type: str | None) -> str:
     return (content_type or "").split(";", 1)[0].strip().lower()
 
 
-def check_request(guard: RequestGuard, handler) -> Refusal | None:
+def check_request(guard: RequestGuard, handler: BaseHTTPRequestHandler) -> Refusal | None:
     """guard.check() for an http.server request handler (its command, peer and headers)."""
     headers = handler.headers
     return guard.check(

@@ -14,6 +14,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
+from typing import Any
 from urllib.parse import unquote, urlsplit
 
 import paho.mqtt.client as paho
@@ -27,7 +28,7 @@ from shared.protocol import SCHEMA_VERSION, Envelope
 log = logging.getLogger(__name__)
 
 
-def logged(callback: Callable) -> Callable:
+def logged(callback: Callable[..., object]) -> Callable[..., None]:
     """paho re-raises callback exceptions into its loop by default: log them instead."""
 
     @functools.wraps(callback)
@@ -94,7 +95,7 @@ class MqttSettings:
         return f"{scheme}://{host}:{self.port}"
 
 
-def parse_broker_url(url: str, **overrides: object) -> MqttSettings:
+def parse_broker_url(url: str, **overrides: Any) -> MqttSettings:
     """`mqtt://[user:pass@]host[:port]` or `mqtts://...` -> settings; keyword overrides win."""
     try:
         parts = urlsplit(url)
@@ -305,21 +306,24 @@ def describe_refusal(reason_code: ReasonCode, settings: MqttSettings) -> str:
     return f"{settings.url} refused the connection ({said}): {advice}"
 
 
-def report_connect_failures(client: paho.Client, settings: MqttSettings, logger) -> None:
+def report_connect_failures(
+    client: paho.Client, settings: MqttSettings, logger: logging.Logger
+) -> None:
     """Log why each connection attempt fails: paho itself only reports "not connected".
     paho calls on_connect_fail inside its `except OSError` block (loop_forever), so the
     exception being handled is the one that failed the attempt."""
-    failures = [0, ""]  # attempts so far, the last reason logged
+    attempts, last_reason = 0, ""  # attempts so far, the last reason logged
 
-    def on_connect_fail(client, userdata) -> None:
+    def on_connect_fail(client: paho.Client, userdata: object) -> None:
+        nonlocal attempts, last_reason
         err = sys.exc_info()[1]
         reason = describe_connect_error(err, settings) if err else "connection failed"
-        failures[0] += 1
-        if reason != failures[1]:  # a new reason: loud; the same again: a reminder
+        attempts += 1
+        if reason != last_reason:  # a new reason: loud; the same again: a reminder
             logger.error("%s (retrying with backoff)", reason)
         else:
-            logger.warning("still cannot connect (attempt %d): %s", failures[0], reason)
-        failures[1] = reason
+            logger.warning("still cannot connect (attempt %d): %s", attempts, reason)
+        last_reason = reason
 
     client.on_connect_fail = logged(on_connect_fail)
 

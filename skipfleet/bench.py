@@ -41,6 +41,7 @@ def configure(parser: argparse.ArgumentParser) -> None:
     add_coordinator(targets)
     add_federation(targets)
     add_drift(targets)
+    add_faults(targets)
     add_delivery(targets)
     shutdown = targets.add_parser(
         "shutdown",
@@ -49,6 +50,27 @@ def configure(parser: argparse.ArgumentParser) -> None:
     )
     shutdown.add_argument("--trials", type=positive_int, default=3, help="of each (default 3)")
     shutdown.add_argument("--json", metavar="OUT", help="write the results as JSON")
+
+
+def add_faults(targets) -> None:
+    faults = targets.add_parser(
+        "faults",
+        help="issue 10's fault and attack scenarios end to end: reports lost, applied twice, "
+        "honest devices harmed, time to recover",
+    )
+    add_data_dir(faults)
+    add = faults.add_argument
+    add("--rounds", type=positive_int, default=10, help="rounds with a poisoning device")
+    add("--repeats", type=positive_int, default=20,
+        help="runs of the poisoning scenario (training seeds differ run to run)")  # fmt: skip
+    add("--devices", type=positive_int, default=3, help="honest devices (agents in the live part)")
+    add("--steps", type=positive_int, default=60_000,
+        help="SGD steps of a live fine-tune (long enough to fault a round mid-way)")  # fmt: skip
+    add("--outage", type=float, default=120.0, help="seconds of the agent's network outage")
+    add("--seed", type=int, default=0)
+    add("--skip-live", action="store_true", help="only the in-process trust scenarios")
+    add("--work-dir", help="keep every log and state dir here (default: a temporary dir)")
+    add("--json", metavar="OUT", help="write the results as JSON")
 
 
 def add_delivery(targets) -> None:
@@ -92,9 +114,9 @@ def add_federation(targets) -> None:
     add("--seeds", type=positive_int, default=5, help="seeds, each with its own base model")
     add("--method", default="skip2-delta", help="what devices train (default skip2-delta)")
     add("--lr", type=float, help="SGD step size (default 0.02, the coordinator's)")
-    add("--algorithm", default="exact-delta",
+    add("--algorithm", default="coordinate-median",
         choices=("exact-delta", "coordinate-median", "trimmed-mean"),
-        help="how a cluster's reports are combined (default exact-delta)")  # fmt: skip
+        help="how a cluster's reports are combined (default: the coordinator's)")  # fmt: skip
     add("--steps", type=positive_int, default=defaults.steps, help="SGD steps per round")
     add("--max-rounds", type=positive_int, default=defaults.max_rounds)
     add("--min-gain", type=float, default=defaults.min_gain,
@@ -238,6 +260,8 @@ def main(args) -> int:
         from skipfleet import bench_coordinator as bench_module
     elif args.target == "drift":
         from skipfleet import bench_drift as bench_module
+    elif args.target == "faults":
+        from skipfleet import bench_faults as bench_module
     else:
         from skipfleet import bench_agent as bench_module
     try:

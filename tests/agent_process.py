@@ -33,7 +33,14 @@ class Observer(FleetProbe):
 
     def __init__(self, port: int, client_id: str = "observer"):
         settings = MqttSettings("127.0.0.1", port, session_expiry_s=300, reconnect_max_delay_s=2)
+        # every publish as it came off the wire, before reassembly drops repeated chunks: what
+        # a test counts to prove a message arrived once
+        self.publishes: list[tuple[str, bytes]] = []
         super().__init__(settings, client_id)
+
+    def _on_message(self, client, userdata, message) -> None:
+        self.publishes.append((message.topic, bytes(message.payload)))
+        super()._on_message(client, userdata, message)
 
     def wait_for(self, match: Match, timeout: float = WAIT, after: int = 0) -> Envelope:
         try:

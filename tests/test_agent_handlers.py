@@ -54,7 +54,11 @@ class Device:
         self.spool = Spool(tmp_path / "spool.sqlite", max_messages=100)
         self.store = AdapterStore(tmp_path / "adapters", model.weights_hash)
         self.inbox = AdapterInbox()
-        uplink = Uplink("dev-1", Topics(), self.spool, boot_id="boot1")
+        # versions the test's coordinator sends once the device has asked for them
+        self.answers: dict[int, AdapterPublication] = {}
+        self.answering: list[threading.Thread] = []
+        uplink = Uplink("dev-1", Topics(), self.spool, boot_id="boot1",
+                        on_spooled=self._answer_fetches)  # fmt: skip
         self.handlers_choice = own_choice(self.store, tmp_path)
         self.handlers = JobHandlers(
             LocalData(DataPhase(self.learner, files.device_data.X, drifted=False)),
@@ -67,6 +71,17 @@ class Device:
         )
         self.cancel = threading.Event()
         self.progress: list[float] = []
+
+    def _answer_fetches(self) -> None:
+        """Play the coordinator: a fetch request just spooled is answered from another
+        thread, as cmd/adapter arrives on paho's; never before the device asked."""
+        for _, envelope in self.sent():
+            message = envelope.message
+            if isinstance(message, FetchRequest) and message.adapter_version in self.answers:
+                answer = self.answers.pop(message.adapter_version)
+                thread = threading.Thread(target=self.inbox.put, args=(answer,))
+                thread.start()
+                self.answering.append(thread)
 
     def ctx(self):
         return JobContext(cancel=self.cancel, progress=self.progress.append)
@@ -93,6 +108,8 @@ class Device:
 def device(tmp_path, fan_files):  # noqa: F811
     d = Device(tmp_path, fan_files)
     yield d
+    for thread in d.answering:
+        thread.join()
     d.spool.close()
 
 
@@ -183,12 +200,11 @@ def test_apply_for_another_base_model_is_rejected(device):
 
 
 def test_apply_fetches_a_missing_version_and_waits_for_it(device):
-    timer = threading.Timer(0.2, device.inbox.put, [device.publication(9, scale=0.01)])
-    timer.start()
+    device.answers[9] = device.publication(9, scale=0.01)
     outcome = device.handlers.apply_adapter(
         Job("ap", JobKind.APPLY_ADAPTER, ApplyAdapterParams(9), EXPIRES), device.ctx()
     )
-    timer.join()
+    assert not device.answers, "answered only after the device asked"
     assert outcome.detail["adapter_version"] == 9
     ((topic, envelope),) = device.sent()
     assert topic == "fleet/dev-1/fetch" and envelope.message == FetchRequest(9)
@@ -263,10 +279,8 @@ def test_a_finetune_from_a_fleet_version_starts_from_it(device, good_arrays):  #
 
 
 def test_a_finetune_fetches_a_start_version_it_lacks(device, good_arrays):  # noqa: F811
-    timer = threading.Timer(0.2, device.inbox.put, [fleet_version(device, 6, good_arrays)])
-    timer.start()
+    device.answers[6] = fleet_version(device, 6, good_arrays)
     device.handlers.finetune(finetune_job(start_version=6, steps=2), device.ctx())
-    timer.join()
     fetches = [e.message for _, e in device.sent() if isinstance(e.message, FetchRequest)]
     assert fetches == [FetchRequest(6)] and the_report(device).parent_adapter_version == 6
 

@@ -36,6 +36,7 @@ from tests.agent_process import (
 )
 
 pytestmark = pytest.mark.slow
+REPORT_TOPIC = f"fleet/{DEVICE}/report"
 
 
 @pytest.fixture
@@ -72,23 +73,38 @@ def test_sigterm_announces_offline_and_exits_zero(fleet):
     observer.presence(PresenceState.OFFLINE)
 
 
+def wait_until(condition, explain) -> None:
+    """Poll a condition until it holds; fail with explain() after WAIT seconds."""
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, explain()
+        time.sleep(0.05)
+
+
+def mtime_ns(path) -> int:
+    return path.stat().st_mtime_ns
+
+
 def test_the_health_file_is_rewritten_while_connected(fleet, tmp_path):
     start_agent, observer, mosquitto = fleet
     health = tmp_path / "health"
     agent = start_agent("--health-file", str(health), "--heartbeat-seconds", "0.5")
     observer.presence(PresenceState.ONLINE)
-    deadline = time.monotonic() + WAIT
-    while not health.exists() and time.monotonic() < deadline:
-        time.sleep(0.05)
-    first = health.stat().st_mtime_ns
-    while health.stat().st_mtime_ns == first and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert health.stat().st_mtime_ns > first, "heartbeats must keep the file fresh"
+    wait_until(health.exists, agent.log)
+    first = mtime_ns(health)
+    wait_until(lambda: mtime_ns(health) != first, lambda: "heartbeats must keep the file fresh")
     mosquitto.stop()  # disconnected: the file must go stale
-    time.sleep(1.0)  # let a beat that was already under way finish
-    stale = health.stat().st_mtime_ns
-    time.sleep(1.5)  # three heartbeat periods
-    assert health.stat().st_mtime_ns == stale, agent.log()
+    wait_until(lambda: "disconnected from" in agent.log(), agent.log)
+    # heartbeats go on into the spool while disconnected: count them to know beats happened
+    telemetry = f"fleet/{DEVICE}/telemetry"
+    beats = lambda: agent.spooled_topics().count(telemetry)  # noqa: E731
+    offline = beats()
+    # the beat under way at the disconnect (if any) spools at most one row, and the loop is
+    # sequential: once a second row is spooled, that beat's touch is done
+    wait_until(lambda: beats() >= offline + 2, agent.log)
+    stale = mtime_ns(health)
+    wait_until(lambda: beats() >= offline + 5, agent.log)  # three more beats, none touches it
+    assert mtime_ns(health) == stale, agent.log()
 
 
 def test_a_finetune_job_succeeds_and_its_adapter_improves_holdout_accuracy(fleet, fan_files):  # noqa: F811
@@ -126,22 +142,20 @@ def test_a_report_made_while_the_broker_is_down_arrives_once_after_it_restarts(f
     )
     observer.status_of("ft-away", JobState.IN_PROGRESS)
     mosquitto.stop()
-    deadline = time.monotonic() + WAIT
-    while f"fleet/{DEVICE}/report" not in agent.spooled_topics():
-        assert time.monotonic() < deadline, agent.log()
-        assert agent.process.poll() is None, agent.log()
-        time.sleep(0.1)
+    spooled = lambda: REPORT_TOPIC in agent.spooled_topics()  # noqa: E731
+    wait_until(lambda: spooled() or agent.process.poll() is not None, agent.log)
+    assert agent.process.poll() is None, agent.log()
     mosquitto.start()
     observer.status_of("ft-away", JobState.SUCCEEDED)  # sent after the report, same order
-    reports = [
-        item.envelope for item in observer.received if isinstance(item.envelope.message, Report)
-    ]
-    assert {e.dedup_key for e in reports} == {reports[0].dedup_key}
-    assert reports[0].message.job_id == "ft-away"
-    deadline = time.monotonic() + WAIT
-    while f"fleet/{DEVICE}/report" in agent.spooled_topics():  # deleted on PUBACK
-        assert time.monotonic() < deadline
-        time.sleep(0.05)
+    # deleted on PUBACK: from then on nothing resends it
+    wait_until(lambda: REPORT_TOPIC not in agent.spooled_topics(), agent.log)
+    # a beat the agent sends after that comes through the same broker in order behind any
+    # copy of the report still on its way
+    observer.heartbeat(lambda h: True, after=observer.mark())
+    reports = [envelope.message for _, envelope, _ in observer.messages(Report)]
+    assert [r.job_id for r in reports] == ["ft-away"], "exactly one report"
+    on_wire = [payload for topic, payload in observer.publishes if topic == REPORT_TOPIC]
+    assert on_wire and len(set(on_wire)) == len(on_wire), "each publish of it (or chunk) once"
 
 
 def padded_job(job_id: str, **body: object) -> bytes:

@@ -171,6 +171,18 @@ def test_a_publication_for_another_base_model_is_refused(device, caplog):
     assert device.coordinator.asked() == [9] and device.running() is None
 
 
+def test_a_huge_but_finite_adapter_sent_to_the_device_is_refused_not_installed(device, caplog):
+    """issue 10, failure 2: an agent installed a 1e30 adapter it was sent (finite, so no NaN
+    check caught it). It is refused like any adapter that does not fit the model."""
+    device.install(2)
+    device.coordinator.answers[11] = device.publication(11, scale=1e30)
+    with caplog.at_level(logging.ERROR, logger="agent.reconcile"):
+        device.reconciler.offer(device.desired(11))
+        wait_until(lambda: "refused" in caplog.text)
+    assert "beyond the bound" in caplog.text
+    assert device.coordinator.asked() == [11] and device.running() == 2
+
+
 def test_fetches_repeat_with_backoff_and_stop_after_the_bound(tmp_path, fan_files, caplog):  # noqa: F811
     d = Device(tmp_path, fan_files, FetchPolicy(retry_seconds=0.02, max_fetches=3))
     d.runner.start()

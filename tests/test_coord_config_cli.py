@@ -37,7 +37,7 @@ def test_defaults(tmp_path):
     assert config.ray_address == "local" and not config.joins_cluster
     assert (config.metrics_port, config.api_port) == (DEFAULT_METRICS_PORT, DEFAULT_API_PORT)
     assert config.mqtt.url == "mqtt://localhost:1883" and config.mqtt.session_expiry_s > 0
-    assert config.algorithm is AggregationAlgorithm.EXACT_DELTA
+    assert config.algorithm is AggregationAlgorithm.COORDINATE_MEDIAN  # robust: issue 10
     assert config.policy.drift_threshold is None and config.policy.max_concurrent_jobs == 2
     # the federation's defaults: calibrated label-free triggers, clusters, runs of rounds,
     # ΔW trained directly, two labelled canaries before a device that cannot measure

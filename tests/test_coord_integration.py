@@ -246,7 +246,7 @@ def test_a_round_goes_from_trigger_to_an_adapter_offered_to_every_device(fleet):
     assert status == 200 and started["rounds"][0]["devices"] == names
 
     stored = fleet.round_in_stage("STORED")
-    assert stored["adapter_version"] == 1 and stored["algorithm"] == "exact-delta"
+    assert stored["adapter_version"] == 1 and stored["algorithm"] == "coordinate-median"
     assert sorted(stored["weights"]) == names and stored["failures"] == {}
     assert len(stored["gap"]["relative_frobenius"]) == 3
     fleet.wait_until("v1 promoted", lambda: fleet.cohort()["current_version"] == 1)

@@ -236,6 +236,9 @@ def test_process_and_build_info_metrics_are_exported():
 
 
 def test_promtool_accepts_the_exposition():
+    promtool = shutil.which("promtool")
+    if promtool is None:
+        pytest.fail("promtool is not installed: run `make system-deps`")
     metrics = FleetMetrics()
     metrics.apply_events([FinetuneReported("fan-abc", 1.0, 1.0), JobTransition("QUEUED")])
     metrics.apply_snapshot(FleetSnapshot((DeviceGauges("pi-1", True, 0.5, 0.8),), {"QUEUED": 1}))

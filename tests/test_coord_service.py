@@ -81,7 +81,7 @@ def test_a_round_goes_from_request_to_an_adapter_applied_on_every_device(tmp_pat
 
     (round_view,) = service.rounds()
     assert round_view["stage"] == "STORED" and round_view["adapter_version"] == 1
-    assert round_view["algorithm"] == "exact-delta"
+    assert round_view["algorithm"] == "coordinate-median"  # the default
     assert len(round_view["gap"]["relative_frobenius"]) == 3
     assert sum(round_view["weights"].values()) == pytest.approx(1.0)
     publications = [o for o in outbound if isinstance(o.message, AdapterPublication)]

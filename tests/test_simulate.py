@@ -15,6 +15,7 @@ import threading
 import pytest
 
 from shared.mqtt import connect_async, make_client, parse_broker_url
+from skipfleet import sim_run
 from skipfleet.cli import main
 from tests.byo_table import write_pump_csv
 
@@ -101,12 +102,16 @@ def test_bad_fleet_dirs_and_options_are_refused_before_anything_starts(tmp_path,
 
 
 def test_after_a_drift_a_new_device_without_labels_gets_its_clusters_adapter(
-    tmp_path, ray_session, data_dir, mosquitto
+    tmp_path, ray_session, data_dir, mosquitto, monkeypatch
 ):
-    """The coordinator answers the drift by itself, the drifted devices fine-tune together,
-    and a device that joins later without labels recovers with what its cluster learned. On a
-    broker it is given (mosquitto): a topic root of its own, and no retained message of its left
-    there at the end."""
+    """The coordinator answers the drift by itself, from the label-free score, the drifted
+    devices fine-tune together, and a device that joins later without labels recovers with
+    what its cluster learned. On a broker it is given (mosquitto): a topic root of its own, and
+    no retained message of its left there at the end.
+
+    The measured-accuracy trigger is off here: with both on, which one answers first depends on
+    the machine's load, and the test could only accept either."""
+    monkeypatch.setitem(sim_run.ACCURACY_THRESHOLD, "fan", "off")
     result = simulate(
         tmp_path, ray_session, data_dir, "--devices", "3", "--dataset", "fan", "--drift-at", "3",
         "--new-devices", "1", "--max-rounds", "4", "--broker", mosquitto.url,
@@ -117,7 +122,7 @@ def test_after_a_drift_a_new_device_without_labels_gets_its_clusters_adapter(
     assert statuses <= set(result["retained_cleared"])  # the agents' presence, at least
     assert retained_on(mosquitto.url, "#") == []
     answered = next(r for r in result["runs"] if r["trigger"] != "request")
-    assert answered["trigger"] in ("label_free_drift", "accuracy_below")  # its own decision
+    assert answered["trigger"] == "label_free_drift"  # its own decision, without labels
     drifted = [d for d in result["per_device"] if d["description"].count("->")]
     assert drifted, "the scenario must have drifting devices"
     peaks = []
@@ -129,8 +134,7 @@ def test_after_a_drift_a_new_device_without_labels_gets_its_clusters_adapter(
         # in distribution before the drift, and again once it runs its new adapter
         assert max(series[:3]) < 1.0 and series[-1] < 1.0
         peaks.append(max(series))
-    if answered["trigger"] == "label_free_drift":  # (on a busy machine the measured accuracy
-        assert max(peaks) > 1.0  # may answer first, and an adapter then keeps the score low)
+    assert max(peaks) > 1.0  # the calibrated score crossed the base model's own threshold
     (new,) = [d for d in result["per_device"] if not d["labelled"]]
     assert new["runs"].startswith("v") and new["cluster"] is not None
     assert new["accuracy_end"] > new["accuracy_initial"] + 0.1  # it recovers without labels

@@ -10,15 +10,10 @@
 from __future__ import annotations
 
 import os
-import pwd
-import queue
-import re
 import shutil
 import signal
-import socket
 import subprocess
 import sys
-import threading
 import time
 import urllib.error
 import urllib.parse
@@ -30,39 +25,21 @@ from pathlib import Path
 import pytest
 import yaml
 
-from skipfleet.brokers import find_mosquitto, free_port
+from skipfleet.brokers import free_port
 from skipfleet.coordinator_process import ApiClient, ApiError, token_file
+from skipfleet.deploy_broker import (  # noqa: F401 (the tests import them from here)
+    DEPLOY,
+    MAKE_ACCOUNTS,
+    SERVICES,
+    DeployBroker,
+    Mqtt,
+    compose_interpolate,
+    listening,
+    make_accounts,
+)
 from skipfleet.processes import child_env
 
 REPO = Path(__file__).resolve().parent.parent
-DEPLOY = REPO / "deploy"
-_COMPOSE_VARIABLE = re.compile(r"\$\{(\w+)(:?-)([^}]*)\}")
-
-
-def compose_interpolate(value: object, environment: dict[str, str]) -> object:
-    """value with compose's ${NAME:-default} / ${NAME-default} applied, as `docker compose` would
-    (`:-` also replaces an empty value), so the processes run what the containers run."""
-    if isinstance(value, dict):
-        return {key: compose_interpolate(item, environment) for key, item in value.items()}
-    if isinstance(value, list):
-        return [compose_interpolate(item, environment) for item in value]
-    if not isinstance(value, str):
-        return value
-
-    def substitute(match: re.Match) -> str:
-        name, operator, default = match.groups()
-        found = environment.get(name)
-        if found is None or (operator == ":-" and not found):
-            return default
-        return found
-
-    return _COMPOSE_VARIABLE.sub(substitute, value)
-
-
-SERVICES = compose_interpolate(
-    yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"], dict(os.environ)
-)
-MAKE_ACCOUNTS = DEPLOY / "mosquitto" / "make-accounts.sh"
 PROMETHEUS_YML = DEPLOY / "prometheus" / "prometheus.yml"
 SKIPFLEET = [sys.executable, "-m", "skipfleet.cli"]
 RAY_NAMESPACE = "skipfleet-tests"  # the session's (tests/conftest.py)
@@ -136,181 +113,6 @@ def http_json(url: str, body: dict | None = None, method: str | None = None,
     """(status, JSON) through the product's API client; ApiError if nothing answers."""
     method = method or ("GET" if body is None else "POST")
     return ApiClient(url, WAIT, token_file).request(method, "", body)
-
-
-def listening(port: int) -> bool:
-    try:
-        with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-            return True
-    except OSError:
-        return False
-
-
-# -- the compose broker -------------------------------------------------------------------------
-def make_accounts(n: int, directory: Path) -> dict[str, str]:
-    """Run make-accounts.sh; return the device and coordinator passwords by user name."""
-    if shutil.which("mosquitto_passwd") is None:
-        pytest.fail("mosquitto_passwd is not installed: run `make system-deps`")
-    result = subprocess.run(
-        ["bash", str(MAKE_ACCOUNTS), str(n), str(directory)],
-        capture_output=True, text=True, timeout=30,
-    )  # fmt: skip
-    assert result.returncode == 0, result.stderr
-    lines = (directory / "device_passwords").read_text().splitlines()
-    passwords = dict(line.split(":", 1) for line in lines)
-    passwords["coordinator"] = (directory / "coordinator_password").read_text().strip()
-    return passwords
-
-
-class DeployBroker:
-    """mosquitto running deploy/mosquitto/mosquitto.conf, its container paths mapped into `root`.
-
-    Only ports, paths and logging change; the ACLs and every other setting are the compose
-    broker's own. `passwd` is a mosquitto_passwd file (make_accounts writes one). `extra_lines`
-    (another listener, say) are appended; the broker must then also listen on `extra_ports`.
-    """
-
-    def __init__(self, root: Path, passwd: Path, extra_lines: Iterable[str] = (),
-                 extra_ports: Iterable[int] = ()) -> None:  # fmt: skip
-        binary = find_mosquitto()
-        if binary is None:
-            pytest.fail("mosquitto is not installed: run `make system-deps`")
-        self.root = root
-        self.port, self.probe_port = free_port(), free_port()
-        self.log_path = root / "mosquitto.log"
-        # Container path -> host path, from the compose service itself.
-        paths = {
-            target: str(REPO / source)
-            for source, target, *_ in (v.split(":") for v in SERVICES["mosquitto"]["volumes"])
-            if source.startswith("./")
-        }
-        (root / "data").mkdir(parents=True)
-        replacements = {
-            "listener 1883": f"listener {self.port} 127.0.0.1",
-            "listener 1880 127.0.0.1": f"listener {self.probe_port} 127.0.0.1",
-            "persistence_location /mosquitto/data/": f"persistence_location {root / 'data'}/",
-            "log_dest stdout": f"log_dest file {self.log_path}",
-            "password_file /run/secrets/mosquitto_passwd": f"password_file {passwd}",
-            "acl_file /mosquitto/config/acl": f"acl_file {paths['/mosquitto/config/acl']}",
-            "acl_file /mosquitto/config/probe.acl": (
-                f"acl_file {paths['/mosquitto/config/probe.acl']}"
-            ),
-        }
-        lines = (DEPLOY / "mosquitto" / "mosquitto.conf").read_text().splitlines()
-        for old, new in replacements.items():
-            assert lines.count(old) == 1, f"mosquitto.conf: expected one line {old!r}"
-            lines[lines.index(old)] = new
-        lines += extra_lines
-        # As root, mosquitto would switch to user `mosquitto`, who cannot read the tmp dir.
-        lines.append(f"user {pwd.getpwuid(os.getuid()).pw_name}")
-        config = root / "mosquitto.conf"
-        config.write_text("\n".join(lines) + "\n")
-        self.process = subprocess.Popen(
-            [binary, "-c", str(config)], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE
-        )
-        deadline = time.monotonic() + 10
-        ports = [self.port, self.probe_port, *extra_ports]
-        while not all(listening(port) for port in ports):
-            if self.process.poll() is not None or time.monotonic() > deadline:
-                self.process.kill()
-                pytest.fail(f"mosquitto did not start: {self.process.stderr.read()!r} "
-                            f"{self.log()[-2000:]}")  # fmt: skip
-            time.sleep(0.05)
-
-    @property
-    def url(self) -> str:
-        return f"mqtt://127.0.0.1:{self.port}"
-
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace") if self.log_path.exists() else ""
-
-    def stop(self) -> None:
-        self.process.terminate()
-        self.process.wait(timeout=10)
-        self.process.stderr.close()
-
-
-class Mqtt:
-    """A paho-mqtt 2.x MQTTv5 client that waits for its acknowledgements."""
-
-    def __init__(self, port: int, client_id: str, username: str | None, password: str | None):
-        import paho.mqtt.client as paho
-        from paho.mqtt.enums import CallbackAPIVersion
-
-        self.port = port
-        self.client = paho.Client(
-            CallbackAPIVersion.VERSION2, client_id=client_id, protocol=paho.MQTTv5
-        )
-        if username is not None:
-            self.client.username_pw_set(username, password)
-        self.messages: queue.Queue = queue.Queue()
-        self.acks: dict[int, object] = {}
-        self.connack = None
-        self.session_present = False
-        self.disconnects: list[object] = []  # reason codes, e.g. a session taken over
-        self.done = threading.Condition()
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = lambda c, u, flags, reason, props: self.disconnects.append(
-            reason
-        )
-        self.client.on_publish = self._on_ack
-        self.client.on_subscribe = self._on_ack
-        self.client.on_message = lambda client, userdata, msg: self.messages.put(msg)
-
-    def _on_connect(self, client, userdata, flags, reason_code, properties):
-        with self.done:
-            self.connack = reason_code
-            self.session_present = flags.session_present
-            self.done.notify_all()
-
-    def _on_ack(self, client, userdata, mid, reason_codes, properties):
-        with self.done:
-            self.acks[mid] = reason_codes
-            self.done.notify_all()
-
-    def _wait(self, ready) -> object:
-        with self.done:
-            assert self.done.wait_for(ready, timeout=5), "no answer from the broker"
-
-    def connect(self, session_expiry_s: int = 0):
-        """A clean start, or (session_expiry_s > 0) resuming a persistent session."""
-        from paho.mqtt.packettypes import PacketTypes
-        from paho.mqtt.properties import Properties
-
-        props = Properties(PacketTypes.CONNECT)
-        props.SessionExpiryInterval = session_expiry_s
-        self.connack = None
-        self.client.connect(
-            "127.0.0.1", self.port, clean_start=session_expiry_s == 0, properties=props
-        )
-        self.client.loop_start()
-        self._wait(lambda: self.connack is not None)
-        return self.connack
-
-    def publish(self, topic: str, payload: bytes, retain: bool = False):
-        info = self.client.publish(topic, payload, qos=1, retain=retain)
-        self._wait(lambda: info.mid in self.acks)
-        return self.acks[info.mid]
-
-    def subscribe(self, topic: str):
-        _, mid = self.client.subscribe(topic, qos=1)
-        self._wait(lambda: mid in self.acks)
-        (reason,) = self.acks[mid]
-        return reason
-
-    def received(self, timeout: float, count: int | None = None) -> list:
-        """Messages that arrive within `timeout` seconds (or until `count` have)."""
-        out, deadline = [], time.monotonic() + timeout
-        while len(out) != count and (left := deadline - time.monotonic()) > 0:
-            try:
-                out.append(self.messages.get(timeout=left))
-            except queue.Empty:
-                break
-        return out
-
-    def close(self):
-        self.client.disconnect()
-        self.client.loop_stop()
 
 
 # -- the coordinator ----------------------------------------------------------------------------

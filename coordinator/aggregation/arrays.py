@@ -82,6 +82,8 @@ def effective_deltas(arrays: Arrays, shape: AdapterShape) -> list[np.ndarray]:
     return [effective_delta(arrays, shape, k) for k in shape.layers]
 
 
-def deltas_as_arrays(deltas: list[np.ndarray], dtype: np.dtype | type = np.float32) -> dict:
+def deltas_as_arrays(
+    deltas: list[np.ndarray], dtype: np.dtype | type = np.float32
+) -> dict[str, np.ndarray]:
     """[ΔW_1, ΔW_2, ...] -> {"delta1": ..., ...} in the model's dtype (float32)."""
     return {delta_name(k): np.ascontiguousarray(d, dtype=dtype) for k, d in enumerate(deltas, 1)}

@@ -77,7 +77,12 @@ def bound_reports(
     return Bounded(tuple(out), notes, frozenset(outliers))
 
 
-def _capped_samples(results, registered, ratio, notes) -> list[int]:
+def _capped_samples(
+    results: Sequence[FitResult],
+    registered: Mapping[str, int | None],
+    ratio: float | None,
+    notes: dict[str, str],
+) -> list[int]:
     samples = []
     for r in results:
         held = registered.get(r.device_id)

@@ -74,7 +74,8 @@ def validate_round(
     if same_rank:
         _check_same_rank(ranks)
     counts = np.array([r.num_samples for r in results], dtype=np.float64)
-    return counts / counts.sum()
+    weights: np.ndarray = counts / counts.sum()
+    return weights
 
 
 def _check_sample_count(device: str, num_samples: object) -> None:
@@ -119,7 +120,7 @@ def _check_factor_pair(device: str, result: FitResult, shape: AdapterShape, laye
         raise AggregationError(
             f"device {device}: {a_name(layer)} has shape {a.shape}, expected {expected}"
         )
-    rank = a.shape[1]
+    rank = int(a.shape[1])
     _check_shape(device, b_name(layer), b, (rank, shape.n_classes))
     return rank
 

@@ -15,6 +15,7 @@ import numpy as np
 from shared.protocol import checks
 from shared.protocol.enums import ArrayEncoding
 from shared.protocol.errors import DecodeError, EncodeError
+from shared.protocol.wire import WireMap
 
 ALLOWED_DTYPES = frozenset({"<f4", "<f2", "<f8", "|i1", "|u1", "<i4", "<i8"})
 MAX_NDIM = 4
@@ -27,7 +28,7 @@ _WIRE_DTYPE = {
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
-def array_to_wire(array: np.ndarray) -> dict:
+def array_to_wire(array: np.ndarray) -> WireMap:
     """Pack one array; its dtype must be in ALLOWED_DTYPES (after conversion to little-endian)."""
     array = np.asarray(array)
     little = array.dtype.newbyteorder("<") if array.dtype.byteorder == ">" else array.dtype
@@ -76,7 +77,7 @@ def _columns(shape: tuple[int, ...]) -> tuple[int, int]:
     return math.prod(shape[:-1]), shape[-1]
 
 
-def _quantize_int8(array: np.ndarray) -> dict:
+def _quantize_int8(array: np.ndarray) -> WireMap:
     if not np.all(np.isfinite(array)):
         raise EncodeError("int8 encoding needs finite values")
     rows, cols = _columns(array.shape)
@@ -90,17 +91,17 @@ def _quantize_int8(array: np.ndarray) -> dict:
     return wire
 
 
-def _dequantize_int8(obj: dict) -> np.ndarray:
+def _dequantize_int8(obj: WireMap) -> np.ndarray:
     quantized = array_from_wire(obj, dtype="|i1")
     scale = array_from_wire(obj.get("scale"), dtype="<f4")
     rows, cols = _columns(quantized.shape)
     if scale.shape != (cols,) or not np.all(np.isfinite(scale)) or np.any(scale < 0):
         raise DecodeError(f"int8 scale must be {cols} finite non-negative float32 values")
-    matrix = quantized.reshape(rows, cols).astype(np.float32) * scale[None, :]
+    matrix: np.ndarray = quantized.reshape(rows, cols).astype(np.float32) * scale[None, :]
     return matrix.reshape(quantized.shape)
 
 
-def _encode_one(array: np.ndarray, encoding: ArrayEncoding) -> dict:
+def _encode_one(array: np.ndarray, encoding: ArrayEncoding) -> WireMap:
     if encoding is ArrayEncoding.INT8:
         return _quantize_int8(array)
     if encoding is ArrayEncoding.FLOAT16 and np.any(np.abs(array) > _FLOAT16_MAX):
@@ -108,7 +109,7 @@ def _encode_one(array: np.ndarray, encoding: ArrayEncoding) -> dict:
     return array_to_wire(array.astype(_WIRE_DTYPE[encoding]))
 
 
-def compress_arrays(arrays: Mapping[str, np.ndarray], encoding: ArrayEncoding) -> dict:
+def compress_arrays(arrays: Mapping[str, np.ndarray], encoding: ArrayEncoding) -> WireMap:
     """Named float arrays -> `{"encoding": ..., "arrays": {name: wire array}}`."""
     encoding = ArrayEncoding(encoding)
     try:
@@ -124,7 +125,8 @@ def decompress_arrays(obj: object) -> tuple[dict[str, np.ndarray], ArrayEncoding
     if not isinstance(obj, dict) or not isinstance(obj.get("arrays"), dict):
         raise DecodeError("compressed arrays must be a map with encoding and arrays")
     try:
-        encoding = ArrayEncoding(obj.get("encoding"))
+        # any non-string (None included) fails as an unknown value, as it would unconverted
+        encoding = ArrayEncoding(str(obj.get("encoding")))
     except ValueError:
         raise DecodeError(f"unknown array encoding {obj.get('encoding')!r}") from None
     packed = obj["arrays"]

@@ -51,8 +51,12 @@ def integer(value: object, what: str, lo: int = 0, hi: int = MAX_INT) -> None:
 
 def number(value: object, what: str, lo: float = -math.inf, hi: float = math.inf) -> None:
     """A finite real in [lo, hi]; ints are accepted where floats are expected."""
-    ok = isinstance(value, int | float) and not isinstance(value, bool)
-    if not ok or not math.isfinite(value) or not lo <= value <= hi:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or not math.isfinite(value)
+        or not lo <= value <= hi
+    ):
         raise ValueError(f"{what} must be a finite number in [{lo}, {hi}], got {value!r}")
 
 

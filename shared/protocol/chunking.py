@@ -229,7 +229,7 @@ class SenderReassemblers:
         ttl_s: float = 300.0,
         clock: Callable[[], float] = time.monotonic,
     ) -> None:
-        self._make = lambda: Reassembler(
+        self._make: Callable[[], Reassembler] = lambda: Reassembler(
             max_in_flight=per_sender_in_flight,
             max_total_bytes=per_sender_bytes,
             max_message_bytes=max_message_bytes,

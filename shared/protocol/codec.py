@@ -9,6 +9,7 @@ Wire form of an envelope (a msgpack map; optional fields are left out when unset
 from __future__ import annotations
 
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 
@@ -49,14 +50,14 @@ from shared.protocol.messages import (
     ReportMetrics,
     RollbackAdapterParams,
 )
-from shared.protocol.wire import Fields, pack, unpack
+from shared.protocol.wire import Fields, WireMap, pack, unpack
 
 MAX_MESSAGE_BYTES = 16 * 1024 * 1024  # a whole (reassembled) envelope; one publish is smaller
 _OPTIONAL_HEADERS = ("expires_at", "reply_to", "correlation_id", "boot_id", "seq")
 
 
 # --- Presence -----------------------------------------------------------------------------
-def presence_to_wire(m: Presence) -> dict:
+def presence_to_wire(m: Presence) -> WireMap:
     return {
         "state": m.state.value,
         "boot_id": m.boot_id,
@@ -83,7 +84,7 @@ def presence_from_wire(f: Fields) -> Presence:
 
 
 # --- Heartbeat ----------------------------------------------------------------------------
-def heartbeat_to_wire(m: Heartbeat) -> dict:
+def heartbeat_to_wire(m: Heartbeat) -> WireMap:
     return {
         "power_w": float(m.power_w),
         "power_source": m.power_source,
@@ -129,7 +130,7 @@ def heartbeat_from_wire(f: Fields) -> Heartbeat:
     )
 
 
-def _optional_vector(f: Fields, key: str):
+def _optional_vector(f: Fields, key: str) -> np.ndarray | None:
     """A float vector (float16 or float32 on the wire) as float32, or None."""
     wire = f.mapping(key, optional=True)
     if wire is None:
@@ -141,7 +142,7 @@ def _optional_vector(f: Fields, key: str):
 
 
 # --- Job ----------------------------------------------------------------------------------
-def params_to_wire(p: JobParams) -> dict:
+def params_to_wire(p: JobParams) -> WireMap:
     if isinstance(p, FinetuneParams):
         return {
             "method": p.method,
@@ -188,7 +189,7 @@ def params_from_wire(kind: JobKind, f: Fields) -> JobParams:
     return RollbackAdapterParams()
 
 
-def job_to_wire(m: Job) -> dict:
+def job_to_wire(m: Job) -> WireMap:
     return {
         "job_id": m.job_id,
         "kind": m.kind.value,
@@ -231,7 +232,7 @@ def job_from_wire(f: Fields) -> Job:
 
 
 # --- JobStatus ----------------------------------------------------------------------------
-def job_status_to_wire(m: JobStatus) -> dict:
+def job_status_to_wire(m: JobStatus) -> WireMap:
     return {
         "job_id": m.job_id,
         "state": m.state.value,
@@ -254,7 +255,7 @@ def job_status_from_wire(f: Fields) -> JobStatus:
 
 
 # --- Report -------------------------------------------------------------------------------
-def metrics_to_wire(m: ReportMetrics) -> dict:
+def metrics_to_wire(m: ReportMetrics) -> WireMap:
     return {
         "accuracy_before": float(m.accuracy_before),
         "accuracy_after": float(m.accuracy_after),
@@ -298,7 +299,7 @@ def metrics_from_wire(f: Fields) -> ReportMetrics:
     )
 
 
-def report_to_wire(m: Report) -> dict:
+def report_to_wire(m: Report) -> WireMap:
     return {
         "job_id": m.job_id,
         "adapter": compress_arrays(m.adapter, m.encoding),
@@ -319,7 +320,7 @@ def report_from_wire(f: Fields) -> Report:
 
 
 # --- AdapterPublication -------------------------------------------------------------------
-def lineage_to_wire(m: Lineage) -> dict:
+def lineage_to_wire(m: Lineage) -> WireMap:
     return {
         "round_id": m.round_id,
         "device_ids": list(m.device_ids),
@@ -337,7 +338,7 @@ def lineage_from_wire(f: Fields) -> Lineage:
     )
 
 
-def adapter_to_wire(m: AdapterPublication) -> dict:
+def adapter_to_wire(m: AdapterPublication) -> WireMap:
     return {
         "version": m.version,
         "base_model_hash": m.base_model_hash,
@@ -362,7 +363,7 @@ def adapter_from_wire(f: Fields) -> AdapterPublication:
 
 
 # --- DesiredState, FetchRequest, Chunk ----------------------------------------------------
-def desired_to_wire(m: DesiredState) -> dict:
+def desired_to_wire(m: DesiredState) -> WireMap:
     return {
         "adapter_version": m.adapter_version,
         "base_model_hash": m.base_model_hash,
@@ -380,7 +381,7 @@ def desired_from_wire(f: Fields) -> DesiredState:
     )
 
 
-def fetch_to_wire(m: FetchRequest) -> dict:
+def fetch_to_wire(m: FetchRequest) -> WireMap:
     return {"adapter_version": m.adapter_version}
 
 
@@ -388,7 +389,7 @@ def fetch_from_wire(f: Fields) -> FetchRequest:
     return FetchRequest(adapter_version=f.integer("adapter_version"))
 
 
-def chunk_to_wire(m: Chunk) -> dict:
+def chunk_to_wire(m: Chunk) -> WireMap:
     return {
         "message_id": m.message_id,
         "index": m.index,
@@ -408,7 +409,7 @@ def chunk_from_wire(f: Fields) -> Chunk:
     )
 
 
-_CODECS: dict[MessageKind, tuple[Callable[..., dict], Callable[[Fields], Message]]] = {
+_CODECS: dict[MessageKind, tuple[Callable[..., WireMap], Callable[[Fields], Message]]] = {
     MessageKind.PRESENCE: (presence_to_wire, presence_from_wire),
     MessageKind.HEARTBEAT: (heartbeat_to_wire, heartbeat_from_wire),
     MessageKind.JOB: (job_to_wire, job_from_wire),
@@ -422,7 +423,7 @@ _CODECS: dict[MessageKind, tuple[Callable[..., dict], Callable[[Fields], Message
 
 
 # --- Envelope -----------------------------------------------------------------------------
-def new_envelope(message: Message, *, sender: str, **headers: object) -> Envelope:
+def new_envelope(message: Message, *, sender: str, **headers: Any) -> Envelope:
     """An Envelope with a fresh id and timestamp; a Job's expiry becomes the envelope's."""
     if headers.get("expires_at") is None and isinstance(message, Job):
         headers["expires_at"] = message.expires_at
@@ -431,7 +432,7 @@ def new_envelope(message: Message, *, sender: str, **headers: object) -> Envelop
 
 def encode_envelope(envelope: Envelope) -> bytes:
     to_wire, _ = _CODECS[envelope.kind]
-    wire = {
+    wire: WireMap = {
         "schema": SCHEMA_VERSION,
         "kind": envelope.kind.value,
         "id": envelope.message_id,
@@ -445,7 +446,7 @@ def encode_envelope(envelope: Envelope) -> bytes:
     return pack(wire)
 
 
-def encode(message: Message, *, sender: str, **headers: object) -> bytes:
+def encode(message: Message, *, sender: str, **headers: Any) -> bytes:
     """Message -> bytes. Headers: message_id, sent_at, expires_at, reply_to, correlation_id,
     boot_id, seq (boot_id and seq are required for messages sent by devices)."""
     return encode_envelope(new_envelope(message, sender=sender, **headers))
@@ -476,7 +477,7 @@ def _envelope_from_wire(f: Fields) -> Envelope:
     )
 
 
-def decode(data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Envelope:
+def decode(data: bytes | bytearray, *, max_bytes: int = MAX_MESSAGE_BYTES) -> Envelope:
     """Bytes -> Envelope with a typed `.message`. Raises DecodeError and nothing else."""
     obj = unpack(data, max_bytes=max_bytes)
     try:

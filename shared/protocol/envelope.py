@@ -51,7 +51,8 @@ def kind_of(message: Message) -> MessageKind:
 
 def _reply_topic(value: object) -> None:
     checks.text(value, "reply_to", 256)
-    if not value or "+" in value or "#" in value:
+    topic = str(value)  # checks.text passed: it is a str
+    if not topic or "+" in topic or "#" in topic:
         raise ValueError(f"reply_to must be a topic name without wildcards, got {value!r}")
 
 
@@ -95,7 +96,10 @@ class Envelope:
     @property
     def dedup_key(self) -> tuple[str, str, int] | None:
         """(sender, boot_id, seq) for device messages: seen before means a duplicate delivery."""
-        return None if self.boot_id is None else (self.sender, self.boot_id, self.seq)
+        if self.boot_id is None:
+            return None
+        assert self.seq is not None  # __post_init__ checked: a boot_id comes with a seq
+        return (self.sender, self.boot_id, self.seq)
 
     def is_expired(self, now: float | None = None) -> bool:
         if self.expires_at is None:

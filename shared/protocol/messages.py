@@ -8,7 +8,7 @@ element-wise `==` on arrays has no single truth value.
 from __future__ import annotations
 
 import time
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
 
 import numpy as np
@@ -32,7 +32,7 @@ MAX_LINEAGE_DEVICES = 10_000
 MAX_SIGNATURE_WIDTH = 4096
 
 
-def _optional(check, value: object, *args: object) -> None:
+def _optional(check: Callable[..., None], value: object, *args: object) -> None:
     if value is not None:
         check(value, *args)
 

@@ -4,13 +4,16 @@ bytes raises DecodeError and nothing else."""
 from __future__ import annotations
 
 from enum import StrEnum
-from typing import TypeVar
+from typing import Any, Literal, TypeVar, overload
 
 import msgpack
 
 from shared.protocol.errors import DecodeError, EncodeError
 
+# A msgpack map as it goes on or comes off the wire: string keys, values of any wire type.
+WireMap = dict[str, Any]
 E = TypeVar("E", bound=StrEnum)
+T = TypeVar("T")
 _MISSING = object()
 
 
@@ -18,7 +21,7 @@ def _reject_ext(code: int, data: bytes) -> object:
     raise DecodeError(f"msgpack extension type {code} is not allowed")
 
 
-def _strict_map(pairs: list[tuple[object, object]]) -> dict:
+def _strict_map(pairs: list[tuple[object, object]]) -> dict[object, object]:
     # A repeated key would let two readers disagree about a message; refuse it.
     result = dict(pairs)
     if len(result) != len(pairs):
@@ -30,7 +33,8 @@ def _strict_map(pairs: list[tuple[object, object]]) -> dict:
 
 def pack(obj: object) -> bytes:
     try:
-        return msgpack.packb(obj, use_bin_type=True, datetime=False)
+        packed: bytes = msgpack.packb(obj, use_bin_type=True, datetime=False)
+        return packed
     except (TypeError, ValueError, OverflowError) as exc:
         raise EncodeError(f"cannot pack message: {exc}") from exc
 
@@ -61,15 +65,19 @@ def unpack(data: object, *, max_bytes: int) -> object:
 
 
 class Fields:
-    """Typed access to a decoded map; wrong or missing fields raise DecodeError naming them."""
+    """Typed access to a decoded map; wrong or missing fields raise DecodeError naming them.
+
+    Each reader returns its type, or `T | None` when called with `optional=True` (the
+    overloads say so to the type checker; the value is the same either way).
+    """
 
     def __init__(self, obj: object, what: str) -> None:
         if not isinstance(obj, dict):
             raise DecodeError(f"{what} must be a map, got {type(obj).__name__}")
-        self._obj = obj
+        self._obj: WireMap = obj
         self._what = what
 
-    def _get(self, key: str, types: type | tuple[type, ...], optional: bool) -> object:
+    def _get(self, key: str, types: type[T] | tuple[type[T], ...], optional: bool) -> T | None:
         value = self._obj.get(key, _MISSING)
         if value is _MISSING or value is None:
             if optional:
@@ -80,28 +88,57 @@ class Fields:
             raise DecodeError(f"{self._what}: field {key!r} has type {type(value).__name__}")
         return value
 
+    def _required(self, key: str, types: type[T] | tuple[type[T], ...]) -> T:
+        value = self._get(key, types, False)
+        assert value is not None  # _get raised for a missing field
+        return value
+
+    @overload
+    def text(self, key: str, *, optional: Literal[False] = False) -> str: ...
+    @overload
+    def text(self, key: str, *, optional: bool) -> str | None: ...
     def text(self, key: str, *, optional: bool = False) -> str | None:
         return self._get(key, str, optional)
 
+    @overload
+    def integer(self, key: str, *, optional: Literal[False] = False) -> int: ...
+    @overload
+    def integer(self, key: str, *, optional: bool) -> int | None: ...
     def integer(self, key: str, *, optional: bool = False) -> int | None:
         return self._get(key, int, optional)
 
+    @overload
+    def number(self, key: str, *, optional: Literal[False] = False) -> float: ...
+    @overload
+    def number(self, key: str, *, optional: bool) -> float | None: ...
     def number(self, key: str, *, optional: bool = False) -> float | None:
         value = self._get(key, (int, float), optional)
         return None if value is None else float(value)
 
+    @overload
+    def boolean(self, key: str, *, optional: Literal[False] = False) -> bool: ...
+    @overload
+    def boolean(self, key: str, *, optional: bool) -> bool | None: ...
     def boolean(self, key: str, *, optional: bool = False) -> bool | None:
         return self._get(key, bool, optional)
 
     def blob(self, key: str) -> bytes:
-        return self._get(key, bytes, False)
+        return self._required(key, bytes)
 
-    def mapping(self, key: str, *, optional: bool = False) -> dict | None:
+    @overload
+    def mapping(self, key: str, *, optional: Literal[False] = False) -> dict[str, Any]: ...
+    @overload
+    def mapping(self, key: str, *, optional: bool) -> dict[str, Any] | None: ...
+    def mapping(self, key: str, *, optional: bool = False) -> dict[str, Any] | None:
         return self._get(key, dict, optional)
 
-    def sequence(self, key: str) -> list:
-        return self._get(key, list, False)
+    def sequence(self, key: str) -> list[Any]:
+        return self._required(key, list)
 
+    @overload
+    def choice(self, key: str, enum_type: type[E], *, optional: Literal[False] = False) -> E: ...
+    @overload
+    def choice(self, key: str, enum_type: type[E], *, optional: bool) -> E | None: ...
     def choice(self, key: str, enum_type: type[E], *, optional: bool = False) -> E | None:
         value = self._get(key, str, optional)
         if value is None:
@@ -112,5 +149,5 @@ class Fields:
             raise DecodeError(f"{self._what}: unknown {key} {value!r}") from None
 
 
-def _tuple(types: type | tuple[type, ...]) -> tuple[type, ...]:
+def _tuple(types: type[T] | tuple[type[T], ...]) -> tuple[type[T], ...]:
     return types if isinstance(types, tuple) else (types,)
