@@ -155,8 +155,13 @@ def _fleet(args):
 
 def _check_args(args) -> str | None:
     if args.fleet_dir is not None:
+        # a data dir from $SKIPFLEET_DATA_DIR is the machine's, not a choice made for this run
+        data_dir_from_env = (
+            getattr(args, "_config_sources", {}).get("data_dir", "").startswith("env:")
+        )
         given = {"--dataset": args.dataset, "--devices": args.devices,
-                 "--data-dir": args.data_dir, "--new-devices": args.new_devices}  # fmt: skip
+                 "--data-dir": None if data_dir_from_env else args.data_dir,
+                 "--new-devices": args.new_devices}  # fmt: skip
         wrong = [option for option, value in given.items() if value]
         if wrong:
             return f"--fleet-dir brings its devices and data: drop {', '.join(wrong)}"

@@ -81,7 +81,10 @@ def test_a_prepared_fleet_of_your_own_task_through_its_own_private_mosquitto(tmp
     assert html.count("<canvas") >= 3 and "pump-f" in html
 
 
-def test_bad_fleet_dirs_and_options_are_refused_before_anything_starts(tmp_path, capsys):
+def test_bad_fleet_dirs_and_options_are_refused_before_anything_starts(
+    tmp_path, capsys, monkeypatch, data_dir
+):
+    monkeypatch.setenv("SKIPFLEET_DATA_DIR", str(data_dir))  # exported, as `make` does: no conflict
     table = write_pump_csv(tmp_path / "pumps.csv")
     fleet = tmp_path / "fleet"
     assert main(["prepare", "--from", str(table), "--label-column", "state",
@@ -96,6 +99,8 @@ def test_bad_fleet_dirs_and_options_are_refused_before_anything_starts(tmp_path,
     assert "is nowhere the --out of skipfleet prepare?" in capsys.readouterr().err.replace(
         str(tmp_path) + "/", ""
     )
+    assert main([*run, "--fleet-dir", str(fleet), "--data-dir", str(data_dir)]) == 2
+    assert "drop --data-dir" in capsys.readouterr().err  # given for this run: a conflict
     assert main([*run, "--fleet-dir", str(fleet), "--drift-at", "5"]) == 1
     assert "no shard has a drifted stream for --drift-at" in capsys.readouterr().err
     assert not (tmp_path / "run").exists()
