@@ -46,6 +46,18 @@ NOT_AUTHORIZED = 0x87
 QUOTA_EXCEEDED = 0x97
 
 
+class QuietNotConnected(logging.Filter):
+    """paho logs "Client is not connected. Socket: None) ..." at ERROR on every failed connect
+    attempt; our own connect-failure line already says why and what to check (README's table)."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not str(record.msg).startswith("Client is not connected")
+
+
+PAHO_LOG = logging.getLogger("paho")
+PAHO_LOG.addFilter(QuietNotConnected())
+
+
 class Transport:
     def __init__(
         self,
@@ -73,7 +85,7 @@ class Transport:
         self.handoff = Handoff()
         self._connection = 0  # which connection a message arrived on (network thread writes)
         self._client = make_client(settings, client_id, will=will, manual_ack=True)
-        self._client.enable_logger(logging.getLogger("paho"))
+        self._client.enable_logger(PAHO_LOG)
         report_connect_failures(self._client, settings, log)  # refused, TLS: why, what to check
         self._client_id = client_id
         self._told_not_authorized = False  # the ACL explanation, once per connection

@@ -265,9 +265,10 @@ def describe_connect_error(err: BaseException, settings: MqttSettings) -> str:
             "that the host and port of the broker URL (--broker) are its listener's"
         )
     if isinstance(err, ssl.SSLCertVerificationError):
+        reason = str(err.verify_message).rstrip(".")  # OpenSSL ends some reasons with a period
         return (
             f"TLS verification of {where} failed: certificate verify failed: "
-            f"{err.verify_message}. Check that --tls-ca is the CA that signed the broker's "
+            f"{reason}. Check that --tls-ca is the CA that signed the broker's "
             f"certificate ({settings.tls_ca or 'none given: the system CAs were used'}) and "
             f"that the certificate names the host {settings.host!r}"
         )

@@ -239,9 +239,12 @@ def format_table(result: dict) -> str:
     for d in result["per_device"]:
         lines.append(f"  {d['device']}: {d['why']}")
     for r in result["runs"]:
-        lines.append(f"run {r['run']} ({r['trigger']}): {r['rounds']} round(s)")
+        # a run the coordinator started by itself near the end may still be going: say so
+        # rather than print clusters with a blank outcome
+        going = ", still going when the simulation ended" if r["seconds"] is None else ""
+        lines.append(f"run {r['run']} ({r['trigger']}): {r['rounds']} round(s){going}")
         for name, c in r["clusters"].items():
-            lines.append(f"  cluster {name} {c['members']}: {c['note']}")
+            lines.append(f"  cluster {name} {c['members']}: {c['note'] or 'no outcome yet'}")
     lines.append(
         "before: accuracy before any fine-tune (after the drift); own FT: after the device's "
         "own first fine-tune; at end: with what it runs at the end (devices without labels: "

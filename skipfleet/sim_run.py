@@ -40,6 +40,8 @@ ACCURACY_THRESHOLD = {"fmnist": 0.6}
 # A new device is placed by the signature in its heartbeats, and offered its cluster's version by
 # the coordinator's catch-up scan (every 5 s): give both a moment before asking.
 NEW_DEVICE_GRACE_S = 8.0
+# A signature needs a full 256-row window: 4 heartbeats of 64 rows, plus slack for a busy machine
+SIGNATURE_WAIT_S = 30.0
 DRIFT_CLOCK_SLACK_S = 5.0
 
 
@@ -189,7 +191,8 @@ class Simulation:
         fleet.set_control_url(control.url)
         self.say(
             f"{len(specs)} agents started; inject faults with: skipfleet fleet --run-dir "
-            f"{self.run_dir} ls|kill|pause|cut DEVICE"
+            f"{self.run_dir} ls|kill|pause|cut DEVICE (or --control {control.url} "
+            f"--token-file {control.token_file})"
         )
         return fleet
 
@@ -197,6 +200,7 @@ class Simulation:
     def _run_federation(self, scenario, fleet) -> tuple[list[dict], dict]:
         n_devices = len(scenario.devices)
         self._wait(lambda: self._online() >= n_devices, f"all {n_devices} devices online")
+        self._wait_signatures(n_devices)
         evaluations = {"start": self.evaluate_all("accuracy at start")}
         runs = []
         if self.drift:
@@ -319,6 +323,20 @@ class Simulation:
 
     def _online(self) -> int:
         return sum(1 for d in self._devices() if d["online"])
+
+    def _signatures(self) -> int:
+        return sum(1 for d in self._devices() if d.get("signature_rows"))
+
+    def _wait_signatures(self, n_devices: int) -> None:
+        """A run clusters its cohort by the devices' input signatures, which a device reports
+        only once a full window of inputs has streamed in: a run requested before that puts
+        every device in one cluster (seen with --fleet-dir on an idle machine)."""
+        try:
+            what = f"input signatures from all {n_devices} devices"
+            self._wait(lambda: self._signatures() >= n_devices, what, SIGNATURE_WAIT_S)
+        except TimeoutError:
+            self.say(f"{self._signatures()} of {n_devices} devices report an input signature "
+                     f"after {SIGNATURE_WAIT_S:.0f} s; runs cluster only those")  # fmt: skip
 
     def _wait(self, condition, what: str, timeout: float | None = None):
         deadline = time.monotonic() + (timeout or self.args.timeout)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 
+import paho.mqtt.client as paho
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
@@ -76,3 +77,15 @@ def test_puback_outcomes_settle_or_keep_the_spooled_row(wired):
     transport._client.on_publish(transport._client, None, 1, ok, None)
     assert transport.handoff.drain()
     assert spool.stats().depth == 0
+
+
+def test_pahos_not_connected_error_is_kept_out_of_the_agent_log_other_paho_errors_are_not(caplog):
+    from agent.transport import PAHO_LOG
+
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2)
+    client.enable_logger(PAHO_LOG)
+    with caplog.at_level(logging.DEBUG, logger="paho"):
+        client.loop(timeout=0.01)  # no socket: paho's "Client is not connected ..." at ERROR
+        PAHO_LOG.error("some other paho error")
+    said = [r.getMessage() for r in caplog.records if r.name == "paho"]
+    assert said == ["some other paho error"]

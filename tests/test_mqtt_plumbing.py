@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import queue
 import random
+import ssl
 import threading
 
 import pytest
@@ -19,6 +20,7 @@ from shared.mqtt import (
     backoff_delay,
     check_publish_size,
     connect_async,
+    describe_connect_error,
     jittered_reconnect_delays,
     make_client,
     parse_broker_url,
@@ -246,3 +248,10 @@ def test_retained_state_survives_a_graceful_broker_restart(mosquitto):
     finally:
         reader.disconnect()
         reader.loop_stop()
+
+
+def test_a_tls_reason_ending_in_a_period_is_not_doubled_before_what_to_check():
+    err = ssl.SSLCertVerificationError("certificate verify failed")
+    err.verify_message = "IP address mismatch, certificate is not valid for '127.0.0.1'."
+    said = describe_connect_error(err, MqttSettings("127.0.0.1", 8883, tls=True))
+    assert "not valid for '127.0.0.1'. Check that --tls-ca" in said and ".." not in said

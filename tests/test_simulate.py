@@ -69,6 +69,8 @@ def test_a_prepared_fleet_of_your_own_task_through_its_own_private_mosquitto(tmp
     assert result["dataset"] == "custom" and result["devices"] == 3
     (run,) = result["runs"]
     assert run["trigger"] == "request" and 1 <= run["rounds"] <= 3
+    # requested once every device reports its input signature: clustered, not the whole cohort
+    assert "all" not in run["clusters"], run["clusters"].keys()
     for device in result["per_device"]:
         assert device["labelled"] and device["finetunes"] >= 1 and device["bytes_sent"] > 0
         # measured on its own hold-out, a device only ever switches to what measures better
