@@ -465,7 +465,8 @@ def test_bench_coordinator_runs_end_to_end_on_three_devices(ray_session, data_di
     (measured,) = fleet["rounds"]
     assert 0 < measured["latency_seconds"] <= measured["coordinator_view_seconds"]
     assert measured["messages"]["received"]["count"] > 0 and measured["answered"] == 3
-    assert set(measured["aggregation_seconds"]) == {"exact-delta", "naive-fedavg"}
+    timed = {"coordinate-median", "exact-delta", "naive-fedavg"}  # the default, and the compared
+    assert set(measured["aggregation_seconds"]) == timed
     assert fleet["memory_idle"]["driver_rss_bytes"] > 0
     assert set(result["aggregation_micro"]["sizes"]) == {"10"}
     assert Path(tmp_path / "work" / "3" / "coordinator.log").exists()
