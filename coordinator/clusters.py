@@ -124,16 +124,19 @@ class ClusterBook:
                 )
         return placements
 
+    def centroids_now(self, cohort: str, records: Sequence[DeviceRecord]) -> dict[str, np.ndarray]:
+        """Each cluster's centroid where its members' signatures are now (`records`: the
+        cohort's, as they are now), else where it was stored at the last re-clustering: a run
+        can start before a drift has filled the members' windows, and signatures move with it."""
+        return self.centroids(cohort) | current_centroids(self.clusters(cohort), records)
+
     def place(
-        self, cohort: str, record: DeviceRecord, members: Sequence[DeviceRecord] = ()
+        self, cohort: str, record: DeviceRecord, centroids: dict[str, np.ndarray] | None = None
     ) -> Placement:
-        """Places one device not yet in a cluster (it joined after the last re-clustering).
-        `members`: the clusters' members as they are now; a cluster is then found where its
-        members' signatures are now, not where they were when the run started (a run can start
-        before a drift has filled the members' windows, and their signatures move with it)."""
+        """Places one device not yet in a cluster (it joined after the last re-clustering), by
+        `centroids` (centroids_now), or the stored ones."""
         clusters = self.clusters(cohort)
-        centroids = self.centroids(cohort) | current_centroids(clusters, members)
-        placement = self._place_one(record, clusters, centroids)
+        placement = self._place_one(record, clusters, centroids or self.centroids(cohort))
         with self._db.transaction():
             self._save(cohort, placement, self._clock())
         return placement

@@ -17,6 +17,7 @@ offline, joined later, drifted later, or failed to apply, are caught up by recon
 
 from __future__ import annotations
 
+import functools
 import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
@@ -206,13 +207,14 @@ class AdapterDistributor:
         whose apply failed (after a back-off)."""
         f = self._fleet
         now = f.clock()
-        for cohort, members in f.registry.cohorts().items():
+        for cohort in f.registry.cohorts():
             current = f.store.current_versions(cohort)
-            for device in members:
-                record = f.registry.get(device)
-                if record is None:  # gone since cohorts() listed it
-                    continue
-                cluster = self._cluster_of(cohort, record)
+            records = f.registry.devices(cohort)  # one read for the pass
+            centroids = functools.cache(
+                functools.partial(f.clusters.centroids_now, cohort, records)
+            )
+            for record in records:
+                cluster = self._cluster_of(cohort, record, centroids)
                 version = current.get(cluster) if cluster is not None else None
                 if cluster is None or version is None or not self._due(record, version, now):
                     continue
@@ -317,17 +319,24 @@ class AdapterDistributor:
         members = f.clusters.clusters(cohort).get(cluster, ())
         return [r for d in members if (r := f.registry.get(d)) is not None]
 
-    def _cluster_of(self, cohort: str, record: DeviceRecord) -> str | None:
+    def _cluster_of(
+        self,
+        cohort: str,
+        record: DeviceRecord,
+        centroids: Callable[[], dict[str, Any]] | None = None,
+    ) -> str | None:
         """The device's cluster; one not placed yet (or placed nowhere for want of a
-        signature it has now) is placed."""
+        signature it has now) is placed, by where its cluster members' signatures are now
+        (`centroids`: computed once for a pass over the cohort, else here)."""
         f = self._fleet
         placement = f.clusters.placement(cohort, record.device_id)
         if placement is None or placement.cluster is None:
-            clusters = f.clusters.clusters(cohort)
-            if not clusters:
+            if not f.clusters.clusters(cohort):
                 return None
-            members = [r for ids in clusters.values() for d in ids if (r := f.registry.get(d))]
-            placement = f.clusters.place(cohort, record, members)
+            now = centroids() if centroids else f.clusters.centroids_now(
+                cohort, f.registry.devices(cohort)
+            )  # fmt: skip
+            placement = f.clusters.place(cohort, record, now)
         return placement.cluster
 
     # ---- internals: answers
