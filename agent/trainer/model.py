@@ -127,11 +127,7 @@ class BaseModel(FrozenFeatureModel):
     def save(self, path: str | Path) -> str:
         header = {"format": FORMAT_VERSION, "weights_hash": self.weights_hash, "info": self.info,
                   "hidden": int(self.params["W1"].shape[1])}  # fmt: skip
-        arrays = {name: self.params[name] for name in PARAM_NAMES}
-        calibration_file_parts(self, header, arrays)
-        with open(path, "wb") as out:
-            np.savez(out, header=np.array(json.dumps(header)), **arrays)
-        return self.weights_hash
+        return write_model_file(path, self, header, {n: self.params[n] for n in PARAM_NAMES})
 
     @classmethod
     def load(cls, path: str | Path) -> BaseModel:
@@ -178,11 +174,15 @@ def with_stored_calibration(model, header: dict, extra: dict, path: Path):
         raise ModelFileError(f"{path}: drift calibration unusable: {error}") from None
 
 
-def calibration_file_parts(model, header: dict, arrays: dict) -> None:
-    """Adds `model`'s calibration, if any, to the header and arrays of its file."""
+def write_model_file(path: str | Path, model, header: dict, arrays: dict) -> str:
+    """Writes a base model's file (MLP or CNN): its `header` as JSON beside its float32
+    `arrays`, with the model's calibration, if any; returns its weights hash."""
     if model.calibration is not None:
-        header[CALIBRATION_KEY] = model.calibration.header()
-        arrays.update(model.calibration.arrays())
+        header = {**header, CALIBRATION_KEY: model.calibration.header()}
+        arrays = {**arrays, **model.calibration.arrays()}
+    with open(path, "wb") as out:
+        np.savez(out, header=np.array(json.dumps(header)), **arrays)
+    return model.weights_hash
 
 
 def check_param_shapes(params: dict[str, np.ndarray], where) -> None:

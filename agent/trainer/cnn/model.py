@@ -26,10 +26,10 @@ from agent.trainer.cnn.network import UnitMods, folded, unit_forward, unit_infer
 from agent.trainer.errors import ModelFileError
 from agent.trainer.model import (
     FrozenFeatureModel,
-    calibration_file_parts,
     check_inputs,
     weights_hash,
     with_stored_calibration,
+    write_model_file,
 )
 from agent.trainer.model_file import read_header
 
@@ -134,10 +134,7 @@ class CnnModel(FrozenFeatureModel):
             "info": self.info,
         }
         arrays = {name: self.params[name] for name in self.param_names}
-        calibration_file_parts(self, header, arrays)
-        with open(path, "wb") as out:
-            np.savez(out, header=np.array(json.dumps(header)), **arrays)
-        return self.weights_hash
+        return write_model_file(path, self, header, arrays)
 
     @classmethod
     def load(cls, path: str | Path) -> CnnModel:
