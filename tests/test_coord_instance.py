@@ -130,8 +130,8 @@ SERVER_SHUTTING_DOWN = 0x8B  # a disconnect the bridge must ride out by reconnec
 
 
 def run_bridge_until_disconnected(server: FakeMqttServer, tmp_path):
-    """A bridge on the fake server, until the server has sent its DISCONNECT and the bridge had
-    time to reconnect (it would within its 1-2 s backoff). What it reported as fatal."""
+    """A bridge on the fake server, until the server has sent its DISCONNECT and the bridge has
+    reconnected (it would within its 1-2 s backoff; 5 s at most). What it reported as fatal."""
     settings = parse_broker_url(server.url, session_expiry_s=60, reconnect_max_delay_s=2)
     config = dataclasses.replace(
         make_config(tmp_path / "state"), mqtt=settings, instance="takeover-test"
@@ -145,7 +145,8 @@ def run_bridge_until_disconnected(server: FakeMqttServer, tmp_path):
         bridge.start()
         assert server.disconnect_sent.wait(WAIT), "the bridge never connected and subscribed"
         deadline = time.monotonic() + 5.0
-        while time.monotonic() < deadline and server.connections < 2:
+        # the second TCP connection comes before its CONNACK: wait for the bridge to say so too
+        while time.monotonic() < deadline and not (server.connections >= 2 and bridge.connected):
             time.sleep(0.05)
         return fatal, bridge.connected, config
     finally:
