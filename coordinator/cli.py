@@ -124,6 +124,7 @@ def run(config: CoordinatorConfig) -> int:
     from coordinator.app import Coordinator, PortUnavailable, StartupError
     from coordinator.bridge import FatalReason
     from coordinator.instance import InstanceConflict
+    from coordinator.partitioned_app import PartitionedCoordinator
     from coordinator.ray_runtime import init_ray
     from shared.http_auth import TokenFileError
 
@@ -149,7 +150,11 @@ def run(config: CoordinatorConfig) -> int:
         TokenFileError: ExitCode.CONFIG,
     }
     try:
-        coordinator = Coordinator.start(config)
+        coordinator: Coordinator | PartitionedCoordinator = (
+            PartitionedCoordinator.start(config)
+            if config.partitioned
+            else Coordinator.start(config)
+        )
     except tuple(refusals) as err:
         ray.shutdown()
         code = next(c for kind, c in refusals.items() if isinstance(err, kind))

@@ -217,12 +217,13 @@ class FleetMetrics:
 
     # ---- the bridge, in this process
 
-    def message_received(self, kind: str, size: int) -> None:
-        self.received_messages.labels(kind=kind).inc()
+    def message_received(self, kind: str, size: int, count: int = 1) -> None:
+        """count > 1: a partition's ingest reporting several (size: their bytes)."""
+        self.received_messages.labels(kind=kind).inc(count)
         self.received_bytes.labels(kind=kind).inc(size)
 
-    def message_sent(self, kind: str) -> None:
-        self.sent_messages.labels(kind=kind).inc()
+    def message_sent(self, kind: str, count: int = 1) -> None:
+        self.sent_messages.labels(kind=kind).inc(count)
 
     def message_rejected(self, reason: str) -> None:
         self.rejected_messages.labels(reason=reason).inc()
