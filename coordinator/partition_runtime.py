@@ -78,6 +78,7 @@ class RelayMetrics:
         self._lock = threading.Lock()  # the bridge's threads count, the health group takes
         self._received: dict[str, tuple[int, int]] = {}
         self._sent: Counter[str] = Counter()
+        self.received_total: Counter[str] = Counter()  # since start, per kind (health())
         self._events = EventLog()
         self._snapshot = FleetSnapshot()
 
@@ -85,6 +86,7 @@ class RelayMetrics:
         with self._lock:
             count, total = self._received.get(kind, (0, 0))
             self._received[kind] = (count + 1, total + size)
+            self.received_total[kind] += 1
 
     def message_sent(self, kind: str) -> None:
         with self._lock:
@@ -264,7 +266,9 @@ class PartitionActor:
             "partition": self._index,
             "pid": os.getpid(),
             "node_id": ray.get_runtime_context().get_node_id(),
+            "resources": ray.get_runtime_context().get_assigned_resources(),  # type: ignore[no-untyped-call]
             "mqtt_connected": self._bridge.connected,
+            "received": dict(self._relay.received_total),  # by this ingest, whoever owns them
             "fatal": self._fatal,
         }
 

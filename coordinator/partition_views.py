@@ -57,6 +57,10 @@ _SUMMED = ("devices", "online", "active_jobs", "open_rounds", "aggregating_round
            "active_runs", "dropped_metric_events", "outbox_backlog")  # fmt: skip
 
 
+_PER_PARTITION = ("partition", "pid", "node_id", "resources", "mqtt_connected", "devices",
+                  "received")  # fmt: skip
+
+
 def merge_health(healths: Sequence[dict[str, Any]]) -> dict[str, Any]:
     """The fleet's health: counts summed, every partition's stuck work, and each partition's
     own answer (its pid, node, broker connection) under `partitions`."""
@@ -65,10 +69,7 @@ def merge_health(healths: Sequence[dict[str, Any]]) -> dict[str, Any]:
         "started_at": min(h["started_at"] for h in healths),
         **{name: sum(h[name] for h in healths) for name in _SUMMED},
         "stuck": [s for h in healths for s in h["stuck"]],
-        "partitions": [
-            {k: h[k] for k in ("partition", "pid", "node_id", "mqtt_connected", "devices")}
-            for h in healths
-        ],
+        "partitions": [{k: h[k] for k in _PER_PARTITION} for h in healths],
     }
     return merged
 

@@ -28,11 +28,13 @@ from coordinator.partitions import (
     partition_of,
     presence_cohort,
 )
+from coordinator.scheduler import REPORT_GRACE_S
+from coordinator.service import FleetService
 from coordinator.state_db import DB_FILENAME
 from shared.mqtt import MqttProtocol
-from shared.protocol import JobState
+from shared.protocol import JobKind, JobState
 from shared.topics import Topics
-from tests.coord_fleet_helpers import SimDevice, make_config
+from tests.coord_fleet_helpers import SimDevice, jobs_in, make_config
 
 REPO_ROOT = str(Path(__file__).resolve().parent.parent)
 
@@ -181,7 +183,7 @@ def test_health_and_metrics_add_up_over_partitions():
         counts = dict.fromkeys(names, p)
         return {"status": "ok", "started_at": 10.0 + p, "devices": devices, "stuck": stuck,
                 "partition": p, "pid": 100 + p, "node_id": f"n{p}", "mqtt_connected": True,
-                **counts}  # fmt: skip
+                "received": {}, "resources": {}, **counts}  # fmt: skip
 
     merged = merge_health([health(0, 3, []), health(1, 4, [{"kind": "round", "id": "r"}])])
     assert merged["devices"] == 7 and merged["online"] == 1 and merged["started_at"] == 10.0
@@ -200,3 +202,46 @@ def test_health_and_metrics_add_up_over_partitions():
     assert total.report.snapshot.jobs_by_state == {"QUEUED": 5}
     assert total.report.snapshot.adapter_versions == {"c1": 1, "c2": 1}
     assert total.received == {"job_status": (4, 200)} and total.sent == {"job": 2}
+
+
+def started_round(tmp_path, partitions: int) -> tuple[FleetService, ManualClock, list, dict]:
+    clock = ManualClock(1000.0)
+    config = dataclasses.replace(make_config(tmp_path / "p"), partitions=partitions)
+    service = FleetService(config, clock=clock)
+    devices = [SimDevice(name, clock) for name in ("pi-1", "pi-2")]
+    service.ingest([m for d in devices for m in (d.presence(), d.heartbeat())])
+    service.request_finetune(all_=True)
+    jobs = {device: job.job_id for device, job in jobs_in(service.tick(), JobKind.FINETUNE)}
+    first, second = devices
+    service.ingest(first.finetune(jobs["pi-1"]))
+    # pi-2's job ends before its report arrives: the two went through different ingests
+    service.ingest([second.status(jobs["pi-2"], JobState.SUCCEEDED)])
+    return service, clock, devices, jobs
+
+
+def test_a_partitions_round_waits_for_a_report_its_jobs_end_overtook(tmp_path):
+    service, clock, (_, second), jobs = started_round(tmp_path, partitions=2)
+    service.tick()
+    assert service.rounds()[0]["stage"] == "RUNNING"
+    clock.advance(1.0)
+    service.ingest([second.report(jobs["pi-2"])])
+    service.tick()
+    (stored,) = service.rounds()
+    assert stored["stage"] == "STORED" and sorted(stored["weights"]) == ["pi-1", "pi-2"]
+
+
+def test_a_report_that_never_comes_holds_the_round_only_for_the_grace(tmp_path):
+    service, clock, _, _ = started_round(tmp_path, partitions=2)
+    clock.advance(REPORT_GRACE_S - 1)
+    service.tick()
+    assert service.rounds()[0]["stage"] == "RUNNING"
+    clock.advance(2)
+    service.tick()
+    (stored,) = service.rounds()
+    assert stored["stage"] == "STORED" and sorted(stored["weights"]) == ["pi-1"]
+
+
+def test_one_partition_closes_the_round_without_waiting_as_before(tmp_path):
+    service, _, _, _ = started_round(tmp_path, partitions=1)
+    service.tick()
+    assert service.rounds()[0]["stage"] == "STORED"
