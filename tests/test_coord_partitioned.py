@@ -2,20 +2,13 @@
 (the load generator) in two cohorts that belong to different partitions, and a round per cohort.
 
 First on the session's Ray (one node), then on a local two-node Ray cluster started with
-`ray start` (a head with the resource node_a, a second node with node_b), the coordinator
+`ray start` (a head with the resource node_0, a second node with node_1), the coordinator
 joining it by address with each partition pinned to one node. Every wait reads the API.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import os
-import shutil
-import signal
-import subprocess
-import sys
-import tempfile
-import time
 import uuid
 from pathlib import Path
 
@@ -32,8 +25,7 @@ from coordinator.partitions import partition_of
 from coordinator.registry import cohort_id
 from skipfleet.coordinator_process import ApiClient, CoordinatorProcess
 from skipfleet.loadgen.fleet import SimulatedFleet
-from skipfleet.processes import child_env
-from tests.mqtt_broker import free_port
+from skipfleet.ray_nodes import NO_TOKEN_AUTH, LocalRayCluster
 from tests.test_loadgen import coordinator_config, wait
 
 pytestmark = pytest.mark.slow
@@ -133,77 +125,11 @@ def test_two_partitions_each_run_their_cohorts_round(ray_session, mosquitto, wor
         coordinator.stop()
 
 
-class LocalRayNode:
-    """`ray start --block` in its own session: stopped by signalling that process group only
-    (never `ray stop`, which would end every Ray on the machine, other tests' included)."""
-
-    def __init__(self, args: list[str], log: Path) -> None:
-        self._log = open(log, "wb")  # noqa: SIM115 (closed in stop)
-        ray_cli = Path(sys.executable).with_name("ray")
-        self.process = subprocess.Popen(
-            [str(ray_cli), "start", "--block", "--disable-usage-stats", *args],
-            env=child_env(), stdout=self._log, stderr=subprocess.STDOUT, start_new_session=True,
-        )  # fmt: skip
-
-    def stop(self) -> None:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(self.process.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                self.process.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                continue
-            time.sleep(0.5)  # its children end with their group's signal too
-        self._log.close()
-
-
-def own_ports() -> list[str]:
-    """Free ports for what a node would otherwise bind at a fixed default (another Ray on
-    this machine may hold those)."""
-    return [f"--dashboard-agent-listen-port={free_port()}", f"--metrics-export-port={free_port()}"]
-
-
 @pytest.fixture
-def two_node_ray(tmp_path, monkeypatch):
-    """A head (resource node_a) and a second node (node_b) on this machine, 1 CPU each."""
-    # A loopback-only test cluster: no token (Ray's `ray start` enables token auth by default
-    # and keeps the token in ~/.ray, which the nodes and the coordinator would have to share)
-    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")
-    temp = tempfile.mkdtemp(prefix="rt-", dir="/tmp")  # Ray's socket paths must stay short
-    port = free_port()
-    head = LocalRayNode(
-        ["--head", f"--port={port}", "--node-ip-address=127.0.0.1", "--num-cpus=1",
-         '--resources={"node_a": 1}', "--include-dashboard=false", f"--temp-dir={temp}",
-         f"--dashboard-port={free_port()}",
-         *own_ports()],
-        tmp_path / "ray-head.log",
-    )  # fmt: skip
-    nodes = [head]
-    address = f"127.0.0.1:{port}"
-    try:
-        wait(lambda: (tmp_path / "ray-head.log").read_text().count("Ray runtime started") or
-             head.process.poll() is not None, timeout=40)  # fmt: skip
-        assert head.process.poll() is None, (tmp_path / "ray-head.log").read_text()
-        second = LocalRayNode(
-            [
-                f"--address={address}",
-                "--node-ip-address=127.0.0.1",
-                "--num-cpus=1",
-                '--resources={"node_b": 1}',
-            ],
-            tmp_path / "ray-b.log",
-        )
-        nodes.append(second)
-        wait(lambda: (tmp_path / "ray-b.log").read_text().count("Ray runtime started") or
-             second.process.poll() is not None, timeout=40)  # fmt: skip
-        assert second.process.poll() is None, (tmp_path / "ray-b.log").read_text()
-        yield address
-    finally:
-        for node in reversed(nodes):
-            node.stop()
-        shutil.rmtree(temp, ignore_errors=True)
+def two_node_ray(tmp_path):
+    """A head (resource node_0) and a second node (node_1) on this machine, 1 CPU each."""
+    with LocalRayCluster(2, cpus_per_node=1, log_dir=tmp_path / "ray") as cluster:
+        yield cluster
 
 
 def test_partitions_pinned_to_two_ray_nodes_each_run_their_round(
@@ -212,10 +138,12 @@ def test_partitions_pinned_to_two_ray_nodes_each_run_their_round(
     cohorts = cohort_per_partition(world / "base.npz")
     coordinator = CoordinatorProcess(
         mosquitto.url, tmp_path / "coordinator", tmp_path / "coordinator.log",
-        ["--ray-address", two_node_ray, "--partitions", "2",
-         "--partition-resources", "node_a,node_b", "--instance", f"nodes-{uuid.uuid4().hex[:6]}",
+        ["--ray-address", two_node_ray.address, "--partitions", "2",
+         "--partition-resources", ",".join(two_node_ray.resources),
+         "--instance", f"nodes-{uuid.uuid4().hex[:6]}",
          "--accuracy-threshold", "off", "--accuracy-drop-margin", "off", "--max-rounds", "1",
          "--canary-fraction", "1.0", "--tick-seconds", "0.2", "--epochs", "5"],
+        env=NO_TOKEN_AUTH,
     )  # fmt: skip
     fleets: list[SimulatedFleet] = []
     try:
@@ -223,7 +151,7 @@ def test_partitions_pinned_to_two_ray_nodes_each_run_their_round(
         fleets = start_devices(mosquitto.url, world, tmp_path, cohorts)
         partitions = run_a_round_per_cohort(coordinator.api, cohorts, fleets)
         # each partition's actor ran on the node with its resource: two nodes, one each
-        assert [set(p["resources"]) for p in partitions] == [{"node_a"}, {"node_b"}], partitions
+        assert [set(p["resources"]) for p in partitions] == [{"node_0"}, {"node_1"}], partitions
         assert len({p["node_id"] for p in partitions}) == 2
         assert_each_ingest_took_a_share(partitions, 2 * DEVICES_PER_COHORT)
     finally:
