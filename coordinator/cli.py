@@ -163,11 +163,7 @@ def run(config: CoordinatorConfig) -> int:
         TokenFileError: ExitCode.CONFIG,
     }
     try:
-        coordinator: Coordinator | PartitionedCoordinator = (
-            PartitionedCoordinator.start(config)
-            if config.partitioned
-            else Coordinator.start(config)
-        )
+        coordinator = _start(config)
     except tuple(refusals) as err:
         ray.shutdown()
         code = next(c for kind, c in refusals.items() if isinstance(err, kind))
