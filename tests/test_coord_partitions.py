@@ -7,13 +7,15 @@ import dataclasses
 import json
 import subprocess
 import sys
+import threading
 from pathlib import Path
 
 import pytest
 
 from coordinator.clock import ManualClock
 from coordinator.config import ConfigError
-from coordinator.observations import DeviceGauges, FleetSnapshot, MetricsReport
+from coordinator.observations import DeviceGauges, FleetSnapshot, MessageRejected, MetricsReport
+from coordinator.partition_runtime import PartitionIngestPort, RelayMetrics
 from coordinator.partition_views import (
     PartitionReport,
     merge_health,
@@ -245,3 +247,60 @@ def test_one_partition_closes_the_round_without_waiting_as_before(tmp_path):
     service, _, _, _ = started_round(tmp_path, partitions=1)
     service.tick()
     assert service.rounds()[0]["stage"] == "STORED"
+
+
+class FakeCall:
+    """An actor method's `.remote` standing in for Ray: runs at once, the result is the ref."""
+
+    def __init__(self, fn) -> None:
+        self.remote = fn
+
+
+class FakePeer:
+    def __init__(self, known: list[str]) -> None:
+        self.batches: list[list] = []
+        self.ingest = FakeCall(lambda batch: self.batches.append(batch) or len(batch))
+        self.registered = FakeCall(lambda devices: [d for d in devices if d in known])
+
+
+class FakePeers:
+    def __init__(self, peer: FakePeer) -> None:
+        self.me, self._peer = 0, peer
+
+    def get(self, index: int) -> FakePeer:
+        assert index == 1
+        return self._peer
+
+    def others(self) -> list[int]:
+        return [1]
+
+    def wait(self, refs):
+        return list(refs)
+
+
+def test_a_partitions_ingest_applies_its_own_forwards_the_rest_and_drops_unplaced_beats(tmp_path):
+
+    mine, theirs = cohorts_in_each_partition(2)[0], cohorts_in_each_partition(2)[1]
+    clock = ManualClock(100.0)
+    service = FleetService(
+        dataclasses.replace(make_config(tmp_path / "p0"), partitions=2), clock=clock
+    )
+    peer, relay = FakePeer(known=["known-elsewhere"]), RelayMetrics()
+    port = PartitionIngestPort(service, threading.RLock(), FakePeers(peer), relay)
+    own, other = SimDevice("own", clock, cohort=mine), SimDevice("other", clock, cohort=theirs)
+    elsewhere, stranger = SimDevice("known-elsewhere", clock), SimDevice("stranger", clock)
+    port.ingest([own.presence(), other.presence(), own.heartbeat(), other.heartbeat(),
+                 elsewhere.heartbeat(), stranger.heartbeat(),
+                 stranger.status("no-such-job", JobState.SUCCEEDED)])  # fmt: skip
+    assert [d["device_id"] for d in service.devices()] == ["own"]
+    (forwarded,) = peer.batches
+    assert [(r.device_id, r.envelope.kind.value) for r in forwarded] == [
+        ("other", "heartbeat"), ("known-elsewhere", "heartbeat")
+    ]  # fmt: skip
+    report = relay.take().report
+    reasons = [e.reason for e in report.events if isinstance(e, MessageRejected)]
+    assert reasons == ["unplaced"]  # the stranger's heartbeat
+    # its job status was applied here and refused, as one coordinator refuses a stranger's
+    drained = [e.reason for e in service.metrics_report().events if isinstance(e, MessageRejected)]
+    assert drained == ["unknown_job"]
+    assert "stranger" not in {d["device_id"] for d in service.devices()}
