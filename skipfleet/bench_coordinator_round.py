@@ -207,6 +207,10 @@ def _messages(before, after, window: float) -> dict:
         out[direction] = {"count": count, "per_second": count / window, "by_kind": kinds}
     rejected = total(after, "skipfleet_rejected_messages_total")
     out["rejected"] = rejected - total(before, "skipfleet_rejected_messages_total")
+    reasons_before = by_label(before, "skipfleet_rejected_messages_total", "reason")
+    reasons = by_label(after, "skipfleet_rejected_messages_total", "reason").items()
+    out["rejected_by_reason"] = {r: n - reasons_before.get(r, 0.0) for r, n in reasons
+                                 if n > reasons_before.get(r, 0.0)}  # fmt: skip
     return out
 
 
