@@ -177,6 +177,24 @@ def sample_messages(seed: int) -> list[Message]:
         ),
         DesiredState(adapter_version=None, base_model_hash=BASE_HASH, cohort="x"),
         DesiredState(adapter_version=4, base_model_hash=BASE_HASH, cohort="x", only_if_better=True),
+        DesiredState(  # an offer with its adapter inline: one message to apply a version
+            adapter_version=9,
+            base_model_hash=BASE_HASH,
+            cohort="fan-a",
+            only_if_better=bool(seed % 2),
+            adapter=AdapterPublication(
+                version=9,
+                base_model_hash=BASE_HASH,
+                cohort="fan-a",
+                arrays=adapter_arrays(rng),
+                lineage=Lineage("round-4", ("pi-03",), "coordinate-median", parent_version=8),
+                created_at=1.7e9,
+            ),
+            job_id="job-25",
+            expires_at=float(rng.uniform(1e9, 2e9)),
+        ),
+        DesiredState(adapter_version=5, base_model_hash=BASE_HASH, cohort="x", job_id="job-26",
+                     expires_at=2e9),  # fmt: skip
         FetchRequest(adapter_version=int(rng.integers(0, 100))),
         Chunk("0" * 32, 1, 3, bytes(rng.integers(0, 256, 32, dtype=np.uint8)), b"\x00\x01piece"),
     ]
