@@ -125,6 +125,7 @@ def test_finetune_reports_an_adapter_that_beats_the_base_model(device):
     assert detail["installed"] and detail["joules"] > 0
     assert detail["power_source"] == "model:generic"
     assert device.progress and device.progress[-1] == 1.0
+    assert outcome.reported  # the report is the job's SUCCEEDED: the runner sends no status
     ((topic, envelope),) = device.sent()
     report = envelope.message
     assert topic == "fleet/dev-1/report" and isinstance(report, Report)
