@@ -182,10 +182,10 @@ def test_devices_are_split_evenly_over_processes():
 
 
 # -- jobs --------------------------------------------------------------------------------------
-def test_a_finetune_goes_in_progress_then_reports_then_succeeds(reference):
+def test_a_short_finetune_sends_its_report_alone_as_its_end(reference):
     bench = Bench(reference)
     job = bench.job(JobKind.FINETUNE, finetune_params())
-    assert bench.states(job.job_id) == [(JobState.IN_PROGRESS, None)]
+    assert bench.states(job.job_id) == []  # no IN_PROGRESS for a job done within 5 s
     assert bench.device.heartbeat().busy_job_id == job.job_id
     bench.timers.advance(SECONDS - 0.01)
     assert not bench.messages(Report)
@@ -196,11 +196,30 @@ def test_a_finetune_goes_in_progress_then_reports_then_succeeds(reference):
     assert report.metrics.accuracy_after == bench.evaluator.accuracy(report.adapter)
     assert report.metrics.finetune_seconds == SECONDS and report.metrics.rank == 4
     assert report.adapter["A1"].shape == (256, 4) and report.adapter["B3"].shape == (4, 3)
-    (done,) = [s for s in bench.statuses(job.job_id) if s.state is JobState.SUCCEEDED]
-    assert done.detail["installed"] is True and done.detail["samples"] == report.metrics.samples
+    assert bench.statuses(job.job_id) == []  # the report is its SUCCEEDED
+    assert bench.device.runner.history[job.job_id] is JobState.SUCCEEDED
     assert bench.installs == [(None, "finetune")]
     beat = bench.device.heartbeat()
     assert beat.adapter_version is None and beat.busy_job_id is None and beat.cache_bytes > 0
+
+
+def test_a_long_finetune_says_in_progress_5_s_after_it_arrived_then_every_5_s(reference):
+    bench = Bench(reference)
+    bench.device = SimulatedDevice(
+        DEVICE, 7, reference, bench.evaluator, DeviceSettings(device_seconds=12.0),
+        bench.timers, lambda *publish: bench.published.append(publish), boot_id="boot-1",
+    )  # fmt: skip
+    job = bench.job(JobKind.FINETUNE, finetune_params())
+    bench.timers.advance(4.9)
+    assert bench.states(job.job_id) == []
+    bench.timers.advance(0.2)
+    (started,) = bench.statuses(job.job_id)
+    assert started.state is JobState.IN_PROGRESS
+    bench.timers.advance(5.0)  # its progress, an interval later
+    assert [s.progress for s in bench.statuses(job.job_id)][1] == pytest.approx(10 / 12)
+    bench.timers.advance(2.0)
+    assert bench.states(job.job_id) == [(JobState.IN_PROGRESS, None)] * 2  # then the report
+    assert [r.job_id for r in bench.messages(Report)] == [job.job_id]
 
 
 def test_every_message_carries_the_boot_id_and_the_next_seq(reference):
@@ -212,7 +231,7 @@ def test_every_message_carries_the_boot_id_and_the_next_seq(reference):
     assert {e.boot_id for e in envelopes} == {"boot-1"}
     assert [e.seq for e in envelopes] == list(range(len(envelopes)))
     kinds = [type(e.message).__name__ for e in envelopes]
-    assert kinds == ["Presence", "Heartbeat", "JobStatus", "Report", "JobStatus"]
+    assert kinds == ["Presence", "Heartbeat", "Report"]  # a fine-tune: its report, nothing else
     status_topic, _, qos, retain = bench.published[0]
     assert status_topic == f"fleet/{DEVICE}/status" and (qos, retain) == (1, True)
     assert bench.published[1][2:] == (0, False)  # telemetry: QoS 0, not retained
@@ -316,11 +335,30 @@ def test_the_desired_pointer_is_fetched_and_installed_between_jobs(reference):
     bench.deliver("cmd/adapter", bench.publication(2))
     assert bench.installs == []  # a fine-tune runs: the install waits for it
     bench.timers.advance(SECONDS)
-    assert bench.states(running.job_id)[-1][0] is JobState.SUCCEEDED
+    assert [r.job_id for r in bench.messages(Report)] == [running.job_id]
     assert bench.installs == [(None, "finetune"), (2, "desired_state")]
     assert bench.device.heartbeat().adapter_version == 2
     bench.deliver("cmd/desired", DesiredState(2, "f" * 64, "default"))  # another base model
     assert bench.installs[-1] == (2, "desired_state") and len(bench.messages(FetchRequest)) == 1
+
+
+def test_a_pointer_offering_its_inline_adapter_is_one_apply_job_answered_once(reference):
+    bench = Bench(reference)
+    publication = bench.publication(5, perturbed(reference.arrays, 3))
+    offer = DesiredState(5, reference.base_model_hash, "default", adapter=publication,
+                         job_id="apply-5", expires_at=time.time() + 60)  # fmt: skip
+    bench.deliver("cmd/desired", offer)
+    (answer,) = bench.messages(JobStatus)  # one status back, no IN_PROGRESS, no fetch
+    assert (answer.job_id, answer.state) == ("apply-5", JobState.SUCCEEDED)
+    assert answer.detail["accuracy"] == bench.evaluator.accuracy(publication.arrays)
+    assert not bench.messages(FetchRequest) and bench.installs == [(5, "apply_adapter")]
+    bench.deliver("cmd/desired", offer)  # the retained copy at a reconnect: not answered again
+    assert len(bench.messages(JobStatus)) == 1 and len(bench.installs) == 1
+    lapsed = DesiredState(6, reference.base_model_hash, "default", job_id="apply-6",
+                          expires_at=time.time() - 1)  # fmt: skip
+    bench.deliver("cmd/desired", lapsed)  # an expired offer: reconciled, unanswered
+    assert bench.messages(FetchRequest) == [FetchRequest(6)]
+    assert len(bench.messages(JobStatus)) == 1
 
 
 def test_the_desired_pointer_asks_again_with_backoff_then_gives_up(reference):
