@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -51,6 +52,7 @@ from shared.protocol import (
     encode_for_publish,
 )
 from shared.protocol.enums import PresenceState
+from shared.topics import TopicKind
 from skipfleet.coordinator_process import ApiClient
 from skipfleet.loadgen.device import DeviceSettings, SimulatedDevice
 from skipfleet.loadgen.fleet import SimulatedFleet, split
@@ -508,3 +510,65 @@ def test_bench_coordinator_runs_end_to_end_on_three_devices(ray_session, data_di
     assert fleet["memory_idle"]["driver_rss_bytes"] > 0
     assert set(result["aggregation_micro"]["sizes"]) == {"10"}
     assert Path(tmp_path / "work" / "3" / "coordinator.log").exists()
+
+
+def round_messages(probe: FleetProbe, since: float) -> dict[str, Counter]:
+    """Per device: how many messages of each topic kind crossed the broker since `since`, live
+    (not retained copies), presence and telemetry left out (they are not the round's)."""
+    counts: dict[str, Counter] = {}
+    for item in list(probe.received):
+        device, kind = probe.topics.parse(item.topic)
+        if item.retained or item.arrival < since:
+            continue
+        if kind not in (TopicKind.STATUS, TopicKind.TELEMETRY):
+            counts.setdefault(device, Counter())[kind] += 1
+    return counts
+
+
+@pytest.mark.slow
+def test_one_round_costs_a_device_two_messages_each_way(ray_session, mosquitto, world, tmp_path):
+    """Trigger -> promoted adapter running: a fine-tune job and its report (its SUCCEEDED), the
+    retained pointer with the adapter inline and the offer, and the offer's one status. A canary
+    device has its two evaluations besides (two jobs, two statuses) and the candidate adapter.
+    Before: 5 in and 4 out for every device (IN_PROGRESS and SUCCEEDED per job, and the adapter,
+    the apply job and the pointer as three messages)."""
+    coordinator = Coordinator.start(coordinator_config(mosquitto.url, tmp_path / "coordinator"))
+    api = ApiClient(
+        f"http://127.0.0.1:{coordinator.api.port}", token_file=coordinator.config.token_path
+    )
+    fleet = SimulatedFleet(
+        mosquitto.url, world / "base.npz", [world / "device.npz"], 5, 1, tmp_path / "loadgen",
+        options=["--heartbeat-seconds", "1", "--device-seconds", "0.5", "--epochs", "10"],
+    )  # fmt: skip
+    probe = FleetProbe(parse_broker_url(mosquitto.url), "round-counter")
+    try:
+        assert probe.subscribed.wait(10)
+        fleet.start(60)
+        wait(lambda: sum(d["online"] and bool(d["cohort"]) for d in api.get("/devices")) == 5)
+        since = time.monotonic()
+        api.post("/finetune", {"all": True})
+        cohort = wait(lambda: next((c for c in api.get("/adapters")
+                                    if c["current_version"] is not None), None))  # fmt: skip
+        version = cohort["current_version"]
+        wait(lambda: all(d["adapter_version"] == version for d in api.get("/devices")))
+        wait(lambda: all(j["state"] == "SUCCEEDED" for j in api.get("/jobs?limit=1000")))
+        time.sleep(1.0)  # anything late would be counted too
+        counts = round_messages(probe, since)
+        assert sorted(counts) == fleet.device_ids
+        canaries = {d for d, c in counts.items() if c[TopicKind.CMD_ADAPTER]}
+        assert len(canaries) == 2  # canary fraction 0.4 of 5
+        for device, seen in counts.items():
+            extra = 2 if device in canaries else 0  # two evaluations: two jobs, two statuses
+            assert seen == Counter({
+                TopicKind.CMD_JOB: 1 + extra, TopicKind.CMD_DESIRED: 1,
+                TopicKind.CMD_ADAPTER: 1 if extra else 0,
+                TopicKind.REPORT: 1, TopicKind.JOB: 1 + extra,
+            }), device  # fmt: skip
+        per_device = sum(sum(c.values()) for c in counts.values()) / len(counts)
+        assert per_device == pytest.approx(4 + 2 * 5 / 5)  # 4 each, 5 more per canary
+        statuses = [e.message for _, e, _ in probe.messages(JobStatus)]
+        assert not [s for s in statuses if s.state is JobState.IN_PROGRESS]
+    finally:
+        probe.close()
+        fleet.stop()
+        coordinator.stop()
