@@ -193,8 +193,13 @@ def sample_messages(seed: int) -> list[Message]:
             job_id="job-25",
             expires_at=float(rng.uniform(1e9, 2e9)),
         ),
-        DesiredState(adapter_version=5, base_model_hash=BASE_HASH, cohort="x", job_id="job-26",
-                     expires_at=2e9),  # fmt: skip
+        DesiredState(
+            adapter_version=5,
+            base_model_hash=BASE_HASH,
+            cohort="x",
+            job_id="job-26",
+            expires_at=2e9,
+        ),  # fmt: skip
         FetchRequest(adapter_version=int(rng.integers(0, 100))),
         Chunk("0" * 32, 1, 3, bytes(rng.integers(0, 256, 32, dtype=np.uint8)), b"\x00\x01piece"),
     ]
