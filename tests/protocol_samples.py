@@ -199,7 +199,7 @@ def sample_messages(seed: int) -> list[Message]:
             cohort="x",
             job_id="job-26",
             expires_at=2e9,
-        ),  # fmt: skip
+        ),
         FetchRequest(adapter_version=int(rng.integers(0, 100))),
         Chunk("0" * 32, 1, 3, bytes(rng.integers(0, 256, 32, dtype=np.uint8)), b"\x00\x01piece"),
     ]
