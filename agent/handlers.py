@@ -145,6 +145,7 @@ class JobHandlers:
                 },
             )
         # Last, once nothing can fail any more: the report is the job's SUCCEEDED.
+        ctx.ending()
         self._send_record(Report(job.job_id, arrays, metrics, parent_adapter_version=parent))
         return JobOutcome(
             {

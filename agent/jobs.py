@@ -82,6 +82,9 @@ class JobContext:
 
     cancel: threading.Event
     progress: Callable[[float], None]
+    # Call before sending a record that is the job's end (a fine-tune's Report): no IN_PROGRESS
+    # may follow it.
+    ending: Callable[[], None] = lambda: None
 
 
 Handler = Callable[[Job, JobContext], JobOutcome]
@@ -314,7 +317,7 @@ class JobRunner:
                                 after_s=self._in_progress_after,
                                 interval_s=self._progress_interval, clock=self._clock)  # fmt: skip
         notice.start()
-        context = JobContext(cancel=cancel, progress=notice.progress)
+        context = JobContext(cancel=cancel, progress=notice.progress, ending=notice.end)
         try:
             try:
                 outcome = self._handlers[job.kind](job, context)

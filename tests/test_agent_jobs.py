@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from agent.job_history import JobHistory
+from agent.job_progress import ProgressNotice
 from agent.jobs import CancelResult, JobFailed, JobOutcome, JobRejected, JobRunner
 from shared.protocol.enums import JobKind, JobReason, JobState
 from shared.protocol.messages import (
@@ -450,3 +451,23 @@ def test_an_offered_job_is_taken_once_and_never_when_expired(harness):
     expired = Job("late", JobKind.EVALUATE, EvaluateParams(), expires_at=NOW - 1)
     assert harness.runner.take_offer(expired) is False
     assert harness.statuses.empty() and not harness.runner.knows("late")
+
+
+def test_a_progress_notice_says_nothing_before_it_is_due_or_after_the_job_ended():
+    sent, now = [], [NOW]
+    notice = ProgressNotice("j", sent.append, arrived_at=NOW, after_s=5.0, interval_s=5.0,
+                            clock=lambda: now[0])  # fmt: skip
+    notice.progress(0.1)  # not due: 5 s after arrival
+    now[0] += 6
+    notice.progress(0.5)  # due: the first IN_PROGRESS, with the fraction
+    notice.progress(0.6)  # within the interval
+    now[0] += 5
+    notice.progress(0.9)
+    notice.end()
+    now[0] += 60
+    notice.progress(1.0)
+    notice.start()  # a late timer, or a start after the end: nothing
+    assert [(s.state, s.progress) for s in sent] == [
+        (JobState.IN_PROGRESS, 0.5),
+        (JobState.IN_PROGRESS, 0.9),
+    ]
