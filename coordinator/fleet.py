@@ -122,7 +122,7 @@ class Fleet:
             reports=ReportStore(db, config.state_dir),
             clusters=ClusterBook(db, max_distance=config.cluster_distance, clock=clock),
             runs=RunBook(db, config.federation),
-            outbox=DurableOutbox(db, config.client_id, clock),
+            outbox=DurableOutbox(db, config.client_id, clock, publish_limit=config.chunk_limit),
             seen=SeenMessages(db, clock),
         )
 

@@ -68,11 +68,19 @@ class AdapterRef:
 AdapterResolver = Callable[[AdapterRef], AdapterPublication | None]
 
 
+# Room in one publish for the pointer's own fields and the envelope around the inline adapter.
+POINTER_HEADROOM_BYTES = 2048
+
+
 class DurableOutbox:
-    def __init__(self, db: StateDB, sender: str, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, db: StateDB, sender: str, clock: Callable[[], float], *, publish_limit: int
+    ) -> None:
         self._db = db
         self._sender = sender
         self._clock = clock
+        # A retained pointer must go out as one publish (a retained message is never chunked)
+        self._inline_max = min(INLINE_ADAPTER_MAX_BYTES, publish_limit - POINTER_HEADROOM_BYTES)
         self._handed_through = 0  # the highest seq handed out in this actor's life
         db.ensure_schema(_SCHEMA)
 
@@ -115,7 +123,7 @@ class DurableOutbox:
         self._handed_through = rows[-1]["seq"]
         out, dropped = [], []
         resolve = _once_each(resolve)  # a rollout to many devices reads its version once
-        inline = _once_each(_inline(resolve))
+        inline = _once_each(_inline(resolve, self._inline_max))
         for row in rows:
             message = self._message(row, resolve, inline)
             if message is None:
@@ -166,12 +174,12 @@ def _ref_from(f: Fields) -> AdapterRef:
     return AdapterRef(f.text("cohort"), f.integer("version"), f.text("encoding"))
 
 
-def _inline(resolve: AdapterResolver) -> AdapterResolver:
+def _inline(resolve: AdapterResolver, max_bytes: int) -> AdapterResolver:
     """The publication if it may travel inside a pointer (None: gone, or too large)."""
 
     def small_enough(ref: AdapterRef) -> AdapterPublication | None:
         adapter = resolve(ref)
-        if adapter is None or adapter_wire_bytes(adapter) > INLINE_ADAPTER_MAX_BYTES:
+        if adapter is None or adapter_wire_bytes(adapter) > max_bytes:
             return None
         return adapter
 

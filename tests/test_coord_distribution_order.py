@@ -10,12 +10,25 @@ distribution.
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 
 from coordinator import outbox
 from coordinator.clock import ManualClock
+from coordinator.outbox import AdapterRef, DurableOutbox
 from coordinator.service import SCAN_INTERVAL_S, FleetService
-from shared.protocol import AdapterPublication, DesiredState, Job, JobKind, JobState
+from coordinator.state_db import StateDB
+from shared.protocol import (
+    AdapterPublication,
+    DesiredState,
+    Job,
+    JobKind,
+    JobState,
+    Lineage,
+    encode_for_publish,
+)
 from tests.coord_fleet_helpers import SimDevice, jobs_in, make_config
 
 DEVICES = ("pi-1", "pi-2", "pi-3")
@@ -109,3 +122,20 @@ def test_an_adapter_over_the_inline_bound_is_left_for_the_device_to_fetch(
     service.ingest([devices[0].fetch(1)])  # the device asks: the answer is the publication
     (answer,) = service.tick()
     assert isinstance(answer.message, AdapterPublication) and answer.message.version == 1
+
+
+@pytest.mark.parametrize(("publish_limit", "inline"), [(131_072, True), (4096, False)])
+def test_a_pointer_carries_its_adapter_only_if_the_whole_fits_one_publish(
+    tmp_path, clock, publish_limit, inline
+):
+    """A retained message is never chunked: a broker keeps only its last chunk."""
+    box = DurableOutbox(StateDB(tmp_path / "s.sqlite3"), "coordinator", clock,
+                        publish_limit=publish_limit)  # fmt: skip
+    arrays = {"delta1": np.ones((52, 20), np.float32)}  # 4.2 KB: over 4096 with the pointer
+    adapter = AdapterPublication(2, "b" * 64, "fan", arrays, Lineage("r", ("pi-1",), "m"), 1.0)
+    box.add_desired("pi-1", DesiredState(2, "b" * 64, "fan"), AdapterRef("fan", 2, "float32"))
+    (out,) = box.hand_out(lambda ref: adapter)
+    assert (out.message.adapter is not None) is inline
+    carrying = dataclasses.replace(out.message, adapter=adapter)
+    publishes = encode_for_publish(carrying, sender="coordinator", limit=publish_limit)
+    assert (len(publishes) == 1) is inline  # inline only where the whole is one publish
