@@ -136,7 +136,7 @@ class Peers:
             return answers
         except ray.exceptions.GetTimeoutError:
             raise Unavailable(f"a partition did not answer in {PEER_TIMEOUT_S:.0f} s") from None
-        except ray.exceptions.RayActorError as err:
+        except ray.exceptions.RayError as err:  # dead, restarting, or closed while we forwarded
             raise Unavailable(f"a partition is unavailable: {err}") from None
 
 
