@@ -9,6 +9,7 @@ beside it. Messages per second are the coordinator's Prometheus counters over th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -43,6 +44,15 @@ class Parties:
     def coordinator_tree(self) -> list[int]:
         roots = (self.coordinator.pid, *self.ray_node_pids)
         return [pid for root in roots for pid in children_of(root)]
+
+    def node_window(self) -> CpuWindow | contextlib.nullcontext:
+        """With a multi-node Ray: CPU of the driver's tree and of each node's (its partition
+        actor, raylet and workers) apart, which one more machine would split."""
+        if not self.ray_node_pids:
+            return contextlib.nullcontext()
+        groups = {f"node_{i}": (lambda pid=pid: children_of(pid))
+                  for i, pid in enumerate(self.ray_node_pids)}  # fmt: skip
+        return CpuWindow({"driver": lambda: children_of(self.coordinator.pid), **groups})
 
     def cpu_window(self) -> CpuWindow:
         return CpuWindow(
@@ -92,9 +102,10 @@ def run_round(parties: Parties, devices: int, timeout_s: float) -> dict:
     time.sleep(parties.counters_lag_s)
     counters = parse_prometheus(parties.coordinator.metrics())
     triggered = time.time()
-    with parties.cpu_window() as cpu:
+    with parties.cpu_window() as cpu, parties.node_window() as nodes:
         ended = _until_applied(api, parties.fleet, devices, triggered, timeout_s)
         cpu_used = cpu.seconds()
+        by_node = {k: v for k, v in nodes.seconds().items() if k != "other"} if nodes else {}
     applied = max(ended.installs.values())
     window = applied - triggered
     time.sleep(parties.counters_lag_s)
@@ -111,6 +122,7 @@ def run_round(parties: Parties, devices: int, timeout_s: float) -> dict:
         "phases_seconds": _phases(*ended.last, triggered, applied),
         "messages": _messages(counters, after, window),
         "cpu_seconds": cpu_used,
+        "cpu_seconds_by_node": by_node,
         "aggregation_seconds": _aggregation(parties.coordinator, counters, timeout_s, rounds),
         "canary": {
             "devices": sum(len(r["canary_devices"]) for r in ended.rollouts),
