@@ -42,6 +42,7 @@ DEVICES_PER_PROCESS = 250
 EPOCHS, LR = 30, 0.02  # the coordinator's default fine-tune, also the reference run's
 FD_HEADROOM = 256
 COUNTERS_LAG_S = 2.5  # the coordinator's metrics interval (2 s) and a margin
+IDLE_WINDOW_S = 10.0
 
 
 def broker_config() -> list[str]:
@@ -189,6 +190,7 @@ def bench_fleet(devices: int, args, world: tuple[Path, list[Path]], root: Path, 
         nodes = tuple(cluster.pids if cluster else ())
         parties = Parties(coordinator, broker_pid, fleet, nodes, lag)
         result["memory_idle"] = _memory(parties)
+        result["idle_cpu_per_second"] = idle_cpu(parties)
         with PeakMemory(parties.coordinator_tree) as peak:
             result |= run_rounds(parties, devices, args, log)
         result["memory_peak_pss_bytes"] = peak.peak.pss_bytes
@@ -207,6 +209,16 @@ def run_rounds(parties: Parties, devices: int, args, log) -> dict:
             return {"rounds": rounds, "failure": f"round {number}: {err}"}
         log(f"{devices} devices: round {number} in {rounds[-1]['latency_seconds']:.2f} s")
     return {"rounds": rounds, "failure": None}
+
+
+def idle_cpu(parties: Parties) -> dict:
+    """CPU seconds a second with every device online and no round: heartbeats, ticks, and
+    Ray's own daemons (per node, with --ray-nodes), over IDLE_WINDOW_S."""
+    with parties.cpu_window() as cpu, parties.node_window() as nodes:
+        time.sleep(IDLE_WINDOW_S)
+        used = cpu.seconds() | ({f"by_{k}": v for k, v in nodes.seconds().items()
+                                 if k != "other"} if nodes else {})  # fmt: skip
+    return {name: seconds / IDLE_WINDOW_S for name, seconds in used.items()}
 
 
 def _online(coordinator: CoordinatorProcess, devices: int) -> bool:
