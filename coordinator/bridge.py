@@ -317,7 +317,9 @@ class MqttBridge:
             return
         fight = self._fight.closed(disconnect_from_broker=flags.is_disconnect_packet_from_server)
         if fight is not None:
-            client.disconnect()  # as above: stop, and let the other coordinator keep the account
+            # Not disconnect(): after a lost connection paho overwrites the state it sets and
+            # reconnects. From its own thread, loop_stop() only ends the loop, without a join.
+            client.loop_stop()
             mqtt = self._config.mqtt
             message = describe_fight(fight, mqtt.username, self._client_id, mqtt.url)
             self._on_fatal(FatalReason.ACCOUNT_SHARED, message)
