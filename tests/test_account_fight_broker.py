@@ -52,9 +52,7 @@ class Running:
     """A coordinator's MQTT bridge on its own fleet state, and what it reported as fatal."""
 
     def __init__(self, url: str, account: str, password: str, state_dir, instance: str) -> None:
-        settings = parse_broker_url(
-            url, username=account, password=password, session_expiry_s=600
-        )
+        settings = parse_broker_url(url, username=account, password=password, session_expiry_s=600)
         config = dataclasses.replace(make_config(state_dir), mqtt=settings, instance=instance)
         self.service = FleetService(config)
         self.fatal: list[tuple[FatalReason, str]] = []
