@@ -30,8 +30,8 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 # Connections in a row that must end short before the coordinator calls it a fight: with paho's
-# 1-2 s backoff about ten seconds of fighting (the other side one connection fewer).
-FIGHT_STREAK = 5
+# 1-2 s backoff 8-16 s of fighting, 2 x FIGHT_STREAK takeovers in all (each side's connections).
+FIGHT_STREAK = 4
 # A session shorter than the other side's longest first reconnect delay (paho's jittered lower
 # bound is at most twice reconnect_min_delay_s) plus this margin for connecting counts as short.
 SHORT_MARGIN_S = 5.0
