@@ -9,6 +9,7 @@ joining it by address with each partition pinned to one node. Every wait reads t
 from __future__ import annotations
 
 import dataclasses
+import urllib.request
 import uuid
 from pathlib import Path
 
@@ -42,6 +43,12 @@ def world(data_dir, tmp_path_factory) -> Path:
     pretrain(silent.X, silent.y, 3, epochs=10, lr=0.05, seed=0).save(root / "base.npz")
     write_device_file(root / "device.npz", Dataset(noisy.X, noisy.y, 3, {}))
     return root
+
+
+def metrics_text(coordinator: PartitionedCoordinator) -> str:
+    url = f"http://127.0.0.1:{coordinator.metrics_port}/metrics"
+    with urllib.request.urlopen(url, timeout=10) as response:
+        return response.read().decode()
 
 
 def cohort_per_partition(base_model: Path) -> list[tuple[str, str]]:
@@ -119,6 +126,17 @@ def test_two_partitions_each_run_their_cohorts_round(ray_session, mosquitto, wor
         for index, (_, cohort) in enumerate(cohorts):
             state = config.state_dir / "partitions" / f"p{index}" / "adapters"
             assert any(cohort in str(path) for path in state.rglob("*")), index
+        # one device's views come from the partition that has it, lists merge newest first
+        for fleet, (_, cohort) in zip(fleets, cohorts, strict=True):
+            device = fleet.device_ids[0]
+            assert api.get(f"/devices/{device}")["cohort"] == cohort
+            assert {j["device_id"] for j in api.get(f"/jobs?device={device}")} == {device}
+        newest = api.get("/jobs?limit=3")
+        assert len(newest) == 3 and newest == sorted(newest, key=lambda j: -j["created_at"])
+        assert {c["cohort"] for c in api.get("/clusters")} == {c for _, c in cohorts}
+        # /metrics from every partition's report (fetched every metrics interval)
+        known = f"skipfleet_devices_known {2 * DEVICES_PER_COHORT}.0"
+        wait(lambda: known in metrics_text(coordinator))
     finally:
         for fleet in fleets:
             fleet.stop()
