@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -286,7 +287,8 @@ class JobTable:
     # ---- internals
 
     def _transition(self, job_id: str, state: JobState, detail: str | None) -> Job:
-        with self._db.transaction():
+        # one UPDATE after the checks: no savepoint needed inside the caller's transaction
+        with nullcontext() if self._db.in_transaction else self._db.transaction():
             job = self.require(job_id)
             if job.state == state:
                 return job  # a repeated status: QoS 1 delivers at least once
