@@ -72,6 +72,11 @@ class ClusterBook:
         )
         return None if row is None else Placement(row["device_id"], row["cluster"], row["how"])
 
+    def placements(self) -> dict[tuple[str, str], Placement]:
+        """Every placement, by (cohort, device): one query for a whole-fleet view."""
+        rows = self._db.query("SELECT cohort, device_id, cluster, how FROM cluster_members")
+        return {(r[0], r[1]): Placement(r[1], r[2], r[3]) for r in rows}
+
     def cluster_of(self, cohort: str, device_id: str) -> str | None:
         placed = self.placement(cohort, device_id)
         return None if placed is None else placed.cluster
