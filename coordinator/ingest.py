@@ -119,7 +119,9 @@ class MessageHandler:
             return  # a re-delivered command: the first delivery's statuses tell its fate
         state = JobState(status.state.value.upper())
         try:
-            updated = f.jobs.report_status(job.job_id, state, device_id=device, detail=_why(status))
+            updated = f.jobs.report_status(
+                job.job_id, state, device_id=device, detail=_why(status), current=job
+            )
         except JobError as err:
             f.reject("stale_status", str(err))  # e.g. a result after the job timed out
             return
