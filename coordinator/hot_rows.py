@@ -10,6 +10,10 @@ so they are durable exactly when the rest of the transaction is. A savepoint tha
 Readers on other threads (the actor's query and health groups) see the committed rows only, as
 a WAL reader of the table would. One writer per state dir (the instance lock) keeps the memory
 and the file the same: nothing else writes the table.
+
+TransactionalNotes does the same for things noted in memory only (metric events, the keys of
+state messages already applied): they count when their transaction commits, and are undone
+when it rolls back.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from typing import Any, Generic, TypeVar
 from coordinator.state_db import StateDB
 
 Row = TypeVar("Row")
+Item = TypeVar("Item")
 _ABSENT: Any = object()  # "no pending change" in an undo entry
 
 
@@ -127,3 +132,50 @@ class HotRows(Generic[Row]):
                     self._committed.pop(key, None)
                 else:
                     self._committed[key] = row
+
+
+class _Levels(threading.local):
+    def __init__(self) -> None:
+        self.stack: list[list[Any]] = []  # per open (nested) transaction: what it noted
+
+
+class TransactionalNotes(Generic[Item]):
+    """Things noted in memory inside a transaction (metric events, message keys), kept per
+    nested level: a level that rolls back hands its notes to `undo`, the outermost commit hands
+    them all to `commit`. Outside a transaction, note() is commit() at once."""
+
+    def __init__(
+        self,
+        db: StateDB,
+        *,
+        commit: Callable[[list[Item]], None],
+        undo: Callable[[list[Item]], None] = lambda items: None,
+    ) -> None:
+        self._commit, self._undo = commit, undo
+        self._levels = _Levels()
+        db.add_hooks(self)
+
+    def note(self, item: Item) -> None:
+        stack = self._levels.stack
+        if stack:
+            stack[-1].append(item)
+        else:
+            self._commit([item])
+
+    def begun(self) -> None:
+        self._levels.stack.append([])
+
+    def rolled_back(self) -> None:
+        self._undo(self._levels.stack.pop())
+
+    def released(self) -> None:
+        stack = self._levels.stack
+        stack[-2].extend(stack.pop())
+
+    def before_commit(self) -> None:
+        pass
+
+    def committed(self) -> None:
+        notes = self._levels.stack.pop()
+        if notes:
+            self._commit(notes)
