@@ -101,8 +101,7 @@ def _placed(
     """Each record with its placement, read in one query (not one per device)."""
     placements = fleet.clusters.placements()
     return [
-        (r, None if r.cohort is None else placements.get((r.cohort, r.device_id)))
-        for r in records
+        (r, None if r.cohort is None else placements.get((r.cohort, r.device_id))) for r in records
     ]
 
 
@@ -260,14 +259,14 @@ def snapshot(fleet: Fleet) -> FleetSnapshot:
     gauges = tuple(_gauges(r, placement) for r, placement in records)
     members: dict[str, int] = {}
     behind: dict[str, int] = {}
-    current: dict[str, dict[str, int]] = {}  # per cohort, read once
+    currents: dict[str, dict[str, int]] = {}  # per cohort, read once
     for r, placement in records:
         if r.cohort is None:
             continue
-        if r.cohort not in current:
-            current[r.cohort] = fleet.store.current_versions(r.cohort)
+        if r.cohort not in currents:
+            currents[r.cohort] = fleet.store.current_versions(r.cohort)
         members[r.cohort] = members.get(r.cohort, 0) + 1
-        behind[r.cohort] = behind.get(r.cohort, 0) + _behind(current[r.cohort], r, placement)
+        behind[r.cohort] = behind.get(r.cohort, 0) + _behind(currents[r.cohort], r, placement)
     versions = {}
     for cohort in fleet.store.cohorts():
         current = fleet.store.current_versions(cohort)
@@ -275,7 +274,5 @@ def snapshot(fleet: Fleet) -> FleetSnapshot:
             versions[cohort] = max(current.values())
     states = {state.value: n for state, n in fleet.jobs.count_by_state().items()}
     now = fleet.clock()
-    quarantined = sum(
-        1 for r, _ in records if r.quarantined_until and r.quarantined_until > now
-    )
+    quarantined = sum(1 for r, _ in records if r.quarantined_until and r.quarantined_until > now)
     return FleetSnapshot(gauges, states, versions, quarantined, members, behind)
