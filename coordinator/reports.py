@@ -8,7 +8,6 @@ report must match it, so a wrong-sized adapter is refused on receipt, not at agg
 
 from __future__ import annotations
 
-import io
 import json
 import os
 import sqlite3
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from coordinator.aggregation import AdapterShape, AggregationError, FitResult, validate_fit_result
+from coordinator.npz import npz_bytes
 from coordinator.state_db import StateDB
 
 # Reports received in this actor's life are kept in memory too, until their round's aggregation
@@ -197,11 +197,10 @@ def _nbytes(arrays: Mapping[str, np.ndarray]) -> int:
 
 
 def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    buffer = io.BytesIO()
-    np.savez(buffer, allow_pickle=False, **{k: np.asarray(v) for k, v in arrays.items()})
+    data = npz_bytes(arrays)  # what np.savez writes, at a fraction of its cost (coordinator.npz)
     path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
-    temporary.write_bytes(buffer.getvalue())
+    temporary.write_bytes(data)
     os.replace(temporary, path)
 
 
