@@ -116,12 +116,17 @@ class ReportStore:
         db.add_missing_columns("fit_reports", {"accuracy_before": "REAL", "loss_before": "REAL"})
         self._held: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()  # file -> arrays
         self._held_bytes = 0
+        self._made_dirs: set[Path] = set()  # made once, not checked again for every report
 
     def save(self, meta: ReportMeta, arrays: Mapping[str, np.ndarray]) -> None:
         """Stores a checked report; a repeated one (same job) changes nothing."""
         if self.get(meta.job_id) is not None:
             return
-        _write_npz(self._state_dir / meta.file, arrays)
+        path = self._state_dir / meta.file
+        if path.parent not in self._made_dirs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._made_dirs.add(path.parent)
+        _write_npz(path, arrays)
         self._hold(meta.file, arrays)
         self._db.execute(
             "INSERT OR IGNORE INTO fit_reports (job_id, device_id, round_id, cohort, "
@@ -198,7 +203,6 @@ def _nbytes(arrays: Mapping[str, np.ndarray]) -> int:
 
 def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
     data = npz_bytes(arrays)  # what np.savez writes, at a fraction of its cost (coordinator.npz)
-    path.parent.mkdir(parents=True, exist_ok=True)
     temporary = path.with_suffix(".tmp")
     temporary.write_bytes(data)
     os.replace(temporary, path)
