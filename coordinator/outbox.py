@@ -19,6 +19,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from typing import cast
 
+from coordinator.hot_rows import TransactionalNotes
 from coordinator.outbound import DownlinkMessage, Outbound
 from coordinator.state_db import StateDB
 from shared.protocol import AdapterPublication, DecodeError, Job, decode, encode
@@ -60,6 +61,13 @@ class DurableOutbox:
         self._sender = sender
         self._clock = clock
         self._handed_through = 0  # the highest seq handed out in this actor's life
+        # Messages added in this actor's life, by message id, until handed out: the row is the
+        # durable copy, and decoding it again cost more than the rest of a job's dispatch.
+        # A message whose transaction rolls back is forgotten with it.
+        self._added: dict[str, DownlinkMessage] = {}
+        self._added_ids = TransactionalNotes[str](
+            db, commit=lambda ids: None, undo=self._forget_added
+        )
         db.ensure_schema(_SCHEMA)
 
     def add(self, device_id: str, message: DownlinkMessage) -> None:
@@ -71,6 +79,8 @@ class DurableOutbox:
         message_id = new_message_id()
         body = encode(message, sender=self._sender, message_id=message_id)
         self._insert(device_id, ENVELOPE, message_id, body)
+        self._added[message_id] = message
+        self._added_ids.note(message_id)
 
     def add_adapter(self, device_id: str, ref: AdapterRef) -> None:
         body = pack({"cohort": ref.cohort, "version": ref.version, "encoding": str(ref.encoding)})
@@ -103,6 +113,10 @@ class DurableOutbox:
         self.mark_sent(dropped)
         return out
 
+    def _forget_added(self, message_ids: list[str]) -> None:
+        for message_id in message_ids:
+            self._added.pop(message_id, None)
+
     def mark_sent(self, seqs: Iterable[int]) -> None:
         """The broker acknowledged these (or they are not to be sent): forget them."""
         self._db.executemany("DELETE FROM outbox WHERE seq = ?", [(int(s),) for s in seqs])
@@ -122,8 +136,10 @@ class DurableOutbox:
                     log.warning("%s: adapter %s v%d is gone; not sent", where, ref.cohort,
                                 ref.version)  # fmt: skip
                 return adapter
-            # only downlink messages are ever enqueued (add takes a DownlinkMessage)
-            message = cast(DownlinkMessage, decode(row["body"]).message)
+            message = self._added.pop(row["message_id"], None)
+            if message is None:  # added before this actor's life: read it back
+                # only downlink messages are ever enqueued (add takes a DownlinkMessage)
+                message = cast(DownlinkMessage, decode(row["body"]).message)
         except DecodeError as err:  # written by an older release, or damaged
             log.error("%s cannot be read (%s); not sent", where, err)
             return None
