@@ -343,9 +343,7 @@ class FleetRegistry:
             count = (record.timeouts_in_a_row or 0) + 1
             quarantine = count >= limit
             until = at + hold_s if quarantine else record.quarantined_until
-            self._save(
-                _changed(record, timeouts_in_a_row=count, quarantined_until=until)
-            )
+            self._save(_changed(record, timeouts_in_a_row=count, quarantined_until=until))
             return quarantine
 
     def record_answer(self, device_id: str) -> None:
