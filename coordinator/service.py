@@ -65,6 +65,7 @@ class FleetService:
         )
         self._handler = MessageHandler(self.fleet, self._distributor)
         self._last_scan = float("-inf")
+        self._gauges = views.GaugesMemo()  # metrics_report's (the health group's one thread)
         self.started_at = clock()
         self._pipeline.resume()
         log.info("fleet state loaded from %s", config.state_dir)
@@ -225,7 +226,8 @@ class FleetService:
         }
 
     def metrics_report(self) -> MetricsReport:
-        return MetricsReport(tuple(self.fleet.events.drain()), views.snapshot(self.fleet))
+        snapshot = views.snapshot(self.fleet, self._gauges)
+        return MetricsReport(tuple(self.fleet.events.drain()), snapshot)
 
     def close(self) -> None:
         self.fleet.close()

@@ -254,9 +254,30 @@ def run_view(run: Run) -> dict[str, Any]:
     }
 
 
-def snapshot(fleet: Fleet) -> FleetSnapshot:
+class GaugesMemo:
+    """Each device's gauges as last derived, reused while its record and its placement are the
+    very same objects (the registry and ClusterBook.placements keep an unchanged one): the
+    metrics snapshot, every 2 s, derives only what changed. One caller thread at a time."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[DeviceRecord, Placement | None, DeviceGauges]] = {}
+
+    def gauges(
+        self, records: list[tuple[DeviceRecord, Placement | None]]
+    ) -> tuple[DeviceGauges, ...]:
+        last, now = self._last, {}
+        for record, placement in records:
+            seen = last.get(record.device_id)
+            if seen is None or seen[0] is not record or seen[1] is not placement:
+                seen = (record, placement, _gauges(record, placement))
+            now[record.device_id] = seen
+        self._last = now
+        return tuple(seen[2] for seen in now.values())
+
+
+def snapshot(fleet: Fleet, memo: GaugesMemo | None = None) -> FleetSnapshot:
     records = _placed(fleet, fleet.registry.devices())
-    gauges = tuple(_gauges(r, placement) for r, placement in records)
+    gauges = (memo or GaugesMemo()).gauges(records)
     members: dict[str, int] = {}
     behind: dict[str, int] = {}
     currents: dict[str, dict[str, int]] = {}  # per cohort, read once

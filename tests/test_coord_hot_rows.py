@@ -1,6 +1,7 @@
 """Rows held in memory beside SQLite (coordinator.hot_rows), through the device registry that
 uses them: durable exactly when their transaction commits, taken back with a rolled-back
-savepoint or transaction, and invisible to other threads until committed."""
+savepoint or transaction, and invisible to other threads until committed; an unchanged record
+stays the same object, so the metrics snapshot derives only what changed."""
 
 from __future__ import annotations
 
@@ -8,8 +9,11 @@ import threading
 
 import pytest
 
+from coordinator.clock import ManualClock
 from coordinator.registry import FleetRegistry
+from coordinator.service import FleetService
 from coordinator.state_db import StateDB
+from tests.coord_fleet_helpers import SimDevice, make_config
 
 HASH = "ab" * 32
 
@@ -92,3 +96,16 @@ def test_a_removed_device_is_gone_after_a_restart(tmp_path, db):
     assert registry.remove("pi-1") is True
     assert registry.remove("pi-404") is False
     assert [r.device_id for r in reopened(tmp_path).devices()] == ["pi-2"]
+
+
+def test_the_metrics_snapshot_derives_again_only_the_devices_that_changed(tmp_path):
+    clock = ManualClock()
+    service = FleetService(make_config(tmp_path), clock=clock)
+    pi1, pi2 = SimDevice("pi-1", clock), SimDevice("pi-2", clock)
+    service.ingest([pi1.presence(), pi1.heartbeat(), pi2.presence(), pi2.heartbeat()])
+    before = {g.device_id: g for g in service.metrics_report().snapshot.devices}
+    clock.advance(10.0)
+    service.ingest([pi1.heartbeat(drift=2.5)])
+    after = {g.device_id: g for g in service.metrics_report().snapshot.devices}
+    assert after["pi-1"].drift_score == 2.5 and before["pi-1"].drift_score == 1.0
+    assert after["pi-2"] is before["pi-2"]  # unchanged record and placement: reused
