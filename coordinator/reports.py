@@ -1,15 +1,15 @@
 """Fine-tune reports: checked on receipt, kept on disk until their round is aggregated.
 
 A round may close after the actor restarted, so reports cannot live in memory: the arrays go to
-`reports/<job_id>.npz` in the state dir (written atomically), the rest to SQLite. A cohort's
-adapter shape (layer widths, class count) is taken from its first accepted report; every later
-report must match it, so a wrong-sized adapter is refused on receipt, not at aggregation.
+`reports/<job_id>.npz` in the state dir (written before the report's row), the rest to SQLite.
+A cohort's adapter shape (layer widths, class count) is taken from its first accepted report;
+every later report must match it, so a wrong-sized adapter is refused on receipt, not at
+aggregation.
 """
 
 from __future__ import annotations
 
 import json
-import os
 import sqlite3
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -202,10 +202,10 @@ def _nbytes(arrays: Mapping[str, np.ndarray]) -> int:
 
 
 def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    data = npz_bytes(arrays)  # what np.savez writes, at a fraction of its cost (coordinator.npz)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_bytes(data)
-    os.replace(temporary, path)
+    """Written in place, not through a temporary file and a rename: the file is read only for a
+    report whose row committed, and the row is written after the whole file; a file left half
+    written by a crash belongs to no row, and the report's delivery again rewrites it."""
+    path.write_bytes(npz_bytes(arrays))  # np.savez's format at a fraction of its cost
 
 
 def _from_row(row: sqlite3.Row) -> ReportMeta:
