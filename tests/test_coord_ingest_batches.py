@@ -84,9 +84,8 @@ def test_a_message_that_raises_is_refused_alone_and_the_batch_counts_once(
     monkeypatch.setattr(service._handler, "handle", failing_for_pi2)
     clock.advance(5.0)
     beat = pi1.heartbeat()
-    ended = pi1.status(job.job_id, JobState.SUCCEEDED)
-    batch = [beat, pi1.report(job.job_id), ended, pi2.heartbeat()]  # the failure comes last
-    assert service.ingest(batch) == 3
+    batch = [beat, pi1.report(job.job_id), pi2.heartbeat()]  # the failure comes last
+    assert service.ingest(batch) == 2
     assert service.jobs()[0]["state"] == "SUCCEEDED"
     assert service.device("pi-1")["last_heartbeat_at"] == beat.received_at
     events = service.metrics_report().events
@@ -97,3 +96,17 @@ def test_a_message_that_raises_is_refused_alone_and_the_batch_counts_once(
 
 def transitions_in(events) -> list[str]:
     return [e.state for e in events if isinstance(e, JobTransition)]
+
+
+def test_a_report_alone_ends_its_job_succeeded_and_folds_an_in_progress_before_it(tmp_path, clock):
+    service, pi1, _, job = one_job(tmp_path, clock)
+    started = pi1.status(job.job_id, JobState.IN_PROGRESS)
+    assert service.ingest([started, pi1.report(job.job_id)]) == 2
+    assert service.jobs()[0]["state"] == "SUCCEEDED"
+    assert transitions(service) == ["SUCCEEDED"]  # the report is the end: no status needed
+    assert superseded([started, pi1.report(job.job_id)]) == {0}
+    # an older agent's SUCCEEDED after its report changes nothing and is no error
+    service.ingest([pi1.status(job.job_id, JobState.SUCCEEDED)])
+    assert transitions(service) == []
+    rejected = [e for e in service.metrics_report().events if isinstance(e, MessageRejected)]
+    assert rejected == []
