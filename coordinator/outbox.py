@@ -45,6 +45,7 @@ ADAPTER_REF = "adapter_ref"
 DESIRED_WITH_ADAPTER = "desired_with_adapter"
 ENVELOPE = "envelope"
 HAND_OUT_LIMIT = 5_000  # rows per tick: a large rollout goes out over a few ticks
+DELETE_CHUNK = 500  # acknowledged rows deleted per statement (SQLite allows 32,766 parameters)
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -149,7 +150,11 @@ class DurableOutbox:
 
     def mark_sent(self, seqs: Iterable[int]) -> None:
         """The broker acknowledged these (or they are not to be sent): forget them."""
-        self._db.executemany("DELETE FROM outbox WHERE seq = ?", [(int(s),) for s in seqs])
+        ordered = [int(s) for s in seqs]
+        for start in range(0, len(ordered), DELETE_CHUNK):  # one statement per chunk of rows
+            chunk = ordered[start : start + DELETE_CHUNK]
+            marks = ", ".join("?" * len(chunk))
+            self._db.execute(f"DELETE FROM outbox WHERE seq IN ({marks})", chunk)
 
     def backlog(self) -> int:
         (row,) = self._db.query("SELECT COUNT(*) AS n FROM outbox")  # COUNT(*): always one row
