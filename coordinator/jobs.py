@@ -183,6 +183,10 @@ class JobTable:
             return attempt
 
     def can_retry(self, job: Job) -> bool:
+        # the common answer (not a retryable state) without building the reason's words: a
+        # round's status asks this of every member's job
+        if job.state not in RETRYABLE_STATES:
+            return False
         return self._not_retryable_reason(job) is None
 
     # ---- transitions
