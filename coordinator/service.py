@@ -93,15 +93,15 @@ class FleetService:
             return sum(self._apply(r, handle=i not in folded) for i, r in enumerate(batch))
 
     def _apply_or_raise(self, received: Received, handle: bool) -> bool:
-        if not self.fleet.seen.first_time(received.envelope):
-            self.fleet.events.record(MessageRejected("duplicate"))
-            return False
-        if handle:
-            try:
+        try:
+            if not self.fleet.seen.first_time(received.envelope):
+                self.fleet.events.record(MessageRejected("duplicate"))
+                return False
+            if handle:
                 self._handler.handle(received)
-            except Exception as err:
-                raise _MessageFailed from err
-        return True
+            return True
+        except Exception as err:
+            raise _MessageFailed from err
 
     def _apply(self, received: Received, *, handle: bool = True) -> bool:
         try:
