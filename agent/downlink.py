@@ -6,7 +6,8 @@ adapter publications (possibly chunked) to the adapter inbox, desired-state poin
 reconciler (agent.reconcile). Each command's sent time feeds the clock offset estimate
 (agent.clock_offset) before the command is judged. A job command that cannot be
 accepted is answered with a REJECTED status whenever its job id can be read, so the
-coordinator learns why instead of waiting for a timeout.
+coordinator learns why instead of waiting for a timeout. A job id seen before is the coordinator
+asking again: agent.repeats answers it (the kept result of a finished job) before the runner.
 """
 
 from __future__ import annotations
@@ -17,6 +18,7 @@ from collections.abc import Callable
 from agent.adapter_inbox import AdapterInbox
 from agent.clock_offset import ClockOffset
 from agent.jobs import JobRunner
+from agent.repeats import RepeatedJobs
 from shared.protocol import DEFAULT_CHUNK_LIMIT, DecodeError, Reassembler, check_route, decode
 from shared.protocol.enums import JobReason
 from shared.protocol.envelope import Envelope
@@ -66,6 +68,7 @@ class Downlink:
         on_desired: Callable[[DesiredState], None] = lambda desired: None,
         reassembler: Reassembler | None = None,
         clock_offset: ClockOffset | None = None,
+        repeats: RepeatedJobs | None = None,
     ):
         self._device_id = device_id
         self._topics = topics
@@ -74,6 +77,7 @@ class Downlink:
         self._on_desired = on_desired
         self._reassembler = reassembler or Reassembler(max_in_flight=4)
         self._clock_offset = clock_offset or ClockOffset()
+        self._repeats = repeats
         self.dropped = 0  # undecodable commands without a readable job id
 
     def handle(self, topic: str, payload: bytes, retained: bool = False) -> None:
@@ -107,7 +111,8 @@ class Downlink:
     def _dispatch(self, envelope: Envelope) -> None:
         message = envelope.message
         if isinstance(message, Job):
-            self._runner.submit(message)
+            if self._repeats is None or not self._repeats.answer(message):
+                self._runner.submit(message)
         elif isinstance(message, AdapterPublication):
             log.info("adapter version %d received", message.version)
             self._inbox.put(message)
