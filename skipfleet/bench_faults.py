@@ -50,6 +50,14 @@ def live_rows(args, world, workdir: Path) -> list[Row]:
                  "{sessions_age_s:.0f} s after the agents started, restarted 2 s later",
                  faults_live.broker_sigkill)  # fmt: skip
         rows.append(faults_live.fault_round(fleet, *young))
+        held = (
+            "broker SIGKILL, reports held for the coordinator",
+            "the coordinator's link cut mid-round until every report was PUBACKed; kill -9 of "
+            "mosquitto {sessions_age_s:.0f} s after the sessions began, restarted 2 s later; "
+            "the coordinator back 5 s after it",
+            faults_live.broker_sigkill_reports_held,
+        )
+        rows.append(faults_live.fault_round(fleet, *held))
         old = (
             "broker SIGKILL mid-round",
             "kill -9 of mosquitto, sessions {sessions_age_s:.0f} "

@@ -96,6 +96,31 @@ def broker_sigkill(fleet: LiveFleet, opened: dict) -> tuple[float, dict]:
     return since, detail
 
 
+def broker_sigkill_reports_held(fleet: LiveFleet, opened: dict) -> tuple[float, dict]:
+    """The worst case of young sessions, made on purpose: the coordinator's link is cut while
+    the devices train, so every report is acknowledged by the broker (gone from its agent's
+    spool) and waits in the coordinator's session when mosquitto is SIGKILLed; the agents are
+    back on the restarted broker before the coordinator, which finds no session."""
+    detail = _mid_round(fleet, opened, "IN_PROGRESS")
+    fleet.coordinator_link.cut(CutMode.REFUSE)
+    open_jobs = fleet.jobs_in(opened["round_id"], "IN_PROGRESS", "QUEUED")
+    jobs = {job["device_id"]: job["job_id"] for job in open_jobs}
+
+    def all_acknowledged() -> bool:
+        return all(fleet.acknowledged(device, job) for device, job in jobs.items())
+
+    wait_for("every report acknowledged by the broker", all_acknowledged, ROUND_TIMEOUT_S)
+    since = time.monotonic()
+    detail |= {"sessions_age_s": since - fleet.sessions_since, "reports_held": len(jobs)}
+    fleet.broker.kill()
+    time.sleep(2.0)
+    fleet.broker.start()
+    time.sleep(5.0)  # the agents reconnect (backoff at most 2 s) before the coordinator
+    fleet.coordinator_link.restore()
+    fleet.sessions_since = time.monotonic()
+    return since, detail
+
+
 def coordinator_kill9(fleet: LiveFleet, opened: dict) -> tuple[float, dict]:
     """Killed while the devices train: their reports come while no coordinator runs."""
     detail = _mid_round(fleet, opened, "IN_PROGRESS")
