@@ -75,6 +75,21 @@ class Coordinator:
     def states(self) -> dict[str, str]:
         return {device: job["state"] for device, job in self.jobs().items()}
 
+    def state(self, device: str) -> str:
+        return self.states()[device]
+
+    def online(self) -> int:
+        return sum(device["online"] for device in self.port.read("devices"))
+
+    def all_sent(self) -> bool:
+        """Jobs made, and the broker acknowledged every outbox row (they are in its sessions)."""
+        return bool(self.jobs()) and self.port.health()["outbox_backlog"] == 0
+
+    def ended(self, round_id: str) -> dict | None:
+        rounds = self.port.read("rounds")
+        found = next((r for r in rounds if r["round_id"] == round_id), None)
+        return found if found and found["stage"] not in ("RUNNING", "AGGREGATING") else None
+
     def reports_taken(self) -> float:
         return sum(
             sample.value
@@ -107,29 +122,27 @@ def broker(tmp_path):
 
 
 def test_a_broker_sigkilled_with_young_sessions_mid_round_loses_no_report(
-    broker, fan_world, tmp_path  # noqa: F811
+    broker,
+    fan_world,  # noqa: F811
+    tmp_path,
 ):
     proxies = ProxyLoop()
     to_coordinator = proxies.open("127.0.0.1", broker.port, name="coordinator")
     to_late = proxies.open("127.0.0.1", broker.port, name="dev-late")
     coordinator = Coordinator(tmp_path, f"mqtt://127.0.0.1:{to_coordinator.port}")
+    links = {"dev-early": broker.url, "dev-late": f"mqtt://127.0.0.1:{to_late.port}"}
     agents = {
-        name: AgentProcess(name, url, data, fan_world.base_model, tmp_path / name,
-                           tmp_path / f"{name}.log", AGENT_OPTIONS)  # fmt: skip
-        for name, url, data in [
-            ("dev-early", broker.url, fan_world.device_data[0]),
-            ("dev-late", f"mqtt://127.0.0.1:{to_late.port}", fan_world.device_data[1]),
-        ]
-    }
+        name: AgentProcess(name, url, fan_world.device_data[k], fan_world.base_model,
+                           tmp_path / name, tmp_path / f"{name}.log", AGENT_OPTIONS)
+        for k, (name, url) in enumerate(links.items())
+    }  # fmt: skip
     try:
         coordinator.bridge.start()
-        wait_until("both devices online", lambda: sum(
-            d["online"] for d in coordinator.port.read("devices")) == 2)  # fmt: skip
+        wait_until("both devices online", lambda: coordinator.online() == 2)
         for agent in agents.values():
             agent.send_signal(signal.SIGSTOP)  # they take their jobs once we are cut off
         (opened,) = coordinator.port.request_finetune(None, None, True)["rounds"]
-        wait_until("the broker has both jobs", lambda: coordinator.jobs() and (
-            coordinator.port.health()["outbox_backlog"] == 0))  # fmt: skip
+        wait_until("the broker has both jobs", coordinator.all_sent)
         to_coordinator.cut(CutMode.REFUSE)  # the reports will wait in the coordinator's session
         for agent in agents.values():
             agent.send_signal(signal.SIGCONT)
@@ -141,13 +154,10 @@ def test_a_broker_sigkilled_with_young_sessions_mid_round_loses_no_report(
         assert coordinator.states() == {"dev-early": "QUEUED", "dev-late": "QUEUED"}
 
         to_coordinator.restore()  # no session: the open jobs are asked again
-        wait_until("dev-early's kept report", lambda: coordinator.states()["dev-early"] == (
-            "SUCCEEDED"))  # fmt: skip
-        assert coordinator.states()["dev-late"] == "QUEUED"  # it missed that: not back yet
+        wait_until("dev-early's kept report", lambda: coordinator.state("dev-early") == "SUCCEEDED")
+        assert coordinator.state("dev-late") == "QUEUED"  # it missed that: not back yet
         to_late.restore()  # its presence has its open job asked again
-        stored = wait_until("the round stored", lambda: next(
-            (r for r in coordinator.port.read("rounds") if r["round_id"] == opened["round_id"]
-             and r["stage"] not in ("RUNNING", "AGGREGATING")), None))  # fmt: skip
+        stored = wait_until("the round stored", lambda: coordinator.ended(opened["round_id"]))
         time.sleep(1.0)  # metrics are applied every 0.5 s
         assert stored["stage"] == "STORED", stored
         assert sorted(stored["answered"]) == ["dev-early", "dev-late"]
