@@ -39,10 +39,18 @@ def trust_rows(args, world, workdir: Path) -> list[Row]:
     ]
 
 
+class Printed(list):
+    """Rows that print as they come: a run that stops half-way still shows what it measured."""
+
+    def append(self, row: Row) -> None:
+        super().append(row)
+        print(render([row]).splitlines()[-1], flush=True)
+
+
 def live_rows(args, world, workdir: Path) -> list[Row]:
     base, files = world.save(workdir / "world")
     fleet = LiveFleet(workdir / "live", base, files[: args.devices], args.steps)
-    rows = []
+    rows: list[Row] = Printed()
     try:
         rows.append(faults_live.api_attacks(fleet))
         rows.append(faults_live.takeover(fleet))
