@@ -100,7 +100,8 @@ def broker_sigkill_reports_held(fleet: LiveFleet, opened: dict) -> tuple[float, 
     """The worst case of young sessions, made on purpose: the coordinator's link is cut while
     the devices train, so every report is acknowledged by the broker (gone from its agent's
     spool) and waits in the coordinator's session when mosquitto is SIGKILLed; the agents are
-    back on the restarted broker before the coordinator, which finds no session."""
+    back on the restarted broker before the coordinator. Its session may come back (made more
+    than the autosave interval before the kill) but not the reports queued in it since."""
     detail = _mid_round(fleet, opened, "IN_PROGRESS")
     fleet.coordinator_link.cut(CutMode.REFUSE)
     open_jobs = fleet.jobs_in(opened["round_id"], "IN_PROGRESS", "QUEUED")
