@@ -38,7 +38,6 @@ class RepeatedJobs:
         self._kept = kept
         self._uplink = uplink
         self._emit = emit
-        self.results_sent_again = 0
 
     def answer(self, job: Job) -> bool:
         """True if the command was a repeat answered here; False for the job runner to take
@@ -63,7 +62,6 @@ class RepeatedJobs:
         except SpoolFull as err:  # asked again at the next reconnect; nothing to do now
             log.error("job %s (%s) asked again: its result not spooled: %s", job_id, state, err)
             return True
-        self.results_sent_again += 1
         log.info("job %s asked again: its %s result sent again (%d publishes)", job_id,
                  state.value, len(kept))  # fmt: skip
         return True
