@@ -57,6 +57,7 @@ def fault_round(fleet: LiveFleet, scenario: str, injected: str, fault: Fault,
         "failures": record["failures"],
         "reports_taken": reports,
         "messages_dropped_by_reason": dropped,
+        "results_sent_again": _sent_again(fleet, opened["round_id"]),
     }
     held = lost == 0 and twice == 0 and record["stage"] == "STORED"
     return Row(
@@ -68,6 +69,16 @@ def fault_round(fleet: LiveFleet, scenario: str, injected: str, fault: Fault,
         held=held,
         detail=detail,
     )
+
+
+def _sent_again(fleet: LiveFleet, round_id: str) -> int:
+    """Results of the round's jobs the agents sent again, asked by the coordinator (their logs:
+    agent.repeats); the coordinator applies such a copy only if the first one was lost."""
+    jobs = fleet.jobs_in(round_id, "SUCCEEDED", "FAILED", "REJECTED")
+    logs = {
+        name: agent.log_path.read_text(errors="replace") for name, agent in fleet.agents.items()
+    }
+    return sum(logs[j["device_id"]].count(f"job {j['job_id']} asked again: its") for j in jobs)
 
 
 def _ended(fleet: LiveFleet, round_id: str) -> dict | None:
