@@ -116,6 +116,7 @@ class Agent:
             history,
             base_model_hash=model.weights_hash,
             max_queued=c.max_queued_jobs,
+            in_progress_after_seconds=c.in_progress_after_seconds,
             clock=offset.coordinator_now,
         )
         reconciler = Reconciler(
@@ -125,6 +126,7 @@ class Agent:
             send_fetch=uplink.send,
             between_jobs=runner.run_between_jobs,
             choice=choice,
+            take_offer=runner.take_offer,
             policy=FetchPolicy(c.desired_retry_seconds, c.desired_max_fetches),
         )
         downlink = Downlink(
