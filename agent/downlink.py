@@ -92,7 +92,7 @@ class Downlink:
             self._refuse(err)
             return
         if envelope is not None:
-            self._dispatch(envelope)
+            self._dispatch(envelope, retained)
 
     def _decode(self, kind: TopicKind, payload: bytes, retained: bool) -> Envelope | None:
         def observe(envelope: Envelope) -> None:
@@ -109,10 +109,10 @@ class Downlink:
         self.dropped += 1
         log.warning("dropping an undecodable command: %s", err)
 
-    def _dispatch(self, envelope: Envelope) -> None:
+    def _dispatch(self, envelope: Envelope, retained: bool = False) -> None:
         message = envelope.message
         if isinstance(message, Job):
-            if self._repeats is None or not self._repeats.answer(message):
+            if not self._answered_repeat(message):
                 self._runner.submit(message)
         elif isinstance(message, AdapterPublication):
             log.info("adapter version %d received", message.version)
@@ -121,4 +121,10 @@ class Downlink:
             log.info("coordinator desires adapter version %s", message.adapter_version)
             if message.adapter is not None:  # carried inline: nothing to fetch
                 self._inbox.put(message.adapter)
+            offered = message.apply_job()
+            if offered is not None and not retained:  # sent now, not the broker's stored copy:
+                self._answered_repeat(offered)  # its offer may be the coordinator asking again
             self._on_desired(message)
+
+    def _answered_repeat(self, job: Job) -> bool:
+        return self._repeats is not None and self._repeats.answer(job)

@@ -3,8 +3,9 @@
 The coordinator sends the commands of its open jobs again when the device comes back online and
 when its own MQTT session was lost (coordinator.reask): a broker that crashed may have dropped
 the device's result after acknowledging it. What the answer is depends on the job here:
-- finished, its result kept (agent.kept_results): the kept report and terminal status are
-  spooled again, unchanged, so the coordinator applies them once;
+- its end went out and is kept (agent.kept_results: a terminal status, or a fine-tune's
+  report, which ends it): the kept publishes are spooled again, unchanged, so the coordinator
+  applies them once;
 - running: its IN_PROGRESS status (the one the coordinator has may be the one that was lost);
 - queued, or finished with its result no longer kept: not answered here; the job runner
   rejects the repeat as a DUPLICATE that says the job's state, as before.
@@ -17,10 +18,10 @@ import logging
 from collections.abc import Callable
 
 from agent.job_history import JobHistory
-from agent.kept_results import KeptResults
+from agent.kept_results import KeptPublish, KeptResults
 from agent.spool import SpoolFull
 from agent.uplink import Uplink
-from shared.protocol.enums import TERMINAL_STATES, JobState
+from shared.protocol.enums import JobState
 from shared.protocol.messages import Job, JobStatus
 
 log = logging.getLogger(__name__)
@@ -45,23 +46,21 @@ class RepeatedJobs:
         record = self._history.get(job.job_id)
         if record is None:
             return False
-        if record.state in TERMINAL_STATES:
-            return self._send_result_again(job.job_id, record.state)
+        kept = self._kept.of(job.job_id)
+        if kept:  # its end went out: a terminal status, or a fine-tune's report (which ends it)
+            self._send_again(job.job_id, record.state, kept)
+            return True
         if record.state is JobState.IN_PROGRESS:
             log.info("job %s asked again while it runs: IN_PROGRESS", job.job_id)
             self._emit(JobStatus(job.job_id, JobState.IN_PROGRESS))
             return True
         return False
 
-    def _send_result_again(self, job_id: str, state: JobState) -> bool:
-        kept = self._kept.of(job_id)
-        if not kept:
-            return False
+    def _send_again(self, job_id: str, state: JobState, kept: list[KeptPublish]) -> None:
         try:
             self._uplink.send_again(kept)
         except SpoolFull as err:  # asked again at the next reconnect; nothing to do now
             log.error("job %s (%s) asked again: its result not spooled: %s", job_id, state, err)
-            return True
+            return
         log.info("job %s asked again: its %s result sent again (%d publishes)", job_id,
                  state.value, len(kept))  # fmt: skip
-        return True

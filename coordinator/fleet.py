@@ -136,7 +136,7 @@ class Fleet:
         """Into the durable outbox, in the caller's transaction (see coordinator.outbox); a
         job's command is also remembered, to be sent again (coordinator.reask)."""
         self.outbox.add(device_id, message)
-        if isinstance(message, JobCommand):
+        if isinstance(message, JobCommand | DesiredState):
             self.job_commands.remember(device_id, message)
 
     def reask(self, device_id: str | None = None) -> int:
@@ -144,7 +144,10 @@ class Fleet:
         the caller's transaction; returns how many (coordinator.reask says when and why)."""
         asked = self.job_commands.of(self.jobs.active(device_id))
         for device, command in asked:
-            self.outbox.add(device, command)
+            if isinstance(command, DesiredState):
+                self.send_desired(device, command)  # the pointer whose offer is the job
+            else:
+                self.outbox.add(device, command)
         return len(asked)
 
     def send_adapter(self, device_id: str, cohort: str, version: int) -> None:
@@ -154,10 +157,11 @@ class Fleet:
     def send_desired(self, device_id: str, pointer: DesiredState) -> None:
         """The retained pointer, with its version's adapter inline when small enough."""
         if pointer.adapter_version is None:
-            self.outbox.add(device_id, pointer)
+            self.send(device_id, pointer)
             return
         ref = AdapterRef(pointer.cohort, pointer.adapter_version, self.config.encoding.value)
         self.outbox.add_desired(device_id, pointer, ref)
+        self.job_commands.remember(device_id, pointer)
 
     def hand_out(self) -> list[Outbound]:
         return self.outbox.hand_out(self._resolve_adapter)

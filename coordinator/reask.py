@@ -11,9 +11,11 @@ durable outbox:
 - when the bridge connects without a session (CONNACK session present false): the open jobs of
   every device. A device not yet back (no session on the broker) misses that copy, and is asked
   again by its own presence when it is.
-The agent answers a job it finished with the report and status it kept, unchanged (the fleet
-state applies them once: coordinator.seen), one it runs with IN_PROGRESS, one it never got by
-running it (agent.repeats). Asking costs messages only on reconnects, none in a normal round.
+A job offered by a retained desired pointer (an APPLY_ADAPTER offer) is asked again with that
+pointer, as long as it is the device's latest (an older one sent again would replace a newer).
+The agent answers a job it finished with the result it kept, unchanged (the fleet state applies
+it once: coordinator.seen), one it runs with IN_PROGRESS, one it never got by running it
+(agent.repeats). Asking costs messages only on reconnects, none in a normal round.
 """
 
 from __future__ import annotations
@@ -23,7 +25,7 @@ from collections.abc import Callable, Iterable
 
 from coordinator.jobs import Job as JobRecord
 from coordinator.state_db import StateDB
-from shared.protocol import DecodeError, Job, decode, encode
+from shared.protocol import DecodeError, DesiredState, Job, decode, encode
 
 log = logging.getLogger(__name__)
 
@@ -31,11 +33,14 @@ _SCHEMA = """
 CREATE TABLE IF NOT EXISTS job_commands (
     job_id TEXT PRIMARY KEY,
     device_id TEXT NOT NULL,
+    pointer INTEGER NOT NULL,
     body BLOB NOT NULL,
     expires_at REAL NOT NULL
 );
 CREATE INDEX IF NOT EXISTS job_commands_by_expiry ON job_commands (expires_at);
+CREATE INDEX IF NOT EXISTS job_commands_by_device ON job_commands (device_id, pointer);
 """
+Command = Job | DesiredState  # a job command, or the retained pointer that offers one
 
 
 class JobCommands:
@@ -47,15 +52,26 @@ class JobCommands:
         self._clock = clock
         db.ensure_schema(_SCHEMA)
 
-    def remember(self, device_id: str, job: Job) -> None:
-        """Joins the caller's transaction (with the outbox row that sends the job)."""
+    def remember(self, device_id: str, command: Command) -> None:
+        """A job sent, or a retained pointer: it replaces the device's last pointer (asking
+        with an older one would put it back over the newer), and is kept if it offers a job.
+        Joins the caller's transaction (with the outbox row that sends it)."""
+        pointer = isinstance(command, DesiredState)
+        if pointer:
+            self._db.execute(
+                "DELETE FROM job_commands WHERE device_id = ? AND pointer = 1", (device_id,)
+            )
+        job = command.apply_job() if isinstance(command, DesiredState) else command
+        if job is None:
+            return
         self._db.execute(
-            "INSERT OR REPLACE INTO job_commands (job_id, device_id, body, expires_at) "
-            "VALUES (?, ?, ?, ?)",
-            (job.job_id, device_id, encode(job, sender=self._sender), job.expires_at),
-        )
+            "INSERT OR REPLACE INTO job_commands (job_id, device_id, pointer, body, expires_at) "
+            "VALUES (?, ?, ?, ?, ?)",
+            (job.job_id, device_id, int(pointer), encode(command, sender=self._sender),
+             job.expires_at),
+        )  # fmt: skip
 
-    def of(self, jobs: Iterable[JobRecord]) -> list[tuple[str, Job]]:
+    def of(self, jobs: Iterable[JobRecord]) -> list[tuple[str, Command]]:
         """(device, command) of each of these jobs whose command is known and not expired."""
         found = []
         now = self._clock()
@@ -72,7 +88,7 @@ class JobCommands:
                 log.error("job %s: its command cannot be read (%s); not asked again",
                           record.job_id, err)  # fmt: skip
                 continue
-            if isinstance(command, Job):
+            if isinstance(command, Job | DesiredState):
                 found.append((str(row["device_id"]), command))
         return found
 

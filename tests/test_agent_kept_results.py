@@ -20,6 +20,7 @@ from agent.uplink import Uplink
 from shared.protocol import decode, encode
 from shared.protocol.enums import JobKind, JobReason, JobState
 from shared.protocol.messages import (
+    DesiredState,
     FinetuneParams,
     Heartbeat,
     Job,
@@ -232,5 +233,29 @@ def test_through_the_downlink_a_repeat_is_answered_and_not_rejected_as_a_duplica
         runner.stop()
     assert statuses.empty()  # no DUPLICATE rejection, no second run
     results = [p for p in first if result_job_id(decode(p[1]).message) == "job-1"]
-    assert len(first) == 3 and len(results) == 2  # IN_PROGRESS is not part of the result
-    assert again == results
+    assert len(results) == 2 and again == results  # an IN_PROGRESS would not be part of it
+
+
+def test_an_offer_sent_again_live_is_answered_with_its_kept_status_a_retained_copy_is_not(
+    tmp_path,
+):
+    """A desired pointer's offer is an APPLY_ADAPTER job: the coordinator asks for it again by
+    sending the pointer again (live); the broker's stored copy at every subscribe is not a
+    question, and is left to the reconciler as before."""
+    device = Device(tmp_path)
+    pointer = DesiredState(3, "h" * 64, "fan", job_id="apply-1", expires_at=NOW + 600)
+    device.history.record("apply-1", NOW + 600, JobState.SUCCEEDED)
+    device.uplink.send(JobStatus("apply-1", JobState.SUCCEEDED, detail={"installed": True}))
+    first = device.deliver_all()
+    reconciled: list = []
+    runner = JobRunner({}, lambda status: None, device.history, base_model_hash="h" * 64)
+    answers = RepeatedJobs(device.history, device.kept, device.uplink, lambda status: None)
+    downlink = Downlink(DEVICE, TOPICS, runner=runner, inbox=AdapterInbox(),
+                        on_desired=reconciled.append, repeats=answers)  # fmt: skip
+    topic = TOPICS.topic(DEVICE, TopicKind.CMD_DESIRED)
+    payload = encode(pointer, sender="coordinator")
+    downlink.handle(topic, payload, retained=True)
+    assert device.spooled() == []
+    downlink.handle(topic, payload, retained=False)
+    assert device.deliver_all() == first
+    assert reconciled == [pointer, pointer]  # the reconciler sees both, as before

@@ -13,10 +13,11 @@ from coordinator.bridge import MqttBridge
 from coordinator.clock import ManualClock
 from coordinator.metrics import FleetMetrics
 from coordinator.observations import FinetuneReported
+from coordinator.outbound import desired
 from coordinator.ports import LocalFleetPort
 from coordinator.service import FleetService
-from shared.protocol import Job, JobKind, decode
-from tests.coord_fleet_helpers import SimDevice, jobs_in, make_config
+from shared.protocol import DesiredState, Job, JobKind, decode
+from tests.coord_fleet_helpers import BASE_HASH, SimDevice, jobs_in, make_config
 from tests.test_coord_bridge import RESUMED, FakeClient, connack, wait_for
 
 
@@ -139,3 +140,36 @@ def test_a_connection_without_a_session_publishes_the_open_jobs_again(bridge, cl
     assert again == first == job
     wait_for(lambda: service.health()["outbox_backlog"] == 0 or client.puback_all())
     assert len(job_publishes(client)) == 2
+
+
+# ---- an offer: the APPLY_ADAPTER job a retained pointer carries
+
+
+def pointers(outbound) -> list[DesiredState]:
+    return [o.message for o in outbound if isinstance(o.message, DesiredState)]
+
+
+def acknowledged(service: FleetService) -> list[DesiredState]:
+    """One tick's pointers; the broker acknowledges all it handed out (out of the outbox)."""
+    handed = service.tick()
+    service.tick([o.seq for o in handed])
+    return pointers(handed)
+
+
+def test_an_offer_is_asked_again_with_its_pointer_only_while_that_is_the_latest(tmp_path, clock):
+    service = FleetService(make_config(tmp_path), clock=clock)
+    device = SimDevice("pi-1", clock)
+    service.ingest([device.presence(), device.heartbeat()])
+    f = service.fleet
+    with f.db.transaction():
+        job = f.create_job("pi-1", JobKind.APPLY_ADAPTER.value, trigger="rollout")
+        f.send_desired("pi-1", desired(3, BASE_HASH, "fan", only_if_better=True, offer=job))
+    (sent,) = acknowledged(service)
+    service.ingest([device.presence()])
+    (again,) = acknowledged(service)
+    assert again == sent and again.apply_job().job_id == job.job_id
+    with f.db.transaction():  # a newer pointer, no offer: the device should keep this one
+        f.send_desired("pi-1", desired(4, BASE_HASH, "fan"))
+    acknowledged(service)
+    service.ingest([device.presence()])
+    assert acknowledged(service) == []  # the v3 pointer would put the old version back
