@@ -161,6 +161,9 @@ class FleetActor:
         """tick(), its messages pickled here (see pack)."""
         return pack(self._service.tick(acknowledged))
 
+    def reask_open_jobs(self) -> int:
+        return self._service.reask_open_jobs()
+
     def request_finetune(
         self, devices: list[str] | None, cohort: str | None, all_: bool
     ) -> dict[str, Any]:
@@ -293,6 +296,10 @@ class RayFleetPort:
             self._call(self.actor.tick_packed, list(acknowledged))
         )
         return outbound
+
+    def reask_open_jobs(self) -> int:
+        asked: int = self._call(self.actor.reask_open_jobs)
+        return asked
 
     def metrics_report(self) -> MetricsReport:
         report: MetricsReport = pickle.loads(self._call(self.actor.metrics_report_packed))
