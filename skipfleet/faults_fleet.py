@@ -115,7 +115,7 @@ class LiveFleet:
             try:
                 process.wait_healthy()
                 return process
-            except RuntimeError as err:
+            except BaseException as err:  # a coordinator not healthy is never left running
                 process.stop()
                 attempt += 1
                 if "Address already in use" not in str(err) or attempt == tries:
