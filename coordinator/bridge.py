@@ -9,7 +9,8 @@ Outbound: a control thread ticks the fleet state every tick_interval_s and publi
 durable outbox hands out (jobs with an expiry, adapters chunked under the publish limit, the
 retained desired pointer); the broker's PUBACKs go back with the next tick, and only then are the
 rows deleted (coordinator.delivery, coordinator.outbox). It applies the fleet's metrics every
-metrics_interval_s.
+metrics_interval_s. A connection without a session (the broker lost it: restarted before its
+autosave) has the fleet state ask every open job again before the next tick (coordinator.reask).
 """
 
 from __future__ import annotations
@@ -64,6 +65,11 @@ REFUSED_FOR_GOOD = frozenset({0x86, 0x87})
 # take it back, and the two would kick each other every few seconds, each time losing messages.
 SESSION_TAKEN_OVER = 0x8E
 MAX_BATCH = 256
+# A batch smaller than this waits LINGER_S for more before it goes to the actor: each ingest
+# call costs the driver and the actor about a millisecond whatever its size, and a busy fleet
+# otherwise sends batches of a few messages (its acknowledgements wait that much longer).
+LINGER_BELOW = 64
+LINGER_S = 0.01
 # Past this many queued messages, a heartbeat (QoS 0, a state) waits beside the queue as its
 # device's latest one, replacing (and counting as `overload`) an older one still waiting; other
 # QoS 0 messages are dropped and counted. QoS 1 messages are always queued: the broker holds them
@@ -193,6 +199,7 @@ class MqttBridge:
         self._stopping = threading.Event()
         self._wake = threading.Event()  # device messages committed: tick soon
         self._connected = threading.Event()
+        self._session_lost = threading.Event()  # set on paho's thread, handled by the ticks
         # Derived from the state dir's resolved path: read once, not on every publish.
         self._client_id = config.client_id
         self._client = client_factory(config.mqtt, self._client_id, manual_ack=True)
@@ -306,7 +313,11 @@ class MqttBridge:
         self._acks.connected()
         client.subscribe(self._topics.coordinator_subscriptions(self._config.share_group))
         self._connected.set()
-        log.info("connected to %s", self._config.mqtt.url)
+        log.info("connected to %s (session present: %s)", self._config.mqtt.url,
+                 flags.session_present)  # fmt: skip
+        if not flags.session_present:
+            self._session_lost.set()
+            self._wake.set()
 
     def _handle_subscribe(
         self,
@@ -424,6 +435,9 @@ class MqttBridge:
             except queue.Empty:
                 items = []
             items += self._take(MAX_BATCH - len(items))
+            if items and len(items) < LINGER_BELOW and not self._stopping.is_set():
+                self._stopping.wait(LINGER_S)  # let a small batch fill a little first
+                items += self._take(MAX_BATCH - len(items))
             self._dequeued(items)
             items += self._take_beats(MAX_BATCH // 4)  # held heartbeats: after the queue's
             if items:
@@ -499,6 +513,7 @@ class MqttBridge:
 
     def _publish_handed_out(self) -> bool:
         """One tick; True if it handed out messages (more work is likely to follow soon)."""
+        self._reask_if_session_lost()
         self._settled.extend(self._published.settled())
         acknowledged = list(self._settled)
         handed_out = self._port.tick(acknowledged)
@@ -509,6 +524,19 @@ class MqttBridge:
                 self._unpublished = waiting[index:]  # in order, from this one, next tick
                 return True
         return bool(handed_out)
+
+    def _reask_if_session_lost(self) -> None:
+        """After a connection without a session: the open jobs' commands into the outbox, so
+        this tick hands them out. If the fleet state does not answer, asked at the next tick."""
+        if not self._session_lost.is_set():
+            return
+        self._session_lost.clear()  # before asking: a later reconnect sets it again
+        try:
+            asked = self._port.reask_open_jobs()
+        except BaseException:
+            self._session_lost.set()
+            raise
+        log.info("no MQTT session on the broker: %d open jobs asked again", asked)
 
 
 def _also(first: Callable[..., None] | None, then: Callable[[], None]) -> Callable[..., None]:

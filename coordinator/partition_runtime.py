@@ -188,6 +188,12 @@ class PartitionIngestPort:
         with self._lock:
             return self._service.tick(acknowledged)
 
+    def reask_open_jobs(self) -> int:
+        """This ingest's session was lost: its own partition's open jobs are asked again (each
+        partition's bridge has its own session, and sends only its own partition's jobs)."""
+        with self._lock:
+            return self._service.reask_open_jobs()
+
     def metrics_report(self) -> MetricsReport:
         return self._service.metrics_report()
 
