@@ -107,7 +107,9 @@ def assert_each_ingest_took_a_share(partitions: list[dict], devices: int) -> Non
         assert p["received"]["status"] >= devices, p
 
 
-def test_two_partitions_each_run_their_cohorts_round(ray_session, mosquitto, world, tmp_path):
+def test_two_partitions_each_run_their_cohorts_round_and_survive_a_crash(
+    ray_session, mosquitto, world, tmp_path
+):
     cohorts = cohort_per_partition(world / "base.npz")
     config = dataclasses.replace(
         coordinator_config(mosquitto.url, tmp_path / "coordinator"),
@@ -137,6 +139,17 @@ def test_two_partitions_each_run_their_cohorts_round(ray_session, mosquitto, wor
         # /metrics from every partition's report (fetched every metrics interval)
         known = f"skipfleet_devices_known {2 * DEVICES_PER_COHORT}.0"
         wait(lambda: known in metrics_text(coordinator))
+        # a partition that crashes comes back (Ray restarts it), reloads its cohort and
+        # reconnects its ingest; the other partition forwards to it again
+        before = partitions[1]["pid"]
+        ray_session.kill(coordinator.handles[1], no_restart=False)
+        wait(lambda: (p := api.get("/health")["partitions"][1])["pid"] != before
+             and p["mqtt_connected"], timeout=40)  # fmt: skip
+        assert len(api.get("/devices")) == 2 * DEVICES_PER_COHORT
+        second = api.post("/finetune", {"cohort": cohorts[1][1]})["rounds"]
+        assert [r["cohort"] for r in second] == [cohorts[1][1]]
+        wait(lambda: any(r["round_id"] == second[0]["round_id"] and r["stage"] == "STORED"
+                         for r in api.get("/rounds")), timeout=40)  # fmt: skip
     finally:
         for fleet in fleets:
             fleet.stop()
