@@ -70,6 +70,7 @@ DEFAULT_DRIFT_THRESHOLD = None
 DEFAULT_MIN_CANARIES = 2
 # The API and /metrics answer this machine only unless the operator binds them elsewhere.
 DEFAULT_BIND = "127.0.0.1"
+MAX_PARTITIONS = 64
 
 
 class ConfigError(ValueError):
@@ -161,6 +162,14 @@ class CoordinatorConfig:
     tick_interval_s: float = 0.5
     metrics_interval_s: float = 2.0
     log_level: str = "INFO"
+    # The fleet state split by cohort over this many Ray actors, each with its own MQTT ingest
+    # (coordinator.partitions); 1: one actor, fed by the driver's bridge, as always.
+    partitions: int = 1
+    # Per partition, a Ray custom resource its actor needs (pins it to the nodes that have it);
+    # empty: Ray places the partitions.
+    partition_resources: tuple[str, ...] = ()
+    # Set on the config each partition actor runs with (coordinator.partitions.partition_config).
+    partition_index: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("metrics_port", "api_port"):
@@ -184,6 +193,32 @@ class CoordinatorConfig:
             raise ConfigError("--cluster-distance must be > 0 (or 'off')")
         if self.instance is not None and not INSTANCE_PATTERN.fullmatch(self.instance):
             raise ConfigError(f"--instance {self.instance!r}: use [a-z0-9-], at most 32")
+        self._check_partitions()
+
+    def _check_partitions(self) -> None:
+        if not 1 <= self.partitions <= MAX_PARTITIONS:
+            raise ConfigError(f"--partitions must be 1 to {MAX_PARTITIONS}, got {self.partitions}")
+        if self.partition_resources and len(self.partition_resources) != self.partitions:
+            raise ConfigError(
+                f"--partition-resources names {len(self.partition_resources)} resources for "
+                f"{self.partitions} partitions: give one per partition, or none"
+            )
+        # Partitions share the device topics through MQTT 5 shared subscriptions ($share/...):
+        # an MQTT 3.1.1 session cannot ask for them (mosquitto 2.0 serves them to v5 clients).
+        if self.partitions > 1 and str(self.mqtt.protocol) != "5":
+            raise ConfigError(
+                "--partitions > 1 needs MQTT 5 shared subscriptions; the broker connection is "
+                f"MQTT {self.mqtt.protocol}"
+            )
+
+    @property
+    def partitioned(self) -> bool:
+        return self.partitions > 1
+
+    @property
+    def share_group(self) -> str | None:
+        """The MQTT shared-subscription group of this coordinator's ingests (None: unshared)."""
+        return f"skipfleet-{self.instance_name}" if self.partitioned else None
 
     @property
     def joins_cluster(self) -> bool:
@@ -197,11 +232,15 @@ class CoordinatorConfig:
     def client_id(self) -> str:
         """The MQTT client id: one per coordinator instance, so two never take over each other's
         session (a broker with use_username_as_clientid uses the account name instead)."""
-        return CLIENT_ID_PREFIX + self.instance_name
+        return CLIENT_ID_PREFIX + self.instance_name + self._partition_suffix
 
     @property
     def fleet_actor_name(self) -> str:
-        return self.actor_name or CLIENT_ID_PREFIX + self.instance_name
+        return (self.actor_name or CLIENT_ID_PREFIX + self.instance_name) + self._partition_suffix
+
+    @property
+    def _partition_suffix(self) -> str:
+        return "" if self.partition_index is None else f"-p{self.partition_index}"
 
     @property
     def token_path(self) -> Path:
@@ -265,6 +304,19 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--ray-namespace", default="skipfleet", help="Ray namespace of the fleet actor")
     add("--actor-name", help="the fleet actor's name (default: derived from --instance)")
+    add(
+        "--partitions",
+        type=int,
+        default=1,
+        help="split the fleet by cohort over this many Ray actors, each with its own MQTT "
+        "ingest (MQTT 5 shared subscriptions); 1: one actor, as on one machine",
+    )
+    add(
+        "--partition-resources",
+        default="",
+        help="comma-separated Ray custom resources, one per partition, that pin each "
+        "partition's actor to the nodes offering it (default: Ray places them)",
+    )
     add("--metrics-addr", default=DEFAULT_BIND, help="/metrics bind address; 0.0.0.0: all hosts")
     add("--metrics-port", type=int, default=DEFAULT_METRICS_PORT, help="0: any free port")
     add("--api-addr", default=DEFAULT_BIND, help="API bind address; 0.0.0.0: all hosts")
@@ -593,11 +645,17 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Coordinat
             command_timeout_s=args.command_timeout_seconds,
             tick_interval_s=args.tick_seconds,
             log_level=args.log_level,
+            partitions=args.partitions,
+            partition_resources=_names(args.partition_resources),
         )
     except ConfigError:
         raise
     except ValueError as err:  # the policies' own checks
         raise ConfigError(str(err)) from None
+
+
+def _names(text: str | None) -> tuple[str, ...]:
+    return tuple(name.strip() for name in (text or "").split(",") if name.strip())
 
 
 def _optional_path(text: str | None) -> Path | None:

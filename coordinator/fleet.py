@@ -99,6 +99,7 @@ class Fleet:
         registry = FleetRegistry(db, clock=clock, energy_period_s=config.energy_period_s)
         jobs = JobTable(db, clock=clock)
         store = AdapterStore(db, config.state_dir, clock=clock)
+        reports = ReportStore(db, config.state_dir)
         # Automatic triggers start rounds over a cohort (RoundPipeline), so the dispatching
         # scheduler must not also start lone fine-tunes for them: it runs with triggers off, and
         # a second one with the configured thresholds only answers automatic_trigger().
@@ -118,14 +119,22 @@ class Fleet:
             db=db,
             registry=registry,
             jobs=jobs,
-            scheduler=FineTuneScheduler(db, registry, jobs, policy=dispatching, clock=clock),
+            scheduler=FineTuneScheduler(
+                db,
+                registry,
+                jobs,
+                policy=dispatching,
+                clock=clock,
+                # several ingests: a device's report and its job's end may arrive out of order
+                reported=reports.devices_reported if config.partitioned else None,
+            ),
             triggers=FineTuneScheduler(db, registry, jobs, policy=config.policy, clock=clock),
             rounds=RoundTable(db),
             records=RoundRecords(db),
             store=store,
             rollouts=RolloutManager(db, store, policy=config.rollout, clock=clock),
             commands=CommandLog(db),
-            reports=ReportStore(db, config.state_dir),
+            reports=reports,
             clusters=ClusterBook(db, max_distance=config.cluster_distance, clock=clock),
             runs=RunBook(db, config.federation),
             outbox=DurableOutbox(db, config.client_id, clock, publish_limit=config.chunk_limit),

@@ -164,8 +164,9 @@ class CpuWindow:
 class PeakMemory:
     """Samples the memory of a process tree on a thread; keeps the highest total seen."""
 
-    def __init__(self, root: int, interval_s: float = 0.5) -> None:
-        self._root = root
+    def __init__(self, root: int | Callable[[], list[int]], interval_s: float = 0.5) -> None:
+        """root: a process (its tree is sampled), or what lists the processes to sample."""
+        self._tree = (lambda: children_of(root)) if isinstance(root, int) else root
         self._interval = interval_s
         self._stop = threading.Event()
         self.peak = Memory(0, 0, 0)
@@ -181,7 +182,7 @@ class PeakMemory:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            now = memory_of(children_of(self._root))
+            now = memory_of(self._tree())
             if now.pss_bytes > self.peak.pss_bytes:
                 self.peak = now
             self._stop.wait(self._interval)
