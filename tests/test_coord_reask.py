@@ -192,3 +192,18 @@ def test_a_report_replayed_under_a_new_seq_is_not_applied_again(tmp_path, clock)
     assert after.accuracy == before.accuracy == 0.9
     events = service.metrics_report().events
     assert sum(isinstance(e, FinetuneReported) for e in events) == 1
+
+
+def test_a_device_flapping_its_presence_is_asked_once_until_that_ask_is_handed_out(tmp_path, clock):
+    """A device on a valid account publishing presence after presence (each a new seq) must not
+    make the coordinator queue a copy of its open jobs per presence (an amplification: a small
+    presence in, a job command or a pointer with an inline adapter out, each). While the ask
+    waits unsent in the outbox it goes out after every one of those presences anyway: one copy.
+    Once it is handed out, the next presence asks again (the device may have missed it)."""
+    service = FleetService(make_config(tmp_path), clock=clock)
+    devices, jobs = dispatched(service, clock, "pi-1", "pi-2")
+    service.ingest([devices["pi-1"].presence() for _ in range(50)])
+    service.ingest([devices["pi-1"].presence() for _ in range(50)])  # another batch
+    assert jobs_in(service.tick(), JobKind.FINETUNE) == [("pi-1", jobs["pi-1"])]
+    service.ingest([devices["pi-1"].presence()])  # the copy was handed out: asked again
+    assert jobs_in(service.tick(), JobKind.FINETUNE) == [("pi-1", jobs["pi-1"])]
