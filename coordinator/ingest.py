@@ -151,11 +151,12 @@ class MessageHandler:
         if job.kind != "finetune" or record.cohort is None:
             f.reject("unexpected_report", f"report from {device} for {job.kind} job {job.job_id}")
             return
-        if f.reports.get(job.job_id) is not None:
-            # Its report is applied already: this one came as a new message (a new seq passes
-            # coordinator.seen), so it would record the fine-tune and its energy twice and put
-            # back "runs its own adapter" over what happened since. An agent never does that
-            # (a kept result goes again unchanged); a device replaying a job id does.
+        if not f.seen.first_report(device, job.job_id):
+            # This job's report was handled already (applied, refused or late): this one came as
+            # a new message (a new seq passes first_time), so it would record the fine-tune and
+            # its energy twice and put back "runs its own adapter" over what happened since. An
+            # agent never does that (a kept result goes again unchanged); a device replaying a
+            # job id does.
             f.reject("duplicate", f"a second report from {device} for job {job.job_id}")
             return
         m = report.metrics

@@ -207,3 +207,19 @@ def test_a_device_flapping_its_presence_is_asked_once_until_that_ask_is_handed_o
     assert jobs_in(service.tick(), JobKind.FINETUNE) == [("pi-1", jobs["pi-1"])]
     service.ingest([devices["pi-1"].presence()])  # the copy was handed out: asked again
     assert jobs_in(service.tick(), JobKind.FINETUNE) == [("pi-1", jobs["pi-1"])]
+
+
+def test_a_refused_report_replayed_under_a_new_seq_is_not_recorded_again(tmp_path, clock):
+    """A report the coordinator refused (its job FAILED) still records what the device did,
+    once: the same job's report sent again as a new message records nothing more."""
+    service = FleetService(make_config(tmp_path), clock=clock)
+    devices, jobs = dispatched(service, clock, "pi-1", "pi-2")
+    job_id = jobs["pi-1"].job_id
+    service.ingest([devices["pi-1"].report(job_id, base_hash="f" * 64)])  # refused
+    assert service.fleet.jobs.get(job_id).state.value == "FAILED"
+    clock.advance(30.0)
+    before = service.fleet.registry.get("pi-1")
+    service.ingest([devices["pi-1"].report(job_id, after=0.2)])
+    assert service.fleet.registry.get("pi-1").last_finetune_at == before.last_finetune_at
+    events = service.metrics_report().events
+    assert sum(isinstance(e, FinetuneReported) for e in events) == 1
