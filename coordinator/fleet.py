@@ -167,6 +167,11 @@ class Fleet:
         """A stored adapter version, by reference (read from the store when handed out)."""
         self.outbox.add_adapter(device_id, AdapterRef(cohort, version, self.config.encoding.value))
 
+    def adapter_waiting(self, device_id: str, cohort: str, version: int) -> bool:
+        """That adapter is in the outbox for the device, not handed out yet."""
+        ref = AdapterRef(cohort, version, self.config.encoding.value)
+        return self.outbox.adapter_waiting(device_id, ref)
+
     def send_desired(self, device_id: str, pointer: DesiredState) -> None:
         """The retained pointer, with its version's adapter inline when small enough."""
         if pointer.adapter_version is None:

@@ -112,6 +112,14 @@ class DurableOutbox:
             (device_id, form, message_id, body, self._clock()),
         )
 
+    def adapter_waiting(self, device_id: str, ref: AdapterRef) -> bool:
+        """This adapter is in the outbox for the device and not handed out yet."""
+        found = self._db.query_one(
+            "SELECT 1 FROM outbox WHERE device_id = ? AND form = ? AND body = ? AND seq > ?",
+            (device_id, ADAPTER_REF, pack(_ref_fields(ref)), self._handed_through),
+        )
+        return found is not None
+
     def newest_of(self, device_id: str) -> tuple[int, str] | None:
         """(seq, message id) of the device's newest row, or None."""
         row = self._db.query_one(
