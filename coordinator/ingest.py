@@ -85,7 +85,8 @@ class MessageHandler:
                 self._distributor.on_registered(record)
         f.registry.set_presence(device, message.state is PresenceState.ONLINE, at=at)
         if message.state is PresenceState.ONLINE:
-            # A new connection (a repeated presence never gets here: coordinator.seen), after
+            # A new connection (a repeated presence is dropped by coordinator.seen's memo; the
+            # retained one after a restart or past the memo asks once more, harmlessly), after
             # the device subscribed: what a crashed broker lost can be asked for again now.
             asked = f.reask(device)
             if asked:
