@@ -195,7 +195,11 @@ class FleetMetrics:
         self.rejected_messages = Counter(
             p + "rejected_messages", "Messages dropped, by reason", ["reason"], registry=r
         )
+        # kind -> (messages, bytes) children
+        self._received: dict[str, tuple[Counter, Counter]] = {}
+        self._sent: dict[str, Counter] = {}  # kind -> the sent_messages child
         self._device_labels: set[str] = set()
+        self._applied: dict[str, DeviceGauges] = {}  # device -> the readings its series show
         self._running: dict[str, tuple[str, str, str]] = {}  # device -> (cohort, origin, cluster)
         self._cohort_labels: set[str] = set()
         self._start_at_zero()
@@ -218,11 +222,21 @@ class FleetMetrics:
     # ---- the bridge, in this process
 
     def message_received(self, kind: str, size: int) -> None:
-        self.received_messages.labels(kind=kind).inc()
-        self.received_bytes.labels(kind=kind).inc(size)
+        # the labelled children are looked up once per kind, not once per message
+        children = self._received.get(kind)
+        if children is None:
+            children = self._received[kind] = (
+                self.received_messages.labels(kind=kind),
+                self.received_bytes.labels(kind=kind),
+            )
+        children[0].inc()
+        children[1].inc(size)
 
     def message_sent(self, kind: str) -> None:
-        self.sent_messages.labels(kind=kind).inc()
+        child = self._sent.get(kind)
+        if child is None:
+            child = self._sent[kind] = self.sent_messages.labels(kind=kind)
+        child.inc()
 
     def message_rejected(self, reason: str) -> None:
         self.rejected_messages.labels(reason=reason).inc()
@@ -264,7 +278,9 @@ class FleetMetrics:
         self.devices_online.set(snapshot.devices_online)
         self.devices_quarantined.set(snapshot.devices_quarantined)
         for device in snapshot.devices:
-            self._set_device(device)
+            if self._applied.get(device.device_id) != device:  # unchanged: its series are set
+                self._set_device(device)
+                self._applied[device.device_id] = device
         self._forget(self._device_labels, {d.device_id for d in snapshot.devices}, "device")
         for state in JobState:  # a state nobody is in counts 0
             self.jobs.labels(state=state.value).set(snapshot.jobs_by_state.get(state.value, 0))
@@ -325,6 +341,7 @@ class FleetMetrics:
         """Removes the series of devices (or cohorts) that are gone, so they stop being scraped."""
         for gone in known - current:
             if label == "device":
+                self._applied.pop(gone, None)
                 for stage in ACCURACY_STAGES:
                     _remove(self.device_accuracy, gone, stage)
                 for gauge, _ in self._device_gauges():
