@@ -33,7 +33,14 @@ from skipfleet.bench_coordinator_tables import format_tables, scale_summary
 from skipfleet.brokers import MosquittoBroker
 from skipfleet.coordinator_process import ApiError, CoordinatorProcess
 from skipfleet.loadgen.fleet import SimulatedFleet
-from skipfleet.measure import PeakMemory, children_of, descendant_running, memory_of
+from skipfleet.measure import (
+    Memory,
+    PeakMemory,
+    children_of,
+    descendant_running,
+    memory_by_role,
+    memory_of,
+)
 
 # One asyncio loop carried 1,000 clients (skipfleet.loadgen.connection); 250 per process lets
 # the generators use both cores without one process per handful of devices.
@@ -147,12 +154,15 @@ def bench_fleet(devices: int, args, world: tuple[Path, list[Path]], root: Path, 
             "reference": [r["reference"] | {"device_seconds": r["device_seconds"]} for r in ready],
             "loadgen_connected_seconds": max(r["connected_seconds"] for r in ready),
             "memory_idle": _memory(coordinator),
+            "memory_idle_by_role": _pss_by_role(memory_by_role(coordinator.pid)),
         }
         broker_pid = descendant_running(os.getpid(), str(broker.config_path))
         parties = Parties(coordinator, broker_pid, fleet)
         with PeakMemory(coordinator.pid) as peak:
             result |= run_rounds(parties, devices, args, log)
         result["memory_peak_pss_bytes"] = peak.peak.pss_bytes
+        result["memory_peak_by_role"] = _pss_by_role(peak.at_peak)
+        result["memory_role_peaks"] = _pss_by_role(peak.role_peaks)
         result["memory_after"] = _memory(coordinator)
         result["scale"] = scale_summary(result)
         return result
@@ -186,6 +196,10 @@ def _memory(coordinator: CoordinatorProcess) -> dict:
         "tree_pss_bytes": tree.pss_bytes,
         "tree_processes": tree.processes,
     }
+
+
+def _pss_by_role(roles: dict[str, Memory]) -> dict[str, dict[str, int]]:
+    return {role: {"pss_bytes": m.pss_bytes, "processes": m.processes} for role, m in roles.items()}
 
 
 def main(args) -> int:
