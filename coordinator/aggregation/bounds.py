@@ -123,7 +123,8 @@ def leave_one_out_bounds(values: Sequence[float], factor: float | None) -> list[
     position[order] = np.arange(n)
 
     def others_at(j: int) -> np.ndarray:  # the j-th smallest of the others, for every i
-        return np.where(j < position, ordered[j], ordered[j + 1])
+        nth: np.ndarray = np.where(j < position, ordered[j], ordered[j + 1])
+        return nth
 
     m = n - 1
     middle = m // 2
