@@ -110,6 +110,9 @@ class AgentConfig:
     ina219: Ina219Config | None = None
     spool_max_messages: int = 10_000
     max_queued_jobs: int = 4
+    # A job still unfinished this long after it arrived says IN_PROGRESS; a quicker one sends
+    # its end alone (agent/job_progress.py)
+    in_progress_after_seconds: float = 5.0
     stream_rows: int = 8  # rows of its data the simulated sensor "observes" per heartbeat
     drift_at_seconds: float | None = None  # switch to the drifted data this long after start
     desired_retry_seconds: float = 30.0  # first wait for a desired adapter, doubled per fetch
@@ -133,6 +136,10 @@ class AgentConfig:
         _check(COHORT_PATTERN.match(self.cohort), f"cohort {self.cohort!r}: [A-Za-z0-9_.:+-]")
         _check(self.fetch_timeout_seconds > 0, "--fetch-timeout-seconds must be > 0")
         _check(self.max_queued_jobs >= 1, "--max-queued-jobs must be >= 1")
+        _check(
+            math.isfinite(self.in_progress_after_seconds) and self.in_progress_after_seconds >= 0,
+            "--in-progress-after-seconds must be >= 0",
+        )
         _check(self.stream_rows >= 0, "--stream-rows must be >= 0")
         _check(
             self.drift_at_seconds is None
@@ -182,6 +189,7 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> AgentConf
         ina219=Ina219Config.parse(args.ina219) if args.ina219 else None,
         spool_max_messages=args.spool_max_messages,
         max_queued_jobs=args.max_queued_jobs,
+        in_progress_after_seconds=args.in_progress_after_seconds,
         stream_rows=args.stream_rows,
         drift_at_seconds=args.drift_at,
         desired_retry_seconds=args.desired_retry_seconds,
@@ -310,6 +318,12 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
         help="messages the on-disk spool keeps while offline; the oldest telemetry goes first",
     )
     add("--max-queued-jobs", type=int, default=4, help="jobs waiting behind the running one")
+    add(
+        "--in-progress-after-seconds",
+        type=float,
+        default=5.0,
+        help="a job still unfinished this long after it arrived says IN_PROGRESS (0: always)",
+    )
     add("--keepalive-seconds", type=int, default=30, help="MQTT keepalive")
     add(
         "--reconnect-max-seconds",

@@ -3,10 +3,10 @@
 Runs on the MQTT worker (agent.handoff), never on paho's network thread; it decodes and
 hands over without waiting for a job: jobs go to the job runner,
 adapter publications (possibly chunked) to the adapter inbox, desired-state pointers to the
-reconciler (agent.reconcile). Each command's sent time feeds the clock offset estimate
-(agent.clock_offset) before the command is judged. A job command that cannot be
-accepted is answered with a REJECTED status whenever its job id can be read, so the
-coordinator learns why instead of waiting for a timeout.
+reconciler (agent.reconcile), the adapter a pointer carries inline to the inbox first. Each
+command's sent time feeds the clock offset estimate (agent.clock_offset) before the command is
+judged. A job command that cannot be accepted is answered with a REJECTED status whenever its
+job id can be read, so the coordinator learns why instead of waiting for a timeout.
 """
 
 from __future__ import annotations
@@ -113,4 +113,6 @@ class Downlink:
             self._inbox.put(message)
         elif isinstance(message, DesiredState):
             log.info("coordinator desires adapter version %s", message.adapter_version)
+            if message.adapter is not None:  # carried inline: nothing to fetch
+                self._inbox.put(message.adapter)
             self._on_desired(message)

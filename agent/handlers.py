@@ -1,7 +1,8 @@
 """What each job kind does. Runs on the job runner's worker thread, one job at a time.
 
 A handler raises JobRejected when the job cannot be run as asked (nothing changed on the device)
-and JobFailed when it ran and did not succeed; what it returns goes into the SUCCEEDED status.
+and JobFailed when it ran and did not succeed; what it returns goes into the SUCCEEDED status
+(a fine-tune's Report is its SUCCEEDED: the report goes out last, and no status follows).
 Each takes the device's current data phase once, at its start (see agent.local_data). A device
 without labels rejects what needs them (fine-tune, evaluate, apply only_if_better) with
 INSUFFICIENT_DATA.
@@ -131,7 +132,6 @@ class JobHandlers:
             loss_after=after.loss,
         )
         arrays = result.adapter.to_arrays()
-        self._send_record(Report(job.job_id, arrays, metrics, parent_adapter_version=parent))
         if installed:
             self._store.install(
                 arrays,
@@ -144,6 +144,9 @@ class JobHandlers:
                     "parent_version": parent,
                 },
             )
+        # Last, once nothing can fail any more: the report is the job's SUCCEEDED.
+        ctx.ending()
+        self._send_record(Report(job.job_id, arrays, metrics, parent_adapter_version=parent))
         return JobOutcome(
             {
                 "accuracy_before": before.accuracy,
@@ -162,7 +165,8 @@ class JobHandlers:
                 "energy_scope": energy.result.scope.value,
                 "seconds": result.seconds,
                 "samples": result.samples,
-            }
+            },
+            reported=True,
         )
 
     def _start_of(

@@ -2,9 +2,12 @@
 
 Life cycle as the device sees it (it may set only IN_PROGRESS, SUCCEEDED, FAILED, REJECTED):
     submit -> REJECTED (expired | duplicate | unknown kind | base model mismatch | busy)
-           -> queued (no status: QUEUED is the coordinator's) -> IN_PROGRESS
+           -> queued (no status: QUEUED is the coordinator's) -> running
            -> SUCCEEDED | FAILED (error, or cancelled while running) | REJECTED (refused by the
               handler, e.g. adapter for another base model; or cancelled/expired while queued)
+One message per job when it ends soon: IN_PROGRESS goes out only for a job still unfinished
+`in_progress_after_seconds` after it arrived (agent.job_progress). A fine-tune's Report is its
+SUCCEEDED (the handler says so with `JobOutcome.reported`): no status follows it.
 A CANCEL job is carried out in `submit` (waiting in the queue behind its target would defeat
 it): SUCCEEDED at once, or REJECTED `nothing_to_cancel`.
 Accepted job ids are persisted (`JobHistory`) so a restart neither re-runs nor forgets them.
@@ -31,6 +34,7 @@ from enum import Enum
 
 from agent.admission import admission_check
 from agent.job_history import JobHistory
+from agent.job_progress import ProgressNotice
 from shared.protocol.checks import Scalar
 from shared.protocol.enums import TERMINAL_STATES, JobKind, JobReason, JobState
 from shared.protocol.messages import CancelParams, Job, JobStatus
@@ -68,6 +72,8 @@ class JobFailed(Exception):
 @dataclass(frozen=True)
 class JobOutcome:
     detail: Mapping[str, Scalar] = field(default_factory=dict)
+    # The handler sent the job's record (a fine-tune's Report), which says SUCCEEDED itself.
+    reported: bool = False
 
 
 @dataclass
@@ -76,6 +82,9 @@ class JobContext:
 
     cancel: threading.Event
     progress: Callable[[float], None]
+    # Call before sending a record that is the job's end (a fine-tune's Report): no IN_PROGRESS
+    # may follow it.
+    ending: Callable[[], None] = lambda: None
 
 
 Handler = Callable[[Job, JobContext], JobOutcome]
@@ -98,6 +107,7 @@ class JobRunner:
         base_model_hash: str,
         max_queued: int = 4,
         progress_interval_seconds: float = 5.0,
+        in_progress_after_seconds: float = 5.0,
         clock: Callable[[], float] = time.time,
     ):
         self._handlers = dict(handlers)
@@ -106,6 +116,8 @@ class JobRunner:
         self._base_model_hash = base_model_hash
         self._max_queued = max_queued
         self._progress_interval = progress_interval_seconds
+        self._in_progress_after = in_progress_after_seconds
+        self._arrived: dict[str, float] = {}  # queued job id -> when it arrived
         self._clock = clock
         self._lock = threading.Condition()
         self._queue: collections.deque[Job] = collections.deque()
@@ -125,6 +137,7 @@ class JobRunner:
             if rejection is None and job.kind is not JobKind.CANCEL:
                 unsaved = self._save_state(job, JobState.QUEUED)
                 if unsaved is None:
+                    self._arrived[job.job_id] = self._clock()
                     self._queue.append(job)
                     self._lock.notify()
                     return None
@@ -157,6 +170,18 @@ class JobRunner:
             max_queued=self._max_queued,
         )
 
+    def knows(self, job_id: str) -> bool:
+        """Whether this job id arrived here before (queued, ran, or was rejected)."""
+        return self._history.get(job_id) is not None
+
+    def take_offer(self, job: Job) -> bool:
+        """Submit the job a desired pointer offers, unless its id arrived before or it expired
+        (False: the pointer was re-delivered, or the offer lapsed; reconcile it unanswered)."""
+        if self.knows(job.job_id) or job.is_expired(self._clock()):
+            return False
+        self.submit(job)
+        return True
+
     def reject(self, job_id: str, reason_code: JobReason, message: str) -> None:
         """Reject a job command that could not even be decoded (the transport read its id)."""
         self._emit(
@@ -173,6 +198,7 @@ class JobRunner:
             for job in self._queue:
                 if job.job_id == job_id:
                     self._queue.remove(job)
+                    self._arrived.pop(job_id, None)
                     break
             else:
                 return CancelResult.NOT_FOUND
@@ -265,20 +291,21 @@ class JobRunner:
                 task = self._tasks.popleft() if self._tasks else None
                 if task is None:
                     job = self._queue.popleft()
+                    arrived = self._arrived.pop(job.job_id, self._clock())
                     cancel = threading.Event()
                     self._running = (job, cancel)
             if task is not None:
                 _run_task(*task)
                 continue
             try:
-                self._run_one(job, cancel)
+                self._run_one(job, cancel, arrived)
             except Exception:  # a failing emit must not kill the worker
                 log.exception("job %s: could not report its outcome", job.job_id)
             finally:
                 with self._lock:
                     self._running = None
 
-    def _run_one(self, job: Job, cancel: threading.Event) -> None:
+    def _run_one(self, job: Job, cancel: threading.Event, arrived: float) -> None:
         if job.is_expired(self._clock()):
             self._finish(job, JobState.REJECTED, JobReason.EXPIRED, "expired while queued")
             return
@@ -286,10 +313,16 @@ class JobRunner:
         if unsaved is not None:
             self._finish(job, JobState.FAILED, JobReason.DISK_FULL, unsaved)
             return
-        self._emit(JobStatus(job.job_id, JobState.IN_PROGRESS))
-        context = JobContext(cancel=cancel, progress=self._progress_reporter(job))
+        notice = ProgressNotice(job.job_id, self._emit, arrived_at=arrived,
+                                after_s=self._in_progress_after,
+                                interval_s=self._progress_interval, clock=self._clock)  # fmt: skip
+        notice.start()
+        context = JobContext(cancel=cancel, progress=notice.progress, ending=notice.end)
         try:
-            outcome = self._handlers[job.kind](job, context)
+            try:
+                outcome = self._handlers[job.kind](job, context)
+            finally:
+                notice.end()  # before the job's end goes out: no IN_PROGRESS after it
         except JobRejected as err:
             self._finish(job, JobState.REJECTED, err.reason_code, str(err))
         except JobFailed as err:
@@ -306,7 +339,7 @@ class JobRunner:
                     job, JobState.FAILED, JobReason.INTERNAL_ERROR, f"{type(err).__name__}: {err}"
                 )
         else:
-            self._finish(job, JobState.SUCCEEDED, detail=outcome.detail)
+            self._finish(job, JobState.SUCCEEDED, detail=outcome.detail, sent=outcome.reported)
 
     def _finish(
         self,
@@ -315,7 +348,9 @@ class JobRunner:
         reason_code: JobReason | None = None,
         reason: str | None = None,
         detail: Mapping[str, Scalar] | None = None,
+        sent: bool = False,
     ) -> JobStatus:
+        """Records the job's end and sends its status (`sent`: its record said it already)."""
         assert state in TERMINAL_STATES
         self._save_state(job, state)  # unsaved: the outcome still goes out (memory has it)
         status = JobStatus(
@@ -326,7 +361,8 @@ class JobRunner:
             reason_code=reason_code,
             detail=dict(detail or {}),
         )
-        self._emit(status)
+        if not sent:
+            self._emit(status)
         log.info(
             "job %s (%s): %s%s",
             job.job_id,
@@ -335,20 +371,6 @@ class JobRunner:
             f" ({reason_code.value}: {reason})" if reason_code else "",
         )
         return status
-
-    def _progress_reporter(self, job: Job) -> Callable[[float], None]:
-        last = [self._clock()]
-
-        def report(fraction: float) -> None:
-            now = self._clock()
-            if now - last[0] < self._progress_interval:
-                return  # a status per epoch would flood the spool
-            last[0] = now
-            self._emit(
-                JobStatus(job.job_id, JobState.IN_PROGRESS, progress=min(1.0, max(0.0, fraction)))
-            )
-
-        return report
 
 
 def _run_task(task: Callable[[], object], future: Future) -> None:

@@ -12,6 +12,12 @@ hold-out against what it runs and takes it only if it measures better (agent/cho
 it declined is remembered and not fetched or measured again while the same adapter runs. A
 device without labels cannot measure, and takes the version as is.
 
+A pointer that carries an offer (a job id, DesiredState.apply_job) the device has not seen, not
+expired, is handed to the job runner as that APPLY_ADAPTER job, which does the same and answers
+with its one terminal status; the same pointer re-delivered later (at every reconnect) is
+reconciled here, unanswered. An adapter carried inline was put in the inbox on arrival
+(agent.downlink), so neither fetches it.
+
 Waiting and asking again happen on the reconciler's own thread; the install (and the
 comparison before it) is handed to the job runner's worker (`run_between_jobs`), so it never
 overlaps a job that reads or replaces the adapter.
@@ -36,7 +42,7 @@ from agent.local_data import LocalData
 from agent.spool import SpoolFull
 from agent.trainer.errors import AdapterError
 from shared.mqtt import backoff_delay
-from shared.protocol.messages import BASE_MODEL_VERSION, DesiredState, FetchRequest
+from shared.protocol.messages import BASE_MODEL_VERSION, DesiredState, FetchRequest, Job
 
 log = logging.getLogger(__name__)
 
@@ -70,6 +76,7 @@ class Reconciler:
         send_fetch: Callable[[FetchRequest], None],
         between_jobs: Callable[[Callable[[], object]], Future],
         choice: OwnChoice,
+        take_offer: Callable[[Job], bool] = lambda job: False,
         policy: FetchPolicy = FetchPolicy(),
         rng: random.Random | None = None,
     ):
@@ -79,6 +86,7 @@ class Reconciler:
         self._inbox = inbox
         self._send_fetch = send_fetch
         self._between_jobs = between_jobs
+        self._take_offer = take_offer
         self._policy = policy
         self._rng = rng or random.Random()
         self._lock = threading.Lock()
@@ -91,10 +99,13 @@ class Reconciler:
     # -- the transport's thread ---------------------------------------------------------------
     def offer(self, desired: DesiredState) -> None:
         """A pointer arrived (retained at subscribe, or live). Never blocks."""
+        offered = desired.apply_job()
+        taken = offered is not None and self._take_offer(offered)
         with self._lock:
             if desired == self._working_on:
                 return  # re-delivered at a reconnect while being worked on: carry on
-            self._pending = desired
+            # taken: the apply job does the work; whatever was pending is superseded
+            self._pending = None if taken else desired
             self._changed.set()
 
     # -- life cycle ---------------------------------------------------------------------------

@@ -110,6 +110,7 @@ class Agent:
             JobHistory(state / "jobs.json", clock=offset.coordinator_now),
             base_model_hash=model.weights_hash,
             max_queued=c.max_queued_jobs,
+            in_progress_after_seconds=c.in_progress_after_seconds,
             clock=offset.coordinator_now,
         )
         reconciler = Reconciler(
@@ -119,6 +120,7 @@ class Agent:
             send_fetch=uplink.send,
             between_jobs=runner.run_between_jobs,
             choice=choice,
+            take_offer=runner.take_offer,
             policy=FetchPolicy(c.desired_retry_seconds, c.desired_max_fetches),
         )
         downlink = Downlink(

@@ -39,7 +39,8 @@ class PortUnavailable(StartupError):
 
 class FatalSignal:
     """Set by a part that cannot go on (the broker refused our credentials, another client took
-    our MQTT session over); the CLI waits on it."""
+    our MQTT session over or keeps closing our connections on our account); the CLI waits on
+    it."""
 
     def __init__(self) -> None:
         self.event = threading.Event()

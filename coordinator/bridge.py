@@ -25,6 +25,7 @@ import paho.mqtt.client as paho
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from coordinator.account_fight import AccountFightDetector, describe_fight, short_session_s
 from coordinator.config import CoordinatorConfig
 from coordinator.delivery import AckToken, InboundAcks, PublishTracker
 from coordinator.ingest import Received
@@ -88,6 +89,8 @@ class FatalReason(StrEnum):
 
     BROKER_REFUSED = "broker_refused"
     SESSION_TAKEN_OVER = "session_taken_over"
+    # Another client on our account kicks us at once after every connect (account_fight).
+    ACCOUNT_SHARED = "account_shared"
 
 
 class InboundDecoder:
@@ -184,6 +187,9 @@ class MqttBridge:
         self._unpublished: list[Outbound] = []  # handed out, but paho would not take them yet
         self._settled: list[int] = []  # acknowledged outbox rows the actor has not heard of
         report_connect_failures(self._client, config.mqtt, log)  # refused, TLS: why, what to do
+        self._fight = AccountFightDetector(short_session_s(config.mqtt.reconnect_min_delay_s))
+        failed = self._client.on_connect_fail
+        self._client.on_connect_fail = _also(failed, self._fight.attempt_failed)
         self._client.on_connect = logged(self._handle_connect)
         self._client.on_disconnect = logged(self._handle_disconnect)
         self._client.on_message = logged(self._handle_message)
@@ -275,11 +281,13 @@ class MqttBridge:
         properties: Properties | None,
     ) -> None:
         if reason_code.is_failure:
+            self._fight.attempt_failed()
             message = describe_refusal(reason_code, self._config.mqtt)
             log.error("%s", message)
             if reason_code.value in REFUSED_FOR_GOOD:
                 self._on_fatal(FatalReason.BROKER_REFUSED, message)
             return
+        self._fight.accepted()
         self._acks.connected()
         client.subscribe(self._topics.coordinator_subscriptions())
         self._connected.set()
@@ -306,6 +314,15 @@ class MqttBridge:
                 f"instance {self._config.instance_name!r}?): stopping rather than fighting over "
                 f"the session. Give each coordinator its own --instance (and broker account)",
             )
+            return
+        fight = self._fight.closed(disconnect_from_broker=flags.is_disconnect_packet_from_server)
+        if fight is not None:
+            # Not disconnect(): after a lost connection paho overwrites the state it sets and
+            # reconnects. From its own thread, loop_stop() only ends the loop, without a join.
+            client.loop_stop()
+            mqtt = self._config.mqtt
+            message = describe_fight(fight, mqtt.username, self._client_id, mqtt.url)
+            self._on_fatal(FatalReason.ACCOUNT_SHARED, message)
 
     def _handle_message(
         self, client: paho.Client, userdata: object, message: paho.MQTTMessage
@@ -457,3 +474,14 @@ class MqttBridge:
                 self._unpublished = waiting[index:]  # in order, from this one, next tick
                 return True
         return bool(handed_out)
+
+
+def _also(first: Callable[..., None] | None, then: Callable[[], None]) -> Callable[..., None]:
+    """A paho callback that runs `first` (if any) with paho's arguments, then `then()`."""
+
+    def both(*args: object) -> None:
+        if first is not None:
+            first(*args)
+        then()
+
+    return both

@@ -9,7 +9,8 @@ coordinator extra (Ray, prometheus-client) is not installed; 70 internal error (
 did not start, or a crash);
 71 the API or /metrics port cannot be bound; 73 the state dir is not writable; 75 another
 coordinator runs this instance (its state dir is locked, its fleet actor answers, or it took our
-MQTT session over); 77 the broker refused our credentials.
+MQTT session over) or shares our MQTT account (each connection closed at once, again and again:
+coordinator.account_fight); 77 the broker refused our credentials.
 
 With a local Ray the coordinator leads its own process group and starts coordinator.reaper first:
 whatever way it ends (SIGTERM, SIGINT, a crash, SIGKILL), no Ray process it started outlives it.
@@ -162,7 +163,8 @@ def run(config: CoordinatorConfig) -> int:
         coordinator.stop()
         ray.shutdown()
     if coordinator.fatal.reason is not None:
-        takeover = coordinator.fatal.kind is FatalReason.SESSION_TAKEN_OVER
+        taken = (FatalReason.SESSION_TAKEN_OVER, FatalReason.ACCOUNT_SHARED)
+        takeover = coordinator.fatal.kind in taken
         code = ExitCode.INSTANCE_CONFLICT if takeover else ExitCode.BROKER_REFUSED
         return fail(code, coordinator.fatal.reason)
     return int(ExitCode.OK)

@@ -29,7 +29,7 @@ from coordinator.config import LabelFreeRollout
 from coordinator.fleet import Conflict, Fleet, NotFound
 from coordinator.jobs import Job, JobState
 from coordinator.observations import RolloutDecided, RolloutResult
-from coordinator.outbound import apply_job, desired, evaluate_job
+from coordinator.outbound import desired, evaluate_job
 from coordinator.registry import DeviceRecord
 from coordinator.rollout import Rollout, RolloutError, RolloutState
 from coordinator.scheduler import label_free_score
@@ -274,21 +274,19 @@ class AdapterDistributor:
             return False
         cohort, base_model_hash = _registered(record)
         applying = f.reachable(record) and not f.jobs.active(record.device_id)
+        job = None
         if applying:
             job = f.create_job(record.device_id, JobKind.APPLY_ADAPTER.value, trigger="rollout")
             f.commands.add(
                 CommandRecord(job.job_id, record.device_id, JobKind.APPLY_ADAPTER, version,
                               job.created_at)
             )  # fmt: skip
-            # The adapter first, so the apply job finds it in the agent's inbox: no fetch.
-            f.send_adapter(record.device_id, cohort, version)
-            f.send(record.device_id, apply_job(job, version, base_model_hash,
-                                               only_if_better=measures))  # fmt: skip
-        # The pointer after the adapter (a device given the pointer first would fetch it); it is
-        # what a device that is away now finds when it comes back.
-        f.send(
+        # One message: the retained pointer, with the adapter inline (when small enough) and,
+        # for a device that can answer now, the offer as an APPLY_ADAPTER job of its own; a
+        # device that is away finds the pointer (and the adapter) when it comes back.
+        f.send_desired(
             record.device_id,
-            desired(version, base_model_hash, cohort, only_if_better=measures),
+            desired(version, base_model_hash, cohort, only_if_better=measures, offer=job),
         )
         if applying:  # an apply's answer settles the offer; reconcile() re-offers otherwise
             f.registry.set_offer(record.device_id, version, None)

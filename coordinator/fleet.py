@@ -31,7 +31,7 @@ from coordinator.runs import RunBook
 from coordinator.scheduler import FineTuneScheduler, SkipReason
 from coordinator.seen import SeenMessages
 from coordinator.state_db import StateDB
-from shared.protocol import AdapterPublication
+from shared.protocol import AdapterPublication, DesiredState
 
 log = logging.getLogger(__name__)
 
@@ -122,7 +122,7 @@ class Fleet:
             reports=ReportStore(db, config.state_dir),
             clusters=ClusterBook(db, max_distance=config.cluster_distance, clock=clock),
             runs=RunBook(db, config.federation),
-            outbox=DurableOutbox(db, config.client_id, clock),
+            outbox=DurableOutbox(db, config.client_id, clock, publish_limit=config.chunk_limit),
             seen=SeenMessages(db, clock),
         )
 
@@ -135,6 +135,14 @@ class Fleet:
     def send_adapter(self, device_id: str, cohort: str, version: int) -> None:
         """A stored adapter version, by reference (read from the store when handed out)."""
         self.outbox.add_adapter(device_id, AdapterRef(cohort, version, self.config.encoding.value))
+
+    def send_desired(self, device_id: str, pointer: DesiredState) -> None:
+        """The retained pointer, with its version's adapter inline when small enough."""
+        if pointer.adapter_version is None:
+            self.outbox.add(device_id, pointer)
+            return
+        ref = AdapterRef(pointer.cohort, pointer.adapter_version, self.config.encoding.value)
+        self.outbox.add_desired(device_id, pointer, ref)
 
     def hand_out(self) -> list[Outbound]:
         return self.outbox.hand_out(self._resolve_adapter)

@@ -3,6 +3,8 @@
 The bridge has already decoded, routed (sender = topic device), reassembled and de-duplicated
 them; here each is applied idempotently (a QoS 1 re-delivery after a restart changes nothing),
 and anything that cannot be applied is counted as rejected with a reason, never raised.
+A fine-tune's report is its job's SUCCEEDED: the device sends no status after it (a SUCCEEDED
+from an older agent, after the report, is a repeat and changes nothing).
 """
 
 from __future__ import annotations
@@ -111,15 +113,19 @@ class MessageHandler:
         self._fleet.registry.note_label_free(device, above, at)
 
     def _job_status(self, device: str, status: JobStatus) -> None:
-        f = self._fleet
         job = self._owned_job(device, status.job_id)
         if job is None:
             return
         if status.state is WireJobState.REJECTED and status.reason_code is JobReason.DUPLICATE:
             return  # a re-delivered command: the first delivery's statuses tell its fate
-        state = JobState(status.state.value.upper())
+        self._ended(device, job, JobState(status.state.value.upper()), status)
+
+    def _ended(self, device: str, job: Job, state: JobState, status: JobStatus | None) -> None:
+        """The device moved its job on (`status`: its JobStatus; None: its report said it)."""
+        f = self._fleet
+        why = None if status is None else _why(status)
         try:
-            updated = f.jobs.report_status(job.job_id, state, device_id=device, detail=_why(status))
+            updated = f.jobs.report_status(job.job_id, state, device_id=device, detail=why)
         except JobError as err:
             f.reject("stale_status", str(err))  # e.g. a result after the job timed out
             return
@@ -177,6 +183,8 @@ class MessageHandler:
             loss_before=m.loss_before,
         )
         f.reports.save(meta, report.adapter)
+        if job.is_active:
+            self._ended(device, job, JobState.SUCCEEDED, None)
 
     def _check(
         self, device: str, report: Report, base_hash: str | None, cohort: str
@@ -219,24 +227,25 @@ def _why(status: JobStatus) -> str | None:
     return code or status.reason
 
 
-# A device's last word on a job within one batch: FAILED or SUCCEEDED after IN_PROGRESS.
+# A device's last word on a job within one batch: FAILED or SUCCEEDED (or a report, which is a
+# fine-tune's SUCCEEDED) after IN_PROGRESS.
 _FOLDING = frozenset({WireJobState.SUCCEEDED, WireJobState.FAILED})
 
 
 def superseded(batch: Sequence[Received]) -> frozenset[int]:
-    """Positions of IN_PROGRESS statuses whose job ends (SUCCEEDED or FAILED, from the same
-    device) later in the same batch. Applying only the end is what the job table allows anyway
-    (QUEUED may end directly: an IN_PROGRESS can be lost) and saves a transition per job for
-    devices that finish within a batch; the folded status is still remembered as seen."""
+    """Positions of IN_PROGRESS statuses whose job ends (SUCCEEDED, FAILED or its report, from
+    the same device) later in the same batch. Applying only the end is what the job table allows
+    anyway (QUEUED may end directly: an IN_PROGRESS can be lost) and saves a transition per job
+    for devices that finish within a batch; the folded status is still remembered as seen."""
     started: dict[tuple[str, str], int] = {}
     folded = set()
     for index, received in enumerate(batch):
-        status = received.envelope.message
-        if not isinstance(status, JobStatus):
+        message = received.envelope.message
+        if not isinstance(message, JobStatus | Report):
             continue
-        key = (received.device_id, status.job_id)
-        if status.state is WireJobState.IN_PROGRESS:
+        key = (received.device_id, message.job_id)
+        if isinstance(message, JobStatus) and message.state is WireJobState.IN_PROGRESS:
             started[key] = index
-        elif status.state in _FOLDING and key in started:
+        elif (isinstance(message, Report) or message.state in _FOLDING) and key in started:
             folded.add(started.pop(key))
     return frozenset(folded)

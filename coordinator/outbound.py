@@ -14,7 +14,6 @@ from coordinator.config import FinetuneSettings
 from coordinator.jobs import Job as JobRecord
 from shared.protocol import (
     AdapterPublication,
-    ApplyAdapterParams,
     ArrayEncoding,
     CancelParams,
     DesiredState,
@@ -77,13 +76,6 @@ def evaluate_job(record: JobRecord, version: int | None, base_model_hash: str | 
     return _job(record, JobKind.EVALUATE, EvaluateParams(version), base_model_hash)
 
 
-def apply_job(
-    record: JobRecord, version: int, base_model_hash: str | None, *, only_if_better: bool = False
-) -> Job:
-    params = ApplyAdapterParams(version, only_if_better=only_if_better)
-    return _job(record, JobKind.APPLY_ADAPTER, params, base_model_hash)
-
-
 def cancel_job(record: JobRecord, target_job_id: str, base_model_hash: str | None) -> Job:
     return _job(record, JobKind.CANCEL, CancelParams(target_job_id), base_model_hash)
 
@@ -112,11 +104,20 @@ def publication(stored: StoredAdapter, encoding: ArrayEncoding | str) -> Adapter
 
 
 def desired(
-    version: int | None, base_model_hash: str, cohort: str, *, only_if_better: bool = False
+    version: int | None,
+    base_model_hash: str,
+    cohort: str,
+    *,
+    only_if_better: bool = False,
+    offer: JobRecord | None = None,
 ) -> DesiredState:
+    """The retained pointer; with `offer`, also that APPLY_ADAPTER job (its id and deadline),
+    which the device answers with one terminal status."""
     return DesiredState(
         adapter_version=version,
         base_model_hash=base_model_hash,
         cohort=cohort,
         only_if_better=only_if_better,
+        job_id=None if offer is None else offer.job_id,
+        expires_at=None if offer is None else offer.deadline,
     )

@@ -8,11 +8,15 @@ device drops a repeat (a job by its id, an adapter by its version, the desired p
 state). A job that expired while it waited is dropped, not sent: the device would refuse it.
 
 Adapters are stored by reference (cohort, version, encoding) and read from the adapter store when
-handed out: a rollout to a thousand devices writes a thousand small rows, not the arrays.
+handed out: a rollout to a thousand devices writes a thousand small rows, not the arrays. So is
+the adapter a desired pointer carries inline: the row holds the pointer and the reference, and
+the pointer goes out with the adapter inside when it is at most INLINE_ADAPTER_MAX_BYTES (a
+larger one the device fetches).
 """
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import sqlite3
 from collections.abc import Callable, Iterable
@@ -21,13 +25,23 @@ from typing import cast
 
 from coordinator.outbound import DownlinkMessage, Outbound
 from coordinator.state_db import StateDB
-from shared.protocol import AdapterPublication, DecodeError, Job, decode, encode
+from shared.protocol import (
+    INLINE_ADAPTER_MAX_BYTES,
+    AdapterPublication,
+    DecodeError,
+    DesiredState,
+    Job,
+    adapter_wire_bytes,
+    decode,
+    encode,
+)
 from shared.protocol.envelope import new_message_id
 from shared.protocol.wire import Fields, pack, unpack
 
 log = logging.getLogger(__name__)
 
 ADAPTER_REF = "adapter_ref"
+DESIRED_WITH_ADAPTER = "desired_with_adapter"
 ENVELOPE = "envelope"
 HAND_OUT_LIMIT = 5_000  # rows per tick: a large rollout goes out over a few ticks
 
@@ -54,11 +68,19 @@ class AdapterRef:
 AdapterResolver = Callable[[AdapterRef], AdapterPublication | None]
 
 
+# Room in one publish for the pointer's own fields and the envelope around the inline adapter.
+POINTER_HEADROOM_BYTES = 2048
+
+
 class DurableOutbox:
-    def __init__(self, db: StateDB, sender: str, clock: Callable[[], float]) -> None:
+    def __init__(
+        self, db: StateDB, sender: str, clock: Callable[[], float], *, publish_limit: int
+    ) -> None:
         self._db = db
         self._sender = sender
         self._clock = clock
+        # A retained pointer must go out as one publish (a retained message is never chunked)
+        self._inline_max = min(INLINE_ADAPTER_MAX_BYTES, publish_limit - POINTER_HEADROOM_BYTES)
         self._handed_through = 0  # the highest seq handed out in this actor's life
         db.ensure_schema(_SCHEMA)
 
@@ -73,8 +95,15 @@ class DurableOutbox:
         self._insert(device_id, ENVELOPE, message_id, body)
 
     def add_adapter(self, device_id: str, ref: AdapterRef) -> None:
-        body = pack({"cohort": ref.cohort, "version": ref.version, "encoding": str(ref.encoding)})
+        body = pack(_ref_fields(ref))
         self._insert(device_id, ADAPTER_REF, new_message_id(), body)
+
+    def add_desired(self, device_id: str, pointer: DesiredState, ref: AdapterRef) -> None:
+        """A pointer that carries the referenced adapter inline, if it is small enough."""
+        message_id = new_message_id()
+        envelope = encode(pointer, sender=self._sender, message_id=message_id)
+        body = pack({**_ref_fields(ref), "pointer": envelope})
+        self._insert(device_id, DESIRED_WITH_ADAPTER, message_id, body)
 
     def _insert(self, device_id: str, form: str, message_id: str, body: bytes) -> None:
         self._db.execute(
@@ -94,8 +123,9 @@ class DurableOutbox:
         self._handed_through = rows[-1]["seq"]
         out, dropped = [], []
         resolve = _once_each(resolve)  # a rollout to many devices reads its version once
+        inline = _once_each(_inline(resolve, self._inline_max))
         for row in rows:
-            message = self._message(row, resolve)
+            message = self._message(row, resolve, inline)
             if message is None:
                 dropped.append(row["seq"])
                 continue
@@ -111,12 +141,15 @@ class DurableOutbox:
         (row,) = self._db.query("SELECT COUNT(*) AS n FROM outbox")  # COUNT(*): always one row
         return int(row["n"])
 
-    def _message(self, row: sqlite3.Row, resolve: AdapterResolver) -> DownlinkMessage | None:
+    def _message(
+        self, row: sqlite3.Row, resolve: AdapterResolver, inline: AdapterResolver
+    ) -> DownlinkMessage | None:
         where = f"outbox row {row['seq']} for {row['device_id']}"
         try:
+            if row["form"] == DESIRED_WITH_ADAPTER:
+                return _with_adapter(Fields(unpack(row["body"], max_bytes=65_536), where), inline)
             if row["form"] == ADAPTER_REF:
-                f = Fields(unpack(row["body"], max_bytes=4096), where)
-                ref = AdapterRef(f.text("cohort"), f.integer("version"), f.text("encoding"))
+                ref = _ref_from(Fields(unpack(row["body"], max_bytes=4096), where))
                 adapter = resolve(ref)
                 if adapter is None:
                     log.warning("%s: adapter %s v%d is gone; not sent", where, ref.cohort,
@@ -131,6 +164,39 @@ class DurableOutbox:
             log.info("%s: job %s expired before it could be sent", where, message.job_id)
             return None
         return message
+
+
+def _ref_fields(ref: AdapterRef) -> dict[str, object]:
+    return {"cohort": ref.cohort, "version": ref.version, "encoding": str(ref.encoding)}
+
+
+def _ref_from(f: Fields) -> AdapterRef:
+    return AdapterRef(f.text("cohort"), f.integer("version"), f.text("encoding"))
+
+
+def _inline(resolve: AdapterResolver, max_bytes: int) -> AdapterResolver:
+    """The publication if it may travel inside a pointer (None: gone, or too large)."""
+
+    def small_enough(ref: AdapterRef) -> AdapterPublication | None:
+        adapter = resolve(ref)
+        if adapter is None or adapter_wire_bytes(adapter) > max_bytes:
+            return None
+        return adapter
+
+    return small_enough
+
+
+def _with_adapter(f: Fields, inline: AdapterResolver) -> DesiredState:
+    """The stored pointer with its adapter inside, or as it is (the device fetches it)."""
+    pointer = cast(DesiredState, decode(f.blob("pointer")).message)
+    adapter = inline(_ref_from(f))
+    if adapter is None:
+        return pointer
+    try:
+        return dataclasses.replace(pointer, adapter=adapter)
+    except ValueError as err:  # not the version or base model the pointer names
+        log.error("pointer for v%s sent without its adapter: %s", pointer.adapter_version, err)
+        return pointer
 
 
 def _once_each(resolve: AdapterResolver) -> AdapterResolver:

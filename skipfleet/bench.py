@@ -69,6 +69,13 @@ def add_faults(targets) -> None:
     add("--outage", type=float, default=120.0, help="seconds of the agent's network outage")
     add("--seed", type=int, default=0)
     add("--skip-live", action="store_true", help="only the in-process trust scenarios")
+    add(
+        "--only-coordinators",
+        action="store_true",
+        help="only the two-coordinators scenarios (two `skipfleet coordinator` on one broker)",
+    )
+    add("--side-by-side", type=float, default=30.0,
+        help="seconds two coordinators with an account each run side by side")  # fmt: skip
     add("--work-dir", help="keep every log and state dir here (default: a temporary dir)")
     add("--json", metavar="OUT", help="write the results as JSON")
 

@@ -29,7 +29,7 @@ from agent.trainer.base_models import finetune
 from agent.trainer.cnn.finetune import pretrain_cnn
 from shared.mqtt import parse_broker_url
 from shared.protocol import encode
-from shared.protocol.enums import ArrayEncoding, JobKind, JobState, PresenceState
+from shared.protocol.enums import ArrayEncoding, JobKind, PresenceState
 from shared.protocol.messages import (
     EvaluateParams,
     FinetuneParams,
@@ -104,7 +104,7 @@ class AgentUnderTest:
         )
 
     def run_job(self, kind: JobKind, params) -> tuple[float, int]:
-        """(seconds from publish to SUCCEEDED, peak RSS seen while it ran)."""
+        """(seconds from publish to SUCCEEDED (a fine-tune's report), peak RSS meanwhile)."""
         job = Job(uuid.uuid4().hex, kind, params, expires_at=time.time() + WAIT_S)
         sent = self.probe.send_job("bench-dev", job)
         peak = 0
@@ -112,7 +112,7 @@ class AgentUnderTest:
         while time.monotonic() < deadline:
             peak = max(peak, rss_bytes(self.agent.pid)[0])
             try:
-                _, arrived = self.probe.job_status(job.job_id, JobState.SUCCEEDED, 0.05)
+                _, arrived = self.probe.job_succeeded(job.job_id, 0.05)
                 return arrived - sent, peak
             except TimeoutError:
                 continue

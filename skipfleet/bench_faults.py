@@ -4,7 +4,8 @@ of what each cost: reports lost, reports applied twice, honest devices harmed, t
 Trust scenarios (a poisoning device over N rounds, a 1e30 report, a silent device) run the
 coordinator's fleet state in this process with devices that train on real fan data
 (skipfleet.faults_trust); the others run real processes: the compose broker with its ACL and
-accounts, `skipfleet coordinator`, `skipfleet agent` (skipfleet.faults_live).
+accounts, `skipfleet coordinator`, `skipfleet agent` (skipfleet.faults_live), and two
+coordinators on one broker, with an account each and on one account (skipfleet.faults_coordinators).
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from skipfleet import faults_live, faults_trust
+from skipfleet import faults_coordinators, faults_live, faults_trust
 from skipfleet.faults_fleet import LiveFleet
 from skipfleet.faults_table import Row, render
 from skipfleet.faults_world import fan_world
@@ -70,21 +71,29 @@ def live_rows(args, world, workdir: Path) -> list[Row]:
     return rows
 
 
+def _rows(args, workdir: Path) -> list[Row]:
+    if args.only_coordinators:
+        return faults_coordinators.coordinators(workdir / "coordinators", args.side_by_side)
+    world = fan_world(Path(args.data_dir), args.devices + 1, seed=args.seed)
+    rows = trust_rows(args, world, workdir)
+    print(render(rows), flush=True)
+    if not args.skip_live:
+        rows += live_rows(args, world, workdir)
+        rows += faults_coordinators.coordinators(workdir / "coordinators", args.side_by_side)
+    return rows
+
+
 def main(args) -> int:
     started = time.monotonic()
     with tempfile.TemporaryDirectory(prefix="bench-faults-") as tmp:
         workdir = Path(args.work_dir) if args.work_dir else Path(tmp)
-        world = fan_world(Path(args.data_dir), args.devices + 1, seed=args.seed)
-        rows = trust_rows(args, world, workdir)
-        print(render(rows), flush=True)
-        if not args.skip_live:
-            try:
-                rows += live_rows(args, world, workdir)
-            except (RuntimeError, TimeoutError) as err:  # FaultsError, or a process that died
-                print(f"skipfleet bench faults: {err} (logs in {workdir})", file=sys.stderr)
-                if not args.work_dir:
-                    print("rerun with --work-dir DIR to keep them", file=sys.stderr)
-                return 1
+        try:
+            rows = _rows(args, workdir)
+        except (RuntimeError, TimeoutError) as err:  # FaultsError, or a process that died
+            print(f"skipfleet bench faults: {err} (logs in {workdir})", file=sys.stderr)
+            if not args.work_dir:
+                print("rerun with --work-dir DIR to keep them", file=sys.stderr)
+            return 1
     print()
     print(render(rows))
     result = {

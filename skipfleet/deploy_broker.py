@@ -70,19 +70,22 @@ SERVICES = compose_interpolate(
 MAKE_ACCOUNTS = DEPLOY / "mosquitto" / "make-accounts.sh"
 
 
-def make_accounts(n: int, directory: Path) -> dict[str, str]:
-    """Run make-accounts.sh; return the device and coordinator passwords by user name."""
+def make_accounts(n: int, directory: Path, coordinators: Iterable[str] = ()) -> dict[str, str]:
+    """Run make-accounts.sh (with --coordinator NAME for each of `coordinators`); return the
+    device and coordinator passwords by user name (`coordinator`, `coordinator-NAME`)."""
     if shutil.which("mosquitto_passwd") is None:
         raise BrokerError("mosquitto_passwd is not installed: run `make system-deps`")
+    options = [x for name in coordinators for x in ("--coordinator", name)]
     result = subprocess.run(
-        ["bash", str(MAKE_ACCOUNTS), str(n), str(directory)],
+        ["bash", str(MAKE_ACCOUNTS), *options, str(n), str(directory)],
         capture_output=True, text=True, timeout=30,
     )  # fmt: skip
     if result.returncode != 0:
         raise BrokerError(f"make-accounts.sh failed: {result.stderr}")
     lines = (directory / "device_passwords").read_text().splitlines()
     passwords = dict(line.split(":", 1) for line in lines)
-    passwords["coordinator"] = (directory / "coordinator_password").read_text().strip()
+    for path in directory.glob("coordinator*_password"):
+        passwords[path.name.removesuffix("_password")] = path.read_text().strip()
     return passwords
 
 
@@ -90,7 +93,8 @@ class DeployBroker:
     """mosquitto running deploy/mosquitto/mosquitto.conf, its container paths mapped into `root`.
 
     Only ports, paths and logging change; the ACLs and every other setting are the compose
-    broker's own. `passwd` is a mosquitto_passwd file (make_accounts writes one). `extra_lines`
+    broker's own. `passwd` is a mosquitto_passwd file, with the ACL `mosquitto_acl` beside it
+    (make_accounts writes both). `extra_lines`
     (another listener, say) are appended; the broker must then also listen on `extra_ports`.
     """
 
@@ -115,7 +119,7 @@ class DeployBroker:
             "persistence_location /mosquitto/data/": f"persistence_location {root / 'data'}/",
             "log_dest stdout": f"log_dest file {self.log_path}",
             "password_file /run/secrets/mosquitto_passwd": f"password_file {passwd}",
-            "acl_file /mosquitto/config/acl": f"acl_file {paths['/mosquitto/config/acl']}",
+            "acl_file /run/secrets/mosquitto_acl": f"acl_file {passwd.parent / 'mosquitto_acl'}",
             "acl_file /mosquitto/config/probe.acl": (
                 f"acl_file {paths['/mosquitto/config/probe.acl']}"
             ),

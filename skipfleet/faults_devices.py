@@ -25,6 +25,7 @@ from coordinator.ingest import Received
 from shared.protocol import (
     BASE_MODEL_VERSION,
     AdapterPublication,
+    DesiredState,
     Envelope,
     Heartbeat,
     Job,
@@ -103,8 +104,12 @@ class Device:
         if isinstance(message, AdapterPublication):
             self._decode(message)
             return []
+        if isinstance(message, DesiredState):  # the adapter inline, and the offer it makes
+            if message.adapter is not None:
+                self._decode(message.adapter)
+            message = message.apply_job()  # a plain pointer: the offers carry the same
         if not isinstance(message, Job):
-            return []  # desired-state pointers: the APPLY_ADAPTER jobs carry the same
+            return []
         handlers: dict[JobKind, Callable[[Job], list[Received]]] = {
             JobKind.FINETUNE: self.finetune,
             JobKind.EVALUATE: self.evaluate,
@@ -114,12 +119,12 @@ class Device:
         return [] if handler is None else self._answer(message, handler)
 
     def _answer(self, job: Job, handler) -> list[Received]:
-        started = self._received(JobStatus(job.job_id, JobState.IN_PROGRESS))
+        """Its end alone: a job that ends at once sends no IN_PROGRESS (agent/job_progress.py)."""
         try:
-            return [started, *handler(job)]
+            return handler(job)
         except KeyError as missing:  # a version it never received (or refused): the job fails
             failed = JobStatus(job.job_id, JobState.FAILED, reason=f"no version {missing}")
-            return [started, self._received(failed)]
+            return [self._received(failed)]
 
     def _decode(self, publication: AdapterPublication) -> None:
         model = self.world.model
@@ -164,10 +169,10 @@ class Device:
         ).adapter
         before = self.holdout_accuracy(p.start_version)
         after = measure(self.world.model, self.share.holdout.X, self.share.holdout.y, result)
-        report = self._report(
-            job, result.to_arrays(), len(self.share.train), before, after.accuracy
-        )
-        return [report, self._status(job)]
+        # the report is the job's SUCCEEDED: the agent sends no status after it
+        return [
+            self._report(job, result.to_arrays(), len(self.share.train), before, after.accuracy)
+        ]
 
     def _report(self, job, arrays, samples, before, after) -> Received:
         metrics = ReportMetrics(
@@ -216,7 +221,7 @@ class Liar(Device):
             name: -a * (self.PEAK / max(float(np.abs(a).max()), 1e-12))
             for name, a in honest.items()
         }
-        return [self._report(job, arrays, self.SAMPLES, 0.0, 1.0), self._status(job)]
+        return [self._report(job, arrays, self.SAMPLES, 0.0, 1.0)]
 
     def evaluate(self, job: Job) -> list[Received]:
         candidate = job.params.adapter_version not in (None, BASE_MODEL_VERSION, self.running)

@@ -15,7 +15,7 @@ from shared.mqtt import MqttSettings, connect_async, make_client
 from shared.protocol import DecodeError, Reassembler, decode, encode, encode_for_publish
 from shared.protocol.enums import JobState, PresenceState
 from shared.protocol.envelope import Envelope
-from shared.protocol.messages import Heartbeat, Job, JobStatus, Message, Presence
+from shared.protocol.messages import Heartbeat, Job, JobStatus, Message, Presence, Report
 from shared.topics import TopicKind, Topics
 
 Match = Callable[[str, Envelope, bool], bool]  # (topic, envelope, retained) -> wanted?
@@ -113,6 +113,21 @@ class FleetProbe:
             timeout,
             0,
         )
+        return envelope.message, arrival
+
+    def job_succeeded(self, job_id: str, timeout: float) -> tuple[Message, float]:
+        """The message that says a job SUCCEEDED (its status, or a fine-tune's report)."""
+
+        def succeeded(message: Message) -> bool:
+            if isinstance(message, Report):
+                return message.job_id == job_id
+            return (
+                isinstance(message, JobStatus)
+                and message.job_id == job_id
+                and message.state is JobState.SUCCEEDED
+            )
+
+        envelope, arrival = self._wait(lambda t, e, r: succeeded(e.message), timeout, 0)
         return envelope.message, arrival
 
     def presence(self, state: PresenceState, timeout: float, retained: bool | None = None):

@@ -19,6 +19,7 @@ from coordinator.scheduler import SchedulerPolicy
 from shared.mqtt import MqttSettings
 from shared.protocol import (
     AdapterOrigin,
+    DesiredState,
     Envelope,
     FetchRequest,
     Heartbeat,
@@ -179,22 +180,21 @@ class SimDevice:
         return self.received(FetchRequest(version))
 
     def finetune(self, job_id: str, **report: object) -> list[Received]:
-        """What an agent sends for a fine-tune job that succeeds."""
-        return [
-            self.status(job_id, JobState.IN_PROGRESS),
-            self.report(job_id, **report),
-            self.status(job_id, JobState.SUCCEEDED),
-        ]
+        """What an agent sends for a fine-tune job that succeeds soon: its report, which is its
+        SUCCEEDED (an IN_PROGRESS comes only from a job that runs or waits long)."""
+        return [self.report(job_id, **report)]
 
 
 def jobs_in(
     outbound: Iterable[Outbound], kind: JobKind | None = None, device: str | None = None
 ) -> list[tuple[str, Job]]:
-    """(device, job) for the job commands among outbound messages."""
-    return [
-        (o.device_id, o.message)
-        for o in outbound
-        if isinstance(o.message, Job)
-        and (kind is None or o.message.kind is kind)
-        and (device is None or o.device_id == device)
-    ]
+    """(device, job) for the job commands among outbound messages, the APPLY_ADAPTER jobs that
+    desired pointers offer included."""
+    found = []
+    for o in outbound:
+        job = o.message.apply_job() if isinstance(o.message, DesiredState) else o.message
+        if not isinstance(job, Job):
+            continue
+        if (kind is None or job.kind is kind) and (device is None or o.device_id == device):
+            found.append((o.device_id, job))
+    return found

@@ -10,6 +10,7 @@ import sqlite3
 import threading
 import time
 
+import numpy as np
 import pytest
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
@@ -27,7 +28,14 @@ from agent.uplink import Uplink
 from shared.mqtt import Will, connect_async, make_client, parse_broker_url
 from shared.protocol import decode, encode
 from shared.protocol.enums import JobKind, JobReason, JobState
-from shared.protocol.messages import DesiredState, EvaluateParams, Job, JobStatus
+from shared.protocol.messages import (
+    AdapterPublication,
+    DesiredState,
+    EvaluateParams,
+    Job,
+    JobStatus,
+    Lineage,
+)
 from shared.topics import Topics
 from skipfleet.fleet.base import CutMode
 from skipfleet.fleet.proxy import ProxyLoop
@@ -381,3 +389,20 @@ def test_a_real_step_of_the_coordinators_clock_is_believed_from_its_second_messa
     assert offset.offset() == pytest.approx(0.1)
     offset.observe(NOW + 120.1)
     assert offset.offset() == pytest.approx(-120.1)
+
+
+def test_an_adapter_carried_inline_by_the_pointer_is_in_the_inbox_before_the_pointer_is_judged(
+    tmp_path,
+):
+    runner = JobRunner({}, lambda status: None, JobHistory(tmp_path / "jobs.json"),
+                       base_model_hash="h")  # fmt: skip
+    inbox, seen = AdapterInbox(), []
+    downlink = Downlink(DEVICE, TOPICS, runner=runner, inbox=inbox,
+                        on_desired=lambda d: seen.append(inbox.get(3)))  # fmt: skip
+    arrays = {"delta1": np.zeros((4, 2), np.float32)}
+    adapter = AdapterPublication(3, "h", "fan-h", arrays, Lineage("r", (DEVICE,), "fedavg"), 1.0)
+    pointer = DesiredState(3, "h", "fan-h", adapter=adapter, job_id="apply-3", expires_at=NOW)
+    downlink.handle(TOPICS.cmd_desired(DEVICE), encode(pointer, sender="coordinator"))
+    (held,) = seen
+    assert held is not None and held.version == 3
+    np.testing.assert_array_equal(held.arrays["delta1"], arrays["delta1"])

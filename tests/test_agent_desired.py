@@ -17,6 +17,7 @@ from shared.protocol.messages import (
     EvaluateParams,
     FetchRequest,
     Job,
+    JobStatus,
     Lineage,
     RollbackAdapterParams,
 )
@@ -106,3 +107,26 @@ def test_a_large_adapter_arrives_in_chunks_and_is_applied(fleet, fan_files):  # 
     adapter = Adapter.from_arrays(dict(large.arrays), model.layer_input_dims, model.n_classes)
     assert detail["adapter_version"] == 6
     assert detail["accuracy"] == pytest.approx(model.accuracy(holdout.X, holdout.y, adapter))
+
+
+def test_a_retained_offer_with_its_adapter_inline_is_applied_and_answered_once(
+    fleet,
+    fan_files,  # noqa: F811
+):
+    start_agent, observer, _ = fleet
+    model = fan_files.model
+    offer = DesiredState(7, model.weights_hash, "default", adapter=publication(model, 7),
+                         job_id="apply-7", expires_at=time.time() + 600)  # fmt: skip
+    observer.send(TopicKind.CMD_DESIRED, offer, retain=True)  # there before the device
+    agent = start_agent(*FAST)
+    answer = observer.status_of("apply-7", JobState.SUCCEEDED)
+    assert answer.detail["installed"] is True and answer.detail["adapter_version"] == 7
+    observer.heartbeat(lambda beat: beat.adapter_version == 7)
+    agent.stop()
+    mark = observer.mark()
+    start_agent(*FAST)  # the retained offer again, at the next start: already answered
+    observer.heartbeat(lambda beat: beat.adapter_version == 7, after=mark)
+    observer.heartbeat(lambda beat: True, after=observer.mark())  # a beat later still nothing
+    mine = [e.message for _, e, _ in observer.messages(JobStatus) if e.message.job_id == "apply-7"]
+    assert [s.state for s in mine] == [JobState.SUCCEEDED]  # one status, no IN_PROGRESS
+    assert observer.messages(FetchRequest) == []  # the adapter came with the pointer

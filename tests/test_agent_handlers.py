@@ -71,6 +71,7 @@ class Device:
         )
         self.cancel = threading.Event()
         self.progress: list[float] = []
+        self.ended: list[int] = []  # messages sent when the handler said its job is ending
 
     def _answer_fetches(self) -> None:
         """Play the coordinator: a fetch request just spooled is answered from another
@@ -84,7 +85,8 @@ class Device:
                 self.answering.append(thread)
 
     def ctx(self):
-        return JobContext(cancel=self.cancel, progress=self.progress.append)
+        return JobContext(cancel=self.cancel, progress=self.progress.append,
+                          ending=lambda: self.ended.append(len(self.sent())))  # fmt: skip
 
     def sent(self):
         return [(item.topic, decode(item.payload)) for item in self.spool.pending(100)]
@@ -125,6 +127,8 @@ def test_finetune_reports_an_adapter_that_beats_the_base_model(device):
     assert detail["installed"] and detail["joules"] > 0
     assert detail["power_source"] == "model:generic"
     assert device.progress and device.progress[-1] == 1.0
+    assert outcome.reported  # the report is the job's SUCCEEDED: the runner sends no status
+    assert device.ended == [0]  # progress notices ended before the report went out
     ((topic, envelope),) = device.sent()
     report = envelope.message
     assert topic == "fleet/dev-1/report" and isinstance(report, Report)

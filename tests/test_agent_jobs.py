@@ -8,6 +8,7 @@ import threading
 import pytest
 
 from agent.job_history import JobHistory
+from agent.job_progress import ProgressNotice
 from agent.jobs import CancelResult, JobFailed, JobOutcome, JobRejected, JobRunner
 from shared.protocol.enums import JobKind, JobReason, JobState
 from shared.protocol.messages import (
@@ -16,6 +17,7 @@ from shared.protocol.messages import (
     EvaluateParams,
     FinetuneParams,
     Job,
+    JobStatus,
     RollbackAdapterParams,
 )
 
@@ -42,7 +44,7 @@ def cancel_job(job_id, target):
 
 
 class Harness:
-    def __init__(self, tmp_path, handlers=None, max_queued=2):
+    def __init__(self, tmp_path, handlers=None, max_queued=2, in_progress_after=0.0):
         self.statuses: queue.Queue = queue.Queue()
         self.clock = [NOW]
         self.gate = threading.Event()  # the blocking handler waits on this
@@ -56,6 +58,7 @@ class Harness:
             base_model_hash=HASH,
             max_queued=max_queued,
             progress_interval_seconds=0,
+            in_progress_after_seconds=in_progress_after,  # 0: every IN_PROGRESS, to follow it
             clock=lambda: self.clock[0],
         )
 
@@ -363,3 +366,108 @@ def test_a_task_error_reaches_its_future_and_stop_cancels_waiting_tasks(tmp_path
     h.runner.stop()
     assert waiting.cancelled()
     assert h.runner.run_between_jobs(lambda: "late").cancelled()
+
+
+def _started_harness(tmp_path, **options) -> Harness:
+    h = Harness(tmp_path, **options)
+    h.runner.start()
+    return h
+
+
+def test_a_job_that_ends_soon_after_it_arrived_sends_its_end_alone(tmp_path):
+    h = _started_harness(tmp_path, in_progress_after=5.0)
+    try:
+        h.gate.set()
+        h.runner.submit(finetune_job("quick"))
+        status = h.next_status()
+        assert (status.job_id, status.state) == ("quick", JobState.SUCCEEDED)
+        h.clock[0] += 60  # its notice was cancelled with its end: nothing comes later
+        assert h.runner.submit(evaluate_job("next")) is None
+        assert h.next_status().job_id == "next"
+        assert h.statuses.empty()
+    finally:
+        h.gate.set()
+        h.runner.stop()
+
+
+def test_a_job_that_waited_past_the_threshold_says_in_progress_when_it_starts(tmp_path):
+    h = _started_harness(tmp_path, in_progress_after=5.0)
+    try:
+        h.runner.submit(finetune_job("long"))
+        assert h.started.wait(5)
+        h.runner.submit(evaluate_job("behind"))
+        h.clock[0] += 6  # "behind" has waited 6 s when its turn comes
+        h.gate.set()
+        states = [(s.job_id, s.state) for s in (h.next_status() for _ in range(3))]
+        # "long" ran 6 s too: its progress went out before its end
+        assert states == [
+            ("long", JobState.IN_PROGRESS),
+            ("long", JobState.SUCCEEDED),
+            ("behind", JobState.IN_PROGRESS),
+        ]
+        assert h.next_status().state is JobState.SUCCEEDED
+    finally:
+        h.gate.set()
+        h.runner.stop()
+
+
+def test_a_job_still_running_past_the_threshold_says_in_progress_without_progress(tmp_path):
+    h = _started_harness(tmp_path, in_progress_after=0.1)  # the timer, on a silent handler
+    try:
+        h.runner.submit(finetune_job("waits"))
+        assert h.next_status() == JobStatus("waits", JobState.IN_PROGRESS, progress=0.0)
+        h.clock[0] += 1  # past the threshold on the runner's clock too: progress goes out
+        h.gate.set()
+        assert h.next_status().state is JobState.IN_PROGRESS  # its progress(0.5)
+        assert h.next_status().state is JobState.SUCCEEDED
+    finally:
+        h.gate.set()
+        h.runner.stop()
+
+
+def test_a_job_whose_record_said_succeeded_sends_no_status_and_is_remembered(tmp_path):
+    def reports(job, ctx):
+        return JobOutcome({"accuracy": 0.9}, reported=True)
+
+    h = _started_harness(tmp_path, handlers={JobKind.FINETUNE: reports}, in_progress_after=5.0)
+    try:
+        h.runner.submit(finetune_job("tuned"))
+        for _ in range(500):  # the worker records the end; nothing is sent
+            if h.history.get("tuned").state is JobState.SUCCEEDED:
+                break
+            threading.Event().wait(0.01)
+        assert h.history.get("tuned").state is JobState.SUCCEEDED
+        assert h.statuses.empty()
+    finally:
+        h.runner.stop()
+
+
+def test_an_offered_job_is_taken_once_and_never_when_expired(harness):
+    harness.gate.set()
+    assert harness.runner.take_offer(evaluate_job("offer")) is True
+    assert harness.next_status().state is JobState.IN_PROGRESS
+    assert harness.next_status().state is JobState.SUCCEEDED
+    assert harness.runner.take_offer(evaluate_job("offer")) is False  # re-delivered: no answer
+    expired = Job("late", JobKind.EVALUATE, EvaluateParams(), expires_at=NOW - 1)
+    assert harness.runner.take_offer(expired) is False
+    assert harness.statuses.empty() and not harness.runner.knows("late")
+
+
+def test_a_progress_notice_says_nothing_before_it_is_due_or_after_the_job_ended():
+    sent, now = [], [NOW]
+    notice = ProgressNotice("j", sent.append, arrived_at=NOW, after_s=5.0, interval_s=5.0,
+                            clock=lambda: now[0])  # fmt: skip
+    notice.progress(0.1)  # not due: 5 s after arrival
+    now[0] += 6
+    notice.progress(0.5)  # due: the first IN_PROGRESS, with the fraction
+    notice.progress(0.6)  # within the interval
+    now[0] += 5
+    notice.progress(0.9)
+    notice.end()
+    now[0] += 60
+    notice.progress(1.0)
+    notice.start()  # a late timer, or a start after the end: nothing
+    assert [(s.state, s.progress) for s in sent] == [
+        (JobState.IN_PROGRESS, 0.5),
+        (JobState.IN_PROGRESS, 0.9),
+    ]

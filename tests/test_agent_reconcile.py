@@ -269,3 +269,41 @@ def test_a_device_without_labels_takes_the_desired_version_as_is(tmp_path, unlab
     finally:
         d.reconciler.stop()
         d.runner.stop()
+
+
+def test_a_pointer_offering_a_job_goes_to_the_runner_and_its_re_delivery_is_reconciled(
+    tmp_path,
+    fan_files,  # noqa: F811
+):
+    d = Device(tmp_path, fan_files, FetchPolicy(retry_seconds=5.0, max_fetches=3))
+    taken = []
+
+    def take_offer(job):  # the runner's: a job id it has seen is not taken again
+        fresh = job.job_id not in {j.job_id for j in taken}
+        taken.append(job)
+        return fresh
+
+    d.reconciler = Reconciler(data=d.data, store=d.store, inbox=d.inbox,
+                              send_fetch=d.coordinator.fetch,
+                              between_jobs=d.runner.run_between_jobs, choice=d.choice,
+                              take_offer=take_offer, policy=FetchPolicy(5.0, 3))  # fmt: skip
+    d.runner.start()
+    d.reconciler.start()
+    try:
+        offer = DesiredState(7, d.hash, "default", True, job_id="apply-7", expires_at=2e9)
+        d.reconciler.offer(offer)
+        (job,) = taken
+        assert (job.job_id, job.params.adapter_version, job.params.only_if_better) == (
+            "apply-7",
+            7,
+            True,
+        )
+        time.sleep(0.2)  # the reconciler has nothing to do: the job does it
+        assert d.coordinator.asked() == [] and d.running() is None
+        d.coordinator.answers[7] = d.publication(7)
+        d.reconciler.offer(offer)  # re-delivered at a reconnect: reconciled here, unanswered
+        wait_until(lambda: d.coordinator.asked() == [7])
+        assert len(taken) == 2
+    finally:
+        d.reconciler.stop()
+        d.runner.stop()

@@ -38,7 +38,7 @@ def tls_broker(tmp_path_factory):
     lines = []
     for line in TLS_CONF.read_text().splitlines():
         line = line.replace("/mosquitto/certs/", f"{certs}/")
-        line = line.replace("/mosquitto/config/acl", str(DEPLOY / "mosquitto" / "acl"))
+        line = line.replace("/run/secrets/mosquitto_acl", str(root / "secrets" / "mosquitto_acl"))
         lines.append(f"listener {port} 127.0.0.1" if line == "listener 8883" else line)
     assert f"listener {port} 127.0.0.1" in lines, "tls.conf: expected one `listener 8883`"
     make_accounts(1, root / "secrets")

@@ -1,18 +1,34 @@
-"""A promotion sends each device the adapter before its retained desired pointer.
+"""A promotion sends each device one message: the retained pointer, its adapter inline.
 
-Found with the load generator (skipfleet.loadgen): with the pointer first, every agent had
-nothing to install yet, sent a FetchRequest, and the coordinator read the adapter from disk and
-published it once more per device: 1,000 extra requests, reads and publications per promotion
-of a 1,000-device cohort. The adapter is also read from the store once per distribution.
+Found with the load generator (skipfleet.loadgen): with the pointer before the adapter, every
+agent had nothing to install yet, sent a FetchRequest, and the coordinator read the adapter from
+disk and published it once more per device. Then the adapter, the apply job and the pointer went
+out as three messages; now the pointer carries the adapter (up to INLINE_ADAPTER_MAX_BYTES) and
+the offer (an APPLY_ADAPTER job id) in one. The adapter is read from the store once per
+distribution.
 """
 
 from __future__ import annotations
 
+import dataclasses
+
+import numpy as np
 import pytest
 
+from coordinator import outbox
 from coordinator.clock import ManualClock
+from coordinator.outbox import AdapterRef, DurableOutbox
 from coordinator.service import SCAN_INTERVAL_S, FleetService
-from shared.protocol import AdapterPublication, DesiredState, Job, JobKind, JobState
+from coordinator.state_db import StateDB
+from shared.protocol import (
+    AdapterPublication,
+    DesiredState,
+    Job,
+    JobKind,
+    JobState,
+    Lineage,
+    encode_for_publish,
+)
 from tests.coord_fleet_helpers import SimDevice, jobs_in, make_config
 
 DEVICES = ("pi-1", "pi-2", "pi-3")
@@ -46,7 +62,13 @@ def kinds_for(outbound, device: str) -> list[str]:
     return [names[type(o.message)] for o in outbound if o.device_id == device]
 
 
-def test_promotion_sends_the_adapter_then_the_job_then_the_pointer(tmp_path, clock):
+def pointer_for(outbound, device: str) -> DesiredState:
+    (pointer,) = [o.message for o in outbound if o.device_id == device]
+    assert isinstance(pointer, DesiredState)
+    return pointer
+
+
+def test_promotion_sends_each_device_one_pointer_with_the_adapter_and_the_offer(tmp_path, clock):
     service = FleetService(make_config(tmp_path), clock=clock)
     devices = [SimDevice(name, clock) for name in DEVICES]
     service.ingest([m for d in devices for m in (d.presence(), d.heartbeat())])
@@ -58,17 +80,62 @@ def test_promotion_sends_the_adapter_then_the_job_then_the_pointer(tmp_path, clo
     answer_canaries(service, devices, canary)  # promoted: distributed to the cohort
     outbound = service.tick()
     for device in DEVICES:
-        assert kinds_for(outbound, device) == ["adapter", "job", "desired"], device
+        pointer = pointer_for(outbound, device)  # one message, where there were three
+        assert pointer.adapter is not None and pointer.adapter.version == 1
+        offer = pointer.apply_job()
+        assert offer is not None and offer.params.only_if_better  # labelled: offered
+        assert service.fleet.jobs.require(offer.job_id).kind == JobKind.APPLY_ADAPTER.value
     assert len(reads) == 1  # one read of the version for the whole cohort
+    # the offer's one answer settles it, as an apply job's did
+    by_name = {d.device_id: d for d in devices}
+    for device, job in jobs_in(outbound, JobKind.APPLY_ADAPTER):
+        service.ingest([by_name[device].status(job.job_id, JobState.SUCCEEDED)])
+    assert {d["adapter_version"] for d in service.devices()} == {1}
 
 
-def test_a_device_caught_up_later_gets_the_adapter_before_the_pointer(tmp_path, clock):
+def test_a_device_caught_up_later_gets_the_pointer_with_the_adapter_and_an_offer(tmp_path, clock):
     service = FleetService(make_config(tmp_path), clock=clock)
     pi1, pi2 = SimDevice("pi-1", clock), SimDevice("pi-2", clock)
     service.ingest([pi1.presence(), pi1.heartbeat(), pi2.presence(), pi2.heartbeat()])
     service.ingest([pi2.presence(online=False)])
     answer_canaries(service, [pi1], to_canary(service, [pi1]))
-    assert kinds_for(service.tick(), "pi-2") == ["desired"]  # offline: the pointer only
+    away = pointer_for(service.tick(), "pi-2")  # offline: the pointer, no offer to answer
+    assert away.adapter is not None and away.apply_job() is None
     clock.advance(SCAN_INTERVAL_S)
     service.ingest([pi2.presence(), pi2.heartbeat()])
-    assert kinds_for(service.tick(), "pi-2") == ["adapter", "job", "desired"]
+    back = pointer_for(service.tick(), "pi-2")
+    assert back.adapter is not None and back.apply_job() is not None
+
+
+def test_an_adapter_over_the_inline_bound_is_left_for_the_device_to_fetch(
+    tmp_path, clock, monkeypatch
+):
+    monkeypatch.setattr(outbox, "INLINE_ADAPTER_MAX_BYTES", 64)
+    service = FleetService(make_config(tmp_path), clock=clock)
+    devices = [SimDevice(name, clock) for name in DEVICES]
+    service.ingest([m for d in devices for m in (d.presence(), d.heartbeat())])
+    answer_canaries(service, devices, to_canary(service, devices))
+    outbound = service.tick()
+    for device in DEVICES:
+        pointer = pointer_for(outbound, device)
+        assert pointer.adapter is None and pointer.apply_job() is not None
+    service.ingest([devices[0].fetch(1)])  # the device asks: the answer is the publication
+    (answer,) = service.tick()
+    assert isinstance(answer.message, AdapterPublication) and answer.message.version == 1
+
+
+@pytest.mark.parametrize(("publish_limit", "inline"), [(131_072, True), (4096, False)])
+def test_a_pointer_carries_its_adapter_only_if_the_whole_fits_one_publish(
+    tmp_path, clock, publish_limit, inline
+):
+    """A retained message is never chunked: a broker keeps only its last chunk."""
+    box = DurableOutbox(StateDB(tmp_path / "s.sqlite3"), "coordinator", clock,
+                        publish_limit=publish_limit)  # fmt: skip
+    arrays = {"delta1": np.ones((52, 20), np.float32)}  # 4.2 KB: over 4096 with the pointer
+    adapter = AdapterPublication(2, "b" * 64, "fan", arrays, Lineage("r", ("pi-1",), "m"), 1.0)
+    box.add_desired("pi-1", DesiredState(2, "b" * 64, "fan"), AdapterRef("fan", 2, "float32"))
+    (out,) = box.hand_out(lambda ref: adapter)
+    assert (out.message.adapter is not None) is inline
+    carrying = dataclasses.replace(out.message, adapter=adapter)
+    publishes = encode_for_publish(carrying, sender="coordinator", limit=publish_limit)
+    assert (len(publishes) == 1) is inline  # inline only where the whole is one publish

@@ -65,3 +65,17 @@ def test_only_the_same_devices_end_of_the_same_job_folds_a_status(clock):
         pi1.status("job-d", JobState.IN_PROGRESS),
     ]
     assert superseded(batch) == {0}
+
+
+def test_a_report_alone_ends_its_job_succeeded_and_folds_an_in_progress_before_it(tmp_path, clock):
+    service, pi1, _, job = one_job(tmp_path, clock)
+    started = pi1.status(job.job_id, JobState.IN_PROGRESS)
+    assert service.ingest([started, pi1.report(job.job_id)]) == 2
+    assert service.jobs()[0]["state"] == "SUCCEEDED"
+    assert transitions(service) == ["SUCCEEDED"]  # the report is the end: no status needed
+    assert superseded([started, pi1.report(job.job_id)]) == {0}
+    # an older agent's SUCCEEDED after its report changes nothing and is no error
+    service.ingest([pi1.status(job.job_id, JobState.SUCCEEDED)])
+    assert transitions(service) == []
+    rejected = [e for e in service.metrics_report().events if isinstance(e, MessageRejected)]
+    assert rejected == []

@@ -186,7 +186,10 @@ def test_invalid_reports_fail_their_job_and_are_counted(tmp_path, clock):
     wrong_shape = {"A1": np.ones((5, 2), np.float32), "B1": np.ones((2, 3), np.float32)}
     service.ingest([devices[2].report(jobs["pi-3"].job_id, arrays=wrong_shape)])
     states = {j["device_id"]: (j["state"], j["detail"]) for j in service.jobs()}
-    assert [states[d][0] for d in ("pi-1", "pi-2", "pi-3", "pi-4")] == ["FAILED"] * 3 + ["QUEUED"]
+    # a report taken is its job's SUCCEEDED
+    assert [states[d][0] for d in ("pi-1", "pi-2", "pi-3", "pi-4")] == ["FAILED"] * 3 + [
+        "SUCCEEDED"
+    ]
     assert "NaN" in states["pi-1"][1] and "base model" in states["pi-2"][1]
     assert "the cohort's is (12, 8, 8)" in states["pi-3"][1]
     assert events(service, MessageRejected).count(MessageRejected("invalid_report")) == 3

@@ -198,8 +198,9 @@ def test_secrets_come_from_compose_secrets_not_the_environment():
             assert secret in granted, (name, secret)
     assert used == set(declared)
     conf = (DEPLOY / "mosquitto" / "mosquitto.conf").read_text()
-    (secret,) = re.findall(r"^password_file /run/secrets/(\w+)$", conf, re.M)
-    assert secret in SERVICES["mosquitto"]["secrets"]
+    for setting in ("password_file", "acl_file"):
+        (secret,) = re.findall(rf"^{setting} /run/secrets/(\w+)$", conf, re.M)
+        assert secret in SERVICES["mosquitto"]["secrets"], setting
 
 
 def test_make_accounts_writes_exactly_the_compose_secrets(tmp_path):
@@ -217,6 +218,32 @@ def test_make_accounts_writes_exactly_the_compose_secrets(tmp_path):
     grown = make_accounts(3, secrets)
     assert {k: grown[k] for k in passwords} == passwords and "device-2" in grown
     assert run(["bash", str(MAKE_ACCOUNTS), "0", str(secrets)]).returncode == 64
+
+
+def test_make_accounts_gives_each_coordinator_instance_its_own_account_and_acl_block(tmp_path):
+    secrets = tmp_path / "secrets"
+    first = make_accounts(2, secrets, coordinators=["east"])
+    assert {"coordinator", "coordinator-east"} <= set(first)
+    mounted = (secrets / "mosquitto_acl").stat().st_ino
+    grown = make_accounts(2, secrets, coordinators=["west"])  # east is kept, not asked again
+    assert {k: grown[k] for k in first} == first and "coordinator-west" in grown
+    hashed = (secrets / "mosquitto_passwd").read_text().split()
+    assert {line.split(":")[0] for line in hashed} == {
+        "device-0", "device-1", "coordinator", "coordinator-east", "coordinator-west"
+    }  # fmt: skip
+    # Each coordinator account has exactly the template coordinator's grants, and nothing else
+    # of the template changes: mosquitto has no wildcard for user names.
+    template, made = acl_rules(MOSQUITTO_DIR / "acl"), acl_rules(secrets / "mosquitto_acl")
+    assert made == template | {
+        "coordinator-east": template["coordinator"],
+        "coordinator-west": template["coordinator"],
+    }
+    for path in secrets.iterdir():
+        assert stat.S_IMODE(path.stat().st_mode) == 0o444, path.name
+    # rewritten in place: compose's bind mount of the file sees the new ACL after a SIGHUP
+    assert (secrets / "mosquitto_acl").stat().st_ino == mounted
+    bad = run(["bash", str(MAKE_ACCOUNTS), "--coordinator", "East!", "2", str(secrets)])
+    assert bad.returncode == 64 and "--instance" in bad.stderr
 
 
 def test_state_lives_in_named_volumes():
@@ -684,7 +711,7 @@ def test_mosquitto_conf_authenticates_devices_and_persists_often():
     assert devices[0] == "listener 1883"
     assert "allow_anonymous false" in devices
     assert "password_file /run/secrets/mosquitto_passwd" in devices
-    assert "acl_file /mosquitto/config/acl" in devices
+    assert "acl_file /run/secrets/mosquitto_acl" in devices  # make-accounts.sh writes it
     # The anonymous probe listener is loopback only, with an ACL of its own, and not published.
     assert probe[0] == "listener 1880 127.0.0.1"
     assert "allow_anonymous true" in probe and "acl_file /mosquitto/config/probe.acl" in probe

@@ -14,6 +14,7 @@ import subprocess
 import sys
 import time
 import uuid
+from collections import Counter
 from pathlib import Path
 
 import numpy as np
@@ -52,6 +53,7 @@ from shared.protocol import (
     encode_for_publish,
 )
 from shared.protocol.enums import PresenceState
+from shared.topics import TopicKind
 from skipfleet.coordinator_process import ApiClient
 from skipfleet.loadgen.device import DeviceSettings, SimulatedDevice
 from skipfleet.loadgen.fleet import SimulatedFleet, split
@@ -191,10 +193,10 @@ def test_devices_are_split_evenly_over_processes():
 
 
 # -- jobs --------------------------------------------------------------------------------------
-def test_a_finetune_goes_in_progress_then_reports_then_succeeds(reference):
+def test_a_short_finetune_sends_its_report_alone_as_its_end(reference):
     bench = Bench(reference)
     job = bench.job(JobKind.FINETUNE, finetune_params())
-    assert bench.states(job.job_id) == [(JobState.IN_PROGRESS, None)]
+    assert bench.states(job.job_id) == []  # no IN_PROGRESS for a job done within 5 s
     assert bench.device.heartbeat().busy_job_id == job.job_id
     bench.timers.advance(SECONDS - 0.01)
     assert not bench.messages(Report)
@@ -205,11 +207,30 @@ def test_a_finetune_goes_in_progress_then_reports_then_succeeds(reference):
     assert report.metrics.accuracy_after == bench.evaluator.accuracy(report.adapter)
     assert report.metrics.finetune_seconds == SECONDS and report.metrics.rank == 4
     assert report.adapter["A1"].shape == (256, 4) and report.adapter["B3"].shape == (4, 3)
-    (done,) = [s for s in bench.statuses(job.job_id) if s.state is JobState.SUCCEEDED]
-    assert done.detail["installed"] is True and done.detail["samples"] == report.metrics.samples
+    assert bench.statuses(job.job_id) == []  # the report is its SUCCEEDED
+    assert bench.device.runner.history[job.job_id] is JobState.SUCCEEDED
     assert bench.installs == [(None, "finetune")]
     beat = bench.device.heartbeat()
     assert beat.adapter_version is None and beat.busy_job_id is None and beat.cache_bytes > 0
+
+
+def test_a_long_finetune_says_in_progress_5_s_after_it_arrived_then_every_5_s(reference):
+    bench = Bench(reference)
+    bench.device = SimulatedDevice(
+        DEVICE, 7, reference, bench.evaluator, DeviceSettings(device_seconds=12.0),
+        bench.timers, lambda *publish: bench.published.append(publish), boot_id="boot-1",
+    )  # fmt: skip
+    job = bench.job(JobKind.FINETUNE, finetune_params())
+    bench.timers.advance(4.9)
+    assert bench.states(job.job_id) == []
+    bench.timers.advance(0.2)
+    (started,) = bench.statuses(job.job_id)
+    assert started.state is JobState.IN_PROGRESS
+    bench.timers.advance(5.0)  # its progress, an interval later
+    assert [s.progress for s in bench.statuses(job.job_id)][1] == pytest.approx(10 / 12)
+    bench.timers.advance(2.0)
+    assert bench.states(job.job_id) == [(JobState.IN_PROGRESS, None)] * 2  # then the report
+    assert [r.job_id for r in bench.messages(Report)] == [job.job_id]
 
 
 def test_every_message_carries_the_boot_id_and_the_next_seq(reference):
@@ -221,7 +242,7 @@ def test_every_message_carries_the_boot_id_and_the_next_seq(reference):
     assert {e.boot_id for e in envelopes} == {"boot-1"}
     assert [e.seq for e in envelopes] == list(range(len(envelopes)))
     kinds = [type(e.message).__name__ for e in envelopes]
-    assert kinds == ["Presence", "Heartbeat", "JobStatus", "Report", "JobStatus"]
+    assert kinds == ["Presence", "Heartbeat", "Report"]  # a fine-tune: its report, nothing else
     status_topic, _, qos, retain = bench.published[0]
     assert status_topic == f"fleet/{DEVICE}/status" and (qos, retain) == (1, True)
     assert bench.published[1][2:] == (0, False)  # telemetry: QoS 0, not retained
@@ -325,11 +346,30 @@ def test_the_desired_pointer_is_fetched_and_installed_between_jobs(reference):
     bench.deliver("cmd/adapter", bench.publication(2))
     assert bench.installs == []  # a fine-tune runs: the install waits for it
     bench.timers.advance(SECONDS)
-    assert bench.states(running.job_id)[-1][0] is JobState.SUCCEEDED
+    assert [r.job_id for r in bench.messages(Report)] == [running.job_id]
     assert bench.installs == [(None, "finetune"), (2, "desired_state")]
     assert bench.device.heartbeat().adapter_version == 2
     bench.deliver("cmd/desired", DesiredState(2, "f" * 64, "default"))  # another base model
     assert bench.installs[-1] == (2, "desired_state") and len(bench.messages(FetchRequest)) == 1
+
+
+def test_a_pointer_offering_its_inline_adapter_is_one_apply_job_answered_once(reference):
+    bench = Bench(reference)
+    publication = bench.publication(5, perturbed(reference.arrays, 3))
+    offer = DesiredState(5, reference.base_model_hash, "default", adapter=publication,
+                         job_id="apply-5", expires_at=time.time() + 60)  # fmt: skip
+    bench.deliver("cmd/desired", offer)
+    (answer,) = bench.messages(JobStatus)  # one status back, no IN_PROGRESS, no fetch
+    assert (answer.job_id, answer.state) == ("apply-5", JobState.SUCCEEDED)
+    assert answer.detail["accuracy"] == bench.evaluator.accuracy(publication.arrays)
+    assert not bench.messages(FetchRequest) and bench.installs == [(5, "apply_adapter")]
+    bench.deliver("cmd/desired", offer)  # the retained copy at a reconnect: not answered again
+    assert len(bench.messages(JobStatus)) == 1 and len(bench.installs) == 1
+    lapsed = DesiredState(6, reference.base_model_hash, "default", job_id="apply-6",
+                          expires_at=time.time() - 1)  # fmt: skip
+    bench.deliver("cmd/desired", lapsed)  # an expired offer: reconciled, unanswered
+    assert bench.messages(FetchRequest) == [FetchRequest(6)]
+    assert len(bench.messages(JobStatus)) == 1
 
 
 def test_the_desired_pointer_asks_again_with_backoff_then_gives_up(reference):
@@ -512,3 +552,65 @@ def test_bench_coordinator_runs_end_to_end_on_three_devices(ray_session, data_di
     assert fleet["memory_idle"]["driver_rss_bytes"] > 0
     assert set(result["aggregation_micro"]["sizes"]) == {"10"}
     assert Path(tmp_path / "work" / "3" / "coordinator.log").exists()
+
+
+def round_messages(probe: FleetProbe, since: float) -> dict[str, Counter]:
+    """Per device: how many messages of each topic kind crossed the broker since `since`, live
+    (not retained copies), presence and telemetry left out (they are not the round's)."""
+    counts: dict[str, Counter] = {}
+    for item in list(probe.received):
+        device, kind = probe.topics.parse(item.topic)
+        if item.retained or item.arrival < since:
+            continue
+        if kind not in (TopicKind.STATUS, TopicKind.TELEMETRY):
+            counts.setdefault(device, Counter())[kind] += 1
+    return counts
+
+
+@pytest.mark.slow
+def test_one_round_costs_a_device_two_messages_each_way(ray_session, mosquitto, world, tmp_path):
+    """Trigger -> promoted adapter running: a fine-tune job and its report (its SUCCEEDED), the
+    retained pointer with the adapter inline and the offer, and the offer's one status. A canary
+    device has its two evaluations besides (two jobs, two statuses) and the candidate adapter.
+    Before: 5 in and 4 out for every device (IN_PROGRESS and SUCCEEDED per job, and the adapter,
+    the apply job and the pointer as three messages)."""
+    coordinator = Coordinator.start(coordinator_config(mosquitto.url, tmp_path / "coordinator"))
+    api = ApiClient(
+        f"http://127.0.0.1:{coordinator.api.port}", token_file=coordinator.config.token_path
+    )
+    fleet = SimulatedFleet(
+        mosquitto.url, world / "base.npz", [world / "device.npz"], 5, 1, tmp_path / "loadgen",
+        options=["--heartbeat-seconds", "1", "--device-seconds", "0.5", "--epochs", "10"],
+    )  # fmt: skip
+    probe = FleetProbe(parse_broker_url(mosquitto.url), "round-counter")
+    try:
+        assert probe.subscribed.wait(10)
+        fleet.start(60)
+        wait(lambda: sum(d["online"] and bool(d["cohort"]) for d in api.get("/devices")) == 5)
+        since = time.monotonic()
+        api.post("/finetune", {"all": True})
+        cohort = wait(lambda: next((c for c in api.get("/adapters")
+                                    if c["current_version"] is not None), None))  # fmt: skip
+        version = cohort["current_version"]
+        wait(lambda: all(d["adapter_version"] == version for d in api.get("/devices")))
+        wait(lambda: all(j["state"] == "SUCCEEDED" for j in api.get("/jobs?limit=1000")))
+        time.sleep(1.0)  # anything late would be counted too
+        counts = round_messages(probe, since)
+        assert sorted(counts) == fleet.device_ids
+        canaries = {d for d, c in counts.items() if c[TopicKind.CMD_ADAPTER]}
+        assert len(canaries) == 2  # canary fraction 0.4 of 5
+        for device, seen in counts.items():
+            extra = 2 if device in canaries else 0  # two evaluations: two jobs, two statuses
+            assert seen == Counter({
+                TopicKind.CMD_JOB: 1 + extra, TopicKind.CMD_DESIRED: 1,
+                TopicKind.CMD_ADAPTER: 1 if extra else 0,
+                TopicKind.REPORT: 1, TopicKind.JOB: 1 + extra,
+            }), device  # fmt: skip
+        per_device = sum(sum(c.values()) for c in counts.values()) / len(counts)
+        assert per_device == pytest.approx(4 + 2 * 5 / 5)  # 4 each, 5 more per canary
+        statuses = [e.message for _, e, _ in probe.messages(JobStatus)]
+        assert not [s for s in statuses if s.state is JobState.IN_PROGRESS]
+    finally:
+        probe.close()
+        fleet.stop()
+        coordinator.stop()

@@ -14,9 +14,11 @@ from shared.protocol import (
     DEVICE_SETTABLE,
     SCHEMA_VERSION,
     TERMINAL_STATES,
+    AdapterPublication,
     ApplyAdapterParams,
     CancelParams,
     DecodeError,
+    DesiredState,
     Envelope,
     FetchRequest,
     FinetuneParams,
@@ -33,12 +35,14 @@ from shared.protocol import (
     Report,
     ReportMetrics,
     RollbackAdapterParams,
+    adapter_wire_bytes,
     check_route,
     decode,
     encode,
     kind_of,
     topic_kind_for,
 )
+from shared.protocol.wire import unpack
 from shared.topics import TopicKind
 from tests.protocol_samples import BASE_HASH, assert_same, sample_messages
 
@@ -354,3 +358,54 @@ def test_a_float16_signature_arrives_as_float32_and_a_labelless_presence_says_so
     )
     assert unlabelled.labelled is False
     assert Presence(PresenceState.ONLINE, "b", "v", BASE_HASH, "c").labelled is None
+
+
+def _pointer(**fields):
+    base = {"adapter_version": 3, "base_model_hash": BASE_HASH, "cohort": "x"}
+    return DesiredState(**(base | fields))
+
+
+def test_a_pointer_that_offers_a_version_is_that_apply_job_and_a_plain_one_is_none():
+    offer = _pointer(only_if_better=True, job_id="job-9", expires_at=2e9)
+    job = offer.apply_job()
+    assert job is not None and (job.job_id, job.kind, job.expires_at) == (
+        "job-9",
+        JobKind.APPLY_ADAPTER,
+        2e9,
+    )
+    assert job.params == ApplyAdapterParams(3, only_if_better=True)
+    assert job.base_model_hash == BASE_HASH
+    assert _pointer().apply_job() is None
+
+
+@pytest.mark.parametrize(
+    "fields, says",
+    [
+        ({"job_id": "job-9"}, "come together"),
+        ({"expires_at": 2e9}, "come together"),
+        ({"adapter_version": None, "job_id": "job-9", "expires_at": 2e9}, "adapter_version"),
+        ({"adapter": "arrays"}, "AdapterPublication"),
+    ],
+)
+def test_a_malformed_offer_is_refused_at_construction(fields, says):
+    with pytest.raises(ValueError, match=says):
+        _pointer(**fields)
+
+
+def test_an_inline_adapter_must_be_the_version_and_base_model_the_pointer_names():
+    (publication,) = [m for m in sample_messages(0) if isinstance(m, AdapterPublication)]
+    with pytest.raises(ValueError, match="not 3"):
+        _pointer(adapter=publication)
+    other = dataclasses.replace(publication, version=3, base_model_hash="c" * 64)
+    with pytest.raises(ValueError, match="another base model"):
+        _pointer(adapter=other)
+    inline = _pointer(adapter=dataclasses.replace(publication, version=3))
+    assert adapter_wire_bytes(inline.adapter) < len(encode(inline, sender="coordinator"))
+
+
+def test_a_pointer_from_an_older_coordinator_decodes_as_a_plain_pointer():
+    wire = unpack(encode(_pointer(), sender="coordinator"), max_bytes=4096)
+    for name in ("adapter", "job_id", "expires_at"):
+        assert name not in wire["body"]  # left out when unset: older agents read it as before
+    decoded = decode(encode(_pointer(), sender="coordinator")).message
+    assert decoded == _pointer() and decoded.adapter is None and decoded.apply_job() is None

@@ -1,27 +1,47 @@
 #!/usr/bin/env bash
-# Create the fleet's MQTT accounts and the other compose secrets.
+# Create the fleet's MQTT accounts, the broker's ACL and the other compose secrets.
 #
-#   deploy/mosquitto/make-accounts.sh N [DIR]      (DIR defaults to deploy/secrets)
+#   deploy/mosquitto/make-accounts.sh [--coordinator NAME]... N [DIR]   (DIR: deploy/secrets)
 #
 # Writes, in DIR:
-#   mosquitto_passwd        hashed accounts device-0 .. device-(N-1) and coordinator (broker)
+#   mosquitto_passwd        hashed accounts device-0 .. device-(N-1), coordinator, and
+#                           coordinator-NAME for each --coordinator NAME (broker)
+#   mosquitto_acl           the ACL: deploy/mosquitto/acl plus, for each coordinator-NAME, the
+#                           grants of its `user coordinator` block (mosquitto has no user-name
+#                           wildcards, so each coordinator account gets its own block)
 #   device_passwords        `device-K:password` lines, plain text (the simulated agents)
-#   coordinator_password    the coordinator's password
+#   coordinator_password    the password of `coordinator`, the compose coordinator's account
+#   coordinator-NAME_password  the password of each further coordinator's account: one account
+#                           per coordinator, because the broker makes the account the client id
+#                           and two connections with one client id close each other
 #   grafana_admin_password  Grafana's admin password
+# NAME is the coordinator's --instance ([a-z0-9][a-z0-9-]{0,31}).
 # Running it again keeps every existing password and only adds missing accounts, so a fleet can
-# grow (N larger) without restarting the devices that already run. Passwords are 24 random
-# base64url characters. Hashing uses mosquitto_passwd, or the eclipse-mosquitto image if it is not
-# installed.
+# grow (N larger, another --coordinator) without restarting what already runs; coordinator
+# accounts made by an earlier run are kept. Passwords are 24 random base64url characters.
+# Hashing uses mosquitto_passwd, or the eclipse-mosquitto image if it is not installed.
 #
 # Permissions: DIR is 0700 (no other host user can enter it) and the files in it are 0444,
 # because compose bind-mounts file secrets with their host owner and mode (uid/gid/mode of the
-# long syntax are ignored for file secrets) and our containers run as non-root users.
+# long syntax are ignored for file secrets) and our containers run as non-root users. Files that
+# exist are rewritten in place: a bind mount holds the file's inode, so a replaced file would
+# stay invisible to a running broker that is told to reload (SIGHUP).
 set -euo pipefail
 
-usage="usage: $0 N [DIR]  (N >= 1 device accounts device-0 .. device-(N-1))"
+usage="usage: $0 [--coordinator NAME]... N [DIR]  (N >= 1 device accounts device-0 .. device-(N-1))"
+coordinators=()
+while [[ ${1:-} == --coordinator ]]; do
+  [[ ${2:-} =~ ^[a-z0-9][a-z0-9-]{0,31}$ ]] || {
+    echo "$0: --coordinator '${2:-}': use the coordinator's --instance, [a-z0-9-], at most 32" >&2
+    exit 64
+  }
+  coordinators+=("coordinator-$2")
+  shift 2
+done
 [[ ${1:-} =~ ^[0-9]+$ ]] && ((10#$1 >= 1)) || { echo "$usage" >&2; exit 64; }
 n=$((10#$1))
 dir=${2:-"$(cd "$(dirname "$0")/.." && pwd)/secrets"}
+template=$(dirname "$0")/acl
 
 umask 077
 mkdir -p "$dir"
@@ -43,12 +63,31 @@ done >"$tmp/device_passwords"
 awk -F: -v n="$n" '!($1 ~ /^device-[0-9]+$/ && substr($1, 8) + 0 < n)' "$old" \
   >>"$tmp/device_passwords"
 
-for name in coordinator_password grafana_admin_password; do
+# Coordinator accounts: the compose one, those asked for, and those an earlier run made.
+for path in "$dir"/coordinator-*_password; do
+  [[ -f $path ]] && coordinators+=("$(basename "$path" _password)")
+done
+accounts=(coordinator $(printf '%s\n' ${coordinators[@]+"${coordinators[@]}"} | sort -u))
+secrets=(mosquitto_passwd mosquitto_acl device_passwords grafana_admin_password)
+for account in "${accounts[@]}"; do secrets+=("${account}_password"); done
+
+for name in "${secrets[@]:3}"; do
   if [[ -s $dir/$name ]]; then cp "$dir/$name" "$tmp/$name"; else new_password >"$tmp/$name"; fi
 done
 
+# The template's grants for `coordinator`, repeated for each further coordinator account.
+grants=$(awk '/^user /{on = ($2 == "coordinator"); next} on && /^topic /' "$template")
+[[ -n $grants ]] || { echo "$0: $template has no \`user coordinator\` block" >&2; exit 70; }
+{
+  cat "$template"
+  for account in "${accounts[@]:1}"; do printf '\nuser %s\n%s\n' "$account" "$grants"; done
+} >"$tmp/mosquitto_acl"
+
 # mosquitto_passwd -U hashes a plain `user:password` file in place (one call for any N).
-{ cat "$tmp/device_passwords"; echo "coordinator:$(<"$tmp/coordinator_password")"; } >"$tmp/mosquitto_passwd"
+{
+  cat "$tmp/device_passwords"
+  for account in "${accounts[@]}"; do echo "$account:$(<"$tmp/${account}_password")"; done
+} >"$tmp/mosquitto_passwd"
 if command -v mosquitto_passwd >/dev/null 2>&1; then
   mosquitto_passwd -U "$tmp/mosquitto_passwd"
 elif command -v docker >/dev/null 2>&1; then
@@ -59,8 +98,12 @@ else
   exit 69
 fi
 
-for name in mosquitto_passwd device_passwords coordinator_password grafana_admin_password; do
-  chmod 0444 "$tmp/$name"
-  mv -f "$tmp/$name" "$dir/$name"
+for name in "${secrets[@]}"; do
+  if [[ -f $dir/$name ]]; then
+    chmod u+w "$dir/$name" && cat "$tmp/$name" >"$dir/$name"
+  else
+    mv "$tmp/$name" "$dir/$name"
+  fi
+  chmod 0444 "$dir/$name"
 done
-echo "$(grep -c . "$dir/device_passwords") device accounts + coordinator in $dir"
+echo "$(grep -c . "$dir/device_passwords") device accounts + ${accounts[*]} in $dir"

@@ -5,7 +5,8 @@
 #
 #   deploy/tls/make-certs.sh DIR BROKER_HOST NAME...
 #
-# NAME: device ids ([a-z0-9-]{1,64}) and `coordinator` (the ACL's reserved account).
+# NAME: device ids ([a-z0-9-]{1,64}) and `coordinator`, `coordinator-NAME` (the ACL's coordinator
+# accounts: deploy/mosquitto/make-accounts.sh --coordinator NAME writes their ACL blocks).
 # Writes, in DIR (0700; keys 0600, certificates 0644):
 #   ca.key ca.crt                 the fleet CA (kept on the operator's machine: it signs devices)
 #   broker.key broker.crt         for BROKER_HOST (a DNS name or an IP address)

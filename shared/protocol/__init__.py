@@ -24,6 +24,7 @@ from shared.protocol.chunking import (
 )
 from shared.protocol.codec import (
     MAX_MESSAGE_BYTES,
+    adapter_wire_bytes,
     decode,
     encode,
     encode_envelope,
@@ -45,6 +46,7 @@ from shared.protocol.envelope import SCHEMA_VERSION, Envelope, kind_of, new_mess
 from shared.protocol.errors import DecodeError, EncodeError, ProtocolError, ReassemblyError
 from shared.protocol.messages import (
     BASE_MODEL_VERSION,
+    INLINE_ADAPTER_MAX_BYTES,
     AdapterPublication,
     ApplyAdapterParams,
     CancelParams,
@@ -72,6 +74,7 @@ __all__ = [
     "DEFAULT_CHUNK_LIMIT",
     "DEVICE_KINDS",
     "DEVICE_SETTABLE",
+    "INLINE_ADAPTER_MAX_BYTES",
     "MAX_MESSAGE_BYTES",
     "SCHEMA_VERSION",
     "TERMINAL_STATES",
@@ -109,6 +112,7 @@ __all__ = [
     "ReportMetrics",
     "RollbackAdapterParams",
     "SenderReassemblers",
+    "adapter_wire_bytes",
     "array_from_wire",
     "array_to_wire",
     "check_route",

@@ -364,21 +364,35 @@ def adapter_from_wire(f: Fields) -> AdapterPublication:
 
 # --- DesiredState, FetchRequest, Chunk ----------------------------------------------------
 def desired_to_wire(m: DesiredState) -> WireMap:
-    return {
+    wire: WireMap = {
         "adapter_version": m.adapter_version,
         "base_model_hash": m.base_model_hash,
         "cohort": m.cohort,
         "only_if_better": m.only_if_better,
     }
+    if m.adapter is not None:
+        wire["adapter"] = adapter_to_wire(m.adapter)
+    if m.job_id is not None:
+        wire["job_id"], wire["expires_at"] = m.job_id, m.expires_at
+    return wire
 
 
 def desired_from_wire(f: Fields) -> DesiredState:
+    adapter = f.mapping("adapter", optional=True)
     return DesiredState(
         adapter_version=f.integer("adapter_version", optional=True),
         base_model_hash=f.text("base_model_hash"),
         cohort=f.text("cohort"),
         only_if_better=bool(f.boolean("only_if_better", optional=True)),
+        adapter=None if adapter is None else adapter_from_wire(Fields(adapter, "inline adapter")),
+        job_id=f.text("job_id", optional=True),
+        expires_at=f.number("expires_at", optional=True),
     )
+
+
+def adapter_wire_bytes(publication: AdapterPublication) -> int:
+    """The encoded size of an adapter inside a pointer (see INLINE_ADAPTER_MAX_BYTES)."""
+    return len(pack(adapter_to_wire(publication)))
 
 
 def fetch_to_wire(m: FetchRequest) -> WireMap:

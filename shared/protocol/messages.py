@@ -366,9 +366,22 @@ class AdapterPublication:
         _enum(self.encoding, ArrayEncoding, "encoding")
 
 
+# An adapter travels inside the retained pointer only up to this size (its encoded arrays,
+# lineage and metadata): the broker keeps one retained pointer per device, and a retained
+# message is never chunked. Larger ones are fetched (FetchRequest, answered on `cmd/adapter`).
+INLINE_ADAPTER_MAX_BYTES = 32 * 1024
+
+
 @dataclass(frozen=True)
 class DesiredState:
-    """Retained on `cmd/desired`: which adapter the device should run (None: the base model)."""
+    """Retained on `cmd/desired`: which adapter the device should run (None: the base model).
+
+    With `adapter`, the version itself comes along (a device need not fetch it). With `job_id`,
+    the pointer is also an offer the device answers: an APPLY_ADAPTER job of that id (see
+    `apply_job`), run while the offer has not expired and the device has not seen that id yet;
+    its one terminal JobStatus is the answer. A pointer without a job id, or one the device
+    already answered (re-delivered at every reconnect), is reconciled without an answer.
+    """
 
     adapter_version: int | None
     base_model_hash: str
@@ -376,12 +389,40 @@ class DesiredState:
     # The device's own choice: take the version only if it measures strictly better on the
     # device's hold-out than what it runs (a device with labels); otherwise take it as is.
     only_if_better: bool = False
+    adapter: AdapterPublication | None = field(default=None, compare=False)
+    job_id: str | None = None
+    expires_at: float | None = None  # unix seconds: when the offer (not the pointer) lapses
 
     def __post_init__(self) -> None:
         _optional(checks.integer, self.adapter_version, "adapter_version")
         checks.token(self.base_model_hash, "base_model_hash")
         checks.token(self.cohort, "cohort")
         checks.boolean(self.only_if_better, "only_if_better")
+        if self.adapter is not None:
+            self._check_adapter(self.adapter)
+        _optional(checks.token, self.job_id, "job_id")
+        _optional(checks.number, self.expires_at, "expires_at", 0.0)
+        if (self.job_id is None) != (self.expires_at is None):
+            raise ValueError("job_id and expires_at come together")
+        if self.job_id is not None and self.adapter_version is None:
+            raise ValueError("an offer (job_id) needs an adapter_version")
+
+    def _check_adapter(self, adapter: AdapterPublication) -> None:
+        if not isinstance(adapter, AdapterPublication):
+            raise ValueError("adapter must be an AdapterPublication")
+        if adapter.version != self.adapter_version:
+            raise ValueError(f"adapter is version {adapter.version}, not {self.adapter_version}")
+        if adapter.base_model_hash != self.base_model_hash:
+            raise ValueError("adapter is for another base model than the pointer")
+
+    def apply_job(self) -> Job | None:
+        """The APPLY_ADAPTER job this pointer offers (None: a plain pointer)."""
+        if self.job_id is None or self.expires_at is None or self.adapter_version is None:
+            return None
+        params = ApplyAdapterParams(self.adapter_version, only_if_better=self.only_if_better)
+        return Job(
+            self.job_id, JobKind.APPLY_ADAPTER, params, self.expires_at, self.base_model_hash
+        )
 
 
 @dataclass(frozen=True)

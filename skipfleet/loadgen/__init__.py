@@ -9,8 +9,10 @@ What is real, exactly as the agent does it:
 - presence: retained `online` after every CONNACK, a retained `offline` Last Will (with a will
   delay), `offline` published before a clean disconnect;
 - heartbeats with the agent's fields; the job life cycle (admission checks, one job at a time,
-  IN_PROGRESS then SUCCEEDED / FAILED / REJECTED, cancel on arrival); reports; evaluate, apply
-  and rollback jobs; the retained desired pointer, FetchRequest and AdapterPublication;
+  SUCCEEDED / FAILED / REJECTED with IN_PROGRESS only for a job unfinished 5 s after it
+  arrived, a report as its fine-tune's SUCCEEDED, cancel on arrival); evaluate, apply and
+  rollback jobs; the retained desired pointer with its adapter inline and its offer answered
+  as an APPLY_ADAPTER job, FetchRequest and AdapterPublication;
 - the numbers: every process fine-tunes ONE real Skip2-LoRA adapter (agent.trainer.finetune) on
   real device data at start, and every accuracy a simulated device sends is a real hold-out
   evaluation of the adapter it names.

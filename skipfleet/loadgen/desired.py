@@ -5,7 +5,8 @@ model alone (the adapter kept for rollback). Otherwise the version is taken from
 slots or its inbox, or asked for with a FetchRequest, each wait drawn in [d/2, d] for
 d = retry × 2^k (at most 600 s), at most `max_fetches` requests; the install waits for the job
 runner to be between jobs. A newer pointer replaces one still being fetched; the same pointer
-re-delivered meanwhile is ignored.
+re-delivered meanwhile is ignored. A pointer offering a job the device has not seen (and not
+expired) goes to the job runner as that APPLY_ADAPTER job instead, as the agent's.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ import numpy as np
 
 from agent.reconcile import FetchPolicy
 from agent.trainer.errors import AdapterError
-from shared.protocol.messages import DesiredState, FetchRequest
+from shared.protocol.messages import DesiredState, FetchRequest, Job
 from skipfleet.loadgen.adapters import AdapterSlots, Installed
 from skipfleet.loadgen.reference import Evaluator
 from skipfleet.loadgen.timing import Cancellable, Timers
@@ -58,6 +59,7 @@ class DesiredReconciler:
         send_fetch: Callable[[FetchRequest], None],
         between_jobs: Callable[[Callable[[], None]], None],
         on_install: Callable[[int | None, str], None],
+        take_offer: Callable[[Job], bool],
         policy: FetchPolicy,
         rng: random.Random,
     ) -> None:
@@ -68,16 +70,22 @@ class DesiredReconciler:
         self._send_fetch = send_fetch
         self._between_jobs = between_jobs
         self._on_install = on_install
+        self._take_offer = take_offer
         self._policy = policy
         self._rng = rng
         self._work: _Work | None = None
 
     def offer(self, desired: DesiredState) -> None:
         """A pointer arrived (retained at subscribe, or live)."""
+        offered = desired.apply_job()
+        taken = offered is not None and self._take_offer(offered)
         if self._work is not None:
-            if self._work.desired == desired:
+            if self._work.desired == desired and not taken:
                 return  # re-delivered while being worked on: carry on
             self._work.stop()
+            self._work = None
+        if taken:
+            return  # the apply job does the work, and answers
         self._work = _Work(desired)
         self._step(self._work)
 

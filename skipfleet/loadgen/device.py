@@ -120,7 +120,7 @@ class SimulatedDevice:
         self.desired = DesiredReconciler(
             base_model_hash=reference.base_model_hash, slots=self.slots, evaluator=evaluator,
             timers=timers, send_fetch=self.send, between_jobs=self.runner.between_jobs,
-            on_install=installed,
+            on_install=installed, take_offer=self.runner.take_offer,
             policy=FetchPolicy(settings.desired_retry_s, settings.desired_max_fetches),
             rng=self._rng,
         )  # fmt: skip
@@ -224,6 +224,8 @@ class SimulatedDevice:
         elif isinstance(message, AdapterPublication):
             self.slots.put(message)
         elif isinstance(message, DesiredState):
+            if message.adapter is not None:  # carried inline: nothing to fetch
+                self.slots.put(message.adapter)
             self.desired.offer(message)
 
 

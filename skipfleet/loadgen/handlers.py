@@ -1,9 +1,10 @@
 """What each job kind does on a simulated device (the agent's agent.handlers, without training).
 
-A fine-tune waits the configured device seconds on a timer (progress every 5 s, as the agent),
-then reports the process's reference adapter perturbed for this device and job, with real
-hold-out accuracies. Evaluate, apply and rollback do what the agent does, with real accuracies;
-a version the device does not hold is asked for with a FetchRequest and waited for.
+A fine-tune waits the configured device seconds on a timer (its progress every 5 s, sent as the
+agent's is: skipfleet.loadgen.jobs), then reports the process's reference adapter perturbed for
+this device and job, with real hold-out accuracies; the report is its SUCCEEDED. Evaluate,
+apply and rollback do what the agent does, with real accuracies; a version the device does not
+hold is asked for with a FetchRequest and waited for.
 """
 
 from __future__ import annotations
@@ -17,25 +18,23 @@ import numpy as np
 
 from agent.learner import InvalidMethod, check_method
 from agent.trainer.errors import AdapterError
-from shared.protocol.enums import JobKind, JobReason, JobState
+from shared.protocol.enums import JobKind, JobReason
 from shared.protocol.messages import (
     BASE_MODEL_VERSION,
     AdapterPublication,
     FetchRequest,
-    JobStatus,
     Message,
     Report,
     ReportMetrics,
 )
 from skipfleet.loadgen.adapters import AdapterSlots, Installed
 from skipfleet.loadgen.energy import ENERGY_SCOPE, SimulatedEnergy
-from skipfleet.loadgen.jobs import Handler, RunningJob
+from skipfleet.loadgen.jobs import PROGRESS_INTERVAL_S, Handler, RunningJob
 from skipfleet.loadgen.reference import Evaluator, ReferenceRun, device_samples, perturbed
 from skipfleet.loadgen.timing import Every, Timers
 
 log = logging.getLogger(__name__)
 
-PROGRESS_INTERVAL_S = 5.0  # the agent's progress statuses while a fine-tune runs
 Arrays = Mapping[str, np.ndarray]
 OnInstall = Callable[[int | None, str], None]  # (version, how) whenever the running one changes
 
@@ -100,9 +99,8 @@ class SimHandlers:
         done = self._timers.call_later(seconds, lambda: self._finetuned(run, before, seconds))
         started = self._timers.time()
 
-        def report_progress() -> None:  # as the agent: IN_PROGRESS with the fraction done
-            fraction = min(1.0, (self._timers.time() - started) / max(seconds, 1e-9))
-            self._send(JobStatus(run.job.job_id, JobState.IN_PROGRESS, progress=fraction))
+        def report_progress() -> None:  # as the agent's trainer: the fraction done
+            run.progress((self._timers.time() - started) / max(seconds, 1e-9))
 
         progress = Every(self._timers, PROGRESS_INTERVAL_S, report_progress)
 
@@ -137,12 +135,13 @@ class SimHandlers:
             rank=int(arrays["A1"].shape[1]),  # the arrays' rank, whatever the job asked
         )
         parent = running.version if running else None
-        self._send(Report(run.job.job_id, arrays, metrics, parent_adapter_version=parent))
         self.last_cache_bytes = self._reference.cache_bytes
         installed = after >= before  # as the agent: only if not worse on its hold-out
         if installed:
             self._slots.install(Installed(None, arrays, after, "finetune"))
             self._on_install(None, "finetune")
+        # last, as the agent: the report is the job's SUCCEEDED, and no status follows it
+        self._send(Report(run.job.job_id, arrays, metrics, parent_adapter_version=parent))
         run.succeed(
             {
                 "accuracy_before": before,
@@ -153,7 +152,8 @@ class SimHandlers:
                 "energy_scope": ENERGY_SCOPE,
                 "seconds": seconds,
                 "samples": samples,
-            }
+            },
+            reported=True,
         )
 
     # ---- evaluate, apply, roll back

@@ -2,10 +2,13 @@
 
 The same rules as the agent (docs/agent.md, "Jobs"): checks on arrival answered REJECTED
 (expired, duplicate id, another base model, queue full); at most `max_queued` wait; one runs at
-a time, IN_PROGRESS when it starts, then SUCCEEDED, FAILED or REJECTED; a CANCEL is carried out
-on arrival and never queued. Nothing blocks: a handler may end its job later (a timer, an
-adapter to wait for) through the RunningJob it is given. Tasks given to `between_jobs` (the
-desired-state installs) run before the next job starts, never during one.
+a time, then SUCCEEDED, FAILED or REJECTED (a fine-tune's report is its SUCCEEDED); IN_PROGRESS
+only for a job unfinished IN_PROGRESS_AFTER_S after it arrived (agent/job_progress.py), then its
+progress at most every PROGRESS_INTERVAL_S; a CANCEL is carried out on arrival and never
+queued; a desired pointer's offer is taken as its APPLY_ADAPTER job unless seen or expired.
+Nothing blocks: a handler may end its job later (a timer, an adapter to wait for) through the
+RunningJob it is given. Tasks given to `between_jobs` (the desired-state installs) run before
+the next job starts, never during one.
 """
 
 from __future__ import annotations
@@ -25,6 +28,10 @@ from skipfleet.loadgen.timing import Timers
 
 log = logging.getLogger(__name__)
 
+# The agent's defaults (--in-progress-after-seconds, JobRunner's progress interval)
+IN_PROGRESS_AFTER_S = 5.0
+PROGRESS_INTERVAL_S = 5.0
+
 
 @dataclass(eq=False)
 class RunningJob:
@@ -36,6 +43,9 @@ class RunningJob:
     finished: bool = False
     cancel_hooks: list[Callable[[], None]] = field(default_factory=list)
     end_hooks: list[Callable[[], None]] = field(default_factory=list)
+    in_progress_due: float = 0.0  # loop time from which IN_PROGRESS may go out
+    in_progress_sent: float | None = None  # loop time of the last one
+    fraction: float = 0.0
 
     def on_cancel(self, hook: Callable[[], None]) -> None:
         """Runs (on the next loop turn) if a CANCEL job targets this one while it runs."""
@@ -45,8 +55,14 @@ class RunningJob:
         """Runs when the job ends, however it ends (stop its timers here)."""
         self.end_hooks.append(hook)
 
-    def succeed(self, detail: Mapping[str, Scalar] | None = None) -> None:
-        self.runner.end(self, JobState.SUCCEEDED, detail=detail)
+    def progress(self, fraction: float) -> None:
+        """The fraction done: an IN_PROGRESS if due and the last is an interval old."""
+        self.fraction = min(1.0, max(0.0, fraction))
+        self.runner.say_in_progress(self, throttle=True)
+
+    def succeed(self, detail: Mapping[str, Scalar] | None = None, reported: bool = False) -> None:
+        """`reported`: the handler's report went out, and says SUCCEEDED itself."""
+        self.runner.end(self, JobState.SUCCEEDED, detail=detail, sent=reported)
 
     def fail(self, code: JobReason, reason: str) -> None:
         self.runner.end(self, JobState.FAILED, code, reason)
@@ -76,6 +92,7 @@ class SimJobRunner:
         self._max_queued = max_queued
         self._wall = wall
         self.history: dict[str, JobState] = {}  # job id -> last state (the agent's JobHistory)
+        self._arrived: dict[str, float] = {}  # queued job id -> loop time it arrived
         self._queue: collections.deque[Job] = collections.deque()
         self._tasks: collections.deque[Callable[[], None]] = collections.deque()
         self.running: RunningJob | None = None
@@ -94,8 +111,16 @@ class SimJobRunner:
             self._carry_out_cancel(job)
         else:
             self.history[job.job_id] = JobState.QUEUED
+            self._arrived[job.job_id] = self._timers.time()
             self._queue.append(job)
             self._next()
+
+    def take_offer(self, job: Job) -> bool:
+        """A desired pointer's APPLY_ADAPTER job, submitted unless seen before or expired."""
+        if job.job_id in self.history or job.is_expired(self._wall()):
+            return False
+        self.submit(job)
+        return True
 
     def reject(self, job_id: str, code: JobReason, message: str) -> None:
         """A job command that could not be decoded, but whose id could be read."""
@@ -114,13 +139,14 @@ class SimJobRunner:
         code: JobReason | None = None,
         reason: str | None = None,
         detail: Mapping[str, Scalar] | None = None,
+        sent: bool = False,
     ) -> None:
         if run.finished:
             return  # a late timer after a cancel already ended it
         run.finished = True
         for hook in run.end_hooks:
             hook()
-        self._finish(run.job, state, code, reason, detail)
+        self._finish(run.job, state, code, reason, detail, sent=sent)
         if self.running is run:
             self.running = None
         self._next()
@@ -144,16 +170,34 @@ class SimJobRunner:
             if not self._queue:
                 return
             job = self._queue.popleft()
+            arrived = self._arrived.pop(job.job_id, self._timers.time())
             if job.is_expired(self._wall()):
                 self._finish(job, JobState.REJECTED, JobReason.EXPIRED, "expired while queued")
                 continue
-            self._start(job)
+            self._start(job, arrived)
 
-    def _start(self, job: Job) -> None:
-        run = RunningJob(job, self)
+    def say_in_progress(self, run: RunningJob, *, throttle: bool = False) -> None:
+        """IN_PROGRESS, if the job runs still and is due (`throttle`: an interval after the
+        last; without it, only the first: the timer's)."""
+        now = self._timers.time()
+        if run.finished or now < run.in_progress_due:
+            return
+        last = run.in_progress_sent
+        if last is not None and (not throttle or now - last < PROGRESS_INTERVAL_S):
+            return
+        run.in_progress_sent = now
+        self._emit(JobStatus(run.job.job_id, JobState.IN_PROGRESS, progress=run.fraction))
+
+    def _start(self, job: Job, arrived: float) -> None:
+        run = RunningJob(job, self, in_progress_due=arrived + IN_PROGRESS_AFTER_S)
         self.running = run
         self.history[job.job_id] = JobState.IN_PROGRESS
-        self._emit(JobStatus(job.job_id, JobState.IN_PROGRESS))
+        delay = run.in_progress_due - self._timers.time()
+        if delay <= 0:  # it waited that long behind another job
+            self.say_in_progress(run)
+        else:
+            timer = self._timers.call_later(delay, lambda: self.say_in_progress(run))
+            run.on_end(timer.cancel)
         try:
             self._handlers[job.kind](run)
         except Exception as err:  # a bug in a handler fails its job, as in the agent
@@ -167,9 +211,11 @@ class SimJobRunner:
         code: JobReason | None = None,
         reason: str | None = None,
         detail: Mapping[str, Scalar] | None = None,
+        sent: bool = False,
     ) -> JobStatus:
         assert state in TERMINAL_STATES
         self.history[job.job_id] = state
+        self._arrived.pop(job.job_id, None)
         status = JobStatus(
             job.job_id,
             state,
@@ -178,7 +224,8 @@ class SimJobRunner:
             reason_code=code,
             detail=dict(detail or {}),
         )
-        self._emit(status)
+        if not sent:
+            self._emit(status)
         return status
 
     # ---- cancel
