@@ -442,7 +442,8 @@ def test_memory_by_role_names_the_driver_rays_programs_and_its_workers():
         assert _roles(children) == expected
         by_role = memory_by_role(os.getpid())
         assert by_role["driver"].processes == 1 and by_role["driver"].pss_bytes > 0
-        assert by_role["ray worker"].processes == 1 and by_role["raylet"].processes == 1
+        # at least: a Ray session fixture of this test process adds its own
+        assert by_role["ray worker"].processes >= 1 and by_role["raylet"].processes >= 1
     finally:
         os.killpg(children[0].pid, signal.SIGKILL)
         for child in children:
