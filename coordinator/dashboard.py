@@ -26,6 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+from coordinator.heap import HeapTrimmer
+
 log = logging.getLogger(__name__)
 
 STATIC_DIR = Path(__file__).parent / "static"
@@ -146,8 +148,14 @@ def _thin(points: list[Point], most: int) -> list[Point]:
 class HistorySampler:
     """Calls `sample` every `interval` seconds in a daemon thread, until stopped."""
 
-    def __init__(self, sample: Callable[[], object], interval: float = SAMPLE_S) -> None:
+    def __init__(
+        self,
+        sample: Callable[[], object],
+        interval: float = SAMPLE_S,
+        heap: HeapTrimmer | None = None,
+    ) -> None:
         self._sample, self._interval = sample, interval
+        self._heap = heap or HeapTrimmer()  # each sample is a fleet-wide view, freed after it
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dashboard-history", daemon=True)
 
@@ -166,6 +174,7 @@ class HistorySampler:
                 self._sample()
             except Exception as err:  # the fleet state is away a moment: the next sample will do
                 log.debug("dashboard history sample failed: %s", err)
+            self._heap.maybe_trim()
             self._stop.wait(self._interval)
 
 

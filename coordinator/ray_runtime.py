@@ -30,6 +30,7 @@ from coordinator.aggregate_task import (
 )
 from coordinator.aggregation import AdapterShape, FitFailure, FitResult
 from coordinator.config import CoordinatorConfig
+from coordinator.heap import HeapTrimmer
 from coordinator.ingest import Received
 from coordinator.instance import InstanceConflict
 from coordinator.observations import MetricsReport
@@ -164,6 +165,7 @@ class FleetActor:
             level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
         self._service = FleetService(config, aggregator=RayAggregator())
+        self._heap = HeapTrimmer()
 
     def ingest(self, batch: list[Received]) -> int:
         return self._service.ingest(batch)
@@ -199,7 +201,9 @@ class FleetActor:
 
     @ray.method(concurrency_group="health")
     def metrics_report(self) -> MetricsReport:
-        return self._service.metrics_report()
+        report = self._service.metrics_report()
+        self._heap.maybe_trim()  # asked every few seconds: the last fleet-wide views are freed
+        return report
 
     def close(self) -> None:
         """Closes the state DB (checkpointing its WAL) before the actor is killed."""
