@@ -6,7 +6,9 @@ adapter publications (possibly chunked) to the adapter inbox, desired-state poin
 reconciler (agent.reconcile), the adapter a pointer carries inline to the inbox first. Each
 command's sent time feeds the clock offset estimate (agent.clock_offset) before the command is
 judged. A job command that cannot be accepted is answered with a REJECTED status whenever its
-job id can be read, so the coordinator learns why instead of waiting for a timeout.
+job id can be read, so the coordinator learns why instead of waiting for a timeout. A job id
+seen before is the coordinator asking again: agent.repeats answers it (the kept result of a
+finished job) before the runner.
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from collections.abc import Callable
 from agent.adapter_inbox import AdapterInbox
 from agent.clock_offset import ClockOffset
 from agent.jobs import JobRunner
+from agent.repeats import RepeatedJobs
 from shared.protocol import DEFAULT_CHUNK_LIMIT, DecodeError, Reassembler, check_route, decode
 from shared.protocol.enums import JobReason
 from shared.protocol.envelope import Envelope
@@ -66,6 +69,7 @@ class Downlink:
         on_desired: Callable[[DesiredState], None] = lambda desired: None,
         reassembler: Reassembler | None = None,
         clock_offset: ClockOffset | None = None,
+        repeats: RepeatedJobs | None = None,
     ):
         self._device_id = device_id
         self._topics = topics
@@ -74,6 +78,7 @@ class Downlink:
         self._on_desired = on_desired
         self._reassembler = reassembler or Reassembler(max_in_flight=4)
         self._clock_offset = clock_offset or ClockOffset()
+        self._repeats = repeats
         self.dropped = 0  # undecodable commands without a readable job id
 
     def handle(self, topic: str, payload: bytes, retained: bool = False) -> None:
@@ -87,7 +92,7 @@ class Downlink:
             self._refuse(err)
             return
         if envelope is not None:
-            self._dispatch(envelope)
+            self._dispatch(envelope, retained)
 
     def _decode(self, kind: TopicKind, payload: bytes, retained: bool) -> Envelope | None:
         def observe(envelope: Envelope) -> None:
@@ -104,10 +109,11 @@ class Downlink:
         self.dropped += 1
         log.warning("dropping an undecodable command: %s", err)
 
-    def _dispatch(self, envelope: Envelope) -> None:
+    def _dispatch(self, envelope: Envelope, retained: bool = False) -> None:
         message = envelope.message
         if isinstance(message, Job):
-            self._runner.submit(message)
+            if not self._answered_repeat(message):
+                self._runner.submit(message)
         elif isinstance(message, AdapterPublication):
             log.info("adapter version %d received", message.version)
             self._inbox.put(message)
@@ -115,4 +121,10 @@ class Downlink:
             log.info("coordinator desires adapter version %s", message.adapter_version)
             if message.adapter is not None:  # carried inline: nothing to fetch
                 self._inbox.put(message.adapter)
+            offered = message.apply_job()
+            if offered is not None and not retained:  # sent now, not the broker's stored copy:
+                self._answered_repeat(offered)  # its offer may be the coordinator asking again
             self._on_desired(message)
+
+    def _answered_repeat(self, job: Job) -> bool:
+        return self._repeats is not None and self._repeats.answer(job)

@@ -58,6 +58,11 @@ class JobHistory:
         with self._lock:
             return self._records.get(job_id)
 
+    def expiry_of(self, job_id: str) -> float | None:
+        """The job's expires_at; None for a job this device never accepted."""
+        record = self.get(job_id)
+        return None if record is None else record.expires_at
+
     def record(self, job_id: str, expires_at: float, state: JobState) -> None:
         """Remember a job (on acceptance) or its new state; written to disk before returning."""
         with self._lock:

@@ -25,10 +25,12 @@ from agent.handlers import JobHandlers
 from agent.health import HealthFile
 from agent.job_history import JobHistory
 from agent.jobs import JobRunner
+from agent.kept_results import KeptResults
 from agent.local_data import LocalData
 from agent.meters import EnergyMeter
 from agent.outbox import Outbox
 from agent.reconcile import FetchPolicy, Reconciler
+from agent.repeats import RepeatedJobs
 from agent.simulation import DriftTrigger, SensorStream
 from agent.spool import Spool
 from agent.startup import (
@@ -90,7 +92,12 @@ class Agent:
         topics = Topics(c.topic_root)
         # The outbox publishes through the transport, built last; the lambda binds it late.
         outbox = Outbox(spool, lambda item: transport.publish_spooled(item))
-        uplink = Uplink(c.device_id, topics, spool, boot_id=new_boot_id(), on_spooled=outbox.notify)
+        # Job expiry is the coordinator's clock: judged on its estimate, not on the device's.
+        offset = ClockOffset()
+        history = JobHistory(state / "jobs.json", clock=offset.coordinator_now)
+        kept = KeptResults(spool, history.expiry_of, clock=offset.coordinator_now)
+        uplink = Uplink(c.device_id, topics, spool, boot_id=new_boot_id(),
+                        on_spooled=outbox.notify, keeper=kept)  # fmt: skip
         inbox = AdapterInbox()
         choice = OwnChoice(store, DeclinedVersions(state / "adapters" / "declined.json"))
         handlers = JobHandlers(
@@ -102,12 +109,11 @@ class Agent:
             choice=choice,
             fetch_timeout_seconds=c.fetch_timeout_seconds,
         )
-        # Job expiry is the coordinator's clock: judged on its estimate, not on the device's.
-        offset = ClockOffset()
+        send_status = status_sender(uplink, lambda *publish: transport.publish_direct(*publish))
         runner = JobRunner(
             handlers.table(),
-            status_sender(uplink, lambda *publish: transport.publish_direct(*publish)),
-            JobHistory(state / "jobs.json", clock=offset.coordinator_now),
+            send_status,
+            history,
             base_model_hash=model.weights_hash,
             max_queued=c.max_queued_jobs,
             in_progress_after_seconds=c.in_progress_after_seconds,
@@ -130,6 +136,7 @@ class Agent:
             inbox=inbox,
             on_desired=reconciler.offer,
             clock_offset=offset,
+            repeats=RepeatedJobs(history, kept, uplink, send_status),
         )
         # the window the calibration's thresholds hold for (agent/drift.py's, unless the model
         # was calibrated for another)

@@ -18,6 +18,12 @@ from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from enum import IntEnum
 from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
+# Work done in the transaction that spools a message (agent.kept_results keeps a job's result
+# beside it): spooled and kept together, or neither.
+AlsoInTransaction = Callable[[sqlite3.Connection], None]
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS outbox (
@@ -112,14 +118,18 @@ class Spool:
         priority: Priority,
         qos: int = 1,
         retain: bool = False,
+        also: AlsoInTransaction | None = None,
     ) -> list[int] | None:
-        """Store the pieces of one message (chunks) all or none: half a report is no report."""
+        """Store the pieces of one message (chunks) all or none: half a report is no report.
+        `also` runs in the same transaction (its failure spools nothing)."""
         if any(len(p) > self._max_bytes for p in payloads):
             raise ValueError(f"a payload exceeds the spool's {self._max_bytes} bytes")
         with self._lock:
             self._db.execute("BEGIN IMMEDIATE")
             try:
                 ids = [self._insert(topic, p, priority, qos, retain) for p in payloads]
+                if also is not None:
+                    also(self._db)
             except _NoRoom:
                 self._db.execute("ROLLBACK")
                 refused = priority is not Priority.TELEMETRY
@@ -164,6 +174,19 @@ class Spool:
                 return False
             self._db.execute("DELETE FROM outbox WHERE id = ?", oldest)
             self._bump(Counter.DROPPED_TELEMETRY)
+
+    def run(self, work: Callable[[sqlite3.Connection], T]) -> T:
+        """`work` on the spool's database in one transaction of its own (for tables kept beside
+        the outbox: agent.kept_results)."""
+        with self._lock:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                result = work(self._db)
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+            self._db.execute("COMMIT")
+            return result
 
     def pending(self, limit: int, exclude: Collection[int] = ()) -> list[SpoolItem]:
         """The oldest messages not in `exclude` (those already handed to the broker), in order."""

@@ -3,7 +3,8 @@
 The receiver drops duplicates by (device, boot id, seq): the outbox may deliver a message twice
 (a PUBACK lost with the connection), never zero times while the spool holds it. The boot id is
 random per process start, so sequence numbers can restart at 0 without colliding with the last
-boot's, even if the state dir was wiped.
+boot's, even if the state dir was wiped. A job's result (report, terminal status) is kept as
+spooled (agent.kept_results), so a re-sent copy carries the same (boot id, seq) as the first.
 """
 
 from __future__ import annotations
@@ -13,6 +14,7 @@ import threading
 import uuid
 from collections.abc import Callable
 
+from agent.kept_results import KeptPublish, KeptResults
 from agent.spool import Priority, Spool
 from shared.mqtt import check_publish_size
 from shared.protocol import DEFAULT_CHUNK_LIMIT, Outgoing, encode_for_publish, kind_of
@@ -35,6 +37,7 @@ class Uplink:
         boot_id: str,
         chunk_limit: int = DEFAULT_CHUNK_LIMIT,
         on_spooled: Callable[[], None] = lambda: None,
+        keeper: KeptResults | None = None,
     ):
         self.device_id = device_id
         self.boot_id = boot_id
@@ -42,6 +45,7 @@ class Uplink:
         self._spool = spool
         self._chunk_limit = chunk_limit
         self._on_spooled = on_spooled
+        self._keeper = keeper
         self._seq = itertools.count()
         self._seq_lock = threading.Lock()
 
@@ -71,5 +75,19 @@ class Uplink:
         topic, kind = self.topic_for(message)
         priority = Priority.TELEMETRY if kind is TopicKind.TELEMETRY else Priority.RECORD
         payloads = [item.payload for item in self.encode(message)]
-        self._spool.put_all(topic, payloads, priority=priority, qos=kind.qos)
+        keeper = self._keeper
+        keep = keeper.keeping(message, topic, payloads, kind.qos) if keeper else None
+        self._spool.put_all(topic, payloads, priority=priority, qos=kind.qos, also=keep)
+        self._on_spooled()
+
+    def send_again(self, kept: list[KeptPublish]) -> None:
+        """Spool kept publishes again as they are (their stamps unchanged: applied once);
+        raises SpoolFull if the spool has no room for them."""
+        start = 0
+        for end in range(1, len(kept) + 1):  # consecutive publishes on one topic: one put
+            if end == len(kept) or kept[end].topic != kept[start].topic:
+                payloads = [item.payload for item in kept[start:end]]
+                self._spool.put_all(kept[start].topic, payloads, priority=Priority.RECORD,
+                                    qos=kept[start].qos)  # fmt: skip
+                start = end
         self._on_spooled()

@@ -9,7 +9,8 @@ Outbound: a control thread ticks the fleet state every tick_interval_s and publi
 durable outbox hands out (jobs with an expiry, adapters chunked under the publish limit, the
 retained desired pointer); the broker's PUBACKs go back with the next tick, and only then are the
 rows deleted (coordinator.delivery, coordinator.outbox). It applies the fleet's metrics every
-metrics_interval_s.
+metrics_interval_s. A connection without a session (the broker lost it: restarted before its
+autosave) has the fleet state ask every open job again before the next tick (coordinator.reask).
 """
 
 from __future__ import annotations
@@ -179,6 +180,7 @@ class MqttBridge:
         self._stopping = threading.Event()
         self._wake = threading.Event()  # device messages committed: tick soon
         self._connected = threading.Event()
+        self._session_lost = threading.Event()  # set on paho's thread, handled by the ticks
         # Derived from the state dir's resolved path: read once, not on every publish.
         self._client_id = config.client_id
         self._client = client_factory(config.mqtt, self._client_id, manual_ack=True)
@@ -291,7 +293,11 @@ class MqttBridge:
         self._acks.connected()
         client.subscribe(self._topics.coordinator_subscriptions())
         self._connected.set()
-        log.info("connected to %s", self._config.mqtt.url)
+        log.info("connected to %s (session present: %s)", self._config.mqtt.url,
+                 flags.session_present)  # fmt: skip
+        if not flags.session_present:
+            self._session_lost.set()
+            self._wake.set()
 
     def _handle_disconnect(
         self,
@@ -464,6 +470,7 @@ class MqttBridge:
 
     def _publish_handed_out(self) -> bool:
         """One tick; True if it handed out messages (more work is likely to follow soon)."""
+        self._reask_if_session_lost()
         self._settled.extend(self._published.settled())
         acknowledged = list(self._settled)
         handed_out = self._port.tick(acknowledged)
@@ -474,6 +481,19 @@ class MqttBridge:
                 self._unpublished = waiting[index:]  # in order, from this one, next tick
                 return True
         return bool(handed_out)
+
+    def _reask_if_session_lost(self) -> None:
+        """After a connection without a session: the open jobs' commands into the outbox, so
+        this tick hands them out. If the fleet state does not answer, asked at the next tick."""
+        if not self._session_lost.is_set():
+            return
+        self._session_lost.clear()  # before asking: a later reconnect sets it again
+        try:
+            asked = self._port.reask_open_jobs()
+        except BaseException:
+            self._session_lost.set()
+            raise
+        log.info("no MQTT session on the broker: %d open jobs asked again", asked)
 
 
 def _also(first: Callable[..., None] | None, then: Callable[[], None]) -> Callable[..., None]:

@@ -22,6 +22,7 @@ from coordinator.jobs import Job, JobTable
 from coordinator.observations import EventLog, JobTransition, MessageRejected, failure_reason
 from coordinator.outbound import DownlinkMessage, Outbound, publication
 from coordinator.outbox import AdapterRef, DurableOutbox
+from coordinator.reask import JobCommands
 from coordinator.registry import DeviceRecord, FleetRegistry
 from coordinator.reports import ReportStore
 from coordinator.rollout import RolloutManager
@@ -32,6 +33,7 @@ from coordinator.scheduler import FineTuneScheduler, SkipReason
 from coordinator.seen import SeenMessages
 from coordinator.state_db import StateDB
 from shared.protocol import AdapterPublication, DesiredState
+from shared.protocol import Job as JobCommand
 
 log = logging.getLogger(__name__)
 
@@ -88,6 +90,7 @@ class Fleet:
     runs: RunBook
     outbox: DurableOutbox
     seen: SeenMessages
+    job_commands: JobCommands
     events: EventLog = field(default_factory=EventLog)
 
     @classmethod
@@ -124,13 +127,28 @@ class Fleet:
             runs=RunBook(db, config.federation),
             outbox=DurableOutbox(db, config.client_id, clock, publish_limit=config.chunk_limit),
             seen=SeenMessages(db, clock),
+            job_commands=JobCommands(db, config.client_id, clock),
         )
 
     # ---- side channels
 
     def send(self, device_id: str, message: DownlinkMessage) -> None:
-        """Into the durable outbox, in the caller's transaction (see coordinator.outbox)."""
+        """Into the durable outbox, in the caller's transaction (see coordinator.outbox); a
+        job's command is also remembered, to be sent again (coordinator.reask)."""
         self.outbox.add(device_id, message)
+        if isinstance(message, JobCommand | DesiredState):
+            self.job_commands.remember(device_id, message)
+
+    def reask(self, device_id: str | None = None) -> int:
+        """Sends the commands of the open jobs of a device (None: of every device) again, in
+        the caller's transaction; returns how many (coordinator.reask says when and why)."""
+        asked = self.job_commands.of(self.jobs.active(device_id))
+        for device, command in asked:
+            if isinstance(command, DesiredState):
+                self.send_desired(device, command)  # the pointer whose offer is the job
+            else:
+                self.outbox.add(device, command)
+        return len(asked)
 
     def send_adapter(self, device_id: str, cohort: str, version: int) -> None:
         """A stored adapter version, by reference (read from the store when handed out)."""
@@ -139,10 +157,11 @@ class Fleet:
     def send_desired(self, device_id: str, pointer: DesiredState) -> None:
         """The retained pointer, with its version's adapter inline when small enough."""
         if pointer.adapter_version is None:
-            self.outbox.add(device_id, pointer)
+            self.send(device_id, pointer)
             return
         ref = AdapterRef(pointer.cohort, pointer.adapter_version, self.config.encoding.value)
         self.outbox.add_desired(device_id, pointer, ref)
+        self.job_commands.remember(device_id, pointer)
 
     def hand_out(self) -> list[Outbound]:
         return self.outbox.hand_out(self._resolve_adapter)

@@ -84,6 +84,12 @@ class MessageHandler:
                 log.info("device %s joined cohort %s", device, record.cohort)
                 self._distributor.on_registered(record)
         f.registry.set_presence(device, message.state is PresenceState.ONLINE, at=at)
+        if message.state is PresenceState.ONLINE:
+            # A new connection (a repeated presence never gets here: coordinator.seen), after
+            # the device subscribed: what a crashed broker lost can be asked for again now.
+            asked = f.reask(device)
+            if asked:
+                log.info("%s is online: its %d open jobs asked again", device, asked)
 
     def _heartbeat(self, device: str, beat: Heartbeat, at: float) -> None:
         signature = None if beat.signature is None else beat.signature.astype("<f4").tobytes()

@@ -31,6 +31,10 @@ class FleetPort(Protocol):
         """acknowledged: outbox rows the broker acknowledged (see coordinator.outbox)."""
         ...
 
+    def reask_open_jobs(self) -> int:
+        """The bridge's session was lost: every open job's command again (coordinator.reask)."""
+        ...
+
     def metrics_report(self) -> MetricsReport: ...
 
     def request_finetune(
@@ -69,6 +73,10 @@ class LocalFleetPort:
     def tick(self, acknowledged: Sequence[int] = ()) -> list[Outbound]:
         with self._lock:
             return self.service.tick(acknowledged)
+
+    def reask_open_jobs(self) -> int:
+        with self._lock:
+            return self.service.reask_open_jobs()
 
     def metrics_report(self) -> MetricsReport:
         with self._lock:

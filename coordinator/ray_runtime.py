@@ -173,6 +173,9 @@ class FleetActor:
     def tick(self, acknowledged: list[int]) -> list[Outbound]:
         return self._service.tick(acknowledged)
 
+    def reask_open_jobs(self) -> int:
+        return self._service.reask_open_jobs()
+
     def request_finetune(
         self, devices: list[str] | None, cohort: str | None, all_: bool
     ) -> dict[str, Any]:
@@ -300,6 +303,10 @@ class RayFleetPort:
     def tick(self, acknowledged: Sequence[int] = ()) -> list[Outbound]:
         outbound: list[Outbound] = self._call(self.actor.tick, list(acknowledged))
         return outbound
+
+    def reask_open_jobs(self) -> int:
+        asked: int = self._call(self.actor.reask_open_jobs)
+        return asked
 
     def metrics_report(self) -> MetricsReport:
         report: MetricsReport = self._call(self.actor.metrics_report)

@@ -128,9 +128,16 @@ class FleetService:
             self._pipeline.trigger_automatically()
             self._distributor.reconcile()
             f.seen.prune()
+            f.job_commands.prune()
         if f.rounds.open_count() > rounds_before - len(result.closed_rounds):
             # a run's next round started in this tick: its jobs go out now, not a tick later
             self._dispatch(f.scheduler.dispatch_now())
+
+    def reask_open_jobs(self) -> int:
+        """The bridge connected without a session: every open job's command goes out again
+        (coordinator.reask); returns how many."""
+        with self.fleet.db.transaction():
+            return self.fleet.reask()
 
     # ---- operator requests (HTTP API)
 

@@ -40,10 +40,18 @@ def trust_rows(args, world, workdir: Path) -> list[Row]:
     ]
 
 
+class Printed(list):
+    """Rows that print as they come: a run that stops half-way still shows what it measured."""
+
+    def append(self, row: Row) -> None:
+        super().append(row)
+        print(render([row]).splitlines()[-1], flush=True)
+
+
 def live_rows(args, world, workdir: Path) -> list[Row]:
     base, files = world.save(workdir / "world")
     fleet = LiveFleet(workdir / "live", base, files[: args.devices], args.steps)
-    rows = []
+    rows: list[Row] = Printed()
     try:
         rows.append(faults_live.api_attacks(fleet))
         rows.append(faults_live.takeover(fleet))
@@ -51,6 +59,14 @@ def live_rows(args, world, workdir: Path) -> list[Row]:
                  "{sessions_age_s:.0f} s after the agents started, restarted 2 s later",
                  faults_live.broker_sigkill)  # fmt: skip
         rows.append(faults_live.fault_round(fleet, *young))
+        held = (
+            "broker SIGKILL, reports held for the coordinator",
+            "the coordinator's link cut mid-round until every report was PUBACKed; kill -9 of "
+            "mosquitto {sessions_age_s:.0f} s after the sessions began, restarted 2 s later; "
+            "the coordinator back 5 s after it",
+            faults_live.broker_sigkill_reports_held,
+        )
+        rows.append(faults_live.fault_round(fleet, *held))
         old = (
             "broker SIGKILL mid-round",
             "kill -9 of mosquitto, sessions {sessions_age_s:.0f} "

@@ -8,6 +8,7 @@ the client reads it from there (coordinator.config.API_TOKEN_FILE).
 
 from __future__ import annotations
 
+import http.client
 import json
 import signal
 import subprocess
@@ -62,7 +63,8 @@ class ApiClient:
                 return err.code, json.load(err)
             except ValueError:
                 return err.code, None
-        except (OSError, ValueError) as err:  # refused, timed out, not JSON
+        # refused, timed out, not JSON, or not HTTP (BadStatusLine from a port another took)
+        except (OSError, ValueError, http.client.HTTPException) as err:
             raise ApiError(f"{method} {self.base_url}{path}: {err}") from None
 
     def _auth(self) -> dict[str, str]:

@@ -1,13 +1,15 @@
 """The live fleet of `skipfleet bench faults`: the compose broker (deploy/mosquitto config, ACL
 and per-device accounts) run by a real mosquitto, `skipfleet coordinator` with its own Ray,
 and `skipfleet agent` processes on real fan data, each behind its own TCP proxy so one
-device's network can be cut while both ends keep running.
+device's network can be cut while both ends keep running; the coordinator is behind one too.
 """
 
 from __future__ import annotations
 
+import json
 import os
 import signal
+import sqlite3
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -77,6 +79,8 @@ class LiveFleet:
         self.spare_accounts = (f"device-{len(data)}", f"device-{len(data) + 1}")
         self.broker = DeployBroker(root / "broker", root / "secrets" / "mosquitto_passwd")
         self.proxies = ProxyLoop()
+        self.coordinator_link = self.proxies.open("127.0.0.1", self.broker.port,
+                                                  name="coordinator")  # fmt: skip
         self.state_dir = root / "coordinator-state"
         self.knobs = [
             *(x for kv in COORDINATOR_KNOBS.items() for x in kv),
@@ -103,12 +107,15 @@ class LiveFleet:
         while True:
             n = len(list(self.root.glob("coordinator-*.log")))
             process = CoordinatorProcess(
-                self.broker.url, self.state_dir, self.root / f"coordinator-{n}.log", self.knobs
+                f"mqtt://127.0.0.1:{self.coordinator_link.port}",
+                self.state_dir,
+                self.root / f"coordinator-{n}.log",
+                self.knobs,
             )
             try:
                 process.wait_healthy()
                 return process
-            except RuntimeError as err:
+            except BaseException as err:  # a coordinator not healthy is never left running
                 process.stop()
                 attempt += 1
                 if "Address already in use" not in str(err) or attempt == tries:
@@ -148,6 +155,19 @@ class LiveFleet:
         for pid in left:
             os.kill(pid, signal.SIGKILL)
         return {"processes_in_its_tree": len(tree), "left_running_after_kill_9": len(left)}
+
+    def acknowledged(self, device: str, job_id: str) -> bool:
+        """The device finished the job and the broker acknowledged every record it spooled
+        (read from its state dir: the job history and the spool)."""
+        state_dir = self.agents[device].state_dir
+        try:
+            history = json.loads((state_dir / "jobs.json").read_text())
+            with sqlite3.connect(state_dir / "spool.sqlite") as db:
+                (records,) = db.execute("SELECT COUNT(*) FROM outbox WHERE priority = 1").fetchone()
+        except (OSError, ValueError, sqlite3.Error):
+            return False
+        state = history.get(job_id, {}).get("state")
+        return state in ("succeeded", "failed", "rejected") and records == 0
 
     def close(self) -> None:
         for agent in self.agents.values():

@@ -57,6 +57,7 @@ def fault_round(fleet: LiveFleet, scenario: str, injected: str, fault: Fault,
         "failures": record["failures"],
         "reports_taken": reports,
         "messages_dropped_by_reason": dropped,
+        "results_sent_again": _sent_again(fleet, opened["round_id"]),
     }
     held = lost == 0 and twice == 0 and record["stage"] == "STORED"
     return Row(
@@ -68,6 +69,16 @@ def fault_round(fleet: LiveFleet, scenario: str, injected: str, fault: Fault,
         held=held,
         detail=detail,
     )
+
+
+def _sent_again(fleet: LiveFleet, round_id: str) -> int:
+    """Results of the round's jobs the agents sent again, asked by the coordinator (their logs:
+    agent.repeats); the coordinator applies such a copy only if the first one was lost."""
+    jobs = fleet.jobs_in(round_id, "SUCCEEDED", "FAILED", "REJECTED")
+    logs = {
+        name: agent.log_path.read_text(errors="replace") for name, agent in fleet.agents.items()
+    }
+    return sum(logs[j["device_id"]].count(f"job {j['job_id']} asked again: its") for j in jobs)
 
 
 def _ended(fleet: LiveFleet, round_id: str) -> dict | None:
@@ -93,6 +104,32 @@ def broker_sigkill(fleet: LiveFleet, opened: dict) -> tuple[float, dict]:
     time.sleep(2.0)  # down for a moment, as a crashed broker restarted by its supervisor
     fleet.broker.start()
     fleet.sessions_since = time.monotonic()  # the clients reconnect: new sessions, or old ones
+    return since, detail
+
+
+def broker_sigkill_reports_held(fleet: LiveFleet, opened: dict) -> tuple[float, dict]:
+    """The worst case of young sessions, made on purpose: the coordinator's link is cut while
+    the devices train, so every report is acknowledged by the broker (gone from its agent's
+    spool) and waits in the coordinator's session when mosquitto is SIGKILLed; the agents are
+    back on the restarted broker before the coordinator. Its session may come back (made more
+    than the autosave interval before the kill) but not the reports queued in it since."""
+    detail = _mid_round(fleet, opened, "IN_PROGRESS")
+    fleet.coordinator_link.cut(CutMode.REFUSE)
+    open_jobs = fleet.jobs_in(opened["round_id"], "IN_PROGRESS", "QUEUED")
+    jobs = {job["device_id"]: job["job_id"] for job in open_jobs}
+
+    def all_acknowledged() -> bool:
+        return all(fleet.acknowledged(device, job) for device, job in jobs.items())
+
+    wait_for("every report acknowledged by the broker", all_acknowledged, ROUND_TIMEOUT_S)
+    since = time.monotonic()
+    detail |= {"sessions_age_s": since - fleet.sessions_since, "reports_held": len(jobs)}
+    fleet.broker.kill()
+    time.sleep(2.0)
+    fleet.broker.start()
+    time.sleep(5.0)  # the agents reconnect (backoff at most 2 s) before the coordinator
+    fleet.coordinator_link.restore()
+    fleet.sessions_since = time.monotonic()
     return since, detail
 
 

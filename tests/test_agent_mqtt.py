@@ -22,6 +22,7 @@ from shared.protocol.messages import (
     EvaluateParams,
     FinetuneParams,
     JobStatus,
+    Presence,
     Report,
 )
 from tests.agent_fixtures import drift_files, fan_files, unlabelled_files  # noqa: F401 (fixtures)
@@ -158,6 +159,33 @@ def test_a_report_made_while_the_broker_is_down_arrives_once_after_it_restarts(f
     assert [r.job_id for r in reports] == ["ft-away"], "exactly one report"
     on_wire = [payload for topic, payload in observer.publishes if topic == REPORT_TOPIC]
     assert on_wire and len(set(on_wire)) == len(on_wire), "each publish of it (or chunk) once"
+
+
+def test_a_finished_job_asked_again_after_a_kill_9_gets_its_kept_result_unchanged(fleet):
+    """The coordinator asks again (coordinator.reask) for a job whose result a crashed broker
+    may have lost: the restarted agent sends the report it kept (a fine-tune's end), with its
+    first (boot id, seq), so the coordinator applies it once; it does not run the job again,
+    nor answer with a REJECTED duplicate."""
+    start_agent, observer, _ = fleet
+    agent = start_agent()
+    observer.presence(PresenceState.ONLINE)
+    command = job("ft-kept", JobKind.FINETUNE, FinetuneParams(epochs=5, lr=0.05, seed=1))
+    observer.send_job(command)
+    first = observer.wait_for(lambda t, e, r: isinstance(e.message, Report))
+    wait_until(lambda: REPORT_TOPIC not in agent.spooled_topics(), agent.log)  # PUBACKed
+    agent.stop(signal.SIGKILL)
+    mark = observer.mark()
+    restarted = start_agent()
+    observer.wait_for(lambda t, e, r: isinstance(e.message, Presence), after=mark)
+    asked = observer.mark()
+    observer.send_job(command)  # the same command again
+    again = observer.wait_for(lambda t, e, r: isinstance(e.message, Report), after=asked)
+    assert (again.boot_id, again.seq) == (first.boot_id, first.seq) != (None, None)
+    observer.heartbeat(lambda h: True, after=observer.mark())  # sent after any answer to it
+    since = [item.envelope.message for item in observer.received[asked:]]
+    assert [m for m in since if isinstance(m, JobStatus) and m.job_id == "ft-kept"] == []
+    log = restarted.log_path.read_text()
+    assert "result sent again" in log and "(finetune): succeeded" not in log  # not run again
 
 
 def padded_job(job_id: str, **body: object) -> bytes:

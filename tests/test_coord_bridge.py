@@ -8,6 +8,7 @@ import time
 
 import numpy as np
 import pytest
+from paho.mqtt.client import ConnectFlags
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.reasoncodes import ReasonCode
 
@@ -174,17 +175,21 @@ def bridge_parts(tmp_path):
     service.close()
 
 
+# A CONNACK resuming the session: nothing to ask again (tests/test_coord_reask.py: without one).
+RESUMED = ConnectFlags(session_present=True)
+
+
 def connack(value: int) -> ReasonCode:
     return ReasonCode(PacketTypes.CONNACK, identifier=value)
 
 
 def test_the_bridge_subscribes_on_connect_and_stops_on_refused_credentials(bridge_parts):
     bridge, client, _, _, fatal, _ = bridge_parts
-    client.on_connect(client, None, None, connack(0), None)
+    client.on_connect(client, None, RESUMED, connack(0), None)
     assert bridge.connected
     (subscriptions,) = client.subscribed
     assert ("fleet/+/report", 1) in subscriptions and ("fleet/+/telemetry", 0) in subscriptions
-    client.on_connect(client, None, None, connack(0x86), None)
+    client.on_connect(client, None, RESUMED, connack(0x86), None)
     assert fatal and fatal[0][0] is FatalReason.BROKER_REFUSED
     assert "Bad user name or password" in fatal[0][1]
 

@@ -23,7 +23,7 @@ from coordinator.state_db import StateDB
 from coordinator.stuck import STUCK_GRACE_S
 from shared.protocol import JobKind, encode_envelope
 from tests.coord_fleet_helpers import SimDevice, jobs_in, make_config
-from tests.test_coord_bridge import FakeClient, wait_for
+from tests.test_coord_bridge import RESUMED, FakeClient, wait_for
 
 
 @pytest.fixture
@@ -234,7 +234,7 @@ def gated_bridge(tmp_path):
     bridge.start()
     (client,) = clients
     assert client.manual_ack
-    client.on_connect(client, None, None, ReasonCode(PacketTypes.CONNACK, identifier=0), None)
+    client.on_connect(client, None, RESUMED, ReasonCode(PacketTypes.CONNACK, identifier=0), None)
     yield client, port, service, clock
     port.go.set()
     bridge.stop()
