@@ -10,6 +10,7 @@ of the exact base weights it was trained on, so any other hash is refused on sav
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import io
 import json
@@ -305,17 +306,33 @@ def _check_arrays(arrays: Mapping[str, np.ndarray]) -> None:
             raise AdapterStoreError(f"array {name} contains NaN or infinite values")
 
 
+_META_COLUMNS = (
+    "cohort", "version", "base_model_hash", "algorithm", "device_ids", "round_id",
+    "parent_version", "created_at", "file", "sha256", "cluster",
+)  # fmt: skip
+
+
 def _meta_from_row(row: Any) -> AdapterVersion:
+    return _parsed_meta(tuple(row[name] for name in _META_COLUMNS))
+
+
+@functools.lru_cache(maxsize=256)
+def _parsed_meta(values: tuple[Any, ...]) -> AdapterVersion:
+    """A row's AdapterVersion, parsed once for the same values: every apply status of a
+    rollout reads its version's meta, and decoding its thousand device ids each time was most
+    of that. AdapterVersion is immutable; a different row is different values."""
+    (cohort, version, base_hash, algorithm, device_ids, round_id, parent, created, file, sha256,
+     cluster) = values  # fmt: skip
     return AdapterVersion(
-        cohort=row["cohort"],
-        version=int(row["version"]),
-        base_model_hash=row["base_model_hash"],
-        algorithm=row["algorithm"],
-        device_ids=tuple(json.loads(row["device_ids"])),
-        round_id=row["round_id"],
-        parent_version=row["parent_version"],
-        created_at=row["created_at"],
-        file=row["file"],
-        sha256=row["sha256"],
-        cluster=row["cluster"] or WHOLE_COHORT,
+        cohort=cohort,
+        version=int(version),
+        base_model_hash=base_hash,
+        algorithm=algorithm,
+        device_ids=tuple(json.loads(device_ids)),
+        round_id=round_id,
+        parent_version=parent,
+        created_at=created,
+        file=file,
+        sha256=sha256,
+        cluster=cluster or WHOLE_COHORT,
     )

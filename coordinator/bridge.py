@@ -65,6 +65,11 @@ REFUSED_FOR_GOOD = frozenset({0x86, 0x87})
 # take it back, and the two would kick each other every few seconds, each time losing messages.
 SESSION_TAKEN_OVER = 0x8E
 MAX_BATCH = 256
+# A batch smaller than this waits LINGER_S for more before it goes to the actor: each ingest
+# call costs the driver and the actor about a millisecond whatever its size, and a busy fleet
+# otherwise sends batches of a few messages (its acknowledgements wait that much longer).
+LINGER_BELOW = 64
+LINGER_S = 0.01
 # Past this many queued messages, a heartbeat (QoS 0, a state) waits beside the queue as its
 # device's latest one, replacing (and counting as `overload`) an older one still waiting; other
 # QoS 0 messages are dropped and counted. QoS 1 messages are always queued: the broker holds them
@@ -395,6 +400,9 @@ class MqttBridge:
             except queue.Empty:
                 items = []
             items += self._take(MAX_BATCH - len(items))
+            if items and len(items) < LINGER_BELOW and not self._stopping.is_set():
+                self._stopping.wait(LINGER_S)  # let a small batch fill a little first
+                items += self._take(MAX_BATCH - len(items))
             self._dequeued(items)
             items += self._take_beats(MAX_BATCH // 4)  # held heartbeats: after the queue's
             if items:

@@ -62,6 +62,7 @@ class ClusterBook:
         self._db = db
         self._clock = clock
         self.max_distance = max_distance
+        self._placed: dict[tuple[str, str], Placement] = {}  # placements() last read
         db.ensure_schema(_SCHEMA)
 
     # ---- reads
@@ -71,6 +72,20 @@ class ClusterBook:
             "SELECT * FROM cluster_members WHERE cohort = ? AND device_id = ?", (cohort, device_id)
         )
         return None if row is None else Placement(row["device_id"], row["cluster"], row["how"])
+
+    def placements(self) -> dict[tuple[str, str], Placement]:
+        """Every placement, by (cohort, device): one query for a whole-fleet view. A placement
+        that has not changed since the last call is the same object (the metrics snapshot,
+        every 2 s, reuses what it derived from it)."""
+        rows = self._db.query("SELECT cohort, device_id, cluster, how FROM cluster_members")
+        before, now = self._placed, {}
+        for cohort, device, cluster, how in rows:
+            placed = before.get((cohort, device))
+            if placed is None or placed.cluster != cluster or placed.how != how:
+                placed = Placement(device, cluster, how)
+            now[(cohort, device)] = placed
+        self._placed = now
+        return now
 
     def cluster_of(self, cohort: str, device_id: str) -> str | None:
         placed = self.placement(cohort, device_id)

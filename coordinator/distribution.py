@@ -83,7 +83,9 @@ class AdapterDistributor:
                 )  # fmt: skip
                 f.send(device, evaluate_job(job, evaluated, record.base_model_hash))
         canaries = ", ".join(rollout.canary_devices)
-        log.info("cohort %s cluster %s v%d: canary on %s", cohort, cluster, version, canaries)
+        log.info("cohort %s cluster %s v%d: canary on %d devices", cohort, cluster, version,
+                 len(rollout.canary_devices))  # fmt: skip
+        log.debug("rollout %s canaries: %s", rollout.rollout_id, canaries)
         return rollout.rollout_id, f"canary on {canaries}"
 
     def on_job_finished(self, job: Job, status: JobStatus | None) -> None:

@@ -109,7 +109,10 @@ class Fleet:
             drift_threshold=None,
             label_free_threshold=None,
         )
+        events = EventLog()
+        events.follow(db)  # an event counts when the state change that made it commits
         return cls(
+            events=events,
             config=config,
             clock=clock,
             db=db,

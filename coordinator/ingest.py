@@ -131,7 +131,9 @@ class MessageHandler:
         f = self._fleet
         why = None if status is None else _why(status)
         try:
-            updated = f.jobs.report_status(job.job_id, state, device_id=device, detail=why)
+            updated = f.jobs.report_status(
+                job.job_id, state, device_id=device, detail=why, current=job
+            )
         except JobError as err:
             f.reject("stale_status", str(err))  # e.g. a result after the job timed out
             return

@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import uuid
 from collections.abc import Callable
+from contextlib import nullcontext
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
@@ -182,21 +183,34 @@ class JobTable:
             return attempt
 
     def can_retry(self, job: Job) -> bool:
+        # the common answer (not a retryable state) without building the reason's words: a
+        # round's status asks this of every member's job
+        if job.state not in RETRYABLE_STATES:
+            return False
         return self._not_retryable_reason(job) is None
 
     # ---- transitions
 
     def report_status(
-        self, job_id: str, state: JobState | str, *, device_id: str, detail: str | None = None
+        self,
+        job_id: str,
+        state: JobState | str,
+        *,
+        device_id: str,
+        detail: str | None = None,
+        current: Job | None = None,
     ) -> Job:
-        """A status from the device that owns the job: IN_PROGRESS, SUCCEEDED, FAILED, REJECTED."""
+        """A status from the device that owns the job: IN_PROGRESS, SUCCEEDED, FAILED, REJECTED.
+        `current`: the job as the caller read it in this transaction (spares reading it again)."""
         state = JobState(state)
         if state not in DEVICE_SETTABLE:
             raise JobError(f"device {device_id} may not set job {job_id} to {state}")
-        job = self.require(job_id)
-        if job.device_id != device_id:
-            raise JobError(f"job {job_id} belongs to {job.device_id}, not {device_id}")
-        return self._transition(job_id, state, detail)
+        job = current if current is not None and current.job_id == job_id else None
+        with nullcontext() if self._db.in_transaction else self._db.transaction():
+            job = job or self.require(job_id)
+            if job.device_id != device_id:
+                raise JobError(f"job {job_id} belongs to {job.device_id}, not {device_id}")
+            return self._transition_from(job, state, detail)
 
     def cancel(self, job_id: str, detail: str = "canceled by the coordinator") -> Job:
         return self._transition(job_id, JobState.CANCELED, detail)
@@ -286,23 +300,28 @@ class JobTable:
     # ---- internals
 
     def _transition(self, job_id: str, state: JobState, detail: str | None) -> Job:
-        with self._db.transaction():
-            job = self.require(job_id)
-            if job.state == state:
-                return job  # a repeated status: QoS 1 delivers at least once
-            if state not in _NEXT.get(job.state, frozenset()):
-                raise JobError(
-                    f"job {job_id} on {job.device_id}: {job.state} -> {state} is not allowed"
-                    + (" (terminal states are final)" if job.is_terminal else "")
-                )
-            updated = dataclasses.replace(
-                job, state=state, updated_at=self._clock(), detail=detail or job.detail
+        # one UPDATE after the checks: no savepoint needed inside the caller's transaction
+        with nullcontext() if self._db.in_transaction else self._db.transaction():
+            return self._transition_from(self.require(job_id), state, detail)
+
+    def _transition_from(self, job: Job, state: JobState, detail: str | None) -> Job:
+        """In the caller's transaction, `job` as read in it."""
+        job_id = job.job_id
+        if job.state == state:
+            return job  # a repeated status: QoS 1 delivers at least once
+        if state not in _NEXT.get(job.state, frozenset()):
+            raise JobError(
+                f"job {job_id} on {job.device_id}: {job.state} -> {state} is not allowed"
+                + (" (terminal states are final)" if job.is_terminal else "")
             )
-            self._db.execute(
-                "UPDATE jobs SET state = ?, updated_at = ?, detail = ? WHERE job_id = ?",
-                (updated.state.value, updated.updated_at, updated.detail, job_id),
-            )
-            return updated
+        updated = dataclasses.replace(
+            job, state=state, updated_at=self._clock(), detail=detail or job.detail
+        )
+        self._db.execute(
+            "UPDATE jobs SET state = ?, updated_at = ?, detail = ? WHERE job_id = ?",
+            (updated.state.value, updated.updated_at, updated.detail, job_id),
+        )
+        return updated
 
     def _not_retryable_reason(self, job: Job) -> str | None:
         if job.state not in RETRYABLE_STATES:

@@ -140,6 +140,9 @@ class FleetMetrics:
         self.rejected_messages = Counter(
             p + "rejected_messages", "Messages dropped, by reason", ["reason"], registry=r
         )
+        # kind -> (messages, bytes) children
+        self._received: dict[str, tuple[Counter, Counter]] = {}
+        self._sent: dict[str, Counter] = {}  # kind -> the sent_messages child
         self._cohort_labels: set[str] = set()
         self._start_at_zero()
 
@@ -161,11 +164,21 @@ class FleetMetrics:
     # ---- the bridge, in this process
 
     def message_received(self, kind: str, size: int) -> None:
-        self.received_messages.labels(kind=kind).inc()
-        self.received_bytes.labels(kind=kind).inc(size)
+        # the labelled children are looked up once per kind, not once per message
+        children = self._received.get(kind)
+        if children is None:
+            children = self._received[kind] = (
+                self.received_messages.labels(kind=kind),
+                self.received_bytes.labels(kind=kind),
+            )
+        children[0].inc()
+        children[1].inc(size)
 
     def message_sent(self, kind: str) -> None:
-        self.sent_messages.labels(kind=kind).inc()
+        child = self._sent.get(kind)
+        if child is None:
+            child = self._sent[kind] = self.sent_messages.labels(kind=kind)
+        child.inc()
 
     def message_rejected(self, reason: str) -> None:
         self.rejected_messages.labels(reason=reason).inc()

@@ -12,7 +12,9 @@ import threading
 from dataclasses import dataclass, field
 from enum import StrEnum
 
+from coordinator.hot_rows import TransactionalNotes
 from coordinator.jobs import JobState
+from coordinator.state_db import StateDB
 from shared.protocol import JobReason
 
 
@@ -134,14 +136,26 @@ class EventLog:
         self._capacity = capacity
         self._events: list[MetricEvent] = []
         self._lock = threading.Lock()  # the health group drains while the default group records
+        self._notes: TransactionalNotes[MetricEvent] | None = None  # see follow()
         self.dropped = 0
 
+    def follow(self, db: StateDB) -> None:
+        """From now on an event recorded inside a transaction of `db` counts only if that
+        commits: a message whose effects roll back (an ingest batch applied again message by
+        message after one failed) is not counted twice."""
+        self._notes = TransactionalNotes(db, commit=self._append)
+
     def record(self, event: MetricEvent) -> None:
+        if self._notes is not None:
+            self._notes.note(event)
+        else:
+            self._append([event])
+
+    def _append(self, events: list[MetricEvent]) -> None:
         with self._lock:
-            if len(self._events) >= self._capacity:
-                self.dropped += 1
-                return
-            self._events.append(event)
+            room = max(0, self._capacity - len(self._events))
+            self._events.extend(events[:room])
+            self.dropped += max(0, len(events) - room)
 
     def drain(self) -> list[MetricEvent]:
         with self._lock:

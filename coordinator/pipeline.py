@@ -234,7 +234,11 @@ class RoundPipeline:
             },
         )
         round_id = self._start_round(run, skipped)
-        log.info("run %s (%s) on cohort %s: clusters %s", run.run_id, trigger, cohort, trainers)
+        # One line a round, with counts (the device ids at debug: a round may have thousands)
+        sizes = {cluster: len(members) for cluster, members in trainers.items()}
+        log.info("run %s (%s) on cohort %s: clusters of %s devices", run.run_id, trigger,
+                 cohort, sizes)  # fmt: skip
+        log.debug("run %s clusters: %s", run.run_id, trainers)
         return {
             "round_id": round_id,
             "run_id": run.run_id,
@@ -302,7 +306,8 @@ class RoundPipeline:
             skipped=skipped or {},
         )
         f.runs.add_round(run, rnd.round_id, starts)
-        log.info("run %s round %d (%s): %s", run.run_id, index, rnd.round_id, sorted(starts))
+        log.info("run %s round %d (%s): %d devices", run.run_id, index, rnd.round_id, len(starts))
+        log.debug("round %s devices: %s", rnd.round_id, sorted(starts))
         return rnd.round_id
 
     # ---- internals: a round's end
@@ -418,8 +423,8 @@ class RoundPipeline:
             at=f.clock(),
         )
         f.records.cluster_outcome(request.round_id, c.cluster, {"version": meta.version})
-        log.info("run %s: cluster %s v%d from %s", run.run_id, c.cluster, meta.version,
-                 list(result.device_ids))  # fmt: skip
+        log.info("run %s: cluster %s v%d from %d devices' reports", run.run_id, c.cluster,
+                 meta.version, len(result.device_ids))  # fmt: skip
         if c.last_round:
             c.stage, c.candidate = ClusterStage.ROLLING_OUT, meta.version
             c.note = f"round budget of {f.runs.policy.max_rounds} used"

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
+import pickle
 import time
 from collections.abc import Sequence
 from typing import Any
@@ -50,6 +51,13 @@ FleetHandle = ray.actor.ActorHandle[Any]
 # aggregates in ~0.1 s): its result is stored in the same tick, not a tick interval later. The
 # actor's other calls wait meanwhile, once a round, when every report is already in.
 AGGREGATION_WAIT_S = 0.3
+
+
+def pack(value: object) -> bytes:
+    """The device messages and outbound messages between the driver and the actor, pickled by
+    the standard pickler: Ray's cloudpickle calls back into Python for every object, and cost
+    2-3x as much for a batch of decoded messages (their classes import on both sides)."""
+    return pickle.dumps(value, protocol=pickle.HIGHEST_PROTOCOL)
 
 
 class ActorOwnedElsewhere(InstanceConflict):
@@ -170,8 +178,17 @@ class FleetActor:
     def ingest(self, batch: list[Received]) -> int:
         return self._service.ingest(batch)
 
+    def ingest_packed(self, packed: bytes) -> int:
+        """ingest() of a batch the driver pickled itself (see pack)."""
+        batch: list[Received] = pickle.loads(packed)
+        return self._service.ingest(batch)
+
     def tick(self, acknowledged: list[int]) -> list[Outbound]:
         return self._service.tick(acknowledged)
+
+    def tick_packed(self, acknowledged: list[int]) -> bytes:
+        """tick(), its messages pickled here (see pack)."""
+        return pack(self._service.tick(acknowledged))
 
     def reask_open_jobs(self) -> int:
         return self._service.reask_open_jobs()
@@ -207,6 +224,11 @@ class FleetActor:
         report = self._service.metrics_report()
         self._heap.maybe_trim()  # asked every few seconds: the last fleet-wide views are freed
         return report
+
+    @ray.method(concurrency_group="health")
+    def metrics_report_packed(self) -> bytes:
+        """metrics_report(), pickled here (see pack): a record per device every 2 s."""
+        return pack(self._service.metrics_report())
 
     def close(self) -> None:
         """Closes the state DB (checkpointing its WAL) before the actor is killed."""
@@ -298,10 +320,12 @@ class RayFleetPort:
         self._timeout_s = timeout_s
 
     def ingest(self, batch: Sequence[Received]) -> None:
-        self._call(self.actor.ingest, list(batch))
+        self._call(self.actor.ingest_packed, pack(list(batch)))
 
     def tick(self, acknowledged: Sequence[int] = ()) -> list[Outbound]:
-        outbound: list[Outbound] = self._call(self.actor.tick, list(acknowledged))
+        outbound: list[Outbound] = pickle.loads(
+            self._call(self.actor.tick_packed, list(acknowledged))
+        )
         return outbound
 
     def reask_open_jobs(self) -> int:
@@ -309,7 +333,7 @@ class RayFleetPort:
         return asked
 
     def metrics_report(self) -> MetricsReport:
-        report: MetricsReport = self._call(self.actor.metrics_report)
+        report: MetricsReport = pickle.loads(self._call(self.actor.metrics_report_packed))
         return report
 
     def request_finetune(

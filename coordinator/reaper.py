@@ -64,7 +64,8 @@ def watch(pid: int) -> list[int]:
     while proctree.alive(target.key):
         procs = proctree.snapshot()
         seen |= {p.key for p in proctree.descendants(pid, procs) if p.pid != me}
-        seen = {key for key in seen if key in keys(procs)}  # forget those that ended
+        running = keys(procs)
+        seen = {key for key in seen if key in running}  # forget those that ended
         time.sleep(POLL_S)
     left = set(seen)
     if leader:  # also those started after the last look, re-parented since; not the

@@ -1,16 +1,15 @@
 """Fine-tune reports: checked on receipt, kept on disk until their round is aggregated.
 
 A round may close after the actor restarted, so reports cannot live in memory: the arrays go to
-`reports/<job_id>.npz` in the state dir (written atomically), the rest to SQLite. A cohort's
-adapter shape (layer widths, class count) is taken from its first accepted report; every later
-report must match it, so a wrong-sized adapter is refused on receipt, not at aggregation.
+`reports/<job_id>.npz` in the state dir (written before the report's row), the rest to SQLite.
+A cohort's adapter shape (layer widths, class count) is taken from its first accepted report;
+every later report must match it, so a wrong-sized adapter is refused on receipt, not at
+aggregation.
 """
 
 from __future__ import annotations
 
-import io
 import json
-import os
 import sqlite3
 from collections import OrderedDict
 from collections.abc import Mapping
@@ -20,6 +19,7 @@ from pathlib import Path
 import numpy as np
 
 from coordinator.aggregation import AdapterShape, AggregationError, FitResult, validate_fit_result
+from coordinator.npz import npz_bytes
 from coordinator.state_db import StateDB
 
 # Reports of a round received in this actor's life are kept in memory too, until the round's
@@ -118,12 +118,17 @@ class ReportStore:
         db.add_missing_columns("fit_reports", {"accuracy_before": "REAL", "loss_before": "REAL"})
         self._held: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()  # file -> arrays
         self._held_bytes = 0
+        self._made_dirs: set[Path] = set()  # made once, not checked again for every report
 
     def save(self, meta: ReportMeta, arrays: Mapping[str, np.ndarray]) -> None:
         """Stores a checked report; a repeated one (same job) changes nothing."""
         if self.get(meta.job_id) is not None:
             return
-        _write_npz(self._state_dir / meta.file, arrays)
+        path = self._state_dir / meta.file
+        if path.parent not in self._made_dirs:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            self._made_dirs.add(path.parent)
+        _write_npz(path, arrays)
         if meta.round_id is not None:
             self._hold(meta.file, arrays)
         self._db.execute(
@@ -200,12 +205,10 @@ def _nbytes(arrays: Mapping[str, np.ndarray]) -> int:
 
 
 def _write_npz(path: Path, arrays: Mapping[str, np.ndarray]) -> None:
-    buffer = io.BytesIO()
-    np.savez(buffer, allow_pickle=False, **{k: np.asarray(v) for k, v in arrays.items()})
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_suffix(".tmp")
-    temporary.write_bytes(buffer.getvalue())
-    os.replace(temporary, path)
+    """Written in place, not through a temporary file and a rename: the file is read only for a
+    report whose row committed, and the row is written after the whole file; a file left half
+    written by a crash belongs to no row, and the report's delivery again rewrites it."""
+    path.write_bytes(npz_bytes(arrays))  # np.savez's format at a fraction of its cost
 
 
 def _from_row(row: sqlite3.Row) -> ReportMeta:

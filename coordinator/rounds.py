@@ -9,12 +9,14 @@ its definition and whether it was closed.
 
 from __future__ import annotations
 
+import functools
 import json
 import math
 import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
 from enum import StrEnum
+from typing import Any
 
 from coordinator.jobs import Job, JobState
 from coordinator.state_db import StateDB
@@ -53,7 +55,9 @@ class Round:
     @property
     def answers_needed(self) -> int:
         # Counted in devices, not compared as floats: 0.7 * 10 is 7.000000000000001.
-        counted = len(self.device_ids) - len(set(self.excused) & set(self.device_ids))
+        counted = len(self.device_ids)
+        if self.excused:  # (a set of a thousand ids on every tick's check, otherwise)
+            counted -= len(set(self.excused) & set(self.device_ids))
         return math.ceil(self.min_completion_ratio * counted - 1e-9)
 
 
@@ -196,12 +200,27 @@ class RoundTable:
 
 
 def _round_from_row(row: sqlite3.Row) -> Round:
+    return _parsed_round(tuple(row[name] for name in _ROUND_COLUMNS))
+
+
+_ROUND_COLUMNS = (
+    "round_id", "device_ids", "started_at", "deadline", "min_completion_ratio", "cohort",
+    "excused",
+)  # fmt: skip
+
+
+@functools.lru_cache(maxsize=64)
+def _parsed_round(values: tuple[Any, ...]) -> Round:
+    """A row's Round, parsed once for the same row values: every tick reads the open rounds,
+    and decoding a thousand device ids (and checking them) each time was most of an idle
+    tick. Rounds are immutable; a changed row (an excused device) is other values."""
+    round_id, device_ids, started_at, deadline, ratio, cohort, excused = values
     return Round(
-        round_id=row["round_id"],
-        device_ids=tuple(json.loads(row["device_ids"])),
-        started_at=row["started_at"],
-        deadline=row["deadline"],
-        min_completion_ratio=row["min_completion_ratio"],
-        cohort=row["cohort"],
-        excused=tuple(json.loads(row["excused"] or "[]")),
+        round_id=round_id,
+        device_ids=tuple(json.loads(device_ids)),
+        started_at=started_at,
+        deadline=deadline,
+        min_completion_ratio=ratio,
+        cohort=cohort,
+        excused=tuple(json.loads(excused or "[]")),
     )

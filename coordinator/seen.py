@@ -15,6 +15,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable
 
+from coordinator.hot_rows import TransactionalNotes
 from coordinator.state_db import StateDB
 from shared.protocol import Envelope, MessageKind
 
@@ -47,6 +48,9 @@ class SeenMessages:
         self._db = db
         self._clock = clock
         self._states: OrderedDict[str, None] = OrderedDict()
+        # a state message remembered in a transaction that rolls back is forgotten again, so
+        # applying it again (an ingest batch message by message) does not drop it as a repeat
+        self._remembered = TransactionalNotes[str](db, commit=lambda keys: None, undo=self._forget)
         db.ensure_schema(_SCHEMA)
 
     def first_time(self, envelope: Envelope) -> bool:
@@ -68,6 +72,11 @@ class SeenMessages:
             self._states.move_to_end(key)
             return False
         self._states[key] = None
+        self._remembered.note(key)
         if len(self._states) > STATE_CAPACITY:
             self._states.popitem(last=False)
         return True
+
+    def _forget(self, keys: list[str]) -> None:
+        for key in keys:
+            self._states.pop(key, None)

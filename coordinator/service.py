@@ -65,6 +65,7 @@ class FleetService:
         )
         self._handler = MessageHandler(self.fleet, self._distributor)
         self._last_scan = float("-inf")
+        self._gauges = views.GaugesMemo()  # metrics_report's (the health group's one thread)
         self.started_at = clock()
         self._pipeline.resume()
         log.info("fleet state loaded from %s", config.state_dir)
@@ -74,31 +75,47 @@ class FleetService:
     def ingest(self, batch: Sequence[Received]) -> int:
         """Applies device messages in order, the batch in one transaction (so, when this
         returns, every message is applied and remembered, and the bridge may acknowledge them);
-        a repeat of an applied message changes nothing; one bad message never stops the others
-        (its own writes roll back). A job's IN_PROGRESS followed in the batch by its end is
-        only remembered as seen (ingest.superseded). Returns how many were applied or folded
-        (not repeats)."""
-        applied = 0
+        a repeat of an applied message changes nothing; one bad message never stops the others.
+        A job's IN_PROGRESS followed in the batch by its end is only remembered as seen
+        (ingest.superseded). Returns how many were applied or folded (not repeats).
+
+        The batch is applied without a savepoint per message (two statements each); if a
+        message raises, the whole transaction rolls back (memory included: coordinator.hot_rows)
+        and the batch is applied again with a savepoint per message, so the bad one is
+        refused alone and the others are kept."""
         folded = superseded(batch)
+        try:
+            with self.fleet.db.transaction():
+                return sum(self._apply_or_raise(r, i not in folded) for i, r in enumerate(batch))
+        except _MessageFailed:
+            pass  # rolled back; each message on its own now
         with self.fleet.db.transaction():
-            for index, received in enumerate(batch):
-                applied += self._apply(received, handle=index not in folded)
-        return applied
+            return sum(self._apply(r, handle=i not in folded) for i, r in enumerate(batch))
+
+    def _apply_or_raise(self, received: Received, handle: bool) -> bool:
+        try:
+            if not self.fleet.seen.first_time(received.envelope):
+                self.fleet.events.record(MessageRejected("duplicate"))
+                return False
+            if handle:
+                self._handler.handle(received)
+            return True
+        except Exception as err:
+            raise _MessageFailed from err
 
     def _apply(self, received: Received, *, handle: bool = True) -> bool:
         try:
             with self.fleet.db.transaction():  # a savepoint: this message's writes, or none
-                if not self.fleet.seen.first_time(received.envelope):
-                    self.fleet.events.record(MessageRejected("duplicate"))
-                    return False
-                if handle:
-                    self._handler.handle(received)
-                return True
+                return self._apply_or_raise(received, handle)
         except Exception as err:  # a bug must cost one message, not the actor
-            log.exception(
-                "could not apply a %s from %s", received.envelope.kind, received.device_id
+            cause = err.__cause__ if isinstance(err, _MessageFailed) else err
+            log.error(
+                "could not apply a %s from %s",
+                received.envelope.kind,
+                received.device_id,
+                exc_info=cause,
             )
-            self.fleet.reject("internal_error", f"{type(err).__name__}: {err}")
+            self.fleet.reject("internal_error", f"{type(cause).__name__}: {cause}")
             return False
 
     def tick(self, acknowledged: Sequence[int] = ()) -> list[Outbound]:
@@ -216,7 +233,8 @@ class FleetService:
         }
 
     def metrics_report(self) -> MetricsReport:
-        return MetricsReport(tuple(self.fleet.events.drain()), views.snapshot(self.fleet))
+        snapshot = views.snapshot(self.fleet, self._gauges)
+        return MetricsReport(tuple(self.fleet.events.drain()), snapshot)
 
     def close(self) -> None:
         self.fleet.close()
@@ -264,6 +282,11 @@ class FleetService:
             return
         cancel = f.create_job(job.device_id, JobKind.CANCEL.value, trigger="cancel")
         f.send(job.device_id, cancel_job(cancel, job.job_id, record.base_model_hash))
+
+
+class _MessageFailed(Exception):
+    """A message of an ingest batch raised while applied (its cause): the batch is applied
+    again, message by message."""
 
 
 def _log_skips(skipped: Iterable[tuple[str, SkipReason]]) -> None:

@@ -13,11 +13,27 @@ import threading
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 DB_FILENAME = "coordinator.sqlite3"
 
 Params = Sequence[Any] | dict[str, Any]
+
+
+class TransactionHooks(Protocol):
+    """State kept in memory beside SQLite (coordinator.hot_rows) follows the transactions of
+    the thread that changes it: told of each (nested) begin, its rollback or release, and the
+    outermost commit, before (write the rows) and after (they are durable)."""
+
+    def begun(self) -> None: ...
+
+    def rolled_back(self) -> None: ...
+
+    def released(self) -> None: ...
+
+    def before_commit(self) -> None: ...
+
+    def committed(self) -> None: ...
 
 
 class StateDB:
@@ -36,6 +52,7 @@ class StateDB:
         self._all: list[sqlite3.Connection] = []
         self._all_lock = threading.Lock()
         self._closed = False
+        self._hooks: list[TransactionHooks] = []
         self._conn()  # open (and create) the file now: a bad path fails at start, not later
 
     def _conn(self) -> sqlite3.Connection:
@@ -60,6 +77,14 @@ class StateDB:
     @classmethod
     def in_dir(cls, state_dir: str | Path) -> StateDB:
         return cls(Path(state_dir) / DB_FILENAME)
+
+    def add_hooks(self, hooks: TransactionHooks) -> None:
+        self._hooks.append(hooks)
+
+    @property
+    def in_transaction(self) -> bool:
+        """Whether this thread is inside transaction() (its writes commit with it)."""
+        return bool(getattr(self._local, "depth", 0))
 
     def ensure_schema(self, ddl: str) -> None:
         self._conn().executescript(ddl)
@@ -89,15 +114,27 @@ class StateDB:
             rollback = (f"ROLLBACK TO {name}", f"RELEASE {name}")
         conn.execute(begin)
         self._local.depth = depth + 1
+        for hooks in self._hooks:
+            hooks.begun()
         try:
             yield conn
+            if depth == 0:
+                for hooks in self._hooks:
+                    hooks.before_commit()  # rows kept in memory join the transaction
+            conn.execute(commit)
         except BaseException:
             for statement in rollback:
                 conn.execute(statement)
+            for hooks in self._hooks:
+                hooks.rolled_back()
             raise
         finally:
             self._local.depth = depth
-        conn.execute(commit)
+        for hooks in self._hooks:
+            if depth == 0:
+                hooks.committed()
+            else:
+                hooks.released()
 
     def query(self, sql: str, params: Params = ()) -> list[sqlite3.Row]:
         return self._conn().execute(sql, params).fetchall()

@@ -22,8 +22,8 @@ from coordinator.runs import Run
 def device_view(
     record: DeviceRecord, now: float, placement: Placement | None = None
 ) -> dict[str, Any]:
-    view = dataclasses.asdict(record)
-    del view["signature"]  # bytes: the clusters view shows where it placed the device
+    # field by field, not dataclasses.asdict (a deep copy of every value: a fleet-wide view)
+    view = {name: getattr(record, name) for name in _RECORD_FIELDS}
     seen = _last_seen(record)
     view["last_seen"] = seen
     view["seen_seconds_ago"] = None if seen is None else max(0.0, now - seen)
@@ -36,6 +36,10 @@ def device_view(
         "why": record.adapter_reason,
     }
     return view
+
+
+# bytes: the clusters view shows where it placed the device
+_RECORD_FIELDS = tuple(f.name for f in dataclasses.fields(DeviceRecord) if f.name != "signature")
 
 
 def _origin(r: DeviceRecord) -> str:
@@ -69,10 +73,10 @@ def _gauges(r: DeviceRecord, placement: Placement | None) -> DeviceGauges:
     )
 
 
-def _behind(fleet: Fleet, r: DeviceRecord, placement: Placement | None) -> bool:
+def _behind(current: dict[str, int], r: DeviceRecord, placement: Placement | None) -> bool:
     """Whether the device runs something other than its cluster's current fleet version (the
-    cohort's, or the newest, for a device in no cluster with one); False where none exists."""
-    current = fleet.store.current_versions(r.cohort) if r.cohort is not None else {}
+    cohort's, or the newest, for a device in no cluster with one); False where none exists.
+    `current`: its cohort's current versions (fleet.store.current_versions)."""
     if not current:
         return False
     cluster = placement.cluster if placement is not None else None
@@ -91,9 +95,19 @@ def job_view(job: Job) -> dict[str, Any]:
     return dataclasses.asdict(job)
 
 
+def _placed(
+    fleet: Fleet, records: list[DeviceRecord]
+) -> list[tuple[DeviceRecord, Placement | None]]:
+    """Each record with its placement, read in one query (not one per device)."""
+    placements = fleet.clusters.placements()
+    return [
+        (r, None if r.cohort is None else placements.get((r.cohort, r.device_id))) for r in records
+    ]
+
+
 def devices(fleet: Fleet) -> list[dict[str, Any]]:
     now = fleet.clock()
-    return [device_view(r, now, _placement(fleet, r)) for r in fleet.registry.devices()]
+    return [device_view(r, now, p) for r, p in _placed(fleet, fleet.registry.devices())]
 
 
 def device(fleet: Fleet, device_id: str) -> dict[str, Any]:
@@ -240,16 +254,40 @@ def run_view(run: Run) -> dict[str, Any]:
     }
 
 
-def snapshot(fleet: Fleet) -> FleetSnapshot:
-    records = [(r, _placement(fleet, r)) for r in fleet.registry.devices()]
-    gauges = tuple(_gauges(r, placement) for r, placement in records)
+class GaugesMemo:
+    """Each device's gauges as last derived, reused while its record and its placement are the
+    very same objects (the registry and ClusterBook.placements keep an unchanged one): the
+    metrics snapshot, every 2 s, derives only what changed. One caller thread at a time."""
+
+    def __init__(self) -> None:
+        self._last: dict[str, tuple[DeviceRecord, Placement | None, DeviceGauges]] = {}
+
+    def gauges(
+        self, records: list[tuple[DeviceRecord, Placement | None]]
+    ) -> tuple[DeviceGauges, ...]:
+        last, now = self._last, {}
+        for record, placement in records:
+            seen = last.get(record.device_id)
+            if seen is None or seen[0] is not record or seen[1] is not placement:
+                seen = (record, placement, _gauges(record, placement))
+            now[record.device_id] = seen
+        self._last = now
+        return tuple(seen[2] for seen in now.values())
+
+
+def snapshot(fleet: Fleet, memo: GaugesMemo | None = None) -> FleetSnapshot:
+    records = _placed(fleet, fleet.registry.devices())
+    gauges = (memo or GaugesMemo()).gauges(records)
     members: dict[str, int] = {}
     behind: dict[str, int] = {}
+    currents: dict[str, dict[str, int]] = {}  # per cohort, read once
     for r, placement in records:
         if r.cohort is None:
             continue
+        if r.cohort not in currents:
+            currents[r.cohort] = fleet.store.current_versions(r.cohort)
         members[r.cohort] = members.get(r.cohort, 0) + 1
-        behind[r.cohort] = behind.get(r.cohort, 0) + _behind(fleet, r, placement)
+        behind[r.cohort] = behind.get(r.cohort, 0) + _behind(currents[r.cohort], r, placement)
     versions = {}
     for cohort in fleet.store.cohorts():
         current = fleet.store.current_versions(cohort)
@@ -257,7 +295,5 @@ def snapshot(fleet: Fleet) -> FleetSnapshot:
             versions[cohort] = max(current.values())
     states = {state.value: n for state, n in fleet.jobs.count_by_state().items()}
     now = fleet.clock()
-    quarantined = sum(
-        1 for r in fleet.registry.devices() if r.quarantined_until and r.quarantined_until > now
-    )
+    quarantined = sum(1 for r, _ in records if r.quarantined_until and r.quarantined_until > now)
     return FleetSnapshot(gauges, states, versions, quarantined, members, behind)

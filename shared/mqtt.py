@@ -3,6 +3,7 @@ settings, client construction, MQTT v5 publish properties, backoff and publish-s
 
 from __future__ import annotations
 
+import copy
 import functools
 import logging
 import math
@@ -212,12 +213,21 @@ def connect_async(
     )
 
 
-def publish_properties(envelope: Envelope, *, now: float | None = None) -> Properties:
-    """MQTT v5 PUBLISH properties mirroring the envelope (which carries all of it anyway)."""
+@functools.cache
+def _publish_template(kind: str) -> Properties:
+    """The properties every PUBLISH of a kind carries. Copied for each message: building
+    Properties (and setting each through its checks) cost ~20 µs a publish, most of a
+    coordinator's per-message publishing time."""
     props = Properties(PacketTypes.PUBLISH)
     props.ContentType = CONTENT_TYPE
     props.UserProperty = ("schema", str(SCHEMA_VERSION))
-    props.UserProperty = ("kind", envelope.kind.value)
+    props.UserProperty = ("kind", kind)
+    return props
+
+
+def publish_properties(envelope: Envelope, *, now: float | None = None) -> Properties:
+    """MQTT v5 PUBLISH properties mirroring the envelope (which carries all of it anyway)."""
+    props = copy.copy(_publish_template(envelope.kind.value))
     if envelope.expires_at is not None:
         remaining = envelope.expires_at - (time.time() if now is None else now)
         props.MessageExpiryInterval = max(1, math.ceil(remaining))

@@ -55,6 +55,8 @@ def test_unacknowledged_messages_are_handed_out_again_by_a_restarted_service(tmp
     assert [(o.device_id, o.message_id) for o in resent] == [
         (o.device_id, o.message_id) for o in first if o.device_id == "pi-2"
     ]  # the same message (same id: the device drops a repeat), and only the unacknowledged one
+    # read back from its row, it is what the first life handed out from memory
+    assert [o.message for o in resent] == [o.message for o in first if o.device_id == "pi-2"]
 
 
 def test_a_job_that_expired_in_the_outbox_is_dropped_not_sent(tmp_path, clock):
@@ -79,6 +81,7 @@ def test_a_failed_tick_leaves_neither_its_jobs_nor_their_messages(tmp_path, cloc
     with pytest.raises(ZeroDivisionError):
         service.tick()
     assert service.jobs() == [] and service.health()["outbox_backlog"] == 0
+    assert service.fleet.outbox._added == {}  # nor its messages' in-memory copies
     monkeypatch.undo()
     (job,) = jobs_in(service.tick(), JobKind.FINETUNE)  # the request is still queued
     assert [j["job_id"] for j in service.jobs()] == [job[1].job_id]

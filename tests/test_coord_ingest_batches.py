@@ -67,6 +67,37 @@ def test_only_the_same_devices_end_of_the_same_job_folds_a_status(clock):
     assert superseded(batch) == {0}
 
 
+def test_a_message_that_raises_is_refused_alone_and_the_batch_counts_once(
+    tmp_path, clock, monkeypatch
+):
+    """The batch goes in without a savepoint per message; when one raises, it is applied again
+    message by message: the others are kept, their events counted once, and a heartbeat of
+    the failed pass is not taken for a repeat."""
+    service, pi1, pi2, job = one_job(tmp_path, clock)
+    handle = service._handler.handle
+
+    def failing_for_pi2(received):
+        if received.device_id == "pi-2":
+            raise RuntimeError("a bug in a handler")
+        handle(received)
+
+    monkeypatch.setattr(service._handler, "handle", failing_for_pi2)
+    clock.advance(5.0)
+    beat = pi1.heartbeat()
+    batch = [beat, pi1.report(job.job_id), pi2.heartbeat()]  # the failure comes last
+    assert service.ingest(batch) == 2
+    assert service.jobs()[0]["state"] == "SUCCEEDED"
+    assert service.device("pi-1")["last_heartbeat_at"] == beat.received_at
+    events = service.metrics_report().events
+    assert transitions_in(events) == ["SUCCEEDED"]
+    assert [e.reason for e in events if isinstance(e, MessageRejected)] == ["internal_error"]
+    assert service.ingest([beat]) == 0  # applied once, remembered once
+
+
+def transitions_in(events) -> list[str]:
+    return [e.state for e in events if isinstance(e, JobTransition)]
+
+
 def test_a_report_alone_ends_its_job_succeeded_and_folds_an_in_progress_before_it(tmp_path, clock):
     service, pi1, _, job = one_job(tmp_path, clock)
     started = pi1.status(job.job_id, JobState.IN_PROGRESS)

@@ -3,8 +3,6 @@ version, else the cohort-wide one, else the cohort's newest; whatever else they 
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import pytest
 
 from coordinator.adapter_store import WHOLE_COHORT
@@ -12,13 +10,7 @@ from coordinator.clusters import Placement
 from coordinator.registry import DeviceRecord
 from coordinator.views import _behind
 
-CURRENT = {"c0": 3, "c1": 5}  # cluster -> its current version, in cohort "fan"
-
-
-def fleet_with(current: dict[str, int]):
-    """The one thing _behind reads of a fleet: the store's current versions per cohort."""
-    store = SimpleNamespace(current_versions=lambda cohort: current if cohort == "fan" else {})
-    return SimpleNamespace(store=store)
+CURRENT = {"c0": 3, "c1": 5}  # cluster -> its current version, in the device's cohort
 
 
 def record(version: int | None, origin: str | None, cohort: str = "fan") -> DeviceRecord:
@@ -41,14 +33,14 @@ def test_a_device_is_behind_unless_it_runs_its_clusters_current_version(
     version, origin, cluster, behind
 ):
     placement = Placement("pi-1", cluster, "test")
-    assert _behind(fleet_with(CURRENT), record(version, origin), placement) is behind
+    assert _behind(CURRENT, record(version, origin), placement) is behind
 
 
 def test_the_cohort_wide_version_is_the_target_of_a_cluster_without_one():
-    fleet = fleet_with({WHOLE_COHORT: 2, "c1": 4})
-    assert _behind(fleet, record(2, "fleet"), Placement("pi-1", "c0", "test")) is False
-    assert _behind(fleet, record(4, "fleet"), Placement("pi-1", "c0", "test")) is True
+    current = {WHOLE_COHORT: 2, "c1": 4}
+    assert _behind(current, record(2, "fleet"), Placement("pi-1", "c0", "test")) is False
+    assert _behind(current, record(4, "fleet"), Placement("pi-1", "c0", "test")) is True
 
 
 def test_nobody_is_behind_in_a_cohort_without_a_version():
-    assert _behind(fleet_with(CURRENT), record(None, None, cohort="har"), None) is False
+    assert _behind({}, record(None, None, cohort="har"), None) is False  # har: no version

@@ -1,0 +1,181 @@
+"""Rows held in memory beside their SQLite table, written when the transaction commits.
+
+The fleet actor reads and rewrites a device's record several times for each message it applies;
+doing that in SQLite cost a query and an upsert each time. HotRows keeps every row in memory
+(loaded once, when the state opens) and lets the writing thread change them freely inside a
+transaction: the changed rows are written with one executemany just before the outermost COMMIT,
+so they are durable exactly when the rest of the transaction is. A savepoint that rolls back
+(one bad message in a batch) takes its changes back in memory too; so does a failed transaction.
+
+Readers on other threads (the actor's query and health groups) see the committed rows only, as
+a WAL reader of the table would. One writer per state dir (the instance lock) keeps the memory
+and the file the same: nothing else writes the table.
+
+TransactionalNotes does the same for things noted in memory only (metric events, the keys of
+state messages already applied): they count when their transaction commits, and are undone
+when it rolls back.
+"""
+
+from __future__ import annotations
+
+import threading
+from collections.abc import Callable, Iterator
+from typing import Any, Generic, TypeVar
+
+from coordinator.state_db import StateDB
+
+Row = TypeVar("Row")
+Item = TypeVar("Item")
+_ABSENT: Any = object()  # "no pending change" in an undo entry
+
+
+class _Pending(threading.local):
+    """One thread's uncommitted changes: key -> row (None: deleted), and an undo log per open
+    (nested) transaction: key -> what it was before that transaction changed it."""
+
+    def __init__(self) -> None:
+        self.changes: dict[str, Any] = {}
+        self.undo: list[dict[str, Any]] = []
+
+
+class HotRows(Generic[Row]):
+    def __init__(
+        self,
+        db: StateDB,
+        rows: dict[str, Row],
+        *,
+        upsert: tuple[str, Callable[[Row], tuple[Any, ...]]],
+        delete: str,
+    ) -> None:
+        """`rows`: the table as loaded; `upsert`: the statement and a row's parameters;
+        `delete`: the statement that deletes a key."""
+        self._db = db
+        self._committed = rows
+        self._lock = threading.Lock()  # the writer merges a commit while readers copy
+        self._upsert_sql, self._params = upsert
+        self._delete_sql = delete
+        self._pending = _Pending()
+        db.add_hooks(self)
+
+    # ---- reads
+
+    def get(self, key: str) -> Row | None:
+        changes = self._pending.changes
+        if key in changes:
+            row: Row | None = changes[key]
+            return row
+        return self._committed.get(key)
+
+    def values(self) -> Iterator[Row]:
+        """Every row as this thread sees it (its own uncommitted changes included)."""
+        with self._lock:
+            rows = dict(self._committed)
+        for key, row in self._pending.changes.items():
+            if row is None:
+                rows.pop(key, None)
+            else:
+                rows[key] = row
+        return iter(rows.values())
+
+    # ---- writes (inside a transaction)
+
+    def put(self, key: str, row: Row | None) -> None:
+        """Changes (None: deletes) a row in the caller's transaction."""
+        if not self._db.in_transaction:
+            raise RuntimeError("HotRows.put outside a transaction")
+        pending = self._pending
+        undo = pending.undo[-1]
+        if key not in undo:
+            undo[key] = pending.changes.get(key, _ABSENT)
+        pending.changes[key] = row
+
+    # ---- TransactionHooks (called by StateDB on the writing thread)
+
+    def begun(self) -> None:
+        self._pending.undo.append({})
+
+    def rolled_back(self) -> None:
+        pending = self._pending
+        for key, before in pending.undo.pop().items():
+            if before is _ABSENT:
+                pending.changes.pop(key, None)
+            else:
+                pending.changes[key] = before
+
+    def released(self) -> None:
+        pending = self._pending
+        inner = pending.undo.pop()
+        outer = pending.undo[-1]
+        for key, before in inner.items():
+            outer.setdefault(key, before)  # the outer one keeps its own, older, state
+
+    def before_commit(self) -> None:
+        changes = self._pending.changes
+        if not changes:
+            return
+        saved = [self._params(row) for row in changes.values() if row is not None]
+        deleted = [(key,) for key, row in changes.items() if row is None]
+        if saved:
+            self._db.executemany(self._upsert_sql, saved)
+        if deleted:
+            self._db.executemany(self._delete_sql, deleted)
+
+    def committed(self) -> None:
+        pending = self._pending
+        pending.undo.pop()
+        changes, pending.changes = pending.changes, {}
+        if not changes:
+            return
+        with self._lock:
+            for key, row in changes.items():
+                if row is None:
+                    self._committed.pop(key, None)
+                else:
+                    self._committed[key] = row
+
+
+class _Levels(threading.local):
+    def __init__(self) -> None:
+        self.stack: list[list[Any]] = []  # per open (nested) transaction: what it noted
+
+
+class TransactionalNotes(Generic[Item]):
+    """Things noted in memory inside a transaction (metric events, message keys), kept per
+    nested level: a level that rolls back hands its notes to `undo`, the outermost commit hands
+    them all to `commit`. Outside a transaction, note() is commit() at once."""
+
+    def __init__(
+        self,
+        db: StateDB,
+        *,
+        commit: Callable[[list[Item]], None],
+        undo: Callable[[list[Item]], None] = lambda items: None,
+    ) -> None:
+        self._commit, self._undo = commit, undo
+        self._levels = _Levels()
+        db.add_hooks(self)
+
+    def note(self, item: Item) -> None:
+        stack = self._levels.stack
+        if stack:
+            stack[-1].append(item)
+        else:
+            self._commit([item])
+
+    def begun(self) -> None:
+        self._levels.stack.append([])
+
+    def rolled_back(self) -> None:
+        self._undo(self._levels.stack.pop())
+
+    def released(self) -> None:
+        stack = self._levels.stack
+        stack[-2].extend(stack.pop())
+
+    def before_commit(self) -> None:
+        pass
+
+    def committed(self) -> None:
+        notes = self._levels.stack.pop()
+        if notes:
+            self._commit(notes)

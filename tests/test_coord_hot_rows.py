@@ -1,0 +1,111 @@
+"""Rows held in memory beside SQLite (coordinator.hot_rows), through the device registry that
+uses them: durable exactly when their transaction commits, taken back with a rolled-back
+savepoint or transaction, and invisible to other threads until committed; an unchanged record
+stays the same object, so the metrics snapshot derives only what changed."""
+
+from __future__ import annotations
+
+import threading
+
+import pytest
+
+from coordinator.clock import ManualClock
+from coordinator.registry import FleetRegistry
+from coordinator.service import FleetService
+from coordinator.state_db import StateDB
+from tests.coord_fleet_helpers import SimDevice, make_config
+
+HASH = "ab" * 32
+
+
+@pytest.fixture
+def db(tmp_path):
+    with StateDB.in_dir(tmp_path) as state:
+        yield state
+
+
+def reopened(tmp_path) -> FleetRegistry:
+    """A registry over the same file, as a restarted actor builds it (reads SQLite only)."""
+    return FleetRegistry(StateDB.in_dir(tmp_path), clock=lambda: 1000.0)
+
+
+def test_changes_in_a_transaction_reach_sqlite_when_it_commits(tmp_path, db):
+    registry = FleetRegistry(db, clock=lambda: 1000.0)
+    with db.transaction():
+        registry.register("pi-1", base_model_hash=HASH, task="fan")
+        registry.record_heartbeat("pi-1", at=1000.0, power_w=2.5)
+        assert registry.get("pi-1").power_w == 2.5  # the writer sees its own change at once
+        assert reopened(tmp_path).get("pi-1") is None  # nothing in the file before COMMIT
+    record = reopened(tmp_path).get("pi-1")
+    assert record is not None and record.power_w == 2.5 and record.cohort is not None
+
+
+def test_a_rolled_back_savepoint_takes_its_changes_back_and_keeps_the_others(tmp_path, db):
+    registry = FleetRegistry(db, clock=lambda: 1000.0)
+    with db.transaction():
+        registry.register("pi-1", base_model_hash=HASH, task="fan")
+        with pytest.raises(RuntimeError), db.transaction():  # one bad message of a batch
+            registry.record_heartbeat("pi-1", at=1000.0, power_w=9.0)
+            registry.register("pi-2", base_model_hash=HASH, task="fan")
+            raise RuntimeError("the message's handler failed")
+        with db.transaction():
+            registry.record_heartbeat("pi-1", at=1001.0, temperature_c=40.0)
+        assert registry.get("pi-2") is None
+        assert registry.get("pi-1").power_w is None
+    for view in (registry, reopened(tmp_path)):
+        assert [r.device_id for r in view.devices()] == ["pi-1"]
+        assert view.get("pi-1").power_w is None and view.get("pi-1").temperature_c == 40.0
+
+
+def test_a_failed_transaction_leaves_neither_memory_nor_file_changed(tmp_path, db):
+    registry = FleetRegistry(db, clock=lambda: 1000.0)
+    registry.register("pi-1", base_model_hash=HASH, task="fan")
+    with pytest.raises(RuntimeError), db.transaction():
+        registry.record_heartbeat("pi-1", at=1000.0, power_w=3.0)
+        registry.remove("pi-1")
+        raise RuntimeError("the batch failed")
+    for view in (registry, reopened(tmp_path)):
+        record = view.get("pi-1")
+        assert record is not None and record.power_w is None
+
+
+def test_another_thread_sees_only_committed_records(db):
+    registry = FleetRegistry(db, clock=lambda: 1000.0)
+    registry.register("pi-1", base_model_hash=HASH, task="fan")
+    seen: dict[str, object] = {}
+
+    def read(name: str) -> None:
+        seen[name] = (registry.get("pi-1").power_w, [r.device_id for r in registry.devices()])
+
+    with db.transaction():
+        registry.record_heartbeat("pi-1", at=1000.0, power_w=4.0)
+        registry.register("pi-2", base_model_hash=HASH, task="fan")
+        reader = threading.Thread(target=read, args=("during",))
+        reader.start()
+        reader.join()
+    reader = threading.Thread(target=read, args=("after",))
+    reader.start()
+    reader.join()
+    assert seen == {"during": (None, ["pi-1"]), "after": (4.0, ["pi-1", "pi-2"])}
+
+
+def test_a_removed_device_is_gone_after_a_restart(tmp_path, db):
+    registry = FleetRegistry(db, clock=lambda: 1000.0)
+    registry.register("pi-1", base_model_hash=HASH, task="fan")
+    registry.register("pi-2", base_model_hash=HASH, task="fan")
+    assert registry.remove("pi-1") is True
+    assert registry.remove("pi-404") is False
+    assert [r.device_id for r in reopened(tmp_path).devices()] == ["pi-2"]
+
+
+def test_the_metrics_snapshot_derives_again_only_the_devices_that_changed(tmp_path):
+    clock = ManualClock()
+    service = FleetService(make_config(tmp_path), clock=clock)
+    pi1, pi2 = SimDevice("pi-1", clock), SimDevice("pi-2", clock)
+    service.ingest([pi1.presence(), pi1.heartbeat(), pi2.presence(), pi2.heartbeat()])
+    before = {g.device_id: g for g in service.metrics_report().snapshot.devices}
+    clock.advance(10.0)
+    service.ingest([pi1.heartbeat(drift=2.5)])
+    after = {g.device_id: g for g in service.metrics_report().snapshot.devices}
+    assert after["pi-1"].drift_score == 2.5 and before["pi-1"].drift_score == 1.0
+    assert after["pi-2"] is before["pi-2"]  # unchanged record and placement: reused
