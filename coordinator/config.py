@@ -330,7 +330,8 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         help="split the fleet by cohort over this many Ray actors, each with its own MQTT "
-        "ingest (MQTT 5 shared subscriptions); 1: one actor, as on one machine",
+        "ingest (MQTT 5 shared subscriptions); 1: one actor, as on one machine. With "
+        "--username U --password-file F, partition I connects as U-pI with the password in F-pI",
     )
     add(
         "--partition-resources",
