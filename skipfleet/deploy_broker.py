@@ -64,9 +64,6 @@ def compose_interpolate(value: object, environment: dict[str, str]) -> object:
 SERVICES = compose_interpolate(
     yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"], dict(os.environ)
 )
-SERVICES = compose_interpolate(
-    yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"], dict(os.environ)
-)
 MAKE_ACCOUNTS = DEPLOY / "mosquitto" / "make-accounts.sh"
 
 
