@@ -46,7 +46,7 @@ from coordinator.dashboard import (
     static_file,
 )
 from coordinator.fleet import FleetRequestError
-from coordinator.ports import FleetPort, Unavailable
+from coordinator.ports import OperatorPort, Unavailable
 from shared.http_auth import RequestGuard, check_request
 
 log = logging.getLogger(__name__)
@@ -80,7 +80,7 @@ class ApiError(Exception):
 class FleetApi:
     def __init__(
         self,
-        port: FleetPort,
+        port: OperatorPort,
         *,
         bridge_connected: Callable[[], bool] = lambda: True,
         dashboard: Dashboard | None = None,

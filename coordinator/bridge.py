@@ -21,6 +21,7 @@ import threading
 import time
 from collections.abc import Callable
 from enum import StrEnum
+from typing import Protocol
 
 import paho.mqtt.client as paho
 from paho.mqtt.properties import Properties
@@ -30,10 +31,9 @@ from coordinator.account_fight import AccountFightDetector, describe_fight, shor
 from coordinator.config import CoordinatorConfig
 from coordinator.delivery import AckToken, InboundAcks, PublishTracker
 from coordinator.ingest import Received
-from coordinator.metrics import FleetMetrics
-from coordinator.observations import RejectReason
+from coordinator.observations import MetricsReport, RejectReason
 from coordinator.outbound import Outbound
-from coordinator.ports import FleetPort, Unavailable
+from coordinator.ports import IngestPort, Unavailable
 from shared.mqtt import (
     PublishTooLarge,
     backoff_delay,
@@ -95,8 +95,22 @@ class FatalReason(StrEnum):
 
     BROKER_REFUSED = "broker_refused"
     SESSION_TAKEN_OVER = "session_taken_over"
+    SUBSCRIPTION_REFUSED = "subscription_refused"  # e.g. no shared subscriptions on the broker
     # Another client on our account kicks us at once after every connect (account_fight).
     ACCOUNT_SHARED = "account_shared"
+
+
+class BridgeMetrics(Protocol):
+    """What the bridge counts: coordinator.metrics.FleetMetrics in the driver, or a partition
+    actor's relay to the driver (coordinator.partition_runtime)."""
+
+    def message_received(self, kind: str, size: int) -> None: ...
+
+    def message_sent(self, kind: str) -> None: ...
+
+    def message_rejected(self, reason: str) -> None: ...
+
+    def apply(self, report: MetricsReport) -> None: ...
 
 
 class InboundDecoder:
@@ -109,7 +123,7 @@ class InboundDecoder:
     def __init__(
         self,
         topics: Topics,
-        metrics: FleetMetrics,
+        metrics: BridgeMetrics,
         *,
         publish_limit: int,
         clock: Callable[[], float] = time.time,
@@ -164,8 +178,8 @@ class MqttBridge:
     def __init__(
         self,
         config: CoordinatorConfig,
-        port: FleetPort,
-        metrics: FleetMetrics,
+        port: IngestPort,
+        metrics: BridgeMetrics,
         *,
         on_fatal: Callable[[FatalReason, str], None] = lambda kind, reason: None,
         client_factory: Callable[..., paho.Client] = make_client,
@@ -201,6 +215,7 @@ class MqttBridge:
         self._client.on_disconnect = logged(self._handle_disconnect)
         self._client.on_message = logged(self._handle_message)
         self._client.on_publish = logged(self._handle_publish)
+        self._client.on_subscribe = logged(self._handle_subscribe)
         self._threads = [
             threading.Thread(target=self._forward_inbound, name="bridge-inbound", daemon=True),
             threading.Thread(target=self._control_loop, name="bridge-control", daemon=True),
@@ -296,13 +311,33 @@ class MqttBridge:
             return
         self._fight.accepted()
         self._acks.connected()
-        client.subscribe(self._topics.coordinator_subscriptions())
+        client.subscribe(self._topics.coordinator_subscriptions(self._config.share_group))
         self._connected.set()
         log.info("connected to %s (session present: %s)", self._config.mqtt.url,
                  flags.session_present)  # fmt: skip
         if not flags.session_present:
             self._session_lost.set()
             self._wake.set()
+
+    def _handle_subscribe(
+        self,
+        client: paho.Client,
+        userdata: object,
+        mid: int,
+        reason_codes: list[ReasonCode],
+        properties: Properties | None,
+    ) -> None:
+        refused = [str(code) for code in reason_codes if code.is_failure]
+        if not refused:
+            return
+        message = f"{self._config.mqtt.url} refused a subscription: {', '.join(refused)}"
+        log.error("%s", message)
+        if self._config.share_group is not None:  # a partition deaf to its share of the fleet
+            self._on_fatal(
+                FatalReason.SUBSCRIPTION_REFUSED,
+                f"{message}. A partitioned coordinator needs MQTT 5 shared subscriptions "
+                f"($share/...) on the broker, and an ACL that lets it read them",
+            )
 
     def _handle_disconnect(
         self,

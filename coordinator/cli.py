@@ -33,7 +33,9 @@ from typing import TYPE_CHECKING
 from coordinator.config import add_arguments
 
 if TYPE_CHECKING:
+    from coordinator.app import Coordinator
     from coordinator.config import CoordinatorConfig
+    from coordinator.partitioned_app import PartitionedCoordinator
 
 log = logging.getLogger("coordinator")
 
@@ -119,10 +121,22 @@ def missing_extra() -> str | None:
     )
 
 
+def _start(config: CoordinatorConfig) -> Coordinator | PartitionedCoordinator:
+    """One fleet actor fed by this process's MQTT bridge, or (--partitions N) N partition
+    actors with their own ingests (imported only then: the default costs nothing more)."""
+    from coordinator.app import Coordinator
+
+    if not config.partitioned:
+        return Coordinator.start(config)
+    from coordinator.partitioned_app import PartitionedCoordinator
+
+    return PartitionedCoordinator.start(config)
+
+
 def run(config: CoordinatorConfig) -> int:
     import ray
 
-    from coordinator.app import Coordinator, PortUnavailable, StartupError
+    from coordinator.app import PortUnavailable, StartupError
     from coordinator.bridge import FatalReason
     from coordinator.instance import InstanceConflict
     from coordinator.ray_runtime import init_ray
@@ -150,7 +164,7 @@ def run(config: CoordinatorConfig) -> int:
         TokenFileError: ExitCode.CONFIG,
     }
     try:
-        coordinator = Coordinator.start(config)
+        coordinator = _start(config)
     except tuple(refusals) as err:
         ray.shutdown()
         code = next(c for kind, c in refusals.items() if isinstance(err, kind))

@@ -12,7 +12,7 @@ import hashlib
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from coordinator.aggregation.bounds import TrustBounds
 from coordinator.clustering import DEFAULT_CLUSTER_DISTANCE
 from coordinator.federation import FederationPolicy
+from coordinator.partition_accounts import partition_password_file, partition_username
 from coordinator.rollout import RolloutPolicy
 from coordinator.scheduler import LabelFreeSignal, SchedulerPolicy
 from shared.config_file import (
@@ -70,6 +71,7 @@ DEFAULT_DRIFT_THRESHOLD = None
 DEFAULT_MIN_CANARIES = 2
 # The API and /metrics answer this machine only unless the operator binds them elsewhere.
 DEFAULT_BIND = "127.0.0.1"
+MAX_PARTITIONS = 64
 
 
 class ConfigError(ValueError):
@@ -161,6 +163,17 @@ class CoordinatorConfig:
     tick_interval_s: float = 0.5
     metrics_interval_s: float = 2.0
     log_level: str = "INFO"
+    # The fleet state split by cohort over this many Ray actors, each with its own MQTT ingest
+    # (coordinator.partitions); 1: one actor, fed by the driver's bridge, as always.
+    partitions: int = 1
+    # Per partition, a Ray custom resource its actor needs (pins it to the nodes that have it);
+    # empty: Ray places the partitions.
+    partition_resources: tuple[str, ...] = ()
+    # Set on the config each partition actor runs with (coordinator.partitions.partition_config).
+    partition_index: int | None = None
+    # With an MQTT account and partitions > 1: partition I's password (coordinator.partition_
+    # accounts: it connects as `<username>-pI`, password read from `<password-file>-pI`).
+    partition_passwords: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         for name in ("metrics_port", "api_port"):
@@ -184,6 +197,49 @@ class CoordinatorConfig:
             raise ConfigError("--cluster-distance must be > 0 (or 'off')")
         if self.instance is not None and not INSTANCE_PATTERN.fullmatch(self.instance):
             raise ConfigError(f"--instance {self.instance!r}: use [a-z0-9-], at most 32")
+        self._check_partitions()
+
+    def _check_partitions(self) -> None:
+        if not 1 <= self.partitions <= MAX_PARTITIONS:
+            raise ConfigError(f"--partitions must be 1 to {MAX_PARTITIONS}, got {self.partitions}")
+        if self.partition_resources and len(self.partition_resources) != self.partitions:
+            raise ConfigError(
+                f"--partition-resources names {len(self.partition_resources)} resources for "
+                f"{self.partitions} partitions: give one per partition, or none"
+            )
+        # Partitions share the device topics through MQTT 5 shared subscriptions ($share/...):
+        # an MQTT 3.1.1 session cannot ask for them (mosquitto 2.0 serves them to v5 clients).
+        if self.partitions > 1 and str(self.mqtt.protocol) != "5":
+            raise ConfigError(
+                "--partitions > 1 needs MQTT 5 shared subscriptions; the broker connection is "
+                f"MQTT {self.mqtt.protocol}"
+            )
+        self._check_partition_accounts()
+
+    def _check_partition_accounts(self) -> None:
+        if self.partition_passwords and len(self.partition_passwords) != self.partitions:
+            raise ConfigError(
+                f"{len(self.partition_passwords)} partition passwords for {self.partitions} "
+                "partitions"
+            )
+        # Every partition has an account of its own (`<username>-pI`): the coordinator's
+        # password is for its own account, which no partition uses.
+        if self.partitioned and self.mqtt.password is not None and not self.partition_passwords:
+            raise ConfigError(
+                f"--partitions {self.partitions} with the MQTT account {self.mqtt.username!r}: "
+                f"each partition I connects as {self.mqtt.username}-pI with the password in "
+                "<--password-file>-pI; give the password by --password-file (not the URL or "
+                f"${ENV_PASSWORD})"
+            )
+
+    @property
+    def partitioned(self) -> bool:
+        return self.partitions > 1
+
+    @property
+    def share_group(self) -> str | None:
+        """The MQTT shared-subscription group of this coordinator's ingests (None: unshared)."""
+        return f"skipfleet-{self.instance_name}" if self.partitioned else None
 
     @property
     def joins_cluster(self) -> bool:
@@ -197,11 +253,15 @@ class CoordinatorConfig:
     def client_id(self) -> str:
         """The MQTT client id: one per coordinator instance, so two never take over each other's
         session (a broker with use_username_as_clientid uses the account name instead)."""
-        return CLIENT_ID_PREFIX + self.instance_name
+        return CLIENT_ID_PREFIX + self.instance_name + self._partition_suffix
 
     @property
     def fleet_actor_name(self) -> str:
-        return self.actor_name or CLIENT_ID_PREFIX + self.instance_name
+        return (self.actor_name or CLIENT_ID_PREFIX + self.instance_name) + self._partition_suffix
+
+    @property
+    def _partition_suffix(self) -> str:
+        return "" if self.partition_index is None else f"-p{self.partition_index}"
 
     @property
     def token_path(self) -> Path:
@@ -265,6 +325,20 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
     )
     add("--ray-namespace", default="skipfleet", help="Ray namespace of the fleet actor")
     add("--actor-name", help="the fleet actor's name (default: derived from --instance)")
+    add(
+        "--partitions",
+        type=int,
+        default=1,
+        help="split the fleet by cohort over this many Ray actors, each with its own MQTT "
+        "ingest (MQTT 5 shared subscriptions); 1: one actor, as on one machine. With "
+        "--username U --password-file F, partition I connects as U-pI with the password in F-pI",
+    )
+    add(
+        "--partition-resources",
+        default="",
+        help="comma-separated Ray custom resources, one per partition, that pin each "
+        "partition's actor to the nodes offering it (default: Ray places them)",
+    )
     add("--metrics-addr", default=DEFAULT_BIND, help="/metrics bind address; 0.0.0.0: all hosts")
     add("--metrics-port", type=int, default=DEFAULT_METRICS_PORT, help="0: any free port")
     add("--api-addr", default=DEFAULT_BIND, help="API bind address; 0.0.0.0: all hosts")
@@ -547,8 +621,9 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Coordinat
             "file's [coordinator] table)"
         )
     try:
+        mqtt = _mqtt_settings(args, environ)
         return CoordinatorConfig(
-            mqtt=_mqtt_settings(args, environ),
+            mqtt=mqtt,
             state_dir=Path(state_dir),
             instance=args.instance,
             topic_root=args.topic_root,
@@ -593,11 +668,18 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Coordinat
             command_timeout_s=args.command_timeout_seconds,
             tick_interval_s=args.tick_seconds,
             log_level=args.log_level,
+            partitions=args.partitions,
+            partition_resources=_names(args.partition_resources),
+            partition_passwords=_partition_passwords(args, mqtt),
         )
     except ConfigError:
         raise
     except ValueError as err:  # the policies' own checks
         raise ConfigError(str(err)) from None
+
+
+def _names(text: str | None) -> tuple[str, ...]:
+    return tuple(name.strip() for name in (text or "").split(",") if name.strip())
 
 
 def _optional_path(text: str | None) -> Path | None:
@@ -639,13 +721,39 @@ def _mqtt_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Mqtt
     username = args.username
     if username:
         overrides["username"] = username
-    password = _password(args, environ)
-    if password is not None:
-        overrides["password"] = password
     try:
-        return parse_broker_url(url, **overrides)
+        settings = parse_broker_url(url, **overrides)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if _partition_accounts(args, settings):
+        return settings  # no partition uses the coordinator's own account
+    password = _password(args, environ)
+    return settings if password is None else replace(settings, password=password)
+
+
+def _partition_accounts(args: argparse.Namespace, mqtt: MqttSettings) -> bool:
+    """Whether every partition connects with an account of its own (partition_accounts)."""
+    return args.partitions > 1 and mqtt.username is not None and bool(args.password_file)
+
+
+def _partition_passwords(args: argparse.Namespace, mqtt: MqttSettings) -> tuple[str, ...]:
+    """Each partition's password, from `<password-file>-pI`; a missing file is refused here,
+    at start-up, naming it."""
+    if not _partition_accounts(args, mqtt):
+        return ()
+    passwords = []
+    for index in range(args.partitions):
+        path = partition_password_file(args.password_file, index)
+        where = f"partition {index}'s password file"
+        try:
+            passwords.append(read_secret_file(path, where))
+        except SecretFileError as err:
+            account = partition_username(mqtt.username or "", index)
+            raise ConfigError(
+                f"{err}; partition {index} connects as {account} (deploy/mosquitto/"
+                "make-accounts.sh --partitions N makes the accounts and their files)"
+            ) from None
+    return tuple(passwords)
 
 
 def _password(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:

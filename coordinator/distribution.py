@@ -253,6 +253,8 @@ class AdapterDistributor:
         except AdapterStoreError as err:
             f.reject("unknown_adapter", f"fetch from {device_id}: {err}")
             return
+        if f.adapter_waiting(device_id, record.cohort, version):
+            return  # it goes out after this request anyway: a fetch repeated is not a copy more
         f.send_adapter(device_id, record.cohort, version)
 
     # ---- internals: offers

@@ -92,6 +92,8 @@ class Fleet:
     seen: SeenMessages
     job_commands: JobCommands
     events: EventLog = field(default_factory=EventLog)
+    # device -> the last outbox row of its latest ask (its presence), while it may be waiting
+    reasks: dict[str, tuple[int, str]] = field(default_factory=dict)
 
     @classmethod
     def open(cls, config: CoordinatorConfig, clock: Clock = system_clock) -> Fleet:
@@ -99,6 +101,7 @@ class Fleet:
         registry = FleetRegistry(db, clock=clock, energy_period_s=config.energy_period_s)
         jobs = JobTable(db, clock=clock)
         store = AdapterStore(db, config.state_dir, clock=clock)
+        reports = ReportStore(db, config.state_dir)
         # Automatic triggers start rounds over a cohort (RoundPipeline), so the dispatching
         # scheduler must not also start lone fine-tunes for them: it runs with triggers off, and
         # a second one with the configured thresholds only answers automatic_trigger().
@@ -118,14 +121,22 @@ class Fleet:
             db=db,
             registry=registry,
             jobs=jobs,
-            scheduler=FineTuneScheduler(db, registry, jobs, policy=dispatching, clock=clock),
+            scheduler=FineTuneScheduler(
+                db,
+                registry,
+                jobs,
+                policy=dispatching,
+                clock=clock,
+                # several ingests: a device's report and its job's end may arrive out of order
+                reported=reports.devices_reported if config.partitioned else None,
+            ),
             triggers=FineTuneScheduler(db, registry, jobs, policy=config.policy, clock=clock),
             rounds=RoundTable(db),
             records=RoundRecords(db),
             store=store,
             rollouts=RolloutManager(db, store, policy=config.rollout, clock=clock),
             commands=CommandLog(db),
-            reports=ReportStore(db, config.state_dir),
+            reports=reports,
             clusters=ClusterBook(db, max_distance=config.cluster_distance, clock=clock),
             runs=RunBook(db, config.federation),
             outbox=DurableOutbox(db, config.client_id, clock, publish_limit=config.chunk_limit),
@@ -144,18 +155,34 @@ class Fleet:
 
     def reask(self, device_id: str | None = None) -> int:
         """Sends the commands of the open jobs of a device (None: of every device) again, in
-        the caller's transaction; returns how many (coordinator.reask says when and why)."""
+        the caller's transaction; returns how many (coordinator.reask says when and why).
+        A device's ask still waiting in the outbox, not handed out, is not queued again: it goes
+        out after this presence anyway, and so does any job sent since (a later row). So a device
+        flapping its presence gets at most one copy per hand-out, not one per presence."""
+        if device_id is not None:
+            last = self.reasks.pop(device_id, None)
+            if last is not None and self.outbox.waiting(last):
+                self.reasks[device_id] = last
+                return 0
         asked = self.job_commands.of(self.jobs.active(device_id))
         for device, command in asked:
             if isinstance(command, DesiredState):
                 self.send_desired(device, command)  # the pointer whose offer is the job
             else:
                 self.outbox.add(device, command)
+        newest = None if device_id is None or not asked else self.outbox.newest_of(device_id)
+        if device_id is not None and newest is not None:
+            self.reasks[device_id] = newest
         return len(asked)
 
     def send_adapter(self, device_id: str, cohort: str, version: int) -> None:
         """A stored adapter version, by reference (read from the store when handed out)."""
         self.outbox.add_adapter(device_id, AdapterRef(cohort, version, self.config.encoding.value))
+
+    def adapter_waiting(self, device_id: str, cohort: str, version: int) -> bool:
+        """That adapter is in the outbox for the device, not handed out yet."""
+        ref = AdapterRef(cohort, version, self.config.encoding.value)
+        return self.outbox.adapter_waiting(device_id, ref)
 
     def send_desired(self, device_id: str, pointer: DesiredState) -> None:
         """The retained pointer, with its version's adapter inline when small enough."""

@@ -85,7 +85,8 @@ class MessageHandler:
                 self._distributor.on_registered(record)
         f.registry.set_presence(device, message.state is PresenceState.ONLINE, at=at)
         if message.state is PresenceState.ONLINE:
-            # A new connection (a repeated presence never gets here: coordinator.seen), after
+            # A new connection (a repeated presence is dropped by coordinator.seen's memo; the
+            # retained one after a restart or past the memo asks once more, harmlessly), after
             # the device subscribed: what a crashed broker lost can be asked for again now.
             asked = f.reask(device)
             if asked:
@@ -152,6 +153,14 @@ class MessageHandler:
             return
         if job.kind != "finetune" or record.cohort is None:
             f.reject("unexpected_report", f"report from {device} for {job.kind} job {job.job_id}")
+            return
+        if not f.seen.first_report(device, job.job_id):
+            # This job's report was handled already (applied, refused or late): this one came as
+            # a new message (a new seq passes first_time), so it would record the fine-tune and
+            # its energy twice and put back "runs its own adapter" over what happened since. An
+            # agent never does that (a kept result goes again unchanged); a device replaying a
+            # job id does.
+            f.reject("duplicate", f"a second report from {device} for job {job.job_id}")
             return
         m = report.metrics
         # What the device did, whatever becomes of its adapter: it spent the energy, and it runs

@@ -163,7 +163,8 @@ class FleetMetrics:
 
     # ---- the bridge, in this process
 
-    def message_received(self, kind: str, size: int) -> None:
+    def message_received(self, kind: str, size: int, count: int = 1) -> None:
+        """count > 1: a partition's ingest reporting several (size: their bytes)."""
         # the labelled children are looked up once per kind, not once per message
         children = self._received.get(kind)
         if children is None:
@@ -171,14 +172,14 @@ class FleetMetrics:
                 self.received_messages.labels(kind=kind),
                 self.received_bytes.labels(kind=kind),
             )
-        children[0].inc()
+        children[0].inc(count)
         children[1].inc(size)
 
-    def message_sent(self, kind: str) -> None:
+    def message_sent(self, kind: str, count: int = 1) -> None:
         child = self._sent.get(kind)
         if child is None:
             child = self._sent[kind] = self.sent_messages.labels(kind=kind)
-        child.inc()
+        child.inc(count)
 
     def message_rejected(self, reason: str) -> None:
         self.rejected_messages.labels(reason=reason).inc()

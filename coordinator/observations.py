@@ -47,6 +47,9 @@ class RejectReason(StrEnum):
     WRONG_ROUTE = "wrong_route"
     REASSEMBLY = "reassembly"
     OVERLOAD = "overload"
+    # a partitioned coordinator's heartbeat from a device no partition has seen a presence of
+    # (its cohort, so its partition, is unknown; its next heartbeat comes after its presence)
+    UNPLACED = "unplaced"
 
 
 # Why the fleet state dropped a message (coordinator.fleet.Fleet.reject; a test holds the

@@ -123,6 +123,33 @@ class DurableOutbox:
             (device_id, form, message_id, body, self._clock()),
         )
 
+    def adapter_waiting(self, device_id: str, ref: AdapterRef) -> bool:
+        """This adapter is in the outbox for the device and not handed out yet."""
+        found = self._db.query_one(
+            "SELECT 1 FROM outbox WHERE device_id = ? AND form = ? AND body = ? AND seq > ?",
+            (device_id, ADAPTER_REF, pack(_ref_fields(ref)), self._handed_through),
+        )
+        return found is not None
+
+    def newest_of(self, device_id: str) -> tuple[int, str] | None:
+        """(seq, message id) of the device's newest row, or None."""
+        row = self._db.query_one(
+            "SELECT seq, message_id FROM outbox WHERE device_id = ? ORDER BY seq DESC LIMIT 1",
+            (device_id,),
+        )
+        return None if row is None else (int(row["seq"]), str(row["message_id"]))
+
+    def waiting(self, row: tuple[int, str]) -> bool:
+        """This row is in the outbox and not handed out yet in this actor's life: it goes out
+        after everything committed before the next hand-out."""
+        seq, message_id = row
+        if seq <= self._handed_through:
+            return False
+        found = self._db.query_one(
+            "SELECT 1 FROM outbox WHERE seq = ? AND message_id = ?", (seq, message_id)
+        )
+        return found is not None
+
     def hand_out(self, resolve: AdapterResolver) -> list[Outbound]:
         """Rows not handed out in this actor's life, oldest first (at most HAND_OUT_LIMIT)."""
         rows = self._db.query(

@@ -22,20 +22,9 @@ class Unavailable(RuntimeError):
     """The fleet state did not answer in time (actor restarting, overloaded): try again."""
 
 
-class FleetPort(Protocol):
-    def ingest(self, batch: Sequence[Received]) -> None:
-        """Returns when the batch is committed; Unavailable if that is not known."""
-        ...
-
-    def tick(self, acknowledged: Sequence[int] = ()) -> list[Outbound]:
-        """acknowledged: outbox rows the broker acknowledged (see coordinator.outbox)."""
-        ...
-
-    def reask_open_jobs(self) -> int:
-        """The bridge's session was lost: every open job's command again (coordinator.reask)."""
-        ...
-
-    def metrics_report(self) -> MetricsReport: ...
+class OperatorPort(Protocol):
+    """What the HTTP API asks of the fleet state: reads and operator requests (a partitioned
+    coordinator's PartitionedFleetPort answers these from every partition)."""
 
     def request_finetune(
         self, devices: Sequence[str] | None, cohort: str | None, all_: bool
@@ -57,6 +46,28 @@ class FleetPort(Protocol):
         ...
 
     def health(self) -> dict[str, Any]: ...
+
+
+class IngestPort(Protocol):
+    """What the MQTT bridge asks of the fleet state."""
+
+    def ingest(self, batch: Sequence[Received]) -> None:
+        """Returns when the batch is committed; Unavailable if that is not known."""
+        ...
+
+    def tick(self, acknowledged: Sequence[int] = ()) -> list[Outbound]:
+        """acknowledged: outbox rows the broker acknowledged (see coordinator.outbox)."""
+        ...
+
+    def reask_open_jobs(self) -> int:
+        """The bridge's session was lost: every open job's command again (coordinator.reask)."""
+        ...
+
+    def metrics_report(self) -> MetricsReport: ...
+
+
+class FleetPort(OperatorPort, IngestPort, Protocol):
+    """The whole fleet state behind one port (one actor, or a FleetService in this process)."""
 
 
 class LocalFleetPort:

@@ -17,7 +17,7 @@ import dataclasses
 import logging
 import pickle
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import ray
@@ -235,8 +235,11 @@ class FleetActor:
         self._service.close()
 
 
-def start_actor(config: CoordinatorConfig) -> FleetHandle:
-    """A new named fleet actor on this node, owned by this driver (it dies with it).
+def start_actor(
+    config: CoordinatorConfig, create: Callable[[CoordinatorConfig], FleetHandle] | None = None
+) -> FleetHandle:
+    """A new named fleet actor on this node, owned by this driver (it dies with it); `create`
+    makes another kind of actor under the same rules (a partition's).
 
     Ray's get_if_exists would hand back any actor of the name, a live one (another
     coordinator's) or one still dying from ray.kill (Ray issue 44083: get_actor can return a
@@ -249,7 +252,7 @@ def start_actor(config: CoordinatorConfig) -> FleetHandle:
         holder = _named_actor(name, namespace)
         if holder is None:
             try:
-                return _create_actor(config)
+                return (create or _create_actor)(config)
             except ray.exceptions.ActorAlreadyExistsError:
                 continue  # created by someone else between the look-up and ours: look again
         if _answers(holder):

@@ -7,7 +7,9 @@ command is remembered here, in the transaction that puts it in the outbox, until
 deadline, and the commands of the open jobs (QUEUED, IN_PROGRESS) are sent again through the
 durable outbox:
 - when a device comes online: every agent connection publishes a new presence after it has
-  subscribed, so the device can receive what is sent in answer;
+  subscribed, so the device can receive what is sent in answer. Not while the device's last
+  ask still waits in the outbox, unsent: that copy goes out after this presence anyway, so a
+  device flapping its presence gets one copy per hand-out, not one per presence (Fleet.reask);
 - when the bridge connects without a session (CONNACK session present false): the open jobs of
   every device. A device not yet back (no session on the broker) misses that copy, and is asked
   again by its own presence when it is.

@@ -163,6 +163,10 @@ class ReportStore:
         )
         return [_from_row(r) for r in rows]
 
+    def devices_reported(self, round_id: str) -> set[str]:
+        rows = self._db.query("SELECT device_id FROM fit_reports WHERE round_id = ?", (round_id,))
+        return {r["device_id"] for r in rows}
+
     def for_device(self, device_id: str, limit: int = 20) -> list[ReportMeta]:
         """The device's own (personalised) adapters, newest first: kept beside the fleet's."""
         rows = self._db.query(

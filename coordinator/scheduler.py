@@ -10,7 +10,7 @@ It returns what the bridge must send; it never sends anything itself.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -20,6 +20,10 @@ from coordinator.registry import DeviceRecord, FleetRegistry
 from coordinator.request_queue import PendingRequest, RequestQueue
 from coordinator.rounds import Round, RoundOutcome, RoundStatus, RoundTable, evaluate_round
 from coordinator.state_db import StateDB
+
+# How long a round that could close waits for the report of a device whose job succeeded
+# (a partitioned coordinator only; see FineTuneScheduler._awaiting_reports).
+REPORT_GRACE_S = 10.0
 
 
 class Trigger(StrEnum):
@@ -141,8 +145,12 @@ class FineTuneScheduler:
         *,
         policy: SchedulerPolicy | None = None,
         clock: Clock = system_clock,
+        reported: Callable[[str], set[str]] | None = None,
     ) -> None:
         self.policy = policy or SchedulerPolicy()
+        # round id -> devices whose report is stored; given, a round that could close waits
+        # (REPORT_GRACE_S at most) for the reports of devices whose job already succeeded
+        self._reported = reported
         self._registry = registry
         self._jobs = jobs
         self._rounds = RoundTable(db)
@@ -371,7 +379,7 @@ class FineTuneScheduler:
             if self._surely_running(rnd, now):
                 continue
             status = self._evaluate(rnd, now)
-            if not status.is_over:
+            if not status.is_over or self._awaiting_reports(rnd, status, now):
                 continue
             self._rounds.close(rnd.round_id, status.outcome, now)
             self._requests.drop_round(rnd.round_id)
@@ -382,6 +390,18 @@ class FineTuneScheduler:
                     )
             closed.append(status)
         return closed, canceled
+
+    def _awaiting_reports(self, rnd: Round, status: RoundStatus, now: float) -> bool:
+        """A device answered (its job SUCCEEDED) but its report is not in yet. A partitioned
+        coordinator's ingests share the device messages, so the report and the job's end can
+        reach the owner in either order; closing now would aggregate without that report."""
+        if self._reported is None or now >= rnd.deadline or not status.answered:
+            return False
+        missing = set(status.answered) - self._reported(rnd.round_id)
+        if not missing:
+            return False
+        latest = self._jobs.latest_attempts(rnd.round_id)
+        return any(now < latest[d].updated_at + REPORT_GRACE_S for d in missing if d in latest)
 
     def _surely_running(self, rnd: Round, now: float) -> bool:
         """A count-only check that spares the full evaluation (every job of the round read)

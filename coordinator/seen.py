@@ -64,6 +64,16 @@ class SeenMessages:
         )
         return inserted == 1
 
+    def first_report(self, device_id: str, job_id: str) -> bool:
+        """True the first time a report for this job is handled (and remembers it). An agent
+        never sends a second one (a kept report goes again unchanged: first_time drops it), so
+        a second is a device replaying a job id under a new seq. Same table, same horizon."""
+        inserted = self._db.execute(
+            "INSERT OR IGNORE INTO seen_messages (key, at) VALUES (?, ?)",
+            (f"report|{device_id}|{job_id}", self._clock()),
+        )
+        return inserted == 1
+
     def prune(self) -> int:
         return self._db.execute("DELETE FROM seen_messages WHERE at < ?", (self._clock() - KEEP_S,))
 

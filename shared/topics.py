@@ -15,6 +15,7 @@ DEVICE_ID_PATTERN = re.compile(r"[a-z0-9-]{1,64}")
 # A root may have several levels ("site-a/fleet") but no wildcards, empty levels or `$` prefix
 # (topics starting with `$` are the broker's own, e.g. $SYS).
 _ROOT_LEVEL = re.compile(r"[A-Za-z0-9_.-]{1,64}")
+SHARE_PREFIX = "$share/"  # MQTT 5 shared subscriptions: $share/{group}/{filter}
 
 
 class TopicKind(StrEnum):
@@ -49,6 +50,11 @@ UPLINK = frozenset(
 )
 DOWNLINK = frozenset({TopicKind.CMD_JOB, TopicKind.CMD_ADAPTER, TopicKind.CMD_DESIRED})
 _BY_SUFFIX = {kind.value: kind for kind in TopicKind}
+
+
+def _validate_share_group(group: str) -> None:
+    if not _ROOT_LEVEL.fullmatch(group):
+        raise ValueError(f"invalid share group {group!r}: one level of [A-Za-z0-9_.-]")
 
 
 def validate_device_id(device_id: object) -> str:
@@ -106,9 +112,23 @@ class Topics:
         """Subscription filter for one kind across the fleet, e.g. `fleet/+/status`."""
         return f"{self.root}/+/{TopicKind(kind).value}"
 
-    def coordinator_subscriptions(self) -> list[tuple[str, int]]:
-        """(filter, QoS) pairs the coordinator subscribes to: every device → coordinator kind."""
-        return [(self.all_devices(kind), kind.qos) for kind in TopicKind if kind in UPLINK]
+    def coordinator_subscriptions(self, share_group: str | None = None) -> list[tuple[str, int]]:
+        """(filter, QoS) pairs the coordinator subscribes to: every device → coordinator kind.
+
+        With a share group (a partitioned coordinator, MQTT 5) the broker hands each message
+        to one of the group's subscribers, except `status`: every ingest subscribes to it whole,
+        because a shared subscription gets no retained messages, and the retained presences
+        are how each ingest learns (again, after a restart) which cohort every device is in."""
+        if share_group is None:
+            return [(self.all_devices(kind), kind.qos) for kind in TopicKind if kind in UPLINK]
+        _validate_share_group(share_group)
+        return [
+            (self.all_devices(kind), kind.qos)
+            if kind is TopicKind.STATUS
+            else (f"{SHARE_PREFIX}{share_group}/{self.all_devices(kind)}", kind.qos)
+            for kind in TopicKind
+            if kind in UPLINK
+        ]
 
     def device_subscriptions(self, device_id: str) -> list[tuple[str, int]]:
         """(topic, QoS) pairs a device subscribes to: its own commands only."""

@@ -199,6 +199,12 @@ def add_coordinator(targets) -> None:
         help="report counts of the aggregation micro-benchmark")  # fmt: skip
     add("--ray-address", default="local",
         help="'local' (default: the coordinator starts its own Ray) or a Ray to join")  # fmt: skip
+    add("--partitions", type=positive_int, default=1,
+        help="split the fleet by cohort over this many coordinator partitions (one cohort "
+        "per partition, one per load-generator process; default 1)")  # fmt: skip
+    add("--ray-nodes", type=positive_int, default=1,
+        help="start a local Ray of this many nodes (ray start), each a stand-in for one "
+        "more machine; partition i is pinned to node i mod N (default 1: no such Ray)")  # fmt: skip
     add("--work-dir", help="keep every log and state dir here (default: a temporary dir)")
     add("--json", metavar="OUT", help="write the results as JSON")
 

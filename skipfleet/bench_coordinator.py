@@ -36,17 +36,19 @@ from skipfleet.loadgen.fleet import SimulatedFleet
 from skipfleet.measure import (
     Memory,
     PeakMemory,
-    children_of,
     descendant_running,
     memory_by_role,
     memory_of,
 )
+from skipfleet.ray_nodes import NO_TOKEN_AUTH, LocalRayCluster
 
 # One asyncio loop carried 1,000 clients (skipfleet.loadgen.connection); 250 per process lets
 # the generators use both cores without one process per handful of devices.
 DEVICES_PER_PROCESS = 250
 EPOCHS, LR = 30, 0.02  # the coordinator's default fine-tune, also the reference run's
 FD_HEADROOM = 256
+COUNTERS_LAG_S = 2.5  # the coordinator's metrics interval (2 s) and a margin
+IDLE_WINDOW_S = 10.0
 
 
 def broker_config() -> list[str]:
@@ -61,9 +63,10 @@ def broker_config() -> list[str]:
     ]
 
 
-def coordinator_knobs(devices: int, args) -> list[str]:
+def coordinator_knobs(devices: int, args, cluster: LocalRayCluster | None = None) -> list[str]:
     """Rounds only when the benchmark asks, one round a run (the round is what is measured);
-    every device fine-tunes at once; a tenth canaries."""
+    every device fine-tunes at once; a tenth canaries. With --partitions N: N partitions, on
+    the bench's own multi-node Ray (--ray-nodes) partition i pinned to node i mod nodes."""
     knobs = {
         "--max-concurrent-jobs": str(devices),
         "--max-rounds": "1",
@@ -79,11 +82,36 @@ def coordinator_knobs(devices: int, args) -> list[str]:
         "--canary-deadline-seconds": str(args.round_timeout),
         "--epochs": str(EPOCHS),
         "--lr": str(LR),
-        "--ray-address": args.ray_address,
+        "--ray-address": args.ray_address if cluster is None else cluster.address,
     }
-    if args.ray_address != "local":  # joining a shared Ray: a name of our own there
+    if knobs["--ray-address"] != "local":  # joining a shared Ray: a name of our own there
         knobs["--actor-name"] = f"bench-{os.getpid()}-{devices}"
+    if args.partitions > 1:
+        knobs["--partitions"] = str(args.partitions)
+    if cluster is not None:
+        nodes = cluster.resources
+        pinned = [nodes[i % len(nodes)] for i in range(args.partitions)]
+        knobs["--partition-resources"] = ",".join(pinned)
     return [item for pair in knobs.items() for item in pair]
+
+
+def cohorts_for(base_model: Path, partitions: int) -> list[str] | None:
+    """One device cohort per partition (the agents' --cohort), each owned by its partition;
+    None with one partition: every device in the default cohort, as always."""
+    if partitions == 1:
+        return None
+    from agent.learner import load_base_model
+    from coordinator.fleet import task_name
+    from coordinator.partitions import partition_of
+    from coordinator.registry import cohort_id
+
+    base_hash = load_base_model(base_model).weights_hash
+    found: dict[int, str] = {}
+    for name in (f"fleet{n}" for n in range(100 * partitions)):
+        found.setdefault(partition_of(cohort_id(base_hash, task_name(name)), partitions), name)
+        if len(found) == partitions:
+            return [found[p] for p in range(partitions)]
+    raise RuntimeError(f"no cohort names covering {partitions} partitions")
 
 
 def loadgen_options(args) -> list[str]:
@@ -117,27 +145,34 @@ def raise_fd_limit(needed: int) -> None:
         resource.setrlimit(resource.RLIMIT_NOFILE, (limit, hard))
 
 
-def processes_for(devices: int, asked: int | None) -> int:
-    return asked or max(1, math.ceil(devices / DEVICES_PER_PROCESS))
+def processes_for(devices: int, asked: int | None, partitions: int = 1) -> int:
+    """Load generators: with several partitions a multiple of them (one cohort a process)."""
+    wanted = asked or max(1, math.ceil(devices / DEVICES_PER_PROCESS))
+    return partitions * math.ceil(wanted / partitions)
 
 
 def bench_fleet(devices: int, args, world: tuple[Path, list[Path]], root: Path, log) -> dict:
     """A broker, a coordinator and the simulated fleet for this size; --rounds rounds on it."""
-    processes = processes_for(devices, args.processes)
+    processes = processes_for(devices, args.processes, args.partitions)
     raise_fd_limit(2 * devices + FD_HEADROOM)
-    knobs = coordinator_knobs(devices, args)
     with contextlib.ExitStack() as stack:
+        cluster = None
+        if args.ray_nodes > 1:
+            cpus = max(1, (os.cpu_count() or 2) // args.ray_nodes)
+            cluster = stack.enter_context(LocalRayCluster(args.ray_nodes, cpus, root / "ray"))
+        knobs = coordinator_knobs(devices, args, cluster)
         broker = MosquittoBroker(root / "broker", extra_config=broker_config())
         broker.start()
         stack.callback(broker.stop)
         launched = time.monotonic()
         coordinator = CoordinatorProcess(broker.url, root / "state", root / "coordinator.log",
-                                         knobs)  # fmt: skip
+                                         knobs, env=NO_TOKEN_AUTH if cluster else None)  # fmt: skip
         stack.callback(coordinator.stop)
         coordinator.wait_healthy(args.round_timeout)
         startup_s = time.monotonic() - launched  # process start to GET /health answering ok
         fleet = SimulatedFleet(broker.url, world[0], world[1], devices, processes,
-                               root / "loadgen", options=loadgen_options(args))  # fmt: skip
+                               root / "loadgen", options=loadgen_options(args),
+                               cohorts=cohorts_for(world[0], args.partitions))  # fmt: skip
         stack.callback(fleet.stop)
         started = time.monotonic()
         ready = fleet.start(args.round_timeout)
@@ -150,20 +185,27 @@ def bench_fleet(devices: int, args, world: tuple[Path, list[Path]], root: Path, 
             "processes": processes,
             "coordinator_startup_seconds": startup_s,
             "coordinator_knobs": knobs,
+            "partitions": args.partitions,
+            "ray_nodes": args.ray_nodes,
             "online_seconds": online_s,
             "reference": [r["reference"] | {"device_seconds": r["device_seconds"]} for r in ready],
             "loadgen_connected_seconds": max(r["connected_seconds"] for r in ready),
-            "memory_idle": _memory(coordinator),
-            "memory_idle_by_role": _pss_by_role(memory_by_role(coordinator.pid)),
         }
         broker_pid = descendant_running(os.getpid(), str(broker.config_path))
-        parties = Parties(coordinator, broker_pid, fleet)
-        with PeakMemory(coordinator.pid) as peak:
+        lag = COUNTERS_LAG_S if args.partitions > 1 else 0.0
+        nodes = tuple(cluster.pids if cluster else ())
+        parties = Parties(coordinator, broker_pid, fleet, nodes, lag)
+        result["memory_idle"] = _memory(parties)
+        result["memory_idle_by_role"] = _pss_by_role(
+            memory_by_role(coordinator.pid, parties.coordinator_tree())
+        )
+        result["idle_cpu_per_second"] = idle_cpu(parties)
+        with PeakMemory(parties.coordinator_tree, driver=coordinator.pid) as peak:
             result |= run_rounds(parties, devices, args, log)
         result["memory_peak_pss_bytes"] = peak.peak.pss_bytes
         result["memory_peak_by_role"] = _pss_by_role(peak.at_peak)
         result["memory_role_peaks"] = _pss_by_role(peak.role_peaks)
-        result["memory_after"] = _memory(coordinator)
+        result["memory_after"] = _memory(parties)
         result["scale"] = scale_summary(result)
         return result
 
@@ -180,15 +222,26 @@ def run_rounds(parties: Parties, devices: int, args, log) -> dict:
     return {"rounds": rounds, "failure": None}
 
 
+def idle_cpu(parties: Parties) -> dict:
+    """CPU seconds a second with every device online and no round: heartbeats, ticks, and
+    Ray's own daemons (per node, with --ray-nodes), over IDLE_WINDOW_S."""
+    with parties.cpu_window() as cpu, parties.node_window() as nodes:
+        time.sleep(IDLE_WINDOW_S)
+        used = cpu.seconds() | ({f"by_{k}": v for k, v in nodes.seconds().items()
+                                 if k != "other"} if nodes else {})  # fmt: skip
+    return {name: seconds / IDLE_WINDOW_S for name, seconds in used.items()}
+
+
 def _online(coordinator: CoordinatorProcess, devices: int) -> bool:
     listed = coordinator.api.get("/devices")
     return sum(1 for d in listed if d["online"] and d["cohort"]) >= devices
 
 
-def _memory(coordinator: CoordinatorProcess) -> dict:
-    """The coordinator process alone, and with everything it started (Ray's processes)."""
-    driver = memory_of([coordinator.pid])
-    tree = memory_of(children_of(coordinator.pid))
+def _memory(parties: Parties) -> dict:
+    """The coordinator process alone, and with everything it started (Ray's processes) or
+    joined (the bench's own Ray nodes)."""
+    driver = memory_of([parties.coordinator.pid])
+    tree = memory_of(parties.coordinator_tree())
     return {
         "driver_rss_bytes": driver.rss_bytes,
         "driver_pss_bytes": driver.pss_bytes,
@@ -207,7 +260,7 @@ def main(args) -> int:
         print(message, file=sys.stderr, flush=True)
 
     sizes = [int(n) for n in args.devices.split(",")]
-    shards = max(processes_for(n, args.processes) for n in sizes)
+    shards = max(processes_for(n, args.processes, args.partitions) for n in sizes)
     fleets = {}
     with contextlib.ExitStack() as stack:
         if args.work_dir:
@@ -235,6 +288,8 @@ def main(args) -> int:
 def _settings(args) -> dict:
     return {
         "rounds": args.rounds,
+        "partitions": args.partitions,
+        "ray_nodes": args.ray_nodes,
         "processes": args.processes or f"ceil(devices / {DEVICES_PER_PROCESS})",
         "heartbeat_seconds": args.heartbeat_seconds,
         "device_seconds": args.device_seconds or "measured (the reference fine-tune's seconds)",

@@ -9,6 +9,7 @@ beside it. Messages per second are the coordinator's Prometheus counters over th
 
 from __future__ import annotations
 
+import contextlib
 import os
 import statistics
 import time
@@ -35,11 +36,28 @@ class Parties:
     coordinator: CoordinatorProcess
     broker_pid: int
     fleet: SimulatedFleet
+    ray_node_pids: tuple[int, ...] = ()  # a local multi-node Ray the coordinator joined
+    # A partitioned coordinator's message counters reach /metrics up to a metrics interval
+    # late (each partition counts its own ingest): read them after this much
+    counters_lag_s: float = 0.0
+
+    def coordinator_tree(self) -> list[int]:
+        roots = (self.coordinator.pid, *self.ray_node_pids)
+        return [pid for root in roots for pid in children_of(root)]
+
+    def node_window(self) -> CpuWindow | contextlib.nullcontext:
+        """With a multi-node Ray: CPU of the driver's tree and of each node's (its partition
+        actor, raylet and workers) apart, which one more machine would split."""
+        if not self.ray_node_pids:
+            return contextlib.nullcontext()
+        groups = {f"node_{i}": (lambda pid=pid: children_of(pid))
+                  for i, pid in enumerate(self.ray_node_pids)}  # fmt: skip
+        return CpuWindow({"driver": lambda: children_of(self.coordinator.pid), **groups})
 
     def cpu_window(self) -> CpuWindow:
         return CpuWindow(
             {
-                "coordinator_and_ray": lambda: children_of(self.coordinator.pid),
+                "coordinator_and_ray": self.coordinator_tree,
                 "mosquitto": lambda: [self.broker_pid],
                 "load_generators": lambda: self.fleet.pids,
                 "benchmark": lambda: [os.getpid()],  # this process: its polling
@@ -60,56 +78,77 @@ def wait_for(what: str, check: Callable[[], object], timeout_s: float, poll_s: f
 
 @dataclass(frozen=True)
 class Ended:
-    """A round that ended with its version on every device."""
+    """A round (one per cohort: a partitioned fleet has several) that ended with its version
+    on every device."""
 
-    round_id: str
-    record: dict  # GET /rounds, once stored
-    rollout: dict  # GET /adapters, once decided
+    round_ids: tuple[str, ...]
+    records: tuple[dict, ...]  # GET /rounds, once stored
+    rollouts: tuple[dict, ...]  # GET /adapters, once decided
     installs: dict[str, float]  # device -> when it started running the version (unix s)
+
+    @property
+    def version(self) -> int:
+        return self.records[0]["adapter_version"]
+
+    @property
+    def last(self) -> tuple[dict, dict]:
+        """The phases' ends of the last cohort to reach each: (record, rollout) times."""
+        record = {k: max(r[k] for r in self.records) for k in ("closed_at", "finished_at")}
+        return record, {"decided_at": max(r["decided_at"] for r in self.rollouts)}
 
 
 def run_round(parties: Parties, devices: int, timeout_s: float) -> dict:
     api = parties.coordinator.api
+    time.sleep(parties.counters_lag_s)
     counters = parse_prometheus(parties.coordinator.metrics())
     triggered = time.time()
-    with parties.cpu_window() as cpu:
+    with parties.cpu_window() as cpu, parties.node_window() as nodes:
         ended = _until_applied(api, parties.fleet, devices, triggered, timeout_s)
         cpu_used = cpu.seconds()
+        by_node = {k: v for k, v in nodes.seconds().items() if k != "other"} if nodes else {}
     applied = max(ended.installs.values())
     window = applied - triggered
+    time.sleep(parties.counters_lag_s)
     after = parse_prometheus(parties.coordinator.metrics())
-    version = ended.record["adapter_version"]
-    known = _coordinator_knows(api, version, timeout_s)
+    known = _coordinator_knows(api, ended.version, timeout_s)
+    rounds = len(ended.records)
     return {
-        "round_id": ended.round_id,
-        "adapter_version": version,
+        "round_id": ",".join(ended.round_ids),
+        "cohort_rounds": rounds,
+        "adapter_version": ended.version,
         "latency_seconds": window,
         "coordinator_view_seconds": known - triggered,
         "device_latency_seconds": _spread([at - triggered for at in ended.installs.values()]),
-        "phases_seconds": _phases(ended.record, ended.rollout, triggered, applied),
+        "phases_seconds": _phases(*ended.last, triggered, applied),
         "messages": _messages(counters, after, window),
         "cpu_seconds": cpu_used,
-        "aggregation_seconds": _aggregation(parties.coordinator, counters, timeout_s),
+        "cpu_seconds_by_node": by_node,
+        "aggregation_seconds": _aggregation(parties.coordinator, counters, timeout_s, rounds),
         "canary": {
-            "devices": len(ended.rollout["canary_devices"]),
-            "reason": ended.rollout["reason"],
+            "devices": sum(len(r["canary_devices"]) for r in ended.rollouts),
+            "reason": "; ".join(r["reason"] for r in ended.rollouts),
         },
-        "answered": len(ended.record["answered"] or []),
-        "failures": ended.record["failures"],
+        "answered": sum(len(r["answered"] or []) for r in ended.records),
+        "failures": {d: why for r in ended.records for d, why in r["failures"].items()},
     }
 
 
 def _until_applied(api, fleet: SimulatedFleet, devices: int, triggered: float, timeout_s: float):
     """POST /finetune {"all": true}, then wait: stored, promoted, running on every device."""
     started = api.post("/finetune", {"all": True})
-    (opened,) = started["rounds"]
-    if len(opened["devices"]) != devices:
-        raise RoundFailed(f"the round has {len(opened['devices'])} of {devices} devices: {started}")
-    record = _stored(api, opened["round_id"], timeout_s)
-    version = record["adapter_version"]
-    rollout = _decided(api, record, timeout_s)
-    if rollout["state"] != "PROMOTED":
-        raise RoundFailed(f"v{version} was not promoted: {rollout['state']} ({rollout['reason']})")
+    opened = started["rounds"]  # one per cohort
+    if sum(len(r["devices"]) for r in opened) != devices:
+        raise RoundFailed(f"the rounds have not all {devices} devices: {started}")
+    records = [_stored(api, r["round_id"], timeout_s, len(opened)) for r in opened]
+    versions = {r["adapter_version"] for r in records}
+    if len(versions) != 1:  # every cohort's version advances by one a round
+        raise RoundFailed(f"the cohorts' rounds made versions {sorted(versions)}")
+    (version,) = versions
+    rollouts = [_decided(api, record, timeout_s) for record in records]
+    for rollout in rollouts:
+        if rollout["state"] != "PROMOTED":
+            why = f"{rollout['state']} ({rollout['reason']})"
+            raise RoundFailed(f"v{version} of {rollout['cohort']} was not promoted: {why}")
     installs = wait_for(
         f"v{version} on all {devices} devices",
         lambda: (
@@ -117,12 +156,14 @@ def _until_applied(api, fleet: SimulatedFleet, devices: int, triggered: float, t
         ),
         timeout_s,
     )
-    return Ended(opened["round_id"], record, rollout, installs)
+    ids = tuple(r["round_id"] for r in opened)
+    return Ended(ids, tuple(records), tuple(rollouts), installs)
 
 
-def _stored(api, round_id: str, timeout_s: float) -> dict:
+def _stored(api, round_id: str, timeout_s: float, newest: int = 1) -> dict:
     def settled() -> dict | None:
-        record = next((r for r in api.get("/rounds?limit=1") if r["round_id"] == round_id), None)
+        listed = api.get(f"/rounds?limit={newest}")
+        record = next((r for r in listed if r["round_id"] == round_id), None)
         if record is not None and record["stage"] == "FAILED":
             raise RoundFailed(f"round {round_id} failed: {record['error'] or record['failures']}")
         stored = record is not None and record["stage"] == "STORED"
@@ -178,18 +219,23 @@ def _messages(before, after, window: float) -> dict:
         out[direction] = {"count": count, "per_second": count / window, "by_kind": kinds}
     rejected = total(after, "skipfleet_rejected_messages_total")
     out["rejected"] = rejected - total(before, "skipfleet_rejected_messages_total")
+    reasons_before = by_label(before, "skipfleet_rejected_messages_total", "reason")
+    reasons = by_label(after, "skipfleet_rejected_messages_total", "reason").items()
+    out["rejected_by_reason"] = {r: n - reasons_before.get(r, 0.0) for r, n in reasons
+                                 if n > reasons_before.get(r, 0.0)}  # fmt: skip
     return out
 
 
-def _aggregation(coordinator: CoordinatorProcess, before, timeout_s: float) -> dict:
-    """Each strategy's task time in this round, from the histogram (updated every 2 s)."""
+def _aggregation(coordinator: CoordinatorProcess, before, timeout_s: float, rounds: int) -> dict:
+    """Each strategy's task time in this round (summed over its cohorts' rounds), from the
+    histogram (updated every 2 s)."""
 
     def observed():
         now = parse_prometheus(coordinator.metrics())
         counts = by_label(now, AGGREGATION + "_count", "algorithm")
         done = {a: counts[a] - by_label(before, AGGREGATION + "_count", "algorithm").get(a, 0)
                 for a in counts}  # fmt: skip
-        return now if done and all(n >= 1 for n in done.values()) else None
+        return now if done and all(n >= rounds for n in done.values()) else None
 
     now = wait_for("the aggregation histogram", observed, timeout_s, API_POLL_S)
     sums_before = by_label(before, AGGREGATION + "_sum", "algorithm")

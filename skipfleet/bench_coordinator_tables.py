@@ -89,7 +89,8 @@ SHARE_WIDTHS = (("finetune", 4), ("aggregate_and_store", 4), ("canary", 5), ("di
 
 
 def _scale(fleets: list[dict]) -> str:
-    lines = [f"{'devices':>7s} {'median s':>8s} {'p90 s':>6s} {'max s':>6s} {'msg/dev':>7s} "
+    lines = [f"{'devices':>7s} {'parts':>5s} {'median s':>8s} {'p90 s':>6s} {'max s':>6s} "
+             f"{'msg/dev':>7s} "
              f"{'cpu ms/dev':>10s} {'cpu ms/msg':>10s} {'tune':>5s} {'aggr':>5s} {'canary':>6s} "
              f"{'distr':>5s} {'peak PSS MiB':>12s} {'idle PSS MiB':>12s} "
              f"{'start s':>7s}"]  # fmt: skip
@@ -98,7 +99,8 @@ def _scale(fleets: list[dict]) -> str:
         lat, share = s["latency_seconds"], s["phase_share"]
         shares = " ".join(f"{100 * share[p]:{w}.0f}%" for p, w in SHARE_WIDTHS)
         lines.append(
-            f"{f['devices']:7d} {lat['median']:8.2f} {lat['p90']:6.2f} {lat['max']:6.2f} "
+            f"{f['devices']:7d} {_layout(f):>5s} {lat['median']:8.2f} {lat['p90']:6.2f} "
+            f"{lat['max']:6.2f} "
             f"{s['messages_per_device_per_round']:7.2f} "
             f"{1e3 * s['coordinator_cpu_seconds_per_device_per_round']:10.2f} "
             f"{s['coordinator_cpu_ms_per_message']:10.3f} {shares} "
@@ -106,6 +108,11 @@ def _scale(fleets: list[dict]) -> str:
             f"{s['startup_seconds']:7.1f}"
         )
     return "\n".join(lines)
+
+
+def _layout(fleet: dict) -> str:
+    """Partitions x Ray nodes (the bench's own nodes; 1: the coordinator's own Ray)."""
+    return f"{fleet.get('partitions', 1)}x{fleet.get('ray_nodes', 1)}"
 
 
 def _median(rounds: list[dict], pick) -> float:

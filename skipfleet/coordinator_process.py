@@ -16,7 +16,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from shared.http_auth import JSON_CONTENT_TYPE, bearer_header, read_token_file
@@ -96,7 +96,12 @@ class CoordinatorProcess:
     """`skipfleet coordinator` (local Ray unless the knobs say otherwise), its output in a log."""
 
     def __init__(
-        self, broker_url: str, state_dir: Path, log_path: Path, knobs: Sequence[str] = ()
+        self,
+        broker_url: str,
+        state_dir: Path,
+        log_path: Path,
+        knobs: Sequence[str] = (),
+        env: Mapping[str, str] | None = None,  # more environment (e.g. for the Ray it joins)
     ) -> None:
         self.api_port, self.metrics_port = free_port(), free_port()
         self.log_path = Path(log_path)
@@ -112,7 +117,7 @@ class CoordinatorProcess:
         self.log_path.parent.mkdir(parents=True, exist_ok=True)
         self._log = open(self.log_path, "wb")  # noqa: SIM115 (closed in stop)
         self.process = subprocess.Popen(
-            self.argv, env=child_env(), stdout=self._log, stderr=subprocess.STDOUT
+            self.argv, env=child_env(**(env or {})), stdout=self._log, stderr=subprocess.STDOUT
         )
 
     @property

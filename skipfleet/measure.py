@@ -121,10 +121,11 @@ def role_of(pid: int, root: int) -> str:
     return next((role for mark, role in _ROLES if mark in command), "other")
 
 
-def memory_by_role(root: int) -> dict[str, Memory]:
-    """The memory of `root`'s tree, summed per role (role_of): where a tree's PSS goes."""
+def memory_by_role(root: int, pids: Iterable[int] | None = None) -> dict[str, Memory]:
+    """The memory of `root`'s tree (or of `pids`, root the driver among them), summed per
+    role (role_of): where a tree's PSS goes."""
     out: dict[str, Memory] = {}
-    for pid in children_of(root):
+    for pid in children_of(root) if pids is None else pids:
         role = role_of(pid, root)
         out[role] = out.get(role, Memory(0, 0, 0)) + memory_of([pid])
     return {role: memory for role, memory in out.items() if memory.processes}
@@ -207,8 +208,16 @@ class PeakMemory:
     """Samples the memory of a process tree on a thread; keeps the highest total seen, and
     what each role (role_of) held at that moment and at its own highest."""
 
-    def __init__(self, root: int, interval_s: float = 0.5) -> None:
-        self._root = root
+    def __init__(
+        self,
+        root: int | Callable[[], list[int]],
+        interval_s: float = 0.5,
+        driver: int | None = None,
+    ) -> None:
+        """root: a process (its tree is sampled), or what lists the processes to sample;
+        driver: the process whose role is `driver` (default: root, if a process)."""
+        self._tree = (lambda: children_of(root)) if isinstance(root, int) else root
+        self._driver = root if isinstance(root, int) else (driver if driver is not None else -1)
         self._interval = interval_s
         self._stop = threading.Event()
         self.peak = Memory(0, 0, 0)
@@ -226,7 +235,7 @@ class PeakMemory:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            roles = memory_by_role(self._root)
+            roles = memory_by_role(self._driver, self._tree())
             now = sum(roles.values(), Memory(0, 0, 0))
             if now.pss_bytes > self.peak.pss_bytes:
                 self.peak, self.at_peak = now, roles

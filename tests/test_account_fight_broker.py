@@ -54,6 +54,7 @@ class Running:
     def __init__(self, url: str, account: str, password: str, state_dir, instance: str) -> None:
         settings = parse_broker_url(url, username=account, password=password, session_expiry_s=600)
         config = dataclasses.replace(make_config(state_dir), mqtt=settings, instance=instance)
+        self.client_id = config.client_id  # what the bridge asks for (the broker overrides it)
         self.service = FleetService(config)
         self.fatal: list[tuple[FatalReason, str]] = []
         self.bridge = MqttBridge(
@@ -236,3 +237,25 @@ def test_the_cli_exits_75_naming_the_account_when_another_client_fights_for_it(
     assert result.returncode == 75, result.stderr[-3000:]
     assert "MQTT account 'coordinator'" in result.stderr
     assert "--username coordinator-NAME" in result.stderr
+
+
+def test_a_device_connecting_again_and_again_with_the_coordinators_ids_stops_no_coordinator(
+    deploy, coordinators
+):
+    """An attacker with a device account asks for the coordinator's client ids (its --instance
+    id and its account name) 2 x FIGHT_STREAK times in a row: the broker makes the device's
+    account its client id, so the coordinator is never kicked and the detector sees nothing."""
+    broker, passwords = deploy
+    running = coordinators("coordinator")
+    assert wait_until(lambda: running.bridge.connected, 10)
+    before = takeovers(broker)
+    for attempt in range(2 * FIGHT_STREAK):
+        client_id = running.client_id if attempt % 2 else "coordinator"
+        device = Mqtt(broker.port, client_id, "device-0", passwords["device-0"])
+        try:
+            assert not device.connect().is_failure
+        finally:
+            device.close()
+    assert connected_throughout([running], 2.0)
+    assert running.fatal == []
+    assert takeovers(broker) == before  # device-0 may take over only its own earlier id

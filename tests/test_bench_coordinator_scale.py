@@ -56,4 +56,4 @@ def test_the_summary_counts_per_device_per_round_and_per_message():
     assert s["reports_missing"] == 2 and s["rejected_messages"] == 0
     assert (s["peak_tree_pss_mib"], s["idle_tree_pss_mib"]) == (450.0, 400.0)
     table = format_tables({"fleets": {"100": a_fleet(rounds)}, "aggregation_micro": {"sizes": {}}})
-    assert "    100     3.00   4.00   4.00    8.20" in table
+    assert "    100   1x1     3.00   4.00   4.00    8.20" in table  # 1 partition, 1 node

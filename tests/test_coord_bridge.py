@@ -286,3 +286,39 @@ def test_one_device_flooding_heartbeats_queues_a_few_and_its_latest_is_applied(t
     bridge.stop()
     assert service.device("pi-0")["adapter_version"] == 200  # the newest, held beside the queue
     assert service.device("pi-1")["adapter_version"] == 7
+
+
+def suback(*values: int) -> list[ReasonCode]:
+    return [ReasonCode(PacketTypes.SUBACK, identifier=v) for v in values]
+
+
+@pytest.mark.parametrize("partitions", [1, 2])
+def test_a_refused_shared_subscription_stops_a_partition_but_not_one_coordinator(
+    tmp_path, partitions
+):
+    config = dataclasses.replace(make_config(tmp_path), partitions=partitions, instance="east")
+    service = FleetService(config, clock=ManualClock())
+    fatal: list = []
+    clients: list[FakeClient] = []
+
+    def factory(settings, client_id, manual_ack=False):
+        clients.append(FakeClient(settings, client_id, manual_ack))
+        return clients[-1]
+
+    bridge = MqttBridge(
+        config, LocalFleetPort(service), FleetMetrics(),
+        on_fatal=lambda *why: fatal.append(why), client_factory=factory,
+    )  # fmt: skip
+    (client,) = clients
+    client.on_connect(client, None, None, connack(0), None)
+    (subscriptions,) = client.subscribed
+    shared = [f for f, _ in subscriptions if f.startswith("$share/skipfleet-east/")]
+    assert len(shared) == (4 if partitions > 1 else 0)  # every uplink kind but status
+    client.on_subscribe(client, None, 1, suback(1, 0, 1, 0x9E, 1), None)
+    if partitions > 1:
+        ((kind, why),) = fatal
+        assert kind is FatalReason.SUBSCRIPTION_REFUSED and "shared subscriptions" in why
+    else:
+        assert fatal == []  # logged; one coordinator's subscriptions were never fatal
+    bridge.stop()
+    service.close()

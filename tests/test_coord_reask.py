@@ -173,3 +173,53 @@ def test_an_offer_is_asked_again_with_its_pointer_only_while_that_is_the_latest(
     acknowledged(service)
     service.ingest([device.presence()])
     assert acknowledged(service) == []  # the v3 pointer would put the old version back
+
+
+def test_a_report_replayed_under_a_new_seq_is_not_applied_again(tmp_path, clock):
+    """A device on a valid account sends its finished job's report again as a new message (a
+    new seq passes the de-duplication): the fine-tune is not recorded again (its energy counted
+    twice, its accuracy and 'runs its own adapter' put back over what happened since)."""
+    service = FleetService(make_config(tmp_path), clock=clock)
+    devices, jobs = dispatched(service, clock, "pi-1", "pi-2")
+    job_id = jobs["pi-1"].job_id
+    service.ingest(devices["pi-1"].finetune(job_id, after=0.9))
+    clock.advance(30.0)
+    before = service.fleet.registry.get("pi-1")
+    replay = devices["pi-1"].report(job_id, after=0.2)  # the same job id, a new (boot, seq)
+    service.ingest([replay])
+    after = service.fleet.registry.get("pi-1")
+    assert after.last_finetune_at == before.last_finetune_at
+    assert after.accuracy == before.accuracy == 0.9
+    events = service.metrics_report().events
+    assert sum(isinstance(e, FinetuneReported) for e in events) == 1
+
+
+def test_a_device_flapping_its_presence_is_asked_once_until_that_ask_is_handed_out(tmp_path, clock):
+    """A device on a valid account publishing presence after presence (each a new seq) must not
+    make the coordinator queue a copy of its open jobs per presence (an amplification: a small
+    presence in, a job command or a pointer with an inline adapter out, each). While the ask
+    waits unsent in the outbox it goes out after every one of those presences anyway: one copy.
+    Once it is handed out, the next presence asks again (the device may have missed it)."""
+    service = FleetService(make_config(tmp_path), clock=clock)
+    devices, jobs = dispatched(service, clock, "pi-1", "pi-2")
+    service.ingest([devices["pi-1"].presence() for _ in range(50)])
+    service.ingest([devices["pi-1"].presence() for _ in range(50)])  # another batch
+    assert jobs_in(service.tick(), JobKind.FINETUNE) == [("pi-1", jobs["pi-1"])]
+    service.ingest([devices["pi-1"].presence()])  # the copy was handed out: asked again
+    assert jobs_in(service.tick(), JobKind.FINETUNE) == [("pi-1", jobs["pi-1"])]
+
+
+def test_a_refused_report_replayed_under_a_new_seq_is_not_recorded_again(tmp_path, clock):
+    """A report the coordinator refused (its job FAILED) still records what the device did,
+    once: the same job's report sent again as a new message records nothing more."""
+    service = FleetService(make_config(tmp_path), clock=clock)
+    devices, jobs = dispatched(service, clock, "pi-1", "pi-2")
+    job_id = jobs["pi-1"].job_id
+    service.ingest([devices["pi-1"].report(job_id, base_hash="f" * 64)])  # refused
+    assert service.fleet.jobs.get(job_id).state.value == "FAILED"
+    clock.advance(30.0)
+    before = service.fleet.registry.get("pi-1")
+    service.ingest([devices["pi-1"].report(job_id, after=0.2)])
+    assert service.fleet.registry.get("pi-1").last_finetune_at == before.last_finetune_at
+    events = service.metrics_report().events
+    assert sum(isinstance(e, FinetuneReported) for e in events) == 1

@@ -414,3 +414,24 @@ def test_the_snapshot_counts_devices_behind_per_cohort_and_the_accuracy_of_what_
     )
     accuracy = {d.device_id: d.accuracy for d in service.metrics_report().snapshot.devices}
     assert accuracy[device] == 0.71
+
+
+def test_fetches_repeated_while_the_answer_waits_in_the_outbox_queue_one_publication(
+    tmp_path, clock
+):
+    """A device sending fetch after fetch (each a new seq: a small request in, a whole adapter
+    out) gets one publication per hand-out, not one per request: the waiting one goes out after
+    all of them anyway. Once handed out, the next fetch is answered again."""
+    service = start(tmp_path, clock)
+    (pi1,) = join(service, clock, "pi-1")
+    promote_new_version(service, [pi1])
+    service.tick()
+
+    def publications() -> list[AdapterPublication]:
+        return [o.message for o in service.tick() if isinstance(o.message, AdapterPublication)]
+
+    service.ingest([pi1.fetch(1) for _ in range(20)])
+    service.ingest([pi1.fetch(1) for _ in range(20)])
+    assert [p.version for p in publications()] == [1]
+    service.ingest([pi1.fetch(1)])
+    assert [p.version for p in publications()] == [1]

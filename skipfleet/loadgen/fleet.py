@@ -51,6 +51,7 @@ class SimulatedFleet:
         workdir: Path,
         *,
         options: Sequence[str] = (),
+        cohorts: Sequence[str] | None = None,  # process p's devices: cohorts[p % len]
     ) -> None:
         self.workdir = Path(workdir)
         self.workdir.mkdir(parents=True, exist_ok=True)
@@ -58,6 +59,7 @@ class SimulatedFleet:
             "--broker", broker_url, "--base-model", str(base_model), *options,
         ]  # fmt: skip
         self._data_files = list(data_files)
+        self._cohorts = list(cohorts or [])
         self._shares = split(devices, processes)
         self._processes: list[subprocess.Popen] = []
         self._logs: list = []
@@ -79,6 +81,8 @@ class SimulatedFleet:
                 "--data", str(data), "--devices", str(count), "--first-index", str(first),
                 "--ready-file", str(ready), "--events", str(events),
             ]  # fmt: skip
+            if self._cohorts:
+                argv += ["--cohort", self._cohorts[p % len(self._cohorts)]]
             log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
             self._logs.append(log)
             self._processes.append(
