@@ -106,6 +106,7 @@ def describe_fight(fight: Fight, account: str | None, client_id: str, broker_url
         f"account? Stopping rather than fighting over it. Give each coordinator its own "
         f"account: deploy/mosquitto/make-accounts.sh --coordinator NAME N, reload the broker, "
         f"then start this one with --username coordinator-NAME --password-file "
-        f"deploy/secrets/coordinator-NAME_password --instance NAME (deploy/README.md, "
-        f"'More than one coordinator')"
+        f"deploy/secrets/coordinator-NAME_password --instance NAME; with --partitions P, "
+        f"make-accounts.sh --coordinator NAME --partitions P N also makes each partition's "
+        f"account (deploy/README.md, 'More than one coordinator')"
     )

@@ -2,8 +2,9 @@
 
 Each round runs the configured strategy and its comparison (exact-delta and naive FedAvg), so
 the round record can say how far the naive average would have been from the exact one. The
-Ray runner (coordinator.ray_runtime.RayAggregator) submits run_strategy as tasks; LocalAggregator
-runs it inline for tests and tools. Both return the same StrategyRun values.
+Ray runner (coordinator.ray_runtime.RayAggregator) submits run_strategies as one task a round
+(one worker reads the round's reports once, and runs the strategies one after the other);
+LocalAggregator runs it inline for tests and tools. Both return the same StrategyRun values.
 """
 
 from __future__ import annotations
@@ -74,6 +75,16 @@ def run_strategy(
     return StrategyRun(algorithm, time.perf_counter() - started, result=result)
 
 
+def run_strategies(
+    algorithms: Sequence[str],
+    shape: AdapterShape,
+    results: Sequence[FitResult],
+    failures: Sequence[FitFailure],
+) -> tuple[StrategyRun, ...]:
+    """Each strategy over the same inputs, in order; each one's answer stands on its own."""
+    return tuple(run_strategy(a, shape, results, failures) for a in algorithms)
+
+
 def algorithms_for(chosen: str) -> tuple[str, ...]:
     """The chosen strategy first, then the others compared with it."""
     return (chosen, *(a for a in COMPARED_ALGORITHMS if a != chosen))
@@ -98,9 +109,7 @@ class LocalAggregator:
         self._done: list[AggregationOutcome] = []
 
     def submit(self, request: AggregationRequest, algorithms: Sequence[str]) -> None:
-        runs = tuple(
-            run_strategy(a, request.shape, request.results, request.failures) for a in algorithms
-        )
+        runs = run_strategies(algorithms, request.shape, request.results, request.failures)
         self._done.append(AggregationOutcome(request, runs))
 
     def collect(self) -> list[AggregationOutcome]:

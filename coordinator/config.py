@@ -12,7 +12,7 @@ import hashlib
 import math
 import re
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,6 +20,7 @@ from typing import TYPE_CHECKING, Any
 from coordinator.aggregation.bounds import TrustBounds
 from coordinator.clustering import DEFAULT_CLUSTER_DISTANCE
 from coordinator.federation import FederationPolicy
+from coordinator.partition_accounts import partition_password_file, partition_username
 from coordinator.rollout import RolloutPolicy
 from coordinator.scheduler import LabelFreeSignal, SchedulerPolicy
 from shared.config_file import (
@@ -170,6 +171,9 @@ class CoordinatorConfig:
     partition_resources: tuple[str, ...] = ()
     # Set on the config each partition actor runs with (coordinator.partitions.partition_config).
     partition_index: int | None = None
+    # With an MQTT account and partitions > 1: partition I's password (coordinator.partition_
+    # accounts: it connects as `<username>-pI`, password read from `<password-file>-pI`).
+    partition_passwords: tuple[str, ...] = field(default=(), repr=False)
 
     def __post_init__(self) -> None:
         for name in ("metrics_port", "api_port"):
@@ -209,6 +213,23 @@ class CoordinatorConfig:
             raise ConfigError(
                 "--partitions > 1 needs MQTT 5 shared subscriptions; the broker connection is "
                 f"MQTT {self.mqtt.protocol}"
+            )
+        self._check_partition_accounts()
+
+    def _check_partition_accounts(self) -> None:
+        if self.partition_passwords and len(self.partition_passwords) != self.partitions:
+            raise ConfigError(
+                f"{len(self.partition_passwords)} partition passwords for {self.partitions} "
+                "partitions"
+            )
+        # Every partition has an account of its own (`<username>-pI`): the coordinator's
+        # password is for its own account, which no partition uses.
+        if self.partitioned and self.mqtt.password is not None and not self.partition_passwords:
+            raise ConfigError(
+                f"--partitions {self.partitions} with the MQTT account {self.mqtt.username!r}: "
+                f"each partition I connects as {self.mqtt.username}-pI with the password in "
+                "<--password-file>-pI; give the password by --password-file (not the URL or "
+                f"${ENV_PASSWORD})"
             )
 
     @property
@@ -309,7 +330,8 @@ def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
         type=int,
         default=1,
         help="split the fleet by cohort over this many Ray actors, each with its own MQTT "
-        "ingest (MQTT 5 shared subscriptions); 1: one actor, as on one machine",
+        "ingest (MQTT 5 shared subscriptions); 1: one actor, as on one machine. With "
+        "--username U --password-file F, partition I connects as U-pI with the password in F-pI",
     )
     add(
         "--partition-resources",
@@ -599,8 +621,9 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Coordinat
             "file's [coordinator] table)"
         )
     try:
+        mqtt = _mqtt_settings(args, environ)
         return CoordinatorConfig(
-            mqtt=_mqtt_settings(args, environ),
+            mqtt=mqtt,
             state_dir=Path(state_dir),
             instance=args.instance,
             topic_root=args.topic_root,
@@ -647,6 +670,7 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Coordinat
             log_level=args.log_level,
             partitions=args.partitions,
             partition_resources=_names(args.partition_resources),
+            partition_passwords=_partition_passwords(args, mqtt),
         )
     except ConfigError:
         raise
@@ -697,13 +721,39 @@ def _mqtt_settings(args: argparse.Namespace, environ: Mapping[str, str]) -> Mqtt
     username = args.username
     if username:
         overrides["username"] = username
-    password = _password(args, environ)
-    if password is not None:
-        overrides["password"] = password
     try:
-        return parse_broker_url(url, **overrides)
+        settings = parse_broker_url(url, **overrides)
     except ValueError as err:
         raise ConfigError(str(err)) from None
+    if _partition_accounts(args, settings):
+        return settings  # no partition uses the coordinator's own account
+    password = _password(args, environ)
+    return settings if password is None else replace(settings, password=password)
+
+
+def _partition_accounts(args: argparse.Namespace, mqtt: MqttSettings) -> bool:
+    """Whether every partition connects with an account of its own (partition_accounts)."""
+    return args.partitions > 1 and mqtt.username is not None and bool(args.password_file)
+
+
+def _partition_passwords(args: argparse.Namespace, mqtt: MqttSettings) -> tuple[str, ...]:
+    """Each partition's password, from `<password-file>-pI`; a missing file is refused here,
+    at start-up, naming it."""
+    if not _partition_accounts(args, mqtt):
+        return ()
+    passwords = []
+    for index in range(args.partitions):
+        path = partition_password_file(args.password_file, index)
+        where = f"partition {index}'s password file"
+        try:
+            passwords.append(read_secret_file(path, where))
+        except SecretFileError as err:
+            account = partition_username(mqtt.username or "", index)
+            raise ConfigError(
+                f"{err}; partition {index} connects as {account} (deploy/mosquitto/"
+                "make-accounts.sh --partitions N makes the accounts and their files)"
+            ) from None
+    return tuple(passwords)
 
 
 def _password(args: argparse.Namespace, environ: Mapping[str, str]) -> str | None:

@@ -20,10 +20,13 @@ import logging
 import math
 import threading
 import time
+from array import array
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
+
+from coordinator.heap import HeapTrimmer
 
 log = logging.getLogger(__name__)
 
@@ -32,6 +35,9 @@ STATIC_TYPES = {".js": "text/javascript", ".html": "text/html", ".md": "text/mar
 SAMPLE_S = 2.0
 HISTORY_POINTS = 1800  # per device and series: an hour of 2 s heartbeats
 POINTS_SHOWN = 300  # per device and series in one state answer: a chart's width, not an hour
+# Points kept over the whole fleet (16 bytes each: 32 MB): a large fleet keeps fewer a device,
+# never fewer than a chart shows (10,000 devices: 300 a series, 144 MB at most).
+FLEET_HISTORY_POINTS = 2_000_000
 MAX_EVENTS = 2000  # online/offline changes kept
 ROUNDS_SHOWN = 200
 RUNS_SHOWN = 50
@@ -43,18 +49,52 @@ View = dict[str, Any]  # one JSON-ready record of a fleet view (a device, a run,
 HEARTBEAT_SERIES = {"drift": "confidence_score", "power": "power_w", "spool": "spool_depth"}
 
 
+class Series:
+    """One device's readings of one kind, oldest first: (when, value) as two arrays of float64
+    (16 bytes a point; a deque of tuples took ~100), the newest `kept` of them."""
+
+    __slots__ = ("times", "values")
+
+    def __init__(self) -> None:
+        self.times, self.values = array("d"), array("d")
+
+    def add(self, t: float, value: float, kept: int) -> None:
+        self.times.append(t)
+        self.values.append(value)
+        if len(self.times) > kept:
+            del self.times[: len(self.times) - kept], self.values[: len(self.values) - kept]
+
+    def points(self) -> list[Point]:
+        return list(zip(self.times, self.values, strict=True))
+
+
 class FleetHistory:
     """Bounded per-device time series, fed with the devices view (plain dicts)."""
 
-    def __init__(self, points: int = HISTORY_POINTS, shown: int = POINTS_SHOWN) -> None:
-        self._points, self._shown = points, shown
-        self._series: dict[str, dict[str, deque[Point]]] = {}
+    def __init__(
+        self,
+        points: int = HISTORY_POINTS,
+        shown: int = POINTS_SHOWN,
+        fleet_points: int = FLEET_HISTORY_POINTS,
+    ) -> None:
+        self._points, self._shown, self._fleet_points = points, shown, fleet_points
+        self._kept = points  # per device and series, for the fleet's size
+        self._series: dict[str, dict[str, Series]] = {}
         self._last: dict[str, dict[str, Any]] = {}  # device -> the times last recorded
         self._events: deque[dict[str, Any]] = deque(maxlen=MAX_EVENTS)
         self._lock = threading.Lock()  # the sampler writes, API threads read
 
+    @property
+    def kept(self) -> int:
+        """Points kept per device and series now (fewer, down to a chart's width, for a large
+        fleet: fleet_points bounds the whole history)."""
+        return self._kept
+
     def record(self, devices: list[dict[str, Any]], now: float) -> None:
         with self._lock:
+            series = len(HEARTBEAT_SERIES) + 1  # and accuracy
+            share = self._fleet_points // max(1, series * max(len(devices), len(self._series)))
+            self._kept = max(min(self._points, self._shown), min(self._points, share))
             for device in devices:
                 self._record_device(device, now)
 
@@ -64,8 +104,8 @@ class FleetHistory:
         series = self._series.setdefault(name, {})
 
         def add(what: str, t: float | None, value: Any) -> None:
-            if t is not None and value is not None:
-                series.setdefault(what, deque(maxlen=self._points)).append((t, value))
+            if t is not None and isinstance(value, int | float):
+                series.setdefault(what, Series()).add(t, value, self._kept)
 
         beat = d.get("last_heartbeat_at")
         if beat is not None and beat != last.get("beat"):
@@ -88,7 +128,7 @@ class FleetHistory:
     def series(self) -> dict[str, dict[str, list[Point]]]:
         with self._lock:
             return {
-                device: {what: _thin(sorted(points), self._shown) for what, points in by.items()}
+                device: {what: _thin(sorted(one.points()), self._shown) for what, one in by.items()}
                 for device, by in self._series.items()
             }
 
@@ -108,8 +148,14 @@ def _thin(points: list[Point], most: int) -> list[Point]:
 class HistorySampler:
     """Calls `sample` every `interval` seconds in a daemon thread, until stopped."""
 
-    def __init__(self, sample: Callable[[], object], interval: float = SAMPLE_S) -> None:
+    def __init__(
+        self,
+        sample: Callable[[], object],
+        interval: float = SAMPLE_S,
+        heap: HeapTrimmer | None = None,
+    ) -> None:
         self._sample, self._interval = sample, interval
+        self._heap = heap or HeapTrimmer()  # each sample is a fleet-wide view, freed after it
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dashboard-history", daemon=True)
 
@@ -128,6 +174,7 @@ class HistorySampler:
                 self._sample()
             except Exception as err:  # the fleet state is away a moment: the next sample will do
                 log.debug("dashboard history sample failed: %s", err)
+            self._heap.maybe_trim()
             self._stop.wait(self._interval)
 
 

@@ -23,12 +23,12 @@ from prometheus_client import (
     start_http_server,
 )
 
+from coordinator.device_metrics import DeviceCollector
 from coordinator.jobs import JobState
 from coordinator.observations import (
     FLEET_REJECT_REASONS,
     JOB_FAILURE_REASONS,
     AggregationTimed,
-    DeviceGauges,
     DeviceQuarantined,
     FinetuneReported,
     FleetSnapshot,
@@ -49,8 +49,6 @@ FINETUNE_BUCKETS = (0.1, 0.5, 1, 2, 5, 10, 30, 60, 120, 300, 600, 1800)
 ROUND_BUCKETS = (1, 5, 10, 30, 60, 120, 300, 600, 900, 1800, 3600)
 AGGREGATION_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.5, 1, 5, 10, 30)
 RUN_ROUND_BUCKETS = (1, 2, 3, 4, 5, 6, 8, 10, 15, 20, 30, 50)
-LABEL_FREE_SIGNALS = ("confidence", "feature")
-ACCURACY_STAGES = ("running", "before", "after")  # what it runs now; its last fine-tune's
 REJECT_REASONS = (*(r.value for r in RejectReason), *FLEET_REJECT_REASONS)
 
 
@@ -67,61 +65,8 @@ class FleetMetrics:
         self.build_info.labels(version=_version(), python=platform.python_version()).set(1)
         self.devices_known = Gauge(p + "devices_known", "Devices the coordinator knows", registry=r)
         self.devices_online = Gauge(p + "devices_online", "Devices online now", registry=r)
-        self.device_online = Gauge(
-            p + "device_online", "1 if the device is online, 0 if not", ["device"], registry=r
-        )
-        self.device_last_seen = Gauge(
-            p + "device_last_seen_timestamp_seconds",
-            "When the coordinator last heard from the device (heartbeat or presence)",
-            ["device"],
-            registry=r,
-        )
-        self.device_accuracy = Gauge(
-            p + "device_accuracy_ratio",
-            "Hold-out accuracy: of what the device runs now (stage running, from evaluations, "
-            "applies and fine-tunes), and before and after its last fine-tune; absent unmeasured",
-            ["device", "stage"],
-            registry=r,
-        )
-        self.device_spooled = Gauge(
-            p + "device_spooled_messages",
-            "Messages the device's spool holds, waiting for the broker's acknowledgement",
-            ["device"],
-            registry=r,
-        )
-        self.device_power = Gauge(
-            p + "device_power_watts", "Last reported power draw", ["device"], registry=r
-        )
-        self.device_temperature = Gauge(
-            p + "device_temperature_celsius", "Last SoC temperature", ["device"], registry=r
-        )
-        self.device_drift = Gauge(
-            p + "device_drift_score", "Last reported input drift score", ["device"], registry=r
-        )
-        self.device_clock_offset = Gauge(
-            p + "device_clock_offset_seconds",
-            "The device's clock minus the coordinator's, as the device estimates it",
-            ["device"],
-            registry=r,
-        )
-        self.device_adapter_version = Gauge(
-            p + "device_adapter_version",
-            "Fleet adapter version the device runs",
-            ["device"],
-            registry=r,
-        )
-        self.device_adapter = Gauge(
-            p + "device_adapter_info",
-            "1 for what the device runs (origin: base, personal or fleet), its cohort and cluster",
-            ["device", "cohort", "origin", "cluster"],
-            registry=r,
-        )
-        self.device_label_free = Gauge(
-            p + "device_label_free_score",
-            "Calibrated label-free drift score (1 = the base model's threshold)",
-            ["device", "signal"],
-            registry=r,
-        )
+        # device_online, device_accuracy_ratio, ... : made from the snapshot when scraped
+        self.devices = DeviceCollector(r)
         self.devices_quarantined = Gauge(
             p + "devices_quarantined",
             "Devices left alone after letting jobs time out in a row",
@@ -198,9 +143,6 @@ class FleetMetrics:
         # kind -> (messages, bytes) children
         self._received: dict[str, tuple[Counter, Counter]] = {}
         self._sent: dict[str, Counter] = {}  # kind -> the sent_messages child
-        self._device_labels: set[str] = set()
-        self._applied: dict[str, DeviceGauges] = {}  # device -> the readings its series show
-        self._running: dict[str, tuple[str, str, str]] = {}  # device -> (cohort, origin, cluster)
         self._cohort_labels: set[str] = set()
         self._start_at_zero()
 
@@ -278,11 +220,7 @@ class FleetMetrics:
         self.devices_known.set(len(snapshot.devices))
         self.devices_online.set(snapshot.devices_online)
         self.devices_quarantined.set(snapshot.devices_quarantined)
-        for device in snapshot.devices:
-            if self._applied.get(device.device_id) != device:  # unchanged: its series are set
-                self._set_device(device)
-                self._applied[device.device_id] = device
-        self._forget(self._device_labels, {d.device_id for d in snapshot.devices}, "device")
+        self.devices.update(snapshot.devices)
         for state in JobState:  # a state nobody is in counts 0
             self.jobs.labels(state=state.value).set(snapshot.jobs_by_state.get(state.value, 0))
         for cohort, version in snapshot.adapter_versions.items():
@@ -292,7 +230,7 @@ class FleetMetrics:
             self.devices_behind.labels(cohort=cohort).set(snapshot.devices_behind.get(cohort, 0))
             self.energy.labels(cohort=cohort)  # from 0 before the cohort's first fine-tune
         cohorts = set(snapshot.adapter_versions) | set(snapshot.cohort_devices)
-        self._forget(self._cohort_labels, cohorts, "cohort")
+        self._forget_cohorts(cohorts)
 
     def serve(self, addr: str, port: int) -> int:
         """Serves /metrics on a daemon thread; returns the bound port (port 0: any free one)."""
@@ -308,64 +246,12 @@ class FleetMetrics:
 
     # ---- internals
 
-    def _device_gauges(self) -> tuple[tuple[Gauge, str], ...]:
-        """(gauge, DeviceGauges field) of the per-device readings: absent while unknown."""
-        return (
-            (self.device_power, "power_w"),
-            (self.device_temperature, "temperature_c"),  # none off a Pi
-            (self.device_drift, "drift_score"),
-            (self.device_adapter_version, "adapter_version"),  # none: runs no fleet version
-            (self.device_last_seen, "last_seen"),
-            (self.device_spooled, "spooled"),
-            (self.device_clock_offset, "clock_offset_s"),
-        )
-
-    def _set_device(self, d: DeviceGauges) -> None:
-        device = d.device_id
-        self.device_online.labels(device=device).set(1 if d.online else 0)
-        accuracies = (d.accuracy, d.accuracy_before, d.accuracy_after)
-        for stage, accuracy in zip(ACCURACY_STAGES, accuracies, strict=True):
-            _set(self.device_accuracy, accuracy, device, stage)
-        for gauge, field in self._device_gauges():
-            _set(gauge, getattr(d, field), device)
-        running = (d.cohort, d.adapter_origin, d.cluster)
-        before = self._running.get(device)
-        if before is not None and before != running:  # one series: what it runs now
-            _remove(self.device_adapter, device, *before)
-        self._running[device] = running
-        self.device_adapter.labels(device, *running).set(1)
-        scores = (d.confidence_score, d.feature_score)
-        for signal, score in zip(LABEL_FREE_SIGNALS, scores, strict=True):
-            _set(self.device_label_free, score, device, signal)
-
-    def _forget(self, known: set[str], current: set[str], label: str) -> None:
-        """Removes the series of devices (or cohorts) that are gone, so they stop being scraped."""
-        for gone in known - current:
-            if label == "device":
-                self._applied.pop(gone, None)
-                for stage in ACCURACY_STAGES:
-                    _remove(self.device_accuracy, gone, stage)
-                for gauge, _ in self._device_gauges():
-                    _remove(gauge, gone)
-                _remove(self.device_online, gone)
-                if (running := self._running.pop(gone, None)) is not None:
-                    _remove(self.device_adapter, gone, *running)
-                for signal in LABEL_FREE_SIGNALS:
-                    _remove(self.device_label_free, gone, signal)
-            else:
-                for gauge in (self.adapter_version, self.cohort_devices, self.devices_behind):
-                    _remove(gauge, gone)
-        known.clear()
-        known.update(current)
-
-
-def _set(gauge: Gauge, value: float | None, *labels: str) -> None:
-    # Unknown is no series, neither NaN nor 0: a dashboard must not read "0 W" or "accuracy 0"
-    # for "no reading", and avg() over the fleet must not turn NaN for one device not measured.
-    if value is None:
-        _remove(gauge, *labels)
-    else:
-        gauge.labels(*labels).set(float(value))
+    def _forget_cohorts(self, current: set[str]) -> None:
+        """Removes the series of cohorts that are gone, so they stop being scraped."""
+        for gone in self._cohort_labels - current:
+            for gauge in (self.adapter_version, self.cohort_devices, self.devices_behind):
+                _remove(gauge, gone)
+        self._cohort_labels = set(current)
 
 
 def _version() -> str:

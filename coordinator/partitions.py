@@ -23,6 +23,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.fleet import task_name
 from coordinator.ingest import Received
 from coordinator.instance import InstanceConflict
+from coordinator.partition_accounts import partition_mqtt
 from coordinator.registry import cohort_id
 from coordinator.state_db import DB_FILENAME
 from shared.protocol import Presence
@@ -50,9 +51,11 @@ def presence_cohort(presence: Presence) -> str:
 def partition_config(config: CoordinatorConfig, index: int) -> CoordinatorConfig:
     """The config partition `index` runs with: its own state dir under the coordinator's, and
     its own MQTT client id and actor name (the instance name made explicit: it is derived from
-    the state dir otherwise, which differs per partition)."""
+    the state dir otherwise, which differs per partition), and its own broker account if the
+    coordinator has one (coordinator.partition_accounts)."""
     return dataclasses.replace(
         config,
+        mqtt=partition_mqtt(config.mqtt, config.partition_passwords, index),
         state_dir=config.state_dir / PARTITIONS_DIR / f"p{index}",
         instance=config.instance_name,
         partition_index=index,

@@ -13,6 +13,7 @@ state dir is a local path.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import pickle
 import time
@@ -26,10 +27,11 @@ from coordinator.aggregate_task import (
     AggregationOutcome,
     AggregationRequest,
     StrategyRun,
-    run_strategy,
+    run_strategies,
 )
 from coordinator.aggregation import AdapterShape, FitFailure, FitResult
 from coordinator.config import CoordinatorConfig
+from coordinator.heap import HeapTrimmer
 from coordinator.ingest import Received
 from coordinator.instance import InstanceConflict
 from coordinator.observations import MetricsReport
@@ -62,79 +64,105 @@ class ActorOwnedElsewhere(InstanceConflict):
     """A live fleet actor already has this coordinator's name: another coordinator runs it."""
 
 
+# The local Ray's worker pool, lean (ray.init's _system_config, Ray's RAY_CONFIG names): no
+# worker started ahead of a task (an idle one is ~45 MiB PSS before it has done anything), and
+# at most one idle worker kept once tasks ran, warm for the next round's aggregation (one task
+# a round: RayAggregator). The actor's own worker is not an idle one.
+LOCAL_WORKER_POOL = {
+    "prestart_worker_first_driver": False,
+    "enable_worker_prestart": False,
+    "num_workers_soft_limit": 1,
+}
+# Holds a round's reports once (10,000 fan reports: ~75 MB) and the ingest batches in flight.
+LOCAL_OBJECT_STORE_BYTES = 100 * 1024**2
+
+
 def init_ray(config: CoordinatorConfig) -> None:
-    """Starts a small local Ray, or joins a cluster (`auto` or an address)."""
+    """Starts a small local Ray, or joins a cluster (`auto` or an address).
+
+    Ray 2.x starts its GCS, raylet, log monitor, autoscaler monitor, an API server (with
+    include_dashboard=False: its usage-stats module alone), and the raylet's dashboard and
+    runtime-env agents whatever ray.init is given; what it does let us choose is set here."""
     if config.joins_cluster:
         ray.init(address=config.ray_address, namespace=config.ray_namespace, log_to_driver=True)
         return
     ray.init(
         num_cpus=2,
         include_dashboard=False,
-        object_store_memory=100 * 1024**2,
+        object_store_memory=LOCAL_OBJECT_STORE_BYTES,
         namespace=config.ray_namespace,
+        _system_config=LOCAL_WORKER_POOL,
     )
 
 
 @ray.remote(num_cpus=1, max_retries=2)
 def aggregate_remote(
-    algorithm: str,
+    algorithms: Sequence[str],
     shape: AdapterShape,
     results: Sequence[FitResult],
     failures: Sequence[FitFailure],
-) -> StrategyRun:
-    return run_strategy(algorithm, shape, results, failures)
+) -> tuple[StrategyRun, ...]:
+    return run_strategies(algorithms, shape, results, failures)
 
 
 class RayAggregator:
-    """Submits each strategy of a round as a Ray task over one shared copy of the inputs."""
+    """Submits each round's strategies as one Ray task, its reports passed once.
+
+    The reports go into Ray's object store as the task's argument (one copy, read in place by
+    the worker); the actor keeps the request without them, so its own copy is freed as soon as
+    the round is submitted. One task, not one per strategy: one worker reads the inputs once
+    (three tasks held three workers of 50-60 MiB each, each with its own view of the reports).
+    """
 
     def __init__(self) -> None:
+        # round key -> (the request without its reports, its strategies, the task)
         self._pending: dict[
-            str, tuple[AggregationRequest, dict[str, ray.ObjectRef[StrategyRun]]]
+            str, tuple[AggregationRequest, tuple[str, ...], ray.ObjectRef[tuple[StrategyRun, ...]]]
         ] = {}
         self._submitted = False  # since the last collect
 
     def submit(self, request: AggregationRequest, algorithms: Sequence[str]) -> None:
-        # once, shared by every strategy's task
-        results: ray.ObjectRef[Sequence[FitResult]] = ray.put(list(request.results))
-        failures = list(request.failures)
-        refs = {a: aggregate_remote.remote(a, request.shape, results, failures) for a in algorithms}
-        self._pending[request.key] = (request, refs)
+        ref = aggregate_remote.remote(
+            tuple(algorithms), request.shape, list(request.results), list(request.failures)
+        )
+        slim = dataclasses.replace(request, results=())
+        self._pending[request.key] = (slim, tuple(algorithms), ref)
         self._submitted = True
 
     def collect(self) -> list[AggregationOutcome]:
-        """Outcomes of the rounds whose tasks all finished; waits (briefly) only for tasks
+        """Outcomes of the rounds whose tasks finished; waits (briefly) only for tasks
         submitted since the last collect."""
         if not self._pending:
             return []
-        refs = [ref for _, by_algorithm in self._pending.values() for ref in by_algorithm.values()]
+        refs = [ref for _, _, ref in self._pending.values()]
         wait_s, self._submitted = (AGGREGATION_WAIT_S if self._submitted else 0), False
         ready = set(ray.wait(refs, num_returns=len(refs), timeout=wait_s)[0])
-        finished = [
-            key
-            for key, (_, by_algorithm) in self._pending.items()
-            if ready.issuperset(by_algorithm.values())
-        ]
+        finished = [key for key, (_, _, ref) in self._pending.items() if ref in ready]
         batches = [self._pending.pop(key) for key in finished]
-        runs = iter(_gather([(a, ref) for _, refs in batches for a, ref in refs.items()]))
+        runs = _gather([(algorithms, ref) for _, algorithms, ref in batches])
         return [
-            AggregationOutcome(request, tuple(next(runs) for _ in refs))
-            for request, refs in batches
+            AggregationOutcome(request, outcome)
+            for (request, _, _), outcome in zip(batches, runs, strict=True)
         ]
 
     def pending(self) -> set[str]:
         return set(self._pending)
 
 
-def _gather(refs: list[tuple[str, ray.ObjectRef[StrategyRun]]]) -> list[StrategyRun]:
+def _gather(
+    tasks: list[tuple[tuple[str, ...], ray.ObjectRef[tuple[StrategyRun, ...]]]],
+) -> list[tuple[StrategyRun, ...]]:
     """One ray.get for every finished task (they are ready: it does not wait)."""
     try:
-        runs: list[StrategyRun] = ray.get([ref for _, ref in refs])
+        runs: list[tuple[StrategyRun, ...]] = ray.get([ref for _, ref in tasks])
         return runs
     except ray.exceptions.RayError as err:
         # Strategy errors come back as values; this is a task that crashed after its retries.
         log.error("aggregation tasks failed: %s", err)
-        return [StrategyRun(algorithm, 0.0, error=f"task failed: {err}") for algorithm, _ in refs]
+        return [
+            tuple(StrategyRun(a, 0.0, error=f"task failed: {err}") for a in algorithms)
+            for algorithms, _ in tasks
+        ]
 
 
 # ray's type overloads for @ray.remote(...) lack concurrency_groups, a documented actor option
@@ -145,6 +173,7 @@ class FleetActor:
             level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
         self._service = FleetService(config, aggregator=RayAggregator())
+        self._heap = HeapTrimmer()
 
     def ingest(self, batch: list[Received]) -> int:
         return self._service.ingest(batch)
@@ -192,7 +221,9 @@ class FleetActor:
 
     @ray.method(concurrency_group="health")
     def metrics_report(self) -> MetricsReport:
-        return self._service.metrics_report()
+        report = self._service.metrics_report()
+        self._heap.maybe_trim()  # asked every few seconds: the last fleet-wide views are freed
+        return report
 
     @ray.method(concurrency_group="health")
     def metrics_report_packed(self) -> bytes:

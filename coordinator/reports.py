@@ -22,9 +22,11 @@ from coordinator.aggregation import AdapterShape, AggregationError, FitResult, v
 from coordinator.npz import npz_bytes
 from coordinator.state_db import StateDB
 
-# Reports received in this actor's life are kept in memory too, until their round's aggregation
-# reads them (once: the read takes them out), so a round's inputs are not read back file by file.
-# The files stay the durable copy: after a restart, or past this many bytes, arrays() reads them.
+# Reports of a round received in this actor's life are kept in memory too, until the round's
+# aggregation reads them (once: the read takes them out), so a round's inputs are not read back
+# file by file. A device's own fine-tune outside any round is never aggregated: it is not held
+# (it stayed in memory until evicted by newer reports). The files stay the durable copy: after a
+# restart, or past this many bytes, arrays() reads them.
 MEMORY_CAP_BYTES = 256 * 2**20
 
 _SCHEMA = """
@@ -127,7 +129,8 @@ class ReportStore:
             path.parent.mkdir(parents=True, exist_ok=True)
             self._made_dirs.add(path.parent)
         _write_npz(path, arrays)
-        self._hold(meta.file, arrays)
+        if meta.round_id is not None:
+            self._hold(meta.file, arrays)
         self._db.execute(
             "INSERT OR IGNORE INTO fit_reports (job_id, device_id, round_id, cohort, "
             "base_model_hash, samples, layer_dims, n_classes, parent_adapter_version, "

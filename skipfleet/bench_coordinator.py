@@ -33,7 +33,13 @@ from skipfleet.bench_coordinator_tables import format_tables, scale_summary
 from skipfleet.brokers import MosquittoBroker
 from skipfleet.coordinator_process import ApiError, CoordinatorProcess
 from skipfleet.loadgen.fleet import SimulatedFleet
-from skipfleet.measure import PeakMemory, descendant_running, memory_of
+from skipfleet.measure import (
+    Memory,
+    PeakMemory,
+    descendant_running,
+    memory_by_role,
+    memory_of,
+)
 from skipfleet.ray_nodes import NO_TOKEN_AUTH, LocalRayCluster
 
 # One asyncio loop carried 1,000 clients (skipfleet.loadgen.connection); 250 per process lets
@@ -190,10 +196,15 @@ def bench_fleet(devices: int, args, world: tuple[Path, list[Path]], root: Path, 
         nodes = tuple(cluster.pids if cluster else ())
         parties = Parties(coordinator, broker_pid, fleet, nodes, lag)
         result["memory_idle"] = _memory(parties)
+        result["memory_idle_by_role"] = _pss_by_role(
+            memory_by_role(coordinator.pid, parties.coordinator_tree())
+        )
         result["idle_cpu_per_second"] = idle_cpu(parties)
-        with PeakMemory(parties.coordinator_tree) as peak:
+        with PeakMemory(parties.coordinator_tree, driver=coordinator.pid) as peak:
             result |= run_rounds(parties, devices, args, log)
         result["memory_peak_pss_bytes"] = peak.peak.pss_bytes
+        result["memory_peak_by_role"] = _pss_by_role(peak.at_peak)
+        result["memory_role_peaks"] = _pss_by_role(peak.role_peaks)
         result["memory_after"] = _memory(parties)
         result["scale"] = scale_summary(result)
         return result
@@ -238,6 +249,10 @@ def _memory(parties: Parties) -> dict:
         "tree_pss_bytes": tree.pss_bytes,
         "tree_processes": tree.processes,
     }
+
+
+def _pss_by_role(roles: dict[str, Memory]) -> dict[str, dict[str, int]]:
+    return {role: {"pss_bytes": m.pss_bytes, "processes": m.processes} for role, m in roles.items()}
 
 
 def main(args) -> int:

@@ -33,6 +33,10 @@ def format_tables(result: dict) -> str:
         "Coordinator memory: the driver process, and its whole tree (driver + Ray) in RSS and PSS",
         _memory(fleets),
         "",
+        "Coordinator PSS by process role (MiB, processes in brackets): idle before the rounds; "
+        "in the sample of the tree's peak; each role's own peak",
+        _memory_by_role(fleets),
+        "",
         "Aggregation strategies alone, synthetic HAR-shaped reports (185/96/96 inputs, 6 "
         "classes, rank 4), median time",
         aggregation_table(result["aggregation_micro"]),
@@ -188,3 +192,23 @@ def _memory(fleets: list[dict]) -> str:
             f"{after['tree_pss_bytes'] / MIB:9.1f}"
         )
     return "\n".join(lines)
+
+
+def _memory_by_role(fleets: list[dict]) -> str:
+    lines = [f"{'devices':>7s} {'role':<24s} {'idle':>11s} {'at peak':>11s} {'own peak':>11s}"]
+    for f in fleets:
+        columns = [f.get(k, {}) for k in
+                   ("memory_idle_by_role", "memory_peak_by_role", "memory_role_peaks")]  # fmt: skip
+        roles = sorted(
+            set().union(*columns), key=lambda r: -columns[2].get(r, {}).get("pss_bytes", 0)
+        )
+        for role in roles:
+            cells = [_pss_cell(column.get(role)) for column in columns]
+            lines.append(f"{f['devices']:7d} {role:<24s} " + " ".join(f"{c:>11s}" for c in cells))
+    return "\n".join(lines)
+
+
+def _pss_cell(memory: dict | None) -> str:
+    if not memory:
+        return "-"
+    return f"{memory['pss_bytes'] / MIB:.0f} ({memory['processes']})"

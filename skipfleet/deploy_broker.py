@@ -17,7 +17,7 @@ import socket
 import subprocess
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from pathlib import Path
 
 import yaml
@@ -64,18 +64,31 @@ def compose_interpolate(value: object, environment: dict[str, str]) -> object:
 SERVICES = compose_interpolate(
     yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"], dict(os.environ)
 )
-SERVICES = compose_interpolate(
-    yaml.safe_load((REPO / "docker-compose.yml").read_text())["services"], dict(os.environ)
-)
 MAKE_ACCOUNTS = DEPLOY / "mosquitto" / "make-accounts.sh"
 
 
-def make_accounts(n: int, directory: Path, coordinators: Iterable[str] = ()) -> dict[str, str]:
-    """Run make-accounts.sh (with --coordinator NAME for each of `coordinators`); return the
-    device and coordinator passwords by user name (`coordinator`, `coordinator-NAME`)."""
+def make_accounts(
+    n: int,
+    directory: Path,
+    coordinators: Iterable[str] = (),
+    partitions: Mapping[str, int] | None = None,
+) -> dict[str, str]:
+    """Run make-accounts.sh (with --coordinator NAME for each of `coordinators`, and
+    --partitions P for each coordinator account `partitions` names: `coordinator` or
+    `coordinator-NAME`); return the device and coordinator passwords by user name
+    (`coordinator`, `coordinator-NAME`, a partition's `coordinator[-NAME]-pI`)."""
     if shutil.which("mosquitto_passwd") is None:
         raise BrokerError("mosquitto_passwd is not installed: run `make system-deps`")
-    options = [x for name in coordinators for x in ("--coordinator", name)]
+    split = dict(partitions or {})
+
+    def partitions_of(account: str) -> list[str]:
+        return ["--partitions", str(split.pop(account))] if account in split else []
+
+    options = partitions_of("coordinator")
+    for name in coordinators:
+        options += ["--coordinator", name, *partitions_of(f"coordinator-{name}")]
+    if split:
+        raise ValueError(f"partitions for accounts not made here: {sorted(split)}")
     result = subprocess.run(
         ["bash", str(MAKE_ACCOUNTS), *options, str(n), str(directory)],
         capture_output=True, text=True, timeout=30,
@@ -86,6 +99,9 @@ def make_accounts(n: int, directory: Path, coordinators: Iterable[str] = ()) -> 
     passwords = dict(line.split(":", 1) for line in lines)
     for path in directory.glob("coordinator*_password"):
         passwords[path.name.removesuffix("_password")] = path.read_text().strip()
+    for path in directory.glob("coordinator*_password-p*"):
+        account, index = path.name.rsplit("_password-p", 1)
+        passwords[f"{account}-p{index}"] = path.read_text().strip()
     return passwords
 
 

@@ -88,6 +88,49 @@ def memory_of(pids: Iterable[int]) -> Memory:
     return total
 
 
+# What each process of a coordinator's tree is, from its command line (Ray names its workers
+# `ray::<actor or task>`, `ray::IDLE` between tasks); the first match wins.
+_ROLES = (
+    ("ray::FleetActor", "fleet actor"),
+    ("ray::DashboardAgent", "dashboard agent"),
+    ("ray::RuntimeEnvAgent", "runtime-env agent"),
+    ("ray::", "ray worker"),
+    ("default_worker.py", "ray worker"),  # a worker starting, before it names itself
+    ("log_monitor.py", "log monitor"),
+    ("monitor.py", "autoscaler monitor"),
+    ("dashboard.py", "dashboard (api server)"),
+    ("coordinator.reaper", "reaper"),
+)
+
+
+_PROGRAMS = {"gcs_server": "gcs", "raylet": "raylet"}  # Ray's binaries, by their own name
+
+
+def role_of(pid: int, root: int) -> str:
+    if pid == root:
+        return "driver"
+    try:
+        with open(f"/proc/{pid}/cmdline", "rb") as source:
+            argv = source.read().decode(errors="replace").split("\0")
+    except OSError:
+        return "gone"
+    program = os.path.basename(argv[0])  # the raylet's own arguments name every other program
+    if program in _PROGRAMS:
+        return _PROGRAMS[program]
+    command = " ".join(argv)
+    return next((role for mark, role in _ROLES if mark in command), "other")
+
+
+def memory_by_role(root: int, pids: Iterable[int] | None = None) -> dict[str, Memory]:
+    """The memory of `root`'s tree (or of `pids`, root the driver among them), summed per
+    role (role_of): where a tree's PSS goes."""
+    out: dict[str, Memory] = {}
+    for pid in children_of(root) if pids is None else pids:
+        role = role_of(pid, root)
+        out[role] = out.get(role, Memory(0, 0, 0)) + memory_of([pid])
+    return {role: memory for role, memory in out.items() if memory.processes}
+
+
 def cpu_by_process(pids: Iterable[int]) -> dict[tuple[int, int], float]:
     """{(pid, start time): user + system CPU seconds so far}; the start time tells a reused pid
     apart. Children's times (cutime) are left out: a reaped child was counted on its own."""
@@ -162,14 +205,24 @@ class CpuWindow:
 
 
 class PeakMemory:
-    """Samples the memory of a process tree on a thread; keeps the highest total seen."""
+    """Samples the memory of a process tree on a thread; keeps the highest total seen, and
+    what each role (role_of) held at that moment and at its own highest."""
 
-    def __init__(self, root: int | Callable[[], list[int]], interval_s: float = 0.5) -> None:
-        """root: a process (its tree is sampled), or what lists the processes to sample."""
+    def __init__(
+        self,
+        root: int | Callable[[], list[int]],
+        interval_s: float = 0.5,
+        driver: int | None = None,
+    ) -> None:
+        """root: a process (its tree is sampled), or what lists the processes to sample;
+        driver: the process whose role is `driver` (default: root, if a process)."""
         self._tree = (lambda: children_of(root)) if isinstance(root, int) else root
+        self._driver = root if isinstance(root, int) else (driver if driver is not None else -1)
         self._interval = interval_s
         self._stop = threading.Event()
         self.peak = Memory(0, 0, 0)
+        self.at_peak: dict[str, Memory] = {}  # role -> its memory in the sample of the peak
+        self.role_peaks: dict[str, Memory] = {}  # role -> its own highest PSS
         self._thread = threading.Thread(target=self._run, name="peak-memory", daemon=True)
 
     def __enter__(self) -> PeakMemory:
@@ -182,9 +235,13 @@ class PeakMemory:
 
     def _run(self) -> None:
         while not self._stop.is_set():
-            now = memory_of(self._tree())
+            roles = memory_by_role(self._driver, self._tree())
+            now = sum(roles.values(), Memory(0, 0, 0))
             if now.pss_bytes > self.peak.pss_bytes:
-                self.peak = now
+                self.peak, self.at_peak = now, roles
+            for role, memory in roles.items():
+                if memory.pss_bytes > self.role_peaks.get(role, Memory(0, 0, 0)).pss_bytes:
+                    self.role_peaks[role] = memory
             self._stop.wait(self._interval)
 
 

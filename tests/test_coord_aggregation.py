@@ -271,3 +271,20 @@ def test_bounds_leave_two_honest_sub_groups_of_a_cluster_alone():
     bounded = bound_reports(results, shape=SHAPE, bounds=TrustBounds(), registered={},
                             start=start)  # fmt: skip
     assert not bounded.outliers and not bounded.notes
+
+
+def test_leave_one_out_bounds_equal_the_median_of_the_others_for_every_report():
+    """From one sort, as each report's own median of the others would be (ties, odd and even
+    counts, and non-positive medians that bound nothing)."""
+    from coordinator.aggregation.bounds import leave_one_out_bounds
+
+    rng = np.random.default_rng(3)
+    for n in (3, 4, 5, 8, 41):
+        values = [int(v) for v in rng.integers(0, 6, size=n)]  # small range: many ties, zeros
+        expected = []
+        for i in range(n):
+            median = float(np.median(values[:i] + values[i + 1 :]))
+            expected.append(2.5 * median if median > 0 else None)
+        assert leave_one_out_bounds(values, 2.5) == expected, values
+    assert leave_one_out_bounds([5, 7], 2.0) == [None, None]  # one other: no norm
+    assert leave_one_out_bounds([5, 7, 9], None) == [None, None, None]

@@ -18,6 +18,7 @@ from coordinator.config import (
     ConfigError,
     from_args,
 )
+from coordinator.partitions import partition_config
 from coordinator.ports import LocalFleetPort
 from coordinator.service import FleetService
 from shared.http_auth import RequestGuard
@@ -71,6 +72,74 @@ def test_arguments_win_over_the_environment_which_fills_the_gaps(tmp_path):
     assert (config.mqtt.username, config.mqtt.password) == ("coordinator", "s3cret")
     assert config.state_dir == tmp_path / "from-env" and config.joins_cluster
     assert config.api_port == 9000
+
+
+def write_partition_secrets(tmp_path, partitions: int) -> Path:
+    """`secret-p0` .. for the partitions; `secret` itself (the coordinator's) is not made."""
+    for index in range(partitions):
+        (tmp_path / f"secret-p{index}").write_text(f"pw{index}\n")
+    return tmp_path / "secret"
+
+
+def test_each_partition_connects_with_its_own_account_and_password_file(tmp_path):
+    secret = write_partition_secrets(tmp_path, 2)
+    config = from_args(
+        parse("--state-dir", str(tmp_path / "state"), "--username", "coordinator-east",
+              "--password-file", str(secret), "--partitions", "2"),
+        {},
+    )  # fmt: skip
+    parts = [partition_config(config, i) for i in range(2)]
+    assert [(p.mqtt.username, p.mqtt.password) for p in parts] == [
+        ("coordinator-east-p0", "pw0"), ("coordinator-east-p1", "pw1"),
+    ]  # fmt: skip
+    assert config.mqtt.password is None  # the coordinator's own file is not read
+    assert "pw0" not in repr(config)
+
+
+def test_one_partition_connects_with_the_coordinators_own_account(tmp_path):
+    write_partition_secrets(tmp_path, 2)
+    (tmp_path / "secret").write_text("own\n")
+    config = from_args(
+        parse("--state-dir", str(tmp_path / "state"), "--username", "coordinator",
+              "--password-file", str(tmp_path / "secret")),
+        {},
+    )  # fmt: skip
+    assert (config.mqtt.username, config.mqtt.password) == ("coordinator", "own")
+    assert config.partition_passwords == ()
+
+
+def test_partitions_without_an_account_share_the_anonymous_connection(tmp_path):
+    config = from_args(parse("--state-dir", str(tmp_path), "--partitions", "2"), {})
+    assert {partition_config(config, i).mqtt.username for i in range(2)} == {None}
+
+
+def test_a_missing_partition_password_file_is_refused_naming_it(tmp_path):
+    secret = write_partition_secrets(tmp_path, 2)
+    with pytest.raises(ConfigError) as refused:
+        from_args(
+            parse("--state-dir", str(tmp_path / "state"), "--username", "coordinator",
+                  "--password-file", str(secret), "--partitions", "3"),
+            {},
+        )  # fmt: skip
+    message = str(refused.value)
+    assert f"partition 2's password file {secret}-p2: cannot read" in message
+    assert "connects as coordinator-p2" in message and "--partitions N" in message
+
+
+def test_partitions_with_a_password_not_from_a_file_are_refused(tmp_path):
+    with pytest.raises(ConfigError, match="each partition I connects as coordinator-pI"):
+        from_args(
+            parse("--state-dir", str(tmp_path), "--username", "coordinator", "--partitions", "2"),
+            {"SKIPFLEET_MQTT_PASSWORD": "literal"},
+        )
+
+
+def test_the_cli_exits_64_naming_a_missing_partition_password_file(tmp_path, capsys):
+    secret = write_partition_secrets(tmp_path, 1)
+    argv = ("--state-dir", str(tmp_path / "state"), "--username", "coordinator",
+            "--password-file", str(secret), "--partitions", "2")  # fmt: skip
+    assert cli.main(parse(*argv)) == 64
+    assert f"{secret}-p1" in capsys.readouterr().err
 
 
 def test_policy_knobs_and_switching_triggers_off(tmp_path):

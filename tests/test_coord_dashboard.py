@@ -55,6 +55,19 @@ def test_a_long_history_is_thinned_to_a_charts_width_keeping_the_newest_point():
     assert [t for t, _ in power] == sorted({t for t, _ in power})  # in order, no repeats
 
 
+def test_a_large_fleet_keeps_fewer_points_a_device_but_never_fewer_than_a_chart_shows():
+    history = FleetHistory(points=100, shown=5, fleet_points=4 * 3 * 20)  # 4 series, 3 devices
+    for t in range(50):
+        beats = [reading(float(t), power_w=float(t)) | {"device_id": f"pi-{i}"} for i in range(3)]
+        history.record(beats, float(t))
+    assert history.kept == 20
+    assert history.series()["pi-2"]["power"][-1] == (49.0, 49.0)
+    assert history.series()["pi-0"]["power"][0][0] >= 30.0  # of the newest 20 only
+    crowded = FleetHistory(points=100, shown=5, fleet_points=10)
+    crowded.record([reading(1.0, power_w=1.0)], 1.0)
+    assert crowded.kept == 5  # a chart's width, whatever the fleet
+
+
 def test_faults_logged_by_the_fleet_control_endpoint_reach_the_timeline(tmp_path):
     log_event(tmp_path, "pause", "pi-2")
     log_event(tmp_path, "cut-broker", None)

@@ -52,6 +52,8 @@ def defined(metrics: FleetMetrics) -> dict[str, tuple[str, tuple[str, ...]]]:
             suffix = "_total" if value._type == "counter" else ""
             kind = {"counter": "counter", "gauge": "gauge", "histogram": "histogram"}[value._type]
             found[value._name + suffix] = (kind, tuple(value._labelnames))
+    # the per-device gauges, made from the snapshot when scraped (coordinator.device_metrics)
+    found |= {name: ("gauge", labels) for name, labels in metrics.devices.described().items()}
     return found
 
 

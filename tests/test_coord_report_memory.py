@@ -11,9 +11,9 @@ from coordinator.state_db import StateDB
 from tests.coord_helpers import random_factors
 
 
-def saved(store: ReportStore, job_id: str, arrays: dict) -> ReportMeta:
+def saved(store: ReportStore, job_id: str, arrays: dict, round_id: str | None = "r1") -> ReportMeta:
     meta = ReportMeta(
-        job_id=job_id, device_id=f"dev-{job_id}", round_id="r1", cohort="fan",
+        job_id=job_id, device_id=f"dev-{job_id}", round_id=round_id, cohort="fan",
         base_model_hash="h", samples=10, shape=infer_shape("d", arrays),
         parent_adapter_version=None, received_at=1.0, file=ReportStore.file_for(job_id),
     )  # fmt: skip
@@ -46,3 +46,13 @@ def test_a_restarted_store_and_one_past_its_cap_read_the_files(tmp_path, monkeyp
     assert same(store.arrays(m1), one) and same(store.arrays(m2), two)
     restarted = ReportStore(StateDB(tmp_path / "s.sqlite3"), tmp_path)
     assert same(restarted.arrays(m1), one)
+
+
+def test_a_report_outside_any_round_is_not_held_in_memory(tmp_path):
+    """Nothing aggregates a device's own fine-tune: holding it only filled memory up to the cap."""
+    arrays = random_factors(np.random.default_rng(2))
+    store = ReportStore(StateDB(tmp_path / "s.sqlite3"), tmp_path)
+    meta = saved(store, "own", arrays, round_id=None)
+    (tmp_path / meta.file).write_bytes(b"")  # no held copy: the (emptied) file is what is read
+    with pytest.raises(EOFError):
+        store.arrays(meta)

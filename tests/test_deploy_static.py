@@ -28,6 +28,7 @@ import pytest
 import yaml
 
 from coordinator import cli as coordinator_cli
+from coordinator.partition_accounts import partition_password_file, partition_username
 from tests.topology import DeployBroker, Mqtt, make_accounts
 
 REPO = Path(__file__).resolve().parent.parent
@@ -244,6 +245,35 @@ def test_make_accounts_gives_each_coordinator_instance_its_own_account_and_acl_b
     assert (secrets / "mosquitto_acl").stat().st_ino == mounted
     bad = run(["bash", str(MAKE_ACCOUNTS), "--coordinator", "East!", "2", str(secrets)])
     assert bad.returncode == 64 and "--instance" in bad.stderr
+
+
+def test_make_accounts_gives_each_partition_its_own_account_file_and_acl_block(tmp_path):
+    secrets = tmp_path / "secrets"
+    first = make_accounts(1, secrets, coordinators=["east"],
+                          partitions={"coordinator": 2, "coordinator-east": 3})  # fmt: skip
+    made = {"coordinator-p0", "coordinator-p1"} | {f"coordinator-east-p{i}" for i in range(3)}
+    assert made <= set(first)
+    # the coordinator's --password-file with -pI appended: coordinator/partition_accounts.py
+    for index in range(3):
+        path = secrets / f"coordinator-east_password-p{index}"
+        assert path.read_text().strip() == first[f"coordinator-east-p{index}"]
+        assert path == partition_password_file(secrets / "coordinator-east_password", index)
+        assert partition_username("coordinator-east", index) == f"coordinator-east-p{index}"
+    assert len({first[a] for a in made}) == len(made)  # a password each
+    hashed = (secrets / "mosquitto_passwd").read_text().split()
+    assert {line.split(":")[0] for line in hashed} == {
+        "device-0", "coordinator", "coordinator-east"
+    } | made  # fmt: skip
+    template = acl_rules(MOSQUITTO_DIR / "acl")
+    assert acl_rules(secrets / "mosquitto_acl") == template | {
+        account: template["coordinator"] for account in made | {"coordinator-east"}
+    }
+    # a later run without --partitions keeps the partition accounts and their passwords
+    again = make_accounts(1, secrets)
+    assert {k: again[k] for k in first} == first
+    for argv in (["--partitions", "0"], ["--partitions", "65"], ["--coordinator", "east-p1"]):
+        bad = run(["bash", str(MAKE_ACCOUNTS), *argv, "1", str(secrets)])
+        assert bad.returncode == 64 and argv[0] in bad.stderr, argv
 
 
 def test_state_lives_in_named_volumes():

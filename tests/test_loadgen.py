@@ -9,6 +9,7 @@ import itertools
 import json
 import os
 import random
+import signal
 import subprocess
 import sys
 import time
@@ -57,7 +58,15 @@ from skipfleet.coordinator_process import ApiClient
 from skipfleet.loadgen.device import DeviceSettings, SimulatedDevice
 from skipfleet.loadgen.fleet import SimulatedFleet, split
 from skipfleet.loadgen.reference import Evaluator, perturbed, run_reference
-from skipfleet.measure import CpuWindow, by_label, memory_of, parse_prometheus, total
+from skipfleet.measure import (
+    CpuWindow,
+    by_label,
+    memory_by_role,
+    memory_of,
+    parse_prometheus,
+    role_of,
+    total,
+)
 from skipfleet.probe import FleetProbe
 
 DEVICE = "sim-00007"
@@ -410,6 +419,40 @@ def test_a_process_that_ends_inside_the_cpu_window_still_counts():
         child.wait()
         assert window.seconds()["child"] > 0.3
     assert memory_of([os.getpid()]).rss_bytes > 0
+
+
+def test_memory_by_role_names_the_driver_rays_programs_and_its_workers():
+    """Ray's binaries by their own name (the raylet's arguments name every other program),
+    Ray's Python processes by their titles or scripts, the rest as `other`."""
+    children = [
+        subprocess.Popen(  # sh's $0 is `raylet`; its last argument names a worker script
+            ["raylet", "-c", "sleep 30; :", "--python_worker_command=default_worker.py"],
+            executable="/bin/sh",
+            start_new_session=True,  # its sleep is stopped with it (killpg below)
+        ),
+        subprocess.Popen(["ray::FleetActor.tick", "30"], executable="/bin/sleep"),
+        subprocess.Popen(["ray::IDLE", "30"], executable="/bin/sleep"),
+        subprocess.Popen(["sleep", "30"]),
+    ]
+    try:
+        expected = ["raylet", "fleet actor", "ray worker", "other"]
+        deadline = time.monotonic() + 10  # until each child has exec'd (a fork is `other`)
+        while _roles(children) != expected and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert _roles(children) == expected
+        by_role = memory_by_role(os.getpid())
+        assert by_role["driver"].processes == 1 and by_role["driver"].pss_bytes > 0
+        # at least: a Ray session fixture of this test process adds its own
+        assert by_role["ray worker"].processes >= 1 and by_role["raylet"].processes >= 1
+    finally:
+        os.killpg(children[0].pid, signal.SIGKILL)
+        for child in children:
+            child.kill()
+            child.wait()
+
+
+def _roles(children: list[subprocess.Popen]) -> list[str]:
+    return [role_of(c.pid, os.getpid()) for c in children]
 
 
 # -- against the real coordinator ------------------------------------------------------------

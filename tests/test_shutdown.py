@@ -172,11 +172,13 @@ def test_sigterm_to_simulate_stops_its_broker_coordinator_ray_and_agents(tmp_pat
         text=True,
     )
     try:
+        progress = []
         for line in simulate.stderr:  # its progress: once the agents run, everything is up
+            progress.append(line)
             if "agents started" in line:
                 break
         run_dir = tmp_path / "run"  # as simulate printed it: `fleet --run-dir` takes it as is
-        assert f"skipfleet fleet --run-dir {run_dir} " in line
+        assert f"skipfleet fleet --run-dir {run_dir} " in line, "".join(progress)
         listed = subprocess.run(
             [sys.executable, "-m", "skipfleet.cli", "fleet", "--run-dir", str(run_dir), "ls"],
             env=child_env(), capture_output=True, text=True, timeout=30,

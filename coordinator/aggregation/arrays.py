@@ -7,7 +7,7 @@ B1..3.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -80,6 +80,16 @@ def effective_delta(arrays: Arrays, shape: AdapterShape, layer: int) -> np.ndarr
 
 def effective_deltas(arrays: Arrays, shape: AdapterShape) -> list[np.ndarray]:
     return [effective_delta(arrays, shape, k) for k in shape.layers]
+
+
+def layer_stack(reports: Sequence[Arrays], shape: AdapterShape, layer: int) -> np.ndarray:
+    """Every report's ΔW_k in one (n, d_k, C) float64 array, filled in place: one layer of the
+    round at a time, with no per-report copy kept beside it (the coordinate-wise statistics
+    held every layer of every report twice over: ~4× this at 10,000 reports)."""
+    stack = np.empty((len(reports), *shape.delta_shape(layer)), dtype=np.float64)
+    for i, arrays in enumerate(reports):
+        stack[i] = effective_delta(arrays, shape, layer)
+    return stack
 
 
 def deltas_as_arrays(

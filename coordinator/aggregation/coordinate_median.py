@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from coordinator.aggregation.arrays import deltas_as_arrays, effective_deltas
+from coordinator.aggregation.arrays import deltas_as_arrays, layer_stack
 from coordinator.aggregation.base import AggregationStrategy, FitResult
 
 
@@ -18,6 +18,8 @@ class CoordinateMedianStrategy(AggregationStrategy):
     name = "coordinate-median"
 
     def _combine(self, results: Sequence[FitResult], weights: np.ndarray) -> dict[str, np.ndarray]:
-        stacked = [effective_deltas(r.arrays, self.shape) for r in results]
-        layers = zip(*stacked, strict=True)  # per layer: every device's ΔW_k
-        return deltas_as_arrays([np.median(np.stack(per_device), axis=0) for per_device in layers])
+        reports = [r.arrays for r in results]
+        return deltas_as_arrays([
+            np.median(layer_stack(reports, self.shape, k), axis=0, overwrite_input=True)
+            for k in self.shape.layers
+        ])  # fmt: skip

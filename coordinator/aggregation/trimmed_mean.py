@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from coordinator.aggregation.arrays import AdapterShape, deltas_as_arrays, effective_deltas
+from coordinator.aggregation.arrays import AdapterShape, deltas_as_arrays, layer_stack
 from coordinator.aggregation.base import AggregationStrategy, FitResult
 
 DEFAULT_TRIM = 0.1
@@ -31,9 +31,10 @@ class TrimmedMeanStrategy(AggregationStrategy):
 
     def _combine(self, results: Sequence[FitResult], weights: np.ndarray) -> dict[str, np.ndarray]:
         k = self.dropped_per_end(len(results))
-        stacked = [effective_deltas(r.arrays, self.shape) for r in results]
+        reports = [r.arrays for r in results]
         out = []
-        for per_device in zip(*stacked, strict=True):
-            ordered = np.sort(np.stack(per_device), axis=0)  # (n, d_k, C), per coordinate
+        for layer in self.shape.layers:
+            ordered = layer_stack(reports, self.shape, layer)
+            ordered.sort(axis=0)  # in place, per coordinate
             out.append(ordered[k : len(results) - k].mean(axis=0))
         return deltas_as_arrays(out)

@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Create the fleet's MQTT accounts, the broker's ACL and the other compose secrets.
 #
-#   deploy/mosquitto/make-accounts.sh [--coordinator NAME]... N [DIR]   (DIR: deploy/secrets)
+#   deploy/mosquitto/make-accounts.sh [--partitions P] [--coordinator NAME [--partitions P]]... N [DIR]
+#                                                                         (DIR: deploy/secrets)
 #
 # Writes, in DIR:
 #   mosquitto_passwd        hashed accounts device-0 .. device-(N-1), coordinator, and
@@ -14,8 +15,15 @@
 #   coordinator-NAME_password  the password of each further coordinator's account: one account
 #                           per coordinator, because the broker makes the account the client id
 #                           and two connections with one client id close each other
+#   ACCOUNT_password-pI     with --partitions P (after --coordinator NAME: that coordinator's;
+#                           before any: `coordinator`'s), the password of each partition's
+#                           account ACCOUNT-pI, I = 0 .. P-1: a coordinator started with
+#                           `--partitions P --username ACCOUNT --password-file ACCOUNT_password`
+#                           connects partition I as ACCOUNT-pI with the password in that file
+#                           (coordinator/partition_accounts.py); each gets the ACL block too
 #   grafana_admin_password  Grafana's admin password
-# NAME is the coordinator's --instance ([a-z0-9][a-z0-9-]{0,31}).
+# NAME is the coordinator's --instance ([a-z0-9][a-z0-9-]{0,31}, not ending in -pDIGITS: that is
+# a partition's account).
 # Running it again keeps every existing password and only adds missing accounts, so a fleet can
 # grow (N larger, another --coordinator) without restarting what already runs; coordinator
 # accounts made by an earlier run are kept. Passwords are 24 random base64url characters.
@@ -28,14 +36,25 @@
 # stay invisible to a running broker that is told to reload (SIGHUP).
 set -euo pipefail
 
-usage="usage: $0 [--coordinator NAME]... N [DIR]  (N >= 1 device accounts device-0 .. device-(N-1))"
+usage="usage: $0 [--partitions P] [--coordinator NAME [--partitions P]]... N [DIR]  (N >= 1 device accounts device-0 .. device-(N-1))"
 coordinators=()
-while [[ ${1:-} == --coordinator ]]; do
-  [[ ${2:-} =~ ^[a-z0-9][a-z0-9-]{0,31}$ ]] || {
-    echo "$0: --coordinator '${2:-}': use the coordinator's --instance, [a-z0-9-], at most 32" >&2
-    exit 64
-  }
-  coordinators+=("coordinator-$2")
+current=coordinator # the account a --partitions applies to
+while [[ ${1:-} == --coordinator || ${1:-} == --partitions ]]; do
+  if [[ $1 == --coordinator ]]; then
+    [[ ${2:-} =~ ^[a-z0-9][a-z0-9-]{0,31}$ && ! ${2:-} =~ -p[0-9]+$ ]] || {
+      echo "$0: --coordinator '${2:-}': use the coordinator's --instance, [a-z0-9-], at most 32," \
+        "not ending in -pDIGITS (a partition's account)" >&2
+      exit 64
+    }
+    current=coordinator-$2
+    coordinators+=("$current")
+  else
+    [[ ${2:-} =~ ^[0-9]+$ ]] && ((10#$2 >= 1 && 10#$2 <= 64)) || {
+      echo "$0: --partitions '${2:-}': the coordinator's --partitions, 1 to 64" >&2
+      exit 64
+    }
+    for ((i = 0; i < 10#$2; i++)); do coordinators+=("$current-p$i"); done
+  fi
   shift 2
 done
 [[ ${1:-} =~ ^[0-9]+$ ]] && ((10#$1 >= 1)) || { echo "$usage" >&2; exit 64; }
@@ -63,13 +82,29 @@ done >"$tmp/device_passwords"
 awk -F: -v n="$n" '!($1 ~ /^device-[0-9]+$/ && substr($1, 8) + 0 < n)' "$old" \
   >>"$tmp/device_passwords"
 
+# A coordinator account's password file; a partition's (ACCOUNT-pI) is ACCOUNT_password-pI, the
+# coordinator's --password-file with -pI appended.
+password_file() {
+  if [[ $1 =~ ^(.*)-(p[0-9]+)$ ]]; then
+    echo "${BASH_REMATCH[1]}_password-${BASH_REMATCH[2]}"
+  else
+    echo "$1_password"
+  fi
+}
+
 # Coordinator accounts: the compose one, those asked for, and those an earlier run made.
-for path in "$dir"/coordinator-*_password; do
-  [[ -f $path ]] && coordinators+=("$(basename "$path" _password)")
+for path in "$dir"/coordinator-*_password "$dir"/coordinator*_password-p*; do
+  name=$(basename "$path")
+  [[ -f $path ]] || continue
+  if [[ $name == *_password-p* ]]; then
+    coordinators+=("${name%_password-p*}-p${name##*_password-p}")
+  else
+    coordinators+=("${name%_password}")
+  fi
 done
 accounts=(coordinator $(printf '%s\n' ${coordinators[@]+"${coordinators[@]}"} | sort -u))
 secrets=(mosquitto_passwd mosquitto_acl device_passwords grafana_admin_password)
-for account in "${accounts[@]}"; do secrets+=("${account}_password"); done
+for account in "${accounts[@]}"; do secrets+=("$(password_file "$account")"); done
 
 for name in "${secrets[@]:3}"; do
   if [[ -s $dir/$name ]]; then cp "$dir/$name" "$tmp/$name"; else new_password >"$tmp/$name"; fi
@@ -86,7 +121,7 @@ grants=$(awk '/^user /{on = ($2 == "coordinator"); next} on && /^topic /' "$temp
 # mosquitto_passwd -U hashes a plain `user:password` file in place (one call for any N).
 {
   cat "$tmp/device_passwords"
-  for account in "${accounts[@]}"; do echo "$account:$(<"$tmp/${account}_password")"; done
+  for account in "${accounts[@]}"; do echo "$account:$(<"$tmp/$(password_file "$account")")"; done
 } >"$tmp/mosquitto_passwd"
 if command -v mosquitto_passwd >/dev/null 2>&1; then
   mosquitto_passwd -U "$tmp/mosquitto_passwd"
