@@ -84,9 +84,13 @@ class FleetApi:
         *,
         bridge_connected: Callable[[], bool] = lambda: True,
         dashboard: Dashboard | None = None,
+        on_change: Callable[[], None] = lambda: None,
     ):
         self._port = port
         self._bridge_connected = bridge_connected
+        # After a request that changed the fleet state: what it put in the outbox (a round's
+        # jobs, a canary, a rollout) goes out at the next tick, which this asks for now.
+        self._on_change = on_change
         self.dashboard = dashboard or Dashboard(port.read, FleetHistory())
         self._routes: list[tuple[str, re.Pattern[str], Callable[..., Any]]] = [
             ("GET", re.compile(r"/health"), self._health),
@@ -115,7 +119,9 @@ class FleetApi:
         try:
             handler, args = self._route(method, path)
             if method == "POST":
-                return HTTPStatus.OK, handler(_json_body(body), *args)
+                answer = handler(_json_body(body), *args)
+                self._on_change()
+                return HTTPStatus.OK, answer
             return HTTPStatus.OK, handler(query, *args)
         except ApiError as err:
             return err.status, {"error": str(err)}

@@ -109,6 +109,7 @@ class Coordinator:
                     port,
                     bridge_connected=lambda: bridge.connected,
                     dashboard=Dashboard(port.read, FleetHistory(), config.fleet_events_file),
+                    on_change=bridge.wake,
                 ),
                 config.api_addr,
                 config.api_port,

@@ -84,8 +84,9 @@ QUEUED_BEATS_PER_DEVICE = 4
 # Unacknowledged device messages the broker may have in flight to us (MQTT v5 Receive Maximum):
 # we acknowledge after the actor's commit, so mosquitto's default window of 20 would throttle us.
 RECEIVE_MAXIMUM = 2_000
-# Ticks follow events: a committed batch of device messages, or a tick that handed out work,
-# asks for the next tick this soon (the gap lets a burst of batches share one tick); with
+# Ticks follow events: a committed batch of device messages, an operator's request, or a tick
+# that handed out work asks for the next tick at once, but ticks start at least this far apart
+# (a burst of batches shares one tick, and an event after a quiet spell is not delayed); with
 # nothing happening the fleet is ticked every tick_interval_s.
 EVENT_TICK_GAP_S = 0.05
 
@@ -224,6 +225,11 @@ class MqttBridge:
     @property
     def connected(self) -> bool:
         return self._connected.is_set()
+
+    def wake(self) -> None:
+        """The fleet state changed outside the bridge (an operator's request): tick soon, so
+        what it put in the outbox goes out now, not a tick interval later."""
+        self._wake.set()
 
     def start(self) -> None:
         connect_async(self._client, self._config.mqtt, receive_maximum=RECEIVE_MAXIMUM)
@@ -481,10 +487,12 @@ class MqttBridge:
         next_metrics = 0.0
         failures = 0
         busy = False
+        last_tick = float("-inf")
         while not self._stopping.is_set():
-            self._wait_for_tick(busy, failures)
+            self._wait_for_tick(busy, failures, last_tick)
             if self._stopping.is_set():
                 return
+            last_tick = time.monotonic()
             try:
                 busy = self._publish_handed_out()
                 if time.monotonic() >= next_metrics:
@@ -498,17 +506,15 @@ class MqttBridge:
                 failures = min(failures + 1, 6)
                 log.exception("tick failed")
 
-    def _wait_for_tick(self, busy: bool, failures: int) -> None:
-        """Until the next tick: a short gap after an event (or a busy tick), the tick interval
-        when idle, a backoff after failures."""
+    def _wait_for_tick(self, busy: bool, failures: int, last_tick: float) -> None:
+        """Until the next tick: after an event (or a busy tick) at once, but no sooner than
+        EVENT_TICK_GAP_S after the last tick started; the tick interval when idle; a backoff
+        after failures."""
         if failures:
             self._stopping.wait(backoff_delay(failures))
             return
-        if busy:
-            self._stopping.wait(EVENT_TICK_GAP_S)
-            return
-        if self._wake.wait(self._config.tick_interval_s):
-            self._stopping.wait(EVENT_TICK_GAP_S)  # let the rest of the burst commit first
+        if busy or self._wake.wait(self._config.tick_interval_s):
+            self._stopping.wait(max(0.0, last_tick + EVENT_TICK_GAP_S - time.monotonic()))
         self._wake.clear()
 
     def _publish_handed_out(self) -> bool:

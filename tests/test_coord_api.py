@@ -83,6 +83,17 @@ def test_evaluate_asks_devices_to_measure_what_they_run(fleet):
     assert post(api, "/evaluate", {"all": True, "adapter_version": -1})[0] == 400
 
 
+def test_a_request_that_changed_the_fleet_wakes_the_ticks_and_a_read_or_refusal_does_not(fleet):
+    _api, service, _ = fleet
+    woken: list[str] = []
+    api = FleetApi(LocalFleetPort(service), on_change=lambda: woken.append("tick"))
+    api.handle("GET", "/devices")
+    assert post(api, "/adapters/fan-x/rollback", {})[0] == 409
+    assert woken == []
+    assert post(api, "/finetune", {"devices": ["pi-1"]})[0] == 200
+    assert woken == ["tick"]
+
+
 @pytest.mark.parametrize(
     ("method", "path", "body", "status"),
     [
