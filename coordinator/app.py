@@ -94,32 +94,20 @@ class Coordinator:
             ray.get(actor.health.remote(), timeout=ACTOR_START_TIMEOUT_S)
         except Exception as err:
             raise StartupError(f"the fleet actor did not start: {err}") from err
-        metrics = FleetMetrics()
-        try:
-            metrics_port = metrics.serve(config.metrics_addr, config.metrics_port)
-        except OSError as err:
-            raise PortUnavailable(
-                f"cannot serve /metrics on {config.metrics_addr}:{config.metrics_port}: {err}"
-            ) from None
+        metrics, metrics_port = serve_metrics(config)
         fatal = FatalSignal()
         bridge = MqttBridge(config, port, metrics, on_fatal=fatal)
-        try:
-            api = ApiServer(
-                FleetApi(
-                    port,
-                    bridge_connected=lambda: bridge.connected,
-                    dashboard=Dashboard(port.read, FleetHistory(), config.fleet_events_file),
-                    on_change=bridge.wake,
-                ),
-                config.api_addr,
-                config.api_port,
-                guard,
-            )
-        except OSError as err:
-            metrics.stop_serving()
-            raise PortUnavailable(
-                f"cannot serve the API on {config.api_addr}:{config.api_port}: {err}"
-            ) from None
+        api = serve_api(
+            config,
+            FleetApi(
+                port,
+                bridge_connected=lambda: bridge.connected,
+                dashboard=Dashboard(port.read, FleetHistory(), config.fleet_events_file),
+                on_change=bridge.wake,
+            ),
+            guard,
+            metrics,
+        )
         coordinator = cls(config, actor, port, metrics, bridge, api, metrics_port, fatal, lock)
         api.start()
         bridge.start()
@@ -154,3 +142,28 @@ class Coordinator:
 
 def _where(config: CoordinatorConfig) -> str:
     return f"in the file {config.token_path} on the coordinator's host"
+
+
+def serve_metrics(config: CoordinatorConfig) -> tuple[FleetMetrics, int]:
+    """/metrics served on its address; PortUnavailable if it cannot be."""
+    metrics = FleetMetrics()
+    try:
+        return metrics, metrics.serve(config.metrics_addr, config.metrics_port)
+    except OSError as err:
+        raise PortUnavailable(
+            f"cannot serve /metrics on {config.metrics_addr}:{config.metrics_port}: {err}"
+        ) from None
+
+
+def serve_api(
+    config: CoordinatorConfig, api: FleetApi, guard: RequestGuard, metrics: FleetMetrics
+) -> ApiServer:
+    """The API's server bound (not started); PortUnavailable, with /metrics stopped, if it
+    cannot be."""
+    try:
+        return ApiServer(api, config.api_addr, config.api_port, guard)
+    except OSError as err:
+        metrics.stop_serving()
+        raise PortUnavailable(
+            f"cannot serve the API on {config.api_addr}:{config.api_port}: {err}"
+        ) from None

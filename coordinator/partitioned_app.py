@@ -14,7 +14,13 @@ from dataclasses import dataclass
 import ray
 
 from coordinator.api import ApiServer, FleetApi
-from coordinator.app import ACTOR_START_TIMEOUT_S, FatalSignal, PortUnavailable, StartupError
+from coordinator.app import (
+    ACTOR_START_TIMEOUT_S,
+    FatalSignal,
+    StartupError,
+    serve_api,
+    serve_metrics,
+)
 from coordinator.bridge import FatalReason
 from coordinator.config import CoordinatorConfig
 from coordinator.dashboard import Dashboard, FleetHistory
@@ -129,31 +135,19 @@ class PartitionedCoordinator:
             ray.get([h.health.remote() for h in handles], timeout=ACTOR_START_TIMEOUT_S)
         except Exception as err:
             raise StartupError(f"a partition actor did not start: {err}") from err
-        metrics = FleetMetrics()
-        try:
-            metrics_port = metrics.serve(config.metrics_addr, config.metrics_port)
-        except OSError as err:
-            raise PortUnavailable(
-                f"cannot serve /metrics on {config.metrics_addr}:{config.metrics_port}: {err}"
-            ) from None
+        metrics, metrics_port = serve_metrics(config)
         fatal = FatalSignal()
         monitor = PartitionMonitor(port, metrics, fatal, config.metrics_interval_s)
-        try:
-            api = ApiServer(
-                FleetApi(
-                    port,
-                    bridge_connected=lambda: monitor.connected,
-                    dashboard=Dashboard(port.read, FleetHistory(), config.fleet_events_file),
-                ),
-                config.api_addr,
-                config.api_port,
-                guard,
-            )
-        except OSError as err:
-            metrics.stop_serving()
-            raise PortUnavailable(
-                f"cannot serve the API on {config.api_addr}:{config.api_port}: {err}"
-            ) from None
+        api = serve_api(
+            config,
+            FleetApi(
+                port,
+                bridge_connected=lambda: monitor.connected,
+                dashboard=Dashboard(port.read, FleetHistory(), config.fleet_events_file),
+            ),
+            guard,
+            metrics,
+        )
         api.start()
         monitor.start()
         log.info(

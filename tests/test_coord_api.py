@@ -166,3 +166,26 @@ def test_json_output_is_strict():
         "gap": [None, 1.0],
         "x": None,
     }
+
+
+def test_a_taken_api_port_is_port_unavailable_naming_it_and_metrics_stop_serving(fleet, tmp_path):
+    import dataclasses
+    import socket
+
+    from coordinator.app import PortUnavailable, serve_api, serve_metrics
+
+    api, *_ = fleet
+    with socket.create_server(("127.0.0.1", 0)) as taken:
+        port = taken.getsockname()[1]
+        config = dataclasses.replace(
+            make_config(tmp_path / "other"), metrics_addr="127.0.0.1", metrics_port=0,
+            api_addr="127.0.0.1", api_port=port,
+        )  # fmt: skip
+        metrics, metrics_port = serve_metrics(config)
+        with pytest.raises(PortUnavailable, match=f"the API on 127.0.0.1:{port}"):
+            serve_api(config, api, RequestGuard("t" * 32, "in a test"), metrics)
+        with socket.create_server(("127.0.0.1", metrics_port)):  # free again: it stopped
+            pass
+        metrics_taken = dataclasses.replace(config, metrics_port=port)
+        with pytest.raises(PortUnavailable, match=f"/metrics on 127.0.0.1:{port}"):
+            serve_metrics(metrics_taken)
