@@ -123,10 +123,15 @@ class StateDB:
                     hooks.before_commit()  # rows kept in memory join the transaction
             conn.execute(commit)
         except BaseException:
-            for statement in rollback:
-                conn.execute(statement)
-            for hooks in self._hooks:
-                hooks.rolled_back()
+            try:
+                # On some errors (a full disk, an I/O error) SQLite has rolled the whole
+                # transaction back itself: a ROLLBACK now would fail and hide the cause.
+                if conn.in_transaction:
+                    for statement in rollback:
+                        conn.execute(statement)
+            finally:  # memory follows the file whatever the rollback statement did
+                for hooks in self._hooks:
+                    hooks.rolled_back()
             raise
         finally:
             self._local.depth = depth
