@@ -109,6 +109,9 @@ class StateDB:
             rollback: tuple[str, ...] = ("ROLLBACK",)
             begin, commit = "BEGIN IMMEDIATE", "COMMIT"
         else:
+            if not conn.in_transaction:  # SQLite rolled the outer one back itself (a full disk):
+                # a SAVEPOINT now would be a transaction of its own, committed by its RELEASE
+                raise sqlite3.OperationalError("the enclosing transaction was rolled back")
             name = f"sp{depth}"
             begin, commit = f"SAVEPOINT {name}", f"RELEASE {name}"
             rollback = (f"ROLLBACK TO {name}", f"RELEASE {name}")
