@@ -201,6 +201,10 @@ class Fleet:
             return publication(self.store.get(ref.cohort, ref.version), ref.encoding)
         except AdapterStoreError:
             return None
+        except OSError as err:  # its file gone or unreadable: as gone as a damaged one; a raise
+            # here would lose the rest of the hand-out for this actor's life (outbox.hand_out)
+            log.error("adapter %s v%d cannot be read: %s", ref.cohort, ref.version, err)
+            return None
 
     def transitioned(self, job: Job) -> None:
         state = job.state.value

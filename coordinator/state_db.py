@@ -109,6 +109,9 @@ class StateDB:
             rollback: tuple[str, ...] = ("ROLLBACK",)
             begin, commit = "BEGIN IMMEDIATE", "COMMIT"
         else:
+            if not conn.in_transaction:  # SQLite rolled the outer one back itself (a full disk):
+                # a SAVEPOINT now would be a transaction of its own, committed by its RELEASE
+                raise sqlite3.OperationalError("the enclosing transaction was rolled back")
             name = f"sp{depth}"
             begin, commit = f"SAVEPOINT {name}", f"RELEASE {name}"
             rollback = (f"ROLLBACK TO {name}", f"RELEASE {name}")
@@ -123,10 +126,15 @@ class StateDB:
                     hooks.before_commit()  # rows kept in memory join the transaction
             conn.execute(commit)
         except BaseException:
-            for statement in rollback:
-                conn.execute(statement)
-            for hooks in self._hooks:
-                hooks.rolled_back()
+            try:
+                # On some errors (a full disk, an I/O error) SQLite has rolled the whole
+                # transaction back itself: a ROLLBACK now would fail and hide the cause.
+                if conn.in_transaction:
+                    for statement in rollback:
+                        conn.execute(statement)
+            finally:  # memory follows the file whatever the rollback statement did
+                for hooks in self._hooks:
+                    hooks.rolled_back()
             raise
         finally:
             self._local.depth = depth

@@ -102,6 +102,27 @@ def test_a_rollout_to_many_devices_reads_its_adapter_once_per_hand_out(tmp_path,
     assert len(adapters) == 3 and len(reads) == 1
 
 
+def test_an_adapter_file_gone_from_disk_costs_its_rows_only_not_the_hand_out(tmp_path, clock):
+    """An adapter whose file cannot be read is 'gone' (like one whose content does not match
+    its sha256): its rows are dropped with a warning, and the other devices' messages of the
+    same hand-out still go out. A raise would have marked the whole hand-out as handed out."""
+    service = FleetService(make_config(tmp_path), clock=clock)
+    devices = joined(service, clock, "pi-1", "pi-2", "pi-3")
+    service.request_finetune(all_=True)
+    for device, job in jobs_in(service.tick(), JobKind.FINETUNE):
+        service.ingest(devices[device].finetune(job.job_id))
+    canary = service.tick()  # the candidate adapter and an evaluation per canary
+    evaluations = {o.message_id for o in canary if type(o.message).__name__ == "Job"}
+    assert evaluations
+    service.close()
+    for stored in (tmp_path / "adapters").rglob("*.npz"):
+        stored.unlink()  # e.g. an operator's clean-up
+    again = FleetService(make_config(tmp_path), clock=clock)
+    resent = again.tick()  # a new life hands out every unacknowledged row again
+    assert evaluations <= {o.message_id for o in resent}
+    assert not [o for o in resent if type(o.message).__name__ == "AdapterPublication"]
+
+
 # ---- de-duplication in the fleet state
 
 

@@ -5,6 +5,7 @@ stays the same object, so the metrics snapshot derives only what changed."""
 
 from __future__ import annotations
 
+import sqlite3
 import threading
 
 import pytest
@@ -67,6 +68,45 @@ def test_a_failed_transaction_leaves_neither_memory_nor_file_changed(tmp_path, d
     for view in (registry, reopened(tmp_path)):
         record = view.get("pi-1")
         assert record is not None and record.power_w is None
+
+
+def test_a_transaction_sqlite_ended_itself_is_taken_back_in_memory_too(tmp_path, db):
+    """On some errors (a full disk: SQLITE_FULL, SQLITE_IOERR) SQLite rolls the transaction
+    back itself, and our ROLLBACK then fails ('no transaction is active'). The memory must be
+    taken back all the same: else the writer keeps seeing the rolled-back record, and its next
+    commit writes it to the file."""
+    registry = FleetRegistry(db, clock=lambda: 1000.0)
+    with pytest.raises(sqlite3.OperationalError, match="disk is full"), db.transaction() as conn:
+        registry.register("pi-1", base_model_hash=HASH, task="fan")
+        conn.execute("ROLLBACK")  # what SQLite did on its own
+        raise sqlite3.OperationalError("database or disk is full")
+    assert registry.get("pi-1") is None
+    with db.transaction():
+        registry.register("pi-2", base_model_hash=HASH, task="fan")
+    for view in (registry, reopened(tmp_path)):
+        assert [r.device_id for r in view.devices()] == ["pi-2"]
+
+
+def test_after_sqlite_ended_the_batch_no_later_message_commits_on_its_own(tmp_path, db):
+    """A batch goes on after one message's savepoint fails (FleetService._apply). If SQLite
+    had rolled the whole transaction back itself (a full disk), a later SAVEPOINT would open a
+    transaction of its own and its RELEASE commit it: that message's rows durable, its device
+    record (written at the batch's COMMIT, which fails) not, and the batch unacknowledged."""
+    registry = FleetRegistry(db, clock=lambda: 1000.0)
+    db.execute("CREATE TABLE applied (device TEXT)")
+    with pytest.raises(sqlite3.OperationalError), db.transaction() as conn:
+        for device in ("pi-1", "pi-2"):
+            try:
+                with db.transaction():
+                    registry.register(device, base_model_hash=HASH, task="fan")
+                    db.execute("INSERT INTO applied VALUES (?)", (device,))
+                    if device == "pi-1":
+                        conn.execute("ROLLBACK")  # what SQLite did on its own
+                        raise sqlite3.OperationalError("database or disk is full")
+            except sqlite3.OperationalError:
+                pass  # the message refused alone, the batch goes on
+    assert db.query("SELECT device FROM applied") == []
+    assert registry.devices() == [] and reopened(tmp_path).devices() == []
 
 
 def test_another_thread_sees_only_committed_records(db):
