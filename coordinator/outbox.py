@@ -163,7 +163,14 @@ class DurableOutbox:
         resolve = _once_each(resolve)  # a rollout to many devices reads its version once
         inline = _once_each(_inline(resolve, self._inline_max))
         for row in rows:
-            message = self._message(row, resolve, inline)
+            try:
+                message = self._message(row, resolve, inline)
+            except Exception:  # one row that cannot be built holds back no other
+                # it stays in the outbox (not dropped, not handed out): the next actor life
+                # tries it again; the rest of this hand-out goes out now
+                log.exception("outbox row %s for %s could not be built; kept for the next "
+                              "start", row["seq"], row["device_id"])  # fmt: skip
+                continue
             if message is None:
                 dropped.append(row["seq"])
                 continue

@@ -139,3 +139,26 @@ def test_a_pointer_carries_its_adapter_only_if_the_whole_fits_one_publish(
     carrying = dataclasses.replace(out.message, adapter=adapter)
     publishes = encode_for_publish(carrying, sender="coordinator", limit=publish_limit)
     assert (len(publishes) == 1) is inline  # inline only where the whole is one publish
+
+
+def test_a_row_that_cannot_be_built_holds_back_no_other_and_stays_for_the_next_start(
+    tmp_path, clock
+):
+    """Any error building one row (here: reading its adapter raises) costs that row's hand-out
+    only: the other rows of the same hand-out go out, and the row stays in the outbox."""
+    db = StateDB(tmp_path / "s.sqlite3")
+    box = DurableOutbox(db, "coordinator", clock, publish_limit=1 << 20)
+    box.add("pi-1", DesiredState(None, "b" * 64, "fan"))
+    box.add_adapter("pi-2", AdapterRef("fan", 2, "float32"))
+    box.add("pi-3", DesiredState(None, "b" * 64, "fan"))
+
+    def broken_store(ref: AdapterRef) -> AdapterPublication:
+        raise RuntimeError("the adapter store is broken")
+
+    handed = box.hand_out(broken_store)
+    assert [o.device_id for o in handed] == ["pi-1", "pi-3"]
+    assert box.backlog() == 3  # nothing acknowledged yet, and the broken row not dropped
+    box.mark_sent(o.seq for o in handed)
+    again = DurableOutbox(db, "coordinator", clock, publish_limit=1 << 20)  # the next start
+    assert [o.device_id for o in again.hand_out(broken_store)] == []
+    assert again.backlog() == 1
