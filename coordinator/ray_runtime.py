@@ -175,16 +175,10 @@ class FleetActor:
         self._service = FleetService(config, aggregator=RayAggregator())
         self._heap = HeapTrimmer()
 
-    def ingest(self, batch: list[Received]) -> int:
-        return self._service.ingest(batch)
-
     def ingest_packed(self, packed: bytes) -> int:
         """ingest() of a batch the driver pickled itself (see pack)."""
         batch: list[Received] = pickle.loads(packed)
         return self._service.ingest(batch)
-
-    def tick(self, acknowledged: list[int]) -> list[Outbound]:
-        return self._service.tick(acknowledged)
 
     def tick_packed(self, acknowledged: list[int]) -> bytes:
         """tick(), its messages pickled here (see pack)."""
@@ -220,15 +214,11 @@ class FleetActor:
         return self._service.health()
 
     @ray.method(concurrency_group="health")
-    def metrics_report(self) -> MetricsReport:
-        report = self._service.metrics_report()
-        self._heap.maybe_trim()  # asked every few seconds: the last fleet-wide views are freed
-        return report
-
-    @ray.method(concurrency_group="health")
     def metrics_report_packed(self) -> bytes:
-        """metrics_report(), pickled here (see pack): a record per device every 2 s."""
-        return pack(self._service.metrics_report())
+        """The metrics report, pickled here (see pack): a record per device every 2 s."""
+        packed = pack(self._service.metrics_report())
+        self._heap.maybe_trim()  # asked every few seconds: the last fleet-wide views are freed
+        return packed
 
     def close(self) -> None:
         """Closes the state DB (checkpointing its WAL) before the actor is killed."""
