@@ -35,6 +35,7 @@ from coordinator.observations import MetricsReport, RejectReason
 from coordinator.outbound import Outbound
 from coordinator.ports import IngestPort, Unavailable
 from shared.mqtt import (
+    MqttSettings,
     PublishTooLarge,
     backoff_delay,
     check_publish_size,
@@ -175,6 +176,12 @@ class InboundDecoder:
         self._metrics.message_rejected(reason.value)
 
 
+def lean_client(settings: MqttSettings, client_id: str, *, manual_ack: bool) -> paho.Client:
+    """The bridge's paho client: a LeanClient (shared.lean_client), since the bridge reads no
+    inbound message's MQTT v5 properties (the envelope in the payload carries everything)."""
+    return make_client(settings, client_id, manual_ack=manual_ack, lean=True)
+
+
 class MqttBridge:
     def __init__(
         self,
@@ -183,7 +190,7 @@ class MqttBridge:
         metrics: BridgeMetrics,
         *,
         on_fatal: Callable[[FatalReason, str], None] = lambda kind, reason: None,
-        client_factory: Callable[..., paho.Client] = make_client,
+        client_factory: Callable[..., paho.Client] = lean_client,
     ) -> None:
         self._config = config
         self._port = port

@@ -24,6 +24,7 @@ from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
+from shared.lean_client import LeanClient
 from shared.protocol import SCHEMA_VERSION, Envelope
 
 log = logging.getLogger(__name__)
@@ -151,14 +152,16 @@ def make_client(
     userdata: object = None,
     rng: random.Random | None = None,
     manual_ack: bool = False,
+    lean: bool = False,
 ) -> paho.Client:
     """A configured, unconnected paho 2.x client (callback API version 2). manual_ack: the
     caller acknowledges each QoS 1 message itself (client.ack) once it is safe, not paho on
-    return from on_message."""
+    return from on_message. lean: a LeanClient (shared.lean_client), which does not decode an
+    inbound PUBLISH's MQTT v5 properties (its message.properties is None)."""
     if not isinstance(client_id, str) or not client_id:
         raise ValueError("client_id must be a non-empty string")
     v5 = settings.protocol is MqttProtocol.V5
-    client = paho.Client(
+    client = (LeanClient if lean else paho.Client)(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
