@@ -43,7 +43,7 @@ from shared.mqtt import (
     describe_refusal,
     logged,
     make_client,
-    publish_properties,
+    packed_publish_properties,
     report_connect_failures,
 )
 from shared.protocol import (
@@ -289,7 +289,7 @@ class MqttBridge:
                 item.payload,
                 qos=kind.qos,
                 retain=kind.retained,
-                properties=publish_properties(item.envelope),
+                properties=packed_publish_properties(item.envelope),
             )
             if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
                 log.warning("publish to %s not taken: %s", topic, paho.error_string(info.rc))

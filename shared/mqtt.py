@@ -10,6 +10,7 @@ import math
 import random
 import socket
 import ssl
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -21,7 +22,7 @@ from urllib.parse import unquote, urlsplit
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from paho.mqtt.properties import Properties, VariableByteIntegers
 from paho.mqtt.reasoncodes import ReasonCode
 
 from shared.lean_client import LeanClient
@@ -243,6 +244,59 @@ def publish_properties(envelope: Envelope, *, now: float | None = None) -> Prope
     if correlation is not None:
         props.CorrelationData = correlation.encode()
     return props
+
+
+class PackedProperties(Properties):
+    """PUBLISH properties already in wire form. paho only ever pack()s a publish's properties
+    (again when it re-sends after a reconnect), and building a Properties costs more than the
+    rest of a publish: its __init__ copies name tables, each property set searches them."""
+
+    def __init__(self, packed: bytes) -> None:  # not Properties.__init__: what costs
+        object.__setattr__(self, "packetType", PacketTypes.PUBLISH)
+        object.__setattr__(self, "_packed", packed)
+
+    def pack(self) -> bytes:
+        packed: bytes = object.__getattribute__(self, "_packed")
+        return packed
+
+    def __str__(self) -> str:
+        return f"PackedProperties({self.pack().hex()})"
+
+    __repr__ = __str__
+
+
+MAX_EXPIRY_S = 2**32 - 1  # a Four Byte Integer
+# MQTT v5 property identifiers (section 2.2.2.2)
+PROPERTY_EXPIRY, PROPERTY_RESPONSE_TOPIC, PROPERTY_CORRELATION = 0x02, 0x08, 0x09
+
+
+@functools.cache
+def _packed_template(kind: str) -> bytes:
+    """_publish_template(kind) packed, without its length prefix."""
+    packed = bytes(_publish_template(kind).pack())
+    _, length_bytes = VariableByteIntegers.decode(packed)
+    return packed[length_bytes:]
+
+
+def packed_publish_properties(envelope: Envelope, *, now: float | None = None) -> Properties:
+    """publish_properties(envelope), built as bytes (~2 µs, not ~35)."""
+    body = _packed_template(envelope.kind.value)
+    if envelope.expires_at is not None:
+        remaining = envelope.expires_at - (time.time() if now is None else now)
+        expiry = min(MAX_EXPIRY_S, max(1, math.ceil(remaining)))
+        body += struct.pack("!BI", PROPERTY_EXPIRY, expiry)
+    if envelope.reply_to is not None:
+        body += _length_prefixed(PROPERTY_RESPONSE_TOPIC, envelope.reply_to.encode())
+    correlation = envelope.correlation_id
+    if correlation is None and envelope.reply_to is not None:
+        correlation = envelope.message_id
+    if correlation is not None:
+        body += _length_prefixed(PROPERTY_CORRELATION, correlation.encode())
+    return PackedProperties(bytes(VariableByteIntegers.encode(len(body))) + body)
+
+
+def _length_prefixed(identifier: int, value: bytes) -> bytes:
+    return struct.pack("!BH", identifier, len(value)) + value
 
 
 def backoff_delay(
