@@ -34,6 +34,7 @@ from coordinator.ingest import Received
 from coordinator.observations import MetricsReport, RejectReason
 from coordinator.outbound import Outbound
 from coordinator.ports import IngestPort, Unavailable
+from shared.lean_client import LeanClient
 from shared.mqtt import (
     MqttSettings,
     PublishTooLarge,
@@ -211,7 +212,8 @@ class MqttBridge:
         # Derived from the state dir's resolved path: read once, not on every publish.
         self._client_id = config.client_id
         self._client = client_factory(config.mqtt, self._client_id, manual_ack=True)
-        self._acks = InboundAcks(self._client.ack)
+        many = self._client.ack_many if isinstance(self._client, LeanClient) else None
+        self._acks = InboundAcks(self._client.ack, many)
         self._published = PublishTracker()
         self._unpublished: list[Outbound] = []  # handed out, but paho would not take them yet
         self._settled: list[int] = []  # acknowledged outbox rows the actor has not heard of

@@ -8,6 +8,8 @@ The skipfleet protocol carries everything in the payload (shared.protocol.envelo
 coordinator never reads an inbound PUBLISH's properties, and a PUBACK matters only as success or
 failure. LeanClient reads those two packets itself in their common forms (a QoS 0 or 1 PUBLISH;
 a PUBACK without properties) and hands every other packet, and any it finds malformed, to paho.
+It also sends a batch's acknowledgements as one write (paho's ack() wakes its network thread
+and makes a send() call per message).
 
 An inbound message's `properties` is None (as on MQTT 3.1.1); a successful PUBACK's reason code
 and properties are shared, read-only instances.
@@ -15,6 +17,7 @@ and properties are shared, read-only instances.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Literal
 
 import paho.mqtt.client as paho
@@ -25,6 +28,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 
 PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)  # "Success" (0): never modified
 NO_PUBACK_PROPERTIES = Properties(PacketTypes.PUBACK)
+_PUBACK_FIXED_HEADER = bytes([PacketTypes.PUBACK << 4, 2])  # then the 2-byte packet id
 _VBI_MAX_BYTES = 4  # a Variable Byte Integer has at most 4 bytes
 
 
@@ -71,7 +75,17 @@ def successful_puback_mid(body: bytes | bytearray) -> int:
 
 class LeanClient(paho.Client):
     """A paho Client (same construction, same callbacks) for MQTT v5, reading its common
-    inbound PUBLISH and PUBACK packets without building property objects."""
+    inbound PUBLISH and PUBACK packets without building property objects; and acknowledging
+    many messages at once (ack_many)."""
+
+    def ack_many(self, mids: Iterable[int]) -> None:
+        """ack(mid, 1) for each QoS 1 message (manual acks), queued as one write: the network
+        thread is woken once and sends them in one go, not once per message."""
+        if not self._manual_ack:
+            return  # paho acknowledged them itself
+        packets = b"".join(_PUBACK_FIXED_HEADER + mid.to_bytes(2, "big") for mid in mids)
+        if packets:
+            self._packet_queue(PacketTypes.PUBACK << 4, packets, 0, 0)
 
     def _handle_publish(self) -> MQTTErrorCode:
         header, body = self._in_packet["command"], self._in_packet["packet"]

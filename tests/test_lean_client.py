@@ -4,6 +4,7 @@ everything else (QoS 2, failures, malformed packets) still read by paho."""
 from __future__ import annotations
 
 import struct
+import threading
 
 import paho.mqtt.client as paho
 import pytest
@@ -126,3 +127,20 @@ def test_only_v5_clients_are_lean_in_reading():
     feed(client, 0x32, struct.pack("!H", 3) + b"a/b" + b"\x00\x05" + b"payload")
     assert messages[0].payload == b"payload" and messages[0].properties is None
     assert isinstance(client, LeanClient)
+
+
+def test_ack_many_queues_every_puback_as_one_write():
+    client = make_client(SETTINGS, "coord", manual_ack=True, lean=True)
+    client._thread = threading.current_thread()  # as under loop_start: queued, not written
+    client.ack_many([1, 258])
+    client.ack_many([])
+    (queued,) = client._out_packet
+    assert queued["packet"] == b"\x40\x02\x00\x01" + b"\x40\x02\x01\x02"
+    assert queued["to_process"] == 8
+
+
+def test_ack_many_sends_nothing_when_paho_acknowledges_itself():
+    client = make_client(SETTINGS, "coord", lean=True)
+    client._thread = threading.current_thread()
+    client.ack_many([1, 2])
+    assert not client._out_packet
