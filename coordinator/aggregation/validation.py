@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from collections import Counter
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -58,6 +59,42 @@ def validate_fit_result(result: FitResult, shape: AdapterShape) -> tuple[int, ..
     return ranks
 
 
+@dataclass(frozen=True)
+class CheckedRound:
+    """A round that passed the gate: its devices in order, their weights and per-layer ranks.
+
+    Strategies run over the same round take it instead of validating every report again (each
+    validation computes every report's ΔW for its bound: three strategies a round made the
+    aggregation task validate 3 times, 1.2 of its 1.6 CPU-s at 3,000 reports)."""
+
+    shape: AdapterShape
+    device_ids: tuple[str, ...]
+    weights: np.ndarray
+    ranks: dict[str, tuple[int, ...] | None]
+
+    def require_same_rank(self) -> None:
+        _check_same_rank(self.ranks)
+
+    def require_for(self, results: Sequence[FitResult], shape: AdapterShape) -> None:
+        """Refuses a check of another round or shape (a caller's mistake, not a device's)."""
+        if shape != self.shape or tuple(r.device_id for r in results) != self.device_ids:
+            raise ValueError("this CheckedRound was made for other results or another shape")
+
+
+def check_round(
+    results: Sequence[FitResult], failures: Sequence[FitFailure], shape: AdapterShape
+) -> CheckedRound:
+    """Checks a whole round once; its weights are p_i = n_i / Σ n in the order of results."""
+    if not results:
+        failed = ", ".join(f"{f.device_id} ({f.reason})" for f in failures) or "none"
+        raise AggregationError(f"empty round: no device returned an adapter; failed: {failed}")
+    _check_unique_devices(results, failures)
+    ranks = {r.device_id: validate_fit_result(r, shape) for r in results}
+    counts = np.array([r.num_samples for r in results], dtype=np.float64)
+    weights: np.ndarray = counts / counts.sum()
+    return CheckedRound(shape, tuple(r.device_id for r in results), weights, ranks)
+
+
 def validate_round(
     results: Sequence[FitResult],
     failures: Sequence[FitFailure],
@@ -66,16 +103,10 @@ def validate_round(
     same_rank: bool = False,
 ) -> np.ndarray:
     """Checks a whole round; returns the weights p_i = n_i / Σ n in the order of results."""
-    if not results:
-        failed = ", ".join(f"{f.device_id} ({f.reason})" for f in failures) or "none"
-        raise AggregationError(f"empty round: no device returned an adapter; failed: {failed}")
-    _check_unique_devices(results, failures)
-    ranks = {r.device_id: validate_fit_result(r, shape) for r in results}
+    checked = check_round(results, failures, shape)
     if same_rank:
-        _check_same_rank(ranks)
-    counts = np.array([r.num_samples for r in results], dtype=np.float64)
-    weights: np.ndarray = counts / counts.sum()
-    return weights
+        checked.require_same_rank()
+    return checked.weights
 
 
 def _check_sample_count(device: str, num_samples: object) -> None:
