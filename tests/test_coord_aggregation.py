@@ -328,3 +328,12 @@ def test_a_checked_round_is_refused_for_other_results(rng):
     checked = check_round(results[:2], (), SHAPE)
     with pytest.raises(ValueError, match="made for other results"):
         ExactDeltaStrategy(SHAPE).aggregate_checked(results, (), checked)
+
+
+def test_an_error_about_many_devices_names_ten_and_counts_the_rest(rng):
+    results = [FitResult(f"dev-{i:02d}", random_deltas(rng), 5) for i in range(25)]
+    with pytest.raises(AggregationError) as refused:
+        NaiveFedAvgStrategy(SHAPE).aggregate_fit(results)
+    message = str(refused.value)
+    assert "'dev-00'" in message and "'dev-09'" in message and "'dev-10'" not in message
+    assert message.endswith("and 15 more: no A/B factors to average")
