@@ -150,6 +150,12 @@ class Evaluator:
             self._variants[key] = (arrays, self.accuracy(arrays))
         return self._variants[key]
 
+    def make_variants(self, reference: Arrays) -> None:
+        """Every variant now (a generator process, before its devices connect), so that no
+        round pays for them."""
+        for key in range(REPORT_VARIANTS):
+            self.variant(reference, key)
+
     def check(self, arrays: Arrays) -> None:
         self._learner.adapter(arrays)
 
