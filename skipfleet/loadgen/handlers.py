@@ -2,9 +2,10 @@
 
 A fine-tune waits the configured device seconds on a timer (its progress every 5 s, sent as the
 agent's is: skipfleet.loadgen.jobs), then reports the process's reference adapter perturbed for
-this device and job, with real hold-out accuracies; the report is its SUCCEEDED. Evaluate,
-apply and rollback do what the agent does, with real accuracies; a version the device does not
-hold is asked for with a FetchRequest and waited for.
+this device and job (one of the process's variants: skipfleet.loadgen.reference), with real
+hold-out accuracies; the report is its SUCCEEDED. Evaluate, apply and rollback do what the agent
+does, with real accuracies; a version the device does not hold is asked for with a FetchRequest
+and waited for.
 """
 
 from __future__ import annotations

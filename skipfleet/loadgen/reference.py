@@ -2,8 +2,9 @@
 
 A simulated device does not train. Its report carries the process's reference adapter (trained
 once, here, with agent.trainer.finetune on real device data), perturbed by a small seeded noise
-per (device, job), and a per-device sample count; every accuracy it sends is the real hold-out
-accuracy of the adapter it names, measured with the agent's own Learner.
+(one of REPORT_VARIANTS per process, picked per (device, job)), and a per-device sample count;
+every accuracy it sends is the real hold-out accuracy of the adapter it names, measured with the
+agent's own Learner.
 """
 
 from __future__ import annotations
