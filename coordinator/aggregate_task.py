@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Protocol
 
 from coordinator.aggregation import (
@@ -22,6 +22,7 @@ from coordinator.aggregation import (
     FitFailure,
     FitResult,
 )
+from coordinator.aggregation.validation import CheckedRound, check_round
 
 COMPARED_ALGORITHMS = ("exact-delta", "naive-fedavg")
 
@@ -65,11 +66,17 @@ def run_strategy(
     shape: AdapterShape,
     results: Sequence[FitResult],
     failures: Sequence[FitFailure],
+    checked: CheckedRound | AggregationError | None = None,
 ) -> StrategyRun:
-    """One strategy over one round; an unaggregatable round is an answer, not an exception."""
+    """One strategy over one round; an unaggregatable round is an answer, not an exception.
+    `checked`: the round's check (or the error it raised) when the caller made it already."""
     started = time.perf_counter()
     try:
-        result = STRATEGIES[algorithm](shape).aggregate_fit(results, failures)
+        if checked is None:
+            checked = check_round(results, failures, shape)
+        if isinstance(checked, AggregationError):
+            raise checked
+        result = STRATEGIES[algorithm](shape).aggregate_checked(results, failures, checked)
     except AggregationError as err:
         return StrategyRun(algorithm, time.perf_counter() - started, error=str(err))
     return StrategyRun(algorithm, time.perf_counter() - started, result=result)
@@ -81,8 +88,19 @@ def run_strategies(
     results: Sequence[FitResult],
     failures: Sequence[FitFailure],
 ) -> tuple[StrategyRun, ...]:
-    """Each strategy over the same inputs, in order; each one's answer stands on its own."""
-    return tuple(run_strategy(a, shape, results, failures) for a in algorithms)
+    """Each strategy over the same inputs, in order; each one's answer stands on its own. The
+    round is checked once for all of them (the first strategy's time includes the check)."""
+    started = time.perf_counter()
+    checked: CheckedRound | AggregationError
+    try:
+        checked = check_round(results, failures, shape)
+    except AggregationError as err:
+        checked = err
+    check_s = time.perf_counter() - started
+    runs = [run_strategy(a, shape, results, failures, checked) for a in algorithms]
+    if runs:
+        runs[0] = replace(runs[0], seconds=runs[0].seconds + check_s)
+    return tuple(runs)
 
 
 def algorithms_for(chosen: str) -> tuple[str, ...]:

@@ -409,13 +409,12 @@ class AdapterDistributor:
                 ),
             )
 
-    def _decide(self, rollout_id: str, record: Callable[[str], Rollout]) -> None:
+    def _decide(self, rollout_id: str, record: Callable[[str], Rollout | None]) -> None:
         """Records a canary outcome; acts if that decided the rollout (and not before)."""
-        before = self._fleet.rollouts.get(rollout_id)
-        if before is None or before.is_decided:
+        if not self._fleet.rollouts.is_undecided(rollout_id):
             return
-        after: Rollout = record(rollout_id)
-        if after.is_decided:
+        after = record(rollout_id)
+        if after is not None and after.is_decided:
             self._decided(after)
 
     def _decided(self, rollout: Rollout) -> None:

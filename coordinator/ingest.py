@@ -19,7 +19,7 @@ from coordinator.fleet import Fleet, task_name
 from coordinator.jobs import Job, JobError, JobState
 from coordinator.observations import FinetuneReported
 from coordinator.registry import LabelFree
-from coordinator.reports import ReportMeta, ReportRejected, ReportStore, check_adapter
+from coordinator.reports import ReportMeta, ReportRejected, check_adapter
 from coordinator.scheduler import label_free_score
 from shared.protocol import (
     Envelope,
@@ -195,7 +195,6 @@ class MessageHandler:
             shape=shape,
             parent_adapter_version=report.parent_adapter_version,
             received_at=at,
-            file=ReportStore.file_for(job.job_id),
             accuracy_before=m.accuracy_before,
             loss_before=m.loss_before,
         )

@@ -115,6 +115,8 @@ class DurableOutbox:
         envelope = encode(pointer, sender=self._sender, message_id=message_id)
         body = pack({**_ref_fields(ref), "pointer": envelope})
         self._insert(device_id, DESIRED_WITH_ADAPTER, message_id, body)
+        self._added[message_id] = pointer
+        self._added_ids.note(message_id)
 
     def _insert(self, device_id: str, form: str, message_id: str, body: bytes) -> None:
         self._db.execute(
@@ -200,7 +202,9 @@ class DurableOutbox:
         where = f"outbox row {row['seq']} for {row['device_id']}"
         try:
             if row["form"] == DESIRED_WITH_ADAPTER:
-                return _with_adapter(Fields(unpack(row["body"], max_bytes=65_536), where), inline)
+                fields = Fields(unpack(row["body"], max_bytes=65_536), where)
+                added = self._added.pop(row["message_id"], None)
+                return _with_adapter(fields, cast(DesiredState | None, added), inline)
             if row["form"] == ADAPTER_REF:
                 ref = _ref_from(Fields(unpack(row["body"], max_bytes=4096), where))
                 adapter = resolve(ref)
@@ -241,9 +245,10 @@ def _inline(resolve: AdapterResolver, max_bytes: int) -> AdapterResolver:
     return small_enough
 
 
-def _with_adapter(f: Fields, inline: AdapterResolver) -> DesiredState:
-    """The stored pointer with its adapter inside, or as it is (the device fetches it)."""
-    pointer = cast(DesiredState, decode(f.blob("pointer")).message)
+def _with_adapter(f: Fields, added: DesiredState | None, inline: AdapterResolver) -> DesiredState:
+    """The stored pointer (`added`: as added in this actor's life, else read back) with its
+    adapter inside, or as it is (the device fetches it)."""
+    pointer = added or cast(DesiredState, decode(f.blob("pointer")).message)
     adapter = inline(_ref_from(f))
     if adapter is None:
         return pointer

@@ -58,7 +58,7 @@ from coordinator.ports import Unavailable
 from coordinator.ray_runtime import (
     ACTOR_TASK_RETRIES,
     FleetHandle,
-    RayAggregator,
+    aggregator_for,
     release_actor,
     start_actor,
 )
@@ -208,7 +208,7 @@ class PartitionActor:
         )
         self._index = index
         self._lock = threading.RLock()  # the bridge's threads and the actor's calls
-        self._service = FleetService(config, aggregator=RayAggregator())
+        self._service = FleetService(config, aggregator=aggregator_for(config))
         self._relay = RelayMetrics()
         self._fatal: tuple[str, str] | None = None
         self._port = PartitionIngestPort(

@@ -26,11 +26,13 @@ from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 from coordinator.aggregate_task import (
     AggregationOutcome,
     AggregationRequest,
+    Aggregator,
+    LocalAggregator,
     StrategyRun,
     run_strategies,
 )
 from coordinator.aggregation import AdapterShape, FitFailure, FitResult
-from coordinator.config import CoordinatorConfig
+from coordinator.config import AggregationRunner, CoordinatorConfig
 from coordinator.heap import HeapTrimmer
 from coordinator.ingest import Received
 from coordinator.instance import InstanceConflict
@@ -165,6 +167,13 @@ def _gather(
         ]
 
 
+def aggregator_for(config: CoordinatorConfig) -> Aggregator:
+    """The runner --aggregate-in chose: inline in the actor, or a Ray task a round."""
+    if config.aggregate_in is AggregationRunner.TASK:
+        return RayAggregator()
+    return LocalAggregator()
+
+
 # ray's type overloads for @ray.remote(...) lack concurrency_groups, a documented actor option
 @ray.remote(concurrency_groups={"health": 1, "query": 2}, max_restarts=-1)  # type: ignore[call-overload]
 class FleetActor:
@@ -172,7 +181,7 @@ class FleetActor:
         logging.basicConfig(
             level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
-        self._service = FleetService(config, aggregator=RayAggregator())
+        self._service = FleetService(config, aggregator=aggregator_for(config))
         self._heap = HeapTrimmer()
 
     def ingest_packed(self, packed: bytes) -> int:

@@ -99,6 +99,9 @@ class Rollout:
         return {device: self.desired_version(device) for device in device_ids}
 
 
+# Parsed canary lists kept (one per rollout read recently; a few KB each at 1,000 canaries).
+_PARSED_CANARIES_KEPT = 64
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS rollouts (
     rollout_id TEXT PRIMARY KEY,
@@ -165,6 +168,7 @@ class RolloutManager:
         self._db = db
         self._store = store
         self._clock = clock
+        self._parsed_canaries: dict[str, tuple[tuple[str, ...], frozenset[str]]] = {}
         db.ensure_schema(_SCHEMA)
         db.add_missing_columns("rollouts", {"cluster": "TEXT"})
 
@@ -217,10 +221,12 @@ class RolloutManager:
         *,
         accuracy_candidate: float,
         accuracy_current: float,
-    ) -> Rollout:
+    ) -> Rollout | None:
         """A canary's hold-out accuracy with the candidate and with its current adapter.
 
-        A result that arrives after the decision (or a repeated one) changes nothing.
+        Returns the rollout once decided (by this result or before: a result that arrives after
+        the decision changes nothing), None while its canary is still under way (a repeated
+        result changes nothing either).
         """
         for value in (accuracy_candidate, accuracy_current):
             if not (math.isfinite(value) and 0.0 <= value <= 1.0):
@@ -228,8 +234,9 @@ class RolloutManager:
         result = CanaryResult(device_id, accuracy_candidate, accuracy_current)
         return self._record(rollout_id, result)
 
-    def record_failure(self, rollout_id: str, device_id: str, reason: str) -> Rollout:
-        """A canary could not install or evaluate the candidate: roll back now."""
+    def record_failure(self, rollout_id: str, device_id: str, reason: str) -> Rollout | None:
+        """A canary could not install or evaluate the candidate: roll back now (returns the
+        decided rollout; None only for a repeat while the canary is under way)."""
         return self._record(rollout_id, CanaryResult(device_id, failure=reason))
 
     def check_deadlines(self) -> list[Rollout]:
@@ -249,6 +256,11 @@ class RolloutManager:
     def get(self, rollout_id: str) -> Rollout | None:
         row = self._db.query_one("SELECT * FROM rollouts WHERE rollout_id = ?", (rollout_id,))
         return None if row is None else self._from_row(row)
+
+    def is_undecided(self, rollout_id: str) -> bool:
+        """Whether the rollout exists and its canary is still under way (one indexed read)."""
+        row = self._db.query_one("SELECT state FROM rollouts WHERE rollout_id = ?", (rollout_id,))
+        return row is not None and row["state"] == RolloutState.CANARY.value
 
     def active(self, cohort: str, cluster: str | None = None) -> Rollout | None:
         """The cluster's canary under way (cluster None: any of the cohort's)."""
@@ -282,13 +294,18 @@ class RolloutManager:
         )
         return tuple(sorted(ranked[:count]))
 
-    def _record(self, rollout_id: str, result: CanaryResult) -> Rollout:
+    def _record(self, rollout_id: str, result: CanaryResult) -> Rollout | None:
+        # A rollout is loaded whole (every result so far) only to decide it or to return an
+        # already decided one: loading it for each result made a canary of n devices cost n²
+        # row reads (1,000 canaries at 10,000 devices: 3.4-4.7 ms a result, 9 s a round).
         with self._db.transaction():
-            rollout = self._require(rollout_id)
-            if result.device_id not in rollout.canary_devices:
+            state, canaries = self._header(rollout_id)
+            if result.device_id not in canaries:
                 raise RolloutError(f"{result.device_id} is not a canary of rollout {rollout_id}")
-            if rollout.is_decided or result.device_id in rollout.results:
-                return rollout
+            if state is not RolloutState.CANARY:
+                return self._require(rollout_id)  # decided before: a decision is final
+            if self._has_result(rollout_id, result.device_id):
+                return None  # a repeat
             self._db.execute(
                 "INSERT INTO canary_results VALUES (?, ?, ?, ?, ?)",
                 (
@@ -299,13 +316,13 @@ class RolloutManager:
                     result.failure,
                 ),
             )
-            rollout = self._require(rollout_id)
             if result.failure is not None:
                 reason = f"canary {result.device_id} failed: {result.failure}"
-                return self._decide(rollout, RolloutState.ROLLED_BACK, reason)
-            if len(rollout.results) == len(rollout.canary_devices):
-                return self._decide(rollout, *self._verdict(rollout))
-            return rollout
+                return self._decide(self._require(rollout_id), RolloutState.ROLLED_BACK, reason)
+            if self._result_count(rollout_id) < len(canaries):
+                return None
+            rollout = self._require(rollout_id)
+            return self._decide(rollout, *self._verdict(rollout))
 
     def _verdict(self, rollout: Rollout) -> tuple[RolloutState, str]:
         return canary_verdict(
@@ -332,6 +349,38 @@ class RolloutManager:
             (RolloutState.CANARY.value, deadline_before),
         )
         return [self._from_row(r) for r in rows]
+
+    def _header(self, rollout_id: str) -> tuple[RolloutState, frozenset[str]]:
+        row = self._db.query_one(
+            "SELECT state, canary_devices FROM rollouts WHERE rollout_id = ?", (rollout_id,)
+        )
+        if row is None:
+            raise RolloutError(f"unknown rollout {rollout_id}")
+        return RolloutState(row["state"]), self._canaries_of(row["canary_devices"])[1]
+
+    def _canaries_of(self, stored: str) -> tuple[tuple[str, ...], frozenset[str]]:
+        """The canaries of a stored list, in order and as a set, parsed once per distinct text
+        (a rollout's canaries never change; the text is the key, so an entry is never stale)."""
+        canaries = self._parsed_canaries.get(stored)
+        if canaries is None:
+            if len(self._parsed_canaries) >= _PARSED_CANARIES_KEPT:
+                self._parsed_canaries.clear()
+            listed = tuple(json.loads(stored))
+            canaries = self._parsed_canaries[stored] = (listed, frozenset(listed))
+        return canaries
+
+    def _has_result(self, rollout_id: str, device_id: str) -> bool:
+        row = self._db.query_one(
+            "SELECT 1 FROM canary_results WHERE rollout_id = ? AND device_id = ?",
+            (rollout_id, device_id),
+        )
+        return row is not None
+
+    def _result_count(self, rollout_id: str) -> int:
+        (row,) = self._db.query(  # COUNT(*): always one row
+            "SELECT COUNT(*) AS n FROM canary_results WHERE rollout_id = ?", (rollout_id,)
+        )
+        return int(row["n"])
 
     def _require(self, rollout_id: str) -> Rollout:
         rollout = self.get(rollout_id)
@@ -371,7 +420,7 @@ class RolloutManager:
             cohort=row["cohort"],
             candidate_version=row["candidate_version"],
             previous_version=row["previous_version"],
-            canary_devices=tuple(json.loads(row["canary_devices"])),
+            canary_devices=self._canaries_of(row["canary_devices"])[0],
             started_at=row["started_at"],
             deadline=row["deadline"],
             state=RolloutState(row["state"]),

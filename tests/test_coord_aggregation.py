@@ -288,3 +288,52 @@ def test_leave_one_out_bounds_equal_the_median_of_the_others_for_every_report():
         assert leave_one_out_bounds(values, 2.5) == expected, values
     assert leave_one_out_bounds([5, 7], 2.0) == [None, None]  # one other: no norm
     assert leave_one_out_bounds([5, 7, 9], None) == [None, None, None]
+
+
+def test_strategies_over_one_round_validate_each_report_once_and_agree_with_aggregate_fit(
+    rng, monkeypatch
+):
+    import coordinator.aggregation.validation as validation
+    from coordinator.aggregate_task import run_strategies
+
+    results = reports(rng)
+    calls = []
+    real = validation.validate_fit_result
+    monkeypatch.setattr(
+        validation, "validate_fit_result", lambda r, s: calls.append(r.device_id) or real(r, s)
+    )
+    runs = run_strategies(("coordinate-median", "exact-delta", "naive-fedavg"), SHAPE, results, ())
+    assert sorted(calls) == ["dev-0", "dev-1", "dev-2"]  # once each, not once per strategy
+    for run in runs:
+        alone = STRATEGIES[run.algorithm](SHAPE).aggregate_fit(results).arrays
+        assert run.error is None and run.result.arrays.keys() == alone.keys()
+        for name, array in alone.items():
+            np.testing.assert_array_equal(run.result.arrays[name], array)
+
+
+def test_a_round_that_fails_its_check_is_an_error_for_every_strategy_run_over_it(rng):
+    from coordinator.aggregate_task import run_strategies
+
+    results = reports(rng)
+    results[1] = FitResult("dev-1", results[1].arrays, 0)  # no samples
+    runs = run_strategies(("exact-delta", "naive-fedavg"), SHAPE, results, ())
+    assert [r.result for r in runs] == [None, None]
+    assert all("dev-1: sample count must be > 0" in r.error for r in runs)
+
+
+def test_a_checked_round_is_refused_for_other_results(rng):
+    from coordinator.aggregation.validation import check_round
+
+    results = reports(rng)
+    checked = check_round(results[:2], (), SHAPE)
+    with pytest.raises(ValueError, match="made for other results"):
+        ExactDeltaStrategy(SHAPE).aggregate_checked(results, (), checked)
+
+
+def test_an_error_about_many_devices_names_ten_and_counts_the_rest(rng):
+    results = [FitResult(f"dev-{i:02d}", random_deltas(rng), 5) for i in range(25)]
+    with pytest.raises(AggregationError) as refused:
+        NaiveFedAvgStrategy(SHAPE).aggregate_fit(results)
+    message = str(refused.value)
+    assert "'dev-00'" in message and "'dev-09'" in message and "'dev-10'" not in message
+    assert message.endswith("and 15 more: no A/B factors to average")

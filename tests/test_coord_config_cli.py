@@ -282,3 +282,17 @@ def test_status_reads_the_api(tmp_path: Path, capsys):
     )
     assert status_cli.main(args) == status_cli.EXIT_UNREACHABLE
     assert "cannot reach" in capsys.readouterr().err
+
+
+def test_a_round_aggregates_in_the_actor_unless_told_to_use_a_ray_task(tmp_path):
+    from coordinator.aggregate_task import LocalAggregator
+    from coordinator.config import AggregationRunner
+    from coordinator.ray_runtime import RayAggregator, aggregator_for
+
+    default = from_args(parse("--state-dir", str(tmp_path)), {})
+    assert default.aggregate_in is AggregationRunner.ACTOR
+    assert isinstance(aggregator_for(default), LocalAggregator)
+    task = from_args(parse("--state-dir", str(tmp_path), "--aggregate-in", "task"), {})
+    assert isinstance(aggregator_for(task), RayAggregator)
+    with pytest.raises(SystemExit):
+        parse("--state-dir", str(tmp_path), "--aggregate-in", "cloud")

@@ -27,7 +27,7 @@ from agent.data.fan import load_fan_split
 from agent.device_data import write_device_file
 from agent.trainer.finetune import pretrain
 from coordinator.app import Coordinator
-from coordinator.config import CoordinatorConfig, FinetuneSettings
+from coordinator.config import AggregationRunner, CoordinatorConfig, FinetuneSettings
 from coordinator.federation import FederationPolicy
 from coordinator.rollout import RolloutPolicy
 from coordinator.scheduler import SchedulerPolicy
@@ -100,7 +100,12 @@ class AgentProcess:
         self._log.close()
 
 
-def make_config(broker_url: str, state_dir: Path, **policy: object) -> CoordinatorConfig:
+def make_config(
+    broker_url: str,
+    state_dir: Path,
+    aggregate_in: AggregationRunner = AggregationRunner.ACTOR,
+    **policy: object,
+) -> CoordinatorConfig:
     knobs = {
         "max_concurrent_jobs": 3,
         "accuracy_threshold": None,
@@ -130,6 +135,7 @@ def make_config(broker_url: str, state_dir: Path, **policy: object) -> Coordinat
         command_timeout_s=30.0,
         tick_interval_s=0.2,
         metrics_interval_s=0.5,
+        aggregate_in=aggregate_in,
     )
 
 
@@ -325,8 +331,8 @@ def _health_pid(fleet: Fleet) -> int | None:
     return payload.get("pid") if status == 200 else None
 
 
-def test_a_canary_that_regresses_is_rolled_back(fleet):
-    fleet.start_coordinator()
+def test_a_canary_that_regresses_is_rolled_back_with_the_round_aggregated_by_a_ray_task(fleet):
+    fleet.start_coordinator(aggregate_in=AggregationRunner.TASK)
     fleet.start_agent("dev-wrong", fleet.world.permuted_data)  # learns shifted labels
     fleet.start_agent("dev-good", fleet.world.device_data[0])
     fleet.devices_online("dev-wrong", "dev-good")

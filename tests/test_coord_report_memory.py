@@ -1,4 +1,5 @@
-"""Report arrays held in memory until their round reads them; the files stay the durable copy."""
+"""Report arrays held in memory until their round reads them; each report's row (its arrays in
+it) stays the durable copy, and a report stored as a file by an older release is still read."""
 
 from __future__ import annotations
 
@@ -6,6 +7,7 @@ import numpy as np
 import pytest
 
 from coordinator import reports
+from coordinator.npz import npz_bytes
 from coordinator.reports import ReportMeta, ReportStore, infer_shape
 from coordinator.state_db import StateDB
 from tests.coord_helpers import random_factors
@@ -15,7 +17,7 @@ def saved(store: ReportStore, job_id: str, arrays: dict, round_id: str | None = 
     meta = ReportMeta(
         job_id=job_id, device_id=f"dev-{job_id}", round_id=round_id, cohort="fan",
         base_model_hash="h", samples=10, shape=infer_shape("d", arrays),
-        parent_adapter_version=None, received_at=1.0, file=ReportStore.file_for(job_id),
+        parent_adapter_version=None, received_at=1.0,
     )  # fmt: skip
     store.save(meta, arrays)
     return meta
@@ -25,34 +27,84 @@ def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def test_a_report_is_read_from_memory_once_then_from_its_file(tmp_path):
+def empty_row(db: StateDB, job_id: str) -> None:
+    db.execute("UPDATE fit_reports SET arrays = x'' WHERE job_id = ?", (job_id,))
+
+
+def test_a_report_is_read_from_memory_once_then_from_its_row(tmp_path):
     arrays = random_factors(np.random.default_rng(0))
-    store = ReportStore(StateDB(tmp_path / "s.sqlite3"), tmp_path)
+    db = StateDB(tmp_path / "s.sqlite3")
+    store = ReportStore(db, tmp_path)
     meta = saved(store, "j1", arrays)
-    (tmp_path / meta.file).write_bytes(b"")  # the held copy answers: the file is not read
+    assert meta.file == "" and not (tmp_path / "reports").exists()  # no file per report
+    empty_row(db, "j1")  # the held copy answers: the row is not read
     first = store.arrays(meta)
     assert same(first, arrays) and all(a.flags.writeable for a in first.values())
-    with pytest.raises(EOFError):  # taken out by the first read: the emptied file is read
+    with pytest.raises(EOFError):  # taken out by the first read: the emptied row is read
         store.arrays(meta)
 
 
-def test_a_restarted_store_and_one_past_its_cap_read_the_files(tmp_path, monkeypatch):
+def test_a_restarted_store_and_one_past_its_cap_read_the_rows(tmp_path, monkeypatch):
     rng = np.random.default_rng(1)
     store = ReportStore(StateDB(tmp_path / "s.sqlite3"), tmp_path)
     one, two = random_factors(rng), random_factors(rng)
     monkeypatch.setattr(reports, "MEMORY_CAP_BYTES", sum(a.nbytes for a in one.values()))
     m1, m2 = saved(store, "j1", one), saved(store, "j2", two)  # j1 leaves memory for j2
-    (tmp_path / m2.file).unlink()
     assert same(store.arrays(m1), one) and same(store.arrays(m2), two)
     restarted = ReportStore(StateDB(tmp_path / "s.sqlite3"), tmp_path)
-    assert same(restarted.arrays(m1), one)
+    assert same(restarted.arrays(restarted.get("j1")), one)
+    assert same(restarted.arrays(restarted.get("j2")), two)
 
 
 def test_a_report_outside_any_round_is_not_held_in_memory(tmp_path):
     """Nothing aggregates a device's own fine-tune: holding it only filled memory up to the cap."""
     arrays = random_factors(np.random.default_rng(2))
-    store = ReportStore(StateDB(tmp_path / "s.sqlite3"), tmp_path)
+    db = StateDB(tmp_path / "s.sqlite3")
+    store = ReportStore(db, tmp_path)
     meta = saved(store, "own", arrays, round_id=None)
-    (tmp_path / meta.file).write_bytes(b"")  # no held copy: the (emptied) file is what is read
+    empty_row(db, "own")  # no held copy: the (emptied) row is what is read
     with pytest.raises(EOFError):
         store.arrays(meta)
+
+
+def test_a_report_stored_as_a_file_by_an_older_release_is_read_from_its_file(tmp_path):
+    arrays = random_factors(np.random.default_rng(3))
+    db = StateDB(tmp_path / "s.sqlite3")
+    saved(ReportStore(db, tmp_path), "old", arrays, round_id=None)
+    (tmp_path / "reports").mkdir()
+    (tmp_path / "reports" / "old.npz").write_bytes(npz_bytes(arrays))
+    db.execute("UPDATE fit_reports SET arrays = NULL, file = 'reports/old.npz'")  # as it was
+    restarted = ReportStore(StateDB(tmp_path / "s.sqlite3"), tmp_path)
+    meta = restarted.get("old")
+    assert meta.file == "reports/old.npz" and same(restarted.arrays(meta), arrays)
+
+
+def test_a_report_whose_transaction_rolls_back_leaves_nothing_behind(tmp_path):
+    """The arrays commit with the row: no orphan file or blob, and the delivery again stores it."""
+    arrays = random_factors(np.random.default_rng(4))
+    db = StateDB(tmp_path / "s.sqlite3")
+    store = ReportStore(db, tmp_path)
+    with pytest.raises(RuntimeError), db.transaction():
+        saved(store, "j1", arrays, round_id=None)
+        raise RuntimeError("the batch failed after the report")
+    assert store.get("j1") is None and not (tmp_path / "reports").exists()
+    meta = saved(store, "j1", arrays, round_id=None)
+    assert same(store.arrays(meta), arrays)
+
+
+def test_a_cohort_shape_seen_in_a_transaction_that_rolls_back_is_forgotten_with_it(tmp_path):
+    """The cohort's shape is read once and kept; not when the report that set it is gone."""
+    db = StateDB(tmp_path / "s.sqlite3")
+    store = ReportStore(db, tmp_path)
+    rng = np.random.default_rng(5)
+    first = random_factors(rng)
+    with pytest.raises(RuntimeError), db.transaction():
+        saved(store, "j1", first)
+        assert store.cohort_shape("fan") == infer_shape("d", first)
+        raise RuntimeError("the batch failed")
+    assert store.cohort_shape("fan") is None
+    other = {"delta1": np.ones((5, 3), np.float32)}
+    saved(store, "j2", other)
+    assert store.cohort_shape("fan") == infer_shape("d", other)
+    db.execute("DELETE FROM fit_reports")  # kept in memory: not read again
+    assert store.cohort_shape("fan") == infer_shape("d", other)

@@ -48,10 +48,13 @@ def test_canary_promotes_when_accuracy_does_not_regress(tmp_path):
     setup = Setup(tmp_path, canary_fraction=0.2, max_accuracy_regression=0.01)
     rollout = setup.rollouts.start(COHORT, 2, DEVICES, rollout_id="ro-1")
     first, second = rollout.canary_devices
-    rollout = setup.rollouts.record_result(
+    undecided = setup.rollouts.record_result(
         "ro-1", first, accuracy_candidate=0.90, accuracy_current=0.92
     )
-    assert rollout.state is RolloutState.CANARY  # one canary still to report
+    assert undecided is None  # one canary still to report
+    assert setup.rollouts.is_undecided("ro-1")
+    repeat = setup.rollouts.record_result("ro-1", first, accuracy_candidate=0, accuracy_current=1)
+    assert repeat is None and setup.rollouts.get("ro-1").results[first].accuracy_candidate == 0.90
     setup.reopen()  # restarted coordinator carries on
     rollout = setup.rollouts.record_result(
         "ro-1", second, accuracy_candidate=0.93, accuracy_current=0.92

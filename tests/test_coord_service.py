@@ -283,7 +283,8 @@ def test_a_fetch_is_answered_with_the_adapter_or_counted_as_unknown(tmp_path, cl
         o.message for o in service.tick() if isinstance(o.message, AdapterPublication)
     ]
     assert publication.version == 1 and set(publication.arrays) == {"delta1", "delta2", "delta3"}
-    assert publication.lineage.device_ids == ("pi-1",)
+    assert publication.lineage.device_ids == ()  # who trained it stays with the coordinator
+    assert list(service.adapter(publication.cohort, 1)["meta"]["device_ids"]) == ["pi-1"]
     assert MessageRejected("unknown_adapter") in events(service, MessageRejected)
 
 
@@ -370,7 +371,9 @@ def test_each_devices_personalised_adapters_are_kept_beside_the_fleet_one(tmp_pa
     finetune_all(service, devices, service.tick())
     kept = service.device_adapters("pi-1")
     assert len(kept) == 1 and kept[0]["samples"] > 0 and kept[0]["round_id"]
-    assert (tmp_path / kept[0]["file"]).is_file()  # its own arrays, on disk
+    assert kept[0]["file"] is None  # its own arrays, in its row of the state db
+    meta = service.fleet.reports.get(kept[0]["job_id"])
+    assert set(service.fleet.reports.arrays(meta)) == {"A1", "B1", "A2", "B2", "A3", "B3"}
     with pytest.raises(NotFound):
         service.device_adapters("ghost")
 

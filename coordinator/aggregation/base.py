@@ -14,7 +14,7 @@ from typing import ClassVar
 import numpy as np
 
 from coordinator.aggregation.arrays import AdapterShape, Arrays
-from coordinator.aggregation.validation import validate_round
+from coordinator.aggregation.validation import CheckedRound, check_round
 
 
 @dataclass(frozen=True)
@@ -79,7 +79,17 @@ class AggregationStrategy(ABC):
     def aggregate_fit(
         self, results: Sequence[FitResult], failures: Sequence[FitFailure] = ()
     ) -> AggregateResult:
-        weights = validate_round(results, failures, self.shape, same_rank=self.requires_same_rank)
+        return self.aggregate_checked(results, failures, check_round(results, failures, self.shape))
+
+    def aggregate_checked(
+        self, results: Sequence[FitResult], failures: Sequence[FitFailure], checked: CheckedRound
+    ) -> AggregateResult:
+        """aggregate_fit over a round already checked (check_round): several strategies over
+        one round validate it once."""
+        checked.require_for(results, self.shape)
+        if self.requires_same_rank:
+            checked.require_same_rank()
+        weights = checked.weights
         return AggregateResult(
             algorithm=self.name,
             arrays=self._combine(results, weights),
