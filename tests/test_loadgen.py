@@ -17,7 +17,6 @@ import uuid
 from collections import Counter
 from pathlib import Path
 
-import msgpack
 import numpy as np
 import pytest
 
@@ -36,7 +35,6 @@ from shared.protocol import (
     AdapterPublication,
     ApplyAdapterParams,
     CancelParams,
-    DecodeError,
     DesiredState,
     EvaluateParams,
     FetchRequest,
@@ -59,7 +57,6 @@ from shared.topics import TopicKind
 from skipfleet.coordinator_process import ApiClient
 from skipfleet.loadgen.device import DeviceSettings, SimulatedDevice
 from skipfleet.loadgen.fleet import SimulatedFleet, split
-from skipfleet.loadgen.lineages import lineages_shared
 from skipfleet.loadgen.reference import REPORT_VARIANTS, Evaluator, perturbed, run_reference
 from skipfleet.measure import (
     CpuWindow,
@@ -406,29 +403,6 @@ def test_reports_carry_one_of_the_process_variants_with_its_real_accuracy(refere
         assert report.metrics.accuracy_after == evaluator.accuracy(report.adapter)
         gap = np.linalg.norm(report.adapter["A1"] - reference.arrays["A1"])
         assert 0.0 < gap / np.linalg.norm(reference.arrays["A1"]) < 0.2
-
-
-def test_devices_of_a_process_share_one_checked_lineage_and_a_bad_id_is_still_refused(
-    reference,
-):
-    bench = Bench(reference)
-    lineage = Lineage("round-7", tuple(f"sim-{i:05d}" for i in range(50)), "exact-delta")
-    publication = AdapterPublication(
-        7, reference.base_model_hash, "default", reference.arrays, lineage, time.time()
-    )
-    payload = encode(publication, sender="coordinator")
-    wire = msgpack.unpackb(payload)
-    wire["body"]["lineage"]["device_ids"][3] = "Not A Device Id"
-    forged = msgpack.packb(wire, use_bin_type=True)
-    with lineages_shared() as memo:
-        first, second = decode(payload).message, decode(payload).message
-        assert first.lineage is second.lineage and first.lineage == lineage
-        assert memo.hits == 1
-        with pytest.raises(DecodeError, match="invalid device id"):
-            decode(forged)
-        bench.device.on_message(f"fleet/{DEVICE}/cmd/adapter", forged)
-        assert bench.device.dropped == 1  # refused as the agent refuses it
-    assert decode(payload).message.lineage is not first.lineage  # the codec is itself again
 
 
 def test_heartbeats_carry_the_agents_fields_at_a_random_phase(reference):

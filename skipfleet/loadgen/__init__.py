@@ -23,8 +23,6 @@ What is simulated (so that a 2-core machine can stand in for a thousand devices)
   process's reference adapter with a small seeded perturbation (one of the process's 64
   variants, picked per device and job, each evaluated once) and a per-device sample count;
   the reference was trained from the base model, not from the adapter the device runs;
-- the devices of a process share each lineage they decode (skipfleet.loadgen.lineages): every
-  distinct lineage is checked in full once per process, not once per device;
 - no on-disk spool or job history: paho keeps QoS 1 messages in memory, the job history lives
   in memory for the life of the process;
 - energy follows the agent's model meter profile (idle watts all the time, active watts while a

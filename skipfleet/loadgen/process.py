@@ -30,7 +30,6 @@ from shared.mqtt import parse_broker_url
 from shared.topics import Topics
 from skipfleet.loadgen.connection import DeviceConnection, LoopDriver
 from skipfleet.loadgen.device import DeviceSettings, SimulatedDevice
-from skipfleet.loadgen.lineages import lineages_shared
 from skipfleet.loadgen.reference import Evaluator, ReferenceRun, run_reference
 
 log = logging.getLogger("skipfleet.loadgen")
@@ -103,8 +102,7 @@ def main(argv: list[str] | None = None) -> int:
     seconds = reference.seconds if args.device_seconds is None else args.device_seconds
     log.info("reference fine-tune: %.3f s; simulated fine-tunes take %.3f s", reference.seconds,
              seconds)  # fmt: skip
-    with lineages_shared():  # this process's devices share each lineage they decode
-        return asyncio.run(serve(args, reference, seconds))
+    return asyncio.run(serve(args, reference, seconds))
 
 
 async def serve(args: argparse.Namespace, reference: ReferenceRun, seconds: float) -> int:
