@@ -110,6 +110,36 @@ def devices(fleet: Fleet) -> list[dict[str, Any]]:
     return [device_view(r, now, p) for r, p in _placed(fleet, fleet.registry.devices())]
 
 
+# What the dashboard's history records of a device (coordinator.dashboard): its readings and
+# their times, and its presence.
+READING_FIELDS = (
+    "device_id",
+    "last_heartbeat_at",
+    "confidence_score",
+    "power_w",
+    "spool_depth",
+    "accuracy_at",
+    "accuracy",
+    "last_finetune_at",
+    "accuracy_after",
+    "online",
+    "presence_since",
+)
+
+
+def device_readings(
+    fleet: Fleet, store: str, since: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """The readings of the devices whose records changed since the version `since` holds for
+    this fleet state's `store` (absent: every device). The answer's `since` is what to ask with
+    next; a partitioned coordinator merges the partitions' (coordinator.partition_views). A
+    sampler that read the whole devices view every 2 s cost 0.3 s of the actor's CPU at 10,000
+    devices, and as much again in the driver, whatever had changed."""
+    records, version = fleet.registry.changed_since((since or {}).get(store, 0))
+    devices = [{name: getattr(r, name) for name in READING_FIELDS} for r in records]
+    return {"since": {store: version}, "devices": devices}
+
+
 def device(fleet: Fleet, device_id: str) -> dict[str, Any]:
     record = fleet.registry.get(device_id)
     if record is None:
