@@ -7,11 +7,11 @@
 The registry keeps only each device's latest readings, so a FleetHistory samples them (a
 HistorySampler thread, every SAMPLE_S: the readings of the devices whose records changed since
 its last sample, the fleet state's device_readings view) and keeps each reading at the
-coordinator's time of receipt: drift score, power, spool backlog per heartbeat, accuracy per evaluation or
-fine-tune, and online/offline changes. It lives in the API's process: a restarted coordinator's
-history starts empty (the state it shows beside it does not). The timeline adds what the fleet
-state records (runs, rounds, canaries and their decisions) and, when the coordinator is given a
-process fleet's events file, the faults injected with `skipfleet fleet`.
+coordinator's time of receipt: drift score, power, spool backlog per heartbeat, accuracy per
+evaluation or fine-tune, and online/offline changes. It lives in the API's process: a restarted
+coordinator's history starts empty (the state it shows beside it does not). The timeline adds
+what the fleet state records (runs, rounds, canaries and their decisions) and, when the
+coordinator is given a process fleet's events file, the faults injected with `skipfleet fleet`.
 """
 
 from __future__ import annotations
