@@ -209,6 +209,14 @@ class AdapterStore:
         )
         return None if row is None else _meta_from_row(row)
 
+    def cluster_of(self, cohort: str, version: int) -> str | None:
+        """The cluster a stored version was trained for (None: no such version), without
+        reading its meta (whose list of devices is a fleet's worth of ids)."""
+        row = self._db.query_one(
+            "SELECT cluster FROM adapters WHERE cohort = ? AND version = ?", (cohort, version)
+        )
+        return None if row is None else (row["cluster"] or WHOLE_COHORT)
+
     def versions(self, cohort: str) -> list[AdapterVersion]:
         rows = self._db.query("SELECT * FROM adapters WHERE cohort = ? ORDER BY version", (cohort,))
         return [_meta_from_row(r) for r in rows]

@@ -14,6 +14,7 @@ device runs its cluster's adapter. Rules:
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
@@ -63,6 +64,7 @@ class ClusterBook:
         self._clock = clock
         self.max_distance = max_distance
         self._placed: dict[tuple[str, str], Placement] = {}  # placements() last read
+        self._placed_at = float("-inf")  # when (time.monotonic)
         db.ensure_schema(_SCHEMA)
 
     # ---- reads
@@ -73,10 +75,14 @@ class ClusterBook:
         )
         return None if row is None else Placement(row["device_id"], row["cluster"], row["how"])
 
-    def placements(self) -> dict[tuple[str, str], Placement]:
+    def placements(self, max_age_s: float = 0.0) -> dict[tuple[str, str], Placement]:
         """Every placement, by (cohort, device): one query for a whole-fleet view. A placement
         that has not changed since the last call is the same object (the metrics snapshot,
-        every 2 s, reuses what it derived from it)."""
+        every 2 s, reuses what it derived from it). `max_age_s`: the last call's answer will
+        do if it is no older (the metrics snapshot's: reading 10,000 placements took 80 ms)."""
+        read_at = time.monotonic()
+        if max_age_s > 0 and read_at - self._placed_at <= max_age_s:
+            return self._placed
         rows = self._db.query("SELECT cohort, device_id, cluster, how FROM cluster_members")
         before, now = self._placed, {}
         for cohort, device, cluster, how in rows:
@@ -84,7 +90,7 @@ class ClusterBook:
             if placed is None or placed.cluster != cluster or placed.how != how:
                 placed = Placement(device, cluster, how)
             now[(cohort, device)] = placed
-        self._placed = now
+        self._placed, self._placed_at = now, read_at
         return now
 
     def cluster_of(self, cohort: str, device_id: str) -> str | None:

@@ -4,13 +4,14 @@
     GET /dashboard/static/{file}       its scripts, and Chart.js vendored from its npm package
     GET /dashboard/state               everything the page shows, as one JSON document
 
-The registry keeps only each device's latest readings, so a FleetHistory samples the devices
-view (a HistorySampler thread, every SAMPLE_S) and keeps each reading at the coordinator's time
-of receipt: drift score, power, spool backlog per heartbeat, accuracy per evaluation or
-fine-tune, and online/offline changes. It lives in the API's process: a restarted coordinator's
-history starts empty (the state it shows beside it does not). The timeline adds what the fleet
-state records (runs, rounds, canaries and their decisions) and, when the coordinator is given a
-process fleet's events file, the faults injected with `skipfleet fleet`.
+The registry keeps only each device's latest readings, so a FleetHistory samples them (a
+HistorySampler thread, every SAMPLE_S: the readings of the devices whose records changed since
+its last sample, the fleet state's device_readings view) and keeps each reading at the
+coordinator's time of receipt: drift score, power, spool backlog per heartbeat, accuracy per
+evaluation or fine-tune, and online/offline changes. It lives in the API's process: a restarted
+coordinator's history starts empty (the state it shows beside it does not). The timeline adds
+what the fleet state records (runs, rounds, canaries and their decisions) and, when the
+coordinator is given a process fleet's events file, the faults injected with `skipfleet fleet`.
 """
 
 from __future__ import annotations
@@ -294,14 +295,17 @@ class Dashboard:
     ) -> None:
         self._read, self._history = read, history
         self._events_file, self._clock = events_file, clock
+        self._since: dict[str, int] | None = None  # the readings' versions sampled so far
 
-    def sample(self) -> list[dict[str, Any]]:
-        devices: list[dict[str, Any]] = self._read("devices")
-        self._history.record(devices, self._clock())
-        return devices
+    def sample(self) -> None:
+        """The readings of the devices that changed since the last sample, into the history."""
+        answer: dict[str, Any] = self._read("device_readings", self._since)
+        self._history.record(answer["devices"], self._clock())
+        self._since = answer["since"]
 
     def state(self) -> dict[str, Any]:
-        devices = self.sample()  # the charts never show less than the table
+        devices: list[dict[str, Any]] = self._read("devices")
+        self._history.record(devices, self._clock())  # the charts never show less than the table
         runs = self._read("runs", RUNS_SHOWN)
         rounds = self._read("rounds", ROUNDS_SHOWN)
         canaries = rollouts(self._read("adapters"))

@@ -376,10 +376,10 @@ class AdapterDistributor:
         f.registry.set_offer(device, version, OFFER_INSTALLED if installed else OFFER_DECLINED)
 
     def _version_cluster(self, record: DeviceRecord | None, version: int | None) -> str:
-        meta = None
+        cluster = None
         if record is not None and record.cohort is not None and version is not None:
-            meta = self._fleet.store.meta(record.cohort, version)
-        cluster = meta.cluster if meta is not None else WHOLE_COHORT
+            cluster = self._fleet.store.cluster_of(record.cohort, version)
+        cluster = cluster or WHOLE_COHORT
         return "the cohort's" if cluster == WHOLE_COHORT else f"cluster {cluster}'s"
 
     def _on_evaluated(self, command: CommandRecord, accuracy: float | None) -> None:

@@ -149,9 +149,9 @@ class Fleet:
     def send(self, device_id: str, message: DownlinkMessage) -> None:
         """Into the durable outbox, in the caller's transaction (see coordinator.outbox); a
         job's command is also remembered, to be sent again (coordinator.reask)."""
-        self.outbox.add(device_id, message)
+        encoded = self.outbox.add(device_id, message)
         if isinstance(message, JobCommand | DesiredState):
-            self.job_commands.remember(device_id, message)
+            self.job_commands.remember(device_id, message, encoded)
 
     def reask(self, device_id: str | None = None) -> int:
         """Sends the commands of the open jobs of a device (None: of every device) again, in
@@ -190,8 +190,8 @@ class Fleet:
             self.send(device_id, pointer)
             return
         ref = AdapterRef(pointer.cohort, pointer.adapter_version, self.config.encoding.value)
-        self.outbox.add_desired(device_id, pointer, ref)
-        self.job_commands.remember(device_id, pointer)
+        encoded = self.outbox.add_desired(device_id, pointer, ref)
+        self.job_commands.remember(device_id, pointer, encoded)
 
     def hand_out(self) -> list[Outbound]:
         return self.outbox.hand_out(self._resolve_adapter)

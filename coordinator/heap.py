@@ -1,10 +1,15 @@
-"""Handing the heap's free pages back to the OS after fleet-wide reads.
+"""Handing the heap's free pages back to the OS after fleet-wide reads, and fewer arenas.
 
 Every few seconds the actor builds views of the whole fleet (the devices view the dashboard's
 history samples, the metrics snapshot: one record a device), each on one of its concurrency
 groups' threads, and the driver receives them. The records are freed once sent, but glibc keeps
 freed memory in the arena of the thread that used it, so each process stays at the high-water
 mark of every thread's largest view. malloc_trim(0) returns the free pages of every arena.
+
+glibc also gives each allocating thread an arena of its own (up to eight per core), and each
+keeps its own high-water mark: the driver's paho, worker, control and API threads and the
+actor's concurrency groups. limit_arenas() caps them at two (measured at 3,000 devices: driver
+peak 151 -> 121 MiB, actor 168 -> 150, the tree's peak 606 -> 569 MiB, CPU within the noise).
 """
 
 from __future__ import annotations
@@ -13,20 +18,38 @@ import ctypes
 import ctypes.util
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import Callable, MutableMapping
 
 log = logging.getLogger(__name__)
 
 TRIM_EVERY_S = 10.0  # a trim walks every arena: at most this often
+ARENAS = 2
+_M_ARENA_MAX = -8  # mallopt's parameter (malloc.h)
+
+
+def limit_arenas(environ: MutableMapping[str, str]) -> None:
+    """At most ARENAS malloc arenas: for this process (mallopt; call it before threads
+    start), and through MALLOC_ARENA_MAX for the processes it starts (a local Ray's raylet
+    and workers: the fleet actor). A MALLOC_ARENA_MAX the operator set is kept."""
+    environ.setdefault("MALLOC_ARENA_MAX", str(ARENAS))
+    libc = _libc()
+    mallopt = getattr(libc, "mallopt", None) if libc is not None else None
+    if mallopt is not None:
+        mallopt(_M_ARENA_MAX, int(environ["MALLOC_ARENA_MAX"]))
+
+
+def _libc() -> ctypes.CDLL | None:
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c"))
+    except (OSError, TypeError):
+        return None
 
 
 def _glibc_trim() -> Callable[[], object] | None:
     """glibc's malloc_trim(0), or None where there is none (musl, macOS)."""
-    name = ctypes.util.find_library("c")
-    try:
-        libc = ctypes.CDLL(name)
-        trim: Callable[[int], object] = libc.malloc_trim
-    except (OSError, AttributeError, TypeError):
+    libc = _libc()
+    trim: Callable[[int], object] | None = getattr(libc, "malloc_trim", None) if libc else None
+    if trim is None:
         return None
     return lambda: trim(0)
 

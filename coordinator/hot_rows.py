@@ -55,6 +55,10 @@ class HotRows(Generic[Row]):
         self._upsert_sql, self._params = upsert
         self._delete_sql = delete
         self._pending = _Pending()
+        # Commits merged so far (the rows as loaded: 1), and the one that last changed each key
+        # (for committed_since)
+        self._version = 1
+        self._changed_in: dict[str, int] = dict.fromkeys(rows, 1)
         db.add_hooks(self)
 
     # ---- reads
@@ -76,6 +80,17 @@ class HotRows(Generic[Row]):
             else:
                 rows[key] = row
         return iter(rows.values())
+
+    def committed_since(self, version: int) -> tuple[list[Row], int]:
+        """The committed rows a commit after `version` changed (deleted ones left out), and
+        the version to ask from next time (0: every row)."""
+        with self._lock:
+            rows = [
+                row
+                for key, changed in self._changed_in.items()
+                if changed > version and (row := self._committed.get(key)) is not None
+            ]
+            return rows, self._version
 
     # ---- writes (inside a transaction)
 
@@ -127,11 +142,14 @@ class HotRows(Generic[Row]):
         if not changes:
             return
         with self._lock:
+            self._version += 1
             for key, row in changes.items():
                 if row is None:
                     self._committed.pop(key, None)
+                    self._changed_in.pop(key, None)
                 else:
                     self._committed[key] = row
+                    self._changed_in[key] = self._version
 
 
 class _Levels(threading.local):

@@ -86,6 +86,12 @@ def _job(record: JobRecord, kind: JobKind, params: JobParams, base_model_hash: s
 
 
 def publication(stored: StoredAdapter, encoding: ArrayEncoding | str) -> AdapterPublication:
+    """A stored version as it goes to devices. Its lineage names the round, the algorithm and
+    the parent version, not the devices that took part: those stay with the coordinator (GET
+    /adapters/{cohort}/{version}). Every contributor's id made the adapter grow with the fleet
+    (10,000 devices: ~100 KB more per device), so past ~2,000 devices no adapter fitted inside
+    its pointer and every device fetched one, chunked; it also told each device which others
+    trained."""
     meta = stored.meta
     return AdapterPublication(
         version=meta.version,
@@ -94,7 +100,7 @@ def publication(stored: StoredAdapter, encoding: ArrayEncoding | str) -> Adapter
         arrays=stored.arrays,
         lineage=Lineage(
             round_id=meta.round_id or "none",
-            device_ids=tuple(meta.device_ids),
+            device_ids=(),
             algorithm=meta.algorithm,
             parent_version=meta.parent_version,
         ),

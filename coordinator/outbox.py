@@ -93,30 +93,34 @@ class DurableOutbox:
         )
         db.ensure_schema(_SCHEMA)
 
-    def add(self, device_id: str, message: DownlinkMessage) -> None:
-        """Joins the caller's transaction (if any): the row commits with the state change."""
+    def add(self, device_id: str, message: DownlinkMessage) -> bytes | None:
+        """Joins the caller's transaction (if any): the row commits with the state change.
+        Returns the message as encoded in the row (None for an adapter: a reference)."""
         if isinstance(message, AdapterPublication):
             ref = AdapterRef(message.cohort, message.version, message.encoding.value)
             self.add_adapter(device_id, ref)
-            return
+            return None
         message_id = new_message_id()
         body = encode(message, sender=self._sender, message_id=message_id)
         self._insert(device_id, ENVELOPE, message_id, body)
         self._added[message_id] = message
         self._added_ids.note(message_id)
+        return body
 
     def add_adapter(self, device_id: str, ref: AdapterRef) -> None:
         body = pack(_ref_fields(ref))
         self._insert(device_id, ADAPTER_REF, new_message_id(), body)
 
-    def add_desired(self, device_id: str, pointer: DesiredState, ref: AdapterRef) -> None:
-        """A pointer that carries the referenced adapter inline, if it is small enough."""
+    def add_desired(self, device_id: str, pointer: DesiredState, ref: AdapterRef) -> bytes:
+        """A pointer that carries the referenced adapter inline, if it is small enough.
+        Returns the pointer as encoded in the row (without the adapter)."""
         message_id = new_message_id()
         envelope = encode(pointer, sender=self._sender, message_id=message_id)
         body = pack({**_ref_fields(ref), "pointer": envelope})
         self._insert(device_id, DESIRED_WITH_ADAPTER, message_id, body)
         self._added[message_id] = pointer
         self._added_ids.note(message_id)
+        return envelope
 
     def _insert(self, device_id: str, form: str, message_id: str, body: bytes) -> None:
         self._db.execute(

@@ -44,12 +44,24 @@ def merge_view(view: str, args: Sequence[Any], views: Sequence[Any]) -> Any:
         "adapters": _sorted_by("cohort"),
         "clusters": _sorted_by("cohort"),
     }
+    if view == "device_readings":
+        return merge_readings(views)
     if view not in merges:
         raise ValueError(f"view {view!r} is not merged across partitions")
     return merges[view](views)
 
 
-MERGED_VIEWS = frozenset({"devices", "jobs", "rounds", "runs", "adapters", "clusters"})
+def merge_readings(answers: Sequence[dict[str, Any]]) -> dict[str, Any]:
+    """device_readings from every partition: each one's version under its own name."""
+    return {
+        "since": {store: v for a in answers for store, v in a["since"].items()},
+        "devices": [d for a in answers for d in a["devices"]],
+    }
+
+
+MERGED_VIEWS = frozenset(
+    {"devices", "device_readings", "jobs", "rounds", "runs", "adapters", "clusters"}
+)
 # Views of one device, answered by the partition that has it.
 DEVICE_VIEWS = frozenset({"device", "device_adapters"})
 

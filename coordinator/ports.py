@@ -41,8 +41,9 @@ class OperatorPort(Protocol):
     def rollback(self, cohort: str, cluster: str | None = None) -> dict[str, Any]: ...
 
     def read(self, view: str, *args: Any) -> Any:
-        """One of coordinator.service.READ_VIEWS: devices | device(id) | device_adapters(id) |
-        jobs(limit, device) | rounds(limit) | adapters | runs(limit) | clusters."""
+        """One of coordinator.service.READ_VIEWS: devices | device_readings(since) | device(id) |
+        device_adapters(id) | jobs(limit, device) | rounds(limit) | adapters | runs(limit) |
+        clusters."""
         ...
 
     def health(self) -> dict[str, Any]: ...

@@ -54,10 +54,11 @@ class JobCommands:
         self._clock = clock
         db.ensure_schema(_SCHEMA)
 
-    def remember(self, device_id: str, command: Command) -> None:
+    def remember(self, device_id: str, command: Command, encoded: bytes | None = None) -> None:
         """A job sent, or a retained pointer: it replaces the device's last pointer (asking
         with an older one would put it back over the newer), and is kept if it offers a job.
-        Joins the caller's transaction (with the outbox row that sends it)."""
+        Joins the caller's transaction (with the outbox row that sends it). `encoded`: the
+        command as the outbox encoded it (only its message is read back), else encoded here."""
         pointer = isinstance(command, DesiredState)
         if pointer:
             self._db.execute(
@@ -69,8 +70,8 @@ class JobCommands:
         self._db.execute(
             "INSERT OR REPLACE INTO job_commands (job_id, device_id, pointer, body, expires_at) "
             "VALUES (?, ?, ?, ?, ?)",
-            (job.job_id, device_id, int(pointer), encode(command, sender=self._sender),
-             job.expires_at),
+            (job.job_id, device_id, int(pointer),
+             encoded or encode(command, sender=self._sender), job.expires_at),
         )  # fmt: skip
 
     def of(self, jobs: Iterable[JobRecord]) -> list[tuple[str, Command]]:

@@ -196,6 +196,10 @@ class FleetRegistry:
             records = (r for r in records if r.cohort == cohort)
         return sorted(records, key=_by_id)
 
+    def changed_since(self, version: int) -> tuple[list[DeviceRecord], int]:
+        """The committed records changed after `version` (0: all), and the version now."""
+        return self._records.committed_since(version)
+
     def cohorts(self) -> dict[str, list[str]]:
         members: dict[str, list[str]] = {}
         for record in self.devices():

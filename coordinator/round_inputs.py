@@ -42,10 +42,11 @@ def aggregation_request(
     coordinator.aggregation.bounds), or why none. Devices whose update was clipped join the
     cluster's outliers, whose canary evaluations do not count."""
     latest = {meta.device_id: meta for meta in fleet.reports.for_round(round_id)}
-    failures = [FitFailure(d, why) for d, why in failed.items() if d in c.members]
+    members = set(c.members)  # (a tuple: a look-up a device made the round quadratic)
+    failures = [FitFailure(d, why) for d, why in failed.items() if d in members]
     results = []
     for device in answered:
-        if device not in c.members:
+        if device not in members:
             continue
         meta = latest.get(device)
         if meta is None:

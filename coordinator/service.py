@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import os
+import uuid
 from collections.abc import Iterable, Sequence
 from typing import Any
 
@@ -37,6 +38,7 @@ SCAN_INTERVAL_S = 5.0
 READ_VIEWS = frozenset(
     {
         "devices",
+        "device_readings",
         "device",
         "device_adapters",
         "jobs",
@@ -67,6 +69,9 @@ class FleetService:
         self._last_scan = float("-inf")
         self._gauges = views.GaugesMemo()  # metrics_report's (the health group's one thread)
         self.started_at = clock()
+        # Names this fleet state's record versions (device_readings): a restarted actor counts
+        # them from 1 again, under a new name, so a sampler reads every device once more.
+        self._readings_store = uuid.uuid4().hex[:12]
         self._pipeline.resume()
         log.info("fleet state loaded from %s", config.state_dir)
 
@@ -201,6 +206,9 @@ class FleetService:
 
     def rounds(self, limit: int = 50) -> list[dict[str, Any]]:
         return views.rounds(self.fleet, limit)
+
+    def device_readings(self, since: dict[str, int] | None = None) -> dict[str, Any]:
+        return views.device_readings(self.fleet, self._readings_store, since)
 
     def adapters(self) -> list[dict[str, Any]]:
         return views.adapters(self.fleet)

@@ -95,11 +95,16 @@ def job_view(job: Job) -> dict[str, Any]:
     return dataclasses.asdict(job)
 
 
+# The metrics snapshot's placements may be this old: a device's cluster label on /metrics lags
+# its placement by as much (Prometheus scrapes every 15 s), the fleet's views do not.
+SNAPSHOT_PLACEMENTS_MAX_AGE_S = 10.0
+
+
 def _placed(
-    fleet: Fleet, records: list[DeviceRecord]
+    fleet: Fleet, records: list[DeviceRecord], max_age_s: float = 0.0
 ) -> list[tuple[DeviceRecord, Placement | None]]:
     """Each record with its placement, read in one query (not one per device)."""
-    placements = fleet.clusters.placements()
+    placements = fleet.clusters.placements(max_age_s)
     return [
         (r, None if r.cohort is None else placements.get((r.cohort, r.device_id))) for r in records
     ]
@@ -108,6 +113,36 @@ def _placed(
 def devices(fleet: Fleet) -> list[dict[str, Any]]:
     now = fleet.clock()
     return [device_view(r, now, p) for r, p in _placed(fleet, fleet.registry.devices())]
+
+
+# What the dashboard's history records of a device (coordinator.dashboard): its readings and
+# their times, and its presence.
+READING_FIELDS = (
+    "device_id",
+    "last_heartbeat_at",
+    "confidence_score",
+    "power_w",
+    "spool_depth",
+    "accuracy_at",
+    "accuracy",
+    "last_finetune_at",
+    "accuracy_after",
+    "online",
+    "presence_since",
+)
+
+
+def device_readings(
+    fleet: Fleet, store: str, since: dict[str, int] | None = None
+) -> dict[str, Any]:
+    """The readings of the devices whose records changed since the version `since` holds for
+    this fleet state's `store` (absent: every device). The answer's `since` is what to ask with
+    next; a partitioned coordinator merges the partitions' (coordinator.partition_views). A
+    sampler that read the whole devices view every 2 s cost 0.3 s of the actor's CPU at 10,000
+    devices, and as much again in the driver, whatever had changed."""
+    records, version = fleet.registry.changed_since((since or {}).get(store, 0))
+    devices = [{name: getattr(r, name) for name in READING_FIELDS} for r in records]
+    return {"since": {store: version}, "devices": devices}
 
 
 def device(fleet: Fleet, device_id: str) -> dict[str, Any]:
@@ -276,7 +311,7 @@ class GaugesMemo:
 
 
 def snapshot(fleet: Fleet, memo: GaugesMemo | None = None) -> FleetSnapshot:
-    records = _placed(fleet, fleet.registry.devices())
+    records = _placed(fleet, fleet.registry.devices(), SNAPSHOT_PLACEMENTS_MAX_AGE_S)
     gauges = (memo or GaugesMemo()).gauges(records)
     members: dict[str, int] = {}
     behind: dict[str, int] = {}

@@ -14,8 +14,10 @@ def format_tables(result: dict) -> str:
     fleets = list(result["fleets"].values())
     parts = [
         "Scale: round latency over the rounds; messages (in + out) and coordinator CPU "
-        "(its whole tree, Ray included) per device per round; phases as shares of the median "
-        "round; peak and idle PSS of the coordinator's tree; its start-up (process to healthy)",
+        "(its whole tree, Ray included) per device per round; the load generator's CPU (gen: "
+        "the simulated devices, on the same cores) per device per round; phases as shares of "
+        "the median round; peak and idle PSS of the coordinator's tree; its start-up (process "
+        "to healthy)",
         _scale(fleets),
         "",
         "Round latency: POST /finetune -> the promoted adapter running on every device "
@@ -23,7 +25,8 @@ def format_tables(result: dict) -> str:
         _latency(fleets),
         "",
         "Coordinator messages over the round (Prometheus counters / round seconds); CPU "
-        "seconds used during the round (other: the rest of this shared machine, kernel included)",
+        "seconds used during the round (gen: the load generator's processes, competing with the "
+        "coordinator for the cores; other: the rest of this shared machine, kernel included)",
         _messages(fleets),
         "",
         "Aggregation inside the coordinator (Ray task time per round, from "
@@ -62,6 +65,7 @@ def scale_summary(fleet: dict) -> dict:
     messages = [r["messages"]["received"]["count"] + r["messages"]["sent"]["count"]
                 for r in rounds]  # fmt: skip
     cpu = [r["cpu_seconds"]["coordinator_and_ray"] for r in rounds]
+    generators = [r["cpu_seconds"].get("load_generators", math.nan) for r in rounds]
     cpu_per_message = [c / m for c, m in zip(cpu, messages, strict=True) if m]
     phases = {phase: _median(rounds, lambda r, p=phase: r["phases_seconds"][p])
               for phase, _ in PHASES}  # fmt: skip
@@ -71,6 +75,8 @@ def scale_summary(fleet: dict) -> dict:
         "messages_per_device_per_round": _safe(statistics.median, messages) / devices,
         "coordinator_cpu_seconds_per_device_per_round": _safe(statistics.median, cpu) / devices,
         "coordinator_cpu_ms_per_message": 1e3 * _safe(statistics.median, cpu_per_message),
+        # the simulated devices' CPU, on the same cores: what the latency is measured beside
+        "loadgen_cpu_seconds_per_device_per_round": _safe(statistics.median, generators) / devices,
         "phase_share": {p: (v / whole if whole > 0 else float("nan")) for p, v in phases.items()},
         "peak_tree_pss_mib": fleet["memory_peak_pss_bytes"] / MIB,
         "idle_tree_pss_mib": fleet["memory_idle"]["tree_pss_bytes"] / MIB,
@@ -91,8 +97,9 @@ SHARE_WIDTHS = (("finetune", 4), ("aggregate_and_store", 4), ("canary", 5), ("di
 def _scale(fleets: list[dict]) -> str:
     lines = [f"{'devices':>7s} {'parts':>5s} {'median s':>8s} {'p90 s':>6s} {'max s':>6s} "
              f"{'msg/dev':>7s} "
-             f"{'cpu ms/dev':>10s} {'cpu ms/msg':>10s} {'tune':>5s} {'aggr':>5s} {'canary':>6s} "
-             f"{'distr':>5s} {'peak PSS MiB':>12s} {'idle PSS MiB':>12s} "
+             f"{'cpu ms/dev':>10s} {'cpu ms/msg':>10s} {'gen ms/dev':>10s} {'tune':>5s} "
+             f"{'aggr':>5s} {'canary':>6s} {'distr':>5s} {'peak PSS MiB':>12s} "
+             f"{'idle PSS MiB':>12s} "
              f"{'start s':>7s}"]  # fmt: skip
     for f in fleets:
         s = scale_summary(f)
@@ -103,7 +110,8 @@ def _scale(fleets: list[dict]) -> str:
             f"{lat['max']:6.2f} "
             f"{s['messages_per_device_per_round']:7.2f} "
             f"{1e3 * s['coordinator_cpu_seconds_per_device_per_round']:10.2f} "
-            f"{s['coordinator_cpu_ms_per_message']:10.3f} {shares} "
+            f"{s['coordinator_cpu_ms_per_message']:10.3f} "
+            f"{1e3 * s['loadgen_cpu_seconds_per_device_per_round']:10.2f} {shares} "
             f"{s['peak_tree_pss_mib']:12.1f} {s['idle_tree_pss_mib']:12.1f} "
             f"{s['startup_seconds']:7.1f}"
         )

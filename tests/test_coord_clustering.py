@@ -90,3 +90,24 @@ def test_new_clusters_keep_the_ids_of_the_clusters_they_overlap_most():
         "c1": ("a", "b"),
         "c3": ("q",),
     }
+
+
+def test_placements_may_be_served_from_the_last_read_only_within_the_age_asked(
+    tmp_path, monkeypatch
+):
+    from coordinator import clusters as clusters_module
+    from coordinator.clusters import ClusterBook, Placement
+    from coordinator.state_db import StateDB
+
+    now = [100.0]
+    monkeypatch.setattr(clusters_module.time, "monotonic", lambda: now[0])
+    book = ClusterBook(StateDB(tmp_path / "s.sqlite3"), max_distance=0.4)
+    book._save("fan", Placement("pi-1", "c1", "test"), 1.0)
+    first = book.placements(max_age_s=10.0)
+    book._save("fan", Placement("pi-1", "c2", "test"), 2.0)
+    now[0] = 109.0
+    assert book.placements(max_age_s=10.0) is first  # 9 s old: good enough for /metrics
+    assert book.placements()[("fan", "pi-1")].cluster == "c2"  # a view asks for it now
+    book._save("fan", Placement("pi-1", "c3", "test"), 3.0)
+    now[0] = 120.0
+    assert book.placements(max_age_s=10.0)[("fan", "pi-1")].cluster == "c3"  # 11 s: read again

@@ -159,3 +159,62 @@ def test_the_page_loads_only_files_the_coordinator_serves_itself(api):
     assert api.handle("GET", "/dashboard/static/..")[0] == 404
     assert api.handle("GET", "/dashboard/static/nothing.js")[0] == 404
     assert api.handle("GET", "/dashboard/static/vendor/chart.umd.min.js")[0] == 404  # one segment
+
+
+def test_the_sampler_reads_only_the_devices_that_changed_since_its_last_sample(tmp_path):
+    clock = ManualClock()
+    service = FleetService(make_config(tmp_path), clock=clock)
+    devices = [SimDevice(name, clock) for name in ("pi-1", "pi-2", "pi-3")]
+    service.ingest([m for d in devices for m in (d.presence(), d.heartbeat())])
+    reads = []
+
+    def read(view, *args):
+        answer = LocalFleetPort(service).read(view, *args)
+        reads.append((view, [d["device_id"] for d in answer["devices"]]))
+        return answer
+
+    history = FleetHistory()
+    dashboard = Dashboard(read, history)
+    dashboard.sample()
+    clock.advance(5.0)
+    service.ingest([devices[1].heartbeat()])
+    dashboard.sample()
+    dashboard.sample()
+    assert reads == [
+        ("device_readings", ["pi-1", "pi-2", "pi-3"]),
+        ("device_readings", ["pi-2"]),
+        ("device_readings", []),
+    ]
+    assert (
+        len(history.series()["pi-2"]["power"]) == 2 and len(history.series()["pi-1"]["power"]) == 1
+    )
+    restarted = FleetService(make_config(tmp_path), clock=clock)  # after the actor restarted
+    service.close()
+    service = restarted
+    dashboard.sample()  # its versions start again under another name: every device once more
+    assert reads[-1] == ("device_readings", ["pi-1", "pi-2", "pi-3"])
+    service.close()
+
+
+def test_partitions_readings_merge_with_each_partitions_version():
+    from coordinator.partition_views import merge_view
+
+    merged = merge_view(
+        "device_readings",
+        [],
+        [{"since": {"p0": 4}, "devices": [{"device_id": "a"}]},
+         {"since": {"p1": 9}, "devices": [{"device_id": "b"}]}],
+    )  # fmt: skip
+    assert merged == {
+        "since": {"p0": 4, "p1": 9},
+        "devices": [{"device_id": "a"}, {"device_id": "b"}],
+    }
+
+
+def test_a_reading_carries_every_field_the_history_records():
+    from coordinator.dashboard import ACCURACY_READINGS, HEARTBEAT_SERIES
+    from coordinator.views import READING_FIELDS
+
+    used = {"device_id", "last_heartbeat_at", "online", "presence_since"}
+    used |= set(HEARTBEAT_SERIES.values()) | {f for pair in ACCURACY_READINGS for f in pair}
+    assert used == set(READING_FIELDS)

@@ -181,3 +181,24 @@ def test_a_row_that_cannot_be_built_holds_back_no_other_and_stays_for_the_next_s
     again = DurableOutbox(db, "coordinator", clock, publish_limit=1 << 20)  # the next start
     assert [o.device_id for o in again.hand_out(broken_store)] == []
     assert again.backlog() == 1
+
+
+def test_a_version_from_ten_thousand_devices_is_as_small_on_the_wire_as_one_from_one():
+    """Its contributors stay with the coordinator: a lineage naming all of them grew the
+    publication with the fleet, and past ~2,000 devices no adapter fitted inside its pointer."""
+    from coordinator.adapter_store import AdapterVersion, StoredAdapter
+    from coordinator.outbound import publication
+    from shared.protocol import adapter_wire_bytes
+
+    arrays = {"delta1": np.ones((52, 20), np.float32)}
+
+    def published(devices: int) -> AdapterPublication:
+        ids = tuple(f"sim-{i:05d}" for i in range(devices))
+        meta = AdapterVersion("fan", 3, "b" * 64, "coordinate-median", ids, "round-9", 2, 1.0,
+                              "adapters/fan/3.npz", "0" * 64)  # fmt: skip
+        return publication(StoredAdapter(meta, arrays), "float32")
+
+    one, many = published(1), published(10_000)
+    assert adapter_wire_bytes(many) == adapter_wire_bytes(one) < outbox.INLINE_ADAPTER_MAX_BYTES
+    assert many.lineage.device_ids == () and many.lineage.parent_version == 2
+    assert many.lineage.round_id == "round-9" and many.lineage.algorithm == "coordinate-median"

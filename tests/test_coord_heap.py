@@ -35,3 +35,14 @@ def test_without_a_c_library_trim_nothing_is_trimmed(monkeypatch):
 def test_the_real_trim_runs_here():
     """This machine's glibc: the trim is found and runs (its effect is measured by the bench)."""
     assert HeapTrimmer(0.0).maybe_trim() is True
+
+
+def test_the_arena_limit_reaches_the_processes_ray_starts_unless_the_operator_set_one():
+    from coordinator.heap import ARENAS, limit_arenas
+
+    environ: dict[str, str] = {}
+    limit_arenas(environ)
+    assert environ == {"MALLOC_ARENA_MAX": str(ARENAS)}
+    operators = {"MALLOC_ARENA_MAX": "4"}
+    limit_arenas(operators)
+    assert operators == {"MALLOC_ARENA_MAX": "4"}

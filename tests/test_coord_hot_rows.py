@@ -149,3 +149,28 @@ def test_the_metrics_snapshot_derives_again_only_the_devices_that_changed(tmp_pa
     after = {g.device_id: g for g in service.metrics_report().snapshot.devices}
     assert after["pi-1"].drift_score == 2.5 and before["pi-1"].drift_score == 1.0
     assert after["pi-2"] is before["pi-2"]  # unchanged record and placement: reused
+
+
+def test_committed_since_gives_the_rows_later_commits_changed_and_none_rolled_back(db):
+    registry = FleetRegistry(db, clock=lambda: 1000.0)
+    with db.transaction():
+        registry.register("pi-1", base_model_hash=HASH, task="fan")
+        registry.register("pi-2", base_model_hash=HASH, task="fan")
+    everything, version = registry.changed_since(0)
+    assert sorted(r.device_id for r in everything) == ["pi-1", "pi-2"]
+    with db.transaction():
+        registry.record_heartbeat("pi-2", at=1001.0, power_w=3.0)
+    with pytest.raises(RuntimeError), db.transaction():
+        registry.record_heartbeat("pi-1", at=1002.0, power_w=9.0)
+        raise RuntimeError("rolled back")
+    changed, later = registry.changed_since(version)
+    assert [(r.device_id, r.power_w) for r in changed] == [("pi-2", 3.0)] and later > version
+    assert registry.changed_since(later) == ([], later)
+
+
+def test_rows_loaded_at_start_are_all_given_from_version_zero(tmp_path, db):
+    registry = FleetRegistry(db, clock=lambda: 1000.0)
+    with db.transaction():
+        registry.register("pi-1", base_model_hash=HASH, task="fan")
+    (loaded,), _ = reopened(tmp_path).changed_since(0)
+    assert loaded.device_id == "pi-1"

@@ -283,7 +283,8 @@ def test_a_fetch_is_answered_with_the_adapter_or_counted_as_unknown(tmp_path, cl
         o.message for o in service.tick() if isinstance(o.message, AdapterPublication)
     ]
     assert publication.version == 1 and set(publication.arrays) == {"delta1", "delta2", "delta3"}
-    assert publication.lineage.device_ids == ("pi-1",)
+    assert publication.lineage.device_ids == ()  # who trained it stays with the coordinator
+    assert list(service.adapter(publication.cohort, 1)["meta"]["device_ids"]) == ["pi-1"]
     assert MessageRejected("unknown_adapter") in events(service, MessageRejected)
 
 

@@ -57,7 +57,7 @@ from shared.topics import TopicKind
 from skipfleet.coordinator_process import ApiClient
 from skipfleet.loadgen.device import DeviceSettings, SimulatedDevice
 from skipfleet.loadgen.fleet import SimulatedFleet, split
-from skipfleet.loadgen.reference import Evaluator, perturbed, run_reference
+from skipfleet.loadgen.reference import REPORT_VARIANTS, Evaluator, perturbed, run_reference
 from skipfleet.measure import (
     CpuWindow,
     by_label,
@@ -379,6 +379,30 @@ def test_the_desired_pointer_asks_again_with_backoff_then_gives_up(reference):
     assert bench.messages(FetchRequest) == [FetchRequest(6)] * 3
     bench.timers.advance(600.0)
     assert len(bench.messages(FetchRequest)) == 3 and bench.installs == []
+
+
+# -- what a generator process shares between its devices ----------------------------------------
+def test_reports_carry_one_of_the_process_variants_with_its_real_accuracy(reference):
+    evaluator = Evaluator(reference.learner)
+    reports = []
+    for index in range(12):
+        device = SimulatedDevice(
+            f"sim-{index:05d}", index, reference, evaluator, DeviceSettings(device_seconds=1.0),
+            timers := ManualTimers(), lambda *publish: reports.append(decode(publish[1])),
+            boot_id="boot-1",
+        )  # fmt: skip
+        job = Job(uuid.uuid4().hex, JobKind.FINETUNE, finetune_params(seed=3), time.time() + 60,
+                  reference.base_model_hash)  # fmt: skip
+        device.on_message(f"fleet/{device.device_id}/cmd/job", encode(job, sender="coordinator"))
+        timers.advance(1.0)
+    adapters = [e.message for e in reports if isinstance(e.message, Report)]
+    assert len(adapters) == 12
+    distinct = {m.adapter["A1"].tobytes() for m in adapters}
+    assert 1 < len(distinct) <= REPORT_VARIANTS  # devices differ, from a bounded pool
+    for report in adapters:  # every accuracy is the hold-out accuracy of the arrays sent
+        assert report.metrics.accuracy_after == evaluator.accuracy(report.adapter)
+        gap = np.linalg.norm(report.adapter["A1"] - reference.arrays["A1"])
+        assert 0.0 < gap / np.linalg.norm(reference.arrays["A1"]) < 0.2
 
 
 def test_heartbeats_carry_the_agents_fields_at_a_random_phase(reference):

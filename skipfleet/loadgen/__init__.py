@@ -20,9 +20,9 @@ What is real, exactly as the agent does it:
 What is simulated (so that a 2-core machine can stand in for a thousand devices):
 - a fine-tune job does not train: the device waits `--device-seconds` (default: the measured
   seconds of the process's one real run) without blocking the loop, then reports the
-  process's reference adapter with a small seeded perturbation per device and job, and a
-  per-device sample count; the reference was trained from the base model, not from the
-  adapter the device runs;
+  process's reference adapter with a small seeded perturbation (one of the process's 64
+  variants, picked per device and job, each evaluated once) and a per-device sample count;
+  the reference was trained from the base model, not from the adapter the device runs;
 - no on-disk spool or job history: paho keeps QoS 1 messages in memory, the job history lives
   in memory for the life of the process;
 - energy follows the agent's model meter profile (idle watts all the time, active watts while a

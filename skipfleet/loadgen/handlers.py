@@ -2,9 +2,10 @@
 
 A fine-tune waits the configured device seconds on a timer (its progress every 5 s, sent as the
 agent's is: skipfleet.loadgen.jobs), then reports the process's reference adapter perturbed for
-this device and job, with real hold-out accuracies; the report is its SUCCEEDED. Evaluate,
-apply and rollback do what the agent does, with real accuracies; a version the device does not
-hold is asked for with a FetchRequest and waited for.
+this device and job (one of the process's variants: skipfleet.loadgen.reference), with real
+hold-out accuracies; the report is its SUCCEEDED. Evaluate, apply and rollback do what the agent
+does, with real accuracies; a version the device does not hold is asked for with a FetchRequest
+and waited for.
 """
 
 from __future__ import annotations
@@ -30,7 +31,7 @@ from shared.protocol.messages import (
 from skipfleet.loadgen.adapters import AdapterSlots, Installed
 from skipfleet.loadgen.energy import ENERGY_SCOPE, SimulatedEnergy
 from skipfleet.loadgen.jobs import PROGRESS_INTERVAL_S, Handler, RunningJob
-from skipfleet.loadgen.reference import Evaluator, ReferenceRun, device_samples, perturbed
+from skipfleet.loadgen.reference import Evaluator, ReferenceRun, device_samples
 from skipfleet.loadgen.timing import Every, Timers
 
 log = logging.getLogger(__name__)
@@ -68,6 +69,7 @@ class SimHandlers:
         self._send = send
         self._on_install = on_install
         self._settings = settings
+        self._samples = device_samples(reference.samples, device_index)  # the same every job
         self.last_cache_bytes = 0  # Skip-Cache bytes of the last fine-tune, for heartbeats
 
     def table(self) -> dict[JobKind, Handler]:
@@ -115,9 +117,9 @@ class SimHandlers:
         if run.finished:
             return
         params, running = run.job.params, self._slots.running
-        arrays = perturbed(self._reference.arrays, _seed(self._index, params.seed))
-        after = self._evaluator.accuracy(arrays)
-        samples = device_samples(self._reference.samples, self._index)
+        seed = _seed(self._index, params.seed)
+        arrays, after = self._evaluator.variant(self._reference.arrays, seed)
+        samples = self._samples
         if params.max_samples is not None:
             samples = min(samples, params.max_samples)
         joules = self._energy.busy(seconds)

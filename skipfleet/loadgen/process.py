@@ -153,6 +153,7 @@ def make_connections(args, reference, seconds, loop, driver, installs) -> list[D
         cohort=args.cohort, power_profile=args.power_profile,
     )  # fmt: skip
     evaluator = Evaluator(reference.learner)
+    evaluator.make_variants(reference.arrays)
     topics = Topics(args.topic_root)
 
     def connection_for(index: int) -> DeviceConnection:
