@@ -34,7 +34,9 @@ from coordinator.ingest import Received
 from coordinator.observations import MetricsReport, RejectReason
 from coordinator.outbound import Outbound
 from coordinator.ports import IngestPort, Unavailable
+from shared.lean_client import LeanClient
 from shared.mqtt import (
+    MqttSettings,
     PublishTooLarge,
     backoff_delay,
     check_publish_size,
@@ -42,7 +44,7 @@ from shared.mqtt import (
     describe_refusal,
     logged,
     make_client,
-    publish_properties,
+    packed_publish_properties,
     report_connect_failures,
 )
 from shared.protocol import (
@@ -175,6 +177,12 @@ class InboundDecoder:
         self._metrics.message_rejected(reason.value)
 
 
+def lean_client(settings: MqttSettings, client_id: str, *, manual_ack: bool) -> paho.Client:
+    """The bridge's paho client: a LeanClient (shared.lean_client), since the bridge reads no
+    inbound message's MQTT v5 properties (the envelope in the payload carries everything)."""
+    return make_client(settings, client_id, manual_ack=manual_ack, lean=True)
+
+
 class MqttBridge:
     def __init__(
         self,
@@ -183,7 +191,7 @@ class MqttBridge:
         metrics: BridgeMetrics,
         *,
         on_fatal: Callable[[FatalReason, str], None] = lambda kind, reason: None,
-        client_factory: Callable[..., paho.Client] = make_client,
+        client_factory: Callable[..., paho.Client] = lean_client,
     ) -> None:
         self._config = config
         self._port = port
@@ -204,7 +212,8 @@ class MqttBridge:
         # Derived from the state dir's resolved path: read once, not on every publish.
         self._client_id = config.client_id
         self._client = client_factory(config.mqtt, self._client_id, manual_ack=True)
-        self._acks = InboundAcks(self._client.ack)
+        many = self._client.ack_many if isinstance(self._client, LeanClient) else None
+        self._acks = InboundAcks(self._client.ack, many)
         self._published = PublishTracker()
         self._unpublished: list[Outbound] = []  # handed out, but paho would not take them yet
         self._settled: list[int] = []  # acknowledged outbox rows the actor has not heard of
@@ -282,7 +291,7 @@ class MqttBridge:
                 item.payload,
                 qos=kind.qos,
                 retain=kind.retained,
-                properties=publish_properties(item.envelope),
+                properties=packed_publish_properties(item.envelope),
             )
             if info.rc not in (paho.MQTT_ERR_SUCCESS, paho.MQTT_ERR_NO_CONN):
                 log.warning("publish to %s not taken: %s", topic, paho.error_string(info.rc))

@@ -77,8 +77,14 @@ class AckToken:
 
 
 class InboundAcks:
-    def __init__(self, send_ack: Callable[[int, int], object]) -> None:
+    def __init__(
+        self,
+        send_ack: Callable[[int, int], object],
+        send_qos1_acks: Callable[[list[int]], object] | None = None,
+    ) -> None:
         self._send_ack = send_ack  # paho's client.ack(mid, qos)
+        # A batch of QoS 1 acknowledgements in one go (LeanClient.ack_many), if the client can.
+        self._send_qos1_acks = send_qos1_acks
         self._connection = 0
         self._lock = threading.Lock()
 
@@ -95,9 +101,13 @@ class InboundAcks:
         """Acknowledges the QoS 1 messages of the current connection; returns how many."""
         with self._lock:
             current = self._connection
-        sent = 0
-        for token in tokens:
-            if token.qos > 0 and token.connection == current:
+        owed = [token for token in tokens if token.qos > 0 and token.connection == current]
+        if self._send_qos1_acks is None:
+            for token in owed:
                 self._send_ack(token.mid, token.qos)
-                sent += 1
-        return sent
+            return len(owed)
+        self._send_qos1_acks([token.mid for token in owed if token.qos == 1])
+        for token in owed:
+            if token.qos > 1:
+                self._send_ack(token.mid, token.qos)
+        return len(owed)

@@ -10,6 +10,7 @@ import math
 import random
 import socket
 import ssl
+import struct
 import sys
 import time
 from collections.abc import Callable
@@ -21,9 +22,10 @@ from urllib.parse import unquote, urlsplit
 import paho.mqtt.client as paho
 from paho.mqtt.enums import CallbackAPIVersion, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
-from paho.mqtt.properties import Properties
+from paho.mqtt.properties import Properties, VariableByteIntegers
 from paho.mqtt.reasoncodes import ReasonCode
 
+from shared.lean_client import LeanClient
 from shared.protocol import SCHEMA_VERSION, Envelope
 
 log = logging.getLogger(__name__)
@@ -151,14 +153,16 @@ def make_client(
     userdata: object = None,
     rng: random.Random | None = None,
     manual_ack: bool = False,
+    lean: bool = False,
 ) -> paho.Client:
     """A configured, unconnected paho 2.x client (callback API version 2). manual_ack: the
     caller acknowledges each QoS 1 message itself (client.ack) once it is safe, not paho on
-    return from on_message."""
+    return from on_message. lean: a LeanClient (shared.lean_client), which does not decode an
+    inbound PUBLISH's MQTT v5 properties (its message.properties is None)."""
     if not isinstance(client_id, str) or not client_id:
         raise ValueError("client_id must be a non-empty string")
     v5 = settings.protocol is MqttProtocol.V5
-    client = paho.Client(
+    client = (LeanClient if lean else paho.Client)(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,
@@ -240,6 +244,59 @@ def publish_properties(envelope: Envelope, *, now: float | None = None) -> Prope
     if correlation is not None:
         props.CorrelationData = correlation.encode()
     return props
+
+
+class PackedProperties(Properties):
+    """PUBLISH properties already in wire form. paho only ever pack()s a publish's properties
+    (again when it re-sends after a reconnect), and building a Properties costs more than the
+    rest of a publish: its __init__ copies name tables, each property set searches them."""
+
+    def __init__(self, packed: bytes) -> None:  # not Properties.__init__: what costs
+        object.__setattr__(self, "packetType", PacketTypes.PUBLISH)
+        object.__setattr__(self, "_packed", packed)
+
+    def pack(self) -> bytes:
+        packed: bytes = object.__getattribute__(self, "_packed")
+        return packed
+
+    def __str__(self) -> str:
+        return f"PackedProperties({self.pack().hex()})"
+
+    __repr__ = __str__
+
+
+MAX_EXPIRY_S = 2**32 - 1  # a Four Byte Integer
+# MQTT v5 property identifiers (section 2.2.2.2)
+PROPERTY_EXPIRY, PROPERTY_RESPONSE_TOPIC, PROPERTY_CORRELATION = 0x02, 0x08, 0x09
+
+
+@functools.cache
+def _packed_template(kind: str) -> bytes:
+    """_publish_template(kind) packed, without its length prefix."""
+    packed = bytes(_publish_template(kind).pack())
+    _, length_bytes = VariableByteIntegers.decode(packed)
+    return packed[length_bytes:]
+
+
+def packed_publish_properties(envelope: Envelope, *, now: float | None = None) -> Properties:
+    """publish_properties(envelope), built as bytes (~2 µs, not ~35)."""
+    body = _packed_template(envelope.kind.value)
+    if envelope.expires_at is not None:
+        remaining = envelope.expires_at - (time.time() if now is None else now)
+        expiry = min(MAX_EXPIRY_S, max(1, math.ceil(remaining)))
+        body += struct.pack("!BI", PROPERTY_EXPIRY, expiry)
+    if envelope.reply_to is not None:
+        body += _length_prefixed(PROPERTY_RESPONSE_TOPIC, envelope.reply_to.encode())
+    correlation = envelope.correlation_id
+    if correlation is None and envelope.reply_to is not None:
+        correlation = envelope.message_id
+    if correlation is not None:
+        body += _length_prefixed(PROPERTY_CORRELATION, correlation.encode())
+    return PackedProperties(bytes(VariableByteIntegers.encode(len(body))) + body)
+
+
+def _length_prefixed(identifier: int, value: bytes) -> bytes:
+    return struct.pack("!BH", identifier, len(value)) + value
 
 
 def backoff_delay(

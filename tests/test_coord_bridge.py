@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 from paho.mqtt.client import ConnectFlags
 from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
 
 from coordinator import bridge as bridge_module
@@ -213,7 +214,9 @@ def test_device_messages_reach_the_fleet_and_jobs_come_back(bridge_parts):
     job = decode(payload).message
     assert isinstance(job, Job) and job.kind is JobKind.FINETUNE
     assert (qos, retain) == (1, False)
-    assert 0 < properties.MessageExpiryInterval <= service.config.policy.job_timeout_s + 1
+    on_the_wire = Properties(PacketTypes.PUBLISH)
+    on_the_wire.unpack(properties.pack())
+    assert 0 < on_the_wire.MessageExpiryInterval <= service.config.policy.job_timeout_s + 1
     assert job.base_model_hash == BASE_HASH and job.params.epochs == service.config.finetune.epochs
     assert metrics.registry.get_sample_value("skipfleet_sent_messages_total", {"kind": "job"})
 

@@ -227,6 +227,18 @@ def test_an_acknowledgement_owed_on_an_earlier_connection_is_never_sent():
     assert acks.ack([before, acks.token(8, 1), acks.token(9, 0)]) == 1 and sent == [8]
 
 
+def test_a_batch_of_acknowledgements_goes_out_in_one_call_with_the_same_rules():
+    one_by_one, batches = [], []
+    acks = InboundAcks(lambda mid, qos: one_by_one.append((mid, qos)), batches.append)
+    acks.connected()
+    before = acks.token(7, 1)
+    acks.connected()
+    tokens = [before, acks.token(8, 1), acks.token(9, 0), acks.token(10, 1), acks.token(11, 2)]
+    assert acks.ack(tokens) == 3
+    assert batches == [[8, 10]]  # this connection's QoS 1 messages, in order
+    assert one_by_one == [(11, 2)]  # QoS 2 still through paho's own ack
+
+
 class GatedPort(LocalFleetPort):
     """ingest waits for the test's go, or fails as unavailable while `down` is set."""
 

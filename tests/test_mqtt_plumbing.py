@@ -10,6 +10,8 @@ import threading
 
 import pytest
 from paho.mqtt.enums import MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from shared.mqtt import (
     CONTENT_TYPE,
@@ -23,6 +25,7 @@ from shared.mqtt import (
     describe_connect_error,
     jittered_reconnect_delays,
     make_client,
+    packed_publish_properties,
     parse_broker_url,
     publish_properties,
 )
@@ -146,6 +149,37 @@ def test_publish_properties_mirror_the_envelope():
     assert not hasattr(answer_props, "MessageExpiryInterval")
     stale = new_envelope(FetchRequest(3), sender="c", boot_id="b", seq=3, expires_at=5.0)
     assert publish_properties(stale, now=100.0).MessageExpiryInterval == 1
+
+
+def unpacked(packed: bytes) -> dict:
+    props = Properties(PacketTypes.PUBLISH)
+    props.unpack(packed)
+    return props.json()
+
+
+@pytest.mark.parametrize(
+    "headers",
+    [
+        {},
+        {"expires_at": 1000.2},
+        {"expires_at": 5.0},  # already expired: still 1 s, as paho's would be
+        {"expires_at": 1000.2, "reply_to": "fleet/pi-1/cmd/adapter"},
+        {"correlation_id": "abc"},
+    ],
+)
+def test_packed_publish_properties_are_the_same_properties_on_the_wire(headers):
+    envelope = new_envelope(FetchRequest(3), sender="pi-1", boot_id="b", seq=1, **headers)
+    packed = packed_publish_properties(envelope, now=990.0)
+    assert unpacked(packed.pack()) == unpacked(publish_properties(envelope, now=990.0).pack())
+    assert "PackedProperties(" in str(packed)  # paho's debug log can print it
+
+
+def test_a_far_expiry_is_capped_at_what_the_property_holds():
+    envelope = new_envelope(FetchRequest(3), sender="c", boot_id="b", seq=1, expires_at=1e12)
+    assert (
+        unpacked(packed_publish_properties(envelope, now=0).pack())["MessageExpiryInterval"]
+        == 2**32 - 1
+    )
 
 
 def test_backoff_is_exponential_jittered_and_capped():

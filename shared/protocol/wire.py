@@ -26,8 +26,9 @@ def _strict_map(pairs: list[tuple[object, object]]) -> dict[object, object]:
     result = dict(pairs)
     if len(result) != len(pairs):
         raise DecodeError("map with a repeated key")
-    if not all(isinstance(key, str) for key in result):
-        raise DecodeError("map keys must be strings")
+    for key in result:  # msgpack makes str or bytes keys (strict_map_key), never a subclass
+        if key.__class__ is not str:
+            raise DecodeError("map keys must be strings")
     return result
 
 
@@ -64,6 +65,18 @@ def unpack(data: object, *, max_bytes: int) -> object:
         raise DecodeError(f"payload is not valid msgpack: {exc!r}") from None
 
 
+# What each reader accepts, by exact type: a value of one of these is accepted at once.
+_EXACT: dict[object, frozenset[type]] = {
+    str: frozenset({str}),
+    int: frozenset({int}),
+    (int, float): frozenset({int, float}),
+    bool: frozenset({bool}),
+    bytes: frozenset({bytes}),
+    dict: frozenset({dict}),
+    list: frozenset({list}),
+}
+
+
 class Fields:
     """Typed access to a decoded map; wrong or missing fields raise DecodeError naming them.
 
@@ -79,6 +92,10 @@ class Fields:
 
     def _get(self, key: str, types: type[T] | tuple[type[T], ...], optional: bool) -> T | None:
         value = self._obj.get(key, _MISSING)
+        # The common case first: msgpack makes exactly these types (no subclasses; bool is
+        # its own type, so it never passes for a number here).
+        if value.__class__ in _EXACT.get(types, ()):
+            return value  # type: ignore[no-any-return]
         if value is _MISSING or value is None:
             if optional:
                 return None

@@ -1,0 +1,119 @@
+"""paho's client without the MQTT v5 property objects it builds for every PUBLISH and PUBACK.
+
+paho 2.x decodes each packet's properties into a `Properties` (and each PUBACK's reason into a
+`ReasonCode`): building one copies a table of every property or reason name, and setting each
+property searches that table, ~70 µs of CPU for a device's PUBLISH with its three properties
+and ~40 µs for a bare PUBACK, more than the coordinator spends decoding the message itself.
+The skipfleet protocol carries everything in the payload (shared.protocol.envelope), so the
+coordinator never reads an inbound PUBLISH's properties, and a PUBACK matters only as success or
+failure. LeanClient reads those two packets itself in their common forms (a QoS 0 or 1 PUBLISH;
+a PUBACK without properties) and hands every other packet, and any it finds malformed, to paho.
+It also sends a batch's acknowledgements as one write (paho's ack() wakes its network thread
+and makes a send() call per message).
+
+An inbound message's `properties` is None (as on MQTT 3.1.1); a successful PUBACK's reason code
+and properties are shared, read-only instances.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from typing import Literal
+
+import paho.mqtt.client as paho
+from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
+from paho.mqtt.reasoncodes import ReasonCode
+
+PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)  # "Success" (0): never modified
+NO_PUBACK_PROPERTIES = Properties(PacketTypes.PUBACK)
+_PUBACK_FIXED_HEADER = bytes([PacketTypes.PUBACK << 4, 2])  # then the 2-byte packet id
+_VBI_MAX_BYTES = 4  # a Variable Byte Integer has at most 4 bytes
+
+
+class NotCommonForm(Exception):
+    """The packet is not in the form this client reads itself: paho reads it."""
+
+
+def split_publish(header: int, body: bytes | bytearray) -> tuple[bytes, int, bytes]:
+    """(topic, mid, payload) of an MQTT v5 QoS 0/1 PUBLISH, its properties skipped;
+    NotCommonForm for anything else (QoS 2, a length that does not add up)."""
+    qos = (header & 0x06) >> 1
+    if qos > 1 or len(body) < 3:
+        raise NotCommonForm
+    topic_end = 2 + int.from_bytes(body[:2], "big")
+    position = topic_end + 2 * qos  # the packet id of a QoS 1 message
+    properties_length, size = _variable_int(body, position)
+    payload_start = position + size + properties_length
+    if topic_end == 2 or payload_start > len(body):
+        raise NotCommonForm
+    mid = int.from_bytes(body[topic_end:position], "big") if qos else 0
+    return bytes(body[2:topic_end]), mid, bytes(memoryview(body)[payload_start:])
+
+
+def _variable_int(data: bytes | bytearray, start: int) -> tuple[int, int]:
+    """(value, bytes used) of the MQTT Variable Byte Integer at data[start:]."""
+    value = 0
+    for used in range(_VBI_MAX_BYTES):
+        if start + used >= len(data):
+            raise NotCommonForm
+        byte = data[start + used]
+        value |= (byte & 0x7F) << (7 * used)
+        if not byte & 0x80:
+            return value, used + 1
+    raise NotCommonForm
+
+
+def successful_puback_mid(body: bytes | bytearray) -> int:
+    """The packet id of a PUBACK with reason Success and no properties (2-4 bytes: the id, then
+    optionally reason 0 and an empty property length); NotCommonForm otherwise."""
+    if len(body) < 2 or len(body) > 4 or any(body[2:]):
+        raise NotCommonForm
+    return int.from_bytes(body[:2], "big")
+
+
+class LeanClient(paho.Client):
+    """A paho Client (same construction, same callbacks) for MQTT v5, reading its common
+    inbound PUBLISH and PUBACK packets without building property objects; and acknowledging
+    many messages at once (ack_many)."""
+
+    def ack_many(self, mids: Iterable[int]) -> None:
+        """ack(mid, 1) for each QoS 1 message (manual acks), queued as one write: the network
+        thread is woken once and sends them in one go, not once per message."""
+        if not self._manual_ack:
+            return  # paho acknowledged them itself
+        packets = b"".join(_PUBACK_FIXED_HEADER + mid.to_bytes(2, "big") for mid in mids)
+        if packets:
+            self._packet_queue(PacketTypes.PUBACK << 4, packets, 0, 0)
+
+    def _handle_publish(self) -> MQTTErrorCode:
+        header, body = self._in_packet["command"], self._in_packet["packet"]
+        if self._protocol != MQTTProtocolVersion.MQTTv5:
+            return super()._handle_publish()
+        try:
+            topic, mid, payload = split_publish(header, body)
+        except NotCommonForm:
+            return super()._handle_publish()  # paho's own checks and errors
+        message = paho.MQTTMessage(mid=mid, topic=topic)
+        message.dup = bool(header & 0x08)
+        message.qos = (header & 0x06) >> 1
+        message.retain = bool(header & 0x01)
+        message.payload = payload
+        message.timestamp = paho.time_func()
+        self._handle_on_message(message)
+        if message.qos == 1 and not self._manual_ack:
+            return self._send_puback(mid)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def _handle_pubackcomp(self, cmd: Literal["PUBACK", "PUBCOMP"]) -> MQTTErrorCode:
+        if cmd != "PUBACK" or self._protocol != MQTTProtocolVersion.MQTTv5:
+            return super()._handle_pubackcomp(cmd)
+        try:
+            mid = successful_puback_mid(self._in_packet["packet"])
+        except NotCommonForm:
+            return super()._handle_pubackcomp(cmd)  # a failure reason, or properties
+        with self._out_message_mutex:
+            if mid in self._out_messages:  # only the first PUBACK of a message counts
+                return self._do_on_publish(mid, PUBACK_SUCCESS, NO_PUBACK_PROPERTIES)
+        return MQTTErrorCode.MQTT_ERR_SUCCESS

@@ -1,0 +1,146 @@
+"""LeanClient reads common PUBLISH and PUBACK packets itself: the same message as paho's, and
+everything else (QoS 2, failures, malformed packets) still read by paho."""
+
+from __future__ import annotations
+
+import struct
+import threading
+
+import paho.mqtt.client as paho
+import pytest
+from paho.mqtt import _packet
+from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.packettypes import PacketTypes
+
+from shared.lean_client import LeanClient, NotCommonForm, split_publish, successful_puback_mid
+from shared.mqtt import MqttProtocol, MqttSettings, _publish_template, make_client
+
+SETTINGS = MqttSettings("localhost")
+
+
+def device_properties() -> bytes:
+    return bytes(_publish_template("heartbeat").pack())
+
+
+def publish_body(topic: bytes, payload: bytes, *, mid: int | None, properties: bytes) -> bytes:
+    packet_id = b"" if mid is None else struct.pack("!H", mid)
+    return struct.pack("!H", len(topic)) + topic + packet_id + properties + payload
+
+
+def feed(client: paho.Client, command: int, body: bytes) -> MQTTErrorCode:
+    client._in_packet = {"command": command, "packet": bytearray(body),
+                         "remaining_length": len(body)}  # fmt: skip
+    result: MQTTErrorCode = client._packet_handle()
+    return result
+
+
+def received_by(client: paho.Client) -> list[paho.MQTTMessage]:
+    messages: list[paho.MQTTMessage] = []
+    client.on_message = lambda client, userdata, message: messages.append(message)
+    return messages
+
+
+@pytest.mark.parametrize("qos,mid", [(0, None), (1, 513)])
+@pytest.mark.parametrize("properties", [b"\x00", device_properties()])
+def test_a_publish_reads_as_paho_reads_it(qos, mid, properties):
+    header = 0x30 | qos << 1 | 0x08 * (qos > 0) | 0x01
+    body = publish_body(b"fleet/pi-1/telemetry", b"\x81\xa1a\x01" * 50, mid=mid,
+                        properties=properties)  # fmt: skip
+    theirs = _packet.decode_publish(header, body, MQTTProtocolVersion.MQTTv5)
+    assert split_publish(header, body) == (theirs.topic, theirs.mid, theirs.payload)
+
+    client = make_client(SETTINGS, "coord", manual_ack=True, lean=True)
+    messages = received_by(client)
+    assert feed(client, header, body) == MQTTErrorCode.MQTT_ERR_SUCCESS
+    (message,) = messages
+    assert (message.topic, message.mid, message.qos) == ("fleet/pi-1/telemetry", mid or 0, qos)
+    assert (message.retain, message.dup, message.payload) == (True, qos > 0, theirs.payload)
+    assert message.properties is None  # not decoded
+    assert not client._out_packet  # manual acks: nothing acknowledged on paho's own
+
+
+def test_without_manual_acks_a_qos1_publish_is_acknowledged_at_once():
+    client = make_client(SETTINGS, "coord", lean=True)
+    received_by(client)
+    client._sock = None
+    feed(client, 0x32, publish_body(b"fleet/pi-1/job", b"x", mid=7, properties=b"\x00"))
+    assert [packet["packet"] for packet in client._out_packet] == [b"\x40\x02\x00\x07"]
+
+
+@pytest.mark.parametrize(
+    "header,body",
+    [
+        (0x34, publish_body(b"fleet/pi-1/job", b"x", mid=7, properties=b"\x00")),  # QoS 2
+        (0x32, publish_body(b"", b"x", mid=7, properties=b"\x00")),  # a topic alias
+        (0x32, publish_body(b"fleet/pi-1/job", b"", mid=7, properties=b"\x09")[:-1]),  # short
+        (0x32, publish_body(b"fleet/pi-1/job", b"x", mid=7, properties=b"\xff\xff\xff\xff\x01")),
+        (0x30, b"\x00"),
+    ],
+)
+def test_a_publish_in_another_form_is_left_to_paho(header, body):
+    with pytest.raises(NotCommonForm):
+        split_publish(header, body)
+
+
+def test_a_malformed_publish_is_refused_by_paho_as_before():
+    body = publish_body(b"fleet/pi-1/job", b"", mid=7, properties=b"\x09")[:-1]
+    for client in (make_client(SETTINGS, "a", lean=True), make_client(SETTINGS, "b")):
+        messages = received_by(client)
+        with pytest.raises(_packet.MalformedPacket):
+            feed(client, 0x32, body)
+        assert messages == []
+
+
+def published_callbacks(client: paho.Client) -> list[tuple[int, bool]]:
+    calls: list[tuple[int, bool]] = []
+    client.on_publish = lambda c, u, mid, reason, properties: calls.append((mid, reason.is_failure))
+    return calls
+
+
+def test_a_successful_puback_reaches_on_publish_once():
+    client = make_client(SETTINGS, "coord", lean=True)
+    calls = published_callbacks(client)
+    info = client.publish("fleet/pi-1/cmd/job", b"x", qos=1)  # queued: not connected
+    for body in (struct.pack("!H", info.mid), struct.pack("!HB", info.mid, 0)):
+        feed(client, PacketTypes.PUBACK << 4, body)  # the second one: a repeat, ignored
+    assert calls == [(info.mid, False)]
+    assert info.mid not in client._out_messages  # paho's bookkeeping done
+
+
+def test_a_refused_publish_still_reaches_on_publish_as_a_failure():
+    client = make_client(SETTINGS, "coord", lean=True)
+    calls = published_callbacks(client)
+    info = client.publish("fleet/pi-1/cmd/job", b"x", qos=1)
+    feed(client, PacketTypes.PUBACK << 4, struct.pack("!HBB", info.mid, 0x87, 0))
+    assert calls == [(info.mid, True)]
+
+
+@pytest.mark.parametrize("body", [b"\x00", b"\x00\x01\x10", b"\x00\x01\x00\x02\x1f\x00"])
+def test_a_puback_with_a_reason_or_properties_is_left_to_paho(body):
+    with pytest.raises(NotCommonForm):
+        successful_puback_mid(body)
+
+
+def test_only_v5_clients_are_lean_in_reading():
+    client = make_client(MqttSettings("localhost", protocol=MqttProtocol.V311), "old", lean=True)
+    messages = received_by(client)
+    feed(client, 0x32, struct.pack("!H", 3) + b"a/b" + b"\x00\x05" + b"payload")
+    assert messages[0].payload == b"payload" and messages[0].properties is None
+    assert isinstance(client, LeanClient)
+
+
+def test_ack_many_queues_every_puback_as_one_write():
+    client = make_client(SETTINGS, "coord", manual_ack=True, lean=True)
+    client._thread = threading.current_thread()  # as under loop_start: queued, not written
+    client.ack_many([1, 258])
+    client.ack_many([])
+    (queued,) = client._out_packet
+    assert queued["packet"] == b"\x40\x02\x00\x01" + b"\x40\x02\x01\x02"
+    assert queued["to_process"] == 8
+
+
+def test_ack_many_sends_nothing_when_paho_acknowledges_itself():
+    client = make_client(SETTINGS, "coord", lean=True)
+    client._thread = threading.current_thread()
+    client.ack_many([1, 2])
+    assert not client._out_packet
