@@ -29,8 +29,8 @@ def format_tables(result: dict) -> str:
         "coordinator for the cores; other: the rest of this shared machine, kernel included)",
         _messages(fleets),
         "",
-        "Aggregation inside the coordinator (Ray task time per round, from "
-        "skipfleet_aggregation_duration_seconds)",
+        "Aggregation inside the coordinator (time per round, in the fleet actor or its Ray "
+        "task: --aggregate-in; from skipfleet_aggregation_duration_seconds)",
         _aggregation(fleets),
         "",
         "Coordinator memory: the driver process, and its whole tree (driver + Ray) in RSS and PSS",
