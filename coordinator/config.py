@@ -90,9 +90,9 @@ class AggregationAlgorithm(StrEnum):
 class AggregationRunner(StrEnum):
     """Where a closed round's strategies run."""
 
-    # In the fleet actor, in the tick that closes the round: no worker process and no copy of
-    # the round's reports (a Ray task took 1.9-3.4 s and a ~110-270 MiB worker at 3,000-10,000
-    # devices for what the actor does in 0.3-1.2 s; docs/benchmarks.md).
+    # In the fleet actor, in the tick that closes the round: no worker process (110-270 MiB PSS
+    # at 1,000-10,000 devices) and no copy of the round's reports in Ray's object store; the
+    # strategies take 0.3-1.2 s of the actor's CPU at 3,000-10,000 reports (docs/benchmarks.md).
     ACTOR = "actor"
     # A Ray task a round, in a worker of its own: the actor goes on ingesting meanwhile.
     TASK = "task"
