@@ -34,11 +34,13 @@ WAIT_S = 30.0
 
 @pytest.fixture(scope="module")
 def live(tmp_path_factory, ray_session, data_dir):
-    """(dashboard URL, run dir, the result JSON) of a simulate that keeps running."""
+    """(dashboard URL, run dir, the result JSON) of a simulate that keeps running. Two runs: a
+    scenario of one lasts about 2 s here, too short for the report's time axis to show its
+    steps (test_the_report_stands_alone_with_legends_scaled_units_and_every_round)."""
     tmp = tmp_path_factory.mktemp("live")
     out = tmp / "simulate.out"
     argv = [sys.executable, "-m", "skipfleet.cli", "simulate", "--devices", "3",
-            "--dataset", "fan", "--runs", "1", "--max-rounds", "2", "--data-dir", str(data_dir),
+            "--dataset", "fan", "--runs", "2", "--max-rounds", "2", "--data-dir", str(data_dir),
             "--run-dir", str(tmp / "run"), "--json", str(tmp / "result.json"),
             "--report", str(tmp / "report.html"), "--timeout", "120", "--keep-running",
             "--ray-address", ray_session.get_runtime_context().gcs_address]  # fmt: skip

@@ -21,8 +21,15 @@
 
   const markers = (data.timeline || []).filter((e) => e.kind !== "round");
   if ($("chart-drift")) {
-    SkipCharts.timeChart($("chart-drift"), data.drift_series || {},
-      { yTitle: "calibrated score", unit: "", events: markers });
+    // From the start to the scenario's last heartbeat or event: a marker after the last
+    // heartbeat (a promotion, often) was drawn outside the axis, i.e. not at all.
+    const drift = data.drift_series || {};
+    const times = Object.values(drift).flatMap((s) => s.map((p) => p[0]))
+      .concat(markers.map((e) => e.t));
+    SkipCharts.timeChart($("chart-drift"), drift, {
+      yTitle: "calibrated score", unit: "", events: markers,
+      xMin: 0, xMax: times.length ? Math.max(...times) : undefined,
+    });
   }
 
   // every round of every run: the measured accuracy of each aggregate (0: where it started)
