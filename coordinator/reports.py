@@ -1,10 +1,11 @@
 """Fine-tune reports: checked on receipt, kept on disk until their round is aggregated.
 
 A round may close after the actor restarted, so reports cannot live in memory: each goes to its
-row in SQLite, its arrays as one .npz blob in the same row, committed with the batch that applied
-the report. (Until release 12 the arrays went to a file `reports/<job_id>.npz` each, the row
-naming it; such rows are still read from their files. A file per report cost 0.1-0.8 ms of file
-creation a report here, more than the rest of its handling.)
+row in SQLite, its arrays as one .npz blob in the same row, committed with the batch that
+applied the report. (Earlier versions of the coordinator wrote the arrays to a file
+`reports/<job_id>.npz` each, the row naming it; such rows are still read from their files. A
+file per report cost 0.1-0.8 ms of file creation a report here, more than the rest of its
+handling.)
 A cohort's adapter shape (layer widths, class count) is taken from its first accepted report;
 every later report must match it, so a wrong-sized adapter is refused on receipt, not at
 aggregation.
@@ -74,8 +75,8 @@ class ReportMeta:
     shape: AdapterShape
     parent_adapter_version: int | None
     received_at: float
-    # Relative to the state dir: where a report stored before release 12 keeps its arrays
-    # ("": in its row, as every report since).
+    # Relative to the state dir: where a report an earlier version stored keeps its arrays
+    # ("": in its row, as every report stored now).
     file: str = ""
     # The device's hold-out measurement of the adapter its training started from: in a
     # federated run, the previous aggregate's accuracy and cross-entropy on that device.
@@ -220,7 +221,7 @@ class ReportStore:
         if held is not None:
             self._held_bytes -= _nbytes(held)
             return held
-        if meta.file:  # stored before release 12: its own file
+        if meta.file:  # stored by an earlier version: its own file
             return _load_npz(self._state_dir / meta.file)
         row = self._db.query_one("SELECT arrays FROM fit_reports WHERE job_id = ?", (meta.job_id,))
         if row is None or row["arrays"] is None:

@@ -166,7 +166,7 @@ def device_adapters(fleet: Fleet, device_id: str) -> list[dict[str, Any]]:
             "samples": m.samples,
             "parent_adapter_version": m.parent_adapter_version,
             "received_at": m.received_at,
-            "file": m.file or None,  # None: in the state db (a file only before release 12)
+            "file": m.file or None,  # None: in the state db (a file from earlier versions)
         }
         for m in fleet.reports.for_device(device_id)
     ]
