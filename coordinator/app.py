@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import logging
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -21,6 +22,7 @@ from coordinator.config import CoordinatorConfig
 from coordinator.dashboard import Dashboard, FleetHistory
 from coordinator.instance import StateDirLock
 from coordinator.metrics import FleetMetrics
+from coordinator.ports import OperatorPort
 from coordinator.ray_runtime import RayFleetPort, release_actor, start_actor
 from shared.http_auth import RequestGuard, ensure_token_file
 
@@ -99,12 +101,7 @@ class Coordinator:
         bridge = MqttBridge(config, port, metrics, on_fatal=fatal)
         api = serve_api(
             config,
-            FleetApi(
-                port,
-                bridge_connected=lambda: bridge.connected,
-                dashboard=Dashboard(port.read, FleetHistory(), config.fleet_events_file),
-                on_change=bridge.wake,
-            ),
+            fleet_api(config, port, connected=lambda: bridge.connected, on_change=bridge.wake),
             guard,
             metrics,
         )
@@ -153,6 +150,19 @@ def serve_metrics(config: CoordinatorConfig) -> tuple[FleetMetrics, int]:
         raise PortUnavailable(
             f"cannot serve /metrics on {config.metrics_addr}:{config.metrics_port}: {err}"
         ) from None
+
+
+def fleet_api(
+    config: CoordinatorConfig,
+    port: OperatorPort,
+    *,
+    connected: Callable[[], bool],
+    on_change: Callable[[], None] = lambda: None,
+) -> FleetApi:
+    """The operator API over a fleet port, with the dashboard and its history: one coordinator
+    or partitioned, `connected` saying whether its MQTT ingest is."""
+    dashboard = Dashboard(port.read, FleetHistory(), config.fleet_events_file)
+    return FleetApi(port, bridge_connected=connected, dashboard=dashboard, on_change=on_change)
 
 
 def serve_api(

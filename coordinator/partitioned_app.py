@@ -13,17 +13,17 @@ from dataclasses import dataclass
 
 import ray
 
-from coordinator.api import ApiServer, FleetApi
+from coordinator.api import ApiServer
 from coordinator.app import (
     ACTOR_START_TIMEOUT_S,
     FatalSignal,
     StartupError,
+    fleet_api,
     serve_api,
     serve_metrics,
 )
 from coordinator.bridge import FatalReason
 from coordinator.config import CoordinatorConfig
-from coordinator.dashboard import Dashboard, FleetHistory
 from coordinator.instance import StateDirLock
 from coordinator.metrics import FleetMetrics
 from coordinator.partition_runtime import (
@@ -140,11 +140,7 @@ class PartitionedCoordinator:
         monitor = PartitionMonitor(port, metrics, fatal, config.metrics_interval_s)
         api = serve_api(
             config,
-            FleetApi(
-                port,
-                bridge_connected=lambda: monitor.connected,
-                dashboard=Dashboard(port.read, FleetHistory(), config.fleet_events_file),
-            ),
+            fleet_api(config, port, connected=lambda: monitor.connected),
             guard,
             metrics,
         )
