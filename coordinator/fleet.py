@@ -29,23 +29,13 @@ from coordinator.rollout import RolloutManager
 from coordinator.round_records import RoundRecords
 from coordinator.rounds import RoundTable
 from coordinator.runs import RunBook
-from coordinator.scheduler import FineTuneScheduler, SkipReason
+from coordinator.scheduler import FineTuneScheduler
 from coordinator.seen import SeenMessages
 from coordinator.state_db import StateDB
 from shared.protocol import AdapterPublication, DesiredState
 from shared.protocol import Job as JobCommand
 
 log = logging.getLogger(__name__)
-
-# Not reachable now: a device is offline, silent, or unknown (hot or busy ones may clear soon).
-UNREACHABLE = frozenset(
-    {
-        SkipReason.OFFLINE,
-        SkipReason.HEARTBEAT_STALE,
-        SkipReason.UNKNOWN_DEVICE,
-        SkipReason.QUARANTINED,
-    }
-)
 
 
 class FleetRequestError(ValueError):
@@ -217,7 +207,7 @@ class Fleet:
     # ---- helpers the handlers share
 
     def reachable(self, record: DeviceRecord | None) -> bool:
-        return self.scheduler.skip_reason(record, self.clock()) not in UNREACHABLE
+        return self.scheduler.unreachable_reason(record, self.clock()) is None
 
     def create_job(self, device_id: str, kind: str, trigger: str) -> Job:
         """A one-shot command job (evaluate, apply): no retry, its own short timeout."""

@@ -9,7 +9,7 @@ from coordinator.aggregate_task import AggregationOutcome, AggregationRequest
 from coordinator.aggregation import FitFailure, FitResult, aggregation_gap, bound_reports
 from coordinator.federation import Measured
 from coordinator.fleet import Fleet
-from coordinator.reports import ReportMeta
+from coordinator.reports import ReportMeta, ReportUnreadable
 from coordinator.runs import ClusterRun, Run
 
 
@@ -51,8 +51,11 @@ def aggregation_request(
         meta = latest.get(device)
         if meta is None:
             failures.append(FitFailure(device, "succeeded without a valid report"))
-        else:
+            continue
+        try:
             results.append(FitResult(device, fleet.reports.arrays(meta), meta.samples))
+        except ReportUnreadable as err:  # one damaged row fails its device, not the round
+            failures.append(FitFailure(device, str(err)))
     if not results:
         return "no valid report to aggregate"
     first = latest[results[0].device_id]

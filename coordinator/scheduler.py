@@ -238,9 +238,10 @@ class FineTuneScheduler:
         dispatched, skipped = self._dispatch(self._candidates(self._clock()), self._clock())
         return TickResult(dispatched=tuple(dispatched), skipped=skipped)
 
-    def skip_reason(self, record: DeviceRecord | None, now: float) -> SkipReason | None:
-        """Why this device may not start a fine-tune now (None: it may)."""
-        policy = self.policy
+    def unreachable_reason(self, record: DeviceRecord | None, now: float) -> SkipReason | None:
+        """Why this device cannot be reached now: unknown, offline, silent or quarantined (None:
+        it can). From the record alone: it runs for every device a step looks at, so it asks
+        the job table nothing (a device that is hot or busy is reachable, and may clear soon)."""
         if record is None:
             return SkipReason.UNKNOWN_DEVICE
         if not record.online:
@@ -248,10 +249,18 @@ class FineTuneScheduler:
         # The `online` presence is itself a sign of life: a device that just connected is not
         # stale before its first heartbeat.
         seen = max(record.last_heartbeat_at or 0.0, record.presence_since or 0.0)
-        if now - seen > policy.heartbeat_timeout_s:
+        if now - seen > self.policy.heartbeat_timeout_s:
             return SkipReason.HEARTBEAT_STALE
         if record.quarantined_until is not None and now < record.quarantined_until:
             return SkipReason.QUARANTINED
+        return None
+
+    def skip_reason(self, record: DeviceRecord | None, now: float) -> SkipReason | None:
+        """Why this device may not start a fine-tune now (None: it may)."""
+        unreachable = self.unreachable_reason(record, now)
+        if unreachable is not None or record is None:
+            return unreachable
+        policy = self.policy
         if _above(record.temperature_c, policy.max_temperature_c):
             return SkipReason.TOO_HOT
         budget = policy.energy_budget_j

@@ -1,14 +1,16 @@
 """Report arrays held in memory until their round reads them; each report's row (its arrays in
-it) stays the durable copy, and a report stored as a file by an older release is still read."""
+it) stays the durable copy, and a report stored by an earlier version (a file, or a .npz blob in
+its row) is still read."""
 
 from __future__ import annotations
+
+import io
 
 import numpy as np
 import pytest
 
 from coordinator import reports
-from coordinator.npz import npz_bytes
-from coordinator.reports import ReportMeta, ReportStore, infer_shape
+from coordinator.reports import ReportMeta, ReportStore, ReportUnreadable, infer_shape
 from coordinator.state_db import StateDB
 from tests.coord_helpers import random_factors
 
@@ -40,7 +42,7 @@ def test_a_report_is_read_from_memory_once_then_from_its_row(tmp_path):
     empty_row(db, "j1")  # the held copy answers: the row is not read
     first = store.arrays(meta)
     assert same(first, arrays) and all(a.flags.writeable for a in first.values())
-    with pytest.raises(EOFError):  # taken out by the first read: the emptied row is read
+    with pytest.raises(ReportUnreadable, match="j1"):  # taken out: the emptied row is read
         store.arrays(meta)
 
 
@@ -63,7 +65,7 @@ def test_a_report_outside_any_round_is_not_held_in_memory(tmp_path):
     store = ReportStore(db, tmp_path)
     meta = saved(store, "own", arrays, round_id=None)
     empty_row(db, "own")  # no held copy: the (emptied) row is what is read
-    with pytest.raises(EOFError):
+    with pytest.raises(ReportUnreadable, match="own"):
         store.arrays(meta)
 
 
@@ -72,11 +74,42 @@ def test_a_report_stored_as_a_file_by_an_older_release_is_read_from_its_file(tmp
     db = StateDB(tmp_path / "s.sqlite3")
     saved(ReportStore(db, tmp_path), "old", arrays, round_id=None)
     (tmp_path / "reports").mkdir()
-    (tmp_path / "reports" / "old.npz").write_bytes(npz_bytes(arrays))
+    np.savez(tmp_path / "reports" / "old.npz", **arrays)
     db.execute("UPDATE fit_reports SET arrays = NULL, file = 'reports/old.npz'")  # as it was
     restarted = ReportStore(StateDB(tmp_path / "s.sqlite3"), tmp_path)
     meta = restarted.get("old")
     assert meta.file == "reports/old.npz" and same(restarted.arrays(meta), arrays)
+
+
+def test_a_report_stored_as_a_npz_blob_by_an_earlier_version_is_read_from_its_row(tmp_path):
+    arrays = random_factors(np.random.default_rng(6))
+    db = StateDB(tmp_path / "s.sqlite3")
+    saved(ReportStore(db, tmp_path), "npz", arrays, round_id=None)
+    blob = io.BytesIO()
+    np.savez(blob, **arrays)
+    db.execute("UPDATE fit_reports SET arrays = ? WHERE job_id = 'npz'", (blob.getvalue(),))
+    restarted = ReportStore(StateDB(tmp_path / "s.sqlite3"), tmp_path)
+    read = restarted.arrays(restarted.get("npz"))
+    assert same(read, arrays) and all(a.flags.writeable for a in read.values())
+
+
+@pytest.mark.parametrize(
+    "damage", [b"\x93", b"not msgpack at all", b"\x81\xa2A1\x81\xa5dtype\xa3|O8", b"PK\x03\x04junk"]
+)
+def test_a_damaged_blob_or_a_missing_file_is_unreadable_and_names_its_report(tmp_path, damage):
+    arrays = random_factors(np.random.default_rng(7))
+    db = StateDB(tmp_path / "s.sqlite3")
+    saved(ReportStore(db, tmp_path), "bad", arrays, round_id=None)
+    saved(ReportStore(db, tmp_path), "gone", arrays, round_id=None)
+    db.execute("UPDATE fit_reports SET arrays = ? WHERE job_id = 'bad'", (damage,))
+    db.execute(
+        "UPDATE fit_reports SET arrays = NULL, file = 'reports/gone.npz' WHERE job_id = 'gone'"
+    )
+    restarted = ReportStore(StateDB(tmp_path / "s.sqlite3"), tmp_path)
+    with pytest.raises(ReportUnreadable, match="report bad"):
+        restarted.arrays(restarted.get("bad"))
+    with pytest.raises(ReportUnreadable, match="report gone"):
+        restarted.arrays(restarted.get("gone"))
 
 
 def test_a_report_whose_transaction_rolls_back_leaves_nothing_behind(tmp_path):

@@ -169,6 +169,23 @@ def test_offline_hot_stale_and_energy_budget_are_skipped_with_reason(tmp_path, c
     assert fleet.registry.require("pi-hot").last_skip_at == clock()
 
 
+def test_hot_and_busy_devices_are_reachable_and_reachability_asks_the_job_table_nothing(
+    tmp_path, clock
+):
+    fleet = make_fleet(tmp_path, clock, max_temperature_c=70.0)
+    for device in ("pi-busy", "pi-hot", "pi-off"):
+        fleet.add(device)
+    fleet.registry.record_heartbeat("pi-hot", temperature_c=82.0)
+    fleet.registry.set_presence("pi-off", False)
+    fleet.jobs.create("pi-busy", timeout_s=60.0)
+    now, records = clock(), {d: fleet.registry.get(d) for d in ("pi-busy", "pi-hot", "pi-off")}
+    assert fleet.scheduler.skip_reason(records["pi-busy"], now) is SkipReason.BUSY
+    fleet.jobs.active = None  # any question to the job table would raise from here on
+    reasons = {d: fleet.scheduler.unreachable_reason(r, now) for d, r in records.items()}
+    assert reasons == {"pi-busy": None, "pi-hot": None, "pi-off": SkipReason.OFFLINE}
+    assert fleet.scheduler.unreachable_reason(None, now) is SkipReason.UNKNOWN_DEVICE
+
+
 def test_a_device_that_just_came_online_is_not_stale_before_its_first_heartbeat(tmp_path, clock):
     fleet = make_fleet(tmp_path, clock)
     fleet.registry.register("pi-new", base_model_hash=HASH, task="har")

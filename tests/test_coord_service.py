@@ -224,6 +224,25 @@ def test_a_restarted_service_carries_on_with_a_running_round(tmp_path, clock):
     assert restarted.rounds()[0]["stage"] == "STORED"
 
 
+def test_a_report_damaged_on_disk_across_a_restart_fails_its_device_not_its_round(tmp_path, clock):
+    service = start(tmp_path, clock)
+    devices = join(service, clock, "pi-1", "pi-2", "pi-3")
+    service.request_finetune(all_=True)
+    jobs = dict(jobs_in(service.tick(), JobKind.FINETUNE))
+    for device in devices[:2]:
+        service.ingest(device.finetune(jobs[device.device_id].job_id))
+    service.fleet.db.execute(
+        "UPDATE fit_reports SET arrays = x'c1' WHERE device_id = 'pi-1'"  # 0xc1: never msgpack
+    )
+    service.close()
+    restarted = start(tmp_path, clock)  # nothing held in memory: the rows are read
+    restarted.ingest(devices[2].finetune(jobs["pi-3"].job_id))
+    restarted.tick()
+    (record,) = restarted.rounds()
+    assert record["stage"] == "STORED"
+    assert "damaged" in record["failures"]["pi-1"] and set(record["failures"]) == {"pi-1"}
+
+
 def test_an_aggregation_interrupted_by_a_restart_is_resumed(tmp_path, clock):
     class Forgetful:  # an aggregator whose process died: submitted, never collected
         def submit(self, request, algorithms):

@@ -3,8 +3,8 @@ properties), so the protocol works on MQTT 3.1.1 brokers too."""
 
 from __future__ import annotations
 
+import os
 import time
-import uuid
 from dataclasses import dataclass, field
 
 from shared.protocol import checks
@@ -39,7 +39,9 @@ _KIND_OF_TYPE = {cls: kind for kind, cls in MESSAGE_TYPES.items()}
 
 
 def new_message_id() -> str:
-    return uuid.uuid4().hex
+    """128 random bits as 32 hex digits, as uuid4().hex but without building a UUID (a fifth
+    of its cost: every message a coordinator or an agent sends takes one)."""
+    return os.urandom(16).hex()
 
 
 def kind_of(message: Message) -> MessageKind:
