@@ -154,15 +154,17 @@ def make_client(
     rng: random.Random | None = None,
     manual_ack: bool = False,
     lean: bool = False,
+    client_class: type[paho.Client] | None = None,
 ) -> paho.Client:
     """A configured, unconnected paho 2.x client (callback API version 2). manual_ack: the
     caller acknowledges each QoS 1 message itself (client.ack) once it is safe, not paho on
     return from on_message. lean: a LeanClient (shared.lean_client), which does not decode an
-    inbound PUBLISH's MQTT v5 properties (its message.properties is None)."""
+    inbound PUBLISH's MQTT v5 properties (its message.properties is None). client_class: this
+    subclass of paho's Client instead (constructed as paho's)."""
     if not isinstance(client_id, str) or not client_id:
         raise ValueError("client_id must be a non-empty string")
     v5 = settings.protocol is MqttProtocol.V5
-    client = (LeanClient if lean else paho.Client)(
+    client = (client_class or (LeanClient if lean else paho.Client))(
         CallbackAPIVersion.VERSION2,
         client_id=client_id,
         protocol=MQTTProtocolVersion.MQTTv5 if v5 else MQTTProtocolVersion.MQTTv311,

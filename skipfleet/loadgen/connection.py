@@ -23,6 +23,7 @@ import paho.mqtt.client as paho
 
 from shared.mqtt import MqttSettings, Will, backoff_delay, connect_async, logged, make_client
 from shared.protocol.enums import PresenceState
+from skipfleet.loadgen.client import DeviceClient
 from skipfleet.loadgen.device import SimulatedDevice
 
 log = logging.getLogger(__name__)
@@ -37,6 +38,7 @@ class LoopDriver:
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self._loop = loop
         self._clients: list[paho.Client] = []
+        self._reading: paho.Client | None = None  # the client whose socket is being read
 
     def attach(self, client: paho.Client) -> None:
         client.on_socket_open = self._opened
@@ -46,18 +48,31 @@ class LoopDriver:
         self._clients.append(client)
 
     def _opened(self, client: paho.Client, userdata: object, sock) -> None:
-        self._loop.add_reader(sock, client.loop_read)
+        self._loop.add_reader(sock, self._read, client, sock)
 
     def _closed(self, client: paho.Client, userdata: object, sock) -> None:
         self._loop.remove_reader(sock)
         self._loop.remove_writer(sock)
 
+    def _read(self, client: paho.Client, sock) -> None:
+        """What arrived, then what answering it queued (PUBACKs, statuses) in one go, in this
+        loop turn: a loop turn later cost a scheduled callback per read."""
+        self._reading = client
+        try:
+            client.loop_read()
+        finally:
+            self._reading = None
+        if client.want_write() and client.socket() is sock:
+            self._flush(client, sock)
+
     def _wants_write(self, client: paho.Client, userdata: object, sock) -> None:
         # paho asks once per burst of queued packets. Writing them on the next loop turn saves
         # registering the socket for write and unregistering it after (two epoll_ctl calls
         # and a select wake-up per publish, 6% of a generator's CPU in a round); only a socket
-        # whose send buffer is full waits to be writable.
-        self._loop.call_soon(self._flush, client, sock)
+        # whose send buffer is full waits to be writable. A client being read writes when its
+        # read is done (_read).
+        if client is not self._reading:
+            self._loop.call_soon(self._flush, client, sock)
 
     def _flush(self, client: paho.Client, sock) -> None:
         client.loop_write()
@@ -96,10 +111,14 @@ class DeviceConnection:
         self.connected = asyncio.Event()
         offline = device.presence(PresenceState.OFFLINE)
         will = Will(device.status_topic, offline, delay_s=will_delay_s)
-        self.client = make_client(settings, device.device_id, will=will, rng=rng, lean=True)
+        client = make_client(settings, device.device_id, will=will, rng=rng,
+                             client_class=DeviceClient)  # fmt: skip
+        assert isinstance(client, DeviceClient)
+        self.client = client
         self.client.on_connect = logged(self._handle_connect)
         self.client.on_disconnect = logged(self._handle_disconnect)
-        self.client.on_message = logged(self._handle_message)
+        self.client.on_message = logged(self._handle_message)  # what on_payload does not take
+        self.client.on_payload = logged(device.on_message)
         driver.attach(self.client)
         connect_async(self.client, settings)  # host, port and v5 session; connected by connect()
 
