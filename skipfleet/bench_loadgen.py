@@ -207,8 +207,9 @@ def measure(fleet: SimulatedFleet, coordinator: Coordinator, plan: RoundPlan, ro
 
 
 @contextlib.contextmanager
-def generator(root: Path, devices: int, data_dir: Path | None,
-              device_seconds: float) -> Iterator[tuple[SimulatedFleet, Coordinator, RoundPlan]]:  # fmt: skip
+def generator(
+    root: Path, devices: int, data_dir: Path, device_seconds: float
+) -> Iterator[tuple[SimulatedFleet, Coordinator, RoundPlan]]:
     """A broker, one generator process of `devices` devices (all online), the stand-in."""
     raise_fd_limit(2 * devices + 256)
     base, shards = prepare_world(data_dir, root / "world", 1)
@@ -235,8 +236,12 @@ def main(argv: list[str] | None = None) -> int:
     add("--rounds", type=int, default=4, help="rounds a measurement")
     add("--repeat", type=int, default=3, help="measurements; the best counts")
     add("--device-seconds", type=float, default=DEVICE_SECONDS)
-    add("--data-dir", type=Path, default=os.environ.get("SKIPFLEET_DATA_DIR"),
-        help="the data sets (fan damage1), as the bench's (default: $SKIPFLEET_DATA_DIR)")
+    add(
+        "--data-dir",
+        type=Path,
+        default=os.environ.get("SKIPFLEET_DATA_DIR"),
+        help="the data sets (fan damage1), as the bench's (default: $SKIPFLEET_DATA_DIR)",
+    )
     add("--work-dir", type=Path, help="keep the logs here (default: a temporary dir)")
     args = parser.parse_args(argv)
     if args.data_dir is None:

@@ -233,6 +233,33 @@ def test_a_long_finetune_says_in_progress_5_s_after_it_arrived_then_every_5_s(re
     assert [r.job_id for r in bench.messages(Report)] == [job.job_id]
 
 
+def test_a_job_that_ends_before_its_in_progress_is_due_leaves_no_timer_behind(reference):
+    bench = Bench(reference)
+    bench.job(JobKind.EVALUATE, EvaluateParams(None))  # answered in its handler
+    assert bench.timers._due == []  # not even a cancelled one, left for the loop to skip
+    bench.job(JobKind.FINETUNE, finetune_params())  # 2 s: over before anything else is due
+    assert len(bench.timers._due) == 1  # its end
+    bench.timers.advance(SECONDS)
+    assert bench.timers._due == [] and len(bench.messages(Report)) == 1
+
+
+def test_a_short_finetune_that_waited_says_in_progress_when_due_before_it_ends(reference):
+    bench = Bench(reference)
+    bench.device = SimulatedDevice(
+        DEVICE, 7, reference, bench.evaluator, DeviceSettings(device_seconds=4.0),
+        bench.timers, lambda *publish: bench.published.append(publish), boot_id="boot-1",
+    )  # fmt: skip
+    first = bench.job(JobKind.FINETUNE, finetune_params(1))
+    second = bench.job(JobKind.FINETUNE, finetune_params(2))  # starts at 4 s, due at 5 s
+    bench.timers.advance(4.9)
+    assert bench.states(second.job_id) == []
+    bench.timers.advance(0.2)
+    assert bench.states(second.job_id) == [(JobState.IN_PROGRESS, None)]
+    bench.timers.advance(3.0)
+    assert [r.job_id for r in bench.messages(Report)] == [first.job_id, second.job_id]
+    assert bench.states(first.job_id) == []
+
+
 def test_every_message_carries_the_boot_id_and_the_next_seq(reference):
     bench = Bench(reference)
     bench.device.on_connected()  # presence and the first heartbeat

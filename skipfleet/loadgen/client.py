@@ -23,10 +23,12 @@ from collections.abc import Callable
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.exception import MalformedPacket
 
 from shared.lean_client import LeanClient, NotCommonForm, split_publish
 
 READ_CHUNK = 65_536  # bytes asked of the socket at once
+_VBI_MAX_BYTES = 4  # a packet's remaining length takes at most 4 bytes
 PUBLISH, PUBACK = 0x30, 0x40
 # Packets that can share a send with the one queued before them: nothing is done after they are
 # written (paho's _packet_write acts after a QoS 0 PUBLISH and a DISCONNECT).
@@ -81,6 +83,69 @@ class DeviceClient(LeanClient):
 
     # ---- reading
 
+    def _packet_read(self) -> MQTTErrorCode:
+        """A packet whole in what was read is handled from there at once; one split over reads
+        is read paho's way (1 byte, the length byte by byte, the rest), fed from the buffer."""
+        if self._in_packet["command"] == 0:
+            if not self._buffered():
+                rc = self._fill()
+                if rc is not None:
+                    return rc
+            whole = self._whole_packet()
+            if whole is not None:
+                return self._handle_whole(*whole)
+        return super()._packet_read()
+
+    def _fill(self) -> MQTTErrorCode | None:
+        """Reads what the socket holds into the buffer; an error code as paho's _packet_read
+        returns it, or None."""
+        try:
+            data = super()._sock_recv(READ_CHUNK)
+        except BlockingIOError:
+            return MQTTErrorCode.MQTT_ERR_AGAIN
+        except OSError as err:
+            self._easy_log(paho.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
+            return MQTTErrorCode.MQTT_ERR_CONN_LOST
+        if not data:
+            return MQTTErrorCode.MQTT_ERR_CONN_LOST
+        self._buffer, self._position = data, 0
+        return None
+
+    def _whole_packet(self) -> tuple[int, bytes] | None:
+        """(first byte, the rest) of the packet at the buffer's position if all of it is
+        there (the position moves past it); None if not, or if its length is malformed."""
+        buffer, start = self._buffer, self._position
+        length, shift, at = 0, 0, start + 1
+        for _ in range(_VBI_MAX_BYTES):
+            if at >= len(buffer):
+                return None
+            byte = buffer[at]
+            at += 1
+            length |= (byte & 0x7F) << shift
+            shift += 7
+            if not byte & 0x80:
+                break
+        else:
+            return None  # paho's own read says what is wrong with it
+        end = at + length
+        if end > len(buffer):
+            return None
+        self._position = end
+        return buffer[start], buffer[at:end]
+
+    def _handle_whole(self, command: int, body: bytes) -> MQTTErrorCode:
+        """What paho's _packet_read does once a packet is read."""
+        self._in_packet = _in_packet(command, body)
+        try:
+            rc = self._packet_handle()
+        except MalformedPacket as exc:
+            self._easy_log(paho.MQTT_LOG_DEBUG, "Received malformed packet: %s", exc)
+            rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
+        self._in_packet = _in_packet(0, b"")
+        with self._msgtime_mutex:
+            self._last_bytes_received = paho.time_func()
+        return rc
+
     def _sock_recv(self, bufsize: int) -> bytes:
         if self._position >= len(self._buffer):
             data = super()._sock_recv(READ_CHUNK)
@@ -103,7 +168,7 @@ class DeviceClient(LeanClient):
             rc = self._packet_read()
             if rc > 0:
                 return self._loop_rc_handle(rc)
-            if not self._buffered() and not self._ssl_pending():
+            if not self._buffered() and not (self._ssl and self._ssl_pending()):
                 return MQTTErrorCode.MQTT_ERR_SUCCESS  # nothing left: epoll says when more comes
 
     def _ssl_pending(self) -> bool:
@@ -188,7 +253,20 @@ class DeviceClient(LeanClient):
         return super()._packet_queue(command, packet, mid, qos, info)
 
 
+def _in_packet(command: int, body: bytes) -> paho._InPacket:
+    """paho's record of the packet being read, as it is once the packet is whole."""
+    return {
+        "command": command,
+        "have_remaining": 1 if command else 0,
+        "remaining_count": [],
+        "remaining_mult": 1,
+        "remaining_length": len(body),
+        "packet": body,  # type: ignore[typeddict-item]  (paho reads it, never changes it)
+        "to_process": 0,
+        "pos": 0,
+    }
+
+
 def _mergeable(command: int, qos: int) -> bool:
     kind = command & 0xF0
     return kind in _MERGEABLE and (kind != PUBLISH or qos == 1)
-

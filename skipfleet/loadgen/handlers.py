@@ -100,18 +100,19 @@ class SimHandlers:
         before = self.running_accuracy()
         done = self._timers.call_later(seconds, lambda: self._finetuned(run, before, seconds))
         started = self._timers.time()
+        run.ends_by = started + seconds
 
         def report_progress() -> None:  # as the agent's trainer: the fraction done
             run.progress((self._timers.time() - started) / max(seconds, 1e-9))
-
-        progress = Every(self._timers, PROGRESS_INTERVAL_S, report_progress)
 
         def cancelled() -> None:
             done.cancel()
             run.fail(JobReason.CANCELED, "cancelled while running")
 
         run.on_cancel(cancelled)
-        run.on_end(progress.cancel)
+        # A fine-tune shorter than the progress interval ends before its first tick would
+        if seconds >= PROGRESS_INTERVAL_S:
+            run.on_end(Every(self._timers, PROGRESS_INTERVAL_S, report_progress).cancel)
 
     def _finetuned(self, run: RunningJob, before: float, seconds: float) -> None:
         if run.finished:

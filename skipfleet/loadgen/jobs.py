@@ -46,6 +46,7 @@ class RunningJob:
     in_progress_due: float = 0.0  # loop time from which IN_PROGRESS may go out
     in_progress_sent: float | None = None  # loop time of the last one
     fraction: float = 0.0
+    ends_by: float | None = None  # loop time its handler's own timer ends it, at the latest
 
     def on_cancel(self, hook: Callable[[], None]) -> None:
         """Runs (on the next loop turn) if a CANCEL job targets this one while it runs."""
@@ -192,17 +193,26 @@ class SimJobRunner:
         run = RunningJob(job, self, in_progress_due=arrived + IN_PROGRESS_AFTER_S)
         self.running = run
         self.history[job.job_id] = JobState.IN_PROGRESS
-        delay = run.in_progress_due - self._timers.time()
-        if delay <= 0:  # it waited that long behind another job
+        if run.in_progress_due <= self._timers.time():  # it waited that long behind another job
             self.say_in_progress(run)
-        else:
-            timer = self._timers.call_later(delay, lambda: self.say_in_progress(run))
-            run.on_end(timer.cancel)
         try:
             self._handlers[job.kind](run)
         except Exception as err:  # a bug in a handler fails its job, as in the agent
             log.exception("job %s (%s) failed", job.job_id, job.kind)
             self.end(run, JobState.FAILED, JobReason.INTERNAL_ERROR, f"{type(err).__name__}: {err}")
+        self._remind_in_progress(run)
+
+    def _remind_in_progress(self, run: RunningJob) -> None:
+        """The IN_PROGRESS timer, at the loop time it is due, for a job still running after
+        its handler returned, unless it is sure to have ended by then. Most jobs end inside
+        their handler, and a timer made only to be cancelled cost as much as the status."""
+        delay = run.in_progress_due - self._timers.time()
+        if run.finished or delay <= 0 or run.in_progress_sent is not None:
+            return
+        if run.ends_by is not None and run.ends_by < run.in_progress_due:
+            return  # its own timer ends it first (a cancel ends it sooner still)
+        timer = self._timers.call_later(delay, lambda: self.say_in_progress(run))
+        run.on_end(timer.cancel)
 
     def _finish(
         self,
