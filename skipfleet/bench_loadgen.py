@@ -65,7 +65,7 @@ CANARY_FRACTION = 0.1  # the bench's --canary-fraction
 DEVICE_SECONDS = 0.02  # a simulated fine-tune (the bench's measured one is ~0.02 s)
 COHORT = "default"
 SENDER = "coordinator"
-IDLE_WINDOW_S = 30.0
+IDLE_WINDOW_S = 30.0  # a keepalive and a heartbeat period: every device pings and beats once
 WAIT_S = 120.0
 
 
@@ -189,7 +189,7 @@ class Figures:
 
 
 def measure(fleet: SimulatedFleet, coordinator: Coordinator, plan: RoundPlan, rounds: int,
-            repeat: int) -> Figures:  # fmt: skip
+            repeat: int, idle_s: float = IDLE_WINDOW_S) -> Figures:  # fmt: skip
     (pid,) = fleet.pids
     cpu, walls = [], []
     version = 1  # the warm-up's
@@ -201,8 +201,8 @@ def measure(fleet: SimulatedFleet, coordinator: Coordinator, plan: RoundPlan, ro
         cpu.append((process_cpu_s(pid) - started) / rounds / len(plan.devices) * 1e3)
         walls.append((time.monotonic() - wall) / rounds)
     started = process_cpu_s(pid)
-    time.sleep(IDLE_WINDOW_S)
-    idle = (process_cpu_s(pid) - started) / IDLE_WINDOW_S / len(plan.devices) * 1e3
+    time.sleep(idle_s)
+    idle = (process_cpu_s(pid) - started) / idle_s / len(plan.devices) * 1e3
     return Figures(cpu, idle, walls)
 
 
@@ -235,6 +235,7 @@ def main(argv: list[str] | None = None) -> int:
     add("--devices", type=int, default=250, help="in the one generator process (bench: 250)")
     add("--rounds", type=int, default=4, help="rounds a measurement")
     add("--repeat", type=int, default=3, help="measurements; the best counts")
+    add("--idle-seconds", type=float, default=IDLE_WINDOW_S, help="of the idle measurement")
     add("--device-seconds", type=float, default=DEVICE_SECONDS)
     add(
         "--data-dir",
@@ -251,7 +252,7 @@ def main(argv: list[str] | None = None) -> int:
         setup = generator(root, args.devices, args.data_dir, args.device_seconds)
         fleet, coordinator, plan = stack.enter_context(setup)
         play_round(coordinator, plan, 1)  # a warm-up: first-use costs out of the figure
-        figures = measure(fleet, coordinator, plan, args.rounds, args.repeat)
+        figures = measure(fleet, coordinator, plan, args.rounds, args.repeat, args.idle_seconds)
     print("\n".join(figures.lines(args.devices, args.rounds)))
     return 0
 

@@ -168,3 +168,20 @@ def test_an_install_line_is_the_json_it_was(tmp_path):
     assert (first["device"], first["version"], first["how"]) == ("sim-00001", 3, "apply_adapter")
     assert second["version"] is None and isinstance(second["at"], float)
     assert second["at"] == pytest.approx(first["at"], abs=5)
+
+
+def test_the_generator_benchmark_plays_whole_rounds_and_measures_them(data_dir, tmp_path, capsys):
+    from skipfleet import bench_loadgen
+
+    argv = ["--devices", "3", "--rounds", "1", "--repeat", "2", "--idle-seconds", "0.5",
+            "--data-dir", str(data_dir), "--work-dir", str(tmp_path)]  # fmt: skip
+    assert bench_loadgen.main(argv) == 0
+    out = capsys.readouterr().out
+    runs = out.split("(runs: ")[1].split(")")[0].split()
+    assert len(runs) == 2 and all(float(ms) >= 0 for ms in runs)  # 3 devices: a tick or none
+    installs = [json.loads(line) for line in (tmp_path / "loadgen" / "installs-0.jsonl").open()]
+    applied = {(i["device"], i["version"]) for i in installs if i["how"] == "apply_adapter"}
+    devices = {f"sim-{n:05d}" for n in range(3)}
+    assert applied == {(d, v) for d in devices for v in (1, 2, 3)}  # the warm-up, then two
+    finetuned = [i for i in installs if i["how"] == "finetune"]
+    assert len(finetuned) <= 9  # a report installed only if not worse on the hold-out
