@@ -1,25 +1,31 @@
 """The load generator's CPU per simulated device per round, without the coordinator.
 
-`python -m skipfleet.bench_loadgen [--devices 250] [--rounds 4] [--repeat 3]` runs ONE real
-load-generator process (skipfleet.loadgen, the bench's data and options) against a private
-mosquitto, and plays the coordinator's side of a round from this process: every device gets a
-FINETUNE job; once every report is in, a tenth (the canaries) get the new version on
-`cmd/adapter` and two EVALUATE jobs (the candidate and the current version); once those are
-answered, every device gets the retained desired pointer with the adapter inline and its
-APPLY_ADAPTER offer, and the round ends when every offer is answered. Messages are encoded,
+`python -m skipfleet.bench_loadgen [--devices 250] [--rounds 4] [--repeat 3] [--side-by-side
+TREE]` runs a real load-generator process (skipfleet.loadgen, the bench's data and options)
+against a private mosquitto, and plays the coordinator's side of a round from this process:
+every device gets a FINETUNE job; once every report is in, a tenth (the canaries) get the new
+version on `cmd/adapter` and two EVALUATE jobs (the candidate and the current version); once
+those are answered, every device gets the retained desired pointer with the adapter inline and
+its APPLY_ADAPTER offer, and the round ends when every offer is answered. Messages are encoded,
 and carry MQTT v5 properties, as the coordinator's bridge sends them.
 
-The figure is the generator process's CPU seconds (/proc) over --rounds rounds in a row, per
-device per round; the best of --repeat measurements (each one more set of rounds on the same
-fleet), so it is repeatable on a shared machine. Its idle CPU (no round: keepalives, heartbeats)
-per device per second is measured too: a real round pays it for as long as the round lasts.
+The figure is a generator process's CPU seconds (/proc) over --rounds rounds in a row, per
+device per round, for each of --repeat measurements; then its idle CPU (no round: keepalives,
+heartbeats) per device per second, which a real round pays for as long as it lasts. On this
+shared 2-core machine one process's figures vary by 20 % from run to run; `--side-by-side TREE`
+adds a generator running another source tree's code (e.g. `git worktree add --detach DIR main`)
+on the same rounds at the same time, so that both see the same load: compare those two.
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import os
+import signal
+import subprocess
+import sys
 import tempfile
 import threading
 import time
@@ -57,9 +63,9 @@ from skipfleet.bench_coordinator import (
     raise_fd_limit,
 )
 from skipfleet.brokers import MosquittoBroker
-from skipfleet.loadgen.fleet import SimulatedFleet
 from skipfleet.loadgen.reference import run_reference
 from skipfleet.measure import cpu_by_process
+from skipfleet.processes import REPO, child_env
 
 CANARY_FRACTION = 0.1  # the bench's --canary-fraction
 DEVICE_SECONDS = 0.02  # a simulated fine-tune (the bench's measured one is ~0.02 s)
@@ -173,70 +179,116 @@ def process_cpu_s(pid: int) -> float:
 @dataclass
 class Figures:
     round_cpu_ms_per_device: list[float]  # one per repeat: CPU ms / device / round
-    idle_cpu_ms_per_device_s: float  # CPU ms / device / second with no round
-    round_seconds: list[float]  # wall seconds per round, per repeat
+    idle_cpu_ms_per_device_s: float = 0.0  # CPU ms / device / second with no round
 
-    def lines(self, devices: int, rounds: int) -> list[str]:
-        best = min(self.round_cpu_ms_per_device)
-        runs = " ".join(f"{ms:.3f}" for ms in self.round_cpu_ms_per_device)
-        walls = " ".join(f"{s:.2f}" for s in self.round_seconds)
-        return [
-            f"devices {devices} in one generator process, {rounds} rounds a measurement",
-            f"gen CPU ms / device / round: best {best:.3f} (runs: {runs})",
-            f"gen idle CPU ms / device / second: {self.idle_cpu_ms_per_device_s:.4f}",
-            f"round wall s (each measurement's mean): {walls}",
-        ]
+    def line(self, name: str) -> str:
+        runs = sorted(self.round_cpu_ms_per_device)
+        listed = " ".join(f"{ms:.3f}" for ms in self.round_cpu_ms_per_device)
+        return (
+            f"{name}: gen CPU ms / device / round: best {runs[0]:.3f} median "
+            f"{runs[len(runs) // 2]:.3f} (runs: {listed}); idle CPU ms / device / second: "
+            f"{self.idle_cpu_ms_per_device_s:.4f}"
+        )
 
 
-def measure(fleet: SimulatedFleet, coordinator: Coordinator, plan: RoundPlan, rounds: int,
-            repeat: int, idle_s: float = IDLE_WINDOW_S) -> Figures:  # fmt: skip
-    (pid,) = fleet.pids
-    cpu, walls = [], []
+def measure(generators: dict[str, int], coordinator: Coordinator, plan: RoundPlan, rounds: int,
+            repeat: int, idle_s: float = IDLE_WINDOW_S) -> dict[str, Figures]:  # fmt: skip
+    """Each generator's (name: pid) figures over the same rounds."""
+    per_process = len(plan.devices) / len(generators)
+    figures = {name: Figures([]) for name in generators}
     version = 1  # the warm-up's
     for _ in range(repeat):
-        started, wall = process_cpu_s(pid), time.monotonic()
+        started = {name: process_cpu_s(pid) for name, pid in generators.items()}
         for _ in range(rounds):
             version += 1
             play_round(coordinator, plan, version)
-        cpu.append((process_cpu_s(pid) - started) / rounds / len(plan.devices) * 1e3)
-        walls.append((time.monotonic() - wall) / rounds)
-    started = process_cpu_s(pid)
+        for name, pid in generators.items():
+            used = process_cpu_s(pid) - started[name]
+            figures[name].round_cpu_ms_per_device.append(used / rounds / per_process * 1e3)
+    started = {name: process_cpu_s(pid) for name, pid in generators.items()}
     time.sleep(idle_s)
-    idle = (process_cpu_s(pid) - started) / idle_s / len(plan.devices) * 1e3
-    return Figures(cpu, idle, walls)
+    for name, pid in generators.items():
+        used = process_cpu_s(pid) - started[name]
+        figures[name].idle_cpu_ms_per_device_s = used / idle_s / per_process * 1e3
+    return figures
+
+
+class Generator:
+    """One load-generator process running the code of a source tree (this one by default)."""
+
+    def __init__(self, tree: Path, argv: list[str], workdir: Path, n: int) -> None:
+        self.tree = tree
+        self.ready = workdir / f"ready-{n}.json"
+        self._log = open(workdir / f"loadgen-{n}.log", "wb")  # noqa: SIM115 (closed in stop)
+        argv = [*argv, "--ready-file", str(self.ready),
+                "--events", str(workdir / f"installs-{n}.jsonl")]  # fmt: skip
+        env = child_env(PYTHONPATH=str(tree))
+        env["PYTHONPATH"] = str(tree)  # that tree's code only
+        self.process = subprocess.Popen(argv, env=env, cwd=tree, stdout=self._log,
+                                        stderr=subprocess.STDOUT)  # fmt: skip
+
+    def devices(self, timeout_s: float = WAIT_S) -> list[str]:
+        deadline = time.monotonic() + timeout_s
+        while not self.ready.exists():
+            if self.process.poll() is not None or time.monotonic() > deadline:
+                raise RuntimeError(f"the generator of {self.tree} did not get ready")
+            time.sleep(0.1)
+        devices: list[str] = json.loads(self.ready.read_text())["devices"]
+        return devices
+
+    def stop(self) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(30)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+        self._log.close()
 
 
 @contextlib.contextmanager
-def generator(
-    root: Path, devices: int, data_dir: Path, device_seconds: float
-) -> Iterator[tuple[SimulatedFleet, Coordinator, RoundPlan]]:
-    """A broker, one generator process of `devices` devices (all online), the stand-in."""
-    raise_fd_limit(2 * devices + 256)
+def generators(
+    root: Path, devices: int, data_dir: Path, device_seconds: float, trees: list[Path]
+) -> Iterator[tuple[dict[str, int], Coordinator, RoundPlan]]:
+    """A broker, one generator process of `devices` devices per source tree (all online),
+    and the stand-in coordinator."""
+    raise_fd_limit(2 * devices * len(trees) + 256)
     base, shards = prepare_world(data_dir, root / "world", 1)
+    workdir = root / "loadgen"
+    workdir.mkdir(parents=True, exist_ok=True)
     with contextlib.ExitStack() as stack:
         broker = MosquittoBroker(root / "broker", extra_config=broker_config())
         broker.start()
         stack.callback(broker.stop)
-        options = ["--device-seconds", str(device_seconds), "--epochs", str(EPOCHS),
-                   "--lr", str(LR)]  # fmt: skip
-        fleet = SimulatedFleet(broker.url, base, shards, devices, 1, root / "loadgen",
-                               options=options)  # fmt: skip
-        stack.callback(fleet.stop)
-        fleet.start()
+        running = []
+        for n, tree in enumerate(trees):
+            argv = [sys.executable, "-m", "skipfleet.loadgen", "--broker", broker.url,
+                    "--base-model", str(base), "--data", str(shards[0]),
+                    "--devices", str(devices), "--first-index", str(n * devices),
+                    "--device-seconds", str(device_seconds), "--epochs", str(EPOCHS),
+                    "--lr", str(LR)]  # fmt: skip
+            running.append(Generator(tree, argv, workdir, n))
+            stack.callback(running[-1].stop)
+        ids = [device for generator in running for device in generator.devices()]
         reference = run_reference(base, shards[0], epochs=1, lr=LR)  # the adapter's shapes
         coordinator = Coordinator(broker.url, load_base_model(base).weights_hash)
         stack.callback(coordinator.close)
-        yield fleet, coordinator, RoundPlan(fleet.device_ids, reference.arrays)
+        names = {f"{tree} [{n}]": g.process.pid for n, (tree, g) in
+                 enumerate(zip(trees, running, strict=True))}  # fmt: skip
+        yield names, coordinator, RoundPlan(ids, reference.arrays)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     add = parser.add_argument
-    add("--devices", type=int, default=250, help="in the one generator process (bench: 250)")
+    add("--devices", type=int, default=250, help="per generator process (the bench's: 250)")
     add("--rounds", type=int, default=4, help="rounds a measurement")
     add("--repeat", type=int, default=3, help="measurements; the best counts")
     add("--idle-seconds", type=float, default=IDLE_WINDOW_S, help="of the idle measurement")
     add("--device-seconds", type=float, default=DEVICE_SECONDS)
+    add("--side-by-side", type=Path, action="append", default=[], metavar="TREE",
+        help="also a generator running this source tree's code (a worktree of main), on the "
+        "same rounds at the same time: an A/B that the machine's load hits alike")  # fmt: skip
     add(
         "--data-dir",
         type=Path,
@@ -247,13 +299,15 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.data_dir is None:
         parser.error("--data-dir (or $SKIPFLEET_DATA_DIR) is needed")
+    trees = [REPO, *(tree.resolve() for tree in args.side_by_side)]
     with contextlib.ExitStack() as stack:
         root = args.work_dir or Path(stack.enter_context(tempfile.TemporaryDirectory()))
-        setup = generator(root, args.devices, args.data_dir, args.device_seconds)
-        fleet, coordinator, plan = stack.enter_context(setup)
+        setup = generators(root, args.devices, args.data_dir, args.device_seconds, trees)
+        pids, coordinator, plan = stack.enter_context(setup)
         play_round(coordinator, plan, 1)  # a warm-up: first-use costs out of the figure
-        figures = measure(fleet, coordinator, plan, args.rounds, args.repeat, args.idle_seconds)
-    print("\n".join(figures.lines(args.devices, args.rounds)))
+        figures = measure(pids, coordinator, plan, args.rounds, args.repeat, args.idle_seconds)
+    print(f"{args.devices} devices a generator process, {args.rounds} rounds a measurement")
+    print("\n".join(f.line(name) for name, f in figures.items()))
     return 0
 
 
