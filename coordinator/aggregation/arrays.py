@@ -67,14 +67,21 @@ def has_deltas(arrays: Arrays) -> bool:
 
 
 def effective_delta(arrays: Arrays, shape: AdapterShape, layer: int) -> np.ndarray:
-    """ΔW_k = delta_k + A_k B_k in float64; a part the adapter does not carry counts as zero."""
-    total = np.zeros(shape.delta_shape(layer), dtype=np.float64)
-    if delta_name(layer) in arrays:
-        total += arrays[delta_name(layer)]
+    """ΔW_k = delta_k + A_k B_k in float64 (a new array); a part the adapter does not carry
+    counts as zero. A part of another shape raises ValueError: it is never broadcast. (It runs
+    for every report several times a round: the product is the result, not added to zeros.)"""
+    expected = shape.delta_shape(layer)
+    total: np.ndarray | None = None
     if a_name(layer) in arrays:
         a = np.asarray(arrays[a_name(layer)], dtype=np.float64)
-        b = np.asarray(arrays[b_name(layer)], dtype=np.float64)
-        total += a @ b
+        total = a @ np.asarray(arrays[b_name(layer)], dtype=np.float64)
+    if delta_name(layer) in arrays:
+        delta = np.asarray(arrays[delta_name(layer)], dtype=np.float64)
+        total = delta.copy() if total is None else delta + total
+    if total is None:
+        return np.zeros(expected, dtype=np.float64)
+    if total.shape != expected:
+        raise ValueError(f"ΔW{layer} has shape {total.shape}, the adapter's is {expected}")
     return total
 
 
