@@ -119,6 +119,11 @@ class BridgeMetrics(Protocol):
 
     def apply(self, report: MetricsReport) -> None: ...
 
+    @property
+    def refreshes_on_scrape(self) -> bool:
+        """Makes its own snapshots when read: the bridge asks for events only."""
+        ...
+
 
 class InboundDecoder:
     """bytes on a topic -> a Received, or None (a chunk still waiting, or a counted rejection).
@@ -527,7 +532,8 @@ class MqttBridge:
                 busy = self._publish_handed_out()
                 if time.monotonic() >= next_metrics:
                     next_metrics = time.monotonic() + self._config.metrics_interval_s
-                    self._metrics.apply(self._port.metrics_report())
+                    snapshot = not self._metrics.refreshes_on_scrape
+                    self._metrics.apply(self._port.metrics_report(snapshot))
                 failures = 0
             except Unavailable as err:
                 failures = min(failures + 1, 6)

@@ -402,3 +402,32 @@ def test_a_batch_of_heartbeats_alone_asks_for_no_tick_and_one_with_an_event_does
     assert service.device("pi-1")["last_heartbeat_at"] is not None
     bridge.stop()
     service.close()
+
+
+class SnapshotAsks(LocalFleetPort):
+    def __init__(self, service: FleetService) -> None:
+        super().__init__(service)
+        self.asked: list[bool] = []
+
+    def metrics_report(self, snapshot: bool = True):
+        self.asked.append(snapshot)
+        return super().metrics_report(snapshot)
+
+
+@pytest.mark.parametrize("on_scrape", [False, True])
+def test_the_bridge_asks_for_snapshots_only_when_the_metrics_do_not_make_them_on_scrape(
+    tmp_path, on_scrape
+):
+    config = dataclasses.replace(make_config(tmp_path), metrics_interval_s=0.05)
+    service = FleetService(config, clock=ManualClock())
+    port, metrics = SnapshotAsks(service), FleetMetrics()
+    if on_scrape:
+        metrics.refresh_on_scrape(lambda: port.metrics_report(True), max_age_s=2.0)
+    bridge = MqttBridge(config, port, metrics, client_factory=FakeClient)
+    bridge.start()
+    try:
+        wait_for(lambda: len(port.asked) >= 2)
+        assert set(port.asked) == {not on_scrape}
+    finally:
+        bridge.stop()
+        service.close()
