@@ -29,6 +29,7 @@ from shared.http_auth import RequestGuard, ensure_token_file
 log = logging.getLogger(__name__)
 
 ACTOR_START_TIMEOUT_S = 60.0
+SCRAPE_REFRESH_TIMEOUT_S = 5.0  # a /metrics scrape waits this long for a fresh snapshot
 
 
 class StartupError(RuntimeError):
@@ -97,6 +98,10 @@ class Coordinator:
         except Exception as err:
             raise StartupError(f"the fleet actor did not start: {err}") from err
         metrics, metrics_port = serve_metrics(config)
+        # Within a scrape's time (Prometheus waits 10 s by default); the actor answers metrics
+        # in a thread of their own, not behind an ingest.
+        scrapes = RayFleetPort(actor, timeout_s=SCRAPE_REFRESH_TIMEOUT_S)
+        metrics.refresh_on_scrape(scrapes.metrics_report, config.metrics_interval_s)
         fatal = FatalSignal()
         bridge = MqttBridge(config, port, metrics, on_fatal=fatal)
         api = serve_api(

@@ -19,7 +19,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from enum import StrEnum
 from typing import Protocol
 
@@ -72,6 +72,10 @@ MAX_BATCH = 256
 # otherwise sends batches of a few messages (its acknowledgements wait that much longer).
 LINGER_BELOW = 64
 LINGER_S = 0.01
+# A batch of heartbeats alone waits this long for more (cut to LINGER_S by any other message):
+# a heartbeat is a state that only the next tick reads, and an idle fleet's heartbeats otherwise
+# went one or two a call (1,000 devices: 22 ingest calls a second, ~0.9 ms of CPU each).
+BEATS_LINGER_S = 0.2
 # Past this many queued messages, a heartbeat (QoS 0, a state) waits beside the queue as its
 # device's latest one, replacing (and counting as `overload`) an older one still waiting; other
 # QoS 0 messages are dropped and counted. QoS 1 messages are always queued: the broker holds them
@@ -114,6 +118,11 @@ class BridgeMetrics(Protocol):
     def message_rejected(self, reason: str) -> None: ...
 
     def apply(self, report: MetricsReport) -> None: ...
+
+    @property
+    def refreshes_on_scrape(self) -> bool:
+        """Makes its own snapshots when read: the bridge asks for events only."""
+        ...
 
 
 class InboundDecoder:
@@ -451,12 +460,29 @@ class MqttBridge:
                 items = []
             items += self._take(MAX_BATCH - len(items))
             if items and len(items) < LINGER_BELOW and not self._stopping.is_set():
-                self._stopping.wait(LINGER_S)  # let a small batch fill a little first
-                items += self._take(MAX_BATCH - len(items))
+                self._linger(items)  # let a small batch fill a little first
             self._dequeued(items)
             items += self._take_beats(MAX_BATCH // 4)  # held heartbeats: after the queue's
             if items:
                 self._forward(items)
+
+    def _linger(self, items: list[tuple[Received | None, AckToken]]) -> None:
+        """Adds to a small batch what arrives within LINGER_S, or BEATS_LINGER_S while the
+        batch holds only heartbeats (cut to LINGER_S by any other message), up to LINGER_BELOW
+        and then whatever is queued, up to MAX_BATCH."""
+        start = time.monotonic()
+        linger = LINGER_S if _events_in(items) else BEATS_LINGER_S
+        while len(items) < LINGER_BELOW and not self._stopping.is_set():
+            left = start + linger - time.monotonic()
+            if left <= 0:
+                break
+            try:
+                items.append(self._inbox.get(timeout=left))
+            except queue.Empty:
+                break
+            if linger > LINGER_S and _events_in(items[-1:]):
+                linger = LINGER_S
+        items += self._take(MAX_BATCH - len(items))
 
     def _forward(self, items: list[tuple[Received | None, AckToken]]) -> None:
         """Commits the batch in the fleet state, then acknowledges it. While the fleet state is
@@ -474,7 +500,7 @@ class MqttBridge:
                 time.sleep(backoff_delay(attempt, base_s=0.5, cap_s=10.0))
                 attempt = min(attempt + 1, 6)
         self._acks.ack(token for _, token in items)
-        if batch:
+        if _events_in(items):  # heartbeats alone wait for the next tick: only it reads them
             self._wake.set()
 
     def _take(self, limit: int) -> list[tuple[Received | None, AckToken]]:
@@ -506,7 +532,8 @@ class MqttBridge:
                 busy = self._publish_handed_out()
                 if time.monotonic() >= next_metrics:
                     next_metrics = time.monotonic() + self._config.metrics_interval_s
-                    self._metrics.apply(self._port.metrics_report())
+                    snapshot = not self._metrics.refreshes_on_scrape
+                    self._metrics.apply(self._port.metrics_report(snapshot))
                 failures = 0
             except Unavailable as err:
                 failures = min(failures + 1, 6)
@@ -552,6 +579,15 @@ class MqttBridge:
             self._session_lost.set()
             raise
         log.info("no MQTT session on the broker: %d open jobs asked again", asked)
+
+
+def _events_in(items: Sequence[tuple[Received | None, AckToken]]) -> bool:
+    """Some item is a device message other than a heartbeat (None: one the decoder refused,
+    acknowledged in order, which asks for nothing)."""
+    return any(
+        received is not None and received.envelope.kind != MessageKind.HEARTBEAT
+        for received, _ in items
+    )
 
 
 def _also(first: Callable[..., None] | None, then: Callable[[], None]) -> Callable[..., None]:

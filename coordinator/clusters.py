@@ -136,8 +136,10 @@ class ClusterBook:
             self._db.execute("DELETE FROM cluster_members WHERE cohort = ?", (cohort,))
             self._db.execute("DELETE FROM cluster_centroids WHERE cohort = ?", (cohort,))
             at = self._clock()
-            for p in placements:
-                self._save(cohort, p, at)
+            self._db.executemany(  # the cohort's rows were deleted just above: no conflict
+                "INSERT INTO cluster_members VALUES (?, ?, ?, ?, ?)",
+                [(cohort, p.device_id, p.cluster, p.how, at) for p in placements],
+            )
             for cluster, centroid in centroids.items():
                 blob = None if centroid is None else np.asarray(centroid, "<f8").tobytes()
                 self._db.execute(

@@ -346,5 +346,9 @@ class JobTable:
 def _from_row(row: Any) -> Job:
     """A row of _SELECT (columns in Job's field order)."""
     values = list(row)
-    values[_STATE] = JobState(values[_STATE])
+    values[_STATE] = _STATES.get(values[_STATE]) or JobState(values[_STATE])  # (raises if unknown)
     return Job(*values)
+
+
+# A dict look-up, not JobState(...) (1.3 µs): a round's view reads every member's job.
+_STATES = {state.value: state for state in JobState}

@@ -206,4 +206,4 @@ class FleetSnapshot:
 @dataclass(frozen=True)
 class MetricsReport:
     events: tuple[MetricEvent, ...]
-    snapshot: FleetSnapshot
+    snapshot: FleetSnapshot | None  # None: events only (the snapshot is made when scraped)

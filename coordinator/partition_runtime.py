@@ -95,10 +95,15 @@ class RelayMetrics:
     def message_rejected(self, reason: str) -> None:
         self._events.record(MessageRejected(reason))
 
+    @property
+    def refreshes_on_scrape(self) -> bool:
+        return False  # the driver takes every interval's report, snapshot included
+
     def apply(self, report: MetricsReport) -> None:
         for event in report.events:
             self._events.record(event)
-        self._snapshot = report.snapshot
+        if report.snapshot is not None:
+            self._snapshot = report.snapshot
 
     def take(self) -> PartitionReport:
         with self._lock:
@@ -194,8 +199,8 @@ class PartitionIngestPort:
         with self._lock:
             return self._service.reask_open_jobs()
 
-    def metrics_report(self) -> MetricsReport:
-        return self._service.metrics_report()
+    def metrics_report(self, snapshot: bool = True) -> MetricsReport:
+        return self._service.metrics_report(snapshot)
 
 
 # ray's type overloads for @ray.remote(...) lack concurrency_groups (as FleetActor's)

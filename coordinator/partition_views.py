@@ -125,7 +125,10 @@ def merge_reports(reports: Sequence[PartitionReport]) -> PartitionReport:
             before = received.get(kind, (0, 0))
             received[kind] = (before[0] + count, before[1] + size)
         sent.update(r.sent)
-    snapshot = merge_snapshots([r.report.snapshot for r in reports])
+    # a partition's report always has one (RelayMetrics keeps its last)
+    snapshot = merge_snapshots(
+        [r.report.snapshot for r in reports if r.report.snapshot is not None]
+    )
     return PartitionReport(MetricsReport(tuple(events), snapshot), received, dict(sent))
 
 

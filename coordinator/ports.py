@@ -64,7 +64,9 @@ class IngestPort(Protocol):
         """The bridge's session was lost: every open job's command again (coordinator.reask)."""
         ...
 
-    def metrics_report(self) -> MetricsReport: ...
+    def metrics_report(self, snapshot: bool = True) -> MetricsReport:
+        """The metric events since the last report, and (snapshot) the fleet's gauges."""
+        ...
 
 
 class FleetPort(OperatorPort, IngestPort, Protocol):
@@ -90,9 +92,9 @@ class LocalFleetPort:
         with self._lock:
             return self.service.reask_open_jobs()
 
-    def metrics_report(self) -> MetricsReport:
+    def metrics_report(self, snapshot: bool = True) -> MetricsReport:
         with self._lock:
-            return self.service.metrics_report()
+            return self.service.metrics_report(snapshot)
 
     def request_finetune(
         self, devices: Sequence[str] | None, cohort: str | None, all_: bool

@@ -223,9 +223,9 @@ class FleetActor:
         return self._service.health()
 
     @ray.method(concurrency_group="health")
-    def metrics_report_packed(self) -> bytes:
-        """The metrics report, pickled here (see pack): a record per device every 2 s."""
-        packed = pack(self._service.metrics_report())
+    def metrics_report_packed(self, snapshot: bool = True) -> bytes:
+        """The metrics report, pickled here (see pack); with the snapshot, a record per device."""
+        packed = pack(self._service.metrics_report(snapshot))
         self._heap.maybe_trim()  # asked every few seconds: the last fleet-wide views are freed
         return packed
 
@@ -334,8 +334,8 @@ class RayFleetPort:
         asked: int = self._call(self.actor.reask_open_jobs)
         return asked
 
-    def metrics_report(self) -> MetricsReport:
-        report: MetricsReport = pickle.loads(self._call(self.actor.metrics_report_packed))
+    def metrics_report(self, snapshot: bool = True) -> MetricsReport:
+        report: MetricsReport = pickle.loads(self._call(self.actor.metrics_report_packed, snapshot))
         return report
 
     def request_finetune(

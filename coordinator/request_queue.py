@@ -7,6 +7,7 @@ One pending request per (device, round); round "" means a request outside any ro
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass
 
 from coordinator.state_db import StateDB
@@ -38,17 +39,18 @@ class RequestQueue:
         db.ensure_schema(_SCHEMA)
 
     def add(self, request: PendingRequest) -> None:
-        # A repeated request keeps its place in the queue (and its first requested_at).
-        self._db.execute(
+        self.add_many([request])
+
+    def add_many(self, requests: Iterable[PendingRequest]) -> None:
+        """One statement for all of them (a round queues every member at once). A repeated
+        request keeps its place in the queue (and its first requested_at)."""
+        self._db.executemany(
             "INSERT INTO finetune_requests VALUES (?, ?, ?, ?, ?) "
             "ON CONFLICT(device_id, round_id) DO UPDATE SET expires_at = excluded.expires_at",
-            (
-                request.device_id,
-                request.round_id or "",
-                request.trigger,
-                request.requested_at,
-                request.expires_at,
-            ),
+            [
+                (r.device_id, r.round_id or "", r.trigger, r.requested_at, r.expires_at)
+                for r in requests
+            ],
         )
 
     def pending(self) -> list[PendingRequest]:

@@ -204,9 +204,10 @@ class FineTuneScheduler:
             cohort=cohort,
         )
         self._rounds.add(rnd)
-        for device in devices:
-            request = PendingRequest(device, Trigger.ROUND, now, rnd.deadline, rnd.round_id)
-            self._requests.add(request)
+        self._requests.add_many(
+            PendingRequest(device, Trigger.ROUND, now, rnd.deadline, rnd.round_id)
+            for device in devices
+        )
         return rnd
 
     def round_status(self, round_id: str) -> RoundStatus:

@@ -240,9 +240,10 @@ class FleetService:
             "stuck": stuck_work(f),
         }
 
-    def metrics_report(self) -> MetricsReport:
-        snapshot = views.snapshot(self.fleet, self._gauges)
-        return MetricsReport(tuple(self.fleet.events.drain()), snapshot)
+    def metrics_report(self, snapshot: bool = True) -> MetricsReport:
+        """The metric events since the last report and (snapshot) the fleet's gauges now."""
+        gauges = views.snapshot(self.fleet, self._gauges) if snapshot else None
+        return MetricsReport(tuple(self.fleet.events.drain()), gauges)
 
     def close(self) -> None:
         self.fleet.close()

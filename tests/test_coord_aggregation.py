@@ -20,6 +20,8 @@ from coordinator.aggregation import (
     bound_reports,
     validate_fit_result,
 )
+from coordinator.aggregation import arrays as aggregation_arrays
+from coordinator.aggregation.arrays import effective_delta
 from tests.coord_helpers import SHAPE, random_deltas, random_factors
 
 
@@ -228,6 +230,29 @@ def test_trimmed_mean_drops_each_coordinates_extremes():
     np.testing.assert_allclose(aggregate.arrays["delta1"], 0.2, rtol=1e-6)
     with pytest.raises(ValueError, match="trim"):
         TrimmedMeanStrategy(SHAPE, trim=0.5)
+
+
+@pytest.mark.parametrize("strategy", [CoordinateMedianStrategy, TrimmedMeanStrategy])
+def test_a_coordinate_statistic_stacked_a_few_rows_at_a_time_is_the_same(
+    rng, strategy, monkeypatch
+):
+    results = reports(rng, counts=(5, 7, 9, 11))
+    whole = strategy(SHAPE).aggregate_fit(results)
+    per_row = len(results) * SHAPE.n_classes * 8
+    monkeypatch.setattr(aggregation_arrays, "LAYER_STACK_BYTES", 3 * per_row)  # 3 rows a block
+    blocks = strategy(SHAPE).aggregate_fit(results)
+    assert whole.arrays.keys() == blocks.arrays.keys()
+    for name in whole.arrays:
+        np.testing.assert_array_equal(whole.arrays[name], blocks.arrays[name])
+
+
+def test_a_deltas_rows_are_those_rows_of_the_whole_and_another_shape_is_refused(rng):
+    arrays = {**random_factors(rng), **random_deltas(rng)}
+    whole = effective_delta(arrays, SHAPE, 1)
+    np.testing.assert_array_equal(effective_delta(arrays, SHAPE, 1, slice(2, 5)), whole[2:5])
+    wrong = {**arrays, "B1": np.zeros((4, SHAPE.n_classes + 1), np.float32)}
+    with pytest.raises(ValueError, match="shape"):
+        effective_delta(wrong, SHAPE, 1)
 
 
 def test_reports_beyond_the_value_bound_are_refused_even_as_finite_products(rng):

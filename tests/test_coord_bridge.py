@@ -325,3 +325,109 @@ def test_a_refused_shared_subscription_stops_a_partition_but_not_one_coordinator
         assert fatal == []  # logged; one coordinator's subscriptions were never fatal
     bridge.stop()
     service.close()
+
+
+class RecordingPort(LocalFleetPort):
+    """LocalFleetPort that records the kinds of each ingest call's batch."""
+
+    def __init__(self, service: FleetService) -> None:
+        super().__init__(service)
+        self.batches: list[list[str]] = []
+
+    def ingest(self, batch) -> None:
+        super().ingest(batch)
+        self.batches.append([str(r.envelope.kind) for r in batch])
+
+
+def started_bridge(tmp_path, monkeypatch, **patched):
+    for name, value in patched.items():
+        monkeypatch.setattr(bridge_module, name, value)
+    service = FleetService(make_config(tmp_path), clock=ManualClock())
+    port = RecordingPort(service)
+    bridge = MqttBridge(service.config, port, FleetMetrics(), client_factory=FakeClient)
+    bridge.start()
+    return bridge, port, service
+
+
+def test_heartbeats_alone_wait_for_more_and_go_to_the_fleet_in_one_call(tmp_path, monkeypatch):
+    bridge, port, service = started_bridge(
+        tmp_path, monkeypatch, BEATS_LINGER_S=30.0, LINGER_BELOW=3
+    )
+    try:
+        devices = [SimDevice(f"pi-{n}", ManualClock()) for n in range(3)]
+        for d in devices:
+            service.ingest([d.presence()])
+        for n, d in enumerate(devices):
+            if n == 1:
+                time.sleep(0.3)  # far past LINGER_S: a batch with an event would have gone
+            beat = payload_of(d.heartbeat(adapter_version=5))
+            bridge._client.deliver(f"fleet/{d.device_id}/telemetry", beat, qos=0)
+        wait_for(lambda: port.batches)
+        assert port.batches == [["heartbeat"] * 3]  # one call, filled up to LINGER_BELOW
+    finally:
+        bridge.stop()
+        service.close()
+
+
+def test_an_event_after_a_heartbeat_cuts_the_heartbeats_wait_short(tmp_path, monkeypatch):
+    bridge, port, service = started_bridge(tmp_path, monkeypatch, BEATS_LINGER_S=30.0)
+    try:
+        device = SimDevice("pi-1", ManualClock())
+        bridge._client.deliver("fleet/pi-1/telemetry", payload_of(device.heartbeat()), qos=0)
+        bridge._client.deliver("fleet/pi-1/status", payload_of(device.presence()), mid=7)
+        wait_for(lambda: port.batches, timeout=5.0)  # not BEATS_LINGER_S
+        assert port.batches == [["heartbeat", "presence"]]
+        assert wait_for(lambda: bridge._client.acked) == [7]
+    finally:
+        bridge.stop()
+        service.close()
+
+
+def test_a_batch_of_heartbeats_alone_asks_for_no_tick_and_one_with_an_event_does(tmp_path):
+    service = FleetService(make_config(tmp_path), clock=ManualClock())
+    bridge = MqttBridge(service.config, LocalFleetPort(service), FleetMetrics(),
+                        client_factory=FakeClient)  # fmt: skip
+    device = SimDevice("pi-1", ManualClock())
+
+    def item(received, mid: int, qos: int):
+        topic = "telemetry" if qos == 0 else "status"
+        decoded = bridge._decoder.decode(f"fleet/pi-1/{topic}", payload_of(received))
+        return decoded, bridge._acks.token(mid, qos)
+
+    bridge._forward([item(device.presence(), 1, 1)])
+    assert bridge._wake.is_set()
+    bridge._wake.clear()
+    bridge._forward([item(device.heartbeat(), 0, 0), item(device.heartbeat(), 0, 0)])
+    assert not bridge._wake.is_set()  # the next tick reads them, whenever it comes
+    assert service.device("pi-1")["last_heartbeat_at"] is not None
+    bridge.stop()
+    service.close()
+
+
+class SnapshotAsks(LocalFleetPort):
+    def __init__(self, service: FleetService) -> None:
+        super().__init__(service)
+        self.asked: list[bool] = []
+
+    def metrics_report(self, snapshot: bool = True):
+        self.asked.append(snapshot)
+        return super().metrics_report(snapshot)
+
+
+@pytest.mark.parametrize("on_scrape", [False, True])
+def test_the_bridge_asks_for_snapshots_only_when_the_metrics_do_not_make_them_on_scrape(
+    tmp_path, on_scrape
+):
+    config = dataclasses.replace(make_config(tmp_path), metrics_interval_s=0.05)
+    service = FleetService(config, clock=ManualClock())
+    port, metrics = SnapshotAsks(service), FleetMetrics()
+    if on_scrape:
+        metrics.refresh_on_scrape(lambda: port.metrics_report(True), max_age_s=2.0)
+    bridge = MqttBridge(config, port, metrics, client_factory=FakeClient)
+    bridge.start()
+    try:
+        wait_for(lambda: len(port.asked) >= 2)
+        assert set(port.asked) == {not on_scrape}
+    finally:
+        bridge.stop()
+        service.close()

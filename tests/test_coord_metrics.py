@@ -139,6 +139,61 @@ def test_snapshots_set_gauges_and_forget_what_is_gone():
     assert sample(metrics, "skipfleet_adapter_version", cohort="fan-abc") is None
 
 
+class Reports:
+    """A metrics source that counts its calls; each report has one more device than the last."""
+
+    def __init__(self) -> None:
+        self.calls = 0
+        self.fail = False
+
+    def __call__(self) -> MetricsReport:
+        if self.fail:
+            raise TimeoutError("the fleet actor did not answer in 5 s")
+        self.calls += 1
+        devices = tuple(DeviceGauges(f"pi-{n}", True) for n in range(self.calls))
+        return MetricsReport((JobTransition("QUEUED", None),), FleetSnapshot(devices=devices))
+
+
+def test_a_scrape_makes_the_snapshot_it_shows_at_most_once_per_max_age(monkeypatch):
+    now = [100.0]
+    monkeypatch.setattr("coordinator.metrics.time.monotonic", lambda: now[0])
+    metrics, source = FleetMetrics(), Reports()
+    metrics.refresh_on_scrape(source, max_age_s=2.0)
+    assert metrics.refreshes_on_scrape and source.calls == 0  # nothing made before a scrape
+    generate_latest(metrics.registry)
+    assert source.calls == 1 and sample(metrics, "skipfleet_devices_known") == 1
+    now[0] += 1.9
+    generate_latest(metrics.registry)  # younger than max_age_s: the same snapshot
+    assert source.calls == 1 and sample(metrics, "skipfleet_devices_known") == 1
+    now[0] += 0.2
+    text = generate_latest(metrics.registry).decode()
+    assert source.calls == 2 and 'skipfleet_device_online{device="pi-1"} 1.0' in text
+    assert sample(metrics, "skipfleet_job_transitions_total", state="QUEUED") == 2  # events too
+
+
+def test_a_scrape_whose_snapshot_fails_shows_the_last_one(monkeypatch, caplog):
+    now = [100.0]
+    monkeypatch.setattr("coordinator.metrics.time.monotonic", lambda: now[0])
+    metrics, source = FleetMetrics(), Reports()
+    metrics.refresh_on_scrape(source, max_age_s=2.0)
+    generate_latest(metrics.registry)
+    source.fail, now[0] = True, now[0] + 5.0
+    generate_latest(metrics.registry)
+    assert sample(metrics, "skipfleet_devices_known") == 1
+    assert "shows the last fleet snapshot" in caplog.text
+    source.fail = False
+    generate_latest(metrics.registry)  # the next scrape tries again
+    assert source.calls == 2 and sample(metrics, "skipfleet_devices_known") == 2
+
+
+def test_a_report_without_a_snapshot_moves_counters_and_leaves_the_gauges():
+    metrics = FleetMetrics()
+    metrics.apply(MetricsReport((), FleetSnapshot(devices=(DeviceGauges("pi-1", True),))))
+    metrics.apply(MetricsReport((JobTransition("QUEUED", None),), None))
+    assert sample(metrics, "skipfleet_devices_known") == 1
+    assert sample(metrics, "skipfleet_job_transitions_total", state="QUEUED") == 1
+
+
 def test_what_a_device_runs_is_one_series_that_moves_and_unknown_scores_are_absent():
     metrics = FleetMetrics()
     personal = DeviceGauges("pi-1", True, adapter_origin="personal", cluster="c1",

@@ -57,6 +57,7 @@ from shared.topics import TopicKind
 from skipfleet.coordinator_process import ApiClient
 from skipfleet.loadgen.device import DeviceSettings, SimulatedDevice
 from skipfleet.loadgen.fleet import SimulatedFleet, split
+from skipfleet.loadgen.process import InstallLog
 from skipfleet.loadgen.reference import REPORT_VARIANTS, Evaluator, perturbed, run_reference
 from skipfleet.measure import (
     CpuWindow,
@@ -190,6 +191,21 @@ def test_the_reference_is_a_real_fine_tune_and_devices_vary_it(reference):
 def test_devices_are_split_evenly_over_processes():
     assert split(10, 3) == [(0, 4), (4, 3), (7, 3)]
     assert split(2, 5) == [(0, 1), (1, 1)]
+
+
+def test_installs_are_read_from_where_the_last_read_ended_and_a_torn_line_waits(tmp_path):
+    fleet = SimulatedFleet("mqtt://x", tmp_path / "b.npz", [], 4, 2, tmp_path)
+    log = InstallLog(tmp_path / "installs-1.jsonl")
+    log("dev-2", 3, "apply_adapter")
+    assert [(i.device, i.version) for i in fleet.installs()] == [("dev-2", 3)]
+    with (tmp_path / "installs-1.jsonl").open("a") as torn:  # a write caught half-way
+        torn.write('{"device": "dev-3", "version": 3, ')
+    assert len(fleet.installs()) == 1
+    with (tmp_path / "installs-1.jsonl").open("a") as rest:
+        rest.write('"how": "desired_state", "at": 5.0}\n')
+    InstallLog(tmp_path / "installs-0.jsonl")("dev-0", 3, "desired_state")
+    assert sorted(i.device for i in fleet.installs()) == ["dev-0", "dev-2", "dev-3"]
+    assert fleet.first_installs(3, since=0.0).keys() == {"dev-0", "dev-2", "dev-3"}
 
 
 # -- jobs --------------------------------------------------------------------------------------

@@ -7,7 +7,7 @@ B1..3.
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import numpy as np
@@ -66,15 +66,27 @@ def has_deltas(arrays: Arrays) -> bool:
     return delta_name(1) in arrays
 
 
-def effective_delta(arrays: Arrays, shape: AdapterShape, layer: int) -> np.ndarray:
-    """ΔW_k = delta_k + A_k B_k in float64; a part the adapter does not carry counts as zero."""
-    total = np.zeros(shape.delta_shape(layer), dtype=np.float64)
-    if delta_name(layer) in arrays:
-        total += arrays[delta_name(layer)]
+def effective_delta(
+    arrays: Arrays, shape: AdapterShape, layer: int, rows: slice = slice(None)
+) -> np.ndarray:
+    """ΔW_k = delta_k + A_k B_k in float64 (a new array), or its `rows` (input units) alone; a
+    part the adapter does not carry counts as zero. A part of another shape raises ValueError:
+    it is never broadcast. (It runs for every report several times a round: the product is the
+    result, not added to zeros.)"""
+    d, classes = shape.delta_shape(layer)
+    start, stop, _ = rows.indices(d)
+    expected = (stop - start, classes)
+    total: np.ndarray | None = None
     if a_name(layer) in arrays:
-        a = np.asarray(arrays[a_name(layer)], dtype=np.float64)
-        b = np.asarray(arrays[b_name(layer)], dtype=np.float64)
-        total += a @ b
+        a = np.asarray(arrays[a_name(layer)][rows], dtype=np.float64)
+        total = a @ np.asarray(arrays[b_name(layer)], dtype=np.float64)
+    if delta_name(layer) in arrays:
+        delta = np.asarray(arrays[delta_name(layer)][rows], dtype=np.float64)
+        total = delta.copy() if total is None else delta + total
+    if total is None:
+        return np.zeros(expected, dtype=np.float64)
+    if total.shape != expected:
+        raise ValueError(f"ΔW{layer} has shape {total.shape}, the adapter's is {expected}")
     return total
 
 
@@ -82,14 +94,41 @@ def effective_deltas(arrays: Arrays, shape: AdapterShape) -> list[np.ndarray]:
     return [effective_delta(arrays, shape, k) for k in shape.layers]
 
 
-def layer_stack(reports: Sequence[Arrays], shape: AdapterShape, layer: int) -> np.ndarray:
-    """Every report's ΔW_k in one (n, d_k, C) float64 array, filled in place: one layer of the
-    round at a time, with no per-report copy kept beside it (the coordinate-wise statistics
-    held every layer of every report twice over: ~4× this at 10,000 reports)."""
-    stack = np.empty((len(reports), *shape.delta_shape(layer)), dtype=np.float64)
+# A coordinate-wise statistic stacks every report's ΔW_k: at 10,000 fan-sized reports the first
+# layer alone is 61 MB of float64 (and the actor's peak memory). Stacked a block of rows at a
+# time, within this: the same numbers, one more pass over the reports per extra block.
+LAYER_STACK_BYTES = 16 * 2**20
+
+
+def layer_stack(
+    reports: Sequence[Arrays], shape: AdapterShape, layer: int, rows: slice = slice(None)
+) -> np.ndarray:
+    """Every report's ΔW_k (or its `rows`) in one (n, rows, C) float64 array, filled in place,
+    with no per-report copy kept beside it."""
+    d, classes = shape.delta_shape(layer)
+    start, stop, _ = rows.indices(d)
+    stack = np.empty((len(reports), stop - start, classes), dtype=np.float64)
     for i, arrays in enumerate(reports):
-        stack[i] = effective_delta(arrays, shape, layer)
+        stack[i] = effective_delta(arrays, shape, layer, rows)
     return stack
+
+
+def per_coordinate(
+    reports: Sequence[Arrays],
+    shape: AdapterShape,
+    layer: int,
+    statistic: Callable[[np.ndarray], np.ndarray],
+) -> np.ndarray:
+    """statistic(stack) -> (rows, C) over the layer's stack, a block of rows at a time so that
+    no stack is larger than LAYER_STACK_BYTES (statistic may reorder its stack in place)."""
+    d, classes = shape.delta_shape(layer)
+    per_row = max(1, len(reports) * classes * 8)
+    block = max(1, LAYER_STACK_BYTES // per_row)
+    out = np.empty((d, classes), dtype=np.float64)
+    for start in range(0, d, block):
+        rows = slice(start, min(start + block, d))
+        out[rows] = statistic(layer_stack(reports, shape, layer, rows))
+    return out
 
 
 def deltas_as_arrays(

@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from coordinator.aggregation.arrays import deltas_as_arrays, layer_stack
+from coordinator.aggregation.arrays import deltas_as_arrays, per_coordinate
 from coordinator.aggregation.base import AggregationStrategy, FitResult
 
 
@@ -19,7 +19,11 @@ class CoordinateMedianStrategy(AggregationStrategy):
 
     def _combine(self, results: Sequence[FitResult], weights: np.ndarray) -> dict[str, np.ndarray]:
         reports = [r.arrays for r in results]
-        return deltas_as_arrays([
-            np.median(layer_stack(reports, self.shape, k), axis=0, overwrite_input=True)
-            for k in self.shape.layers
-        ])  # fmt: skip
+        return deltas_as_arrays(
+            [per_coordinate(reports, self.shape, k, _median) for k in self.shape.layers]
+        )
+
+
+def _median(stack: np.ndarray) -> np.ndarray:
+    median: np.ndarray = np.median(stack, axis=0, overwrite_input=True)
+    return median

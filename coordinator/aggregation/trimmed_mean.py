@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from coordinator.aggregation.arrays import AdapterShape, deltas_as_arrays, layer_stack
+from coordinator.aggregation.arrays import AdapterShape, deltas_as_arrays, per_coordinate
 from coordinator.aggregation.base import AggregationStrategy, FitResult
 
 DEFAULT_TRIM = 0.1
@@ -32,9 +32,12 @@ class TrimmedMeanStrategy(AggregationStrategy):
     def _combine(self, results: Sequence[FitResult], weights: np.ndarray) -> dict[str, np.ndarray]:
         k = self.dropped_per_end(len(results))
         reports = [r.arrays for r in results]
-        out = []
-        for layer in self.shape.layers:
-            ordered = layer_stack(reports, self.shape, layer)
-            ordered.sort(axis=0)  # in place, per coordinate
-            out.append(ordered[k : len(results) - k].mean(axis=0))
-        return deltas_as_arrays(out)
+
+        def trimmed(stack: np.ndarray) -> np.ndarray:
+            stack.sort(axis=0)  # in place, per coordinate
+            kept: np.ndarray = stack[k : len(results) - k].mean(axis=0)
+            return kept
+
+        return deltas_as_arrays(
+            [per_coordinate(reports, self.shape, layer, trimmed) for layer in self.shape.layers]
+        )
