@@ -269,7 +269,10 @@ def generators(
                     "--lr", str(LR)]  # fmt: skip
             running.append(Generator(tree, argv, workdir, n))
             stack.callback(running[-1].stop)
-        ids = [device for generator in running for device in generator.devices()]
+        # Interleaved: the stand-in sends to the devices in this order, and the generators
+        # should get their messages at the same times (batched alike), not one after the other
+        ids = [device for group in zip(*(g.devices() for g in running), strict=True)
+               for device in group]  # fmt: skip
         reference = run_reference(base, shards[0], epochs=1, lr=LR)  # the adapter's shapes
         coordinator = Coordinator(broker.url, load_base_model(base).weights_hash)
         stack.callback(coordinator.close)
