@@ -125,7 +125,7 @@ def reference(world):
 class Bench:
     """One simulated device, what it published (decoded), and what it installed."""
 
-    def __init__(self, reference, **settings) -> None:
+    def __init__(self, reference, device_seconds: float = SECONDS, **settings) -> None:
         self.timers = ManualTimers()
         self.published: list[tuple[str, bytes, int, bool]] = []
         self.installs: list[tuple[int | None, str]] = []
@@ -133,7 +133,7 @@ class Bench:
         self.reference = reference
         self.device = SimulatedDevice(
             DEVICE, 7, reference, self.evaluator,
-            DeviceSettings(device_seconds=SECONDS, **settings), self.timers,
+            DeviceSettings(device_seconds=device_seconds, **settings), self.timers,
             lambda *publish: self.published.append(publish), boot_id="boot-1",
             on_install=lambda device, version, how: self.installs.append((version, how)),
             rng=random.Random(0),  # heartbeat phase and fetch waits: the same every run
@@ -231,11 +231,7 @@ def test_a_short_finetune_sends_its_report_alone_as_its_end(reference):
 
 
 def test_a_long_finetune_says_in_progress_5_s_after_it_arrived_then_every_5_s(reference):
-    bench = Bench(reference)
-    bench.device = SimulatedDevice(
-        DEVICE, 7, reference, bench.evaluator, DeviceSettings(device_seconds=12.0),
-        bench.timers, lambda *publish: bench.published.append(publish), boot_id="boot-1",
-    )  # fmt: skip
+    bench = Bench(reference, device_seconds=12.0)
     job = bench.job(JobKind.FINETUNE, finetune_params())
     bench.timers.advance(4.9)
     assert bench.states(job.job_id) == []
@@ -260,11 +256,7 @@ def test_a_job_that_ends_before_its_in_progress_is_due_leaves_no_timer_behind(re
 
 
 def test_a_short_finetune_that_waited_says_in_progress_when_due_before_it_ends(reference):
-    bench = Bench(reference)
-    bench.device = SimulatedDevice(
-        DEVICE, 7, reference, bench.evaluator, DeviceSettings(device_seconds=4.0),
-        bench.timers, lambda *publish: bench.published.append(publish), boot_id="boot-1",
-    )  # fmt: skip
+    bench = Bench(reference, device_seconds=4.0)
     first = bench.job(JobKind.FINETUNE, finetune_params(1))
     second = bench.job(JobKind.FINETUNE, finetune_params(2))  # starts at 4 s, due at 5 s
     bench.timers.advance(4.9)
