@@ -44,7 +44,7 @@ def split_publish(header: int, body: bytes | bytearray) -> tuple[bytes, int, byt
         raise NotCommonForm
     topic_end = 2 + int.from_bytes(body[:2], "big")
     position = topic_end + 2 * qos  # the packet id of a QoS 1 message
-    properties_length, size = _variable_int(body, position)
+    properties_length, size = variable_int(body, position)
     payload_start = position + size + properties_length
     if topic_end == 2 or payload_start > len(body):
         raise NotCommonForm
@@ -52,7 +52,7 @@ def split_publish(header: int, body: bytes | bytearray) -> tuple[bytes, int, byt
     return bytes(body[2:topic_end]), mid, bytes(memoryview(body)[payload_start:])
 
 
-def _variable_int(data: bytes | bytearray, start: int) -> tuple[int, int]:
+def variable_int(data: bytes | bytearray, start: int) -> tuple[int, int]:
     """(value, bytes used) of the MQTT Variable Byte Integer at data[start:]."""
     value = 0
     for used in range(_VBI_MAX_BYTES):

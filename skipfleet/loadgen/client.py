@@ -25,10 +25,9 @@ import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.exception import MalformedPacket
 
-from shared.lean_client import LeanClient, NotCommonForm, split_publish
+from shared.lean_client import LeanClient, NotCommonForm, split_publish, variable_int
 
 READ_CHUNK = 65_536  # bytes asked of the socket at once
-_VBI_MAX_BYTES = 4  # a packet's remaining length takes at most 4 bytes
 PUBLISH, PUBACK = 0x30, 0x40
 # Packets that can share a send with the one queued before them: nothing is done after they are
 # written (paho's _packet_write acts after a QoS 0 PUBLISH and a DISCONNECT).
@@ -113,20 +112,14 @@ class DeviceClient(LeanClient):
 
     def _whole_packet(self) -> tuple[int, bytes] | None:
         """(first byte, the rest) of the packet at the buffer's position if all of it is
-        there (the position moves past it); None if not, or if its length is malformed."""
+        there (the position moves past it); None if not, or if its length is malformed (paho's
+        own read says what is wrong with it)."""
         buffer, start = self._buffer, self._position
-        length, shift, at = 0, 0, start + 1
-        for _ in range(_VBI_MAX_BYTES):
-            if at >= len(buffer):
-                return None
-            byte = buffer[at]
-            at += 1
-            length |= (byte & 0x7F) << shift
-            shift += 7
-            if not byte & 0x80:
-                break
-        else:
-            return None  # paho's own read says what is wrong with it
+        try:
+            length, size = variable_int(buffer, start + 1)
+        except NotCommonForm:
+            return None
+        at = start + 1 + size
         end = at + length
         if end > len(buffer):
             return None
