@@ -1,9 +1,10 @@
 """The MQTT bridge: the coordinator's only MQTT client (paho 2.x, callback API v2).
 
 Inbound: paho's network thread only decodes, routes and reassembles chunks (InboundDecoder),
-then hands messages to a queue; a worker thread passes them to the fleet state in batches and
-acknowledges them to the broker (PUBACK, manual acks) only once the fleet state has committed
-them: a message is never lost between the broker and SQLite. The fleet state drops repeats
+then hands messages to a queue; a worker thread passes them to the fleet state in batches (a
+second batch goes while the first is being committed) and another acknowledges each to the
+broker (PUBACK, manual acks) only once the fleet state has committed it, in order: a message is
+never lost between the broker and SQLite. The fleet state drops repeats
 (coordinator.seen). Nothing slow ever runs in a callback.
 Outbound: a control thread ticks the fleet state every tick_interval_s and publishes what its
 durable outbox hands out (jobs with an expiry, adapters chunked under the publish limit, the
@@ -20,6 +21,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
 
@@ -33,7 +35,7 @@ from coordinator.delivery import AckToken, InboundAcks, PublishTracker
 from coordinator.ingest import Received
 from coordinator.observations import MetricsReport, RejectReason
 from coordinator.outbound import Outbound
-from coordinator.ports import IngestPort, Unavailable
+from coordinator.ports import Committed, Committing, IngestPort, Unavailable
 from shared.lean_client import LeanClient
 from shared.mqtt import (
     MqttSettings,
@@ -90,6 +92,10 @@ QUEUED_BEATS_PER_DEVICE = 4
 # Unacknowledged device messages the broker may have in flight to us (MQTT v5 Receive Maximum):
 # we acknowledge after the actor's commit, so mosquitto's default window of 20 would throttle us.
 RECEIVE_MAXIMUM = 2_000
+# Ingest batches on their way to the fleet state at once: while the actor commits one, the next
+# is already pickled and queued behind it, so the actor does not wait for the driver between
+# batches (nor the driver for the actor). Each is acknowledged once it is committed, in order.
+INGEST_IN_FLIGHT = 2
 # Ticks follow events: a committed batch of device messages, an operator's request, or a tick
 # that handed out work asks for the next tick at once, but ticks start at least this far apart
 # (a burst of batches shares one tick, and an event after a quiet spell is not delayed); with
@@ -235,8 +241,11 @@ class MqttBridge:
         self._client.on_message = logged(self._handle_message)
         self._client.on_publish = logged(self._handle_publish)
         self._client.on_subscribe = logged(self._handle_subscribe)
+        self._in_flight = threading.Semaphore(INGEST_IN_FLIGHT)  # batches not committed yet
+        self._submitted: queue.Queue[_Submitted | None] = queue.Queue()  # in order, to settle
         self._threads = [
             threading.Thread(target=self._forward_inbound, name="bridge-inbound", daemon=True),
+            threading.Thread(target=self._settle_inbound, name="bridge-settle", daemon=True),
             threading.Thread(target=self._control_loop, name="bridge-control", daemon=True),
         ]
 
@@ -453,18 +462,36 @@ class MqttBridge:
     # ---- worker threads
 
     def _forward_inbound(self) -> None:
+        """Hands batches to the fleet state, up to INGEST_IN_FLIGHT not yet committed; the
+        settling thread waits for each in order and acknowledges it."""
         while not self._stopping.is_set():
-            try:
-                items = [self._inbox.get(timeout=0.05 if self._latest_beats else 0.2)]
-            except queue.Empty:
-                items = []
-            items += self._take(MAX_BATCH - len(items))
-            if items and len(items) < LINGER_BELOW and not self._stopping.is_set():
-                self._linger(items)  # let a small batch fill a little first
-            self._dequeued(items)
-            items += self._take_beats(MAX_BATCH // 4)  # held heartbeats: after the queue's
+            if not self._in_flight.acquire(timeout=0.2):
+                continue
+            items = self._next_batch()
             if items:
-                self._forward(items)
+                self._submitted.put(self._submit(items))
+            else:
+                self._in_flight.release()
+        self._submitted.put(None)  # after the last batch: the settling thread ends
+
+    def _settle_inbound(self) -> None:
+        while (submitted := self._submitted.get()) is not None:
+            self._settle(submitted)
+            self._in_flight.release()
+
+    def _next_batch(self) -> list[tuple[Received | None, AckToken]]:
+        """Up to MAX_BATCH queued messages, the first waited for a moment; a small batch
+        lingers (below), then held heartbeats are added after the queue's."""
+        try:
+            items = [self._inbox.get(timeout=0.05 if self._latest_beats else 0.2)]
+        except queue.Empty:
+            items = []
+        items += self._take(MAX_BATCH - len(items))
+        if items and len(items) < LINGER_BELOW and not self._stopping.is_set():
+            self._linger(items)  # let a small batch fill a little first
+        self._dequeued(items)
+        items += self._take_beats(MAX_BATCH // 4)  # held heartbeats: after the queue's
+        return items
 
     def _linger(self, items: list[tuple[Received | None, AckToken]]) -> None:
         """Adds to a small batch what arrives within LINGER_S, or BEATS_LINGER_S while the
@@ -484,14 +511,20 @@ class MqttBridge:
                 linger = LINGER_S
         items += self._take(MAX_BATCH - len(items))
 
-    def _forward(self, items: list[tuple[Received | None, AckToken]]) -> None:
-        """Commits the batch in the fleet state, then acknowledges it. While the fleet state is
-        unavailable it retries (nothing is acknowledged, so the broker holds back the rest)."""
+    def _submit(self, items: list[tuple[Received | None, AckToken]]) -> _Submitted:
         batch = [received for received, _ in items if received is not None]
-        attempt = 0
-        while batch:
+        return _Submitted(items, batch, self._port.submit_ingest(batch) if batch else Committed())
+
+    def _settle(self, submitted: _Submitted) -> None:
+        """Waits until the batch is committed in the fleet state, then acknowledges it. While
+        the fleet state is unavailable it submits the batch again (nothing is acknowledged, so
+        the broker holds back the rest); applying it twice changes nothing (coordinator.seen).
+        A batch submitted again after a failure can land after the one submitted behind it,
+        which only a failed actor call (its actor gone, or no answer in 30 s) makes happen."""
+        committing, attempt = submitted.committing, 0
+        while True:
             try:
-                self._port.ingest(batch)
+                committing.wait()
                 break
             except Unavailable as err:
                 if self._stopping.is_set():
@@ -499,8 +532,9 @@ class MqttBridge:
                 log.warning("fleet state unavailable (%s); retrying", err)
                 time.sleep(backoff_delay(attempt, base_s=0.5, cap_s=10.0))
                 attempt = min(attempt + 1, 6)
-        self._acks.ack(token for _, token in items)
-        if _events_in(items):  # heartbeats alone wait for the next tick: only it reads them
+                committing = self._port.submit_ingest(submitted.batch)
+        self._acks.ack(token for _, token in submitted.items)
+        if _events_in(submitted.items):  # heartbeats alone wait for the next tick: it reads them
             self._wake.set()
 
     def _take(self, limit: int) -> list[tuple[Received | None, AckToken]]:
@@ -579,6 +613,15 @@ class MqttBridge:
             self._session_lost.set()
             raise
         log.info("no MQTT session on the broker: %d open jobs asked again", asked)
+
+
+@dataclass(frozen=True)
+class _Submitted:
+    """A batch handed to the fleet state and not acknowledged yet."""
+
+    items: list[tuple[Received | None, AckToken]]  # what the broker is owed an ack for
+    batch: list[Received]  # the decoded messages among them
+    committing: Committing
 
 
 def _events_in(items: Sequence[tuple[Received | None, AckToken]]) -> bool:

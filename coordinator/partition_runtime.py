@@ -54,7 +54,7 @@ from coordinator.partitions import (
     partition_config,
     partition_of,
 )
-from coordinator.ports import Unavailable
+from coordinator.ports import Committing, Unavailable, committed_now
 from coordinator.ray_runtime import (
     ACTOR_TASK_RETRIES,
     FleetHandle,
@@ -173,6 +173,9 @@ class PartitionIngestPort:
             with self._lock:
                 self._service.ingest(routed.local)
         self._peers.wait(refs)
+
+    def submit_ingest(self, batch: Sequence[Received]) -> Committing:
+        return committed_now(self.ingest, batch)
 
     def _place(self, routed: Routed) -> None:
         """Devices not placed yet: looked up in every partition's registry; a heartbeat of a

@@ -2,14 +2,15 @@
 
 One interface, two implementations: RayFleetPort (coordinator.ray_runtime) talks to the actor;
 LocalFleetPort calls a FleetService in this process (unit tests, tools). ingest() returns once
-the batch is committed (the bridge acknowledges it to the broker then); everything else returns
-a value (or raises FleetRequestError / Unavailable).
+the batch is committed (the bridge acknowledges it to the broker then); submit_ingest() starts
+the commit and hands back something to wait on; everything else returns a value (or raises
+FleetRequestError / Unavailable).
 """
 
 from __future__ import annotations
 
 import threading
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Any, Protocol
 
 from coordinator.ingest import Received
@@ -20,6 +21,31 @@ from coordinator.service import READ_VIEWS, FleetService
 
 class Unavailable(RuntimeError):
     """The fleet state did not answer in time (actor restarting, overloaded): try again."""
+
+
+class Committing(Protocol):
+    """A batch handed to the fleet state (IngestPort.submit_ingest)."""
+
+    def wait(self) -> None:
+        """Returns once the batch is committed; Unavailable if that is not known."""
+        ...
+
+
+class Committed:
+    """A batch committed before submit_ingest returned (a port in this process)."""
+
+    def wait(self) -> None:
+        return None
+
+
+class NotCommitted:
+    """A batch submit_ingest could not hand over: wait() raises why."""
+
+    def __init__(self, error: Unavailable) -> None:
+        self._error = error
+
+    def wait(self) -> None:
+        raise self._error
 
 
 class OperatorPort(Protocol):
@@ -56,6 +82,12 @@ class IngestPort(Protocol):
         """Returns when the batch is committed; Unavailable if that is not known."""
         ...
 
+    def submit_ingest(self, batch: Sequence[Received]) -> Committing:
+        """Hands the batch over, returning at once where the port can (the actor's): the bridge
+        keeps a second batch going while it waits for the first. Batches are committed in the
+        order they were submitted."""
+        ...
+
     def tick(self, acknowledged: Sequence[int] = ()) -> list[Outbound]:
         """acknowledged: outbox rows the broker acknowledged (see coordinator.outbox)."""
         ...
@@ -83,6 +115,9 @@ class LocalFleetPort:
     def ingest(self, batch: Sequence[Received]) -> None:
         with self._lock:
             self.service.ingest(batch)
+
+    def submit_ingest(self, batch: Sequence[Received]) -> Committing:
+        return committed_now(self.ingest, batch)
 
     def tick(self, acknowledged: Sequence[int] = ()) -> list[Outbound]:
         with self._lock:
@@ -125,3 +160,14 @@ class LocalFleetPort:
     def health(self) -> dict[str, Any]:
         with self._lock:
             return self.service.health()
+
+
+def committed_now(
+    ingest: Callable[[Sequence[Received]], None], batch: Sequence[Received]
+) -> Committing:
+    """submit_ingest for a port that commits in the caller's thread: done before it returns."""
+    try:
+        ingest(batch)
+    except Unavailable as err:
+        return NotCommitted(err)
+    return Committed()

@@ -38,7 +38,7 @@ from coordinator.ingest import Received
 from coordinator.instance import InstanceConflict
 from coordinator.observations import MetricsReport
 from coordinator.outbound import Outbound
-from coordinator.ports import Unavailable
+from coordinator.ports import Committing, NotCommitted, Unavailable
 from coordinator.service import READ_VIEWS, FleetService
 
 log = logging.getLogger(__name__)
@@ -322,7 +322,13 @@ class RayFleetPort:
         self._timeout_s = timeout_s
 
     def ingest(self, batch: Sequence[Received]) -> None:
-        self._call(self.actor.ingest_packed, pack(list(batch)))
+        self.submit_ingest(batch).wait()
+
+    def submit_ingest(self, batch: Sequence[Received]) -> Committing:
+        try:
+            return _Pending(self, self.actor.ingest_packed.remote(pack(list(batch))))
+        except ray.exceptions.RayActorError as err:
+            return NotCommitted(Unavailable(f"the fleet actor is unavailable: {err}"))
 
     def tick(self, acknowledged: Sequence[int] = ()) -> list[Outbound]:
         outbound: list[Outbound] = pickle.loads(
@@ -369,8 +375,13 @@ class RayFleetPort:
         return answer
 
     def _call(self, method: Any, *args: Any) -> Any:
+        return self.result(method.remote(*args))
+
+    def result(self, ref: ray.ObjectRef[Any]) -> Any:
+        """The call's answer; the service's own errors raised as they are, Unavailable if the
+        actor does not answer in time or is gone."""
         try:
-            return ray.get(method.remote(*args), timeout=self._timeout_s)
+            return ray.get(ref, timeout=self._timeout_s)
         except ray.exceptions.GetTimeoutError:
             waited = f"{self._timeout_s:.0f} s"
             raise Unavailable(f"the fleet actor did not answer in {waited}") from None
@@ -378,3 +389,14 @@ class RayFleetPort:
             raise err.cause from None  # the service's own error (FleetRequestError, ...)
         except ray.exceptions.RayActorError as err:
             raise Unavailable(f"the fleet actor is unavailable: {err}") from None
+
+
+class _Pending:
+    """An ingest call on its way to the actor (RayFleetPort.submit_ingest)."""
+
+    def __init__(self, port: RayFleetPort, ref: ray.ObjectRef[Any]) -> None:
+        self._port = port
+        self._ref = ref
+
+    def wait(self) -> None:
+        self._port.result(self._ref)

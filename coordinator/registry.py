@@ -196,6 +196,15 @@ class FleetRegistry:
             records = (r for r in records if r.cohort == cohort)
         return sorted(records, key=_by_id)
 
+    def counts(self) -> tuple[int, int]:
+        """(devices, online devices), without sorting every record as devices() does: /health
+        asks this, and is polled (10,000 devices: ~10 ms sorted)."""
+        devices = online = 0
+        for record in self._records.values():
+            devices += 1
+            online += record.online
+        return devices, online
+
     def changed_since(self, version: int) -> tuple[list[DeviceRecord], int]:
         """The committed records changed after `version` (0: all), and the version now."""
         return self._records.committed_since(version)

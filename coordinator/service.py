@@ -224,13 +224,13 @@ class FleetService:
 
     def health(self) -> dict[str, Any]:
         f = self.fleet
-        records = f.registry.devices()
+        devices, online = f.registry.counts()
         return {
             "status": "ok",  # the API answers 503 when "stuck" is not empty
             "pid": os.getpid(),
             "started_at": self.started_at,
-            "devices": len(records),
-            "online": sum(1 for r in records if r.online),
+            "devices": devices,
+            "online": online,
             "active_jobs": f.jobs.active_count(),
             "open_rounds": len(f.records.in_stage(RoundStage.RUNNING)),
             "aggregating_rounds": len(f.records.in_stage(RoundStage.AGGREGATING)),

@@ -325,7 +325,9 @@ def test_strategies_over_one_round_validate_each_report_once_and_agree_with_aggr
     calls = []
     real = validation.validate_fit_result
     monkeypatch.setattr(
-        validation, "validate_fit_result", lambda r, s: calls.append(r.device_id) or real(r, s)
+        validation,
+        "validate_fit_result",
+        lambda r, s, **kw: calls.append(r.device_id) or real(r, s, **kw),
     )
     runs = run_strategies(("coordinate-median", "exact-delta", "naive-fedavg"), SHAPE, results, ())
     assert sorted(calls) == ["dev-0", "dev-1", "dev-2"]  # once each, not once per strategy

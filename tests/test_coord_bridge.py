@@ -394,10 +394,10 @@ def test_a_batch_of_heartbeats_alone_asks_for_no_tick_and_one_with_an_event_does
         decoded = bridge._decoder.decode(f"fleet/pi-1/{topic}", payload_of(received))
         return decoded, bridge._acks.token(mid, qos)
 
-    bridge._forward([item(device.presence(), 1, 1)])
+    bridge._settle(bridge._submit([item(device.presence(), 1, 1)]))
     assert bridge._wake.is_set()
     bridge._wake.clear()
-    bridge._forward([item(device.heartbeat(), 0, 0), item(device.heartbeat(), 0, 0)])
+    bridge._settle(bridge._submit([item(device.heartbeat(), 0, 0), item(device.heartbeat(), 0, 0)]))
     assert not bridge._wake.is_set()  # the next tick reads them, whenever it comes
     assert service.device("pi-1")["last_heartbeat_at"] is not None
     bridge.stop()

@@ -303,6 +303,96 @@ def test_the_broker_acknowledgement_of_a_publish_deletes_its_outbox_row(gated_br
     wait_for(lambda: service.health()["outbox_backlog"] == 0)
 
 
+class HeldPort(LocalFleetPort):
+    """submit_ingest returns at once, as the actor's does; a batch is committed only when the
+    test releases it, and the next `failures` releases fail as unavailable instead."""
+
+    def __init__(self, service):
+        super().__init__(service)
+        self.submitted: list[list[str]] = []  # each submission's devices
+        self.released = threading.Semaphore(0)
+        self.failures = 0
+
+    def submit_ingest(self, batch):
+        self.submitted.append([r.device_id for r in batch])
+        return HeldBatch(self, batch)
+
+
+class HeldBatch:
+    def __init__(self, port: HeldPort, batch):
+        self.port, self.batch = port, batch
+
+    def wait(self):
+        assert self.port.released.acquire(timeout=10), "the test never released this batch"
+        if self.port.failures:
+            self.port.failures -= 1
+            raise Unavailable("the actor is restarting")
+        self.port.ingest(self.batch)
+
+
+@pytest.fixture
+def held_bridge(tmp_path, clock):
+    service = FleetService(make_config(tmp_path), clock=clock)
+    port = HeldPort(service)
+    clients = []
+
+    def factory(settings, client_id, manual_ack=False):
+        clients.append(FakeClient(settings, client_id, manual_ack))
+        return clients[-1]
+
+    bridge = MqttBridge(service.config, port, FleetMetrics(), client_factory=factory)
+    bridge.start()
+    (client,) = clients
+    client.on_connect(client, None, RESUMED, ReasonCode(PacketTypes.CONNACK, identifier=0), None)
+    yield client, port, service
+    port.released.release(100)
+    bridge.stop()
+    service.close()
+
+
+def deliver_presence(client, clock, device: str, mid: int) -> None:
+    presence = SimDevice(device, clock).presence().envelope
+    client.deliver(f"fleet/{device}/status", encode_envelope(presence), mid=mid)
+
+
+def test_a_second_batch_goes_to_the_fleet_state_before_the_first_is_committed_and_no_third(
+    held_bridge, clock
+):
+    client, port, service = held_bridge
+    deliver_presence(client, clock, "pi-1", mid=1)
+    wait_for(lambda: len(port.submitted) == 1)
+    deliver_presence(client, clock, "pi-2", mid=2)
+    wait_for(lambda: len(port.submitted) == 2)  # while the first is not committed
+    deliver_presence(client, clock, "pi-3", mid=3)
+    time.sleep(0.2)
+    assert port.submitted == [["pi-1"], ["pi-2"]]  # two on their way at most
+    assert client.acked == [] and service.devices() == []
+    port.released.release()
+    wait_for(lambda: client.acked == [1])  # the first committed: acknowledged, the third sent
+    wait_for(lambda: len(port.submitted) == 3)
+    assert [d["device_id"] for d in service.devices()] == ["pi-1"]
+    port.released.release(2)
+    wait_for(lambda: client.acked == [1, 2, 3])
+    assert [d["device_id"] for d in service.devices()] == ["pi-1", "pi-2", "pi-3"]
+
+
+def test_a_batch_that_fails_is_submitted_again_and_the_one_behind_it_waits_for_its_ack(
+    held_bridge, clock
+):
+    client, port, service = held_bridge
+    port.failures = 1
+    deliver_presence(client, clock, "pi-1", mid=1)
+    wait_for(lambda: len(port.submitted) == 1)
+    deliver_presence(client, clock, "pi-2", mid=2)
+    wait_for(lambda: len(port.submitted) == 2)
+    port.released.release()  # the first fails: submitted again, nothing acknowledged
+    wait_for(lambda: len(port.submitted) == 3)
+    assert port.submitted[2] == ["pi-1"] and client.acked == []
+    port.released.release(2)
+    wait_for(lambda: client.acked == [1, 2])  # in order, each after its commit
+    assert [d["device_id"] for d in service.devices()] == ["pi-1", "pi-2"]
+
+
 # ---- /health
 
 

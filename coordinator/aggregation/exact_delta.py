@@ -11,18 +11,23 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from coordinator.aggregation.arrays import AdapterShape, deltas_as_arrays, effective_deltas
+from coordinator.aggregation.arrays import AdapterShape, delta_chunks, deltas_as_arrays
 from coordinator.aggregation.base import AggregationStrategy, FitResult
 
 
 def weighted_effective_deltas(
     results: Sequence[FitResult], weights: np.ndarray, shape: AdapterShape
 ) -> list[np.ndarray]:
-    """Σ_i p_i ΔW_ik per layer, in float64."""
-    totals = [np.zeros(shape.delta_shape(k), dtype=np.float64) for k in shape.layers]
-    for result, weight in zip(results, weights, strict=True):
-        for total, delta in zip(totals, effective_deltas(result.arrays, shape), strict=True):
-            total += weight * delta
+    """Σ_i p_i ΔW_ik per layer, in float64 (a chunk of reports' ΔW at a time)."""
+    if len(weights) != len(results):
+        raise ValueError(f"{len(weights)} weights for {len(results)} reports")
+    reports = [r.arrays for r in results]
+    totals = []
+    for k in shape.layers:
+        total = np.zeros(shape.delta_shape(k), dtype=np.float64)
+        for begin, deltas in delta_chunks(reports, shape, k):
+            total += np.tensordot(weights[begin : begin + len(deltas)], deltas, axes=1)
+        totals.append(total)
     return totals
 
 

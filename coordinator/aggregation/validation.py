@@ -18,6 +18,7 @@ from coordinator.aggregation.arrays import (
     AdapterShape,
     a_name,
     b_name,
+    delta_chunks,
     delta_name,
     effective_deltas,
 )
@@ -31,8 +32,11 @@ class AggregationError(ValueError):
     """A round or a report that cannot be aggregated; the message names the device."""
 
 
-def validate_fit_result(result: FitResult, shape: AdapterShape) -> tuple[int, ...] | None:
-    """Checks one report; returns its per-layer ranks, or None if it carries deltas only."""
+def validate_fit_result(
+    result: FitResult, shape: AdapterShape, *, products: bool = True
+) -> tuple[int, ...] | None:
+    """Checks one report; returns its per-layer ranks, or None if it carries deltas only.
+    products=False leaves out the bound on its ΔW_k (check_round checks a round's at once)."""
     device = result.device_id
     _check_sample_count(device, result.num_samples)
     names = set(result.arrays)
@@ -54,8 +58,9 @@ def validate_fit_result(result: FitResult, shape: AdapterShape) -> tuple[int, ..
     if a_name(1) not in names:
         return None
     ranks = tuple(_check_factor_pair(device, result, shape, k) for k in shape.layers)
-    for k, delta in zip(shape.layers, effective_deltas(result.arrays, shape), strict=True):
-        check_bound(device, f"ΔW{k}", delta)  # bounded factors can still multiply past it
+    if products:
+        for k, delta in zip(shape.layers, effective_deltas(result.arrays, shape), strict=True):
+            check_bound(device, f"ΔW{k}", delta)  # bounded factors can still multiply past it
     return ranks
 
 
@@ -89,7 +94,8 @@ def check_round(
         failed = ", ".join(f"{f.device_id} ({f.reason})" for f in failures) or "none"
         raise AggregationError(f"empty round: no device returned an adapter; failed: {failed}")
     _check_unique_devices(results, failures)
-    ranks = {r.device_id: validate_fit_result(r, shape) for r in results}
+    ranks = {r.device_id: validate_fit_result(r, shape, products=False) for r in results}
+    _check_product_bounds([r for r in results if ranks[r.device_id] is not None], shape)
     counts = np.array([r.num_samples for r in results], dtype=np.float64)
     weights: np.ndarray = counts / counts.sum()
     return CheckedRound(shape, tuple(r.device_id for r in results), weights, ranks)
@@ -107,6 +113,18 @@ def validate_round(
     if same_rank:
         checked.require_same_rank()
     return checked.weights
+
+
+def _check_product_bounds(results: Sequence[FitResult], shape: AdapterShape) -> None:
+    """validate_fit_result's bound on every report's ΔW_k, a chunk of reports at a time."""
+    reports = [r.arrays for r in results]
+    for k in shape.layers:
+        for begin, deltas in delta_chunks(reports, shape, k):
+            largest = np.abs(deltas).max(axis=(1, 2))
+            for i in np.flatnonzero(~(largest <= ADAPTER_VALUE_BOUND)):  # NaN fails too
+                device = results[begin + int(i)].device_id
+                check_bound(device, f"ΔW{k}", deltas[i])
+                raise AggregationError(f"device {device}: ΔW{k} contains NaN or infinite values")
 
 
 def _check_sample_count(device: str, num_samples: object) -> None:
