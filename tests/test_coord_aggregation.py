@@ -255,6 +255,37 @@ def test_a_deltas_rows_are_those_rows_of_the_whole_and_another_shape_is_refused(
         effective_delta(wrong, SHAPE, 1)
 
 
+def test_stacked_products_in_batched_chunks_equal_each_reports_own_product(rng, monkeypatch):
+    monkeypatch.setattr(aggregation_arrays, "PRODUCT_CHUNK", 3)  # chunks of 3, the last of 1
+    factors = [random_factors(rng) for _ in range(4)]
+    mixed = [*factors[:2], random_factors(rng, rank=2), {**factors[3], **random_deltas(rng)}]
+    for chunked in (factors, mixed):  # one rank and no deltas: batched; mixed: one at a time
+        for layer in SHAPE.layers:
+            stack = aggregation_arrays.layer_stack(chunked, SHAPE, layer, slice(1, 4))
+            for i, arrays in enumerate(chunked):
+                own = effective_delta(arrays, SHAPE, layer, slice(1, 4))
+                np.testing.assert_allclose(stack[i], own, rtol=1e-12, atol=0)
+            seen = [(begin, len(c)) for begin, c in aggregation_arrays.delta_chunks(
+                chunked, SHAPE, layer)]  # fmt: skip
+            assert seen == [(0, 3), (3, 1)]
+
+
+def test_a_batched_chunk_with_a_factor_of_another_shape_is_refused_by_name(rng):
+    arrays = [random_factors(rng) for _ in range(3)]
+    arrays[1] = {**arrays[1], "B1": np.zeros((4, SHAPE.n_classes + 1), np.float32)}
+    with pytest.raises(ValueError, match="shape"):
+        aggregation_arrays.layer_stack(arrays, SHAPE, 1)
+
+
+def test_a_round_check_names_the_report_whose_product_alone_passes_the_bound(rng):
+    results = reports(rng, counts=(10, 20, 30, 40), with_deltas=False)
+    huge = {**results[2].arrays, "A1": np.full((SHAPE.input_dim(1), 4), 30.0, np.float32),
+            "B1": np.full((4, SHAPE.n_classes), 30.0, np.float32)}  # fmt: skip
+    results[2] = FitResult("dev-2", huge, 30)  # each factor within the bound, ΔW1 = 3,600
+    with pytest.raises(AggregationError, match=r"dev-2: ΔW1 holds 3\.6e"):
+        STRATEGIES["exact-delta"](SHAPE).aggregate_fit(results)
+
+
 def test_reports_beyond_the_value_bound_are_refused_even_as_finite_products(rng):
     huge = {**random_factors(rng), "A1": np.full((SHAPE.input_dim(1), 4), 30.0, np.float32),
             "B1": np.full((4, SHAPE.n_classes), 30.0, np.float32)}  # fmt: skip

@@ -426,3 +426,11 @@ def test_a_device_clock_offset_from_its_heartbeat_is_in_its_view_and_a_metric(tm
         "skipfleet_device_clock_offset_seconds", {"device": "pi-1"}
     )
     assert offset == 3600.5
+
+
+def test_health_counts_the_devices_and_those_online(tmp_path, clock):
+    service = FleetService(make_config(tmp_path), clock=clock)
+    devices = [SimDevice(name, clock) for name in ("pi-3", "pi-1", "pi-2")]
+    service.ingest([d.presence() for d in devices] + [devices[0].presence(online=False)])
+    health = service.health()
+    assert (health["devices"], health["online"]) == (3, 2)
