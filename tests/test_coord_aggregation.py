@@ -165,6 +165,15 @@ def test_non_finite_values_are_refused(rng, bad):
         ExactDeltaStrategy(SHAPE).aggregate_fit(results)
 
 
+def test_a_round_check_names_the_report_with_an_array_beyond_the_bound_among_other_ranks(rng):
+    results = reports(rng, with_deltas=False)
+    arrays = random_factors(rng, rank=2)
+    arrays["B3"][1, 0] = 1e6  # finite, alone among reports of rank 4
+    results.append(FitResult("dev-3", arrays, 10))
+    with pytest.raises(AggregationError, match=r"device dev-3: B3 holds 1e\+06, beyond"):
+        ExactDeltaStrategy(SHAPE).aggregate_fit(results)
+
+
 @pytest.mark.parametrize("count", [0, -5, 2.5, True])
 def test_bad_sample_counts_are_refused(rng, count):
     results = reports(rng)

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from coordinator.aggregation.arrays import (
+    PRODUCT_CHUNK,
     AdapterShape,
     a_name,
     b_name,
@@ -33,10 +34,11 @@ class AggregationError(ValueError):
 
 
 def validate_fit_result(
-    result: FitResult, shape: AdapterShape, *, products: bool = True
+    result: FitResult, shape: AdapterShape, *, values: bool = True
 ) -> tuple[int, ...] | None:
     """Checks one report; returns its per-layer ranks, or None if it carries deltas only.
-    products=False leaves out the bound on its ΔW_k (check_round checks a round's at once)."""
+    values=False leaves out the checks of its values, its arrays' and its ΔW_k's (check_round
+    checks a whole round's values at once)."""
     device = result.device_id
     _check_sample_count(device, result.num_samples)
     names = set(result.arrays)
@@ -51,14 +53,14 @@ def validate_fit_result(
             missing = sorted(family - present)
             raise AggregationError(f"device {device}: incomplete adapter, missing {missing}")
     for name in sorted(names):
-        _check_array(device, name, result.arrays[name])
+        _check_array(device, name, result.arrays[name], values)
     if delta_name(1) in names:
         for k in shape.layers:
             _check_shape(device, delta_name(k), result.arrays[delta_name(k)], shape.delta_shape(k))
     if a_name(1) not in names:
         return None
     ranks = tuple(_check_factor_pair(device, result, shape, k) for k in shape.layers)
-    if products:
+    if values:
         for k, delta in zip(shape.layers, effective_deltas(result.arrays, shape), strict=True):
             check_bound(device, f"ΔW{k}", delta)  # bounded factors can still multiply past it
     return ranks
@@ -94,7 +96,8 @@ def check_round(
         failed = ", ".join(f"{f.device_id} ({f.reason})" for f in failures) or "none"
         raise AggregationError(f"empty round: no device returned an adapter; failed: {failed}")
     _check_unique_devices(results, failures)
-    ranks = {r.device_id: validate_fit_result(r, shape, products=False) for r in results}
+    ranks = {r.device_id: validate_fit_result(r, shape, values=False) for r in results}
+    _check_values(results)
     _check_product_bounds([r for r in results if ranks[r.device_id] is not None], shape)
     counts = np.array([r.num_samples for r in results], dtype=np.float64)
     weights: np.ndarray = counts / counts.sum()
@@ -113,6 +116,26 @@ def validate_round(
     if same_rank:
         checked.require_same_rank()
     return checked.weights
+
+
+def _check_values(results: Sequence[FitResult]) -> None:
+    """_check_array's value check on every array of every report, the arrays of one name and
+    shape a chunk of reports at a time (one reduction per report and array cost more than
+    the rest of a round's check: ~0.5 s of CPU at 10,000 reports)."""
+    carriers: dict[tuple[str, tuple[int, ...]], list[int]] = {}
+    for i, result in enumerate(results):
+        for name, array in result.arrays.items():
+            carriers.setdefault((name, array.shape), []).append(i)
+    for (name, array_shape), indices in carriers.items():
+        axes = tuple(range(1, len(array_shape) + 1))
+        for begin in range(0, len(indices), PRODUCT_CHUNK):
+            part = indices[begin : begin + PRODUCT_CHUNK]
+            stacked = np.stack([results[i].arrays[name] for i in part])
+            largest = np.abs(stacked).max(axis=axes, initial=0.0)
+            for j in np.flatnonzero(~(largest <= ADAPTER_VALUE_BOUND)):  # NaN fails too
+                result = results[part[int(j)]]
+                _check_array(result.device_id, name, result.arrays[name])
+                raise AggregationError(f"device {result.device_id}: {name} is out of bounds")
 
 
 def _check_product_bounds(results: Sequence[FitResult], shape: AdapterShape) -> None:
@@ -135,11 +158,13 @@ def _check_sample_count(device: str, num_samples: object) -> None:
         raise AggregationError(f"device {device}: sample count must be > 0, got {num_samples}")
 
 
-def _check_array(device: str, name: str, array: object) -> None:
+def _check_array(device: str, name: str, array: object, values: bool = True) -> None:
     if not isinstance(array, np.ndarray):
         raise AggregationError(f"device {device}: {name} is {type(array).__name__}, not an array")
     if array.dtype.kind != "f":
         raise AggregationError(f"device {device}: {name} has dtype {array.dtype}, not float")
+    if not values:
+        return
     # One reduction for both checks (a NaN or an infinity makes the largest |value| fail the
     # bound too); the finite check runs only to name what failed.
     largest = float(np.abs(array).max(initial=0.0))
