@@ -36,6 +36,7 @@ from coordinator.ingest import Received
 from coordinator.observations import MetricsReport, RejectReason
 from coordinator.outbound import Outbound
 from coordinator.ports import Committed, Committing, IngestPort, Unavailable
+from coordinator.reports import check_values
 from shared.lean_client import LeanClient
 from shared.mqtt import (
     MqttSettings,
@@ -53,6 +54,7 @@ from shared.protocol import (
     DecodeError,
     MessageKind,
     ReassemblyError,
+    Report,
     SenderReassemblers,
     check_route,
     decode,
@@ -185,7 +187,12 @@ class InboundDecoder:
             return None
         if whole is None:
             return None
-        return Received(whole, self._clock())
+        message = whole.message
+        if not isinstance(message, Report):
+            return Received(whole, self._clock())
+        # Here, not in the fleet actor: the actor is a round's bottleneck, this thread is not.
+        checked = check_values(whole.sender, message.adapter, message.metrics.samples)
+        return Received(whole, self._clock(), checked)
 
     def _rejected(self, reason: RejectReason, detail: str) -> None:
         log.debug("dropping an inbound message (%s): %s", reason.value, detail)

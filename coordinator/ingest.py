@@ -19,7 +19,7 @@ from coordinator.fleet import Fleet, task_name
 from coordinator.jobs import Job, JobError, JobState
 from coordinator.observations import FinetuneReported
 from coordinator.registry import LabelFree
-from coordinator.reports import ReportMeta, ReportRejected, check_adapter
+from coordinator.reports import CheckedValues, ReportMeta, ReportRejected, check_adapter
 from coordinator.scheduler import label_free_score
 from shared.protocol import (
     Envelope,
@@ -38,10 +38,12 @@ log = logging.getLogger(__name__)
 
 @dataclass(frozen=True)
 class Received:
-    """A decoded device message and when the bridge received it (the coordinator's clock)."""
+    """A decoded device message and when the bridge received it (the coordinator's clock);
+    a report's values checked already where it was decoded (None: not yet)."""
 
     envelope: Envelope
     received_at: float
+    checked: CheckedValues | None = None
 
     @property
     def device_id(self) -> str:
@@ -63,7 +65,7 @@ class MessageHandler:
             case JobStatus():
                 self._job_status(device, message)
             case Report():
-                self._report(device, message, at)
+                self._report(device, message, at, received.checked)
             case FetchRequest():
                 self._distributor.answer_fetch(device, message.adapter_version)
             case _:
@@ -145,7 +147,9 @@ class MessageHandler:
             f.registry.record_answer(device)
             self._distributor.on_job_finished(updated, status)
 
-    def _report(self, device: str, report: Report, at: float) -> None:
+    def _report(
+        self, device: str, report: Report, at: float, checked: CheckedValues | None
+    ) -> None:
         f = self._fleet
         job = self._owned_job(device, report.job_id)
         record = f.registry.get(device)
@@ -181,7 +185,7 @@ class MessageHandler:
             f.reject("stale_report", f"report for job {job.job_id}, which is {job.state}")
             return
         try:
-            shape = self._check(device, report, record.base_model_hash, record.cohort)
+            shape = self._check(device, report, record.base_model_hash, record.cohort, checked)
         except ReportRejected as err:
             self._refuse(job, device, str(err))
             return
@@ -203,7 +207,12 @@ class MessageHandler:
             self._ended(device, job, JobState.SUCCEEDED, None)
 
     def _check(
-        self, device: str, report: Report, base_hash: str | None, cohort: str
+        self,
+        device: str,
+        report: Report,
+        base_hash: str | None,
+        cohort: str,
+        checked: CheckedValues | None,
     ) -> AdapterShape:
         reported = report.metrics.base_model_hash
         if reported != base_hash:
@@ -212,7 +221,7 @@ class MessageHandler:
                 f"its presence says {(base_hash or '?')[:12]}"
             )
         expected = self._fleet.reports.cohort_shape(cohort)
-        return check_adapter(device, report.adapter, report.metrics.samples, expected)
+        return check_adapter(device, report.adapter, report.metrics.samples, expected, checked)
 
     def _refuse(self, job: Job, device: str, reason: str) -> None:
         f = self._fleet

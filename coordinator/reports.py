@@ -73,6 +73,25 @@ class ReportUnreadable(Exception):
 
 
 @dataclass(frozen=True)
+class CheckedValues:
+    """A report checked where it was decoded (the MQTT bridge, beside the fleet actor rather
+    than in it) against the shape its own arrays imply: `error` says why it was refused, None
+    that it passed. check_adapter then only compares that shape with the cohort's: the checks
+    are the same function over the same shape, so their answer is too."""
+
+    error: str | None = None
+
+
+def check_values(device_id: str, arrays: Mapping[str, np.ndarray], samples: int) -> CheckedValues:
+    """check_adapter's checks of the report alone (no cohort): its verdict, never an exception."""
+    try:
+        check_adapter(device_id, arrays, samples, expected=None)
+    except ReportRejected as err:
+        return CheckedValues(str(err))
+    return CheckedValues()
+
+
+@dataclass(frozen=True)
 class ReportMeta:
     job_id: str
     device_id: str
@@ -117,14 +136,20 @@ def check_adapter(
     arrays: Mapping[str, np.ndarray],
     samples: int,
     expected: AdapterShape | None,
+    checked: CheckedValues | None = None,
 ) -> AdapterShape:
-    """validate_fit_result against the cohort's shape (or the one the arrays imply, if first)."""
+    """validate_fit_result against the cohort's shape (or the one the arrays imply, if first);
+    `checked`: the answer check_values gave for these arrays and samples already."""
     shape = infer_shape(device_id, arrays)
     if expected is not None and shape != expected:
         raise ReportRejected(
             f"device {device_id}: adapter of shape {shape.layer_dims}×{shape.n_classes}, "
             f"the cohort's is {expected.layer_dims}×{expected.n_classes}"
         )
+    if checked is not None:
+        if checked.error is not None:
+            raise ReportRejected(checked.error)
+        return shape
     try:
         validate_fit_result(FitResult(device_id, dict(arrays), samples), shape)
     except AggregationError as err:
