@@ -351,6 +351,8 @@ class MqttBridge:
             return
         self._fight.accepted()
         self._acks.connected()
+        if isinstance(client, LeanClient):
+            client.adopt_receive_maximum(properties)
         client.subscribe(self._topics.coordinator_subscriptions(self._config.share_group))
         self._connected.set()
         log.info("connected to %s (session present: %s)", self._config.mqtt.url,

@@ -78,6 +78,16 @@ class LeanClient(paho.Client):
     inbound PUBLISH and PUBACK packets without building property objects; and acknowledging
     many messages at once (ack_many)."""
 
+    def adopt_receive_maximum(self, properties: Properties | None) -> None:
+        """Keeps as many QoS 1 publishes in flight as the broker's CONNACK allows (its Receive
+        Maximum, MQTT v5), where paho keeps its own 20 whatever the broker allows. Called from
+        on_connect, before anything is published on the new connection. (A coordinator handing
+        out a round's jobs waited for PUBACKs 20 at a time, each read by a network thread busy
+        decoding the reports those jobs brought back.)"""
+        receive_maximum = getattr(properties, "ReceiveMaximum", None)
+        if isinstance(receive_maximum, int) and receive_maximum > 0:
+            self._max_inflight_messages = receive_maximum
+
     def ack_many(self, mids: Iterable[int]) -> None:
         """ack(mid, 1) for each QoS 1 message (manual acks), queued as one write: the network
         thread is woken once and sends them in one go, not once per message."""

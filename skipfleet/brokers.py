@@ -86,6 +86,9 @@ class MosquittoBroker:
             "autosave_interval 1",  # the default snapshot every 30 min loses everything on SIGKILL
             # the coordinator acknowledges after its commit: the broker holds a burst meanwhile
             "max_queued_messages 100000",
+            # QoS 1 messages a client may have in flight to the broker (its Receive Maximum) and
+            # the broker to a client: the default 20 paced a round's 1,000 jobs by PUBACKs
+            "max_inflight_messages 1000",
             f"log_dest file {self.log_path}",
             "log_type error",
             "log_type warning",

@@ -3,17 +3,20 @@ everything else (QoS 2, failures, malformed packets) still read by paho."""
 
 from __future__ import annotations
 
+import dataclasses
 import struct
 import threading
+import time
 
 import paho.mqtt.client as paho
 import pytest
 from paho.mqtt import _packet
 from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
 from paho.mqtt.packettypes import PacketTypes
+from paho.mqtt.properties import Properties
 
 from shared.lean_client import LeanClient, NotCommonForm, split_publish, successful_puback_mid
-from shared.mqtt import MqttProtocol, MqttSettings, _publish_template, make_client
+from shared.mqtt import MqttProtocol, MqttSettings, _publish_template, make_client, parse_broker_url
 
 SETTINGS = MqttSettings("localhost")
 
@@ -144,3 +147,39 @@ def test_ack_many_sends_nothing_when_paho_acknowledges_itself():
     client._thread = threading.current_thread()
     client.ack_many([1, 2])
     assert not client._out_packet
+
+
+def test_the_in_flight_limit_follows_the_brokers_receive_maximum_and_paho_keeps_20_without_one():
+    client = make_client(SETTINGS, "coord", lean=True)
+    assert client.max_inflight_messages == 20  # paho's own, whatever the broker allows
+    client.adopt_receive_maximum(None)  # an MQTT 3.1.1 CONNACK has no properties
+    assert client.max_inflight_messages == 20
+    granted = Properties(PacketTypes.CONNACK)
+    granted.ReceiveMaximum = 1000
+    client.adopt_receive_maximum(granted)
+    assert client.max_inflight_messages == 1000
+
+
+def test_a_coordinator_connected_to_the_products_broker_keeps_a_thousand_publishes_in_flight(
+    mosquitto,
+):
+    from coordinator.bridge import MqttBridge
+    from coordinator.metrics import FleetMetrics
+    from coordinator.ports import LocalFleetPort
+    from coordinator.service import FleetService
+    from tests.coord_fleet_helpers import make_config
+
+    config = make_config(mosquitto.workdir / "state")
+    config = dataclasses.replace(config, mqtt=parse_broker_url(mosquitto.url))
+    service = FleetService(config)
+    bridge = MqttBridge(config, LocalFleetPort(service), FleetMetrics())
+    bridge.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not bridge.connected and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert bridge.connected
+        assert bridge._client.max_inflight_messages == 1000  # the broker's max_inflight_messages
+    finally:
+        bridge.stop()
+        service.close()
