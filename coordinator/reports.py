@@ -17,6 +17,7 @@ from __future__ import annotations
 import functools
 import io
 import json
+import logging
 import sqlite3
 import zipfile
 from collections import OrderedDict
@@ -31,6 +32,8 @@ from coordinator.aggregation import AdapterShape, AggregationError, FitResult, v
 from coordinator.hot_rows import TransactionalNotes
 from coordinator.state_db import StateDB
 from shared.protocol import DecodeError, array_from_wire, array_to_wire
+
+log = logging.getLogger(__name__)
 
 # Reports of a round received in this actor's life are kept in memory too, until the round's
 # aggregation reads them (once: the read takes them out), so a round's inputs are not read back
@@ -82,12 +85,18 @@ class CheckedValues:
     error: str | None = None
 
 
-def check_values(device_id: str, arrays: Mapping[str, np.ndarray], samples: int) -> CheckedValues:
-    """check_adapter's checks of the report alone (no cohort): its verdict, never an exception."""
+def check_values(
+    device_id: str, arrays: Mapping[str, np.ndarray], samples: int
+) -> CheckedValues | None:
+    """check_adapter's checks of the report alone (no cohort): its verdict, never an exception
+    (None if the checks broke: the actor then checks the report itself, and says why)."""
     try:
         check_adapter(device_id, arrays, samples, expected=None)
     except ReportRejected as err:
         return CheckedValues(str(err))
+    except Exception:  # a bug must not lose the message on the MQTT thread
+        log.exception("report from %s could not be checked in the bridge", device_id)
+        return None
     return CheckedValues()
 
 

@@ -86,3 +86,9 @@ def test_a_verdict_names_what_the_actors_own_check_would(samples):
         reports_module.check_adapter("pi-1", arrays, samples, expected=None)
     assert verdict == CheckedValues(error=str(own.value))
     assert "sample count must be > 0" in verdict.error
+
+
+def test_a_check_that_breaks_in_the_bridge_leaves_the_report_to_the_actors_own(monkeypatch):
+    arrays = {"A1": np.ones((12, 4), np.float32), "B1": np.ones((4, 3), np.float32)}
+    monkeypatch.setattr(reports_module, "infer_shape", lambda *a: 1 / 0)  # a bug, not a verdict
+    assert reports_module.check_values("pi-1", arrays, 10) is None
