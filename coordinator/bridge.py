@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable, Sequence
+from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Protocol
@@ -604,11 +605,17 @@ class MqttBridge:
         handed_out = self._port.tick(acknowledged)
         del self._settled[: len(acknowledged)]  # the actor has them (tick raised otherwise)
         waiting, self._unpublished = [*self._unpublished, *handed_out], []
-        for index, outbound in enumerate(waiting):
-            if not self.publish(outbound):
-                self._unpublished = waiting[index:]  # in order, from this one, next tick
-                return True
+        with self._publishing_many():
+            for index, outbound in enumerate(waiting):
+                if not self.publish(outbound):
+                    self._unpublished = waiting[index:]  # in order, from this one, next tick
+                    return True
         return bool(handed_out)
+
+    def _publishing_many(self) -> AbstractContextManager[None]:
+        if isinstance(self._client, LeanClient):
+            return self._client.publishing_many()
+        return nullcontext()
 
     def _reask_if_session_lost(self) -> None:
         """After a connection without a session: the open jobs' commands into the outbox, so

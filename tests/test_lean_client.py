@@ -183,3 +183,36 @@ def test_a_coordinator_connected_to_the_products_broker_keeps_a_thousand_publish
     finally:
         bridge.stop()
         service.close()
+
+
+def test_publishing_many_wakes_the_network_thread_every_64_packets_and_delivers_all_in_order(
+    mosquitto,
+):
+    settings = parse_broker_url(mosquitto.url)
+    received, acked = [], []
+    listener = make_client(settings, "listener", lean=True)
+    listener.on_message = lambda client, userdata, message: received.append(message.payload)
+    listener.on_connect = lambda client, *args: client.subscribe("many/#", qos=1)
+    publisher = make_client(settings, "publisher", lean=True)
+    publisher.max_inflight_messages_set(1000)  # all 200 sent by this thread, none on a PUBACK
+    publisher.on_publish = lambda client, userdata, mid, *args: acked.append(mid)
+    for client in (listener, publisher):
+        client.connect("127.0.0.1", mosquitto.port)
+        client.loop_start()
+    wakes = []
+    real_wake = publisher._wake_network_thread
+    publisher._wake_network_thread = lambda: wakes.append(1) or real_wake()
+    try:
+        time.sleep(0.5)  # both connected, the listener subscribed
+        with publisher.publishing_many():
+            for i in range(200):
+                publisher.publish("many/x", str(i).encode(), qos=1)
+        deadline = time.monotonic() + 10
+        while (len(received) < 200 or len(acked) < 200) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert received == [str(i).encode() for i in range(200)] and len(acked) == 200
+        assert len(wakes) == 200 // 64 + 1  # every 64th packet, and the rest at the end
+    finally:
+        for client in (listener, publisher):
+            client.loop_stop()
+            client.disconnect()
