@@ -22,7 +22,7 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager, nullcontext
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from typing import Protocol
 
@@ -36,7 +36,7 @@ from coordinator.delivery import AckToken, InboundAcks, PublishTracker
 from coordinator.ingest import Received
 from coordinator.observations import MetricsReport, RejectReason
 from coordinator.outbound import Outbound
-from coordinator.ports import Committed, Committing, IngestPort, Unavailable
+from coordinator.ports import Committed, Committing, IngestPort, NotCommitted, Unavailable
 from coordinator.reports import check_values
 from shared.lean_client import LeanClient
 from shared.mqtt import (
@@ -188,12 +188,7 @@ class InboundDecoder:
             return None
         if whole is None:
             return None
-        message = whole.message
-        if not isinstance(message, Report):
-            return Received(whole, self._clock())
-        # Here, not in the fleet actor: the actor is a round's bottleneck, this thread is not.
-        checked = check_values(whole.sender, message.adapter, message.metrics.samples)
-        return Received(whole, self._clock(), checked)
+        return Received(whole, self._clock())
 
     def _rejected(self, reason: RejectReason, detail: str) -> None:
         log.debug("dropping an inbound message (%s): %s", reason.value, detail)
@@ -250,6 +245,7 @@ class MqttBridge:
         self._client.on_publish = logged(self._handle_publish)
         self._client.on_subscribe = logged(self._handle_subscribe)
         self._in_flight = threading.Semaphore(INGEST_IN_FLIGHT)  # batches not committed yet
+        self._abandoned = threading.Event()  # a batch left unacknowledged at a stop
         self._submitted: queue.Queue[_Submitted | None] = queue.Queue()  # in order, to settle
         self._threads = [
             threading.Thread(target=self._forward_inbound, name="bridge-inbound", daemon=True),
@@ -473,21 +469,29 @@ class MqttBridge:
 
     def _forward_inbound(self) -> None:
         """Hands batches to the fleet state, up to INGEST_IN_FLIGHT not yet committed; the
-        settling thread waits for each in order and acknowledges it."""
+        settling thread waits for each in order and acknowledges it. A batch that could not
+        even be handed over holds back the next until it is settled: nothing overtakes it."""
         while not self._stopping.is_set():
             if not self._in_flight.acquire(timeout=0.2):
                 continue
             items = self._next_batch()
-            if items:
-                self._submitted.put(self._submit(items))
-            else:
+            if not items:
                 self._in_flight.release()
+                continue
+            submitted = self._submit(items)
+            self._submitted.put(submitted)
+            if submitted.refused:
+                while not submitted.settled.wait(0.2) and not self._stopping.is_set():
+                    pass
         self._submitted.put(None)  # after the last batch: the settling thread ends
 
     def _settle_inbound(self) -> None:
         while (submitted := self._submitted.get()) is not None:
-            self._settle(submitted)
-            self._in_flight.release()
+            try:
+                self._settle(submitted)
+            finally:
+                submitted.settled.set()
+                self._in_flight.release()
 
     def _next_batch(self) -> list[tuple[Received | None, AckToken]]:
         """Up to MAX_BATCH queued messages, the first waited for a moment; a small batch
@@ -522,27 +526,43 @@ class MqttBridge:
         items += self._take(MAX_BATCH - len(items))
 
     def _submit(self, items: list[tuple[Received | None, AckToken]]) -> _Submitted:
-        batch = [received for received, _ in items if received is not None]
-        return _Submitted(items, batch, self._port.submit_ingest(batch) if batch else Committed())
+        batch = [_checked(received) for received, _ in items if received is not None]
+        committing = self._hand_over(batch) if batch else Committed()
+        return _Submitted(items, batch, committing, refused=isinstance(committing, NotCommitted))
+
+    def _hand_over(self, batch: list[Received]) -> Committing:
+        try:
+            return self._port.submit_ingest(batch)
+        except Exception as err:  # a bug here must not end this thread (nothing would be acked)
+            log.exception("could not hand a batch to the fleet state")
+            return NotCommitted(Unavailable(f"{type(err).__name__}: {err}"))
 
     def _settle(self, submitted: _Submitted) -> None:
         """Waits until the batch is committed in the fleet state, then acknowledges it. While
-        the fleet state is unavailable it submits the batch again (nothing is acknowledged, so
-        the broker holds back the rest); applying it twice changes nothing (coordinator.seen).
-        A batch submitted again after a failure can land after the one submitted behind it,
-        which only a failed actor call (its actor gone, or no answer in 30 s) makes happen."""
+        the fleet state is unavailable (or the wait fails otherwise) it submits the batch again
+        after a backoff (nothing is acknowledged, so the broker holds back the rest); applying
+        it twice changes nothing (coordinator.seen). A batch submitted again after a failed
+        actor call (its actor gone, or no answer in 30 s) can land after the one submitted
+        behind it; one that could not be handed over at all holds the next back (above).
+        Once a batch is left unacknowledged at a stop, none after it is acknowledged."""
         committing, attempt = submitted.committing, 0
-        while True:
+        while not self._abandoned.is_set():
             try:
                 committing.wait()
                 break
-            except Unavailable as err:
+            except Exception as err:
                 if self._stopping.is_set():
-                    return  # not acknowledged: delivered again to the next coordinator
-                log.warning("fleet state unavailable (%s); retrying", err)
-                time.sleep(backoff_delay(attempt, base_s=0.5, cap_s=10.0))
+                    self._abandoned.set()  # delivered again to the next coordinator, in order
+                    return
+                if isinstance(err, Unavailable):
+                    log.warning("fleet state unavailable (%s); retrying", err)
+                else:
+                    log.exception("committing a batch failed; retrying")
+                self._stopping.wait(backoff_delay(attempt, base_s=0.5, cap_s=10.0))
                 attempt = min(attempt + 1, 6)
-                committing = self._port.submit_ingest(submitted.batch)
+                committing = self._hand_over(submitted.batch)
+        if self._abandoned.is_set():
+            return
         self._acks.ack(token for _, token in submitted.items)
         if _events_in(submitted.items):  # heartbeats alone wait for the next tick: it reads them
             self._wake.set()
@@ -638,6 +658,19 @@ class _Submitted:
     items: list[tuple[Received | None, AckToken]]  # what the broker is owed an ack for
     batch: list[Received]  # the decoded messages among them
     committing: Committing
+    refused: bool = False  # not even handed over: nothing goes after it until it is settled
+    settled: threading.Event = field(default_factory=threading.Event)
+
+
+def _checked(received: Received) -> Received:
+    """A report with its checks' verdict (coordinator.reports.check_values), made here on the
+    inbound worker thread: beside the fleet actor, and off paho's network thread (a report
+    chooses its own shapes, so its check can be slow)."""
+    message = received.envelope.message
+    if received.checked is not None or not isinstance(message, Report):
+        return received
+    verdict = check_values(received.device_id, message.adapter, message.metrics.samples)
+    return replace(received, checked=verdict)
 
 
 def _events_in(items: Sequence[tuple[Received | None, AckToken]]) -> bool:

@@ -279,6 +279,13 @@ def test_stacked_products_in_batched_chunks_equal_each_reports_own_product(rng, 
             assert seen == [(0, 3), (3, 1)]
 
 
+def test_a_chunk_holds_fewer_reports_the_larger_they_are_and_always_one():
+    budget = aggregation_arrays.LAYER_STACK_BYTES
+    assert aggregation_arrays.chunk_length(1) == aggregation_arrays.PRODUCT_CHUNK
+    assert aggregation_arrays.chunk_length(budget // 4) == 4
+    assert aggregation_arrays.chunk_length(10 * budget) == 1
+
+
 def test_a_batched_chunk_with_a_factor_of_another_shape_is_refused_by_name(rng):
     arrays = [random_factors(rng) for _ in range(3)]
     arrays[1] = {**arrays[1], "B1": np.zeros((4, SHAPE.n_classes + 1), np.float32)}

@@ -17,7 +17,7 @@ from coordinator.bridge import MqttBridge
 from coordinator.clock import ManualClock
 from coordinator.delivery import InboundAcks, PublishTracker
 from coordinator.metrics import FleetMetrics
-from coordinator.ports import LocalFleetPort, Unavailable
+from coordinator.ports import LocalFleetPort, NotCommitted, Unavailable
 from coordinator.service import FleetService
 from coordinator.state_db import StateDB
 from coordinator.stuck import STUCK_GRACE_S
@@ -391,6 +391,57 @@ def test_a_batch_that_fails_is_submitted_again_and_the_one_behind_it_waits_for_i
     port.released.release(2)
     wait_for(lambda: client.acked == [1, 2])  # in order, each after its commit
     assert [d["device_id"] for d in service.devices()] == ["pi-1", "pi-2"]
+
+
+class RefusingPort(LocalFleetPort):
+    """The first hand-over fails at once (NotCommitted, as a synchronous port's does), the
+    second raises a bug's error on its wait; then batches commit."""
+
+    def __init__(self, service):
+        super().__init__(service)
+        self.submitted: list[list[str]] = []
+
+    def submit_ingest(self, batch):
+        self.submitted.append([r.device_id for r in batch])
+        if len(self.submitted) == 1:
+            return NotCommitted(Unavailable("partition 1 is not running yet"))
+        if len(self.submitted) == 2:
+            return Broken()
+        return super().submit_ingest(batch)
+
+
+class Broken:
+    def wait(self):
+        raise RuntimeError("a bug in the fleet state")
+
+
+def test_a_batch_not_handed_over_holds_the_next_back_and_a_failed_wait_is_retried(
+    tmp_path, clock, monkeypatch
+):
+    monkeypatch.setattr("coordinator.bridge.backoff_delay", lambda *a, **k: 0.01)
+    service = FleetService(make_config(tmp_path), clock=clock)
+    port = RefusingPort(service)
+    clients = []
+
+    def factory(settings, client_id, manual_ack=False):
+        clients.append(FakeClient(settings, client_id, manual_ack))
+        return clients[-1]
+
+    bridge = MqttBridge(service.config, port, FleetMetrics(), client_factory=factory)
+    bridge.start()
+    (client,) = clients
+    client.on_connect(client, None, RESUMED, ReasonCode(PacketTypes.CONNACK, identifier=0), None)
+    try:
+        deliver_presence(client, clock, "pi-1", mid=1)
+        wait_for(lambda: len(port.submitted) >= 1)
+        deliver_presence(client, clock, "pi-2", mid=2)
+        wait_for(lambda: client.acked == [1, 2])
+        # pi-1 refused, then broken, then committed, and only then pi-2 went: never overtaken
+        assert port.submitted == [["pi-1"], ["pi-1"], ["pi-1"], ["pi-2"]]
+        assert [d["device_id"] for d in service.devices()] == ["pi-1", "pi-2"]
+    finally:
+        bridge.stop()
+        service.close()
 
 
 # ---- /health

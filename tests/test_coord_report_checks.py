@@ -1,12 +1,13 @@
-"""A report's checks run where the bridge decodes it (off the fleet actor, a round's bottleneck):
-the actor then only compares the shape the arrays imply with the cohort's, and judges every
-report exactly as it would have checked it itself."""
+"""A report's checks run in the bridge, before its batch goes to the fleet actor (a round's
+bottleneck), on the inbound worker thread: the actor then only compares the shape the arrays
+imply with the cohort's, and judges every report exactly as it would have checked it itself."""
 
 from __future__ import annotations
 
 import numpy as np
 import pytest
 
+import coordinator.bridge as bridge_module
 import coordinator.reports as reports_module
 from coordinator.bridge import InboundDecoder
 from coordinator.clock import ManualClock
@@ -21,8 +22,12 @@ NAMES = ("pi-1", "pi-2", "pi-3", "pi-4", "pi-5")
 
 
 def through_the_bridge(received):
+    """Decoded as the bridge's network thread does, then checked as its inbound worker does."""
     decoder = InboundDecoder(Topics(), FleetMetrics(), publish_limit=65536)
-    return decoder.decode(f"fleet/{received.device_id}/report", encode_envelope(received.envelope))
+    topic = f"fleet/{received.device_id}/report"
+    decoded = decoder.decode(topic, encode_envelope(received.envelope))
+    assert decoded.checked is None  # not on the network thread: a report chooses its shapes
+    return bridge_module._checked(decoded)
 
 
 def judged(tmp_path, decoded: bool) -> dict:

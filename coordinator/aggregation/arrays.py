@@ -100,10 +100,15 @@ def effective_deltas(arrays: Arrays, shape: AdapterShape) -> list[np.ndarray]:
 LAYER_STACK_BYTES = 16 * 2**20
 
 
-# Reports whose products are taken in one batched matmul (their factor stacks beside the output:
-# 512 × 256 × 4 float64 = 4 MiB). One product per report, in Python, took most of a round's
-# aggregation (10,000 reports: ~0.8 s of CPU a pass over them, and a round makes several).
+# Reports whose products are taken in one batched matmul, at most (fewer where their float64
+# copies would pass LAYER_STACK_BYTES: chunk_length). One product per report, in Python, took
+# most of a round's aggregation (10,000 reports: ~0.8 s of CPU a pass, and a round makes several).
 PRODUCT_CHUNK = 512
+
+
+def chunk_length(bytes_per_report: int) -> int:
+    """Reports a chunk may hold: PRODUCT_CHUNK, fewer for large adapters, at least one."""
+    return max(1, min(PRODUCT_CHUNK, LAYER_STACK_BYTES // max(1, bytes_per_report)))
 
 
 def layer_stack(
@@ -114,8 +119,9 @@ def layer_stack(
     d, classes = shape.delta_shape(layer)
     start, stop, _ = rows.indices(d)
     stack = np.empty((len(reports), stop - start, classes), dtype=np.float64)
-    for begin in range(0, len(reports), PRODUCT_CHUNK):
-        chunk = reports[begin : begin + PRODUCT_CHUNK]
+    step = _step(reports, layer, stop - start, classes)
+    for begin in range(0, len(reports), step):
+        chunk = reports[begin : begin + step]
         _fill_deltas(chunk, shape, layer, rows, stack[begin : begin + len(chunk)])
     return stack
 
@@ -126,11 +132,20 @@ def delta_chunks(
     """(index of its first report, ΔW_k of up to PRODUCT_CHUNK reports as one (m, d_k, C)
     float64 array), in order: a pass over every report's ΔW_k that holds one chunk at a time."""
     d, classes = shape.delta_shape(layer)
-    for begin in range(0, len(reports), PRODUCT_CHUNK):
-        chunk = reports[begin : begin + PRODUCT_CHUNK]
+    step = _step(reports, layer, d, classes)
+    for begin in range(0, len(reports), step):
+        chunk = reports[begin : begin + step]
         out = np.empty((len(chunk), d, classes), dtype=np.float64)
         _fill_deltas(chunk, shape, layer, slice(None), out)
         yield begin, out
+
+
+def _step(reports: Sequence[Arrays], layer: int, rows: int, classes: int) -> int:
+    """chunk_length for a layer's products: each report's factors (d × R, R × C) and ΔW (d × C)
+    in float64, R read off the first report (a rank that differs falls back to one at a time)."""
+    first = reports[0] if reports else {}
+    rank = int(np.shape(first[a_name(layer)])[-1]) if a_name(layer) in first else 0
+    return chunk_length(8 * (rows * (rank + classes) + rank * classes))
 
 
 def _fill_deltas(

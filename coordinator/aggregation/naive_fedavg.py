@@ -10,7 +10,7 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from coordinator.aggregation.arrays import PRODUCT_CHUNK, a_name, b_name, delta_name, has_deltas
+from coordinator.aggregation.arrays import a_name, b_name, chunk_length, delta_name, has_deltas
 from coordinator.aggregation.base import AggregationStrategy, FitResult
 
 
@@ -30,8 +30,9 @@ class NaiveFedAvgStrategy(AggregationStrategy):
     ) -> np.ndarray:
         carriers = [(r, w) for r, w in zip(results, weights, strict=True) if name in r.arrays]
         total = np.zeros(carriers[0][0].arrays[name].shape, dtype=np.float64)
-        for begin in range(0, len(carriers), PRODUCT_CHUNK):  # a chunk of reports a product
-            part = carriers[begin : begin + PRODUCT_CHUNK]
+        step = chunk_length(8 * total.size)  # a chunk of reports a product, in float64
+        for begin in range(0, len(carriers), step):
+            part = carriers[begin : begin + step]
             stacked = np.stack([result.arrays[name] for result, _ in part])  # refuses a shape off
             total += np.tensordot(np.array([w for _, w in part]), stacked.astype(np.float64), 1)
         return total.astype(np.float32)

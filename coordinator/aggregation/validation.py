@@ -15,10 +15,10 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from coordinator.aggregation.arrays import (
-    PRODUCT_CHUNK,
     AdapterShape,
     a_name,
     b_name,
+    chunk_length,
     delta_chunks,
     delta_name,
     effective_deltas,
@@ -128,8 +128,9 @@ def _check_values(results: Sequence[FitResult]) -> None:
             carriers.setdefault((name, array.shape), []).append(i)
     for (name, array_shape), indices in carriers.items():
         axes = tuple(range(1, len(array_shape) + 1))
-        for begin in range(0, len(indices), PRODUCT_CHUNK):
-            part = indices[begin : begin + PRODUCT_CHUNK]
+        step = chunk_length(8 * int(np.prod(array_shape)))  # |values| in float64, a chunk
+        for begin in range(0, len(indices), step):
+            part = indices[begin : begin + step]
             stacked = np.stack([results[i].arrays[name] for i in part])
             largest = np.abs(stacked).max(axis=axes, initial=0.0)
             for j in np.flatnonzero(~(largest <= ADAPTER_VALUE_BOUND)):  # NaN fails too
