@@ -330,10 +330,8 @@ class HeldBatch:
         self.port.ingest(self.batch)
 
 
-@pytest.fixture
-def held_bridge(tmp_path, clock):
-    service = FleetService(make_config(tmp_path), clock=clock)
-    port = HeldPort(service)
+def connected_bridge(service: FleetService, port) -> tuple[MqttBridge, FakeClient]:
+    """A started bridge on `port`, its fake client connected with the session resumed."""
     clients = []
 
     def factory(settings, client_id, manual_ack=False):
@@ -344,6 +342,14 @@ def held_bridge(tmp_path, clock):
     bridge.start()
     (client,) = clients
     client.on_connect(client, None, RESUMED, ReasonCode(PacketTypes.CONNACK, identifier=0), None)
+    return bridge, client
+
+
+@pytest.fixture
+def held_bridge(tmp_path, clock):
+    service = FleetService(make_config(tmp_path), clock=clock)
+    port = HeldPort(service)
+    bridge, client = connected_bridge(service, port)
     yield client, port, service
     port.released.release(100)
     bridge.stop()
@@ -421,16 +427,7 @@ def test_a_batch_not_handed_over_holds_the_next_back_and_a_failed_wait_is_retrie
     monkeypatch.setattr("coordinator.bridge.backoff_delay", lambda *a, **k: 0.01)
     service = FleetService(make_config(tmp_path), clock=clock)
     port = RefusingPort(service)
-    clients = []
-
-    def factory(settings, client_id, manual_ack=False):
-        clients.append(FakeClient(settings, client_id, manual_ack))
-        return clients[-1]
-
-    bridge = MqttBridge(service.config, port, FleetMetrics(), client_factory=factory)
-    bridge.start()
-    (client,) = clients
-    client.on_connect(client, None, RESUMED, ReasonCode(PacketTypes.CONNACK, identifier=0), None)
+    bridge, client = connected_bridge(service, port)
     try:
         deliver_presence(client, clock, "pi-1", mid=1)
         wait_for(lambda: len(port.submitted) >= 1)
