@@ -545,8 +545,10 @@ class MqttBridge:
         actor call (its actor gone, or no answer in 30 s) can land after the one submitted
         behind it; one that could not be handed over at all holds the next back (above).
         Once a batch is left unacknowledged at a stop, none after it is acknowledged."""
+        if self._abandoned.is_set():
+            return
         committing, attempt = submitted.committing, 0
-        while not self._abandoned.is_set():
+        while True:
             try:
                 committing.wait()
                 break
@@ -561,8 +563,6 @@ class MqttBridge:
                 self._stopping.wait(backoff_delay(attempt, base_s=0.5, cap_s=10.0))
                 attempt = min(attempt + 1, 6)
                 committing = self._hand_over(submitted.batch)
-        if self._abandoned.is_set():
-            return
         self._acks.ack(token for _, token in submitted.items)
         if _events_in(submitted.items):  # heartbeats alone wait for the next tick: it reads them
             self._wake.set()

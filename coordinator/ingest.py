@@ -39,7 +39,8 @@ log = logging.getLogger(__name__)
 @dataclass(frozen=True)
 class Received:
     """A decoded device message and when the bridge received it (the coordinator's clock);
-    a report's values checked already where it was decoded (None: not yet)."""
+    a report's checks' verdict from the bridge (coordinator.reports.CheckedValues; None: not
+    checked yet, the actor checks it)."""
 
     envelope: Envelope
     received_at: float

@@ -77,8 +77,8 @@ class ReportUnreadable(Exception):
 
 @dataclass(frozen=True)
 class CheckedValues:
-    """A report checked where it was decoded (the MQTT bridge, beside the fleet actor rather
-    than in it) against the shape its own arrays imply: `error` says why it was refused, None
+    """A report checked in the MQTT bridge (its inbound worker, before the batch goes to the
+    fleet actor) against the shape its own arrays imply: `error` says why it was refused, None
     that it passed. check_adapter then only compares that shape with the cohort's: the checks
     are the same function over the same shape, so their answer is too."""
 
@@ -94,7 +94,7 @@ def check_values(
         check_adapter(device_id, arrays, samples, expected=None)
     except ReportRejected as err:
         return CheckedValues(str(err))
-    except Exception:  # a bug must not lose the message on the MQTT thread
+    except Exception:  # a bug must not end the bridge's inbound thread (nothing would be acked)
         log.exception("report from %s could not be checked in the bridge", device_id)
         return None
     return CheckedValues()

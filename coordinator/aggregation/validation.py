@@ -132,9 +132,8 @@ def _check_values(results: Sequence[FitResult]) -> None:
         for begin in range(0, len(indices), step):
             part = indices[begin : begin + step]
             stacked = np.stack([results[i].arrays[name] for i in part])
-            largest = np.abs(stacked).max(axis=axes, initial=0.0)
-            for j in np.flatnonzero(~(largest <= ADAPTER_VALUE_BOUND)):  # NaN fails too
-                result = results[part[int(j)]]
+            for j in _beyond_bound(stacked, axes):
+                result = results[part[j]]
                 _check_array(result.device_id, name, result.arrays[name])
                 raise AggregationError(f"device {result.device_id}: {name} is out of bounds")
 
@@ -144,11 +143,17 @@ def _check_product_bounds(results: Sequence[FitResult], shape: AdapterShape) -> 
     reports = [r.arrays for r in results]
     for k in shape.layers:
         for begin, deltas in delta_chunks(reports, shape, k):
-            largest = np.abs(deltas).max(axis=(1, 2))
-            for i in np.flatnonzero(~(largest <= ADAPTER_VALUE_BOUND)):  # NaN fails too
-                device = results[begin + int(i)].device_id
+            for i in _beyond_bound(deltas, (1, 2)):
+                device = results[begin + i].device_id
                 check_bound(device, f"ΔW{k}", deltas[i])
                 raise AggregationError(f"device {device}: ΔW{k} contains NaN or infinite values")
+
+
+def _beyond_bound(stacked: np.ndarray, axes: tuple[int, ...]) -> list[int]:
+    """Positions along the first axis whose largest |value| is past ADAPTER_VALUE_BOUND (or
+    NaN: it fails the comparison too)."""
+    largest = np.abs(stacked).max(axis=axes, initial=0.0)
+    return [int(i) for i in np.flatnonzero(~(largest <= ADAPTER_VALUE_BOUND))]
 
 
 def _check_sample_count(device: str, num_samples: object) -> None:
