@@ -216,3 +216,47 @@ def test_publishing_many_wakes_the_network_thread_every_64_packets_and_delivers_
         for client in (listener, publisher):
             client.loop_stop()
             client.disconnect()
+
+
+def test_publishes_beyond_the_in_flight_window_go_out_in_order_as_pubacks_free_room(mosquitto):
+    settings = parse_broker_url(mosquitto.url)
+    received, acked = [], []
+    listener = make_client(settings, "listener", lean=True)
+    listener.on_message = lambda client, userdata, message: received.append(message.payload)
+    listener.on_connect = lambda client, *args: client.subscribe("window/#", qos=1)
+    publisher = make_client(settings, "publisher", lean=True)
+    publisher.max_inflight_messages_set(5)  # 295 of 300 wait for room at first
+    publisher.on_publish = lambda client, userdata, mid, *args: acked.append(mid)
+    for client in (listener, publisher):
+        client.connect("127.0.0.1", mosquitto.port)
+        client.loop_start()
+    try:
+        time.sleep(0.5)  # both connected, the listener subscribed
+        for i in range(300):
+            publisher.publish("window/x", str(i).encode(), qos=1)
+        assert len(publisher._waiting) >= 300 - 5 - len(acked)
+        deadline = time.monotonic() + 10
+        while (len(received) < 300 or len(acked) < 300) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert received == [str(i).encode() for i in range(300)] and len(acked) == 300
+        assert not publisher._waiting and publisher._inflight_messages == 0
+    finally:
+        for client in (listener, publisher):
+            client.loop_stop()
+            client.disconnect()
+
+
+def test_after_a_reconnect_reset_what_waits_for_room_is_what_paho_left_queued():
+    client = make_client(SETTINGS, "coord", lean=True)
+    client.max_inflight_messages_set(2)
+    for mid, state in ((7, paho.mqtt_ms_wait_for_puback), (3, paho.mqtt_ms_queued)):
+        message = paho.MQTTMessage(mid, b"fleet/pi-1/cmd/job")
+        message.qos, message.state = 1, state
+        client._out_messages[mid] = message
+    client._waiting.extend([3])  # waited for room before the connection was lost
+    client._messages_reconnect_reset_out()
+    # paho 2.2 marks every message to go again at the CONNACK (it never counts them against
+    # the window here), so none waits for room any more: nothing stale is left to send twice
+    queued = [mid for mid, m in client._out_messages.items() if m.state == paho.mqtt_ms_queued]
+    assert list(client._waiting) == queued == []
+    assert [m.state for m in client._out_messages.values()] == [paho.mqtt_ms_publish] * 2
