@@ -28,6 +28,7 @@ from coordinator.ingest import Received
 from coordinator.metrics import FleetMetrics
 from coordinator.observations import MetricsReport
 from coordinator.outbound import Outbound
+from coordinator.ports import Committing, committed_now
 from coordinator.ray_runtime import pack
 from shared.mqtt import MqttSettings, _publish_template, make_client
 from shared.protocol import (
@@ -115,6 +116,9 @@ class PicklingPort:
         pack(list(batch))
         self.messages += len(batch)
 
+    def submit_ingest(self, batch: Sequence[Received]) -> Committing:
+        return committed_now(self.ingest, batch)
+
     def tick(self, acknowledged: Sequence[int] = ()) -> list[Outbound]:
         return []
 
@@ -175,7 +179,7 @@ def inbound(
             if not items:
                 break
             bridge._dequeued(items)
-            bridge._forward(items)
+            bridge._settle(bridge._submit(items))  # the inbound and settling threads' steps
         client._out_packet.clear()  # the PUBACKs, unsent
         return len(packets)
 
