@@ -75,6 +75,14 @@ class ClusterBook:
         )
         return None if row is None else Placement(row["device_id"], row["cluster"], row["how"])
 
+    def placed_in(self, cohort: str) -> dict[str, Placement]:
+        """The cohort's placements by device, in one query, for a pass over its members (the
+        scan's, every 5 s: a query per member was ~5 µs each in process, more under load)."""
+        rows = self._db.query(
+            "SELECT device_id, cluster, how FROM cluster_members WHERE cohort = ?", (cohort,)
+        )
+        return {device: Placement(device, cluster, how) for device, cluster, how in rows}
+
     def placements(self, max_age_s: float = 0.0) -> dict[tuple[str, str], Placement]:
         """Every placement, by (cohort, device): one query for a whole-fleet view. A placement
         that has not changed since the last call is the same object (the metrics snapshot,

@@ -24,6 +24,7 @@ from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from coordinator.adapter_store import WHOLE_COHORT, AdapterStoreError
+from coordinator.clusters import Placement
 from coordinator.commands import CanaryRole, CommandRecord
 from coordinator.config import LabelFreeRollout
 from coordinator.fleet import Conflict, Fleet, NotFound
@@ -215,8 +216,9 @@ class AdapterDistributor:
             centroids = functools.cache(
                 functools.partial(f.clusters.centroids_now, cohort, records)
             )
+            placed = f.clusters.placed_in(cohort)
             for record in records:
-                cluster = self._cluster_of(cohort, record, centroids)
+                cluster = self._cluster_of(cohort, record, centroids, placed)
                 version = current.get(cluster) if cluster is not None else None
                 if cluster is None or version is None or not self._due(record, version, now):
                     continue
@@ -231,12 +233,13 @@ class AdapterDistributor:
         if version is not None and cluster is not None:
             self._offer(record, version, cluster)
 
-    def owes(self, record: DeviceRecord) -> bool:
+    def owes(self, record: DeviceRecord, placed: Mapping[str, Placement] | None = None) -> bool:
         """A device without labels that its cluster has an adapter for, not running it yet
-        (placed now if it was not yet: a device that just joined is owed its cluster's)."""
+        (placed now if it was not yet: a device that just joined is owed its cluster's).
+        `placed`: its cohort's placements (ClusterBook.placed_in), read once for a pass."""
         if record.labelled or record.cohort is None:
             return False
-        cluster = self._cluster_of(record.cohort, record)
+        cluster = self._cluster_of(record.cohort, record, placed=placed)
         if cluster is None:
             return False
         version = self._fleet.store.current_version(record.cohort, cluster)
@@ -326,12 +329,17 @@ class AdapterDistributor:
         cohort: str,
         record: DeviceRecord,
         centroids: Callable[[], dict[str, Any]] | None = None,
+        placed: Mapping[str, Placement] | None = None,
     ) -> str | None:
         """The device's cluster; one not placed yet (or placed nowhere for want of a
         signature it has now) is placed, by where its cluster members' signatures are now
-        (`centroids`: computed once for a pass over the cohort, else here)."""
+        (`centroids`, `placed`: computed once for a pass over the cohort, else here)."""
         f = self._fleet
-        placement = f.clusters.placement(cohort, record.device_id)
+        placement = (
+            f.clusters.placement(cohort, record.device_id)
+            if placed is None
+            else placed.get(record.device_id)
+        )
         if placement is None or placement.cluster is None:
             if not f.clusters.clusters(cohort):
                 return None

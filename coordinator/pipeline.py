@@ -103,7 +103,10 @@ class RoundPipeline:
             # still counts; its fine-tune job simply waits in the round like any other. A device
             # without labels whose cluster has an adapter for it gets that first (reconcile):
             # it starts a run only if it still drifts with what it runs.
-            eligible = [r for r in records if f.reachable(r) and not self._distributor.owes(r)]
+            placed = f.clusters.placed_in(cohort)
+            eligible = [
+                r for r in records if f.reachable(r) and not self._distributor.owes(r, placed)
+            ]
             fired = [t for r in eligible if (t := f.triggers.automatic_trigger(r, now))]
             if fired:
                 log.info("cohort %s: %s fired, starting a run", cohort, fired[0].value)

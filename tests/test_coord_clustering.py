@@ -111,3 +111,16 @@ def test_placements_may_be_served_from_the_last_read_only_within_the_age_asked(
     book._save("fan", Placement("pi-1", "c3", "test"), 3.0)
     now[0] = 120.0
     assert book.placements(max_age_s=10.0)[("fan", "pi-1")].cluster == "c3"  # 11 s: read again
+
+
+def test_a_cohorts_placements_read_at_once_are_each_devices_own_and_no_other_cohorts(tmp_path):
+    from coordinator.clusters import ClusterBook, Placement
+    from coordinator.state_db import StateDB
+
+    book = ClusterBook(StateDB(tmp_path / "s.sqlite3"), max_distance=0.4)
+    book._save("fan", Placement("pi-1", "c1", "nearest"), 1.0)
+    book._save("fan", Placement("pi-2", None, "no signature yet"), 1.0)
+    book._save("har", Placement("pi-3", "c1", "nearest"), 1.0)
+    placed = book.placed_in("fan")
+    assert placed == {d: book.placement("fan", d) for d in ("pi-1", "pi-2")}
+    assert placed["pi-2"].cluster is None and book.placed_in("none") == {}

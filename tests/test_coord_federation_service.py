@@ -322,3 +322,22 @@ def test_a_new_device_is_placed_where_its_clusters_members_signatures_are_now(tm
     assert [d for d, _ in jobs_in(outbound, JobKind.APPLY_ADAPTER)] == ["noisy-new"]
     placed = {m for c in service.clusters()[0]["clusters"] for m in c["members"]}
     assert "noisy-new" in placed
+
+
+def test_the_scan_reads_a_cohorts_placements_once_not_a_query_per_device(tmp_path, clock):
+    service = start(tmp_path, clock, rounds=1)
+    devices = join(service, clock, ("pi-1", None, True), ("pi-2", None, True))
+    service.request_finetune(all_=True)
+    answer_round(service, devices, service.tick(), before=0.6, loss=1.0)
+    answer_evaluations(service, devices, service.tick(), candidate=0.9, current=0.6)
+    applies = dict(jobs_in(service.tick(), JobKind.APPLY_ADAPTER))
+    failed = devices["pi-2"].status(applies["pi-2"].job_id, JobState.FAILED)
+    service.ingest([failed])  # pi-2 is owed the version again once its back-off passes
+
+    def one_device_query(*args):
+        raise AssertionError("a placement read per device")
+
+    clock.advance(3600.0)  # past the scan interval and the failed apply's back-off
+    service.ingest([devices["pi-2"].heartbeat()])  # and reachable still
+    service.fleet.clusters.placement = one_device_query
+    assert [d for d, _ in jobs_in(service.tick(), JobKind.APPLY_ADAPTER)] == ["pi-2"]
