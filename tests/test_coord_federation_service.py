@@ -59,6 +59,17 @@ def answer_evaluations(service, devices, outbound, candidate: float, current: fl
         service.ingest([status])
 
 
+def promoted_to_two(tmp_path, clock):
+    """Two labelled devices' round, its canary passed: the service, the devices, and the
+    APPLY_ADAPTER job each was offered (by device)."""
+    service = start(tmp_path, clock, rounds=1)
+    devices = join(service, clock, ("pi-1", None, True), ("pi-2", None, True))
+    service.request_finetune(all_=True)
+    answer_round(service, devices, service.tick(), before=0.6, loss=1.0)
+    answer_evaluations(service, devices, service.tick(), candidate=0.9, current=0.6)
+    return service, devices, dict(jobs_in(service.tick(), JobKind.APPLY_ADAPTER))
+
+
 def test_rounds_warm_start_from_the_last_aggregate_until_the_gain_stops(tmp_path, clock):
     service = start(tmp_path, clock, rounds=5)
     devices = join(service, clock, ("pi-1", None, True), ("pi-2", None, True))
@@ -242,12 +253,7 @@ def test_a_restarted_service_carries_on_with_a_run_between_rounds(tmp_path, cloc
 
 def test_a_device_already_running_the_offered_version_counts_as_installed(tmp_path, clock):
     """The retained pointer can reach the agent before the apply job does."""
-    service = start(tmp_path, clock, rounds=1)
-    devices = join(service, clock, ("pi-1", None, True), ("pi-2", None, True))
-    service.request_finetune(all_=True)
-    answer_round(service, devices, service.tick(), before=0.6, loss=1.0)
-    answer_evaluations(service, devices, service.tick(), candidate=0.9, current=0.6)
-    applies = dict(jobs_in(service.tick(), JobKind.APPLY_ADAPTER))
+    service, devices, applies = promoted_to_two(tmp_path, clock)
     already = {"already_running": True, "installed": False, "adapter_version": 1,
                "origin": AdapterOrigin.FLEET.value}  # fmt: skip
     service.ingest([devices["pi-1"].status(applies["pi-1"].job_id, JobState.SUCCEEDED, already)])
@@ -325,12 +331,7 @@ def test_a_new_device_is_placed_where_its_clusters_members_signatures_are_now(tm
 
 
 def test_the_scan_reads_a_cohorts_placements_once_not_a_query_per_device(tmp_path, clock):
-    service = start(tmp_path, clock, rounds=1)
-    devices = join(service, clock, ("pi-1", None, True), ("pi-2", None, True))
-    service.request_finetune(all_=True)
-    answer_round(service, devices, service.tick(), before=0.6, loss=1.0)
-    answer_evaluations(service, devices, service.tick(), candidate=0.9, current=0.6)
-    applies = dict(jobs_in(service.tick(), JobKind.APPLY_ADAPTER))
+    service, devices, applies = promoted_to_two(tmp_path, clock)
     failed = devices["pi-2"].status(applies["pi-2"].job_id, JobState.FAILED)
     service.ingest([failed])  # pi-2 is owed the version again once its back-off passes
 

@@ -185,65 +185,67 @@ def test_a_coordinator_connected_to_the_products_broker_keeps_a_thousand_publish
         service.close()
 
 
-def test_publishing_many_wakes_the_network_thread_every_64_packets_and_delivers_all_in_order(
-    mosquitto,
-):
+def listener_and_publisher(mosquitto, topic: str, inflight: int):
+    """A listener subscribed to topic/# and a publisher keeping `inflight` QoS 1 publishes in
+    flight, both connected and looping; and what the listener received, the publisher's acks."""
     settings = parse_broker_url(mosquitto.url)
     received, acked = [], []
     listener = make_client(settings, "listener", lean=True)
     listener.on_message = lambda client, userdata, message: received.append(message.payload)
-    listener.on_connect = lambda client, *args: client.subscribe("many/#", qos=1)
+    listener.on_connect = lambda client, *args: client.subscribe(f"{topic}/#", qos=1)
     publisher = make_client(settings, "publisher", lean=True)
-    publisher.max_inflight_messages_set(1000)  # all 200 sent by this thread, none on a PUBACK
+    publisher.max_inflight_messages_set(inflight)
     publisher.on_publish = lambda client, userdata, mid, *args: acked.append(mid)
     for client in (listener, publisher):
         client.connect("127.0.0.1", mosquitto.port)
         client.loop_start()
+    time.sleep(0.5)  # both connected, the listener subscribed
+    return listener, publisher, received, acked
+
+
+def until_all_in(received: list, acked: list, count: int) -> None:
+    deadline = time.monotonic() + 10
+    while (len(received) < count or len(acked) < count) and time.monotonic() < deadline:
+        time.sleep(0.02)
+
+
+def stop(*clients: paho.Client) -> None:
+    for client in clients:
+        client.loop_stop()
+        client.disconnect()
+
+
+def test_publishing_many_wakes_the_network_thread_every_64_packets_and_delivers_all_in_order(
+    mosquitto,
+):
+    # all 200 sent by this thread, none on a PUBACK
+    listener, publisher, received, acked = listener_and_publisher(mosquitto, "many", 1000)
     wakes = []
     real_wake = publisher._wake_network_thread
     publisher._wake_network_thread = lambda: wakes.append(1) or real_wake()
     try:
-        time.sleep(0.5)  # both connected, the listener subscribed
         with publisher.publishing_many():
             for i in range(200):
                 publisher.publish("many/x", str(i).encode(), qos=1)
-        deadline = time.monotonic() + 10
-        while (len(received) < 200 or len(acked) < 200) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        until_all_in(received, acked, 200)
         assert received == [str(i).encode() for i in range(200)] and len(acked) == 200
         assert len(wakes) == 200 // 64 + 1  # every 64th packet, and the rest at the end
     finally:
-        for client in (listener, publisher):
-            client.loop_stop()
-            client.disconnect()
+        stop(listener, publisher)
 
 
 def test_publishes_beyond_the_in_flight_window_go_out_in_order_as_pubacks_free_room(mosquitto):
-    settings = parse_broker_url(mosquitto.url)
-    received, acked = [], []
-    listener = make_client(settings, "listener", lean=True)
-    listener.on_message = lambda client, userdata, message: received.append(message.payload)
-    listener.on_connect = lambda client, *args: client.subscribe("window/#", qos=1)
-    publisher = make_client(settings, "publisher", lean=True)
-    publisher.max_inflight_messages_set(5)  # 295 of 300 wait for room at first
-    publisher.on_publish = lambda client, userdata, mid, *args: acked.append(mid)
-    for client in (listener, publisher):
-        client.connect("127.0.0.1", mosquitto.port)
-        client.loop_start()
+    # 295 of 300 wait for room at first
+    listener, publisher, received, acked = listener_and_publisher(mosquitto, "window", 5)
     try:
-        time.sleep(0.5)  # both connected, the listener subscribed
         for i in range(300):
             publisher.publish("window/x", str(i).encode(), qos=1)
-        assert len(publisher._waiting) >= 300 - 5 - len(acked)
-        deadline = time.monotonic() + 10
-        while (len(received) < 300 or len(acked) < 300) and time.monotonic() < deadline:
-            time.sleep(0.02)
+        assert len(publisher._waiting) >= 300 - 5 - len(acked)  # each ack sends one waiting
+        until_all_in(received, acked, 300)
         assert received == [str(i).encode() for i in range(300)] and len(acked) == 300
         assert not publisher._waiting and publisher._inflight_messages == 0
     finally:
-        for client in (listener, publisher):
-            client.loop_stop()
-            client.disconnect()
+        stop(listener, publisher)
 
 
 def test_after_a_reconnect_reset_what_waits_for_room_is_what_paho_left_queued():
