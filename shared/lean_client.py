@@ -151,9 +151,15 @@ class LeanClient(paho.Client):
         with self._out_message_mutex:  # an RLock paho takes again: a PUBACK waits till noted
             info = super().publish(topic, payload, qos, retain, properties)
             message = self._out_messages.get(info.mid)
-            if message is not None and message.state == paho.mqtt_ms_queued:
-                self._waiting.append(info.mid)
+            queued = message is not None and message.state == paho.mqtt_ms_queued
+            if info.rc == MQTTErrorCode.MQTT_ERR_SUCCESS and queued:
+                self._note_queued(info.mid)
         return info
+
+    def _note_queued(self, mid: int) -> None:
+        """A publish found no room in flight (state mqtt_ms_queued): a PUBACK sends it. Called
+        with _out_message_mutex held, by publish and by any subclass that queues one itself."""
+        self._waiting.append(mid)
 
     def _update_inflight(self) -> MQTTErrorCode:
         """paho's (called with _out_message_mutex held, after a PUBACK freed room): sends the
@@ -178,6 +184,12 @@ class LeanClient(paho.Client):
             if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                 return rc
         return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+    def drop_out_messages(self) -> list[paho.MQTTMessage]:
+        """paho's; nothing dropped waits for room (a stale mid could name a later message)."""
+        with self._out_message_mutex:
+            self._waiting.clear()
+            return super().drop_out_messages()
 
     def _messages_reconnect_reset_out(self) -> None:
         """paho's, then what waits for room is what paho left queued, in its order."""

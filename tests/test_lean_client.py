@@ -262,3 +262,13 @@ def test_after_a_reconnect_reset_what_waits_for_room_is_what_paho_left_queued():
     queued = [mid for mid, m in client._out_messages.items() if m.state == paho.mqtt_ms_queued]
     assert list(client._waiting) == queued == []
     assert [m.state for m in client._out_messages.values()] == [paho.mqtt_ms_publish] * 2
+
+
+def test_dropped_out_messages_no_longer_wait_for_room():
+    client = make_client(SETTINGS, "coord", lean=True)
+    message = paho.MQTTMessage(3, b"fleet/pi-1/cmd/job")
+    message.qos, message.state = 1, paho.mqtt_ms_queued
+    client._out_messages[3] = message
+    client._note_queued(3)
+    assert client.drop_out_messages() == [message]
+    assert not client._waiting  # a later message given mid 3 is not sent ahead of its turn

@@ -210,7 +210,8 @@ class DeviceClient(LeanClient):
                 return message.info
             self._out_messages[message.mid] = message
             if 0 < self._max_inflight_messages <= self._inflight_messages:
-                message.state = paho.mqtt_ms_queued  # sent when a PUBACK frees a slot (paho)
+                message.state = paho.mqtt_ms_queued  # sent when a PUBACK frees a slot
+                self._note_queued(message.mid)
                 return message.info
             self._inflight_messages += 1
             message.state = paho.mqtt_ms_wait_for_puback
