@@ -31,7 +31,7 @@ from coordinator.rounds import RoundTable
 from coordinator.runs import RunBook
 from coordinator.scheduler import FineTuneScheduler
 from coordinator.seen import SeenMessages
-from coordinator.state_db import CHECKPOINT_INTERVAL_S, StateDB
+from coordinator.state_db import StateDB
 from shared.protocol import AdapterPublication, DesiredState
 from shared.protocol import Job as JobCommand
 
@@ -87,7 +87,7 @@ class Fleet:
 
     @classmethod
     def open(cls, config: CoordinatorConfig, clock: Clock = system_clock) -> Fleet:
-        db = StateDB.in_dir(config.state_dir, checkpoint_interval_s=CHECKPOINT_INTERVAL_S)
+        db = StateDB.in_dir(config.state_dir)
         registry = FleetRegistry(db, clock=clock, energy_period_s=config.energy_period_s)
         jobs = JobTable(db, clock=clock)
         store = AdapterStore(db, config.state_dir, clock=clock)

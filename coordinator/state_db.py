@@ -8,23 +8,14 @@ Each component owns its tables and passes its DDL to ensure_schema().
 
 from __future__ import annotations
 
-import logging
 import sqlite3
 import threading
-import weakref
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
 DB_FILENAME = "coordinator.sqlite3"
-# The fleet state's WAL is copied back into the database file by a thread of its own this often,
-# not by whichever commit crosses SQLite's 1,000-page mark: that copy was about half of a commit's
-# time, taken on the fleet actor's one writing thread (a 10,000-device round's close, its
-# promotion), while the other core often sat idle.
-CHECKPOINT_INTERVAL_S = 1.0
-
-log = logging.getLogger(__name__)
 
 Params = Sequence[Any] | dict[str, Any]
 
@@ -53,18 +44,7 @@ class StateDB:
     tick never blocks them: under WAL a reader sees the last committed state, never half a tick.
     """
 
-    def __init__(
-        self,
-        path: str | Path,
-        *,
-        busy_timeout_s: float = 5.0,
-        checkpoint_interval_s: float | None = None,
-    ) -> None:
-        """`checkpoint_interval_s`: copy the WAL back into the file from a thread of its own
-        this often (a PASSIVE checkpoint: it never blocks a writer or a reader), instead of on
-        the commit that crosses SQLite's 1,000 pages; None: SQLite's own way."""
-        if checkpoint_interval_s is not None and checkpoint_interval_s <= 0:
-            raise ValueError(f"checkpoint_interval_s must be > 0, got {checkpoint_interval_s}")
+    def __init__(self, path: str | Path, *, busy_timeout_s: float = 5.0) -> None:
         self.path = Path(path)
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self._busy_timeout_s = busy_timeout_s
@@ -73,12 +53,7 @@ class StateDB:
         self._all_lock = threading.Lock()
         self._closed = False
         self._hooks: list[TransactionHooks] = []
-        self._checkpointer = (
-            None if checkpoint_interval_s is None else _Checkpointer(self, checkpoint_interval_s)
-        )
         self._conn()  # open (and create) the file now: a bad path fails at start, not later
-        if self._checkpointer is not None:
-            self._checkpointer.start()
 
     def _conn(self) -> sqlite3.Connection:
         conn: sqlite3.Connection | None = getattr(self._local, "conn", None)
@@ -94,23 +69,14 @@ class StateDB:
         # NORMAL under WAL survives a process crash; a power cut may lose the last commits, which
         # the idempotent job/report handling tolerates, and it avoids an fsync per heartbeat.
         conn.execute("PRAGMA synchronous=NORMAL")
-        if self._checkpointer is not None:
-            conn.execute("PRAGMA wal_autocheckpoint=0")  # the checkpointer's thread does it
         self._local.conn, self._local.depth = conn, 0
         with self._all_lock:
             self._all.append(conn)
         return conn
 
     @classmethod
-    def in_dir(
-        cls, state_dir: str | Path, *, checkpoint_interval_s: float | None = None
-    ) -> StateDB:
-        return cls(Path(state_dir) / DB_FILENAME, checkpoint_interval_s=checkpoint_interval_s)
-
-    def checkpoint(self) -> tuple[int, int, int]:
-        """A PASSIVE checkpoint on this thread's connection: (busy, WAL frames, frames copied)."""
-        busy, frames, copied = self._conn().execute("PRAGMA wal_checkpoint(PASSIVE)").fetchone()
-        return int(busy), int(frames), int(copied)
+    def in_dir(cls, state_dir: str | Path) -> StateDB:
+        return cls(Path(state_dir) / DB_FILENAME)
 
     def add_hooks(self, hooks: TransactionHooks) -> None:
         self._hooks.append(hooks)
@@ -193,8 +159,6 @@ class StateDB:
         return self._conn().executemany(sql, rows).rowcount
 
     def close(self) -> None:
-        if self._checkpointer is not None:
-            self._checkpointer.stop()  # before the connections close, its own included
         with self._all_lock:
             self._closed = True
             conns, self._all = self._all, []
@@ -206,33 +170,3 @@ class StateDB:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-class _Checkpointer:
-    """A daemon thread that checkpoints a StateDB's WAL every `interval_s` (on a connection of
-    its own: sqlite3 lets go of the GIL while it copies). It holds the StateDB weakly: one
-    dropped without close() is not kept alive by it, and its thread ends."""
-
-    def __init__(self, db: StateDB, interval_s: float) -> None:
-        self._db, self._interval_s = weakref.ref(db), interval_s
-        self._stopping = threading.Event()
-        self._thread = threading.Thread(target=self._loop, name="wal-checkpoint", daemon=True)
-
-    def start(self) -> None:
-        self._thread.start()
-
-    def stop(self) -> None:
-        self._stopping.set()
-        if self._thread.is_alive() and self._thread is not threading.current_thread():
-            self._thread.join(timeout=10)
-
-    def _loop(self) -> None:
-        while not self._stopping.wait(self._interval_s):
-            db = self._db()
-            if db is None:
-                return
-            try:
-                db.checkpoint()
-            except sqlite3.Error as err:  # the next one copies what this one could not
-                log.warning("checkpointing %s failed: %s", db.path, err)
-            del db  # not held while waiting
