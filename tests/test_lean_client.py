@@ -193,13 +193,18 @@ def listener_and_publisher(mosquitto, topic: str, inflight: int):
     listener = make_client(settings, "listener", lean=True)
     listener.on_message = lambda client, userdata, message: received.append(message.payload)
     listener.on_connect = lambda client, *args: client.subscribe(f"{topic}/#", qos=1)
+    subscribed = threading.Event()
+    listener.on_subscribe = lambda *args: subscribed.set()
     publisher = make_client(settings, "publisher", lean=True)
     publisher.max_inflight_messages_set(inflight)
     publisher.on_publish = lambda client, userdata, mid, *args: acked.append(mid)
     for client in (listener, publisher):
         client.connect("127.0.0.1", mosquitto.port)
         client.loop_start()
-    time.sleep(0.5)  # both connected, the listener subscribed
+    deadline = time.monotonic() + 10  # a wait for the broker's answers, not a fixed sleep
+    while not (subscribed.is_set() and publisher.is_connected()) and time.monotonic() < deadline:
+        time.sleep(0.02)
+    assert subscribed.is_set() and publisher.is_connected()
     return listener, publisher, received, acked
 
 
