@@ -99,6 +99,12 @@ RECEIVE_MAXIMUM = 2_000
 # is already pickled and queued behind it, so the actor does not wait for the driver between
 # batches (nor the driver for the actor). Each is acknowledged once it is committed, in order.
 INGEST_IN_FLIGHT = 2
+# Outbox rows paho may hold beyond its publishes in flight (waiting for room in the broker's
+# window, or for a connection), plus one row's chunks; the rest wait in the driver as rows, a
+# few hundred bytes each where a pointer's publish carries its adapter (~12 KB). (A promotion
+# handed paho 10,000 pointers at once: ~120 MB of payloads in the driver, sent over seconds.)
+# PUBACKs free room: the one that brings the count under half of this asks for a tick.
+OUTBOUND_HELD_MAX = 1_000
 # Ticks follow events: a committed batch of device messages, an operator's request, or a tick
 # that handed out work asks for the next tick at once, but ticks start at least this far apart
 # (a burst of batches shares one tick, and an event after a quiet spell is not delayed); with
@@ -325,6 +331,11 @@ class MqttBridge:
             self._published.published(outbound.seq, mids)
         return True
 
+    def _held_by_paho(self) -> int:
+        """Publishes paho holds and has not sent (LeanClient counts them; paho's own Client
+        not: unbounded)."""
+        return self._client.held_beyond_flight() if isinstance(self._client, LeanClient) else 0
+
     def _settle_now(self, outbound: Outbound) -> None:
         if outbound.seq is not None:
             self._settled.append(outbound.seq)
@@ -464,6 +475,8 @@ class MqttBridge:
         if reason_code.is_failure:  # refused (e.g. the ACL): it will never be delivered
             log.error("the broker refused publish %d: %s", mid, reason_code)
         self._published.on_puback(mid)
+        if self._unpublished and self._held_by_paho() <= OUTBOUND_HELD_MAX // 2:
+            self._wake.set()  # room for the rows held back: a tick hands them to paho
 
     # ---- worker threads
 
@@ -627,6 +640,11 @@ class MqttBridge:
         waiting, self._unpublished = [*self._unpublished, *handed_out], []
         with self._publishing_many():
             for index, outbound in enumerate(waiting):
+                if self._held_by_paho() >= OUTBOUND_HELD_MAX:
+                    self._unpublished = waiting[index:]
+                    # A PUBACK that frees room asks for a tick; room freed before the line
+                    # above asked for none.
+                    return bool(handed_out) or self._held_by_paho() <= OUTBOUND_HELD_MAX // 2
                 if not self.publish(outbound):
                     self._unpublished = waiting[index:]  # in order, from this one, next tick
                     return True

@@ -156,6 +156,12 @@ class LeanClient(paho.Client):
                 self._note_queued(info.mid)
         return info
 
+    def held_beyond_flight(self) -> int:
+        """QoS > 0 publishes paho holds and has not sent on this connection: waiting for room
+        in flight, or for a connection. Read without paho's lock: a close count, not an exact
+        one, for a caller deciding whether to hand paho more."""
+        return len(self._out_messages) - self._inflight_messages
+
     def _note_queued(self, mid: int) -> None:
         """A publish found no room in flight (state mqtt_ms_queued): a PUBACK sends it. Called
         with _out_message_mutex held, by publish and by any subclass that queues one itself."""
