@@ -27,7 +27,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-from coordinator.heap import HeapTrimmer
+from coordinator.heap import DRIVER_TRIM_EVERY_S, HeapTrimmer
 
 log = logging.getLogger(__name__)
 
@@ -156,7 +156,8 @@ class HistorySampler:
         heap: HeapTrimmer | None = None,
     ) -> None:
         self._sample, self._interval = sample, interval
-        self._heap = heap or HeapTrimmer()  # each sample is a fleet-wide view, freed after it
+        # each sample is a fleet-wide view, freed after it
+        self._heap = heap or HeapTrimmer(DRIVER_TRIM_EVERY_S)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="dashboard-history", daemon=True)
 

@@ -46,3 +46,11 @@ def test_the_arena_limit_reaches_the_processes_ray_starts_unless_the_operator_se
     operators = {"MALLOC_ARENA_MAX": "4"}
     limit_arenas(operators)
     assert operators == {"MALLOC_ARENA_MAX": "4"}
+
+
+def test_the_driver_trims_its_heap_after_every_dashboard_history_sample():
+    from coordinator.dashboard import SAMPLE_S, HistorySampler
+
+    sampler = HistorySampler(lambda: None)
+    assert sampler._interval == SAMPLE_S
+    assert sampler._heap._every_s <= SAMPLE_S  # never two samples' fleet-wide views between trims
