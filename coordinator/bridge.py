@@ -20,7 +20,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Container, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -103,7 +103,8 @@ INGEST_IN_FLIGHT = 2
 # window, or for a connection), plus one row's chunks; the rest wait in the driver as rows, a
 # few hundred bytes each where a pointer's publish carries its adapter (~12 KB). (A promotion
 # handed paho 10,000 pointers at once: ~120 MB of payloads in the driver, sent over seconds.)
-# PUBACKs free room: the one that brings the count under half of this asks for a tick.
+# PUBACKs free room: those that bring the count under half of this have the rows handed over
+# (by a tick, or between the retries while the fleet state is away).
 OUTBOUND_HELD_MAX = 1_000
 # Ticks follow events: a committed batch of device messages, an operator's request, or a tick
 # that handed out work asks for the next tick at once, but ticks start at least this far apart
@@ -476,7 +477,7 @@ class MqttBridge:
             log.error("the broker refused publish %d: %s", mid, reason_code)
         self._published.on_puback(mid)
         if self._unpublished and self._held_by_paho() <= OUTBOUND_HELD_MAX // 2:
-            self._wake.set()  # room for the rows held back: a tick hands them to paho
+            self._wake.set()  # room for the rows held back: the control thread hands them over
 
     # ---- worker threads
 
@@ -624,20 +625,37 @@ class MqttBridge:
         EVENT_TICK_GAP_S after the last tick started; the tick interval when idle; a backoff
         after failures."""
         if failures:
-            self._stopping.wait(backoff_delay(failures))
+            self._publish_held_until(time.monotonic() + backoff_delay(failures))
             return
         if busy or self._wake.wait(self._config.tick_interval_s):
             self._stopping.wait(max(0.0, last_tick + EVENT_TICK_GAP_S - time.monotonic()))
         self._wake.clear()
 
+    def _publish_held_until(self, deadline: float) -> None:
+        """Waits out a backoff from the fleet state; meanwhile the rows held back go to paho
+        as PUBACKs make room for them, which needs no fleet state."""
+        while not self._stopping.is_set() and (left := deadline - time.monotonic()) > 0:
+            if self._wake.wait(left):
+                self._wake.clear()
+                self._to_paho([])
+
     def _publish_handed_out(self) -> bool:
         """One tick; True if it handed out messages (more work is likely to follow soon)."""
+        self._to_paho([])  # the rows held back first, whether the fleet state answers or not
         self._reask_if_session_lost()
         self._settled.extend(self._published.settled())
         acknowledged = list(self._settled)
         handed_out = self._port.tick(acknowledged)
         del self._settled[: len(acknowledged)]  # the actor has them (tick raised otherwise)
-        waiting, self._unpublished = [*self._unpublished, *handed_out], []
+        return self._to_paho(handed_out)
+
+    def _to_paho(self, handed_out: list[Outbound]) -> bool:
+        """The rows held back, then `handed_out`, to paho in order while it has room; True if
+        more is likely to follow soon. A row held back or held by paho is not added again: a
+        restarted actor hands out again every row not acknowledged."""
+        held = {o.seq for o in self._unpublished if o.seq is not None} if handed_out else set()
+        fresh = [o for o in handed_out if not self._holds(o, held)]
+        waiting, self._unpublished = [*self._unpublished, *fresh], []
         with self._publishing_many():
             for index, outbound in enumerate(waiting):
                 if self._held_by_paho() >= OUTBOUND_HELD_MAX:
@@ -649,6 +667,10 @@ class MqttBridge:
                     self._unpublished = waiting[index:]  # in order, from this one, next tick
                     return True
         return bool(handed_out)
+
+    def _holds(self, outbound: Outbound, held_back: Container[int]) -> bool:
+        seq = outbound.seq
+        return seq is not None and (seq in held_back or self._published.holds(seq))
 
     def _publishing_many(self) -> AbstractContextManager[None]:
         if isinstance(self._client, LeanClient):

@@ -1,25 +1,30 @@
 """The bridge hands paho at most OUTBOUND_HELD_MAX publishes beyond those in flight: the rest of a
-burst waits in the driver as outbox rows, and PUBACKs ask for the ticks that send them. A real
-mosquitto, the fleet state in this process (no Ray), a lean listener counting what arrives."""
+burst waits in the driver as outbox rows, and PUBACKs ask for the hand-overs that send them, with
+or without the fleet state. A real mosquitto, the fleet state in this process (no Ray), a lean
+listener counting what arrives; and a fake paho for a restarted actor's second hand-out."""
 
 from __future__ import annotations
 
 import dataclasses
 import threading
 import time
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
 
 from coordinator import bridge as bridge_module
 from coordinator.bridge import MqttBridge
 from coordinator.metrics import FleetMetrics
-from coordinator.ports import LocalFleetPort
+from coordinator.outbound import Outbound
+from coordinator.ports import LocalFleetPort, Unavailable
 from coordinator.service import FleetService
 from shared.mqtt import make_client, parse_broker_url
 from tests.coord_fleet_helpers import SimDevice, make_config
+from tests.test_coord_bridge import FakeClient
 
 DEVICES = 120
 WINDOW = 5  # publishes in flight: the broker's window, made small so that most of a burst waits
 HELD_MAX = 10
-# Far longer than the test may wait: a row held back goes out because a PUBACK asked for a tick.
+# Far longer than a test may wait: a row held back goes out because a PUBACK asked for it.
 IDLE_TICK_S = 60.0
 
 
@@ -46,16 +51,32 @@ def job_listener(url: str, root: str) -> tuple[object, list[str]]:
     return listener, arrived
 
 
-def test_a_burst_of_jobs_waits_in_the_driver_beyond_the_bound_and_every_job_arrives(
-    mosquitto, monkeypatch
-):
-    monkeypatch.setattr(bridge_module, "OUTBOUND_HELD_MAX", HELD_MAX)
+class FailingAfterJobs(LocalFleetPort):
+    """The fleet state, unavailable to the bridge's ticks once it has handed out the jobs."""
+
+    def __init__(self, service: FleetService) -> None:
+        super().__init__(service)
+        self.failing = False
+
+    def tick(self, acknowledged: Sequence[int] = ()) -> list[Outbound]:
+        if self.failing:
+            raise Unavailable("the fleet actor is restarting")
+        handed_out = super().tick(acknowledged)
+        self.failing = bool(handed_out)
+        return handed_out
+
+
+@contextmanager
+def fleet_of_jobs(mosquitto, port_type=LocalFleetPort) -> Iterator[tuple]:
+    """DEVICES devices, each with a fine-tune job, behind a bridge whose broker window is
+    WINDOW and whose bound is HELD_MAX; yields the bridge, its port, the devices, the job
+    topics' arrivals, and paho's held count each time a row was handed to it."""
     config = make_config(mosquitto.workdir / "state", max_concurrent_jobs=DEVICES)
     config = dataclasses.replace(
         config, mqtt=parse_broker_url(mosquitto.url), tick_interval_s=IDLE_TICK_S
     )
     service = FleetService(config)
-    port = LocalFleetPort(service)
+    port = port_type(service)
     devices = [SimDevice(f"pi-{i:03d}", service.fleet.clock) for i in range(DEVICES)]
     port.ingest([m for d in devices for m in (d.presence(), d.heartbeat())])
     listener, arrived = job_listener(mosquitto.url, config.topic_root)
@@ -67,20 +88,82 @@ def test_a_burst_of_jobs_waits_in_the_driver_beyond_the_bound_and_every_job_arri
         client._max_inflight_messages = WINDOW
         held: list[int] = []  # paho's publishes beyond flight, as each row is handed to it
         publish = client.publish
-        client.publish = lambda *a, **k: (
-            held.append(client.held_beyond_flight()),
-            publish(*a, **k),
-        )[1]
+
+        def counted(*args, **kwargs):
+            held.append(client.held_beyond_flight())
+            return publish(*args, **kwargs)
+
+        client.publish = counted
         port.request_finetune(None, None, True)
         bridge.wake()
-        wait_until("every job at its device", lambda: len(arrived) >= DEVICES)
-        bridge.wake()  # a tick tells the fleet state what the broker acknowledged last
-        wait_until("every row acknowledged", lambda: service.fleet.outbox.backlog() == 0)
+        yield bridge, port, devices, arrived, held
     finally:
         bridge.stop()
         listener.loop_stop()
         listener.disconnect()
         service.close()
+
+
+def test_a_burst_of_jobs_waits_in_the_driver_beyond_the_bound_and_every_job_arrives(
+    mosquitto, monkeypatch
+):
+    monkeypatch.setattr(bridge_module, "OUTBOUND_HELD_MAX", HELD_MAX)
+    with fleet_of_jobs(mosquitto) as (bridge, port, devices, arrived, held):
+        wait_until("every job at its device", lambda: len(arrived) >= DEVICES)
+
+        def all_acknowledged() -> bool:
+            bridge.wake()  # a tick tells the fleet state what the broker acknowledged last
+            return port.service.fleet.outbox.backlog() == 0
+
+        wait_until("every row acknowledged", all_acknowledged)
     assert sorted(arrived) == sorted(d.device_id for d in devices)  # each once, none lost
     assert len(held) == DEVICES  # each row handed to paho once
     assert max(held) == HELD_MAX - 1  # paho held as many as the bound allowed, never more
+
+
+def test_rows_held_back_go_out_while_the_fleet_state_is_unavailable(mosquitto, monkeypatch):
+    monkeypatch.setattr(bridge_module, "OUTBOUND_HELD_MAX", HELD_MAX)
+    with fleet_of_jobs(mosquitto, FailingAfterJobs) as (_, port, devices, arrived, held):
+        wait_until("every job at its device", lambda: len(arrived) >= DEVICES)
+        assert port.failing  # every tick since the jobs' hand-out failed
+    assert sorted(arrived) == sorted(d.device_id for d in devices)
+    assert max(held) == HELD_MAX - 1
+
+
+class SameRowsEachTick:
+    """A fleet state that hands out the same rows at every tick, as a restarted actor hands
+    out every row not acknowledged."""
+
+    def __init__(self, rows: list[Outbound]) -> None:
+        self.rows = rows
+
+    def tick(self, acknowledged: Sequence[int] = ()) -> list[Outbound]:
+        return list(self.rows)
+
+
+def test_a_row_held_back_is_not_queued_again_when_a_restarted_actor_hands_it_out(
+    tmp_path, monkeypatch
+):
+    service = FleetService(make_config(tmp_path, max_concurrent_jobs=20))
+    devices = [SimDevice(f"pi-{i:02d}", service.fleet.clock) for i in range(20)]
+    service.ingest([m for d in devices for m in (d.presence(), d.heartbeat())])
+    service.request_finetune(all_=True)
+    rows = service.tick()
+    service.close()
+    assert len(rows) == 20
+    client = FakeClient(None, "coordinator")
+    config = make_config(tmp_path / "bridge")
+    bridge = MqttBridge(config, SameRowsEachTick(rows), FleetMetrics(),
+                        client_factory=lambda *args, **kwargs: client)  # fmt: skip
+    room = [5]  # paho takes this many, then holds as many as the bound allows
+    monkeypatch.setattr(
+        bridge, "_held_by_paho", lambda: HELD_MAX * (len(client.published) >= room[0])
+    )
+    monkeypatch.setattr(bridge_module, "OUTBOUND_HELD_MAX", HELD_MAX)
+    bridge._publish_handed_out()
+    bridge._publish_handed_out()  # the same 20 again: 15 of them held back already
+    assert len(bridge._unpublished) == 15
+    room[0] = 100
+    bridge._publish_handed_out()
+    topics = [topic for topic, *_ in client.published]
+    assert len(topics) == len(set(topics)) == 20  # each row published once
