@@ -633,11 +633,17 @@ class MqttBridge:
 
     def _publish_held_until(self, deadline: float) -> None:
         """Waits out a backoff from the fleet state; meanwhile the rows held back go to paho
-        as PUBACKs make room for them, which needs no fleet state."""
+        as PUBACKs make room for them, which needs no fleet state (at most once every
+        EVENT_TICK_GAP_S, as ticks)."""
         while not self._stopping.is_set() and (left := deadline - time.monotonic()) > 0:
-            if self._wake.wait(left):
-                self._wake.clear()
-                self._to_paho([])
+            if not self._wake.wait(left) or self._stopping.wait(EVENT_TICK_GAP_S):
+                continue
+            self._wake.clear()
+            try:
+                if self._to_paho([]):  # room freed while it ran: no PUBACK will ask again
+                    self._wake.set()
+            except Exception:
+                log.exception("handing the rows held back to paho failed")
 
     def _publish_handed_out(self) -> bool:
         """One tick; True if it handed out messages (more work is likely to follow soon)."""
@@ -655,17 +661,24 @@ class MqttBridge:
         restarted actor hands out again every row not acknowledged."""
         held = {o.seq for o in self._unpublished if o.seq is not None} if handed_out else set()
         fresh = [o for o in handed_out if not self._holds(o, held)]
-        waiting, self._unpublished = [*self._unpublished, *fresh], []
-        with self._publishing_many():
-            for index, outbound in enumerate(waiting):
-                if self._held_by_paho() >= OUTBOUND_HELD_MAX:
-                    self._unpublished = waiting[index:]
-                    # A PUBACK that frees room asks for a tick; room freed before the line
-                    # above asked for none.
-                    return bool(handed_out) or self._held_by_paho() <= OUTBOUND_HELD_MAX // 2
-                if not self.publish(outbound):
-                    self._unpublished = waiting[index:]  # in order, from this one, next tick
-                    return True
+        waiting, self._unpublished = _in_order(self._unpublished, fresh), []
+        index = 0
+        try:
+            with self._publishing_many():
+                for index, outbound in enumerate(waiting):
+                    if self._held_by_paho() >= OUTBOUND_HELD_MAX:
+                        self._unpublished = waiting[index:]
+                        # A PUBACK that frees room asks for a tick; room freed before the line
+                        # above asked for none.
+                        return bool(handed_out) or self._held_by_paho() <= OUTBOUND_HELD_MAX // 2
+                    if not self.publish(outbound):
+                        self._unpublished = waiting[index:]  # in order, from this one, next tick
+                        return True
+        except Exception:
+            # The rows after the one that raised wait as before; that one stays in the outbox
+            # for the actor's next start, as a row whose message cannot be built.
+            self._unpublished = waiting[index + 1 :]
+            raise
         return bool(handed_out)
 
     def _holds(self, outbound: Outbound, held_back: Container[int]) -> bool:
@@ -700,6 +713,14 @@ class _Submitted:
     committing: Committing
     refused: bool = False  # not even handed over: nothing goes after it until it is settled
     settled: threading.Event = field(default_factory=threading.Event)
+
+
+def _in_order(held_back: list[Outbound], fresh: list[Outbound]) -> list[Outbound]:
+    """Both lists are in outbox order; a restarted actor's hand-out can hold rows older than
+    those held back (a retained pointer published after a newer one would replace it)."""
+    if held_back and fresh and (fresh[0].seq or 0) < (held_back[-1].seq or 0):
+        return sorted([*held_back, *fresh], key=lambda o: o.seq or 0)
+    return [*held_back, *fresh]
 
 
 def _checked(received: Received) -> Received:

@@ -11,8 +11,10 @@ import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
+import pytest
+
 from coordinator import bridge as bridge_module
-from coordinator.bridge import MqttBridge
+from coordinator.bridge import MqttBridge, _in_order
 from coordinator.metrics import FleetMetrics
 from coordinator.outbound import Outbound
 from coordinator.ports import LocalFleetPort, Unavailable
@@ -141,16 +143,22 @@ class SameRowsEachTick:
         return list(self.rows)
 
 
-def test_a_row_held_back_is_not_queued_again_when_a_restarted_actor_hands_it_out(
-    tmp_path, monkeypatch
-):
-    service = FleetService(make_config(tmp_path, max_concurrent_jobs=20))
-    devices = [SimDevice(f"pi-{i:02d}", service.fleet.clock) for i in range(20)]
+def fleet_rows(tmp_path, count: int) -> list[Outbound]:
+    """`count` fine-tune jobs as a fleet state hands them out, in outbox order."""
+    service = FleetService(make_config(tmp_path, max_concurrent_jobs=count))
+    devices = [SimDevice(f"pi-{i:02d}", service.fleet.clock) for i in range(count)]
     service.ingest([m for d in devices for m in (d.presence(), d.heartbeat())])
     service.request_finetune(all_=True)
     rows = service.tick()
     service.close()
-    assert len(rows) == 20
+    assert len(rows) == count
+    return rows
+
+
+def test_a_row_held_back_is_not_queued_again_when_a_restarted_actor_hands_it_out(
+    tmp_path, monkeypatch
+):
+    rows = fleet_rows(tmp_path, 20)
     client = FakeClient(None, "coordinator")
     config = make_config(tmp_path / "bridge")
     bridge = MqttBridge(config, SameRowsEachTick(rows), FleetMetrics(),
@@ -167,3 +175,32 @@ def test_a_row_held_back_is_not_queued_again_when_a_restarted_actor_hands_it_out
     bridge._publish_handed_out()
     topics = [topic for topic, *_ in client.published]
     assert len(topics) == len(set(topics)) == 20  # each row published once
+
+
+def test_a_row_whose_publish_raises_is_skipped_and_the_rows_after_it_still_go_out(tmp_path):
+    rows = fleet_rows(tmp_path, 6)
+    client = FakeClient(None, "coordinator")
+    broken_topic = f"fleet/{rows[2].device_id}/cmd/job"
+    publish = client.publish
+
+    def publish_or_raise(topic, *args, **kwargs):
+        if topic == broken_topic:
+            raise ValueError("a message paho cannot take")
+        return publish(topic, *args, **kwargs)
+
+    client.publish = publish_or_raise
+    bridge = MqttBridge(make_config(tmp_path / "bridge"), SameRowsEachTick(rows[:0]),
+                        FleetMetrics(), client_factory=lambda *args, **kwargs: client)  # fmt: skip
+    with pytest.raises(ValueError):
+        bridge._to_paho(rows)
+    assert bridge._unpublished == rows[3:]  # the rows after it wait; it stays in the outbox
+    bridge._publish_handed_out()
+    devices = [topic.split("/")[1] for topic, *_ in client.published]
+    assert devices == [r.device_id for r in rows if r is not rows[2]]
+
+
+def test_rows_a_restarted_actor_hands_out_again_go_behind_none_that_are_newer(tmp_path):
+    rows = fleet_rows(tmp_path, 5)
+    held_back, again = rows[2:4], [rows[0], rows[4]]
+    assert _in_order(held_back, again) == [rows[0], rows[2], rows[3], rows[4]]
+    assert _in_order(rows[:2], rows[2:]) == rows
