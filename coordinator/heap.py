@@ -26,8 +26,8 @@ TRIM_EVERY_S = 10.0  # a trim walks every arena: at most this often
 # The driver trims after each dashboard history sample (every 2 s), not every 10 s: what a
 # round's bursts left free (10,000 reports read and passed on) goes back before the actor's
 # close, when the actor holds the round's reports and the tree is at its highest (10,000
-# devices, alternated: the tree's peak 779-822 -> 753-793 MiB, no CPU cost seen). The actor
-# keeps 10 s: trimming it every 2 s as well cost 3-5 % more coordinator CPU a round.
+# devices, alternated: the tree's peak 779-827 -> 753-793 MiB, CPU within the runs' spread).
+# The actor keeps 10 s: trimming it every 2 s as well cost 3-5 % more coordinator CPU a round.
 DRIVER_TRIM_EVERY_S = 2.0
 ARENAS = 2
 _M_ARENA_MAX = -8  # mallopt's parameter (malloc.h)
