@@ -266,24 +266,33 @@ class AdapterDistributor:
         self, cohort: str, cluster: str, version: int, *, labelled_only: bool
     ) -> list[str]:
         sent = []
+        busy = self._fleet.jobs.busy_devices()  # one read for the pass, not one a member
         for record in self._members(cohort, cluster):
             if labelled_only and not record.labelled:
                 continue
-            if self._offer(record, version, cluster):
+            if self._offer(record, version, cluster, busy):
                 sent.append(record.device_id)
         return sent
 
-    def _offer(self, record: DeviceRecord, version: int, cluster: str) -> bool:
-        """Offers a version to one device; False if it is not for this device (yet)."""
+    def _offer(
+        self, record: DeviceRecord, version: int, cluster: str, busy: set[str] | None = None
+    ) -> bool:
+        """Offers a version to one device; False if it is not for this device (yet). `busy`:
+        the devices with an active job, read once for a pass (updated with this offer's job),
+        else this device's are read here."""
         f = self._fleet
         measures = record.labelled
         if not measures and not self._takes_without_measuring(record):
             return False
         cohort, base_model_hash = _registered(record)
-        applying = f.reachable(record) and not f.jobs.active(record.device_id)
+        device = record.device_id
+        is_busy = device in busy if busy is not None else bool(f.jobs.active(device))
+        applying = f.reachable(record) and not is_busy
         job = None
         if applying:
             job = f.create_job(record.device_id, JobKind.APPLY_ADAPTER.value, trigger="rollout")
+            if busy is not None:
+                busy.add(device)
             f.commands.add(
                 CommandRecord(job.job_id, record.device_id, JobKind.APPLY_ADAPTER, version,
                               job.created_at)

@@ -244,6 +244,12 @@ class JobTable:
             return self._select(f"{_ACTIVE_SQL} ORDER BY created_at")
         return self._select(f"{_ACTIVE_SQL} AND device_id = ? ORDER BY created_at", (device_id,))
 
+    def busy_devices(self) -> set[str]:
+        """The devices with an active job, in one query (a pass over many devices reads this
+        once instead of each device's active jobs)."""
+        rows = self._db.query(f"SELECT DISTINCT device_id FROM jobs WHERE {_ACTIVE_SQL}")
+        return {row["device_id"] for row in rows}
+
     def active_count(self) -> int:
         row = self._db.query_one(f"SELECT COUNT(*) AS n FROM jobs WHERE {_ACTIVE_SQL}")
         return int(row["n"]) if row else 0

@@ -10,7 +10,7 @@ It returns what the bridge must send; it never sends anything itself.
 from __future__ import annotations
 
 import uuid
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Container, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
 
@@ -256,8 +256,11 @@ class FineTuneScheduler:
             return SkipReason.QUARANTINED
         return None
 
-    def skip_reason(self, record: DeviceRecord | None, now: float) -> SkipReason | None:
-        """Why this device may not start a fine-tune now (None: it may)."""
+    def skip_reason(
+        self, record: DeviceRecord | None, now: float, busy: Container[str] | None = None
+    ) -> SkipReason | None:
+        """Why this device may not start a fine-tune now (None: it may). `busy`: the devices
+        with an active job, read once for a pass (else this device's are read here)."""
         unreachable = self.unreachable_reason(record, now)
         if unreachable is not None or record is None:
             return unreachable
@@ -267,7 +270,9 @@ class FineTuneScheduler:
         budget = policy.energy_budget_j
         if budget is not None and self._registry.energy_used_this_period(record) >= budget:
             return SkipReason.ENERGY_BUDGET
-        if self._jobs.active(record.device_id):
+        if busy is None:
+            busy = {record.device_id} if self._jobs.active(record.device_id) else set()
+        if record.device_id in busy:
             return SkipReason.BUSY
         return None
 
@@ -335,12 +340,14 @@ class FineTuneScheduler:
     ) -> tuple[list[Job], dict[str, SkipReason]]:
         if not candidates:  # most ticks: no need to count the slots (a look-up per job)
             return [], {}
-        capacity = self.policy.max_concurrent_jobs - self._slots_taken(now)
+        active = self._jobs.active()
+        capacity = self.policy.max_concurrent_jobs - self._slots_taken(active, now)
+        busy = {job.device_id for job in active}  # one read a pass, not one a candidate
         dispatched: list[Job] = []
         skipped: dict[str, SkipReason] = {}
         for candidate in candidates:
             record = self._registry.get(candidate.device_id)
-            reason = self.skip_reason(record, now)
+            reason = self.skip_reason(record, now, busy)
             if reason is None and capacity <= 0:
                 reason = SkipReason.CONCURRENCY_LIMIT
             if reason is not None:
@@ -348,15 +355,16 @@ class FineTuneScheduler:
                 self._registry.record_skip(candidate.device_id, reason.value, at=now)
                 continue
             dispatched.append(self._start_job(candidate))
+            busy.add(candidate.device_id)  # a device that is a candidate twice gets one job
             capacity -= 1
         return dispatched, skipped
 
-    def _slots_taken(self, now: float) -> int:
+    def _slots_taken(self, active: Sequence[Job], now: float) -> int:
         """Fine-tunes under way on devices that are still there. A device that went silent
         holds no slot of the fleet's (only its own: it stays BUSY until its job times out),
         and quick commands (evaluate, apply) never count against training."""
         taken = 0
-        for job in self._jobs.active():
+        for job in active:
             if job.kind != "finetune":
                 continue
             record = self._registry.get(job.device_id)

@@ -93,6 +93,28 @@ def test_promotion_sends_each_device_one_pointer_with_the_adapter_and_the_offer(
     assert {d["adapter_version"] for d in service.devices()} == {1}
 
 
+def test_a_promotion_reads_the_busy_devices_once_and_offers_a_busy_one_nothing_to_answer(
+    tmp_path, clock
+):
+    service = FleetService(make_config(tmp_path), clock=clock)
+    devices = [SimDevice(name, clock) for name in DEVICES]
+    service.ingest([m for d in devices for m in (d.presence(), d.heartbeat())])
+    canary = to_canary(service, devices)
+    jobs = service.fleet.jobs
+    jobs.create("pi-3", timeout_s=600.0, kind=JobKind.EVALUATE.value)  # busy at the promotion
+    asked: list[str | None] = []
+    active, busy_devices = jobs.active, jobs.busy_devices
+    jobs.active = lambda device_id=None: asked.append(device_id) or active(device_id)
+    jobs.busy_devices = lambda: asked.append("all") or busy_devices()
+    answer_canaries(service, devices, canary)  # promoted: distributed to the cohort
+    outbound = service.tick()
+    assert asked.count("all") == 1 and not set(DEVICES) & set(asked)
+    for device in DEVICES:
+        pointer = pointer_for(outbound, device)
+        assert pointer.adapter is not None and pointer.adapter.version == 1
+        assert (pointer.apply_job() is None) == (device == "pi-3")  # busy: the pointer alone
+
+
 def test_a_device_caught_up_later_gets_the_pointer_with_the_adapter_and_an_offer(tmp_path, clock):
     service = FleetService(make_config(tmp_path), clock=clock)
     pi1, pi2 = SimDevice("pi-1", clock), SimDevice("pi-2", clock)

@@ -8,7 +8,13 @@ from coordinator.clock import ManualClock
 from coordinator.jobs import JobState, JobTable
 from coordinator.registry import FleetRegistry
 from coordinator.rounds import Round, RoundOutcome
-from coordinator.scheduler import FineTuneScheduler, SchedulerPolicy, SkipReason, Trigger
+from coordinator.scheduler import (
+    Candidate,
+    FineTuneScheduler,
+    SchedulerPolicy,
+    SkipReason,
+    Trigger,
+)
 from coordinator.state_db import StateDB
 
 HASH = "cd" * 32
@@ -184,6 +190,30 @@ def test_hot_and_busy_devices_are_reachable_and_reachability_asks_the_job_table_
     reasons = {d: fleet.scheduler.unreachable_reason(r, now) for d, r in records.items()}
     assert reasons == {"pi-busy": None, "pi-hot": None, "pi-off": SkipReason.OFFLINE}
     assert fleet.scheduler.unreachable_reason(None, now) is SkipReason.UNKNOWN_DEVICE
+
+
+def test_a_dispatch_pass_reads_the_active_jobs_once_and_skips_the_busy_device(tmp_path, clock):
+    fleet = make_fleet(tmp_path, clock, max_concurrent_jobs=10)
+    for device in ("pi-1", "pi-2", "pi-3", "pi-busy"):
+        fleet.add(device)
+    fleet.jobs.create("pi-busy", timeout_s=60.0)
+    fleet.scheduler.request_all()
+    reads: list[str | None] = []
+    active = fleet.jobs.active
+    fleet.jobs.active = lambda device_id=None: (reads.append(device_id), active(device_id))[1]
+    result = fleet.scheduler.tick()
+    assert sorted(dispatched(result)) == ["pi-1", "pi-2", "pi-3"]  # one job each
+    assert result.skipped == {"pi-busy": SkipReason.BUSY}
+    assert reads == [None]  # the whole fleet's active jobs, once: none a device
+
+
+def test_a_device_that_is_a_candidate_twice_in_one_pass_gets_one_job(tmp_path, clock):
+    fleet = make_fleet(tmp_path, clock, max_concurrent_jobs=10)
+    fleet.add("pi-1")
+    twice = [Candidate("pi-1", Trigger.REQUEST), Candidate("pi-1", Trigger.DRIFT)]
+    jobs, skipped = fleet.scheduler._dispatch(twice, clock())
+    assert [job.device_id for job in jobs] == ["pi-1"]
+    assert skipped == {"pi-1": SkipReason.BUSY}  # the pass's own job makes it busy
 
 
 def test_a_device_that_just_came_online_is_not_stale_before_its_first_heartbeat(tmp_path, clock):
