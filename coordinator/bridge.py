@@ -337,6 +337,10 @@ class MqttBridge:
         not: unbounded)."""
         return self._client.held_beyond_flight() if isinstance(self._client, LeanClient) else 0
 
+    def _room_for_held(self) -> bool:
+        """paho holds at most half OUTBOUND_HELD_MAX: room to hand rows held back over."""
+        return self._held_by_paho() <= OUTBOUND_HELD_MAX // 2
+
     def _settle_now(self, outbound: Outbound) -> None:
         if outbound.seq is not None:
             self._settled.append(outbound.seq)
@@ -476,7 +480,7 @@ class MqttBridge:
         if reason_code.is_failure:  # refused (e.g. the ACL): it will never be delivered
             log.error("the broker refused publish %d: %s", mid, reason_code)
         self._published.on_puback(mid)
-        if self._unpublished and self._held_by_paho() <= OUTBOUND_HELD_MAX // 2:
+        if self._unpublished and self._room_for_held():
             self._wake.set()  # room for the rows held back: the control thread hands them over
 
     # ---- worker threads
@@ -670,7 +674,7 @@ class MqttBridge:
                         self._unpublished = waiting[index:]
                         # A PUBACK that frees room asks for a tick; room freed before the line
                         # above asked for none.
-                        return bool(handed_out) or self._held_by_paho() <= OUTBOUND_HELD_MAX // 2
+                        return bool(handed_out) or self._room_for_held()
                     if not self.publish(outbound):
                         self._unpublished = waiting[index:]  # in order, from this one, next tick
                         return True

@@ -285,14 +285,12 @@ class AdapterDistributor:
         if not measures and not self._takes_without_measuring(record):
             return False
         cohort, base_model_hash = _registered(record)
-        device = record.device_id
-        is_busy = device in busy if busy is not None else bool(f.jobs.active(device))
-        applying = f.reachable(record) and not is_busy
+        applying = f.reachable(record) and not f.jobs.is_busy(record.device_id, busy)
         job = None
         if applying:
             job = f.create_job(record.device_id, JobKind.APPLY_ADAPTER.value, trigger="rollout")
             if busy is not None:
-                busy.add(device)
+                busy.add(record.device_id)
             f.commands.add(
                 CommandRecord(job.job_id, record.device_id, JobKind.APPLY_ADAPTER, version,
                               job.created_at)

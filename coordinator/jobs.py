@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import dataclasses
 import uuid
-from collections.abc import Callable
+from collections.abc import Callable, Container
 from contextlib import nullcontext
 from dataclasses import dataclass
 from enum import StrEnum
@@ -249,6 +249,11 @@ class JobTable:
         once instead of each device's active jobs)."""
         rows = self._db.query(f"SELECT DISTINCT device_id FROM jobs WHERE {_ACTIVE_SQL}")
         return {row["device_id"] for row in rows}
+
+    def is_busy(self, device_id: str, busy: Container[str] | None = None) -> bool:
+        """The device has an active job: looked up in `busy` (busy_devices, read once for a
+        pass over many devices) if given, else read here."""
+        return device_id in busy if busy is not None else bool(self.active(device_id))
 
     def active_count(self) -> int:
         row = self._db.query_one(f"SELECT COUNT(*) AS n FROM jobs WHERE {_ACTIVE_SQL}")

@@ -270,9 +270,7 @@ class FineTuneScheduler:
         budget = policy.energy_budget_j
         if budget is not None and self._registry.energy_used_this_period(record) >= budget:
             return SkipReason.ENERGY_BUDGET
-        if busy is None:
-            busy = {record.device_id} if self._jobs.active(record.device_id) else set()
-        if record.device_id in busy:
+        if self._jobs.is_busy(record.device_id, busy):
             return SkipReason.BUSY
         return None
 

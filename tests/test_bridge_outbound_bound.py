@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import dataclasses
 import threading
-import time
 from collections.abc import Iterator, Sequence
 from contextlib import contextmanager
 
@@ -21,21 +20,14 @@ from coordinator.ports import LocalFleetPort, Unavailable
 from coordinator.service import FleetService
 from shared.mqtt import make_client, parse_broker_url
 from tests.coord_fleet_helpers import SimDevice, make_config
-from tests.test_coord_bridge import FakeClient
+from tests.test_coord_bridge import FakeClient, wait_for
 
 DEVICES = 120
 WINDOW = 5  # publishes in flight: the broker's window, made small so that most of a burst waits
 HELD_MAX = 10
 # Far longer than a test may wait: a row held back goes out because a PUBACK asked for it.
 IDLE_TICK_S = 60.0
-
-
-def wait_until(what: str, condition, timeout: float = 30.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not condition():
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what}")
-        time.sleep(0.02)
+WAIT_S = 30.0  # generous for a loaded 2-core machine; passing runs take a second or two
 
 
 def job_listener(url: str, root: str) -> tuple[object, list[str]]:
@@ -49,7 +41,7 @@ def job_listener(url: str, root: str) -> tuple[object, list[str]]:
     settings = parse_broker_url(url)
     listener.connect(settings.host, settings.port)
     listener.loop_start()
-    wait_until("the listener's SUBACK", subscribed.is_set)
+    wait_for(subscribed.is_set, WAIT_S)  # the listener's SUBACK
     return listener, arrived
 
 
@@ -85,7 +77,7 @@ def fleet_of_jobs(mosquitto, port_type=LocalFleetPort) -> Iterator[tuple]:
     bridge = MqttBridge(config, port, FleetMetrics())
     bridge.start()
     try:
-        wait_until("the bridge's connection", lambda: bridge.connected)
+        wait_for(lambda: bridge.connected, WAIT_S)  # the bridge's connection
         client = bridge._client
         client._max_inflight_messages = WINDOW
         held: list[int] = []  # paho's publishes beyond flight, as each row is handed to it
@@ -111,13 +103,13 @@ def test_a_burst_of_jobs_waits_in_the_driver_beyond_the_bound_and_every_job_arri
 ):
     monkeypatch.setattr(bridge_module, "OUTBOUND_HELD_MAX", HELD_MAX)
     with fleet_of_jobs(mosquitto) as (bridge, port, devices, arrived, held):
-        wait_until("every job at its device", lambda: len(arrived) >= DEVICES)
+        wait_for(lambda: len(arrived) >= DEVICES, WAIT_S)  # every job at its device
 
         def all_acknowledged() -> bool:
             bridge.wake()  # a tick tells the fleet state what the broker acknowledged last
             return port.service.fleet.outbox.backlog() == 0
 
-        wait_until("every row acknowledged", all_acknowledged)
+        wait_for(all_acknowledged, WAIT_S)  # every row acknowledged
     assert sorted(arrived) == sorted(d.device_id for d in devices)  # each once, none lost
     assert len(held) == DEVICES  # each row handed to paho once
     assert max(held) == HELD_MAX - 1  # paho held as many as the bound allowed, never more
@@ -126,7 +118,7 @@ def test_a_burst_of_jobs_waits_in_the_driver_beyond_the_bound_and_every_job_arri
 def test_rows_held_back_go_out_while_the_fleet_state_is_unavailable(mosquitto, monkeypatch):
     monkeypatch.setattr(bridge_module, "OUTBOUND_HELD_MAX", HELD_MAX)
     with fleet_of_jobs(mosquitto, FailingAfterJobs) as (_, port, devices, arrived, held):
-        wait_until("every job at its device", lambda: len(arrived) >= DEVICES)
+        wait_for(lambda: len(arrived) >= DEVICES, WAIT_S)  # every job at its device
         assert port.failing  # every tick since the jobs' hand-out failed
     assert sorted(arrived) == sorted(d.device_id for d in devices)
     assert max(held) == HELD_MAX - 1
