@@ -10,12 +10,15 @@ glibc also gives each allocating thread an arena of its own (up to eight per cor
 keeps its own high-water mark: the driver's paho, worker, control and API threads and the
 actor's concurrency groups. limit_arenas() caps them at two (measured at 3,000 devices: driver
 peak 151 -> 121 MiB, actor 168 -> 150, the tree's peak 606 -> 569 MiB, CPU within the noise).
+
+The cyclic garbage collector runs less often in the coordinator's processes (tune_gc).
 """
 
 from __future__ import annotations
 
 import ctypes
 import ctypes.util
+import gc
 import logging
 import time
 from collections.abc import Callable, MutableMapping
@@ -31,6 +34,14 @@ TRIM_EVERY_S = 10.0  # a trim walks every arena: at most this often
 DRIVER_TRIM_EVERY_S = 2.0
 ARENAS = 2
 _M_ARENA_MAX = -8  # mallopt's parameter (malloc.h)
+# CPython's default (700, 10, 10) runs a young collection every 700 container allocations, and a
+# full one each time the heap has grown by a quarter. The fleet actor holds the whole fleet
+# (a row a device, a round's reports) and allocates a few dozen objects a message, so a round
+# of 5,000 devices ran 12 full collections at ~65 ms each: 18 % of its CPU (in process,
+# FleetService, thread CPU: 5.2 -> 4.4 s with these). Almost all of its garbage is freed by
+# reference counting; the collector only finds cycles, which a few thousand more allocations
+# between collections leave alive a moment longer.
+GC_THRESHOLDS = (10_000, 10, 10)
 
 
 def limit_arenas(environ: MutableMapping[str, str]) -> None:
@@ -42,6 +53,11 @@ def limit_arenas(environ: MutableMapping[str, str]) -> None:
     mallopt = getattr(libc, "mallopt", None) if libc is not None else None
     if mallopt is not None:
         mallopt(_M_ARENA_MAX, int(environ["MALLOC_ARENA_MAX"]))
+
+
+def tune_gc() -> None:
+    """The collector's thresholds for a coordinator process (GC_THRESHOLDS)."""
+    gc.set_threshold(*GC_THRESHOLDS)
 
 
 def _libc() -> ctypes.CDLL | None:

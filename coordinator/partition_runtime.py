@@ -28,6 +28,7 @@ import ray
 from coordinator.bridge import FatalReason, MqttBridge
 from coordinator.config import CoordinatorConfig
 from coordinator.fleet import NotFound
+from coordinator.heap import tune_gc
 from coordinator.ingest import Received
 from coordinator.observations import (
     EventLog,
@@ -215,6 +216,7 @@ class PartitionActor:
             level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
         self._index = index
+        tune_gc()
         self._lock = threading.RLock()  # the bridge's threads and the actor's calls
         self._service = FleetService(config, aggregator=aggregator_for(config))
         self._relay = RelayMetrics()

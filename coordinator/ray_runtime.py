@@ -33,7 +33,7 @@ from coordinator.aggregate_task import (
 )
 from coordinator.aggregation import AdapterShape, FitFailure, FitResult
 from coordinator.config import AggregationRunner, CoordinatorConfig
-from coordinator.heap import HeapTrimmer
+from coordinator.heap import HeapTrimmer, tune_gc
 from coordinator.ingest import Received
 from coordinator.instance import InstanceConflict
 from coordinator.observations import MetricsReport
@@ -181,6 +181,7 @@ class FleetActor:
         logging.basicConfig(
             level=config.log_level, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
         )
+        tune_gc()
         self._service = FleetService(config, aggregator=aggregator_for(config))
         self._heap = HeapTrimmer()
 

@@ -1,8 +1,12 @@
-"""The heap trimmer: at most once an interval, however often asked; a no-op without glibc."""
+"""The heap trimmer: at most once an interval, however often asked; a no-op without glibc. The
+collector's thresholds: cycles are still collected, only after more allocations."""
 
 from __future__ import annotations
 
-from coordinator.heap import HeapTrimmer
+import gc
+import weakref
+
+from coordinator.heap import GC_THRESHOLDS, HeapTrimmer, tune_gc
 
 
 class Clock:
@@ -54,3 +58,27 @@ def test_the_driver_trims_its_heap_after_every_dashboard_history_sample():
     sampler = HistorySampler(lambda: None)
     assert sampler._interval == SAMPLE_S
     assert sampler._heap._every_s <= SAMPLE_S  # never two samples' fleet-wide views between trims
+
+
+class Node:
+    def __init__(self) -> None:
+        self.other: Node | None = None
+
+
+def test_tuned_collector_still_frees_a_cycle_by_itself_after_more_allocations():
+    old = gc.get_threshold()
+    try:
+        tune_gc()
+        young = GC_THRESHOLDS[0]
+        assert young > old[0]
+        gc.collect()  # the young generation's count starts at 0
+        first, second = Node(), Node()
+        first.other, second.other = second, first  # garbage only the collector can free
+        alive = weakref.ref(first)
+        del first, second
+        kept = [[] for _ in range(young // 2)]  # CPython's default would have collected
+        assert alive() is not None
+        kept += [[] for _ in range(young)]  # past the threshold: a young collection ran
+        assert alive() is None
+    finally:
+        gc.set_threshold(*old)
