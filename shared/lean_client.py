@@ -9,8 +9,10 @@ coordinator never reads an inbound PUBLISH's properties, and a PUBACK matters on
 failure. LeanClient reads those two packets itself in their common forms (a QoS 0 or 1 PUBLISH;
 a PUBACK without properties) and hands every other packet, and any it finds malformed, to paho.
 It also sends a batch's acknowledgements as one write (paho's ack() wakes its network thread
-and makes a send() call per message), and it finds the next publish waiting for room in flight
-without paho's scan of every outgoing message on each PUBACK.
+and makes a send() call per message), finds the next publish waiting for room in flight without
+paho's scan of every outgoing message on each PUBACK, and reads its socket a chunk at a time
+(paho makes three or more recv() calls a packet, each a release of the GIL the other threads
+wait for).
 
 An inbound message's `properties` is None (as on MQTT 3.1.1); a successful PUBACK's reason code
 and properties are shared, read-only instances.
@@ -22,13 +24,17 @@ import threading
 from collections import deque
 from collections.abc import Iterable, Iterator
 from contextlib import contextmanager, suppress
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
+from paho.mqtt.exception import MalformedPacket
 from paho.mqtt.packettypes import PacketTypes
 from paho.mqtt.properties import Properties
 from paho.mqtt.reasoncodes import ReasonCode
+
+if TYPE_CHECKING:
+    from paho.mqtt.client import _InPacket
 
 PUBACK_SUCCESS = ReasonCode(PacketTypes.PUBACK)  # "Success" (0): never modified
 NO_PUBACK_PROPERTIES = Properties(PacketTypes.PUBACK)
@@ -36,6 +42,8 @@ _PUBACK_FIXED_HEADER = bytes([PacketTypes.PUBACK << 4, 2])  # then the 2-byte pa
 _VBI_MAX_BYTES = 4  # a Variable Byte Integer has at most 4 bytes
 # Packets publishing_many() queues before it wakes the network thread to write them.
 WAKE_EVERY = 64
+# Bytes one read asks the socket for: a round's reports are ~13 KB each, its statuses ~0.2 KB.
+READ_CHUNK = 64 * 1024
 
 
 class NotCommonForm(Exception):
@@ -71,6 +79,22 @@ def variable_int(data: bytes | bytearray, start: int) -> tuple[int, int]:
     raise NotCommonForm
 
 
+def next_packet(data: bytearray, start: int) -> tuple[int, int, int] | None:
+    """(command byte, body start, body end) of the packet at data[start:], or None while it
+    is not all there; MalformedPacket if its Remaining Length runs past 4 bytes."""
+    length = 0
+    for used in range(_VBI_MAX_BYTES):
+        position = start + 1 + used
+        if position >= len(data):
+            return None
+        byte = data[position]
+        length |= (byte & 0x7F) << (7 * used)
+        if not byte & 0x80:
+            end = position + 1 + length
+            return (data[start], position + 1, end) if end <= len(data) else None
+    raise MalformedPacket("a Remaining Length of more than 4 bytes")
+
+
 def successful_puback_mid(body: bytes | bytearray) -> int:
     """The packet id of a PUBACK with reason Success and no properties (2-4 bytes: the id, then
     optionally reason 0 and an empty property length); NotCommonForm otherwise."""
@@ -94,6 +118,10 @@ class LeanClient(paho.Client):
         # oldest on each PUBACK, past all those in flight, so a burst of n publishes with a
         # window of w cost n x w steps (10,000 pointers, a window of 1,000: 10 million).
         self._waiting: deque[int] = deque()
+        # What the network thread read of its socket and has not handled: the start of a
+        # packet whose end has not arrived yet
+        self._unread = bytearray()
+        self._unread_from: object = None  # the socket it came from
 
     def adopt_receive_maximum(self, properties: Properties | None) -> None:
         """Keeps as many QoS 1 publishes in flight as the broker's CONNACK allows (its Receive
@@ -210,6 +238,47 @@ class LeanClient(paho.Client):
             with suppress(BlockingIOError):  # its buffer is full of wake-ups already
                 self._sockpairW.send(paho.sockpair_data)
 
+    def _packet_read(self) -> MQTTErrorCode:
+        """paho reads a packet with a recv() for its command byte, one for each byte of its
+        length and one or more for its body, then goes back to select(). This takes what the
+        socket holds (up to READ_CHUNK) in one recv() and handles every complete packet in it;
+        a packet's start waits here for its end, which select() reports when it arrives."""
+        if self._sock is not self._unread_from:  # a new connection: nothing of the last one's
+            self._unread, self._unread_from = bytearray(), self._sock
+        try:
+            data = self._sock_recv(READ_CHUNK)
+        except BlockingIOError:
+            return MQTTErrorCode.MQTT_ERR_AGAIN
+        except OSError as err:  # a timeout included
+            self._easy_log(paho.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
+            return MQTTErrorCode.MQTT_ERR_CONN_LOST
+        if not data:
+            return MQTTErrorCode.MQTT_ERR_CONN_LOST
+        with self._msgtime_mutex:
+            self._last_bytes_received = paho.time_func()
+        self._unread += data
+        rc = self._handle_unread()
+        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and len(data) < READ_CHUNK:
+            return MQTTErrorCode.MQTT_ERR_AGAIN  # the socket is drained: back to select()
+        return rc
+
+    def _handle_unread(self) -> MQTTErrorCode:
+        unread, position = self._unread, 0
+        try:
+            while (found := next_packet(unread, position)) is not None:
+                command, begin, position = found
+                self._in_packet = _in_packet(command, unread[begin:position])
+                rc = self._packet_handle()
+                if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                    return rc
+        except MalformedPacket as err:
+            self._easy_log(paho.MQTT_LOG_DEBUG, "Received malformed packet: %s", err)
+            return MQTTErrorCode.MQTT_ERR_PROTOCOL
+        finally:
+            del unread[:position]
+            self._in_packet = _in_packet(0, bytearray())
+        return MQTTErrorCode.MQTT_ERR_SUCCESS
+
     def ack_many(self, mids: Iterable[int]) -> None:
         """ack(mid, 1) for each QoS 1 message (manual acks), queued as one write: the network
         thread is woken once and sends them in one go, not once per message."""
@@ -249,3 +318,10 @@ class LeanClient(paho.Client):
             if mid in self._out_messages:  # only the first PUBACK of a message counts
                 return self._do_on_publish(mid, PUBACK_SUCCESS, NO_PUBACK_PROPERTIES)
         return MQTTErrorCode.MQTT_ERR_SUCCESS
+
+
+def _in_packet(command: int, body: bytearray) -> _InPacket:
+    """paho's record of the packet being read, read in full (its handlers take it from there)."""
+    return {"command": command, "have_remaining": 1, "remaining_count": [],
+            "remaining_mult": 1, "remaining_length": len(body), "packet": body,
+            "to_process": 0, "pos": 0}  # fmt: skip
