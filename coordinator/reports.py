@@ -252,13 +252,17 @@ class ReportStore:
         for cohort in cohorts:
             self._shapes.pop(cohort, None)
 
-    def arrays(self, meta: ReportMeta) -> dict[str, np.ndarray]:
-        """The report's arrays: held, or read back; ReportUnreadable if they are gone or damaged
-        (that report fails, not its round)."""
+    def result(self, meta: ReportMeta) -> FitResult:
+        """The report as an aggregation input. Its arrays held since it was checked on receipt
+        are marked so; arrays read back from its row are not (a damaged row is checked again).
+        ReportUnreadable if they are gone or damaged (that report fails, not its round)."""
         held = self._held.pop(meta.job_id, None)
         if held is not None:
             self._held_bytes -= _nbytes(held)
-            return held
+            return FitResult(meta.device_id, held, meta.samples, checked_on_receipt=True)
+        return FitResult(meta.device_id, self._read_back(meta), meta.samples)
+
+    def _read_back(self, meta: ReportMeta) -> dict[str, np.ndarray]:
         if meta.file:  # stored by an earlier version: its own file
             return _load_npz(self._state_dir / meta.file, meta.job_id)
         row = self._db.query_one("SELECT arrays FROM fit_reports WHERE job_id = ?", (meta.job_id,))

@@ -6,7 +6,7 @@ from collections.abc import Mapping, Sequence
 from typing import Any
 
 from coordinator.aggregate_task import AggregationOutcome, AggregationRequest
-from coordinator.aggregation import FitFailure, FitResult, aggregation_gap, bound_reports
+from coordinator.aggregation import FitFailure, aggregation_gap, bound_reports
 from coordinator.federation import Measured
 from coordinator.fleet import Fleet
 from coordinator.reports import ReportMeta, ReportUnreadable
@@ -53,7 +53,7 @@ def aggregation_request(
             failures.append(FitFailure(device, "succeeded without a valid report"))
             continue
         try:
-            results.append(FitResult(device, fleet.reports.arrays(meta), meta.samples))
+            results.append(fleet.reports.result(meta))
         except ReportUnreadable as err:  # one damaged row fails its device, not the round
             failures.append(FitFailure(device, str(err)))
     if not results:

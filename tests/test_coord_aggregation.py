@@ -3,6 +3,8 @@ can do, and what is refused."""
 
 from __future__ import annotations
 
+import dataclasses
+
 import numpy as np
 import pytest
 
@@ -411,3 +413,46 @@ def test_an_error_about_many_devices_names_ten_and_counts_the_rest(rng):
     message = str(refused.value)
     assert "'dev-00'" in message and "'dev-09'" in message and "'dev-10'" not in message
     assert message.endswith("and 15 more: no A/B factors to average")
+
+
+def test_a_round_check_reads_again_only_the_values_of_reports_not_checked_on_receipt(
+    rng, monkeypatch
+):
+    from coordinator.aggregation import validation
+
+    results = reports(rng, counts=(10, 30, 60, 20))
+    results[:2] = [dataclasses.replace(r, checked_on_receipt=True) for r in results[:2]]
+    read: dict[str, list[str]] = {"values": [], "products": []}
+    for name, key in (("_check_values", "values"), ("_check_product_bounds", "products")):
+        original = getattr(validation, name)
+
+        def spy(found, *args, _original=original, _key=key):
+            read[_key] += [r.device_id for r in found]
+            return _original(found, *args)
+
+        monkeypatch.setattr(validation, name, spy)
+    validation.check_round(results, (), SHAPE)
+    assert read == {"values": ["dev-2", "dev-3"], "products": ["dev-2", "dev-3"]}
+    results[3].arrays["A1"][0, 0] = np.nan  # not checked on receipt: refused as before
+    with pytest.raises(AggregationError, match="device dev-3: A1 contains NaN"):
+        validation.check_round(results, (), SHAPE)
+
+
+def test_a_report_checked_on_receipt_still_has_its_shapes_checked_in_the_round(rng):
+    from coordinator.aggregation.validation import check_round
+
+    results = reports(rng)
+    results[1].arrays["B2"] = results[1].arrays["B2"][:, :2]
+    results = [dataclasses.replace(r, checked_on_receipt=True) for r in results]
+    with pytest.raises(AggregationError, match="device dev-1: B2 has shape"):
+        check_round(results, (), SHAPE)
+
+
+def test_bounds_keep_the_receipt_mark_of_an_untouched_report_and_drop_it_from_a_clipped_one():
+    start = {f"delta{k}": np.full(SHAPE.delta_shape(k), 0.5, np.float32) for k in SHAPE.layers}
+    results = [dataclasses.replace(r, checked_on_receipt=True)
+               for r in deltas_reports([0.6, 0.55, 0.45, 600.0])]  # fmt: skip
+    bounded = bound_reports(results, shape=SHAPE, bounds=TrustBounds(clip_factor=3.0),
+                            registered={}, start=start)  # fmt: skip
+    assert bounded.outliers == {"dev-3"}  # clipped: new arrays, checked in the round
+    assert [r.checked_on_receipt for r in bounded.results] == [True, True, True, False]

@@ -40,10 +40,22 @@ def test_a_report_is_read_from_memory_once_then_from_its_row(tmp_path):
     meta = saved(store, "j1", arrays)
     assert meta.file == "" and not (tmp_path / "reports").exists()  # no file per report
     empty_row(db, "j1")  # the held copy answers: the row is not read
-    first = store.arrays(meta)
-    assert same(first, arrays) and all(a.flags.writeable for a in first.values())
+    first = store.result(meta)
+    assert same(first.arrays, arrays) and all(a.flags.writeable for a in first.arrays.values())
+    assert first.checked_on_receipt  # the arrays checked when the report arrived
     with pytest.raises(ReportUnreadable, match="j1"):  # taken out: the emptied row is read
-        store.arrays(meta)
+        store.result(meta)
+
+
+def test_arrays_read_back_from_a_row_are_not_marked_as_checked_on_receipt(tmp_path):
+    """A row read back could be damaged on disk: the round's check reads its values again."""
+    arrays = random_factors(np.random.default_rng(5))
+    store = ReportStore(StateDB(tmp_path / "s.sqlite3"), tmp_path)
+    meta = saved(store, "j1", arrays)
+    restarted = ReportStore(StateDB(tmp_path / "s.sqlite3"), tmp_path)
+    result = restarted.result(meta)
+    assert same(result.arrays, arrays) and not result.checked_on_receipt
+    assert (result.device_id, result.num_samples) == (meta.device_id, meta.samples)
 
 
 def test_a_restarted_store_and_one_past_its_cap_read_the_rows(tmp_path, monkeypatch):
@@ -52,10 +64,10 @@ def test_a_restarted_store_and_one_past_its_cap_read_the_rows(tmp_path, monkeypa
     one, two = random_factors(rng), random_factors(rng)
     monkeypatch.setattr(reports, "MEMORY_CAP_BYTES", sum(a.nbytes for a in one.values()))
     m1, m2 = saved(store, "j1", one), saved(store, "j2", two)  # j1 leaves memory for j2
-    assert same(store.arrays(m1), one) and same(store.arrays(m2), two)
+    assert same(store.result(m1).arrays, one) and same(store.result(m2).arrays, two)
     restarted = ReportStore(StateDB(tmp_path / "s.sqlite3"), tmp_path)
-    assert same(restarted.arrays(restarted.get("j1")), one)
-    assert same(restarted.arrays(restarted.get("j2")), two)
+    assert same(restarted.result(restarted.get("j1")).arrays, one)
+    assert same(restarted.result(restarted.get("j2")).arrays, two)
 
 
 def test_a_report_outside_any_round_is_not_held_in_memory(tmp_path):
@@ -66,7 +78,7 @@ def test_a_report_outside_any_round_is_not_held_in_memory(tmp_path):
     meta = saved(store, "own", arrays, round_id=None)
     empty_row(db, "own")  # no held copy: the (emptied) row is what is read
     with pytest.raises(ReportUnreadable, match="own"):
-        store.arrays(meta)
+        store.result(meta)
 
 
 def test_a_report_stored_as_a_file_by_an_older_release_is_read_from_its_file(tmp_path):
@@ -78,7 +90,7 @@ def test_a_report_stored_as_a_file_by_an_older_release_is_read_from_its_file(tmp
     db.execute("UPDATE fit_reports SET arrays = NULL, file = 'reports/old.npz'")  # as it was
     restarted = ReportStore(StateDB(tmp_path / "s.sqlite3"), tmp_path)
     meta = restarted.get("old")
-    assert meta.file == "reports/old.npz" and same(restarted.arrays(meta), arrays)
+    assert meta.file == "reports/old.npz" and same(restarted.result(meta).arrays, arrays)
 
 
 def test_a_report_stored_as_a_npz_blob_by_an_earlier_version_is_read_from_its_row(tmp_path):
@@ -89,7 +101,7 @@ def test_a_report_stored_as_a_npz_blob_by_an_earlier_version_is_read_from_its_ro
     np.savez(blob, **arrays)
     db.execute("UPDATE fit_reports SET arrays = ? WHERE job_id = 'npz'", (blob.getvalue(),))
     restarted = ReportStore(StateDB(tmp_path / "s.sqlite3"), tmp_path)
-    read = restarted.arrays(restarted.get("npz"))
+    read = restarted.result(restarted.get("npz")).arrays
     assert same(read, arrays) and all(a.flags.writeable for a in read.values())
 
 
@@ -107,9 +119,9 @@ def test_a_damaged_blob_or_a_missing_file_is_unreadable_and_names_its_report(tmp
     )
     restarted = ReportStore(StateDB(tmp_path / "s.sqlite3"), tmp_path)
     with pytest.raises(ReportUnreadable, match="report bad"):
-        restarted.arrays(restarted.get("bad"))
+        restarted.result(restarted.get("bad"))
     with pytest.raises(ReportUnreadable, match="report gone"):
-        restarted.arrays(restarted.get("gone"))
+        restarted.result(restarted.get("gone"))
 
 
 def test_a_report_whose_transaction_rolls_back_leaves_nothing_behind(tmp_path):
@@ -122,7 +134,7 @@ def test_a_report_whose_transaction_rolls_back_leaves_nothing_behind(tmp_path):
         raise RuntimeError("the batch failed after the report")
     assert store.get("j1") is None and not (tmp_path / "reports").exists()
     meta = saved(store, "j1", arrays, round_id=None)
-    assert same(store.arrays(meta), arrays)
+    assert same(store.result(meta).arrays, arrays)
 
 
 def test_a_cohort_shape_seen_in_a_transaction_that_rolls_back_is_forgotten_with_it(tmp_path):

@@ -392,7 +392,7 @@ def test_each_devices_personalised_adapters_are_kept_beside_the_fleet_one(tmp_pa
     assert len(kept) == 1 and kept[0]["samples"] > 0 and kept[0]["round_id"]
     assert kept[0]["file"] is None  # its own arrays, in its row of the state db
     meta = service.fleet.reports.get(kept[0]["job_id"])
-    assert set(service.fleet.reports.arrays(meta)) == {"A1", "B1", "A2", "B2", "A3", "B3"}
+    assert set(service.fleet.reports.result(meta).arrays) == {"A1", "B1", "A2", "B2", "A3", "B3"}
     with pytest.raises(NotFound):
         service.device_adapters("ghost")
 

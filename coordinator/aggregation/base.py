@@ -24,6 +24,9 @@ class FitResult:
     device_id: str
     arrays: Arrays
     num_samples: int
+    # These very arrays passed validate_fit_result, values included, when their report arrived
+    # (coordinator.reports): a round's check does not read their values again.
+    checked_on_receipt: bool = False
 
 
 @dataclass(frozen=True)

@@ -79,7 +79,8 @@ def bound_reports(
             notes[result.device_id] = _join(
                 notes.get(result.device_id), f"update norm {norms[i]:.3g} clipped to {bound:.3g}"
             )
-        out.append(FitResult(result.device_id, arrays, samples[i]))
+        checked = result.checked_on_receipt and arrays is result.arrays  # not if clipped
+        out.append(FitResult(result.device_id, arrays, samples[i], checked))
     return Bounded(tuple(out), notes, frozenset(outliers))
 
 

@@ -97,8 +97,11 @@ def check_round(
         raise AggregationError(f"empty round: no device returned an adapter; failed: {failed}")
     _check_unique_devices(results, failures)
     ranks = {r.device_id: validate_fit_result(r, shape, values=False) for r in results}
-    _check_values(results)
-    _check_product_bounds([r for r in results if ranks[r.device_id] is not None], shape)
+    # Values and ΔW bounds of the reports not checked on receipt (at 10,000 reports checked on
+    # receipt: ~0.3 of the round check's ~0.4 s of the actor's CPU, its shapes the rest)
+    unchecked = [r for r in results if not r.checked_on_receipt]
+    _check_values(unchecked)
+    _check_product_bounds([r for r in unchecked if ranks[r.device_id] is not None], shape)
     counts = np.array([r.num_samples for r in results], dtype=np.float64)
     weights: np.ndarray = counts / counts.sum()
     return CheckedRound(shape, tuple(r.device_id for r in results), weights, ranks)
