@@ -72,10 +72,10 @@ def run_strategy(
     `checked`: the round's check (or the error it raised) when the caller made it already."""
     started = time.perf_counter()
     try:
+        if isinstance(checked, AggregationError):  # the round's check refused it already
+            return StrategyRun(algorithm, time.perf_counter() - started, error=str(checked))
         if checked is None:
             checked = check_round(results, failures, shape)
-        if isinstance(checked, AggregationError):
-            raise checked
         result = STRATEGIES[algorithm](shape).aggregate_checked(results, failures, checked)
     except AggregationError as err:
         return StrategyRun(algorithm, time.perf_counter() - started, error=str(err))
@@ -95,7 +95,9 @@ def run_strategies(
     try:
         checked = check_round(results, failures, shape)
     except AggregationError as err:
-        checked = err
+        # without its traceback: it would hold this frame, the round's reports in it, in a
+        # cycle only the collector frees
+        checked = err.with_traceback(None)
     check_s = time.perf_counter() - started
     runs = [run_strategy(a, shape, results, failures, checked) for a in algorithms]
     if runs:

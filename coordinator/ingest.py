@@ -203,7 +203,7 @@ class MessageHandler:
             accuracy_before=m.accuracy_before,
             loss_before=m.loss_before,
         )
-        f.reports.save(meta, report.adapter)
+        f.reports.save(meta, report.adapter, checked_on_receipt=True)  # _check passed
         if job.is_active:
             self._ended(device, job, JobState.SUCCEEDED, None)
 

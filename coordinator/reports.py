@@ -181,8 +181,12 @@ class ReportStore:
             db, commit=lambda cohorts: None, undo=self._forget_shapes
         )
 
-    def save(self, meta: ReportMeta, arrays: Mapping[str, np.ndarray]) -> None:
-        """Stores a checked report; a repeated one (same job) changes nothing."""
+    def save(
+        self, meta: ReportMeta, arrays: Mapping[str, np.ndarray], *, checked_on_receipt: bool
+    ) -> None:
+        """Stores a report; a repeated one (same job) changes nothing. A round's report whose
+        arrays `checked_on_receipt` (check_adapter, values included) is also held in memory for
+        the round's aggregation, which then does not read its values again (result)."""
         stored = self._db.execute(
             "INSERT OR IGNORE INTO fit_reports (job_id, device_id, round_id, cohort, "
             "base_model_hash, samples, layer_dims, n_classes, parent_adapter_version, "
@@ -205,7 +209,7 @@ class ReportStore:
                 arrays_blob(arrays),
             ),
         )  # one statement, not a look-up first: a repeat is rare, and ignored here
-        if stored and meta.round_id is not None:
+        if stored and meta.round_id is not None and checked_on_receipt:
             self._hold(meta.job_id, arrays)
 
     def get(self, job_id: str) -> ReportMeta | None:

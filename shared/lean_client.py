@@ -245,6 +245,10 @@ class LeanClient(paho.Client):
         a packet's start waits here for its end, which select() reports when it arrives."""
         if self._sock is not self._unread_from:  # a new connection: nothing of the last one's
             self._unread, self._unread_from = bytearray(), self._sock
+        elif self._unread:  # whole packets left behind by a callback that raised: first
+            rc = self._handle_unread()
+            if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
+                return rc
         try:
             data = self._sock_recv(READ_CHUNK)
         except BlockingIOError:
@@ -263,11 +267,16 @@ class LeanClient(paho.Client):
         return rc
 
     def _handle_unread(self) -> MQTTErrorCode:
+        """Hands paho each whole packet read, in order, while the connection it came on is
+        open (paho reads nothing after a DISCONNECT has closed it)."""
         unread, position = self._unread, 0
         try:
-            while (found := next_packet(unread, position)) is not None:
+            while (
+                self._sock is self._unread_from
+                and (found := next_packet(unread, position)) is not None
+            ):
                 command, begin, position = found
-                self._in_packet = _in_packet(command, unread[begin:position])
+                self._in_packet = _read_packet(command, unread[begin:position])
                 rc = self._packet_handle()
                 if rc != MQTTErrorCode.MQTT_ERR_SUCCESS:
                     return rc
@@ -276,7 +285,7 @@ class LeanClient(paho.Client):
             return MQTTErrorCode.MQTT_ERR_PROTOCOL
         finally:
             del unread[:position]
-            self._in_packet = _in_packet(0, bytearray())
+            self._in_packet = _no_packet()
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def ack_many(self, mids: Iterable[int]) -> None:
@@ -320,8 +329,15 @@ class LeanClient(paho.Client):
         return MQTTErrorCode.MQTT_ERR_SUCCESS
 
 
-def _in_packet(command: int, body: bytearray) -> _InPacket:
+def _read_packet(command: int, body: bytearray) -> _InPacket:
     """paho's record of the packet being read, read in full (its handlers take it from there)."""
     return {"command": command, "have_remaining": 1, "remaining_count": [],
             "remaining_mult": 1, "remaining_length": len(body), "packet": body,
             "to_process": 0, "pos": 0}  # fmt: skip
+
+
+def _no_packet() -> _InPacket:
+    """paho's record between packets, as paho resets it after one."""
+    return {"command": 0, "have_remaining": 0, "remaining_count": [], "remaining_mult": 1,
+            "remaining_length": 0, "packet": bytearray(b""), "to_process": 0,
+            "pos": 0}  # fmt: skip

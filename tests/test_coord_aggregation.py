@@ -397,6 +397,26 @@ def test_a_round_that_fails_its_check_is_an_error_for_every_strategy_run_over_it
     assert all("dev-1: sample count must be > 0" in r.error for r in runs)
 
 
+def test_a_refused_round_frees_its_reports_without_waiting_for_the_collector(rng):
+    """The check's error is kept without its traceback, which held the round's reports in a
+    cycle (found by a review after the collector was set to run less often)."""
+    import gc
+    import weakref
+
+    from coordinator.aggregate_task import run_strategies
+
+    results = reports(rng)
+    results[1] = FitResult("dev-1", results[1].arrays, 0)  # no samples
+    alive = weakref.ref(results[0].arrays["A1"])
+    gc.disable()
+    try:
+        runs = run_strategies(("exact-delta", "naive-fedavg"), SHAPE, results, ())
+        del results
+        assert all(r.error for r in runs) and alive() is None
+    finally:
+        gc.enable()
+
+
 def test_a_checked_round_is_refused_for_other_results(rng):
     from coordinator.aggregation.validation import check_round
 

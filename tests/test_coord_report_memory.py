@@ -15,13 +15,15 @@ from coordinator.state_db import StateDB
 from tests.coord_helpers import random_factors
 
 
-def saved(store: ReportStore, job_id: str, arrays: dict, round_id: str | None = "r1") -> ReportMeta:
+def saved(
+    store: ReportStore, job_id: str, arrays: dict, round_id: str | None = "r1", checked=True
+) -> ReportMeta:
     meta = ReportMeta(
         job_id=job_id, device_id=f"dev-{job_id}", round_id=round_id, cohort="fan",
         base_model_hash="h", samples=10, shape=infer_shape("d", arrays),
         parent_adapter_version=None, received_at=1.0,
     )  # fmt: skip
-    store.save(meta, arrays)
+    store.save(meta, arrays, checked_on_receipt=checked)
     return meta
 
 
@@ -45,6 +47,15 @@ def test_a_report_is_read_from_memory_once_then_from_its_row(tmp_path):
     assert first.checked_on_receipt  # the arrays checked when the report arrived
     with pytest.raises(ReportUnreadable, match="j1"):  # taken out: the emptied row is read
         store.result(meta)
+
+
+def test_a_report_not_checked_on_receipt_is_not_held_and_reads_back_unmarked(tmp_path):
+    arrays = random_factors(np.random.default_rng(8))
+    db = StateDB(tmp_path / "s.sqlite3")
+    store = ReportStore(db, tmp_path)
+    meta = saved(store, "j1", arrays, checked=False)
+    result = store.result(meta)  # from its row: the round's check reads its values
+    assert same(result.arrays, arrays) and not result.checked_on_receipt
 
 
 def test_arrays_read_back_from_a_row_are_not_marked_as_checked_on_receipt(tmp_path):

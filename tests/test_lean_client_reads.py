@@ -23,6 +23,10 @@ from tests.test_lean_client import (
 )
 
 SETTINGS = MqttSettings("localhost")
+# paho's record of the packet being read, as paho's own _packet_read resets it after one
+PAHO_BETWEEN_PACKETS = {"command": 0, "have_remaining": 0, "remaining_count": [],
+                        "remaining_mult": 1, "remaining_length": 0, "packet": bytearray(b""),
+                        "to_process": 0, "pos": 0}  # fmt: skip
 
 
 def remaining_length(length: int) -> bytes:
@@ -99,7 +103,7 @@ def test_one_read_hands_every_whole_packet_to_paho_and_keeps_a_partial_one_for_t
     assert client._sock.reads == [READ_CHUNK]
     assert client._packet_read() == MQTTErrorCode.MQTT_ERR_AGAIN
     assert [m.payload[:1] for m in messages] == [b"1", b"2", b"3"]
-    assert client._in_packet["command"] == 0  # paho's record left as paho leaves it
+    assert client._in_packet == PAHO_BETWEEN_PACKETS  # paho's record left as paho leaves it
     assert client._packet_read() == MQTTErrorCode.MQTT_ERR_AGAIN  # nothing more: would block
 
 
@@ -174,3 +178,31 @@ def test_a_burst_of_mixed_sizes_through_a_real_broker_arrives_whole_and_in_order
         assert len(reads) < 300  # many packets a read (paho: 4 or more reads each)
     finally:
         stop(listener, publisher)
+
+
+def test_nothing_after_a_disconnect_in_the_same_read_is_handled():
+    """paho reads no packet once a DISCONNECT closed the connection; nor does this."""
+    disconnect = packet(0xE0, b"\x00")
+    client, messages = reading_client(publish(1) + disconnect + publish(2) + publish(3))
+    client._protocol = 5
+    client.on_disconnect = lambda *args: messages.append("disconnected")
+    client._packet_read()
+    assert [m if m == "disconnected" else m.payload[:1] for m in messages] == [b"1", "disconnected"]
+
+
+def test_whole_packets_left_behind_by_a_callback_that_raised_are_handled_first_next_time():
+    client, messages = reading_client(publish(1) + publish(2) + publish(3))
+    raised = []
+
+    def on_message(client, userdata, message):
+        if message.payload[:1] == b"1" and not raised:
+            raised.append(1)
+            raise RuntimeError("a callback's bug")
+        messages.append(message)
+
+    client.on_message = on_message
+    client.suppress_exceptions = False
+    with pytest.raises(RuntimeError):
+        client._packet_read()
+    assert client._packet_read() == MQTTErrorCode.MQTT_ERR_AGAIN  # the socket has nothing new
+    assert [m.payload[:1] for m in messages] == [b"2", b"3"]  # not held until more arrives
