@@ -138,7 +138,7 @@ def run(config: CoordinatorConfig) -> int:
 
     from coordinator.app import PortUnavailable, StartupError
     from coordinator.bridge import FatalReason
-    from coordinator.heap import limit_arenas, tune_gc
+    from coordinator.heap import limit_arenas
     from coordinator.instance import InstanceConflict
     from coordinator.ray_runtime import init_ray
     from shared.http_auth import TokenFileError
@@ -149,7 +149,6 @@ def run(config: CoordinatorConfig) -> int:
         lead_own_process_group()
         start_reaper()
     limit_arenas(os.environ)  # before ray.init: its processes inherit the limit
-    tune_gc()
     try:
         init_ray(config)
     except Exception as err:  # ConnectionError, RuntimeError, ...: Ray says what went wrong
