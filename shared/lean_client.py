@@ -242,7 +242,9 @@ class LeanClient(paho.Client):
         """paho reads a packet with a recv() for its command byte, one for each byte of its
         length and one or more for its body, then goes back to select(). This takes what the
         socket holds (up to READ_CHUNK) in one recv() and handles every complete packet in it;
-        a packet's start waits here for its end, which select() reports when it arrives."""
+        a packet's start waits here for its end, which select() reports when it arrives. As
+        paho's, it returns MQTT_ERR_AGAIN once the socket would block (loop_read reads again
+        until then, or for at most its max_packets reads)."""
         if self._sock is not self._unread_from:  # a new connection: nothing of the last one's
             self._unread, self._unread_from = bytearray(), self._sock
         elif self._unread:  # whole packets left behind by a callback that raised: first
@@ -255,16 +257,14 @@ class LeanClient(paho.Client):
             return MQTTErrorCode.MQTT_ERR_AGAIN
         except OSError as err:  # a timeout included
             self._easy_log(paho.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
-            return MQTTErrorCode.MQTT_ERR_CONN_LOST
-        if not data:
+            data = b""
+        if not data:  # the connection is gone, and a packet it cut short with it
+            self._unread = bytearray()
             return MQTTErrorCode.MQTT_ERR_CONN_LOST
         with self._msgtime_mutex:
             self._last_bytes_received = paho.time_func()
         self._unread += data
-        rc = self._handle_unread()
-        if rc == MQTTErrorCode.MQTT_ERR_SUCCESS and len(data) < READ_CHUNK:
-            return MQTTErrorCode.MQTT_ERR_AGAIN  # the socket is drained: back to select()
-        return rc
+        return self._handle_unread()
 
     def _handle_unread(self) -> MQTTErrorCode:
         """Hands paho each whole packet read, in order, while the connection it came on is

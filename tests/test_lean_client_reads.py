@@ -97,23 +97,34 @@ def reading_client(*chunks: bytes):
 def test_one_read_hands_every_whole_packet_to_paho_and_keeps_a_partial_one_for_the_next():
     third = publish(3)
     client, messages = reading_client(publish(1) + publish(2) + third[:5], third[5:])
-    # one recv() for two packets and a start; it read less than asked: back to select()
-    assert client._packet_read() == MQTTErrorCode.MQTT_ERR_AGAIN
+    # one recv() for two packets and a start
+    assert client._packet_read() == MQTTErrorCode.MQTT_ERR_SUCCESS
     assert [m.payload[:1] for m in messages] == [b"1", b"2"]
     assert client._sock.reads == [READ_CHUNK]
-    assert client._packet_read() == MQTTErrorCode.MQTT_ERR_AGAIN
+    assert client._packet_read() == MQTTErrorCode.MQTT_ERR_SUCCESS
     assert [m.payload[:1] for m in messages] == [b"1", b"2", b"3"]
     assert client._in_packet == PAHO_BETWEEN_PACKETS  # paho's record left as paho leaves it
     assert client._packet_read() == MQTTErrorCode.MQTT_ERR_AGAIN  # nothing more: would block
+    assert client._sock.reads == [READ_CHUNK] * 3
+
+
+def test_loop_read_makes_as_many_reads_as_paho_one_with_nothing_in_flight():
+    """paho reads a packet per message in flight (at least one) in a loop_read; each read is
+    now a chunk: what is left is read when select() says the socket is readable again."""
+    client, messages = reading_client(publish(1), publish(2))
+    assert client.loop_read() == MQTTErrorCode.MQTT_ERR_SUCCESS
+    assert [m.payload[:1] for m in messages] == [b"1"] and len(client._sock.reads) == 1
+    client.loop_read()
+    assert [m.payload[:1] for m in messages] == [b"1", b"2"]
 
 
 def test_a_packet_larger_than_a_read_is_handled_once_all_of_it_is_in():
     big = publish(7, size=3 * READ_CHUNK)
     client, messages = reading_client(big)
-    for _ in range(3):  # each read filled: paho's loop_read reads again at once
+    for _ in range(3):  # each read filled: the packet's end is still to come
         assert client._packet_read() == MQTTErrorCode.MQTT_ERR_SUCCESS
         assert messages == []
-    assert client._packet_read() == MQTTErrorCode.MQTT_ERR_AGAIN
+    assert client._packet_read() == MQTTErrorCode.MQTT_ERR_SUCCESS
     (message,) = messages
     assert len(message.payload) == 3 * READ_CHUNK
 
@@ -126,9 +137,11 @@ def test_a_new_connection_starts_with_nothing_unread_from_the_last():
     assert [m.payload[:1] for m in messages] == [b"2"]
 
 
-def test_a_closed_socket_or_a_failed_read_is_a_lost_connection():
-    client, _ = reading_client(b"")
+def test_a_closed_socket_or_a_failed_read_is_a_lost_connection_and_drops_a_cut_packet():
+    client, _ = reading_client(publish(1)[:6], b"")
+    client._packet_read()
     assert client._packet_read() == MQTTErrorCode.MQTT_ERR_CONN_LOST
+    assert not client._unread  # the packet the connection cut short: dropped with it
 
     class Failing(FakeSocket):
         def recv(self, size: int) -> bytes:
@@ -205,4 +218,4 @@ def test_whole_packets_left_behind_by_a_callback_that_raised_are_handled_first_n
     with pytest.raises(RuntimeError):
         client._packet_read()
     assert client._packet_read() == MQTTErrorCode.MQTT_ERR_AGAIN  # the socket has nothing new
-    assert [m.payload[:1] for m in messages] == [b"2", b"3"]  # not held until more arrives
+    assert [m.payload[:1] for m in messages] == [b"2", b"3"]  # not held till more arrives

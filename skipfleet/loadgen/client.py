@@ -5,8 +5,8 @@ a third of its CPU in a round (py-spy, `python -m skipfleet.bench_loadgen`). Wha
 wire is unchanged (the same packets, in the same order, in the same loop turn); only how this
 process gets them in and out of its sockets differs:
 - reads: paho asks the socket for 1 byte (the packet type), then 1 byte at a time for the
-  length, then the rest: 3-6 recv calls a packet. DeviceClient reads what the socket holds at
-  once and serves paho's reads from that, until none of it is left;
+  length, then the rest: 3-6 recv calls a packet. LeanClient (shared.lean_client) reads what the
+  socket holds at once and handles every whole packet in it;
 - an inbound PUBLISH goes straight to `on_payload(topic, payload)`: no MQTTMessage (each makes
   a threading.Condition for its MQTTMessageInfo), no topic-filter matching (the devices add no
   per-topic callbacks), no callback locks;
@@ -17,17 +17,14 @@ process gets them in and out of its sockets differs:
 
 from __future__ import annotations
 
-import ssl
 import threading
 from collections.abc import Callable
 
 import paho.mqtt.client as paho
 from paho.mqtt.enums import MQTTErrorCode, MQTTProtocolVersion
-from paho.mqtt.exception import MalformedPacket
 
-from shared.lean_client import LeanClient, NotCommonForm, split_publish, variable_int
+from shared.lean_client import LeanClient, NotCommonForm, split_publish
 
-READ_CHUNK = 65_536  # bytes asked of the socket at once
 PUBLISH, PUBACK = 0x30, 0x40
 # Packets that can share a send with the one queued before them: nothing is done after they are
 # written (paho's _packet_write acts after a QoS 0 PUBLISH and a DISCONNECT).
@@ -77,100 +74,22 @@ class DeviceClient(LeanClient):
     def __init__(self, *args: object, **kwargs: object) -> None:
         super().__init__(*args, **kwargs)  # type: ignore[arg-type]
         self.on_payload: OnPayload | None = None
-        self._buffer = b""
-        self._position = 0
 
-    # ---- reading
-
-    def _packet_read(self) -> MQTTErrorCode:
-        """A packet whole in what was read is handled from there at once; one split over reads
-        is read paho's way (1 byte, the length byte by byte, the rest), fed from the buffer."""
-        if self._in_packet["command"] == 0:
-            if not self._buffered():
-                rc = self._fill()
-                if rc is not None:
-                    return rc
-            whole = self._whole_packet()
-            if whole is not None:
-                return self._handle_whole(*whole)
-        return super()._packet_read()
-
-    def _fill(self) -> MQTTErrorCode | None:
-        """Reads what the socket holds into the buffer; an error code as paho's _packet_read
-        returns it, or None."""
-        try:
-            data = super()._sock_recv(READ_CHUNK)
-        except BlockingIOError:
-            return MQTTErrorCode.MQTT_ERR_AGAIN
-        except OSError as err:
-            self._easy_log(paho.MQTT_LOG_ERR, "failed to receive on socket: %s", err)
-            return MQTTErrorCode.MQTT_ERR_CONN_LOST
-        if not data:
-            return MQTTErrorCode.MQTT_ERR_CONN_LOST
-        self._buffer, self._position = data, 0
-        return None
-
-    def _whole_packet(self) -> tuple[int, bytes] | None:
-        """(first byte, the rest) of the packet at the buffer's position if all of it is
-        there (the position moves past it); None if not, or if its length is malformed (paho's
-        own read says what is wrong with it)."""
-        buffer, start = self._buffer, self._position
-        try:
-            length, size = variable_int(buffer, start + 1)
-        except NotCommonForm:
-            return None
-        at = start + 1 + size
-        end = at + length
-        if end > len(buffer):
-            return None
-        self._position = end
-        return buffer[start], buffer[at:end]
-
-    def _handle_whole(self, command: int, body: bytes) -> MQTTErrorCode:
-        """What paho's _packet_read does once a packet is read."""
-        self._in_packet = _in_packet(command, body)
-        try:
-            rc = self._packet_handle()
-        except MalformedPacket as exc:
-            self._easy_log(paho.MQTT_LOG_DEBUG, "Received malformed packet: %s", exc)
-            rc = MQTTErrorCode.MQTT_ERR_PROTOCOL
-        self._in_packet = _in_packet(0, b"")
-        with self._msgtime_mutex:
-            self._last_bytes_received = paho.time_func()
-        return rc
-
-    def _sock_recv(self, bufsize: int) -> bytes:
-        if self._position >= len(self._buffer):
-            data = super()._sock_recv(READ_CHUNK)
-            if len(data) <= bufsize:
-                return data  # all of it wanted (or b"": the connection closed)
-            self._buffer, self._position = data, 0
-        start = self._position
-        self._position = start + bufsize
-        return self._buffer[start : self._position]
-
-    def _buffered(self) -> bool:
-        return self._position < len(self._buffer)
+    # ---- reading (whole packets a read at a time: LeanClient)
 
     def loop_read(self, max_packets: int = 1) -> MQTTErrorCode:
-        """paho's loop_read, on until every byte read from the socket is handled: data left in
-        the buffer would wait for the next packet to make the socket readable again."""
+        """paho's loop_read, but on until the socket would block, not for max_packets reads:
+        this loop is woken by the socket's readiness, which does not report what TLS holds
+        decrypted already (paho's own loop checks for it), and a closed connection is noticed
+        in the same call."""
         while True:
             if self._sock is None:
                 return MQTTErrorCode.MQTT_ERR_NO_CONN
             rc = self._packet_read()
             if rc > 0:
                 return self._loop_rc_handle(rc)
-            if not self._buffered() and not (self._ssl and self._ssl_pending()):
-                return MQTTErrorCode.MQTT_ERR_SUCCESS  # nothing left: epoll says when more comes
-
-    def _ssl_pending(self) -> bool:
-        sock = self._sock
-        return isinstance(sock, ssl.SSLSocket) and sock.pending() > 0
-
-    def _sock_close(self) -> None:
-        self._buffer, self._position = b"", 0  # never parse an old connection's bytes
-        super()._sock_close()
+            if rc == MQTTErrorCode.MQTT_ERR_AGAIN:
+                return MQTTErrorCode.MQTT_ERR_SUCCESS
 
     def _handle_publish(self) -> MQTTErrorCode:
         on_payload = self.on_payload
@@ -245,20 +164,6 @@ class DeviceClient(LeanClient):
                 self._call_socket_register_write()  # asked already (a no-op), unless paho forgot
                 return MQTTErrorCode.MQTT_ERR_SUCCESS
         return super()._packet_queue(command, packet, mid, qos, info)
-
-
-def _in_packet(command: int, body: bytes) -> paho._InPacket:
-    """paho's record of the packet being read, as it is once the packet is whole."""
-    return {
-        "command": command,
-        "have_remaining": 1 if command else 0,
-        "remaining_count": [],
-        "remaining_mult": 1,
-        "remaining_length": len(body),
-        "packet": body,  # type: ignore[typeddict-item]  (paho reads it, never changes it)
-        "to_process": 0,
-        "pos": 0,
-    }
 
 
 def _mergeable(command: int, qos: int) -> bool:
