@@ -82,17 +82,15 @@ def variable_int(data: bytes | bytearray, start: int) -> tuple[int, int]:
 def next_packet(data: bytearray, start: int) -> tuple[int, int, int] | None:
     """(command byte, body start, body end) of the packet at data[start:], or None while it
     is not all there; MalformedPacket if its Remaining Length runs past 4 bytes."""
-    length = 0
-    for used in range(_VBI_MAX_BYTES):
-        position = start + 1 + used
-        if position >= len(data):
+    try:
+        length, size = variable_int(data, start + 1)
+    except NotCommonForm:  # the length's bytes not all there yet, or more than 4 of them
+        if len(data) - (start + 1) < _VBI_MAX_BYTES:
             return None
-        byte = data[position]
-        length |= (byte & 0x7F) << (7 * used)
-        if not byte & 0x80:
-            end = position + 1 + length
-            return (data[start], position + 1, end) if end <= len(data) else None
-    raise MalformedPacket("a Remaining Length of more than 4 bytes")
+        raise MalformedPacket("a Remaining Length of more than 4 bytes") from None
+    begin = start + 1 + size
+    end = begin + length
+    return (data[start], begin, end) if end <= len(data) else None
 
 
 def successful_puback_mid(body: bytes | bytearray) -> int:

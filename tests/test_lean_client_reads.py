@@ -21,21 +21,13 @@ from tests.test_lean_client import (
     stop,
     until_all_in,
 )
+from tests.test_loadgen_client import remaining_length
 
 SETTINGS = MqttSettings("localhost")
 # paho's record of the packet being read, as paho's own _packet_read resets it after one
 PAHO_BETWEEN_PACKETS = {"command": 0, "have_remaining": 0, "remaining_count": [],
                         "remaining_mult": 1, "remaining_length": 0, "packet": bytearray(b""),
                         "to_process": 0, "pos": 0}  # fmt: skip
-
-
-def remaining_length(length: int) -> bytes:
-    encoded = bytearray()
-    while True:
-        byte, length = length & 0x7F, length >> 7
-        encoded.append(byte | (0x80 if length else 0))
-        if not length:
-            return bytes(encoded)
 
 
 def packet(command: int, body: bytes) -> bytes:
