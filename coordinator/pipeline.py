@@ -30,7 +30,7 @@ from coordinator.fleet import Conflict, Fleet, select_devices
 from coordinator.observations import AggregationTimed, RoundFinished, RoundResult, RunFinished
 from coordinator.registry import DeviceRecord
 from coordinator.round_inputs import aggregation_gap_view, aggregation_request, measured_before
-from coordinator.round_records import RoundStage
+from coordinator.round_records import ACTIVE_STAGES, RoundStage
 from coordinator.rounds import RoundOutcome, RoundStatus
 from coordinator.runs import ClusterRun, ClusterStage, Run, RunState, members_of
 from coordinator.scheduler import label_free_score
@@ -191,6 +191,17 @@ class RoundPipeline:
             idle = last is None or last.stage not in (RoundStage.RUNNING, RoundStage.AGGREGATING)
             if idle and not run.in_stage(ClusterStage.AGGREGATING):
                 self._advance(run)  # crashed between a round's end and the next step
+        self._release_ended()
+
+    def _release_ended(self) -> None:
+        """The arrays of reports no open round will read: an earlier version kept them all (a
+        round's end releases its own, in the same transaction). Once, at start-up."""
+        f = self._fleet
+        for round_id in f.reports.rounds_holding_arrays():
+            record = None if round_id is None else f.records.get(round_id)
+            if round_id is None or (record is not None and record.stage not in ACTIVE_STAGES):
+                with f.db.transaction():
+                    f.reports.release(round_id)
 
     # ---- internals: starting
 
@@ -480,3 +491,4 @@ class RoundPipeline:
         record = f.records.get(round_id)
         assert record is not None  # opened with the round
         f.events.record(RoundFinished(result, max(0.0, f.clock() - record.started_at)))
+        f.reports.release(round_id)  # its aggregation, the only reader, is done

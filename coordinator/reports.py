@@ -1,8 +1,13 @@
-"""Fine-tune reports: checked on receipt, kept on disk until their round is aggregated.
+"""Fine-tune reports: checked on receipt, their arrays kept on disk until their round ends.
 
 A round may close after the actor restarted, so reports cannot live in memory: each goes to its
 row in SQLite, its arrays as one blob in the same row (msgpack, each array in the wire
 protocol's form: shared.protocol.arrays), committed with the batch that applied the report.
+Only a round's aggregation reads the arrays. Once the round has ended (its aggregates stored, or
+it failed) they are dropped from the row (release), in the transaction that ended it: a 10,000-
+device round stored ~130 MB of them, kept for ever. A device's own fine-tune outside any round is
+never aggregated: its row keeps no arrays. The rows, with every other column, stay: the API's
+device views list them.
 Earlier versions of the coordinator wrote the arrays to a file `reports/<job_id>.npz` each, the
 row naming it, then as a .npz blob in the row; both are still read. (A file per report cost
 0.1-0.8 ms of file creation a report here; a .npz blob ~0.06 ms to write and ~1.2 ms to read
@@ -65,6 +70,13 @@ CREATE TABLE IF NOT EXISTS fit_reports (
 CREATE INDEX IF NOT EXISTS fit_reports_by_round ON fit_reports (round_id);
 CREATE INDEX IF NOT EXISTS fit_reports_by_cohort ON fit_reports (cohort, received_at);
 """
+# The rows whose arrays are still stored, in the row or an earlier version's file (the open
+# rounds'): release and rounds_holding_arrays read these alone. The same condition in a query
+# lets SQLite use this partial index.
+_HOLDING = "(arrays IS NOT NULL OR file != '')"
+_HOLDING_INDEX = (
+    f"CREATE INDEX IF NOT EXISTS fit_reports_holding ON fit_reports (round_id) WHERE {_HOLDING}"
+)
 
 
 class ReportRejected(ValueError):
@@ -174,19 +186,23 @@ class ReportStore:
         db.add_missing_columns(
             "fit_reports", {"accuracy_before": "REAL", "loss_before": "REAL", "arrays": "BLOB"}
         )
+        db.ensure_schema(_HOLDING_INDEX)
         self._held: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()  # job -> arrays
         self._held_bytes = 0
         self._shapes: dict[str, AdapterShape] = {}  # cohort -> the shape of its reports
         self._shapes_found = TransactionalNotes[str](
             db, commit=lambda cohorts: None, undo=self._forget_shapes
         )
+        # Files of an earlier version's reports, released: removed once the release commits.
+        self._released_files = TransactionalNotes[str](db, commit=self._remove_files)
 
     def save(
         self, meta: ReportMeta, arrays: Mapping[str, np.ndarray], *, checked_on_receipt: bool
     ) -> None:
-        """Stores a report; a repeated one (same job) changes nothing. A round's report whose
-        arrays `checked_on_receipt` (check_adapter, values included) is also held in memory for
-        the round's aggregation, which then does not read its values again (result)."""
+        """Stores a report; a repeated one (same job) changes nothing. Its arrays are stored
+        only for a round (nothing else reads them). A round's report whose arrays
+        `checked_on_receipt` (check_adapter, values included) is also held in memory for the
+        round's aggregation, which then does not read its values again (result)."""
         stored = self._db.execute(
             "INSERT OR IGNORE INTO fit_reports (job_id, device_id, round_id, cohort, "
             "base_model_hash, samples, layer_dims, n_classes, parent_adapter_version, "
@@ -206,7 +222,7 @@ class ReportStore:
                 "",
                 meta.accuracy_before,
                 meta.loss_before,
-                arrays_blob(arrays),
+                None if meta.round_id is None else arrays_blob(arrays),
             ),
         )  # one statement, not a look-up first: a repeat is rare, and ignored here
         if stored and meta.round_id is not None and checked_on_receipt:
@@ -265,6 +281,37 @@ class ReportStore:
             self._held_bytes -= _nbytes(held)
             return FitResult(meta.device_id, held, meta.samples, checked_on_receipt=True)
         return FitResult(meta.device_id, self._read_back(meta), meta.samples)
+
+    def release(self, round_id: str | None) -> int:
+        """Drops the arrays of the round's reports (None: of reports outside any round) from
+        memory and from their rows, and an earlier version's files once this commits: the
+        round has ended, and nothing reads them again. Returns how many reports held any."""
+        rows = self._db.query(
+            f"SELECT job_id, file FROM fit_reports WHERE round_id IS ? AND {_HOLDING}", (round_id,)
+        )
+        for row in rows:
+            held = self._held.pop(row["job_id"], None)
+            if held is not None:
+                self._held_bytes -= _nbytes(held)
+            if row["file"]:
+                self._released_files.note(row["file"])
+        self._db.execute(
+            f"UPDATE fit_reports SET arrays = NULL, file = '' WHERE round_id IS ? AND {_HOLDING}",
+            (round_id,),
+        )
+        return len(rows)
+
+    def rounds_holding_arrays(self) -> set[str | None]:
+        """The rounds (None: no round) with reports whose arrays are still stored."""
+        rows = self._db.query(f"SELECT DISTINCT round_id FROM fit_reports WHERE {_HOLDING}")
+        return {r["round_id"] for r in rows}
+
+    def _remove_files(self, files: list[str]) -> None:
+        for name in files:
+            try:
+                (self._state_dir / name).unlink(missing_ok=True)
+            except OSError as err:  # the rows no longer name it: only disk space is lost
+                log.warning("could not remove the released report file %s: %s", name, err)
 
     def _read_back(self, meta: ReportMeta) -> dict[str, np.ndarray]:
         if meta.file:  # stored by an earlier version: its own file

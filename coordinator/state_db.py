@@ -69,6 +69,11 @@ class StateDB:
         # NORMAL under WAL survives a process crash; a power cut may lose the last commits, which
         # the idempotent job/report handling tolerates, and it avoids an fsync per heartbeat.
         conn.execute("PRAGMA synchronous=NORMAL")
+        # Debian builds SQLite with secure_delete on: a freed page is overwritten with zeros, a
+        # write of its own for every page a delete frees (dropping a 10,000-device round's report
+        # arrays: 0.45 s of CPU, against 0.06). FAST zeroes deleted content where the page is
+        # written anyway; freed pages keep theirs until they are reused.
+        conn.execute("PRAGMA secure_delete=FAST")
         self._local.conn, self._local.depth = conn, 0
         with self._all_lock:
             self._all.append(conn)

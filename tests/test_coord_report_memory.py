@@ -81,13 +81,15 @@ def test_a_restarted_store_and_one_past_its_cap_read_the_rows(tmp_path, monkeypa
     assert same(restarted.result(restarted.get("j2")).arrays, two)
 
 
-def test_a_report_outside_any_round_is_not_held_in_memory(tmp_path):
-    """Nothing aggregates a device's own fine-tune: holding it only filled memory up to the cap."""
+def test_a_report_outside_any_round_keeps_no_arrays_in_memory_or_in_its_row(tmp_path):
+    """Nothing aggregates a device's own fine-tune: holding it only filled memory up to the cap,
+    and its stored arrays the state file."""
     arrays = random_factors(np.random.default_rng(2))
     db = StateDB(tmp_path / "s.sqlite3")
     store = ReportStore(db, tmp_path)
     meta = saved(store, "own", arrays, round_id=None)
-    empty_row(db, "own")  # no held copy: the (emptied) row is what is read
+    assert store.get("own") == meta  # the row is kept: the device views list it
+    assert db.query_one("SELECT arrays FROM fit_reports WHERE job_id = 'own'")["arrays"] is None
     with pytest.raises(ReportUnreadable, match="own"):
         store.result(meta)
 
@@ -95,7 +97,7 @@ def test_a_report_outside_any_round_is_not_held_in_memory(tmp_path):
 def test_a_report_stored_as_a_file_by_an_older_release_is_read_from_its_file(tmp_path):
     arrays = random_factors(np.random.default_rng(3))
     db = StateDB(tmp_path / "s.sqlite3")
-    saved(ReportStore(db, tmp_path), "old", arrays, round_id=None)
+    saved(ReportStore(db, tmp_path), "old", arrays, checked=False)
     (tmp_path / "reports").mkdir()
     np.savez(tmp_path / "reports" / "old.npz", **arrays)
     db.execute("UPDATE fit_reports SET arrays = NULL, file = 'reports/old.npz'")  # as it was
@@ -107,7 +109,7 @@ def test_a_report_stored_as_a_file_by_an_older_release_is_read_from_its_file(tmp
 def test_a_report_stored_as_a_npz_blob_by_an_earlier_version_is_read_from_its_row(tmp_path):
     arrays = random_factors(np.random.default_rng(6))
     db = StateDB(tmp_path / "s.sqlite3")
-    saved(ReportStore(db, tmp_path), "npz", arrays, round_id=None)
+    saved(ReportStore(db, tmp_path), "npz", arrays, checked=False)
     blob = io.BytesIO()
     np.savez(blob, **arrays)
     db.execute("UPDATE fit_reports SET arrays = ? WHERE job_id = 'npz'", (blob.getvalue(),))
@@ -122,8 +124,8 @@ def test_a_report_stored_as_a_npz_blob_by_an_earlier_version_is_read_from_its_ro
 def test_a_damaged_blob_or_a_missing_file_is_unreadable_and_names_its_report(tmp_path, damage):
     arrays = random_factors(np.random.default_rng(7))
     db = StateDB(tmp_path / "s.sqlite3")
-    saved(ReportStore(db, tmp_path), "bad", arrays, round_id=None)
-    saved(ReportStore(db, tmp_path), "gone", arrays, round_id=None)
+    saved(ReportStore(db, tmp_path), "bad", arrays, checked=False)
+    saved(ReportStore(db, tmp_path), "gone", arrays, checked=False)
     db.execute("UPDATE fit_reports SET arrays = ? WHERE job_id = 'bad'", (damage,))
     db.execute(
         "UPDATE fit_reports SET arrays = NULL, file = 'reports/gone.npz' WHERE job_id = 'gone'"
@@ -141,10 +143,10 @@ def test_a_report_whose_transaction_rolls_back_leaves_nothing_behind(tmp_path):
     db = StateDB(tmp_path / "s.sqlite3")
     store = ReportStore(db, tmp_path)
     with pytest.raises(RuntimeError), db.transaction():
-        saved(store, "j1", arrays, round_id=None)
+        saved(store, "j1", arrays, checked=False)
         raise RuntimeError("the batch failed after the report")
     assert store.get("j1") is None and not (tmp_path / "reports").exists()
-    meta = saved(store, "j1", arrays, round_id=None)
+    meta = saved(store, "j1", arrays, checked=False)
     assert same(store.result(meta).arrays, arrays)
 
 
@@ -164,3 +166,45 @@ def test_a_cohort_shape_seen_in_a_transaction_that_rolls_back_is_forgotten_with_
     assert store.cohort_shape("fan") == infer_shape("d", other)
     db.execute("DELETE FROM fit_reports")  # kept in memory: not read again
     assert store.cohort_shape("fan") == infer_shape("d", other)
+
+
+def holding(db: StateDB) -> set[str]:
+    rows = db.query("SELECT job_id FROM fit_reports WHERE arrays IS NOT NULL OR file != ''")
+    return {r["job_id"] for r in rows}
+
+
+def test_release_drops_a_rounds_arrays_from_memory_and_rows_and_keeps_the_rest(tmp_path):
+    rng = np.random.default_rng(9)
+    db = StateDB(tmp_path / "s.sqlite3")
+    store = ReportStore(db, tmp_path)
+    ended = [saved(store, f"e{i}", random_factors(rng), round_id="ended") for i in range(3)]
+    open_arrays = random_factors(rng)
+    still_open = saved(store, "o1", open_arrays, round_id="open")
+    assert store.rounds_holding_arrays() == {"ended", "open"}
+
+    assert store.release("ended") == 3
+    assert holding(db) == {"o1"} and store.rounds_holding_arrays() == {"open"}
+    assert [store.get(m.job_id) for m in ended] == ended  # the rows stay
+    with pytest.raises(ReportUnreadable, match="e0"):  # neither held nor in its row
+        store.result(ended[0])
+    assert store.result(still_open).checked_on_receipt  # the open round's, still held
+    assert store.release("ended") == 0  # once
+
+
+def test_an_earlier_versions_file_is_removed_only_when_its_release_commits(tmp_path):
+    arrays = random_factors(np.random.default_rng(10))
+    db = StateDB(tmp_path / "s.sqlite3")
+    store = ReportStore(db, tmp_path)
+    saved(store, "old", arrays, checked=False)
+    (tmp_path / "reports").mkdir()
+    file = tmp_path / "reports" / "old.npz"
+    np.savez(file, **arrays)
+    db.execute("UPDATE fit_reports SET arrays = NULL, file = 'reports/old.npz'")  # as it was
+    with pytest.raises(RuntimeError), db.transaction():
+        assert store.release("r1") == 1
+        raise RuntimeError("the round's end rolled back")
+    assert file.exists() and store.get("old").file == "reports/old.npz"
+    with db.transaction():
+        store.release("r1")
+        assert file.exists()  # not before the commit
+    assert not file.exists() and store.get("old").file == "" and holding(db) == set()

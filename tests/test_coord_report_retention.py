@@ -1,0 +1,142 @@
+"""A report's arrays are kept until its round ends, then dropped (coordinator.reports): the
+state file no longer grows by every round's arrays, and the rows the device views list stay."""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+import pytest
+
+from coordinator.aggregation import AdapterShape
+from coordinator.clock import ManualClock
+from coordinator.reports import arrays_blob
+from coordinator.service import FleetService
+from coordinator.state_db import StateDB
+from shared.protocol import JobKind, JobState
+from tests.coord_fleet_helpers import SimDevice, jobs_in, make_config
+from tests.coord_helpers import random_factors
+from tests.test_coord_service import answer_canaries, finetune_all, join
+
+SECURE_DELETE_FAST = 2  # PRAGMA secure_delete's answer for FAST
+# Reports large enough that their arrays, not the other tables, make the state file grow.
+LARGE = AdapterShape(layer_dims=(1024, 64, 64), n_classes=3)
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+def start(tmp_path, clock, **policy) -> FleetService:
+    return FleetService(make_config(tmp_path, **policy), clock=clock)
+
+
+def stored_arrays(service: FleetService) -> dict[str, int]:
+    rows = service.fleet.db.query(
+        "SELECT round_id, count(*) AS n FROM fit_reports WHERE arrays IS NOT NULL GROUP BY 1"
+    )
+    return {r["round_id"]: r["n"] for r in rows}
+
+
+def reports_listed(service: FleetService) -> int:
+    return service.fleet.db.query_one("SELECT count(*) AS n FROM fit_reports")["n"]
+
+
+def full_round(service: FleetService, devices: list[SimDevice], arrays=None) -> None:
+    """Fine-tune, aggregate, canary, promote, apply: the cohort is ready for the next run."""
+    by_name = {d.device_id: d for d in devices}
+    service.ingest([d.heartbeat() for d in devices])
+    service.request_finetune(all_=True)
+    finetune_all(service, devices, service.tick(), arrays=arrays)
+    answer_canaries(service, devices, service.tick(), candidate=0.9, current=0.85)
+    for device, job in jobs_in(service.tick(), JobKind.APPLY_ADAPTER):
+        service.ingest([by_name[device].status(job.job_id, JobState.SUCCEEDED)])
+
+
+def test_a_stored_round_keeps_its_reports_rows_but_not_their_arrays(tmp_path, clock):
+    service = start(tmp_path, clock)
+    devices = join(service, clock, "pi-1", "pi-2", "pi-3")
+    service.request_finetune(all_=True)
+    finetune_all(service, devices, service.tick())
+    (round_id,) = stored_arrays(service)
+    assert stored_arrays(service) == {round_id: 3}  # kept while the round runs
+    service.tick()  # closes, aggregates and stores it
+    assert service.rounds()[0]["stage"] == "STORED"
+    assert stored_arrays(service) == {} and reports_listed(service) == 3
+    assert [a["round_id"] for a in service.device_adapters("pi-1")] == [round_id]
+
+
+def test_a_failed_round_drops_the_arrays_of_the_reports_it_had(tmp_path, clock):
+    service = start(tmp_path, clock, round_deadline_s=50.0, min_completion_ratio=1.0)
+    devices = join(service, clock, "pi-1", "pi-2")
+    service.request_finetune(all_=True)
+    jobs = dict(jobs_in(service.tick(), JobKind.FINETUNE))
+    service.ingest(devices[0].finetune(jobs["pi-1"].job_id))
+    assert sum(stored_arrays(service).values()) == 1
+    clock.advance(51.0)
+    service.tick()
+    assert service.rounds()[0]["stage"] == "FAILED"
+    assert stored_arrays(service) == {} and reports_listed(service) == 1
+
+
+def test_a_restart_drops_the_arrays_an_earlier_version_kept_of_ended_rounds_only(tmp_path, clock):
+    service = start(tmp_path, clock)
+    devices = join(service, clock, "pi-1", "pi-2")
+    full_round(service, devices)
+    ended = service.rounds()[0]["round_id"]
+    service.request_finetune(all_=True)
+    jobs = dict(jobs_in(service.tick(), JobKind.FINETUNE))
+    service.ingest(devices[0].finetune(jobs["pi-1"].job_id))  # the running round's one report
+    running = next(r["round_id"] for r in service.rounds() if r["stage"] == "RUNNING")
+    # as an earlier version left them: the ended round's arrays still in their rows
+    blob = arrays_blob(random_factors(np.random.default_rng(0)))
+    service.fleet.db.execute("UPDATE fit_reports SET arrays = ? WHERE round_id = ?", (blob, ended))
+    assert stored_arrays(service) == {ended: 2, running: 1}
+    service.close()
+
+    restarted = start(tmp_path, clock)
+    assert stored_arrays(restarted) == {running: 1}
+    restarted.ingest(devices[1].finetune(jobs["pi-2"].job_id))
+    restarted.tick()  # the running round reads its kept report back from its row
+    stages = {r["round_id"]: r for r in restarted.rounds()}
+    assert stages[running]["stage"] == "STORED" and stages[running]["failures"] == {}
+    assert stored_arrays(restarted) == {}
+
+
+def test_a_report_leaves_its_row_in_the_state_file_not_its_arrays_once_its_round_ends(
+    tmp_path, clock
+):
+    """Kept, every round's arrays stayed in the state file for good; dropped, their pages are
+    reused and a report adds its row's columns alone (about a page's remainder of the row)."""
+    service = start(tmp_path, clock, max_concurrent_jobs=20)  # one tick sends every job
+    devices = join(service, clock, *(f"pi-{i}" for i in range(20)))
+    arrays = random_factors(np.random.default_rng(1), shape=LARGE)
+    blob_bytes = len(arrays_blob(arrays))
+
+    def report_table_bytes() -> int:  # the table and its indexes (SQLite's dbstat)
+        row = service.fleet.db.query_one(
+            "SELECT sum(pgsize) FROM dbstat WHERE name LIKE '%fit_reports%'"
+        )
+        return row[0]
+
+    for _ in range(2):
+        full_round(service, devices, arrays)
+    after_two = report_table_bytes()
+    for _ in range(3):
+        full_round(service, devices, arrays)
+    assert [r["stage"] for r in service.rounds()] == ["STORED"] * 5
+    assert reports_listed(service) == 5 * len(devices)
+    per_report = (report_table_bytes() - after_two) / (3 * len(devices))
+    assert per_report < blob_bytes / 4
+
+
+def test_the_state_db_does_not_write_the_pages_a_delete_frees(tmp_path):
+    """secure_delete FAST, not the ON Debian's SQLite defaults to (a write of zeros for every
+    page a release frees), on every connection the state db opens, its read threads' too."""
+    db = StateDB(tmp_path / "s.sqlite3")
+    modes = []
+    reader = threading.Thread(target=lambda: modes.append(db.query_one("PRAGMA secure_delete")[0]))
+    reader.start()
+    reader.join()
+    assert [db.query_one("PRAGMA secure_delete")[0], *modes] == [SECURE_DELETE_FAST] * 2
