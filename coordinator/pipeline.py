@@ -14,6 +14,7 @@ One run per cohort at a time: only devices with the same base model and task sha
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 import uuid
 from collections.abc import Iterable, Mapping, Sequence
@@ -23,7 +24,7 @@ from typing import Any
 from coordinator.adapter_store import AdapterStoreError
 from coordinator.aggregate_task import AggregationOutcome, Aggregator, algorithms_for
 from coordinator.aggregation import AggregateResult
-from coordinator.clusters import Placement
+from coordinator.clusters import CohortClusters, Placement
 from coordinator.distribution import AdapterDistributor
 from coordinator.federation import Next, RunProgress, is_last
 from coordinator.fleet import Conflict, Fleet, select_devices
@@ -103,9 +104,9 @@ class RoundPipeline:
             # still counts; its fine-tune job simply waits in the round like any other. A device
             # without labels whose cluster has an adapter for it gets that first (reconcile):
             # it starts a run only if it still drifts with what it runs.
-            placed = f.clusters.placed_in(cohort)
+            view = CohortClusters(f.clusters, cohort, functools.partial(tuple, records))
             eligible = [
-                r for r in records if f.reachable(r) and not self._distributor.owes(r, placed)
+                r for r in records if f.reachable(r) and not self._distributor.owes(r, view)
             ]
             fired = [t for r in eligible if (t := f.triggers.automatic_trigger(r, now))]
             if fired:

@@ -94,8 +94,13 @@ class FleetService:
                 return sum(self._apply_or_raise(r, i not in folded) for i, r in enumerate(batch))
         except _MessageFailed:
             pass  # rolled back; each message on its own now
-        with self.fleet.db.transaction():
-            return sum(self._apply(r, handle=i not in folded) for i, r in enumerate(batch))
+        finally:
+            self._distributor.forget_views()
+        try:
+            with self.fleet.db.transaction():
+                return sum(self._apply(r, handle=i not in folded) for i, r in enumerate(batch))
+        finally:
+            self._distributor.forget_views()
 
     def _apply_or_raise(self, received: Received, handle: bool) -> bool:
         try:

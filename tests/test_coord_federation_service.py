@@ -342,3 +342,102 @@ def test_the_scan_reads_a_cohorts_placements_once_not_a_query_per_device(tmp_pat
     service.ingest([devices["pi-2"].heartbeat()])  # and reachable still
     service.fleet.clusters.placement = one_device_query
     assert [d for d, _ in jobs_in(service.tick(), JobKind.APPLY_ADAPTER)] == ["pi-2"]
+
+
+def clustered_with_strangers(tmp_path, clock, strangers: int):
+    """A cohort clustered on two quiet labelled devices, and devices without labels whose
+    signatures are near no cluster (placed in none, tried again every scan)."""
+    service = start(tmp_path, clock, rounds=1)
+    devices = join(service, clock, ("fan-1", QUIET, True), ("fan-2", QUIET, True))
+    service.request_finetune(all_=True)  # clusters the cohort
+    far = [(f"far-{i}", NOISY * 5, False) for i in range(strangers)]
+    devices |= join(service, clock, *far)
+    cohort = service.fleet.registry.get("fan-1").cohort
+    return service, devices, cohort
+
+
+def test_a_scan_reads_a_cohorts_clusters_once_however_many_devices_no_cluster_takes(
+    tmp_path, clock
+):
+    """Read per device, a pass over 6,000 devices with 1,000 placed in none took 8 s."""
+    service, _, cohort = clustered_with_strangers(tmp_path, clock, strangers=30)
+    placed = service.fleet.clusters.placed_in(cohort)
+    assert {placed[f"far-{i}"].cluster for i in range(30)} == {None}
+    book, reads = service.fleet.clusters, []
+    clusters = book.clusters
+    book.clusters = lambda c: reads.append(c) or clusters(c)
+    clock.advance(SCAN_INTERVAL_S)
+    service.tick()  # reconcile and the automatic triggers each pass over the cohort once
+    assert 1 <= len(reads) <= 2
+
+
+def test_a_device_still_near_no_cluster_is_not_placed_again_in_writing(tmp_path, clock):
+    service, devices, cohort = clustered_with_strangers(tmp_path, clock, strangers=2)
+    db = service.fleet.db
+
+    def written() -> dict[str, float]:
+        rows = db.query("SELECT device_id, at FROM cluster_members WHERE device_id LIKE 'far-%'")
+        return {r["device_id"]: r["at"] for r in rows}
+
+    clock.advance(SCAN_INTERVAL_S)
+    service.tick()  # placed by their signatures (their presences came before them)
+    assert service.fleet.clusters.placed_in(cohort)["far-0"].how.startswith("no cluster within")
+    before = written()
+    clock.advance(SCAN_INTERVAL_S)
+    service.tick()
+    assert written() == before  # the same placement (none), not rewritten every 5 s
+    devices["far-1"].signature = QUIET  # its room now looks like the cluster's
+    service.ingest([devices["far-1"].heartbeat()])
+    clock.advance(SCAN_INTERVAL_S)
+    service.tick()
+    placed = service.fleet.clusters.placed_in(cohort)
+    assert placed["far-1"].cluster is not None and placed["far-0"].cluster is None
+    assert written()["far-1"] > before["far-1"] and written()["far-0"] == before["far-0"]
+
+
+def count_cluster_reads(service) -> list[str]:
+    book, reads = service.fleet.clusters, []
+    clusters = book.clusters
+    book.clusters = lambda c: reads.append(c) or clusters(c)
+    return reads
+
+
+def newcomers(clock, first: int, count: int, signature=QUIET) -> list[SimDevice]:
+    return [SimDevice(f"new-{i}", clock, signature=signature, labelled=False)
+            for i in range(first, first + count)]  # fmt: skip
+
+
+def test_devices_joining_in_one_batch_read_their_cohorts_clusters_once_for_it(tmp_path, clock):
+    """Read per device, 1,000 devices joining a 6,000-device clustered cohort cost 15 ms each."""
+    service, _, cohort = clustered_with_strangers(tmp_path, clock, strangers=0)
+    reads = count_cluster_reads(service)
+    batch = newcomers(clock, 0, 20)
+    service.ingest([m for d in batch for m in (d.presence(), d.heartbeat())])
+    assert reads == [cohort]
+    later = newcomers(clock, 20, 5)  # the next batch reads them afresh
+    service.ingest([m for d in later for m in (d.presence(), d.heartbeat())])
+    assert reads == [cohort, cohort]
+    placed = service.fleet.clusters.placed_in(cohort)  # at their presence: no signature yet
+    assert {placed[d.device_id].how for d in batch + later} == {
+        "no signature and no labels: no cluster"
+    }
+
+
+def test_a_device_joining_in_a_batch_that_rolls_back_is_placed_when_it_is_applied_again(
+    tmp_path, clock, monkeypatch
+):
+    """The batch's view is dropped with the batch: the retry, message by message, places the
+    device again (its first placement was rolled back) and writes it."""
+    service, _, cohort = clustered_with_strangers(tmp_path, clock, strangers=0)
+    handle = service._handler.handle
+
+    def failing_for_the_last(received):
+        if received.device_id == "new-1":
+            raise RuntimeError("a bug in a handler")
+        handle(received)
+
+    monkeypatch.setattr(service._handler, "handle", failing_for_the_last)
+    first, last = newcomers(clock, 0, 2)
+    service.ingest([first.presence(), last.presence()])
+    placed = service.fleet.clusters.placed_in(cohort)
+    assert "new-0" in placed and "new-1" not in placed
