@@ -17,6 +17,7 @@ import dataclasses
 import functools
 import logging
 import uuid
+from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -60,6 +61,7 @@ class RoundPipeline:
         self._fleet = fleet
         self._aggregator = aggregator
         self._distributor = distributor
+        self._left_holding: deque[str | None] = deque()  # resume() finds them
 
     # ---- triggers
 
@@ -192,17 +194,27 @@ class RoundPipeline:
             idle = last is None or last.stage not in (RoundStage.RUNNING, RoundStage.AGGREGATING)
             if idle and not run.in_stage(ClusterStage.AGGREGATING):
                 self._advance(run)  # crashed between a round's end and the next step
-        self._release_ended()
+        self._left_holding = deque(self._ended_holding_arrays())
 
-    def _release_ended(self) -> None:
-        """The arrays of reports no open round will read: an earlier version kept them all (a
-        round's end releases its own, in the same transaction). Once, at start-up."""
+    def _ended_holding_arrays(self) -> list[str | None]:
+        """The rounds that ended with their reports' arrays still stored (None: reports outside
+        any round): an earlier version kept them all (a round's end releases its own, in the
+        same transaction)."""
         f = self._fleet
+        ended = []
         for round_id in f.reports.rounds_holding_arrays():
             record = None if round_id is None else f.records.get(round_id)
             if round_id is None or (record is not None and record.stage not in ACTIVE_STAGES):
-                with f.db.transaction():
-                    f.reports.release(round_id)
+                ended.append(round_id)
+        return ended
+
+    def release_one_ended(self) -> None:
+        """Drops the arrays of one round an earlier version left holding them, one round a scan
+        (in its tick's transaction; one that rolls back leaves that round to the next start): a
+        state dir with hundreds of rounds' arrays would otherwise hold up the start for many
+        seconds (~0.08 s for 10,000 reports)."""
+        if self._left_holding:
+            self._fleet.reports.release(self._left_holding.popleft())
 
     # ---- internals: starting
 

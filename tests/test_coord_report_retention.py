@@ -11,7 +11,7 @@ import pytest
 from coordinator.aggregation import AdapterShape
 from coordinator.clock import ManualClock
 from coordinator.reports import arrays_blob
-from coordinator.service import FleetService
+from coordinator.service import SCAN_INTERVAL_S, FleetService
 from coordinator.state_db import StateDB
 from shared.protocol import JobKind, JobState
 from tests.coord_fleet_helpers import SimDevice, jobs_in, make_config
@@ -80,7 +80,9 @@ def test_a_failed_round_drops_the_arrays_of_the_reports_it_had(tmp_path, clock):
     assert stored_arrays(service) == {} and reports_listed(service) == 1
 
 
-def test_a_restart_drops_the_arrays_an_earlier_version_kept_of_ended_rounds_only(tmp_path, clock):
+def test_after_a_restart_a_scan_drops_the_arrays_an_earlier_version_kept_of_ended_rounds_only(
+    tmp_path, clock
+):
     service = start(tmp_path, clock)
     devices = join(service, clock, "pi-1", "pi-2")
     full_round(service, devices)
@@ -96,6 +98,8 @@ def test_a_restart_drops_the_arrays_an_earlier_version_kept_of_ended_rounds_only
     service.close()
 
     restarted = start(tmp_path, clock)
+    clock.advance(SCAN_INTERVAL_S)
+    restarted.tick()  # a scan drops one ended round's arrays
     assert stored_arrays(restarted) == {running: 1}
     restarted.ingest(devices[1].finetune(jobs["pi-2"].job_id))
     restarted.tick()  # the running round reads its kept report back from its row
