@@ -198,3 +198,15 @@ def jobs_in(
         if (kind is None or job.kind is kind) and (device is None or o.device_id == device):
             found.append((o.device_id, job))
     return found
+
+
+def fail_handling_for(monkeypatch, service, device_id: str) -> None:
+    """The service's message handler raises (as a bug would) for every message of `device_id`."""
+    handle = service._handler.handle
+
+    def failing(received: Received) -> None:
+        if received.device_id == device_id:
+            raise RuntimeError("a bug in a handler")
+        handle(received)
+
+    monkeypatch.setattr(service._handler, "handle", failing)

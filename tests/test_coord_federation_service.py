@@ -12,7 +12,7 @@ from coordinator.federation import FederationPolicy
 from coordinator.rollout import RolloutPolicy
 from coordinator.service import SCAN_INTERVAL_S, FleetService
 from shared.protocol import AdapterOrigin, DesiredState, JobKind, JobState
-from tests.coord_fleet_helpers import SimDevice, jobs_in, make_config
+from tests.coord_fleet_helpers import SimDevice, fail_handling_for, jobs_in, make_config
 
 H = 96
 QUIET, NOISY = np.zeros(H), np.ones(H)  # two places in signature space, 1.0 rms apart
@@ -429,14 +429,7 @@ def test_a_device_joining_in_a_batch_that_rolls_back_is_placed_when_it_is_applie
     """The batch's view is dropped with the batch: the retry, message by message, places the
     device again (its first placement was rolled back) and writes it."""
     service, _, cohort = clustered_with_strangers(tmp_path, clock, strangers=0)
-    handle = service._handler.handle
-
-    def failing_for_the_last(received):
-        if received.device_id == "new-1":
-            raise RuntimeError("a bug in a handler")
-        handle(received)
-
-    monkeypatch.setattr(service._handler, "handle", failing_for_the_last)
+    fail_handling_for(monkeypatch, service, "new-1")
     first, last = newcomers(clock, 0, 2)
     service.ingest([first.presence(), last.presence()])
     placed = service.fleet.clusters.placed_in(cohort)

@@ -10,7 +10,7 @@ from coordinator.ingest import superseded
 from coordinator.observations import JobTransition, MessageRejected
 from coordinator.service import FleetService
 from shared.protocol import JobKind, JobReason, JobState
-from tests.coord_fleet_helpers import SimDevice, jobs_in, make_config
+from tests.coord_fleet_helpers import SimDevice, fail_handling_for, jobs_in, make_config
 
 
 @pytest.fixture
@@ -74,14 +74,7 @@ def test_a_message_that_raises_is_refused_alone_and_the_batch_counts_once(
     message by message: the others are kept, their events counted once, and a heartbeat of
     the failed pass is not taken for a repeat."""
     service, pi1, pi2, job = one_job(tmp_path, clock)
-    handle = service._handler.handle
-
-    def failing_for_pi2(received):
-        if received.device_id == "pi-2":
-            raise RuntimeError("a bug in a handler")
-        handle(received)
-
-    monkeypatch.setattr(service._handler, "handle", failing_for_pi2)
+    fail_handling_for(monkeypatch, service, "pi-2")
     clock.advance(5.0)
     beat = pi1.heartbeat()
     batch = [beat, pi1.report(job.job_id), pi2.heartbeat()]  # the failure comes last
