@@ -348,7 +348,7 @@ class AdapterDistributor:
     def _batch_view(self, cohort: str) -> CohortClusters:
         """The cohort's clusters for the devices that join in one ingest batch, read once for
         it (forget_views ends it): per device, 1,000 joining a 6,000-device clustered cohort
-        cost 15 ms of CPU each. The devices placed earlier in the batch are not among its
+        cost 21 ms of CPU each. The devices placed earlier in the batch are not among its
         members nor in its centroids (a labelled one would have moved its cluster's by 1/n)."""
         view = self._batch_views.get(cohort)
         if view is None:

@@ -17,7 +17,6 @@ import dataclasses
 import functools
 import logging
 import uuid
-from collections import deque
 from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -42,6 +41,9 @@ log = logging.getLogger(__name__)
 # Aggregating a cluster takes milliseconds to seconds (Ray tasks); one not back after this was
 # lost (a crashed worker past its retries), and the cluster stops with what it measured.
 AGGREGATION_TIMEOUT_S = 300.0
+# Reports whose arrays a scan drops at most, past the first round it drops (~0.08 s of CPU for
+# 10,000 fan-sized reports): a long backlog goes over several scans.
+RELEASE_PER_SCAN = 20_000
 
 
 @dataclass(frozen=True)
@@ -61,7 +63,6 @@ class RoundPipeline:
         self._fleet = fleet
         self._aggregator = aggregator
         self._distributor = distributor
-        self._left_holding: deque[str | None] = deque()  # resume() finds them
 
     # ---- triggers
 
@@ -162,6 +163,7 @@ class RoundPipeline:
                     self._stop(c, c.progress.best_measured(), why)
                     changed = True
             if changed and not run.in_stage(ClusterStage.AGGREGATING):
+                self._aggregation_timed_out(run, now)
                 self._advance(run)
             for c in run.in_stage(ClusterStage.ROLLING_OUT):
                 rollout = f.rollouts.get(c.rollout_id) if c.rollout_id else None
@@ -171,6 +173,22 @@ class RoundPipeline:
             if changed:
                 self._finish_if_done(run)
                 f.runs.save(run)
+
+    def _aggregation_timed_out(self, run: Run, now: float) -> None:
+        """The round whose last aggregations never came back ends: STORED if a cluster stored
+        an aggregate of it, FAILED if none did (its record left AGGREGATING for good before)."""
+        f = self._fleet
+        round_id = run.rounds[-1]
+        record = f.records.get(round_id)
+        if record is None or record.stage is not RoundStage.AGGREGATING:
+            return
+        if record.adapter_version is not None:
+            f.records.settle(round_id, RoundStage.STORED, now)
+            self._finished(round_id, RoundResult.COMPLETED)
+        else:
+            why = f"aggregation did not finish in {AGGREGATION_TIMEOUT_S:.0f} s"
+            f.records.aggregation_failed(round_id, why, now)
+            self._finished(round_id, RoundResult.FAILED)
 
     def resume(self) -> None:
         """After a restart: finish what a crash interrupted between two checkpoints."""
@@ -194,27 +212,22 @@ class RoundPipeline:
             idle = last is None or last.stage not in (RoundStage.RUNNING, RoundStage.AGGREGATING)
             if idle and not run.in_stage(ClusterStage.AGGREGATING):
                 self._advance(run)  # crashed between a round's end and the next step
-        self._left_holding = deque(self._ended_holding_arrays())
 
-    def _ended_holding_arrays(self) -> list[str | None]:
-        """The rounds that ended with their reports' arrays still stored (None: reports outside
-        any round): an earlier version kept them all (a round's end releases its own, in the
-        same transaction)."""
+    def release_ended(self) -> int:
+        """Drops the arrays of reports whose round has ended that still hold them (None: reports
+        outside any round), up to RELEASE_PER_SCAN reports a call; returns how many. A round's
+        end releases its own; these are the rest: a report that came after its round ended, the
+        arrays an earlier version kept of every round. (All at once, a state dir with hundreds
+        of rounds' arrays held up a scan for many seconds: ~0.08 s for 10,000 reports.)"""
         f = self._fleet
-        ended = []
-        for round_id in f.reports.rounds_holding_arrays():
+        released = 0
+        for round_id in sorted(f.reports.rounds_holding_arrays(), key=str):
             record = None if round_id is None else f.records.get(round_id)
             if round_id is None or (record is not None and record.stage not in ACTIVE_STAGES):
-                ended.append(round_id)
-        return ended
-
-    def release_one_ended(self) -> None:
-        """Drops the arrays of one round an earlier version left holding them, one round a scan
-        (in its tick's transaction; one that rolls back leaves that round to the next start): a
-        state dir with hundreds of rounds' arrays would otherwise hold up the start for many
-        seconds (~0.08 s for 10,000 reports)."""
-        if self._left_holding:
-            self._fleet.reports.release(self._left_holding.popleft())
+                released += f.reports.release(round_id)
+                if released >= RELEASE_PER_SCAN:
+                    break
+        return released
 
     # ---- internals: starting
 

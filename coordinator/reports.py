@@ -243,7 +243,8 @@ class ReportStore:
         return {r["device_id"] for r in rows}
 
     def for_device(self, device_id: str, limit: int = 20) -> list[ReportMeta]:
-        """The device's own (personalised) adapters, newest first: kept beside the fleet's."""
+        """The device's fine-tune reports (its personalised adapters, which it keeps), newest
+        first; their arrays are kept only until their round ends."""
         rows = self._db.query(
             f"SELECT {_META} FROM fit_reports WHERE device_id = ? ORDER BY received_at DESC "
             "LIMIT ?",
@@ -286,19 +287,22 @@ class ReportStore:
         """Drops the arrays of the round's reports (None: of reports outside any round) from
         memory and from their rows, and an earlier version's files once this commits: the
         round has ended, and nothing reads them again. Returns how many reports held any."""
-        rows = self._db.query(
-            f"SELECT job_id, file FROM fit_reports WHERE round_id IS ? AND {_HOLDING}", (round_id,)
-        )
-        for row in rows:
-            held = self._held.pop(row["job_id"], None)
-            if held is not None:
-                self._held_bytes -= _nbytes(held)
-            if row["file"]:
-                self._released_files.note(row["file"])
-        self._db.execute(
-            f"UPDATE fit_reports SET arrays = NULL, file = '' WHERE round_id IS ? AND {_HOLDING}",
-            (round_id,),
-        )
+        with self._db.transaction():  # its own, if the caller has none: files go after it
+            rows = self._db.query(
+                f"SELECT job_id, file FROM fit_reports WHERE round_id IS ? AND {_HOLDING}",
+                (round_id,),
+            )
+            for row in rows:
+                held = self._held.pop(row["job_id"], None)
+                if held is not None:
+                    self._held_bytes -= _nbytes(held)
+                if row["file"]:
+                    self._released_files.note(row["file"])
+            self._db.execute(
+                f"UPDATE fit_reports SET arrays = NULL, file = '' WHERE round_id IS ? "
+                f"AND {_HOLDING}",
+                (round_id,),
+            )
         return len(rows)
 
     def rounds_holding_arrays(self) -> set[str | None]:
@@ -307,9 +311,14 @@ class ReportStore:
         return {r["round_id"] for r in rows}
 
     def _remove_files(self, files: list[str]) -> None:
+        folder = (self._state_dir / _LEGACY_DIR).resolve()
         for name in files:
+            path = (self._state_dir / name).resolve()
+            if path.parent != folder:  # an earlier version wrote reports/<job>.npz, nothing else
+                log.warning("not removing %s: not a report file of the state dir", name)
+                continue
             try:
-                (self._state_dir / name).unlink(missing_ok=True)
+                path.unlink(missing_ok=True)
             except OSError as err:  # the rows no longer name it: only disk space is lost
                 log.warning("could not remove the released report file %s: %s", name, err)
 
@@ -356,6 +365,7 @@ def arrays_from_blob(blob: bytes, job_id: str) -> dict[str, np.ndarray]:
 
 
 _ZIP_MAGIC = b"PK\x03\x04"  # a .npz (a zip archive)
+_LEGACY_DIR = "reports"  # where the earliest versions wrote a file a report
 
 
 def _load_npz(source: Path | io.BytesIO, job_id: str) -> dict[str, np.ndarray]:

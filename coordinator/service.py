@@ -153,7 +153,7 @@ class FleetService:
         if now - self._last_scan >= SCAN_INTERVAL_S:
             self._last_scan = now
             self._pipeline.trigger_automatically()
-            self._pipeline.release_one_ended()
+            self._pipeline.release_ended()
             self._distributor.reconcile()
             f.seen.prune()
             f.job_commands.prune()

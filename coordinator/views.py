@@ -166,7 +166,9 @@ def device_adapters(fleet: Fleet, device_id: str) -> list[dict[str, Any]]:
             "samples": m.samples,
             "parent_adapter_version": m.parent_adapter_version,
             "received_at": m.received_at,
-            "file": m.file or None,  # None: in the state db (a file from earlier versions)
+            # the file an earlier version stored its arrays in, until its round's arrays are
+            # dropped; None: in the state db while the round runs, dropped once it ended
+            "file": m.file or None,
         }
         for m in fleet.reports.for_device(device_id)
     ]

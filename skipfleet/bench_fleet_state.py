@@ -145,7 +145,6 @@ def main(argv: list[str] | None = None) -> int:
         "--reports", type=int, default=10_000, help="reports in a round (0: no release figures)"
     )
     args = parser.parse_args(argv)
-    tune_gc()  # as the fleet actor runs
     with tempfile.TemporaryDirectory() as tmp:
         found = scan(args.devices, args.strangers, Path(tmp))
         print(f"scan of {args.devices:,} clustered devices and {args.strangers:,} near no "
@@ -162,4 +161,5 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    tune_gc()  # as the fleet actor runs (not in a caller's process: its collector is its own)
     raise SystemExit(main())

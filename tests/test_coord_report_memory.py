@@ -208,3 +208,16 @@ def test_an_earlier_versions_file_is_removed_only_when_its_release_commits(tmp_p
         store.release("r1")
         assert file.exists()  # not before the commit
     assert not file.exists() and store.get("old").file == "" and holding(db) == set()
+
+
+def test_a_release_removes_no_file_outside_the_state_dirs_report_folder(tmp_path):
+    """An earlier version wrote reports/<job>.npz; a row naming anything else (a damaged or
+    edited state db) does not make a release delete it."""
+    outside = tmp_path / "precious.txt"
+    outside.write_text("keep")
+    db = StateDB(tmp_path / "state" / "s.sqlite3")
+    store = ReportStore(db, tmp_path / "state")
+    saved(store, "odd", random_factors(np.random.default_rng(11)), checked=False)
+    db.execute("UPDATE fit_reports SET arrays = NULL, file = '../precious.txt'")
+    assert store.release("r1") == 1
+    assert outside.read_text() == "keep" and holding(db) == set()

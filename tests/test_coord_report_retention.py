@@ -10,6 +10,8 @@ import pytest
 
 from coordinator.aggregation import AdapterShape
 from coordinator.clock import ManualClock
+from coordinator.observations import RoundFinished, RoundResult
+from coordinator.pipeline import AGGREGATION_TIMEOUT_S
 from coordinator.reports import arrays_blob
 from coordinator.service import SCAN_INTERVAL_S, FleetService
 from coordinator.state_db import StateDB
@@ -98,6 +100,7 @@ def test_after_a_restart_a_scan_drops_the_arrays_an_earlier_version_kept_of_ende
     service.close()
 
     restarted = start(tmp_path, clock)
+    assert stored_arrays(restarted) == {ended: 2, running: 1}  # not at start-up
     clock.advance(SCAN_INTERVAL_S)
     restarted.tick()  # a scan drops one ended round's arrays
     assert stored_arrays(restarted) == {running: 1}
@@ -144,3 +147,51 @@ def test_the_state_db_does_not_write_the_pages_a_delete_frees(tmp_path):
     reader.start()
     reader.join()
     assert [db.query_one("PRAGMA secure_delete")[0], *modes] == [SECURE_DELETE_FAST] * 2
+
+
+def test_a_report_that_comes_after_its_round_ended_is_dropped_by_the_next_scan(tmp_path, clock):
+    service = start(tmp_path, clock)
+    pi1, pi2 = join(service, clock, "pi-1", "pi-2")
+    service.request_finetune(all_=True)
+    jobs = dict(jobs_in(service.tick(), JobKind.FINETUNE))
+    service.ingest(pi1.finetune(jobs["pi-1"].job_id))
+    service.ingest([pi2.status(jobs["pi-2"].job_id, JobState.SUCCEEDED)])  # its report, later
+    service.tick()
+    (record,) = service.rounds()
+    assert record["stage"] == "STORED" and "pi-2" in record["failures"]
+    service.ingest([pi2.report(jobs["pi-2"].job_id)])
+    assert stored_arrays(service) == {record["round_id"]: 1}
+    clock.advance(SCAN_INTERVAL_S)
+    service.tick()
+    assert stored_arrays(service) == {} and reports_listed(service) == 2
+
+
+class LostAggregations:
+    """An aggregator whose tasks never come back (a worker lost past its retries)."""
+
+    def submit(self, request, algorithms):
+        pass
+
+    def collect(self):
+        return []
+
+    def pending(self):
+        return set()
+
+
+def test_a_round_whose_aggregation_is_lost_fails_at_the_timeout_and_drops_its_arrays(
+    tmp_path, clock
+):
+    service = FleetService(make_config(tmp_path), aggregator=LostAggregations(), clock=clock)
+    devices = join(service, clock, "pi-1", "pi-2")
+    service.request_finetune(all_=True)
+    finetune_all(service, devices, service.tick())
+    service.tick()
+    assert service.rounds()[0]["stage"] == "AGGREGATING" and sum(stored_arrays(service).values())
+    clock.advance(AGGREGATION_TIMEOUT_S + 1)
+    service.tick()
+    (record,) = service.rounds()
+    assert record["stage"] == "FAILED" and "did not finish" in record["error"]
+    assert stored_arrays(service) == {}
+    finished = [e for e in service.metrics_report().events if isinstance(e, RoundFinished)]
+    assert [e.result for e in finished] == [RoundResult.FAILED]
