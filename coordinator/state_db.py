@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Protocol
@@ -162,6 +162,11 @@ class StateDB:
 
     def executemany(self, sql: str, rows: Sequence[Params]) -> int:
         return self._conn().executemany(sql, rows).rowcount
+
+    def trace(self, callback: Callable[[str], object] | None) -> None:
+        """This thread's connection hands each statement it runs to `callback` (None: no
+        more); for counting them (skipfleet.bench_fleet_state)."""
+        self._conn().set_trace_callback(callback)
 
     def close(self) -> None:
         with self._all_lock:

@@ -1,6 +1,10 @@
 """The fleet state's own costs that grow with the fleet, in process: no broker, no Ray.
 
-`python -m skipfleet.bench_fleet_state [--devices N] [--strangers U] [--reports R]` prints:
+`python -m skipfleet.bench_fleet_state [--devices N] [--strangers U] [--reports R]
+[--round-devices D]` prints:
+- the fleet state's CPU a device for a whole round over D devices, as the coordinator
+  benchmark's (a tenth of the cohort canaries, fan-sized reports, a heartbeat a device): its
+  ingest and its ticks alone, the floor under what a real coordinator spends on a round;
 - the periodic scan (every 5 s) of a clustered cohort of N labelled devices and U devices
   without labels whose signatures are near no cluster (placed in none, tried again each scan),
   and the CPU a new such device costs when it joins;
@@ -14,22 +18,39 @@ Figures are CPU time (time.process_time) of this process.
 from __future__ import annotations
 
 import argparse
+import itertools
 import tempfile
 import time
 from collections.abc import Callable, Iterable
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 
 from coordinator.config import CoordinatorConfig
+from coordinator.federation import FederationPolicy
 from coordinator.heap import tune_gc
 from coordinator.ingest import Received
-from coordinator.reports import ReportMeta, ReportStore, infer_shape
+from coordinator.outbound import Outbound
+from coordinator.reports import ReportMeta, ReportStore, check_values, infer_shape
+from coordinator.rollout import RolloutPolicy
 from coordinator.scheduler import SchedulerPolicy
 from coordinator.service import SCAN_INTERVAL_S, FleetService
 from coordinator.state_db import StateDB
 from shared.mqtt import MqttSettings
-from shared.protocol import Envelope, Heartbeat, Presence, PresenceState
+from shared.protocol import (
+    DesiredState,
+    Envelope,
+    Heartbeat,
+    Job,
+    JobKind,
+    JobState,
+    JobStatus,
+    Presence,
+    PresenceState,
+    Report,
+    ReportMetrics,
+)
 from skipfleet.bench_driver import fan_adapter  # a fan-sized report's arrays (~12.4 KB)
 
 BASE_HASH = "b" * 64
@@ -51,15 +72,19 @@ def cpu_seconds(run: Callable[[], object]) -> float:
     return time.process_time() - started
 
 
-def joined(device: str, signature: np.ndarray, labelled: bool, at: float) -> list[Received]:
-    """A device's presence and first heartbeat (its signature), as its agent sends them."""
+def joined(device: str, signature: np.ndarray | None, labelled: bool, at: float) -> list[Received]:
+    """A device's presence and first heartbeat (its signature, if any), as its agent sends them."""
     samples = 100 if labelled else 0
     presence = Presence(PresenceState.ONLINE, "boot-1", "bench", BASE_HASH, "fan",
                         train_samples=samples, holdout_samples=samples // 4)  # fmt: skip
-    beat = Heartbeat(1.5, "model:bench", 10.0, 0, 0, 0, 5.0, signature=signature.astype(np.float32),
-                     signature_rows=64)  # fmt: skip
     return [Received(Envelope(m, sender=device, boot_id="boot-1", seq=i + 1), at)
-            for i, m in enumerate((presence, beat))]  # fmt: skip
+            for i, m in enumerate((presence, heartbeat(signature)))]  # fmt: skip
+
+
+def heartbeat(signature: np.ndarray | None = None) -> Heartbeat:
+    vector = None if signature is None else signature.astype(np.float32)
+    return Heartbeat(1.5, "model:bench", 10.0, 0, 0, 0, 5.0, signature=vector,
+                     signature_rows=None if vector is None else 64)  # fmt: skip
 
 
 def ingest_all(service: FleetService, messages: Iterable[Received]) -> None:
@@ -73,12 +98,19 @@ def ingest_all(service: FleetService, messages: Iterable[Received]) -> None:
         service.ingest(batch)
 
 
+def fleet_state(devices: int, state_dir: Path, clock: ManualClock, **policy: Any) -> FleetService:
+    """A fleet state that sends every job at once, with no automatic trigger."""
+    scheduling = SchedulerPolicy(max_concurrent_jobs=devices, accuracy_threshold=None,
+                                 accuracy_drop_margin=None, drift_threshold=None)  # fmt: skip
+    config = CoordinatorConfig(mqtt=MqttSettings("localhost"), state_dir=state_dir,
+                               metrics_port=0, api_port=0, policy=scheduling,
+                               **policy)  # fmt: skip
+    return FleetService(config, clock=clock)
+
+
 def scan(devices: int, strangers: int, state_dir: Path) -> dict[str, float]:
     clock = ManualClock()
-    policy = SchedulerPolicy(max_concurrent_jobs=devices)
-    config = CoordinatorConfig(mqtt=MqttSettings("localhost"), state_dir=state_dir,
-                               metrics_port=0, api_port=0, policy=policy)  # fmt: skip
-    service = FleetService(config, clock=clock)
+    service = fleet_state(devices, state_dir / "scan", clock)
     rng = np.random.default_rng(0)
     quiet = 0.05 * rng.standard_normal((devices, SIGNATURE_WIDTH))
     ingest_all(service, (m for i in range(devices)
@@ -97,6 +129,87 @@ def scan(devices: int, strangers: int, state_dir: Path) -> dict[str, float]:
         scans.append(cpu_seconds(service.tick))
     service.close()
     return {"join_ms_per_device": 1e3 * join / max(1, strangers), "scan_s": min(scans)}
+
+
+class Devices:
+    """The messages a round asks of each simulated device, stamped as its agent would."""
+
+    def __init__(self, count: int, clock: ManualClock) -> None:
+        self.ids = [f"dev-{i:05d}" for i in range(count)]
+        self._clock = clock
+        self._seq = dict.fromkeys(self.ids, 10)  # past their joins' 1 and 2
+        self._arrays = fan_adapter(np.random.default_rng(2))
+
+    def received(self, device: str, message: object) -> Received:
+        """As the bridge hands it over: a report with its checks' verdict, made beside the fleet
+        state (coordinator.bridge; python -m skipfleet.bench_driver counts it)."""
+        self._seq[device] += 1
+        envelope = Envelope(message, sender=device, boot_id="boot-1", seq=self._seq[device])
+        checked = None
+        if isinstance(message, Report):
+            checked = check_values(device, message.adapter, message.metrics.samples)
+        return Received(envelope, self._clock(), checked)
+
+    def answers(self, outbound: Iterable[Outbound]) -> list[Received]:
+        """Each device's answer to the jobs among `outbound`: a fine-tune's report, an
+        evaluation's accuracy (the candidate better), an offered adapter applied."""
+        answers = []
+        for o in outbound:
+            job = o.message.apply_job() if isinstance(o.message, DesiredState) else o.message
+            if not isinstance(job, Job):
+                continue
+            if job.kind is JobKind.FINETUNE:
+                metrics = ReportMetrics(0.6, 0.9, 100, 5, 2.0, 3.0, "model:bench", 0.5,
+                                        BASE_HASH, "skip2-lora", 4)  # fmt: skip
+                message: object = Report(job.job_id, self._arrays, metrics)
+            elif job.kind is JobKind.EVALUATE:
+                accuracy = 0.9 if job.params.adapter_version else 0.85  # 0: the base model
+                message = JobStatus(job.job_id, JobState.SUCCEEDED, detail={"accuracy": accuracy})
+            else:
+                message = JobStatus(job.job_id, JobState.SUCCEEDED)
+            answers.append(self.received(o.device_id, message))
+        return answers
+
+
+def round_cpu(devices: int, state_dir: Path) -> dict[str, float]:
+    """The fleet state's CPU a device for a round as the coordinator benchmark's (a tenth of
+    the cohort canaries; a heartbeat a device), from the request until every device applied
+    the promoted version: its ingest and its ticks alone, not the making of the messages."""
+    clock = ManualClock()
+    rollout = RolloutPolicy(canary_fraction=0.1, max_accuracy_regression=0.02)
+    service = fleet_state(devices, state_dir / "round", clock, rollout=rollout,
+                          federation=FederationPolicy(max_rounds=1))  # fmt: skip
+    fleet = Devices(devices, clock)
+    ingest_all(service, (m for d in fleet.ids for m in joined(d, None, True, clock())))
+    spent = {"ingest": 0.0, "ticks": 0.0}
+
+    def ingest(messages: list[Received]) -> None:
+        spent["ingest"] += cpu_seconds(lambda: ingest_all(service, messages))
+
+    def tick() -> list[Outbound]:
+        out: list[Outbound] = []
+        spent["ticks"] += cpu_seconds(lambda: out.extend(service.tick()))
+        clock.now += 0.5
+        return out
+
+    counted = itertools.count()
+    for index in range(3):  # the first warms up, the second is timed, the third counted
+        spent = dict.fromkeys(spent, 0.0)
+        if index == 2:  # the connection the actor's one working thread uses
+            service.fleet.db.trace(lambda sql: next(counted))
+        ingest([fleet.received(d, heartbeat()) for d in fleet.ids])
+        service.request_finetune(all_=True)
+        outbound = tick()
+        while outbound or service.health()["open_rounds"]:
+            ingest(fleet.answers(outbound))
+            outbound = tick()
+        versions = {d["adapter_version"] for d in service.devices()}
+        if versions != {index + 1}:
+            raise RuntimeError(f"round {index + 1} did not end on every device: {versions}")
+        if index == 1:
+            timed = {part: 1e3 * seconds / devices for part, seconds in spent.items()}
+    service.close()
+    return timed | {"statements": next(counted) / devices}
 
 
 def release(reports: int, state_dir: Path, secure_delete: str) -> dict[str, float]:
@@ -144,12 +257,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument(
         "--reports", type=int, default=10_000, help="reports in a round (0: no release figures)"
     )
+    parser.add_argument("--round-devices", type=int, default=5000,
+                        help="devices in the whole round measured (0: none)")  # fmt: skip
     args = parser.parse_args(argv)
     with tempfile.TemporaryDirectory() as tmp:
         found = scan(args.devices, args.strangers, Path(tmp))
         print(f"scan of {args.devices:,} clustered devices and {args.strangers:,} near no "
               f"cluster: {found['scan_s']:.3f} s CPU; a new such device joining: "
               f"{found['join_ms_per_device']:.1f} ms CPU")  # fmt: skip
+        if args.round_devices:
+            cost = round_cpu(args.round_devices, Path(tmp))
+            print(f"a round over {args.round_devices:,} devices, the fleet state's CPU a device: "
+                  f"ingest {cost['ingest']:.3f} ms + ticks {cost['ticks']:.3f} ms = "
+                  f"{cost['ingest'] + cost['ticks']:.3f} ms; {cost['statements']:.1f} SQL "
+                  "statements a device")  # fmt: skip
         for mode in ("FAST", "ON") if args.reports else ():
             r = release(args.reports, Path(tmp), mode)
             print(f"secure_delete {mode}: {args.reports:,} reports stored in {r['save_s_0']:.2f} s "
