@@ -3,11 +3,12 @@
 A round may close after the actor restarted, so reports cannot live in memory: each goes to its
 row in SQLite, its arrays as one blob in the same row (msgpack, each array in the wire
 protocol's form: shared.protocol.arrays), committed with the batch that applied the report.
-Only a round's aggregation reads the arrays. Once the round has ended (its aggregates stored, or
-it failed) they are dropped from the row (release), in the transaction that ended it: a 10,000-
-device round stored ~130 MB of them, kept for ever. A device's own fine-tune outside any round is
-never aggregated: its row keeps no arrays. The rows, with every other column, stay: the API's
-device views list them.
+Only a round's aggregation reads the arrays. Once the round has ended (its aggregates stored,
+every cluster stopped, or it failed) they are dropped from the row (release), in the transaction
+that ended it; the periodic scan drops any left (a report that came after its round ended, an
+earlier version's): a 10,000-device round stored ~130 MB of them, kept for ever. A device's own
+fine-tune outside any round is never aggregated: its row keeps no arrays. The rows, with every
+other column, stay: the API's device views list them.
 Earlier versions of the coordinator wrote the arrays to a file `reports/<job_id>.npz` each, the
 row naming it, then as a .npz blob in the row; both are still read. (A file per report cost
 0.1-0.8 ms of file creation a report here; a .npz blob ~0.06 ms to write and ~1.2 ms to read

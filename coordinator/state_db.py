@@ -71,8 +71,8 @@ class StateDB:
         conn.execute("PRAGMA synchronous=NORMAL")
         # Debian builds SQLite with secure_delete on: a freed page is overwritten with zeros, a
         # write of its own for every page a delete frees (dropping a 10,000-device round's report
-        # arrays: 0.45 s of CPU, against 0.06). FAST zeroes deleted content where the page is
-        # written anyway; freed pages keep theirs until they are reused.
+        # arrays: 0.44-0.47 s of CPU, against 0.08). FAST zeroes deleted content where the page
+        # is written anyway; freed pages keep theirs until they are reused.
         conn.execute("PRAGMA secure_delete=FAST")
         self._local.conn, self._local.depth = conn, 0
         with self._all_lock:
