@@ -27,6 +27,7 @@ from typing import Any
 
 import numpy as np
 
+from coordinator.clock import ManualClock
 from coordinator.config import CoordinatorConfig
 from coordinator.federation import FederationPolicy
 from coordinator.heap import tune_gc
@@ -56,14 +57,6 @@ from skipfleet.bench_driver import fan_adapter  # a fan-sized report's arrays (~
 BASE_HASH = "b" * 64
 SIGNATURE_WIDTH = 96  # the fan model's signature rows
 BATCH = 256  # messages an ingest call, as the bridge's batches
-
-
-class ManualClock:
-    def __init__(self, now: float = 1_700_000_000.0) -> None:
-        self.now = now
-
-    def __call__(self) -> float:
-        return self.now
 
 
 def cpu_seconds(run: Callable[[], object]) -> float:
@@ -125,7 +118,7 @@ def scan(devices: int, strangers: int, state_dir: Path) -> dict[str, float]:
     )
     scans = []
     for _ in range(3):
-        clock.now += SCAN_INTERVAL_S
+        clock.advance(SCAN_INTERVAL_S)
         scans.append(cpu_seconds(service.tick))
     service.close()
     return {"join_ms_per_device": 1e3 * join / max(1, strangers), "scan_s": min(scans)}
@@ -189,7 +182,7 @@ def round_cpu(devices: int, state_dir: Path) -> dict[str, float]:
     def tick() -> list[Outbound]:
         out: list[Outbound] = []
         spent["ticks"] += cpu_seconds(lambda: out.extend(service.tick()))
-        clock.now += 0.5
+        clock.advance(0.5)
         return out
 
     counted = itertools.count()

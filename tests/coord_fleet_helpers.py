@@ -210,3 +210,17 @@ def fail_handling_for(monkeypatch, service, device_id: str) -> None:
         handle(received)
 
     monkeypatch.setattr(service._handler, "handle", failing)
+
+
+class LostAggregations:
+    """An aggregator whose tasks never come back (its process died: submitted, never
+    collected)."""
+
+    def submit(self, request, algorithms) -> None:
+        pass
+
+    def collect(self) -> list:
+        return []
+
+    def pending(self) -> set:
+        return set()

@@ -16,7 +16,7 @@ from coordinator.reports import arrays_blob
 from coordinator.service import SCAN_INTERVAL_S, FleetService
 from coordinator.state_db import StateDB
 from shared.protocol import JobKind, JobState
-from tests.coord_fleet_helpers import SimDevice, jobs_in, make_config
+from tests.coord_fleet_helpers import LostAggregations, SimDevice, jobs_in, make_config
 from tests.coord_helpers import random_factors
 from tests.test_coord_service import answer_canaries, finetune_all, join
 
@@ -164,19 +164,6 @@ def test_a_report_that_comes_after_its_round_ended_is_dropped_by_the_next_scan(t
     clock.advance(SCAN_INTERVAL_S)
     service.tick()
     assert stored_arrays(service) == {} and reports_listed(service) == 2
-
-
-class LostAggregations:
-    """An aggregator whose tasks never come back (a worker lost past its retries)."""
-
-    def submit(self, request, algorithms):
-        pass
-
-    def collect(self):
-        return []
-
-    def pending(self):
-        return set()
 
 
 def test_a_round_whose_aggregation_is_lost_fails_at_the_timeout_and_drops_its_arrays(

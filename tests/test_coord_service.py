@@ -27,7 +27,7 @@ from shared.protocol import (
     JobReason,
     JobState,
 )
-from tests.coord_fleet_helpers import SimDevice, jobs_in, make_config
+from tests.coord_fleet_helpers import LostAggregations, SimDevice, jobs_in, make_config
 
 
 @pytest.fixture
@@ -244,17 +244,7 @@ def test_a_report_damaged_on_disk_across_a_restart_fails_its_device_not_its_roun
 
 
 def test_an_aggregation_interrupted_by_a_restart_is_resumed(tmp_path, clock):
-    class Forgetful:  # an aggregator whose process died: submitted, never collected
-        def submit(self, request, algorithms):
-            pass
-
-        def collect(self):
-            return []
-
-        def pending(self):
-            return set()
-
-    service = FleetService(make_config(tmp_path), aggregator=Forgetful(), clock=clock)
+    service = FleetService(make_config(tmp_path), aggregator=LostAggregations(), clock=clock)
     devices = join(service, clock, "pi-1")
     service.request_finetune(all_=True)
     finetune_all(service, devices, service.tick())
