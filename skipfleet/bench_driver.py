@@ -91,7 +91,16 @@ def device_messages(rng: np.random.Generator) -> dict[str, object]:
             detail={"accuracy_before": 0.6, "installed": True},
         ),
         "report": Report(job_id, fan_adapter(rng), metrics, parent_adapter_version=3),
+        # what the load generator's devices send: a skip2-lora adapter, its factors alone
+        "report (A, B only)": Report(
+            job_id, lora_adapter(fan_adapter(rng)), metrics, parent_adapter_version=3
+        ),
     }
+
+
+def lora_adapter(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """A skip2-lora adapter's arrays (A_k and B_k): `arrays` without the ΔW_k ("delta")."""
+    return {name: a for name, a in arrays.items() if not name.startswith("delta")}
 
 
 def publish_packet(topic: str, payload: bytes, mid: int, properties: bytes) -> tuple[int, bytes]:

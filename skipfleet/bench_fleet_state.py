@@ -3,8 +3,9 @@
 `python -m skipfleet.bench_fleet_state [--devices N] [--strangers U] [--reports R]
 [--round-devices D]` prints:
 - the fleet state's CPU a device for a whole round over D devices, as the coordinator
-  benchmark's (a tenth of the cohort canaries, fan-sized reports, a heartbeat a device): its
-  ingest and its ticks alone, the floor under what a real coordinator spends on a round;
+  benchmark's (a tenth of the cohort canaries, fan-sized skip2-lora reports as the load
+  generator's, a heartbeat a device): its ingest and its ticks alone, the floor under what a
+  real coordinator spends on a round, and its SQL statements a device;
 - the periodic scan (every 5 s) of a clustered cohort of N labelled devices and U devices
   without labels whose signatures are near no cluster (placed in none, tried again each scan),
   and the CPU a new such device costs when it joins;
@@ -52,7 +53,7 @@ from shared.protocol import (
     Report,
     ReportMetrics,
 )
-from skipfleet.bench_driver import fan_adapter  # a fan-sized report's arrays (~12.4 KB)
+from skipfleet.bench_driver import fan_adapter, lora_adapter  # a fan-sized report's arrays
 
 BASE_HASH = "b" * 64
 SIGNATURE_WIDTH = 96  # the fan model's signature rows
@@ -131,7 +132,8 @@ class Devices:
         self.ids = [f"dev-{i:05d}" for i in range(count)]
         self._clock = clock
         self._seq = dict.fromkeys(self.ids, 10)  # past their joins' 1 and 2
-        self._arrays = fan_adapter(np.random.default_rng(2))
+        # the load generator's reports carry a skip2-lora adapter: the A and B factors alone
+        self._arrays = lora_adapter(fan_adapter(np.random.default_rng(2)))
 
     def received(self, device: str, message: object) -> Received:
         """As the bridge hands it over: a report with its checks' verdict, made beside the fleet
