@@ -178,4 +178,7 @@ def test_a_camera_fleet_fine_tunes_a_cnn_per_rotation(tmp_path, ray_session, dat
         assert device["accuracy_end"] >= max(device["accuracy_initial"], device["accuracy_own"])
     turned = by_id["fmnist-r75"]
     assert turned["accuracy_initial"] < 0.3 < 0.6 < turned["accuracy_end"]  # its camera recovers
-    assert by_id["fmnist-r30"]["accuracy_end"] > by_id["fmnist-r30"]["accuracy_initial"] + 0.2
+    # Each job's training seed comes from its random id: over 21 runs on this machine (one in
+    # CI) the 30° camera ended at 0.53-0.75 from 0.37 (its own fine-tune alone 0.46-0.75), and
+    # +0.2 failed once; +0.1 still fails a camera that did not adapt.
+    assert by_id["fmnist-r30"]["accuracy_end"] > by_id["fmnist-r30"]["accuracy_initial"] + 0.1
