@@ -278,9 +278,8 @@ class ReportStore:
         """The report as an aggregation input. Its arrays held since it was checked on receipt
         are marked so; arrays read back from its row are not (a damaged row is checked again).
         ReportUnreadable if they are gone or damaged (that report fails, not its round)."""
-        held = self._held.pop(meta.job_id, None)
+        held = self._unhold(meta.job_id)
         if held is not None:
-            self._held_bytes -= _nbytes(held)
             return FitResult(meta.device_id, held, meta.samples, checked_on_receipt=True)
         return FitResult(meta.device_id, self._read_back(meta), meta.samples)
 
@@ -294,9 +293,7 @@ class ReportStore:
                 (round_id,),
             )
             for row in rows:
-                held = self._held.pop(row["job_id"], None)
-                if held is not None:
-                    self._held_bytes -= _nbytes(held)
+                self._unhold(row["job_id"])
                 if row["file"]:
                     self._released_files.note(row["file"])
             self._db.execute(
@@ -333,12 +330,18 @@ class ReportStore:
 
     def _hold(self, job_id: str, arrays: Mapping[str, np.ndarray]) -> None:
         copy = {k: np.array(v) for k, v in arrays.items()}  # as np.load would: owned, writable
-        if job_id in self._held:
-            self._held_bytes -= _nbytes(self._held.pop(job_id))
+        self._unhold(job_id)
         self._held[job_id] = copy
         self._held_bytes += _nbytes(copy)
         while self._held_bytes > MEMORY_CAP_BYTES:  # the oldest go back to being read from rows
             self._held_bytes -= _nbytes(self._held.popitem(last=False)[1])
+
+    def _unhold(self, job_id: str) -> dict[str, np.ndarray] | None:
+        """Takes the report's arrays out of memory (None if they were not held)."""
+        held = self._held.pop(job_id, None)
+        if held is not None:
+            self._held_bytes -= _nbytes(held)
+        return held
 
 
 def _nbytes(arrays: Mapping[str, np.ndarray]) -> int:
