@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 # Aggregating a cluster takes milliseconds to seconds (Ray tasks); one not back after this was
 # lost (a crashed worker past its retries), and the cluster stops with what it measured.
 AGGREGATION_TIMEOUT_S = 300.0
+AGGREGATION_LOST = f"aggregation did not finish in {AGGREGATION_TIMEOUT_S:.0f} s"
 # Reports whose arrays a scan drops at most, past the first round it drops (~0.08 s of CPU for
 # 10,000 fan-sized reports): a long backlog goes over several scans.
 RELEASE_PER_SCAN = 20_000
@@ -158,9 +159,8 @@ class RoundPipeline:
             changed = False
             for c in run.in_stage(ClusterStage.AGGREGATING):
                 if now - (c.aggregating_since or now) > AGGREGATION_TIMEOUT_S:
-                    why = f"aggregation did not finish in {AGGREGATION_TIMEOUT_S:.0f} s"
-                    log.warning("run %s cluster %s: %s", run.run_id, c.cluster, why)
-                    self._stop(c, c.progress.best_measured(), why)
+                    log.warning("run %s cluster %s: %s", run.run_id, c.cluster, AGGREGATION_LOST)
+                    self._stop(c, c.progress.best_measured(), AGGREGATION_LOST)
                     changed = True
             if changed and not run.in_stage(ClusterStage.AGGREGATING):
                 self._aggregation_timed_out(run, now)
@@ -186,8 +186,7 @@ class RoundPipeline:
             f.records.settle(round_id, RoundStage.STORED, now)
             self._finished(round_id, RoundResult.COMPLETED)
         else:
-            why = f"aggregation did not finish in {AGGREGATION_TIMEOUT_S:.0f} s"
-            f.records.aggregation_failed(round_id, why, now)
+            f.records.aggregation_failed(round_id, AGGREGATION_LOST, now)
             self._finished(round_id, RoundResult.FAILED)
 
     def resume(self) -> None:
