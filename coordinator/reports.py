@@ -1,18 +1,20 @@
 """Fine-tune reports: checked on receipt, their arrays kept on disk until their round ends.
 
-A round may close after the actor restarted, so reports cannot live in memory: each goes to its
-row in SQLite, its arrays as one blob in the same row (msgpack, each array in the wire
-protocol's form: shared.protocol.arrays), committed with the batch that applied the report.
-Only a round's aggregation reads the arrays. Once the round has ended (its aggregates stored,
-every cluster stopped, or it failed) they are dropped from the row (release), in the transaction
-that ended it; the periodic scan drops any left (a report that came after its round ended, an
-earlier version's): a 10,000-device round stored ~130 MB of them, kept for ever. A device's own
-fine-tune outside any round is never aggregated: its row keeps no arrays. The rows, with every
-other column, stay: the API's device views list them.
+A round may close after the actor restarted, so reports cannot live in memory only: each one's
+row goes to SQLite, committed with the batch that applied the report, and its arrays (msgpack,
+each array in the wire protocol's form: shared.protocol.arrays) to the end of its round's file
+before that commit (coordinator.round_arrays), the row saying where. Only a round's aggregation
+reads the arrays. Once the round has ended (its aggregates stored, every cluster stopped, or it
+failed) they are dropped from memory, and its file once the transaction that ended it commits
+(release); the periodic scan drops any left (a report that came after its round ended, an
+earlier version's). A device's own fine-tune outside any round is never aggregated: it keeps no
+arrays. The rows, with every other column, stay: the API's device views list them.
 Earlier versions of the coordinator wrote the arrays to a file `reports/<job_id>.npz` each, the
-row naming it, then as a .npz blob in the row; both are still read. (A file per report cost
-0.1-0.8 ms of file creation a report here; a .npz blob ~0.06 ms to write and ~1.2 ms to read
-back through np.load, the msgpack one ~0.015 and ~0.02 ms.)
+row naming it, then as a .npz or msgpack blob in the row; all are still read. (A file per report
+cost 0.1-0.8 ms of file creation a report here; a .npz blob ~0.06 ms to write and ~1.2 ms to
+read back through np.load, the msgpack one ~0.015 and ~0.02 ms; a blob in the row, with its
+overflow pages through the WAL and its checkpoints, ~0.1 ms of the actor's CPU a device a
+round in all.)
 A cohort's adapter shape (layer widths, class count) is taken from its first accepted report;
 every later report must match it, so a wrong-sized adapter is refused on receipt, not at
 aggregation.
@@ -30,12 +32,14 @@ from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
 from pathlib import Path
+from typing import NamedTuple
 
 import msgpack
 import numpy as np
 
 from coordinator.aggregation import AdapterShape, AggregationError, FitResult, validate_fit_result
 from coordinator.hot_rows import TransactionalNotes
+from coordinator.round_arrays import ArraysGone, RoundArrayFiles
 from coordinator.state_db import StateDB
 from shared.protocol import DecodeError, array_from_wire, array_to_wire
 
@@ -71,8 +75,9 @@ CREATE TABLE IF NOT EXISTS fit_reports (
 CREATE INDEX IF NOT EXISTS fit_reports_by_round ON fit_reports (round_id);
 CREATE INDEX IF NOT EXISTS fit_reports_by_cohort ON fit_reports (cohort, received_at);
 """
-# The rows whose arrays are still stored, in the row or an earlier version's file (the open
-# rounds'): release and rounds_holding_arrays read these alone. The same condition in a query
+# The rows whose arrays an earlier version stored, in the row or a file of its own, not yet
+# released: release and rounds_holding_arrays read these alone (a report stored now is in no
+# such row: its arrays are in its round's file). The same condition in a query
 # lets SQLite use this partial index.
 _HOLDING = "(arrays IS NOT NULL OR file != '')"
 _HOLDING_INDEX = (
@@ -185,17 +190,28 @@ class ReportStore:
         self._state_dir = Path(state_dir)
         db.ensure_schema(_SCHEMA)
         db.add_missing_columns(
-            "fit_reports", {"accuracy_before": "REAL", "loss_before": "REAL", "arrays": "BLOB"}
+            "fit_reports",
+            {
+                "accuracy_before": "REAL",
+                "loss_before": "REAL",
+                "arrays": "BLOB",  # an earlier version's: the arrays in the row
+                "arrays_file": "TEXT",  # its round's file, where (round_arrays)
+                "arrays_at": "INTEGER",
+                "arrays_len": "INTEGER",
+            },
         )
         db.ensure_schema(_HOLDING_INDEX)
-        self._held: OrderedDict[str, dict[str, np.ndarray]] = OrderedDict()  # job -> arrays
+        self._held: OrderedDict[str, _Held] = OrderedDict()  # job -> its round and arrays
         self._held_bytes = 0
         self._shapes: dict[str, AdapterShape] = {}  # cohort -> the shape of its reports
         self._shapes_found = TransactionalNotes[str](
             db, commit=lambda cohorts: None, undo=self._forget_shapes
         )
-        # Files of an earlier version's reports, released: removed once the release commits.
+        self._files = RoundArrayFiles(state_dir)
+        # Files of released rounds (and of an earlier version's reports): removed once the
+        # release commits, never while a row that rolls back could still need them.
         self._released_files = TransactionalNotes[str](db, commit=self._remove_files)
+        self._released_rounds = TransactionalNotes[str](db, commit=self._remove_rounds)
 
     def save(
         self, meta: ReportMeta, arrays: Mapping[str, np.ndarray], *, checked_on_receipt: bool
@@ -204,11 +220,15 @@ class ReportStore:
         only for a round (nothing else reads them). A round's report whose arrays
         `checked_on_receipt` (check_adapter, values included) is also held in memory for the
         round's aggregation, which then does not read its values again (result)."""
+        name = at = length = None
+        if meta.round_id is not None:  # a repeat's bytes are written too, named by no row
+            blob = arrays_blob(arrays)
+            (name, at), length = self._files.append(meta.round_id, blob), len(blob)
         stored = self._db.execute(
             "INSERT OR IGNORE INTO fit_reports (job_id, device_id, round_id, cohort, "
             "base_model_hash, samples, layer_dims, n_classes, parent_adapter_version, "
-            "received_at, file, accuracy_before, loss_before, arrays) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            "received_at, file, accuracy_before, loss_before, arrays_file, arrays_at, arrays_len) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
             (
                 meta.job_id,
                 meta.device_id,
@@ -223,11 +243,13 @@ class ReportStore:
                 "",
                 meta.accuracy_before,
                 meta.loss_before,
-                None if meta.round_id is None else arrays_blob(arrays),
+                name,
+                at,
+                length,
             ),
         )  # one statement, not a look-up first: a repeat is rare, and ignored here
         if stored and meta.round_id is not None and checked_on_receipt:
-            self._hold(meta.job_id, arrays)
+            self._hold(meta.job_id, meta.round_id, arrays)
 
     def get(self, job_id: str) -> ReportMeta | None:
         row = self._db.query_one(f"SELECT {_META} FROM fit_reports WHERE job_id = ?", (job_id,))
@@ -285,9 +307,13 @@ class ReportStore:
 
     def release(self, round_id: str | None) -> int:
         """Drops the arrays of the round's reports (None: of reports outside any round) from
-        memory and from their rows, and an earlier version's files once this commits: the
-        round has ended, and nothing reads them again. Returns how many reports held any."""
+        memory, from an earlier version's rows, and its file (and an earlier version's files)
+        once this commits: the round has ended, and nothing reads them again. Returns how many
+        reports held any in memory or in their rows."""
         with self._db.transaction():  # its own, if the caller has none: files go after it
+            in_memory = [job for job, held in self._held.items() if held.round_id == round_id]
+            for job in in_memory:
+                self._unhold(job)
             rows = self._db.query(
                 f"SELECT job_id, file FROM fit_reports WHERE round_id IS ? AND {_HOLDING}",
                 (round_id,),
@@ -301,12 +327,22 @@ class ReportStore:
                 f"AND {_HOLDING}",
                 (round_id,),
             )
-        return len(rows)
+            if round_id is not None:
+                self._released_rounds.note(round_id)
+        return len(set(in_memory) | {r["job_id"] for r in rows})
 
     def rounds_holding_arrays(self) -> set[str | None]:
-        """The rounds (None: no round) with reports whose arrays are still stored."""
+        """The rounds (None: no round) with reports whose arrays are still stored: in a round's
+        file, or in an earlier version's rows or files."""
         rows = self._db.query(f"SELECT DISTINCT round_id FROM fit_reports WHERE {_HOLDING}")
-        return {r["round_id"] for r in rows}
+        return {r["round_id"] for r in rows} | set(self._files.rounds())
+
+    def _remove_rounds(self, round_ids: list[str]) -> None:
+        for round_id in round_ids:
+            try:
+                self._files.remove(round_id)
+            except OSError as err:  # only disk space is lost: the next scan tries again
+                log.warning("could not remove round %s's arrays file: %s", round_id, err)
 
     def _remove_files(self, files: list[str]) -> None:
         folder = (self._state_dir / _LEGACY_DIR).resolve()
@@ -323,25 +359,42 @@ class ReportStore:
     def _read_back(self, meta: ReportMeta) -> dict[str, np.ndarray]:
         if meta.file:  # stored by an earlier version: its own file
             return _load_npz(self._state_dir / meta.file, meta.job_id)
-        row = self._db.query_one("SELECT arrays FROM fit_reports WHERE job_id = ?", (meta.job_id,))
-        if row is None or row["arrays"] is None:
+        row = self._db.query_one(
+            "SELECT arrays, arrays_file, arrays_at, arrays_len FROM fit_reports WHERE job_id = ?",
+            (meta.job_id,),
+        )
+        if row is not None and row["arrays"] is not None:  # an earlier version's row
+            return arrays_from_blob(row["arrays"], meta.job_id)
+        if row is None or row["arrays_file"] is None:
             raise ReportUnreadable(f"report {meta.job_id} has no stored arrays")
-        return arrays_from_blob(row["arrays"], meta.job_id)
+        try:
+            blob = self._files.read(row["arrays_file"], row["arrays_at"], row["arrays_len"])
+        except (ArraysGone, OSError) as err:
+            raise ReportUnreadable(
+                f"report {meta.job_id}: its arrays cannot be read ({err})"
+            ) from None
+        return arrays_from_blob(blob, meta.job_id)
 
-    def _hold(self, job_id: str, arrays: Mapping[str, np.ndarray]) -> None:
+    def _hold(self, job_id: str, round_id: str, arrays: Mapping[str, np.ndarray]) -> None:
         copy = {k: np.array(v) for k, v in arrays.items()}  # as np.load would: owned, writable
         self._unhold(job_id)
-        self._held[job_id] = copy
+        self._held[job_id] = _Held(round_id, copy)
         self._held_bytes += _nbytes(copy)
-        while self._held_bytes > MEMORY_CAP_BYTES:  # the oldest go back to being read from rows
-            self._held_bytes -= _nbytes(self._held.popitem(last=False)[1])
+        while self._held_bytes > MEMORY_CAP_BYTES:  # the oldest go back to being read from disk
+            self._held_bytes -= _nbytes(self._held.popitem(last=False)[1].arrays)
 
     def _unhold(self, job_id: str) -> dict[str, np.ndarray] | None:
         """Takes the report's arrays out of memory (None if they were not held)."""
         held = self._held.pop(job_id, None)
-        if held is not None:
-            self._held_bytes -= _nbytes(held)
-        return held
+        if held is None:
+            return None
+        self._held_bytes -= _nbytes(held.arrays)
+        return held.arrays
+
+
+class _Held(NamedTuple):
+    round_id: str
+    arrays: dict[str, np.ndarray]
 
 
 def _nbytes(arrays: Mapping[str, np.ndarray]) -> int:

@@ -36,6 +36,7 @@ from coordinator.ingest import Received
 from coordinator.outbound import Outbound
 from coordinator.reports import ReportMeta, ReportStore, check_values, infer_shape
 from coordinator.rollout import RolloutPolicy
+from coordinator.round_arrays import FOLDER
 from coordinator.scheduler import SchedulerPolicy
 from coordinator.service import SCAN_INTERVAL_S, FleetService
 from coordinator.state_db import StateDB
@@ -208,7 +209,8 @@ def round_cpu(devices: int, state_dir: Path) -> dict[str, float]:
 
 
 def release(reports: int, state_dir: Path, secure_delete: str) -> dict[str, float]:
-    db = StateDB(state_dir / f"release-{secure_delete}.sqlite3")
+    state_dir = state_dir / f"release-{secure_delete}"
+    db = StateDB(state_dir / "state.sqlite3")
     db.execute(f"PRAGMA secure_delete={secure_delete}")
     store = ReportStore(db, state_dir)
     arrays = fan_adapter(np.random.default_rng(1))
@@ -227,6 +229,7 @@ def release(reports: int, state_dir: Path, secure_delete: str) -> dict[str, floa
         before = _table_bytes(db)
         figures[f"save_s_{index}"] = cpu_seconds(save)
         held = _table_bytes(db)
+        figures["file_bytes_per_report"] = _folder_bytes(state_dir / FOLDER) / reports
 
         def drop(round_id=round_id) -> None:
             with db.transaction():
@@ -237,6 +240,10 @@ def release(reports: int, state_dir: Path, secure_delete: str) -> dict[str, floa
         figures["bytes_per_report_released"] = (_table_bytes(db) - before) / reports
     db.close()
     return figures
+
+
+def _folder_bytes(folder: Path) -> int:
+    return sum(p.stat().st_size for p in folder.iterdir()) if folder.is_dir() else 0
 
 
 def _table_bytes(db: StateDB) -> int:
@@ -272,7 +279,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"(again, into freed pages: {r['save_s_1']:.2f} s), their arrays dropped in "
                   f"{r['release_s_0']:.3f} / {r['release_s_1']:.3f} s; reports table "
                   f"{r['bytes_per_report_held']:,.0f} B a report held, "
-                  f"{r['bytes_per_report_released']:,.0f} B dropped")  # fmt: skip
+                  f"{r['bytes_per_report_released']:,.0f} B dropped; its round's arrays file "
+                  f"{r['file_bytes_per_report']:,.0f} B a report")  # fmt: skip
     return 0
 
 

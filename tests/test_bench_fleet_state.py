@@ -23,8 +23,9 @@ def test_the_fleet_state_benchmark_scans_joins_rounds_and_releases_and_prints_ea
                        r"([\d.]+) SQL statements a device$", lines[1])  # fmt: skip
     assert a_round is not None and float(a_round.group(3)) > 0 and float(a_round.group(4)) > 0
     modes = [re.search(r"secure_delete (\w+): 30 reports .* ([\d,]+) B a report held, "
-                       r"([\d,]+) B dropped$", line) for line in lines[2:]]  # fmt: skip
+                       r"([\d,]+) B dropped; its round's arrays file ([\d,]+) B a report$", line)
+             for line in lines[2:]]  # fmt: skip
     assert [m.group(1) for m in modes if m] == ["FAST", "ON"]
     for m in modes:
-        held, dropped = (int(m.group(i).replace(",", "")) for i in (2, 3))
-        assert 0 < dropped < held  # the arrays' pages went back to SQLite's free list
+        held, dropped, in_file = (int(m.group(i).replace(",", "")) for i in (2, 3, 4))
+        assert 0 < dropped <= held < in_file  # the arrays went to their round's file, not rows

@@ -1,16 +1,24 @@
-"""Report arrays held in memory until their round reads them; each report's row (its arrays in
-it) stays the durable copy, and a report stored by an earlier version (a file, or a .npz blob in
-its row) is still read."""
+"""Report arrays held in memory until their round reads them; the durable copy is in the round's
+arrays file (coordinator.round_arrays), the row saying where, and a report stored by an earlier
+version (a file, or a .npz or msgpack blob in its row) is still read."""
 
 from __future__ import annotations
 
 import io
+from pathlib import Path
 
 import numpy as np
 import pytest
 
 from coordinator import reports
-from coordinator.reports import ReportMeta, ReportStore, ReportUnreadable, infer_shape
+from coordinator.reports import (
+    ReportMeta,
+    ReportStore,
+    ReportUnreadable,
+    arrays_blob,
+    infer_shape,
+)
+from coordinator.round_arrays import FOLDER
 from coordinator.state_db import StateDB
 from tests.coord_helpers import random_factors
 
@@ -31,22 +39,48 @@ def same(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(np.array_equal(a[k], b[k]) for k in a)
 
 
-def empty_row(db: StateDB, job_id: str) -> None:
-    db.execute("UPDATE fit_reports SET arrays = x'' WHERE job_id = ?", (job_id,))
+# A row as the earliest versions left it: its arrays in a file of their own.
+OLDER_RELEASE = (
+    "UPDATE fit_reports SET arrays = NULL, arrays_at = NULL, arrays_len = NULL, file = ?"
+)
 
 
-def test_a_report_is_read_from_memory_once_then_from_its_row(tmp_path):
+def round_file(state_dir, round_id: str = "r1") -> Path | None:
+    """The round's one arrays file (None: it has none)."""
+    files = list((state_dir / FOLDER).glob(f"{round_id.encode().hex()}.*.arrays"))
+    assert len(files) <= 1, files
+    return files[0] if files else None
+
+
+def test_a_report_is_read_from_memory_once_then_from_its_rounds_file(tmp_path):
     arrays = random_factors(np.random.default_rng(0))
     db = StateDB(tmp_path / "s.sqlite3")
     store = ReportStore(db, tmp_path)
     meta = saved(store, "j1", arrays)
     assert meta.file == "" and not (tmp_path / "reports").exists()  # no file per report
-    empty_row(db, "j1")  # the held copy answers: the row is not read
+    assert db.query_one("SELECT arrays FROM fit_reports")["arrays"] is None  # not in the row
+    round_file(tmp_path).write_bytes(b"")  # the held copy answers: the file is not read
     first = store.result(meta)
     assert same(first.arrays, arrays) and all(a.flags.writeable for a in first.arrays.values())
     assert first.checked_on_receipt  # the arrays checked when the report arrived
-    with pytest.raises(ReportUnreadable, match="j1"):  # taken out: the emptied row is read
-        store.result(meta)
+    with pytest.raises(ReportUnreadable, match=r"j1.*has 0 of the"):  # taken out: the file is
+        store.result(meta)  # read, and it is emptied
+
+
+def test_a_rounds_reports_are_appended_to_one_file_each_read_back_where_its_row_says(tmp_path):
+    rng = np.random.default_rng(12)
+    db = StateDB(tmp_path / "s.sqlite3")
+    store = ReportStore(db, tmp_path)
+    written = {f"j{i}": random_factors(rng) for i in range(3)}
+    for job, arrays in written.items():
+        saved(store, job, arrays, checked=False)
+    saved(store, "other", random_factors(rng), round_id="r2", checked=False)
+    sizes = [len(arrays_blob(a)) for a in written.values()]
+    assert round_file(tmp_path).stat().st_size == sum(sizes)  # the three, end to end
+    assert round_file(tmp_path).stat().st_mode & 0o777 == 0o600  # the coordinator's alone
+    restarted = ReportStore(StateDB(tmp_path / "s.sqlite3"), tmp_path)
+    for job, arrays in written.items():
+        assert same(restarted.result(restarted.get(job)).arrays, arrays)
 
 
 def test_a_report_not_checked_on_receipt_is_not_held_and_reads_back_unmarked(tmp_path):
@@ -100,10 +134,21 @@ def test_a_report_stored_as_a_file_by_an_older_release_is_read_from_its_file(tmp
     saved(ReportStore(db, tmp_path), "old", arrays, checked=False)
     (tmp_path / "reports").mkdir()
     np.savez(tmp_path / "reports" / "old.npz", **arrays)
-    db.execute("UPDATE fit_reports SET arrays = NULL, file = 'reports/old.npz'")  # as it was
+    db.execute(OLDER_RELEASE, ("reports/old.npz",))  # as it was
     restarted = ReportStore(StateDB(tmp_path / "s.sqlite3"), tmp_path)
     meta = restarted.get("old")
     assert meta.file == "reports/old.npz" and same(restarted.result(meta).arrays, arrays)
+
+
+def test_a_report_stored_as_a_blob_in_its_row_by_the_last_version_is_read_from_its_row(tmp_path):
+    arrays = random_factors(np.random.default_rng(13))
+    db = StateDB(tmp_path / "s.sqlite3")
+    saved(ReportStore(db, tmp_path), "row", arrays, checked=False)
+    round_file(tmp_path).unlink()  # as it was: the arrays in the row, no file
+    db.execute("UPDATE fit_reports SET arrays = ?, arrays_at = NULL, arrays_len = NULL",
+               (arrays_blob(arrays),))  # fmt: skip
+    restarted = ReportStore(StateDB(tmp_path / "s.sqlite3"), tmp_path)
+    assert same(restarted.result(restarted.get("row")).arrays, arrays)
 
 
 def test_a_report_stored_as_a_npz_blob_by_an_earlier_version_is_read_from_its_row(tmp_path):
@@ -127,9 +172,7 @@ def test_a_damaged_blob_or_a_missing_file_is_unreadable_and_names_its_report(tmp
     saved(ReportStore(db, tmp_path), "bad", arrays, checked=False)
     saved(ReportStore(db, tmp_path), "gone", arrays, checked=False)
     db.execute("UPDATE fit_reports SET arrays = ? WHERE job_id = 'bad'", (damage,))
-    db.execute(
-        "UPDATE fit_reports SET arrays = NULL, file = 'reports/gone.npz' WHERE job_id = 'gone'"
-    )
+    db.execute(OLDER_RELEASE + " WHERE job_id = 'gone'", ("reports/gone.npz",))
     restarted = ReportStore(StateDB(tmp_path / "s.sqlite3"), tmp_path)
     with pytest.raises(ReportUnreadable, match="report bad"):
         restarted.result(restarted.get("bad"))
@@ -137,8 +180,9 @@ def test_a_damaged_blob_or_a_missing_file_is_unreadable_and_names_its_report(tmp
         restarted.result(restarted.get("gone"))
 
 
-def test_a_report_whose_transaction_rolls_back_leaves_nothing_behind(tmp_path):
-    """The arrays commit with the row: no orphan file or blob, and the delivery again stores it."""
+def test_a_report_whose_transaction_rolls_back_leaves_no_row_and_is_stored_again(tmp_path):
+    """Its row rolls back; its bytes stay in the round's file, named by no row, until the round
+    ends; the delivery again stores it after them."""
     arrays = random_factors(np.random.default_rng(4))
     db = StateDB(tmp_path / "s.sqlite3")
     store = ReportStore(db, tmp_path)
@@ -147,7 +191,25 @@ def test_a_report_whose_transaction_rolls_back_leaves_nothing_behind(tmp_path):
         raise RuntimeError("the batch failed after the report")
     assert store.get("j1") is None and not (tmp_path / "reports").exists()
     meta = saved(store, "j1", arrays, checked=False)
+    assert round_file(tmp_path).stat().st_size == 2 * len(arrays_blob(arrays))
     assert same(store.result(meta).arrays, arrays)
+
+
+@pytest.mark.parametrize("damage", ["truncated", "removed", "overwritten"])
+def test_a_damaged_or_missing_rounds_file_makes_its_reports_unreadable_by_name(tmp_path, damage):
+    arrays = random_factors(np.random.default_rng(14))
+    db = StateDB(tmp_path / "s.sqlite3")
+    saved(ReportStore(db, tmp_path), "j1", arrays, checked=False)
+    path = round_file(tmp_path)
+    if damage == "truncated":
+        path.write_bytes(path.read_bytes()[:-1])
+    elif damage == "removed":
+        path.unlink()
+    else:
+        path.write_bytes(b"\x93" * path.stat().st_size)
+    restarted = ReportStore(StateDB(tmp_path / "s.sqlite3"), tmp_path)
+    with pytest.raises(ReportUnreadable, match="report j1"):
+        restarted.result(restarted.get("j1"))
 
 
 def test_a_cohort_shape_seen_in_a_transaction_that_rolls_back_is_forgotten_with_it(tmp_path):
@@ -168,9 +230,17 @@ def test_a_cohort_shape_seen_in_a_transaction_that_rolls_back_is_forgotten_with_
     assert store.cohort_shape("fan") == infer_shape("d", other)
 
 
-def holding(db: StateDB) -> set[str]:
-    rows = db.query("SELECT job_id FROM fit_reports WHERE arrays IS NOT NULL OR file != ''")
-    return {r["job_id"] for r in rows}
+def holding(db: StateDB, state_dir) -> set[str]:
+    """The reports whose arrays a restarted store reads back."""
+    store = ReportStore(db, state_dir)
+    found = set()
+    for row in db.query("SELECT job_id FROM fit_reports"):
+        try:
+            store.result(store.get(row["job_id"]))
+        except ReportUnreadable:
+            continue
+        found.add(row["job_id"])
+    return found
 
 
 def test_release_drops_a_rounds_arrays_from_memory_and_rows_and_keeps_the_rest(tmp_path):
@@ -183,12 +253,28 @@ def test_release_drops_a_rounds_arrays_from_memory_and_rows_and_keeps_the_rest(t
     assert store.rounds_holding_arrays() == {"ended", "open"}
 
     assert store.release("ended") == 3
-    assert holding(db) == {"o1"} and store.rounds_holding_arrays() == {"open"}
+    assert holding(db, tmp_path) == {"o1"} and store.rounds_holding_arrays() == {"open"}
+    assert round_file(tmp_path, "ended") is None and round_file(tmp_path, "open") is not None
     assert [store.get(m.job_id) for m in ended] == ended  # the rows stay
-    with pytest.raises(ReportUnreadable, match="e0"):  # neither held nor in its row
+    with pytest.raises(ReportUnreadable, match="e0"):  # neither held nor in its file
         store.result(ended[0])
     assert store.result(still_open).checked_on_receipt  # the open round's, still held
     assert store.release("ended") == 0  # once
+
+
+def test_a_rounds_file_is_removed_only_when_its_release_commits(tmp_path):
+    arrays = random_factors(np.random.default_rng(15))
+    db = StateDB(tmp_path / "s.sqlite3")
+    store = ReportStore(db, tmp_path)
+    meta = saved(store, "j1", arrays, checked=False)
+    with pytest.raises(RuntimeError), db.transaction():
+        store.release("r1")
+        raise RuntimeError("the round's end rolled back")
+    assert same(store.result(meta).arrays, arrays) and store.rounds_holding_arrays() == {"r1"}
+    with db.transaction():
+        store.release("r1")
+        assert round_file(tmp_path) is not None  # not before the commit
+    assert round_file(tmp_path) is None and store.rounds_holding_arrays() == set()
 
 
 def test_an_earlier_versions_file_is_removed_only_when_its_release_commits(tmp_path):
@@ -199,7 +285,7 @@ def test_an_earlier_versions_file_is_removed_only_when_its_release_commits(tmp_p
     (tmp_path / "reports").mkdir()
     file = tmp_path / "reports" / "old.npz"
     np.savez(file, **arrays)
-    db.execute("UPDATE fit_reports SET arrays = NULL, file = 'reports/old.npz'")  # as it was
+    db.execute(OLDER_RELEASE, ("reports/old.npz",))  # as it was
     with pytest.raises(RuntimeError), db.transaction():
         assert store.release("r1") == 1
         raise RuntimeError("the round's end rolled back")
@@ -207,7 +293,7 @@ def test_an_earlier_versions_file_is_removed_only_when_its_release_commits(tmp_p
     with db.transaction():
         store.release("r1")
         assert file.exists()  # not before the commit
-    assert not file.exists() and store.get("old").file == "" and holding(db) == set()
+    assert not file.exists() and store.get("old").file == "" and holding(db, tmp_path) == set()
 
 
 def test_a_release_removes_no_file_outside_the_state_dirs_report_folder(tmp_path):
@@ -218,6 +304,34 @@ def test_a_release_removes_no_file_outside_the_state_dirs_report_folder(tmp_path
     db = StateDB(tmp_path / "state" / "s.sqlite3")
     store = ReportStore(db, tmp_path / "state")
     saved(store, "odd", random_factors(np.random.default_rng(11)), checked=False)
-    db.execute("UPDATE fit_reports SET arrays = NULL, file = '../precious.txt'")
+    db.execute(OLDER_RELEASE, ("../precious.txt",))
     assert store.release("r1") == 1
-    assert outside.read_text() == "keep" and holding(db) == set()
+    assert outside.read_text() == "keep" and holding(db, tmp_path / "state") == set()
+
+
+def test_a_report_after_its_rounds_release_gets_a_new_file_the_released_rows_never_read(
+    tmp_path,
+):
+    """The late report's bytes land where the released ones were; a released row must not read
+    them as its own."""
+    rng = np.random.default_rng(16)
+    db = StateDB(tmp_path / "s.sqlite3")
+    store = ReportStore(db, tmp_path)
+    saved(store, "early", random_factors(rng), checked=False)
+    store.release("r1")
+    late_arrays = random_factors(rng)
+    saved(store, "late", late_arrays, checked=False)
+    restarted = ReportStore(StateDB(tmp_path / "s.sqlite3"), tmp_path)
+    with pytest.raises(ReportUnreadable, match=r"report early.*gone"):
+        restarted.result(restarted.get("early"))
+    assert same(restarted.result(restarted.get("late")).arrays, late_arrays)
+
+
+@pytest.mark.parametrize("name", ["../s.sqlite3", "/etc/passwd", "72.0000000g.arrays"])
+def test_a_row_naming_any_other_file_reads_nothing_and_is_unreadable(tmp_path, name):
+    db = StateDB(tmp_path / "s.sqlite3")
+    saved(ReportStore(db, tmp_path), "j1", random_factors(np.random.default_rng(17)), checked=False)
+    db.execute("UPDATE fit_reports SET arrays_file = ?", (name,))
+    restarted = ReportStore(StateDB(tmp_path / "s.sqlite3"), tmp_path)
+    with pytest.raises(ReportUnreadable, match="not a round's arrays file"):
+        restarted.result(restarted.get("j1"))

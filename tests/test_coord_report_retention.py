@@ -13,6 +13,7 @@ from coordinator.clock import ManualClock
 from coordinator.observations import RoundFinished, RoundResult
 from coordinator.pipeline import AGGREGATION_TIMEOUT_S
 from coordinator.reports import arrays_blob
+from coordinator.round_arrays import FOLDER
 from coordinator.service import SCAN_INTERVAL_S, FleetService
 from coordinator.state_db import StateDB
 from shared.protocol import JobKind, JobState
@@ -35,10 +36,18 @@ def start(tmp_path, clock, **policy) -> FleetService:
 
 
 def stored_arrays(service: FleetService) -> dict[str, int]:
+    """Reports a round has arrays stored for: in its file (where its row says), or in their
+    rows as the last version kept them."""
+    folder = service.fleet.config.state_dir / FOLDER
     rows = service.fleet.db.query(
-        "SELECT round_id, count(*) AS n FROM fit_reports WHERE arrays IS NOT NULL GROUP BY 1"
+        "SELECT round_id, arrays IS NOT NULL AS in_row, arrays_file, count(*) AS n "
+        "FROM fit_reports WHERE arrays IS NOT NULL OR arrays_file IS NOT NULL GROUP BY 1, 2, 3"
     )
-    return {r["round_id"]: r["n"] for r in rows}
+    counts: dict[str, int] = {}
+    for r in rows:
+        if r["in_row"] or (folder / r["arrays_file"]).exists():
+            counts[r["round_id"]] = counts.get(r["round_id"], 0) + r["n"]
+    return counts
 
 
 def reports_listed(service: FleetService) -> int:
