@@ -3,6 +3,10 @@
 - Report bytes: each data set's adapter as float32 / float16 / int8 against the whole model.
 - Agent resident memory (VmRSS) idle and while fine-tuning (peak, VmHWM): a Pi Zero 2 W has
   512 MB.
+- Spool writes: bytes the agent's SQLite writes (write() calls: WAL, checkpoints) for a float32
+  report (alone, and with the fleet adapter's frozen ΔW) spooled then acknowledged, with the
+  spool's secure_delete FAST and with ON (Debian's and Raspberry Pi OS's SQLite default): an
+  SD card's wear.
 - End-to-end job latency on loopback through a private mosquitto: job published → SUCCEEDED
   status received, for an evaluate job (the round trip) and for a fine-tune with the paper's
   epochs (round trip + training).
@@ -24,6 +28,7 @@ from agent.data import load_fan_task
 from agent.data.fmnist_tasks import load_fmnist_task
 from agent.data.har import har_drift_split
 from agent.device_data import write_device_file
+from agent.spool import Priority, Spool
 from agent.trainer.adapter import Adapter
 from agent.trainer.base_models import finetune
 from agent.trainer.cnn.finetune import pretrain_cnn
@@ -149,6 +154,28 @@ def measure_agent(dataset: str, task, model, workdir: Path, jobs: int, log) -> d
     }
 
 
+def spool_bytes_written(payload_bytes: int, secure_delete: str, reports: int = 300) -> float:
+    """Bytes written (the process's write() calls) a report of this size spooled then
+    acknowledged, as the agent does, with the spool's secure_delete set to this mode."""
+    payload = np.random.default_rng(0).bytes(payload_bytes)
+    with tempfile.TemporaryDirectory(prefix="skipfleet-bench-") as tmp:
+        spool = Spool(Path(tmp) / "spool.sqlite", max_messages=reports + 1)
+        spool.run(lambda db: db.execute(f"PRAGMA secure_delete={secure_delete}"))
+        before = _bytes_written()
+        for _ in range(reports):
+            item = spool.put("skipfleet/bench/report", payload, priority=Priority.RECORD)
+            assert item is not None  # a record is stored or SpoolFull raised
+            spool.ack(item)
+        written = _bytes_written() - before
+        spool.close()
+    return written / reports
+
+
+def _bytes_written() -> int:
+    with open("/proc/self/io") as io:  # Linux: wchar, bytes passed to write() and its kin
+        return next(int(line.split()[1]) for line in io if line.startswith("wchar:"))
+
+
 def summary(values: list[float]) -> dict:
     return {"median": statistics.median(values), "max": max(values), "n": len(values)}
 
@@ -167,6 +194,11 @@ def main(args) -> int:
         adapter = finetune(model, task.finetune.X, task.finetune.y, epochs=EPOCHS[dataset],
                            lr=LR[dataset]).adapter  # fmt: skip
         entry = {"report_bytes": report_bytes(model, adapter)}
+        entry["spool_bytes_written"] = {
+            f"{report}_{mode}": spool_bytes_written(entry["report_bytes"][report], mode)
+            for report in ("float32", "float32_with_fleet_deltas")
+            for mode in ("FAST", "ON")
+        }
         with tempfile.TemporaryDirectory(prefix="skipfleet-bench-") as tmp:
             entry.update(measure_agent(dataset, task, model, Path(tmp), args.jobs, log))
         results[dataset] = entry
@@ -181,7 +213,8 @@ def main(args) -> int:
 def format_table(results: dict) -> str:
     lines = [
         f"{'dataset':12s} {'f32 B':>7s} {'f16 B':>7s} {'int8 B':>7s} {'+fleet B':>8s} "
-        f"{'model B':>8s} {'idle MiB':>8s} {'peak MiB':>8s} {'eval s':>7s} {'tune s':>7s}"
+        f"{'model B':>8s} {'idle MiB':>8s} {'peak MiB':>8s} {'eval s':>7s} {'tune s':>7s} "
+        f"{'spool B FAST':>12s} {'ON':>7s} {'+fleet FAST':>11s} {'ON':>7s}"
     ]
     for name, r in results.items():
         b = r["report_bytes"]
@@ -190,6 +223,15 @@ def format_table(results: dict) -> str:
             f"{b['float32_with_fleet_deltas']:8d} {b['whole_model_float32']:8d} "
             f"{r['idle_rss_bytes'] / 2**20:8.1f} {r['finetune_peak_rss_bytes'] / 2**20:8.1f} "
             f"{r['evaluate_latency_seconds']['median']:7.3f} "
-            f"{r['finetune_latency_seconds']['median']:7.3f}"
+            f"{r['finetune_latency_seconds']['median']:7.3f} "
+            + " ".join(
+                f"{r['spool_bytes_written'][key]:{width},.0f}"
+                for key, width in (
+                    ("float32_FAST", 12),
+                    ("float32_ON", 7),
+                    ("float32_with_fleet_deltas_FAST", 11),
+                    ("float32_with_fleet_deltas_ON", 7),
+                )
+            )
         )
     return "\n".join(lines)
