@@ -222,6 +222,7 @@ class Fleet:
         return job
 
     def close(self) -> None:
+        self.reports.sync_files()  # a stop leaves the rounds' arrays on disk, like the rows
         self.db.close()
 
 

@@ -214,18 +214,23 @@ class RoundPipeline:
 
     def release_ended(self) -> int:
         """Drops the arrays of reports whose round has ended that still hold them (None: reports
-        outside any round), up to RELEASE_PER_SCAN reports a call; returns how many. A round's
-        end releases its own; these are the rest: a report that came after its round ended, the
-        arrays an earlier version kept of every round. (All at once, a state dir with hundreds
-        of rounds' arrays held up a scan for many seconds: ~0.08 s for 10,000 reports.)"""
+        outside any round), and the files of rounds this state db has no record of (the state db
+        replaced, or restored from an older copy), up to RELEASE_PER_SCAN reports held
+        in rows or memory a call; returns how many. A round's end releases its own; these are
+        the rest: a report that came after its round ended, the arrays an earlier version kept
+        of every round. (All at once, a state dir with hundreds of rounds' arrays in rows held
+        up a scan for many seconds: ~0.08 s for 10,000 reports. A round's file is one unlink.)"""
         f = self._fleet
         released = 0
         for round_id in sorted(f.reports.rounds_holding_arrays(), key=str):
-            record = None if round_id is None else f.records.get(round_id)
-            if round_id is None or (record is not None and record.stage not in ACTIVE_STAGES):
-                released += f.reports.release(round_id)
-                if released >= RELEASE_PER_SCAN:
-                    break
+            if round_id is not None:
+                record = f.records.get(round_id)
+                unknown = record is None and f.rounds.get(round_id) is None
+                if not unknown and (record is None or record.stage in ACTIVE_STAGES):
+                    continue
+            released += f.reports.release(round_id)
+            if released >= RELEASE_PER_SCAN:
+                break
         return released
 
     # ---- internals: starting

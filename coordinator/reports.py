@@ -48,8 +48,8 @@ log = logging.getLogger(__name__)
 # Reports of a round received in this actor's life are kept in memory too, until the round's
 # aggregation reads them (once: the read takes them out), so a round's inputs are not read back
 # file by file. A device's own fine-tune outside any round is never aggregated: it is not held
-# (it stayed in memory until evicted by newer reports). The rows stay the durable copy: after a
-# restart, or past this many bytes, arrays() reads them.
+# (it stayed in memory until evicted by newer reports). The round's file stays the durable copy:
+# after a restart, or past this many bytes, result() reads it there.
 MEMORY_CAP_BYTES = 256 * 2**20
 
 # Every column but the arrays: a report's metadata is read often, its arrays once.
@@ -129,8 +129,8 @@ class ReportMeta:
     shape: AdapterShape
     parent_adapter_version: int | None
     received_at: float
-    # Relative to the state dir: where a report an earlier version stored keeps its arrays
-    # ("": in its row, as every report stored now).
+    # Relative to the state dir: where a report an earliest version stored keeps its arrays
+    # ("": elsewhere: in its round's file, as every report stored now, or in its row).
     file: str = ""
     # The device's hold-out measurement of the adapter its training started from: in a
     # federated run, the previous aggregate's accuracy and cross-entropy on that device.
@@ -298,7 +298,7 @@ class ReportStore:
 
     def result(self, meta: ReportMeta) -> FitResult:
         """The report as an aggregation input. Its arrays held since it was checked on receipt
-        are marked so; arrays read back from its row are not (a damaged row is checked again).
+        are marked so; arrays read back from disk are not (damaged ones are checked again).
         ReportUnreadable if they are gone or damaged (that report fails, not its round)."""
         held = self._unhold(meta.job_id)
         if held is not None:
@@ -337,12 +337,19 @@ class ReportStore:
         rows = self._db.query(f"SELECT DISTINCT round_id FROM fit_reports WHERE {_HOLDING}")
         return {r["round_id"] for r in rows} | set(self._files.rounds())
 
+    def sync_files(self) -> None:
+        """Makes the arrays written since the last call durable (each scan's, and a stop's:
+        coordinator.round_arrays says why not at each commit)."""
+        try:
+            self._files.sync()
+        except OSError as err:  # the next scan tries them again
+            log.warning("could not sync the rounds' arrays files: %s", err)
+
     def _remove_rounds(self, round_ids: list[str]) -> None:
-        for round_id in round_ids:
-            try:
-                self._files.remove(round_id)
-            except OSError as err:  # only disk space is lost: the next scan tries again
-                log.warning("could not remove round %s's arrays file: %s", round_id, err)
+        try:
+            self._files.remove(round_ids)
+        except OSError as err:  # only disk space is lost: the next scan tries again
+            log.warning("could not remove the arrays files of rounds %s: %s", round_ids, err)
 
     def _remove_files(self, files: list[str]) -> None:
         folder = (self._state_dir / _LEGACY_DIR).resolve()
@@ -365,10 +372,12 @@ class ReportStore:
         )
         if row is not None and row["arrays"] is not None:  # an earlier version's row
             return arrays_from_blob(row["arrays"], meta.job_id)
-        if row is None or row["arrays_file"] is None:
+        if row is None or row["arrays_file"] is None or meta.round_id is None:
             raise ReportUnreadable(f"report {meta.job_id} has no stored arrays")
         try:
-            blob = self._files.read(row["arrays_file"], row["arrays_at"], row["arrays_len"])
+            blob = self._files.read(
+                meta.round_id, row["arrays_file"], row["arrays_at"], row["arrays_len"]
+            )
         except (ArraysGone, OSError) as err:
             raise ReportUnreadable(
                 f"report {meta.job_id}: its arrays cannot be read ({err})"
@@ -402,7 +411,8 @@ def _nbytes(arrays: Mapping[str, np.ndarray]) -> int:
 
 
 def arrays_blob(arrays: Mapping[str, np.ndarray]) -> bytes:
-    """A report's arrays as stored in its row: a msgpack map of wire-form arrays."""
+    """A report's arrays as stored (in its round's file; the last version: in its row): a
+    msgpack map of wire-form arrays."""
     blob: bytes = msgpack.packb({name: array_to_wire(a) for name, a in arrays.items()})
     return blob
 

@@ -5,18 +5,22 @@ memory cap (reports are held in memory from receipt). In their SQLite rows they 
 about a tenth of its CPU a round: the blob's overflow pages, written to the WAL at commit,
 copied again at each checkpoint, then zeroed or freed by the release (~130 MB a 10,000-device
 round, written twice). Here each report is one `write()` to its round's file, its row keeps
-where (offset, length), and the round's release is one `unlink()`.
+where (file, offset, length), and the round's release is one `unlink()`.
 
 Durability: the write is made before the row's transaction commits, so a committed row's arrays
-are in the file for any later process (a crash of this one loses nothing). Like the state db
-(WAL, synchronous=NORMAL), neither is synced at each commit: after a power loss a committed row
-may name bytes that never reached the disk, and that report then reads as unreadable (it fails
-its device in the round, not the round). A transaction that rolls back leaves its bytes in the
-file, named by no row, until the round's file goes.
+are in the file for any later process (a crash of the coordinator loses nothing). Neither is
+synced at each commit: the state db (WAL, synchronous=NORMAL) reaches the disk at its
+checkpoints, the files written since the last sync at each scan (every 5 s: sync()) and at a
+clean stop. After a power loss a committed row may name bytes of its last seconds that never
+reached the disk: that report reads as unreadable (it fails its device in the round, not the
+round). A write that fails (a full disk) is cut back off the file and raised as StorageFailed:
+the batch fails whole and is not acknowledged, so the broker delivers it again. A transaction
+that rolls back leaves its bytes in the file, named by no row, until the round's file goes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import re
 import secrets
@@ -28,10 +32,16 @@ _MAX_ID_BYTES = 100  # a name holds the id's hex: ~210 characters, under any fil
 # <round id in hex>.<8 random hex digits>.arrays: a file a round gets each time one is opened
 # for it (a report after the round's end, a restart), so a row never names a newer file's bytes
 _NAME = re.compile(r"([0-9a-f]+)\.[0-9a-f]{8}\.arrays")
+_NO_LINKS = getattr(os, "O_NOFOLLOW", 0)  # a link in the folder is not followed
 
 
 class ArraysGone(Exception):
     """The arrays named by a row are not in their round's file; the message says why."""
+
+
+class StorageFailed(Exception):
+    """A report's arrays could not be written (a full disk, an I/O error): the batch that
+    carried it must fail whole, unacknowledged, not lose the report."""
 
 
 class RoundArrayFiles:
@@ -41,69 +51,118 @@ class RoundArrayFiles:
         self._folder = Path(state_dir) / FOLDER
         self._lock = threading.Lock()  # an offset is the file's size just before its write
         self._names: dict[str, str] = {}  # round -> the file this process appends to
+        self._unsynced: set[str] = set()  # files written since the last sync()
+        self._made = False  # a file made since the last sync(): the folder's entries too
 
     def append(self, round_id: str, blob: bytes) -> tuple[str, int]:
         """Writes `blob` at the end of the round's file; returns the file's name and the
-        offset the blob starts at, for read()."""
+        offset the blob starts at, for read(). StorageFailed if it cannot be written."""
         with self._lock:
             name = self._names.get(round_id) or self._new_name(round_id)
-            flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND
             try:
-                fd = os.open(self._folder / name, flags, 0o600)
-            except FileNotFoundError:  # the folder: made at the first report, not before
-                self._folder.mkdir(mode=0o700, parents=True, exist_ok=True)
-                fd = os.open(self._folder / name, flags, 0o600)
+                fd = self._open_for_append(name)
+            except OSError as err:
+                raise StorageFailed(f"cannot open {self._folder / name}: {err}") from err
             try:
                 offset = os.fstat(fd).st_size
-                view = memoryview(blob)
-                while view:  # a regular file takes it whole, short of a full disk (OSError)
-                    view = view[os.write(fd, view) :]
+                _write_all(fd, blob, offset)
+            except OSError as err:
+                raise StorageFailed(f"cannot write {self._folder / name}: {err}") from err
             finally:
                 os.close(fd)
             self._names[round_id] = name
+            self._unsynced.add(name)
         return name, offset
 
-    def read(self, name: str, offset: int, length: int) -> bytes:
-        """The `length` bytes at `offset` of the file `name` (as append() gave it); ArraysGone
-        if they are not there."""
-        if _NAME.fullmatch(name) is None:  # a damaged or edited row: no other path is read
-            raise ArraysGone(f"{name!r} is not a round's arrays file")
+    def read(self, round_id: str, name: str, offset: object, length: object) -> bytes:
+        """The `length` bytes at `offset` of the round's file `name` (as append() gave them);
+        ArraysGone if the row's values do not name bytes of that round's file."""
+        match = _NAME.fullmatch(name) if isinstance(name, str) else None
+        if match is None or match.group(1) != round_id.encode().hex():
+            raise ArraysGone(f"{name!r} is not a file of round {round_id}'s arrays")
         path = self._folder / name
         try:
-            fd = os.open(path, os.O_RDONLY)
+            fd = os.open(path, os.O_RDONLY | _NO_LINKS)
         except FileNotFoundError:
             raise ArraysGone(f"{path} is gone (its round ended, or it was removed)") from None
         try:
-            data = os.pread(fd, length, offset)
+            size = os.fstat(fd).st_size
+            span = _span(offset, length, size)
+            if span is None:  # a damaged row: never a read past the file (or a huge buffer)
+                why = f"bytes {offset!r}+{length!r} of {path} ({size:,} bytes)"
+                raise ArraysGone(f"the row names {why}, not a report's arrays")
+            data = os.pread(fd, span[1], span[0])
         finally:
             os.close(fd)
-        if len(data) != length:
-            raise ArraysGone(f"{path} has {len(data)} of the {length} bytes at {offset:,}")
+        if len(data) != span[1]:
+            raise ArraysGone(f"{path} gave {len(data)} of the {span[1]} bytes at {span[0]:,}")
         return data
 
-    def remove(self, round_id: str) -> None:
-        """Removes the round's files (OSError if one cannot be); a later append opens a new one."""
+    def sync(self) -> None:
+        """Makes what was written since the last call durable (fdatasync: a scan's, a stop's),
+        and the names of files made since (the folder's fsync). OSError if one fails: what it
+        had to sync is kept for the next call."""
         with self._lock:
-            self._names.pop(round_id, None)
-            for path in self._files().get(round_id, []):
-                path.unlink(missing_ok=True)
+            names, self._unsynced = self._unsynced, set()
+            made, self._made = self._made, False
+        try:
+            if made:
+                _sync_folder(self._folder)
+            for name in names:
+                try:
+                    fd = os.open(self._folder / name, os.O_RDONLY | _NO_LINKS)
+                except FileNotFoundError:  # released since
+                    continue
+                try:
+                    os.fdatasync(fd)
+                finally:
+                    os.close(fd)
+        except OSError:
+            with self._lock:
+                self._unsynced |= names
+                self._made |= made
+            raise
+
+    def remove(self, round_ids: list[str]) -> None:
+        """Removes these rounds' files (OSError if one cannot be); a later append for one of
+        them opens a new file."""
+        with self._lock:
+            files = self._files()
+            for round_id in round_ids:
+                self._names.pop(round_id, None)
+                for path in files.get(round_id, []):
+                    path.unlink(missing_ok=True)
 
     def rounds(self) -> set[str]:
         """The rounds that have a file."""
         return set(self._files())
 
+    def _open_for_append(self, name: str) -> int:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | _NO_LINKS
+        self._made |= name not in self._names.values()
+        try:
+            return os.open(self._folder / name, flags, 0o600)
+        except FileNotFoundError:  # the folder: made at the first report, not before
+            self._folder.mkdir(mode=0o700, parents=True, exist_ok=True)
+            fd = os.open(self._folder / name, flags, 0o600)
+            _sync_folder(self._folder.parent)  # the new folder's entry in the state dir
+            return fd
+
     def _files(self) -> dict[str, list[Path]]:
+        """Each round's files (regular files only: a link or folder of that name is skipped)."""
         found: dict[str, list[Path]] = {}
         if not self._folder.is_dir():
             return found
-        for entry in self._folder.iterdir():
-            match = _NAME.fullmatch(entry.name)
-            try:
-                round_id = bytes.fromhex(match.group(1)).decode() if match else None
-            except ValueError:  # odd hex digits, or not UTF-8 (UnicodeDecodeError is one)
-                round_id = None
-            if round_id is not None:
-                found.setdefault(round_id, []).append(entry)
+        with os.scandir(self._folder) as entries:
+            for entry in entries:
+                match = _NAME.fullmatch(entry.name)
+                if match is None or not entry.is_file(follow_symlinks=False):
+                    continue
+                try:
+                    round_id = bytes.fromhex(match.group(1)).decode()
+                except ValueError:  # odd hex digits, or not UTF-8 (UnicodeDecodeError is one)
+                    continue
+                found.setdefault(round_id, []).append(Path(entry.path))
         return found
 
     @staticmethod
@@ -112,3 +171,30 @@ class RoundArrayFiles:
         if not raw or len(raw) > _MAX_ID_BYTES:
             raise ValueError(f"a round id of 1 to {_MAX_ID_BYTES} bytes, not {len(raw)}")
         return f"{raw.hex()}.{secrets.token_hex(4)}.arrays"
+
+
+def _span(offset: object, length: object, size: int) -> tuple[int, int] | None:
+    """(offset, length) if a row's values name bytes inside a file of `size` bytes."""
+    if type(offset) is not int or type(length) is not int:  # None, a bool, a float: damaged
+        return None
+    return (offset, length) if offset >= 0 and 0 < length <= size - offset else None
+
+
+def _write_all(fd: int, blob: bytes, offset: int) -> None:
+    """All of `blob`, or none of it: a failed write is cut back off the file (best effort)."""
+    view = memoryview(blob)
+    try:
+        while view:  # a regular file takes it whole, short of a full disk (OSError)
+            view = view[os.write(fd, view) :]
+    except OSError:
+        with contextlib.suppress(OSError):  # else the bytes stay, named by no row
+            os.ftruncate(fd, offset)
+        raise
+
+
+def _sync_folder(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)

@@ -25,6 +25,7 @@ from coordinator.jobs import Job
 from coordinator.observations import DeviceQuarantined, MessageRejected, MetricsReport
 from coordinator.outbound import Outbound, cancel_job, finetune_job
 from coordinator.pipeline import RoundPipeline
+from coordinator.round_arrays import StorageFailed
 from coordinator.round_records import RoundStage
 from coordinator.scheduler import SkipReason, TickResult
 from coordinator.stuck import stuck_work
@@ -110,6 +111,8 @@ class FleetService:
             if handle:
                 self._handler.handle(received)
             return True
+        except StorageFailed:  # not this message's fault: the batch fails whole, unacknowledged
+            raise
         except Exception as err:
             raise _MessageFailed from err
 
@@ -117,6 +120,8 @@ class FleetService:
         try:
             with self.fleet.db.transaction():  # a savepoint: this message's writes, or none
                 return self._apply_or_raise(received, handle)
+        except StorageFailed:
+            raise
         except Exception as err:  # a bug must cost one message, not the actor
             cause = err.__cause__ if isinstance(err, _MessageFailed) else err
             log.error(
@@ -154,6 +159,7 @@ class FleetService:
             self._last_scan = now
             self._pipeline.trigger_automatically()
             self._pipeline.release_ended()
+            f.reports.sync_files()
             self._distributor.reconcile()
             f.seen.prune()
             f.job_commands.prune()

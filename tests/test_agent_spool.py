@@ -7,7 +7,6 @@ import sqlite3
 import pytest
 
 from agent.spool import Priority, Spool, SpoolFull
-from skipfleet.bench_agent import spool_bytes_written
 
 
 @pytest.fixture
@@ -106,11 +105,3 @@ def test_chunks_of_one_message_are_stored_all_or_none(spool):
     ids = spool.put_all("fleet/d/report", [b"c0", b"c1", b"c2"], priority=Priority.RECORD)
     assert [i.payload for i in spool.pending(10, exclude=[])][2:] == [b"c0", b"c1", b"c2"]
     assert len(ids) == 3
-
-
-def test_a_cnn_sized_report_spooled_and_acked_writes_a_third_less_than_with_debians_default():
-    """What the bench reports (bytes passed to write(): the WAL and its checkpoints): with ON
-    the report's freed overflow pages are written again as zeros."""
-    fast = spool_bytes_written(52_634, "FAST", reports=30)
-    on = spool_bytes_written(52_634, "ON", reports=30)
-    assert fast < 0.75 * on, (fast, on)

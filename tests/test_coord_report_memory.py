@@ -4,13 +4,15 @@ version (a file, or a .npz or msgpack blob in its row) is still read."""
 
 from __future__ import annotations
 
+import errno
 import io
+import os
 from pathlib import Path
 
 import numpy as np
 import pytest
 
-from coordinator import reports
+from coordinator import reports, round_arrays
 from coordinator.reports import (
     ReportMeta,
     ReportStore,
@@ -18,7 +20,7 @@ from coordinator.reports import (
     arrays_blob,
     infer_shape,
 )
-from coordinator.round_arrays import FOLDER
+from coordinator.round_arrays import FOLDER, StorageFailed
 from coordinator.state_db import StateDB
 from tests.coord_helpers import random_factors
 
@@ -41,7 +43,12 @@ def same(a: dict, b: dict) -> bool:
 
 # A row as the earliest versions left it: its arrays in a file of their own.
 OLDER_RELEASE = (
-    "UPDATE fit_reports SET arrays = NULL, arrays_at = NULL, arrays_len = NULL, file = ?"
+    "UPDATE fit_reports SET arrays = NULL, arrays_file = NULL, arrays_at = NULL, "
+    "arrays_len = NULL, file = ?"
+)
+# A row as the last versions left it: its arrays in a blob in the row (msgpack, earlier .npz).
+IN_ROW = (
+    "UPDATE fit_reports SET arrays = ?, arrays_file = NULL, arrays_at = NULL, arrays_len = NULL"
 )
 
 
@@ -63,7 +70,9 @@ def test_a_report_is_read_from_memory_once_then_from_its_rounds_file(tmp_path):
     first = store.result(meta)
     assert same(first.arrays, arrays) and all(a.flags.writeable for a in first.arrays.values())
     assert first.checked_on_receipt  # the arrays checked when the report arrived
-    with pytest.raises(ReportUnreadable, match=r"j1.*has 0 of the"):  # taken out: the file is
+    with pytest.raises(
+        ReportUnreadable, match=r"j1.*bytes 0\+\d+ of .*\(0 bytes\)"
+    ):  # taken out: the file is
         store.result(meta)  # read, and it is emptied
 
 
@@ -88,7 +97,7 @@ def test_a_report_not_checked_on_receipt_is_not_held_and_reads_back_unmarked(tmp
     db = StateDB(tmp_path / "s.sqlite3")
     store = ReportStore(db, tmp_path)
     meta = saved(store, "j1", arrays, checked=False)
-    result = store.result(meta)  # from its row: the round's check reads its values
+    result = store.result(meta)  # from its file: the round's check reads its values
     assert same(result.arrays, arrays) and not result.checked_on_receipt
 
 
@@ -145,8 +154,7 @@ def test_a_report_stored_as_a_blob_in_its_row_by_the_last_version_is_read_from_i
     db = StateDB(tmp_path / "s.sqlite3")
     saved(ReportStore(db, tmp_path), "row", arrays, checked=False)
     round_file(tmp_path).unlink()  # as it was: the arrays in the row, no file
-    db.execute("UPDATE fit_reports SET arrays = ?, arrays_at = NULL, arrays_len = NULL",
-               (arrays_blob(arrays),))  # fmt: skip
+    db.execute(IN_ROW, (arrays_blob(arrays),))
     restarted = ReportStore(StateDB(tmp_path / "s.sqlite3"), tmp_path)
     assert same(restarted.result(restarted.get("row")).arrays, arrays)
 
@@ -157,7 +165,7 @@ def test_a_report_stored_as_a_npz_blob_by_an_earlier_version_is_read_from_its_ro
     saved(ReportStore(db, tmp_path), "npz", arrays, checked=False)
     blob = io.BytesIO()
     np.savez(blob, **arrays)
-    db.execute("UPDATE fit_reports SET arrays = ? WHERE job_id = 'npz'", (blob.getvalue(),))
+    db.execute(IN_ROW + " WHERE job_id = 'npz'", (blob.getvalue(),))
     restarted = ReportStore(StateDB(tmp_path / "s.sqlite3"), tmp_path)
     read = restarted.result(restarted.get("npz")).arrays
     assert same(read, arrays) and all(a.flags.writeable for a in read.values())
@@ -171,7 +179,7 @@ def test_a_damaged_blob_or_a_missing_file_is_unreadable_and_names_its_report(tmp
     db = StateDB(tmp_path / "s.sqlite3")
     saved(ReportStore(db, tmp_path), "bad", arrays, checked=False)
     saved(ReportStore(db, tmp_path), "gone", arrays, checked=False)
-    db.execute("UPDATE fit_reports SET arrays = ? WHERE job_id = 'bad'", (damage,))
+    db.execute(IN_ROW + " WHERE job_id = 'bad'", (damage,))
     db.execute(OLDER_RELEASE + " WHERE job_id = 'gone'", ("reports/gone.npz",))
     restarted = ReportStore(StateDB(tmp_path / "s.sqlite3"), tmp_path)
     with pytest.raises(ReportUnreadable, match="report bad"):
@@ -327,11 +335,90 @@ def test_a_report_after_its_rounds_release_gets_a_new_file_the_released_rows_nev
     assert same(restarted.result(restarted.get("late")).arrays, late_arrays)
 
 
-@pytest.mark.parametrize("name", ["../s.sqlite3", "/etc/passwd", "72.0000000g.arrays"])
-def test_a_row_naming_any_other_file_reads_nothing_and_is_unreadable(tmp_path, name):
+@pytest.mark.parametrize(
+    "name", ["../s.sqlite3", "/etc/passwd", "7231.0000000g.arrays", "7232.00000000.arrays"]
+)
+def test_a_row_naming_any_file_but_its_rounds_reads_nothing_and_is_unreadable(tmp_path, name):
+    """Another path, a name not of the folder's form, another round's file (r2's: its bytes
+    are some other report's)."""
     db = StateDB(tmp_path / "s.sqlite3")
-    saved(ReportStore(db, tmp_path), "j1", random_factors(np.random.default_rng(17)), checked=False)
-    db.execute("UPDATE fit_reports SET arrays_file = ?", (name,))
+    store = ReportStore(db, tmp_path)
+    saved(store, "j1", random_factors(np.random.default_rng(17)), checked=False)
+    saved(store, "j2", random_factors(np.random.default_rng(18)), round_id="r2", checked=False)
+    (round_file(tmp_path, "r2")).rename(tmp_path / FOLDER / "7232.00000000.arrays")
+    db.execute("UPDATE fit_reports SET arrays_file = ? WHERE job_id = 'j1'", (name,))
     restarted = ReportStore(StateDB(tmp_path / "s.sqlite3"), tmp_path)
-    with pytest.raises(ReportUnreadable, match="not a round's arrays file"):
+    with pytest.raises(ReportUnreadable, match="is not a file of round r1's arrays"):
         restarted.result(restarted.get("j1"))
+
+
+@pytest.mark.parametrize(
+    ("at", "length"),
+    [(None, 100), (0, None), (0, 2**40), (0, 2**62), (-1, 10), (0, 0), (1.5, 10), (0, 2.5),
+     (10**6, 10)],
+)  # fmt: skip
+def test_a_row_whose_offset_or_length_is_damaged_is_unreadable_not_a_crash(tmp_path, at, length):
+    """One damaged row fails its device, not every tick: no TypeError, MemoryError or
+    OverflowError out of the read, and no read past the file."""
+    db = StateDB(tmp_path / "s.sqlite3")
+    saved(ReportStore(db, tmp_path), "j1", random_factors(np.random.default_rng(19)), checked=False)
+    db.execute("UPDATE fit_reports SET arrays_at = ?, arrays_len = ?", (at, length))
+    restarted = ReportStore(StateDB(tmp_path / "s.sqlite3"), tmp_path)
+    with pytest.raises(ReportUnreadable, match=r"report j1.*not a report's arrays"):
+        restarted.result(restarted.get("j1"))
+
+
+def test_a_link_in_the_folder_is_neither_listed_nor_followed(tmp_path):
+    db = StateDB(tmp_path / "s.sqlite3")
+    store = ReportStore(db, tmp_path)
+    saved(store, "j1", random_factors(np.random.default_rng(20)), checked=False)
+    real = round_file(tmp_path)
+    outside = tmp_path / "elsewhere.arrays"
+    real.rename(outside)
+    real.symlink_to(outside)  # the row's name now a link to the same bytes outside the folder
+    (tmp_path / FOLDER / "7232.00000000.arrays").symlink_to(outside)  # a round r2 "file"
+    restarted = ReportStore(StateDB(tmp_path / "s.sqlite3"), tmp_path)
+    assert restarted.rounds_holding_arrays() == set()
+    with pytest.raises(ReportUnreadable, match="report j1"):
+        restarted.result(restarted.get("j1"))
+
+
+def test_a_write_that_fails_is_cut_off_the_file_and_raised_for_the_batch(tmp_path, monkeypatch):
+    rng = np.random.default_rng(21)
+    db = StateDB(tmp_path / "s.sqlite3")
+    store = ReportStore(db, tmp_path)
+    first = saved(store, "j1", random_factors(rng), checked=False)
+    size = round_file(tmp_path).stat().st_size
+    real_write = os.write
+
+    def disk_full_after_a_page(fd, data):
+        if len(data) <= 4096:
+            raise OSError(errno.ENOSPC, "No space left on device")
+        return real_write(fd, bytes(data[:4096]))  # a part of it lands first
+
+    monkeypatch.setattr(round_arrays.os, "write", disk_full_after_a_page)
+    with pytest.raises(StorageFailed, match="No space left"):
+        saved(store, "j2", random_factors(rng), checked=False)
+    assert round_file(tmp_path).stat().st_size == size and store.get("j2") is None
+    monkeypatch.undo()
+    assert store.result(first) is not None and saved(store, "j2", random_factors(rng))
+
+
+def test_sync_makes_the_files_written_since_durable_and_keeps_them_if_it_fails(
+    tmp_path, monkeypatch
+):
+    db = StateDB(tmp_path / "s.sqlite3")
+    store = ReportStore(db, tmp_path)
+    saved(store, "j1", random_factors(np.random.default_rng(22)), checked=False)
+    synced: list[int] = []
+
+    def fail(fd):
+        raise OSError(errno.EIO, "I/O error")
+
+    monkeypatch.setattr(round_arrays.os, "fdatasync", fail)
+    store.sync_files()  # logged, not raised: the next one tries again
+    monkeypatch.setattr(round_arrays.os, "fdatasync", synced.append)
+    store.sync_files()
+    assert len(synced) == 1  # the file written before the failed sync
+    store.sync_files()
+    assert len(synced) == 1  # nothing written since

@@ -8,12 +8,13 @@ import threading
 import numpy as np
 import pytest
 
+from coordinator import round_arrays
 from coordinator.aggregation import AdapterShape
 from coordinator.clock import ManualClock
 from coordinator.observations import RoundFinished, RoundResult
 from coordinator.pipeline import AGGREGATION_TIMEOUT_S
 from coordinator.reports import arrays_blob
-from coordinator.round_arrays import FOLDER
+from coordinator.round_arrays import FOLDER, RoundArrayFiles, StorageFailed
 from coordinator.service import SCAN_INTERVAL_S, FleetService
 from coordinator.state_db import StateDB
 from shared.protocol import JobKind, JobState
@@ -104,7 +105,11 @@ def test_after_a_restart_a_scan_drops_the_arrays_an_earlier_version_kept_of_ende
     running = next(r["round_id"] for r in service.rounds() if r["stage"] == "RUNNING")
     # as an earlier version left them: the ended round's arrays still in their rows
     blob = arrays_blob(random_factors(np.random.default_rng(0)))
-    service.fleet.db.execute("UPDATE fit_reports SET arrays = ? WHERE round_id = ?", (blob, ended))
+    service.fleet.db.execute(
+        "UPDATE fit_reports SET arrays = ?, arrays_file = NULL, arrays_at = NULL, "
+        "arrays_len = NULL WHERE round_id = ?",
+        (blob, ended),
+    )
     assert stored_arrays(service) == {ended: 2, running: 1}
     service.close()
 
@@ -114,7 +119,7 @@ def test_after_a_restart_a_scan_drops_the_arrays_an_earlier_version_kept_of_ende
     restarted.tick()  # a scan drops one ended round's arrays
     assert stored_arrays(restarted) == {running: 1}
     restarted.ingest(devices[1].finetune(jobs["pi-2"].job_id))
-    restarted.tick()  # the running round reads its kept report back from its row
+    restarted.tick()  # the running round reads its kept report back from its file
     stages = {r["round_id"]: r for r in restarted.rounds()}
     assert stages[running]["stage"] == "STORED" and stages[running]["failures"] == {}
     assert stored_arrays(restarted) == {}
@@ -191,3 +196,59 @@ def test_a_round_whose_aggregation_is_lost_fails_at_the_timeout_and_drops_its_ar
     assert stored_arrays(service) == {}
     finished = [e for e in service.metrics_report().events if isinstance(e, RoundFinished)]
     assert [e.result for e in finished] == [RoundResult.FAILED]
+
+
+def test_a_report_whose_arrays_cannot_be_written_fails_its_batch_whole_until_they_can(
+    tmp_path, clock, monkeypatch
+):
+    """A full disk must not cost the report: the batch raises (the bridge acknowledges nothing
+    and hands it again), and nothing of it is applied; the same batch later applies."""
+    service = start(tmp_path, clock)
+    pi1, pi2 = join(service, clock, "pi-1", "pi-2")
+    service.request_finetune(all_=True)
+    jobs = dict(jobs_in(service.tick(), JobKind.FINETUNE))
+    batch = [pi2.heartbeat(), *pi1.finetune(jobs["pi-1"].job_id)]
+
+    def disk_full(self, round_id, blob):
+        raise StorageFailed("cannot write round-arrays/x: [Errno 28] No space left on device")
+
+    monkeypatch.setattr(RoundArrayFiles, "append", disk_full)
+    with pytest.raises(StorageFailed):
+        service.ingest(batch)
+    assert reports_listed(service) == 0 and stored_arrays(service) == {}
+    assert {j["state"] for j in service.jobs()} == {"QUEUED"}  # the statuses rolled back too
+    monkeypatch.undo()
+    assert service.ingest(batch) == len(batch)
+    assert reports_listed(service) == 1 and sum(stored_arrays(service).values()) == 1
+
+
+def test_each_scan_and_a_stop_sync_the_arrays_written_since(tmp_path, clock, monkeypatch):
+    synced: list[int] = []
+    monkeypatch.setattr(round_arrays.os, "fdatasync", synced.append)
+    service = start(tmp_path, clock)
+    pi1, pi2 = join(service, clock, "pi-1", "pi-2")
+    service.request_finetune(all_=True)
+    jobs = dict(jobs_in(service.tick(), JobKind.FINETUNE))
+    service.ingest(pi1.finetune(jobs["pi-1"].job_id))
+    assert synced == []  # not at each commit
+    clock.advance(SCAN_INTERVAL_S)
+    service.tick()
+    assert len(synced) == 1
+    service.ingest(pi2.finetune(jobs["pi-2"].job_id))
+    service.close()
+    assert len(synced) == 2
+
+
+def test_a_scan_removes_the_files_of_rounds_the_state_db_never_had(tmp_path, clock):
+    """A state db replaced or restored from an older copy leaves files no round will end."""
+    service = start(tmp_path, clock)
+    pi1, _ = join(service, clock, "pi-1", "pi-2")
+    service.request_finetune(all_=True)
+    jobs = dict(jobs_in(service.tick(), JobKind.FINETUNE))
+    service.ingest(pi1.finetune(jobs["pi-1"].job_id))
+    running = next(r["round_id"] for r in service.rounds() if r["stage"] == "RUNNING")
+    orphan = service.fleet.config.state_dir / FOLDER / f"{b'gone'.hex()}.0123abcd.arrays"
+    orphan.write_bytes(b"a report of a round this state db never had")
+    clock.advance(SCAN_INTERVAL_S)
+    service.tick()
+    assert not orphan.exists() and stored_arrays(service) == {running: 1}
