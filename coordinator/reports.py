@@ -129,7 +129,7 @@ class ReportMeta:
     shape: AdapterShape
     parent_adapter_version: int | None
     received_at: float
-    # Relative to the state dir: where a report an earliest version stored keeps its arrays
+    # Relative to the state dir: where a report the earliest versions stored keeps its arrays
     # ("": elsewhere: in its round's file, as every report stored now, or in its row).
     file: str = ""
     # The device's hold-out measurement of the adapter its training started from: in a
