@@ -16,6 +16,7 @@ from coordinator.ingest import Received
 from coordinator.outbound import Outbound
 from coordinator.rollout import RolloutPolicy
 from coordinator.scheduler import SchedulerPolicy
+from coordinator.service import FleetService
 from shared.mqtt import MqttSettings
 from shared.protocol import (
     AdapterOrigin,
@@ -183,6 +184,12 @@ class SimDevice:
         """What an agent sends for a fine-tune job that succeeds soon: its report, which is its
         SUCCEEDED (an IN_PROGRESS comes only from a job that runs or waits long)."""
         return [self.report(job_id, **report)]
+
+
+def finetune_jobs(service: FleetService) -> dict[str, Job]:
+    """Asks every device to fine-tune; the fine-tune job the next tick sends each, by device."""
+    service.request_finetune(all_=True)
+    return dict(jobs_in(service.tick(), JobKind.FINETUNE))
 
 
 def jobs_in(

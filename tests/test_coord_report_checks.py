@@ -15,7 +15,7 @@ from coordinator.metrics import FleetMetrics
 from coordinator.reports import CheckedValues
 from shared.protocol import JobKind, encode_envelope
 from shared.topics import Topics
-from tests.coord_fleet_helpers import jobs_in
+from tests.coord_fleet_helpers import finetune_jobs, jobs_in
 from tests.test_coord_service import join, start
 
 NAMES = ("pi-1", "pi-2", "pi-3", "pi-4", "pi-5")
@@ -36,8 +36,7 @@ def judged(tmp_path, decoded: bool) -> dict:
     clock = ManualClock()
     service = start(tmp_path, clock, max_concurrent_jobs=len(NAMES))
     devices = dict(zip(NAMES, join(service, clock, *NAMES), strict=True))
-    service.request_finetune(all_=True)
-    jobs = dict(jobs_in(service.tick(), JobKind.FINETUNE))
+    jobs = finetune_jobs(service)
     good = devices["pi-5"].report(jobs["pi-5"].job_id)
     arrays = good.envelope.message.adapter
     nan = {name: np.full_like(a, np.nan) for name, a in arrays.items()}

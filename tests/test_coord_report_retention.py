@@ -18,7 +18,13 @@ from coordinator.round_arrays import FOLDER, RoundArrayFiles, StorageFailed
 from coordinator.service import SCAN_INTERVAL_S, FleetService
 from coordinator.state_db import StateDB
 from shared.protocol import JobKind, JobState
-from tests.coord_fleet_helpers import LostAggregations, SimDevice, jobs_in, make_config
+from tests.coord_fleet_helpers import (
+    LostAggregations,
+    SimDevice,
+    finetune_jobs,
+    jobs_in,
+    make_config,
+)
 from tests.coord_helpers import random_factors
 from tests.test_coord_service import answer_canaries, finetune_all, join
 
@@ -82,8 +88,7 @@ def test_a_stored_round_keeps_its_reports_rows_but_not_their_arrays(tmp_path, cl
 def test_a_failed_round_drops_the_arrays_of_the_reports_it_had(tmp_path, clock):
     service = start(tmp_path, clock, round_deadline_s=50.0, min_completion_ratio=1.0)
     devices = join(service, clock, "pi-1", "pi-2")
-    service.request_finetune(all_=True)
-    jobs = dict(jobs_in(service.tick(), JobKind.FINETUNE))
+    jobs = finetune_jobs(service)
     service.ingest(devices[0].finetune(jobs["pi-1"].job_id))
     assert sum(stored_arrays(service).values()) == 1
     clock.advance(51.0)
@@ -99,8 +104,7 @@ def test_after_a_restart_a_scan_drops_the_arrays_an_earlier_version_kept_of_ende
     devices = join(service, clock, "pi-1", "pi-2")
     full_round(service, devices)
     ended = service.rounds()[0]["round_id"]
-    service.request_finetune(all_=True)
-    jobs = dict(jobs_in(service.tick(), JobKind.FINETUNE))
+    jobs = finetune_jobs(service)
     service.ingest(devices[0].finetune(jobs["pi-1"].job_id))  # the running round's one report
     running = next(r["round_id"] for r in service.rounds() if r["stage"] == "RUNNING")
     # as an earlier version left them: the ended round's arrays still in their rows
@@ -166,8 +170,7 @@ def test_the_state_db_does_not_write_the_pages_a_delete_frees(tmp_path):
 def test_a_report_that_comes_after_its_round_ended_is_dropped_by_the_next_scan(tmp_path, clock):
     service = start(tmp_path, clock)
     pi1, pi2 = join(service, clock, "pi-1", "pi-2")
-    service.request_finetune(all_=True)
-    jobs = dict(jobs_in(service.tick(), JobKind.FINETUNE))
+    jobs = finetune_jobs(service)
     service.ingest(pi1.finetune(jobs["pi-1"].job_id))
     service.ingest([pi2.status(jobs["pi-2"].job_id, JobState.SUCCEEDED)])  # its report, later
     service.tick()
@@ -205,8 +208,7 @@ def test_a_report_whose_arrays_cannot_be_written_fails_its_batch_whole_until_the
     and hands it again), and nothing of it is applied; the same batch later applies."""
     service = start(tmp_path, clock)
     pi1, pi2 = join(service, clock, "pi-1", "pi-2")
-    service.request_finetune(all_=True)
-    jobs = dict(jobs_in(service.tick(), JobKind.FINETUNE))
+    jobs = finetune_jobs(service)
     batch = [pi2.heartbeat(), *pi1.finetune(jobs["pi-1"].job_id)]
 
     def disk_full(self, round_id, blob):
@@ -227,8 +229,7 @@ def test_each_scan_and_a_stop_sync_the_arrays_written_since(tmp_path, clock, mon
     monkeypatch.setattr(round_arrays.os, "fdatasync", synced.append)
     service = start(tmp_path, clock)
     pi1, pi2 = join(service, clock, "pi-1", "pi-2")
-    service.request_finetune(all_=True)
-    jobs = dict(jobs_in(service.tick(), JobKind.FINETUNE))
+    jobs = finetune_jobs(service)
     service.ingest(pi1.finetune(jobs["pi-1"].job_id))
     assert synced == []  # not at each commit
     clock.advance(SCAN_INTERVAL_S)
@@ -243,8 +244,7 @@ def test_a_scan_removes_the_files_of_rounds_the_state_db_never_had(tmp_path, clo
     """A state db replaced or restored from an older copy leaves files no round will end."""
     service = start(tmp_path, clock)
     pi1, _ = join(service, clock, "pi-1", "pi-2")
-    service.request_finetune(all_=True)
-    jobs = dict(jobs_in(service.tick(), JobKind.FINETUNE))
+    jobs = finetune_jobs(service)
     service.ingest(pi1.finetune(jobs["pi-1"].job_id))
     running = next(r["round_id"] for r in service.rounds() if r["stage"] == "RUNNING")
     orphan = service.fleet.config.state_dir / FOLDER / f"{b'gone'.hex()}.0123abcd.arrays"

@@ -27,7 +27,13 @@ from shared.protocol import (
     JobReason,
     JobState,
 )
-from tests.coord_fleet_helpers import LostAggregations, SimDevice, jobs_in, make_config
+from tests.coord_fleet_helpers import (
+    LostAggregations,
+    SimDevice,
+    finetune_jobs,
+    jobs_in,
+    make_config,
+)
 
 
 @pytest.fixture
@@ -176,8 +182,7 @@ def test_a_round_with_too_few_answers_fails_at_its_deadline(tmp_path, clock):
 def test_invalid_reports_fail_their_job_and_are_counted(tmp_path, clock):
     service = start(tmp_path, clock)
     devices = join(service, clock, "pi-1", "pi-2", "pi-3", "pi-4")
-    service.request_finetune(all_=True)
-    jobs = dict(jobs_in(service.tick(), JobKind.FINETUNE))
+    jobs = finetune_jobs(service)
     good = devices[3].report(jobs["pi-4"].job_id)
     service.ingest([good])  # the first accepted report fixes the cohort's adapter shape
     nan = {name: np.full_like(a, np.nan) for name, a in good.envelope.message.adapter.items()}
@@ -227,8 +232,7 @@ def test_a_restarted_service_carries_on_with_a_running_round(tmp_path, clock):
 def test_a_report_damaged_on_disk_across_a_restart_fails_its_device_not_its_round(tmp_path, clock):
     service = start(tmp_path, clock)
     devices = join(service, clock, "pi-1", "pi-2", "pi-3")
-    service.request_finetune(all_=True)
-    jobs = dict(jobs_in(service.tick(), JobKind.FINETUNE))
+    jobs = finetune_jobs(service)
     for device in devices[:2]:
         service.ingest(device.finetune(jobs[device.device_id].job_id))
     service.fleet.db.execute(
