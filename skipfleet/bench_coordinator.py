@@ -224,11 +224,17 @@ def run_rounds(parties: Parties, devices: int, args, log) -> dict:
 
 def idle_cpu(parties: Parties) -> dict:
     """CPU seconds a second with every device online and no round: heartbeats, ticks, and
-    Ray's own daemons (per node, with --ray-nodes), over IDLE_WINDOW_S."""
-    with parties.cpu_window() as cpu, parties.node_window() as nodes:
+    Ray's own daemons (per node, with --ray-nodes; per process role, `role <name>`), over
+    IDLE_WINDOW_S."""
+    with (
+        parties.cpu_window() as cpu,
+        parties.node_window() as nodes,
+        parties.role_window() as roles,
+    ):
         time.sleep(IDLE_WINDOW_S)
         used = cpu.seconds() | ({f"by_{k}": v for k, v in nodes.seconds().items()
                                  if k != "other"} if nodes else {})  # fmt: skip
+        used |= {f"role {k}": v for k, v in roles.seconds().items() if k != "other" and v > 0}
     return {name: seconds / IDLE_WINDOW_S for name, seconds in used.items()}
 
 

@@ -18,7 +18,14 @@ from dataclasses import dataclass
 
 from skipfleet.coordinator_process import CoordinatorProcess
 from skipfleet.loadgen.fleet import SimulatedFleet
-from skipfleet.measure import CpuWindow, by_label, children_of, parse_prometheus, total
+from skipfleet.measure import (
+    CpuWindow,
+    by_label,
+    children_of,
+    parse_prometheus,
+    role_groups,
+    total,
+)
 
 POLL_S = 0.25
 API_POLL_S = 1.0
@@ -53,6 +60,11 @@ class Parties:
         groups = {f"node_{i}": (lambda pid=pid: children_of(pid))
                   for i, pid in enumerate(self.ray_node_pids)}  # fmt: skip
         return CpuWindow({"driver": lambda: children_of(self.coordinator.pid), **groups})
+
+    def role_window(self) -> CpuWindow:
+        """CPU of the coordinator's tree by process role (the driver, the fleet actor, Ray's
+        daemons, ...): where a round's coordinator CPU goes."""
+        return CpuWindow(role_groups(self.coordinator.pid, self.coordinator_tree))
 
     def cpu_window(self) -> CpuWindow:
         return CpuWindow(
@@ -102,10 +114,15 @@ def run_round(parties: Parties, devices: int, timeout_s: float) -> dict:
     time.sleep(parties.counters_lag_s)
     counters = parse_prometheus(parties.coordinator.metrics())
     triggered = time.time()
-    with parties.cpu_window() as cpu, parties.node_window() as nodes:
+    with (
+        parties.cpu_window() as cpu,
+        parties.node_window() as nodes,
+        parties.role_window() as roles,
+    ):
         ended = _until_applied(api, parties.fleet, devices, triggered, timeout_s)
         cpu_used = cpu.seconds()
         by_node = {k: v for k, v in nodes.seconds().items() if k != "other"} if nodes else {}
+        by_role = {k: v for k, v in roles.seconds().items() if k != "other" and v > 0}
     applied = max(ended.installs.values())
     window = applied - triggered
     time.sleep(parties.counters_lag_s)
@@ -123,6 +140,7 @@ def run_round(parties: Parties, devices: int, timeout_s: float) -> dict:
         "messages": _messages(counters, after, window),
         "cpu_seconds": cpu_used,
         "cpu_seconds_by_node": by_node,
+        "cpu_seconds_by_role": by_role,
         "aggregation_seconds": _aggregation(parties.coordinator, counters, timeout_s, rounds),
         "canary": {
             "devices": sum(len(r["canary_devices"]) for r in ended.rollouts),

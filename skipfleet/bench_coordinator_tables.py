@@ -33,6 +33,11 @@ def format_tables(result: dict) -> str:
         "task: --aggregate-in; from skipfleet_aggregation_duration_seconds)",
         _aggregation(fleets),
         "",
+        "Coordinator CPU by process role over the round (median over the rounds: CPU seconds, "
+        "ms a device, share of the tree's), and with every device online and no round (ms a "
+        "second)",
+        _cpu_by_role(fleets),
+        "",
         "Coordinator memory: the driver process, and its whole tree (driver + Ray) in RSS and PSS",
         _memory(fleets),
         "",
@@ -174,6 +179,27 @@ def _messages(fleets: list[dict]) -> str:
             f"{cpu('coordinator_and_ray'):9.1f} {cpu('mosquitto'):8.1f} "
             f"{cpu('load_generators'):7.1f} {cpu('other'):9.1f}"
         )
+    return "\n".join(lines)
+
+
+def _cpu_by_role(fleets: list[dict]) -> str:
+    lines = [f"{'devices':>7s} {'role':<24s} {'cpu s':>7s} {'ms/dev':>7s} {'share':>6s} "
+             f"{'idle ms/s':>9s}"]  # fmt: skip
+    for f in fleets:
+        rounds = [r for r in f["rounds"] if r.get("cpu_seconds_by_role")]
+        if not rounds:
+            continue
+        roles = set().union(*(r["cpu_seconds_by_role"] for r in rounds))
+        medians = {role: _median(rounds, lambda r, x=role: r["cpu_seconds_by_role"].get(x, 0.0))
+                   for role in roles}  # fmt: skip
+        whole = _median(rounds, lambda r: sum(r["cpu_seconds_by_role"].values()))
+        idle = f.get("idle_cpu_per_second", {})
+        for role, seconds in sorted(medians.items(), key=lambda item: -item[1]):
+            share = 100 * seconds / whole if whole > 0 else float("nan")
+            idle_ms = 1e3 * idle.get(f"role {role}", float("nan"))
+            lines.append(f"{f['devices']:7d} {role:<24s} {seconds:7.2f} "
+                         f"{1e3 * seconds / f['devices']:7.3f} {share:5.1f}% "
+                         f"{idle_ms:9.1f}")  # fmt: skip
     return "\n".join(lines)
 
 

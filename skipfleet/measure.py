@@ -7,9 +7,11 @@ sharers: a sum that adds up).
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -119,6 +121,34 @@ def role_of(pid: int, root: int) -> str:
         return _PROGRAMS[program]
     command = " ".join(argv)
     return next((role for mark, role in _ROLES if mark in command), "other")
+
+
+# Every role role_of names, in the order the tables list them
+ROLES = ("driver", *dict.fromkeys(role for _, role in _ROLES), *_PROGRAMS.values(), "other")
+# A tree's processes role_of names "other", in a CpuWindow (whose own "other" is the machine's)
+OTHER_IN_TREE = "other in the tree"
+
+
+def role_groups(root: int, tree: Callable[[], list[int]]) -> dict[str, Callable[[], list[int]]]:
+    """A CpuWindow's groups, one a role (role_of; root the driver): the processes of `tree` in
+    that role now. The tree is read and its processes named once a sample, not once a group."""
+    named: dict[str, list[int]] = {}
+    read_at = [float("-inf")]
+
+    def pids(role: str) -> list[int]:
+        if time.monotonic() - read_at[0] > ROLE_REREAD_S:  # the first group of a new sample
+            named.clear()
+            for pid in tree():
+                named.setdefault(role_of(pid, root), []).append(pid)
+            read_at[0] = time.monotonic()
+        return named.get(role, [])
+
+    return {(OTHER_IN_TREE if role == "other" else role): functools.partial(pids, role)
+            for role in ROLES}  # fmt: skip
+
+
+# Within one sample of a CpuWindow (every 0.5 s) the groups are read this close together
+ROLE_REREAD_S = 0.1
 
 
 def memory_by_role(root: int, pids: Iterable[int] | None = None) -> dict[str, Memory]:

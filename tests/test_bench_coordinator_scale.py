@@ -57,3 +57,16 @@ def test_the_summary_counts_per_device_per_round_and_per_message():
     assert (s["peak_tree_pss_mib"], s["idle_tree_pss_mib"]) == (450.0, 400.0)
     table = format_tables({"fleets": {"100": a_fleet(rounds)}, "aggregation_micro": {"sizes": {}}})
     assert "    100   1x1     3.00   4.00   4.00    8.20" in table  # 1 partition, 1 node
+
+
+def test_the_cpu_by_role_table_gives_each_roles_median_per_device_share_and_idle_rate():
+    rounds = [a_round(2.0, 500, 300, 0.8, 100), a_round(4.0, 540, 300, 1.2, 100),
+              a_round(3.0, 520, 300, 1.0, 100)]  # fmt: skip
+    for r, (actor, driver) in zip(rounds, [(0.5, 0.3), (0.9, 0.3), (0.6, 0.4)], strict=True):
+        r["cpu_seconds_by_role"] = {"fleet actor": actor, "driver": driver}
+    fleet = a_fleet(rounds) | {"idle_cpu_per_second": {"role fleet actor": 0.018}}
+    table = format_tables({"fleets": {"100": fleet}, "aggregation_micro": {"sizes": {}}})
+    # medians 0.6 and 0.3 CPU-s of a median whole of 1.0: 6 and 3 ms a device of 100
+    assert "    100 fleet actor                 0.60   6.000  60.0%      18.0" in table
+    assert "    100 driver                      0.30   3.000  30.0%       nan" in table
+    assert table.index("fleet actor") < table.index(" driver ")  # the largest first

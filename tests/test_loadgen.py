@@ -60,11 +60,14 @@ from skipfleet.loadgen.fleet import SimulatedFleet, split
 from skipfleet.loadgen.process import InstallLog
 from skipfleet.loadgen.reference import REPORT_VARIANTS, Evaluator, perturbed, run_reference
 from skipfleet.measure import (
+    OTHER_IN_TREE,
+    ROLES,
     CpuWindow,
     by_label,
     memory_by_role,
     memory_of,
     parse_prometheus,
+    role_groups,
     role_of,
     total,
 )
@@ -478,6 +481,33 @@ def test_a_process_that_ends_inside_the_cpu_window_still_counts():
         child.wait()
         assert window.seconds()["child"] > 0.3
     assert memory_of([os.getpid()]).rss_bytes > 0
+
+
+def test_cpu_by_role_counts_each_process_of_the_tree_under_its_role():
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.6: pass"
+    actor = subprocess.Popen(["ray::FleetActor.ingest", "-c", burn], executable=sys.executable)
+    idle = subprocess.Popen(["sleep", "30"])
+    tree = [os.getpid(), actor.pid, idle.pid]
+    try:
+        _wait_for_role(actor, "fleet actor")
+        with CpuWindow(role_groups(os.getpid(), lambda: tree), interval_s=0.05) as window:
+            actor.wait()
+            used = window.seconds()
+        assert used["fleet actor"] > 0.3  # its burn, not the driver's
+        assert used["driver"] < used["fleet actor"]
+        assert used[OTHER_IN_TREE] < 0.1  # the sleep, apart from the machine's "other"
+        assert set(ROLES) - {"other"} <= set(used)  # every role, also one with no process now
+    finally:
+        for child in (actor, idle):
+            child.kill()
+            child.wait()
+
+
+def _wait_for_role(child: subprocess.Popen, role: str) -> None:
+    deadline = time.monotonic() + 10  # until it has exec'd (a fork is `other`)
+    while role_of(child.pid, os.getpid()) != role and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert role_of(child.pid, os.getpid()) == role
 
 
 def test_memory_by_role_names_the_driver_rays_programs_and_its_workers():
