@@ -94,6 +94,7 @@ def memory_of(pids: Iterable[int]) -> Memory:
 # `ray::<actor or task>`, `ray::IDLE` between tasks); the first match wins.
 _ROLES = (
     ("ray::FleetActor", "fleet actor"),
+    ("ray::PartitionActor", "partition actor"),  # a partition's fleet state and MQTT ingest
     ("ray::DashboardAgent", "dashboard agent"),
     ("ray::RuntimeEnvAgent", "runtime-env agent"),
     ("ray::", "ray worker"),

@@ -520,11 +520,12 @@ def test_memory_by_role_names_the_driver_rays_programs_and_its_workers():
             start_new_session=True,  # its sleep is stopped with it (killpg below)
         ),
         subprocess.Popen(["ray::FleetActor.tick", "30"], executable="/bin/sleep"),
+        subprocess.Popen(["ray::PartitionActor.ingest", "30"], executable="/bin/sleep"),
         subprocess.Popen(["ray::IDLE", "30"], executable="/bin/sleep"),
         subprocess.Popen(["sleep", "30"]),
     ]
     try:
-        expected = ["raylet", "fleet actor", "ray worker", "other"]
+        expected = ["raylet", "fleet actor", "partition actor", "ray worker", "other"]
         deadline = time.monotonic() + 10  # until each child has exec'd (a fork is `other`)
         while _roles(children) != expected and time.monotonic() < deadline:
             time.sleep(0.05)
