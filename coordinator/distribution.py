@@ -25,7 +25,7 @@ from typing import Any
 
 from coordinator.adapter_store import WHOLE_COHORT, AdapterStoreError
 from coordinator.clusters import CohortClusters
-from coordinator.commands import CanaryRole, CommandRecord
+from coordinator.commands import COMMAND_KINDS, CanaryRole, CommandRecord
 from coordinator.config import LabelFreeRollout
 from coordinator.fleet import Conflict, Fleet, NotFound
 from coordinator.jobs import Job, JobState
@@ -92,6 +92,8 @@ class AdapterDistributor:
 
     def on_job_finished(self, job: Job, status: JobStatus | None) -> None:
         """A command job reached a terminal state (from its device, or timed out here)."""
+        if job.kind not in COMMAND_KINDS:  # a fine-tune: never in the command log, not read
+            return
         command = self._fleet.commands.get(job.job_id)
         if command is None:
             return

@@ -103,3 +103,16 @@ def test_a_report_alone_ends_its_job_succeeded_and_folds_an_in_progress_before_i
     assert transitions(service) == []
     rejected = [e for e in service.metrics_report().events if isinstance(e, MessageRejected)]
     assert rejected == []
+
+
+def test_a_finetunes_end_does_not_look_for_it_among_the_command_jobs(tmp_path, clock):
+    """Only evaluations and adapter applies are in the command log (CommandLog.add refuses the
+    rest): a fine-tune's end is not looked up there, one statement less a device a round."""
+    service, pi1, _, job = one_job(tmp_path, clock)
+    statements: list[str] = []
+    service.fleet.db.trace(statements.append)
+    assert service.ingest([pi1.report(job.job_id), pi1.status(job.job_id, JobState.SUCCEEDED)])
+    service.fleet.db.trace(None)
+    assert service.jobs()[0]["state"] == "SUCCEEDED"
+    assert any("INSERT OR IGNORE INTO fit_reports" in sql for sql in statements)  # traced
+    assert not [sql for sql in statements if "command_jobs" in sql]
