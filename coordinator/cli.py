@@ -31,6 +31,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from coordinator.config import add_arguments
+from coordinator.instance import STATE_DIR_MODE
 
 if TYPE_CHECKING:
     from coordinator.app import Coordinator
@@ -56,8 +57,10 @@ def configure(parser: argparse.ArgumentParser) -> None:
 
 
 def prepare_state_dir(path: Path) -> None:
-    """Create the state dir and prove it is writable now, not at the first checkpoint."""
-    path.mkdir(parents=True, exist_ok=True)
+    """Create the state dir and prove it is writable now, not at the first checkpoint. A new
+    one is made 0700 (the fleet's records and the API token are in it); an existing one keeps
+    the mode its operator gave it."""
+    path.mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
     probe = path / ".write-probe"
     probe.write_bytes(b"ok")
     probe.unlink()

@@ -12,6 +12,9 @@ import os
 from pathlib import Path
 
 LOCK_FILE = "coordinator.lock"
+# A state dir the coordinator makes is its owner's alone: the fleet's records, report arrays
+# and the API token are in it (a dir that exists keeps the mode its operator gave it)
+STATE_DIR_MODE = 0o700
 
 
 class InstanceConflict(RuntimeError):
@@ -25,7 +28,7 @@ class StateDirLock:
 
     @classmethod
     def acquire(cls, state_dir: Path) -> StateDirLock:
-        Path(state_dir).mkdir(parents=True, exist_ok=True)
+        Path(state_dir).mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
         path = Path(state_dir) / LOCK_FILE
         fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o600)
         try:

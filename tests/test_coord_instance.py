@@ -73,6 +73,23 @@ def test_a_state_dir_has_one_coordinator_at_a_time(tmp_path):
     StateDirLock.acquire(tmp_path / "state").release()
 
 
+def test_a_state_dir_the_coordinator_makes_is_its_owners_alone_and_an_existing_one_is_kept(
+    tmp_path,
+):
+    old = os.umask(0o022)  # the common umask: a plain mkdir would make it 0755
+    try:
+        cli.prepare_state_dir(tmp_path / "new" / "state")
+        StateDirLock.acquire(tmp_path / "locked" / "state").release()
+        existing = tmp_path / "existing"
+        existing.mkdir(mode=0o750)
+        cli.prepare_state_dir(existing)
+    finally:
+        os.umask(old)
+    assert (tmp_path / "new" / "state").stat().st_mode & 0o777 == 0o700
+    assert (tmp_path / "locked" / "state").stat().st_mode & 0o777 == 0o700
+    assert existing.stat().st_mode & 0o777 == 0o750  # the operator's choice
+
+
 # -- Ray: the fleet actor is never adopted, never killed by another coordinator ------------------
 @pytest.mark.slow
 def test_a_second_coordinator_of_an_instance_refuses_and_the_first_lives_on(ray_session, tmp_path):
