@@ -59,8 +59,17 @@ def configure(parser: argparse.ArgumentParser) -> None:
 def prepare_state_dir(path: Path) -> None:
     """Create the state dir and prove it is writable now, not at the first checkpoint. A new
     one is made 0700 (the fleet's records and the API token are in it); an existing one keeps
-    the mode its operator gave it."""
+    the mode its operator gave it (the images' is 0750: a group of its own), with a warning if
+    every user may enter it."""
     path.mkdir(mode=STATE_DIR_MODE, parents=True, exist_ok=True)
+    mode = path.stat().st_mode & 0o777
+    if mode & 0o007:
+        log.warning(
+            "the state dir %s is mode %04o: every user of this host may read the fleet's "
+            "records (the API token file itself is 0600); chmod o-rwx it unless that is meant",
+            path,
+            mode,
+        )
     probe = path / ".write-probe"
     probe.write_bytes(b"ok")
     probe.unlink()

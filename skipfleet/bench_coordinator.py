@@ -234,7 +234,7 @@ def idle_cpu(parties: Parties) -> dict:
         time.sleep(IDLE_WINDOW_S)
         used = cpu.seconds() | ({f"by_{k}": v for k, v in nodes.seconds().items()
                                  if k != "other"} if nodes else {})  # fmt: skip
-        used |= {f"role {k}": v for k, v in roles.seconds().items() if k != "other" and v > 0}
+        used |= {f"role {k}": v for k, v in roles.seconds().items() if k != "other"}
     return {name: seconds / IDLE_WINDOW_S for name, seconds in used.items()}
 
 

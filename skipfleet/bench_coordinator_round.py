@@ -122,7 +122,7 @@ def run_round(parties: Parties, devices: int, timeout_s: float) -> dict:
         ended = _until_applied(api, parties.fleet, devices, triggered, timeout_s)
         cpu_used = cpu.seconds()
         by_node = {k: v for k, v in nodes.seconds().items() if k != "other"} if nodes else {}
-        by_role = {k: v for k, v in roles.seconds().items() if k != "other" and v > 0}
+        by_role = {k: v for k, v in roles.seconds().items() if k != "other"}
     applied = max(ended.installs.values())
     window = applied - triggered
     time.sleep(parties.counters_lag_s)

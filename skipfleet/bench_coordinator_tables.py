@@ -195,6 +195,8 @@ def _cpu_by_role(fleets: list[dict]) -> str:
         whole = _median(rounds, lambda r: sum(r["cpu_seconds_by_role"].values()))
         idle = f.get("idle_cpu_per_second", {})
         for role, seconds in sorted(medians.items(), key=lambda item: -item[1]):
+            if seconds == 0 and not idle.get(f"role {role}"):
+                continue  # no process of this role, or one that used nothing
             share = 100 * seconds / whole if whole > 0 else float("nan")
             idle_ms = 1e3 * idle.get(f"role {role}", float("nan"))
             lines.append(f"{f['devices']:7d} {role:<24s} {seconds:7.2f} "

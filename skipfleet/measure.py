@@ -132,20 +132,40 @@ OTHER_IN_TREE = "other in the tree"
 
 def role_groups(root: int, tree: Callable[[], list[int]]) -> dict[str, Callable[[], list[int]]]:
     """A CpuWindow's groups, one a role (role_of; root the driver): the processes of `tree` in
-    that role now. The tree is read and its processes named once a sample, not once a group."""
+    each role. A process keeps the role it had when first seen for the groups' life (a window):
+    named again later it could change groups (a worker turning into an actor, an exiting one
+    whose command line reads empty), and a group that first sees a process counts all its CPU,
+    from before the window too. The tree is read once a sample, not once a group; the sampling
+    thread and seconds() share that read under a lock."""
+    roles: dict[tuple[int, int], str] = {}  # (pid, start time) -> its role at first sight
     named: dict[str, list[int]] = {}
     read_at = [float("-inf")]
+    lock = threading.Lock()
 
     def pids(role: str) -> list[int]:
-        if time.monotonic() - read_at[0] > ROLE_REREAD_S:  # the first group of a new sample
-            named.clear()
-            for pid in tree():
-                named.setdefault(role_of(pid, root), []).append(pid)
-            read_at[0] = time.monotonic()
-        return named.get(role, [])
+        with lock:
+            if time.monotonic() - read_at[0] > ROLE_REREAD_S:  # the first group of a sample
+                named.clear()
+                for pid in tree():
+                    key = _process_key(pid)
+                    if key is None:
+                        continue  # gone meanwhile
+                    if key not in roles:
+                        roles[key] = role_of(pid, root)
+                    named.setdefault(roles[key], []).append(pid)
+                read_at[0] = time.monotonic()
+            return list(named.get(role, []))
 
     return {(OTHER_IN_TREE if role == "other" else role): functools.partial(pids, role)
             for role in ROLES}  # fmt: skip
+
+
+def _process_key(pid: int) -> tuple[int, int] | None:
+    """(pid, start time), which a reused pid does not share; None once it is gone."""
+    try:
+        return pid, int(_stat_fields(pid)[19])
+    except (OSError, ValueError, IndexError):
+        return None
 
 
 # Within one sample of a CpuWindow (every 0.5 s) the groups are read this close together

@@ -63,10 +63,14 @@ def test_the_cpu_by_role_table_gives_each_roles_median_per_device_share_and_idle
     rounds = [a_round(2.0, 500, 300, 0.8, 100), a_round(4.0, 540, 300, 1.2, 100),
               a_round(3.0, 520, 300, 1.0, 100)]  # fmt: skip
     for r, (actor, driver) in zip(rounds, [(0.5, 0.3), (0.9, 0.3), (0.6, 0.4)], strict=True):
-        r["cpu_seconds_by_role"] = {"fleet actor": actor, "driver": driver}
-    fleet = a_fleet(rounds) | {"idle_cpu_per_second": {"role fleet actor": 0.018}}
+        r["cpu_seconds_by_role"] = {"fleet actor": actor, "driver": driver, "raylet": 0.0,
+                                    "reaper": 0.0}  # fmt: skip
+    idle = {"role fleet actor": 0.018, "role raylet": 0.011, "role reaper": 0.0}
+    fleet = a_fleet(rounds) | {"idle_cpu_per_second": idle}
     table = format_tables({"fleets": {"100": fleet}, "aggregation_micro": {"sizes": {}}})
     # medians 0.6 and 0.3 CPU-s of a median whole of 1.0: 6 and 3 ms a device of 100
     assert "    100 fleet actor                 0.60   6.000  60.0%      18.0" in table
     assert "    100 driver                      0.30   3.000  30.0%       nan" in table
     assert table.index("fleet actor") < table.index(" driver ")  # the largest first
+    assert "    100 raylet                      0.00   0.000   0.0%      11.0" in table  # idle only
+    assert "reaper" not in table  # nothing in a round nor idle: not listed

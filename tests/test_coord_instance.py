@@ -74,20 +74,25 @@ def test_a_state_dir_has_one_coordinator_at_a_time(tmp_path):
 
 
 def test_a_state_dir_the_coordinator_makes_is_its_owners_alone_and_an_existing_one_is_kept(
-    tmp_path,
+    tmp_path, caplog
 ):
     old = os.umask(0o022)  # the common umask: a plain mkdir would make it 0755
     try:
         cli.prepare_state_dir(tmp_path / "new" / "state")
         StateDirLock.acquire(tmp_path / "locked" / "state").release()
-        existing = tmp_path / "existing"
-        existing.mkdir(mode=0o750)
-        cli.prepare_state_dir(existing)
+        group, everyone = tmp_path / "group", tmp_path / "everyone"
+        group.mkdir(mode=0o750)  # as the images make it
+        everyone.mkdir(mode=0o755)
+        cli.prepare_state_dir(group)
+        cli.prepare_state_dir(everyone)
     finally:
         os.umask(old)
     assert (tmp_path / "new" / "state").stat().st_mode & 0o777 == 0o700
     assert (tmp_path / "locked" / "state").stat().st_mode & 0o777 == 0o700
-    assert existing.stat().st_mode & 0o777 == 0o750  # the operator's choice
+    assert group.stat().st_mode & 0o777 == 0o750  # the operator's choice
+    assert everyone.stat().st_mode & 0o777 == 0o755  # kept too, with a warning
+    (warning,) = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert f"the state dir {everyone} is mode 0755: every user" in warning
 
 
 # -- Ray: the fleet actor is never adopted, never killed by another coordinator ------------------

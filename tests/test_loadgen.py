@@ -64,6 +64,7 @@ from skipfleet.measure import (
     ROLES,
     CpuWindow,
     by_label,
+    cpu_by_process,
     memory_by_role,
     memory_of,
     parse_prometheus,
@@ -501,6 +502,32 @@ def test_cpu_by_role_counts_each_process_of_the_tree_under_its_role():
         for child in (actor, idle):
             child.kill()
             child.wait()
+
+
+def test_a_process_keeps_its_first_role_in_a_cpu_window_and_its_cpu_before_is_not_counted():
+    """An exiting process's command line reads empty (role_of: `other`); named again, it would
+    join another group, which would count all its CPU, from before the window too."""
+    burn_then_exit = (
+        "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass\n"
+        "time.sleep(0.6)"
+    )
+    actor = subprocess.Popen(["ray::FleetActor.tick", "-c", burn_then_exit],
+                             executable=sys.executable)  # fmt: skip
+    try:
+        _wait_for_role(actor, "fleet actor")
+        deadline = time.monotonic() + 10
+        while sum(cpu_by_process([actor.pid]).values()) < 0.45 and time.monotonic() < deadline:
+            time.sleep(0.02)  # its burn is done before the window opens
+        tree = [os.getpid(), actor.pid]
+        with CpuWindow(role_groups(os.getpid(), lambda: tree), interval_s=0.05) as window:
+            time.sleep(1.2)  # it exits in the window, unreaped: a zombie with no command line
+            assert role_of(actor.pid, os.getpid()) == "other"
+            used = window.seconds()
+        assert used[OTHER_IN_TREE] < 0.1  # its 0.5 s burn before the window, in no group
+        assert used["fleet actor"] < 0.2  # its exit, and what was left of its burn
+    finally:
+        actor.kill()
+        actor.wait()
 
 
 def _wait_for_role(child: subprocess.Popen, role: str) -> None:
