@@ -347,7 +347,21 @@ def values(prometheus, expr: str, label: str) -> dict[str, float]:
     return {r["metric"].get(label, ""): float(r["value"][1]) for r in prometheus.query(expr)}
 
 
-def test_prometheus_names_each_device_online_and_when_it_was_last_seen(prometheus, fleet):
+@pytest.fixture(scope="module")
+def scraped(prometheus, fleet) -> None:
+    """Waits until Prometheus holds the fleet as the fleet fixture left it: its scrapes
+    after the malformed message, and enough of them for the panels' increase() over a range (a
+    test run alone asks right after the fixture, before the next scrape)."""
+
+    def caught_up() -> bool:
+        rejected = values(prometheus, "skipfleet_rejected_messages_total", "reason")
+        failed = prometheus.query(panel_query(OVERVIEW, "Rounds failed"))
+        return rejected.get("malformed", 0.0) >= 1 and bool(failed)
+
+    wait_until("Prometheus: the fleet's scrapes", caught_up, watch=[prometheus])
+
+
+def test_prometheus_names_each_device_online_and_when_it_was_last_seen(prometheus, fleet, scraped):
     online = values(prometheus, "skipfleet_device_online", "device")
     assert online == dict.fromkeys(fleet, 1.0)
     offline = panel_query(OVERVIEW, "Devices offline")
@@ -394,7 +408,7 @@ def test_prometheus_counts_devices_behind_per_cohort(prometheus, coordinator, fl
     assert values(prometheus, share, "cohort") == {cohort: behind / len(fleet)}
 
 
-def test_prometheus_reads_zero_for_failed_rounds_rollbacks_and_job_failures(prometheus, fleet):
+def test_prometheus_reads_zero_for_failed_rounds_rollbacks_and_job_failures(prometheus, scraped):
     for title in ("Rounds failed", "Rollouts rolled back"):
         assert [float(r["value"][1]) for r in prometheus.query(panel_query(OVERVIEW, title))] == [
             0.0
