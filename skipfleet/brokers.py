@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import random
 import shutil
 import signal
 import socket
@@ -42,10 +43,44 @@ def find_mosquitto() -> str | None:
     return shutil.which("mosquitto")
 
 
+# Ports for the servers skipfleet starts (a broker, the coordinator's API and /metrics) are
+# taken below the kernel's range for connections' own ports: bind(0) picks one in that range,
+# which between this check and the server's own bind any outgoing connection may take (10,000
+# simulated devices make as many; it happened once: "Address already in use").
+PORT_FLOOR = 10_000
+EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
+PORT_TRIES = 200
+_PORTS = random.SystemRandom()  # not the module's generator, which a caller may have seeded
+
+
 def free_port() -> int:
+    """A port on 127.0.0.1 that nothing uses now, outside the range connections take theirs
+    from (where that range is known and leaves room below it; else any free one)."""
+    low = _ephemeral_low()
+    if low is not None and low > PORT_FLOOR + PORT_TRIES:
+        for _ in range(PORT_TRIES):
+            port = _PORTS.randrange(PORT_FLOOR, low)
+            if _bindable(port):
+                return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return sock.getsockname()[1]
+
+
+def _ephemeral_low() -> int | None:
+    try:
+        return int(EPHEMERAL_RANGE.read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None
+
+
+def _bindable(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        try:
+            sock.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+        return True
 
 
 class MosquittoBroker:
