@@ -46,11 +46,16 @@ def find_mosquitto() -> str | None:
 # Ports for the servers skipfleet starts (a broker, the coordinator's API and /metrics) are
 # taken below the kernel's range for connections' own ports: bind(0) picks one in that range,
 # which between this check and the server's own bind any outgoing connection may take (10,000
-# simulated devices make as many; it happened once: "Address already in use").
-PORT_FLOOR = 10_000
+# simulated devices make as many; it happened once: "Address already in use"). And above Ray's
+# range for its workers' ports (10002-19999 by default), which a node refuses to overlap with
+# the ports it is given (skipfleet.ray_nodes: "a port number ... used by other components").
+PORT_FLOOR = 20_000
 EPHEMERAL_RANGE = Path("/proc/sys/net/ipv4/ip_local_port_range")
 PORT_TRIES = 200
 _PORTS = random.SystemRandom()  # not the module's generator, which a caller may have seeded
+# Ports this process handed out: two asked for in a row (a coordinator's API and /metrics) are
+# both free until the first is bound, and must not be the same one
+_HANDED_OUT: set[int] = set()
 
 
 def free_port() -> int:
@@ -60,7 +65,8 @@ def free_port() -> int:
     if low is not None and low > PORT_FLOOR + PORT_TRIES:
         for _ in range(PORT_TRIES):
             port = _PORTS.randrange(PORT_FLOOR, low)
-            if _bindable(port):
+            if port not in _HANDED_OUT and _bindable(port):
+                _HANDED_OUT.add(port)
                 return port
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
         sock.bind(("127.0.0.1", 0))

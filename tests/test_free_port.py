@@ -14,6 +14,7 @@ from skipfleet import brokers
 def test_a_free_port_is_below_the_connections_range_and_can_be_bound():
     low = brokers._ephemeral_low()
     assert low is not None and low > brokers.PORT_FLOOR  # Linux: 32768 by default
+    assert brokers.PORT_FLOOR > 19_999  # above Ray's default range for its workers' ports
     for _ in range(20):
         port = brokers.free_port()
         assert brokers.PORT_FLOOR <= port < low
@@ -26,10 +27,19 @@ def test_a_port_in_use_is_passed_over(monkeypatch):
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         used = taken.getsockname()[1]
-        picks = iter([used, used, 20_001])
+        picks = iter([used, used, 30_001])
         monkeypatch.setattr(brokers._PORTS, "randrange", lambda low, high: next(picks))
         monkeypatch.setattr(brokers, "_ephemeral_low", lambda: 60_000)
-        assert brokers.free_port() == 20_001
+        monkeypatch.setattr(brokers, "_HANDED_OUT", set())
+        assert brokers.free_port() == 30_001
+
+
+def test_a_port_is_handed_out_once_in_a_process_even_while_still_unbound(monkeypatch):
+    picks = iter([30_003, 30_003, 30_005])
+    monkeypatch.setattr(brokers._PORTS, "randrange", lambda low, high: next(picks))
+    monkeypatch.setattr(brokers, "_ephemeral_low", lambda: 60_000)
+    monkeypatch.setattr(brokers, "_HANDED_OUT", set())
+    assert [brokers.free_port(), brokers.free_port()] == [30_003, 30_005]
 
 
 @pytest.mark.parametrize("ranges", [None, brokers.PORT_FLOOR + 5])
