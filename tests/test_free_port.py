@@ -23,15 +23,18 @@ def test_a_free_port_is_below_the_connections_range_and_can_be_bound():
 
 
 def test_a_port_in_use_is_passed_over(monkeypatch):
-    with socket.socket() as taken:
+    with socket.socket() as taken, socket.socket() as probe:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         used = taken.getsockname()[1]
-        picks = iter([used, used, 30_001])
+        probe.bind(("127.0.0.1", 0))
+        free = probe.getsockname()[1]
+        probe.close()  # free again (the kernel does not hand it out again at once)
+        picks = iter([used, used, free])
         monkeypatch.setattr(brokers._PORTS, "randrange", lambda low, high: next(picks))
-        monkeypatch.setattr(brokers, "_ephemeral_low", lambda: 60_000)
+        monkeypatch.setattr(brokers, "_ephemeral_low", lambda: 65_000)
         monkeypatch.setattr(brokers, "_HANDED_OUT", set())
-        assert brokers.free_port() == 30_001
+        assert brokers.free_port() == free
 
 
 def test_a_port_is_handed_out_once_in_a_process_even_while_still_unbound(monkeypatch):
@@ -39,6 +42,7 @@ def test_a_port_is_handed_out_once_in_a_process_even_while_still_unbound(monkeyp
     monkeypatch.setattr(brokers._PORTS, "randrange", lambda low, high: next(picks))
     monkeypatch.setattr(brokers, "_ephemeral_low", lambda: 60_000)
     monkeypatch.setattr(brokers, "_HANDED_OUT", set())
+    monkeypatch.setattr(brokers, "_bindable", lambda port: True)  # both free: neither bound yet
     assert [brokers.free_port(), brokers.free_port()] == [30_003, 30_005]
 
 
