@@ -28,7 +28,13 @@ from agent.data.fan import load_fan_split
 from agent.device_data import write_device_file
 from agent.trainer.finetune import pretrain
 from skipfleet import bench_aggregation
-from skipfleet.bench_coordinator_round import Parties, RoundFailed, run_round, wait_for
+from skipfleet.bench_coordinator_round import (
+    COORDINATOR,
+    Parties,
+    RoundFailed,
+    run_round,
+    wait_for,
+)
 from skipfleet.bench_coordinator_tables import format_tables, scale_summary
 from skipfleet.brokers import MosquittoBroker
 from skipfleet.coordinator_process import ApiError, CoordinatorProcess
@@ -226,15 +232,11 @@ def idle_cpu(parties: Parties) -> dict:
     """CPU seconds a second with every device online and no round: heartbeats, ticks, and
     Ray's own daemons (per node, with --ray-nodes; per process role, `role <name>`), over
     IDLE_WINDOW_S."""
-    with (
-        parties.cpu_window() as cpu,
-        parties.node_window() as nodes,
-        parties.role_window() as roles,
-    ):
+    with parties.cpu_window() as cpu, parties.node_window() as nodes:
         time.sleep(IDLE_WINDOW_S)
         used = cpu.seconds() | ({f"by_{k}": v for k, v in nodes.seconds().items()
                                  if k != "other"} if nodes else {})  # fmt: skip
-        used |= {f"role {k}": v for k, v in roles.seconds().items() if k != "other"}
+        used |= {f"role {k}": v for k, v in cpu.seconds_by_label(COORDINATOR).items()}
     return {name: seconds / IDLE_WINDOW_S for name, seconds in used.items()}
 
 

@@ -10,6 +10,7 @@ beside it. Messages per second are the coordinator's Prometheus counters over th
 from __future__ import annotations
 
 import contextlib
+import functools
 import os
 import statistics
 import time
@@ -23,12 +24,13 @@ from skipfleet.measure import (
     by_label,
     children_of,
     parse_prometheus,
-    role_groups,
+    role_of,
     total,
 )
 
 POLL_S = 0.25
 API_POLL_S = 1.0
+COORDINATOR = "coordinator_and_ray"  # the CPU window's group: the coordinator's process tree
 AGGREGATION = "skipfleet_aggregation_duration_seconds"
 
 
@@ -61,19 +63,17 @@ class Parties:
                   for i, pid in enumerate(self.ray_node_pids)}  # fmt: skip
         return CpuWindow({"driver": lambda: children_of(self.coordinator.pid), **groups})
 
-    def role_window(self) -> CpuWindow:
-        """CPU of the coordinator's tree by process role (the driver, the fleet actor, Ray's
-        daemons, ...): where a round's coordinator CPU goes."""
-        return CpuWindow(role_groups(self.coordinator.pid, self.coordinator_tree))
-
     def cpu_window(self) -> CpuWindow:
+        """The parties' CPU; the coordinator's tree's also by process role (role_of: the driver,
+        the fleet actor, Ray's daemons, ...), CpuWindow.seconds_by_label(COORDINATOR)."""
         return CpuWindow(
             {
-                "coordinator_and_ray": self.coordinator_tree,
+                COORDINATOR: self.coordinator_tree,
                 "mosquitto": lambda: [self.broker_pid],
                 "load_generators": lambda: self.fleet.pids,
                 "benchmark": lambda: [os.getpid()],  # this process: its polling
-            }
+            },
+            labels={COORDINATOR: functools.partial(role_of, root=self.coordinator.pid)},
         )
 
 
@@ -114,15 +114,11 @@ def run_round(parties: Parties, devices: int, timeout_s: float) -> dict:
     time.sleep(parties.counters_lag_s)
     counters = parse_prometheus(parties.coordinator.metrics())
     triggered = time.time()
-    with (
-        parties.cpu_window() as cpu,
-        parties.node_window() as nodes,
-        parties.role_window() as roles,
-    ):
+    with parties.cpu_window() as cpu, parties.node_window() as nodes:
         ended = _until_applied(api, parties.fleet, devices, triggered, timeout_s)
         cpu_used = cpu.seconds()
         by_node = {k: v for k, v in nodes.seconds().items() if k != "other"} if nodes else {}
-        by_role = {k: v for k, v in roles.seconds().items() if k != "other"}
+        by_role = cpu.seconds_by_label(COORDINATOR)
     applied = max(ended.installs.values())
     window = applied - triggered
     time.sleep(parties.counters_lag_s)

@@ -7,12 +7,10 @@ sharers: a sum that adds up).
 
 from __future__ import annotations
 
-import functools
 import os
 import re
 import threading
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
 _CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
@@ -124,54 +122,6 @@ def role_of(pid: int, root: int) -> str:
     return next((role for mark, role in _ROLES if mark in command), "other")
 
 
-# Every role role_of names, in the order the tables list them
-ROLES = ("driver", *dict.fromkeys(role for _, role in _ROLES), *_PROGRAMS.values(), "other")
-# A tree's processes role_of names "other", in a CpuWindow (whose own "other" is the machine's)
-OTHER_IN_TREE = "other in the tree"
-
-
-def role_groups(root: int, tree: Callable[[], list[int]]) -> dict[str, Callable[[], list[int]]]:
-    """A CpuWindow's groups, one a role (role_of; root the driver): the processes of `tree` in
-    each role. A process keeps the role it had when first seen for the groups' life (a window):
-    named again later it could change groups (a worker turning into an actor, an exiting one
-    whose command line reads empty), and a group that first sees a process counts all its CPU,
-    from before the window too. The tree is read once a sample, not once a group; the sampling
-    thread and seconds() share that read under a lock."""
-    roles: dict[tuple[int, int], str] = {}  # (pid, start time) -> its role at first sight
-    named: dict[str, list[int]] = {}
-    read_at = [float("-inf")]
-    lock = threading.Lock()
-
-    def pids(role: str) -> list[int]:
-        with lock:
-            if time.monotonic() - read_at[0] > ROLE_REREAD_S:  # the first group of a sample
-                named.clear()
-                for pid in tree():
-                    key = _process_key(pid)
-                    if key is None:
-                        continue  # gone meanwhile
-                    if key not in roles:
-                        roles[key] = role_of(pid, root)
-                    named.setdefault(roles[key], []).append(pid)
-                read_at[0] = time.monotonic()
-            return list(named.get(role, []))
-
-    return {(OTHER_IN_TREE if role == "other" else role): functools.partial(pids, role)
-            for role in ROLES}  # fmt: skip
-
-
-def _process_key(pid: int) -> tuple[int, int] | None:
-    """(pid, start time), which a reused pid does not share; None once it is gone."""
-    try:
-        return pid, int(_stat_fields(pid)[19])
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-# Within one sample of a CpuWindow (every 0.5 s) the groups are read this close together
-ROLE_REREAD_S = 0.1
-
-
 def memory_by_role(root: int, pids: Iterable[int] | None = None) -> dict[str, Memory]:
     """The memory of `root`'s tree (or of `pids`, root the driver among them), summed per
     role (role_of): where a tree's PSS goes."""
@@ -208,14 +158,22 @@ class CpuWindow:
     """CPU seconds groups of processes use in a `with` block (asked with `seconds()`).
 
     Sampled on a thread every `interval_s`, so a process that ends inside the window (Ray's
-    workers come and go) still counts, up to its last sample.
+    workers come and go) still counts, up to its last sample. `labels` names each process of a
+    group when first seen (e.g. role_of), for `seconds_by_label`: the group's CPU split by name,
+    from the same samples. A process keeps its first name: named again later it could change
+    (a worker turning into an actor, an exiting one whose command line reads empty).
     """
 
     def __init__(
-        self, groups: dict[str, Callable[[], Iterable[int]]], interval_s: float = 0.5
+        self,
+        groups: dict[str, Callable[[], Iterable[int]]],
+        interval_s: float = 0.5,
+        labels: Mapping[str, Callable[[int], str]] | None = None,
     ) -> None:
         self._groups = groups
         self._interval = interval_s
+        self._labels = dict(labels or {})
+        self._named: dict[str, dict[tuple[int, int], str]] = {n: {} for n in self._labels}
         self._first: dict[str, dict] = {}
         self._last: dict[str, dict] = {}
         self._lock = threading.Lock()
@@ -224,7 +182,7 @@ class CpuWindow:
 
     def __enter__(self) -> CpuWindow:
         self._machine = machine_cpu_seconds()
-        self._first = {name: cpu_by_process(pids()) for name, pids in self._groups.items()}
+        self._first = {name: self._read(name, pids) for name, pids in self._groups.items()}
         self._last = {name: dict(seen) for name, seen in self._first.items()}
         self._thread.start()
         return self
@@ -244,9 +202,29 @@ class CpuWindow:
         used["other"] = max(0.0, machine_cpu_seconds() - self._machine - sum(used.values()))
         return used
 
+    def seconds_by_label(self, name: str) -> dict[str, float]:
+        """Group `name`'s CPU seconds so far, per label of its processes (as of the last
+        sample: call seconds() first)."""
+        with self._lock:
+            first, named, out = self._first[name], self._named[name], {}
+            for key, cpu in self._last[name].items():
+                label = named[key]
+                out[label] = out.get(label, 0.0) + cpu - first.get(key, 0.0)
+        return out
+
+    def _read(self, name: str, pids: Callable[[], Iterable[int]]) -> dict:
+        now = cpu_by_process(pids())
+        label = self._labels.get(name)
+        if label is not None:
+            with self._lock:  # the sampling thread and seconds() both read: one name a process
+                named = self._named[name]
+                for key in now.keys() - named.keys():
+                    named[key] = label(key[0])
+        return now
+
     def _sample(self) -> None:
         for name, pids in self._groups.items():
-            now = cpu_by_process(pids())
+            now = self._read(name, pids)
             with self._lock:
                 self._last[name].update(now)
 

@@ -4,6 +4,7 @@ and `skipfleet bench coordinator` end to end on three devices."""
 
 from __future__ import annotations
 
+import functools
 import heapq
 import itertools
 import json
@@ -60,15 +61,12 @@ from skipfleet.loadgen.fleet import SimulatedFleet, split
 from skipfleet.loadgen.process import InstallLog
 from skipfleet.loadgen.reference import REPORT_VARIANTS, Evaluator, perturbed, run_reference
 from skipfleet.measure import (
-    OTHER_IN_TREE,
-    ROLES,
     CpuWindow,
     by_label,
     cpu_by_process,
     memory_by_role,
     memory_of,
     parse_prometheus,
-    role_groups,
     role_of,
     total,
 )
@@ -491,22 +489,23 @@ def test_cpu_by_role_counts_each_process_of_the_tree_under_its_role():
     tree = [os.getpid(), actor.pid, idle.pid]
     try:
         _wait_for_role(actor, "fleet actor")
-        with CpuWindow(role_groups(os.getpid(), lambda: tree), interval_s=0.05) as window:
+        with _role_window(tree) as window:
             actor.wait()
-            used = window.seconds()
+            whole = window.seconds()["tree"]
+            used = window.seconds_by_label("tree")
+        assert set(used) == {"driver", "fleet actor", "other"}
         assert used["fleet actor"] > 0.3  # its burn, not the driver's
-        assert used["driver"] < used["fleet actor"]
-        assert used[OTHER_IN_TREE] < 0.1  # the sleep, apart from the machine's "other"
-        assert set(ROLES) - {"other"} <= set(used)  # every role, also one with no process now
+        assert used["driver"] < used["fleet actor"] and used["other"] < 0.1  # the sleep
+        assert sum(used.values()) == pytest.approx(whole)  # the same samples, split
     finally:
         for child in (actor, idle):
             child.kill()
             child.wait()
 
 
-def test_a_process_keeps_its_first_role_in_a_cpu_window_and_its_cpu_before_is_not_counted():
-    """An exiting process's command line reads empty (role_of: `other`); named again, it would
-    join another group, which would count all its CPU, from before the window too."""
+def test_a_process_keeps_its_first_role_in_a_cpu_window():
+    """An exiting process's command line reads empty (role_of: `other`): named again, it would
+    move to `other`; named once, its CPU stays with its role, and only the window's counts."""
     burn_then_exit = (
         "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.5: pass\n"
         "time.sleep(0.6)"
@@ -518,16 +517,21 @@ def test_a_process_keeps_its_first_role_in_a_cpu_window_and_its_cpu_before_is_no
         deadline = time.monotonic() + 10
         while sum(cpu_by_process([actor.pid]).values()) < 0.45 and time.monotonic() < deadline:
             time.sleep(0.02)  # its burn is done before the window opens
-        tree = [os.getpid(), actor.pid]
-        with CpuWindow(role_groups(os.getpid(), lambda: tree), interval_s=0.05) as window:
+        with _role_window([os.getpid(), actor.pid]) as window:
             time.sleep(1.2)  # it exits in the window, unreaped: a zombie with no command line
             assert role_of(actor.pid, os.getpid()) == "other"
-            used = window.seconds()
-        assert used[OTHER_IN_TREE] < 0.1  # its 0.5 s burn before the window, in no group
+            window.seconds()
+            used = window.seconds_by_label("tree")
+        assert "other" not in used
         assert used["fleet actor"] < 0.2  # its exit, and what was left of its burn
     finally:
         actor.kill()
         actor.wait()
+
+
+def _role_window(tree: list[int]) -> CpuWindow:
+    label = functools.partial(role_of, root=os.getpid())
+    return CpuWindow({"tree": lambda: tree}, interval_s=0.05, labels={"tree": label})
 
 
 def _wait_for_role(child: subprocess.Popen, role: str) -> None:
