@@ -318,8 +318,7 @@ class ReportStore:
                 f"SELECT job_id, file FROM fit_reports WHERE round_id IS ? AND {_HOLDING}",
                 (round_id,),
             )
-            for row in rows:
-                self._unhold(row["job_id"])
+            for row in rows:  # held ones are the round's too: let go above
                 if row["file"]:
                     self._released_files.note(row["file"])
             self._db.execute(
