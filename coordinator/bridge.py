@@ -20,7 +20,7 @@ import logging
 import queue
 import threading
 import time
-from collections.abc import Callable, Container, Sequence
+from collections.abc import Callable, Container
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
@@ -33,6 +33,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from coordinator.account_fight import AccountFightDetector, describe_fight, short_session_s
 from coordinator.config import CoordinatorConfig
 from coordinator.delivery import AckToken, InboundAcks, PublishTracker
+from coordinator.inbox import Inbox, Item, Linger, events_in
 from coordinator.ingest import Received
 from coordinator.observations import MetricsReport, RejectReason
 from coordinator.outbound import Outbound
@@ -226,7 +227,7 @@ class MqttBridge:
         # A whole report may arrive as one publish of up to twice the chunk limit (as the agent
         # accepts on its side); chunks are re-assembled into at most 16 MiB.
         self._decoder = InboundDecoder(self._topics, metrics, publish_limit=2 * config.chunk_limit)
-        self._inbox: queue.Queue[tuple[Received | None, AckToken]] = queue.Queue()
+        self._inbox = Inbox(Linger(LINGER_BELOW, LINGER_S, BEATS_LINGER_S))
         self._latest_beats: dict[str, tuple[Received, AckToken]] = {}  # device -> newest held
         self._queued_beats: dict[str, int] = {}  # device -> its heartbeats in the queue
         self._beats_lock = threading.Lock()
@@ -287,7 +288,7 @@ class MqttBridge:
         for thread in self._threads:
             if thread.ident is not None:  # started
                 thread.join(flush_timeout_s)
-        waiting = [*self._take(QUEUE_CAPACITY + RECEIVE_MAXIMUM), *self._take_beats(None)]
+        waiting = [*self._inbox.take(QUEUE_CAPACITY + RECEIVE_MAXIMUM), *self._take_beats(None)]
         remaining = [r for r, _ in waiting if r]
         try:
             if remaining:
@@ -435,11 +436,11 @@ class MqttBridge:
             return
         # A rejected message or a chunk is acknowledged through the queue too, in order, after
         # the messages before it (the worker never blocks this thread).
-        self._inbox.put_nowait((received, token))
+        self._inbox.put((received, token))
 
     def _may_queue(self, received: Received | None) -> bool:
         """A QoS 0 message may join the queue (and is counted there if it is a heartbeat)."""
-        if self._inbox.qsize() >= QUEUE_CAPACITY:
+        if len(self._inbox) >= QUEUE_CAPACITY:
             return False
         if received is None or received.envelope.kind != MessageKind.HEARTBEAT:
             return True
@@ -450,7 +451,7 @@ class MqttBridge:
             self._queued_beats[received.device_id] = queued + 1
             return True
 
-    def _dequeued(self, items: list[tuple[Received | None, AckToken]]) -> None:
+    def _dequeued(self, items: list[Item]) -> None:
         with self._beats_lock:
             for received, _ in items:
                 if received is not None and received.envelope.kind == MessageKind.HEARTBEAT:
@@ -511,39 +512,16 @@ class MqttBridge:
                 submitted.settled.set()
                 self._in_flight.release()
 
-    def _next_batch(self) -> list[tuple[Received | None, AckToken]]:
+    def _next_batch(self) -> list[Item]:
         """Up to MAX_BATCH queued messages, the first waited for a moment; a small batch
-        lingers (below), then held heartbeats are added after the queue's."""
-        try:
-            items = [self._inbox.get(timeout=0.05 if self._latest_beats else 0.2)]
-        except queue.Empty:
-            items = []
-        items += self._take(MAX_BATCH - len(items))
-        if items and len(items) < LINGER_BELOW and not self._stopping.is_set():
-            self._linger(items)  # let a small batch fill a little first
+        lingers (Inbox.next_batch), then held heartbeats are added after the queue's."""
+        first_wait_s = 0.05 if self._latest_beats else 0.2
+        items = self._inbox.next_batch(first_wait_s, MAX_BATCH, self._stopping.is_set)
         self._dequeued(items)
         items += self._take_beats(MAX_BATCH // 4)  # held heartbeats: after the queue's
         return items
 
-    def _linger(self, items: list[tuple[Received | None, AckToken]]) -> None:
-        """Adds to a small batch what arrives within LINGER_S, or BEATS_LINGER_S while the
-        batch holds only heartbeats (cut to LINGER_S by any other message), up to LINGER_BELOW
-        and then whatever is queued, up to MAX_BATCH."""
-        start = time.monotonic()
-        linger = LINGER_S if _events_in(items) else BEATS_LINGER_S
-        while len(items) < LINGER_BELOW and not self._stopping.is_set():
-            left = start + linger - time.monotonic()
-            if left <= 0:
-                break
-            try:
-                items.append(self._inbox.get(timeout=left))
-            except queue.Empty:
-                break
-            if linger > LINGER_S and _events_in(items[-1:]):
-                linger = LINGER_S
-        items += self._take(MAX_BATCH - len(items))
-
-    def _submit(self, items: list[tuple[Received | None, AckToken]]) -> _Submitted:
+    def _submit(self, items: list[Item]) -> _Submitted:
         batch = [_checked(received) for received, _ in items if received is not None]
         committing = self._hand_over(batch) if batch else Committed()
         return _Submitted(items, batch, committing, refused=isinstance(committing, NotCommitted))
@@ -582,17 +560,8 @@ class MqttBridge:
                 attempt = min(attempt + 1, 6)
                 committing = self._hand_over(submitted.batch)
         self._acks.ack(token for _, token in submitted.items)
-        if _events_in(submitted.items):  # heartbeats alone wait for the next tick: it reads them
+        if events_in(submitted.items):  # heartbeats alone wait for the next tick: it reads them
             self._wake.set()
-
-    def _take(self, limit: int) -> list[tuple[Received | None, AckToken]]:
-        batch: list[tuple[Received | None, AckToken]] = []
-        while len(batch) < limit:
-            try:
-                batch.append(self._inbox.get_nowait())
-            except queue.Empty:
-                break
-        return batch
 
     def _take_beats(self, limit: int | None) -> list[tuple[Received, AckToken]]:
         """Up to `limit` held heartbeats (all with None), oldest held first."""
@@ -712,7 +681,7 @@ class MqttBridge:
 class _Submitted:
     """A batch handed to the fleet state and not acknowledged yet."""
 
-    items: list[tuple[Received | None, AckToken]]  # what the broker is owed an ack for
+    items: list[Item]  # what the broker is owed an ack for
     batch: list[Received]  # the decoded messages among them
     committing: Committing
     refused: bool = False  # not even handed over: nothing goes after it until it is settled
@@ -736,15 +705,6 @@ def _checked(received: Received) -> Received:
         return received
     verdict = check_values(received.device_id, message.adapter, message.metrics.samples)
     return replace(received, checked=verdict)
-
-
-def _events_in(items: Sequence[tuple[Received | None, AckToken]]) -> bool:
-    """Some item is a device message other than a heartbeat (None: one the decoder refused,
-    acknowledged in order, which asks for nothing)."""
-    return any(
-        received is not None and received.envelope.kind != MessageKind.HEARTBEAT
-        for received, _ in items
-    )
 
 
 def _also(first: Callable[..., None] | None, then: Callable[[], None]) -> Callable[..., None]:
