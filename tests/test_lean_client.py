@@ -277,3 +277,46 @@ def test_dropped_out_messages_no_longer_wait_for_room():
     client._note_queued(3)
     assert client.drop_out_messages() == [message]
     assert not client._waiting  # a later message given mid 3 is not sent ahead of its turn
+
+
+def a_publish(client: paho.Client, topic: bytes = b"fleet/pi-1/telemetry") -> MQTTErrorCode:
+    return feed(client, 0x30, publish_body(topic, b"\x80", mid=None, properties=b"\x00"))
+
+
+def test_without_filtered_callbacks_a_message_goes_to_on_message_without_a_topic_match():
+    client = make_client(SETTINGS, "coord", manual_ack=True, lean=True)
+    messages = received_by(client)
+
+    def no_match(topic):
+        raise AssertionError(f"matched {topic} against filters nobody added")
+
+    client._on_message_filtered.iter_match = no_match
+    assert a_publish(client) == MQTTErrorCode.MQTT_ERR_SUCCESS
+    assert [m.topic for m in messages] == ["fleet/pi-1/telemetry"]
+
+
+def test_a_filtered_callback_takes_its_topics_and_on_message_the_rest_as_in_paho():
+    client = make_client(SETTINGS, "coord", manual_ack=True, lean=True)
+    messages = received_by(client)
+    filtered: list[str] = []
+    client.message_callback_add("fleet/+/status", lambda c, u, m: filtered.append(m.topic))
+    a_publish(client, b"fleet/pi-1/status")
+    a_publish(client, b"fleet/pi-1/telemetry")
+    assert filtered == ["fleet/pi-1/status"]
+    assert [m.topic for m in messages] == ["fleet/pi-1/telemetry"]
+
+
+@pytest.mark.parametrize("suppressed", [False, True])
+def test_an_exception_in_on_message_is_raised_unless_suppressed_as_in_paho(suppressed):
+    client = make_client(SETTINGS, "coord", manual_ack=True, lean=True)
+    client.suppress_exceptions = suppressed
+
+    def failing(client, userdata, message):
+        raise ValueError("bad callback")
+
+    client.on_message = failing
+    if suppressed:
+        assert a_publish(client) == MQTTErrorCode.MQTT_ERR_SUCCESS
+    else:
+        with pytest.raises(ValueError, match="bad callback"):
+            a_publish(client)
