@@ -6,15 +6,22 @@ Instead the snapshot's own records (one frozen DeviceGauges a device) are kept, 
 turns them into samples. The series are those the Gauges made: a reading the device has not
 given is no series (neither NaN nor 0: avg() over the fleet must stay a number), a device gone
 from the snapshot has none, and what a device runs is one `device_adapter_info` series.
+
+/metrics writes these series as text itself (DeviceCollector.exposition, the same lines
+prometheus_client writes): through prometheus_client's metric families and its exposition, a
+scrape of 10,000 devices' 140,000 samples cost the driver ~1.1 s of CPU (0.26 s making the
+families, the rest writing each sample's line); `python -m skipfleet.bench_scrape`.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Container, Iterator, Sequence
 from dataclasses import dataclass
+from typing import cast
 
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector, CollectorRegistry
+from prometheus_client.utils import floatToGoString
 
 from coordinator.observations import DeviceGauges
 
@@ -23,6 +30,8 @@ ACCURACY_STAGES = ("running", "before", "after")  # what it runs now; its last f
 LABEL_FREE_SIGNALS = ("confidence", "feature")
 
 Reading = Callable[[DeviceGauges], float | None]
+# prometheus_client's own formatting of a sample's value (Go's: 1e+06, +Inf, NaN), untyped there
+go_float = cast(Callable[[float], str], floatToGoString)
 
 
 @dataclass(frozen=True)
@@ -129,3 +138,44 @@ class DeviceCollector(Collector):
         for d in devices:
             info.add_metric([d.device_id, d.cohort, d.adapter_origin, d.cluster], 1.0)
         yield info
+
+    def exposition(self, names: Container[str] | None = None) -> str:
+        """The series collect() makes, as the lines of Prometheus's text format (and of
+        OpenMetrics: a gauge's lines are the same in both), labels in prometheus_client's
+        (sorted) order; only the families in `names`, if given."""
+        devices, lines = self._devices, []
+        for series in SERIES:
+            if names is None or series.name in names:
+                lines += _family_head(series.name, series.help)
+                lines += _series_lines(series, devices)
+        if names is None or ADAPTER_INFO in names:
+            lines += _family_head(ADAPTER_INFO, ADAPTER_INFO_HELP)
+            lines += (
+                f'{ADAPTER_INFO}{{cluster="{_escaped(d.cluster)}",cohort="{_escaped(d.cohort)}",'
+                f'device="{_escaped(d.device_id)}",origin="{_escaped(d.adapter_origin)}"}} 1.0\n'
+                for d in devices
+            )
+        return "".join(lines)
+
+
+def _family_head(name: str, help: str) -> list[str]:
+    doc = help.replace("\\", r"\\").replace("\n", r"\n")
+    return [f"# HELP {name} {doc}\n", f"# TYPE {name} gauge\n"]
+
+
+def _series_lines(series: DeviceSeries, devices: Sequence[DeviceGauges]) -> Iterator[str]:
+    for d in devices:
+        device = f'{series.name}{{device="{_escaped(d.device_id)}"'
+        for value, reading in series.readings:
+            reading_now = reading(d)
+            if reading_now is None:
+                continue
+            label = "" if series.label is None else f',{series.label}="{value}"'
+            yield f"{device}{label}}} {go_float(reading_now)}\n"
+
+
+def _escaped(value: str) -> str:
+    """A label value as both formats write it: backslash, newline and double quote escaped."""
+    if "\\" in value or "\n" in value or '"' in value:
+        return value.replace("\\", r"\\").replace("\n", r"\n").replace('"', r"\"")
+    return value

@@ -27,11 +27,12 @@ from prometheus_client import (
     Histogram,
     Metric,
     ProcessCollector,
-    start_http_server,
 )
+from prometheus_client.registry import Collector
 
 from coordinator.device_metrics import DeviceCollector
 from coordinator.jobs import JobState
+from coordinator.metrics_http import metrics_app, serve
 from coordinator.observations import (
     FLEET_REJECT_REASONS,
     JOB_FAILURE_REASONS,
@@ -68,11 +69,29 @@ class RefreshingRegistry(CollectorRegistry):
     def __init__(self) -> None:
         super().__init__()
         self.before_collect: Callable[[], None] | None = None
+        self._collectors: list[Collector] = []  # in the order registered
+
+    def register(self, collector: Collector) -> None:
+        super().register(collector)
+        self._collectors.append(collector)
+
+    def unregister(self, collector: Collector) -> None:
+        super().unregister(collector)
+        self._collectors.remove(collector)
 
     def collect(self) -> Iterator[Metric]:
         if self.before_collect is not None:
             self.before_collect()
         yield from super().collect()
+
+    def without(self, left_out: Collector) -> CollectorRegistry:
+        """A registry of the same collectors (the same objects, so the same values) less
+        `left_out`, and without before_collect."""
+        registry = CollectorRegistry()
+        for collector in self._collectors:
+            if collector is not left_out:
+                registry.register(collector)
+        return registry
 
 
 class FleetMetrics:
@@ -289,10 +308,13 @@ class FleetMetrics:
         self._forget_cohorts(cohorts)
 
     def serve(self, addr: str, port: int) -> int:
-        """Serves /metrics on a daemon thread; returns the bound port (port 0: any free one)."""
-        server, _ = start_http_server(port, addr, registry=self.registry)
-        self._server = server
-        return server.server_port
+        """Serves /metrics on a daemon thread, the per-device series written apart
+        (coordinator.metrics_http); returns the bound port (port 0: any free one)."""
+        if not isinstance(self.registry, RefreshingRegistry):
+            raise TypeError("serve needs the registry FleetMetrics made itself")
+        others = self.registry.without(self.devices)
+        self._server = serve(metrics_app(others, self.devices, self._refresh), addr, port)
+        return self._server.server_port
 
     def stop_serving(self) -> None:
         server = getattr(self, "_server", None)
