@@ -102,6 +102,27 @@ def successful_puback_mid(body: bytes | bytearray) -> int:
     return int.from_bytes(body[:2], "big")
 
 
+class ReceivedMessage(paho.MQTTMessage):
+    """paho's message for a PUBLISH read in its common form, less the MQTTMessageInfo paho
+    makes for every message (a threading.Condition and its RLock, ~10 µs): `info` tracks a
+    publish for its sender, and a received message shares one that nothing reads."""
+
+    __slots__ = ()
+    _INFO = paho.MQTTMessageInfo(0)
+
+    def __init__(self, mid: int, topic: bytes, header: int, payload: bytes) -> None:
+        self.timestamp = paho.time_func()
+        self.state = paho.mqtt_ms_invalid
+        self.dup = bool(header & 0x08)
+        self.mid = mid
+        self._topic = topic
+        self.payload = payload
+        self.qos = (header & 0x06) >> 1
+        self.retain = bool(header & 0x01)
+        self.info = self._INFO
+        self.properties = None
+
+
 class LeanClient(paho.Client):
     """A paho Client (same construction, same callbacks) for MQTT v5, reading its common
     inbound PUBLISH and PUBACK packets without building property objects; and acknowledging
@@ -305,12 +326,7 @@ class LeanClient(paho.Client):
             topic, mid, payload = split_publish(header, body)
         except NotCommonForm:
             return super()._handle_publish()  # paho's own checks and errors
-        message = paho.MQTTMessage(mid=mid, topic=topic)
-        message.dup = bool(header & 0x08)
-        message.qos = (header & 0x06) >> 1
-        message.retain = bool(header & 0x01)
-        message.payload = payload
-        message.timestamp = paho.time_func()
+        message = ReceivedMessage(mid, topic, header, payload)
         self._handle_on_message(message)
         if message.qos == 1 and not self._manual_ack:
             return self._send_puback(mid)

@@ -320,3 +320,15 @@ def test_an_exception_in_on_message_is_raised_unless_suppressed_as_in_paho(suppr
     else:
         with pytest.raises(ValueError, match="bad callback"):
             a_publish(client)
+
+
+def test_a_received_publish_makes_no_lock_of_its_own(monkeypatch):
+    client = make_client(SETTINGS, "coord", manual_ack=True, lean=True)
+    messages = received_by(client)
+    made = []
+    real = threading.Condition
+    monkeypatch.setattr(paho.threading, "Condition", lambda *a: made.append(1) or real(*a))
+    assert a_publish(client) == MQTTErrorCode.MQTT_ERR_SUCCESS
+    (message,) = messages
+    assert isinstance(message, paho.MQTTMessage) and message.info.mid == 0
+    assert made == []  # paho's MQTTMessage makes a Condition (its MQTTMessageInfo's) for each
