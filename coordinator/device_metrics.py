@@ -139,17 +139,18 @@ class DeviceCollector(Collector):
             info.add_metric([d.device_id, d.cohort, d.adapter_origin, d.cluster], 1.0)
         yield info
 
-    def exposition(self, names: Container[str] | None = None) -> str:
-        """The series collect() makes, as the lines of Prometheus's text format (and of
-        OpenMetrics: a gauge's lines are the same in both), labels in prometheus_client's
-        (sorted) order; only the families in `names`, if given."""
+    def exposition(self, names: Container[str] | None = None, *, openmetrics: bool = False) -> str:
+        """The series collect() makes, as prometheus_client writes them in Prometheus's text
+        format or in OpenMetrics (a gauge's lines differ only in the escaping of its help),
+        labels in its (sorted) order; only the families in `names`, if given. The names are
+        as prometheus_client writes them under the escapings underscores and allow-utf-8."""
         devices, lines = self._devices, []
         for series in SERIES:
             if names is None or series.name in names:
-                lines += _family_head(series.name, series.help)
+                lines += _family_head(series.name, series.help, openmetrics)
                 lines += _series_lines(series, devices)
         if names is None or ADAPTER_INFO in names:
-            lines += _family_head(ADAPTER_INFO, ADAPTER_INFO_HELP)
+            lines += _family_head(ADAPTER_INFO, ADAPTER_INFO_HELP, openmetrics)
             lines += (
                 f'{ADAPTER_INFO}{{cluster="{_escaped(d.cluster)}",cohort="{_escaped(d.cohort)}",'
                 f'device="{_escaped(d.device_id)}",origin="{_escaped(d.adapter_origin)}"}} 1.0\n'
@@ -158,8 +159,10 @@ class DeviceCollector(Collector):
         return "".join(lines)
 
 
-def _family_head(name: str, help: str) -> list[str]:
+def _family_head(name: str, help: str, openmetrics: bool) -> list[str]:
     doc = help.replace("\\", r"\\").replace("\n", r"\n")
+    if openmetrics:
+        doc = doc.replace('"', r"\"")
     return [f"# HELP {name} {doc}\n", f"# TYPE {name} gauge\n"]
 
 

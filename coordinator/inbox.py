@@ -35,7 +35,7 @@ def events_in(items: Iterable[Item]) -> bool:
 
 @dataclass(frozen=True)
 class Linger:
-    """How long a small batch waits for more before it goes: `below` messages or fewer wait
+    """How long a small batch waits for more before it goes: fewer than `below` messages wait
     `seconds` from the first; heartbeats alone wait `beats_seconds`, cut to `seconds` by any
     other message (a heartbeat is a state that only the next tick reads)."""
 

@@ -70,14 +70,21 @@ class RefreshingRegistry(CollectorRegistry):
         super().__init__()
         self.before_collect: Callable[[], None] | None = None
         self._collectors: list[Collector] = []  # in the order registered
+        self._views: list[tuple[CollectorRegistry, Collector]] = []  # made by without()
 
     def register(self, collector: Collector) -> None:
         super().register(collector)
         self._collectors.append(collector)
+        for view, left_out in self._views:
+            if collector is not left_out:
+                view.register(collector)
 
     def unregister(self, collector: Collector) -> None:
         super().unregister(collector)
         self._collectors.remove(collector)
+        for view, left_out in self._views:
+            if collector is not left_out:
+                view.unregister(collector)
 
     def collect(self) -> Iterator[Metric]:
         if self.before_collect is not None:
@@ -86,12 +93,14 @@ class RefreshingRegistry(CollectorRegistry):
 
     def without(self, left_out: Collector) -> CollectorRegistry:
         """A registry of the same collectors (the same objects, so the same values) less
-        `left_out`, and without before_collect."""
-        registry = CollectorRegistry()
+        `left_out`, and without before_collect; collectors registered here later, or
+        unregistered, are there too."""
+        view = CollectorRegistry()
         for collector in self._collectors:
             if collector is not left_out:
-                registry.register(collector)
-        return registry
+                view.register(collector)
+        self._views.append((view, left_out))
+        return view
 
 
 class FleetMetrics:
@@ -313,7 +322,8 @@ class FleetMetrics:
         if not isinstance(self.registry, RefreshingRegistry):
             raise TypeError("serve needs the registry FleetMetrics made itself")
         others = self.registry.without(self.devices)
-        self._server = serve(metrics_app(others, self.devices, self._refresh), addr, port)
+        app = metrics_app(self.registry, others, self.devices, self._refresh)
+        self._server = serve(app, addr, port)
         return self._server.server_port
 
     def stop_serving(self) -> None:

@@ -61,7 +61,7 @@ def measure(count: int, repeat: int) -> dict[str, float]:
         scraped = scrape(port)  # the snapshot made once, as within max_age_s
         return {
             "prometheus_client_s": median_cpu(lambda: generate_latest(registry), repeat),
-            "written_s": median_cpu(metrics.devices.exposition, repeat),
+            "written_s": median_cpu(lambda: metrics.devices.exposition().encode(), repeat),
             "scrape_before_s": median_cpu(lambda: scrape(before.server_port), repeat),
             "scrape_s": median_cpu(lambda: scrape(port), repeat),
             "text_bytes": len(metrics.devices.exposition().encode()),

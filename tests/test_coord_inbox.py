@@ -99,7 +99,9 @@ def test_a_full_batch_does_not_linger_and_the_limit_leaves_the_rest_queued():
     queued = items(device(), "beat", "presence", "beat")
     for item in queued:
         inbox.put(item)
+    started = time.monotonic()
     assert inbox.next_batch(LONG_S, 2, lambda: False) == queued[:2]
+    assert time.monotonic() - started < 1.0  # LONG_S had it lingered
     assert len(inbox) == 1
     assert inbox.take(10) == queued[2:]
     assert len(inbox) == 0

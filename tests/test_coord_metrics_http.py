@@ -4,16 +4,18 @@ chooses, gzipped or not, restricted by name[], from one snapshot a scrape."""
 
 from __future__ import annotations
 
+import dataclasses
 import gzip
 import urllib.request
 
 import pytest
-from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client.exposition import choose_encoder
 from prometheus_client.openmetrics import exposition as openmetrics
 from prometheus_client.openmetrics.parser import text_string_to_metric_families as parse_om
 from prometheus_client.parser import text_string_to_metric_families as parse_text
 
-from coordinator.device_metrics import DeviceCollector
+from coordinator.device_metrics import SERIES, DeviceCollector
 from coordinator.metrics import FleetMetrics
 from coordinator.observations import DeviceGauges, FleetSnapshot, MetricsReport
 
@@ -42,7 +44,17 @@ def only_devices(gauges: tuple[DeviceGauges, ...]) -> tuple[CollectorRegistry, D
 def test_the_device_lines_are_prometheus_clients_own_byte_for_byte():
     registry, collector = only_devices(devices())
     assert collector.exposition() == generate_latest(registry).decode()
-    ours = collector.exposition() + "# EOF\n"
+    ours = collector.exposition(openmetrics=True) + "# EOF\n"
+    assert ours == openmetrics.generate_latest(registry).decode()
+
+
+def test_a_help_with_quotes_and_backslashes_is_escaped_as_each_format_escapes_it(monkeypatch):
+    first = SERIES[0]
+    odd = dataclasses.replace(first, help='a "quoted" \\ help\nover two lines')
+    monkeypatch.setattr("coordinator.device_metrics.SERIES", (odd,))
+    registry, collector = only_devices(devices())
+    assert collector.exposition() == generate_latest(registry).decode()
+    ours = collector.exposition(openmetrics=True) + "# EOF\n"
     assert ours == openmetrics.generate_latest(registry).decode()
 
 
@@ -84,11 +96,12 @@ def scrape(url: str, **headers: str) -> tuple[str, dict[str, str]]:
     return body.decode(), answered
 
 
-def samples(families) -> set[tuple]:
-    """Every sample but the process's own (its CPU and memory move between two scrapes)."""
-    return {(s.name, tuple(sorted(s.labels.items())), s.value)
-            for family in families for s in family.samples
-            if not s.name.startswith("process_")}  # fmt: skip
+def samples(families) -> list[tuple]:
+    """Every sample but the process's own (its CPU and memory move between two scrapes),
+    sorted: a line written twice shows."""
+    return sorted((s.name, tuple(sorted(s.labels.items())), s.value)
+                  for family in families for s in family.samples
+                  if not s.name.startswith("process_"))  # fmt: skip
 
 
 @pytest.mark.parametrize("gzipped", [False, True])
@@ -130,3 +143,44 @@ def test_a_method_other_than_get_is_refused_without_device_lines(served):
         urllib.request.urlopen(request)
     assert refused.value.code == 405
     assert b"skipfleet_device" not in refused.value.read()
+
+
+def text_lines(text: str) -> list[str]:
+    """The lines, sorted (families come in another order), less the process's own."""
+    return sorted(line for line in text.splitlines() if "process_" not in line)
+
+
+@pytest.mark.parametrize("kind", ["text/plain", "application/openmetrics-text"])
+@pytest.mark.parametrize("escaping", ["underscores", "allow-utf-8", "values", "dots"])
+def test_every_escaping_a_scraper_asks_for_gets_prometheus_clients_own_lines(
+    served, kind, escaping
+):
+    metrics, source, url = served
+    accept = f"{kind};version=1.0.0;escaping={escaping}"
+    text, headers = scrape(url, Accept=accept, **{"Accept-Encoding": "gzip"})
+    assert source.calls == 1
+    encoder, content_type = choose_encoder(accept)
+    assert headers["Content-Type"] == content_type
+    metrics.refresh_on_scrape(source, max_age_s=3600.0)
+    reference = encoder(metrics.registry).decode()
+    assert text_lines(text) == text_lines(reference)
+    if escaping == "dots":  # prometheus_client's escaping of our names
+        assert "skipfleet__device__online" in text
+
+
+def test_a_collector_registered_after_serving_is_served_and_one_removed_is_not(served):
+    metrics, _, url = served
+    late = Gauge("skipfleet_late_gauge", "registered after serve()", registry=metrics.registry)
+    late.set(7)
+    assert "skipfleet_late_gauge 7.0" in scrape(url)[0]
+    metrics.registry.unregister(late)
+    assert "skipfleet_late_gauge" not in scrape(url)[0]
+
+
+@pytest.mark.parametrize("method,path", [("OPTIONS", "/metrics"), ("GET", "/favicon.ico")])
+def test_a_request_that_is_no_scrape_makes_no_snapshot(served, method, path):
+    _, source, url = served
+    request = urllib.request.Request(url.replace("/metrics", path), method=method)
+    with urllib.request.urlopen(request) as response:
+        assert response.status == 200 and b"skipfleet" not in response.read()
+    assert source.calls == 0
