@@ -1,11 +1,11 @@
 """The MQTT bridge: the coordinator's only MQTT client (paho 2.x, callback API v2).
 
 Inbound: paho's network thread only decodes, routes and reassembles chunks (InboundDecoder),
-then hands messages to a queue; a worker thread passes them to the fleet state in batches (a
-second batch goes while the first is being committed) and another acknowledges each to the
-broker (PUBACK, manual acks) only once the fleet state has committed it, in order: a message is
-never lost between the broker and SQLite. The fleet state drops repeats
-(coordinator.seen). Nothing slow ever runs in a callback.
+then hands messages to a queue (coordinator.inbox); a worker thread passes them to the fleet
+state in batches (a second batch goes while the first is being committed) and another
+acknowledges each to the broker (PUBACK, manual acks) only once the fleet state has committed
+it, in order: a message is never lost between the broker and SQLite. The fleet state drops
+repeats (coordinator.seen). Nothing slow ever runs in a callback.
 Outbound: a control thread ticks the fleet state every tick_interval_s and publishes what its
 durable outbox hands out (jobs with an expiry, adapters chunked under the publish limit, the
 retained desired pointer); the broker's PUBACKs go back with the next tick, and only then are the

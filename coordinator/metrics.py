@@ -75,16 +75,19 @@ class RefreshingRegistry(CollectorRegistry):
     def register(self, collector: Collector) -> None:
         super().register(collector)
         self._collectors.append(collector)
-        for view, left_out in self._views:
-            if collector is not left_out:
-                view.register(collector)
+        self._in_views(CollectorRegistry.register, collector)
 
     def unregister(self, collector: Collector) -> None:
         super().unregister(collector)
         self._collectors.remove(collector)
+        self._in_views(CollectorRegistry.unregister, collector)
+
+    def _in_views(
+        self, change: Callable[[CollectorRegistry, Collector], None], it: Collector
+    ) -> None:
         for view, left_out in self._views:
-            if collector is not left_out:
-                view.unregister(collector)
+            if it is not left_out:
+                change(view, it)
 
     def collect(self) -> Iterator[Metric]:
         if self.before_collect is not None:
