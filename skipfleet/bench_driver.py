@@ -184,7 +184,7 @@ def inbound(
             }
             client._packet_handle()
         while True:
-            items = bridge._take(256)
+            items = bridge._inbox.take(256)
             if not items:
                 break
             bridge._dequeued(items)
