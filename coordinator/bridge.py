@@ -33,7 +33,7 @@ from paho.mqtt.reasoncodes import ReasonCode
 from coordinator.account_fight import AccountFightDetector, describe_fight, short_session_s
 from coordinator.config import CoordinatorConfig
 from coordinator.delivery import AckToken, InboundAcks, PublishTracker
-from coordinator.inbox import Inbox, Item, Linger, events_in
+from coordinator.inbox import Inbox, Item, Linger, events_in, is_heartbeat
 from coordinator.ingest import Received
 from coordinator.observations import MetricsReport, RejectReason
 from coordinator.outbound import Outbound
@@ -54,7 +54,6 @@ from shared.mqtt import (
 )
 from shared.protocol import (
     DecodeError,
-    MessageKind,
     ReassemblyError,
     Report,
     SenderReassemblers,
@@ -442,25 +441,24 @@ class MqttBridge:
         """A QoS 0 message may join the queue (and is counted there if it is a heartbeat)."""
         if len(self._inbox) >= QUEUE_CAPACITY:
             return False
-        if received is None or received.envelope.kind != MessageKind.HEARTBEAT:
-            return True
-        with self._beats_lock:
-            queued = self._queued_beats.get(received.device_id, 0)
-            if queued >= QUEUED_BEATS_PER_DEVICE:
-                return False
-            self._queued_beats[received.device_id] = queued + 1
-            return True
+        if is_heartbeat(received):
+            with self._beats_lock:
+                queued = self._queued_beats.get(received.device_id, 0)
+                if queued >= QUEUED_BEATS_PER_DEVICE:
+                    return False
+                self._queued_beats[received.device_id] = queued + 1
+        return True
 
     def _dequeued(self, items: list[Item]) -> None:
         with self._beats_lock:
             for received, _ in items:
-                if received is not None and received.envelope.kind == MessageKind.HEARTBEAT:
+                if is_heartbeat(received):
                     left = self._queued_beats.pop(received.device_id, 0) - 1
                     if left > 0:
                         self._queued_beats[received.device_id] = left
 
     def _hold_or_drop(self, received: Received | None, token: AckToken, topic: str) -> None:
-        if received is not None and received.envelope.kind == MessageKind.HEARTBEAT:
+        if is_heartbeat(received):
             with self._beats_lock:
                 replaced = self._latest_beats.pop(received.device_id, None)
                 self._latest_beats[received.device_id] = (received, token)

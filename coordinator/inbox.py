@@ -15,6 +15,7 @@ import time
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from typing import TypeGuard
 
 from coordinator.delivery import AckToken
 from coordinator.ingest import Received
@@ -23,10 +24,14 @@ from shared.protocol import MessageKind
 Item = tuple[Received | None, AckToken]  # None: a message the decoder refused (acked in order)
 
 
+def is_heartbeat(received: Received | None) -> TypeGuard[Received]:
+    return received is not None and received.envelope.kind == MessageKind.HEARTBEAT
+
+
 def is_event(item: Item) -> bool:
     """A device message other than a heartbeat (a refused one, None, asks for nothing)."""
     received = item[0]
-    return received is not None and received.envelope.kind != MessageKind.HEARTBEAT
+    return received is not None and not is_heartbeat(received)
 
 
 def events_in(items: Iterable[Item]) -> bool:
