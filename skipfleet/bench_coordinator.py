@@ -28,18 +28,13 @@ from agent.data.fan import load_fan_split
 from agent.device_data import write_device_file
 from agent.trainer.finetune import pretrain
 from skipfleet import bench_aggregation
-from skipfleet.bench_coordinator_round import (
-    COORDINATOR,
-    Parties,
-    RoundFailed,
-    run_round,
-    wait_for,
-)
+from skipfleet.bench_coordinator_round import Parties, RoundFailed, run_round, wait_for
 from skipfleet.bench_coordinator_tables import format_tables, scale_summary
 from skipfleet.brokers import MosquittoBroker
 from skipfleet.coordinator_process import ApiError, CoordinatorProcess
 from skipfleet.loadgen.fleet import SimulatedFleet
 from skipfleet.measure import (
+    COORDINATOR,
     Memory,
     PeakMemory,
     descendant_running,

@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from skipfleet.coordinator_process import CoordinatorProcess
 from skipfleet.loadgen.fleet import SimulatedFleet
 from skipfleet.measure import (
+    COORDINATOR,
     CpuWindow,
     by_label,
     children_of,
@@ -30,7 +31,6 @@ from skipfleet.measure import (
 
 POLL_S = 0.25
 API_POLL_S = 1.0
-COORDINATOR = "coordinator_and_ray"  # the CPU window's group: the coordinator's process tree
 AGGREGATION = "skipfleet_aggregation_duration_seconds"
 
 

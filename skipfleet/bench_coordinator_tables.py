@@ -6,6 +6,7 @@ import math
 import statistics
 
 from skipfleet.bench_aggregation import format_table as aggregation_table
+from skipfleet.measure import COORDINATOR
 
 MIB = 2**20
 
@@ -69,7 +70,7 @@ def scale_summary(fleet: dict) -> dict:
     rounds, devices = fleet["rounds"], fleet["devices"]
     messages = [r["messages"]["received"]["count"] + r["messages"]["sent"]["count"]
                 for r in rounds]  # fmt: skip
-    cpu = [r["cpu_seconds"]["coordinator_and_ray"] for r in rounds]
+    cpu = [r["cpu_seconds"][COORDINATOR] for r in rounds]
     generators = [r["cpu_seconds"].get("load_generators", math.nan) for r in rounds]
     cpu_per_message = [c / m for c, m in zip(cpu, messages, strict=True) if m]
     phases = {phase: _median(rounds, lambda r, p=phase: r["phases_seconds"][p])
@@ -176,7 +177,7 @@ def _messages(fleets: list[dict]) -> str:
             f"{f['devices']:7d} {m('received', 'count'):7.0f} {m('received', 'per_second'):8.1f} "
             f"{m('sent', 'count'):7.0f} {m('sent', 'per_second'):8.1f} "
             f"{_median(rounds, lambda r: r['messages']['rejected']):8.0f} "
-            f"{cpu('coordinator_and_ray'):9.1f} {cpu('mosquitto'):8.1f} "
+            f"{cpu(COORDINATOR):9.1f} {cpu('mosquitto'):8.1f} "
             f"{cpu('load_generators'):7.1f} {cpu('other'):9.1f}"
         )
     return "\n".join(lines)

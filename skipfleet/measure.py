@@ -88,6 +88,8 @@ def memory_of(pids: Iterable[int]) -> Memory:
     return total
 
 
+# The CPU window's group, and the results' key, for a coordinator's whole tree (driver + Ray)
+COORDINATOR = "coordinator_and_ray"
 # What each process of a coordinator's tree is, from its command line (Ray names its workers
 # `ray::<actor or task>`, `ray::IDLE` between tasks); the first match wins.
 _ROLES = (
