@@ -252,10 +252,9 @@ class FleetMetrics:
     def refresh_on_scrape(self, source: Callable[[], MetricsReport], max_age_s: float) -> None:
         """A scrape first applies source()'s report (events and snapshot) unless one was
         applied less than max_age_s ago; if source() fails the scrape shows the last one."""
-        if not isinstance(self.registry, RefreshingRegistry):
-            raise TypeError("refresh_on_scrape needs the registry FleetMetrics made itself")
+        registry = self._own_registry("refresh_on_scrape")
         self._source, self._max_age_s = source, max_age_s
-        self.registry.before_collect = self._refresh
+        registry.before_collect = self._refresh
 
     def _refresh(self) -> None:
         source = self._source
@@ -322,9 +321,7 @@ class FleetMetrics:
     def serve(self, addr: str, port: int) -> int:
         """Serves /metrics on a daemon thread, the per-device series written apart
         (coordinator.metrics_http); returns the bound port (port 0: any free one)."""
-        if not isinstance(self.registry, RefreshingRegistry):
-            raise TypeError("serve needs the registry FleetMetrics made itself")
-        others = self.registry.without(self.devices)
+        others = self._own_registry("serve").without(self.devices)
         app = metrics_app(self.registry, others, self.devices, self._refresh)
         self._server = serve(app, addr, port)
         return self._server.server_port
@@ -336,6 +333,11 @@ class FleetMetrics:
             server.server_close()
 
     # ---- internals
+
+    def _own_registry(self, needed_by: str) -> RefreshingRegistry:
+        if not isinstance(self.registry, RefreshingRegistry):
+            raise TypeError(f"{needed_by} needs the registry FleetMetrics made itself")
+        return self.registry
 
     def _forget_cohorts(self, current: set[str]) -> None:
         """Removes the series of cohorts that are gone, so they stop being scraped."""
