@@ -1,0 +1,101 @@
+"""The run book's reads of running runs: a body parsed once while it is unchanged, and every
+read a Run of its own (a caller changing one changes nothing another read returns)."""
+
+from __future__ import annotations
+
+import pytest
+
+import coordinator.runs as runs_module
+from coordinator.federation import FederationPolicy, Measured, RunProgress
+from coordinator.runs import ClusterRun, ClusterStage, Run, RunBook, RunState
+from coordinator.state_db import StateDB
+
+POLICY = FederationPolicy()
+
+
+@pytest.fixture
+def book(tmp_path):
+    db = StateDB(tmp_path / "state.sqlite3")
+    yield RunBook(db, POLICY)
+    db.close()
+
+
+def a_run(run_id: str = "run-1", members: int = 3) -> Run:
+    ids = tuple(f"dev-{i}" for i in range(members))
+    progress = RunProgress(POLICY, {0: {d: Measured(0.8, 0.4) for d in ids}}, rounds_done=1)
+    cluster = ClusterRun("c0", ids, 0, progress, aggregates={1: 5})
+    return Run(run_id, "fan", "operator", 100.0, {"c0": cluster}, rounds=["round-1"])
+
+
+@pytest.fixture
+def parses(monkeypatch) -> list[str]:
+    """The bodies the run book parses, counted."""
+    parsed: list[str] = []
+    real = runs_module.json.loads
+
+    def counting(text, *args, **kwargs):
+        parsed.append(text)
+        return real(text, *args, **kwargs)
+
+    monkeypatch.setattr(runs_module.json, "loads", counting)
+    return parsed
+
+
+def test_an_unchanged_running_run_is_parsed_once_however_often_it_is_read(book, parses):
+    book.save(a_run())
+    for _ in range(5):
+        (run,) = book.running()
+        assert run.run_id == "run-1"
+    assert book.get("run-1") is not None and book.active("fan") is not None
+    assert len(parses) == 1
+
+
+def test_a_saved_change_is_read_back_and_parsed_again(book, parses):
+    book.save(a_run())
+    (run,) = book.running()
+    run.clusters["c0"].stage = ClusterStage.AGGREGATING
+    run.rounds.append("round-2")
+    book.save(run)
+    (again,) = book.running()
+    assert again.clusters["c0"].stage is ClusterStage.AGGREGATING
+    assert again.rounds == ["round-1", "round-2"]
+    assert len(parses) == 2
+
+
+def test_a_run_read_is_its_own_changing_it_unsaved_changes_no_other_read(book):
+    book.save(a_run())
+    (first,) = book.running()
+    first.rounds.append("round-2")
+    first.clusters["c0"].aggregates[2] = 6
+    first.clusters["c0"].progress.measured[0]["dev-0"] = Measured(0.1, 9.0)
+    first.clusters["c0"].progress.measured[1] = {}
+    (second,) = book.running()
+    assert second.rounds == ["round-1"]
+    assert second.clusters["c0"].aggregates == {1: 5}
+    assert second.clusters["c0"].progress.measured == {
+        0: {d: Measured(0.8, 0.4) for d in ("dev-0", "dev-1", "dev-2")}
+    }
+    assert second == book.get("run-1")
+
+
+def test_a_change_rolled_back_is_not_read(book):
+    book.save(a_run())
+    book.running()
+    with pytest.raises(RuntimeError), book._db.transaction():
+        (run,) = book.running()
+        run.clusters["c0"].stage = ClusterStage.DONE
+        book.save(run)
+        assert book.running()[0].clusters["c0"].stage is ClusterStage.DONE  # its own write
+        raise RuntimeError("the transaction fails")
+    assert book.running()[0].clusters["c0"].stage is ClusterStage.TRAINING
+
+
+def test_an_ended_run_is_no_longer_kept_parsed(book):
+    book.save(a_run("run-1"))
+    book.save(a_run("run-2"))
+    assert {r.run_id for r in book.running()} == {"run-1", "run-2"}
+    (run,) = [r for r in book.running() if r.run_id == "run-1"]
+    run.state = RunState.DONE
+    book.save(run)
+    assert [r.run_id for r in book.running()] == ["run-2"]
+    assert set(book._parsed) == {"run-2"}
