@@ -213,9 +213,8 @@ class AdapterDistributor:
         whose apply failed (after a back-off)."""
         f = self._fleet
         now = f.clock()
-        for cohort in f.registry.cohorts():
+        for cohort, records in f.registry.by_cohort().items():
             current = f.store.current_versions(cohort)
-            records = f.registry.devices(cohort)  # one read for the pass
             view = CohortClusters(f.clusters, cohort, functools.partial(tuple, records))
             for record in records:
                 cluster = self._cluster_of(record, view)

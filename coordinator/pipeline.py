@@ -100,10 +100,9 @@ class RoundPipeline:
         (accuracy below threshold, drop since the last fine-tune, drift)."""
         f = self._fleet
         now = f.clock()
-        for cohort, members in f.registry.cohorts().items():
+        for cohort, records in f.registry.by_cohort().items():
             if f.runs.active(cohort) or f.rollouts.active(cohort):
                 continue
-            records = [r for d in members if (r := f.registry.get(d)) is not None]
             # Noticing drift needs only a reachable device: one busy with an evaluation, say,
             # still counts; its fine-tune job simply waits in the round like any other. A device
             # without labels whose cluster has an adapter for it gets that first (reconcile):

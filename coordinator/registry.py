@@ -210,10 +210,16 @@ class FleetRegistry:
         return self._records.committed_since(version)
 
     def cohorts(self) -> dict[str, list[str]]:
-        members: dict[str, list[str]] = {}
+        """Each cohort's device ids, by id."""
+        return {cohort: [r.device_id for r in rs] for cohort, rs in self.by_cohort().items()}
+
+    def by_cohort(self) -> dict[str, list[DeviceRecord]]:
+        """Each cohort's records, by id, from one pass over the fleet (the scan sorted the fleet
+        once for its cohorts, then again for each cohort's records)."""
+        members: dict[str, list[DeviceRecord]] = {}
         for record in self.devices():
             if record.cohort is not None:
-                members.setdefault(record.cohort, []).append(record.device_id)
+                members.setdefault(record.cohort, []).append(record)
         return members
 
     def energy_used_this_period(self, record: DeviceRecord) -> float:
