@@ -154,7 +154,7 @@ class RoundPipeline:
         waits forever."""
         f = self._fleet
         now = f.clock()
-        for run in f.runs.running():
+        for run in f.runs.running(in_stage=(ClusterStage.AGGREGATING, ClusterStage.ROLLING_OUT)):
             changed = False
             for c in run.in_stage(ClusterStage.AGGREGATING):
                 if now - (c.aggregating_since or now) > AGGREGATION_TIMEOUT_S:

@@ -246,7 +246,7 @@ class FleetService:
             "active_jobs": f.jobs.active_count(),
             "open_rounds": len(f.records.in_stage(RoundStage.RUNNING)),
             "aggregating_rounds": len(f.records.in_stage(RoundStage.AGGREGATING)),
-            "active_runs": len(f.runs.running()),
+            "active_runs": f.runs.running_count(),
             "dropped_metric_events": f.events.dropped,
             "outbox_backlog": f.outbox.backlog(),
             "stuck": stuck_work(f),

@@ -25,7 +25,7 @@ def stuck_work(fleet: Fleet) -> list[dict[str, Any]]:
         for r in fleet.rounds.open_rounds()
         if r.deadline < late
     ]
-    for run in fleet.runs.running():
+    for run in fleet.runs.running(in_stage=(ClusterStage.AGGREGATING,)):
         for c in run.in_stage(ClusterStage.AGGREGATING):
             due = (c.aggregating_since or now) + AGGREGATION_TIMEOUT_S
             if due < late:

@@ -99,3 +99,32 @@ def test_an_ended_run_is_no_longer_kept_parsed(book):
     book.save(run)
     assert [r.run_id for r in book.running()] == ["run-2"]
     assert set(book._parsed) == {"run-2"}
+
+
+def test_running_in_stage_builds_only_the_runs_with_a_cluster_in_those_stages(book, monkeypatch):
+    training, rolling = a_run("run-1"), a_run("run-2")
+    rolling.clusters["c0"].stage = ClusterStage.ROLLING_OUT
+    book.save(training)
+    book.save(rolling)
+    built: list[str] = []
+    real = runs_module._load
+
+    def counting(body, policy):
+        built.append(body["run_id"])
+        return real(body, policy)
+
+    monkeypatch.setattr(runs_module, "_load", counting)
+    wanted = (ClusterStage.AGGREGATING, ClusterStage.ROLLING_OUT)
+    assert [r.run_id for r in book.running(in_stage=wanted)] == ["run-2"]
+    assert built == ["run-2"]  # the training run was not built
+    assert book.running(in_stage=(ClusterStage.AGGREGATING,)) == []
+    assert [r.run_id for r in book.running()] == ["run-1", "run-2"]
+
+
+def test_running_count_counts_the_running_runs_only(book):
+    assert book.running_count() == 0
+    book.save(a_run("run-1"))
+    done = a_run("run-2")
+    done.state = RunState.DONE
+    book.save(done)
+    assert book.running_count() == 1 == len(book.running())
