@@ -6,6 +6,7 @@ import itertools
 
 import pytest
 
+import coordinator.jobs as jobs_module
 from coordinator.clock import ManualClock
 from coordinator.jobs import JobError, JobState, JobTable
 from coordinator.state_db import StateDB
@@ -125,3 +126,50 @@ def test_job_table_survives_restart(tmp_path, clock):
     assert restarted.latest_attempts("r1")["pi-1"].trigger == "drift"
     clock.advance(60)
     assert [j.job_id for j in restarted.expire_overdue()] == [job.job_id]
+
+
+def test_round_progress_counts_the_active_and_succeeded_attempts_of_that_round_only(
+    tmp_path, clock
+):
+    jobs = open_jobs(tmp_path, clock)
+    made = [jobs.create(f"pi-{i}", timeout_s=60, round_id="r1") for i in range(5)]
+    jobs.create("pi-9", timeout_s=60, round_id="r2")
+    jobs.report_status(made[0].job_id, JobState.IN_PROGRESS, device_id="pi-0")
+    jobs.report_status(made[1].job_id, JobState.SUCCEEDED, device_id="pi-1")
+    jobs.report_status(made[2].job_id, JobState.SUCCEEDED, device_id="pi-2")
+    jobs.report_status(made[3].job_id, JobState.FAILED, device_id="pi-3")
+    assert jobs.round_progress("r1") == (2, 2)  # pi-0 and pi-4 active
+    assert jobs.round_progress("r2") == (1, 0)
+    assert jobs.round_progress("none") == (0, 0)
+
+
+def test_the_ticks_job_reads_come_from_indexes_alone(tmp_path, clock):
+    """Every tick asks for the overdue active jobs and a running round's counts: an index range
+    of the overdue ones, and the round's counts from its index, without reading a job row."""
+    jobs = open_jobs(tmp_path, clock)
+    db = jobs._db
+
+    def plan(sql: str, params: tuple) -> str:
+        return " ".join(row[3] for row in db.query("EXPLAIN QUERY PLAN " + sql, params))
+
+    overdue = plan(
+        "SELECT job_id FROM jobs WHERE state IN ('QUEUED', 'IN_PROGRESS') AND deadline <= ?",
+        (1.0,),
+    )
+    assert "jobs_by_state_deadline (state=? AND deadline<?)" in overdue
+    counts = plan("SELECT state, count(*) FROM jobs WHERE round_id = ? GROUP BY state", ("r",))
+    assert "COVERING INDEX jobs_by_round_state" in counts
+
+
+def test_a_state_dir_with_the_earlier_job_indexes_opens_with_the_new_ones(tmp_path, clock):
+    db = StateDB.in_dir(tmp_path)
+    table = jobs_module._SCHEMA.split("CREATE INDEX")[0]  # the table is as it was
+    db.ensure_schema(
+        table + "CREATE INDEX jobs_by_state ON jobs (state);"
+        "CREATE INDEX jobs_by_round ON jobs (round_id);"
+    )
+    db.close()
+    jobs = open_jobs(tmp_path, clock)
+    names = {r[0] for r in jobs._db.query("SELECT name FROM sqlite_master WHERE type = 'index'")}
+    assert {"jobs_by_state_deadline", "jobs_by_round_state"} <= names
+    assert not names & {"jobs_by_state", "jobs_by_round"}
