@@ -112,10 +112,11 @@ DROP INDEX IF EXISTS jobs_by_round;
 CREATE INDEX IF NOT EXISTS jobs_by_state_deadline ON jobs (state, deadline);
 CREATE INDEX IF NOT EXISTS jobs_by_round_state ON jobs (round_id, state);
 """
-# Every tick asks for the overdue active jobs and counts a running round's jobs by state: with
-# the deadline and the state in these indexes, both are read from the index alone (10,000
-# jobs: an index range, not 10,000 rows; see docs/benchmarks.md)
-_ACTIVE_SQL = "state IN ('QUEUED', 'IN_PROGRESS')"
+# Every tick asks for the overdue active jobs and counts a running round's jobs by state: the
+# first is a range of the (state, deadline) index (the overdue ones only, not every active
+# job), the second is counted from the (round_id, state) index alone. A tick over 10,000 jobs
+# took 3.6 ms, 1.9 ms with them (docs/benchmarks.md).
+_ACTIVE_SQL = "state IN ({})".format(", ".join(f"'{s.value}'" for s in sorted(ACTIVE_STATES)))
 
 
 class JobTable:
@@ -291,7 +292,7 @@ class JobTable:
 
     def round_progress(self, round_id: str) -> tuple[int, int]:
         """(active, succeeded) job counts of the round, over all attempts, in one query (counted
-        by state from the index alone: half the time of summing expressions over it)."""
+        by state from the index: 10,000 jobs 0.68 ms, summing expressions over it 1.45)."""
         rows = self._db.query(
             "SELECT state, count(*) FROM jobs WHERE round_id = ? GROUP BY state", (round_id,)
         )

@@ -9,6 +9,7 @@ written by one actor, a few times per round, and a restarted actor carries on fr
 from __future__ import annotations
 
 import json
+import threading
 from collections.abc import Collection, Iterable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from enum import StrEnum
@@ -66,6 +67,7 @@ class Run:
         return len(self.rounds)
 
     def in_stage(self, *stages: ClusterStage) -> list[ClusterRun]:
+        # RunBook.running(in_stage=...) asks the same of a parsed body
         return [c for c in self.clusters.values() if c.stage in stages]
 
     def cluster_of(self, device_id: str) -> ClusterRun | None:
@@ -94,11 +96,13 @@ class RunBook:
     def __init__(self, db: StateDB, policy: FederationPolicy) -> None:
         self._db = db
         self.policy = policy
-        # The running runs' bodies as last read, parsed: every tick and every /health reads
+        # The running runs' bodies as this thread last read them, parsed: every tick reads
         # them, and a 10,000-device run is ~0.5 MB of JSON, parsed for 3-4 % of the fleet
-        # actor's CPU in a round. Keyed by the body's text, so a body changed (or rolled back)
-        # is parsed again; the parsed dicts are never handed out, only Runs built from them.
-        self._parsed: dict[str, tuple[str, dict[str, Any]]] = {}
+        # actor's CPU in a round. By run id, used only while the body's text is the same (a
+        # body changed or rolled back is parsed again); per thread, as each thread's connection
+        # sees its own state (the actor's writer its transaction, a query thread what is
+        # committed). The parsed dicts are never handed out, only Runs built from them.
+        self._threads = threading.local()
         db.ensure_schema(_SCHEMA)
 
     def save(self, run: Run) -> None:
@@ -128,10 +132,10 @@ class RunBook:
             (RunState.RUNNING.value,),
         )
         bodies = [self._parse(r, keep=True) for r in rows]
-        running = {r["run_id"] for r in rows}
-        for run_id in self._parsed.keys() - running:  # ended: not read every tick any more
-            self._parsed.pop(run_id, None)
-        if in_stage is not None:
+        parsed = self._parsed()
+        for run_id in parsed.keys() - {r["run_id"] for r in rows}:  # ended: read no more
+            del parsed[run_id]
+        if in_stage is not None:  # as Run.in_stage, on the parsed bodies
             stages = {stage.value for stage in in_stage}
             bodies = [
                 b for b in bodies if any(c["stage"] in stages for c in b["clusters"].values())
@@ -140,8 +144,10 @@ class RunBook:
 
     def running_count(self) -> int:
         """How many runs are running (/health's, without reading their bodies)."""
-        rows = self._db.query("SELECT run_id FROM runs WHERE state = ?", (RunState.RUNNING.value,))
-        return len(rows)
+        row = self._db.query_one(
+            "SELECT count(*) FROM runs WHERE state = ?", (RunState.RUNNING.value,)
+        )
+        return 0 if row is None else int(row[0])
 
     def _load(self, row: Any) -> Run:
         """A Run of its own from a row (run_id, body)."""
@@ -151,13 +157,23 @@ class RunBook:
         """A row's body, parsed again only if it is not the one last parsed; `keep` the parse
         for the next read (running runs only). Never handed out: _load copies from it."""
         run_id, text = row["run_id"], row["body"]
-        parsed = self._parsed.get(run_id)
-        if parsed is not None and parsed[0] == text:
-            return parsed[1]
+        parsed = self._parsed()
+        last = parsed.get(run_id)
+        if last is not None and last[0] == text:
+            return last[1]
         body: dict[str, Any] = json.loads(text)
         if keep:
-            self._parsed[run_id] = (text, body)
+            parsed[run_id] = (text, body)
         return body
+
+    def _parsed(self) -> dict[str, tuple[str, dict[str, Any]]]:
+        """This thread's parsed bodies: run id -> (body text, parsed)."""
+        parsed: dict[str, tuple[str, dict[str, Any]]] | None = getattr(
+            self._threads, "parsed", None
+        )
+        if parsed is None:
+            parsed = self._threads.parsed = {}
+        return parsed
 
     def recent(self, limit: int = 20) -> list[Run]:
         rows = self._db.query(

@@ -6,8 +6,8 @@ sleeping `gap` seconds before each, and prints the thread's CPU time (time.threa
 the median over --repeat. On this shared 2-core machine the work costs many times more after a
 sleep of a few milliseconds than in a row (its code and data are no longer in the core's caches
 when the thread runs again). A message that arrives alone costs what the third or fourth row says,
-one in a burst what the first says: why a heartbeat cost the coordinator's driver ~0.2 ms at
-rest and `python -m skipfleet.bench_driver`, which handles messages in a row, adds up ~30 µs.
+one in a burst what the first says. (The temperature is read as the agent reads it: on a
+machine without a thermal zone that is one failed open.)
 """
 
 from __future__ import annotations

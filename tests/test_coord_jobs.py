@@ -143,22 +143,26 @@ def test_round_progress_counts_the_active_and_succeeded_attempts_of_that_round_o
     assert jobs.round_progress("none") == (0, 0)
 
 
-def test_the_ticks_job_reads_come_from_indexes_alone(tmp_path, clock):
-    """Every tick asks for the overdue active jobs and a running round's counts: an index range
-    of the overdue ones, and the round's counts from its index, without reading a job row."""
+def test_the_ticks_overdue_check_is_an_index_range_and_its_round_count_reads_only_the_index(
+    tmp_path, clock
+):
+    """The statements expire_overdue and round_progress run, as they run them: the overdue
+    active jobs found by a range of (state, deadline), not by reading every active job; a
+    round's jobs counted from the (round_id, state) index without reading a job row."""
     jobs = open_jobs(tmp_path, clock)
-    db = jobs._db
+    jobs.create("pi-1", timeout_s=60, round_id="r")
+    ran: list[str] = []
+    jobs._db.trace(ran.append)  # expanded: the parameters are in the text
+    jobs.expire_overdue()
+    jobs.round_progress("r")
+    jobs._db.trace(None)
+    overdue, counted = (sql for sql in ran if sql.lstrip().upper().startswith("SELECT"))
 
-    def plan(sql: str, params: tuple) -> str:
-        return " ".join(row[3] for row in db.query("EXPLAIN QUERY PLAN " + sql, params))
+    def plan(sql: str) -> str:
+        return " ".join(row[3] for row in jobs._db.query("EXPLAIN QUERY PLAN " + sql))
 
-    overdue = plan(
-        "SELECT job_id FROM jobs WHERE state IN ('QUEUED', 'IN_PROGRESS') AND deadline <= ?",
-        (1.0,),
-    )
-    assert "jobs_by_state_deadline (state=? AND deadline<?)" in overdue
-    counts = plan("SELECT state, count(*) FROM jobs WHERE round_id = ? GROUP BY state", ("r",))
-    assert "COVERING INDEX jobs_by_round_state" in counts
+    assert "INDEX jobs_by_state_deadline (state=? AND deadline<?)" in plan(overdue)
+    assert "COVERING INDEX jobs_by_round_state (round_id=?)" in plan(counted)
 
 
 def test_a_state_dir_with_the_earlier_job_indexes_opens_with_the_new_ones(tmp_path, clock):

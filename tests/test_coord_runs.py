@@ -3,12 +3,17 @@ read a Run of its own (a caller changing one changes nothing another read return
 
 from __future__ import annotations
 
+import copy
+import threading
+from types import SimpleNamespace
+
 import pytest
 
 import coordinator.runs as runs_module
 from coordinator.federation import FederationPolicy, Measured, RunProgress
 from coordinator.runs import ClusterRun, ClusterStage, Run, RunBook, RunState
 from coordinator.state_db import StateDB
+from coordinator.stuck import AGGREGATION_TIMEOUT_S, STUCK_GRACE_S, stuck_work
 
 POLICY = FederationPolicy()
 
@@ -98,7 +103,7 @@ def test_an_ended_run_is_no_longer_kept_parsed(book):
     run.state = RunState.DONE
     book.save(run)
     assert [r.run_id for r in book.running()] == ["run-2"]
-    assert set(book._parsed) == {"run-2"}
+    assert set(book._parsed()) == {"run-2"}
 
 
 def test_running_in_stage_builds_only_the_runs_with_a_cluster_in_those_stages(book, monkeypatch):
@@ -128,3 +133,48 @@ def test_running_count_counts_the_running_runs_only(book):
     done.state = RunState.DONE
     book.save(done)
     assert book.running_count() == 1 == len(book.running())
+
+
+def test_changing_every_field_of_a_run_read_leaves_the_kept_parse_as_it_was(book):
+    book.save(a_run())
+    (run,) = book.running()
+    kept = copy.deepcopy(book._parsed())
+    run.state, run.finished_at = RunState.DONE, 5.0
+    run.rounds.append("round-2")
+    cluster = run.clusters["c0"]
+    cluster.members += ("dev-9",)
+    cluster.outliers += ("dev-0",)
+    cluster.stage, cluster.note, cluster.candidate = ClusterStage.DONE, "changed", 7
+    cluster.aggregates[2] = 6
+    cluster.progress.measured[0]["dev-0"] = Measured(0.0, 1.0)
+    cluster.progress.rounds_done = 9
+    run.clusters["c1"] = cluster
+    assert book._parsed() == kept
+
+
+def test_a_second_thread_reading_the_runs_keeps_its_own_parse(book, parses):
+    book.save(a_run())
+    book.running()
+    seen = []
+    reader = threading.Thread(target=lambda: seen.append(book.running()))
+    reader.start()
+    reader.join()
+    assert [r.run_id for r in seen[0]] == ["run-1"]
+    book.running()  # this thread's parse is still there
+    assert len(parses) == 2  # once on each thread
+
+
+def test_stuck_work_names_a_run_aggregating_past_its_timeout_and_not_one_still_training(book):
+    training, aggregating = a_run("run-1"), a_run("run-2")
+    aggregating.clusters["c0"].stage = ClusterStage.AGGREGATING
+    aggregating.clusters["c0"].aggregating_since = 1.0
+    book.save(training)
+    book.save(aggregating)
+    fleet = SimpleNamespace(
+        clock=lambda: 1.0 + AGGREGATION_TIMEOUT_S + STUCK_GRACE_S + 1.0,
+        rounds=SimpleNamespace(open_rounds=lambda: []),
+        runs=book,
+        rollouts=SimpleNamespace(overdue=lambda before: []),
+    )
+    (item,) = stuck_work(fleet)
+    assert (item["kind"], item["id"], item["stage"]) == ("run", "run-2", "AGGREGATING")
