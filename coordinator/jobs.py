@@ -115,7 +115,7 @@ CREATE INDEX IF NOT EXISTS jobs_by_round_state ON jobs (round_id, state);
 # Every tick asks for the overdue active jobs and counts a running round's jobs by state: the
 # first is a range of the (state, deadline) index (the overdue ones only, not every active
 # job), the second is counted from the (round_id, state) index alone. A tick over 10,000 jobs
-# took 3.6 ms, 1.9 ms with them (docs/benchmarks.md).
+# took 3.2-3.8 ms, 1.3-1.7 ms with them (docs/benchmarks.md).
 _ACTIVE_SQL = "state IN ({})".format(", ".join(f"'{s.value}'" for s in sorted(ACTIVE_STATES)))
 
 
