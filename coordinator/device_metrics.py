@@ -168,14 +168,17 @@ def _family_head(name: str, help: str, openmetrics: bool) -> list[str]:
 
 
 def _series_lines(series: DeviceSeries, devices: Sequence[DeviceGauges]) -> Iterator[str]:
+    # Each reading's label text, the same for every device
+    labelled = [
+        ("" if series.label is None else f',{series.label}="{value}"', reading)
+        for value, reading in series.readings
+    ]
     for d in devices:
         device = f'{series.name}{{device="{_escaped(d.device_id)}"'
-        for value, reading in series.readings:
+        for label, reading in labelled:
             reading_now = reading(d)
-            if reading_now is None:
-                continue
-            label = "" if series.label is None else f',{series.label}="{value}"'
-            yield f"{device}{label}}} {go_float(reading_now)}\n"
+            if reading_now is not None:
+                yield f"{device}{label}}} {go_float(reading_now)}\n"
 
 
 def _escaped(value: str) -> str:
