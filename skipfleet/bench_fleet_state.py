@@ -21,8 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import tempfile
-import time
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
 from typing import Any
 
@@ -55,16 +54,11 @@ from shared.protocol import (
     ReportMetrics,
 )
 from skipfleet.bench_driver import fan_adapter, lora_adapter  # a fan-sized report's arrays
+from skipfleet.measure import cpu_seconds
 
 BASE_HASH = "b" * 64
 SIGNATURE_WIDTH = 96  # the fan model's signature rows
 BATCH = 256  # messages an ingest call, as the bridge's batches
-
-
-def cpu_seconds(run: Callable[[], object]) -> float:
-    started = time.process_time()
-    run()
-    return time.process_time() - started
 
 
 def joined(device: str, signature: np.ndarray | None, labelled: bool, at: float) -> list[Received]:

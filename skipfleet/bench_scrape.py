@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 import urllib.request
 from collections.abc import Callable
 
@@ -24,6 +23,7 @@ from prometheus_client import CollectorRegistry, generate_latest, start_http_ser
 from coordinator.device_metrics import DeviceCollector
 from coordinator.metrics import FleetMetrics
 from coordinator.observations import DeviceGauges, FleetSnapshot, MetricsReport
+from skipfleet.measure import cpu_seconds
 
 # As Prometheus 2.x asks for its scrapes
 ACCEPT = (
@@ -41,12 +41,7 @@ def fleet(count: int) -> tuple[DeviceGauges, ...]:
 
 
 def median_cpu(run: Callable[[], object], repeat: int) -> float:
-    spent = []
-    for _ in range(repeat):
-        started = time.process_time()
-        run()
-        spent.append(time.process_time() - started)
-    return statistics.median(spent)
+    return statistics.median(cpu_seconds(run) for _ in range(repeat))
 
 
 def measure(count: int, repeat: int) -> dict[str, float]:

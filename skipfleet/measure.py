@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import re
 import threading
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 
@@ -86,6 +87,13 @@ def memory_of(pids: Iterable[int]) -> Memory:
         if rss:
             total += Memory(rss, _kib_field(f"/proc/{pid}/smaps_rollup", "Pss"), 1)
     return total
+
+
+def cpu_seconds(run: Callable[[], object]) -> float:
+    """This process's CPU time (all its threads) while `run()` runs."""
+    started = time.process_time()
+    run()
+    return time.process_time() - started
 
 
 # The CPU window's group, and the results' key, for a coordinator's whole tree (driver + Ray)
