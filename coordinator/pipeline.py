@@ -101,7 +101,7 @@ class RoundPipeline:
         f = self._fleet
         now = f.clock()
         for cohort, records in f.registry.by_cohort().items():
-            if f.runs.active(cohort) or f.rollouts.active(cohort):
+            if f.runs.is_running(cohort) or f.rollouts.active(cohort):
                 continue
             # Noticing drift needs only a reachable device: one busy with an evaluation, say,
             # still counts; its fine-tune job simply waits in the round like any other. A device

@@ -123,6 +123,14 @@ class RunBook:
         )
         return None if row is None else self._load(row)
 
+    def is_running(self, cohort: str) -> bool:
+        """Whether the cohort has a run going, without building it (the scan asks, every 5 s,
+        of every cohort: active() built a Run of all its members to answer)."""
+        row = self._db.query_one(
+            "SELECT 1 FROM runs WHERE cohort = ? AND state = ?", (cohort, RunState.RUNNING.value)
+        )
+        return row is not None
+
     def running(self, *, in_stage: Collection[ClusterStage] | None = None) -> list[Run]:
         """The running runs; `in_stage`: only those with a cluster in one of these stages
         (every tick asks for the aggregating and rolling-out ones, and a Run of 10,000 members

@@ -178,3 +178,14 @@ def test_stuck_work_names_a_run_aggregating_past_its_timeout_and_not_one_still_t
     )
     (item,) = stuck_work(fleet)
     assert (item["kind"], item["id"], item["stage"]) == ("run", "run-2", "AGGREGATING")
+
+
+def test_is_running_says_whether_a_cohort_has_a_run_going_without_parsing_it(book, parses):
+    assert not book.is_running("fan")
+    book.save(a_run("run-1"))
+    assert book.is_running("fan") and not book.is_running("other")
+    done = a_run("run-1")
+    done.state = RunState.DONE
+    book.save(done)
+    assert not book.is_running("fan")
+    assert parses == []
