@@ -150,7 +150,7 @@ def run(config: CoordinatorConfig) -> int:
 
     from coordinator.app import PortUnavailable, StartupError
     from coordinator.bridge import FatalReason
-    from coordinator.heap import limit_arenas
+    from coordinator.heap import DRIVER_GC_THRESHOLDS, freeze_startup_heap, limit_arenas, tune_gc
     from coordinator.instance import InstanceConflict
     from coordinator.ray_runtime import init_ray
     from shared.http_auth import TokenFileError
@@ -183,6 +183,8 @@ def run(config: CoordinatorConfig) -> int:
         ray.shutdown()
         code = next(c for kind, c in refusals.items() if isinstance(err, kind))
         return fail(code, str(err))
+    freeze_startup_heap()
+    tune_gc(DRIVER_GC_THRESHOLDS)
     try:
         while not stop.wait(0.5) and not coordinator.fatal.event.is_set():
             pass

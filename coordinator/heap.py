@@ -11,7 +11,9 @@ keeps its own high-water mark: the driver's paho, worker, control and API thread
 actor's concurrency groups. limit_arenas() caps them at two (measured at 3,000 devices: driver
 peak 151 -> 121 MiB, actor 168 -> 150, the tree's peak 606 -> 569 MiB, CPU within the noise).
 
-The cyclic garbage collector runs less often in the fleet and partition actors (tune_gc).
+The cyclic garbage collector runs less often in the fleet and partition actors and, its full
+collections, in the driver (tune_gc); no collection walks what the driver built to start
+(freeze_startup_heap).
 """
 
 from __future__ import annotations
@@ -40,10 +42,14 @@ _M_ARENA_MAX = -8  # mallopt's parameter (malloc.h)
 # of 5,000 devices ran 12 full collections at ~65 ms each: 18 % of its CPU (in process,
 # FleetService, thread CPU: 5.2 -> 4.4 s with these). Almost all of its garbage is freed by
 # reference counting; the collector only finds cycles, which a few thousand more allocations
-# between collections leave alive a moment longer. The driver keeps CPython's: with these it
-# held ~10 MiB more at the tree's peak (two alternated 10,000-device pairs: 185 / 187 against
-# 173 / 173 MiB), where the margin to the 800 MiB target is thin.
+# between collections leave alive a moment longer. The driver keeps CPython's young threshold:
+# with these it held ~10 MiB more at the tree's peak (two alternated 10,000-device pairs: 185 /
+# 187 against 173 / 173 MiB), where the margin to the 800 MiB target is thin. Its full
+# collections it makes 10 times rarer (DRIVER_GC_THRESHOLDS): at 10,000 devices a round's
+# in-flight messages outlive the young collections, so nearly every tenth one was followed by a
+# full one (25 in a run of two rounds, ~50 ms each, 1.0 CPU-s; with these 3, 0.1 CPU-s).
 GC_THRESHOLDS = (10_000, 10, 10)
+DRIVER_GC_THRESHOLDS = (700, 10, 100)
 
 
 def limit_arenas(environ: MutableMapping[str, str]) -> None:
@@ -57,9 +63,23 @@ def limit_arenas(environ: MutableMapping[str, str]) -> None:
         mallopt(_M_ARENA_MAX, int(environ["MALLOC_ARENA_MAX"]))
 
 
-def tune_gc() -> None:
-    """The collector's thresholds for a process that holds the fleet state (GC_THRESHOLDS)."""
-    gc.set_threshold(*GC_THRESHOLDS)
+def tune_gc(thresholds: tuple[int, int, int] = GC_THRESHOLDS) -> None:
+    """The collector's thresholds: by default those of a process that holds the fleet state."""
+    gc.set_threshold(*thresholds)
+
+
+def freeze_startup_heap() -> None:
+    """Collects once, then leaves every object alive now out of the collector's later walks.
+
+    A coordinator's driver holds ~90,000 tracked objects once started (Ray, paho, prometheus
+    and its own modules) that live as long as it does, and CPython's full collection walks them
+    all: at 1,000 devices one ran in each round, ~50 ms of the driver's ~0.5-0.8 CPU-s. Frozen,
+    the walk is of what was made since: 2-3 ms (at 10,000 devices the fleet's own objects make
+    it ~40 ms again: DRIVER_GC_THRESHOLDS). Frozen objects are still
+    freed by reference counting; only a cycle among them would stay, and the collection first
+    frees every cycle there is now."""
+    gc.collect()
+    gc.freeze()
 
 
 def _libc() -> ctypes.CDLL | None:

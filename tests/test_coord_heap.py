@@ -1,12 +1,17 @@
 """The heap trimmer: at most once an interval, however often asked; a no-op without glibc. The
-collector's thresholds: cycles are still collected, only after more allocations."""
+collector's thresholds: cycles are still collected, only after more allocations. The start-up
+heap's freeze: what lives then is left out of later collections, cycles then and later freed."""
 
 from __future__ import annotations
 
 import gc
+import threading
 import weakref
+from types import SimpleNamespace
 
-from coordinator.heap import GC_THRESHOLDS, HeapTrimmer, tune_gc
+import pytest
+
+from coordinator.heap import GC_THRESHOLDS, HeapTrimmer, freeze_startup_heap, tune_gc
 
 
 class Clock:
@@ -82,3 +87,55 @@ def test_tuned_collector_still_frees_a_cycle_by_itself_after_more_allocations():
         assert alive() is None
     finally:
         gc.set_threshold(*old)
+
+
+def cycle() -> weakref.ref[Node]:
+    """A pair of Nodes only the collector can free, and a weak reference to one of them."""
+    first, second = Node(), Node()
+    first.other, second.other = second, first
+    return weakref.ref(first)
+
+
+@pytest.fixture
+def unfrozen():
+    """The test process's own collector as it was: nothing frozen afterwards."""
+    yield
+    gc.unfreeze()
+
+
+def test_the_freeze_frees_the_cycles_of_start_up_and_leaves_what_lives_out_of_later_walks(unfrozen):
+    garbage = cycle()
+    living = Node()
+    assert any(o is living for o in gc.get_objects())
+    freeze_startup_heap()
+    assert garbage() is None  # collected before the freeze, not kept for good
+    assert gc.get_freeze_count() > 0
+    assert not any(o is living for o in gc.get_objects())  # no generation holds it: no walk
+    later = cycle()
+    gc.collect()
+    assert later() is None  # what is made after the freeze is still collected
+
+
+def test_the_driver_freezes_its_heap_and_sets_its_collector_once_started(monkeypatch, tmp_path):
+    import argparse
+
+    from coordinator import cli, heap, ray_runtime
+    from coordinator.config import from_args
+
+    steps: list[str] = []
+    ended = threading.Event()
+    ended.set()  # a coordinator a fault already ended: run() stops it at once
+    started = SimpleNamespace(
+        fatal=SimpleNamespace(event=ended, reason=None), stop=lambda: steps.append("stop")
+    )
+    monkeypatch.setattr(ray_runtime, "init_ray", lambda config: steps.append("ray"))
+    monkeypatch.setattr(heap, "limit_arenas", lambda environ: None)
+    monkeypatch.setattr(heap, "freeze_startup_heap", lambda: steps.append("freeze"))
+    monkeypatch.setattr(heap, "tune_gc", lambda thresholds: steps.append(f"gc {thresholds}"))
+    monkeypatch.setattr(cli, "_start", lambda config: steps.append("start") or started)
+    monkeypatch.setattr(cli.signal, "signal", lambda *args: None)  # pytest keeps its own
+    parser = argparse.ArgumentParser()
+    cli.configure(parser)
+    args = parser.parse_args(["--state-dir", str(tmp_path), "--ray-address", "auto"])
+    assert cli.run(from_args(args, {})) == 0
+    assert steps == ["ray", "start", "freeze", f"gc {heap.DRIVER_GC_THRESHOLDS}", "stop"]
