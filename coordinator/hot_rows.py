@@ -46,11 +46,15 @@ class HotRows(Generic[Row]):
         *,
         upsert: tuple[str, Callable[[Row], tuple[Any, ...]]],
         delete: str,
+        marked: Callable[[Row], bool] = lambda row: False,
     ) -> None:
         """`rows`: the table as loaded; `upsert`: the statement and a row's parameters;
-        `delete`: the statement that deletes a key."""
+        `delete`: the statement that deletes a key; `marked`: the rows committed_count()
+        counts apart (e.g. the devices online)."""
         self._db = db
         self._committed = rows
+        self._marked = marked
+        self._count_marked = sum(1 for row in rows.values() if marked(row))
         self._lock = threading.Lock()  # the writer merges a commit while readers copy
         self._upsert_sql, self._params = upsert
         self._delete_sql = delete
@@ -91,6 +95,12 @@ class HotRows(Generic[Row]):
                 if changed > version and (row := self._committed.get(key)) is not None
             ]
             return rows, self._version
+
+    def committed_count(self) -> tuple[int, int]:
+        """(committed rows, those of them `marked`), kept as commits merge: no walk of the
+        rows (a /health poll walked 10,000 device records: ~20 ms of the actor in a round)."""
+        with self._lock:
+            return len(self._committed), self._count_marked
 
     # ---- writes (inside a transaction)
 
@@ -141,13 +151,18 @@ class HotRows(Generic[Row]):
         changes, pending.changes = pending.changes, {}
         if not changes:
             return
+        marked = self._marked
         with self._lock:
             self._version += 1
             for key, row in changes.items():
+                before = self._committed.get(key)
+                if before is not None:
+                    self._count_marked -= marked(before)
                 if row is None:
                     self._committed.pop(key, None)
                     self._changed_in.pop(key, None)
                 else:
+                    self._count_marked += marked(row)
                     self._committed[key] = row
                     self._changed_in[key] = self._version
 

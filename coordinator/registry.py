@@ -176,6 +176,7 @@ class FleetRegistry:
             loaded,
             upsert=(_UPSERT, _row_of),
             delete="DELETE FROM devices WHERE device_id = ?",
+            marked=lambda record: record.online,
         )
 
     # ---- reads
@@ -197,13 +198,9 @@ class FleetRegistry:
         return sorted(records, key=_by_id)
 
     def counts(self) -> tuple[int, int]:
-        """(devices, online devices), without sorting every record as devices() does: /health
-        asks this, and is polled (10,000 devices: ~10 ms sorted)."""
-        devices = online = 0
-        for record in self._records.values():
-            devices += 1
-            online += record.online
-        return devices, online
+        """(devices, online devices) as committed, counted as commits land: /health asks this,
+        and is polled (a walk of 10,000 records took ~20 ms of the actor in a round)."""
+        return self._records.committed_count()
 
     def changed_since(self, version: int) -> tuple[list[DeviceRecord], int]:
         """The committed records changed after `version` (0: all), and the version now."""

@@ -174,3 +174,36 @@ def test_rows_loaded_at_start_are_all_given_from_version_zero(tmp_path, db):
         registry.register("pi-1", base_model_hash=HASH, task="fan")
     (loaded,), _ = reopened(tmp_path).changed_since(0)
     assert loaded.device_id == "pi-1"
+
+
+def walked(registry: FleetRegistry) -> tuple[int, int]:
+    """(devices, online) counted the long way, over every record."""
+    records = registry.devices()
+    return len(records), sum(r.online for r in records)
+
+
+def test_the_counts_follow_each_commit_and_no_rollback_and_survive_a_restart(tmp_path, db):
+    registry = FleetRegistry(db, clock=lambda: 1000.0)
+    assert registry.counts() == (0, 0)
+    with db.transaction():
+        for device in ("pi-1", "pi-2", "pi-3"):
+            registry.register(device, base_model_hash=HASH, task="fan")
+        registry.set_presence("pi-1", True, at=1000.0)
+        registry.set_presence("pi-2", True, at=1000.0)
+        assert registry.counts() == (0, 0)  # committed rows only, as any reader sees them
+    assert registry.counts() == (3, 2) == walked(registry)
+    registry.set_presence("pi-2", False, at=1001.0)  # online, then offline: counted once
+    registry.set_presence("pi-2", True, at=1002.0)
+    registry.set_presence("pi-2", False, at=1003.0)
+    assert registry.counts() == (3, 1) == walked(registry)
+    with pytest.raises(RuntimeError), db.transaction():
+        registry.set_presence("pi-3", True, at=1004.0)
+        registry.remove("pi-1")
+        with db.transaction():  # a savepoint released into the transaction that fails
+            registry.register("pi-4", base_model_hash=HASH, task="fan")
+        raise RuntimeError("rolled back")
+    assert registry.counts() == (3, 1) == walked(registry)
+    assert registry.remove("pi-1") is True  # an online device removed: both counts fall
+    assert registry.counts() == (2, 0) == walked(registry)
+    registry.set_presence("pi-3", True, at=1005.0)
+    assert reopened(tmp_path).counts() == (2, 1) == registry.counts()
