@@ -222,7 +222,7 @@ class Fleet:
         return job
 
     def close(self) -> None:
-        self.reports.sync_files()  # a stop leaves the rounds' arrays on disk, like the rows
+        self.reports.close_files()  # a stop leaves the rounds' arrays on disk, like the rows
         self.db.close()
 
 

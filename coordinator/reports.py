@@ -236,7 +236,7 @@ class ReportStore:
                 meta.cohort,
                 meta.base_model_hash,
                 meta.samples,
-                json.dumps(list(meta.shape.layer_dims)),
+                _dims_text(meta.shape.layer_dims),
                 meta.shape.n_classes,
                 meta.parent_adapter_version,
                 meta.received_at,
@@ -344,6 +344,11 @@ class ReportStore:
         except OSError as err:  # the next scan tries them again
             log.warning("could not sync the rounds' arrays files: %s", err)
 
+    def close_files(self) -> None:
+        """Syncs the rounds' arrays files (sync_files) and closes those kept open."""
+        self.sync_files()
+        self._files.close()
+
     def _remove_rounds(self, round_ids: list[str]) -> None:
         try:
             self._files.remove(round_ids)
@@ -441,6 +446,13 @@ def _load_npz(source: Path | io.BytesIO, job_id: str) -> dict[str, np.ndarray]:
     except (OSError, ValueError, zipfile.BadZipFile) as err:  # gone, or not a .npz any more
         why = f"report {job_id}: its stored arrays cannot be read ({err})"
         raise ReportUnreadable(why) from None
+
+
+@functools.lru_cache(maxsize=64)
+def _dims_text(layer_dims: tuple[int, ...]) -> str:
+    """A shape's layer_dims as its rows store them, made once per shape (a round's reports all
+    have their cohort's: ~1 % of the fleet actor's CPU in a 10,000-device round, made each)."""
+    return json.dumps(list(layer_dims))
 
 
 @functools.lru_cache(maxsize=64)

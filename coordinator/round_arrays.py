@@ -52,6 +52,9 @@ class RoundArrayFiles:
         self._folder = Path(state_dir) / FOLDER
         self._lock = threading.Lock()  # an offset is the file's size just before its write
         self._names: dict[str, str] = {}  # round -> the file this process appends to
+        # file -> its descriptor, kept open for the next append: an open and a close a report
+        # were ~1-2 % of the fleet actor's CPU in a 10,000-device round (py-spy)
+        self._appending: dict[str, int] = {}
         self._unsynced: set[str] = set()  # files written since the last sync()
         self._made = False  # a file made since the last sync(): the folder's entries too
 
@@ -64,16 +67,13 @@ class RoundArrayFiles:
                 name = self._new_name(round_id)
                 self._made = True
             try:
-                fd = self._open_for_append(name)
+                fd, offset = self._append_at(name)
             except OSError as err:
                 raise StorageFailed(f"cannot open {self._folder / name}: {err}") from err
             try:
-                offset = os.fstat(fd).st_size
                 _write_all(fd, blob, offset)
             except OSError as err:
                 raise StorageFailed(f"cannot write {self._folder / name}: {err}") from err
-            finally:
-                os.close(fd)
             self._names[round_id] = name
             self._unsynced.add(name)
         return name, offset
@@ -127,6 +127,14 @@ class RoundArrayFiles:
                 self._made |= made
             raise
 
+    def close(self) -> None:
+        """Closes the files kept open for appends (a later append opens its file again)."""
+        with self._lock:
+            for fd in self._appending.values():
+                with contextlib.suppress(OSError):
+                    os.close(fd)
+            self._appending.clear()
+
     def remove(self, round_ids: list[str]) -> None:
         """Removes these rounds' files (OSError if one cannot be); a later append for one of
         them opens a new file."""
@@ -135,11 +143,33 @@ class RoundArrayFiles:
             for round_id in round_ids:
                 self._names.pop(round_id, None)
                 for path in files.get(round_id, []):
+                    self._stop_appending(path.name)
                     path.unlink(missing_ok=True)
 
     def rounds(self) -> set[str]:
         """The rounds that have a file."""
         return set(self._files())
+
+    def _append_at(self, name: str) -> tuple[int, int]:
+        """The file's descriptor for appends (kept open) and its size: where a blob goes. A
+        file unlinked under it (not by remove(), which closes it first) is made anew, as an
+        open by name would: appends to a file that no name reaches would be lost."""
+        fd = self._appending.get(name)
+        if fd is not None:
+            stat = os.fstat(fd)
+            if stat.st_nlink > 0:
+                return fd, stat.st_size
+            self._stop_appending(name)
+            self._made = True  # its new entry in the folder: synced with the next sync()
+        fd = self._open_for_append(name)
+        self._appending[name] = fd
+        return fd, os.fstat(fd).st_size
+
+    def _stop_appending(self, name: str) -> None:
+        fd = self._appending.pop(name, None)
+        if fd is not None:
+            with contextlib.suppress(OSError):
+                os.close(fd)
 
     def _open_for_append(self, name: str) -> int:
         flags = os.O_WRONLY | os.O_CREAT | os.O_APPEND | _NO_LINKS
