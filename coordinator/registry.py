@@ -15,7 +15,7 @@ import re
 from collections.abc import Iterator, Mapping, Sequence
 from contextlib import AbstractContextManager, nullcontext
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 
@@ -176,7 +176,7 @@ class FleetRegistry:
             loaded,
             upsert=(_UPSERT, _row_of),
             delete="DELETE FROM devices WHERE device_id = ?",
-            marked=lambda record: record.online,
+            tally=lambda record: (record.cohort, record.online),
         )
 
     # ---- reads
@@ -200,7 +200,16 @@ class FleetRegistry:
     def counts(self) -> tuple[int, int]:
         """(devices, online devices) as committed, counted as commits land: /health asks this,
         and is polled (a walk of 10,000 records took ~20 ms of the actor in a round)."""
-        return self._records.committed_count()
+        tallies = self._tallies()
+        return sum(tallies.values()), sum(n for (_, online), n in tallies.items() if online)
+
+    def committed_cohorts(self) -> set[str]:
+        """The cohorts committed records are in, from the same tallies: no walk of the fleet."""
+        return {cohort for cohort, _ in self._tallies() if cohort is not None}
+
+    def _tallies(self) -> dict[tuple[str | None, bool], int]:
+        tallies = self._records.committed_tallies()  # keyed as the tally above makes them
+        return cast(dict[tuple[str | None, bool], int], tallies)
 
     def changed_since(self, version: int) -> tuple[list[DeviceRecord], int]:
         """The committed records changed after `version` (0: all), and the version now."""

@@ -344,6 +344,25 @@ def test_the_scan_reads_a_cohorts_placements_once_not_a_query_per_device(tmp_pat
     assert [d for d, _ in jobs_in(service.tick(), JobKind.APPLY_ADAPTER)] == ["pi-2"]
 
 
+def test_a_scan_sorts_the_fleet_for_the_automatic_trigger_only_while_a_cohort_is_idle(
+    tmp_path, clock
+):
+    service = start(tmp_path, clock, rounds=2)
+    join(service, clock, ("pi-1", None, True), ("pi-2", None, True))
+    walks: list[str] = []
+    registry = service.fleet.registry
+    walk = registry.by_cohort
+    registry.by_cohort = lambda: walks.append("walk") or walk()
+    clock.advance(SCAN_INTERVAL_S)
+    service.tick()
+    assert walks == ["walk", "walk"]  # the trigger's, then reconcile's
+    service.request_finetune(all_=True)  # the only cohort is in a run now
+    walks.clear()
+    clock.advance(SCAN_INTERVAL_S)
+    service.tick()
+    assert walks == ["walk"]  # reconcile's alone
+
+
 def clustered_with_strangers(tmp_path, clock, strangers: int):
     """A cohort clustered on two quiet labelled devices, and devices without labels whose
     signatures are near no cluster (placed in none, tried again every scan)."""

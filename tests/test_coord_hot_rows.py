@@ -183,6 +183,7 @@ def walked(registry: FleetRegistry) -> tuple[int, int]:
 
 
 def test_the_counts_follow_each_commit_and_no_rollback_and_survive_a_restart(tmp_path, db):
+    """/health's device counts, kept as commits land (HotRows.committed_tallies)."""
     registry = FleetRegistry(db, clock=lambda: 1000.0)
     assert registry.counts() == (0, 0)
     with db.transaction():
@@ -192,6 +193,8 @@ def test_the_counts_follow_each_commit_and_no_rollback_and_survive_a_restart(tmp
         registry.set_presence("pi-2", True, at=1000.0)
         assert registry.counts() == (0, 0)  # committed rows only, as any reader sees them
     assert registry.counts() == (3, 2) == walked(registry)
+    fans = {registry.get("pi-1").cohort}
+    assert registry.committed_cohorts() == fans
     registry.set_presence("pi-2", False, at=1001.0)  # online, then offline: counted once
     registry.set_presence("pi-2", True, at=1002.0)
     registry.set_presence("pi-2", False, at=1003.0)
@@ -205,5 +208,9 @@ def test_the_counts_follow_each_commit_and_no_rollback_and_survive_a_restart(tmp
     assert registry.counts() == (3, 1) == walked(registry)
     assert registry.remove("pi-1") is True  # an online device removed: both counts fall
     assert registry.counts() == (2, 0) == walked(registry)
+    registry.register("har-1", base_model_hash=HASH, task="har")
+    assert registry.committed_cohorts() == fans | {registry.get("har-1").cohort}
+    registry.remove("har-1")  # the cohort's last device: the cohort goes with it
+    assert registry.committed_cohorts() == fans
     registry.set_presence("pi-3", True, at=1005.0)
     assert reopened(tmp_path).counts() == (2, 1) == registry.counts()
