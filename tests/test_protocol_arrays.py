@@ -40,12 +40,53 @@ def test_big_endian_and_non_contiguous_arrays_are_sent_little_endian():
     np.testing.assert_array_equal(array_from_wire(wire), array)
 
 
+class Tagged(np.ndarray):
+    """An ndarray subclass (as a caller's own may be)."""
+
+
 @pytest.mark.parametrize(
-    "array", [np.array(["a"], dtype=object), np.array([True]), np.array([1j]), np.zeros((1,) * 5)]
+    "array",
+    [
+        np.arange(12, dtype=np.float32).reshape(3, 4),  # the common case: C order
+        np.arange(12, dtype=np.float32).reshape(3, 4).T,  # Fortran order
+        np.arange(24, dtype=np.float32).reshape(4, 6)[::2, 1:5],  # a strided view
+        np.arange(6, dtype=np.float32).view(Tagged),
+        np.float32(2.5) * np.ones((), np.float32),  # 0-d
+        np.zeros((0, 4), np.float32),
+    ],
+)
+def test_float32_arrays_of_every_layout_give_the_one_wire_map(array):
+    expected = {
+        "dtype": "<f4",
+        "shape": list(array.shape),
+        "data": np.ascontiguousarray(array).tobytes(),
+    }
+    assert array_to_wire(array) == expected
+    np.testing.assert_array_equal(array_from_wire(array_to_wire(array)), array)
+
+
+@pytest.mark.parametrize(
+    "array",
+    [
+        np.array(["a"], dtype=object),
+        np.array([True]),
+        np.array([1j]),
+        np.zeros((1,) * 5),
+        np.zeros((1,) * 5, np.float32),
+    ],
 )
 def test_unsendable_arrays(array):
     with pytest.raises(EncodeError):
         array_to_wire(array)
+
+
+def test_a_float32_array_over_the_element_limit_is_refused(monkeypatch):
+    from shared.protocol import arrays
+
+    monkeypatch.setattr(arrays, "MAX_ELEMENTS", 11)  # 2**26 elements would take 256 MiB here
+    assert array_to_wire(np.zeros(11, np.float32))["shape"] == [11]
+    with pytest.raises(EncodeError):
+        array_to_wire(np.zeros(12, np.float32))
 
 
 def _wire(dtype="<f4", shape=(2, 3), data=None):
