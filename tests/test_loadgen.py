@@ -24,6 +24,7 @@ import pytest
 from agent.data.dataset import Dataset
 from agent.data.fan import load_fan_split
 from agent.device_data import write_device_file
+from agent.telemetry import THERMAL_ZONE
 from agent.trainer.finetune import pretrain
 from coordinator.app import Coordinator
 from coordinator.config import CoordinatorConfig, FinetuneSettings
@@ -56,7 +57,7 @@ from shared.protocol import (
 from shared.protocol.enums import PresenceState
 from shared.topics import TopicKind
 from skipfleet.coordinator_process import ApiClient
-from skipfleet.loadgen.device import DeviceSettings, SimulatedDevice
+from skipfleet.loadgen.device import DeviceSettings, HostTemperature, SimulatedDevice
 from skipfleet.loadgen.fleet import SimulatedFleet, split
 from skipfleet.loadgen.process import InstallLog
 from skipfleet.loadgen.reference import REPORT_VARIANTS, Evaluator, perturbed, run_reference
@@ -455,6 +456,21 @@ def test_heartbeats_carry_the_agents_fields_at_a_random_phase(reference):
     assert last.power_w == pytest.approx(0.6)  # the profile's idle watts
     assert last.drift_score == pytest.approx(reference.drift_score)
     assert last.spool_depth == 0 and last.adapter_version is None
+
+
+def test_the_hosts_temperature_is_read_at_most_once_every_few_seconds_for_every_device(tmp_path):
+    zone = tmp_path / THERMAL_ZONE
+    zone.parent.mkdir(parents=True)
+    zone.write_text("45000\n")
+    timers = ManualTimers()
+    temperature = HostTemperature(timers, every_s=5.0, root=tmp_path)
+    assert temperature() == 45.0
+    zone.write_text("51500\n")
+    timers.advance(4.9)
+    assert temperature() == 45.0  # the last read stands
+    timers.advance(0.1)
+    assert temperature() == 51.5
+    assert HostTemperature(timers, root=tmp_path / "no-thermal-zone")() is None
 
 
 # -- the benchmark's measuring ------------------------------------------------------------------

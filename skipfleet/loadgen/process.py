@@ -30,7 +30,7 @@ from pathlib import Path
 from shared.mqtt import parse_broker_url
 from shared.topics import Topics
 from skipfleet.loadgen.connection import DeviceConnection, LoopDriver
-from skipfleet.loadgen.device import DeviceSettings, SimulatedDevice
+from skipfleet.loadgen.device import DeviceSettings, HostTemperature, SimulatedDevice
 from skipfleet.loadgen.reference import Evaluator, ReferenceRun, run_reference
 
 log = logging.getLogger("skipfleet.loadgen")
@@ -171,6 +171,7 @@ def make_connections(args, reference, seconds, loop, driver, installs) -> list[D
     evaluator = Evaluator(reference.learner)
     evaluator.make_variants(reference.arrays)
     topics = Topics(args.topic_root)
+    temperature = HostTemperature(loop)  # one host: one read for all its devices' heartbeats
 
     def connection_for(index: int) -> DeviceConnection:
         # The device exists before its connection (the Will carries its presence), so it
@@ -181,7 +182,7 @@ def make_connections(args, reference, seconds, loop, driver, installs) -> list[D
             device_id(args.id_prefix, index), index, reference, evaluator, settings, loop,
             lambda *publish: connection.publish(*publish),
             boot_id=uuid.uuid4().hex[:16],  # the agent's is per process: one device each
-            topics=topics, on_install=installs, rng=rng,
+            topics=topics, on_install=installs, rng=rng, temperature=temperature,
         )  # fmt: skip
         connection = DeviceConnection(device, mqtt, driver, loop,
                                       will_delay_s=args.will_delay_seconds, rng=rng)  # fmt: skip
