@@ -47,18 +47,20 @@ class HotRows(Generic[Row]):
         *,
         upsert: tuple[str, Callable[[Row], tuple[Any, ...]]],
         delete: str,
+        delete_params: Callable[[str], tuple[Any, ...]] = lambda key: (key,),
         tally: Callable[[Row], Hashable] = lambda row: None,
     ) -> None:
         """`rows`: the table as loaded; `upsert`: the statement and a row's parameters;
-        `delete`: the statement that deletes a key; `tally`: what committed_tallies() counts
-        the rows by (e.g. a device's cohort and whether it is online)."""
+        `delete`: the statement that deletes a key, and its parameters for a key; `tally`: what
+        committed_tallies() counts the rows by (e.g. a device's cohort and whether it is
+        online)."""
         self._db = db
         self._committed = rows
         self._tally = tally
         self._tallies = Counter(tally(row) for row in rows.values())
         self._lock = threading.Lock()  # the writer merges a commit while readers copy
         self._upsert_sql, self._params = upsert
-        self._delete_sql = delete
+        self._delete_sql, self._delete_params = delete, delete_params
         self._pending = _Pending()
         # Commits merged so far (the rows as loaded: 1), and the one that last changed each key
         # (for committed_since)
@@ -141,7 +143,7 @@ class HotRows(Generic[Row]):
         if not changes:
             return
         saved = [self._params(row) for row in changes.values() if row is not None]
-        deleted = [(key,) for key, row in changes.items() if row is None]
+        deleted = [self._delete_params(key) for key, row in changes.items() if row is None]
         if saved:
             self._db.executemany(self._upsert_sql, saved)
         if deleted:

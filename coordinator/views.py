@@ -95,16 +95,11 @@ def job_view(job: Job) -> dict[str, Any]:
     return dataclasses.asdict(job)
 
 
-# The metrics snapshot's placements may be this old: a device's cluster label on /metrics lags
-# its placement by as much (Prometheus scrapes every 15 s), the fleet's views do not.
-SNAPSHOT_PLACEMENTS_MAX_AGE_S = 10.0
-
-
 def _placed(
-    fleet: Fleet, records: list[DeviceRecord], max_age_s: float = 0.0
+    fleet: Fleet, records: list[DeviceRecord]
 ) -> list[tuple[DeviceRecord, Placement | None]]:
-    """Each record with its placement, read in one query (not one per device)."""
-    placements = fleet.clusters.placements(max_age_s)
+    """Each record with its placement."""
+    placements = fleet.clusters.placements()
     return [
         (r, None if r.cohort is None else placements.get((r.cohort, r.device_id))) for r in records
     ]
@@ -313,7 +308,7 @@ class GaugesMemo:
 
 
 def snapshot(fleet: Fleet, memo: GaugesMemo | None = None) -> FleetSnapshot:
-    records = _placed(fleet, fleet.registry.devices(), SNAPSHOT_PLACEMENTS_MAX_AGE_S)
+    records = _placed(fleet, fleet.registry.devices())
     gauges = (memo or GaugesMemo()).gauges(records)
     members: dict[str, int] = {}
     behind: dict[str, int] = {}

@@ -92,25 +92,44 @@ def test_new_clusters_keep_the_ids_of_the_clusters_they_overlap_most():
     }
 
 
-def test_placements_may_be_served_from_the_last_read_only_within_the_age_asked(
-    tmp_path, monkeypatch
-):
-    from coordinator import clusters as clusters_module
+def test_placements_are_kept_in_memory_an_unchanged_one_the_same_object_and_durable(tmp_path):
     from coordinator.clusters import ClusterBook, Placement
     from coordinator.state_db import StateDB
 
-    now = [100.0]
-    monkeypatch.setattr(clusters_module.time, "monotonic", lambda: now[0])
     book = ClusterBook(StateDB(tmp_path / "s.sqlite3"), max_distance=0.4)
     book._save("fan", Placement("pi-1", "c1", "test"), 1.0)
-    first = book.placements(max_age_s=10.0)
+    book._save("fan", Placement("pi-2", "c1", "test"), 1.0)
+    first = book.placements()
     book._save("fan", Placement("pi-1", "c2", "test"), 2.0)
-    now[0] = 109.0
-    assert book.placements(max_age_s=10.0) is first  # 9 s old: good enough for /metrics
-    assert book.placements()[("fan", "pi-1")].cluster == "c2"  # a view asks for it now
-    book._save("fan", Placement("pi-1", "c3", "test"), 3.0)
-    now[0] = 120.0
-    assert book.placements(max_age_s=10.0)[("fan", "pi-1")].cluster == "c3"  # 11 s: read again
+    now = book.placements()
+    assert now[("fan", "pi-1")].cluster == "c2"  # a view sees it at once: no lag
+    assert now[("fan", "pi-2")] is first[("fan", "pi-2")]  # the snapshot reuses what it derived
+    again = ClusterBook(StateDB(tmp_path / "s.sqlite3"), max_distance=0.4)  # a restart
+    assert again.placements() == now and again.clusters("fan") == {"c1": ("pi-2",), "c2": ("pi-1",)}
+
+
+def test_a_recluster_that_rolls_back_leaves_the_placements_as_they_were(tmp_path):
+    from coordinator.clusters import ClusterBook, Placement
+    from coordinator.registry import FleetRegistry
+    from coordinator.state_db import StateDB
+
+    def reopened() -> ClusterBook:
+        return ClusterBook(StateDB(tmp_path / "s.sqlite3"), max_distance=None)
+
+    db = StateDB(tmp_path / "s.sqlite3")
+    registry = FleetRegistry(db)
+    records = [registry.register("pi-1", base_model_hash="ab" * 32, task="fan")]
+    book = ClusterBook(db, max_distance=None)  # clustering off: one cluster, the whole cohort
+    book._save("fan", Placement("pi-1", "c1", "test"), 1.0)
+    book._save("fan", Placement("gone", "c1", "test"), 1.0)  # no longer in the cohort
+    before = book.placements()
+    with pytest.raises(RuntimeError), db.transaction():
+        book.recluster("fan", records)
+        assert set(book.placed_in("fan")) == {"pi-1"}  # its own writes, in its transaction
+        raise RuntimeError("rolled back")
+    assert book.placements() == before == reopened().placements()
+    book.recluster("fan", records)
+    assert set(book.placed_in("fan")) == {"pi-1"} == set(reopened().placed_in("fan"))
 
 
 def test_a_cohorts_placements_read_at_once_are_each_devices_own_and_no_other_cohorts(tmp_path):
