@@ -144,6 +144,7 @@ class ClusterBook:
             upsert=(_UPSERT_MEMBER, _member_params),
             delete="DELETE FROM cluster_members WHERE cohort = ? AND device_id = ?",
             delete_params=lambda key: tuple(key.rsplit(_SEP, 1)),
+            group=lambda member: member.cohort,
         )
 
     # ---- reads
@@ -199,12 +200,16 @@ class ClusterBook:
         with self._db.transaction():
             previous = {c: frozenset(m) for c, m in self.clusters(cohort).items()}
             placements, centroids = self._cluster(cohort, records, previous)
-            for member in self._in(cohort):
-                self._members.put(_key(cohort, member.placement.device_id), None)
+            placed_before = self.placed_in(cohort)
+            for device in placed_before:
+                self._members.put(_key(cohort, device), None)
             self._db.execute("DELETE FROM cluster_centroids WHERE cohort = ?", (cohort,))
             at = self._clock()
             for p in placements:  # put after the deletes above: these are what is kept
-                self._members.put(_key(cohort, p.device_id), _Member(cohort, p, at))
+                before = placed_before.get(p.device_id)
+                # unchanged: the same object, so the views derive nothing again from it
+                kept = before if before is not None and before == p else p
+                self._members.put(_key(cohort, p.device_id), _Member(cohort, kept, at))
             for cluster, centroid in centroids.items():
                 blob = None if centroid is None else np.asarray(centroid, "<f8").tobytes()
                 self._db.execute(
@@ -294,7 +299,7 @@ class ClusterBook:
             self._members.put(_key(cohort, placement.device_id), _Member(cohort, placement, at))
 
     def _in(self, cohort: str) -> list[_Member]:
-        return [m for m in self._members.values() if m.cohort == cohort]
+        return self._members.values_in(cohort)
 
     def _new_id(self, cohort: str) -> str:
         row = self._db.query_one("SELECT next FROM cluster_ids WHERE cohort = ?", (cohort,))

@@ -141,7 +141,9 @@ class RoundArrayFiles:
         with self._lock:
             files = self._files()
             for round_id in round_ids:
-                self._names.pop(round_id, None)
+                name = self._names.pop(round_id, None)
+                if name is not None:  # its descriptor, even if its file is gone already
+                    self._stop_appending(name)
                 for path in files.get(round_id, []):
                     self._stop_appending(path.name)
                     path.unlink(missing_ok=True)

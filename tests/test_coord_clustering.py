@@ -1,6 +1,7 @@
 """Clusters from label-free signatures (DP-means), assignment of new devices, stable ids."""
 
 import itertools
+import threading
 
 import numpy as np
 import pytest
@@ -123,13 +124,21 @@ def test_a_recluster_that_rolls_back_leaves_the_placements_as_they_were(tmp_path
     book._save("fan", Placement("pi-1", "c1", "test"), 1.0)
     book._save("fan", Placement("gone", "c1", "test"), 1.0)  # no longer in the cohort
     before = book.placements()
+    seen: dict[str, set[str]] = {}
     with pytest.raises(RuntimeError), db.transaction():
         book.recluster("fan", records)
         assert set(book.placed_in("fan")) == {"pi-1"}  # its own writes, in its transaction
+        reader = threading.Thread(target=lambda: seen.update(fan=set(book.placed_in("fan"))))
+        reader.start()
+        reader.join()
         raise RuntimeError("rolled back")
+    assert seen["fan"] == {"pi-1", "gone"}  # another thread: the committed placements
     assert book.placements() == before == reopened().placements()
     book.recluster("fan", records)
     assert set(book.placed_in("fan")) == {"pi-1"} == set(reopened().placed_in("fan"))
+    first = book.placed_in("fan")["pi-1"]
+    book.recluster("fan", records)  # the same placement again: the same object, for the views
+    assert book.placed_in("fan")["pi-1"] is first
 
 
 def test_a_cohorts_placements_read_at_once_are_each_devices_own_and_no_other_cohorts(tmp_path):

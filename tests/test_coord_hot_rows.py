@@ -214,3 +214,41 @@ def test_the_counts_follow_each_commit_and_no_rollback_and_survive_a_restart(tmp
     assert registry.committed_cohorts() == fans
     registry.set_presence("pi-3", True, at=1005.0)
     assert reopened(tmp_path).counts() == (2, 1) == registry.counts()
+
+
+def test_rows_by_group_follow_moves_deletes_and_rollbacks_as_each_thread_sees_them(db):
+    from coordinator.hot_rows import HotRows
+
+    db.ensure_schema("CREATE TABLE IF NOT EXISTS grouped (k TEXT PRIMARY KEY, g TEXT NOT NULL)")
+    upsert = "INSERT INTO grouped VALUES (?, ?) ON CONFLICT(k) DO UPDATE SET g = excluded.g"
+    rows = HotRows(
+        db, {}, upsert=(upsert, lambda r: r), delete="DELETE FROM grouped WHERE k = ?",
+        group=lambda r: r[1],
+    )  # fmt: skip
+    with db.transaction():
+        rows.put("a", ("a", "x"))
+        rows.put("b", ("b", "x"))
+        rows.put("c", ("c", "y"))
+    assert sorted(rows.values_in("x")) == [("a", "x"), ("b", "x")]
+    seen: dict[str, list] = {}
+    with db.transaction():
+        rows.put("a", ("a", "y"))  # moved to another group
+        rows.put("b", None)
+        assert rows.values_in("x") == []  # as this transaction sees it
+        assert sorted(rows.values_in("y")) == [("a", "y"), ("c", "y")]
+        reader = threading.Thread(target=lambda: seen.update(x=sorted(rows.values_in("x"))))
+        reader.start()
+        reader.join()
+    assert seen["x"] == [("a", "x"), ("b", "x")]  # another thread: the committed rows
+    assert rows.values_in("x") == [] and sorted(rows.values_in("y")) == [("a", "y"), ("c", "y")]
+    with pytest.raises(RuntimeError), db.transaction():
+        rows.put("c", ("c", "z"))
+        raise RuntimeError("rolled back")
+    assert rows.values_in("z") == [] and sorted(rows.values_in("y")) == [("a", "y"), ("c", "y")]
+    stored = sorted(tuple(r) for r in db.query("SELECT k, g FROM grouped"))
+    assert stored == [("a", "y"), ("c", "y")]
+    ungrouped = HotRows(
+        db, {}, upsert=(upsert, lambda r: r), delete="DELETE FROM grouped WHERE k = ?"
+    )
+    with pytest.raises(TypeError):
+        ungrouped.values_in("x")

@@ -45,11 +45,19 @@ def test_a_rounds_appends_open_its_file_once_and_each_blob_reads_back(tmp_path, 
     files.close()
 
 
-def test_a_file_unlinked_under_its_descriptor_is_made_anew_for_the_next_append(tmp_path):
+def test_a_file_unlinked_under_its_descriptor_is_made_anew_for_the_next_append(
+    tmp_path, monkeypatch
+):
+    synced: list[str] = []
+    monkeypatch.setattr(round_arrays, "_sync_folder", lambda folder: synced.append(folder.name))
     files = RoundArrayFiles(tmp_path)
     name, _ = files.append("r1", b"lost with its file")
+    files.sync()
+    synced.clear()
     (tmp_path / FOLDER / name).unlink()  # an operator's rm, not remove()
     again, offset = files.append("r1", b"kept")
+    files.sync()
+    assert synced == [FOLDER]  # the new file's entry in the folder is made durable too
     assert (again, offset) == (name, 0)  # the same name, a new file
     assert files.read("r1", name, 0, 4) == b"kept"
     with pytest.raises(ArraysGone):
@@ -69,6 +77,15 @@ def test_removing_a_round_lets_its_descriptor_go_and_a_later_append_opens_a_new_
     assert later != name and offset == 0
     assert files.read("r1", later, 0, 4) == b"late"
     files.close()
+    assert open_descriptors() == before
+
+
+def test_removing_a_round_whose_file_is_gone_already_lets_its_descriptor_go(tmp_path):
+    files = RoundArrayFiles(tmp_path)
+    before = open_descriptors()
+    name, _ = files.append("r1", b"blob")
+    (tmp_path / FOLDER / name).unlink()
+    files.remove(["r1"])
     assert open_descriptors() == before
 
 

@@ -458,7 +458,7 @@ def test_heartbeats_carry_the_agents_fields_at_a_random_phase(reference):
     assert last.spool_depth == 0 and last.adapter_version is None
 
 
-def test_the_hosts_temperature_is_read_at_most_once_every_few_seconds_for_every_device(tmp_path):
+def test_the_hosts_temperature_is_read_at_most_once_every_few_seconds(tmp_path):
     zone = tmp_path / THERMAL_ZONE
     zone.parent.mkdir(parents=True)
     zone.write_text("45000\n")

@@ -51,7 +51,7 @@ class Tagged(np.ndarray):
         np.arange(12, dtype=np.float32).reshape(3, 4).T,  # Fortran order
         np.arange(24, dtype=np.float32).reshape(4, 6)[::2, 1:5],  # a strided view
         np.arange(6, dtype=np.float32).view(Tagged),
-        np.float32(2.5) * np.ones((), np.float32),  # 0-d
+        np.array(2.5, np.float32),  # 0-d
         np.zeros((0, 4), np.float32),
     ],
 )

@@ -28,7 +28,9 @@ _WIRE_DTYPE = {
 _FLOAT16_MAX = float(np.finfo(np.float16).max)
 
 
-_FLOAT32 = np.dtype("<f4")  # numpy's float32 dtype is this one object (on every platform)
+# numpy's little-endian float32 dtype is one object; a big-endian machine's native float32 is
+# another, and its arrays take the general path (converted to little-endian there)
+_FLOAT32 = np.dtype("<f4")
 
 
 def array_to_wire(array: np.ndarray) -> WireMap:
