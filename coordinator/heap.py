@@ -47,7 +47,7 @@ _M_ARENA_MAX = -8  # mallopt's parameter (malloc.h)
 # 187 against 173 / 173 MiB), where the margin to the 800 MiB target is thin. Its full
 # collections it makes 10 times rarer (DRIVER_GC_THRESHOLDS): at 10,000 devices a round's
 # in-flight messages outlive the young collections, so nearly every tenth one was followed by a
-# full one (25 in a run of two rounds, ~50 ms each, 1.0 CPU-s; with these 3, 0.1 CPU-s).
+# full one (25 in a run of two rounds, ~40 ms each, 1.0 CPU-s; with these 3, 0.1 CPU-s).
 GC_THRESHOLDS = (10_000, 10, 10)
 DRIVER_GC_THRESHOLDS = (700, 10, 100)
 
@@ -73,12 +73,12 @@ def freeze_startup_heap() -> None:
 
     A coordinator's driver holds ~90,000 tracked objects once started (Ray, paho, prometheus
     and its own modules), nearly all of which live as long as it does, and CPython's full
-    collection walks them
-    all: at 1,000 devices one ran in each round, ~50 ms of the driver's ~0.5-0.8 CPU-s. Frozen,
-    the walk is of what was made since: 2-3 ms (at 10,000 devices the fleet's own objects make
-    it ~40 ms again: DRIVER_GC_THRESHOLDS). Frozen objects are still freed by reference
-    counting; the collection first frees every cycle there is now, and a start-up object that
-    later ends in a cycle (one a reconnect replaces, say) is kept: once, not a leak that grows."""
+    collection walks them all: at 1,000 devices one ran in each round, ~50 ms of the driver's
+    ~0.5-0.8 CPU-s. Frozen, the walk is of what was made since: 2-3 ms (at 10,000 devices the
+    fleet's own objects make it ~40 ms again: DRIVER_GC_THRESHOLDS). Frozen objects are still
+    freed by reference counting; the collection first frees every cycle there is now, and a
+    start-up object that later ends in a cycle (one a reconnect replaces, say) is kept: once,
+    not a leak that grows."""
     gc.collect()
     gc.freeze()
 
