@@ -236,8 +236,7 @@ class ClusterBook:
         same as the device's last (a device still near no cluster) is not written again."""
         placement = self._place_one(record, view.members, view.centroids)
         if view.placement(record.device_id) != placement:
-            with self._db.transaction():
-                self._save(view.cohort, placement, self._clock())
+            self._save(view.cohort, placement, self._clock())  # in a transaction of its own
         return placement
 
     # ---- internals

@@ -48,13 +48,14 @@ class HotRows(Generic[Row]):
         upsert: tuple[str, Callable[[Row], tuple[Any, ...]]],
         delete: str,
         delete_params: Callable[[str], tuple[Any, ...]] = lambda key: (key,),
-        tally: Callable[[Row], Hashable] = lambda row: None,
+        tally: Callable[[Row], Hashable] | None = None,
         group: Callable[[Row], Hashable] | None = None,
     ) -> None:
         """`rows`: the table as loaded; `upsert`: the statement and a row's parameters;
         `delete`: the statement that deletes a key, and its parameters for a key; `tally`: what
         committed_tallies() counts the rows by (e.g. a device's cohort and whether it is
-        online); `group`: what values_in() reads the rows by (e.g. a placement's cohort)."""
+        online); `group`: what values_in() reads the rows by (e.g. a placement's cohort). Each
+        is kept as commits merge only if given."""
         self._db = db
         self._committed = rows
         self._tally, self._group = tally, group
@@ -85,12 +86,7 @@ class HotRows(Generic[Row]):
         """Every row as this thread sees it (its own uncommitted changes included)."""
         with self._lock:
             rows = dict(self._committed)
-        for key, row in self._pending.changes.items():
-            if row is None:
-                rows.pop(key, None)
-            else:
-                rows[key] = row
-        return iter(rows.values())
+        return iter(self._as_seen(rows, lambda row: True).values())
 
     def values_in(self, group: Hashable) -> list[Row]:
         """The rows of one `group` as this thread sees them, without a walk of the others (a
@@ -100,12 +96,17 @@ class HotRows(Generic[Row]):
             raise TypeError("values_in needs HotRows made with a group")
         with self._lock:
             rows = dict(self._groups.get(group, {}))
+        return list(self._as_seen(rows, lambda row: by_group(row) == group).values())
+
+    def _as_seen(self, rows: dict[str, Row], belongs: Callable[[Row], bool]) -> dict[str, Row]:
+        """A copy of committed `rows` with this thread's uncommitted changes laid over it: a
+        row deleted, or changed to one that no longer `belongs`, leaves it."""
         for key, row in self._pending.changes.items():
-            if row is None or by_group(row) != group:
-                rows.pop(key, None)  # deleted, or moved to another group, in this transaction
+            if row is None or not belongs(row):
+                rows.pop(key, None)
             else:
                 rows[key] = row
-        return list(rows.values())
+        return rows
 
     def committed_since(self, version: int) -> tuple[list[Row], int]:
         """The committed rows a commit after `version` changed (deleted ones left out), and
@@ -119,9 +120,11 @@ class HotRows(Generic[Row]):
             return rows, self._version
 
     def committed_tallies(self) -> dict[Hashable, int]:
-        """How many committed rows have each `tally` (none: left out), kept as commits merge:
-        no walk of the rows (a /health poll walked 10,000 device records: ~13 ms of the actor
-        in a round)."""
+        """How many committed rows have each `tally` (a tally no row has: left out), kept as
+        commits merge: no walk of the rows (a /health poll walked 10,000 device records: ~13 ms
+        of the actor in a round)."""
+        if self._tally is None:
+            raise TypeError("committed_tallies needs HotRows made with a tally")
         with self._lock:
             return dict(self._tallies)
 
@@ -190,15 +193,17 @@ class HotRows(Generic[Row]):
 
     def _count_in(self, key: str, row: Row) -> None:
         """A committed row's share of the tallies and groups (with _lock held)."""
-        self._tallies[self._tally(row)] += 1
+        if self._tally is not None:
+            self._tallies[self._tally(row)] += 1
         if self._group is not None:
             self._groups.setdefault(self._group(row), {})[key] = row
 
     def _count_out(self, key: str, row: Row) -> None:
-        tallied = self._tally(row)
-        self._tallies[tallied] -= 1
-        if not self._tallies[tallied]:
-            del self._tallies[tallied]
+        if self._tally is not None:
+            tallied = self._tally(row)
+            self._tallies[tallied] -= 1
+            if not self._tallies[tallied]:
+                del self._tallies[tallied]
         if self._group is not None:
             group = self._group(row)
             members = self._groups[group]

@@ -252,3 +252,5 @@ def test_rows_by_group_follow_moves_deletes_and_rollbacks_as_each_thread_sees_th
     )
     with pytest.raises(TypeError):
         ungrouped.values_in("x")
+    with pytest.raises(TypeError):  # nor tallied
+        ungrouped.committed_tallies()
