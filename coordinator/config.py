@@ -71,6 +71,8 @@ DEFAULT_DRIFT_THRESHOLD = None
 DEFAULT_MIN_CANARIES = 2
 # The API and /metrics answer this machine only unless the operator binds them elsewhere.
 DEFAULT_BIND = "127.0.0.1"
+DAY_S = 86_400.0
+DEFAULT_HISTORY_DAYS = 30.0
 MAX_PARTITIONS = 64
 
 
@@ -172,6 +174,9 @@ class CoordinatorConfig:
     command_timeout_s: float = 300.0
     # A device that failed to apply the cohort's adapter is asked again only after this long.
     reapply_backoff_s: float = 300.0
+    # Finished jobs, reports' rows, ended rounds and runs are deleted once older than this
+    # (coordinator.history); at least a day, and at least every window that reads them.
+    history_s: float = DEFAULT_HISTORY_DAYS * DAY_S
     tick_interval_s: float = 0.5
     metrics_interval_s: float = 2.0
     log_level: str = "INFO"
@@ -201,6 +206,7 @@ class CoordinatorConfig:
         for name in positive:
             if not getattr(self, name) > 0:
                 raise ConfigError(f"{name} must be > 0")
+        self._check_history()
         if self.chunk_limit < 4096:
             raise ConfigError("--chunk-limit must be at least 4096 bytes")
         if not self.ray_address:
@@ -210,6 +216,27 @@ class CoordinatorConfig:
         if self.instance is not None and not INSTANCE_PATTERN.fullmatch(self.instance):
             raise ConfigError(f"--instance {self.instance!r}: use [a-z0-9-], at most 32")
         self._check_partitions()
+
+    def _check_history(self) -> None:
+        """History older than the retention is deleted: nothing still deciding on it may be."""
+        policy = self.policy
+        windows = {
+            "a day": DAY_S,
+            "--trigger-cooldown-seconds": policy.trigger_cooldown_s,
+            "--quarantine-seconds": policy.quarantine_s,
+            "--round-deadline-seconds": policy.round_deadline_s,
+            "--job-timeout-seconds × --max-attempts": policy.job_timeout_s * policy.max_attempts,
+            "a fine-tune request's life": policy.request_ttl_s,
+            "--energy-period-seconds": self.energy_period_s,
+            "--command-timeout-seconds": self.command_timeout_s,
+        }
+        name, longest = max(windows.items(), key=lambda item: item[1])
+        if not self.history_s >= longest:
+            days = longest / DAY_S
+            raise ConfigError(
+                f"--history-days {self.history_s / DAY_S:g} is shorter than {name} "
+                f"({days:g} day{'' if days == 1 else 's'}): history must outlive it"
+            )
 
     def _check_partitions(self) -> None:
         if not 1 <= self.partitions <= MAX_PARTITIONS:
@@ -537,6 +564,13 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
         default=300.0,
         help="an evaluate/apply job not answered by then: the device is stuck",
     )
+    add(
+        "--history-days",
+        type=float,
+        default=DEFAULT_HISTORY_DAYS,
+        help="finished jobs, reports, rounds and runs older than this are deleted (devices, "
+        "adapter versions and rollouts are kept)",
+    )
     add("--epochs", type=int, default=tune.epochs, help="epochs of a device's fine-tune job")
     add("--lr", type=float, default=tune.lr, help="learning rate of fine-tuning")
     add("--rank", type=int, default=tune.rank, help="LoRA rank of the adapters")
@@ -686,6 +720,7 @@ def from_args(args: argparse.Namespace, environ: Mapping[str, str]) -> Coordinat
             chunk_limit=args.chunk_limit,
             energy_period_s=args.energy_period_seconds,
             command_timeout_s=args.command_timeout_seconds,
+            history_s=args.history_days * DAY_S,
             tick_interval_s=args.tick_seconds,
             log_level=args.log_level,
             partitions=args.partitions,

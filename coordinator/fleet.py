@@ -18,6 +18,7 @@ from coordinator.clock import Clock, system_clock
 from coordinator.clusters import ClusterBook
 from coordinator.commands import CommandLog
 from coordinator.config import CoordinatorConfig
+from coordinator.history import HistoryPruner
 from coordinator.jobs import Job, JobTable
 from coordinator.observations import EventLog, JobTransition, MessageRejected, failure_reason
 from coordinator.outbound import DownlinkMessage, Outbound, publication
@@ -81,6 +82,7 @@ class Fleet:
     outbox: DurableOutbox
     seen: SeenMessages
     job_commands: JobCommands
+    history: HistoryPruner
     events: EventLog = field(default_factory=EventLog)
     # device -> the last outbox row of its latest ask (its presence), while it may be waiting
     reasks: dict[str, tuple[int, str]] = field(default_factory=dict)
@@ -132,6 +134,7 @@ class Fleet:
             outbox=DurableOutbox(db, config.client_id, clock, publish_limit=config.chunk_limit),
             seen=SeenMessages(db, clock),
             job_commands=JobCommands(db, config.client_id, clock),
+            history=HistoryPruner(db, config.history_s, clock),
         )
 
     # ---- side channels

@@ -148,7 +148,12 @@ class FleetMetrics:
             buckets=FINETUNE_BUCKETS,
             registry=r,
         )
-        self.jobs = Gauge(p + "jobs", "Jobs per life-cycle state", ["state"], registry=r)
+        self.jobs = Gauge(
+            p + "jobs",
+            "Jobs held per life-cycle state (within --history-days)",
+            ["state"],
+            registry=r,
+        )
         self.job_transitions = Counter(
             p + "job_transitions", "Jobs entering each state", ["state"], registry=r
         )

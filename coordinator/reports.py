@@ -79,9 +79,10 @@ CREATE INDEX IF NOT EXISTS fit_reports_by_cohort ON fit_reports (cohort, receive
 # released: release and rounds_holding_arrays read these alone (a report stored now is in no
 # such row: its arrays are in its round's file). The same condition in a query
 # lets SQLite use this partial index.
-_HOLDING = "(arrays IS NOT NULL OR file != '')"
+HOLDING_ARRAYS = "(arrays IS NOT NULL OR file != '')"
 _HOLDING_INDEX = (
-    f"CREATE INDEX IF NOT EXISTS fit_reports_holding ON fit_reports (round_id) WHERE {_HOLDING}"
+    "CREATE INDEX IF NOT EXISTS fit_reports_holding ON fit_reports (round_id) "
+    f"WHERE {HOLDING_ARRAYS}"
 )
 
 
@@ -315,7 +316,7 @@ class ReportStore:
             for job in in_memory:
                 self._unhold(job)
             rows = self._db.query(
-                f"SELECT job_id, file FROM fit_reports WHERE round_id IS ? AND {_HOLDING}",
+                f"SELECT job_id, file FROM fit_reports WHERE round_id IS ? AND {HOLDING_ARRAYS}",
                 (round_id,),
             )
             for row in rows:  # held ones are the round's too: let go above
@@ -323,7 +324,7 @@ class ReportStore:
                     self._released_files.note(row["file"])
             self._db.execute(
                 f"UPDATE fit_reports SET arrays = NULL, file = '' WHERE round_id IS ? "
-                f"AND {_HOLDING}",
+                f"AND {HOLDING_ARRAYS}",
                 (round_id,),
             )
             if round_id is not None:
@@ -333,7 +334,7 @@ class ReportStore:
     def rounds_holding_arrays(self) -> set[str | None]:
         """The rounds (None: no round) with reports whose arrays are still stored: in a round's
         file, or in an earlier version's rows or files."""
-        rows = self._db.query(f"SELECT DISTINCT round_id FROM fit_reports WHERE {_HOLDING}")
+        rows = self._db.query(f"SELECT DISTINCT round_id FROM fit_reports WHERE {HOLDING_ARRAYS}")
         return {r["round_id"] for r in rows} | set(self._files.rounds())
 
     def sync_files(self) -> None:

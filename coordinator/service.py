@@ -17,7 +17,7 @@ from typing import Any
 from coordinator import views
 from coordinator.aggregate_task import Aggregator, LocalAggregator
 from coordinator.clock import Clock, system_clock
-from coordinator.config import CoordinatorConfig
+from coordinator.config import DAY_S, CoordinatorConfig
 from coordinator.distribution import AdapterDistributor
 from coordinator.fleet import Fleet, select_devices
 from coordinator.ingest import MessageHandler, Received, superseded
@@ -163,9 +163,16 @@ class FleetService:
             self._distributor.reconcile()
             f.seen.prune()
             f.job_commands.prune()
+            self._prune_history()
         if f.rounds.open_count() > rounds_before - len(result.closed_rounds):
             # a run's next round started in this tick: its jobs go out now, not a tick later
             self._dispatch(f.scheduler.dispatch_now())
+
+    def _prune_history(self) -> None:
+        pruned = self.fleet.history.prune_if_due()
+        if pruned is not None and pruned.total:
+            days = self.config.history_s / DAY_S
+            log.info("history older than %g days deleted: %s", days, pruned.as_text())
 
     def reask_open_jobs(self) -> int:
         """The bridge connected without a session: every open job's command goes out again

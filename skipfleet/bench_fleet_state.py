@@ -21,7 +21,7 @@ from __future__ import annotations
 import argparse
 import itertools
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 from typing import Any
 
@@ -187,19 +187,31 @@ def round_cpu(devices: int, state_dir: Path) -> dict[str, float]:
         spent = dict.fromkeys(spent, 0.0)
         if index == 2:  # the connection the actor's one working thread uses
             service.fleet.db.trace(lambda sql: next(counted))
-        ingest([fleet.received(d, heartbeat()) for d in fleet.ids])
-        service.request_finetune(all_=True)
-        outbound = tick()
-        while outbound or service.health()["open_rounds"]:
-            ingest(fleet.answers(outbound))
-            outbound = tick()
-        versions = {d["adapter_version"] for d in service.devices()}
-        if versions != {index + 1}:
-            raise RuntimeError(f"round {index + 1} did not end on every device: {versions}")
+        play_round(service, fleet, index + 1, ingest, tick)
         if index == 1:
             timed = {part: 1e3 * seconds / devices for part, seconds in spent.items()}
     service.close()
     return timed | {"statements": next(counted) / devices}
+
+
+def play_round(
+    service: FleetService,
+    fleet: Devices,
+    version: int,
+    ingest: Callable[[list[Received]], None],
+    tick: Callable[[], list[Outbound]],
+) -> None:
+    """A heartbeat a device, then a round from the request until every device applied the
+    promoted `version`, through these two steps of the fleet state."""
+    ingest([fleet.received(d, heartbeat()) for d in fleet.ids])
+    service.request_finetune(all_=True)
+    outbound = tick()
+    while outbound or service.health()["open_rounds"]:
+        ingest(fleet.answers(outbound))
+        outbound = tick()
+    versions = {d["adapter_version"] for d in service.devices()}
+    if versions != {version}:
+        raise RuntimeError(f"round {version} did not end on every device: {versions}")
 
 
 def release(reports: int, state_dir: Path, secure_delete: str) -> dict[str, float]:

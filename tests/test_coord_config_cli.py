@@ -12,6 +12,7 @@ from coordinator import cli, status_cli
 from coordinator.api import ApiServer, FleetApi
 from coordinator.clock import ManualClock
 from coordinator.config import (
+    DAY_S,
     DEFAULT_API_PORT,
     DEFAULT_METRICS_PORT,
     AggregationAlgorithm,
@@ -31,6 +32,24 @@ def parse(*argv: str) -> argparse.Namespace:
     parser = argparse.ArgumentParser()
     cli.configure(parser)
     return parser.parse_args(list(argv))
+
+
+def test_history_days_sets_how_long_history_is_kept(tmp_path):
+    config = from_args(parse("--state-dir", str(tmp_path), "--history-days", "45"), {})
+    assert config.history_s == 45 * DAY_S
+
+
+@pytest.mark.parametrize(
+    ("argv", "named"),
+    [
+        (("--history-days", "0.5"), "a day"),
+        (("--history-days", "2", "--energy-period-seconds", str(3 * DAY_S)), "--energy-period"),
+        (("--history-days", "1", "--trigger-cooldown-seconds", str(1.5 * DAY_S)), "--trigger-co"),
+    ],
+)
+def test_history_shorter_than_a_window_that_reads_it_is_refused_naming_it(tmp_path, argv, named):
+    with pytest.raises(ConfigError, match=f"is shorter than {named}"):
+        from_args(parse("--state-dir", str(tmp_path), *argv), {})
 
 
 def test_defaults(tmp_path):

@@ -1,0 +1,202 @@
+"""History older than the coordinator's retention (`--history-days`), deleted a bounded batch
+at a time: finished jobs, the command log, fine-tune reports' rows, ended rounds' records and
+ended runs.
+
+Without it the state file grows by every round for good (measured: ~1.4 MiB a round at 1,000
+devices, docs/benchmarks.md), and so does every read that counts all jobs (the metrics
+snapshot, every 2 s). SQLite reuses the freed pages: the file stops growing, it does not shrink.
+
+Kept whatever their age: devices, adapter versions and which is current, clusters, rollouts (a
+version a canary rolled back is refused a promotion without force, however long ago), anything
+of a round or run still going, and each cohort's newest report (the cohort's adapter shape is
+read from its reports and must never change).
+"""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Callable, Collection
+from dataclasses import dataclass, fields
+
+from coordinator.clock import Clock
+from coordinator.jobs import ACTIVE_STATES
+from coordinator.reports import HOLDING_ARRAYS
+from coordinator.round_records import ACTIVE_STAGES
+from coordinator.rounds import RoundOutcome
+from coordinator.runs import RunState
+from coordinator.state_db import StateDB
+
+# A pass every minute; one that found more than a batch waiting runs again at the next scan.
+PRUNE_INTERVAL_S = 60.0
+# Rows a table a pass: the deletes run inside the fleet actor's tick, so a pass stays short
+# (~30 ms at 10,000 devices: docs/benchmarks.md), and a pass every 5 s still deletes 720,000
+# jobs an hour while a backlog waits.
+BATCH_ROWS = 1000
+
+_ACTIVE_JOB_STATES = frozenset(state.value for state in ACTIVE_STATES)
+_ACTIVE_STAGE_LIST = ", ".join(f"'{stage.value}'" for stage in sorted(ACTIVE_STAGES))
+_RUNNING_ROUNDS_SQL = f"""
+SELECT round_id FROM rounds WHERE outcome = '{RoundOutcome.RUNNING.value}'
+UNION SELECT round_id FROM round_records WHERE stage IN ({_ACTIVE_STAGE_LIST})
+UNION SELECT rr.round_id FROM run_rounds rr JOIN runs r ON r.run_id = rr.run_id
+    WHERE r.state = '{RunState.RUNNING.value}'
+"""
+_ENDED_ROUNDS_SQL = f"""
+SELECT round_id FROM rounds
+    WHERE outcome != '{RoundOutcome.RUNNING.value}' AND coalesce(closed_at, started_at) < :cutoff
+UNION SELECT round_id FROM round_records
+    WHERE stage NOT IN ({_ACTIVE_STAGE_LIST})
+    AND coalesce(finished_at, closed_at, started_at) < :cutoff
+LIMIT :limit
+"""
+_ENDED_RUNS_SQL = f"""
+SELECT run_id FROM runs WHERE state != '{RunState.RUNNING.value}' AND started_at < :cutoff
+LIMIT :limit
+"""
+
+
+@dataclass(frozen=True)
+class Pruned:
+    """Rows one pass deleted, by what they were."""
+
+    jobs: int = 0
+    commands: int = 0
+    reports: int = 0
+    rounds: int = 0
+    runs: int = 0
+
+    @property
+    def total(self) -> int:
+        return sum(getattr(self, f.name) for f in fields(self))
+
+    def as_text(self) -> str:
+        return ", ".join(f"{getattr(self, f.name)} {f.name}" for f in fields(self))
+
+
+class _OldestFirst:
+    """One table's rows read in insertion order (rowid) from where the last pass stopped, up to
+    the first row not yet old: their time column grows with the rowid, so the old ones are a
+    prefix of the table and no index on their age is needed (one would cost every insert)."""
+
+    def __init__(self, db: StateDB, table: str, age: str, columns: str) -> None:
+        self._db = db
+        after = f"FROM {table} WHERE rowid > ? ORDER BY rowid LIMIT"
+        self._first = f"SELECT {age} {after} 1"
+        self._sql = f"SELECT rowid, {age}, {columns} {after} ?"
+        self._delete = f"DELETE FROM {table} WHERE rowid = ?"
+        self._after = 0  # rowid: the rows before it were kept by the last pass (still needed)
+        self.waiting = False  # the last pass stopped at its batch's end, not at a young row
+
+    def prune(self, cutoff: float, limit: int, may_go: Callable[[sqlite3.Row], bool]) -> int:
+        """Deletes the rows read whose `age` column is before `cutoff` and that `may_go` (each
+        row as (rowid, age, *columns)); returns how many."""
+        first = self._db.query_one(self._first, (self._after,))
+        if first is None or not first[0] < cutoff:  # the usual pass: one row read, none old
+            self.waiting, self._after = False, 0
+            return 0
+        rows = self._db.query(self._sql, (self._after, limit))
+        doomed: list[tuple[int]] = []
+        young = False
+        for row in rows:
+            if not row[1] < cutoff:
+                young = True
+                break
+            if may_go(row):
+                doomed.append((row[0],))
+        self.waiting = not young and len(rows) == limit
+        # A full batch of old rows goes on from its last row next time; anything else starts
+        # again from the beginning (the rows kept may be free to go by then).
+        self._after = rows[-1][0] if self.waiting else 0
+        if doomed:
+            self._db.executemany(self._delete, doomed)
+        return len(doomed)
+
+
+class HistoryPruner:
+    """Deletes what is older than `keep_s`: a pass at most every PRUNE_INTERVAL_S (sooner while
+    more than a batch waits), in the caller's transaction. One caller thread at a time."""
+
+    def __init__(
+        self, db: StateDB, keep_s: float, clock: Clock, *, batch_rows: int = BATCH_ROWS
+    ) -> None:
+        if not keep_s > 0 or batch_rows < 1:
+            raise ValueError(f"history kept {keep_s} s, {batch_rows} rows a pass: both must be > 0")
+        self._db = db
+        self._keep_s = keep_s
+        self._clock = clock
+        self._batch = batch_rows
+        self._next_at = float("-inf")
+        self._jobs = _OldestFirst(db, "jobs", "created_at", "state, round_id")
+        job_state = "(SELECT state FROM jobs j WHERE j.job_id = command_jobs.job_id)"
+        self._commands = _OldestFirst(db, "command_jobs", "created_at", job_state)
+        self._reports = _OldestFirst(
+            db, "fit_reports", "received_at", f"round_id, cohort, {HOLDING_ARRAYS}"
+        )
+        self._more_rounds = self._more_runs = False
+
+    def prune_if_due(self) -> Pruned | None:
+        """A pass if one is due (None if not)."""
+        now = self._clock()
+        if now < self._next_at:
+            return None
+        pruned = self.prune(now - self._keep_s)
+        waiting = (self._jobs, self._commands, self._reports)
+        backlog = self._more_rounds or self._more_runs or any(t.waiting for t in waiting)
+        self._next_at = now if backlog else now + PRUNE_INTERVAL_S
+        return pruned
+
+    def prune(self, cutoff: float) -> Pruned:
+        """One pass: a batch at most of each kind of row older than `cutoff` (unix seconds)."""
+        running = {r[0] for r in self._db.query(_RUNNING_ROUNDS_SQL)}
+        return Pruned(
+            jobs=self._prune_jobs(cutoff, running),
+            commands=self._commands.prune(
+                cutoff, self._batch, lambda r: r[2] not in _ACTIVE_JOB_STATES
+            ),
+            reports=self._prune_reports(cutoff, running),
+            rounds=self._prune_rounds(cutoff, running),
+            runs=self._prune_runs(cutoff),
+        )
+
+    def _prune_jobs(self, cutoff: float, running: Collection[str]) -> int:
+        def may_go(row: sqlite3.Row) -> bool:
+            return row[2] not in _ACTIVE_JOB_STATES and row[3] not in running
+
+        return self._jobs.prune(cutoff, self._batch, may_go)
+
+    def _prune_reports(self, cutoff: float, running: Collection[str]) -> int:
+        newest: dict[str, int] = {}  # cohort -> its newest report's rowid, kept
+
+        def may_go(row: sqlite3.Row) -> bool:
+            rowid, _, round_id, cohort, held_in_row = row
+            if round_id in running or held_in_row:  # an earlier version's arrays go first
+                return False
+            if cohort not in newest:
+                newest[cohort] = self._newest_report(cohort)
+            return bool(rowid != newest[cohort])
+
+        return self._reports.prune(cutoff, self._batch, may_go)
+
+    def _newest_report(self, cohort: str) -> int:
+        row = self._db.query_one(
+            "SELECT rowid FROM fit_reports WHERE cohort = ? ORDER BY received_at DESC, rowid DESC "
+            "LIMIT 1",
+            (cohort,),
+        )
+        return -1 if row is None else int(row[0])
+
+    def _prune_rounds(self, cutoff: float, running: Collection[str]) -> int:
+        found = self._db.query(_ENDED_ROUNDS_SQL, {"cutoff": cutoff, "limit": self._batch})
+        self._more_rounds = len(found) == self._batch
+        ended = [(r[0],) for r in found if r[0] not in running]
+        for table in ("rounds", "round_records", "run_rounds"):
+            self._db.executemany(f"DELETE FROM {table} WHERE round_id = ?", ended)
+        return len(ended)
+
+    def _prune_runs(self, cutoff: float) -> int:
+        found = self._db.query(_ENDED_RUNS_SQL, {"cutoff": cutoff, "limit": self._batch})
+        self._more_runs = len(found) == self._batch
+        ended = [(r[0],) for r in found]
+        for table in ("runs", "run_rounds"):
+            self._db.executemany(f"DELETE FROM {table} WHERE run_id = ?", ended)
+        return len(ended)

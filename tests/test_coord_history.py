@@ -1,0 +1,204 @@
+"""History older than the retention is deleted (coordinator.history): finished jobs, the command
+log, reports' rows, ended rounds and runs. What is still deciding something is kept, however old."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from coordinator.aggregation import AdapterShape
+from coordinator.clock import ManualClock
+from coordinator.config import DAY_S
+from coordinator.fleet import Conflict
+from coordinator.history import PRUNE_INTERVAL_S, HistoryPruner
+from coordinator.jobs import JobState as StoredState
+from coordinator.reports import arrays_blob
+from coordinator.service import SCAN_INTERVAL_S, FleetService
+from shared.protocol import JobKind, JobState
+from tests.coord_fleet_helpers import finetune_jobs, jobs_in, make_config
+from tests.coord_helpers import random_factors
+from tests.test_coord_report_retention import full_round
+from tests.test_coord_service import answer_canaries, finetune_all, join
+
+HISTORY_DAYS = 30
+PRUNED_TABLES = ("jobs", "command_jobs", "fit_reports", "rounds", "round_records", "runs",
+                 "run_rounds")  # fmt: skip
+KEPT_TABLES = ("devices", "adapters", "cluster_adapters", "rollouts", "canary_results")
+
+
+@pytest.fixture
+def clock() -> ManualClock:
+    return ManualClock()
+
+
+def start(tmp_path, clock, **policy) -> FleetService:
+    return FleetService(make_config(tmp_path, **policy), clock=clock)
+
+
+def rows(service: FleetService, tables=PRUNED_TABLES + KEPT_TABLES) -> dict[str, int]:
+    db = service.fleet.db
+    return {t: db.query_one(f"SELECT count(*) FROM {t}")[0] for t in tables}
+
+
+def scan_after(service: FleetService, clock: ManualClock, seconds: float) -> None:
+    clock.advance(seconds)
+    service.tick()  # its scan prunes
+
+
+def test_the_default_retention_is_thirty_days(tmp_path, clock):
+    assert make_config(tmp_path).history_s == HISTORY_DAYS * DAY_S
+
+
+def test_history_older_than_the_retention_goes_and_what_the_fleet_runs_on_stays(tmp_path, clock):
+    service = start(tmp_path, clock)
+    devices = join(service, clock, "pi-1", "pi-2", "pi-3")
+    full_round(service, devices)
+    before = rows(service)
+    assert all(before[t] > 0 for t in PRUNED_TABLES + KEPT_TABLES), str(before)
+
+    scan_after(service, clock, HISTORY_DAYS * DAY_S + 3600)
+    after = rows(service)
+    assert {t: after[t] for t in PRUNED_TABLES} == {
+        **dict.fromkeys(PRUNED_TABLES, 0),
+        "fit_reports": 1,  # the cohort's newest: its adapter shape is read from it
+    }
+    assert {t: after[t] for t in KEPT_TABLES} == {t: before[t] for t in KEPT_TABLES}
+    assert service.jobs() == [] and service.rounds() == [] and service.runs() == []
+    assert {d["device_id"]: d["adapter_version"] for d in service.devices()} == dict.fromkeys(
+        ("pi-1", "pi-2", "pi-3"), 1
+    )
+    assert service.adapters()[0]["current_version"] == 1
+
+    full_round(service, devices)  # the fleet goes on from what it kept
+    assert {d["adapter_version"] for d in service.devices()} == {2}
+
+
+def test_nothing_younger_than_the_retention_goes(tmp_path, clock):
+    service = start(tmp_path, clock)
+    devices = join(service, clock, "pi-1", "pi-2")
+    full_round(service, devices)
+    before = rows(service)
+    scan_after(service, clock, HISTORY_DAYS * DAY_S - 3600)
+    assert rows(service) == before
+
+
+def test_a_cohort_keeps_its_shape_through_a_restart_after_its_old_reports_went(tmp_path, clock):
+    service = start(tmp_path, clock)
+    devices = join(service, clock, "pi-1", "pi-2")
+    full_round(service, devices)
+    full_round(service, devices)
+    scan_after(service, clock, HISTORY_DAYS * DAY_S + 3600)
+    assert rows(service, ("fit_reports",)) == {"fit_reports": 1}
+    service.close()
+
+    restarted = start(tmp_path, clock)
+    restarted.ingest([d.heartbeat() for d in devices])
+    jobs = finetune_jobs(restarted)
+    other = AdapterShape(layer_dims=(7, 5, 3), n_classes=3)
+    wrong = random_factors(np.random.default_rng(3), shape=other)
+    restarted.ingest(devices[0].finetune(jobs["pi-1"].job_id, arrays=wrong))
+    refused = restarted.fleet.jobs.get(jobs["pi-1"].job_id)
+    assert refused.state is StoredState.FAILED and "report refused" in refused.detail
+
+
+def test_a_version_its_canary_rolled_back_is_still_refused_a_promotion_years_later(tmp_path, clock):
+    service = start(tmp_path, clock)
+    devices = join(service, clock, "pi-1", "pi-2")
+    service.request_finetune(all_=True)
+    finetune_all(service, devices, service.tick())
+    answer_canaries(service, devices, service.tick(), candidate=0.5, current=0.9)
+    service.tick()
+    (cohort,) = service.adapters()
+    assert cohort["rollouts"][0]["state"] == "ROLLED_BACK"
+
+    for _ in range(3):  # three years of passes
+        scan_after(service, clock, 365 * DAY_S)
+    assert rows(service, ("jobs", "rounds")) == {"jobs": 0, "rounds": 0}
+    with pytest.raises(Conflict, match="rolled it back"):
+        service.promote(cohort["cohort"], 1)
+
+
+def test_a_running_round_its_active_jobs_and_held_reports_stay_however_old(tmp_path, clock):
+    service = start(tmp_path, clock, round_deadline_s=120.0)
+    devices = join(service, clock, "pi-1", "pi-2", "pi-3")
+    jobs = finetune_jobs(service)
+    for device in devices[:2]:  # pi-3 still training
+        service.ingest(device.finetune(jobs[device.device_id].job_id))
+    before = rows(service)
+    pruner = HistoryPruner(service.fleet.db, 1.0, clock)
+    with service.fleet.db.transaction():
+        pruned = pruner.prune(cutoff=clock() + 1000 * DAY_S)
+    assert pruned.total == 0 and rows(service) == before
+    service.ingest(devices[2].finetune(jobs["pi-3"].job_id))
+    service.tick()  # the round ends and is stored: every report it had is counted
+    assert service.rounds()[0]["stage"] == "STORED"
+    assert sorted(service.rounds()[0]["answered"]) == ["pi-1", "pi-2", "pi-3"]
+
+
+def test_a_backlog_goes_a_batch_a_pass_with_passes_at_each_scan_until_it_is_gone(tmp_path, clock):
+    service = start(tmp_path, clock)
+    devices = join(service, clock, "pi-1", "pi-2", "pi-3")
+    full_round(service, devices)
+    jobs_before = rows(service, ("jobs",))["jobs"]
+    assert jobs_before >= 6
+    clock.advance(HISTORY_DAYS * DAY_S + 3600)
+    pruner = HistoryPruner(service.fleet.db, HISTORY_DAYS * DAY_S, clock, batch_rows=2)
+    deleted = []
+    while (pruned := pruner.prune_if_due()) is not None:
+        deleted.append(pruned.jobs)
+        clock.advance(SCAN_INTERVAL_S)  # due again at once while a backlog waits
+    assert sum(deleted) == jobs_before and max(deleted) == 2
+    assert rows(service, PRUNED_TABLES) == {
+        **dict.fromkeys(PRUNED_TABLES, 0),
+        "fit_reports": 1,
+    }
+    clock.advance(PRUNE_INTERVAL_S - SCAN_INTERVAL_S)
+    assert pruner.prune_if_due() is not None  # no backlog: the next pass a minute on
+
+
+def test_old_rows_behind_one_still_active_go_all_the_same(tmp_path, clock):
+    service = start(tmp_path, clock)
+    devices = join(service, clock, "pi-1", "pi-2")
+    service.evaluate(devices=["pi-1", "pi-2"], version=0)
+    jobs = dict(jobs_in(service.tick(), JobKind.EVALUATE))
+    # pi-1 never answers (its job stays QUEUED, in no round); pi-2 does
+    service.ingest([devices[1].status(jobs["pi-2"].job_id, JobState.SUCCEEDED, {"accuracy": 0.8})])
+    clock.advance(2 * DAY_S)
+    pruner = HistoryPruner(service.fleet.db, DAY_S, clock, batch_rows=1)
+    with service.fleet.db.transaction():
+        first = pruner.prune(clock() - DAY_S)  # reads pi-1's job and command alone, keeps them
+        second = pruner.prune(clock() - DAY_S)  # goes on behind them
+    assert (first.jobs, first.commands, second.jobs, second.commands) == (0, 0, 1, 1)
+    db = service.fleet.db
+    assert [r[0] for r in db.query("SELECT job_id FROM jobs")] == [jobs["pi-1"].job_id]
+    assert [r[0] for r in db.query("SELECT job_id FROM command_jobs")] == [jobs["pi-1"].job_id]
+
+
+def test_a_run_still_going_keeps_its_ended_rounds_however_old(tmp_path, clock):
+    service = start(tmp_path, clock)
+    devices = join(service, clock, "pi-1", "pi-2")
+    full_round(service, devices)
+    service.fleet.db.execute("UPDATE runs SET state = 'RUNNING'")  # as a run between rounds
+    pruner = HistoryPruner(service.fleet.db, 1.0, clock)
+    with service.fleet.db.transaction():
+        pruned = pruner.prune(cutoff=clock() + 1000 * DAY_S)
+    assert (pruned.rounds, pruned.runs) == (0, 0)
+    assert rows(service, ("rounds", "round_records", "run_rounds", "runs")) == dict.fromkeys(
+        ("rounds", "round_records", "run_rounds", "runs"), 1
+    )
+    assert pruned.jobs > 0  # the round's finished jobs are history all the same
+
+
+def test_reports_whose_arrays_an_earlier_version_kept_in_their_rows_go_once_released(
+    tmp_path, clock
+):
+    service = start(tmp_path, clock)
+    devices = join(service, clock, "pi-1", "pi-2", "pi-3")
+    full_round(service, devices)
+    blob = arrays_blob(random_factors(np.random.default_rng(0)))
+    service.fleet.db.execute("UPDATE fit_reports SET arrays = ?", (blob,))  # as it left them
+    pruner = HistoryPruner(service.fleet.db, 1.0, clock)
+    with service.fleet.db.transaction():
+        assert pruner.prune(cutoff=clock() + 1000 * DAY_S).reports == 0
+    scan_after(service, clock, HISTORY_DAYS * DAY_S + 3600)  # releases them, then prunes
+    assert rows(service, ("fit_reports",)) == {"fit_reports": 1}
