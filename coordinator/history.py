@@ -15,13 +15,14 @@ read from its reports and must never change).
 from __future__ import annotations
 
 import sqlite3
-from collections.abc import Callable, Collection
+from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, fields
+from enum import StrEnum
 
 from coordinator.clock import Clock
 from coordinator.jobs import ACTIVE_STATES
 from coordinator.reports import HOLDING_ARRAYS
-from coordinator.round_records import ACTIVE_STAGES
+from coordinator.round_records import ACTIVE_STAGES, RoundStage
 from coordinator.rounds import RoundOutcome
 from coordinator.runs import RunState
 from coordinator.state_db import StateDB
@@ -34,23 +35,30 @@ PRUNE_INTERVAL_S = 60.0
 BATCH_ROWS = 1000
 
 _ACTIVE_JOB_STATES = frozenset(state.value for state in ACTIVE_STATES)
-_ACTIVE_STAGE_LIST = ", ".join(f"'{stage.value}'" for stage in sorted(ACTIVE_STAGES))
+
+
+def _listed(values: Iterable[StrEnum]) -> str:
+    return ", ".join(f"'{v.value}'" for v in sorted(values))
+
+
 _RUNNING_ROUNDS_SQL = f"""
 SELECT round_id FROM rounds WHERE outcome = '{RoundOutcome.RUNNING.value}'
-UNION SELECT round_id FROM round_records WHERE stage IN ({_ACTIVE_STAGE_LIST})
-UNION SELECT rr.round_id FROM run_rounds rr JOIN runs r ON r.run_id = rr.run_id
-    WHERE r.state = '{RunState.RUNNING.value}'
+UNION SELECT round_id FROM round_records WHERE stage IN ({_listed(ACTIVE_STAGES)})
+UNION SELECT round_id FROM run_rounds WHERE run_id IN
+    (SELECT run_id FROM runs WHERE state = '{RunState.RUNNING.value}')
 """
+# Ended rounds by when they started, read from the indexes (a round lasts at most its deadline,
+# which the retention outlives: coordinator.config).
+_ENDED_OUTCOMES = _listed(set(RoundOutcome) - {RoundOutcome.RUNNING})
 _ENDED_ROUNDS_SQL = f"""
-SELECT round_id FROM rounds
-    WHERE outcome != '{RoundOutcome.RUNNING.value}' AND coalesce(closed_at, started_at) < :cutoff
+SELECT round_id FROM rounds WHERE outcome IN ({_ENDED_OUTCOMES}) AND started_at < :cutoff
 UNION SELECT round_id FROM round_records
-    WHERE stage NOT IN ({_ACTIVE_STAGE_LIST})
-    AND coalesce(finished_at, closed_at, started_at) < :cutoff
+    WHERE stage IN ({_listed(set(RoundStage) - ACTIVE_STAGES)}) AND started_at < :cutoff
 LIMIT :limit
 """
 _ENDED_RUNS_SQL = f"""
-SELECT run_id FROM runs WHERE state != '{RunState.RUNNING.value}' AND started_at < :cutoff
+SELECT run_id FROM runs
+    WHERE state IN ({_listed(set(RunState) - {RunState.RUNNING})}) AND started_at < :cutoff
 LIMIT :limit
 """
 

@@ -123,7 +123,12 @@ CREATE TABLE IF NOT EXISTS canary_results (
     failure TEXT,
     PRIMARY KEY (rollout_id, device_id)
 );
+CREATE INDEX IF NOT EXISTS rollouts_by_state ON rollouts (state, deadline);
+CREATE INDEX IF NOT EXISTS rollouts_by_cohort ON rollouts (cohort, state);
 """
+# Every tick asks for the canaries past their deadline, and offers ask for a cohort's canary
+# under way; rollouts are kept for good (coordinator.history), and without these indexes each
+# read went through every rollout's row, its canary list included (docs/benchmarks.md).
 
 
 def canary_verdict(

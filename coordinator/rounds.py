@@ -134,7 +134,11 @@ CREATE TABLE IF NOT EXISTS rounds (
     outcome TEXT NOT NULL,
     closed_at REAL
 );
+CREATE INDEX IF NOT EXISTS rounds_by_outcome ON rounds (outcome, started_at);
 """
+# Every tick counts the open rounds (twice); without the index each count read every round's
+# row, its device list (~130 KB at 10,000 devices) included, so a tick's cost grew with the
+# rounds kept (docs/benchmarks.md).
 _ADDED_COLUMNS = {"excused": "TEXT"}
 
 

@@ -83,13 +83,17 @@ CREATE TABLE IF NOT EXISTS runs (
     body TEXT NOT NULL
 );
 CREATE INDEX IF NOT EXISTS runs_by_cohort ON runs (cohort, state);
+CREATE INDEX IF NOT EXISTS runs_by_state ON runs (state, started_at);
 CREATE TABLE IF NOT EXISTS run_rounds (
     round_id TEXT PRIMARY KEY,
     run_id TEXT NOT NULL,
     round_index INTEGER NOT NULL,
     starts TEXT NOT NULL
 );
+CREATE INDEX IF NOT EXISTS run_rounds_by_run ON run_rounds (run_id);
 """
+# Runs are kept for --history-days (coordinator.history): every tick reads the running ones,
+# and the pruning finds the ended ones and their rounds, from these indexes, not a scan.
 
 
 class RunBook:

@@ -13,6 +13,7 @@ every 2 s) at the end of each run.
 from __future__ import annotations
 
 import argparse
+import json
 import statistics
 import tempfile
 from pathlib import Path
@@ -108,6 +109,38 @@ def _file_bytes(service: FleetService) -> int:
     return int(page_size * db.query_one("PRAGMA page_count")[0])
 
 
+def tick_with_ended(rounds: int, devices: int, folder: Path) -> float:
+    """Median CPU of a tick with no round running and no scan, over a state dir holding
+    `rounds` ended rounds of `devices` devices each, with a rollout of a tenth of them as
+    canaries: the rows a tick's reads of rounds and rollouts may go through."""
+    clock = ManualClock()
+    service = fleet_state(devices, folder, clock, history_s=KEPT_LONG_DAYS * DAY_S)
+    ids = json.dumps([f"dev-{i:05d}" for i in range(devices)])
+    canaries = json.dumps([f"dev-{i:05d}" for i in range(0, devices, 10)])
+    now = clock()
+    with service.fleet.db.transaction():
+        for index in range(rounds):
+            service.fleet.db.execute(
+                "INSERT INTO rounds (round_id, device_ids, started_at, deadline, "
+                "min_completion_ratio, cohort, outcome, closed_at) "
+                "VALUES (?, ?, ?, ?, 0.8, 'fan', 'COMPLETED', ?)",
+                (f"r{index}", ids, now - index, now, now),
+            )
+            service.fleet.db.execute(
+                "INSERT INTO rollouts (rollout_id, cohort, candidate_version, previous_version, "
+                "canary_devices, started_at, deadline, state, decided_at, reason, cluster) "
+                "VALUES (?, 'fan', ?, NULL, ?, ?, ?, 'PROMOTED', ?, 'bench', 'all')",
+                (f"o{index}", index + 1, canaries, now - index, now, now),
+            )
+    service.tick()  # the first tick scans
+    ticks = []
+    for _ in range(30):
+        clock.advance(0.1)
+        ticks.append(cpu_seconds(service.tick))
+    service.close()
+    return statistics.median(ticks)
+
+
 def report(label: str, found: dict[str, Any]) -> None:
     mib = [s / 2**20 for s in found["sizes"]]
     print(f"{label}: state file after each round (MiB): " + ", ".join(f"{m:.1f}" for m in mib))
@@ -136,9 +169,21 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--devices", type=int, default=1000)
     parser.add_argument("--rounds", type=int, default=16)
     parser.add_argument("--every-hours", type=float, default=24.0, help="between rounds")
+    parser.add_argument(
+        "--ended-rounds",
+        type=int,
+        default=0,
+        help="instead: a tick's CPU over a state dir holding this many ended rounds of "
+        "--devices devices (written directly; 0: the runs above)",
+    )
     args = parser.parse_args(argv)
     every_s = args.every_hours * 3600
     with tempfile.TemporaryDirectory() as tmp:
+        if args.ended_rounds:
+            seconds = tick_with_ended(args.ended_rounds, args.devices, Path(tmp))
+            print(f"a tick with no round and no scan, {args.ended_rounds:,} ended rounds of "
+                  f"{args.devices:,} devices kept: {1e3 * seconds:.3f} ms CPU")  # fmt: skip
+            return 0
         for label, days in (("history kept a day", 1.0), ("history kept", KEPT_LONG_DAYS)):
             found = run(args.devices, args.rounds, every_s, days, Path(tmp) / str(days))
             report(label if days == 1.0 else f"{label} for good", found)

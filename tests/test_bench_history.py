@@ -31,3 +31,11 @@ def test_the_history_benchmark_prints_each_runs_sizes_passes_and_counts(capsys):
     counts = r"jobs held at the end: [\d,]+; counting them by state: [\d.]+ ms CPU; a tick "
     assert len(re.findall(sizes, out, re.M)) == len(re.findall(counts, out)) == 2
     assert re.search(r"passes that deleted rows: \d+, [\d,]+ rows in all, [\d.]+ µs CPU a row", out)
+
+
+def test_the_history_benchmark_times_a_tick_over_ended_rounds_written_directly(capsys):
+    assert main(["--devices", "50", "--ended-rounds", "5"]) == 0
+    line = capsys.readouterr().out.strip()
+    found = re.fullmatch(r"a tick with no round and no scan, 5 ended rounds of 50 devices kept: "
+                         r"([\d.]+) ms CPU", line)  # fmt: skip
+    assert found is not None and float(found.group(1)) > 0

@@ -202,3 +202,54 @@ def test_reports_whose_arrays_an_earlier_version_kept_in_their_rows_go_once_rele
         assert pruner.prune(cutoff=clock() + 1000 * DAY_S).reports == 0
     scan_after(service, clock, HISTORY_DAYS * DAY_S + 3600)  # releases them, then prunes
     assert rows(service, ("fit_reports",)) == {"fit_reports": 1}
+
+
+HISTORY_TABLES = (*PRUNED_TABLES, "rollouts", "canary_results")
+NEW_INDEXES = ("rounds_by_outcome", "rollouts_by_state", "rollouts_by_cohort", "runs_by_state",
+               "run_rounds_by_run")  # fmt: skip
+
+
+def scanned_history_tables(db, statements: list[str]) -> list[str]:
+    """The plan steps that read a table kept for history through all its rows (or all of an
+    index's): a read whose cost grows with the history kept. Reports holding arrays are read
+    through their partial index, which holds the running rounds' alone."""
+    scans = []
+    for sql in statements:
+        if not sql.lstrip().upper().startswith("SELECT"):
+            continue
+        for step in (row[3] for row in db.query("EXPLAIN QUERY PLAN " + sql)):
+            words = step.split()
+            scans_all = words[:1] == ["SCAN"] and words[1] in HISTORY_TABLES
+            if scans_all and "fit_reports_holding" not in step:
+                scans.append(f"{step} <= {sql.strip()[:100]}")
+    return scans
+
+
+def test_a_ticks_scans_and_pruning_reads_of_history_go_through_indexes(tmp_path, clock):
+    service = start(tmp_path, clock)
+    devices = join(service, clock, "pi-1", "pi-2")
+    full_round(service, devices)
+    service.request_finetune(all_=True)  # a round running: what its ticks read
+    service.tick()
+    db = service.fleet.db
+    ran: list[str] = []
+    db.trace(ran.append)  # expanded: the parameters are in the text
+    clock.advance(0.5)
+    service.tick()
+    clock.advance(SCAN_INTERVAL_S)
+    service.tick()  # with a scan
+    with db.transaction():
+        service.fleet.history.prune(clock() - 1.0)
+    db.trace(None)
+    assert len(ran) > 20
+    assert scanned_history_tables(db, ran) == []
+
+
+def test_a_state_dir_from_before_gets_the_history_tables_indexes_when_it_opens(tmp_path, clock):
+    service = start(tmp_path, clock)
+    for name in NEW_INDEXES:
+        service.fleet.db.execute(f"DROP INDEX {name}")
+    service.close()
+    reopened = start(tmp_path, clock)
+    query = "SELECT name FROM sqlite_master WHERE type = 'index'"
+    assert set(NEW_INDEXES) <= {r[0] for r in reopened.fleet.db.query(query)}
