@@ -134,7 +134,7 @@ class Fleet:
             outbox=DurableOutbox(db, config.client_id, clock, publish_limit=config.chunk_limit),
             seen=SeenMessages(db, clock),
             job_commands=JobCommands(db, config.client_id, clock),
-            history=HistoryPruner(db, config.history_s, clock),
+            history=HistoryPruner(db, jobs, config.history_s, clock),
         )
 
     # ---- side channels

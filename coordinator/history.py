@@ -20,7 +20,7 @@ from dataclasses import dataclass, fields
 from enum import StrEnum
 
 from coordinator.clock import Clock
-from coordinator.jobs import ACTIVE_STATES
+from coordinator.jobs import ACTIVE_STATES, JobTable
 from coordinator.reports import HOLDING_ARRAYS
 from coordinator.round_records import ACTIVE_STAGES, RoundStage
 from coordinator.rounds import RoundOutcome
@@ -95,7 +95,13 @@ class _OldestFirst:
         self._after = 0  # rowid: the rows before it were kept by the last pass (still needed)
         self.waiting = False  # the last pass stopped at its batch's end, not at a young row
 
-    def prune(self, cutoff: float, limit: int, may_go: Callable[[sqlite3.Row], bool]) -> int:
+    def prune(
+        self,
+        cutoff: float,
+        limit: int,
+        may_go: Callable[[sqlite3.Row], bool],
+        gone: Callable[[list[sqlite3.Row]], None] = lambda rows: None,
+    ) -> int:
         """Deletes the rows read whose `age` column is before `cutoff` and that `may_go` (each
         row as (rowid, age, *columns)); returns how many."""
         first = self._db.query_one(self._first, (self._after,))
@@ -103,20 +109,21 @@ class _OldestFirst:
             self.waiting, self._after = False, 0
             return 0
         rows = self._db.query(self._sql, (self._after, limit))
-        doomed: list[tuple[int]] = []
+        doomed: list[sqlite3.Row] = []
         young = False
         for row in rows:
             if not row[1] < cutoff:
                 young = True
                 break
             if may_go(row):
-                doomed.append((row[0],))
+                doomed.append(row)
         self.waiting = not young and len(rows) == limit
         # A full batch of old rows goes on from its last row next time; anything else starts
         # again from the beginning (the rows kept may be free to go by then).
         self._after = rows[-1][0] if self.waiting else 0
         if doomed:
-            self._db.executemany(self._delete, doomed)
+            self._db.executemany(self._delete, [(row[0],) for row in doomed])
+            gone(doomed)
         return len(doomed)
 
 
@@ -125,11 +132,18 @@ class HistoryPruner:
     more than a batch waits), in the caller's transaction. One caller thread at a time."""
 
     def __init__(
-        self, db: StateDB, keep_s: float, clock: Clock, *, batch_rows: int = BATCH_ROWS
+        self,
+        db: StateDB,
+        jobs: JobTable,
+        keep_s: float,
+        clock: Clock,
+        *,
+        batch_rows: int = BATCH_ROWS,
     ) -> None:
         if not keep_s > 0 or batch_rows < 1:
             raise ValueError(f"history kept {keep_s} s, {batch_rows} rows a pass: both must be > 0")
         self._db = db
+        self._job_table = jobs  # counts its jobs by state: told of those deleted
         self._keep_s = keep_s
         self._clock = clock
         self._batch = batch_rows
@@ -170,7 +184,10 @@ class HistoryPruner:
         def may_go(row: sqlite3.Row) -> bool:
             return row[2] not in _ACTIVE_JOB_STATES and row[3] not in running
 
-        return self._jobs.prune(cutoff, self._batch, may_go)
+        def gone(rows: list[sqlite3.Row]) -> None:
+            self._job_table.forget(row[2] for row in rows)
+
+        return self._jobs.prune(cutoff, self._batch, may_go, gone)
 
     def _prune_reports(self, cutoff: float, running: Collection[str]) -> int:
         newest: dict[str, int] = {}  # cohort -> its newest report's rowid, kept

@@ -149,7 +149,7 @@ def report(label: str, found: dict[str, Any]) -> None:
         print(f"  grown a round over the last {half} rounds: "
               f"{(mib[-1] - mib[-1 - half]) / half:.2f} MiB")  # fmt: skip
     print(f"  jobs held at the end: {found['jobs']:,}; counting them by state: "
-          f"{1e3 * found['count_s']:.2f} ms CPU; a tick with no round and no scan: "
+          f"{1e6 * found['count_s']:.1f} µs CPU; a tick with no round and no scan: "
           f"{1e3 * found['tick_s']:.2f} ms CPU")  # fmt: skip
     idle = [s for s, p in found["passes"] if not p.total]
     if idle:

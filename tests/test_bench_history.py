@@ -28,7 +28,7 @@ def test_the_history_benchmark_prints_each_runs_sizes_passes_and_counts(capsys):
     assert main(["--devices", "10", "--rounds", "3"]) == 0
     out = capsys.readouterr().out
     sizes = r"state file after each round \(MiB\): [\d.]+, [\d.]+, [\d.]+$"
-    counts = r"jobs held at the end: [\d,]+; counting them by state: [\d.]+ ms CPU; a tick "
+    counts = r"jobs held at the end: [\d,]+; counting them by state: [\d.]+ µs CPU; a tick "
     assert len(re.findall(sizes, out, re.M)) == len(re.findall(counts, out)) == 2
     assert re.search(r"passes that deleted rows: \d+, [\d,]+ rows in all, [\d.]+ µs CPU a row", out)
 

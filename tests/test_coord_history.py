@@ -40,6 +40,10 @@ def rows(service: FleetService, tables=PRUNED_TABLES + KEPT_TABLES) -> dict[str,
     return {t: db.query_one(f"SELECT count(*) FROM {t}")[0] for t in tables}
 
 
+def pruner_of(service: FleetService, keep_s: float, clock: ManualClock, **kw) -> HistoryPruner:
+    return HistoryPruner(service.fleet.db, service.fleet.jobs, keep_s, clock, **kw)
+
+
 def scan_after(service: FleetService, clock: ManualClock, seconds: float) -> None:
     clock.advance(seconds)
     service.tick()  # its scan prunes
@@ -64,6 +68,7 @@ def test_history_older_than_the_retention_goes_and_what_the_fleet_runs_on_stays(
     }
     assert {t: after[t] for t in KEPT_TABLES} == {t: before[t] for t in KEPT_TABLES}
     assert service.jobs() == [] and service.rounds() == [] and service.runs() == []
+    assert service.fleet.jobs.count_by_state() == {}  # the deleted jobs are counted no more
     assert {d["device_id"]: d["adapter_version"] for d in service.devices()} == dict.fromkeys(
         ("pi-1", "pi-2", "pi-3"), 1
     )
@@ -125,7 +130,7 @@ def test_a_running_round_its_active_jobs_and_held_reports_stay_however_old(tmp_p
     for device in devices[:2]:  # pi-3 still training
         service.ingest(device.finetune(jobs[device.device_id].job_id))
     before = rows(service)
-    pruner = HistoryPruner(service.fleet.db, 1.0, clock)
+    pruner = pruner_of(service, 1.0, clock)
     with service.fleet.db.transaction():
         pruned = pruner.prune(cutoff=clock() + 1000 * DAY_S)
     assert pruned.total == 0 and rows(service) == before
@@ -142,7 +147,7 @@ def test_a_backlog_goes_a_batch_a_pass_with_passes_at_each_scan_until_it_is_gone
     jobs_before = rows(service, ("jobs",))["jobs"]
     assert jobs_before >= 6
     clock.advance(HISTORY_DAYS * DAY_S + 3600)
-    pruner = HistoryPruner(service.fleet.db, HISTORY_DAYS * DAY_S, clock, batch_rows=2)
+    pruner = pruner_of(service, HISTORY_DAYS * DAY_S, clock, batch_rows=2)
     deleted = []
     while (pruned := pruner.prune_if_due()) is not None:
         deleted.append(pruned.jobs)
@@ -164,11 +169,12 @@ def test_old_rows_behind_one_still_active_go_all_the_same(tmp_path, clock):
     # pi-1 never answers (its job stays QUEUED, in no round); pi-2 does
     service.ingest([devices[1].status(jobs["pi-2"].job_id, JobState.SUCCEEDED, {"accuracy": 0.8})])
     clock.advance(2 * DAY_S)
-    pruner = HistoryPruner(service.fleet.db, DAY_S, clock, batch_rows=1)
+    pruner = pruner_of(service, DAY_S, clock, batch_rows=1)
     with service.fleet.db.transaction():
         first = pruner.prune(clock() - DAY_S)  # reads pi-1's job and command alone, keeps them
         second = pruner.prune(clock() - DAY_S)  # goes on behind them
     assert (first.jobs, first.commands, second.jobs, second.commands) == (0, 0, 1, 1)
+    assert service.fleet.jobs.count_by_state() == {StoredState.QUEUED: 1}
     db = service.fleet.db
     assert [r[0] for r in db.query("SELECT job_id FROM jobs")] == [jobs["pi-1"].job_id]
     assert [r[0] for r in db.query("SELECT job_id FROM command_jobs")] == [jobs["pi-1"].job_id]
@@ -179,7 +185,7 @@ def test_a_run_still_going_keeps_its_ended_rounds_however_old(tmp_path, clock):
     devices = join(service, clock, "pi-1", "pi-2")
     full_round(service, devices)
     service.fleet.db.execute("UPDATE runs SET state = 'RUNNING'")  # as a run between rounds
-    pruner = HistoryPruner(service.fleet.db, 1.0, clock)
+    pruner = pruner_of(service, 1.0, clock)
     with service.fleet.db.transaction():
         pruned = pruner.prune(cutoff=clock() + 1000 * DAY_S)
     assert (pruned.rounds, pruned.runs) == (0, 0)
@@ -197,7 +203,7 @@ def test_reports_whose_arrays_an_earlier_version_kept_in_their_rows_go_once_rele
     full_round(service, devices)
     blob = arrays_blob(random_factors(np.random.default_rng(0)))
     service.fleet.db.execute("UPDATE fit_reports SET arrays = ?", (blob,))  # as it left them
-    pruner = HistoryPruner(service.fleet.db, 1.0, clock)
+    pruner = pruner_of(service, 1.0, clock)
     with service.fleet.db.transaction():
         assert pruner.prune(cutoff=clock() + 1000 * DAY_S).reports == 0
     scan_after(service, clock, HISTORY_DAYS * DAY_S + 3600)  # releases them, then prunes

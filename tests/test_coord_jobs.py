@@ -177,3 +177,33 @@ def test_a_state_dir_with_the_earlier_job_indexes_opens_with_the_new_ones(tmp_pa
     names = {r[0] for r in jobs._db.query("SELECT name FROM sqlite_master WHERE type = 'index'")}
     assert {"jobs_by_state_deadline", "jobs_by_round_state"} <= names
     assert not names & {"jobs_by_state", "jobs_by_round"}
+
+
+def counted_in_sql(jobs: JobTable) -> dict[JobState, int]:
+    rows = jobs._db.query("SELECT state, COUNT(*) FROM jobs GROUP BY state")
+    return {JobState(state): n for state, n in rows}
+
+
+def test_jobs_counted_by_state_follow_commits_not_rollbacks_and_a_restart_counts_them_again(
+    tmp_path, clock
+):
+    jobs = open_jobs(tmp_path, clock)
+    first, second = (jobs.create(d, timeout_s=60) for d in ("pi-1", "pi-2"))
+    jobs.report_status(first.job_id, JobState.IN_PROGRESS, device_id="pi-1")
+    jobs.report_status(first.job_id, JobState.SUCCEEDED, device_id="pi-1")
+    committed = {JobState.QUEUED: 1, JobState.SUCCEEDED: 1}
+    assert jobs.count_by_state() == committed == counted_in_sql(jobs)
+    assert jobs.active_count() == 1
+    with pytest.raises(RuntimeError), jobs._db.transaction():
+        jobs.create("pi-3", timeout_s=60)
+        jobs.report_status(second.job_id, JobState.FAILED, device_id="pi-2")
+        assert jobs.count_by_state() == committed  # not until it commits
+        raise RuntimeError("the batch failed")
+    assert jobs.count_by_state() == committed == counted_in_sql(jobs)
+    with jobs._db.transaction():
+        jobs.create("pi-3", timeout_s=60)
+        jobs.report_status(second.job_id, JobState.FAILED, device_id="pi-2")
+    assert jobs.count_by_state() == counted_in_sql(jobs) == {
+        JobState.QUEUED: 1, JobState.SUCCEEDED: 1, JobState.FAILED: 1
+    }  # fmt: skip
+    assert JobTable(StateDB.in_dir(tmp_path), clock=clock).count_by_state() == counted_in_sql(jobs)
