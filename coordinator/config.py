@@ -219,16 +219,17 @@ class CoordinatorConfig:
 
     def _check_history(self) -> None:
         """History older than the retention is deleted: nothing still deciding on it may be."""
+        if math.isnan(self.history_s):
+            raise ConfigError("--history-days must be a number of days ('inf': kept for ever)")
         policy = self.policy
-        windows = {
+        windows = {  # each read of history, and how far back it reads
             "a day": DAY_S,
-            "--trigger-cooldown-seconds": policy.trigger_cooldown_s,
-            "--quarantine-seconds": policy.quarantine_s,
-            "--round-deadline-seconds": policy.round_deadline_s,
-            "--job-timeout-seconds × --max-attempts": policy.job_timeout_s * policy.max_attempts,
-            "a fine-tune request's life": policy.request_ttl_s,
-            "--energy-period-seconds": self.energy_period_s,
-            "--command-timeout-seconds": self.command_timeout_s,
+            "--trigger-cooldown-seconds": policy.trigger_cooldown_s,  # the last fine-tune
+            # a failed job is retried while the request lives, counted from when it ended
+            "a fine-tune request's life plus --job-timeout-seconds": policy.request_ttl_s
+            + policy.job_timeout_s,
+            "--canary-deadline-seconds": self.rollout.canary_deadline_s,  # the evaluations
+            "the re-apply backoff": self.reapply_backoff_s,  # the last apply asked
         }
         name, longest = max(windows.items(), key=lambda item: item[1])
         if not self.history_s >= longest:
@@ -568,8 +569,9 @@ def add_job_arguments(parser: argparse.ArgumentParser) -> None:
         "--history-days",
         type=float,
         default=DEFAULT_HISTORY_DAYS,
-        help="finished jobs, reports, rounds and runs older than this are deleted (devices, "
-        "adapter versions and rollouts are kept)",
+        help="finished jobs and their commands, reports' rows, ended rounds and runs older than "
+        "this are deleted (devices, adapter versions and rollouts are kept); at least a day and "
+        "every window that reads them (refused otherwise, naming it); 'inf': kept for ever",
     )
     add("--epochs", type=int, default=tune.epochs, help="epochs of a device's fine-tune job")
     add("--lr", type=float, default=tune.lr, help="learning rate of fine-tuning")

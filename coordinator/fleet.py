@@ -10,6 +10,7 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -134,7 +135,14 @@ class Fleet:
             outbox=DurableOutbox(db, config.client_id, clock, publish_limit=config.chunk_limit),
             seen=SeenMessages(db, clock),
             job_commands=JobCommands(db, config.client_id, clock),
-            history=HistoryPruner(db, jobs, config.history_s, clock),
+            # a clock other than the system's is a simulation's: steady by construction
+            history=HistoryPruner(
+                db,
+                jobs,
+                config.history_s,
+                clock,
+                steady=time.monotonic if clock is system_clock else clock,
+            ),
         )
 
     # ---- side channels

@@ -15,6 +15,7 @@ read from its reports and must never change).
 from __future__ import annotations
 
 import sqlite3
+import time
 from collections.abc import Callable, Collection, Iterable
 from dataclasses import dataclass, fields
 from enum import StrEnum
@@ -51,9 +52,11 @@ UNION SELECT round_id FROM run_rounds WHERE run_id IN
 # which the retention outlives: coordinator.config).
 _ENDED_OUTCOMES = _listed(set(RoundOutcome) - {RoundOutcome.RUNNING})
 _ENDED_ROUNDS_SQL = f"""
-SELECT round_id FROM rounds WHERE outcome IN ({_ENDED_OUTCOMES}) AND started_at < :cutoff
-UNION SELECT round_id FROM round_records
-    WHERE stage IN ({_listed(set(RoundStage) - ACTIVE_STAGES)}) AND started_at < :cutoff
+SELECT round_id FROM (
+    SELECT round_id FROM rounds WHERE outcome IN ({_ENDED_OUTCOMES}) AND started_at < :cutoff
+    UNION SELECT round_id FROM round_records
+        WHERE stage IN ({_listed(set(RoundStage) - ACTIVE_STAGES)}) AND started_at < :cutoff
+) WHERE round_id NOT IN ({_RUNNING_ROUNDS_SQL})
 LIMIT :limit
 """
 _ENDED_RUNS_SQL = f"""
@@ -98,21 +101,25 @@ class _OldestFirst:
     def prune(
         self,
         cutoff: float,
+        now: float,
         limit: int,
         may_go: Callable[[sqlite3.Row], bool],
         gone: Callable[[list[sqlite3.Row]], None] = lambda rows: None,
     ) -> int:
         """Deletes the rows read whose `age` column is before `cutoff` and that `may_go` (each
-        row as (rowid, age, *columns)); returns how many."""
+        row as (rowid, age, *columns)); returns how many. A row dated after `now` (written
+        while the clock was ahead) is kept and walked past, so it holds back none behind it."""
         first = self._db.query_one(self._first, (self._after,))
-        if first is None or not first[0] < cutoff:  # the usual pass: one row read, none old
+        if first is None or cutoff <= first[0] <= now:  # the usual pass: one row, none old
             self.waiting, self._after = False, 0
             return 0
         rows = self._db.query(self._sql, (self._after, limit))
         doomed: list[sqlite3.Row] = []
         young = False
         for row in rows:
-            if not row[1] < cutoff:
+            if row[1] > now:
+                continue
+            if row[1] >= cutoff:
                 young = True
                 break
             if may_go(row):
@@ -138,6 +145,7 @@ class HistoryPruner:
         keep_s: float,
         clock: Clock,
         *,
+        steady: Clock = time.monotonic,
         batch_rows: int = BATCH_ROWS,
     ) -> None:
         if not keep_s > 0 or batch_rows < 1:
@@ -146,6 +154,8 @@ class HistoryPruner:
         self._job_table = jobs  # counts its jobs by state: told of those deleted
         self._keep_s = keep_s
         self._clock = clock
+        self._steady = steady  # how much time really passed between passes
+        self._last: tuple[float, float] | None = None  # the last pass's cutoff, steady time
         self._batch = batch_rows
         self._next_at = float("-inf")
         self._jobs = _OldestFirst(db, "jobs", "created_at", "state, round_id")
@@ -159,37 +169,51 @@ class HistoryPruner:
     def prune_if_due(self) -> Pruned | None:
         """A pass if one is due (None if not)."""
         now = self._clock()
+        if now < self._next_at - PRUNE_INTERVAL_S:  # the clock was set back: due again
+            self._next_at = now
         if now < self._next_at:
             return None
-        pruned = self.prune(now - self._keep_s)
+        pruned = self.prune(self._cutoff(now))
         waiting = (self._jobs, self._commands, self._reports)
         backlog = self._more_rounds or self._more_runs or any(t.waiting for t in waiting)
         self._next_at = now if backlog else now + PRUNE_INTERVAL_S
         return pruned
 
+    def _cutoff(self, now: float) -> float:
+        """`now` less the retention, but never more than the time that really passed since the
+        last pass later than its cutoff: a clock set ahead (by mistake, or a step of NTP) must
+        not age what was written an hour ago. A clock set back moves the cutoff back with it."""
+        cutoff, steady = now - self._keep_s, self._steady()
+        if self._last is not None:
+            last_cutoff, last_steady = self._last
+            cutoff = min(cutoff, last_cutoff + max(0.0, steady - last_steady))
+        self._last = (cutoff, steady)
+        return cutoff
+
     def prune(self, cutoff: float) -> Pruned:
         """One pass: a batch at most of each kind of row older than `cutoff` (unix seconds)."""
+        now = self._clock()
         running = {r[0] for r in self._db.query(_RUNNING_ROUNDS_SQL)}
         return Pruned(
-            jobs=self._prune_jobs(cutoff, running),
+            jobs=self._prune_jobs(cutoff, now, running),
             commands=self._commands.prune(
-                cutoff, self._batch, lambda r: r[2] not in _ACTIVE_JOB_STATES
+                cutoff, now, self._batch, lambda r: r[2] not in _ACTIVE_JOB_STATES
             ),
-            reports=self._prune_reports(cutoff, running),
-            rounds=self._prune_rounds(cutoff, running),
+            reports=self._prune_reports(cutoff, now, running),
+            rounds=self._prune_rounds(cutoff),
             runs=self._prune_runs(cutoff),
         )
 
-    def _prune_jobs(self, cutoff: float, running: Collection[str]) -> int:
+    def _prune_jobs(self, cutoff: float, now: float, running: Collection[str]) -> int:
         def may_go(row: sqlite3.Row) -> bool:
             return row[2] not in _ACTIVE_JOB_STATES and row[3] not in running
 
         def gone(rows: list[sqlite3.Row]) -> None:
             self._job_table.forget(row[2] for row in rows)
 
-        return self._jobs.prune(cutoff, self._batch, may_go, gone)
+        return self._jobs.prune(cutoff, now, self._batch, may_go, gone)
 
-    def _prune_reports(self, cutoff: float, running: Collection[str]) -> int:
+    def _prune_reports(self, cutoff: float, now: float, running: Collection[str]) -> int:
         newest: dict[str, int] = {}  # cohort -> its newest report's rowid, kept
 
         def may_go(row: sqlite3.Row) -> bool:
@@ -200,7 +224,7 @@ class HistoryPruner:
                 newest[cohort] = self._newest_report(cohort)
             return bool(rowid != newest[cohort])
 
-        return self._reports.prune(cutoff, self._batch, may_go)
+        return self._reports.prune(cutoff, now, self._batch, may_go)
 
     def _newest_report(self, cohort: str) -> int:
         row = self._db.query_one(
@@ -210,10 +234,10 @@ class HistoryPruner:
         )
         return -1 if row is None else int(row[0])
 
-    def _prune_rounds(self, cutoff: float, running: Collection[str]) -> int:
+    def _prune_rounds(self, cutoff: float) -> int:
         found = self._db.query(_ENDED_ROUNDS_SQL, {"cutoff": cutoff, "limit": self._batch})
         self._more_rounds = len(found) == self._batch
-        ended = [(r[0],) for r in found if r[0] not in running]
+        ended = [(r[0],) for r in found]
         for table in ("rounds", "round_records", "run_rounds"):
             self._db.executemany(f"DELETE FROM {table} WHERE round_id = ?", ended)
         return len(ended)

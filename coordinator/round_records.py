@@ -48,6 +48,7 @@ CREATE TABLE IF NOT EXISTS round_records (
     rollout_note TEXT
 );
 CREATE INDEX IF NOT EXISTS round_records_by_stage ON round_records (stage, cohort);
+CREATE INDEX IF NOT EXISTS round_records_by_start ON round_records (stage, started_at);
 """
 _JSON_FIELDS = ("skipped_at_start", "answered", "failures", "weights", "gap", "outcomes")
 

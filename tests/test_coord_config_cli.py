@@ -43,13 +43,23 @@ def test_history_days_sets_how_long_history_is_kept(tmp_path):
     ("argv", "named"),
     [
         (("--history-days", "0.5"), "a day"),
-        (("--history-days", "2", "--energy-period-seconds", str(3 * DAY_S)), "--energy-period"),
+        (("--history-days", "2", "--canary-deadline-seconds", str(3 * DAY_S)), "--canary-dead"),
         (("--history-days", "1", "--trigger-cooldown-seconds", str(1.5 * DAY_S)), "--trigger-co"),
+        (("--history-days", "1", "--job-timeout-seconds", str(DAY_S)), "a fine-tune request"),
     ],
 )
 def test_history_shorter_than_a_window_that_reads_it_is_refused_naming_it(tmp_path, argv, named):
     with pytest.raises(ConfigError, match=f"is shorter than {named}"):
         from_args(parse("--state-dir", str(tmp_path), *argv), {})
+
+
+def test_windows_that_read_no_history_do_not_bound_it_and_inf_keeps_it_for_ever(tmp_path):
+    monthly = ("--energy-period-seconds", str(31 * DAY_S), "--quarantine-seconds", str(40 * DAY_S))
+    assert from_args(parse("--state-dir", str(tmp_path), *monthly), {}).history_s == 30 * DAY_S
+    forever = from_args(parse("--state-dir", str(tmp_path), "--history-days", "inf"), {})
+    assert forever.history_s == float("inf")
+    with pytest.raises(ConfigError, match="must be a number of days"):
+        from_args(parse("--state-dir", str(tmp_path), "--history-days", "nan"), {})
 
 
 def test_defaults(tmp_path):

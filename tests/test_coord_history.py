@@ -41,7 +41,7 @@ def rows(service: FleetService, tables=PRUNED_TABLES + KEPT_TABLES) -> dict[str,
 
 
 def pruner_of(service: FleetService, keep_s: float, clock: ManualClock, **kw) -> HistoryPruner:
-    return HistoryPruner(service.fleet.db, service.fleet.jobs, keep_s, clock, **kw)
+    return HistoryPruner(service.fleet.db, service.fleet.jobs, keep_s, clock, steady=clock, **kw)
 
 
 def scan_after(service: FleetService, clock: ManualClock, seconds: float) -> None:
@@ -212,7 +212,7 @@ def test_reports_whose_arrays_an_earlier_version_kept_in_their_rows_go_once_rele
 
 HISTORY_TABLES = (*PRUNED_TABLES, "rollouts", "canary_results")
 NEW_INDEXES = ("rounds_by_outcome", "rollouts_by_state", "rollouts_by_cohort", "runs_by_state",
-               "run_rounds_by_run")  # fmt: skip
+               "run_rounds_by_run", "round_records_by_start", "jobs_retryable")  # fmt: skip
 
 
 def scanned_history_tables(db, statements: list[str]) -> list[str]:
@@ -249,6 +249,12 @@ def test_a_ticks_scans_and_pruning_reads_of_history_go_through_indexes(tmp_path,
     db.trace(None)
     assert len(ran) > 20
     assert scanned_history_tables(db, ran) == []
+    # the failed jobs a tick may retry: a range of those that ended within a request's life
+    retries = [sql for sql in ran if "INDEXED BY jobs_retryable" in sql]
+    assert retries
+    for sql in retries:
+        plan = " ".join(row[3] for row in db.query("EXPLAIN QUERY PLAN " + sql))
+        assert "INDEX jobs_retryable (updated_at>?)" in plan
 
 
 def test_a_state_dir_from_before_gets_the_history_tables_indexes_when_it_opens(tmp_path, clock):
@@ -259,3 +265,56 @@ def test_a_state_dir_from_before_gets_the_history_tables_indexes_when_it_opens(t
     reopened = start(tmp_path, clock)
     query = "SELECT name FROM sqlite_master WHERE type = 'index'"
     assert set(NEW_INDEXES) <= {r[0] for r in reopened.fleet.db.query(query)}
+
+
+class SettableClock:
+    """A wall clock an operator (or NTP) may set ahead and back."""
+
+    def __init__(self, now: float) -> None:
+        self.now = now
+
+    def __call__(self) -> float:
+        return self.now
+
+
+def finished_jobs(service: FleetService, count: int, every_s: float = 0.0) -> list[str]:
+    made = []
+    for index in range(count):
+        job = service.fleet.jobs.create(f"pi-{index}", timeout_s=60)
+        service.fleet.jobs.cancel(job.job_id)
+        made.append(job.job_id)
+        service.fleet.clock.now += every_s  # type: ignore[attr-defined]
+    return made
+
+
+def test_a_clock_set_ahead_ages_nothing_and_one_set_back_holds_nothing_back(tmp_path):
+    wall, steady = SettableClock(1_700_000_000.0), ManualClock(0.0)
+    service = FleetService(make_config(tmp_path), clock=wall)
+    pruner = HistoryPruner(service.fleet.db, service.fleet.jobs, HISTORY_DAYS * DAY_S, wall,
+                           steady=steady)  # fmt: skip
+
+    def passes(count: int) -> int:
+        deleted = 0
+        for _ in range(count):
+            with service.fleet.db.transaction():
+                pruned = pruner.prune_if_due()
+            deleted += pruned.jobs if pruned else 0
+            wall.now += SCAN_INTERVAL_S
+            steady.advance(SCAN_INTERVAL_S)
+        return deleted
+
+    recent = finished_jobs(service, 5)
+    started = wall.now
+    assert passes(1) == 0
+    wall.now = started + 40 * DAY_S  # set ahead for a few seconds: an hour ago is not 40 days
+    assert passes(2) == 0
+    (ahead,) = finished_jobs(service, 1)  # written while the clock was ahead
+    wall.now = started + 3600  # set back: the next pass is due at once, not 40 days on
+    steady.advance(3600)
+    later = finished_jobs(service, 300, every_s=60)
+    assert passes(1) == 0  # nothing is old yet
+    wall.now += 36 * DAY_S
+    steady.advance(36 * DAY_S)
+    assert passes(3) == len(recent) + len(later)  # the job dated ahead holds none back
+    remaining = [r[0] for r in service.fleet.db.query("SELECT job_id FROM jobs")]
+    assert remaining == [ahead]  # kept until the clock reaches its date and the retention
