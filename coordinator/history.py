@@ -3,8 +3,9 @@ at a time: finished jobs, the command log, fine-tune reports' rows, ended rounds
 ended runs.
 
 Without it the state file grows by every round for good (measured: ~1.4 MiB a round at 1,000
-devices, docs/benchmarks.md), and so does every read that counts all jobs (the metrics
-snapshot, every 2 s). SQLite reuses the freed pages: the file stops growing, it does not shrink.
+devices, docs/benchmarks.md), and so does every read of all jobs held. SQLite reuses the freed
+pages: once the retention is full the file grows only by what is kept for good (below); it
+does not shrink.
 
 Kept whatever their age: devices, adapter versions and which is current, clusters, rollouts (a
 version a canary rolled back is refused a promotion without force, however long ago), anything
@@ -180,9 +181,9 @@ class HistoryPruner:
         return pruned
 
     def _cutoff(self, now: float) -> float:
-        """`now` less the retention, but never more than the time that really passed since the
-        last pass later than its cutoff: a clock set ahead (by mistake, or a step of NTP) must
-        not age what was written an hour ago. A clock set back moves the cutoff back with it."""
+        """`now` less the retention, but never later than the last pass's cutoff plus the time
+        that really passed since (`steady`): a clock set ahead (by mistake, or a step of NTP)
+        must not age what was written an hour ago. A clock set back moves it back with it."""
         cutoff, steady = now - self._keep_s, self._steady()
         if self._last is not None:
             last_cutoff, last_steady = self._last
