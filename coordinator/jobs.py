@@ -303,7 +303,8 @@ class JobTable:
     def recent(self, limit: int = 100, *, device_id: str | None = None) -> list[Job]:
         """The most recently created jobs, newest first (of one device if given)."""
         if device_id is None:
-            return self._select("1 ORDER BY created_at DESC, rowid DESC LIMIT ?", (limit,))
+            # newest by rowid (the order they were made): read from the end, not sorted
+            return self._select("1 ORDER BY rowid DESC LIMIT ?", (limit,))
         return self._select(
             "device_id = ? ORDER BY created_at DESC, rowid DESC LIMIT ?", (device_id, limit)
         )

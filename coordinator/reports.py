@@ -269,9 +269,13 @@ class ReportStore:
     def for_device(self, device_id: str, limit: int = 20) -> list[ReportMeta]:
         """The device's fine-tune reports (its personalised adapters, which it keeps), newest
         first; their arrays are kept only until their round ends."""
+        # Through the device's jobs (indexed by device, newest first; a report is its job's),
+        # not a scan of every report held: an index of reports by device would cost every
+        # report one more insert.
+        meta = ", ".join(f"r.{column.strip()}" for column in _META.split(","))
         rows = self._db.query(
-            f"SELECT {_META} FROM fit_reports WHERE device_id = ? ORDER BY received_at DESC "
-            "LIMIT ?",
+            f"SELECT {meta} FROM jobs j JOIN fit_reports r ON r.job_id = j.job_id "
+            "WHERE j.device_id = ? ORDER BY j.created_at DESC, j.rowid DESC LIMIT ?",
             (device_id, limit),
         )
         return [_from_row(r) for r in rows]

@@ -183,9 +183,8 @@ class RoundRecords:
         return None if row is None else _from_row(row)
 
     def recent(self, limit: int = 50) -> list[RoundRecord]:
-        rows = self._db.query(
-            "SELECT * FROM round_records ORDER BY started_at DESC, rowid DESC LIMIT ?", (limit,)
-        )
+        # newest by rowid (the order they started): read from the end, not sorted
+        rows = self._db.query("SELECT * FROM round_records ORDER BY rowid DESC LIMIT ?", (limit,))
         return [_from_row(r) for r in rows]
 
     def _update(self, round_id: str, **values: Any) -> None:

@@ -188,10 +188,8 @@ class RunBook:
         return parsed
 
     def recent(self, limit: int = 20) -> list[Run]:
-        rows = self._db.query(
-            "SELECT run_id, body FROM runs ORDER BY started_at DESC, rowid DESC LIMIT ?",
-            (limit,),
-        )
+        # newest by rowid (the order they started): read from the end, no sort of every body
+        rows = self._db.query("SELECT run_id, body FROM runs ORDER BY rowid DESC LIMIT ?", (limit,))
         return [self._load(r) for r in rows]
 
     def add_round(self, run: Run, round_id: str, starts: Mapping[str, int]) -> None:
