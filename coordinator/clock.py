@@ -17,6 +17,15 @@ def system_clock() -> float:
     return time.time()
 
 
+def boot_clock() -> float:
+    """Seconds as they really pass, never set ahead or back, counting a suspend (Linux's
+    CLOCK_BOOTTIME; time.monotonic, which does not, elsewhere)."""
+    return time.clock_gettime(_BOOT) if _BOOT is not None else time.monotonic()
+
+
+_BOOT: int | None = getattr(time, "CLOCK_BOOTTIME", None)
+
+
 class ManualClock:
     """A clock that moves only when told to: for tests and simulations."""
 

@@ -10,12 +10,11 @@ from __future__ import annotations
 import dataclasses
 import logging
 import re
-import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from coordinator.adapter_store import AdapterStore, AdapterStoreError
-from coordinator.clock import Clock, system_clock
+from coordinator.clock import Clock, boot_clock, system_clock
 from coordinator.clusters import ClusterBook
 from coordinator.commands import CommandLog
 from coordinator.config import CoordinatorConfig
@@ -141,7 +140,7 @@ class Fleet:
                 jobs,
                 config.history_s,
                 clock,
-                steady=time.monotonic if clock is system_clock else clock,
+                steady=boot_clock if clock is system_clock else clock,
             ),
         )
 

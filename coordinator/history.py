@@ -35,6 +35,11 @@ PRUNE_INTERVAL_S = 60.0
 # (~30 ms at 10,000 devices: docs/benchmarks.md), and a pass every 5 s still deletes 720,000
 # jobs an hour while a backlog waits.
 BATCH_ROWS = 1000
+# A step of the wall clock ahead of the time that really passed is believed once it has held
+# this long (before, the cutoff moves on at the steady clock's pace); drift within the slack,
+# and any step back, at once.
+STEP_BELIEVED_AFTER_S = 3600.0
+CLOCK_SLACK_S = 60.0
 
 _ACTIVE_JOB_STATES = frozenset(state.value for state in ACTIVE_STATES)
 
@@ -146,7 +151,7 @@ class HistoryPruner:
         keep_s: float,
         clock: Clock,
         *,
-        steady: Clock = time.monotonic,
+        steady: Clock = time.monotonic,  # coordinator.fleet passes one that counts suspend
         batch_rows: int = BATCH_ROWS,
     ) -> None:
         if not keep_s > 0 or batch_rows < 1:
@@ -155,8 +160,9 @@ class HistoryPruner:
         self._job_table = jobs  # counts its jobs by state: told of those deleted
         self._keep_s = keep_s
         self._clock = clock
-        self._steady = steady  # how much time really passed between passes
-        self._last: tuple[float, float] | None = None  # the last pass's cutoff, steady time
+        self._steady = steady  # time as it really passes (not set ahead or back)
+        self._offset: float | None = None  # the wall clock less the steady one, as believed
+        self._ahead_since: float | None = None  # steady time the wall clock stepped ahead at
         self._batch = batch_rows
         self._next_at = float("-inf")
         self._jobs = _OldestFirst(db, "jobs", "created_at", "state, round_id")
@@ -181,15 +187,22 @@ class HistoryPruner:
         return pruned
 
     def _cutoff(self, now: float) -> float:
-        """`now` less the retention, but never later than the last pass's cutoff plus the time
-        that really passed since (`steady`): a clock set ahead (by mistake, or a step of NTP)
-        must not age what was written an hour ago. A clock set back moves it back with it."""
-        cutoff, steady = now - self._keep_s, self._steady()
-        if self._last is not None:
-            last_cutoff, last_steady = self._last
-            cutoff = min(cutoff, last_cutoff + max(0.0, steady - last_steady))
-        self._last = (cutoff, steady)
-        return cutoff
+        """`now` less the retention, with `now` as the wall clock was believed: a step ahead
+        (a clock mis-set, NTP correcting a host that booted with none) is believed only once it
+        has held for STEP_BELIEVED_AFTER_S of steady time, so a clock set ahead for a while
+        does not age what was written an hour ago, and a lasting correction is caught up with.
+        A step back, or drift within CLOCK_SLACK_S, is believed at once."""
+        steady = self._steady()
+        offset = now - steady  # the wall clock against the steady one
+        believed = self._offset
+        if believed is None or offset - believed <= CLOCK_SLACK_S:
+            self._offset, self._ahead_since = offset, None
+        elif self._ahead_since is None:
+            self._ahead_since = steady
+        elif steady - self._ahead_since >= STEP_BELIEVED_AFTER_S:
+            self._offset, self._ahead_since = offset, None
+        assert self._offset is not None
+        return min(now, steady + self._offset) - self._keep_s
 
     def prune(self, cutoff: float) -> Pruned:
         """One pass: a batch at most of each kind of row older than `cutoff` (unix seconds)."""

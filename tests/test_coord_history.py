@@ -10,7 +10,7 @@ from coordinator.aggregation import AdapterShape
 from coordinator.clock import ManualClock
 from coordinator.config import DAY_S
 from coordinator.fleet import Conflict
-from coordinator.history import PRUNE_INTERVAL_S, HistoryPruner
+from coordinator.history import PRUNE_INTERVAL_S, STEP_BELIEVED_AFTER_S, HistoryPruner
 from coordinator.jobs import JobState as StoredState
 from coordinator.reports import arrays_blob
 from coordinator.service import SCAN_INTERVAL_S, FleetService
@@ -69,6 +69,8 @@ def test_history_older_than_the_retention_goes_and_what_the_fleet_runs_on_stays(
     assert {t: after[t] for t in KEPT_TABLES} == {t: before[t] for t in KEPT_TABLES}
     assert service.jobs() == [] and service.rounds() == [] and service.runs() == []
     assert service.fleet.jobs.count_by_state() == {}  # the deleted jobs are counted no more
+    listed = [a["job_id"] for d in devices for a in service.device_adapters(d.device_id)]
+    assert listed == [service.fleet.db.query_one("SELECT job_id FROM fit_reports")[0]]
     assert {d["device_id"]: d["adapter_version"] for d in service.devices()} == dict.fromkeys(
         ("pi-1", "pi-2", "pi-3"), 1
     )
@@ -337,3 +339,25 @@ def test_a_clock_set_ahead_ages_nothing_and_one_set_back_holds_nothing_back(tmp_
     assert passes(3) == len(recent) + len(later)  # the job dated ahead holds none back
     remaining = [r[0] for r in service.fleet.db.query("SELECT job_id FROM jobs")]
     assert remaining == [ahead]  # kept until the clock reaches its date and the retention
+
+
+def test_a_step_ahead_that_lasts_an_hour_is_believed_and_the_deletion_catches_up(tmp_path):
+    """A host that started with its clock ten days slow, corrected by NTP: once the correction
+    has held for STEP_BELIEVED_AFTER_S, history is kept for the retention again, not for ten
+    days more."""
+    wall, steady = SettableClock(1_700_000_000.0), ManualClock(0.0)
+    service = FleetService(make_config(tmp_path), clock=wall)
+    pruner = HistoryPruner(service.fleet.db, service.fleet.jobs, HISTORY_DAYS * DAY_S, wall,
+                           steady=steady)  # fmt: skip
+    jobs = finished_jobs(service, 5)  # written by the slow clock
+    with service.fleet.db.transaction():
+        assert pruner.prune_if_due().jobs == 0
+    wall.now += 40 * DAY_S  # corrected: they are 40 days old by the right clock
+    for held_s in (PRUNE_INTERVAL_S, STEP_BELIEVED_AFTER_S - PRUNE_INTERVAL_S, PRUNE_INTERVAL_S):
+        wall.now += held_s
+        steady.advance(held_s)
+        with service.fleet.db.transaction():
+            pruned = pruner.prune_if_due()
+        if steady() < STEP_BELIEVED_AFTER_S + PRUNE_INTERVAL_S:
+            assert pruned.jobs == 0  # not yet believed: nothing aged by the step
+    assert pruned.jobs == len(jobs)
