@@ -17,9 +17,8 @@ from __future__ import annotations
 
 import sqlite3
 import time
-from collections.abc import Callable, Collection, Iterable
+from collections.abc import Callable, Collection
 from dataclasses import dataclass, fields
-from enum import StrEnum
 
 from coordinator.clock import Clock
 from coordinator.jobs import ACTIVE_STATES, JobTable
@@ -27,7 +26,7 @@ from coordinator.reports import HOLDING_ARRAYS
 from coordinator.round_records import ACTIVE_STAGES, RoundStage
 from coordinator.rounds import RoundOutcome
 from coordinator.runs import RunState
-from coordinator.state_db import StateDB
+from coordinator.state_db import StateDB, sql_values
 
 # A pass every minute; one that found more than a batch waiting runs again at the next scan.
 PRUNE_INTERVAL_S = 60.0
@@ -41,33 +40,26 @@ BATCH_ROWS = 1000
 STEP_BELIEVED_AFTER_S = 3600.0
 CLOCK_SLACK_S = 60.0
 
-_ACTIVE_JOB_STATES = frozenset(state.value for state in ACTIVE_STATES)
-
-
-def _listed(values: Iterable[StrEnum]) -> str:
-    return ", ".join(f"'{v.value}'" for v in sorted(values))
-
-
 _RUNNING_ROUNDS_SQL = f"""
 SELECT round_id FROM rounds WHERE outcome = '{RoundOutcome.RUNNING.value}'
-UNION SELECT round_id FROM round_records WHERE stage IN ({_listed(ACTIVE_STAGES)})
+UNION SELECT round_id FROM round_records WHERE stage IN ({sql_values(ACTIVE_STAGES)})
 UNION SELECT round_id FROM run_rounds WHERE run_id IN
     (SELECT run_id FROM runs WHERE state = '{RunState.RUNNING.value}')
 """
 # Ended rounds by when they started, read from the indexes (a round lasts at most its deadline,
 # which the retention outlives: coordinator.config).
-_ENDED_OUTCOMES = _listed(set(RoundOutcome) - {RoundOutcome.RUNNING})
+_ENDED_OUTCOMES = sql_values(set(RoundOutcome) - {RoundOutcome.RUNNING})
 _ENDED_ROUNDS_SQL = f"""
 SELECT round_id FROM (
     SELECT round_id FROM rounds WHERE outcome IN ({_ENDED_OUTCOMES}) AND started_at < :cutoff
     UNION SELECT round_id FROM round_records
-        WHERE stage IN ({_listed(set(RoundStage) - ACTIVE_STAGES)}) AND started_at < :cutoff
+        WHERE stage IN ({sql_values(set(RoundStage) - ACTIVE_STAGES)}) AND started_at < :cutoff
 ) WHERE round_id NOT IN ({_RUNNING_ROUNDS_SQL})
 LIMIT :limit
 """
 _ENDED_RUNS_SQL = f"""
 SELECT run_id FROM runs
-    WHERE state IN ({_listed(set(RunState) - {RunState.RUNNING})}) AND started_at < :cutoff
+    WHERE state IN ({sql_values(set(RunState) - {RunState.RUNNING})}) AND started_at < :cutoff
 LIMIT :limit
 """
 
@@ -211,7 +203,7 @@ class HistoryPruner:
         return Pruned(
             jobs=self._prune_jobs(cutoff, now, running),
             commands=self._commands.prune(
-                cutoff, now, self._batch, lambda r: r[2] not in _ACTIVE_JOB_STATES
+                cutoff, now, self._batch, lambda r: r[2] not in ACTIVE_STATES
             ),
             reports=self._prune_reports(cutoff, now, running),
             rounds=self._prune_rounds(cutoff),
@@ -220,7 +212,7 @@ class HistoryPruner:
 
     def _prune_jobs(self, cutoff: float, now: float, running: Collection[str]) -> int:
         def may_go(row: sqlite3.Row) -> bool:
-            return row[2] not in _ACTIVE_JOB_STATES and row[3] not in running
+            return row[2] not in ACTIVE_STATES and row[3] not in running
 
         def gone(rows: list[sqlite3.Row]) -> None:
             self._job_table.forget(row[2] for row in rows)
@@ -249,17 +241,24 @@ class HistoryPruner:
         return -1 if row is None else int(row[0])
 
     def _prune_rounds(self, cutoff: float) -> int:
-        found = self._db.query(_ENDED_ROUNDS_SQL, {"cutoff": cutoff, "limit": self._batch})
-        self._more_rounds = len(found) == self._batch
-        ended = [(r[0],) for r in found]
-        for table in ("rounds", "round_records", "run_rounds"):
-            self._db.executemany(f"DELETE FROM {table} WHERE round_id = ?", ended)
-        return len(ended)
+        deleted, self._more_rounds = self._delete_ended(
+            _ENDED_ROUNDS_SQL, cutoff, "round_id", ("rounds", "round_records", "run_rounds")
+        )
+        return deleted
 
     def _prune_runs(self, cutoff: float) -> int:
-        found = self._db.query(_ENDED_RUNS_SQL, {"cutoff": cutoff, "limit": self._batch})
-        self._more_runs = len(found) == self._batch
+        deleted, self._more_runs = self._delete_ended(
+            _ENDED_RUNS_SQL, cutoff, "run_id", ("runs", "run_rounds")
+        )
+        return deleted
+
+    def _delete_ended(
+        self, found_by: str, cutoff: float, key: str, tables: tuple[str, ...]
+    ) -> tuple[int, bool]:
+        """Deletes a batch of the ids `found_by` finds (ended before `cutoff`) from each table
+        by `key`; returns how many, and whether the batch was full (more may wait)."""
+        found = self._db.query(found_by, {"cutoff": cutoff, "limit": self._batch})
         ended = [(r[0],) for r in found]
-        for table in ("runs", "run_rounds"):
-            self._db.executemany(f"DELETE FROM {table} WHERE run_id = ?", ended)
-        return len(ended)
+        for table in tables:
+            self._db.executemany(f"DELETE FROM {table} WHERE {key} = ?", ended)
+        return len(ended), len(found) == self._batch

@@ -20,7 +20,7 @@ from typing import Any
 
 from coordinator.clock import Clock, system_clock
 from coordinator.hot_rows import TransactionalNotes
-from coordinator.state_db import StateDB
+from coordinator.state_db import StateDB, sql_values
 
 
 class JobState(StrEnum):
@@ -119,13 +119,11 @@ CREATE INDEX IF NOT EXISTS jobs_retryable ON jobs (updated_at) WHERE {retryable}
 # first is a range of the (state, deadline) index (the overdue ones only, not every active
 # job), the second is counted from the (round_id, state) index alone. A tick over 10,000 jobs
 # took 3.2-3.8 ms, 1.3-1.7 ms with them (docs/benchmarks.md).
-_ACTIVE_SQL = "state IN ({})".format(", ".join(f"'{s.value}'" for s in sorted(ACTIVE_STATES)))
+_ACTIVE_SQL = f"state IN ({sql_values(ACTIVE_STATES)})"
 # Every tick asks for the failed jobs that may still be retried (ended within a request's
 # life): the partial index holds the retryable ones alone, by when they ended, so the read is
 # a range of the last hour's, not every failed job held (12-14 ms a tick at 100,000 held).
-_RETRYABLE_SQL = "state IN ({}) AND attempt < max_attempts".format(
-    ", ".join(f"'{s}'" for s in sorted(RETRYABLE_STATES))
-)
+_RETRYABLE_SQL = f"state IN ({sql_values(RETRYABLE_STATES)}) AND attempt < max_attempts"
 _SCHEMA = _SCHEMA.format(retryable=_RETRYABLE_SQL)
 
 

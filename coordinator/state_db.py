@@ -10,14 +10,21 @@ from __future__ import annotations
 
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
+from enum import StrEnum
 from pathlib import Path
 from typing import Any, Protocol
 
 DB_FILENAME = "coordinator.sqlite3"
 
 Params = Sequence[Any] | dict[str, Any]
+
+
+def sql_values(values: Iterable[StrEnum]) -> str:
+    """Enum values as an SQL list of string literals, sorted: `'A', 'B'` (for `IN (...)` in a
+    statement or a partial index, whose text must be the same each time it is made)."""
+    return ", ".join(f"'{v.value}'" for v in sorted(values))
 
 
 class TransactionHooks(Protocol):
